@@ -1,0 +1,325 @@
+"""Model and engine configuration.
+
+Contract:
+* `ModelConfig.from_pretrained(path)` reads an HF Glm4v `config.json` (directory or file). It accepts the
+  transformers 4.57 rope format (`rope_theta`, `partial_rotary_factor`, `rope_scaling.mrope_section` at
+  `text_config` level) and the 5.x format (`text_config.rope_parameters`). Every token id (image, video,
+  begin/end markers, eos list, pad) comes from the config (eos/pad fall back to `generation_config.json`);
+  nothing is hard-coded. The text head_dim is `hidden_size // num_attention_heads`, as in transformers
+  (a `head_dim` key is ignored there too).
+* `EngineConfig` holds the serving knobs. It is validated at construction; a bad value raises ValueError
+  whose message starts with the field name and states the limit.
+Both are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' | 'float16' | 'float32' (or a torch.dtype) -> torch.dtype; ValueError otherwise."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype: {dtype} is not supported (choose one of {sorted(DTYPES)})")
+        return dtype
+    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not supported (choose one of {sorted(DTYPES)})")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The ViT tower (`vision_config`)."""
+
+    depth: int  # number of ViT blocks
+    hidden_size: int  # ViT width
+    num_heads: int  # ViT attention heads
+    patch_size: int  # spatial patch side in pixels
+    temporal_patch_size: int  # frames per patch (stills are duplicated to this)
+    spatial_merge_size: int  # side of the patch window merged into one LLM token
+    image_size: int  # pretraining image side; learned position table is (image_size/patch_size)^2
+    in_channels: int  # input channels (3)
+    out_hidden_size: int  # merger output width (= LLM hidden); also the ViT MLP width
+    intermediate_size: int  # merger SwiGLU width
+    hidden_act: str  # activation of the ViT MLP and merger SwiGLU
+    rms_norm_eps: float  # eps of the ViT RMSNorms
+    rope_theta: float  # base of the 2-D ViT rotary embedding
+    attention_bias: bool  # whether the ViT qkv projection has a bias
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Floats per pixel_values row: in_channels * temporal_patch_size * patch_size**2 (1176)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def num_position_embeddings(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The GLM decoder (`text_config`), the token ids and the vision tower."""
+
+    vocab_size: int  # rows of embed_tokens and lm_head
+    hidden_size: int  # decoder width
+    intermediate_size: int  # decoder SwiGLU width
+    num_hidden_layers: int  # decoder layers
+    num_attention_heads: int  # query heads
+    num_key_value_heads: int  # key/value heads (GQA)
+    hidden_act: str  # decoder MLP activation
+    rms_norm_eps: float  # eps of every decoder RMSNorm
+    max_position_embeddings: int  # longest context the model was trained for
+    rope_theta: float  # decoder rotary base
+    partial_rotary_factor: float  # fraction of head_dim that is rotated
+    mrope_section: tuple[int, int, int]  # frequency slots for the t/h/w position rows
+    tie_word_embeddings: bool  # lm_head shares embed_tokens' weight
+    image_token_id: int  # <|image|> placeholder, one per LLM image token
+    video_token_id: int  # <|video|> placeholder
+    image_start_token_id: int  # <|begin_of_image|>
+    image_end_token_id: int  # <|end_of_image|>
+    video_start_token_id: int  # <|begin_of_video|>
+    video_end_token_id: int  # <|end_of_video|>
+    eos_token_ids: tuple[int, ...]  # generation stops on any of these
+    pad_token_id: int | None  # padding id (may be an eos id)
+    vision_config: VisionConfig  # the ViT tower
+    torch_dtype: str = "bfloat16"  # dtype the checkpoint was saved in
+    model_type: str = "glm4v"  # HF model_type
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads: {self.num_key_value_heads} does not divide "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if sum(self.mrope_section) * 2 != self.rotary_dim:
+            raise ValueError(
+                f"mrope_section: {list(self.mrope_section)} sums to {sum(self.mrope_section)}, must equal "
+                f"head_dim * partial_rotary_factor / 2 = {self.rotary_dim // 2}"
+            )
+        if self.vision_config.out_hidden_size != self.hidden_size:
+            raise ValueError(
+                f"vision_config.out_hidden_size: {self.vision_config.out_hidden_size} must equal "
+                f"hidden_size {self.hidden_size}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that are rotated (64 for Flash)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def eos_token_id(self) -> tuple[int, ...]:
+        """Alias of `eos_token_ids` (HF spelling)."""
+        return self.eos_token_ids
+
+    def kv_bytes_per_token(self, dtype: str | torch.dtype = "bfloat16") -> int:
+        """Bytes of paged KV cache one token takes over all layers (K and V)."""
+        itemsize = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * itemsize
+
+    def num_image_tokens(self, grid_thw: tuple[int, int, int] | list[int]) -> int:
+        """LLM placeholder tokens of one image/video with patch grid (t, h, w)."""
+        t, h, w = (int(x) for x in grid_thw)
+        return t * h * w // self.vision_config.spatial_merge_size**2
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        """Read `config.json` (+ `generation_config.json` for eos/pad when the config lacks them)."""
+        path = Path(path)
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config.json not found at {config_file}")
+        raw = json.loads(config_file.read_text())
+        gen_file = config_file.parent / "generation_config.json"
+        generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        return cls.from_dict(raw, generation)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+        """Build from the parsed `config.json` dict (see `from_pretrained`)."""
+        generation = generation or {}
+        text = dict(raw.get("text_config") or raw)
+        vision = dict(raw.get("vision_config") or {})
+        if not vision:
+            raise ValueError("vision_config: missing from config.json (not a Glm4v checkpoint?)")
+
+        rope = dict(text.get("rope_parameters") or {})
+        scaling = dict(text.get("rope_scaling") or {})
+        rope_theta = rope.get("rope_theta", text.get("rope_theta", 10000.0))
+        partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))
+        mrope = rope.get("mrope_section", scaling.get("mrope_section"))
+        if mrope is None:
+            raise ValueError(
+                "text_config.rope_parameters.mrope_section: missing (also no rope_scaling.mrope_section)"
+            )
+        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"text_config.rope_parameters.rope_type: {rope_type!r} is not supported")
+
+        def first(*values: Any) -> Any:
+            return next((v for v in values if v is not None), None)
+
+        eos = first(text.get("eos_token_id"), raw.get("eos_token_id"), generation.get("eos_token_id"))
+        if eos is None:
+            raise ValueError("eos_token_id: missing from config.json and generation_config.json")
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]))
+        pad = first(text.get("pad_token_id"), raw.get("pad_token_id"), generation.get("pad_token_id"))
+
+        vision_rope = dict(vision.get("rope_parameters") or {})
+        vision_config = VisionConfig(
+            depth=int(vision.get("depth", 24)),
+            hidden_size=int(vision.get("hidden_size", 1536)),
+            num_heads=int(vision.get("num_heads", 12)),
+            patch_size=int(vision.get("patch_size", 14)),
+            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
+            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+            image_size=int(vision.get("image_size", 336)),
+            in_channels=int(vision.get("in_channels", 3)),
+            out_hidden_size=int(vision.get("out_hidden_size", 4096)),
+            intermediate_size=int(vision.get("intermediate_size", 13696)),
+            hidden_act=str(vision.get("hidden_act", "silu")),
+            rms_norm_eps=float(vision.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+            attention_bias=bool(vision.get("attention_bias", False)),
+        )
+
+        def token_id(name: str) -> int:
+            if name not in raw:
+                raise ValueError(f"{name}: missing from config.json")
+            return int(raw[name])
+
+        return cls(
+            vocab_size=int(text["vocab_size"]),
+            hidden_size=int(text["hidden_size"]),
+            intermediate_size=int(text["intermediate_size"]),
+            num_hidden_layers=int(text["num_hidden_layers"]),
+            num_attention_heads=int(text["num_attention_heads"]),
+            num_key_value_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
+            hidden_act=str(text.get("hidden_act", "silu")),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+            rope_theta=float(rope_theta),
+            partial_rotary_factor=float(partial),
+            mrope_section=tuple(int(s) for s in mrope),  # type: ignore[arg-type]
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            image_token_id=token_id("image_token_id"),
+            video_token_id=token_id("video_token_id"),
+            image_start_token_id=token_id("image_start_token_id"),
+            image_end_token_id=token_id("image_end_token_id"),
+            video_start_token_id=token_id("video_start_token_id"),
+            video_end_token_id=token_id("video_end_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=None if pad is None else int(pad),
+            vision_config=vision_config,
+            torch_dtype=str(raw.get("dtype", raw.get("torch_dtype", text.get("dtype", "bfloat16")))),
+            model_type=str(raw.get("model_type", "glm4v")),
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs; validated on construction (ValueError naming the field)."""
+
+    max_num_seqs: int = 64  # most sequences scheduled in one step
+    max_num_batched_tokens: int = 2048  # most new tokens (prefill chunks + decodes) in one step
+    max_model_len: int = 8192  # longest prompt + output of one request
+    block_size: int = 16  # tokens per KV cache block
+    num_kv_blocks: int | None = None  # KV blocks to allocate; None: derive from the memory settings
+    kv_cache_memory_bytes: int | None = None  # KV cache budget; None: gpu_memory_utilization decides
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use in total
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str = "float32"  # weights/activations/KV dtype: float32 | float16 | bfloat16
+    enable_chunked_prefill: bool = True  # split long prompts over several steps
+    max_images_per_request: int = 8  # most images in one request
+    max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
+    max_num_vision_patches: int = 32768  # most ViT patches encoded in one packed forward
+    enable_thinking: bool = True  # default of the chat template's thinking switch
+    seed: int = 0  # seed of the engine's sampler and of dummy weights
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting and the limit it broke."""
+
+        def at_least(name: str, value: int | None, low: int) -> None:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"{name}: {value!r} must be an integer >= {low}")
+
+        at_least("max_num_seqs", self.max_num_seqs, 1)
+        at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        at_least("max_model_len", self.max_model_len, 1)
+        at_least("block_size", self.block_size, 1)
+        at_least("num_kv_blocks", self.num_kv_blocks, 1)
+        at_least("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1)
+        at_least("max_images_per_request", self.max_images_per_request, 0)
+        at_least("max_image_tokens_per_request", self.max_image_tokens_per_request, 0)
+        at_least("max_num_vision_patches", self.max_num_vision_patches, 4)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
+        parse_dtype(self.dtype)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} must be spelled one of {sorted(DTYPES)}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device: {self.device!r} is not a torch device ({exc})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: {self.device!r} must be cpu or cuda[:N]")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens: {self.max_num_batched_tokens} must be >= max_model_len "
+                f"{self.max_model_len} when enable_chunked_prefill is off"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EngineConfig:
+        """Build from a dict (e.g. engine_config.json's "engine"); unknown keys raise ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown EngineConfig field (known: {sorted(known)})")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["DTYPES", "EngineConfig", "ModelConfig", "VisionConfig", "parse_dtype"]
