@@ -1,0 +1,37 @@
+"""Engine counters for health checks and metrics (a snapshot; cheap to read from any thread)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int = 0
+    """Requests queued (new, or preempted and waiting to re-prefill)."""
+    num_running: int = 0
+    """Sequences holding KV blocks."""
+    num_blocks_used: int = 0
+    num_blocks_total: int = 0
+    num_preemptions: int = 0
+    """Preemptions by recompute since start."""
+    num_steps: int = 0
+    """Non-empty scheduler steps since start."""
+    num_finished: int = 0
+    """Requests finished since start (any finish_reason)."""
+    num_prompt_tokens: int = 0
+    """Prompt tokens of finished requests since start."""
+    num_generation_tokens: int = 0
+    """Tokens generated since start."""
+    last_step_time: float | None = None
+    """time.monotonic() at the end of the last step (health heartbeat); None before the first step."""
+    last_step_duration: float = 0.0
+    """Seconds the last step took."""
+    last_step_num_tokens: int = 0
+    """Tokens batched in the last step."""
+    is_loop_running: bool = False
+    """Whether the loop thread (start/stop) is alive."""
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0

@@ -1,0 +1,189 @@
+"""Sampling parameters and the batched sampler.
+
+Contract:
+  * ``SamplingParams`` is a frozen dataclass; ``validate()`` raises ``ValueError`` whose message starts
+    with the field name and states the limit it broke.
+  * ``Sampler(eos_token_ids)(logits, seqs) -> list[int]`` takes fp32 logits ``[num_seqs, vocab]`` (one row
+    per sequence that samples this step) and the matching sequences, and returns one token id per row.
+    Per row, in this order:
+      1. repetition penalty (HF semantics) over prompt + output tokens: a positive logit is divided by the
+         penalty, a negative one multiplied;
+      2. presence / frequency penalties (OpenAI semantics) over output tokens:
+         ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``;
+      3. while ``num_output_tokens < min_tokens``: eos ids and ``stop_token_ids`` are masked to -inf;
+      4. temperature 0 -> argmax; otherwise ``logits / temperature``, top-k (0 = off), top-p, then one
+         draw. A row with a seed draws from its sequence's own ``torch.Generator`` (one draw per step),
+         so its tokens do not depend on which other sequences share the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    """Most tokens to generate (finish_reason "length" when reached)."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 turns it off."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    seed: int | None = None
+    """Per-request seed; the same seed gives the same tokens whatever the batch."""
+    repetition_penalty: float = 1.0
+    """HF repetition penalty over prompt + output tokens; 1.0 is off."""
+    presence_penalty: float = 0.0
+    """OpenAI presence penalty over output tokens, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """OpenAI frequency penalty over output tokens, in [-2, 2]."""
+    min_tokens: int = 0
+    """Eos and stop ids cannot be sampled before this many output tokens."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end the sequence (finish_reason "stop")."""
+    ignore_eos: bool = False
+    """Keep generating past eos (only stop_token_ids and max_tokens end the sequence)."""
+
+    def validate(self) -> SamplingParams:
+        """Raise ValueError naming the first bad field and its limit; return self when all is well."""
+
+        def check(ok: bool, field: str, limit: str) -> None:
+            if not ok:
+                raise ValueError(f"{field}: {getattr(self, field)!r} is out of range ({limit})")
+
+        check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            "must be finite and >= 0",
+        )
+        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be >= 0; 0 turns it off")
+        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(
+            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**64),
+            "seed",
+            "must be in [0, 2**64)",
+        )
+        check(
+            math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0,
+            "repetition_penalty",
+            "must be in (0, 2]",
+        )
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
+        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
+        check(
+            self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must be <= max_tokens ({self.max_tokens})",
+        )
+        check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be non-negative token ids",
+        )
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SamplingSeq(Protocol):
+    """What the sampler reads from a sequence (engine.sequence.Sequence has all of it)."""
+
+    sampling: SamplingParams
+    token_ids: list[int]
+    num_prompt_tokens: int
+    generator: torch.Generator | None
+
+
+class Sampler:
+    """Batched sampler with per-sequence parameters (see the module docstring for the order of steps)."""
+
+    def __init__(self, eos_token_ids: list[int] | tuple[int, ...]) -> None:
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
+        assert logits.dim() == 2 and logits.shape[0] == len(seqs), (logits.shape, len(seqs))
+        logits = logits.float().clone()  # [num_seqs, vocab]
+        self.apply_penalties(logits, seqs)
+        self.apply_min_tokens(logits, seqs)
+        return self.sample(logits, seqs)
+
+    def apply_penalties(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
+        """In place: repetition, then presence/frequency penalties, row by row."""
+        vocab_size = logits.shape[1]
+        for i, seq in enumerate(seqs):
+            sp = seq.sampling
+            if sp.repetition_penalty != 1.0 and seq.token_ids:
+                ids = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+                ids = ids[ids < vocab_size]
+                scores = logits[i, ids]
+                logits[i, ids] = torch.where(
+                    scores > 0, scores / sp.repetition_penalty, scores * sp.repetition_penalty
+                )
+            output_ids = seq.token_ids[seq.num_prompt_tokens :]
+            if (sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0) and output_ids:
+                counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab_size)[
+                    :vocab_size
+                ].to(logits.device, torch.float32)  # [vocab]
+                logits[i] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).float()
+
+    def apply_min_tokens(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
+        """In place: mask eos and stop ids for rows that have not reached min_tokens."""
+        for i, seq in enumerate(seqs):
+            sp = seq.sampling
+            if len(seq.token_ids) - seq.num_prompt_tokens < sp.min_tokens:
+                banned = [t for t in (*self.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]]
+                if banned:
+                    logits[i, banned] = -math.inf
+
+    def sample(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
+        next_ids = logits.argmax(dim=-1)  # [num_seqs]
+        rows = [i for i, seq in enumerate(seqs) if not seq.sampling.is_greedy]
+        if rows:
+            idx = torch.tensor(rows, device=logits.device)
+            probs = self.probs(logits[idx], [seqs[i].sampling for i in rows])  # [num_rows, vocab]
+            # Exponential-race sampling: argmax(p / q) with q ~ Exp(1) is a draw from p. Seeded rows draw
+            # their noise from their own generator so a row's draw depends only on its own state.
+            noise = torch.empty_like(probs)
+            unseeded = []
+            for j, i in enumerate(rows):
+                generator = seqs[i].generator
+                if generator is None:
+                    unseeded.append(j)
+                else:
+                    noise[j].exponential_(generator=generator)
+            if unseeded:
+                noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+            next_ids[idx] = (probs / noise).argmax(dim=-1)
+        return next_ids.tolist()
+
+    @staticmethod
+    def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Temperature, top-k, top-p -> probabilities [num_rows, vocab]."""
+        device = logits.device
+        temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        logits = logits / temperature
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            vocab_size = logits.shape[1]
+            sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_rows, vocab]
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+            ranks = torch.arange(vocab_size, device=device).unsqueeze(0)
+            sorted_logits.masked_fill_(ranks >= top_k.unsqueeze(1), -math.inf)
+            # top_p 1.0 -> inf so float error in the cumsum never drops a tail token
+            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params], device=device)
+            top_p = top_p.unsqueeze(1)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            # Drop a token when the mass before it already reaches top_p; the first token always stays.
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            sorted_logits.masked_fill_(mass_before >= top_p, -math.inf)
+            logits = torch.full_like(logits, -math.inf).scatter_(1, order, sorted_logits)
+        return logits.softmax(dim=-1)

@@ -1,0 +1,196 @@
+"""Continuous (in-flight) batching scheduler with chunked prefill and preemption by recompute.
+
+Contract of ``schedule() -> SchedulerOutput``:
+  * There are no prefill/decode phases: each step gives every scheduled sequence a number of tokens
+    (``num_scheduled_tokens``), at most ``max_num_batched_tokens`` in all, over at most ``max_num_seqs``
+    running sequences. A sequence samples a token in the step whose tokens reach ``len(seq)``.
+  * Order of service: (1) running sequences that decode, 1 token each, oldest first; (2) running
+    sequences still prefilling, a chunk each (oldest first); (3) waiting sequences, strict FCFS: the
+    head of the queue gets a chunk or nobody behind it is admitted. With chunked prefill off, a prompt
+    is only admitted when it fits the remaining budget whole. No new sequence is admitted in a step
+    that preempted.
+  * "No room" for a running sequence: the NEWEST running sequence (last admitted) is preempted by
+    recompute: its blocks are freed, ``num_computed_tokens`` drops to 0 and it goes to the FRONT of the
+    waiting queue; later it re-prefills prompt + tokens generated so far and goes on sampling (the tokens
+    it already produced are kept and never produced again). If the newest is the one asking, it preempts
+    itself. A victim already scheduled in this step is unscheduled. Nothing is ever dropped.
+  * ``add`` rejects (ValueError) a prompt that can never run: longer than ``max_model_len`` (which the
+    caller caps at the KV capacity) or, with chunked prefill off, longer than ``max_num_batched_tokens``.
+  * ``update(output, sampled)`` advances ``num_computed_tokens``, appends sampled tokens, and finishes
+    sequences: "stop" on an eos id (unless ignore_eos) or a stop id, "length" at ``max_tokens`` or
+    ``max_model_len``. Finished sequences leave the running list and their blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    """Tokens each of ``seqs`` runs this step, starting at its ``num_computed_tokens``."""
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def samples(self, i: int) -> bool:
+        """Whether ``seqs[i]`` reaches its last token this step (and so samples)."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_scheduled_tokens[i] == len(seq)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queue ------------------------------------------------------------------------------------
+
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        """Raise ValueError when a prompt of this length could never be scheduled."""
+        if num_prompt_tokens < 1:
+            raise ValueError("prompt_token_ids: the prompt is empty (needs at least 1 token)")
+        if num_prompt_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt_token_ids: the prompt has {num_prompt_tokens} tokens, over the limit of "
+                f"{self.max_model_len} tokens (max_model_len, capped at the KV cache capacity)"
+            )
+        if not self.enable_chunked_prefill and num_prompt_tokens > self.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt_token_ids: the prompt has {num_prompt_tokens} tokens, over the limit of "
+                f"{self.max_num_batched_tokens} tokens (max_num_batched_tokens, chunked prefill is off)"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_prompt(seq.num_prompt_tokens)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` wherever it is (waiting or running) and free its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    # -- one step -------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # (1) decodes, then (2) running prefills; stable sort keeps admission order within each group
+        for seq in sorted(self.running, key=lambda s: s.is_prefilling):
+            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this step
+                continue
+            num_tokens = min(seq.num_new_tokens, budget)
+            if num_tokens == 0:
+                continue
+            while not self.block_manager.can_allocate(seq, num_tokens):
+                victim = self.running[-1]
+                budget += self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            self.block_manager.allocate(seq, num_tokens)
+            out.seqs.append(seq)
+            out.num_scheduled_tokens.append(num_tokens)
+            budget -= num_tokens
+
+        # (3) waiting, FCFS
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = seq.num_new_tokens
+            if num_tokens > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_tokens = budget
+            if not self.block_manager.can_allocate(seq, num_tokens):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_scheduled_tokens.append(num_tokens)
+            budget -= num_tokens
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Preempt ``seq`` by recompute; return the budget it gives back (if it was scheduled this step)."""
+        num_returned = 0
+        if seq in out.seqs:
+            i = out.seqs.index(seq)
+            out.seqs.pop(i)
+            num_returned = out.num_scheduled_tokens.pop(i)
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+        return num_returned
+
+    def update(
+        self, out: SchedulerOutput, sampled: list[int | None], now: float | None = None
+    ) -> list[Sequence]:
+        """Apply one step's results. ``sampled[i]`` is the token of ``out.seqs[i]`` (None: mid-prefill).
+
+        Returns the sequences that finished in this step.
+        """
+        now = time.monotonic() if now is None else now
+        finished = []
+        for seq, num_tokens, token_id in zip(out.seqs, out.num_scheduled_tokens, sampled, strict=True):
+            seq.num_computed_tokens += num_tokens
+            if token_id is None:
+                continue
+            seq.append_token(token_id, now)
+            reason = self.stop_reason(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        sp = seq.sampling
+        if seq.num_output_tokens > sp.min_tokens:  # the sampler masks eos/stop ids before min_tokens
+            if token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.eos_token_ids):
+                return "stop"
+        if seq.num_output_tokens >= sp.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

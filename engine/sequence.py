@@ -1,0 +1,105 @@
+"""One request's state inside the engine.
+
+Token regions of a sequence (``token_ids`` = prompt + output)::
+
+    |<------------- num_prompt_tokens ------------->|<--- output tokens --->|
+    |<--- num_computed_tokens (KV in cache) --->|<-- num_new_tokens -->|
+
+``num_new_tokens`` is what still has to go through the model: the rest of the prompt while prefilling,
+1 (the last sampled token) while decoding, the whole prompt + output after a preemption by recompute.
+A step that reaches ``len(token_ids)`` samples one new token.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from bisect import bisect_left
+
+import torch
+
+from engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        image_embeds: torch.Tensor | None = None,
+        mrope_positions: torch.Tensor | None = None,
+        mrope_delta: int = 0,
+        image_token_id: int | None = None,
+        arrival_time: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.seq_id = seq_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling = sampling
+        self.image_embeds = image_embeds  # [num_image_tokens, hidden] in prompt order, or None
+        self.mrope_positions = mrope_positions  # [3, num_prompt_tokens] int64, or None (text-only)
+        self.mrope_delta = mrope_delta
+        # prompt indices of image tokens, sorted: rows of image_embeds in the same order
+        self.image_token_indices: list[int] = (
+            [i for i, t in enumerate(prompt_token_ids) if t == image_token_id]
+            if image_embeds is not None and image_token_id is not None
+            else []
+        )
+        self.generator = generator
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.finish_reason: str | None = None
+        self.num_emitted_tokens = 0  # output tokens already handed to the caller
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id!r}, {self.status.name}, len={len(self)}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the last sampled token still needs a forward pass."""
+        return self.num_new_tokens > 1 or self.num_output_tokens == 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def image_rows(self, start: int, end: int) -> tuple[int, int]:
+        """Rows [first, last) of image_embeds for the image tokens at token indices [start, end)."""
+        return bisect_left(self.image_token_indices, start), bisect_left(self.image_token_indices, end)
+
+    def append_token(self, token_id: int, now: float) -> None:
+        self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
