@@ -1,0 +1,214 @@
+"""Paged causal attention over a mixed batch of prefill chunks and decode tokens.
+
+Contract:
+* KV cache of one layer: a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; [0] keys, [1] values.
+  Token j of a sequence lives in block `block_table[j // block_size]` at offset `j % block_size`, i.e.
+  flat slot `block_id * block_size + offset`.
+* A step's new tokens are packed sequence after sequence: sequence b owns rows
+  `cu_query_lens[b]:cu_query_lens[b+1]` (`query_lens[b]` tokens). `seq_lens[b]` is the context length
+  INCLUDING these new tokens, so new token i of sequence b sits at position `seq_lens[b]-query_lens[b]+i`
+  and attends to the cached tokens 0..that position (causal), with GQA (query head h reads kv head
+  h // (num_heads // num_kv_heads)).
+* `paged_attention` first writes the new k/v into the cache at `slot_mapping` (slot -1 = padding token:
+  not written, its output is garbage), then attends. Its result for a sequence does not depend on the
+  other sequences in the batch.
+* `_paged_attention_reference` (per-sequence loop, float32 softmax) is the spec and runs on any device.
+  On CUDA, `paged_attention` uses torch SDPA per prefill chunk and one batched gather for decode tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's new tokens go in the paged KV cache and what they attend to. B sequences, T tokens."""
+
+    slot_mapping: torch.Tensor  # [T] int64, flat cache slot of each new token (-1: padding, not written)
+    query_lens: torch.Tensor  # [B] int32, new tokens of each sequence this step
+    seq_lens: torch.Tensor  # [B] int32, context length of each sequence including its new tokens
+    cu_query_lens: torch.Tensor  # [B+1] int32, prefix sums of query_lens
+    block_tables: torch.Tensor  # [B, max_blocks] int32, block ids of each sequence (padded with 0)
+    max_query_len: int = 0  # max(query_lens); 0: computed on construction
+    max_seq_len: int = 0  # max(seq_lens); 0: computed on construction
+    query_lens_cpu: tuple[int, ...] = ()  # host copy of query_lens; (): computed on construction
+    seq_lens_cpu: tuple[int, ...] = ()  # host copy of seq_lens; (): computed on construction
+    has_padding: bool | None = None  # any slot_mapping < 0; None: computed on construction
+
+    def __post_init__(self) -> None:
+        if not self.query_lens_cpu:
+            self.query_lens_cpu = tuple(int(x) for x in self.query_lens.tolist())
+        if not self.seq_lens_cpu:
+            self.seq_lens_cpu = tuple(int(x) for x in self.seq_lens.tolist())
+        if self.has_padding is None:
+            self.has_padding = bool((self.slot_mapping < 0).any())
+        if not self.max_query_len:
+            self.max_query_len = max(self.query_lens_cpu, default=0)
+        if not self.max_seq_len:
+            self.max_seq_len = max(self.seq_lens_cpu, default=0)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata from host lists: the slot of new token i of seq b is that of position seq_len-query_len+i."""
+        if not len(query_lens) == len(seq_lens) == len(block_tables):
+            raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
+        slots: list[int] = []
+        for q_len, s_len, table in zip(query_lens, seq_lens, block_tables, strict=True):
+            if not 0 < q_len <= s_len:
+                raise ValueError(f"query_lens: {q_len} must be in [1, seq_len={s_len}]")
+            if len(table) * block_size < s_len:
+                raise ValueError(
+                    f"block_tables: {len(table)} blocks of {block_size} cannot hold {s_len} tokens"
+                )
+            for pos in range(s_len - q_len, s_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        table_rows = [list(t) + [0] * (max_blocks - len(t)) for t in block_tables]
+        cu = [0]
+        for q_len in query_lens:
+            cu.append(cu[-1] + q_len)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            cu_query_lens=torch.tensor(cu, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(table_rows, dtype=torch.int32, device=device).view(
+                len(block_tables), -1
+            ),
+            query_lens_cpu=tuple(query_lens),
+            seq_lens_cpu=tuple(seq_lens),
+            has_padding=False,
+        )
+
+
+def write_kv_cache(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store k, v [T, num_kv_heads, head_dim] at flat slots slot_mapping [T] (all >= 0: drop padding first)."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [seq_len, num_kv_heads, head_dim] of one sequence from its block table."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
+    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def _causal_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Q, H, D] at the last Q of S positions; k, v [S, Hkv, D] -> [Q, H, D]; float32 softmax."""
+    num_q, num_heads, head_dim = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    qf = q.float().view(num_q, num_kv_heads, group, head_dim)  # [Q, Hkv, G, D]
+    scores = torch.einsum("qhgd,shd->hgqs", qf, k.float()) * scale  # [Hkv, G, Q, S]
+    q_pos = torch.arange(seq_len - num_q, seq_len, device=q.device)
+    k_pos = torch.arange(seq_len, device=q.device)
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("hgqs,shd->qhgd", probs, v.float())  # [Q, Hkv, G, D]
+    return out.reshape(num_q, num_heads, head_dim).to(q.dtype)
+
+
+def _paged_attention_reference(
+    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The spec: one sequence at a time. q [T, H, D] -> [T, H, D]."""
+    out = torch.empty_like(q)
+    start = 0
+    for b, (q_len, s_len) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu, strict=True)):
+        k, v = gather_context(kv_cache, attn.block_tables[b], s_len)
+        out[start : start + q_len] = _causal_gqa_attention(q[start : start + q_len], k, v, scale)
+        start += q_len
+    return out
+
+
+def _paged_attention_fast(
+    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """SDPA per prefill chunk; all decode tokens (query_len 1) in one batched gather. q [T, H, D]."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    block_size = kv_cache.shape[2]
+    out = torch.empty_like(q)
+    decode_seqs = [b for b, n in enumerate(attn.query_lens_cpu) if n == 1]
+    starts = [0]
+    for n in attn.query_lens_cpu:
+        starts.append(starts[-1] + n)
+
+    for b, (q_len, s_len) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu, strict=True)):
+        if q_len == 1:
+            continue
+        k, v = gather_context(kv_cache, attn.block_tables[b], s_len)
+        qb = q[starts[b] : starts[b] + q_len].transpose(0, 1)  # [H, Q, D]
+        kb, vb = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, S, D]
+        if q_len == s_len:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(s_len - q_len, s_len, device=q.device)
+            mask = torch.arange(s_len, device=q.device)[None, :] <= q_pos[:, None]  # [Q, S]
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[starts[b] : starts[b] + q_len] = ob.transpose(0, 1)
+
+    if decode_seqs:
+        index = torch.tensor(decode_seqs, device=q.device)
+        rows = torch.tensor([starts[b] for b in decode_seqs], device=q.device)
+        max_len = max(attn.seq_lens_cpu[b] for b in decode_seqs)
+        max_blocks = (max_len + block_size - 1) // block_size
+        tables = attn.block_tables[index, :max_blocks].long()  # [Bd, max_blocks]
+        k = kv_cache[0][tables].flatten(1, 2)  # [Bd, max_blocks*block_size, Hkv, D]
+        v = kv_cache[1][tables].flatten(1, 2)
+        seq_lens = attn.seq_lens[index].long()  # [Bd]
+        mask = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens[:, None]  # [Bd, S]
+        qd = q[rows].view(-1, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [Bd, Hkv, G, D]
+        od = F.scaled_dot_product_attention(
+            qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
+        )  # [Bd, Hkv, G, D]
+        out[rows] = od.reshape(-1, num_heads, head_dim)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write k, v [T, Hkv, D] into kv_cache, then causal attention for q [T, H, D] -> [T, H, D]."""
+    if attn.has_padding:
+        keep = attn.slot_mapping >= 0
+        write_kv_cache(kv_cache, k[keep], v[keep], attn.slot_mapping[keep])
+    else:
+        write_kv_cache(kv_cache, k, v, attn.slot_mapping)
+    if q.device.type == "cuda":
+        return _paged_attention_fast(q, kv_cache, attn, scale)
+    return _paged_attention_reference(q, kv_cache, attn, scale)

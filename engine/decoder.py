@@ -1,0 +1,264 @@
+"""GLM-4 decoder with paged attention, and `Glm4vModel` (vision tower + decoder + lm_head).
+
+Contract:
+* `Glm4vModel.forward(input_ids [T], positions [3, T], attn, kv_caches, input_embeds [T, hidden] | None)
+  -> hidden [T, hidden]` runs one step over a packed batch of prefill chunks and decode tokens (see
+  `engine.attention`). It writes the new tokens' K/V into `kv_caches` (one tensor per layer, from
+  `allocate_kv_caches`) and returns the final-norm hidden states of every new token. `positions` are the
+  M-RoPE positions (`engine.rope.get_mrope_positions` for prompts; token i >= prompt_len has i + delta in
+  all three rows). When `input_embeds` is given, `input_ids` is ignored (image prompts: build it with
+  `get_input_embeddings`).
+* `compute_logits(hidden [n, hidden]) -> [n, vocab] float32`: apply it only to the rows that sample.
+* `get_input_embeddings(input_ids [T], image_embeds [m, hidden] | None)` embeds the ids and overwrites
+  the m rows whose id is `image_token_id` with image_embeds, in order (m must equal that count).
+* Weights: `Glm4vModel.from_pretrained(path, device, dtype)` loads an HF checkpoint (`engine.weights`);
+  `Glm4vModel.dummy(model_config, device, dtype, seed)` fills random weights on the device.
+  Parameter names are the HF names without the leading `model.`; q/k/v are fused into
+  `self_attn.qkv_proj` at load.
+* Numerics follow transformers' Glm4v: RMSNorm in float32, rotary and softmax in float32; float32 runs
+  match `Glm4vForConditionalGeneration` to ~1e-5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import ModelConfig, parse_dtype
+from engine.rope import MRotaryEmbedding, apply_interleaved_rotary
+from engine.vision import ACTIVATIONS, RMSNorm, VisionEncoder
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_interleaved_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_interleaved_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, kv_cache, attn, self.scale)  # [T, heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * self.act(gate))
+
+
+class DecoderLayer(nn.Module):
+    """GLM-4-0414 sandwich norms: x + post_self_attn(attn(input(x))); h + post_mlp(mlp(post_attention(h)))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = DecoderAttention(config)
+        self.mlp = DecoderMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
+        x = x + self.post_self_attn_layernorm(h)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + self.post_mlp_layernorm(h)
+
+
+class TextDecoder(nn.Module):
+    """Embedding, decoder layers and final norm (HF `model.language_model`)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+        input_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # [T, hidden]
+        cos, sin = self.rotary(positions)  # [T, rotary_dim/2] each
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, attn)
+        return self.norm(x)
+
+
+class Glm4vModel(nn.Module):
+    """GLM-4.6V: `.visual` (VisionEncoder), `.language_model` (TextDecoder) and `.lm_head`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = VisionEncoder(config.vision_config)
+        self.language_model = TextDecoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+        input_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.language_model(input_ids, positions, attn, kv_caches, input_embeds)
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden] -> logits [n, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """`VisionEncoder.encode`: [N, patch_dim], [n, 3] -> [N / merge**2, hidden] in the model dtype."""
+        return self.visual.encode(pixel_values.to(self.device, self.dtype), grid_thw)
+
+    @torch.no_grad()
+    def get_input_embeddings(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden]; image-token rows replaced by image_embeds [m, hidden] in order."""
+        x = self.language_model.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        num_image_tokens = int(is_image.sum())
+        num_embeds = 0 if image_embeds is None else image_embeds.shape[0]
+        if num_image_tokens != num_embeds:
+            raise ValueError(
+                f"image_embeds: {num_embeds} rows for {num_image_tokens} image tokens "
+                f"(id {self.config.image_token_id}) in input_ids"
+            )
+        if image_embeds is not None and num_embeds:
+            x[is_image] = image_embeds.to(x.device, x.dtype)
+        return x
+
+    def allocate_kv_caches(
+        self,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> list[torch.Tensor]:
+        """One zeroed [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer."""
+        return allocate_kv_caches(
+            self.config,
+            num_blocks,
+            block_size,
+            self.device if device is None else device,
+            self.dtype if dtype is None else dtype,
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | str | None = None) -> int:
+        """KV cache bytes per token over all layers."""
+        return self.config.kv_bytes_per_token(self.dtype if dtype is None else dtype)
+
+    @classmethod
+    def empty(
+        cls, config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | str = "bfloat16"
+    ) -> Glm4vModel:
+        """Uninitialized parameters on `device` (built on the meta device: no host copy, no init cost)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(parse_dtype(dtype)).to_empty(device=torch.device(device))
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+        return model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = "bfloat16",
+        model_config: ModelConfig | None = None,
+    ) -> Glm4vModel:
+        """Load an HF Glm4v checkpoint directory, converting weights to `dtype` on `device`."""
+        from engine.weights import load_weights
+
+        config = model_config or ModelConfig.from_pretrained(path)
+        model = cls.empty(config, device, dtype)
+        load_weights(model, path)
+        return model
+
+    @classmethod
+    def dummy(
+        cls,
+        model_config: ModelConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = "bfloat16",
+        seed: int = 0,
+    ) -> Glm4vModel:
+        """Full-size model with random weights created directly on `device` (benchmarks without files)."""
+        from engine.weights import init_dummy_weights
+
+        model = cls.empty(model_config, device, dtype)
+        init_dummy_weights(model, seed)
+        return model
+
+
+def allocate_kv_caches(
+    model_config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype | str,
+) -> list[torch.Tensor]:
+    """One zeroed [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per decoder layer."""
+    shape = (2, num_blocks, block_size, model_config.num_key_value_heads, model_config.head_dim)
+    return [
+        torch.zeros(shape, dtype=parse_dtype(dtype), device=torch.device(device))
+        for _ in range(model_config.num_hidden_layers)
+    ]

@@ -1,0 +1,197 @@
+"""GLM-4.6V vision tower: ViT + spatial downsample + patch merger.
+
+Contract:
+* `VisionEncoder.encode(pixel_values [N, patch_dim], grid_thw [n, 3]) -> [N / merge**2, out_hidden_size]`
+  encodes the patches of n images (of any requests) in one packed forward. Rows of pixel_values are in the
+  processor's order (image after image, merge-window order inside an image; patch_dim = 3*2*14*14 = 1176);
+  the output rows are the LLM image-token embeddings in the same order (image i owns
+  t*h*w / merge**2 consecutive rows). Attention is block-diagonal: one block per image (per frame).
+* Parameter names equal the HF checkpoint's `model.visual.*` names without the `model.visual.` prefix,
+  except the fused `mlp.gate_up_proj` / `merger.gate_up_proj` (gate rows first), built at load by
+  `engine.weights`.
+* Matches transformers' `Glm4vVisionModel(...).pooler_output` (float32 to ~1e-5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import VisionConfig
+from engine.rope import apply_rotary_half, vision_patch_positions, vision_rotary_cos_sin
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back, then scaled (transformers' Glm4vRMSNorm order)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = (t, p, p) == a matmul on the flattened (C, t, p, p) rows."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.proj = nn.Module()
+        shape = (config.hidden_size, config.in_channels, config.temporal_patch_size)
+        self.proj.weight = nn.Parameter(torch.empty(*shape, config.patch_size, config.patch_size))
+        self.proj.bias = nn.Parameter(torch.empty(config.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.flatten(1)  # [hidden, patch_dim]
+        return F.linear(pixel_values.to(weight.dtype), weight, self.proj.bias)  # [N, hidden]
+
+
+class PositionEmbedding(nn.Module):
+    """Learned square table, bicubically resampled (grid_sample) to each image's patch grid."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.position_embedding = nn.Embedding(config.num_position_embeddings, config.hidden_size)
+
+    def forward(self, hw_positions: torch.Tensor, patch_hw: torch.Tensor) -> torch.Tensor:
+        """hw_positions [N, 2] patch (h, w); patch_hw [N, 2] grid (H, W) of each patch's image -> [N, hidden]."""
+        table = self.position_embedding.weight  # [side*side, hidden]
+        side = int(table.shape[0] ** 0.5)
+        table_2d = table.view(side, side, -1).permute(2, 0, 1).unsqueeze(0).float()  # [1, hidden, side, side]
+        norm = (hw_positions.float() + 0.5) / patch_hw.float() * 2 - 1  # [N, 2] (h, w) in [-1, 1]
+        grid = norm.flip(-1)[None, :, None, :]  # [1, N, 1, 2] as (x=w, y=h)
+        sampled = F.grid_sample(table_2d, grid, mode="bicubic", align_corners=False, padding_mode="border")
+        return sampled[0, :, :, 0].T.to(table.dtype)  # [N, hidden]
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+    ) -> torch.Tensor:
+        num_patches = x.shape[0]
+        qkv = self.qkv(x).view(num_patches, 3, self.num_heads, self.head_dim)  # [N, 3, heads, head_dim]
+        q, k, v = qkv.unbind(1)  # [N, heads, head_dim]
+        q = apply_rotary_half(q, cos, sin)
+        k = apply_rotary_half(k, cos, sin)
+        out = torch.empty_like(q)
+        start = 0
+        for n in seqlens:  # block-diagonal: one image (frame) at a time
+            qi, ki, vi = (t[start : start + n].transpose(0, 1) for t in (q, k, v))  # [heads, n, head_dim]
+            out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1)
+            start += n
+        return self.proj(out.view(num_patches, -1))
+
+
+class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up fused in one matmul (gate rows first)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = VisionAttention(config)
+        # The ViT MLP width is out_hidden_size, not intermediate_size (that one is the merger's).
+        self.mlp = SwiGLU(config.hidden_size, config.out_hidden_size, config.hidden_act)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """Linear -> LayerNorm -> exact GELU -> SwiGLU, one vector per LLM image token."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        dim = config.out_hidden_size
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.post_projection_norm = nn.LayerNorm(dim)
+        self.gate_up_proj = nn.Linear(dim, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, dim, bias=False)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.post_projection_norm(self.proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class VisionEncoder(nn.Module):
+    """The whole vision tower; see the module docstring for the `encode` contract."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.post_conv_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embeddings = PositionEmbedding(config)
+        self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
+        self.post_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        merge = config.spatial_merge_size
+        self.downsample = nn.Conv2d(
+            config.hidden_size, config.out_hidden_size, kernel_size=merge, stride=merge
+        )
+        self.merger = PatchMerger(config)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.encode(pixel_values, grid_thw)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, patch_dim], grid_thw [n, 3] -> image-token embeddings [N / merge**2, out_hidden]."""
+        config = self.config
+        merge = config.spatial_merge_size
+        device = self.patch_embed.proj.weight.device
+        grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
+        num_patches = sum(t * h * w for t, h, w in grids)
+        if pixel_values.shape != (num_patches, config.patch_dim):
+            raise ValueError(
+                f"pixel_values: shape {tuple(pixel_values.shape)} does not match grid_thw {grids} "
+                f"(needs [{num_patches}, {config.patch_dim}])"
+            )
+        for t, h, w in grids:
+            if h % merge or w % merge or t < 1:
+                raise ValueError(f"grid_thw: {[t, h, w]} must have t >= 1 and h, w divisible by {merge}")
+        seqlens = [h * w for t, h, w in grids for _ in range(t)]  # one attention block per frame
+        grid_cpu = torch.tensor(grids, dtype=torch.int64).view(-1, 3)
+        hw_positions = vision_patch_positions(grid_cpu, merge).to(device)  # [N, 2]
+        patch_hw = torch.repeat_interleave(grid_cpu[:, 1:], grid_cpu.prod(-1), dim=0).to(device)  # [N, 2]
+
+        x = self.patch_embed(pixel_values.to(device))  # [N, hidden]
+        x = self.post_conv_layernorm(x)
+        cos, sin = vision_rotary_cos_sin(hw_positions, config.head_dim, config.rope_theta)  # [N, head_dim]
+        x = x + self.embeddings(hw_positions, patch_hw)
+        for block in self.blocks:
+            x = block(x, cos, sin, seqlens)
+        x = self.post_layernorm(x)
+        x = x.view(-1, merge, merge, x.shape[-1]).permute(0, 3, 1, 2)  # [N/4, hidden, merge, merge]
+        x = self.downsample(x).view(-1, config.out_hidden_size)  # [N/4, out_hidden]
+        return self.merger(x)
