@@ -1,0 +1,123 @@
+"""Per-request timing records and their summaries.
+
+A streamed request is timed on the client with ``time.perf_counter``:
+
+* **TTFT** — send to the first response that carries an output token;
+* **ITL** (inter-token latency) — the gap between two responses that carry tokens, divided by the
+  number of new tokens in the later one (one value per token, so a response with 3 tokens counts 3×);
+* **e2e** — send to the last response (the one with a finish reason).
+
+Summaries give P50/P95/P99 (linear interpolation between order statistics, like ``numpy.percentile``)
+and the mean, all in milliseconds. Throughput counts only successful requests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+PERCENTILES = (50, 95, 99)
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, as seen by the client."""
+
+    start_s: float  # perf_counter at send
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)  # one value per output token after the first
+    num_output_tokens: int = 0
+    num_input_tokens: int | None = None
+    finish_reason: str | None = None
+    server_ttft_s: float | None = None  # first_token_time - arrival_time, from the server's clocks
+    error: str | None = None
+
+    @property
+    def is_ok(self) -> bool:
+        return self.error is None
+
+
+class StreamTimer:
+    """Turns a stream of responses into a RequestRecord.
+
+    Call :meth:`tokens` for every response with the *running* output-token count (or with the number
+    of new tokens via ``new=``), then :meth:`finish` or :meth:`fail`.
+    """
+
+    def __init__(self) -> None:
+        self.record = RequestRecord(start_s=time.perf_counter())
+        self._last_token_s: float | None = None
+        self._count = 0
+
+    def tokens(self, running_count: int | None = None, *, new: int | None = None) -> int:
+        """Register a response; returns the number of new tokens it carried."""
+        now = time.perf_counter()
+        num_new = (running_count - self._count) if running_count is not None else (new or 0)
+        if num_new <= 0:
+            return 0
+        if self._last_token_s is None:
+            # Tokens that arrive together with the first one have no gap of their own.
+            self.record.ttft_s = now - self.record.start_s
+        else:
+            gap = (now - self._last_token_s) / num_new
+            self.record.itl_s.extend([gap] * num_new)
+        self._last_token_s = now
+        self._count += num_new
+        self.record.num_output_tokens = self._count
+        return num_new
+
+    def finish(self, finish_reason: str | None, num_output_tokens: int | None = None) -> RequestRecord:
+        self.record.e2e_s = time.perf_counter() - self.record.start_s
+        self.record.finish_reason = finish_reason
+        if num_output_tokens is not None and num_output_tokens > self._count:
+            self.record.num_output_tokens = num_output_tokens
+        return self.record
+
+    def fail(self, message: str) -> RequestRecord:
+        self.record.e2e_s = time.perf_counter() - self.record.start_s
+        self.record.error = message or "unknown error"
+        return self.record
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation; values need not be sorted."""
+    if not values:
+        raise ValueError("percentile: no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def distribution_ms(values_s: Iterable[float]) -> dict[str, float | None]:
+    """{p50, p95, p99, mean} in ms; every value None when there are no samples."""
+    values = [v * 1000.0 for v in values_s]
+    out: dict[str, float | None] = {
+        f"p{p}": (round(percentile(values, p), 3) if values else None) for p in PERCENTILES
+    }
+    out["mean"] = round(sum(values) / len(values), 3) if values else None
+    return out
+
+
+def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
+    """One run's row of results.json (without the concurrency/rate and gpu_mem_gb keys)."""
+    ok = [r for r in records if r.is_ok]
+    errors = Counter(r.error for r in records if not r.is_ok)
+    num_tokens = sum(r.num_output_tokens for r in ok)
+    return {
+        "requests": len(ok),
+        "errors": sum(errors.values()),
+        "duration_s": round(wall_s, 3),
+        "rps": round(len(ok) / wall_s, 4) if wall_s > 0 else 0.0,
+        "output_tok_s": round(num_tokens / wall_s, 3) if wall_s > 0 else 0.0,
+        "mean_output_tokens": round(num_tokens / len(ok), 2) if ok else 0.0,
+        "ttft_ms": distribution_ms(r.ttft_s for r in ok if r.ttft_s is not None),
+        "itl_ms": distribution_ms(v for r in ok for v in r.itl_s),
+        "e2e_ms": distribution_ms(r.e2e_s for r in ok if r.e2e_s is not None),
+        "server_ttft_ms": distribution_ms(r.server_ttft_s for r in ok if r.server_ttft_s is not None),
+        "error_messages": {msg[:300]: n for msg, n in errors.most_common(5)},
+    }

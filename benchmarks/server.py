@@ -1,0 +1,95 @@
+"""Build an engine with ``glmv-build`` and serve it with Triton, for the smoke run, tests and the GPU harness.
+
+``local_triton(preset, device, dtype, workdir)`` is a context manager yielding the running
+:class:`build_engine.launcher.TritonServer` (free ports; ``server.grpc_url`` / ``server.http_url``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from benchmarks.results import REPO_ROOT
+
+
+def build_engine(
+    preset: str, output: Path, device: str = "cpu", dtype: str | None = None, timeout_s: float = 900
+) -> Path:
+    """Run ``glmv-build --preset PRESET --output OUTPUT --device DEVICE [--dtype DTYPE]``; returns OUTPUT."""
+    argv = ["glmv-build", "--preset", preset, "--output", str(output), "--device", device]
+    if dtype:
+        argv += ["--dtype", dtype]
+    # The console script may not be installed (running from a checkout); call its entry point instead.
+    code = f"import sys; sys.argv = {argv!r}; from build_engine.cli import main; sys.exit(main())"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{REPO_ROOT}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(REPO_ROOT)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"glmv-build --preset {preset} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    print(
+        f"built {preset} engine in {time.perf_counter() - started:.1f} s -> {output}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return output
+
+
+def find_model_repository(output: Path) -> Path:
+    """The rendered model repository inside a glmv-build output (the directory holding ensemble/)."""
+    if (output / "ensemble" / "config.pbtxt").is_file():
+        return output
+    for config in sorted(output.glob("**/ensemble/config.pbtxt")):
+        return config.parent.parent
+    raise FileNotFoundError(f"no model repository (ensemble/config.pbtxt) under {output}")
+
+
+@contextlib.contextmanager
+def local_triton(
+    preset: str = "tiny",
+    device: str = "cpu",
+    dtype: str | None = None,
+    workdir: Path | None = None,
+    log_file: Path | None = None,
+    startup_timeout_s: float = 600.0,
+) -> Iterator:
+    """Build ``preset`` into ``workdir`` (a temp dir by default) and serve it on free ports."""
+    import tempfile
+
+    from build_engine.launcher import TritonServer
+
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"glmv-{preset}-")))
+        output = build_engine(preset, Path(workdir) / "engine", device=device, dtype=dtype)
+        repo = find_model_repository(output)
+        server = TritonServer(
+            repo,
+            http_port=0,
+            grpc_port=0,
+            metrics_port=0,
+            log_file=log_file,
+            startup_timeout_s=startup_timeout_s,
+        )
+        started = time.perf_counter()
+        with server:
+            print(
+                f"triton ready in {time.perf_counter() - started:.1f} s (grpc {server.grpc_url}, log {server.log_file})",
+                file=sys.stderr,
+                flush=True,
+            )
+            yield server
