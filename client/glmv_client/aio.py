@@ -1,0 +1,246 @@
+"""Asyncio client with the same API as :class:`glmv_client.Client`.
+
+gRPC goes through ``tritonclient.grpc.aio`` (one ``ModelStreamInfer`` call per request, many
+concurrent requests on one channel); HTTP through ``httpx.AsyncClient``. Leaving ``stream()`` early
+(``break``, task cancellation, ``aclose()``) cancels the gRPC call, which cancels the request on
+the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aiogrpc
+from tritonclient.utils import InferenceServerException
+
+from .client import (
+    OUTPUTS,
+    checked_json_response,
+    grpc_channel_args,
+    grpc_inputs,
+    http_error_message,
+    is_connection_error,
+)
+from .errors import RequestTimeoutError, ServerError, ServerUnavailableError
+from .images import ImageLike
+from .request import GenerateRequest, Limits, build_request, generate_json
+from .results import Assembler, Delta, Finish, Response, Result, response_from_tensors
+
+
+class AsyncClient:
+    """Asyncio client; safe for many concurrent requests."""
+
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        protocol: str = "grpc",
+        timeout: float | None = 600.0,
+        model: str = "ensemble",
+        *,
+        limits: Limits | None = None,
+        max_retries: int = 2,
+        retry_backoff: float = 0.2,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.url = url.removeprefix("grpc://") if protocol == "grpc" else url
+        self.protocol = protocol
+        self.timeout = timeout
+        self.model = model
+        self.limits = limits or Limits()
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        self.headers = headers
+        self._grpc: aiogrpc.InferenceServerClient | None = None
+        self._http: httpx.AsyncClient | None = None
+        if protocol == "http":
+            base = url if url.startswith(("http://", "https://")) else f"http://{url}"
+            self._http = httpx.AsyncClient(base_url=base, timeout=timeout, headers=headers)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def analyze(
+        self, images: ImageLike | Sequence[ImageLike] | None, prompt: str, **sampling: Any
+    ) -> Result:
+        """The whole answer to ``prompt`` about ``images``."""
+        req = build_request(images, prompt, limits=self.limits, stream=False, **sampling)
+        asm = Assembler(is_stream=False)
+        responses = self._responses(req, asm)
+        try:
+            async for resp in responses:
+                asm.add(resp)
+        finally:
+            await responses.aclose()
+        return asm.result()
+
+    def stream(
+        self, images: ImageLike | Sequence[ImageLike] | None, prompt: str, **sampling: Any
+    ) -> AsyncIterator[Delta | Finish]:
+        """Yield :class:`Delta` items as the answer is generated, then one :class:`Finish`."""
+        req = build_request(images, prompt, limits=self.limits, stream=True, **sampling)
+        return self._stream(req)
+
+    async def is_ready(self) -> bool:
+        """True when the server is up and the model is loaded."""
+        try:
+            if self.protocol == "http":
+                assert self._http is not None
+                r = await self._http.get(f"/v2/models/{self.model}/ready")
+                return r.status_code == 200
+            client = self._grpc_client()
+            return bool(await client.is_server_ready() and await client.is_model_ready(self.model))
+        except (InferenceServerException, httpx.HTTPError):
+            return False
+
+    async def close(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.close()
+            self._grpc = None
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _stream(self, req: GenerateRequest) -> AsyncIterator[Delta | Finish]:
+        asm = Assembler(is_stream=True)
+        responses = self._responses(req, asm)
+        try:
+            async for resp in responses:
+                delta = asm.add(resp)
+                if delta is not None:
+                    yield delta
+        finally:
+            await responses.aclose()
+        yield asm.finish()
+
+    def _grpc_client(self) -> aiogrpc.InferenceServerClient:
+        if self._grpc is None:
+            self._grpc = aiogrpc.InferenceServerClient(
+                self.url, channel_args=grpc_channel_args(self.limits.max_message_bytes)
+            )
+        return self._grpc
+
+    async def _responses(self, req: GenerateRequest, asm: Assembler) -> AsyncIterator[Response]:
+        request_id = req.request_id or uuid.uuid4().hex
+        attempt = 0
+        while True:
+            asm.restart()
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            received = False
+            gen = (
+                self._grpc_responses(req, request_id, deadline)
+                if self.protocol == "grpc"
+                else self._generate(req, deadline)
+            )
+            try:
+                async for resp in gen:
+                    received = True
+                    yield resp
+                return
+            except (InferenceServerException, httpx.HTTPError) as err:
+                if received or not is_connection_error(err):
+                    if isinstance(err, InferenceServerException):
+                        raise ServerError(err.message() or str(err), status=err.status()) from None
+                    raise ServerError(f"{type(err).__name__}: {err}") from None
+                if attempt >= self.max_retries:
+                    raise ServerUnavailableError(
+                        f"cannot reach {self.url} over {self.protocol} after {attempt + 1} attempts: {err}"
+                    ) from None
+            finally:
+                await gen.aclose()
+            await asyncio.sleep(self.retry_backoff * 2**attempt)
+            attempt += 1
+
+    def _timeout_error(self) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"no complete answer from {self.url} within {self.timeout} s (timeout); request cancelled"
+        )
+
+    async def _grpc_responses(
+        self, req: GenerateRequest, request_id: str, deadline: float | None
+    ) -> AsyncIterator[Response]:
+        request = {
+            "model_name": self.model,
+            "inputs": grpc_inputs(req),
+            "outputs": [grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
+            "request_id": request_id,
+        }
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield request
+
+        call = self._grpc_client().stream_infer(requests(), headers=self.headers)
+        is_done = False
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise self._timeout_error()
+                try:
+                    result, error = await asyncio.wait_for(call.__anext__(), remaining)
+                except asyncio.TimeoutError:
+                    raise self._timeout_error() from None
+                except StopAsyncIteration:
+                    raise ServerError("the stream ended without a finish_reason") from None
+                except Exception as exc:  # grpc.aio.AioRpcError
+                    raise _aio_rpc_error(exc) from None
+                if error is not None:
+                    raise error
+                resp = response_from_tensors(result.as_numpy)
+                yield resp
+                if resp.finish_reason:
+                    is_done = True
+                    return
+        finally:
+            if not is_done:
+                call.cancel()
+
+    async def _generate(self, req: GenerateRequest, deadline: float | None) -> AsyncIterator[Response]:
+        assert self._http is not None
+        path = f"/v2/models/{self.model}/{'generate_stream' if req.stream else 'generate'}"
+        try:
+            async with self._http.stream("POST", path, json=generate_json(req)) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    raise ServerError(http_error_message(r), status=r.status_code)
+                if not req.stream:
+                    await r.aread()
+                    yield checked_json_response(json.loads(r.text), r.status_code)
+                    return
+                async for line in r.aiter_lines():
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("deadline passed")
+                    if not line.startswith("data:"):
+                        continue
+                    resp = checked_json_response(json.loads(line[5:]), r.status_code)
+                    yield resp
+                    if resp.finish_reason:
+                        return
+                raise ServerError("generate_stream ended without a finish_reason", status=r.status_code)
+        except httpx.TimeoutException as err:
+            if isinstance(err, httpx.ConnectTimeout):
+                raise
+            raise self._timeout_error() from None
+
+
+def _aio_rpc_error(exc: Exception) -> Exception:
+    """An AioRpcError as the InferenceServerException the retry logic understands."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):
+        return InferenceServerException(msg=details() or str(exc), status=str(code()))
+    return exc

@@ -1,0 +1,187 @@
+"""What ``analyze`` returns and what ``stream`` yields, and how responses are folded into them.
+
+A stream yields :class:`Delta` items (new answer text and new reasoning text, either may be
+empty but not both) and ends with exactly one :class:`Finish`. ``analyze`` returns a
+:class:`Result`. Timings are in seconds: ``ttft`` and ``total`` are measured by the client
+(send → first text or reasoning, send → last response); ``server_ttft`` and ``server_total`` come
+from the server's ``*_time_ns`` outputs when present.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    ttft: float | None  # seconds from send to the first text/reasoning (None: nothing generated)
+    total: float  # seconds from send to the last response
+    server_ttft: float | None = None  # first_token_time_ns - arrival_time_ns
+    server_total: float | None = None  # last_token_time_ns - arrival_time_ns
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    reasoning: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Result:
+    text: str
+    reasoning: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Response:
+    """One ensemble response, decoded."""
+
+    text: str
+    reasoning: str
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+    arrival_time_ns: int | None = None
+    first_token_time_ns: int | None = None
+    last_token_time_ns: int | None = None
+
+
+def response_from_tensors(get: Callable[[str], np.ndarray | None]) -> Response:
+    """Decode a response given ``get(name) -> array | None`` (e.g. ``InferResult.as_numpy``)."""
+
+    def text(name: str) -> str:
+        arr = get(name)
+        if arr is None or arr.size == 0:
+            return ""
+        value = arr.reshape(-1)[0]
+        return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+    def integer(name: str) -> int | None:
+        arr = get(name)
+        return None if arr is None or arr.size == 0 else int(arr.reshape(-1)[0])
+
+    return Response(
+        text=text("text_output"),
+        reasoning=text("reasoning_output"),
+        finish_reason=text("finish_reason"),
+        num_input_tokens=integer("num_input_tokens") or 0,
+        num_output_tokens=integer("num_output_tokens") or 0,
+        arrival_time_ns=integer("arrival_time_ns"),
+        first_token_time_ns=integer("first_token_time_ns"),
+        last_token_time_ns=integer("last_token_time_ns"),
+    )
+
+
+def response_from_json(obj: dict[str, Any]) -> Response:
+    """Decode one HTTP generate / generate_stream JSON object (scalars or 1-element lists)."""
+
+    def value(name: str) -> Any:
+        v = obj.get(name)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        return v
+
+    def integer(name: str) -> int | None:
+        v = value(name)
+        return None if v is None or v == "" else int(v)
+
+    return Response(
+        text=str(value("text_output") or ""),
+        reasoning=str(value("reasoning_output") or ""),
+        finish_reason=str(value("finish_reason") or ""),
+        num_input_tokens=integer("num_input_tokens") or 0,
+        num_output_tokens=integer("num_output_tokens") or 0,
+        arrival_time_ns=integer("arrival_time_ns"),
+        first_token_time_ns=integer("first_token_time_ns"),
+        last_token_time_ns=integer("last_token_time_ns"),
+    )
+
+
+class Assembler:
+    """Folds the responses of one request into deltas, a finish and a result."""
+
+    def __init__(self, is_stream: bool) -> None:
+        self.is_stream = is_stream
+        self.start = time.monotonic()
+        self.first_token_at: float | None = None
+        self.text_parts: list[str] = []
+        self.reasoning_parts: list[str] = []
+        self.last: Response | None = None
+
+    def restart(self) -> None:
+        self.start = time.monotonic()
+
+    def add(self, resp: Response) -> Delta | None:
+        """Record one response; the delta it carries (None when it carries no text)."""
+        self.last = resp
+        if not (resp.text or resp.reasoning):
+            return None
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if self.is_stream:
+            self.text_parts.append(resp.text)
+            self.reasoning_parts.append(resp.reasoning)
+        else:  # a non-streaming response carries the whole answer
+            self.text_parts = [resp.text]
+            self.reasoning_parts = [resp.reasoning]
+        return Delta(text=resp.text, reasoning=resp.reasoning)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.last is not None and bool(self.last.finish_reason)
+
+    def finish(self) -> Finish:
+        last = self.last or Response("", "", "abort", 0, 0)
+        now = time.monotonic()
+        server_ttft = server_total = None
+        if last.arrival_time_ns:
+            if last.first_token_time_ns:
+                server_ttft = max(0, last.first_token_time_ns - last.arrival_time_ns) / 1e9
+            if last.last_token_time_ns:
+                server_total = max(0, last.last_token_time_ns - last.arrival_time_ns) / 1e9
+        if self.is_stream:
+            ttft = None if self.first_token_at is None else self.first_token_at - self.start
+        else:
+            ttft = server_ttft
+        return Finish(
+            finish_reason=last.finish_reason or "abort",
+            usage=Usage(last.num_input_tokens, last.num_output_tokens),
+            timings=Timings(
+                ttft=ttft, total=now - self.start, server_ttft=server_ttft, server_total=server_total
+            ),
+        )
+
+    def result(self) -> Result:
+        fin = self.finish()
+        return Result(
+            text="".join(self.text_parts),
+            reasoning="".join(self.reasoning_parts),
+            finish_reason=fin.finish_reason,
+            usage=fin.usage,
+            timings=fin.timings,
+        )
