@@ -10,11 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from build_engine.checkpoint import make_tiny_checkpoint
-
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), preset="tiny")
-    return transformers.AutoTokenizer.from_pretrained(path)
+def tokenizer(tiny_checkpoint):
+    return transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
 
 
 def stream(detok: IncrementalDetokenizer, token_ids: list[int], chunk: int = 1) -> list[Delta]:

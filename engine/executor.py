@@ -1,0 +1,447 @@
+"""The engine's front door: requests in, per-step token outputs out, one loop thread.
+
+Contract:
+  * ``add_request(req) -> request_id`` validates at once (ValueError naming the field: sampling params,
+    empty or too long prompt, image_embeds rows vs image tokens, mrope_positions shape, duplicate id) and
+    queues the request; it joins the running batch at the next step.
+  * ``step() -> list[RequestOutput]``: one scheduler step. A request gets an output in a step when it got
+    new tokens or finished; ``new_token_ids`` are the tokens not returned before (a request preempted by
+    recompute never returns a token twice). Every request's last output has ``finish_reason`` set:
+    "stop" (eos, stop id, stop string), "length" (max_tokens, max_model_len) or "abort"; its KV blocks are
+    free by then. A model error ends the requests of that batch with "abort" and ``error`` set.
+  * ``abort(request_id)``: the request ends within the next step with an "abort" output (unknown or
+    finished ids are ignored).
+  * ``add_request``, ``abort``, ``stats`` and ``has_unfinished`` may be called from any thread; ``step``
+    from one thread at a time: the loop thread after ``start(callback)``, else the caller.
+  * ``start(callback)`` runs ``step()`` on a thread while there is work (it sleeps on a condition when
+    idle) and calls ``callback(outputs)`` after each step with outputs. ``stop()`` ends the loop; requests
+    still unfinished end with "abort". ``generate(req)`` is an async iterator over one request's outputs
+    (it starts the loop if needed; leaving the iterator early aborts the request).
+  * With a tokenizer (``from_engine_dir`` loads ``tokenizer.json``), outputs also carry ``text`` and
+    ``reasoning`` deltas and ``GenerationRequest.stop_strings`` end sequences inside the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer, think_token_ids
+from engine.metrics import EngineStats
+from engine.model_runner import ModelRunner, num_kv_blocks
+from engine.sampling import Sampler, SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+logger = logging.getLogger("glm-engine")
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    image_embeds: torch.Tensor | None = None
+    """[num_image_tokens, hidden], rows in prompt order."""
+    mrope_positions: torch.Tensor | None = None
+    """[3, prompt_len] int64; None: text-only (arange)."""
+    mrope_delta: int = 0
+    """Position of output token i (i >= prompt_len) is i + mrope_delta."""
+    arrival_time: float = field(default_factory=time.monotonic)
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end the sequence (needs the executor's tokenizer)."""
+    is_thinking: bool = False
+    """The output starts inside <think> (routes text to ``reasoning`` until </think>)."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    """None while running; then "stop" | "length" | "abort"."""
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival_time: float
+    first_token_time: float | None
+    last_token_time: float | None
+    text: str = ""
+    """Answer text delta (with a tokenizer)."""
+    reasoning: str = ""
+    """Reasoning text delta (with a tokenizer)."""
+    error: str | None = None
+    """Why the engine aborted the request, when it was not asked to."""
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Executor:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        weights_dir: str | Path | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        """Load the model (``weights_dir``; None: random weights of the config's shape, unless ``model``
+        is given), size and allocate the KV cache, build scheduler, sampler and runner."""
+        from engine.decoder import Glm4vModel
+
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.device = torch.device(engine_config.device)
+        if model is None:
+            if weights_dir is None:
+                model = Glm4vModel.dummy(model_config, self.device, engine_config.dtype, engine_config.seed)
+            else:
+                model = Glm4vModel.from_pretrained(
+                    weights_dir, self.device, engine_config.dtype, model_config
+                )
+        self.model = model
+        block_size = engine_config.block_size
+        num_blocks = num_kv_blocks(
+            engine_config, model_config.kv_bytes_per_token(engine_config.dtype), self.device
+        )
+        self.max_model_len = min(engine_config.max_model_len, num_blocks * block_size)
+        if self.max_model_len < engine_config.max_model_len:
+            logger.warning(
+                "[glm-engine] KV cache holds %d tokens (%d blocks): max_model_len %d capped to %d",
+                num_blocks * block_size,
+                num_blocks,
+                engine_config.max_model_len,
+                self.max_model_len,
+            )
+        logger.info("[glm-engine] KV cache: %d blocks of %d tokens", num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=engine_config.max_num_seqs,
+            max_num_batched_tokens=engine_config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            eos_token_ids=model_config.eos_token_ids,
+            enable_chunked_prefill=engine_config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(
+            model, model_config, engine_config, num_blocks, Sampler(model_config.eos_token_ids)
+        )
+        self.tokenizer = tokenizer
+        self.think_start_id, self.think_end_id = think_token_ids(tokenizer) if tokenizer else (None, None)
+
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._seqs: dict[str, Sequence] = {}  # unfinished requests by id
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._new_seqs: list[Sequence] = []  # added, not yet handed to the scheduler
+        self._aborted_ids: set[str] = set()
+        self._streams: dict[str, Callable[[RequestOutput], None]] = {}  # generate() queues
+        self._stats = EngineStats(num_blocks_total=num_blocks)
+        self._thread: threading.Thread | None = None
+        self._is_stopping = False
+        self._callback: Callable[[list[RequestOutput]], None] | None = None
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path, **overrides: Any) -> Executor:
+        """Executor for a ``glmv-build`` engine directory; ``overrides`` replace EngineConfig fields."""
+        engine_dir = Path(engine_dir)
+        config_file = engine_dir / "engine_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"engine_config.json not found in {engine_dir}")
+        raw = json.loads(config_file.read_text())
+        engine_config = EngineConfig.from_dict({**raw.get("engine", {}), **overrides})
+        model_config = ModelConfig.from_pretrained(engine_dir)
+        is_dummy = bool(raw.get("dummy", raw.get("build", {}).get("dummy", False)))
+        tokenizer = None
+        if (engine_dir / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
+        return cls(model_config, engine_config, None if is_dummy else engine_dir, tokenizer=tokenizer)
+
+    # -- requests (any thread) ----------------------------------------------------------------------
+
+    def add_request(self, req: GenerationRequest) -> str:
+        return self._add(req, None)
+
+    def _add(self, req: GenerationRequest, stream: Callable[[RequestOutput], None] | None) -> str:
+        seq = self._make_seq(req)
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer, req.stop_strings, req.is_thinking, self.think_start_id, self.think_end_id
+            )
+        with self._cond:
+            if req.request_id in self._seqs:
+                raise ValueError(f"request_id: {req.request_id!r} is already in use by an unfinished request")
+            self._seqs[req.request_id] = seq
+            if detokenizer is not None:
+                self._detokenizers[req.request_id] = detokenizer
+            if stream is not None:
+                self._streams[req.request_id] = stream
+            self._new_seqs.append(seq)
+            self._cond.notify_all()
+        return req.request_id
+
+    def _make_seq(self, req: GenerationRequest) -> Sequence:
+        """Validate ``req`` (ValueError naming the field) and build its Sequence."""
+        if not isinstance(req.request_id, str) or not req.request_id:
+            raise ValueError(f"request_id: {req.request_id!r} must be a non-empty string")
+        req.sampling.validate()
+        prompt = [int(t) for t in req.prompt_token_ids]
+        self.scheduler.check_prompt(len(prompt))
+        vocab_size = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
+        num_image_tokens = prompt.count(self.model_config.image_token_id)
+        num_rows = 0 if req.image_embeds is None else req.image_embeds.shape[0]
+        if num_rows != num_image_tokens:
+            raise ValueError(
+                f"image_embeds: {num_rows} rows for {num_image_tokens} image tokens "
+                f"(id {self.model_config.image_token_id}) in prompt_token_ids"
+            )
+        if req.image_embeds is not None and tuple(req.image_embeds.shape[1:]) != (
+            self.model_config.hidden_size,
+        ):
+            raise ValueError(
+                f"image_embeds: shape {tuple(req.image_embeds.shape)} must be "
+                f"[num_image_tokens, {self.model_config.hidden_size}]"
+            )
+        if req.mrope_positions is not None and tuple(req.mrope_positions.shape) != (3, len(prompt)):
+            raise ValueError(
+                f"mrope_positions: shape {tuple(req.mrope_positions.shape)} must be [3, {len(prompt)}]"
+            )
+        if req.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings: this executor has no tokenizer to match stop strings")
+        generator = None
+        if req.sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
+        return Sequence(
+            req.request_id,
+            prompt,
+            req.sampling,
+            image_embeds=req.image_embeds,
+            mrope_positions=req.mrope_positions,
+            mrope_delta=int(req.mrope_delta),
+            image_token_id=self.model_config.image_token_id,
+            arrival_time=req.arrival_time,
+            generator=generator,
+        )
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            if request_id in self._seqs:
+                self._aborted_ids.add(request_id)
+                self._cond.notify_all()
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._seqs)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return dataclasses.replace(
+                self._stats,
+                num_waiting=self._stats.num_waiting + len(self._new_seqs),
+                is_loop_running=self._thread is not None and self._thread.is_alive(),
+            )
+
+    # -- one step (one thread) ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        started = time.monotonic()
+        with self._lock:
+            new_seqs, self._new_seqs = self._new_seqs, []
+            aborted_ids, self._aborted_ids = self._aborted_ids, set()
+        for seq in new_seqs:
+            self.scheduler.add(seq)
+        outputs = []
+        for request_id in sorted(aborted_ids):
+            seq = self._seqs[request_id]
+            self.scheduler.finish(seq, "abort")
+            outputs.append(self._output(seq))
+
+        out = self.scheduler.schedule()
+        num_tokens = out.num_batched_tokens
+        if not out.is_empty:
+            try:
+                sampled = self.runner.execute(out)
+            except Exception as exc:  # the batch's requests end; the engine keeps serving the others
+                logger.exception("[glm-engine] model step failed; aborting %d requests", len(out.seqs))
+                for seq in out.seqs:
+                    self.scheduler.finish(seq, "abort")
+                    outputs.append(self._output(seq, error=f"engine error: {exc}"))
+                sampled = []
+                out.seqs, out.num_scheduled_tokens = [], []
+            self.scheduler.update(out, sampled, time.monotonic())
+            for seq, token_id in zip(out.seqs, sampled, strict=True):
+                if token_id is not None:
+                    outputs.append(self._output(seq))
+        self._finish_step(outputs, started, num_tokens, 0 if out.is_empty else 1)
+        return outputs
+
+    def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
+        """The output of ``seq`` for this step: its unreturned tokens and text; ends it on a stop string."""
+        new_token_ids = seq.output_token_ids[seq.num_emitted_tokens :]
+        seq.num_emitted_tokens = seq.num_output_tokens
+        text = reasoning = ""
+        detokenizer = self._detokenizers.get(seq.seq_id)
+        if detokenizer is not None:
+            sampling = seq.sampling
+            text_ids = new_token_ids
+            if seq.finish_reason == "stop" and new_token_ids and new_token_ids[-1] in sampling.stop_token_ids:
+                text_ids = new_token_ids[:-1]  # a stop id ends the text, it is not part of it
+            delta = detokenizer.add(text_ids)
+            if delta.stopped and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+            if seq.is_finished:
+                tail = detokenizer.finish()
+                delta.text += tail.text
+                delta.reasoning += tail.reasoning
+            text, reasoning = delta.text, delta.reasoning
+        return RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=new_token_ids,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            arrival_time=seq.arrival_time,
+            first_token_time=seq.first_token_time,
+            last_token_time=seq.last_token_time,
+            text=text,
+            reasoning=reasoning,
+            error=error,
+        )
+
+    def _finish_step(
+        self, outputs: list[RequestOutput], started: float, num_tokens: int, num_steps: int
+    ) -> None:
+        now = time.monotonic()
+        finished = [o for o in outputs if o.is_finished]
+        stats = self._stats
+        with self._lock:
+            for o in finished:
+                self._seqs.pop(o.request_id, None)
+                self._detokenizers.pop(o.request_id, None)
+                self._aborted_ids.discard(o.request_id)
+            self._stats = dataclasses.replace(
+                stats,
+                num_waiting=len(self.scheduler.waiting),
+                num_running=len(self.scheduler.running),
+                num_blocks_used=self.block_manager.num_used_blocks,
+                num_preemptions=self.scheduler.num_preemptions,
+                num_steps=stats.num_steps + num_steps,
+                num_finished=stats.num_finished + len(finished),
+                num_prompt_tokens=stats.num_prompt_tokens + sum(o.num_prompt_tokens for o in finished),
+                num_generation_tokens=stats.num_generation_tokens
+                + sum(len(o.new_token_ids) for o in outputs),
+                last_step_time=now if num_steps else stats.last_step_time,
+                last_step_duration=now - started if num_steps else stats.last_step_duration,
+                last_step_num_tokens=num_tokens if num_steps else stats.last_step_num_tokens,
+            )
+
+    def abort_all(self) -> list[RequestOutput]:
+        """End every unfinished request with "abort" now (call from the stepping thread)."""
+        with self._lock:
+            new_seqs, self._new_seqs = self._new_seqs, []
+            self._aborted_ids.clear()
+        for seq in new_seqs:
+            self.scheduler.add(seq)
+        outputs = []
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(seq, "abort")
+            outputs.append(self._output(seq))
+        self._finish_step(outputs, time.monotonic(), 0, 0)
+        return outputs
+
+    # -- loop thread ------------------------------------------------------------------------------------
+
+    def start(self, callback: Callable[[list[RequestOutput]], None] | None = None) -> None:
+        """Run the step loop on a thread; ``callback(outputs)`` after each step that has outputs."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                raise RuntimeError("start: the loop thread is already running")
+            self._callback = callback
+            self._is_stopping = False
+            self._thread = threading.Thread(target=self._loop, name="glm-engine-loop", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop after its current step; unfinished requests end with "abort"."""
+        with self._cond:
+            thread = self._thread
+            self._is_stopping = True
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._is_stopping and not self._seqs:
+                    self._cond.wait()
+                if self._is_stopping:
+                    break
+            try:
+                outputs = self.step()
+            except Exception:
+                logger.exception("[glm-engine] step failed; aborting all requests")
+                outputs = self.abort_all()
+            self._dispatch(outputs)
+        self._dispatch(self.abort_all())
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        if not outputs:
+            return
+        with self._lock:
+            streams = [(self._streams.get(o.request_id), o) for o in outputs]
+            for o in outputs:
+                if o.is_finished:
+                    self._streams.pop(o.request_id, None)
+        for stream, o in streams:
+            if stream is not None:
+                stream(o)
+        if self._callback is not None:
+            try:
+                self._callback(outputs)
+            except Exception:
+                logger.exception("[glm-engine] output callback failed")
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Outputs of ``req`` as they come (the last one has finish_reason set)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._add(req, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o))
+        with self._lock:
+            is_running = self._thread is not None and self._thread.is_alive() and not self._is_stopping
+        if not is_running:
+            try:
+                self.start()
+            except RuntimeError:  # another caller started it in between
+                pass
+        is_finished = False
+        try:
+            while not is_finished:
+                output = await queue.get()
+                is_finished = output.is_finished
+                yield output
+        finally:
+            if not is_finished:
+                with self._lock:
+                    self._streams.pop(req.request_id, None)
+                self.abort(req.request_id)

@@ -1,0 +1,281 @@
+"""Executor on the tiny random checkpoint: our batched, paged, preempting engine gives the tokens of a
+plain full-recompute loop (and of transformers generate()), whatever the batch and the arrival order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import EngineConfig, ModelConfig
+from engine.decoder import Glm4vModel
+from engine.executor import Executor, GenerationRequest, RequestOutput
+from engine.rope import get_mrope_positions
+from engine.sampling import SamplingParams
+
+BLOCK_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def model_config(tiny_checkpoint) -> ModelConfig:
+    return ModelConfig.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint, model_config) -> Glm4vModel:
+    return Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "float32", model_config)
+
+
+def make_executor(model, model_config, tokenizer=None, **engine) -> Executor:
+    engine = {"block_size": BLOCK_SIZE, "num_kv_blocks": 256, "max_model_len": 256, **engine}
+    return Executor(model_config, EngineConfig(**engine), model=model, tokenizer=tokenizer)
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(0, 800, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kwargs)
+
+
+@torch.inference_mode()
+def reference_greedy(
+    model,
+    model_config,
+    prompt_ids,
+    max_tokens,
+    image_embeds=None,
+    mrope_positions=None,
+    delta=0,
+    ignore_eos=False,
+):
+    """Full recompute of the whole sequence every token, one sequence, no scheduler, no paging reuse."""
+    ids = list(prompt_ids)
+    for _ in range(max_tokens):
+        n = len(ids)
+        num_blocks = -(-n // BLOCK_SIZE)
+        kv_caches = model.allocate_kv_caches(num_blocks, BLOCK_SIZE, "cpu", torch.float32)
+        attn = AttentionMetadata.build([n], [n], [list(range(num_blocks))], BLOCK_SIZE)
+        positions = torch.arange(n).expand(3, -1).clone()
+        if mrope_positions is not None:
+            positions[:, : len(prompt_ids)] = mrope_positions
+            positions[:, len(prompt_ids) :] += delta
+        input_ids = torch.tensor(ids)
+        embeds = None
+        if image_embeds is not None:  # only prompt image tokens take image rows
+            num_prompt = len(prompt_ids)
+            embeds = torch.cat(
+                [
+                    model.get_input_embeddings(input_ids[:num_prompt], image_embeds),
+                    model.language_model.embed_tokens(input_ids[num_prompt:]),
+                ]
+            )
+        hidden = model(input_ids, positions, attn, kv_caches, embeds)
+        token_id = int(model.compute_logits(hidden[-1:]).argmax(-1))
+        ids.append(token_id)
+        if token_id in model_config.eos_token_ids and not ignore_eos:
+            break
+    return ids[len(prompt_ids) :]
+
+
+def run_to_end(
+    ex: Executor, arrivals: dict[int, list[GenerationRequest]] | None = None
+) -> dict[str, list[RequestOutput]]:
+    """Step until done; ``arrivals[k]`` are added before step k. Returns every output per request."""
+    arrivals = dict(arrivals or {})
+    outputs: dict[str, list[RequestOutput]] = {}
+    step = 0
+    while arrivals or ex.has_unfinished():
+        for req in arrivals.pop(step, []):
+            ex.add_request(req)
+        for out in ex.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        step += 1
+        assert step < 1000
+    assert ex.block_manager.num_used_blocks == 0
+    return outputs
+
+
+def tokens(outs: list[RequestOutput]) -> list[int]:
+    assert [o.finish_reason is not None for o in outs] == [False] * (len(outs) - 1) + [True]
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def test_greedy_matches_reference_loop_and_transformers(model, model_config, hf_model):
+    ex = make_executor(model, model_config)
+    prompts = {"a": prompt(0, 5), "b": prompt(1, 13), "c": prompt(2, 1)}
+    for request_id, ids in prompts.items():
+        outs = run_to_end(ex, {0: [GenerationRequest(request_id, ids, greedy(10))]})[request_id]
+        expected = reference_greedy(model, model_config, ids, 10)
+        assert tokens(outs) == expected
+        assert outs[-1].finish_reason == ("stop" if len(expected) < 10 else "length")
+        hf = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=list(model_config.eos_token_ids),
+            pad_token_id=model_config.pad_token_id,
+        )[0, len(ids) :].tolist()
+        assert expected == hf
+
+
+def test_staggered_arrivals_and_chunked_prefill_give_tokens_of_each_alone(model, model_config):
+    ex = make_executor(model, model_config, max_num_batched_tokens=16, max_num_seqs=6)
+    reqs = [GenerationRequest(f"r{i}", prompt(10 + i, 3 + 4 * i), greedy(6 + i % 3)) for i in range(9)]
+    arrivals = {0: reqs[:2], 1: [reqs[2]], 3: reqs[3:5], 4: [reqs[5]], 7: reqs[6:8], 9: [reqs[8]]}
+    outputs = run_to_end(ex, arrivals)
+    for req in reqs:
+        assert tokens(outputs[req.request_id]) == reference_greedy(
+            model, model_config, req.prompt_token_ids, req.sampling.max_tokens
+        ), req.request_id
+    stats = ex.stats()
+    assert (stats.num_waiting, stats.num_running, stats.num_blocks_used, stats.num_finished) == (0, 0, 0, 9)
+    assert stats.num_preemptions == 0 and stats.num_steps > 0 and stats.last_step_time is not None
+
+
+def test_preemption_by_recompute_gives_same_tokens(model, model_config):
+    ex = make_executor(model, model_config, num_kv_blocks=10, max_num_batched_tokens=32)  # 40 token slots
+    reqs = [GenerationRequest(f"p{i}", prompt(30 + i, 6 + i), greedy(12, ignore_eos=True)) for i in range(4)]
+    outputs = run_to_end(ex, {0: reqs})
+    assert ex.stats().num_preemptions > 0
+    for req in reqs:
+        outs = outputs[req.request_id]
+        assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 12
+        assert tokens(outs) == reference_greedy(
+            model, model_config, req.prompt_token_ids, 12, ignore_eos=True
+        )
+
+
+def test_image_embeds_cut_by_chunks(model, model_config):
+    mc = model_config
+    ids = [5, 6, mc.image_start_token_id] + [mc.image_token_id] * 6 + [mc.image_end_token_id, 7, 8, 9]
+    positions, delta = get_mrope_positions(ids, torch.tensor([[1, 4, 6]]), mc)
+    embeds = torch.randn(6, mc.hidden_size, generator=torch.Generator().manual_seed(0))
+    req = GenerationRequest(
+        "img", ids, greedy(8), image_embeds=embeds, mrope_positions=positions, mrope_delta=delta
+    )
+    ex = make_executor(model, mc, max_num_batched_tokens=5)  # chunks [0,5) [5,10) [10,13)
+    outs = run_to_end(ex, {0: [req]})["img"]
+    assert tokens(outs) == reference_greedy(model, mc, ids, 8, embeds, positions, delta)
+    assert delta != 0
+
+
+def test_seeded_sampling_independent_of_batch(model, model_config):
+    sp = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    alone = tokens(
+        run_to_end(make_executor(model, model_config), {0: [GenerationRequest("s", prompt(3, 7), sp)]})["s"]
+    )
+    others = [
+        GenerationRequest(f"o{i}", prompt(40 + i, 5), SamplingParams(max_tokens=5, temperature=1.0))
+        for i in range(3)
+    ]
+    outputs = run_to_end(
+        make_executor(model, model_config),
+        {0: others[:2], 2: [GenerationRequest("s", prompt(3, 7), sp)], 3: others[2:]},
+    )
+    assert tokens(outputs["s"]) == alone
+
+
+def test_abort_frees_blocks_within_next_step(model, model_config):
+    ex = make_executor(model, model_config)
+    ex.add_request(GenerationRequest("keep", prompt(1, 6), greedy(5, ignore_eos=True)))
+    ex.add_request(GenerationRequest("drop", prompt(2, 9), greedy(50, ignore_eos=True)))
+    ex.add_request(GenerationRequest("never", prompt(3, 4), greedy(5)))
+    ex.abort("never")  # aborted before its first step
+    first = ex.step()
+    assert {o.request_id: o.finish_reason for o in first} == {"never": "abort", "keep": None, "drop": None}
+    ex.step()
+    used_before = ex.block_manager.num_used_blocks
+    ex.abort("drop")
+    outs = {o.request_id: o for o in ex.step()}
+    assert outs["drop"].finish_reason == "abort" and outs["drop"].new_token_ids == []
+    assert outs["drop"].num_output_tokens == 2
+    assert ex.block_manager.num_used_blocks < used_before
+    ex.abort("unknown")
+    run_to_end(ex)
+    assert ex.stats().num_finished == 3
+
+
+def test_add_request_rejects_bad_requests(model, model_config):
+    ex = make_executor(model, model_config, num_kv_blocks=8, max_model_len=64)  # capped at 32 tokens
+    assert ex.max_model_len == 32
+    cases = [
+        (
+            GenerationRequest("a", prompt(0, 33), greedy(1)),
+            r"^prompt_token_ids: .*33 tokens, over the limit of 32",
+        ),
+        (GenerationRequest("a", [], greedy(1)), r"^prompt_token_ids: the prompt is empty"),
+        (GenerationRequest("a", [1, 99999], greedy(1)), r"^prompt_token_ids: token id 99999"),
+        (GenerationRequest("a", [1], SamplingParams(top_p=0.0)), r"^top_p: "),
+        (
+            GenerationRequest("a", [model_config.image_token_id], greedy(1)),
+            r"^image_embeds: 0 rows for 1 image",
+        ),
+        (
+            GenerationRequest("a", [1, 2], greedy(1), mrope_positions=torch.zeros(3, 3, dtype=torch.long)),
+            r"^mrope_positions",
+        ),
+        (GenerationRequest("a", [1], greedy(1), stop_strings=("x",)), r"^stop_strings: "),
+        (GenerationRequest("", [1], greedy(1)), r"^request_id: "),
+    ]
+    for req, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ex.add_request(req)
+    ex.add_request(GenerationRequest("dup", [1], greedy(1)))
+    with pytest.raises(ValueError, match=r"^request_id: 'dup' is already in use"):
+        ex.add_request(GenerationRequest("dup", [1], greedy(1)))
+    run_to_end(ex)
+
+
+def test_text_stop_strings_and_from_engine_dir(tiny_checkpoint, tmp_path, model):
+    engine_dir = tmp_path / "engine"
+    shutil.copytree(tiny_checkpoint, engine_dir)
+    engine = {"block_size": BLOCK_SIZE, "num_kv_blocks": 64, "max_model_len": 128, "dtype": "float32"}
+    (engine_dir / "engine_config.json").write_text(
+        json.dumps({"engine": engine, "build": {"dtype": "float32"}})
+    )
+    ex = Executor.from_engine_dir(engine_dir, max_num_seqs=4)
+    assert ex.engine_config.max_num_seqs == 4 and ex.block_manager.num_blocks == 64
+    ids = prompt(5, 6)
+    outs = run_to_end(ex, {0: [GenerationRequest("t", ids, greedy(16, ignore_eos=True))]})["t"]
+    full_text = "".join(o.text + o.reasoning for o in outs)
+    all_ids = tokens(outs)
+    assert full_text == ex.tokenizer.decode(all_ids, skip_special_tokens=True) and len(full_text) > 6
+    stop = full_text[3:6]
+    outs = run_to_end(
+        ex, {0: [GenerationRequest("t", ids, greedy(16, ignore_eos=True), stop_strings=(stop,))]}
+    )["t"]
+    assert outs[-1].finish_reason == "stop"
+    assert "".join(o.text + o.reasoning for o in outs) == full_text[: full_text.find(stop)]
+    assert tokens(outs) == all_ids[: len(tokens(outs))]
+
+
+def test_loop_thread_generate_and_callback(model, model_config):
+    ex = make_executor(model, model_config)
+    seen: list[RequestOutput] = []
+    ex.start(seen.extend)
+    reqs = [GenerationRequest(f"g{i}", prompt(50 + i, 4 + i), greedy(6, ignore_eos=True)) for i in range(3)]
+
+    async def collect(req):
+        return [o async for o in ex.generate(req)]
+
+    async def main():
+        return await asyncio.gather(*(collect(r) for r in reqs))
+
+    results = asyncio.run(main())
+    for req, outs in zip(reqs, results, strict=True):
+        assert tokens(outs) == reference_greedy(model, model_config, req.prompt_token_ids, 6, ignore_eos=True)
+        assert outs[-1].finish_reason == "length"
+    assert sum(len(o.new_token_ids) for o in seen) == 18
+    assert ex.stats().is_loop_running
+    ex.add_request(GenerationRequest("left", prompt(9, 4), greedy(100, ignore_eos=True)))
+    ex.stop(timeout=10)
+    assert not ex.stats().is_loop_running and not ex.has_unfinished()
+    assert seen[-1].request_id == "left" and seen[-1].finish_reason in ("abort", "length", "stop")
+    assert ex.block_manager.num_used_blocks == 0
