@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.block_manager import BlockManager
 from engine.sampling import SamplingParams
@@ -85,3 +86,16 @@ def test_shared_block_is_refcounted():
 def test_bad_sizes_rejected():
     with pytest.raises(ValueError, match="num_blocks"):
         BlockManager(num_blocks=0, block_size=4)
+
+
+def test_num_kv_blocks_from_budget():
+    from engine.config import EngineConfig
+    from engine.model_runner import num_kv_blocks
+
+    cpu = torch.device("cpu")
+    # 1000 bytes per token, 16-token blocks: 16000 bytes per block
+    assert num_kv_blocks(EngineConfig(kv_cache_memory_bytes=100_000), 1000, cpu) == 6
+    assert num_kv_blocks(EngineConfig(num_kv_blocks=3, kv_cache_memory_bytes=100_000), 1000, cpu) == 3
+    assert num_kv_blocks(EngineConfig(), 1000, cpu) == (1 << 30) // 16000
+    with pytest.raises(ValueError, match=r"^kv_cache_memory_bytes: a budget of 15999 bytes holds no KV block"):
+        num_kv_blocks(EngineConfig(kv_cache_memory_bytes=15_999), 1000, cpu)
