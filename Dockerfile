@@ -60,8 +60,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 COPY requirements/gpu.txt /tmp/requirements.txt
 # requirements/gpu.txt is cpu.txt without torch: torch comes from the CPU-only index (the PyPI build would
 # pull the CUDA libraries). nvidia-pytriton with --no-deps: only its bundled server is used (its own Python
-# package pins numpy<2).
-RUN python3 -m venv --without-pip /opt/venv \
+# package pins numpy<2). This venv keeps pip: the launcher uses it once, below, to give the bundled server's
+# Python-backend stub the numpy 1.x it was built against.
+RUN python3 -m venv /opt/venv \
     && python3 -m pip --python /opt/venv/bin/python install --no-cache-dir \
         --index-url "${TORCH_INDEX_CPU}" "torch==${TORCH_VERSION_CPU}" \
     && python3 -m pip --python /opt/venv/bin/python install --no-cache-dir -r /tmp/requirements.txt \
@@ -103,6 +104,15 @@ RUN groupadd --system --gid "${GLMV_UID}" glmv \
 
 COPY --from=app /opt/venv /opt/venv
 COPY --from=app /opt/glmv-serve /opt/glmv-serve
+
+# Prepare, at build time, what glmv-serve would otherwise prepare on first start under GLMV_CACHE_DIR (CPU
+# variant: the bundled server's backend directory and the numpy<2 stub env), so the container needs neither
+# network nor a writable cache. In the GPU variant `tritonserver` is on PATH and nothing is prepared.
+ENV GLMV_CACHE_DIR=/opt/glmv-cache
+RUN mkdir -p "${GLMV_CACHE_DIR}" \
+    && /opt/venv/bin/python -c "from build_engine import launcher as l; i = l.find_triton(); \
+print(i); i.source == 'pytriton' and l._numpy_major() >= 2 and print(l.prepare_stub_env())" \
+    && chmod -R a+rX "${GLMV_CACHE_DIR}"
 
 # The venv's bin goes first on PATH: the Python backend stub finds the venv's site-packages through it and the
 # project root on PYTHONPATH (the launcher sets both for Triton as well). tritonserver stays on PATH in the
