@@ -10,7 +10,7 @@ Contract:
   and attends to the cached tokens 0..that position (causal), with GQA (query head h reads kv head
   h // (num_heads // num_kv_heads)).
 * `paged_attention` first writes the new k/v into the cache at `slot_mapping` (slot -1 = padding token:
-  not written, its output is garbage), then attends. Its result for a sequence does not depend on the
+  not written, its output is garbage; padding rows come after all sequences' rows), then attends. Its result for a sequence does not depend on the
   other sequences in the batch.
 * `_paged_attention_reference` (per-sequence loop, float32 softmax) is the spec and runs on any device.
   On CUDA, `paged_attention` uses torch SDPA per prefill chunk and one batched gather for decode tokens.
@@ -18,7 +18,8 @@ Contract:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ class AttentionMetadata:
     query_lens_cpu: tuple[int, ...] = ()  # host copy of query_lens; (): computed on construction
     seq_lens_cpu: tuple[int, ...] = ()  # host copy of seq_lens; (): computed on construction
     has_padding: bool | None = None  # any slot_mapping < 0; None: computed on construction
+    _plan: Any = field(default=None, repr=False, compare=False)  # per-step cache of the CUDA path
 
     def __post_init__(self) -> None:
         if not self.query_lens_cpu:
@@ -150,48 +152,86 @@ def _paged_attention_reference(
     return out
 
 
+@dataclass
+class _FastPlan:
+    """Index tensors of one step for `_paged_attention_fast`, built once and shared by all layers."""
+
+    prefills: list[tuple[int, int, int, torch.Tensor, torch.Tensor | None]]  # (row, Q, S, blocks, mask)
+    decode_rows: torch.Tensor | None  # [Bd] rows of the decode tokens in the batch
+    decode_tables: torch.Tensor | None  # [Bd, max_blocks] int64 block ids
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] True = attend
+
+
+def _fast_plan(attn: AttentionMetadata, block_size: int) -> _FastPlan:
+    if attn._plan is not None:
+        return attn._plan
+    device = attn.block_tables.device
+    prefills = []
+    decode_seqs, decode_rows = [], []
+    row = 0
+    for b, (q_len, s_len) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu, strict=True)):
+        if q_len == 1 and s_len > 1:
+            decode_seqs.append(b)
+            decode_rows.append(row)
+        else:
+            blocks = attn.block_tables[b, : (s_len + block_size - 1) // block_size].long()
+            mask = None
+            if q_len != s_len:
+                q_pos = torch.arange(s_len - q_len, s_len, device=device)
+                mask = torch.arange(s_len, device=device)[None, :] <= q_pos[:, None]  # [Q, S]
+            prefills.append((row, q_len, s_len, blocks, mask))
+        row += q_len
+    plan = _FastPlan(prefills, None, None, None)
+    if decode_seqs:
+        max_blocks = (max(attn.seq_lens_cpu[b] for b in decode_seqs) + block_size - 1) // block_size
+        index = torch.tensor(decode_seqs, dtype=torch.int64).to(device, non_blocking=True)
+        plan.decode_rows = torch.tensor(decode_rows, dtype=torch.int64).to(device, non_blocking=True)
+        plan.decode_tables = attn.block_tables[index, :max_blocks].long()
+        seq_lens = attn.seq_lens[index].long()  # [Bd]
+        positions = torch.arange(max_blocks * block_size, device=device)
+        plan.decode_mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
+    attn._plan = plan
+    return plan
+
+
 def _paged_attention_fast(
-    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
 ) -> torch.Tensor:
-    """SDPA per prefill chunk; all decode tokens (query_len 1) in one batched gather. q [T, H, D]."""
+    """SDPA per prefill chunk; all decode tokens (query_len 1) in one batched gather. q [T, H, D].
+
+    k, v [T, Hkv, D] are the new tokens (already in the cache); a chunk with no cached context uses
+    them directly. Host syncs happen only while building the step's plan (first layer).
+    """
     _, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
-    block_size = kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    plan = _fast_plan(attn, kv_cache.shape[2])
     out = torch.empty_like(q)
-    decode_seqs = [b for b, n in enumerate(attn.query_lens_cpu) if n == 1]
-    starts = [0]
-    for n in attn.query_lens_cpu:
-        starts.append(starts[-1] + n)
-
-    for b, (q_len, s_len) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu, strict=True)):
-        if q_len == 1:
-            continue
-        k, v = gather_context(kv_cache, attn.block_tables[b], s_len)
-        qb = q[starts[b] : starts[b] + q_len].transpose(0, 1)  # [H, Q, D]
-        kb, vb = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, S, D]
-        if q_len == s_len:
+    for row, q_len, s_len, blocks, mask in plan.prefills:
+        qb = q[row : row + q_len].transpose(0, 1)[None]  # [1, H, Q, D] (4-D: fused SDPA kernels)
+        if mask is None:
+            kb = k[row : row + q_len].transpose(0, 1)[None]  # [1, Hkv, S, D]
+            vb = v[row : row + q_len].transpose(0, 1)[None]
             ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            q_pos = torch.arange(s_len - q_len, s_len, device=q.device)
-            mask = torch.arange(s_len, device=q.device)[None, :] <= q_pos[:, None]  # [Q, S]
-            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[starts[b] : starts[b] + q_len] = ob.transpose(0, 1)
+            kb = kv_cache[0, blocks].flatten(0, 1)[:s_len].transpose(0, 1)  # [Hkv, S, D]
+            vb = kv_cache[1, blocks].flatten(0, 1)[:s_len].transpose(0, 1)
+            kb = kb.repeat_interleave(group, dim=0)[None]  # [1, H, S, D]
+            vb = vb.repeat_interleave(group, dim=0)[None]
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        out[row : row + q_len] = ob[0].transpose(0, 1)
 
-    if decode_seqs:
-        index = torch.tensor(decode_seqs, device=q.device)
-        rows = torch.tensor([starts[b] for b in decode_seqs], device=q.device)
-        max_len = max(attn.seq_lens_cpu[b] for b in decode_seqs)
-        max_blocks = (max_len + block_size - 1) // block_size
-        tables = attn.block_tables[index, :max_blocks].long()  # [Bd, max_blocks]
-        k = kv_cache[0][tables].flatten(1, 2)  # [Bd, max_blocks*block_size, Hkv, D]
-        v = kv_cache[1][tables].flatten(1, 2)
-        seq_lens = attn.seq_lens[index].long()  # [Bd]
-        mask = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens[:, None]  # [Bd, S]
-        qd = q[rows].view(-1, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [Bd, Hkv, G, D]
-        od = F.scaled_dot_product_attention(
-            qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
-        )  # [Bd, Hkv, G, D]
-        out[rows] = od.reshape(-1, num_heads, head_dim)
+    if plan.decode_rows is not None:
+        kd = kv_cache[0][plan.decode_tables].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, S, D]
+        vd = kv_cache[1][plan.decode_tables].flatten(1, 2).transpose(1, 2)
+        qd = q[plan.decode_rows].view(-1, num_kv_heads, group, head_dim)  # [Bd, Hkv, G, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale)
+        out[plan.decode_rows] = od.reshape(-1, num_heads, head_dim)
     return out
 
 
@@ -210,5 +250,5 @@ def paged_attention(
     else:
         write_kv_cache(kv_cache, k, v, attn.slot_mapping)
     if q.device.type == "cuda":
-        return _paged_attention_fast(q, kv_cache, attn, scale)
+        return _paged_attention_fast(q, k, v, kv_cache, attn, scale)
     return _paged_attention_reference(q, kv_cache, attn, scale)

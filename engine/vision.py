@@ -90,8 +90,9 @@ class VisionAttention(nn.Module):
         out = torch.empty_like(q)
         start = 0
         for n in seqlens:  # block-diagonal: one image (frame) at a time
-            qi, ki, vi = (t[start : start + n].transpose(0, 1) for t in (q, k, v))  # [heads, n, head_dim]
-            out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1)
+            # 4-D [1, heads, n, head_dim]: 3-D inputs fall back to the unfused math kernel on CUDA.
+            qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
+            out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
             start += n
         return self.proj(out.view(num_patches, -1))
 

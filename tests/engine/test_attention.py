@@ -67,7 +67,7 @@ class PagedSequences:
 def fast_impl(q, k, v, kv_cache, attn, scale):
     """The CUDA path (SDPA per prefill, batched decode gather), run here on CPU."""
     write_kv_cache(kv_cache, k, v, attn.slot_mapping)
-    return _paged_attention_fast(q, kv_cache, attn, scale)
+    return _paged_attention_fast(q, k, v, kv_cache, attn, scale)
 
 
 SCHEDULES = {

@@ -166,16 +166,14 @@ def greedy_paged(
                 positions.append(torch.arange(first, end).add(s.delta).expand(3, -1))
             query_lens.append(end - start)
             seq_lens.append(end)
-        input_ids = torch.tensor(ids)
+        device = model.device
+        input_ids = torch.tensor(ids, device=device)
         image_embeds = torch.cat(image_rows) if image_rows else None
-        attn = AttentionMetadata.build(query_lens, seq_lens, [s.block_table for s in batch], block_size)
-        hidden = model(
-            input_ids,
-            torch.cat(positions, dim=1),
-            attn,
-            kv_caches,
-            model.get_input_embeddings(input_ids, image_embeds),
+        attn = AttentionMetadata.build(
+            query_lens, seq_lens, [s.block_table for s in batch], block_size, device
         )
+        input_embeds = model.get_input_embeddings(input_ids, image_embeds)
+        hidden = model(input_ids, torch.cat(positions, dim=1).to(device), attn, kv_caches, input_embeds)
         row = 0
         for s, n, end in zip(batch, query_lens, seq_lens, strict=True):
             row += n
