@@ -157,8 +157,8 @@ class _FastPlan:
     """Index tensors of one step for `_paged_attention_fast`, built once and shared by all layers."""
 
     prefills: list[tuple[int, int, int, torch.Tensor, torch.Tensor | None]]  # (row, Q, S, blocks, mask)
-    decode_rows: torch.Tensor | None  # [Bd] rows of the decode tokens in the batch
-    decode_tables: torch.Tensor | None  # [Bd, max_blocks] int64 block ids
+    decode_rows: torch.Tensor | None  # [Bd] rows of the decode tokens; None: every row (decode-only step)
+    decode_tables: torch.Tensor | None  # [Bd, max_blocks] int64 block ids; None: no decode tokens
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] True = attend
 
 
@@ -166,6 +166,13 @@ def _fast_plan(attn: AttentionMetadata, block_size: int) -> _FastPlan:
     if attn._plan is not None:
         return attn._plan
     device = attn.block_tables.device
+    if attn.max_query_len == 1:
+        # Decode-only step: built from device tensors alone (no host copies), so the step can be
+        # captured in a CUDA graph when block_tables keeps a fixed width.
+        positions = torch.arange(attn.block_tables.shape[1] * block_size, device=device)
+        mask = positions[None, :] < attn.seq_lens.long()[:, None]  # [B, S]
+        attn._plan = _FastPlan([], None, attn.block_tables.long(), mask[:, None, None, :])
+        return attn._plan
     prefills = []
     decode_seqs, decode_rows = [], []
     row = 0
@@ -226,12 +233,16 @@ def _paged_attention_fast(
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         out[row : row + q_len] = ob[0].transpose(0, 1)
 
-    if plan.decode_rows is not None:
+    if plan.decode_tables is not None:
         kd = kv_cache[0][plan.decode_tables].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, S, D]
         vd = kv_cache[1][plan.decode_tables].flatten(1, 2).transpose(1, 2)
-        qd = q[plan.decode_rows].view(-1, num_kv_heads, group, head_dim)  # [Bd, Hkv, G, D]
+        qd = q if plan.decode_rows is None else q[plan.decode_rows]
+        qd = qd.view(-1, num_kv_heads, group, head_dim)  # [Bd, Hkv, G, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale)
-        out[plan.decode_rows] = od.reshape(-1, num_heads, head_dim)
+        od = od.reshape(-1, num_heads, head_dim)
+        if plan.decode_rows is None:
+            return od
+        out[plan.decode_rows] = od
     return out
 
 

@@ -15,8 +15,8 @@ Contract:
   `Glm4vModel.dummy(model_config, device, dtype, seed)` fills random weights on the device.
   Parameter names are the HF names without the leading `model.`; q/k/v are fused into
   `self_attn.qkv_proj` at load.
-* Numerics follow transformers' Glm4v: RMSNorm in float32, rotary and softmax in float32; float32 runs
-  match `Glm4vForConditionalGeneration` to ~1e-5.
+* Numerics follow transformers' Glm4v: RMSNorm in float32, rotary in the activations' dtype, softmax in
+  float32 (CPU reference; SDPA on CUDA); float32 runs match `Glm4vForConditionalGeneration` to ~1e-5.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ class DecoderAttention(nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_interleaved_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_interleaved_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, -1)
+        qk = apply_interleaved_rotary(qk, cos, sin)  # q and k heads rotated in one pass
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, attn, self.scale)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -120,7 +121,8 @@ class TextDecoder(nn.Module):
         input_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # [T, hidden]
-        cos, sin = self.rotary(positions)  # [T, rotary_dim/2] each
+        cos, sin = self.rotary(positions)  # [T, rotary_dim/2] each, float32
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # transformers rotates in the activations' dtype
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, attn)
         return self.norm(x)

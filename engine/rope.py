@@ -8,7 +8,8 @@ Contracts:
   output token i (i >= L) has position i + delta in all three rows.
 * Decoder rotary (`MRotaryEmbedding`): only the first `rotary_dim` dims of a head rotate, as INTERLEAVED
   pairs (2i, 2i+1); frequency slot i uses the position row chosen by `mrope_section` (t, h, w in order).
-  cos/sin are computed in float32, shape [T, rotary_dim/2].
+  cos/sin are computed in float32, shape [T, rotary_dim/2]; the decoder casts them to the activations'
+  dtype and rotates in that dtype, as transformers does.
 * ViT rotary (`vision_rotary_cos_sin` + `apply_rotary_half`): per patch (h, w) in merge-window order; the
   full head rotates with the rotate-half layout; frequencies h-half then w-half, duplicated.
 """
@@ -115,10 +116,11 @@ class MRotaryEmbedding(torch.nn.Module):
 def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*cos.shape[-1] dims of x [T, heads, head_dim] in adjacent pairs (2i, 2i+1).
 
-    cos/sin: [T, rotary_dim/2] float32. Computed in float32, returned in x's dtype.
+    cos/sin: [T, rotary_dim/2]; the arithmetic runs in their dtype (pass them in x's dtype to match
+    transformers), the result is in x's dtype.
     """
     rotary_dim = 2 * cos.shape[-1]
-    x_rot = x[..., :rotary_dim].float().unflatten(-1, (-1, 2))  # [T, heads, rotary_dim/2, 2]
+    x_rot = x[..., :rotary_dim].to(cos.dtype).unflatten(-1, (-1, 2))  # [T, heads, rotary_dim/2, 2]
     x0, x1 = x_rot[..., 0], x_rot[..., 1]  # [T, heads, rotary_dim/2]
     cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rotary_dim/2]
     rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
