@@ -55,17 +55,18 @@ def reference_greedy(
     ignore_eos=False,
 ):
     """Full recompute of the whole sequence every token, one sequence, no scheduler, no paging reuse."""
+    device = model.device
     ids = list(prompt_ids)
     for _ in range(max_tokens):
         n = len(ids)
         num_blocks = -(-n // BLOCK_SIZE)
-        kv_caches = model.allocate_kv_caches(num_blocks, BLOCK_SIZE, "cpu", torch.float32)
-        attn = AttentionMetadata.build([n], [n], [list(range(num_blocks))], BLOCK_SIZE)
+        kv_caches = model.allocate_kv_caches(num_blocks, BLOCK_SIZE, device, torch.float32)
+        attn = AttentionMetadata.build([n], [n], [list(range(num_blocks))], BLOCK_SIZE, device)
         positions = torch.arange(n).expand(3, -1).clone()
         if mrope_positions is not None:
             positions[:, : len(prompt_ids)] = mrope_positions
             positions[:, len(prompt_ids) :] += delta
-        input_ids = torch.tensor(ids)
+        input_ids = torch.tensor(ids, device=device)
         embeds = None
         if image_embeds is not None:  # only prompt image tokens take image rows
             num_prompt = len(prompt_ids)
@@ -75,7 +76,7 @@ def reference_greedy(
                     model.language_model.embed_tokens(input_ids[num_prompt:]),
                 ]
             )
-        hidden = model(input_ids, positions, attn, kv_caches, embeds)
+        hidden = model(input_ids, positions.to(device), attn, kv_caches, embeds)
         token_id = int(model.compute_logits(hidden[-1:]).argmax(-1))
         ids.append(token_id)
         if token_id in model_config.eos_token_ids and not ignore_eos:
