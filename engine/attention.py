@@ -14,6 +14,11 @@ Contract:
   other sequences in the batch.
 * `_paged_attention_reference` (per-sequence loop, float32 softmax) is the spec and runs on any device.
   On CUDA, `paged_attention` uses torch SDPA per prefill chunk and one batched gather for decode tokens.
+* CUDA graphs: a decode-only step (every query_len 1) reads only device tensors of the metadata
+  (slot_mapping, seq_lens, block_tables), so `model.forward` can be captured once per batch size on static
+  metadata buffers (fixed block_tables width) and replayed after copying new values into them (checked
+  on an H200: replay equals eager exactly). Padding sequences in a captured batch must point at a
+  scratch block rather than use slot -1 (dropping -1 slots needs a host sync).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class AttentionMetadata:
     seq_lens_cpu: tuple[int, ...] = ()  # host copy of seq_lens; (): computed on construction
     has_padding: bool | None = None  # any slot_mapping < 0; None: computed on construction
     _plan: Any = field(default=None, repr=False, compare=False)  # per-step cache of the CUDA path
+    _plan_captured: bool = field(default=False, repr=False, compare=False)  # _plan built in a graph capture
 
     def __post_init__(self) -> None:
         if not self.query_lens_cpu:
@@ -163,9 +169,13 @@ class _FastPlan:
 
 
 def _fast_plan(attn: AttentionMetadata, block_size: int) -> _FastPlan:
-    if attn._plan is not None:
-        return attn._plan
     device = attn.block_tables.device
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    # A plan made outside a CUDA graph capture must not be baked into the graph (its mask would go
+    # stale on replay): while capturing, build it again inside the capture.
+    if attn._plan is not None and attn._plan_captured == capturing:
+        return attn._plan
+    attn._plan_captured = capturing
     if attn.max_query_len == 1:
         # Decode-only step: built from device tensors alone (no host copies), so the step can be
         # captured in a CUDA graph when block_tables keeps a fixed width.
