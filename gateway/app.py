@@ -1,0 +1,521 @@
+"""The gateway's FastAPI application: OpenAI-compatible chat API in front of the Triton ensemble.
+
+Routes: ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, ``GET /healthz``
+(process alive), ``GET /readyz`` (Triton ready *and* a cached 1-token probe answered),
+``GET /metrics`` (Prometheus), ``GET /`` (the web page).
+
+A chat request goes: auth (401) → rate limit (429 + Retry-After) → body cap (413) → parse and
+validate (400/404) → prompt guard (400 ``prompt_rejected``) → images (413/400) → cache
+(``x-glmv-cache: hit|miss`` for deterministic requests) → Triton over gRPC streaming through
+``glmv_client.AsyncClient``. A client that disconnects cancels its gRPC stream, which cancels the
+request in the engine. Every error body has OpenAI's shape {"error": {message, type, param, code}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from glmv_client import AsyncClient, Delta, Finish, Limits
+from glmv_client.errors import (
+    GlmvError,
+    InvalidRequestError,
+    RequestTimeoutError,
+    ServerError,
+    ServerUnavailableError,
+)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import ApiKeyAuth
+from .cache import ResponseCache, cache_key, make_cache
+from .config import GatewayConfig
+from .guard import OutputFilter, PromptGuard
+from .images import resolve_images
+from .metrics import GatewayMetrics
+from .openai_schema import (
+    ApiError,
+    ChatRequest,
+    chunk_body,
+    completion_body,
+    new_completion_id,
+    parse_chat_request,
+    usage_dict,
+)
+from .ratelimit import RateLimiter
+
+STATIC_DIR = Path(__file__).parent / "static"
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the answer was ready."""
+
+
+class Gateway:
+    """Shared state of one app: config, backend client, limiters, cache, metrics."""
+
+    def __init__(self, config: GatewayConfig, client: AsyncClient | None = None) -> None:
+        self.config = config
+        self.client = client
+        self.auth = ApiKeyAuth(config.api_keys)
+        self.limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst)
+        self.cache: ResponseCache | None = make_cache(config.cache_size, config.cache_ttl_s, config.redis_url)
+        self.guard = PromptGuard(config.prompt_guard_phrases)
+        self.output_filter = OutputFilter(config.output_filter_words)
+        self.metrics = GatewayMetrics()
+        self.http: httpx.AsyncClient | None = None
+        self.started_at = int(time.time())
+        self._ready: tuple[float, bool, str] | None = None
+        self._ready_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if self.client is None:
+            limits = Limits(
+                max_image_bytes=self.config.max_image_bytes,
+                max_images_per_request=self.config.max_images_per_request,
+                max_tokens=self.config.max_tokens_limit,
+            )
+            self.client = AsyncClient(
+                self.config.triton_url,
+                protocol="grpc",
+                timeout=self.config.request_timeout_s,
+                model=self.config.triton_model,
+                limits=limits,
+            )
+        self.http = httpx.AsyncClient(timeout=self.config.image_url_timeout_s)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        if self.http is not None:
+            await self.http.aclose()
+        if self.cache is not None:
+            await self.cache.close()
+
+    async def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): Triton ready and a 1-token greedy probe answered; reused for readiness_ttl_s."""
+        async with self._ready_lock:
+            now = time.monotonic()
+            if self._ready is not None and now - self._ready[0] < self.config.readiness_ttl_s:
+                return self._ready[1], self._ready[2]
+            assert self.client is not None
+            ok, reason = False, ""
+            if not await self.client.is_ready():
+                reason = (
+                    f"Triton at {self.config.triton_url} or model '{self.config.triton_model}' is not ready"
+                )
+            else:
+                try:
+                    await asyncio.wait_for(
+                        self.client.analyze(None, "ping", max_tokens=1, temperature=0.0),
+                        self.config.readiness_timeout_s,
+                    )
+                    ok, reason = True, "ready"
+                except (GlmvError, asyncio.TimeoutError) as exc:
+                    reason = f"the engine did not answer a 1-token probe: {type(exc).__name__}: {exc}"
+            self._ready = (time.monotonic(), ok, reason)
+            return ok, reason
+
+
+def api_error_from(exc: Exception) -> ApiError:
+    """The HTTP answer for an error raised by glmv_client."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        param = "messages" if exc.field.startswith("images") else exc.field
+        return ApiError(400, exc.message, param=param, code="invalid_request")
+    if isinstance(exc, ServerError):
+        if exc.is_invalid_request:
+            field = exc.field or None
+            param = "messages" if field in ("image_input", "text_input", "messages") else field
+            return ApiError(400, exc.message, param=param, code="invalid_request")
+        return ApiError(
+            502, f"The inference server failed: {exc.message}", type="server_error", code="backend_error"
+        )
+    if isinstance(exc, ServerUnavailableError):
+        return ApiError(
+            503,
+            f"The inference server is unavailable: {exc}",
+            type="server_error",
+            code="backend_unavailable",
+        )
+    if isinstance(exc, RequestTimeoutError):
+        return ApiError(
+            504, f"The inference server timed out: {exc}", type="server_error", code="backend_timeout"
+        )
+    return ApiError(
+        500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error"
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(int(declared), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _body_too_large(None, limit)
+    return bytes(body)
+
+
+def _body_too_large(size: int | None, limit: int) -> ApiError:
+    amount = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+    return ApiError(
+        413,
+        f"Request body is {amount}, over the limit of {limit} bytes (max_body_bytes).",
+        code="request_too_large",
+    )
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP response by route and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = scope.get("path", "")
+            endpoint = (
+                path if path in _KNOWN_PATHS else ("/static" if path.startswith("/static/") else "other")
+            )
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+
+_KNOWN_PATHS = ("/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics", "/")
+
+
+def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> FastAPI:
+    gw = Gateway(config, client)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(
+        title="glmv-serve gateway", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    app.state.gateway = gw
+    app.add_middleware(RequestMetricsMiddleware, metrics=gw.metrics)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ok, reason = await gw.readiness()
+        return JSONResponse(
+            {"status": "ready" if ok else "not_ready", "reason": reason}, status_code=200 if ok else 503
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": gw.started_at,
+            "owned_by": "glmv-serve",
+        }
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        gw.auth.check(request.headers.get("authorization"))
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        gw.auth.check(request.headers.get("authorization"))
+        if model_id != config.served_model_name:
+            raise ApiError(
+                404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
+            )
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.monotonic()
+        key = gw.auth.check(request.headers.get("authorization"))
+        bucket = key if key is not None else (request.client.host if request.client else "anonymous")
+        wait_s = gw.limiter.acquire(bucket)
+        if wait_s > 0:
+            retry_after = RateLimiter.retry_after(wait_s)
+            raise ApiError(
+                429,
+                f"Rate limit reached: {config.rate_limit_rps:g} requests per second with bursts of "
+                f"{config.rate_limit_burst} (rate_limit_rps, rate_limit_burst). Retry after {retry_after} s.",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(retry_after)},
+            )
+        raw = await read_body(request, config.max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+        req = parse_chat_request(body, config)
+        gw.guard.check(req.messages)
+        assert gw.http is not None and gw.client is not None
+        images = await resolve_images(req.images, config, gw.http)
+
+        key_hash = cache_key(req, images) if gw.cache is not None and req.is_deterministic else None
+        headers: dict[str, str] = {}
+        cached = None
+        if key_hash is not None:
+            assert gw.cache is not None
+            cached = await gw.cache.get(key_hash)
+            headers["x-glmv-cache"] = "hit" if cached is not None else "miss"
+            gw.metrics.cache.labels("hit" if cached is not None else "miss").inc()
+
+        if req.stream:
+            return await stream_answer(request, req, images, key_hash, cached, headers, started)
+
+        if cached is None:
+            try:
+                result = await unless_disconnected(
+                    request,
+                    gw.client.analyze(
+                        images, req.prompt, messages=req.messages, max_tokens=req.max_tokens, **req.sampling
+                    ),
+                )
+            except ClientDisconnected:
+                gw.metrics.disconnects.inc()
+                return Response(status_code=499)
+            except GlmvError as exc:
+                raise api_error_from(exc) from None
+            cached = {
+                "text": result.text,
+                "reasoning": result.reasoning,
+                "finish_reason": result.finish_reason,
+                "usage": usage_dict(result.usage.prompt_tokens, result.usage.completion_tokens),
+            }
+            gw.metrics.tokens.labels("prompt").inc(result.usage.prompt_tokens)
+            gw.metrics.tokens.labels("completion").inc(result.usage.completion_tokens)
+            if key_hash is not None and result.finish_reason in ("stop", "length"):
+                assert gw.cache is not None
+                await gw.cache.set(key_hash, cached)
+        gw.metrics.latency.labels("/v1/chat/completions", "false").observe(time.monotonic() - started)
+        out = completion_body(
+            new_completion_id(),
+            req.model,
+            gw.output_filter.apply(cached["text"]),
+            gw.output_filter.apply(cached["reasoning"]),
+            cached["finish_reason"],
+            cached["usage"],
+        )
+        return JSONResponse(out, headers=headers)
+
+    async def stream_answer(
+        request: Request,
+        req: ChatRequest,
+        images: list[bytes],
+        key_hash: str | None,
+        cached: dict[str, Any] | None,
+        headers: dict[str, str],
+        started: float,
+    ) -> Response:
+        assert gw.client is not None
+        events: asyncio.Queue[Delta | Finish | BaseException] = asyncio.Queue()
+
+        async def produce() -> None:
+            if cached is not None:
+                await events.put(Delta(text=cached["text"], reasoning=cached["reasoning"]))
+                usage = cached["usage"]
+                await events.put(_cached_finish(cached["finish_reason"], usage))
+                return
+            stream = gw.client.stream(
+                images, req.prompt, messages=req.messages, max_tokens=req.max_tokens, **req.sampling
+            )
+            try:
+                async for item in stream:
+                    await events.put(item)
+            except Exception as exc:  # handed to the response (before or after its first byte)
+                await events.put(exc)
+            finally:
+                await stream.aclose()
+
+        producer = asyncio.ensure_future(produce())
+        try:
+            first = await unless_disconnected(request, events.get())
+        except ClientDisconnected:
+            producer.cancel()
+            gw.metrics.disconnects.inc()
+            return Response(status_code=499)
+        if isinstance(first, BaseException):
+            producer.cancel()
+            raise api_error_from(first) if isinstance(first, Exception) else first
+
+        async def body() -> AsyncIterator[str]:
+            completion_id = new_completion_id()
+            created = int(time.time())
+            text_filter = gw.output_filter.stream()
+            reasoning_filter = gw.output_filter.stream()
+            watcher = asyncio.ensure_future(wait_for_disconnect(request))
+            text_parts: list[str] = []
+            reasoning_parts: list[str] = []
+            is_first_token = True
+            item: Delta | Finish | BaseException = first
+            try:
+                yield sse(chunk_body(completion_id, req.model, created, {"role": "assistant", "content": ""}))
+                while True:
+                    if isinstance(item, BaseException):
+                        err = (
+                            api_error_from(item)
+                            if isinstance(item, Exception)
+                            else api_error_from(RuntimeError())
+                        )
+                        yield sse(err.body())
+                        yield sse("[DONE]")
+                        return
+                    if isinstance(item, Delta):
+                        if is_first_token:
+                            gw.metrics.ttft.observe(time.monotonic() - started)
+                            is_first_token = False
+                        text_parts.append(item.text)
+                        reasoning_parts.append(item.reasoning)
+                        reasoning = reasoning_filter.feed(item.reasoning)
+                        text = text_filter.feed(item.text)
+                        if reasoning:
+                            yield sse(
+                                chunk_body(
+                                    completion_id, req.model, created, {"reasoning_content": reasoning}
+                                )
+                            )
+                        if text:
+                            yield sse(chunk_body(completion_id, req.model, created, {"content": text}))
+                    else:
+                        tail_r, tail_t = reasoning_filter.flush(), text_filter.flush()
+                        if tail_r:
+                            yield sse(
+                                chunk_body(completion_id, req.model, created, {"reasoning_content": tail_r})
+                            )
+                        if tail_t:
+                            yield sse(chunk_body(completion_id, req.model, created, {"content": tail_t}))
+                        usage = usage_dict(item.usage.prompt_tokens, item.usage.completion_tokens)
+                        yield sse(
+                            chunk_body(
+                                completion_id, req.model, created, {}, finish_reason=item.finish_reason
+                            )
+                        )
+                        if req.include_usage:
+                            yield sse(chunk_body(completion_id, req.model, created, None, usage=usage))
+                        yield sse("[DONE]")
+                        if cached is None:
+                            gw.metrics.tokens.labels("prompt").inc(item.usage.prompt_tokens)
+                            gw.metrics.tokens.labels("completion").inc(item.usage.completion_tokens)
+                            if key_hash is not None and item.finish_reason in ("stop", "length"):
+                                assert gw.cache is not None
+                                await gw.cache.set(
+                                    key_hash,
+                                    {
+                                        "text": "".join(text_parts),
+                                        "reasoning": "".join(reasoning_parts),
+                                        "finish_reason": item.finish_reason,
+                                        "usage": usage,
+                                    },
+                                )
+                        return
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        gw.metrics.disconnects.inc()
+                        return
+                    item = getter.result()
+            finally:
+                watcher.cancel()
+                if not producer.done():
+                    producer.cancel()  # closes the gRPC stream: the engine aborts the request
+                gw.metrics.latency.labels("/v1/chat/completions", "true").observe(time.monotonic() - started)
+
+        stream_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=stream_headers)
+
+    static_dir = Path(config.static_dir) if config.static_dir else STATIC_DIR
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(static_dir / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=static_dir), name="static")
+    return app
+
+
+def _cached_finish(finish_reason: str, usage: dict[str, int]) -> Finish:
+    from glmv_client.results import Timings, Usage
+
+    return Finish(
+        finish_reason=finish_reason,
+        usage=Usage(usage["prompt_tokens"], usage["completion_tokens"]),
+        timings=Timings(ttft=0.0, total=0.0),
+    )

@@ -1,0 +1,326 @@
+"""OpenAI chat-completions shapes: request parsing/validation, responses, stream chunks, errors.
+
+``parse_chat_request(body, config)`` turns the JSON body of ``POST /v1/chat/completions`` into a
+:class:`ChatRequest` or raises :class:`ApiError` (status + OpenAI error body). Image parts
+(``image_url``: a ``data:`` URI, or an http(s) URL when ``allow_image_urls``) become
+``{"type": "image"}`` parts of the ensemble's ``messages`` input, in order; their bytes are
+fetched/decoded later (:mod:`gateway.images`). Reasoning is returned as ``reasoning_content``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import GatewayConfig
+
+ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a request: where it came from (param path) and its URL / data URI."""
+
+    param: str  # e.g. messages[0].content[1].image_url
+    url: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]  # ensemble shape: text parts and {"type": "image"} parts
+    images: list[ImageRef]
+    prompt: str  # the last user text, sent as text_input
+    max_tokens: int
+    stream: bool = False
+    include_usage: bool = False
+    sampling: dict[str, Any] = field(default_factory=dict)  # glmv_client sampling kwargs
+
+    @property
+    def is_deterministic(self) -> bool:
+        """Greedy or seeded: the same request gives the same answer, so it may be cached."""
+        return self.sampling.get("temperature") == 0 or self.sampling.get("seed") is not None
+
+
+def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required and must be a string.", param="model")
+    if model != config.served_model_name:
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist; this server serves '{config.served_model_name}'.",
+            param="model",
+            code="model_not_found",
+        )
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
+    messages, images, prompt = _convert_messages(raw_messages)
+    if len(images) > config.max_images_per_request:
+        raise ApiError(
+            400,
+            f"{len(images)} images in one request, over the limit of {config.max_images_per_request} "
+            "(max_images_per_request).",
+            param="messages",
+            code="too_many_images",
+        )
+
+    n = body.get("n", 1)
+    if n != 1:
+        raise ApiError(400, "Only n=1 is supported.", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = config.max_tokens_default
+    _check_int(max_tokens, "max_tokens" if "max_completion_tokens" not in body else "max_completion_tokens")
+    if not 1 <= max_tokens <= config.max_tokens_limit:
+        raise ApiError(
+            400,
+            f"max_tokens must be between 1 and {config.max_tokens_limit} (max_tokens_limit), got {max_tokens}.",
+            param="max_tokens",
+        )
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean.", param="stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
+    include_usage = bool(stream_options.get("include_usage", False))
+
+    sampling: dict[str, Any] = {}
+    _number(body, "temperature", sampling, 0.0, 2.0)
+    _number(body, "top_p", sampling, 0.0, 1.0, low_open=True)
+    _number(body, "presence_penalty", sampling, -2.0, 2.0)
+    _number(body, "frequency_penalty", sampling, -2.0, 2.0)
+    _number(body, "repetition_penalty", sampling, 0.0, None, low_open=True)
+    for name in ("top_k", "seed", "min_tokens"):
+        if body.get(name) is not None:
+            _check_int(body[name], name)
+            if body[name] < 0 or (name == "seed" and body[name] >= 2**64):
+                raise ApiError(400, f"'{name}' is out of range: {body[name]}.", param=name)
+            sampling[name] = body[name]
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise ApiError(400, "'stop' must be a non-empty string or an array of them.", param="stop")
+        if len(stop) > 16:
+            raise ApiError(400, f"At most 16 stop strings, got {len(stop)}.", param="stop")
+        if stop:
+            sampling["stop"] = stop
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object.", param="chat_template_kwargs")
+    thinking = kwargs.get("enable_thinking", body.get("enable_thinking"))
+    if thinking is not None:
+        if not isinstance(thinking, bool):
+            raise ApiError(
+                400, "'enable_thinking' must be a boolean.", param="chat_template_kwargs.enable_thinking"
+            )
+        sampling["enable_thinking"] = thinking
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        images=images,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        stream=stream,
+        include_usage=include_usage,
+        sampling=sampling,
+    )
+
+
+def _convert_messages(raw: list[Any]) -> tuple[list[dict[str, Any]], list[ImageRef], str]:
+    messages: list[dict[str, Any]] = []
+    images: list[ImageRef] = []
+    prompt = ""
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict):
+            raise ApiError(400, f"messages[{i}] must be an object.", param=f"messages[{i}]")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise ApiError(
+                400,
+                f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}.",
+                param=f"messages[{i}].role",
+            )
+        content = msg.get("content")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            texts = [content]
+        elif isinstance(content, list):
+            parts: list[dict[str, Any]] = []
+            texts = []
+            for j, part in enumerate(content):
+                param = f"messages[{i}].content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                    texts.append(part["text"])
+                elif kind == "image_url":
+                    ref = part.get("image_url")
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    if not isinstance(url, str) or not url:
+                        raise ApiError(
+                            400, f"{param}.image_url.url must be a string.", param=f"{param}.image_url"
+                        )
+                    if role != "user":
+                        raise ApiError(
+                            400, f"{param}: images are only accepted in user messages.", param=param
+                        )
+                    images.append(ImageRef(param=f"{param}.image_url", url=url))
+                    parts.append({"type": "image"})
+                else:
+                    raise ApiError(
+                        400,
+                        f"{param} must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', 'image_url': ...}}.",
+                        param=param,
+                    )
+            messages.append({"role": role, "content": parts})
+        else:
+            raise ApiError(
+                400,
+                f"messages[{i}].content must be a string or an array of parts.",
+                param=f"messages[{i}].content",
+            )
+        if role == "user":
+            prompt = "\n".join(texts)
+    if not any(m["role"] == "user" for m in messages):
+        raise ApiError(400, "'messages' must contain at least one user message.", param="messages")
+    return messages, images, prompt
+
+
+def _check_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"'{name}' must be an integer, got {value!r}.", param=name)
+
+
+def _number(
+    body: dict[str, Any],
+    name: str,
+    out: dict[str, Any],
+    low: float,
+    high: float | None,
+    *,
+    low_open: bool = False,
+) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"'{name}' must be a number, got {value!r}.", param=name)
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        if high is None:
+            bound = f"> {low}" if low_open else f">= {low}"
+        raise ApiError(400, f"'{name}' must be in {bound}, got {value}.", param=name)
+    out[name] = float(value)
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def finish_reason_for(reason: str) -> str:
+    """OpenAI's finish_reason for the engine's (stop / length / abort)."""
+    return reason if reason in ("stop", "length", "content_filter") else "stop"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    completion_id: str,
+    model: str,
+    text: str,
+    reasoning: str,
+    finish_reason: str,
+    usage: dict[str, int],
+    created: int | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish_reason_for(finish_reason),
+                "logprobs": None,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def chunk_body(
+    completion_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None = None,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk (no choices)."""
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": []
+        if delta is None
+        else [
+            {
+                "index": 0,
+                "delta": delta,
+                "finish_reason": None if finish_reason is None else finish_reason_for(finish_reason),
+                "logprobs": None,
+            }
+        ],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
