@@ -215,12 +215,20 @@ class Client:
             client.start_stream(
                 callback=lambda result, error: responses.put((result, error)), headers=self.headers
             )
-            client.async_stream_infer(
-                self.model,
-                grpc_inputs(req),
-                outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
-                request_id=request_id,
-            )
+            try:
+                client.async_stream_infer(
+                    self.model,
+                    grpc_inputs(req),
+                    outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
+                    request_id=request_id,
+                )
+            except InferenceServerException as exc:
+                # A stream that broke at once (e.g. connection refused) reports why through the callback.
+                try:
+                    _, reported = responses.get(timeout=1.0)
+                except queue.Empty:
+                    reported = None
+                raise (reported or exc) from None
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 try:

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from glmv_client.errors import InvalidRequestError, ServerError, field_of
+from glmv_client.request import Limits, build_request, generate_json, tensor_values
+
+LIMITS = Limits()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "text"),
+    [
+        ({"max_tokens": 0}, "max_tokens", "0 is out of range [1, 32768]"),
+        ({"max_tokens": 1.5}, "max_tokens", "must be an integer"),
+        ({"temperature": -0.1}, "temperature", "-0.1 is out of range [0.0, 2.0]"),
+        ({"temperature": float("nan")}, "temperature", "out of range"),
+        ({"top_p": 0.0}, "top_p", "0.0 is out of range (0.0, 1.0]"),
+        ({"top_k": -1}, "top_k", "-1 is out of range >= 0"),
+        ({"seed": 2**64}, "seed", "out of range"),
+        ({"presence_penalty": 3.0}, "presence_penalty", "out of range [-2.0, 2.0]"),
+        ({"stop": ["ok", ""]}, "stop[1]", "must be a non-empty string"),
+        ({"stop": ["s"] * 17}, "stop", "17 stop strings, over the limit of 16"),
+        ({"enable_thinking": "yes"}, "enable_thinking", "must be a bool"),
+        ({"min_tokens": 600}, "min_tokens", "600 is out of range [0, 512]"),
+    ],
+)
+def test_sampling_checks_name_the_field(kwargs, field, text):
+    with pytest.raises(InvalidRequestError) as info:
+        build_request(None, "hi", limits=LIMITS, **kwargs)
+    assert info.value.field == field
+    assert text in str(info.value)
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_image_count_and_prompt_checks(png_bytes):
+    with pytest.raises(
+        InvalidRequestError, match=r"^images: 5 images, over the limit of 4 \(max_images_per_request\)$"
+    ):
+        build_request([png_bytes] * 5, "hi", limits=LIMITS)
+    with pytest.raises(InvalidRequestError, match="^prompt: must not be empty"):
+        build_request(None, "  ", limits=LIMITS)
+    with pytest.raises(InvalidRequestError, match="1 image parts but 0 images"):
+        build_request(None, "", limits=LIMITS, messages=[{"role": "user", "content": [{"type": "image"}]}])
+    with pytest.raises(InvalidRequestError, match=r"^messages\[0\].role: unknown role 'tool'"):
+        build_request(None, "", limits=LIMITS, messages=[{"role": "tool", "content": "x"}])
+    with pytest.raises(InvalidRequestError, match="max_message_bytes"):
+        build_request([png_bytes], "hi", limits=Limits(max_message_bytes=1000))
+
+
+def test_tensors_follow_the_contract(png_bytes):
+    req = build_request(
+        [png_bytes, png_bytes],
+        "什么?",
+        limits=LIMITS,
+        max_tokens=7,
+        temperature=0,
+        top_p=0.5,
+        top_k=3,
+        seed=42,
+        stop="END",
+        enable_thinking=False,
+        stream=True,
+    )
+    t = tensor_values(req)
+    assert {k: (v.dtype.str, v.shape) for k, v in t.items()} == {
+        "text_input": ("|O", (1,)),
+        "max_tokens": ("<i4", (1,)),
+        "stream": ("|b1", (1,)),
+        "image_input": ("|O", (2,)),
+        "temperature": ("<f4", (1,)),
+        "top_p": ("<f4", (1,)),
+        "top_k": ("<i4", (1,)),
+        "seed": ("<u8", (1,)),
+        "stop_words": ("|O", (1,)),
+        "enable_thinking": ("|b1", (1,)),
+    }
+    assert t["text_input"][0] == "什么?".encode()
+    assert t["image_input"][1] == png_bytes
+    assert t["seed"][0] == np.uint64(42)
+    body = generate_json(req)
+    assert body["text_input"] == "什么?" and body["stop_words"] == ["END"] and body["seed"] == 42
+    assert len(body["image_input"]) == 2 and "repetition_penalty" not in body
+
+
+def test_messages_are_sent_as_json(png_bytes):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
+    req = build_request([png_bytes], "", limits=LIMITS, messages=messages)
+    assert json.loads(tensor_values(req)["messages"][0].decode()) == messages
+
+
+def test_server_error_field_parsing():
+    assert field_of("image_input[1]: image is 12000000 bytes, over the limit") == "image_input"
+    assert field_of("in ensemble 'ensemble', max_tokens: too big") == "max_tokens"
+    assert field_of("Stub process 'ensemble_0_0' is not healthy.") is None
+    assert ServerError("top_p: bad").is_invalid_request
+    assert not ServerError("engine crashed", status="StatusCode.INTERNAL").is_invalid_request
