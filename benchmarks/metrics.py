@@ -53,9 +53,11 @@ class StreamTimer:
         self._last_token_s: float | None = None
         self._count = 0
 
-    def tokens(self, running_count: int | None = None, *, new: int | None = None) -> int:
-        """Register a response; returns the number of new tokens it carried."""
-        now = time.perf_counter()
+    def tokens(
+        self, running_count: int | None = None, *, new: int | None = None, at: float | None = None
+    ) -> int:
+        """Register a response (received at perf_counter ``at``, default now); returns its number of new tokens."""
+        now = time.perf_counter() if at is None else at
         num_new = (running_count - self._count) if running_count is not None else (new or 0)
         if num_new <= 0:
             return 0
@@ -70,8 +72,10 @@ class StreamTimer:
         self.record.num_output_tokens = self._count
         return num_new
 
-    def finish(self, finish_reason: str | None, num_output_tokens: int | None = None) -> RequestRecord:
-        self.record.e2e_s = time.perf_counter() - self.record.start_s
+    def finish(
+        self, finish_reason: str | None, num_output_tokens: int | None = None, at: float | None = None
+    ) -> RequestRecord:
+        self.record.e2e_s = (time.perf_counter() if at is None else at) - self.record.start_s
         self.record.finish_reason = finish_reason
         if num_output_tokens is not None and num_output_tokens > self._count:
             self.record.num_output_tokens = num_output_tokens
