@@ -98,9 +98,11 @@ class Executor:
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
+        enforce_eager: bool | None = None,
     ) -> None:
         """Load the model (``weights_dir``; None: random weights of the config's shape, unless ``model``
-        is given), size and allocate the KV cache, build scheduler, sampler and runner."""
+        is given), size and allocate the KV cache, build scheduler, sampler and runner.
+        ``enforce_eager=True`` turns CUDA graphs off (None: EngineConfig.enforce_eager if it exists)."""
         from engine.decoder import Glm4vModel
 
         self.model_config = model_config
@@ -138,7 +140,13 @@ class Executor:
             enable_chunked_prefill=engine_config.enable_chunked_prefill,
         )
         self.runner = ModelRunner(
-            model, model_config, engine_config, num_blocks, Sampler(model_config.eos_token_ids)
+            model,
+            model_config,
+            engine_config,
+            num_blocks,
+            Sampler(model_config.eos_token_ids),
+            max_model_len=self.max_model_len,
+            enforce_eager=enforce_eager,
         )
         self.tokenizer = tokenizer
         self.think_start_id, self.think_end_id = think_token_ids(tokenizer) if tokenizer else (None, None)

@@ -10,6 +10,10 @@ Contract of ``ModelRunner.execute(out) -> list[int | None]`` (one entry per ``ou
   * Logits are computed only for the last token of sequences whose step reaches ``len(seq)``; those get
     a sampled token id, the others (mid-prefill chunks) get None.
 The runner owns the KV cache tensors; ``num_kv_blocks`` sizes them from a memory budget.
+
+CUDA graphs (``DecodeGraphs``, CUDA only, off with ``enforce_eager``): a step where every sequence runs
+exactly one text token replays a graph captured for (batch bucket, block-table width bucket); padding rows
+write into one scratch KV block past the block manager's range. Other steps run eagerly.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class ModelRunner:
         engine_config: EngineConfig,
         num_blocks: int,
         sampler: Sampler,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -72,18 +78,39 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.device = torch.device(engine_config.device)
         self.sampler = sampler
+        if enforce_eager is None:
+            enforce_eager = bool(getattr(engine_config, "enforce_eager", False))
+        use_graphs = self.device.type == "cuda" and not enforce_eager
+        # with graphs, block id num_blocks is the scratch block of padding rows (never handed out)
         self.kv_caches = model.allocate_kv_caches(
-            num_blocks, self.block_size, self.device, engine_config.torch_dtype
-        )  # per layer [2, num_blocks, block_size, num_kv_heads, head_dim]
-        # TODO(engine): CUDA graphs for decode-only steps, one per batch-size bucket (1, 2, 4, 8, 16, ...
-        # max_num_seqs): capture model.forward on static input_ids/positions/slot_mapping/block_tables
-        # buffers padded to the bucket (padding slot -1) and replay when every sequence decodes. Guard
-        # with self.device.type == "cuda"; the paged decode path must then avoid host syncs.
+            num_blocks + int(use_graphs), self.block_size, self.device, engine_config.torch_dtype
+        )  # per layer [2, num_blocks (+1), block_size, num_kv_heads, head_dim]
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            max_len = max_model_len or engine_config.max_model_len
+            self.graphs = DecodeGraphs(
+                model,
+                self.kv_caches,
+                self.block_size,
+                max_num_seqs=engine_config.max_num_seqs,
+                max_num_blocks_per_seq=-(-max_len // self.block_size),
+                scratch_block_id=num_blocks,
+            )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int | None]:
-        input_ids, positions, input_embeds, attn, sample_rows = self.prepare(out)
-        hidden = self.model.forward(input_ids, positions, attn, self.kv_caches, input_embeds)  # [T, hidden]
+        hidden = None
+        if self.graphs is not None and all(n == 1 for n in out.num_scheduled_tokens):
+            hidden = self.graphs.run(out.seqs)  # [num_seqs, hidden] or None (no graph for this step)
+        if hidden is not None:
+            sample_rows = [
+                (i, i) for i, seq in enumerate(out.seqs) if seq.num_computed_tokens + 1 == len(seq)
+            ]
+        else:
+            input_ids, positions, input_embeds, attn, sample_rows = self.prepare(out)
+            hidden = self.model.forward(
+                input_ids, positions, attn, self.kv_caches, input_embeds
+            )  # [T, hidden]
         sampled: list[int | None] = [None] * len(out.seqs)
         if sample_rows:
             rows = torch.tensor([row for _, row in sample_rows], device=self.device)
@@ -154,3 +181,111 @@ class ModelRunner:
             first = max(start, num_prompt)
             parts.append(torch.arange(first, end, dtype=torch.long).add_(seq.mrope_delta).expand(3, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class DecodeGraphs:
+    """CUDA graphs of steps where every sequence runs one text token, captured on first use.
+
+    A graph is keyed by (batch bucket, width bucket): the batch is padded up to the bucket, and
+    ``block_tables`` is cut to a fixed width (blocks) that covers the longest sequence, so the decode
+    gather reads no more than the next power of two of the context. Inputs are copied into static
+    buffers before replay; the result rows past the batch are padding.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        *,
+        max_num_seqs: int,
+        max_num_blocks_per_seq: int,
+        scratch_block_id: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.scratch_block_id = scratch_block_id
+        self.batch_buckets = sorted(
+            {b for b in (1, 2, 4, 8) if b < max_num_seqs} | set(range(16, max_num_seqs, 16)) | {max_num_seqs}
+        )
+        widths, width = set(), max(1, 256 // block_size)
+        while width < max_num_blocks_per_seq:
+            widths.add(width)
+            width *= 2
+        self.width_buckets = sorted(widths | {max_num_blocks_per_seq})
+        device = kv_caches[0].device
+        max_batch, max_width = self.batch_buckets[-1], self.width_buckets[-1]
+        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, max_batch, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_batch, max_width, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def run(self, seqs: list) -> torch.Tensor | None:
+        """Hidden states [len(seqs), hidden] of each sequence's next token; None when no graph fits."""
+        if any(seq.image_token_indices and seq.num_computed_tokens < seq.num_prompt_tokens for seq in seqs):
+            return None  # a 1-token prompt chunk may be an image token (needs input_embeds)
+        num_seqs = len(seqs)
+        batch = next((b for b in self.batch_buckets if b >= num_seqs), None)
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        width = next((w for w in self.width_buckets if w >= max_blocks), None)
+        if batch is None or width is None:
+            return None
+        input_ids, slots, seq_lens = (
+            [0] * batch,
+            [self.scratch_block_id * self.block_size] * batch,
+            [1] * batch,
+        )
+        positions = torch.zeros(3, batch, dtype=torch.long)
+        tables = torch.zeros(batch, width, dtype=torch.int32)
+        tables[num_seqs:, 0] = self.scratch_block_id
+        for i, seq in enumerate(seqs):
+            pos = seq.num_computed_tokens
+            input_ids[i] = seq.token_ids[pos]
+            slots[i] = seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+            seq_lens[i] = pos + 1
+            positions[:, i] = ModelRunner.positions(seq, pos, pos + 1)[:, 0]
+            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        self.input_ids[:batch].copy_(torch.tensor(input_ids), non_blocking=True)
+        self.positions[:, :batch].copy_(positions, non_blocking=True)
+        self.slot_mapping[:batch].copy_(torch.tensor(slots), non_blocking=True)
+        self.seq_lens[:batch].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:batch, :width].copy_(tables, non_blocking=True)
+        if (batch, width) not in self.graphs:
+            self.graphs[(batch, width)] = self.capture(batch, width)
+        graph, hidden = self.graphs[(batch, width)]
+        graph.replay()
+        return hidden[:num_seqs]
+
+    def capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture model.forward on the static buffers' first ``batch`` rows (their current values are
+        valid inputs: run() fills them first)."""
+        attn = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch],
+            query_lens=torch.ones(batch, dtype=torch.int32, device=self.slot_mapping.device),
+            seq_lens=self.seq_lens[:batch],
+            cu_query_lens=torch.arange(batch + 1, dtype=torch.int32, device=self.slot_mapping.device),
+            block_tables=self.block_tables[:batch, :width],
+            max_query_len=1,
+            max_seq_len=width * self.block_size,
+            query_lens_cpu=(1,) * batch,
+            seq_lens_cpu=(1,) * batch,
+            has_padding=False,
+        )
+        args = (self.input_ids[:batch], self.positions[:, :batch], attn, self.kv_caches, None)
+        # Warm-up writes the same K/V the replay will write, so running it is harmless.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.model.forward(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden = self.model.forward(*args)  # [batch, hidden]
+        if self.pool is None:
+            self.pool = graph.pool()
+        logger.info("[glm-engine] captured a decode CUDA graph: batch %d, %d blocks", batch, width)
+        return graph, hidden
