@@ -1,0 +1,460 @@
+"""Request preprocessing: image validation + processing, chat template rendering, tokenization, M-RoPE.
+
+Pure Python (PIL, numpy, torch, transformers' tokenizer and image processor); used by the `preprocessing`
+Triton model and by tests. Contract:
+
+* Every bad input raises `InputError` whose message starts with the field name and states the limit:
+  `image_input[1]: image is 12000000 bytes, over the limit of 10485760 bytes (max_image_bytes)`.
+* Images (`image_input[i]`): raw file bytes, base64, or a `data:` URI. The decoded format must be PNG,
+  JPEG, WebP, BMP or GIF (first frame). Checked before any pixel is decoded: byte size
+  (`max_image_bytes`), format, and width x height from the header (`max_image_pixels`, `min_image_pixels`),
+  so a decompression bomb is never decoded. Then the image is decoded (corrupt/truncated -> error).
+* Image processing is transformers' `Glm46VImageProcessorPil` with the engine dir's
+  `preprocessor_config.json` (smart_resize factor 28, bicubic, CLIP mean/std, patchify in merge-window
+  order): `pixel_values` [sum(gh*gw), 1176] float32 and `image_grid_thw` [n, 3] int64, exactly the
+  processor's output. `image_hash` is the sha256 hex of each image's decoded file bytes.
+* The prompt: `messages` (OpenAI-shaped JSON; `{"type": "image"}` / `image_url` parts take the images in
+  order) or `text_input` with the images before the text in one user turn, rendered with the tokenizer's
+  chat template (`add_generation_prompt=True`, `enable_thinking`); each `<|image|>` id is expanded to
+  gh*gw/merge**2 copies. The prompt must leave room for one output token within `max_seq_len`.
+* `mrope_positions` [3, L] int64 and `mrope_delta` come from `engine.rope.get_mrope_positions`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ImageInfo",
+    "InputError",
+    "PreprocessLimits",
+    "PreprocessedRequest",
+    "Preprocessor",
+    "decode_image_bytes",
+    "open_image",
+    "validate_sampling",
+]
+
+SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+MAX_ASPECT_RATIO = 200  # smart_resize refuses more
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+
+
+class InputError(ValueError):
+    """A bad request; the message starts with the field name."""
+
+
+@dataclass(frozen=True)
+class PreprocessLimits:
+    """Request limits enforced before the engine sees a request."""
+
+    max_seq_len: int = 8192  # prompt + output tokens; the prompt must leave room for one output token
+    max_output_tokens: int = 4096  # largest max_tokens a request may ask for
+    max_images_per_request: int = 8  # most images in one request
+    max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
+    max_image_bytes: int = 10 * 1024 * 1024  # encoded size of one image
+    max_image_pixels: int = 8192 * 8192  # width x height of one input image (read from the header)
+    min_image_pixels: int = 1  # width x height of one input image
+    max_stop_words: int = 16  # most stop strings in one request
+    enable_thinking: bool = True  # default of the chat template's thinking switch
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_seq_len",
+            "max_output_tokens",
+            "max_image_bytes",
+            "max_image_pixels",
+            "min_image_pixels",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: {value!r} must be an integer >= 1")
+        for name in ("max_images_per_request", "max_image_tokens_per_request", "max_stop_words"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: {value!r} must be an integer >= 0")
+        if self.min_image_pixels > self.max_image_pixels:
+            raise ValueError(
+                f"min_image_pixels: {self.min_image_pixels} must be <= max_image_pixels {self.max_image_pixels}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PreprocessLimits:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown preprocessing limit (known: {sorted(known)})")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One validated, decoded input image."""
+
+    image: Any  # PIL.Image.Image, loaded
+    format: str  # PNG | JPEG | WEBP | BMP | GIF
+    width: int
+    height: int
+    num_bytes: int
+    image_hash: str  # sha256 hex of the decoded file bytes
+
+
+@dataclass
+class PreprocessedRequest:
+    input_ids: np.ndarray  # [L] int32, image tokens expanded
+    pixel_values: np.ndarray  # [num_patches, 1176] float32 (0 rows without images)
+    image_grid_thw: np.ndarray  # [num_images, 3] int64
+    mrope_positions: np.ndarray  # [3, L] int64
+    mrope_delta: int
+    image_hashes: list[str] = field(default_factory=list)
+    prompt: str = ""  # the rendered chat template (before image expansion)
+    is_thinking: bool = False  # the prompt leaves a <think> open: output starts as reasoning
+
+
+def _sniff_format(data: bytes) -> str | None:
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _other_image_format(data: bytes) -> str | None:
+    """The format name of an image PIL knows but we do not accept (TIFF, ICO, ...), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return str(img.format)
+    except Exception:
+        return None
+
+
+def decode_image_bytes(raw: bytes | str, field: str) -> bytes:
+    """The image file bytes of one `image_input` element: raw bytes, base64, or a `data:` URI."""
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if not data:
+        raise InputError(f"{field}: image is empty (0 bytes)")
+    if _sniff_format(data) is not None:
+        return data
+    stripped = data.strip()
+    if stripped[:5].lower() == b"data:":
+        header, sep, payload = stripped.partition(b",")
+        if not sep:
+            raise InputError(f"{field}: data URI has no ',' before its payload")
+        if not header.lower().endswith(b";base64"):
+            raise InputError(f"{field}: data URI must be base64 encoded (data:image/...;base64,...)")
+        stripped = payload
+    try:
+        decoded = base64.b64decode(b"".join(stripped.split()), validate=True)
+    except (binascii.Error, ValueError):
+        other = _other_image_format(data)
+        if other is not None:
+            raise InputError(
+                f"{field}: image format {other} is not supported (PNG, JPEG, WebP, BMP, GIF)"
+            ) from None
+        raise InputError(
+            f"{field}: not a PNG/JPEG/WebP/BMP/GIF image, nor base64 or a data: URI of one"
+        ) from None
+    if not decoded:
+        raise InputError(f"{field}: image is empty (0 bytes after base64 decoding)")
+    return decoded
+
+
+def open_image(data: bytes, field: str, limits: PreprocessLimits) -> ImageInfo:
+    """Validate one image file (size, format, header dimensions) and decode it (first frame)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > limits.max_image_bytes:
+        raise InputError(
+            f"{field}: image is {len(data)} bytes, over the limit of {limits.max_image_bytes} bytes "
+            "(max_image_bytes)"
+        )
+    sniffed = _sniff_format(data)
+    if sniffed is None:
+        raise InputError(
+            f"{field}: unsupported or unrecognized image format (supported: PNG, JPEG, WebP, BMP, GIF)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=list(SUPPORTED_FORMATS))  # reads the header only
+    except Image.DecompressionBombError as exc:  # PIL refuses far-too-large headers itself
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise InputError(
+            f"{field}: image is {size}, over the limit of {limits.max_image_pixels} pixels (max_image_pixels)"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{field}: corrupt {sniffed} image, cannot read its header ({exc})") from None
+    if img.format not in SUPPORTED_FORMATS:
+        raise InputError(f"{field}: image format {img.format} is not supported (PNG, JPEG, WebP, BMP, GIF)")
+    width, height = img.size
+    num_pixels = width * height
+    if num_pixels > limits.max_image_pixels:
+        raise InputError(
+            f"{field}: image is {width}x{height} = {num_pixels} pixels, over the limit of "
+            f"{limits.max_image_pixels} pixels (max_image_pixels)"
+        )
+    if num_pixels < limits.min_image_pixels or width < 1 or height < 1:
+        raise InputError(
+            f"{field}: image is {width}x{height} = {num_pixels} pixels, under the minimum of "
+            f"{limits.min_image_pixels} pixels (min_image_pixels)"
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise InputError(
+            f"{field}: image is {width}x{height}, its aspect ratio "
+            f"{max(width, height) / min(width, height):.1f} is over the limit of {MAX_ASPECT_RATIO}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad data
+        raise InputError(f"{field}: corrupt or truncated {img.format} image ({exc})") from None
+    return ImageInfo(
+        image=img,
+        format=str(img.format),
+        width=width,
+        height=height,
+        num_bytes=len(data),
+        image_hash=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def validate_sampling(
+    *,
+    max_tokens: int,
+    limits: PreprocessLimits,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    min_tokens: int | None = None,
+    seed: int | None = None,
+) -> None:
+    """Raise InputError naming the first bad sampling field (ensemble input names) and its limit."""
+
+    def bad(name: str, value: Any, limit: str) -> InputError:
+        return InputError(f"{name}: {value!r} is out of range ({limit})")
+
+    if max_tokens < 1:
+        raise bad("max_tokens", max_tokens, "must be >= 1")
+    if max_tokens > limits.max_output_tokens:
+        raise InputError(
+            f"max_tokens: {max_tokens} is over the limit of {limits.max_output_tokens} (max_output_tokens)"
+        )
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise bad("temperature", temperature, "must be finite and >= 0; 0 is greedy")
+    if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise bad("top_p", top_p, "must be in (0, 1]")
+    if top_k is not None and top_k < 0:
+        raise bad("top_k", top_k, "must be >= 0; 0 turns it off")
+    if repetition_penalty is not None and not (
+        math.isfinite(repetition_penalty) and 0.0 < repetition_penalty <= 2.0
+    ):
+        raise bad("repetition_penalty", repetition_penalty, "must be in (0, 2]")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if value is not None and not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            raise bad(name, value, "must be in [-2, 2]")
+    if min_tokens is not None and not 0 <= min_tokens <= max_tokens:
+        raise bad("min_tokens", min_tokens, f"must be in [0, max_tokens={max_tokens}]")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise bad("seed", seed, "must be in [0, 2**64)")
+
+
+class Preprocessor:
+    """Turns (text or messages, images) into engine inputs for one engine directory."""
+
+    def __init__(self, engine_dir: str | Path, limits: PreprocessLimits | None = None) -> None:
+        from transformers import AutoTokenizer
+        from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
+
+        from engine.config import ModelConfig
+
+        self.engine_dir = Path(engine_dir)
+        self.limits = limits or PreprocessLimits()
+        self.model_config = ModelConfig.from_pretrained(self.engine_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.engine_dir))
+        processor_file = self.engine_dir / "preprocessor_config.json"
+        settings = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+        settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
+        self.image_processor = Glm46VImageProcessorPil(**settings)
+        self.merge_size = int(self.image_processor.merge_size)
+        self.think_start_id = self._token_id("<think>")
+        self.think_end_id = self._token_id("</think>")
+
+    def _token_id(self, token: str) -> int | None:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            return None
+        return int(token_id)
+
+    # -- images ---------------------------------------------------------------------------------------
+
+    def load_images(self, raw_images: list[bytes | str]) -> list[ImageInfo]:
+        if len(raw_images) > self.limits.max_images_per_request:
+            raise InputError(
+                f"image_input: {len(raw_images)} images, over the limit of "
+                f"{self.limits.max_images_per_request} per request (max_images_per_request)"
+            )
+        infos = []
+        for i, raw in enumerate(raw_images):
+            field_name = f"image_input[{i}]"
+            infos.append(open_image(decode_image_bytes(raw, field_name), field_name, self.limits))
+        return infos
+
+    def process_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
+        """pixel_values [N, 1176] float32, image_grid_thw [n, 3] int64 (empty for no images)."""
+        patch_dim = 3 * self.image_processor.temporal_patch_size * self.image_processor.patch_size**2
+        if not images:
+            return np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int64)
+        out = self.image_processor([info.image for info in images], return_tensors="np")
+        pixel_values = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+        grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+        return pixel_values, grid
+
+    # -- prompt ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def build_messages(text: str | None, messages_json: str | None, num_images: int) -> list[dict]:
+        """Chat messages of the request; checks that image parts and images match one to one."""
+        if messages_json:
+            try:
+                messages = json.loads(messages_json)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"messages: not valid JSON ({exc})") from None
+            if not isinstance(messages, list) or not messages:
+                raise InputError("messages: must be a non-empty JSON list of {role, content} objects")
+            num_parts = 0
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or "role" not in m:
+                    raise InputError(f"messages[{i}]: must be an object with a role and a content")
+                if m["role"] not in ("system", "user", "assistant"):
+                    raise InputError(f"messages[{i}].role: {m['role']!r} must be system, user or assistant")
+                content = m.get("content", "")
+                if content is None:
+                    m["content"] = ""
+                elif isinstance(content, list):
+                    for j, part in enumerate(content):
+                        if not isinstance(part, dict) or "type" not in part:
+                            raise InputError(f"messages[{i}].content[{j}]: must be an object with a type")
+                        if part["type"] in ("image", "image_url"):
+                            num_parts += 1
+                        elif part["type"] != "text":
+                            raise InputError(
+                                f"messages[{i}].content[{j}].type: {part['type']!r} is not supported "
+                                "(text, image)"
+                            )
+                elif not isinstance(content, str):
+                    raise InputError(f"messages[{i}].content: must be a string or a list of parts")
+            if num_parts != num_images:
+                raise InputError(
+                    f"messages: {num_parts} image parts but {num_images} images in image_input "
+                    "(each image part takes the next image)"
+                )
+            return messages
+        if text is None:
+            raise InputError("text_input: missing (give text_input or messages)")
+        if num_images == 0:
+            return [{"role": "user", "content": text}]
+        parts: list[dict] = [{"type": "image"} for _ in range(num_images)]
+        parts.append({"type": "text", "text": text})
+        return [{"role": "user", "content": parts}]
+
+    def render(self, messages: list[dict], enable_thinking: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+            )
+        except Exception as exc:  # jinja errors on a malformed conversation
+            raise InputError(f"messages: the chat template cannot render them ({exc})") from None
+
+    def __call__(
+        self,
+        text: str | None = None,
+        images: list[bytes | str] | None = None,
+        *,
+        messages_json: str | None = None,
+        enable_thinking: bool | None = None,
+    ) -> PreprocessedRequest:
+        import torch
+
+        from engine.rope import get_mrope_positions
+
+        infos = self.load_images(list(images or []))
+        messages = self.build_messages(text, messages_json, len(infos))
+        thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
+        prompt = self.render(messages, thinking)
+        pixel_values, grid = self.process_images(infos)
+        num_tokens_per_image = [int(t * h * w) // self.merge_size**2 for t, h, w in grid.tolist()]
+        if sum(num_tokens_per_image) > self.limits.max_image_tokens_per_request:
+            raise InputError(
+                f"image_input: the images take {sum(num_tokens_per_image)} tokens, over the limit of "
+                f"{self.limits.max_image_tokens_per_request} (max_image_tokens_per_request)"
+            )
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        image_id = self.model_config.image_token_id
+        expanded: list[int] = []
+        image_idx = 0
+        for token_id in ids:
+            if token_id == image_id:
+                if image_idx >= len(num_tokens_per_image):
+                    raise InputError(
+                        f"text_input: the prompt has more image placeholders than the {len(infos)} images given"
+                    )
+                expanded.extend([image_id] * num_tokens_per_image[image_idx])
+                image_idx += 1
+            else:
+                expanded.append(int(token_id))
+        if image_idx != len(num_tokens_per_image):
+            raise InputError(
+                f"image_input: {len(infos)} images but the rendered prompt has {image_idx} image placeholders"
+            )
+        max_prompt = self.limits.max_seq_len - 1
+        if len(expanded) > max_prompt:
+            raise InputError(
+                f"text_input: the prompt is {len(expanded)} tokens (with images), over the limit of "
+                f"{max_prompt} (max_seq_len {self.limits.max_seq_len} minus one output token)"
+            )
+        positions, delta = get_mrope_positions(expanded, torch.from_numpy(grid), self.model_config)
+        return PreprocessedRequest(
+            input_ids=np.asarray(expanded, dtype=np.int32),
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            mrope_positions=positions.numpy().astype(np.int64),
+            mrope_delta=int(delta),
+            image_hashes=[info.image_hash for info in infos],
+            prompt=prompt,
+            is_thinking=self._is_thinking(expanded),
+        )
+
+    def _is_thinking(self, ids: list[int]) -> bool:
+        if self.think_start_id is None:
+            return False
+        last_start = max((i for i, t in enumerate(ids) if t == self.think_start_id), default=-1)
+        last_end = max((i for i, t in enumerate(ids) if t == self.think_end_id), default=-1)
+        return last_start > last_end

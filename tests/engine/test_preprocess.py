@@ -1,0 +1,251 @@
+"""engine.preprocess: image validation, exact equality with transformers' GLM-4.6V processor, limits."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with one tiny IDAT: PIL reads the size without decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def pre(tiny_checkpoint: Path) -> Preprocessor:
+    return Preprocessor(tiny_checkpoint)
+
+
+class ReferenceProcessor:
+    """Glm46VProcessor's image path (it cannot be built without torchvision): the checkpoint's image
+    processor, then each `<|image|>` in the text replaced by grid.prod() // merge**2 copies, then tokenized."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        from transformers import AutoTokenizer
+        from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.image_processor = Glm46VImageProcessorPil.from_pretrained(checkpoint)
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def __call__(self, text: list[str], images: list, return_tensors: str = "np") -> dict:
+        out = dict(self.image_processor(images, return_tensors="np"))
+        merge_length = self.image_processor.merge_size**2
+        pieces = text[0].split("<|image|>")
+        expanded = pieces[0]
+        for grid, piece in zip(out["image_grid_thw"], pieces[1:], strict=True):
+            expanded += "<|image|>" * int(grid.prod() // merge_length) + piece
+        ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        image_id = self.tokenizer.convert_tokens_to_ids("<|image|>")
+        out["input_ids"] = np.array([ids])
+        out["mm_token_type_ids"] = (out["input_ids"] == image_id).astype(np.int64)
+        return out
+
+
+@pytest.fixture(scope="module")
+def hf_processor(tiny_checkpoint: Path) -> ReferenceProcessor:
+    return ReferenceProcessor(tiny_checkpoint)
+
+
+def test_text_only_matches_chat_template(pre: Preprocessor, hf_processor) -> None:
+    out = pre("What is in this image?")
+    messages = [{"role": "user", "content": "What is in this image?"}]
+    expected = hf_processor.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert out.prompt == expected
+    assert out.input_ids.tolist() == hf_processor.tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert out.pixel_values.shape == (0, 1176) and out.image_grid_thw.shape == (0, 3)
+    assert out.mrope_positions.tolist() == [list(range(len(out.input_ids)))] * 3
+    assert out.mrope_delta == 0
+
+
+def test_thinking_switch(pre: Preprocessor) -> None:
+    off = pre("hi", enable_thinking=False)
+    assert off.prompt.endswith("hi/nothink<|assistant|>\n<think></think>\n")
+    assert not off.is_thinking
+    on = pre("hi", enable_thinking=True)
+    assert "/nothink" not in on.prompt
+
+
+@pytest.mark.parametrize("sizes", [[(90, 60)], [(90, 60), (200, 120)]])
+def test_images_match_transformers_processor(pre: Preprocessor, hf_processor, tiny_checkpoint, sizes) -> None:
+    from transformers import Glm4vConfig
+    from transformers.models.glm4v.modeling_glm4v import Glm4vModel
+
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    files = [encode(img) for img in images]
+    out = pre("Describe the images.", files)
+
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "Describe the images."}]
+    text = hf_processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    ref = hf_processor(text=[text], images=[Image.open(io.BytesIO(f)) for f in files], return_tensors="np")
+    assert out.input_ids.tolist() == ref["input_ids"][0].tolist()
+    np.testing.assert_array_equal(out.pixel_values, ref["pixel_values"])
+    np.testing.assert_array_equal(out.image_grid_thw, ref["image_grid_thw"])
+    assert out.image_hashes == [hashlib.sha256(f).hexdigest() for f in files]
+
+    # M-RoPE positions equal transformers' get_rope_index.
+    import torch
+
+    config = Glm4vConfig.from_pretrained(tiny_checkpoint)
+    model = Glm4vModel._from_config(config)
+    ids = torch.from_numpy(out.input_ids.astype(np.int64))[None]
+    mm_token_type_ids = torch.from_numpy(ref["mm_token_type_ids"])
+    positions, deltas = model.get_rope_index(
+        ids, mm_token_type_ids, image_grid_thw=torch.from_numpy(out.image_grid_thw)
+    )
+    assert out.mrope_positions.tolist() == positions[:, 0].tolist()
+    assert out.mrope_delta == int(deltas.reshape(-1)[0])
+
+
+def test_base64_and_data_uri_equal_raw(pre: Preprocessor) -> None:
+    raw = encode(noise_image(64, 64), "JPEG")
+    b64 = base64.b64encode(raw)
+    uri = b"data:image/jpeg;base64," + b64
+    outs = [pre("q", [x]) for x in (raw, b64, uri, uri.decode())]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.pixel_values, outs[0].pixel_values)
+        assert out.image_hashes == outs[0].image_hashes == [hashlib.sha256(raw).hexdigest()]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])
+def test_supported_formats(pre: Preprocessor, fmt: str) -> None:
+    out = pre("q", [encode(noise_image(60, 40), fmt)])
+    assert out.image_grid_thw.shape == (1, 3)
+
+
+def test_gif_uses_first_frame(pre: Preprocessor) -> None:
+    red, blue = Image.new("RGB", (56, 56), "red"), Image.new("RGB", (56, 56), "blue")
+    buf = io.BytesIO()
+    red.save(buf, "GIF", save_all=True, append_images=[blue])
+    only_red = encode(red, "GIF")
+    np.testing.assert_array_equal(pre("q", [buf.getvalue()]).pixel_values, pre("q", [only_red]).pixel_values)
+
+
+def test_rgba_and_grayscale_are_accepted(pre: Preprocessor) -> None:
+    for mode in ("RGBA", "L", "P"):
+        assert pre("q", [encode(noise_image(56, 56, mode=mode))]).image_grid_thw.shape == (1, 3)
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(InputError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def test_image_errors_name_the_field_and_limit(tiny_checkpoint: Path) -> None:
+    pre = Preprocessor(tiny_checkpoint, PreprocessLimits(max_image_bytes=50_000, max_images_per_request=2))
+    good = encode(noise_image(40, 40))
+    assert error_of(pre, "q", [good, b""]).startswith("image_input[1]: image is empty")
+    assert error_of(pre, "q", [b"\x89PNG\r\n\x1a\n" + b"garbage" * 10]).startswith("image_input[0]: corrupt")
+    jpeg = encode(noise_image(200, 200), "JPEG")
+    truncated = jpeg[: len(jpeg) // 2]
+    assert error_of(pre, "q", [truncated]).startswith("image_input[0]: corrupt or truncated JPEG")
+    assert error_of(pre, "q", [b"not an image at all!"]).startswith("image_input[0]: not a PNG/JPEG")
+    big = encode(noise_image(200, 200))
+    msg = error_of(pre, "q", [big])
+    assert msg.startswith(f"image_input[0]: image is {len(big)} bytes, over the limit of 50000 bytes")
+    assert "max_image_bytes" in msg
+    tiff = encode(noise_image(40, 40), "TIFF")
+    assert error_of(pre, "q", [tiff]).startswith("image_input[0]: image format TIFF is not supported")
+    msg = error_of(pre, "q", [good, good, good])
+    assert msg.startswith("image_input: 3 images, over the limit of 2") and "max_images_per_request" in msg
+    assert "aspect ratio" in error_of(pre, "q", [encode(Image.new("RGB", (1000, 4)))])
+
+
+def test_decompression_bomb_is_refused_from_the_header(pre: Preprocessor) -> None:
+    bomb = png_header_only(30000, 30000)
+    assert len(bomb) < 100
+    msg = error_of(pre, "q", [bomb])
+    assert msg.startswith("image_input[0]: image is 900000000 pixels, over the limit of 67108864 pixels")
+    assert "max_image_pixels" in msg
+    medium = png_header_only(9000, 9000)  # over our limit, under PIL's own bomb limit
+    msg = error_of(pre, "q", [medium])
+    assert msg.startswith("image_input[0]: image is 9000x9000 = 81000000 pixels, over the limit of 67108864")
+
+
+def test_prompt_length_limit(tiny_checkpoint: Path) -> None:
+    pre = Preprocessor(tiny_checkpoint, PreprocessLimits(max_seq_len=64))
+    msg = error_of(pre, "word " * 200)
+    assert msg.startswith("text_input: the prompt is") and "max_seq_len 64" in msg
+    image = encode(noise_image(300, 300))
+    assert error_of(pre, "q", [image]).startswith("text_input: the prompt is")
+
+
+def test_messages(pre: Preprocessor) -> None:
+    import json
+
+    img = encode(noise_image(56, 56))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+    ]
+    out = pre(None, [img], messages_json=json.dumps(messages))
+    assert out.prompt.startswith("[gMASK]<sop><|system|>\nBe brief.<|user|>\n<|begin_of_image|>")
+    assert error_of(pre, None, [], messages_json=json.dumps(messages)).startswith(
+        "messages: 1 image parts but 0 images"
+    )
+    assert error_of(pre, None, [], messages_json="{not json").startswith("messages: not valid JSON")
+    assert error_of(pre, None, [], messages_json='[{"role": "robot", "content": "x"}]').startswith(
+        "messages[0].role"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 5000}, "max_tokens"),
+        ({"max_tokens": 4, "temperature": -0.1}, "temperature"),
+        ({"max_tokens": 4, "temperature": float("nan")}, "temperature"),
+        ({"max_tokens": 4, "top_p": 0.0}, "top_p"),
+        ({"max_tokens": 4, "top_p": 1.5}, "top_p"),
+        ({"max_tokens": 4, "top_k": -1}, "top_k"),
+        ({"max_tokens": 4, "repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"max_tokens": 4, "presence_penalty": 3.0}, "presence_penalty"),
+        ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ],
+)
+def test_sampling_errors(kwargs: dict, field: str) -> None:
+    limits = PreprocessLimits(max_output_tokens=4096)
+    assert error_of(validate_sampling, limits=limits, **kwargs).startswith(f"{field}: ")
+
+
+def test_sampling_ok() -> None:
+    validate_sampling(max_tokens=16, limits=PreprocessLimits(), temperature=0.0, top_p=1.0, top_k=0, seed=7)
