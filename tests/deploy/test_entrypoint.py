@@ -4,6 +4,7 @@ rebuilds, and how it supervises Triton (glmv-serve) and the gateway (real server
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -251,6 +252,51 @@ def test_triton_failure_before_ready_fails_the_container(tmp_path: Path) -> None
     assert "glmv-serve exited with code" in result.stderr
     assert not port_is_open(int(env["GLMV_HTTP_PORT"]))
     assert processes_mentioning(str(root)) == []
+
+
+def wait_healthy(env: dict[str, str], proc: subprocess.Popen[bytes], log: Path, *checks: str) -> None:
+    command = [sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py"), *checks]
+    deadline = time.monotonic() + 300
+    while subprocess.run(command, env=env, capture_output=True).returncode != 0:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+
+
+@pytest.mark.skipif(not HAS_GATEWAY_MAIN, reason="the gateway (gateway/__main__.py) is not in this tree yet")
+def test_sigterm_stops_gateway_then_triton_and_exits_0(tmp_path: Path) -> None:
+    """Triton on an empty model repository (marked as built) and the real gateway; SIGTERM to the entrypoint
+    as Docker or the kubelet sends it: both stop in order, exit code 0, no process left."""
+    env = serve_env(tmp_path, GLMV_PRESET="tiny")
+    root = tmp_path / "engine_root"
+    (root / "model_repository").mkdir(parents=True)
+    (root / ".glmv-fingerprint").write_text(fingerprint(env))
+    log_path = tmp_path / "entrypoint.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            ["bash", str(ENTRYPOINT), "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_healthy(env, proc, log_path, "triton-ready", "gateway-live")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log_path.read_text()
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so a clean gateway stop reads as 143.
+    assert "signal: shutting down" in text
+    assert re.search(r"stopped \(gateway exit (0|143), glmv-serve exit 0\)", text), text[-2000:]
+    assert text.index("Application shutdown complete") < text.index("glmv-serve: shutting down")
+    for name in ("GLMV_HTTP_PORT", "GLMV_GRPC_PORT", "GLMV_GATEWAY_PORT"):
+        assert not port_is_open(int(env[name])), name
+    assert processes_mentioning(str(root)) == []
+    assert processes_mentioning(f"--port {env['GLMV_GATEWAY_PORT']}") == []
 
 
 @pytest.mark.slow
