@@ -424,6 +424,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
             text_parts: list[str] = []
             reasoning_parts: list[str] = []
             is_first_token = True
+            is_finished = False  # [DONE] sent; otherwise the client went away mid-stream
             item: Delta | Finish | BaseException = first
             try:
                 yield sse(chunk_body(completion_id, req.model, created, {"role": "assistant", "content": ""}))
@@ -436,6 +437,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                         )
                         yield sse(err.body())
                         yield sse("[DONE]")
+                        is_finished = True
                         return
                     if isinstance(item, Delta):
                         if is_first_token:
@@ -470,6 +472,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                         if req.include_usage:
                             yield sse(chunk_body(completion_id, req.model, created, None, usage=usage))
                         yield sse("[DONE]")
+                        is_finished = True
                         if cached is None:
                             gw.metrics.tokens.labels("prompt").inc(item.usage.prompt_tokens)
                             gw.metrics.tokens.labels("completion").inc(item.usage.completion_tokens)
@@ -489,11 +492,12 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                     await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                     if not getter.done():
                         getter.cancel()
-                        gw.metrics.disconnects.inc()
                         return
                     item = getter.result()
             finally:
                 watcher.cancel()
+                if not is_finished:
+                    gw.metrics.disconnects.inc()
                 if not producer.done():
                     producer.cancel()  # closes the gRPC stream: the engine aborts the request
                 gw.metrics.latency.labels("/v1/chat/completions", "true").observe(time.monotonic() - started)

@@ -1,0 +1,98 @@
+"""Fixtures for the gateway tests: a real Triton with the fixture ensemble, and gateways run by uvicorn."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+
+FIXTURE_REPO = Path(__file__).parents[1] / "client" / "fixture_repo"
+
+
+class GatewayServer:
+    """The gateway app served by uvicorn in a thread on a free port."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        from build_engine.launcher import free_port
+
+        self.port = free_port()
+        self.config = dataclasses.replace(config, port=self.port, host="127.0.0.1")
+        self.app = create_app(self.config)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> GatewayServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def fixture_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateway_fixture") / "requests.log"
+
+
+@pytest.fixture(scope="session")
+def fixture_triton(fixture_log: Path) -> Iterator[object]:
+    from build_engine.launcher import TritonServer
+
+    server = TritonServer(
+        FIXTURE_REPO, http_port=0, grpc_port=0, metrics_port=0, env={"GLMV_FIXTURE_LOG": str(fixture_log)}
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture
+def make_gateway(fixture_triton) -> Iterator[Callable[..., GatewayServer]]:
+    """``make_gateway(**config_fields)`` → a started gateway in front of the fixture Triton."""
+    started: list[GatewayServer] = []
+
+    def make(**fields: object) -> GatewayServer:
+        fields.setdefault("triton_url", fixture_triton.grpc_url)
+        config = GatewayConfig(**fields)  # type: ignore[arg-type]
+        server = GatewayServer(config).__enter__()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.__exit__()
+
+
+@pytest.fixture(scope="session")
+def png_bytes() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def png_data_uri(png_bytes: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes).decode()
