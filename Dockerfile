@@ -39,8 +39,9 @@ ENV GLMV_DEVICE=cpu \
     GLMV_PRESET=tiny
 
 # ---- deps-<variant>: the Python environment in /opt/venv --------------------------------------------------
-# A venv made without pip and filled by the base image's own pip (`pip --python`), so that neither image's
-# system Python is changed (Ubuntu 24.04 marks it externally managed) and the final image carries no pip.
+# Filled by the base image's own pip (`pip --python`), so that neither image's system Python is changed
+# (Ubuntu 24.04 marks it externally managed). The GPU venv is made without pip (Ubuntu's python3 has no
+# ensurepip unless python3-venv is installed, and the running image needs no pip).
 
 FROM base-gpu AS deps-gpu
 ARG TORCH_VERSION_GPU=2.11.0
@@ -114,9 +115,9 @@ RUN mkdir -p "${GLMV_CACHE_DIR}" \
 print(i); i.source == 'pytriton' and l._numpy_major() >= 2 and print(l.prepare_stub_env())" \
     && chmod -R a+rX "${GLMV_CACHE_DIR}"
 
-# The venv's bin goes first on PATH: the Python backend stub finds the venv's site-packages through it and the
-# project root on PYTHONPATH (the launcher sets both for Triton as well). tritonserver stays on PATH in the
-# GPU variant (/opt/tritonserver/bin).
+# The venv's bin goes first on PATH: the Python backend stub finds the venv's site-packages through the
+# `python3` first on PATH (the launcher puts this interpreter's bin there for Triton as well). tritonserver
+# stays on PATH in the GPU variant (/opt/tritonserver/bin).
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
