@@ -251,6 +251,12 @@ class Executor:
             generator=generator,
         )
 
+    def capture_cuda_graphs(self) -> None:
+        """Capture all decode CUDA graphs now (start-up; no-op on CPU or with enforce_eager)."""
+        if self.runner.graphs is not None:
+            with torch.inference_mode():
+                self.runner.graphs.capture_all()
+
     def abort(self, request_id: str) -> None:
         with self._cond:
             if request_id in self._seqs:

@@ -224,6 +224,20 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (one shared memory pool), so no step pays for a
+        capture later. Call while no sequence runs: the buffers point every row at the scratch block."""
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(self.scratch_block_id * self.block_size)
+        self.seq_lens.fill_(1)
+        self.block_tables.zero_()
+        self.block_tables[:, 0] = self.scratch_block_id
+        for batch in reversed(self.batch_buckets):
+            for width in reversed(self.width_buckets):
+                if (batch, width) not in self.graphs:
+                    self.graphs[(batch, width)] = self.capture(batch, width)
+
     def run(self, seqs: list) -> torch.Tensor | None:
         """Hidden states [len(seqs), hidden] of each sequence's next token; None when no graph fits."""
         if any(seq.image_token_indices and seq.num_computed_tokens < seq.num_prompt_tokens for seq in seqs):

@@ -280,3 +280,32 @@ def test_loop_thread_generate_and_callback(model, model_config):
     assert not ex.stats().is_loop_running and not ex.has_unfinished()
     assert seen[-1].request_id == "left" and seen[-1].finish_reason in ("abort", "length", "stop")
     assert ex.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_cuda_decode_graphs_give_reference_tokens(tiny_checkpoint, model_config, enforce_eager):
+    model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "float32", model_config)
+    engine = {"block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "max_num_seqs": 6}
+    ex = Executor(
+        model_config, EngineConfig(num_kv_blocks=10, **engine), model=model, enforce_eager=enforce_eager
+    )
+    assert (ex.runner.graphs is None) == enforce_eager
+    reqs = [GenerationRequest(f"p{i}", prompt(30 + i, 6 + i), greedy(12, ignore_eos=True)) for i in range(4)]
+    outputs = run_to_end(ex, {0: reqs[:3], 2: reqs[3:]})
+    assert ex.stats().num_preemptions > 0
+    for req in reqs:
+        expected = reference_greedy(model, model_config, req.prompt_token_ids, 12, ignore_eos=True)
+        assert tokens(outputs[req.request_id]) == expected
+    if not enforce_eager:
+        assert ex.runner.graphs.graphs  # some steps replayed a graph
+        ex.capture_cuda_graphs()
+        assert len(ex.runner.graphs.graphs) == len(ex.runner.graphs.batch_buckets) * len(
+            ex.runner.graphs.width_buckets
+        )
+        outputs = run_to_end(ex, {0: reqs})
+        for req in reqs:
+            assert tokens(outputs[req.request_id]) == reference_greedy(
+                model, model_config, req.prompt_token_ids, 12, ignore_eos=True
+            )
