@@ -170,7 +170,7 @@ def test_build_once_then_reuse_then_rebuild_on_change(tmp_path: Path) -> None:
     third = run_entrypoint(env, "build")
     assert third.returncode == 0, third.stderr
     assert (
-        "changed since the engine was built" in third.stderr and "+device=cpu dtype=float32" in third.stderr
+        "changed since the engine was built" in third.stderr and "> device=cpu dtype=float32" in third.stderr
     )
     assert (root / ".glmv-fingerprint").read_text() == fingerprint(env)
 
