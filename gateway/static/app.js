@@ -40,7 +40,9 @@ function setImage(file) {
     $("preview").src = reader.result;
     $("preview").hidden = false;
     $("drop-hint").hidden = true;
-    $("image-info").textContent = `${file.name || "pasted image"} · ${(file.size / 1024).toFixed(0)} KiB`;
+    const size = file.size < 1024 ? `${file.size} B` : file.size < 1048576 ? `${(file.size / 1024).toFixed(0)} KiB`
+      : `${(file.size / 1048576).toFixed(1)} MiB`;
+    $("image-info").textContent = `${file.name || "pasted image"} · ${size}`;
     showError("");
   };
   reader.readAsDataURL(file);
