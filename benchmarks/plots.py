@@ -39,12 +39,17 @@ def _title(doc: dict) -> str:
 
 def _latency(ax, runs, xkey, metric, label):
     x = [r[xkey] for r in runs]
+    drawn = False
     for p, style in _PCTS:
         y = [r[metric].get(p) for r in runs]
         if any(v is not None for v in y):
             ax.plot(x, [float("nan") if v is None else v for v in y], style, label=p.upper())
+            drawn = True
     ax.set_ylabel(f"{label} (ms)")
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no successful requests", ha="center", va="center", transform=ax.transAxes)
 
 
 def _throughput(ax, runs, xkey):
@@ -88,7 +93,7 @@ def _style_x(ax, xkey: str, runs: list[dict]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
+def plot_results(doc: dict, out_dir: str | Path, overview_only: bool = False) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -107,7 +112,7 @@ def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-        for name, draw in panels:
+        for name, draw in [] if overview_only else panels:
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
             draw(ax, runs)
             _style_x(ax, xkey, runs)

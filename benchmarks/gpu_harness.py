@@ -1,0 +1,518 @@
+"""GPU benchmark harness: everything measured in one call on the GPU machine, under a global time budget.
+
+    python -m benchmarks.gpu_harness --out $OUT [--budget-s 530] [--commit abc1234]
+
+Phases (each in its own try/except; ``harness.json`` is rewritten after every phase, so a failure or a
+timeout keeps what was measured before it):
+
+1. ``env``       — GPU name, driver, torch / transformers versions.
+2. ``roofline``  — device-to-device copy bandwidth and bf16 8192³ matmul rate; decoder + lm_head bytes ÷
+   bandwidth = the decode floor in ms/token (benchmarks.roofline).
+3. ``baseline``  — transformers ``generate()`` on the same shapes with random weights, in a subprocess so its
+   GPU memory is gone before Triton starts (benchmarks.baseline_hf).
+4. ``build``     — ``glmv-build --preset dummy-full --device cuda --dtype bfloat16``.
+5. ``serve``     — Triton (system binary, or the one bundled in nvidia-pytriton) on that repository, then
+   through the ensemble over gRPC streaming: TTFT of single 448×448 and 1288×728 requests, decode ms/token
+   at batch 1, throughput at 32 concurrent (448×448 like the baseline, and 1288×728), then 64 and 128
+   concurrent 1288×728 requests (128 tokens out) that must finish with no errors.
+
+Outputs under ``--out`` (at most 8 files): ``harness.json`` (everything), ``results.json`` (the concurrency
+runs in the benchmarks.run schema), ``summary.md``, ``overview.png``, ``comparison.png``, ``harness.log``,
+``triton.log`` (server log tail). The last thing printed is a short table with the ratios
+ours / transformers and ours / roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks.clients import RequestParams, make_target
+from benchmarks.corpus import Corpus
+from benchmarks.metrics import distribution_ms, summarize
+from benchmarks.results import REPO_ROOT, GpuMemorySampler, git_commit, summary_markdown, today, validate
+
+
+class Harness:
+    def __init__(self, out: Path, budget_s: float, commit: str | None) -> None:
+        self.out = out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.deadline = time.perf_counter() + budget_s
+        self.started = time.perf_counter()
+        self.doc: dict = {
+            "meta": {"date": today(), "commit": commit or git_commit(), "budget_s": budget_s},
+            "phases": {},
+        }
+        self.log_file = open(out / "harness.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+
+    def log(self, message: str) -> None:
+        line = f"[{time.perf_counter() - self.started:6.1f}s] {message}"
+        print(line, file=sys.stderr, flush=True)
+        self.log_file.write(line + "\n")
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def save(self) -> None:
+        (self.out / "harness.json").write_text(json.dumps(self.doc, indent=2, ensure_ascii=False) + "\n")
+
+    @contextlib.contextmanager
+    def phase(self, name: str, needs_s: float):
+        """Runs the block unless less than ``needs_s`` seconds are left; records time, errors, results."""
+        record: dict = {}
+        self.doc["phases"][name] = record
+        if self.left() < needs_s:
+            record["skipped"] = f"time budget: {self.left():.0f} s left, phase needs ~{needs_s:.0f} s"
+            self.log(f"{name}: skipped ({record['skipped']})")
+            self.save()
+            yield None
+            return
+        self.log(f"{name}: start ({self.left():.0f} s left)")
+        started = time.perf_counter()
+        try:
+            yield record
+            record["ok"] = True
+        except Exception as exc:
+            record["ok"] = False
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            record["traceback"] = traceback.format_exc()[-3000:]
+            self.log(f"{name}: FAILED {record['error']}")
+        finally:
+            record["seconds"] = round(time.perf_counter() - started, 2)
+            self.log(f"{name}: done in {record['seconds']} s")
+            self.save()
+
+
+def phase_env(record: dict) -> None:
+    import torch
+
+    record["torch"] = torch.__version__
+    record["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        record["gpu"] = props.name
+        record["gpu_mem_gb"] = round(props.total_memory / 2**30, 1)
+        record["sm_count"] = props.multi_processor_count
+    try:
+        import transformers
+
+        record["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        import tritonclient
+
+        record["tritonclient"] = getattr(tritonclient, "__version__", "present")
+    except ImportError as exc:
+        record["tritonclient"] = f"missing: {exc}"
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    record["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+
+
+def phase_roofline(record: dict) -> None:
+    from benchmarks import roofline
+
+    cfg = roofline.full_size_config()
+    counts = roofline.decoder_param_counts(cfg)
+    record["params"] = counts
+    record["weight_bytes_bf16"] = counts["per_token_read"] * 2
+    record["kv_bytes_per_token"] = roofline.kv_bytes_per_token(cfg)
+    import torch
+
+    record["copy"] = roofline.measure_copy_bandwidth()
+    torch.cuda.empty_cache()
+    record["matmul"] = roofline.measure_matmul_tflops()
+    torch.cuda.empty_cache()
+    bandwidth = record["copy"]["tb_s"] * 1e12
+    record["decode_ms_per_token_b1"] = roofline.decode_roofline_ms(
+        cfg, bandwidth, batch=1, context_len=1224 + 64
+    )
+    # Batch 32 of 448x448 prompts (~285 tokens) with 128 out: mean context ~350 tokens per sequence.
+    step_ms = roofline.decode_roofline_ms(cfg, bandwidth, batch=32, context_len=350)
+    record["decode_tok_s_b32_448"] = 32 / step_ms * 1e3
+    step_ms = roofline.decode_roofline_ms(cfg, bandwidth, batch=32, context_len=1224 + 64)
+    record["decode_tok_s_b32_1288"] = 32 / step_ms * 1e3
+
+
+def phase_baseline(record: dict, harness: Harness, budget_s: float) -> None:
+    out = harness.out / "baseline_hf.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.baseline_hf",
+        "--out",
+        str(out),
+        "--budget-s",
+        str(budget_s - 30),
+    ]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=budget_s, check=False
+        )
+        record["exit_code"] = proc.returncode
+        if proc.returncode != 0:
+            record["stderr_tail"] = proc.stderr[-3000:]
+    except subprocess.TimeoutExpired:
+        record["error"] = f"baseline_hf did not finish within {budget_s:.0f} s"
+    if out.exists():
+        record.update(json.loads(out.read_text()))
+        out.unlink()  # folded into harness.json; keeps $OUT under its file limit
+    if "ttft_ms" not in record and "decode_ms_per_token" not in record:
+        raise RuntimeError(record.get("error") or record.get("stderr_tail", "no result")[-500:])
+
+
+async def _sequential(target, corpus, params, count: int) -> list:
+    return [await target.send(corpus.sample(i), params) for i in range(count)]
+
+
+async def _closed(target, corpus, params, concurrency: int, num_requests: int, duration_s: float) -> tuple:
+    from benchmarks.run import Progress, closed_loop
+
+    progress = Progress(f"c={concurrency}", 5.0, duration_s)
+    reporter = asyncio.create_task(progress.report())
+    started = time.perf_counter()
+    try:
+        records = await closed_loop(target, corpus, params, concurrency, duration_s, num_requests, progress)
+    finally:
+        reporter.cancel()
+    return records, time.perf_counter() - started
+
+
+def _ttft_summary(records) -> dict:
+    ok = [r for r in records if r.is_ok]
+    return {
+        "requests": len(ok),
+        "errors": len(records) - len(ok),
+        "ttft_ms": distribution_ms(r.ttft_s for r in ok if r.ttft_s is not None),
+        "server_ttft_ms": distribution_ms(r.server_ttft_s for r in ok if r.server_ttft_s is not None),
+        "prompt_tokens": next((r.num_input_tokens for r in ok if r.num_input_tokens), None),
+        "error_messages": sorted({r.error for r in records if r.error})[:3],
+    }
+
+
+async def serve_phases(harness: Harness, url: str, target_kind: str, record: dict) -> None:
+    """Every measurement through Triton; each sub-phase guarded so one failure keeps the others."""
+    sizes = {"448": (448, 448), "1288": (1288, 728)}
+    corpora = {k: Corpus(sizes=[v], pool_size=12) for k, v in sizes.items()}
+    target = make_target(target_kind, url, None, 128)
+    runs: list[dict] = []
+    record["runs"] = runs
+    sampler = GpuMemorySampler(0.5)
+    sampler.__enter__()
+
+    async def sub(name: str, needs_s: float, coro_fn) -> None:
+        if harness.left() < needs_s:
+            record[name] = {"skipped": f"time budget: {harness.left():.0f} s left"}
+            harness.log(f"serve/{name}: skipped")
+            return
+        harness.log(f"serve/{name}: start ({harness.left():.0f} s left)")
+        try:
+            record[name] = await asyncio.wait_for(coro_fn(), timeout=max(10.0, harness.left() - 15))
+        except Exception as exc:
+            record[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            harness.log(f"serve/{name}: FAILED {record[name]['error']}")
+        harness.log(f"serve/{name}: {json.dumps(record[name])[:400]}")
+        harness.save()
+
+    one = RequestParams(max_tokens=1, ignore_eos=True, timeout_s=120)
+
+    async def warmup():
+        recs = await _sequential(target, corpora["448"], RequestParams(max_tokens=4, timeout_s=300), 2)
+        recs += await _sequential(target, corpora["1288"], RequestParams(max_tokens=4, timeout_s=300), 1)
+        return {
+            "errors": [r.error for r in recs if r.error],
+            "e2e_ms": [round((r.e2e_s or 0) * 1e3, 1) for r in recs],
+        }
+
+    async def ttft(size: str):
+        return _ttft_summary(await _sequential(target, corpora[size], one, 5))
+
+    async def decode_b1():
+        params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
+        recs = [r for r in await _sequential(target, corpora["1288"], params, 2)]
+        ok = [r for r in recs if r.is_ok and r.num_output_tokens > 1]
+        per_req = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) * 1e3 for r in ok]
+        return {
+            "requests": len(ok),
+            "errors": [r.error for r in recs if r.error][:3],
+            "ms_per_token": round(sorted(per_req)[len(per_req) // 2], 3) if per_req else None,
+            "itl_ms": distribution_ms(v for r in ok for v in r.itl_s),
+            "output_tokens": [r.num_output_tokens for r in ok],
+        }
+
+    def throughput(size: str, concurrency: int, num_requests: int, duration_s: float):
+        async def go():
+            params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
+            sampler.take_peak()
+            records, wall = await _closed(
+                target, corpora[size], params, concurrency, num_requests, duration_s
+            )
+            run = {"concurrency": concurrency, **summarize(records, wall), "gpu_mem_gb": sampler.take_peak()}
+            run["image_size"] = f"{sizes[size][0]}x{sizes[size][1]}"
+            if size == "1288":
+                runs.append(run)
+            return run
+
+        return go
+
+    try:
+        await sub("warmup", 60, warmup)
+        await sub("ttft_448", 20, lambda: ttft("448"))
+        await sub("ttft_1288", 20, lambda: ttft("1288"))
+        await sub("decode_b1", 30, decode_b1)
+        await sub("c32_448", 40, throughput("448", 32, 96, 25.0))
+        await sub("c32_1288", 40, throughput("1288", 32, 96, 25.0))
+        await sub("c64_1288", 40, throughput("1288", 64, 128, 20.0))
+        await sub("c128_1288", 40, throughput("1288", 128, 256, 20.0))
+    finally:
+        sampler.__exit__(None, None, None)
+        await target.close()
+
+
+def phase_serve(record: dict, harness: Harness, engine_out: Path) -> None:
+    from benchmarks.server import find_model_repository
+    from build_engine.launcher import TritonServer
+
+    repo = find_model_repository(engine_out)
+    log_file = Path(tempfile.gettempdir()) / "glmv-harness-triton.log"
+    server = TritonServer(
+        repo,
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        log_file=log_file,
+        startup_timeout_s=max(30.0, harness.left() - 120),
+    )
+    try:
+        target_kind = "triton"
+        try:
+            import tritonclient.grpc.aio  # noqa: F401
+        except ImportError as exc:
+            target_kind = "triton-http"
+            record["client_note"] = f"tritonclient unavailable ({exc}); using HTTP generate_stream"
+        started = time.perf_counter()
+        server.start()
+        record["startup_s"] = round(time.perf_counter() - started, 2)
+        record["triton_source"] = server.install.source if server.install else None
+        harness.log(f"serve: triton ready in {record['startup_s']} s")
+        url = server.grpc_url if target_kind == "triton" else server.http_url
+        record["target"] = target_kind
+        asyncio.run(serve_phases(harness, url, target_kind, record))
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop(timeout_s=20)
+        with contextlib.suppress(OSError):
+            lines = log_file.read_text(errors="replace").splitlines()
+            (harness.out / "triton.log").write_text("\n".join(lines[-3000:]) + "\n")
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def comparisons(doc: dict) -> dict:
+    """ours / transformers and ours / roofline for TTFT, ms/token and batch-32 tok/s."""
+    phases = doc["phases"]
+    serve, base, roof = phases.get("serve", {}), phases.get("baseline", {}), phases.get("roofline", {})
+    ours = {
+        "ttft_1288_ms": (serve.get("ttft_1288") or {}).get("ttft_ms", {}).get("p50"),
+        "ttft_448_ms": (serve.get("ttft_448") or {}).get("ttft_ms", {}).get("p50"),
+        "decode_ms_per_token_b1": (serve.get("decode_b1") or {}).get("ms_per_token"),
+        "tok_s_c32_448": (serve.get("c32_448") or {}).get("output_tok_s"),
+        "tok_s_c32_1288": (serve.get("c32_1288") or {}).get("output_tok_s"),
+    }
+    hf = {
+        "ttft_1288_ms": base.get("ttft_ms"),
+        "decode_ms_per_token_b1": base.get("decode_ms_per_token"),
+        "tok_s_c32_448": base.get("batch_tok_s"),
+    }
+    floor = {
+        "decode_ms_per_token_b1": roof.get("decode_ms_per_token_b1"),
+        "tok_s_c32_448": roof.get("decode_tok_s_b32_448"),
+        "tok_s_c32_1288": roof.get("decode_tok_s_b32_1288"),
+    }
+    return {
+        "ours": ours,
+        "transformers": hf,
+        "roofline": floor,
+        # < 1 is better for times, > 1 is better for tok/s
+        "ours_over_transformers": {k: _ratio(ours.get(k), v) for k, v in hf.items()},
+        "ours_over_roofline": {k: _ratio(ours.get(k), v) for k, v in floor.items()},
+    }
+
+
+def plot_comparison(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cmp = doc["comparison"]
+    panels = [
+        ("TTFT 1288×728 (ms)", "ttft_1288_ms"),
+        ("decode ms/token, batch 1", "decode_ms_per_token_b1"),
+        ("output tok/s, 32 × 448×448", "tok_s_c32_448"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (title, key) in zip(axes, panels, strict=True):
+        names, values = [], []
+        for who in ("ours", "transformers", "roofline"):
+            v = cmp[who].get(key)
+            if isinstance(v, (int, float)):
+                names.append(who if who != "roofline" else "roofline (floor/ceiling)")
+                values.append(v)
+        bars = ax.bar(names, values, color=["tab:blue", "tab:gray", "tab:green"][: len(values)])
+        for bar, v in zip(bars, values, strict=True):
+            ax.annotate(
+                f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
+            )
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    meta = doc["meta"]
+    fig.suptitle(
+        f"glmv-serve vs transformers generate() vs roofline · {meta.get('device')} · {meta['date']} · {meta['commit']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(doc: dict) -> str:
+    cmp = doc["comparison"]
+    rows = [
+        ("TTFT 1288x728 (ms)", "ttft_1288_ms"),
+        ("TTFT 448x448 (ms)", "ttft_448_ms"),
+        ("decode ms/token b1", "decode_ms_per_token_b1"),
+        ("tok/s c=32 448x448", "tok_s_c32_448"),
+        ("tok/s c=32 1288x728", "tok_s_c32_1288"),
+    ]
+
+    def f(v):
+        return f"{v:10.2f}" if isinstance(v, (int, float)) else f"{'–':>10}"
+
+    lines = [f"{'metric':24}{'ours':>10}{'hf':>10}{'roofline':>10}{'ours/hf':>10}{'ours/roof':>10}"]
+    for label, key in rows:
+        lines.append(
+            f"{label:24}{f(cmp['ours'].get(key))}{f(cmp['transformers'].get(key))}{f(cmp['roofline'].get(key))}"
+            f"{f(cmp['ours_over_transformers'].get(key))}{f(cmp['ours_over_roofline'].get(key))}"
+        )
+    serve = doc["phases"].get("serve", {})
+    for name in ("c64_1288", "c128_1288"):
+        run = serve.get(name) or {}
+        if "requests" in run:
+            lines.append(
+                f"{name}: {run['requests']} ok, {run['errors']} errors, {run['output_tok_s']:.1f} tok/s"
+            )
+        else:
+            lines.append(f"{name}: {run.get('error') or run.get('skipped') or 'not run'}")
+    return "\n".join(lines)
+
+
+def finalize(harness: Harness) -> None:
+    doc = harness.doc
+    doc["meta"]["device"] = doc["phases"].get("env", {}).get("gpu") or "unknown"
+    doc["comparison"] = comparisons(doc)
+    harness.save()
+    runs = doc["phases"].get("serve", {}).get("runs") or []
+    if runs:
+        sweep = {
+            "meta": {
+                "device": doc["meta"]["device"],
+                "date": doc["meta"]["date"],
+                "commit": doc["meta"]["commit"],
+                "args": {
+                    "target": "triton",
+                    "image_size": "1288x728",
+                    "max_tokens": 128,
+                    "source": "gpu_harness",
+                },
+                "model": "GLM-4.6V-Flash shape, random bf16 weights (glmv-build --preset dummy-full)",
+            },
+            "runs": runs,
+        }
+        try:
+            validate(sweep)
+            (harness.out / "results.json").write_text(json.dumps(sweep, indent=2) + "\n")
+            (harness.out / "summary.md").write_text(summary_markdown(sweep))
+            from benchmarks.plots import plot_results
+
+            plot_results(sweep, harness.out, overview_only=True)
+        except Exception as exc:
+            harness.log(f"finalize: sweep output failed: {exc}")
+    try:
+        plot_comparison(doc, harness.out / "comparison.png")
+    except Exception as exc:
+        harness.log(f"finalize: comparison plot failed: {exc}")
+    print(table(doc), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_harness", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_harness_out")))
+    p.add_argument(
+        "--budget-s", type=float, default=530.0, help="global time budget (the device call allows 600)"
+    )
+    p.add_argument("--commit", default=None, help="commit to record (default: git, else $GLMV_COMMIT)")
+    p.add_argument("--baseline-budget-s", type=float, default=150.0)
+    p.add_argument("--skip", default="", help="comma list of phases to skip: roofline,baseline,build,serve")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    harness = Harness(args.out, args.budget_s, args.commit)
+    work = Path(tempfile.mkdtemp(prefix="glmv-harness-"))
+    try:
+        with harness.phase("env", 0) as rec:
+            if rec is not None:
+                phase_env(rec)
+        if "roofline" not in skip:
+            with harness.phase("roofline", 30) as rec:
+                if rec is not None:
+                    phase_roofline(rec)
+        if "baseline" not in skip:
+            # Leave the serving phases at least ~300 s.
+            budget = min(args.baseline_budget_s, harness.left() - 300)
+            with harness.phase("baseline", 60) as rec:
+                if rec is not None:
+                    if budget < 60:
+                        raise RuntimeError(f"only {budget:.0f} s could be given to the baseline")
+                    phase_baseline(rec, harness, budget)
+        engine_out = work / "engine"
+        if "build" not in skip:
+            with harness.phase("build", 60) as rec:
+                if rec is not None:
+                    from benchmarks.server import build_engine
+
+                    build_engine(
+                        "dummy-full",
+                        engine_out,
+                        device="cuda",
+                        dtype="bfloat16",
+                        timeout_s=harness.left() - 150,
+                    )
+                    rec["output"] = str(engine_out)
+        if "serve" not in skip and engine_out.exists():
+            with harness.phase("serve", 90) as rec:
+                if rec is not None:
+                    phase_serve(rec, harness, engine_out)
+    finally:
+        finalize(harness)
+        harness.log_file.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
