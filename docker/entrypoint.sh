@@ -23,8 +23,8 @@
 #
 # The engine is rebuilt when the fingerprint stored in $GLMV_ENGINE_ROOT/.glmv-fingerprint differs from the
 # current one: sha256 of the checkpoint's config.json, name + size + mtime of every top-level checkpoint file
-# (the safetensors shards, their index, tokenizer and processor files), the build settings, and sha256 of the
-# build code (build_engine/, model_repository/). The fingerprint is written only after glmv-build succeeds, so
+# (the safetensors shards, their index, tokenizer and processor files), the build settings (with GLMV_GPUS set,
+# also the visible GPUs), and sha256 of the build code (build_engine/, model_repository/). The fingerprint is written only after glmv-build succeeds, so
 # an interrupted build is redone on the next start. A lock file serialises builders sharing one engine dir.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -86,6 +86,12 @@ fingerprint() {
   echo "glmv-engine-fingerprint v1"
   echo "source: ${SOURCE[*]}"
   echo "device=${GLMV_DEVICE:-} dtype=${GLMV_DTYPE:-} gpus=${GLMV_GPUS:-} args=${GLMV_BUILD_ARGS:-}"
+  if [ -n "${GLMV_GPUS:-}" ]; then
+    # `--gpus all` renders one instance group per visible GPU: another set of GPUs needs another repository.
+    local gpus
+    gpus=$(nvidia-smi --query-gpu=index,name --format=csv,noheader 2>/dev/null) || gpus=unknown
+    echo "visible gpus: ${gpus//$'\n'/; }"
+  fi
   echo "build code: $(build_code_hash)"
   if has_checkpoint; then
     echo "config.json sha256: $(sha256sum <"$CHECKPOINT_DIR/config.json" | cut -d' ' -f1)"
