@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,13 +115,12 @@ def phase_env(record: dict) -> None:
         record["tritonclient"] = getattr(tritonclient, "__version__", "present")
     except ImportError as exc:
         record["tritonclient"] = f"missing: {exc}"
-    smi = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    record["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    if shutil.which("nvidia-smi"):
+        query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
+        smi = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, check=False
+        )
+        record["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
 
 
 def phase_roofline(record: dict) -> None:
