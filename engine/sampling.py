@@ -19,8 +19,9 @@ Contract:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -109,6 +110,7 @@ class Sampler:
 
     def __init__(self, eos_token_ids: list[int] | tuple[int, ...]) -> None:
         self.eos_token_ids = tuple(eos_token_ids)
+        self._prompt_ids_cache: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
 
     def __call__(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (logits.shape, len(seqs))
@@ -118,32 +120,76 @@ class Sampler:
         return self.sample(logits, seqs)
 
     def apply_penalties(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
-        """In place: repetition, then presence/frequency penalties, row by row."""
-        vocab_size = logits.shape[1]
-        for i, seq in enumerate(seqs):
-            sp = seq.sampling
-            if sp.repetition_penalty != 1.0 and seq.token_ids:
-                ids = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
-                ids = ids[ids < vocab_size]
-                scores = logits[i, ids]
-                logits[i, ids] = torch.where(
-                    scores > 0, scores / sp.repetition_penalty, scores * sp.repetition_penalty
-                )
-            output_ids = seq.token_ids[seq.num_prompt_tokens :]
-            if (sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0) and output_ids:
-                counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab_size)[
-                    :vocab_size
-                ].to(logits.device, torch.float32)  # [vocab]
-                logits[i] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).float()
+        """In place: repetition, then presence/frequency penalties (batched: a few copies per step)."""
+        device = logits.device
+        rows = [i for i, seq in enumerate(seqs) if seq.sampling.repetition_penalty != 1.0]
+        if rows:
+            prompt_parts = [self._prompt_token_ids(seqs[i], device) for i in rows]
+            prompt_rows = torch.repeat_interleave(
+                torch.arange(len(rows)), torch.tensor([len(p) for p in prompt_parts])
+            )
+            out_rows = [j for j, i in enumerate(rows) for _ in range(seqs[i].num_output_tokens)]
+            out_ids = [t for i in rows for t in seqs[i].token_ids[seqs[i].num_prompt_tokens :]]
+            seen = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=device)  # [R, vocab]
+            seen[prompt_rows.to(device), torch.cat(prompt_parts)] = True
+            if out_ids:
+                seen[torch.tensor(out_rows, device=device), torch.tensor(out_ids, device=device)] = True
+            penalty = torch.tensor([seqs[i].sampling.repetition_penalty for i in rows], device=device)[
+                :, None
+            ]
+            index = torch.tensor(rows, device=device)
+            scores = logits[index]  # [R, vocab]
+            penalized = torch.where(scores > 0, scores / penalty, scores * penalty)
+            logits[index] = torch.where(seen, penalized, scores)
+
+        rows = [
+            i
+            for i, seq in enumerate(seqs)
+            if (seq.sampling.presence_penalty != 0.0 or seq.sampling.frequency_penalty != 0.0)
+            and len(seq.token_ids) > seq.num_prompt_tokens
+        ]
+        if rows:
+            out_rows = [
+                j
+                for j, i in enumerate(rows)
+                for _ in range(len(seqs[i].token_ids) - seqs[i].num_prompt_tokens)
+            ]
+            out_ids = [t for i in rows for t in seqs[i].token_ids[seqs[i].num_prompt_tokens :]]
+            counts = torch.zeros(len(rows), logits.shape[1], device=device)  # [R, vocab]
+            counts.index_put_(
+                (torch.tensor(out_rows, device=device), torch.tensor(out_ids, device=device)),
+                torch.ones(len(out_ids), device=device),
+                accumulate=True,
+            )
+            frequency = torch.tensor([seqs[i].sampling.frequency_penalty for i in rows], device=device)[
+                :, None
+            ]
+            presence = torch.tensor([seqs[i].sampling.presence_penalty for i in rows], device=device)[:, None]
+            index = torch.tensor(rows, device=device)
+            logits[index] -= frequency * counts + presence * (counts > 0).float()
+
+    def _prompt_token_ids(self, seq: SamplingSeq, device: torch.device) -> torch.Tensor:
+        """The distinct prompt token ids of ``seq`` on ``device`` (cached while the sequence lives)."""
+        ids = self._prompt_ids_cache.get(seq)
+        if ids is None:
+            ids = torch.tensor(sorted(set(seq.token_ids[: seq.num_prompt_tokens])), dtype=torch.long)
+            ids = ids.to(device)
+            self._prompt_ids_cache[seq] = ids
+        return ids
 
     def apply_min_tokens(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
         """In place: mask eos and stop ids for rows that have not reached min_tokens."""
+        rows, ids = [], []
         for i, seq in enumerate(seqs):
             sp = seq.sampling
             if len(seq.token_ids) - seq.num_prompt_tokens < sp.min_tokens:
-                banned = [t for t in (*self.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]]
-                if banned:
-                    logits[i, banned] = -math.inf
+                banned = {t for t in (*self.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]}
+                rows += [i] * len(banned)
+                ids += sorted(banned)
+        if rows:
+            logits[
+                torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)
+            ] = -math.inf
 
     def sample(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
         next_ids = logits.argmax(dim=-1)  # [num_seqs]
