@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.metrics import RequestRecord, StreamTimer, distribution_ms, percentile, summarize
+
+
+def test_stream_timer_ttft_itl_e2e_from_running_counts() -> None:
+    timer = StreamTimer()
+    t0 = timer.record.start_s
+    assert timer.tokens(1, at=t0 + 0.100) == 1  # first token: TTFT 100 ms
+    assert timer.tokens(1, at=t0 + 0.150) == 0  # a response with no new token changes nothing
+    assert timer.tokens(3, at=t0 + 0.140) == 2  # two tokens after 40 ms: 20 ms each
+    assert timer.tokens(4, at=t0 + 0.150) == 1
+    record = timer.finish("length", at=t0 + 0.160)
+    assert record.ttft_s == pytest.approx(0.100)
+    assert record.itl_s == pytest.approx([0.020, 0.020, 0.010])
+    assert record.e2e_s == pytest.approx(0.160)
+    assert record.num_output_tokens == 4
+    assert record.finish_reason == "length" and record.is_ok
+
+
+def test_stream_timer_counts_new_tokens_and_failures() -> None:
+    timer = StreamTimer()
+    t0 = timer.record.start_s
+    timer.tokens(new=1, at=t0 + 0.05)
+    timer.tokens(new=1, at=t0 + 0.07)
+    record = timer.finish("stop", num_output_tokens=5, at=t0 + 0.08)
+    assert record.num_output_tokens == 5  # the server's usage count wins when larger
+    failed = StreamTimer().fail("image_input[0]: image is 12000000 bytes, over the limit")
+    assert not failed.is_ok and failed.error.startswith("image_input[0]")
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(list(range(101)), 95) == 95.0
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_distribution_ms_and_empty_input() -> None:
+    assert distribution_ms([0.001, 0.002, 0.003]) == {"p50": 2.0, "p95": 2.9, "p99": 2.98, "mean": 2.0}
+    assert distribution_ms([]) == {"p50": None, "p95": None, "p99": None, "mean": None}
+
+
+def test_summarize_counts_only_successful_requests() -> None:
+    ok = [
+        RequestRecord(start_s=0, ttft_s=0.1, e2e_s=1.0, itl_s=[0.01] * 9, num_output_tokens=10),
+        RequestRecord(start_s=0, ttft_s=0.3, e2e_s=2.0, itl_s=[0.03] * 9, num_output_tokens=10),
+    ]
+    bad = [RequestRecord(start_s=0, e2e_s=0.01, error="max_tokens: 0 is under 1")] * 3
+    row = summarize(ok + bad, wall_s=4.0)
+    assert row["requests"] == 2 and row["errors"] == 3
+    assert row["rps"] == 0.5 and row["output_tok_s"] == 5.0
+    assert row["ttft_ms"]["p50"] == 200.0
+    assert row["itl_ms"]["p50"] == 20.0
+    assert row["e2e_ms"]["p99"] == pytest.approx(1990.0)
+    assert row["error_messages"] == {"max_tokens: 0 is under 1": 3}
