@@ -2,35 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
-import pytest
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).parents[2] / "artifacts"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-def test_ask_about_an_uploaded_image(browser, make_gateway, tmp_path, png_bytes):
+def test_ask_about_an_uploaded_image(browser, make_gateway, tmp_path, png_bytes, artifacts_dir):
     gw = make_gateway()
     image = tmp_path / "red.png"
     image.write_bytes(png_bytes)
@@ -51,8 +24,7 @@ def test_ask_about_an_uploaded_image(browser, make_gateway, tmp_path, png_bytes)
     stats = page.text_content("#stats")
     assert "TTFT" in stats and "tokens/s" in stats and "finish: stop" in stats
     assert page.is_hidden("#error")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "page_fixture.png"), full_page=True)
+    page.screenshot(path=str(artifacts_dir / "page_fixture.png"), full_page=True)
 
 
 def test_errors_are_readable(browser, make_gateway):
