@@ -286,7 +286,9 @@ class Executor:
             self.scheduler.add(seq)
         outputs = []
         for request_id in sorted(aborted_ids):
-            seq = self._seqs[request_id]
+            seq = self._seqs.get(request_id)
+            if seq is None or seq.is_finished:
+                continue
             self.scheduler.finish(seq, "abort")
             outputs.append(self._output(seq))
 

@@ -97,7 +97,8 @@ class SamplingParams:
 
 
 class SamplingSeq(Protocol):
-    """What the sampler reads from a sequence (engine.sequence.Sequence has all of it)."""
+    """What the sampler reads from a sequence (engine.sequence.Sequence has all of it). The object must be
+    weak-referenceable and hashable by identity: the sampler caches its prompt ids on the device."""
 
     sampling: SamplingParams
     token_ids: list[int]
