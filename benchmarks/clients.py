@@ -181,6 +181,7 @@ class OpenAITarget:
         self.model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session = None
+        self._request_counter = itertools.count()
 
     async def _get_session(self):
         import aiohttp
@@ -215,7 +216,9 @@ class OpenAITarget:
             "chat_template_kwargs": {"enable_thinking": params.enable_thinking},
         }
         if params.seed is not None:
-            body["seed"] = params.seed
+            # A new seed per request: the gateway's exact-match cache (temperature 0 or a seed) must never
+            # answer a benchmark request; greedy answers do not depend on the seed.
+            body["seed"] = params.seed + next(self._request_counter)
         if params.ignore_eos:
             body["min_tokens"] = params.max_tokens
         return body

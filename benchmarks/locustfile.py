@@ -252,6 +252,7 @@ class OpenAIUser(User):
         }
         if params.ignore_eos:
             body["min_tokens"] = params.max_tokens
+        body["seed"] = next(_COUNTER)  # never answered by the gateway's exact-match cache
         timer = StreamTimer()
         try:
             with self._session.post(

@@ -24,13 +24,17 @@ def build_engine(
     argv = ["glmv-build", "--preset", preset, "--output", str(output), "--device", device]
     if dtype:
         argv += ["--dtype", dtype]
-    # The console script may not be installed (running from a checkout); call its entry point instead.
-    code = f"import sys; sys.argv = {argv!r}; from build_engine.cli import main; sys.exit(main())"
+    # The console script may not be installed (running from a checkout): run the package instead.
+    if (REPO_ROOT / "build_engine" / "__main__.py").is_file():
+        cmd = [sys.executable, "-m", "build_engine", *argv[1:]]
+    else:
+        code = f"import sys; sys.argv = {argv!r}; from build_engine.cli import main; sys.exit(main())"
+        cmd = [sys.executable, "-c", code]
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{REPO_ROOT}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(REPO_ROOT)
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        cmd,
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
