@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -309,3 +311,56 @@ def test_cuda_decode_graphs_give_reference_tokens(tiny_checkpoint, model_config,
             assert tokens(outputs[req.request_id]) == reference_greedy(
                 model, model_config, req.prompt_token_ids, 12, ignore_eos=True
             )
+
+
+def test_add_and_abort_from_other_threads_while_loop_runs(model, model_config):
+    ex = make_executor(model, model_config, max_num_seqs=4)
+    done = threading.Event()
+    outputs: dict[str, list[RequestOutput]] = {}
+
+    def collect(batch: list[RequestOutput]) -> None:
+        for o in batch:
+            outputs.setdefault(o.request_id, []).append(o)
+        if sum(1 for outs in outputs.values() if outs[-1].is_finished) == 9:
+            done.set()
+
+    ex.start(collect)
+    reqs = [GenerationRequest(f"t{i}", prompt(60 + i, 3 + i), greedy(5, ignore_eos=True)) for i in range(8)]
+    threads = [
+        threading.Thread(target=lambda rs=reqs[i::4]: [ex.add_request(r) for r in rs]) for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    ex.add_request(GenerationRequest("long", prompt(70, 4), greedy(200, ignore_eos=True)))
+    ex.abort("long")
+    for t in threads:
+        t.join()
+    assert done.wait(timeout=60)
+    ex.stop(timeout=10)
+    assert outputs["long"][-1].finish_reason == "abort"
+    for req in reqs:
+        assert tokens(outputs[req.request_id]) == reference_greedy(
+            model, model_config, req.prompt_token_ids, 5, ignore_eos=True
+        )
+    assert ex.block_manager.num_used_blocks == 0 and ex.stats().num_finished == 9
+
+
+def test_leaving_generate_early_aborts(model, model_config):
+    ex = make_executor(model, model_config)
+
+    async def first_two():
+        seen = []
+        async for out in ex.generate(GenerationRequest("early", prompt(8, 5), greedy(500, ignore_eos=True))):
+            seen.append(out)
+            if len(seen) == 2:
+                break
+        return seen
+
+    seen = asyncio.run(first_two())
+    assert [len(o.new_token_ids) for o in seen] == [1, 1]
+    for _ in range(100):
+        if not ex.has_unfinished():
+            break
+        time.sleep(0.05)
+    assert not ex.has_unfinished() and ex.block_manager.num_used_blocks == 0
+    ex.stop(timeout=10)
