@@ -2,7 +2,7 @@
 
 ``build_request`` checks everything the server would reject, so a bad call fails here with an
 :class:`InvalidRequestError` naming the argument instead of a round trip. ``Limits`` mirrors the
-server's defaults (``max_image_bytes`` 10 MiB, ``max_images_per_request`` 4, sampling ranges);
+server's defaults (``max_image_bytes`` 10 MiB, ``max_images_per_request`` 8, ``max_tokens`` ≤ 4096 (``max_output_tokens``), sampling ranges);
 raise them together with the server's settings.
 """
 
@@ -29,10 +29,10 @@ class Limits:
     """Client-side limits; keep them equal to the server's settings of the same name."""
 
     max_image_bytes: int = 10 * MiB  # bytes of one encoded image file
-    max_images_per_request: int = 4
-    max_tokens: int = 32768  # upper bound of max_tokens
+    max_images_per_request: int = 8
+    max_tokens: int = 4096  # upper bound of max_tokens (the server's max_output_tokens)
     max_stop_words: int = 16
-    max_temperature: float = 2.0
+    max_temperature: float | None = None  # None: any finite value >= 0, as the server accepts
     max_message_bytes: int = 64 * MiB  # gRPC max send/receive message size
 
 
@@ -108,7 +108,7 @@ def build_request(
     _check_float("top_p", top_p, 0.0, 1.0, low_open=True)
     _check_int("top_k", top_k, 0, None)
     _check_int("seed", seed, 0, UINT64_MAX)
-    _check_float("repetition_penalty", repetition_penalty, 0.0, None, low_open=True)
+    _check_float("repetition_penalty", repetition_penalty, 0.0, 2.0, low_open=True)
     _check_float("presence_penalty", presence_penalty, -2.0, 2.0)
     _check_float("frequency_penalty", frequency_penalty, -2.0, 2.0)
     _check_int("min_tokens", min_tokens, 0, max_tokens)

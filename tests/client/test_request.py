@@ -13,9 +13,9 @@ LIMITS = Limits()
 @pytest.mark.parametrize(
     ("kwargs", "field", "text"),
     [
-        ({"max_tokens": 0}, "max_tokens", "0 is out of range [1, 32768]"),
+        ({"max_tokens": 0}, "max_tokens", "0 is out of range [1, 4096]"),
         ({"max_tokens": 1.5}, "max_tokens", "must be an integer"),
-        ({"temperature": -0.1}, "temperature", "-0.1 is out of range [0.0, 2.0]"),
+        ({"temperature": -0.1}, "temperature", "-0.1 is out of range >= 0.0"),
         ({"temperature": float("nan")}, "temperature", "out of range"),
         ({"top_p": 0.0}, "top_p", "0.0 is out of range (0.0, 1.0]"),
         ({"top_k": -1}, "top_k", "-1 is out of range >= 0"),
@@ -39,7 +39,9 @@ def test_image_count_and_prompt_checks(png_bytes):
     with pytest.raises(
         InvalidRequestError, match=r"^images: 5 images, over the limit of 4 \(max_images_per_request\)$"
     ):
-        build_request([png_bytes] * 5, "hi", limits=LIMITS)
+        build_request([png_bytes] * 5, "hi", limits=Limits(max_images_per_request=4))
+    with pytest.raises(InvalidRequestError, match=r"^images: 9 images, over the limit of 8 "):
+        build_request([png_bytes] * 9, "hi", limits=LIMITS)
     with pytest.raises(InvalidRequestError, match="^prompt: must not be empty"):
         build_request(None, "  ", limits=LIMITS)
     with pytest.raises(InvalidRequestError, match="1 image parts but 0 images"):

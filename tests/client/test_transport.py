@@ -172,6 +172,6 @@ def test_cli(fixture_triton, tmp_path, png_bytes, capsys):
     assert code == 0
     assert out == f"hello cli | images=1 sizes={len(png_bytes)} temperature=- seed=-\n"
     assert "finish=stop" in err
-    code = cli_main(["ask", str(image), "q", "--url", fixture_triton.grpc_url, "--temperature", "9"])
+    code = cli_main(["ask", str(image), "q", "--url", fixture_triton.grpc_url, "--temperature", "-1"])
     assert code == 2
-    assert "temperature: 9.0 is out of range [0.0, 2.0]" in capsys.readouterr().err
+    assert "temperature: -1.0 is out of range >= 0.0" in capsys.readouterr().err

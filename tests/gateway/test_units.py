@@ -142,7 +142,7 @@ def test_address_guard():
             {"max_tokens": 0},
             400,
             "max_tokens",
-            "max_tokens must be between 1 and 32768 (max_tokens_limit), got 0.",
+            "max_tokens must be between 1 and 4096 (max_tokens_limit), got 0.",
         ),
         ({"temperature": 3}, 400, "temperature", "'temperature' must be in [0.0, 2.0], got 3."),
         ({"stop": [1]}, 400, "stop", "'stop' must be a non-empty string or an array of them."),
