@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -469,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--commit", default=None, help="commit to record (default: git, else $GLMV_COMMIT)")
     p.add_argument("--baseline-budget-s", type=float, default=150.0)
+    p.add_argument(
+        "--engine-args",
+        default="--max-batch-size 128",
+        help="extra glmv-build flags for the dummy-full engine (default: room for 128 running sequences)",
+    )
     p.add_argument("--skip", default="", help="comma list of phases to skip: roofline,baseline,build,serve")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -496,12 +502,17 @@ def main(argv: list[str] | None = None) -> int:
                 if rec is not None:
                     from benchmarks.server import build_engine
 
+                    extra = shlex.split(args.engine_args)
+                    rec["command"] = (
+                        "glmv-build --preset dummy-full --device cuda --dtype bfloat16 " + args.engine_args
+                    )
                     build_engine(
                         "dummy-full",
                         engine_out,
                         device="cuda",
                         dtype="bfloat16",
                         timeout_s=harness.left() - 150,
+                        extra_args=extra,
                     )
                     rec["output"] = str(engine_out)
         if "serve" not in skip and engine_out.exists():

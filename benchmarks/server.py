@@ -11,19 +11,25 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from benchmarks.results import REPO_ROOT
 
 
 def build_engine(
-    preset: str, output: Path, device: str = "cpu", dtype: str | None = None, timeout_s: float = 900
+    preset: str,
+    output: Path,
+    device: str = "cpu",
+    dtype: str | None = None,
+    timeout_s: float = 900,
+    extra_args: Sequence[str] = (),
 ) -> Path:
-    """Run ``glmv-build --preset PRESET --output OUTPUT --device DEVICE [--dtype DTYPE]``; returns OUTPUT."""
+    """Run ``glmv-build --preset PRESET --output OUTPUT --device DEVICE [--dtype DTYPE] EXTRA...``."""
     argv = ["glmv-build", "--preset", preset, "--output", str(output), "--device", device]
     if dtype:
         argv += ["--dtype", dtype]
+    argv += list(extra_args)
     # The console script may not be installed (running from a checkout): run the package instead.
     if (REPO_ROOT / "build_engine" / "__main__.py").is_file():
         cmd = [sys.executable, "-m", "build_engine", *argv[1:]]
