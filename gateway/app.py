@@ -393,16 +393,18 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                 usage = cached["usage"]
                 await events.put(_cached_finish(cached["finish_reason"], usage))
                 return
-            stream = gw.client.stream(
-                images, req.prompt, messages=req.messages, max_tokens=req.max_tokens, **req.sampling
-            )
+            stream = None
             try:
+                stream = gw.client.stream(
+                    images, req.prompt, messages=req.messages, max_tokens=req.max_tokens, **req.sampling
+                )
                 async for item in stream:
                     await events.put(item)
             except Exception as exc:  # handed to the response (before or after its first byte)
                 await events.put(exc)
             finally:
-                await stream.aclose()
+                if stream is not None:
+                    await stream.aclose()
 
         producer = asyncio.ensure_future(produce())
         try:

@@ -220,6 +220,18 @@ def test_backend_errors(make_gateway, fixture_triton):
     assert "max_tokens: the fixture was asked to fail" in r.json()["error"]["message"]
     r = chat(gw.url, {"model": MODEL, "messages": user("fail please"), "stream": True})
     assert r.status_code == 400  # an error before the first token still gets a status code
+    for stream in (False, True):  # caught by glmv_client's own checks
+        r = chat(
+            gw.url,
+            {"model": MODEL, "messages": user("hi"), "max_tokens": 5, "min_tokens": 9, "stream": stream},
+        )
+        assert r.status_code == 400
+        assert r.json()["error"] == {
+            "message": "min_tokens: 9 is out of range [0, 5]",
+            "type": "invalid_request_error",
+            "param": "min_tokens",
+            "code": "invalid_request",
+        }
     from build_engine.launcher import free_port
 
     down = make_gateway(triton_url=f"localhost:{free_port()}")
