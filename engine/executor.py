@@ -251,6 +251,17 @@ class Executor:
             generator=generator,
         )
 
+    def warmup(self) -> None:
+        """Run one throw-away request (a full-budget prefill chunk, then decodes) so the first real request
+        pays no kernel start-up, then capture the CUDA graphs. Call before serving (no request running)."""
+        num_tokens = max(1, min(self.engine_config.max_num_batched_tokens, self.max_model_len - 2))
+        self.add_request(
+            GenerationRequest("__warmup__", [0] * num_tokens, SamplingParams(max_tokens=2, ignore_eos=True))
+        )
+        while self.has_unfinished():
+            self.step()
+        self.capture_cuda_graphs()
+
     def capture_cuda_graphs(self) -> None:
         """Capture all decode CUDA graphs now (start-up; no-op on CPU or with enforce_eager)."""
         if self.runner.graphs is not None:

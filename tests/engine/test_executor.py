@@ -130,6 +130,8 @@ def test_greedy_matches_reference_loop_and_transformers(model, model_config, hf_
 
 def test_staggered_arrivals_and_chunked_prefill_give_tokens_of_each_alone(model, model_config):
     ex = make_executor(model, model_config, max_num_batched_tokens=16, max_num_seqs=6)
+    ex.warmup()
+    assert ex.stats().num_finished == 1 and ex.block_manager.num_used_blocks == 0
     reqs = [GenerationRequest(f"r{i}", prompt(10 + i, 3 + 4 * i), greedy(6 + i % 3)) for i in range(9)]
     arrivals = {0: reqs[:2], 1: [reqs[2]], 3: reqs[3:5], 4: [reqs[5]], 7: reqs[6:8], 9: [reqs[8]]}
     outputs = run_to_end(ex, arrivals)
@@ -138,7 +140,7 @@ def test_staggered_arrivals_and_chunked_prefill_give_tokens_of_each_alone(model,
             model, model_config, req.prompt_token_ids, req.sampling.max_tokens
         ), req.request_id
     stats = ex.stats()
-    assert (stats.num_waiting, stats.num_running, stats.num_blocks_used, stats.num_finished) == (0, 0, 0, 9)
+    assert (stats.num_waiting, stats.num_running, stats.num_blocks_used, stats.num_finished) == (0, 0, 0, 10)
     assert stats.num_preemptions == 0 and stats.num_steps > 0 and stats.last_step_time is not None
 
 
