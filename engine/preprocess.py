@@ -97,6 +97,25 @@ class PreprocessLimits:
             )
 
     @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path) -> PreprocessLimits:
+        """Limits from `engine_config.json`: its "preprocess" section plus the engine's own limits."""
+        path = Path(engine_dir) / "engine_config.json"
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+        engine = raw.get("engine", {})
+        values = dict(raw.get("preprocess", {}))
+        for ours, theirs in (
+            ("max_seq_len", "max_model_len"),
+            ("max_images_per_request", "max_images_per_request"),
+            ("max_image_tokens_per_request", "max_image_tokens_per_request"),
+            ("enable_thinking", "enable_thinking"),
+        ):
+            if theirs in engine:
+                values.setdefault(ours, engine[theirs])
+        if "max_seq_len" in values:
+            values.setdefault("max_output_tokens", max(1, int(values["max_seq_len"]) - 1))
+        return cls.from_dict(values)
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PreprocessLimits:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)

@@ -1,0 +1,408 @@
+"""Triton `llm`: decoupled Python model around `engine.executor.Executor` (TensorRT-LLM tensor names).
+
+Threads: the engine loop (Executor.start) calls `_on_outputs` after each step, which only queues work;
+a sender thread builds the response tensors and calls `response_sender.send` (so a slow client never
+blocks the engine); a cancellation thread polls `is_cancelled()` every `cancellation_check_period_ms` and
+aborts the engine request; a stats thread publishes gauges every `stats_check_period_ms`.
+
+Per request: streaming → one response per engine step that produced tokens (`output_ids` = the new
+tokens, `text_output`/`reasoning_output` = the new text); non-streaming → one response at the end
+(`output_ids` = prompt + completion unless `exclude_input_in_output`, texts whole). The last response
+carries COMPLETE_FINAL and `finish_reason` (stop | length | abort); a request refused by the engine gets a
+final error response. `stop=true` cancels every request sent with the same Triton request id. When the
+engine loop is not running, new requests get an UNAVAILABLE error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+logger = logging.getLogger("glmv-llm")
+
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+
+
+def _param(config: dict, key: str, default: str = "") -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
+    return default if (not value or value.startswith("${")) else value
+
+
+def _tensor(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _scalar(request, name: str, default=None):
+    array = _tensor(request, name)
+    if array is None or array.size == 0:
+        return default
+    return array.reshape(-1)[0].item()
+
+
+@dataclass
+class RequestState:
+    engine_id: str
+    triton_id: str
+    sender: object
+    is_streaming: bool
+    exclude_input: bool
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    last_token_time: float | None = None
+    is_cancelled: bool = False
+    has_first_token: bool = False
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        python_path = _param(config, "python_path")
+        if python_path and os.path.isdir(python_path) and python_path not in sys.path:
+            sys.path.insert(0, python_path)
+        import torch
+
+        from engine.executor import Executor, GenerationRequest
+        from engine.sampling import SamplingParams
+
+        self.GenerationRequest = GenerationRequest
+        self.SamplingParams = SamplingParams
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException("llm: the model must be decoupled (model_transaction_policy)")
+        overrides = {}
+        if args.get("model_instance_kind") == "GPU":
+            overrides["device"] = f"cuda:{args['model_instance_device_id']}"
+        engine_dir = _param(config, "engine_dir")
+        engine_raw = json.loads(open(os.path.join(engine_dir, "engine_config.json")).read())
+        if not str(overrides.get("device", engine_raw.get("engine", {}).get("device", "cpu"))).startswith(
+            "cuda"
+        ):
+            torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        self.executor = Executor.from_engine_dir(engine_dir, **overrides)
+        self.cancel_period_s = float(_param(config, "cancellation_check_period_ms", "10")) / 1000.0
+        self.stats_period_s = float(_param(config, "stats_check_period_ms", "100")) / 1000.0
+        # Executor times are time.monotonic(); responses carry wall-clock ns.
+        self.wall_offset_ns = time.time_ns() - time.monotonic_ns()
+
+        self.lock = threading.Lock()
+        self.states: dict[str, RequestState] = {}
+        self.triton_ids: dict[str, set[str]] = {}
+        self.send_queue: queue.Queue = queue.Queue()
+        self.is_shutting_down = threading.Event()
+        self._init_metrics(args)
+
+        self.executor.start(self._on_outputs)
+        self.threads = [
+            threading.Thread(target=self._sender_loop, name="llm-sender", daemon=True),
+            threading.Thread(target=self._cancellation_loop, name="llm-cancel", daemon=True),
+            threading.Thread(target=self._stats_loop, name="llm-stats", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    # -- metrics ----------------------------------------------------------------------------------------
+
+    def _init_metrics(self, args: dict) -> None:
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        # The families must outlive their metrics: keep references on self.
+        self.families = []
+        requests = pb_utils.MetricFamily(
+            name="nv_trt_llm_request_metrics",
+            description="Requests in the engine by state (waiting | scheduled | active)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        blocks = pb_utils.MetricFamily(
+            name="nv_trt_llm_kv_cache_block_metrics",
+            description="Paged KV cache blocks (used | free | max)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.families += [requests, blocks]
+        self.m_waiting = requests.Metric(labels={**labels, "request_type": "waiting"})
+        self.m_running = requests.Metric(labels={**labels, "request_type": "scheduled"})
+        self.m_active = requests.Metric(labels={**labels, "request_type": "active"})
+        self.m_blocks_used = blocks.Metric(labels={**labels, "kv_cache_block_type": "used"})
+        self.m_blocks_free = blocks.Metric(labels={**labels, "kv_cache_block_type": "free"})
+        self.m_blocks_max = blocks.Metric(labels={**labels, "kv_cache_block_type": "max"})
+        ttft = pb_utils.MetricFamily(
+            name="glmv_time_to_first_token_seconds",
+            description="Arrival at the engine to the first generated token",
+            kind=pb_utils.MetricFamily.HISTOGRAM,
+        )
+        itl = pb_utils.MetricFamily(
+            name="glmv_inter_token_latency_seconds",
+            description="Time between generated tokens of one request",
+            kind=pb_utils.MetricFamily.HISTOGRAM,
+        )
+        preemptions = pb_utils.MetricFamily(
+            name="glmv_preemptions_total",
+            description="Sequences preempted (by recompute) for lack of KV blocks",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.families += [ttft, itl, preemptions]
+        self.m_ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
+        self.m_itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
+        self.m_preemptions = preemptions.Metric(labels=labels)
+        self.m_finished = pb_utils.MetricFamily(
+            name="glmv_requests_finished_total",
+            description="Requests finished, by finish_reason",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.families.append(self.m_finished)
+        self.m_finished_by_reason = {
+            reason: self.m_finished.Metric(labels={**labels, "finish_reason": reason})
+            for reason in ("stop", "length", "abort")
+        }
+        self.num_preemptions_seen = 0
+
+    def _stats_loop(self) -> None:
+        while not self.is_shutting_down.wait(self.stats_period_s):
+            try:
+                stats = self.executor.stats()
+                self.m_waiting.set(stats.num_waiting)
+                self.m_running.set(stats.num_running)
+                with self.lock:
+                    self.m_active.set(len(self.states))
+                self.m_blocks_used.set(stats.num_blocks_used)
+                self.m_blocks_free.set(stats.num_blocks_total - stats.num_blocks_used)
+                self.m_blocks_max.set(stats.num_blocks_total)
+                if stats.num_preemptions > self.num_preemptions_seen:
+                    self.m_preemptions.increment(stats.num_preemptions - self.num_preemptions_seen)
+                    self.num_preemptions_seen = stats.num_preemptions
+            except Exception:
+                logger.exception("llm: stats update failed")
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._handle(request, sender)
+            except ValueError as exc:
+                self._send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+            except Exception as exc:
+                self._send_error(sender, f"llm: {type(exc).__name__}: {exc}")
+        return None
+
+    def _handle(self, request, sender) -> None:
+        triton_id = request.request_id() or ""
+        if _scalar(request, "stop", False):
+            if not triton_id:
+                raise ValueError("stop: a stop request needs the request id of the request to cancel")
+            with self.lock:
+                engine_ids = list(self.triton_ids.get(triton_id, ()))
+            for engine_id in engine_ids:
+                self.executor.abort(engine_id)
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        if not self.executor.stats().is_loop_running:
+            self._send_error(sender, "llm: the engine loop is not running", pb_utils.TritonError.UNAVAILABLE)
+            return
+        import torch
+
+        input_ids = _tensor(request, "input_ids")
+        if input_ids is None:
+            raise ValueError("input_ids: missing")
+        prompt = input_ids.reshape(-1).astype(np.int64)
+        input_length = _scalar(request, "input_lengths")
+        if input_length is not None:
+            if not 0 < input_length <= prompt.size:
+                raise ValueError(
+                    f"input_lengths: {input_length} must be in [1, {prompt.size}] (len(input_ids))"
+                )
+            prompt = prompt[: int(input_length)]
+        max_tokens = int(_scalar(request, "request_output_len", 16))
+        stop_token_ids = ()
+        end_id = _scalar(request, "end_id")
+        if end_id is not None:
+            stop_token_ids = (int(end_id),)
+        seed = _scalar(request, "seed")
+        sampling = self.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(_scalar(request, "temperature", 1.0)),
+            top_k=int(_scalar(request, "runtime_top_k", 0)),
+            top_p=float(_scalar(request, "runtime_top_p", 1.0)) or 1.0,  # TensorRT-LLM: top_p <= 0 is unset
+            seed=None if seed is None else int(seed),
+            repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
+            presence_penalty=float(_scalar(request, "presence_penalty", 0.0)),
+            frequency_penalty=float(_scalar(request, "frequency_penalty", 0.0)),
+            min_tokens=int(_scalar(request, "min_tokens", 0)),
+            stop_token_ids=stop_token_ids,
+        )
+        table = _tensor(request, "prompt_embedding_table")
+        image_embeds = None
+        if table is not None:
+            table = table.reshape(-1, table.shape[-1])
+            if table.shape[0] > 0:
+                image_embeds = torch.from_numpy(np.ascontiguousarray(table))
+        positions = _tensor(request, "mrope_positions")
+        mrope_positions = None
+        if positions is not None and positions.size:
+            mrope_positions = torch.from_numpy(np.ascontiguousarray(positions.reshape(3, -1), dtype=np.int64))
+        stop_words = _tensor(request, "stop_words")
+        stop_strings = tuple(
+            (w if isinstance(w, bytes) else str(w).encode()).decode("utf-8", errors="replace")
+            for w in ([] if stop_words is None else stop_words.reshape(-1))
+        )
+        stop_strings = tuple(s for s in stop_strings if s)
+        streaming = bool(_scalar(request, "streaming", False))
+        engine_id = uuid.uuid4().hex
+        gen = self.GenerationRequest(
+            request_id=engine_id,
+            prompt_token_ids=prompt.tolist(),
+            sampling=sampling,
+            image_embeds=image_embeds,
+            mrope_positions=mrope_positions,
+            mrope_delta=int(_scalar(request, "mrope_position_deltas", 0)),
+            stop_strings=stop_strings if self.executor.tokenizer is not None else (),
+            is_thinking=bool(_scalar(request, "is_thinking", False)),
+        )
+        state = RequestState(
+            engine_id=engine_id,
+            triton_id=triton_id,
+            sender=sender,
+            is_streaming=streaming,
+            exclude_input=bool(_scalar(request, "exclude_input_in_output", False)),
+            prompt_ids=prompt.tolist(),
+        )
+        with self.lock:
+            self.states[engine_id] = state
+            if triton_id:
+                self.triton_ids.setdefault(triton_id, set()).add(engine_id)
+        try:
+            self.executor.add_request(gen)
+        except Exception:
+            self._forget(state)
+            raise
+
+    def _forget(self, state: RequestState) -> None:
+        with self.lock:
+            self.states.pop(state.engine_id, None)
+            ids = self.triton_ids.get(state.triton_id)
+            if ids is not None:
+                ids.discard(state.engine_id)
+                if not ids:
+                    del self.triton_ids[state.triton_id]
+
+    @staticmethod
+    def _send_error(sender, message: str, code=None) -> None:
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        try:
+            sender.send(
+                pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            )
+        except Exception:
+            logger.exception("llm: could not send an error response")
+
+    # -- engine → client --------------------------------------------------------------------------------
+
+    def _on_outputs(self, outputs) -> None:
+        """Engine loop thread: hand the outputs to the sender thread, nothing else."""
+        self.send_queue.put(outputs)
+
+    def _sender_loop(self) -> None:
+        while True:
+            outputs = self.send_queue.get()
+            if outputs is None:
+                return
+            for output in outputs:
+                try:
+                    self._send_output(output)
+                except Exception:
+                    logger.exception("llm: sending a response failed")
+
+    def _send_output(self, output) -> None:
+        with self.lock:
+            state = self.states.get(output.request_id)
+        if state is None:
+            return
+        now_tokens = output.new_token_ids
+        if now_tokens:
+            if not state.has_first_token and output.first_token_time is not None:
+                state.has_first_token = True
+                self.m_ttft.observe(max(0.0, output.first_token_time - output.arrival_time))
+            elif state.last_token_time is not None and output.last_token_time is not None:
+                gap = output.last_token_time - state.last_token_time
+                self.m_itl.observe(max(0.0, gap) / len(now_tokens))
+            state.last_token_time = output.last_token_time
+        state.output_ids.extend(now_tokens)
+        state.text.append(output.text)
+        state.reasoning.append(output.reasoning)
+        is_final = output.is_finished
+        if is_final:
+            self._forget(state)
+            if output.finish_reason in self.m_finished_by_reason:
+                self.m_finished_by_reason[output.finish_reason].increment(1)
+        if output.error and is_final and output.finish_reason == "abort" and not state.is_cancelled:
+            self._send_error(state.sender, f"llm: {output.error}")
+            return
+        if state.is_cancelled and is_final:
+            try:
+                state.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception:
+                pass
+            return
+        if not state.is_streaming and not is_final:
+            return
+        if state.is_streaming:
+            ids, text, reasoning = now_tokens, output.text, output.reasoning
+        else:
+            ids = state.output_ids if state.exclude_input else state.prompt_ids + state.output_ids
+            text, reasoning = "".join(state.text), "".join(state.reasoning)
+        tensors = [
+            pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
+            pb_utils.Tensor("sequence_length", np.array([len(ids)], np.int32)),
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("reasoning_output", np.array([reasoning.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor(
+                "finish_reason", np.array([(output.finish_reason or "").encode()], dtype=np.object_)
+            ),
+            pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], np.int32)),
+            pb_utils.Tensor("num_output_tokens", np.array([output.num_output_tokens], np.int32)),
+            pb_utils.Tensor("arrival_time_ns", np.array([self._wall_ns(output.arrival_time)], np.int64)),
+            pb_utils.Tensor(
+                "first_token_time_ns", np.array([self._wall_ns(output.first_token_time)], np.int64)
+            ),
+            pb_utils.Tensor(
+                "last_token_time_ns", np.array([self._wall_ns(output.last_token_time)], np.int64)
+            ),
+        ]
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if is_final else 0
+        state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def _wall_ns(self, monotonic_s: float | None) -> int:
+        return 0 if monotonic_s is None else int(monotonic_s * 1e9) + self.wall_offset_ns
+
+    # -- cancellation -----------------------------------------------------------------------------------
+
+    def _cancellation_loop(self) -> None:
+        while not self.is_shutting_down.wait(self.cancel_period_s):
+            with self.lock:
+                states = [s for s in self.states.values() if not s.is_cancelled]
+            for state in states:
+                try:
+                    if state.sender.is_cancelled():
+                        state.is_cancelled = True
+                        self.executor.abort(state.engine_id)
+                except Exception:
+                    logger.exception("llm: cancellation check failed")
+
+    def finalize(self) -> None:
+        self.is_shutting_down.set()
+        self.executor.stop(timeout=30)  # unfinished requests end with "abort" (sent as final responses)
+        self.send_queue.put(None)
+        for thread in self.threads:
+            thread.join(timeout=10)

@@ -1,0 +1,99 @@
+"""Triton `postprocessing`: llm outputs → the ensemble's user-facing tensors.
+
+Our llm sends text_output / reasoning_output / finish_reason / counts / timings and they are passed on.
+When only `output_ids` + `sequence_length` arrive (a TensorRT-LLM backend in the llm step), the ids are
+decoded here (special tokens skipped), text and reasoning are split at `</think>`, and the counts are
+taken from the ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+PASS_THROUGH_INT = (
+    ("num_input_tokens", np.int32),
+    ("num_output_tokens", np.int32),
+    ("arrival_time_ns", np.int64),
+    ("first_token_time_ns", np.int64),
+    ("last_token_time_ns", np.int64),
+)
+
+
+def _param(config: dict, key: str, default: str = "") -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
+    return default if (not value or value.startswith("${")) else value
+
+
+def _bytes_tensor(name: str, value: bytes) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array([value], dtype=np.object_))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        python_path = _param(config, "python_path")
+        if python_path and os.path.isdir(python_path) and python_path not in sys.path:
+            sys.path.insert(0, python_path)
+        self.engine_dir = _param(config, "engine_dir")
+        self.tokenizer = None  # loaded on the first id-only response
+
+    def _decode(self, ids: list[int]) -> tuple[str, str]:
+        if self.tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(os.path.join(self.engine_dir, "tokenizer.json"))
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        reasoning = ""
+        if "</think>" in text:
+            reasoning, _, text = text.partition("</think>")
+            reasoning = reasoning.split("<think>", 1)[-1]
+        clean = self.tokenizer.decode(
+            self.tokenizer.encode(text, add_special_tokens=False).ids, skip_special_tokens=True
+        )
+        return clean, reasoning.strip()
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
+            except Exception as exc:
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {exc}"))
+                )
+        return responses
+
+    def _process(self, request) -> list:
+        def get(name: str):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy().reshape(-1)
+
+        text, reasoning, finish = get("text_output"), get("reasoning_output"), get("finish_reason")
+        out = []
+        if text is not None:
+            out.append(_bytes_tensor("text_output", bytes(text[0])))
+            out.append(
+                _bytes_tensor("reasoning_output", bytes(reasoning[0]) if reasoning is not None else b"")
+            )
+        else:
+            ids = get("output_ids")
+            length = get("sequence_length")
+            ids = [] if ids is None else ids.tolist()
+            if length is not None:
+                ids = ids[: int(length[0])]
+            decoded, decoded_reasoning = self._decode([i for i in ids if i >= 0])
+            out.append(_bytes_tensor("text_output", decoded.encode()))
+            out.append(_bytes_tensor("reasoning_output", decoded_reasoning.encode()))
+        out.append(_bytes_tensor("finish_reason", bytes(finish[0]) if finish is not None else b""))
+        for name, dtype in PASS_THROUGH_INT:
+            value = get(name)
+            if value is None and name == "num_output_tokens":
+                length = get("sequence_length")
+                value = length if length is not None else np.zeros(1)
+            out.append(pb_utils.Tensor(name, np.array([0 if value is None else value[0]], dtype=dtype)))
+        return out

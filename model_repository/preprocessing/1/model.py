@@ -1,0 +1,160 @@
+"""Triton `preprocessing`: one request → engine inputs (engine.preprocess does the work).
+
+Bad inputs are answered with an INVALID_ARG error whose message starts with the field name; the model
+keeps serving. Exports `glmv_preprocess_latency_seconds` (histogram) and error counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+
+
+def _param(config: dict, key: str, default: str = "") -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
+    return default if value.startswith("${") else value
+
+
+def _scalar(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy().reshape(-1)
+    if array.size != 1:
+        raise ValueError(f"{name}: expected one value, got {array.size}")
+    return array[0].item()
+
+
+def _strings(request, name: str) -> list[bytes]:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return []
+    return [x if isinstance(x, bytes) else str(x).encode() for x in tensor.as_numpy().reshape(-1)]
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        python_path = _param(config, "python_path")
+        if python_path and os.path.isdir(python_path) and python_path not in sys.path:
+            sys.path.insert(0, python_path)
+        from engine.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
+
+        self.InputError = InputError
+        self.validate_sampling = validate_sampling
+        engine_dir = _param(config, "engine_dir")
+        self.limits = PreprocessLimits.from_engine_dir(engine_dir)
+        self.preprocessor = Preprocessor(engine_dir, self.limits)
+        self.default_max_tokens = int(_param(config, "default_max_tokens", "256") or 256)
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        # The families must outlive their metrics: keep references on self.
+        self.latency_family = pb_utils.MetricFamily(
+            name="glmv_preprocess_latency_seconds",
+            description="Time to preprocess one request (decode, resize, template, tokenize)",
+            kind=pb_utils.MetricFamily.HISTOGRAM,
+        )
+        self.latency = self.latency_family.Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.errors_family = pb_utils.MetricFamily(
+            name="glmv_preprocess_errors_total",
+            description="Requests refused by preprocessing",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.errors = self.errors_family.Metric(labels=labels)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            started = time.perf_counter()
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
+            except (self.InputError, ValueError) as exc:
+                self.errors.increment(1)
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                    )
+                )
+            except Exception as exc:  # a bug must answer the request, not kill the stub
+                self.errors.increment(1)
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}: {exc}")
+                    )
+                )
+            self.latency.observe(time.perf_counter() - started)
+        return responses
+
+    def _process(self, request) -> list:
+        texts = _strings(request, "text_input")
+        messages = _strings(request, "messages")
+        text = texts[0].decode("utf-8", errors="replace") if texts else None
+        messages_json = messages[0].decode("utf-8", errors="replace") if messages else None
+        max_tokens = _scalar(request, "max_tokens")
+        max_tokens = (
+            min(self.default_max_tokens, self.limits.max_output_tokens)
+            if max_tokens is None
+            else int(max_tokens)
+        )
+        sampling = {
+            "temperature": _scalar(request, "temperature"),
+            "top_p": _scalar(request, "top_p"),
+            "top_k": _scalar(request, "top_k"),
+            "repetition_penalty": _scalar(request, "repetition_penalty"),
+            "presence_penalty": _scalar(request, "presence_penalty"),
+            "frequency_penalty": _scalar(request, "frequency_penalty"),
+            "min_tokens": _scalar(request, "min_tokens"),
+            "seed": _scalar(request, "seed"),
+        }
+        self.validate_sampling(max_tokens=max_tokens, limits=self.limits, **sampling)
+        stop_words = [w.decode("utf-8", errors="replace") for w in _strings(request, "stop_words")]
+        if len(stop_words) > self.limits.max_stop_words:
+            raise self.InputError(
+                f"stop_words: {len(stop_words)} stop strings, over the limit of {self.limits.max_stop_words}"
+            )
+        enable_thinking = _scalar(request, "enable_thinking")
+        stream = _scalar(request, "stream")
+        out = self.preprocessor(
+            text,
+            _strings(request, "image_input"),
+            messages_json=messages_json,
+            enable_thinking=None if enable_thinking is None else bool(enable_thinking),
+        )
+        seed = sampling["seed"]
+        if seed is None:  # unseeded sampling: a fresh seed per request
+            seed = random.getrandbits(63)
+
+        def f32(name: str, value, default: float) -> pb_utils.Tensor:
+            return pb_utils.Tensor(name, np.array([default if value is None else value], np.float32))
+
+        def i32(name: str, value, default: int) -> pb_utils.Tensor:
+            return pb_utils.Tensor(name, np.array([default if value is None else value], np.int32))
+
+        return [
+            pb_utils.Tensor("input_ids", out.input_ids.astype(np.int32)),
+            pb_utils.Tensor("input_lengths", np.array([len(out.input_ids)], np.int32)),
+            pb_utils.Tensor("request_output_len", np.array([max_tokens], np.int32)),
+            pb_utils.Tensor("pixel_values", out.pixel_values[None].astype(np.float32)),
+            pb_utils.Tensor("image_grid_thw", out.image_grid_thw[None].astype(np.int64)),
+            pb_utils.Tensor("mrope_positions", np.ascontiguousarray(out.mrope_positions, dtype=np.int64)),
+            pb_utils.Tensor("mrope_position_deltas", np.array([out.mrope_delta], np.int64)),
+            pb_utils.Tensor("image_hash", np.array([h.encode() for h in out.image_hashes], dtype=np.object_)),
+            i32("runtime_top_k", sampling["top_k"], 0),
+            f32("runtime_top_p", sampling["top_p"], 1.0),
+            f32("temperature", sampling["temperature"], 1.0),
+            pb_utils.Tensor("seed", np.array([seed], np.uint64)),
+            i32("min_tokens", sampling["min_tokens"], 0),
+            f32("repetition_penalty", sampling["repetition_penalty"], 1.0),
+            f32("presence_penalty", sampling["presence_penalty"], 0.0),
+            f32("frequency_penalty", sampling["frequency_penalty"], 0.0),
+            pb_utils.Tensor("streaming", np.array([bool(stream)], np.bool_)),
+            pb_utils.Tensor("stop_words", np.array([w.encode() for w in stop_words], dtype=np.object_)),
+            pb_utils.Tensor("is_thinking", np.array([out.is_thinking], np.bool_)),
+        ]
