@@ -97,5 +97,7 @@ def test_num_kv_blocks_from_budget():
     assert num_kv_blocks(EngineConfig(kv_cache_memory_bytes=100_000), 1000, cpu) == 6
     assert num_kv_blocks(EngineConfig(num_kv_blocks=3, kv_cache_memory_bytes=100_000), 1000, cpu) == 3
     assert num_kv_blocks(EngineConfig(), 1000, cpu) == (1 << 30) // 16000
-    with pytest.raises(ValueError, match=r"^kv_cache_memory_bytes: a budget of 15999 bytes holds no KV block"):
+    with pytest.raises(
+        ValueError, match=r"^kv_cache_memory_bytes: a budget of 15999 bytes holds no KV block"
+    ):
         num_kv_blocks(EngineConfig(kv_cache_memory_bytes=15_999), 1000, cpu)
