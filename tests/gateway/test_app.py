@@ -301,3 +301,16 @@ def test_openai_sdk(make_gateway, png_data_uri):
         )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=messages)
+
+
+def test_disconnect_cancels_a_non_streaming_request(make_gateway, fixture_log):
+    gw = make_gateway()
+    before = fixture_log.read_text().count("cancelled ") if fixture_log.exists() else 0
+    body = {"model": MODEL, "messages": user("sleep 0.2 a b c d e f g h i j k l")}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=0.6)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and fixture_log.read_text().count("cancelled ") == before:
+        time.sleep(0.05)
+    assert fixture_log.read_text().count("cancelled ") == before + 1
+    assert "glmv_gateway_client_disconnects_total 1.0" in httpx.get(f"{gw.url}/metrics").text
