@@ -1,0 +1,111 @@
+"""glmv-build: engine directory layout, dtype re-save, safe rebuild, flag errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from build_engine.cli import main
+
+
+def run(*args: str) -> int:
+    return main(list(args))
+
+
+def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "engine"
+    assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--max-seq-len", "1024") == 0
+    for name in (
+        "config.json",
+        "engine_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "engine_config.json").read_text())
+    assert config["engine"]["max_model_len"] == 1024
+    assert config["engine"]["dtype"] == "float32" and config["dummy"] is False
+    assert config["preprocess"]["max_image_bytes"] == 10 * 1024 * 1024
+    assert config["build"]["checkpoint"] == str(tiny_checkpoint.resolve())
+    llm = (out / "model_repository" / "llm" / "config.pbtxt").read_text()
+    assert f'string_value: "{out}"' in llm and "KIND_CPU" in llm and "decoupled: true" in llm
+    pre = (out / "model_repository" / "preprocessing" / "config.pbtxt").read_text()
+    assert "count: 2 kind: KIND_CPU" in pre
+
+    # The engine directory loads as an executor.
+    from engine.executor import Executor
+
+    ex = Executor.from_engine_dir(out)
+    assert ex.max_model_len == 1024
+
+    # Rebuilding into the same folder replaces it; nothing is left beside it.
+    assert (
+        run("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--preprocessing-instances", "3") == 0
+    )
+    assert "count: 3 kind: KIND_CPU" in (out / "model_repository/preprocessing/config.pbtxt").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_dtype_resave(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "bf16"
+    assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--dtype", "bfloat16") == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118
+    assert dtypes == {"torch.bfloat16"}
+    assert json.loads((out / "engine_config.json").read_text())["engine"]["dtype"] == "bfloat16"
+
+
+def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
+    out = tmp_path / "dummy"
+    assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--gpus", "0,1") == 0
+    config = json.loads((out / "engine_config.json").read_text())
+    assert config["dummy"] is True and config["engine"]["dtype"] == "bfloat16"
+    assert not list(out.glob("*.safetensors"))
+    llm = (out / "model_repository/llm/config.pbtxt").read_text()
+    assert "{ count: 1 kind: KIND_GPU gpus: [ 0 ] },\n  { count: 1 kind: KIND_GPU gpus: [ 1 ] }" in llm
+    vision = (out / "model_repository/vision_encoder/config.pbtxt").read_text()
+    assert "gpus: [ 1 ]" in vision and "dims: [ -1, 4096 ]" in vision
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-batch-size", "0"], "--max-batch-size: 0 must be an integer >= 1"),
+        (
+            ["--max-seq-len", "99999999"],
+            "--max-seq-len: 99999999 is over the model's max_position_embeddings",
+        ),
+        (
+            ["--kv-cache-free-gpu-mem-fraction", "1.5"],
+            "--kv-cache-free-gpu-mem-fraction: 1.5 must be in (0, 1]",
+        ),
+        (["--dtype", "int8"], "--dtype: 'int8' must be auto or one of"),
+        (["--device", "tpu"], "--device: 'tpu' must be cpu or cuda"),
+        (["--gpus", "0"], "--gpus: GPU instances need --device cuda"),
+        (["--preprocessing-instances", "0"], "--preprocessing-instances: 0 must be >= 1"),
+        (["--max-image-bytes", "0"], "--max-image-bytes: 0 must be an integer >= 1"),
+        (["--min-image-pixels", "100", "--max-image-pixels", "10"], "--min-image-pixels: 100 must be <="),
+    ],
+)
+def test_bad_flags_name_the_flag(tmp_path: Path, tiny_checkpoint: Path, capsys, flags, message) -> None:
+    out = tmp_path / "engine"
+    assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    assert sorted(tmp_path.iterdir()) == []  # the temp build folder is gone too
+
+
+def test_refuses_to_replace_a_non_engine_folder(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    assert run("--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "precious")) == 2
+    assert "--output:" in capsys.readouterr().err
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
