@@ -9,7 +9,8 @@
 #
 # Settings, all from the environment (the image sets the variant's defaults):
 #   GLMV_CHECKPOINT_DIR  HF checkpoint of GLM-4.6V-Flash, read only              default /models/checkpoint
-#   GLMV_ENGINE_ROOT     glmv-build --output: engine/ + model_repository/         default /models/engine
+#   GLMV_ENGINE_ROOT     the engine volume; glmv-build writes $GLMV_ENGINE_ROOT/engine (the engine directory,
+#                        with model_repository/ inside) and this script its fingerprint + lock  default /models/engine
 #   GLMV_PRESET          tiny|small|dummy-full: build a random model when the checkpoint dir has no config.json
 #   GLMV_DEVICE, GLMV_DTYPE, GLMV_GPUS   glmv-build --device / --dtype / --gpus (each passed only when set)
 #   GLMV_BUILD_ARGS      extra glmv-build arguments (split on whitespace, no quoting)
@@ -23,15 +24,20 @@
 #
 # The engine is rebuilt when the fingerprint stored in $GLMV_ENGINE_ROOT/.glmv-fingerprint differs from the
 # current one: sha256 of the checkpoint's config.json, name + size + mtime of every top-level checkpoint file
-# (the safetensors shards, their index, tokenizer and processor files), the build settings (with GLMV_GPUS set,
-# also the visible GPUs), and sha256 of the build code (build_engine/, model_repository/). The fingerprint is written only after glmv-build succeeds, so
-# an interrupted build is redone on the next start. A lock file serialises builders sharing one engine dir.
+# (the safetensors shards, their index, tokenizer and processor files), the build settings (with GLMV_GPUS
+# set, also the visible GPUs), and sha256 of the build code (build_engine/, model_repository/). It is removed
+# before a build and written only after glmv-build succeeds, so an interrupted build is redone on the next
+# start. A lock file serialises builders sharing one engine volume.
 set -euo pipefail
 shopt -s inherit_errexit
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CHECKPOINT_DIR=${GLMV_CHECKPOINT_DIR:-/models/checkpoint}
 ENGINE_ROOT=${GLMV_ENGINE_ROOT:-/models/engine}
+# A subfolder, not the volume itself: glmv-build builds in a temporary sibling of --output and renames it into
+# place, which a mount point cannot take.
+ENGINE_DIR="$ENGINE_ROOT/engine"
+MODEL_REPOSITORY="$ENGINE_DIR/model_repository"
 FINGERPRINT_FILE="$ENGINE_ROOT/.glmv-fingerprint"
 HTTP_PORT=${GLMV_HTTP_PORT:-8000}
 GRPC_PORT=${GLMV_GRPC_PORT:-8001}
@@ -107,11 +113,12 @@ run_build() {
   [ -z "${GLMV_DEVICE:-}" ] || extra+=(--device "$GLMV_DEVICE")
   [ -z "${GLMV_DTYPE:-}" ] || extra+=(--dtype "$GLMV_DTYPE")
   [ -z "${GLMV_GPUS:-}" ] || gpus=(--gpus "$GLMV_GPUS")
-  log "building the engine: glmv-build ${SOURCE[*]} --output $ENGINE_ROOT ${extra[*]} ${gpus[*]}"
+  log "building the engine: glmv-build ${SOURCE[*]} --output $ENGINE_DIR ${extra[*]} ${gpus[*]}"
   rm -f "$FINGERPRINT_FILE"
-  rm -rf "$ENGINE_ROOT/engine" "$ENGINE_ROOT/model_repository"
+  # Leftovers of a build killed before it could clean up (each can hold a full copy of the weights).
+  rm -rf "$ENGINE_ROOT"/.engine.building-* "$ENGINE_ROOT"/.engine.old-*
   # In the background so that a SIGTERM during a long build reaches glmv-build at once.
-  glmv-build "${SOURCE[@]}" --output "$ENGINE_ROOT" "${extra[@]}" "${gpus[@]}" &
+  glmv-build "${SOURCE[@]}" --output "$ENGINE_DIR" "${extra[@]}" "${gpus[@]}" &
   build_pid=$!
   trap 'log "signal: stopping the build"; kill -TERM "$build_pid" 2>/dev/null || true; stopping=1' TERM INT
   [ "$stopping" = 0 ] || kill -TERM "$build_pid" 2>/dev/null || true
@@ -135,13 +142,13 @@ ensure_engine() {
   flock 9
   if [ "${GLMV_FORCE_REBUILD:-0}" = 1 ]; then
     log "GLMV_FORCE_REBUILD=1: rebuilding the engine"
-  elif [ ! -f "$FINGERPRINT_FILE" ] || [ ! -d "$ENGINE_ROOT/model_repository" ]; then
-    log "no complete engine in $ENGINE_ROOT"
+  elif [ ! -f "$FINGERPRINT_FILE" ] || [ ! -f "$ENGINE_DIR/engine_config.json" ] || [ ! -d "$MODEL_REPOSITORY" ]; then
+    log "no complete engine in $ENGINE_DIR"
   elif [ "$(cat "$FINGERPRINT_FILE")" != "$want" ]; then
     log "the checkpoint, build settings or build code changed since the engine was built:"
     diff "$FINGERPRINT_FILE" <(printf '%s\n' "$want") >&2 || true
   else
-    log "engine in $ENGINE_ROOT is up to date"
+    log "engine in $ENGINE_DIR is up to date"
     exec 9>&-
     return
   fi
@@ -150,7 +157,7 @@ ensure_engine() {
   printf '%s\n' "$want" >"$FINGERPRINT_FILE.tmp"
   mv "$FINGERPRINT_FILE.tmp" "$FINGERPRINT_FILE"
   exec 9>&-
-  log "engine built in $ENGINE_ROOT"
+  log "engine built in $ENGINE_DIR"
 }
 
 # --- serving --------------------------------------------------------------------------------------------
@@ -193,7 +200,7 @@ serve() {
   : >"$TRITON_LOG"
   tail -n +1 -F "$TRITON_LOG" &
   tail_pid=$!
-  glmv-serve --model-repository "$ENGINE_ROOT/model_repository" --http-port "$HTTP_PORT" \
+  glmv-serve --model-repository "$MODEL_REPOSITORY" --http-port "$HTTP_PORT" \
     --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --startup-timeout "$STARTUP_TIMEOUT" \
     --log-file "$TRITON_LOG" "${serve_extra[@]}" &
   triton_pid=$!

@@ -16,39 +16,48 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# name in the queries below -> (Prometheus metric name, type). Histograms are queried as <name>_bucket.
-METRICS: dict[str, tuple[str, str]] = {
-    # engine (the llm model's pb_utils metrics on Triton's metrics port, :8002)
-    "engine_waiting": ("glmv_engine_num_waiting", "gauge"),
-    "engine_running": ("glmv_engine_num_running", "gauge"),
-    "engine_kv_used": ("glmv_engine_kv_blocks_used", "gauge"),
-    "engine_kv_total": ("glmv_engine_kv_blocks_total", "gauge"),
-    "engine_ttft": ("glmv_engine_ttft_seconds", "histogram"),
-    "engine_itl": ("glmv_engine_itl_seconds", "histogram"),
-    "engine_preemptions": ("glmv_engine_preemptions_total", "counter"),
+# key used in the queries below -> (Prometheus metric name, type, label matchers that pick the series).
+# Histograms are queried as <name>_bucket.
+METRICS: dict[str, tuple[str, str, str]] = {
+    # engine: the llm model's pb_utils metrics on Triton's metrics port (:8002); the queue and KV families
+    # use TensorRT-LLM's names and labels (model_repository/llm/1/model.py)
+    "engine_waiting": ("nv_trt_llm_request_metrics", "gauge", 'request_type="waiting"'),
+    "engine_running": ("nv_trt_llm_request_metrics", "gauge", 'request_type="scheduled"'),
+    "engine_kv_used": ("nv_trt_llm_kv_cache_block_metrics", "gauge", 'kv_cache_block_type="used"'),
+    "engine_kv_total": ("nv_trt_llm_kv_cache_block_metrics", "gauge", 'kv_cache_block_type="max"'),
+    "engine_ttft": ("glmv_time_to_first_token_seconds", "histogram", ""),
+    "engine_itl": ("glmv_inter_token_latency_seconds", "histogram", ""),
+    "engine_preemptions": ("glmv_preemptions_total", "counter", ""),
+    "engine_finished": ("glmv_requests_finished_total", "counter", ""),  # label finish_reason
+    # preprocessing model (:8002)
+    "preprocess_latency": ("glmv_preprocess_latency_seconds", "histogram", ""),
+    "preprocess_errors": ("glmv_preprocess_errors_total", "counter", ""),
     # gateway (:8080/metrics, gateway/metrics.py)
-    "gateway_requests": ("glmv_gateway_requests_total", "counter"),  # labels: endpoint, status
-    "gateway_latency": ("glmv_gateway_request_latency_seconds", "histogram"),  # labels: endpoint, stream
-    "gateway_ttft": ("glmv_gateway_ttft_seconds", "histogram"),
-    "gateway_in_flight": ("glmv_gateway_requests_in_flight", "gauge"),
+    "gateway_requests": ("glmv_gateway_requests_total", "counter", ""),  # labels endpoint, status
+    "gateway_latency": ("glmv_gateway_request_latency_seconds", "histogram", ""),  # labels endpoint, stream
+    "gateway_ttft": ("glmv_gateway_ttft_seconds", "histogram", ""),
+    "gateway_in_flight": ("glmv_gateway_requests_in_flight", "gauge", ""),
     # Triton's own (:8002)
-    "triton_success": ("nv_inference_request_success", "counter"),  # labels: model, version
-    "triton_failure": ("nv_inference_request_failure", "counter"),  # labels: model, version, reason
-    "triton_gpu_utilization": ("nv_gpu_utilization", "gauge"),  # 0..1, label gpu_uuid
-    "triton_gpu_memory_used": ("nv_gpu_memory_used_bytes", "gauge"),
-    "triton_gpu_memory_total": ("nv_gpu_memory_total_bytes", "gauge"),
+    "triton_success": ("nv_inference_request_success", "counter", 'model="ensemble"'),
+    "triton_failure": ("nv_inference_request_failure", "counter", 'model="ensemble"'),  # label reason
+    "triton_gpu_utilization": ("nv_gpu_utilization", "gauge", ""),  # 0..1, label gpu_uuid
+    "triton_gpu_memory_used": ("nv_gpu_memory_used_bytes", "gauge", ""),
+    "triton_gpu_memory_total": ("nv_gpu_memory_total_bytes", "gauge", ""),
 }
 
-ENSEMBLE_MODEL = "ensemble"
 RATE = "$__rate_interval"
+NOT_2XX = 'status!~"2.."'
+IS_5XX = 'status=~"5.."'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 OUTPUT = Path(__file__).resolve().parent / "glmv-dashboard.json"
 
 
-def m(key: str) -> str:
-    """The Prometheus name of METRICS[key]; histograms give their _bucket series."""
-    name, kind = METRICS[key]
-    return f"{name}_bucket" if kind == "histogram" else name
+def m(key: str, extra: str = "") -> str:
+    """The series selector of METRICS[key] (histograms: their _bucket series), with `extra` matchers added."""
+    name, kind, matchers = METRICS[key]
+    name = f"{name}_bucket" if kind == "histogram" else name
+    labels = ", ".join(part for part in (matchers, extra) if part)
+    return f"{name}{{{labels}}}" if labels else name
 
 
 def quantile(q: float, key: str, by: str = "") -> str:
@@ -114,6 +123,12 @@ def panels() -> list[dict[str, Any]]:
                 (quantile(0.95, "gateway_latency", "stream"), "P95 stream={{stream}}"),
             ],
         ),
+        panel(
+            "Preprocessing time",
+            "Preprocessing model: decode, resize, chat template and tokenization of one request.",
+            "s",
+            [(quantile(0.5, "preprocess_latency"), "P50"), (quantile(0.95, "preprocess_latency"), "P95")],
+        ),
         row("Traffic and errors"),
         panel(
             "Request rate",
@@ -121,27 +136,29 @@ def panels() -> list[dict[str, Any]]:
             "reqps",
             [
                 (f"sum by (endpoint) (rate({m('gateway_requests')}[{RATE}]))", "gateway {{endpoint}}"),
-                (
-                    f'sum(rate({m("triton_success")}{{model="{ENSEMBLE_MODEL}"}}[{RATE}]))',
-                    "Triton ensemble success",
-                ),
+                (f"sum(rate({m('triton_success')}[{RATE}]))", "Triton ensemble success"),
             ],
         ),
         panel(
             "Errors by status",
-            "Gateway answers with a status other than 2xx, by status code, and failed Triton ensemble requests "
-            "by reason.",
+            "Gateway answers with a status other than 2xx, by status code; failed Triton ensemble requests by "
+            "reason; requests the preprocessing model refused (bad image, over a limit).",
             "reqps",
             [
                 (
-                    f'sum by (status) (rate({m("gateway_requests")}{{status!~"2.."}}[{RATE}]))',
+                    f"sum by (status) (rate({m('gateway_requests', NOT_2XX)}[{RATE}]))",
                     "gateway {{status}}",
                 ),
-                (
-                    f'sum by (reason) (rate({m("triton_failure")}{{model="{ENSEMBLE_MODEL}"}}[{RATE}]))',
-                    "Triton {{reason}}",
-                ),
+                (f"sum by (reason) (rate({m('triton_failure')}[{RATE}]))", "Triton {{reason}}"),
+                (f"sum(rate({m('preprocess_errors')}[{RATE}]))", "preprocessing refused"),
             ],
+        ),
+        panel(
+            "Finished requests by reason",
+            "Requests the engine finished per second: stop (end of answer), length (max_tokens), abort "
+            "(cancelled or the client left).",
+            "reqps",
+            [(f"sum by (finish_reason) (rate({m('engine_finished')}[{RATE}]))", "{{finish_reason}}")],
         ),
         panel(
             "Error ratio",
@@ -149,7 +166,7 @@ def panels() -> list[dict[str, Any]]:
             "percentunit",
             [
                 (
-                    f'sum(rate({m("gateway_requests")}{{status=~"5.."}}[{RATE}])) '
+                    f"sum(rate({m('gateway_requests', IS_5XX)}[{RATE}])) "
                     f"/ clamp_min(sum(rate({m('gateway_requests')}[{RATE}])), 1e-9)",
                     "5xx / all",
                 )

@@ -158,13 +158,14 @@ def test_build_once_then_reuse_then_rebuild_on_change(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     assert "no complete engine" in first.stderr and "engine built" in first.stderr
     assert (root / ".glmv-fingerprint").read_text() == fingerprint(env)
-    assert (root / "model_repository").is_dir() and (root / "engine").is_dir()
-    mtimes = {p: p.stat().st_mtime_ns for p in (root / "engine").iterdir()}
+    engine = root / "engine"
+    assert (engine / "engine_config.json").is_file() and (engine / "model_repository" / "ensemble").is_dir()
+    mtimes = {p: p.stat().st_mtime_ns for p in engine.iterdir()}
 
     second = run_entrypoint(env, "build")
     assert second.returncode == 0, second.stderr
     assert "is up to date" in second.stderr
-    assert {p: p.stat().st_mtime_ns for p in (root / "engine").iterdir()} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in engine.iterdir()} == mtimes
 
     env["GLMV_DTYPE"] = "float32"
     third = run_entrypoint(env, "build")
@@ -173,6 +174,7 @@ def test_build_once_then_reuse_then_rebuild_on_change(tmp_path: Path) -> None:
         "changed since the engine was built" in third.stderr and "> device=cpu dtype=float32" in third.stderr
     )
     assert (root / ".glmv-fingerprint").read_text() == fingerprint(env)
+    assert sorted(p.name for p in root.iterdir()) == [".glmv-build.lock", ".glmv-fingerprint", "engine"]
 
 
 @pytest.mark.skipif(not HAS_BUILD_CLI, reason="glmv-build (build_engine/cli.py) is not in this tree yet")
@@ -208,6 +210,12 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def mark_built(root: Path) -> None:
+    """An engine directory with an empty model repository (Triton is ready at once with no models)."""
+    (root / "engine" / "model_repository").mkdir(parents=True)
+    (root / "engine" / "engine_config.json").write_text("{}\n")
+
+
 def serve_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     ports = {name: str(free_port()) for name in ("HTTP", "GRPC", "METRICS", "GATEWAY")}
     return entrypoint_env(
@@ -227,7 +235,7 @@ def test_gateway_failure_stops_triton_and_fails_the_container(tmp_path: Path) ->
     flag it rejects, so it exits: the entrypoint must stop Triton and exit 1."""
     env = serve_env(tmp_path, GLMV_PRESET="tiny", GLMV_GATEWAY_ARGS="--no-such-flag")
     root = tmp_path / "engine_root"
-    (root / "model_repository").mkdir(parents=True)
+    mark_built(root)
     (root / ".glmv-fingerprint").write_text(fingerprint(env))
 
     result = run_entrypoint(env, "serve", timeout=180)
@@ -243,8 +251,11 @@ def test_gateway_failure_stops_triton_and_fails_the_container(tmp_path: Path) ->
 def test_triton_failure_before_ready_fails_the_container(tmp_path: Path) -> None:
     env = serve_env(tmp_path, GLMV_PRESET="tiny")
     root = tmp_path / "engine_root"
-    (root / "model_repository" / "broken" / "1").mkdir(parents=True)
-    (root / "model_repository" / "broken" / "config.pbtxt").write_text('backend: "no_such_backend"\n')
+    mark_built(root)
+    (root / "engine" / "model_repository" / "broken" / "1").mkdir(parents=True)
+    (root / "engine" / "model_repository" / "broken" / "config.pbtxt").write_text(
+        'backend: "no_such_backend"\n'
+    )
     (root / ".glmv-fingerprint").write_text(fingerprint(env))
 
     result = run_entrypoint(env, "serve", timeout=180)
@@ -269,7 +280,7 @@ def test_sigterm_stops_gateway_then_triton_and_exits_0(tmp_path: Path) -> None:
     as Docker or the kubelet sends it: both stop in order, exit code 0, no process left."""
     env = serve_env(tmp_path, GLMV_PRESET="tiny")
     root = tmp_path / "engine_root"
-    (root / "model_repository").mkdir(parents=True)
+    mark_built(root)
     (root / ".glmv-fingerprint").write_text(fingerprint(env))
     log_path = tmp_path / "entrypoint.log"
     with log_path.open("w") as log:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import promql_parser
 import pytest
 import yaml
 from conftest import REPO_ROOT
@@ -164,10 +165,29 @@ def test_hpa_scales_the_deployment_on_the_adapter_metric() -> None:
 
     adapter = yaml.safe_load(resource("ConfigMap", "prometheus-adapter")["data"]["config.yaml"])
     (rule,) = adapter["rules"]
-    assert name in rule["seriesQuery"]
     assert rule["name"]["as"] == name
+    # The adapter reads the series the dashboard shows as the queue (one list of metric names).
+    series, _, matchers = dashboard_metrics()["engine_waiting"]
+    assert rule["seriesQuery"].startswith(f"{series}{{{matchers},")
+    assert rule["name"]["matches"] == f"^{series}$"
+    assert matchers in rule["metricsQuery"]
     assert rule["resources"]["overrides"] == {
         "namespace": {"resource": "namespace"},
         "pod": {"resource": "pod"},
     }
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
+    # The query the adapter sends for one namespace's pods, as its templates expand it, is valid PromQL.
+    expanded = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", 'namespace="glmv",pod=~"glmv-serve-a|glmv-serve-b"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    promql_parser.parse(expanded)
+    promql_parser.parse(rule["seriesQuery"])
+
+
+def dashboard_metrics() -> dict[str, tuple[str, str, str]]:
+    from test_grafana_dashboard import generator
+
+    return generator().METRICS
