@@ -81,6 +81,10 @@ class ModelRunner:
         if enforce_eager is None:
             enforce_eager = bool(getattr(engine_config, "enforce_eager", False))
         use_graphs = self.device.type == "cuda" and not enforce_eager
+        if self.device.type == "cuda":
+            # cuDNN attention builds a plan for every new sequence length (~70 ms each): every new prompt
+            # length would pay it in its TTFT. Flash / memory-efficient SDPA need no plan.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         # with graphs, block id num_blocks is the scratch block of padding rows (never handed out)
         self.kv_caches = model.allocate_kv_caches(
             num_blocks + int(use_graphs), self.block_size, self.device, engine_config.torch_dtype
