@@ -135,6 +135,7 @@ def speed(device: str) -> dict:
     )
     t0 = time.perf_counter()
     ex = Executor(mc, ec, None)
+    ex.warmup()
     res: dict = {
         "load_s": time.perf_counter() - t0,
         "kv_blocks": ex.stats().num_blocks_total,
@@ -225,7 +226,32 @@ def speed(device: str) -> dict:
     res["batch32_output_tok_s"] = sum(len(v) for v in tokens.values()) / dt
     res["batch32_wall_s"] = dt
     res["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        res["decode_profile_b1"] = _profile_decode(ex, prompt)
     return res
+
+
+def _profile_decode(ex, prompt) -> str:
+    """Kernel-time table of 16 decode steps at batch 1 (where the gap to the roofline goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.executor import GenerationRequest
+    from engine.sampling import SamplingParams
+
+    ids, _ = prompt(64, 0)
+    ex.add_request(
+        GenerationRequest("prof", ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    )
+    for _ in range(4):  # prefill + a few decodes outside the trace
+        ex.step()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(16):
+            ex.step()
+        _sync()
+    while ex.has_unfinished():
+        ex.step()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +276,11 @@ def main(argv: list[str] | None = None) -> None:
             report[name] = {"error": traceback.format_exc()}
             print(report[name]["error"])
         (args.out / "engine_probe.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.get("speed", {}).items()}, indent=1))
+    speed_report = dict(report.get("speed", {}))
+    profile_table = speed_report.pop("decode_profile_b1", None)
+    if profile_table:
+        (args.out / "decode_profile_b1.txt").write_text(profile_table)
+    print(json.dumps(speed_report, indent=1))
     if "parity" in report:
         print("greedy prefix agreement:", report["parity"].get("greedy_prefix_agreement"))
 
