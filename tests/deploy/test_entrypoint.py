@@ -266,11 +266,12 @@ def test_triton_failure_before_ready_fails_the_container(tmp_path: Path) -> None
 
 
 def wait_healthy(env: dict[str, str], proc: subprocess.Popen[bytes], log: Path, *checks: str) -> None:
+    """Until every check passes; fails with the entrypoint's log if it exits or 240 s pass."""
     command = [sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py"), *checks]
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 240
     while subprocess.run(command, env=env, capture_output=True).returncode != 0:
         assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()[-5000:]
         time.sleep(0.5)
 
 
@@ -326,15 +327,7 @@ def test_serve_tiny_model_then_sigterm_stops_everything(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        checks = [sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py")]
-        while True:
-            ready = subprocess.run([*checks, "triton-ready", "gateway-live", "gateway-ready"], env=env)
-            if ready.returncode == 0:
-                break
-            assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "entrypoint.log").read_text()
-            time.sleep(1)
+        wait_healthy(env, proc, tmp_path / "entrypoint.log", "triton-ready", "gateway-live", "gateway-ready")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, (tmp_path / "entrypoint.log").read_text()
         for name in ("GLMV_HTTP_PORT", "GLMV_GRPC_PORT", "GLMV_GATEWAY_PORT"):
