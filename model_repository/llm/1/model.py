@@ -9,7 +9,8 @@ Per request: streaming → one response per engine step that produced tokens (`o
 tokens, `text_output`/`reasoning_output` = the new text); non-streaming → one response at the end
 (`output_ids` = prompt + completion unless `exclude_input_in_output`, texts whole). The last response
 carries COMPLETE_FINAL and `finish_reason` (stop | length | abort); a request refused by the engine gets a
-final error response. `stop=true` cancels every request sent with the same Triton request id. When the
+final error response. `stop=true` cancels every request sent with the same `request_key` (or, without
+one, the same Triton request id); the ensemble's postprocessing sends it when the client cancels. When the
 engine loop is not running, new requests get an UNAVAILABLE error.
 """
 
@@ -48,7 +49,8 @@ def _scalar(request, name: str, default=None):
     array = _tensor(request, name)
     if array is None or array.size == 0:
         return default
-    return array.reshape(-1)[0].item()
+    value = array.reshape(-1)[0]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @dataclass
@@ -198,10 +200,14 @@ class TritonPythonModel:
         return None
 
     def _handle(self, request, sender) -> None:
-        triton_id = request.request_id() or ""
+        key = _scalar(request, "request_key")
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", errors="replace")
+        # Requests are found for `stop` by their request_key (set by preprocessing), else the Triton id.
+        triton_id = key or request.request_id() or ""
         if _scalar(request, "stop", False):
             if not triton_id:
-                raise ValueError("stop: a stop request needs the request id of the request to cancel")
+                raise ValueError("stop: a stop request needs the request id (or request_key) to cancel")
             with self.lock:
                 engine_ids = list(self.triton_ids.get(triton_id, ()))
             for engine_id in engine_ids:
@@ -379,6 +385,7 @@ class TritonPythonModel:
             pb_utils.Tensor(
                 "last_token_time_ns", np.array([self._wall_ns(output.last_token_time)], np.int64)
             ),
+            pb_utils.Tensor("request_key", np.array([state.triton_id.encode()], dtype=np.object_)),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if is_final else 0
         state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)

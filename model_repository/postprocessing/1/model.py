@@ -4,10 +4,17 @@ Our llm sends text_output / reasoning_output / finish_reason / counts / timings 
 When only `output_ids` + `sequence_length` arrive (a TensorRT-LLM backend in the llm step), the ids are
 decoded here (special tokens skipped), text and reasoning are split at `</think>`, and the counts are
 taken from the ids.
+
+Cancellation: Triton passes an ensemble's cancellation only to steps scheduled after it, so the running
+llm never sees it, but the next postprocessing request arrives cancelled. Postprocessing then sends the
+llm a `stop` request for the `request_key` (BLS), which aborts the sequence and frees its KV blocks.
+The cancelled request itself is still answered normally: answering it with an error leaves the ensemble
+request in flight forever in Triton 2.51 (the server then cannot shut down).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -41,6 +48,8 @@ class TritonPythonModel:
             sys.path.insert(0, python_path)
         self.engine_dir = _param(config, "engine_dir")
         self.tokenizer = None  # loaded on the first id-only response
+        self.llm_model_name = _param(config, "llm_model_name", "llm")
+        self.stopped_keys: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     def _decode(self, ids: list[int]) -> tuple[str, str]:
         if self.tokenizer is None:
@@ -60,6 +69,8 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            if request.is_cancelled():
+                self._stop_llm(request)
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
             except Exception as exc:
@@ -67,6 +78,33 @@ class TritonPythonModel:
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {exc}"))
                 )
         return responses
+
+    def _stop_llm(self, request) -> None:
+        """Ask the llm to abort the cancelled request (once per request_key)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, "request_key")
+        if tensor is None:
+            return
+        key = bytes(tensor.as_numpy().reshape(-1)[0])
+        if key in self.stopped_keys:
+            return
+        self.stopped_keys[key] = None
+        if len(self.stopped_keys) > 4096:
+            self.stopped_keys.popitem(last=False)
+        stop = pb_utils.InferenceRequest(
+            model_name=self.llm_model_name,
+            requested_output_names=["finish_reason"],
+            inputs=[
+                pb_utils.Tensor("input_ids", np.zeros(1, np.int32)),
+                pb_utils.Tensor("stop", np.array([True])),
+                pb_utils.Tensor("request_key", np.array([key], dtype=np.object_)),
+            ],
+        )
+        try:
+            for response in stop.exec(decoupled=True):
+                if response.has_error():
+                    pb_utils.Logger.log_warn(f"postprocessing: stop failed: {response.error().message()}")
+        except Exception as exc:
+            pb_utils.Logger.log_warn(f"postprocessing: stop failed: {exc}")
 
     def _process(self, request) -> list:
         def get(name: str):

@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -157,4 +158,7 @@ class TritonPythonModel:
             pb_utils.Tensor("streaming", np.array([bool(stream)], np.bool_)),
             pb_utils.Tensor("stop_words", np.array([w.encode() for w in stop_words], dtype=np.object_)),
             pb_utils.Tensor("is_thinking", np.array([out.is_thinking], np.bool_)),
+            # Unique per request: postprocessing uses it to stop the llm when the client cancels
+            # (Triton does not pass an ensemble's cancellation to a step that is already running).
+            pb_utils.Tensor("request_key", np.array([uuid.uuid4().hex.encode()], dtype=np.object_)),
         ]
