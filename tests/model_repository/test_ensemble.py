@@ -1,0 +1,307 @@
+"""The real Triton server on a tiny engine: transports agree with the engine, concurrency, errors, cancel."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import queue
+import re
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 8
+QUESTION = "What is in this image?"
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+IMAGES = {"text": [], "one_image": [png(90, 60, 1)], "two_images": [png(90, 60, 1), png(64, 100, 2)]}
+
+
+def grpc_inputs(
+    text: str = QUESTION, images: list[bytes] = (), stream: bool = True, max_tokens: int = MAX_TOKENS, **extra
+) -> list[grpcclient.InferInput]:
+    tensors = {
+        "text_input": np.array([text.encode()], dtype=np.object_),
+        "max_tokens": np.array([max_tokens], np.int32),
+        "temperature": np.array([0.0], np.float32),
+        "stream": np.array([stream]),
+    }
+    if images:
+        tensors["image_input"] = np.array(list(images), dtype=np.object_)
+    tensors.update(extra)
+    inputs = []
+    for name, array in tensors.items():
+        dtype = {
+            np.dtype(np.object_): "BYTES",
+            np.dtype(np.int32): "INT32",
+            np.dtype(np.float32): "FP32",
+            np.dtype(np.float64): "FP64",
+            np.dtype(np.bool_): "BOOL",
+            np.dtype(np.uint64): "UINT64",
+        }[array.dtype]
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+class Stream:
+    """One gRPC bidirectional stream; responses are grouped by request id."""
+
+    def __init__(self, url: str) -> None:
+        self.client = grpcclient.InferenceServerClient(url)
+        self.queue: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.queue.put((result, error)))
+
+    def send(self, inputs, request_id: str = "") -> None:
+        self.client.async_stream_infer(
+            "ensemble", inputs, request_id=request_id, enable_empty_final_response=True
+        )
+
+    def collect(self, num_requests: int = 1, timeout: float = 120.0) -> dict[str, list[dict] | Exception]:
+        results: dict[str, list[dict] | Exception] = {}
+        done = 0
+        deadline = time.monotonic() + timeout
+        while done < num_requests:
+            result, error = self.queue.get(timeout=max(0.1, deadline - time.monotonic()))
+            if error is not None:
+                # Errors of a stream carry no request id; tests with errors send one request at a time.
+                results[f"error{done}"] = error
+                done += 1
+                continue
+            response = result.get_response()
+            parts = results.setdefault(response.id, [])
+            if response.outputs:
+                parts.append({o.name: result.as_numpy(o.name)[0] for o in response.outputs})
+            if response.parameters["triton_final_response"].bool_param:
+                done += 1
+        return results
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
+def joined(parts: list[dict]) -> tuple[str, str, str]:
+    text = b"".join(p["text_output"] for p in parts).decode()
+    reasoning = b"".join(p["reasoning_output"] for p in parts).decode()
+    return text, reasoning, parts[-1]["finish_reason"].decode()
+
+
+def grpc_generate(
+    server, images: list[bytes], stream: bool = True, text: str = QUESTION
+) -> tuple[str, str, str]:
+    s = Stream(server.grpc_url)
+    try:
+        s.send(grpc_inputs(text, images, stream))
+        (result,) = s.collect().values()
+    finally:
+        s.close()
+    if isinstance(result, Exception):
+        raise result
+    if not stream:
+        assert len(result) == 1
+    return joined(result)
+
+
+def http_payload(images: list[bytes], stream: bool) -> dict:
+    payload = {"text_input": QUESTION, "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": stream}
+    if images:
+        payload["image_input"] = [base64.b64encode(i).decode() for i in images]
+    return payload
+
+
+def engine_generate(engine_dir: Path, images: list[bytes]) -> tuple[str, str, str]:
+    from engine.executor import Executor, GenerationRequest
+    from engine.preprocess import PreprocessLimits, Preprocessor
+    from engine.sampling import SamplingParams
+
+    pre = Preprocessor(engine_dir, PreprocessLimits.from_engine_dir(engine_dir))
+    out = pre(QUESTION, images)
+    ex = Executor.from_engine_dir(engine_dir)
+    embeds = None
+    if images:
+        embeds = ex.model.encode_images(
+            torch.from_numpy(out.pixel_values), torch.from_numpy(out.image_grid_thw)
+        )
+    ex.add_request(
+        GenerationRequest(
+            "direct",
+            out.input_ids.tolist(),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
+            image_embeds=embeds,
+            mrope_positions=torch.from_numpy(out.mrope_positions),
+            mrope_delta=out.mrope_delta,
+            is_thinking=out.is_thinking,
+        )
+    )
+    text, reasoning, finish = [], [], None
+    while finish is None:
+        for o in ex.step():
+            text.append(o.text)
+            reasoning.append(o.reasoning)
+            finish = o.finish_reason
+    return "".join(text), "".join(reasoning), finish
+
+
+@pytest.mark.parametrize("case", list(IMAGES))
+def test_transports_and_engine_agree(server, tiny_engine: Path, case: str) -> None:
+    images = IMAGES[case]
+    expected = engine_generate(tiny_engine, images)
+    assert expected[2] in ("stop", "length")
+    assert grpc_generate(server, images, stream=True) == expected
+    assert grpc_generate(server, images, stream=False) == expected
+
+    with httpx.Client(base_url=f"http://{server.http_url}", timeout=60) as http:
+        r = http.post("/v2/models/ensemble/generate", json=http_payload(images, stream=False))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["text_output"], body["reasoning_output"], body["finish_reason"]) == expected
+        assert body["num_output_tokens"] <= MAX_TOKENS and body["num_input_tokens"] > 0
+        assert body["arrival_time_ns"] <= body["first_token_time_ns"] <= body["last_token_time_ns"]
+
+        r = http.post("/v2/models/ensemble/generate_stream", json=http_payload(images, stream=True))
+        assert r.status_code == 200, r.text
+        events = [line for line in r.text.split("\n\n") if line.startswith("data: ")]
+        parts = [json.loads(e[len("data: ") :]) for e in events]
+        assert all("error" not in p for p in parts), parts
+        text = "".join(p["text_output"] for p in parts)
+        reasoning = "".join(p["reasoning_output"] for p in parts)
+        assert (text, reasoning, parts[-1]["finish_reason"]) == expected
+        assert [p["finish_reason"] for p in parts[:-1]] == [""] * (len(parts) - 1)
+        counts = [p["num_output_tokens"] for p in parts]
+        assert counts == sorted(counts) and len(parts) >= 2
+
+
+def test_32_concurrent_streams_get_their_own_answers(server) -> None:
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(32)]
+    images = [[] if i % 4 else [png(56 + 8 * (i % 3), 56, i)] for i in range(32)]
+    s = Stream(server.grpc_url)
+    try:
+        alone = {}
+        for i, prompt in enumerate(prompts):
+            s.send(grpc_inputs(prompt, images[i]), request_id=f"r{i}")
+            alone.update(s.collect())
+        for i, prompt in enumerate(prompts):
+            s.send(grpc_inputs(prompt, images[i]), request_id=f"r{i}")
+        together = s.collect(num_requests=32)
+    finally:
+        s.close()
+    assert sorted(together) == sorted(alone) == sorted(f"r{i}" for i in range(32))
+    for rid in alone:
+        assert joined(together[rid]) == joined(alone[rid]), rid
+
+
+BAD_INPUTS = [
+    ("zero bytes", {"images": [b""]}, "image_input[0]: image is empty"),
+    ("corrupt", {"images": [b"\x89PNG\r\n\x1a\n" + b"junk" * 50]}, "image_input[0]: corrupt"),
+    ("byte limit", {"images": [png(400, 400)]}, "over the limit of 300000 bytes (max_image_bytes)"),
+    ("pixel bomb", {"images": [png_header_only(30000, 30000)]}, "image_input[0]: image is 900000000 pixels"),
+    ("pixel limit", {"images": [png_header_only(3000, 3000)]}, "(max_image_pixels)"),
+    ("format", {"images": [b"II*\x00" + b"\x00" * 100]}, "image_input[0]: not a PNG/JPEG/WebP/BMP/GIF image"),
+    ("too many images", {"images": [png(56, 56)] * 3}, "image_input: 3 images, over the limit of 2"),
+    ("prompt too long", {"text": "word " * 600}, "text_input: the prompt is"),
+    ("max_tokens 0", {"max_tokens": 0}, "max_tokens: 0 is out of range"),
+    ("max_tokens over", {"max_tokens": 401}, "max_tokens: 401 is over the limit of 400"),
+    ("temperature < 0", {"temperature": np.array([-1.0], np.float32)}, "temperature: -1.0 is out of range"),
+    ("temperature NaN", {"temperature": np.array([np.nan], np.float32)}, "temperature: nan is out of range"),
+    ("top_p 0", {"top_p": np.array([0.0], np.float32)}, "top_p: 0.0 is out of range"),
+    ("top_p > 1", {"top_p": np.array([1.5], np.float32)}, "top_p: 1.5 is out of range"),
+    ("wrong dtype", {"temperature": np.array([0.5], np.float64)}, "temperature"),
+    ("bad messages", {"messages": np.array([b"{not json"], dtype=np.object_)}, "messages: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("case", "request_kwargs", "message"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error_and_server_stays_ready(server, case, request_kwargs, message) -> None:
+    kwargs = dict(request_kwargs)
+    text = kwargs.pop("text", QUESTION)
+    images = kwargs.pop("images", [])
+    max_tokens = kwargs.pop("max_tokens", MAX_TOKENS)
+    s = Stream(server.grpc_url)
+    try:
+        s.send(grpc_inputs(text, images, max_tokens=max_tokens, **kwargs))
+        (result,) = s.collect().values()
+    finally:
+        s.close()
+    assert isinstance(result, InferenceServerException), result
+    assert message in result.message(), result.message()
+    assert server.is_ready()
+    text, _, finish = grpc_generate(server, [])
+    assert finish in ("stop", "length")
+
+
+def metric(server, name: str, labels: str) -> float:
+    body = httpx.get(server.metrics_url, timeout=10).text
+    found = re.search(rf"^{name}{{[^}}]*{labels}[^}}]*}} (\S+)$", body, re.MULTILINE)
+    assert found, f"{name} {labels} not in metrics"
+    return float(found.group(1))
+
+
+def test_cancel_mid_stream_aborts_and_frees_kv(server) -> None:
+    aborted_before = metric(server, "glmv_requests_finished_total", 'finish_reason="abort"')
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = grpc_inputs("Tell me a long story.", max_tokens=400, min_tokens=np.array([400], np.int32))
+    client.async_stream_infer("ensemble", inputs, request_id="cancel-me")
+    for _ in range(2):
+        result, error = responses.get(timeout=60)
+        assert error is None, error
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        aborted = metric(server, "glmv_requests_finished_total", 'finish_reason="abort"')
+        used = metric(server, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="used"')
+        if aborted == aborted_before + 1 and used == 0:
+            break
+        time.sleep(0.1)
+    assert aborted == aborted_before + 1
+    assert used == 0
+    # finish_reason "abort" (not "length"): it was cut short of the 400 tokens min_tokens forced.
+    assert server.is_ready()
+    assert grpc_generate(server, [])[2] in ("stop", "length")
+
+
+def test_metrics_are_exported(server) -> None:
+    grpc_generate(server, IMAGES["one_image"])
+    assert metric(server, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="max"') > 0
+    assert metric(server, "glmv_time_to_first_token_seconds_count", 'model="llm"') > 0
+    assert metric(server, "glmv_inter_token_latency_seconds_count", 'model="llm"') >= 0
+    assert metric(server, "glmv_preprocess_latency_seconds_count", 'model="preprocessing"') > 0
+    assert metric(server, "nv_trt_llm_request_metrics", 'request_type="waiting"') >= 0
+    assert metric(server, "glmv_preemptions_total", 'model="llm"') >= 0
