@@ -1,0 +1,144 @@
+"""glmv-serve: bundled Triton start-up, failure reporting, clean SIGTERM shutdown leaving no backend stubs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from build_engine.launcher import ServerStartError, TritonServer, free_port
+
+pytestmark = pytest.mark.slow
+
+ECHO_CONFIG = """
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_FP32 dims: [ -1 ] }, { name: "s" data_type: TYPE_STRING dims: [ -1 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ -1 ] }, { name: "t" data_type: TYPE_STRING dims: [ -1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+ECHO_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "x").as_numpy()
+            s = pb_utils.get_input_tensor_by_name(r, "s").as_numpy()
+            t = np.array([v[::-1] for v in s], dtype=np.object_)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2), pb_utils.Tensor("t", t)]))
+        return out
+"""
+
+
+def echo_repo(root: Path, model_py: str = ECHO_MODEL) -> Path:
+    (root / "echo" / "1").mkdir(parents=True)
+    (root / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (root / "echo" / "1" / "model.py").write_text(model_py)
+    return root
+
+
+def stub_pids(marker: str) -> list[int]:
+    """Backend stub processes whose command line mentions `marker` (our model repository)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "triton_python_backend_stub" in cmdline and marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_bundled_server_runs_python_models_exactly(tmp_path: Path) -> None:
+    """Tensors cross the Python backend intact (numpy >= 2 here: the stub env must hold numpy 1.x)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    repo = echo_repo(tmp_path / "repo")
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, exit_timeout_s=10) as server:
+        assert server.is_ready()
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            x = grpcclient.InferInput("x", [3], "FP32")
+            x.set_data_from_numpy(np.array([1.0, 2.0, 3.0], np.float32))
+            s = grpcclient.InferInput("s", [2], "BYTES")
+            s.set_data_from_numpy(np.array([b"abc", "żółw".encode()], dtype=np.object_))
+            result = client.infer("echo", [x, s])
+            assert result.as_numpy("y").tolist() == [2.0, 4.0, 6.0]
+            assert result.as_numpy("t").tolist() == [b"cba", "żółw".encode()[::-1]]
+        assert stub_pids(str(repo))
+    assert stub_pids(str(repo)) == []
+
+
+def test_start_failure_reports_the_log_tail(tmp_path: Path) -> None:
+    repo = echo_repo(tmp_path / "repo", model_py="raise RuntimeError('model import exploded')\n")
+    with pytest.raises(ServerStartError) as info:
+        TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, startup_timeout_s=120).start()
+    assert "model import exploded" in str(info.value)
+    assert stub_pids(str(repo)) == []
+
+
+def test_glmv_serve_sigterm_exits_cleanly(tiny_engine: Path, tmp_path: Path) -> None:
+    repo = tiny_engine / "model_repository"
+    http_port = free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "build_engine.launcher",
+            "--model-repository",
+            str(repo),
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--log-file",
+            str(log),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://localhost:{http_port}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        r = httpx.post(
+            f"http://localhost:{http_port}/v2/models/ensemble/generate",
+            json={"text_input": "hi", "max_tokens": 4, "temperature": 0.0},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert stub_pids(str(repo))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "glmv-serve: shutting down" in proc.stdout.read()
+    assert stub_pids(str(repo)) == []
+    assert "successfully unloaded 'llm'" in log.read_text()
+    assert "Exit timeout expired" not in log.read_text()
+    assert not os.path.exists(f"/proc/{proc.pid}")
