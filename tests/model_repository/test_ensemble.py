@@ -305,3 +305,62 @@ def test_metrics_are_exported(server) -> None:
     assert metric(server, "glmv_preprocess_latency_seconds_count", 'model="preprocessing"') > 0
     assert metric(server, "nv_trt_llm_request_metrics", 'request_type="waiting"') >= 0
     assert metric(server, "glmv_preemptions_total", 'model="llm"') >= 0
+
+
+def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) -> None:
+    """The llm step alone (as a TensorRT-LLM client would call it): streaming deltas, then `stop`."""
+
+    def llm_inputs(**tensors) -> list[grpcclient.InferInput]:
+        out = []
+        for name, (array, dtype) in tensors.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            out.append(tensor)
+        return out
+
+    prompt = np.array([3, 4, 5, 6, 7], np.int32)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    generate = llm_inputs(
+        input_ids=(prompt, "INT32"),
+        input_lengths=(np.array([5], np.int32), "INT32"),
+        request_output_len=(np.array([400], np.int32), "INT32"),
+        min_tokens=(np.array([400], np.int32), "INT32"),
+        temperature=(np.array([0.0], np.float32), "FP32"),
+        streaming=(np.array([True]), "BOOL"),
+    )
+    client.async_stream_infer("llm", generate, request_id="llm-direct", enable_empty_final_response=True)
+    first = []
+    for _ in range(2):
+        result, error = responses.get(timeout=60)
+        assert error is None, error
+        first.append(result.as_numpy("output_ids").tolist())
+        assert result.as_numpy("sequence_length").tolist() == [len(first[-1])]
+    assert all(len(ids) >= 1 for ids in first)
+
+    stopper = grpcclient.InferenceServerClient(server.grpc_url)
+    stop_responses: queue.Queue = queue.Queue()
+    stopper.start_stream(callback=lambda result, error: stop_responses.put((result, error)))
+    stop = llm_inputs(input_ids=(np.zeros(1, np.int32), "INT32"), stop=(np.array([True]), "BOOL"))
+    stopper.async_stream_infer("llm", stop, request_id="llm-direct", enable_empty_final_response=True)
+    result, error = stop_responses.get(timeout=30)
+    assert error is None and result.get_response().parameters["triton_final_response"].bool_param
+    stopper.stop_stream()
+    stopper.close()
+
+    finish = ""
+    num_tokens = 0
+    while True:
+        result, error = responses.get(timeout=30)
+        assert error is None, error
+        response = result.get_response()
+        if response.outputs:
+            finish = result.as_numpy("finish_reason")[0].decode()
+            num_tokens = int(result.as_numpy("num_output_tokens")[0])
+        if response.parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    assert finish == "abort"
+    assert num_tokens < 400
