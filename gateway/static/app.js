@@ -22,9 +22,17 @@ async function loadModel() {
     if (r.ok) {
       const body = await r.json();
       if (body.data && body.data.length) state.model = body.data[0].id;
+    } else if (r.status === 401) {
+      needKey();
     }
   } catch (e) { /* the page still works with the default model id */ }
   $("model").textContent = state.model;
+}
+
+function needKey() {
+  $("settings").open = true;
+  $("api-key").focus();
+  showError("This server needs an API key: enter it under Settings.");
 }
 
 function setImage(file) {
@@ -61,7 +69,12 @@ function renderStats(s) {
   const parts = [];
   if (s.ttft !== null) parts.push(`TTFT ${(s.ttft * 1000).toFixed(0)} ms`);
   if (s.tokens) parts.push(`${s.tokens} tokens`);
-  if (s.tokens && s.decodeSeconds > 0) parts.push(`${(s.tokens / s.decodeSeconds).toFixed(1)} tokens/s`);
+  // Decode rate over the streamed window; when everything arrived at once, over the whole request.
+  const window = s.decodeSeconds >= 0.05 && s.tokens > 1 ? s.decodeSeconds : s.total;
+  if (s.tokens && window > 0) {
+    const rate = s.decodeSeconds >= 0.05 && s.tokens > 1 ? (s.tokens - 1) / window : s.tokens / window;
+    parts.push(`${rate.toFixed(1)} tokens/s`);
+  }
   parts.push(`total ${s.total.toFixed(2)} s`);
   if (s.finish) parts.push(`finish: ${s.finish}`);
   $("stats").innerHTML = parts.map((p) => `<span>${p}</span>`).join("");
@@ -103,6 +116,7 @@ async function ask(event) {
     if (!r.ok) {
       let payload = null;
       try { payload = await r.json(); } catch (e) { /* not JSON */ }
+      if (r.status === 401) $("settings").open = true;
       const retry = r.headers.get("Retry-After");
       throw new Error(errorText(r.status, payload) + (retry ? ` (retry in ${retry} s)` : ""));
     }

@@ -1,0 +1,155 @@
+"""The whole path with the real ensemble and a tiny random engine: Triton ← glmv_client ← gateway ← OpenAI SDK / page.
+
+The engine is built once per session (``python -m build_engine --preset tiny``) and served by the
+launcher's Triton; answers are greedy, so every route must give the same text token for token.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from glmv_client import Client, Delta, Finish
+
+pytestmark = pytest.mark.slow
+MODEL = "glm-4.6v-flash"
+REPO_ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def real_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from build_engine.launcher import TritonServer
+
+    out = tmp_path_factory.mktemp("tiny_engine")
+    build = subprocess.run(
+        [sys.executable, "-m", "build_engine", "--preset", "tiny", "--output", str(out), "--device", "cpu"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    with TritonServer(out / "model_repository", http_port=0, grpc_port=0, metrics_port=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def real_gateway(real_triton, gateway_server_class) -> Iterator[object]:
+    from gateway.config import GatewayConfig
+
+    with gateway_server_class(
+        GatewayConfig(triton_url=real_triton.grpc_url, api_keys=("real-key",))
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("photo") / "gradient.png"
+    img = Image.new("RGB", (64, 48))
+    img.putdata([(x * 4, y * 5, 128) for y in range(48) for x in range(64)])
+    img.save(path)
+    return path
+
+
+def data_uri(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_openai_sdk_matches_glmv_client_greedy(real_triton, real_gateway, photo, thinking):
+    openai = pytest.importorskip("openai")
+    question = "What is in this picture?"
+    with Client(real_triton.grpc_url, timeout=300) as client:
+        reference = client.analyze([photo], question, temperature=0, max_tokens=24, enable_thinking=thinking)
+        streamed = list(
+            client.stream([photo], question, temperature=0, max_tokens=24, enable_thinking=thinking)
+        )
+    assert reference.usage.completion_tokens > 0
+    assert "".join(d.text for d in streamed if isinstance(d, Delta)) == reference.text
+    assert "".join(d.reasoning for d in streamed if isinstance(d, Delta)) == reference.reasoning
+    assert isinstance(streamed[-1], Finish) and streamed[-1].usage == reference.usage
+
+    sdk = openai.OpenAI(base_url=f"{real_gateway.url}/v1", api_key="real-key", timeout=300)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_uri(photo)}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+    extra = {"chat_template_kwargs": {"enable_thinking": thinking}}
+    full = sdk.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=24, extra_body=extra
+    )
+    assert full.choices[0].message.content == reference.text
+    assert (getattr(full.choices[0].message, "reasoning_content", None) or "") == reference.reasoning
+    assert full.choices[0].finish_reason == reference.finish_reason
+    assert full.usage.prompt_tokens == reference.usage.prompt_tokens
+    assert full.usage.completion_tokens == reference.usage.completion_tokens
+
+    chunks = list(
+        sdk.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == reference.text
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reference.reasoning
+    assert chunks[-1].usage.completion_tokens == reference.usage.completion_tokens
+
+
+def test_http_protocol_matches_grpc(real_triton, photo):
+    with (
+        Client(real_triton.grpc_url) as grpc_client,
+        Client(real_triton.http_url, protocol="http") as http_client,
+    ):
+        a = grpc_client.analyze([photo], "Describe.", temperature=0, max_tokens=12)
+        b = http_client.analyze([photo], "Describe.", temperature=0, max_tokens=12)
+        c = "".join(
+            d.text + d.reasoning
+            for d in http_client.stream([photo], "Describe.", temperature=0, max_tokens=12)
+            if isinstance(d, Delta)
+        )
+    assert (a.text, a.reasoning, a.usage) == (b.text, b.reasoning, b.usage)
+    assert c == a.reasoning + a.text
+
+
+def test_readiness_probe(real_gateway):
+    r = httpx.get(f"{real_gateway.url}/readyz", timeout=120)
+    assert r.status_code == 200 and r.json() == {"status": "ready", "reason": "ready"}
+
+
+def test_page_with_the_real_model(real_gateway, photo, browser, artifacts_dir):
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page.goto(real_gateway.url + "/")
+    page.wait_for_selector("#settings[open]")  # the page asks for the key this gateway requires
+    assert page.text_content("#error") == "This server needs an API key: enter it under Settings."
+    page.fill("#api-key", "real-key")
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#preview:not([hidden])")
+    page.fill("#question", "这张图片里有什么？ What is in this picture?")
+    page.fill("#max-tokens", "32")
+    page.click("#send")
+    page.wait_for_selector("#send:not([disabled])", timeout=120000)
+    assert page.is_hidden("#error"), page.text_content("#error")
+    answer = page.text_content("#answer") + page.text_content("#reasoning")
+    assert answer and answer != "The answer appears here."
+    assert "TTFT" in page.text_content("#stats")
+    page.screenshot(path=str(artifacts_dir / "page.png"), full_page=True)
