@@ -203,6 +203,19 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             await asyncio.gather(task, return_exceptions=True)
 
 
+BOX_MARKERS = ("<|begin_of_box|>", "<|end_of_box|>")
+
+
+def strip_box_markers(text: str, metrics: GatewayMetrics) -> str:
+    """Remove GLM's answer-box special tokens (GLM-V#79, #133); each removal is counted."""
+    for marker in BOX_MARKERS:
+        count = text.count(marker)
+        if count:
+            metrics.box_markers.inc(count)
+            text = text.replace(marker, "")
+    return text
+
+
 def sse(data: dict[str, Any] | str) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {payload}\n\n"
@@ -368,8 +381,10 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
         out = completion_body(
             new_completion_id(),
             req.model,
-            gw.output_filter.apply(cached["text"]),
-            gw.output_filter.apply(cached["reasoning"]),
+            gw.output_filter.apply(strip_box_markers(cached["text"], gw.metrics)),
+            gw.output_filter.apply(strip_box_markers(cached["reasoning"], gw.metrics))
+            if req.include_reasoning
+            else "",
             cached["finish_reason"],
             cached["usage"],
         )
@@ -447,8 +462,12 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                             is_first_token = False
                         text_parts.append(item.text)
                         reasoning_parts.append(item.reasoning)
-                        reasoning = reasoning_filter.feed(item.reasoning)
-                        text = text_filter.feed(item.text)
+                        reasoning = (
+                            reasoning_filter.feed(strip_box_markers(item.reasoning, gw.metrics))
+                            if req.include_reasoning
+                            else ""
+                        )
+                        text = text_filter.feed(strip_box_markers(item.text, gw.metrics))
                         if reasoning:
                             yield sse(
                                 chunk_body(

@@ -45,6 +45,11 @@ class GatewayMetrics:
             ("kind",),
             registry=self.registry,
         )
+        self.box_markers = Counter(
+            "glmv_gateway_box_markers_stripped",
+            "<|begin_of_box|> / <|end_of_box|> markers removed from answers",
+            registry=self.registry,
+        )
         self.disconnects = Counter(
             "glmv_gateway_client_disconnects",
             "Chat requests cancelled because the client went away",

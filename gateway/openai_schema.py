@@ -4,7 +4,8 @@
 :class:`ChatRequest` or raises :class:`ApiError` (status + OpenAI error body). Image parts
 (``image_url``: a ``data:`` URI, or an http(s) URL when ``allow_image_urls``) become
 ``{"type": "image"}`` parts of the ensemble's ``messages`` input, in order; their bytes are
-fetched/decoded later (:mod:`gateway.images`). Reasoning is returned as ``reasoning_content``.
+fetched/decoded later (:mod:`gateway.images`). Reasoning is returned as ``reasoning_content``
+(``include_reasoning: false`` leaves it out); GLM's box markers are stripped from answers.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class ChatRequest:
     max_tokens: int
     stream: bool = False
     include_usage: bool = False
+    include_reasoning: bool = True  # False: reasoning_content is left out of the answer
     sampling: dict[str, Any] = field(default_factory=dict)  # glmv_client sampling kwargs
 
     @property
@@ -115,6 +117,9 @@ def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
     include_usage = bool(stream_options.get("include_usage", False))
+    include_reasoning = body.get("include_reasoning", True)
+    if not isinstance(include_reasoning, bool):
+        raise ApiError(400, "'include_reasoning' must be a boolean.", param="include_reasoning")
 
     sampling: dict[str, Any] = {}
     _number(body, "temperature", sampling, 0.0, 2.0)
@@ -156,6 +161,7 @@ def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
         max_tokens=max_tokens,
         stream=stream,
         include_usage=include_usage,
+        include_reasoning=include_reasoning,
         sampling=sampling,
     )
 

@@ -309,3 +309,20 @@ def test_disconnect_cancels_a_non_streaming_request(make_gateway, fixture_log):
         time.sleep(0.05)
     assert fixture_log.read_text().count("cancelled ") == before + 1
     assert "glmv_gateway_client_disconnects_total 1.0" in httpx.get(f"{gw.url}/metrics").text
+
+
+def test_box_markers_and_include_reasoning(make_gateway):
+    gw = make_gateway()
+    body = {"model": MODEL, "messages": user("<|begin_of_box|>cat<|end_of_box|>"), "include_reasoning": False}
+    r = chat(gw.url, body)
+    assert r.json()["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "cat | images=0 sizes= temperature=- seed=-",
+    }
+    events = sse_events(chat(gw.url, {**body, "stream": True}).text)
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    assert "".join(d.get("content", "") for d in deltas) == "cat | images=0 sizes= temperature=- seed=-"
+    assert not any("reasoning_content" in d for d in deltas)
+    assert "glmv_gateway_box_markers_stripped_total 4.0" in httpx.get(f"{gw.url}/metrics").text
+    r = chat(gw.url, {**body, "include_reasoning": "no"})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "include_reasoning")
