@@ -22,7 +22,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: bad setting: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info", access_log=False)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=int(config.drain_timeout_s),
+    )
     return 0
 
 

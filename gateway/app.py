@@ -34,6 +34,7 @@ from glmv_client.errors import (
     ServerUnavailableError,
 )
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -317,6 +318,19 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        gw.metrics.in_flight.inc()
+        try:
+            response = await answer_chat(request)
+        except BaseException:
+            gw.metrics.in_flight.dec()
+            raise
+        if isinstance(response, StreamingResponse):
+            response.background = BackgroundTask(gw.metrics.in_flight.dec)  # runs after the last byte
+        else:
+            gw.metrics.in_flight.dec()
+        return response
+
+    async def answer_chat(request: Request) -> Response:
         started = time.monotonic()
         key = gw.auth.check(request.headers.get("authorization"))
         bucket = key if key is not None else (request.client.host if request.client else "anonymous")

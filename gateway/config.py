@@ -48,6 +48,7 @@ class GatewayConfig:
     redis_url: str = ""  # use Redis for the response cache when set (needs the redis package)
     prompt_guard_phrases: tuple[str, ...] = ()  # case-insensitive phrases refused with 400 prompt_rejected
     output_filter_words: tuple[str, ...] = ()  # words masked with '*' in answers
+    drain_timeout_s: float = 30.0  # on SIGTERM, seconds open requests get to finish
     readiness_ttl_s: float = 5.0  # how long a readiness probe result is reused
     readiness_timeout_s: float = 30.0  # the 1-token probe's timeout
     static_dir: str = ""  # web page directory; empty = the bundled page
@@ -63,7 +64,7 @@ class GatewayConfig:
         for name in positive + ("max_tokens_limit", "rate_limit_burst"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("rate_limit_rps", "cache_size", "cache_ttl_s", "readiness_ttl_s"):
+        for name in ("rate_limit_rps", "cache_size", "cache_ttl_s", "readiness_ttl_s", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("image_url_timeout_s", "request_timeout_s", "readiness_timeout_s"):

@@ -263,6 +263,7 @@ def test_models_health_ready_metrics_page(make_gateway):
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert 'glmv_gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in metrics
     assert "glmv_gateway_ttft_seconds_count 1.0" in metrics
+    assert "glmv_gateway_requests_in_flight 0.0" in metrics
     assert (
         'glmv_gateway_request_latency_seconds_count{endpoint="/v1/chat/completions",stream="true"} 1.0'
         in metrics
