@@ -48,6 +48,7 @@ SMOKE_DEFAULTS = {
     "max_tokens": 4,
     "image_size": "224x224",
     "warmup": 1,
+    "timeout": 120.0,
 }
 
 
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests sent (one at a time) before the first level (default 2)",
     )
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a request counts as failed")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before a request counts as failed")
     p.add_argument(
         "--out",
         default=None,
@@ -247,6 +248,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     args.image_size = args.image_size or "1288x728"
     args.max_tokens = 128 if args.max_tokens is None else args.max_tokens
     args.warmup = 2 if args.warmup is None else args.warmup
+    args.timeout = 600.0 if args.timeout is None else args.timeout
     args.model_label = args.model_label or "GLM-4.6V-Flash"
     if not args.rate and not args.concurrency:
         args.concurrency = "1,4,8,16,32,64,128"
