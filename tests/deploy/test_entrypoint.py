@@ -11,8 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import REPO_ROOT
 
@@ -311,6 +313,26 @@ def test_sigterm_stops_gateway_then_triton_and_exits_0(tmp_path: Path) -> None:
     assert processes_mentioning(f"--port {env['GLMV_GATEWAY_PORT']}") == []
 
 
+def dashboard_series_missing(env: dict[str, str]) -> list[str]:
+    """METRICS of the dashboard generator that neither Triton's nor the gateway's /metrics exposes (GPU
+    metrics are left out: this runs on CPU)."""
+    from test_grafana_dashboard import generator
+
+    text = ""
+    for port in (env["GLMV_METRICS_PORT"], env["GLMV_GATEWAY_PORT"]):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text += response.read().decode()
+    missing = []
+    for key, (name, kind, matchers) in generator().METRICS.items():
+        if name.startswith("nv_gpu_"):
+            continue
+        series = f"{name}_bucket" if kind == "histogram" else name
+        lines = [line for line in text.splitlines() if line.startswith((series + "{", series + " "))]
+        if not any(all(m in line for m in matchers.split(",") if m) for line in lines):
+            missing.append(f"{key}: {series}{{{matchers}}}")
+    return missing
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (HAS_BUILD_CLI and HAS_GATEWAY_MAIN), reason="glmv-build and the gateway are not in this tree yet"
@@ -328,6 +350,19 @@ def test_serve_tiny_model_then_sigterm_stops_everything(tmp_path: Path) -> None:
     )
     try:
         wait_healthy(env, proc, tmp_path / "entrypoint.log", "triton-ready", "gateway-live", "gateway-ready")
+        # One streamed chat answer through the gateway, so the labelled histograms have series.
+        chat = httpx.post(
+            f"http://127.0.0.1:{env['GLMV_GATEWAY_PORT']}/v1/chat/completions",
+            json={
+                "model": "glm-4.6v-flash",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+                "stream": True,
+            },
+            timeout=120,
+        )
+        assert chat.status_code == 200 and chat.text.rstrip().endswith("data: [DONE]"), chat.text[-2000:]
+        assert dashboard_series_missing(env) == []
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, (tmp_path / "entrypoint.log").read_text()
         for name in ("GLMV_HTTP_PORT", "GLMV_GRPC_PORT", "GLMV_GATEWAY_PORT"):
