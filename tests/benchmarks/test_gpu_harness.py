@@ -1,0 +1,81 @@
+"""The GPU harness's bookkeeping, on CPU: phase isolation, partial JSON, ratios, table and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.gpu_harness import Harness, comparisons, plot_comparison, table
+
+
+def _doc(device: str, baseline: dict) -> dict:
+    return {
+        "meta": {"date": "2026-11-21", "commit": "abc1234", "device": device},
+        "phases": {
+            "roofline": {
+                "decode_ms_per_token_b1": 5.8,
+                "decode_tok_s_b32_448": 4000.0,
+                "decode_tok_s_b32_1288": 3000.0,
+            },
+            "baseline": baseline,
+            "serve": {
+                "ttft_1288": {"ttft_ms": {"p50": 65.0}},
+                "ttft_448": {"ttft_ms": {"p50": 30.0}},
+                "decode_b1": {"ms_per_token": 11.6},
+                "c32_448": {"output_tok_s": 2000.0},
+                "c32_1288": {"output_tok_s": 1500.0},
+                "c64_1288": {"requests": 128, "errors": 0, "output_tok_s": 2100.0},
+                "c128_1288": {"skipped": "time budget: 20 s left"},
+            },
+        },
+    }
+
+
+def test_ratios_against_a_measured_baseline() -> None:
+    doc = _doc(
+        "NVIDIA H100 80GB HBM3", {"ttft_ms": 130.0, "decode_ms_per_token": 116.0, "batch_tok_s": 250.0}
+    )
+    cmp = comparisons(doc)
+    assert cmp["ours_over_transformers"] == {
+        "ttft_1288_ms": 0.5,
+        "decode_ms_per_token_b1": 0.1,
+        "tok_s_c32_448": 8.0,
+    }
+    assert cmp["ours_over_roofline"]["decode_ms_per_token_b1"] == 2.0
+    assert cmp["ours_over_roofline"]["tok_s_c32_448"] == 0.5
+    assert set(cmp["transformers_source"].values()) == {"measured"}
+
+
+def test_missing_baseline_falls_back_to_the_labelled_reference() -> None:
+    cmp = comparisons(_doc("NVIDIA H200", {}))
+    assert cmp["transformers"]["decode_ms_per_token_b1"] == 88.0
+    assert cmp["transformers_source"]["decode_ms_per_token_b1"].startswith("reference: ARCHITECTURE.md")
+    assert comparisons(_doc("some other GPU", {}))["transformers"]["ttft_1288_ms"] is None
+
+
+def test_table_and_plot(tmp_path: Path) -> None:
+    doc = _doc("NVIDIA H100 80GB HBM3", {"ttft_ms": 130.0})
+    doc["comparison"] = comparisons(doc)
+    text = table(doc)
+    assert "decode ms/token b1" in text
+    assert "c64_1288: 128 ok, 0 errors" in text
+    assert "c128_1288: time budget" in text
+    plot_comparison(doc, tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failing_phase_is_recorded_and_the_next_one_runs(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, budget_s=60, commit="abc1234")
+    with harness.phase("broken", 0) as rec:
+        rec["partial"] = 1
+        raise RuntimeError("no GPU here")
+    with harness.phase("fine", 0) as rec:
+        rec["value"] = 2
+    with harness.phase("too_long", 600) as rec:
+        assert rec is None
+    harness.log_file.close()
+    saved = json.loads((tmp_path / "harness.json").read_text())["phases"]
+    assert saved["broken"]["ok"] is False and saved["broken"]["error"] == "RuntimeError: no GPU here"
+    assert saved["broken"]["partial"] == 1
+    assert saved["fine"] == {"value": 2, "ok": True, "seconds": saved["fine"]["seconds"]}
+    assert saved["too_long"]["skipped"].startswith("time budget")
