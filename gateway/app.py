@@ -16,34 +16,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from glmv_client import AsyncClient, Delta, Finish, Limits
-from glmv_client.errors import (
-    GlmvError,
-    InvalidRequestError,
-    RequestTimeoutError,
-    ServerError,
-    ServerUnavailableError,
-)
+from glmv_client import AsyncClient, Delta, Finish
+from glmv_client.errors import GlmvError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import ApiKeyAuth
-from .cache import ResponseCache, cache_key, make_cache
+from .cache import cache_key
 from .config import GatewayConfig
-from .guard import OutputFilter, PromptGuard
+from .disconnect import ClientDisconnected, unless_disconnected, wait_for_disconnect
+from .errors import api_error_from, read_body
 from .images import resolve_images
 from .metrics import GatewayMetrics
+from .middleware import RequestMetricsMiddleware
 from .openai_schema import (
     ApiError,
     ChatRequest,
@@ -54,154 +47,9 @@ from .openai_schema import (
     usage_dict,
 )
 from .ratelimit import RateLimiter
+from .state import Gateway
 
 STATIC_DIR = Path(__file__).parent / "static"
-T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away before the answer was ready."""
-
-
-class Gateway:
-    """Shared state of one app: config, backend client, limiters, cache, metrics."""
-
-    def __init__(self, config: GatewayConfig, client: AsyncClient | None = None) -> None:
-        self.config = config
-        self.client = client
-        self.auth = ApiKeyAuth(config.api_keys)
-        self.limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst)
-        self.cache: ResponseCache | None = make_cache(config.cache_size, config.cache_ttl_s, config.redis_url)
-        self.guard = PromptGuard(config.prompt_guard_phrases)
-        self.output_filter = OutputFilter(config.output_filter_words)
-        self.metrics = GatewayMetrics()
-        self.http: httpx.AsyncClient | None = None
-        self.started_at = int(time.time())
-        self._ready: tuple[float, bool, str] | None = None
-        self._ready_lock = asyncio.Lock()
-
-    async def start(self) -> None:
-        if self.client is None:
-            limits = Limits(
-                max_image_bytes=self.config.max_image_bytes,
-                max_images_per_request=self.config.max_images_per_request,
-                max_tokens=self.config.max_tokens_limit,
-            )
-            self.client = AsyncClient(
-                self.config.triton_url,
-                protocol="grpc",
-                timeout=self.config.request_timeout_s,
-                model=self.config.triton_model,
-                limits=limits,
-            )
-        self.http = httpx.AsyncClient(timeout=self.config.image_url_timeout_s)
-
-    async def stop(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-        if self.http is not None:
-            await self.http.aclose()
-        if self.cache is not None:
-            await self.cache.close()
-
-    async def readiness(self) -> tuple[bool, str]:
-        """(ready, reason): Triton ready and a 1-token greedy probe answered; reused for readiness_ttl_s."""
-        async with self._ready_lock:
-            now = time.monotonic()
-            if self._ready is not None and now - self._ready[0] < self.config.readiness_ttl_s:
-                return self._ready[1], self._ready[2]
-            assert self.client is not None
-            ok, reason = False, ""
-            if not await self.client.is_ready():
-                reason = (
-                    f"Triton at {self.config.triton_url} or model '{self.config.triton_model}' is not ready"
-                )
-            else:
-                try:
-                    await asyncio.wait_for(
-                        self.client.analyze(None, "ping", max_tokens=1, temperature=0.0),
-                        self.config.readiness_timeout_s,
-                    )
-                    ok, reason = True, "ready"
-                except (GlmvError, asyncio.TimeoutError) as exc:
-                    reason = f"the engine did not answer a 1-token probe: {type(exc).__name__}: {exc}"
-            self._ready = (time.monotonic(), ok, reason)
-            return ok, reason
-
-
-def api_error_from(exc: Exception) -> ApiError:
-    """The HTTP answer for an error raised by glmv_client."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, InvalidRequestError):
-        param = "messages" if exc.field.startswith("images") else exc.field
-        return ApiError(400, exc.message, param=param, code="invalid_request")
-    if isinstance(exc, ServerError):
-        if exc.is_invalid_request:
-            field = exc.field or None
-            param = "messages" if field in ("image_input", "text_input", "messages") else field
-            return ApiError(400, exc.message, param=param, code="invalid_request")
-        return ApiError(
-            502, f"The inference server failed: {exc.message}", type="server_error", code="backend_error"
-        )
-    if isinstance(exc, ServerUnavailableError):
-        return ApiError(
-            503,
-            f"The inference server is unavailable: {exc}",
-            type="server_error",
-            code="backend_unavailable",
-        )
-    if isinstance(exc, RequestTimeoutError):
-        return ApiError(
-            504, f"The inference server timed out: {exc}", type="server_error", code="backend_timeout"
-        )
-    return ApiError(
-        500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error"
-    )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _body_too_large(int(declared), limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _body_too_large(None, limit)
-    return bytes(body)
-
-
-def _body_too_large(size: int | None, limit: int) -> ApiError:
-    amount = f"{size} bytes" if size is not None else f"more than {limit} bytes"
-    return ApiError(
-        413,
-        f"Request body is {amount}, over the limit of {limit} bytes (max_body_bytes).",
-        code="request_too_large",
-    )
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it and raise ClientDisconnected."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        raise ClientDisconnected()
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 BOX_MARKERS = ("<|begin_of_box|>", "<|end_of_box|>")
@@ -220,37 +68,6 @@ def strip_box_markers(text: str, metrics: GatewayMetrics) -> str:
 def sse(data: dict[str, Any] | str) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {payload}\n\n"
-
-
-class RequestMetricsMiddleware:
-    """Counts every HTTP response by route and status code."""
-
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = {"code": 500}
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            path = scope.get("path", "")
-            endpoint = (
-                path if path in _KNOWN_PATHS else ("/static" if path.startswith("/static/") else "other")
-            )
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-
-
-_KNOWN_PATHS = ("/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics", "/")
 
 
 def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> FastAPI:
