@@ -332,11 +332,13 @@ def main(argv: list[str] | None = None) -> int:
             out_base = Path(tempfile.mkdtemp(prefix="glmv-smoke-"))
         else:
             out_base = Path("benchmarks/results")
-        url = args.url
+        url, server_log = args.url, None
         if url is None and args.smoke:
             from benchmarks.server import local_triton
 
-            server = stack.enter_context(local_triton("tiny", device="cpu"))
+            out_base.mkdir(parents=True, exist_ok=True)
+            server_log = out_base / "triton.log"
+            server = stack.enter_context(local_triton("tiny", device="cpu", log_file=server_log))
             url = server.grpc_url if args.target == "triton" else server.http_url
         url = url or DEFAULT_URLS[args.target]
         doc, out_dir = asyncio.run(sweep(args, url, out_base))
@@ -350,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if problems:
             print("smoke: FAILED — " + "; ".join(problems), file=sys.stderr)
+            if server_log is not None:
+                print(f"server log: {server_log}", file=sys.stderr)
             return 1
         print("smoke: OK (schema valid, no errors)")
     return 0
