@@ -134,7 +134,11 @@ class Client:
                 r = self._http.get(f"/v2/models/{self.model}/ready")
                 return r.status_code == 200
             client = self._acquire()
-            ok = client.is_server_ready() and client.is_model_ready(self.model)
+            try:
+                ok = client.is_server_ready() and client.is_model_ready(self.model)
+            except InferenceServerException:
+                client.close()
+                raise
             self._release(client)
             return bool(ok)
         except (InferenceServerException, httpx.HTTPError):
