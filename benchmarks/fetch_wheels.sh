@@ -3,21 +3,23 @@
 # `python -m benchmarks.gpu_harness` there. That machine has torch, transformers, numpy, pillow, aiohttp,
 # grpcio, protobuf, packaging, urllib3 and ml-dtypes, but no tritonclient and no Triton server.
 #
-#   tritonclient      the gRPC client (pure Python)
-#   python-rapidjson  imported by tritonclient.grpc
-#   grpcio, protobuf  tritonclient 2.73's generated code needs grpcio >= 1.81.1 and protobuf >= 6.33.5;
-#                     the machine's own versions are not known to be that new, so these travel too
+#   tritonclient      the gRPC client (pure Python, 0.1 MB)
+#   python-rapidjson  imported by tritonclient.grpc (1.8 MB)
 #   nvidia-pytriton   only for the Triton 2.51 server it bundles; slimmed here: the stubs for Pythons other
-#                     than 3.12 and the libpython3.13 they need are dropped (55 MB -> ~40 MB)
+#                     than 3.12 and the libpython3.13 they need are dropped (55 MB -> 40 MB)
+#   grpcio, protobuf  only with WITH_GRPC=1 (7.7 MB): tritonclient 2.73's generated code needs grpcio >= 1.81.1
+#                     and protobuf >= 6.33.5; when the machine's own are older, the harness falls back to
+#                     Triton's HTTP generate_stream endpoint (aiohttp, which the machine has) by itself
 #
-# The device call carries at most 64 MiB (wheels plus the working tree); this script fails if the wheels
-# alone pass LIMIT_MIB (default 58). Use on the GPU machine:
+# Other wheels under .whl/ (e.g. .whl/stub/numpy-1.26.4, the launcher's numpy<2 stub env) are kept and
+# counted: a device call carries at most 64 MiB, wheels and working tree together, so this script fails
+# when everything under .whl/ passes LIMIT_MIB (default 62). Use on the GPU machine (top-level wheels only):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl
-LIMIT_MIB=${LIMIT_MIB:-58}
+LIMIT_MIB=${LIMIT_MIB:-62}
 PY=${PYTHON:-python3}
 mkdir -p "$DEST"
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo '/.whl/' >> .git/info/exclude; } || true
@@ -31,7 +33,10 @@ download() {  # download DIR SPEC...
     --platform manylinux1_x86_64 -d "$dir" "$@"
 }
 
-download "$DEST" tritonclient==2.73.0 python-rapidjson==1.25 grpcio==1.85.1 protobuf==6.33.5
+download "$DEST" tritonclient==2.73.0 python-rapidjson==1.25
+if [ "${WITH_GRPC:-0}" = 1 ]; then
+  download "$DEST" grpcio==1.85.1 protobuf==6.33.5
+fi
 
 if ! ls "$DEST"/nvidia_pytriton-0.7.0-*.whl >/dev/null 2>&1; then
   tmp=$(mktemp -d)
@@ -58,9 +63,9 @@ EOF
   rm -rf "$tmp"
 fi
 
-total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
-ls -l "$DEST"
-echo "wheels: $((total / 1024 / 1024)) MiB in $DEST (limit ${LIMIT_MIB} MiB, the working tree needs the rest of 64)"
+total=$(du -sb "$DEST" | cut -f1)
+ls -lR "$DEST"
+echo "wheels: $((total / 1024 / 1024)) MiB under $DEST (limit ${LIMIT_MIB} MiB, the working tree needs the rest of 64)"
 if [ "$total" -gt $((LIMIT_MIB * 1024 * 1024)) ]; then
   echo "too big: drop a wheel the GPU machine already has" >&2
   exit 1

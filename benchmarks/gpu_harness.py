@@ -118,8 +118,14 @@ def phase_env(record: dict) -> None:
         import tritonclient
 
         record["tritonclient"] = getattr(tritonclient, "__version__", "present")
-    except ImportError as exc:
-        record["tritonclient"] = f"missing: {exc}"
+    except Exception as exc:
+        record["tritonclient"] = f"unusable: {exc}"
+    for name in ("grpc", "google.protobuf"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            record[name] = getattr(module, "__version__", "present")
+        except Exception as exc:
+            record[name] = f"unusable: {exc}"
     if shutil.which("nvidia-smi"):
         query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
         smi = subprocess.run(
@@ -305,9 +311,9 @@ def phase_serve(record: dict, harness: Harness, engine_out: Path) -> None:
     )
     try:
         target_kind = "triton"
-        try:
+        try:  # tritonclient's generated code raises RuntimeError when grpcio / protobuf are too old
             import tritonclient.grpc.aio  # noqa: F401
-        except ImportError as exc:
+        except Exception as exc:
             target_kind = "triton-http"
             record["client_note"] = f"tritonclient unavailable ({exc}); using HTTP generate_stream"
         started = time.perf_counter()
