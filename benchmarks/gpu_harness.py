@@ -507,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     harness = Harness(args.out, args.budget_s, args.commit)
+    # The launcher's numpy<2 stub env (numpy 2 breaks the Triton 2.51 stub) installs from this wheel,
+    # carried in a subfolder so that `pip install .whl/*.whl` leaves the main environment's numpy alone.
+    stub_numpy = sorted((REPO_ROOT / ".whl" / "stub").glob("numpy-1*.whl"))
+    if stub_numpy and not os.environ.get("GLMV_STUB_NUMPY_WHEEL"):
+        os.environ["GLMV_STUB_NUMPY_WHEEL"] = str(stub_numpy[-1])
+        harness.log(f"GLMV_STUB_NUMPY_WHEEL={stub_numpy[-1]}")
     work = Path(tempfile.mkdtemp(prefix="glmv-harness-"))
     try:
         with harness.phase("env", 0) as rec:
