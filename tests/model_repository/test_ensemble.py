@@ -364,3 +364,29 @@ def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) 
     client.close()
     assert finish == "abort"
     assert num_tokens < 400
+
+
+def test_messages_and_stop_words_over_http(server) -> None:
+    with httpx.Client(base_url=f"http://{server.http_url}", timeout=60) as http:
+        image = base64.b64encode(IMAGES["one_image"][0]).decode()
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+        ]
+        base = {"max_tokens": 16, "temperature": 0.0, "image_input": [image]}
+        r = http.post("/v2/models/ensemble/generate", json={**base, "messages": json.dumps(messages)})
+        assert r.status_code == 200, r.text
+        full = r.json()["text_output"]
+        assert r.json()["num_input_tokens"] > 0
+
+        # A stop string from the middle of the answer ends it there, with finish_reason "stop".
+        clean = [i for i in range(1, len(full) - 2) if "\ufffd" not in full[i : i + 2]]
+        if not clean:
+            pytest.skip(f"no clean stop string in {full!r}")
+        start = clean[len(clean) // 2]
+        stop = full[start : start + 2]
+        payload = {**base, "messages": json.dumps(messages), "stop_words": [stop]}
+        r = http.post("/v2/models/ensemble/generate", json=payload)
+        assert r.status_code == 200, r.text
+        assert r.json()["text_output"] == full[: full.index(stop)]
+        assert r.json()["finish_reason"] == "stop"
