@@ -390,3 +390,27 @@ def test_messages_and_stop_words_over_http(server) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["text_output"] == full[: full.index(stop)]
         assert r.json()["finish_reason"] == "stop"
+
+
+def test_postprocessing_decodes_ids_when_only_ids_arrive(server, tiny_engine: Path) -> None:
+    """A TensorRT-LLM backend sends only output_ids + sequence_length; postprocessing decodes them."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_engine / "tokenizer.json"))
+    think = [tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")]
+    reasoning_ids = tokenizer.encode("The invoice total", add_special_tokens=False).ids
+    answer_ids = tokenizer.encode("The answer is yes.", add_special_tokens=False).ids
+    ids = np.array([think[0], *reasoning_ids, think[1], *answer_ids, -1, -1], np.int32)
+    inputs = []
+    for name, array, dtype in (
+        ("output_ids", ids, "INT32"),
+        ("sequence_length", np.array([len(ids) - 2], np.int32), "INT32"),
+    ):
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        result = client.infer("postprocessing", inputs)
+    assert result.as_numpy("text_output")[0].decode() == "The answer is yes."
+    assert result.as_numpy("reasoning_output")[0].decode() == "The invoice total"
+    assert result.as_numpy("num_output_tokens").tolist() == [len(ids) - 2]
