@@ -417,7 +417,12 @@ class TritonServer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmv-serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model-repository", required=True, help="rendered model repository (glmv-build output)")
+    p.add_argument("--model-repository", help="rendered model repository (glmv-build output)")
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only prepare the bundled server's backend dir and stub env (e.g. in an image build), then exit",
+    )
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -432,7 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prepare:
+        install = find_triton()
+        stub_bin = prepare_stub_env() if install.source == "pytriton" and _numpy_major() >= 2 else None
+        print(
+            f"glmv-serve: {install.source} tritonserver {install.binary}; stub env {stub_bin or '(not needed)'}"
+        )
+        return 0
+    if not args.model_repository:
+        parser.error("--model-repository is required")
     for flag in ("http_port", "grpc_port", "metrics_port"):
         value = getattr(args, flag)
         if not 0 <= value < 65536:

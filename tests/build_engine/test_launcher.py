@@ -142,3 +142,12 @@ def test_glmv_serve_sigterm_exits_cleanly(tiny_engine: Path, tmp_path: Path) -> 
     assert "successfully unloaded 'llm'" in log.read_text()
     assert "Exit timeout expired" not in log.read_text()
     assert not os.path.exists(f"/proc/{proc.pid}")
+
+
+def test_prepare_only(capsys) -> None:
+    from build_engine.launcher import main
+
+    assert main(["--prepare"]) == 0
+    assert "tritonserver" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([])  # --model-repository is required without --prepare
