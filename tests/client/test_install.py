@@ -1,4 +1,4 @@
-"""glmv_client installed alone into a fresh virtualenv (pip install ./client): no torch, answers a real Triton."""
+"""glmv_client installed alone into a fresh virtualenv (pip install ./client): no torch; answers the fixture and the real ensemble."""
 
 from __future__ import annotations
 
@@ -61,3 +61,42 @@ def test_fresh_venv_install_answers(fixture_triton, tmp_path, png_bytes):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout == "over http | images=0 sizes= temperature=- seed=-\n"
+
+    # The same installed client against the real ensemble (tiny random engine): the greedy answer
+    # equals the one this repository's client gets.
+    from glmv_client import Client
+
+    from build_engine.launcher import TritonServer
+
+    engine = tmp_path / "engine"
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build_engine",
+            "--preset",
+            "tiny",
+            "--output",
+            str(engine),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    with TritonServer(engine / "model_repository", http_port=0, grpc_port=0, metrics_port=0) as server:
+        ask = subprocess.run(
+            [str(venv / "bin" / "glmv"), "ask", str(image), "What is this?", "--url", server.grpc_url]
+            + ["--temperature", "0", "--max-tokens", "12"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert ask.returncode == 0, ask.stderr
+        with Client(server.grpc_url) as client:
+            reference = client.analyze([image], "What is this?", temperature=0, max_tokens=12)
+    assert ask.stdout == reference.text + "\n"
+    assert f"completion_tokens={reference.usage.completion_tokens}" in ask.stderr
