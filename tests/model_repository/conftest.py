@@ -43,3 +43,6 @@ def server(tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         exit_timeout_s=10,
     ) as srv:
         yield srv
+    # Every request of the module ended: the server stops without hitting its exit timeout.
+    assert srv.process.returncode == 0, srv.log_tail()
+    assert "Exit timeout expired" not in log.read_text()
