@@ -138,6 +138,7 @@ def _python_libdir() -> str | None:
 
 
 STUB_NUMPY_REQUIREMENT = "numpy==1.26.4"
+STUB_HIDDEN_MODULES = ("scipy", "sklearn")  # compiled against numpy 2 where numpy 2 is installed
 
 
 def _numpy_major() -> int:
@@ -181,7 +182,9 @@ def prepare_stub_env(cache_dir: Path | None = None) -> Path:
 
     project_root = str(Path(__file__).resolve().parent.parent)
     sites = _site_packages()
-    key_src = "|".join([sys.prefix, sys.version, project_root, STUB_NUMPY_REQUIREMENT, *sites])
+    key_src = "|".join(
+        [sys.prefix, sys.version, project_root, STUB_NUMPY_REQUIREMENT, *STUB_HIDDEN_MODULES, *sites]
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     root = (cache_dir or _cache_dir()) / "stub_env" / key
     if (root / "pyvenv.cfg").is_file():
@@ -201,7 +204,12 @@ def prepare_stub_env(cache_dir: Path | None = None) -> Path:
             f"version = {'.'.join(map(str, sys.version_info[:3]))}\n"
         )
         _install_stub_numpy(site_dir)
-        lines = [f"import site; site.addsitedir({p!r})" for p in sites] + [project_root]
+        # Extension modules built against numpy 2 (scipy, and sklearn through it) cannot load beside numpy 1.x.
+        # transformers imports them only when find_spec says they exist; a None entry in sys.modules makes
+        # find_spec answer "absent" and a direct import raise ImportError, so they are treated as not installed.
+        hidden = "; ".join(f"sys.modules.setdefault({name!r}, None)" for name in STUB_HIDDEN_MODULES)
+        lines = [f"import sys; {hidden}"]
+        lines += [f"import site; site.addsitedir({p!r})" for p in sites] + [project_root]
         (site_dir / "zz_glmv_serve.pth").write_text("\n".join(lines) + "\n")
         try:
             os.rename(tmp, root)
