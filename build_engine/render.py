@@ -63,6 +63,8 @@ def render_repository(
         if not (src / "config.pbtxt").is_file():
             raise FileNotFoundError(f"model template {src}/config.pbtxt is missing")
         shutil.copytree(src, out_dir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # Every model needs its version folder; the ensemble's is empty, which git does not keep.
+        (out_dir / name / "1").mkdir(exist_ok=True)
         config = out_dir / name / "config.pbtxt"
         config.write_text(render_template(config.read_text(), values, str(src / "config.pbtxt")))
     return out_dir
