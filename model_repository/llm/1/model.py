@@ -87,6 +87,10 @@ class TritonPythonModel:
         overrides = {}
         if args.get("model_instance_kind") == "GPU":
             overrides["device"] = f"cuda:{args['model_instance_device_id']}"
+            import torch
+
+            # CUDA graphs, streams and default allocations follow the current device: make it this instance's.
+            torch.cuda.set_device(int(args["model_instance_device_id"]))
         engine_dir = _param(config, "engine_dir")
         engine_raw = json.loads(open(os.path.join(engine_dir, "engine_config.json")).read())
         if not str(overrides.get("device", engine_raw.get("engine", {}).get("device", "cpu"))).startswith(

@@ -38,6 +38,7 @@ class TritonPythonModel:
         self.model_config = ModelConfig.from_pretrained(engine_dir)
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
+            torch.cuda.set_device(self.device)
         elif engine_config.device.startswith("cuda") and torch.cuda.is_available():
             self.device = torch.device(engine_config.device)
         else:
