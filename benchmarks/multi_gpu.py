@@ -1,0 +1,129 @@
+"""Scaling over the GPUs of one host: one engine per GPU (`glmv-build --gpus`), Triton balancing requests.
+
+    python -m benchmarks.multi_gpu --out DIR [--gpus 2] [--concurrency-per-gpu 32] [--duration 20]
+
+Builds the full-size dummy engine twice — on GPU 0 alone, then with one vision_encoder + one llm instance
+on each of the first `--gpus` GPUs — serves each with Triton, and runs the same closed loop (448×448 images,
+`--max-tokens` out) at `concurrency-per-gpu × number of GPUs`. Writes multi_gpu.json with both runs and
+the throughput ratio, and prints a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.clients import RequestParams, make_target
+from benchmarks.corpus import Corpus
+from benchmarks.metrics import distribution_ms
+from benchmarks.run import Progress, closed_loop
+from benchmarks.server import build_engine, find_model_repository
+
+
+async def _measure(url: str, target_kind: str, concurrency: int, duration_s: float, max_tokens: int) -> dict:
+    corpus = Corpus(sizes=[(448, 448)], pool_size=12)
+    target = make_target(target_kind, url, None, concurrency)
+    params = RequestParams(max_tokens=max_tokens, temperature=0.0, timeout_s=300)
+    try:
+        for i in range(4):  # warm-up: graphs, allocator, both instances
+            await target.send(corpus.sample(i), params)
+        progress = Progress(f"c={concurrency}", 5.0, duration_s)
+        reporter = asyncio.create_task(progress.report())
+        started = time.perf_counter()
+        records = await closed_loop(target, corpus, params, concurrency, duration_s, None, progress)
+        elapsed = time.perf_counter() - started
+        reporter.cancel()
+    finally:
+        await target.close()
+    ok = [r for r in records if r.error is None]
+    tokens = sum(r.num_output_tokens or 0 for r in ok)
+    return {
+        "concurrency": concurrency,
+        "requests": len(ok),
+        "errors": len(records) - len(ok),
+        "seconds": round(elapsed, 2),
+        "rps": round(len(ok) / elapsed, 3),
+        "output_tok_s": round(tokens / elapsed, 1),
+        "ttft_ms": distribution_ms(r.ttft_s for r in ok if r.ttft_s is not None),
+        "error_messages": sorted({r.error for r in records if r.error})[:3],
+    }
+
+
+def _serve_and_measure(gpus: str, work: Path, args: argparse.Namespace, concurrency: int) -> dict:
+    from build_engine.launcher import TritonServer
+
+    extra = ["--max-batch-size", str(max(64, args.concurrency_per_gpu * 2))]
+    if args.device == "cuda":
+        extra += ["--gpus", gpus]
+    out = build_engine(
+        args.preset,
+        work / f"engine-gpus-{gpus.replace(',', '_')}",
+        device=args.device,
+        dtype="bfloat16" if args.device == "cuda" else None,
+        extra_args=extra,
+    )
+    target_kind = "triton"
+    try:
+        import tritonclient.grpc.aio  # noqa: F401
+    except ImportError:
+        target_kind = "triton-http"
+    server = TritonServer(
+        find_model_repository(out), http_port=0, grpc_port=0, metrics_port=0, startup_timeout_s=300
+    )
+    with server:
+        url = server.grpc_url if target_kind == "triton" else server.http_url
+        result = asyncio.run(_measure(url, target_kind, concurrency, args.duration, args.max_tokens))
+    result.update({"gpus": gpus, "target": target_kind})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--concurrency-per-gpu", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument(
+        "--preset", default="dummy-full", help="glmv-build preset (tiny: a CPU check of the script)"
+    )
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a check of the script")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    doc: dict = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "num_visible_gpus": torch.cuda.device_count(),
+        "args": vars(args) | {"out": str(args.out)},
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="glmv-multi-gpu-") as tmp:
+        for n in (1, args.gpus):
+            gpus = ",".join(str(i) for i in range(n))
+            try:
+                doc["runs"].append(_serve_and_measure(gpus, Path(tmp), args, args.concurrency_per_gpu * n))
+            except Exception as exc:  # keep the other run's numbers
+                doc["runs"].append({"gpus": gpus, "error": f"{type(exc).__name__}: {exc}"[-3000:]})
+            (args.out / "multi_gpu.json").write_text(json.dumps(doc, indent=2))
+    runs = doc["runs"]
+    if len(runs) == 2 and all("output_tok_s" in r for r in runs):
+        doc["scaling_tok_s"] = round(runs[1]["output_tok_s"] / runs[0]["output_tok_s"], 3)
+        doc["scaling_rps"] = round(runs[1]["rps"] / runs[0]["rps"], 3)
+    (args.out / "multi_gpu.json").write_text(json.dumps(doc, indent=2))
+    print(f"{'gpus':>6} {'conc':>5} {'req/s':>8} {'tok/s':>9} {'errors':>6}")
+    for r in runs:
+        print(
+            f"{r['gpus']:>6} {r.get('concurrency', '-'):>5} {r.get('rps', '-'):>8} {r.get('output_tok_s', '-'):>9} {r.get('errors', r.get('error', '')[:60])!s:>6}"
+        )
+    print("scaling (tok/s):", doc.get("scaling_tok_s"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
