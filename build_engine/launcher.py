@@ -408,7 +408,15 @@ class TritonServer:
 
     @staticmethod
     def _kill_group(pgid: int) -> None:
-        """SIGKILL whatever is left in the server's process group (stubs orphaned by a crash)."""
+        """SIGKILL whatever is left in the server's process group (stubs orphaned by a crash).
+
+        Called after the server (the group leader) was reaped. While orphans keep the group alive its id
+        cannot be handed out again; once the group is empty the kernel may give that number to a new
+        process, which then leads a group of its own (another server started with its own session). A live
+        process whose pid is the old group id therefore means our group is gone: it must not be signalled.
+        """
+        if Path(f"/proc/{pgid}").exists():
+            return
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

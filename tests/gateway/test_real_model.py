@@ -33,8 +33,10 @@ def real_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         timeout=900,
     )
     assert build.returncode == 0, build.stderr[-3000:]
-    with TritonServer(out / "model_repository", http_port=0, grpc_port=0, metrics_port=0) as server:
+    log_file = out / "triton.log"
+    with TritonServer(out / "model_repository", http_port=0, grpc_port=0, metrics_port=0, log_file=log_file) as server:
         yield server
+    print(f"triton log: {log_file}")
 
 
 @pytest.fixture(scope="module")
