@@ -418,6 +418,9 @@ class Executor:
             thread.join(timeout)
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":
+            # The current CUDA device is per thread: streams and graphs made here must be on ours.
+            torch.cuda.set_device(self.device)
         while True:
             with self._cond:
                 while not self._is_stopping and not self._seqs:

@@ -281,6 +281,10 @@ class DecodeGraphs:
     def capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture model.forward on the static buffers' first ``batch`` rows (their current values are
         valid inputs: run() fills them first)."""
+        with torch.cuda.device(self.slot_mapping.device):  # streams and the graph on the model's GPU
+            return self._capture(batch, width)
+
+    def _capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         attn = AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch],
             query_lens=torch.ones(batch, dtype=torch.int32, device=self.slot_mapping.device),
