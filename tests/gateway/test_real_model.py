@@ -34,7 +34,9 @@ def real_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     )
     assert build.returncode == 0, build.stderr[-3000:]
     log_file = out / "triton.log"
-    with TritonServer(out / "model_repository", http_port=0, grpc_port=0, metrics_port=0, log_file=log_file) as server:
+    with TritonServer(
+        out / "model_repository", http_port=0, grpc_port=0, metrics_port=0, log_file=log_file
+    ) as server:
         yield server
     print(f"triton log: {log_file}")
 
