@@ -16,7 +16,6 @@ engine loop is not running, new requests get an UNAVAILABLE error.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -68,26 +67,6 @@ class RequestState:
     last_token_time: float | None = None
     is_cancelled: bool = False
     has_first_token: bool = False
-
-
-def _coalesce(batches: list) -> list:
-    """Merge consecutive engine outputs of the same request (tokens and text in order, latest status)."""
-    merged: dict = {}
-    for outputs in batches:
-        for out in outputs:
-            prev = merged.get(out.request_id)
-            if prev is None:
-                merged[out.request_id] = dataclasses.replace(out, new_token_ids=list(out.new_token_ids))
-                continue
-            prev.new_token_ids.extend(out.new_token_ids)
-            prev.text += out.text
-            prev.reasoning += out.reasoning
-            prev.finish_reason = out.finish_reason
-            prev.num_output_tokens = out.num_output_tokens
-            prev.last_token_time = out.last_token_time or prev.last_token_time
-            prev.first_token_time = prev.first_token_time or out.first_token_time
-            prev.error = out.error or prev.error
-    return list(merged.values())
 
 
 class TritonPythonModel:
@@ -349,27 +328,11 @@ class TritonPythonModel:
             outputs = self.send_queue.get()
             if outputs is None:
                 return
-            # When sending falls behind the engine, the steps queued meanwhile go out as one response per
-            # request: fewer responses through the ensemble for the same tokens, and no added latency
-            # while sending keeps up (then the queue holds one step at a time).
-            batches = [outputs]
-            is_closing = False
-            while not is_closing:
-                try:
-                    more = self.send_queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    is_closing = True
-                else:
-                    batches.append(more)
-            for output in _coalesce(batches):
+            for output in outputs:
                 try:
                     self._send_output(output)
                 except Exception:
                     logger.exception("llm: sending a response failed")
-            if is_closing:
-                return
 
     def _send_output(self, output) -> None:
         with self.lock:
