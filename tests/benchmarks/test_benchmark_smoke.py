@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow
 def tiny_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from benchmarks.server import local_triton
 
-    with local_triton("tiny", device="cpu", workdir=tmp_path_factory.mktemp("bench_engine")) as server:
+    workdir = tmp_path_factory.mktemp("bench_engine")
+    with local_triton("tiny", device="cpu", workdir=workdir, log_file=workdir / "triton.log") as server:
         yield server
 
 

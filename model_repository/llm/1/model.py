@@ -67,6 +67,7 @@ class RequestState:
     last_token_time: float | None = None
     is_cancelled: bool = False
     has_first_token: bool = False
+    is_done: bool = False  # the final response is sent: the sender must not be touched again
 
 
 class TritonPythonModel:
@@ -104,6 +105,10 @@ class TritonPythonModel:
         self.wall_offset_ns = time.time_ns() - time.monotonic_ns()
 
         self.lock = threading.Lock()
+        # Held while a response is sent and while is_cancelled() is asked: asking a response sender whose
+        # final response went out reads freed server memory (Triton 2.51 crashes in
+        # TRITONBACKEND_ResponseFactoryIsCancelled).
+        self.sender_lock = threading.Lock()
         self.states: dict[str, RequestState] = {}
         self.triton_ids: dict[str, set[str]] = {}
         self.send_queue: queue.Queue = queue.Queue()
@@ -330,7 +335,8 @@ class TritonPythonModel:
                 return
             for output in outputs:
                 try:
-                    self._send_output(output)
+                    with self.sender_lock:
+                        self._send_output(output)
                 except Exception:
                     logger.exception("llm: sending a response failed")
 
@@ -353,6 +359,7 @@ class TritonPythonModel:
         state.reasoning.append(output.reasoning)
         is_final = output.is_finished
         if is_final:
+            state.is_done = True
             self._forget(state)
             if output.finish_reason in self.m_finished_by_reason:
                 self.m_finished_by_reason[output.finish_reason].increment(1)
@@ -405,7 +412,9 @@ class TritonPythonModel:
                 states = [s for s in self.states.values() if not s.is_cancelled]
             for state in states:
                 try:
-                    if state.sender.is_cancelled():
+                    with self.sender_lock:
+                        is_cancelled = not state.is_done and state.sender.is_cancelled()
+                    if is_cancelled:
                         state.is_cancelled = True
                         self.executor.abort(state.engine_id)
                 except Exception:
