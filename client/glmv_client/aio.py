@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from .client import (
     OUTPUTS,
+    ClientSettings,
     checked_json_response,
     grpc_channel_args,
     grpc_inputs,
@@ -34,7 +35,7 @@ from .request import GenerateRequest, Limits, build_request, generate_json
 from .results import Assembler, Delta, Finish, Response, Result, response_from_tensors
 
 
-class AsyncClient:
+class AsyncClient(ClientSettings):
     """Asyncio client; safe for many concurrent requests."""
 
     def __init__(
@@ -49,21 +50,20 @@ class AsyncClient:
         retry_backoff: float = 0.2,
         headers: dict[str, str] | None = None,
     ) -> None:
-        if protocol not in ("grpc", "http"):
-            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-        self.url = url.removeprefix("grpc://") if protocol == "grpc" else url
-        self.protocol = protocol
-        self.timeout = timeout
-        self.model = model
-        self.limits = limits or Limits()
-        self.max_retries = max_retries
-        self.retry_backoff = retry_backoff
-        self.headers = headers
+        super().__init__(
+            url,
+            protocol,
+            timeout,
+            model,
+            limits=limits,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            headers=headers,
+        )
         self._grpc: aiogrpc.InferenceServerClient | None = None
         self._http: httpx.AsyncClient | None = None
         if protocol == "http":
-            base = url if url.startswith(("http://", "https://")) else f"http://{url}"
-            self._http = httpx.AsyncClient(base_url=base, timeout=timeout, headers=headers)
+            self._http = httpx.AsyncClient(base_url=self._http_base_url(), timeout=timeout, headers=headers)
 
     # -- public API ---------------------------------------------------------------------------
 

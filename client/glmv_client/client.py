@@ -76,8 +76,8 @@ def server_error(err: InferenceServerException) -> ServerError:
     return ServerError(err.message() or str(err), status=err.status())
 
 
-class Client:
-    """Blocking client; thread-safe (each call takes its own gRPC stream)."""
+class ClientSettings:
+    """Connection and request settings shared by `Client` and `AsyncClient` (validated here once)."""
 
     def __init__(
         self,
@@ -101,12 +101,41 @@ class Client:
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.headers = headers
+
+    def _http_base_url(self) -> str:
+        return self.url if self.url.startswith(("http://", "https://")) else f"http://{self.url}"
+
+
+class Client(ClientSettings):
+    """Blocking client; thread-safe (each call takes its own gRPC stream)."""
+
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        protocol: str = "grpc",
+        timeout: float | None = 600.0,
+        model: str = "ensemble",
+        *,
+        limits: Limits | None = None,
+        max_retries: int = 2,
+        retry_backoff: float = 0.2,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            url,
+            protocol,
+            timeout,
+            model,
+            limits=limits,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            headers=headers,
+        )
         self._idle: list[grpcclient.InferenceServerClient] = []
         self._lock = threading.Lock()
         self._http: httpx.Client | None = None
         if protocol == "http":
-            base = url if url.startswith(("http://", "https://")) else f"http://{url}"
-            self._http = httpx.Client(base_url=base, timeout=timeout, headers=headers)
+            self._http = httpx.Client(base_url=self._http_base_url(), timeout=timeout, headers=headers)
 
     # -- public API ---------------------------------------------------------------------------
 
