@@ -88,8 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-bytes", type=int, default=None, help="KV cache budget (overrides the fraction)"
     )
     p.add_argument("--disable-thinking", action="store_true", help="default enable_thinking to false")
-    p.add_argument("--preprocessing-instances", type=int, default=2)
-    p.add_argument("--postprocessing-instances", type=int, default=1)
+    p.add_argument("--preprocessing-instances", type=int, default=4)
+    p.add_argument(
+        "--postprocessing-instances",
+        type=int,
+        default=1,
+        help="more than one may reorder a stream's responses (kept for a TensorRT-LLM-style setup)",
+    )
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--vision-max-queue-delay-us", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")

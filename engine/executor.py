@@ -2,8 +2,14 @@
 
 Contract:
   * ``add_request(req) -> request_id`` validates at once (ValueError naming the field: sampling params,
-    empty or too long prompt, image_embeds rows vs image tokens, mrope_positions shape, duplicate id) and
-    queues the request; it joins the running batch at the next step.
+    empty or too long prompt, image_embeds rows or image_patches/image_grid_thw vs image tokens,
+    mrope_positions shape, duplicate id) and queues the request; it joins the running batch at the next
+    step.
+  * Images come either encoded (``image_embeds``) or as patches (``image_patches`` uint8 RGB or float
+    pixel values, with ``image_grid_thw``): the loop thread then runs the ViT itself, packing the patches
+    of several requests into one forward (at most ``max_num_vision_patches``), just ahead of their prefill
+    (it encodes more only while the prefill queue holds less than one step of tokens). The embeddings
+    stay on the device.
   * ``step() -> list[RequestOutput]``: one scheduler step. A request gets an output in a step when it got
     new tokens or finished; ``new_token_ids`` are the tokens not returned before (a request preempted by
     recompute never returns a token twice). Every request's last output has ``finish_reason`` set:
@@ -43,9 +49,12 @@ from engine.metrics import EngineStats
 from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger("glm-engine")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image processor's defaults
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -55,6 +64,11 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     image_embeds: torch.Tensor | None = None
     """[num_image_tokens, hidden], rows in prompt order."""
+    image_patches: torch.Tensor | None = None
+    """[num_patches, patch_dim]: uint8 RGB patches of the resized images (normalized here) or float
+    pixel values; the executor encodes them. Exclusive with image_embeds."""
+    image_grid_thw: torch.Tensor | None = None
+    """[num_images, 3] (t, h, w) patches per image, with image_patches."""
     mrope_positions: torch.Tensor | None = None
     """[3, prompt_len] int64; None: text-only (arange)."""
     mrope_delta: int = 0
@@ -99,11 +113,15 @@ class Executor:
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
         enforce_eager: bool | None = None,
+        image_processor_config: dict[str, Any] | None = None,
     ) -> None:
         """Load the model (``weights_dir``; None: random weights of the config's shape, unless ``model``
         is given), size and allocate the KV cache, build scheduler, sampler and runner.
-        ``enforce_eager=True`` turns CUDA graphs off (None: EngineConfig.enforce_eager if it exists)."""
+        ``enforce_eager=True`` turns CUDA graphs off (None: EngineConfig.enforce_eager if it exists).
+        ``image_processor_config``: the checkpoint's preprocessor_config.json (image_mean, image_std,
+        rescale_factor) for uint8 ``image_patches``; None: CLIP mean/std and 1/255."""
         from engine.decoder import Glm4vModel
+        from engine.vision import PatchNormalizer
 
         self.model_config = model_config
         self.engine_config = engine_config
@@ -148,6 +166,15 @@ class Executor:
             max_model_len=self.max_model_len,
             enforce_eager=enforce_eager,
         )
+        proc = image_processor_config or {}
+        self.patch_normalizer = PatchNormalizer(
+            model_config.vision_config.patch_dim,
+            tuple(proc.get("image_mean", CLIP_MEAN)),
+            tuple(proc.get("image_std", CLIP_STD)),
+            float(proc.get("rescale_factor", 1 / 255)),
+            self.device,
+        )
+        self._vision_waiting: list[Sequence] = []  # loop thread only: images not encoded yet, FIFO
         self.tokenizer = tokenizer
         self.think_start_id, self.think_end_id = think_token_ids(tokenizer) if tokenizer else (None, None)
 
@@ -179,7 +206,15 @@ class Executor:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
-        return cls(model_config, engine_config, None if is_dummy else engine_dir, tokenizer=tokenizer)
+        processor_file = engine_dir / "preprocessor_config.json"
+        processor = json.loads(processor_file.read_text()) if processor_file.is_file() else None
+        return cls(
+            model_config,
+            engine_config,
+            None if is_dummy else engine_dir,
+            tokenizer=tokenizer,
+            image_processor_config=processor,
+        )
 
     # -- requests (any thread) ----------------------------------------------------------------------
 
@@ -217,7 +252,11 @@ class Executor:
         if bad is not None:
             raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
         num_image_tokens = prompt.count(self.model_config.image_token_id)
-        num_rows = 0 if req.image_embeds is None else req.image_embeds.shape[0]
+        if req.image_patches is not None or req.image_grid_thw is not None:
+            self._check_patches(req, num_image_tokens)
+            num_rows = num_image_tokens
+        else:
+            num_rows = 0 if req.image_embeds is None else req.image_embeds.shape[0]
         if num_rows != num_image_tokens:
             raise ValueError(
                 f"image_embeds: {num_rows} rows for {num_image_tokens} image tokens "
@@ -239,11 +278,14 @@ class Executor:
         generator = None
         if req.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
+        has_patches = req.image_patches is not None and req.image_patches.shape[0] > 0
         return Sequence(
             req.request_id,
             prompt,
             req.sampling,
             image_embeds=req.image_embeds,
+            image_patches=req.image_patches if has_patches else None,
+            image_grid_thw=req.image_grid_thw if has_patches else None,
             mrope_positions=req.mrope_positions,
             mrope_delta=int(req.mrope_delta),
             image_token_id=self.model_config.image_token_id,
@@ -251,10 +293,52 @@ class Executor:
             generator=generator,
         )
 
+    def _check_patches(self, req: GenerationRequest, num_image_tokens: int) -> None:
+        vision = self.model_config.vision_config
+        merge = vision.spatial_merge_size
+        if req.image_embeds is not None:
+            raise ValueError(
+                "image_patches: give image_patches with image_grid_thw, or image_embeds, not both"
+            )
+        if req.image_patches is None or req.image_grid_thw is None:
+            missing = "image_grid_thw" if req.image_grid_thw is None else "image_patches"
+            raise ValueError(f"{missing}: image_patches and image_grid_thw go together")
+        grid = req.image_grid_thw
+        if grid.ndim != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point:
+            raise ValueError(
+                f"image_grid_thw: shape {tuple(grid.shape)} {grid.dtype} must be [n, 3] integers"
+            )
+        for t, h, w in grid.tolist():
+            if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
+                raise ValueError(
+                    f"image_grid_thw: {[t, h, w]} must have t, h, w >= 1 and h, w divisible by {merge}"
+                )
+        num_patches = int(grid.prod(dim=1).sum()) if grid.shape[0] else 0
+        patches = req.image_patches
+        if tuple(patches.shape) != (num_patches, vision.patch_dim):
+            raise ValueError(
+                f"image_patches: shape {tuple(patches.shape)} must be [{num_patches}, {vision.patch_dim}] "
+                f"for image_grid_thw {grid.tolist()}"
+            )
+        if patches.dtype != torch.uint8 and not patches.dtype.is_floating_point:
+            raise ValueError(f"image_patches: dtype {patches.dtype} must be uint8 or floating point")
+        if num_patches // merge**2 != num_image_tokens:
+            raise ValueError(
+                f"image_patches: {num_patches // merge**2} image tokens for {num_image_tokens} image tokens "
+                f"(id {self.model_config.image_token_id}) in prompt_token_ids"
+            )
+
     def warmup(self) -> None:
         """Run one throw-away request (a full-budget prefill chunk, then decodes) so the first real request
         pays no kernel start-up, then capture the CUDA graphs. Call before serving (no request running)."""
         num_tokens = max(1, min(self.engine_config.max_num_batched_tokens, self.max_model_len - 2))
+        vision = self.model_config.vision_config
+        side = 16 * vision.spatial_merge_size  # one mid-size image warms the ViT's kernels
+        with torch.inference_mode():
+            self.model.encode_images(
+                torch.zeros(side * side, vision.patch_dim, device=self.device),
+                torch.tensor([[1, side, side]]),
+            )
         self.add_request(
             GenerationRequest("__warmup__", [0] * num_tokens, SamplingParams(max_tokens=2, ignore_eos=True))
         )
@@ -294,14 +378,18 @@ class Executor:
             new_seqs, self._new_seqs = self._new_seqs, []
             aborted_ids, self._aborted_ids = self._aborted_ids, set()
         for seq in new_seqs:
-            self.scheduler.add(seq)
+            if seq.image_patches is not None:
+                self._vision_waiting.append(seq)
+            else:
+                self.scheduler.add(seq)
         outputs = []
         for request_id in sorted(aborted_ids):
             seq = self._seqs.get(request_id)
             if seq is None or seq.is_finished:
                 continue
-            self.scheduler.finish(seq, "abort")
+            self._finish(seq, "abort")
             outputs.append(self._output(seq))
+        outputs += self._encode_waiting_images()
 
         out = self.scheduler.schedule()
         num_tokens = out.num_batched_tokens
@@ -321,6 +409,58 @@ class Executor:
                     outputs.append(self._output(seq))
         self._finish_step(outputs, started, num_tokens, 0 if out.is_empty else 1)
         return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` in the scheduler, or before it got there (images not encoded yet)."""
+        if any(s is seq for s in self._vision_waiting):
+            self._vision_waiting = [s for s in self._vision_waiting if s is not seq]
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            seq.image_patches = seq.image_grid_thw = None
+        else:
+            self.scheduler.finish(seq, reason)
+
+    def _encode_waiting_images(self) -> list[RequestOutput]:
+        """Encode the images of the oldest waiting requests (one packed ViT forward of at most
+        max_num_vision_patches patches) and hand those requests to the scheduler. Runs only while the
+        prefill queue holds less than one step of tokens, so images are encoded just ahead of their
+        prefill and decodes are not held up by encoding far ahead."""
+        if not self._vision_waiting:
+            return []
+        queued = sum(len(s) - s.num_computed_tokens for s in self.scheduler.waiting)
+        if queued >= self.engine_config.max_num_batched_tokens:
+            return []
+        budget = self.engine_config.max_num_vision_patches
+        batch, num_patches = [], 0
+        for seq in self._vision_waiting:
+            n = seq.image_patches.shape[0]
+            if batch and num_patches + n > budget:
+                break
+            batch.append(seq)
+            num_patches += n
+        self._vision_waiting = self._vision_waiting[len(batch) :]
+        merge_area = self.model_config.vision_config.spatial_merge_size**2
+        try:
+            with torch.inference_mode():
+                pixels = torch.cat([self.patch_normalizer(s.image_patches) for s in batch])
+                grid = torch.cat([s.image_grid_thw for s in batch]).to(torch.int64).cpu()
+                embeds = self.model.encode_images(pixels, grid)
+        except Exception as exc:  # these requests end; the engine keeps serving the others
+            logger.exception("[glm-engine] vision encoder failed; aborting %d requests", len(batch))
+            outputs = []
+            for seq in batch:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+                seq.image_patches = seq.image_grid_thw = None
+                outputs.append(self._output(seq, error=f"vision encoder error: {exc}"))
+            return outputs
+        offset = 0
+        for seq in batch:
+            rows = seq.image_patches.shape[0] // merge_area
+            seq.image_embeds = embeds[offset : offset + rows]
+            offset += rows
+            seq.image_patches = seq.image_grid_thw = None
+            self.scheduler.add(seq)
+        return []
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         """The output of ``seq`` for this step: its unreturned tokens and text; ends it on a stop string."""
@@ -368,7 +508,7 @@ class Executor:
                 self._aborted_ids.discard(o.request_id)
             self._stats = dataclasses.replace(
                 stats,
-                num_waiting=len(self.scheduler.waiting),
+                num_waiting=len(self.scheduler.waiting) + len(self._vision_waiting),
                 num_running=len(self.scheduler.running),
                 num_blocks_used=self.block_manager.num_used_blocks,
                 num_preemptions=self.scheduler.num_preemptions,
@@ -388,8 +528,14 @@ class Executor:
             new_seqs, self._new_seqs = self._new_seqs, []
             self._aborted_ids.clear()
         for seq in new_seqs:
-            self.scheduler.add(seq)
+            self.scheduler.add(seq)  # scheduler.finish ends them; patches waiting for the ViT are dropped
+            seq.image_patches = seq.image_grid_thw = None
         outputs = []
+        for seq in self._vision_waiting:
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            seq.image_patches = seq.image_grid_thw = None
+            outputs.append(self._output(seq))
+        self._vision_waiting = []
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.finish(seq, "abort")
             outputs.append(self._output(seq))

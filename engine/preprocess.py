@@ -11,9 +11,12 @@ Triton model and by tests. Contract:
   so a decompression bomb is never decoded. Then the image is decoded (corrupt/truncated -> error).
 * Image processing follows transformers' `Glm46VImageProcessorPil` with the engine dir's
   `preprocessor_config.json` (its `smart_resize` with factor 28, PIL bicubic, CLIP mean/std, patchify in
-  merge-window order) in a numpy path that is 3-6x faster on large images: `pixel_values`
-  [sum(gh*gw), 1176] float32 and `image_grid_thw` [n, 3] int64, within 1e-6 of the processor's output
-  (float rounding only; the grid is identical). `image_hash` is the sha256 hex of each image's file bytes.
+  merge-window order) in a numpy path that is 3-6x faster on large images. It stops before rescaling:
+  `image_patches` [sum(gh*gw), 1176] uint8 (the resized RGB values, 4x fewer bytes than float32; the engine
+  normalizes them on its device, `engine.vision.PatchNormalizer`) and `image_grid_thw` [n, 3] int64.
+  `Preprocessor.normalize(image_patches)` gives the float32 pixel_values, within 1e-6 of the processor's
+  output (float rounding only; the grid is identical). `image_hash` is the sha256 hex of each image's
+  file bytes.
 * The prompt: `messages` (OpenAI-shaped JSON; `{"type": "image"}` / `image_url` parts take the images in
   order) or `text_input` with the images before the text in one user turn, rendered with the tokenizer's
   chat template (`add_generation_prompt=True`, `enable_thinking`); each `<|image|>` id is expanded to
@@ -140,7 +143,7 @@ class ImageInfo:
 @dataclass
 class PreprocessedRequest:
     input_ids: np.ndarray  # [L] int32, image tokens expanded
-    pixel_values: np.ndarray  # [num_patches, 1176] float32 (0 rows without images)
+    image_patches: np.ndarray  # [num_patches, 1176] uint8 RGB, not normalized (0 rows without images)
     image_grid_thw: np.ndarray  # [num_images, 3] int64
     mrope_positions: np.ndarray  # [3, L] int64
     mrope_delta: int
@@ -350,12 +353,12 @@ class Preprocessor:
         return infos
 
     def process_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
-        """pixel_values [N, 1176] float32, image_grid_thw [n, 3] int64 (empty for no images)."""
+        """image_patches [N, 1176] uint8, image_grid_thw [n, 3] int64 (empty for no images)."""
         proc = self.image_processor
         patch, merge, temporal = int(proc.patch_size), int(proc.merge_size), int(proc.temporal_patch_size)
         patch_dim = 3 * temporal * patch**2
         if not images:
-            return np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int64)
+            return np.zeros((0, patch_dim), np.uint8), np.zeros((0, 3), np.int64)
         parts, grids = [], []
         for info in images:
             rows, grid = self._patchify(info.image, patch, merge, temporal)
@@ -363,8 +366,17 @@ class Preprocessor:
             grids.append(grid)
         return np.concatenate(parts), np.asarray(grids, dtype=np.int64)
 
+    def normalize(self, image_patches: np.ndarray) -> np.ndarray:
+        """uint8 patches -> float32 pixel_values: `x * rescale_factor`, then `(x - mean) / std` per channel
+        (the image processor's arithmetic; rows are channel-major, 3 x temporal x p x p)."""
+        per_channel = image_patches.shape[-1] // len(self._mean)
+        mean = np.repeat(self._mean, per_channel)
+        std = np.repeat(self._std, per_channel)
+        x = image_patches.astype(np.float32) * np.float32(self.image_processor.rescale_factor)
+        return (x - mean) / std
+
     def _patchify(self, image: Any, patch: int, merge: int, temporal: int) -> tuple[np.ndarray, tuple]:
-        """One image -> rows [gh*gw, 3*temporal*patch*patch] in merge-window order, and (1, gh, gw)."""
+        """One image -> uint8 rows [gh*gw, 3*temporal*patch*patch] in merge-window order, and (1, gh, gw)."""
         from PIL import Image
         from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
 
@@ -386,12 +398,11 @@ class Preprocessor:
         image = image.convert("RGB")
         if (w, h) != (width, height):
             image = image.resize((w, h), resample=Image.Resampling(int(proc.resample)))
-        x = np.asarray(image, dtype=np.float32) * np.float32(proc.rescale_factor)  # [h, w, 3]
-        x = (x - self._mean) / self._std
+        x = np.asarray(image, dtype=np.uint8)  # [h, w, 3]
         gh, gw = h // patch, w // patch
         # [gh/m, m, p, gw/m, m, p, 3] -> [gh/m, gw/m, m, m, 3, p, p]: merge windows, then channel-major patches
         x = x.reshape(gh // merge, merge, patch, gw // merge, merge, patch, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-        out = np.empty((gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch), np.float32)
+        out = np.empty((gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch), np.uint8)
         out[...] = x[:, :, :, :, :, None]  # a still image repeated over the temporal patch
         return out.reshape(gh * gw, 3 * temporal * patch * patch), (1, gh, gw)
 
@@ -467,7 +478,7 @@ class Preprocessor:
         messages = self.build_messages(text, messages_json, len(infos))
         thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
         prompt = self.render(messages, thinking)
-        pixel_values, grid = self.process_images(infos)
+        image_patches, grid = self.process_images(infos)
         num_tokens_per_image = [int(t * h * w) // self.merge_size**2 for t, h, w in grid.tolist()]
         if sum(num_tokens_per_image) > self.limits.max_image_tokens_per_request:
             raise InputError(
@@ -501,7 +512,7 @@ class Preprocessor:
         positions, delta = get_mrope_positions(expanded, torch.from_numpy(grid), self.model_config)
         return PreprocessedRequest(
             input_ids=np.asarray(expanded, dtype=np.int32),
-            pixel_values=pixel_values,
+            image_patches=image_patches,
             image_grid_thw=grid,
             mrope_positions=positions.numpy().astype(np.int64),
             mrope_delta=int(delta),

@@ -35,6 +35,8 @@ class Sequence:
         sampling: SamplingParams,
         *,
         image_embeds: torch.Tensor | None = None,
+        image_patches: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
         mrope_positions: torch.Tensor | None = None,
         mrope_delta: int = 0,
         image_token_id: int | None = None,
@@ -46,12 +48,15 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
         self.image_embeds = image_embeds  # [num_image_tokens, hidden] in prompt order, or None
+        # Images still to encode (the executor runs the ViT and sets image_embeds before scheduling):
+        self.image_patches = image_patches  # [num_patches, patch_dim] uint8 RGB or float pixel values
+        self.image_grid_thw = image_grid_thw  # [num_images, 3] int64
         self.mrope_positions = mrope_positions  # [3, num_prompt_tokens] int64, or None (text-only)
         self.mrope_delta = mrope_delta
         # prompt indices of image tokens, sorted: rows of image_embeds in the same order
         self.image_token_indices: list[int] = (
             [i for i, t in enumerate(prompt_token_ids) if t == image_token_id]
-            if image_embeds is not None and image_token_id is not None
+            if image_token_id is not None
             else []
         )
         self.generator = generator

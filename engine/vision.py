@@ -10,6 +10,9 @@ Contract:
   except the fused `mlp.gate_up_proj` / `merger.gate_up_proj` (gate rows first), built at load by
   `engine.weights`.
 * Matches transformers' `Glm4vVisionModel(...).pooler_output` (float32 to ~1e-5).
+* `PatchNormalizer` turns raw uint8 RGB patches (the resized image patchified, no rescale/normalize: 4x
+  fewer bytes between processes than float32) into pixel_values on the encoder's device with the same
+  float32 arithmetic as the image processor (`x * rescale_factor`, then `(x - mean) / std` per channel).
 """
 
 from __future__ import annotations
@@ -22,6 +25,35 @@ from engine.config import VisionConfig
 from engine.rope import apply_rotary_half, vision_patch_positions, vision_rotary_cos_sin
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class PatchNormalizer:
+    """uint8 patches [N, patch_dim] (channel-major rows: 3 x temporal x p x p) -> float32 pixel_values."""
+
+    def __init__(
+        self,
+        patch_dim: int,
+        image_mean: tuple[float, ...],
+        image_std: tuple[float, ...],
+        rescale_factor: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        channels = len(image_mean)
+        if len(image_std) != channels or patch_dim % channels:
+            raise ValueError(f"image_mean/image_std: {channels} channels do not divide patch_dim {patch_dim}")
+        per_channel = patch_dim // channels
+        self.patch_dim = patch_dim
+        self.rescale = torch.tensor(rescale_factor, dtype=torch.float32, device=device)
+        self.mean = torch.tensor(image_mean, dtype=torch.float32).repeat_interleave(per_channel).to(device)
+        self.std = torch.tensor(image_std, dtype=torch.float32).repeat_interleave(per_channel).to(device)
+
+    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
+        if patches.dtype != torch.uint8:
+            return patches.to(self.mean.device, torch.float32)  # already pixel values
+        if patches.ndim != 2 or patches.shape[1] != self.patch_dim:
+            raise ValueError(f"image_patches: shape {tuple(patches.shape)} must be [N, {self.patch_dim}]")
+        x = patches.to(self.mean.device, non_blocking=True).to(torch.float32) * self.rescale
+        return (x - self.mean) / self.std
 
 
 class RMSNorm(nn.Module):

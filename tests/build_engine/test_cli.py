@@ -36,7 +36,7 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     llm = (out / "model_repository" / "llm" / "config.pbtxt").read_text()
     assert f'string_value: "{out}"' in llm and "KIND_CPU" in llm and "decoupled: true" in llm
     pre = (out / "model_repository" / "preprocessing" / "config.pbtxt").read_text()
-    assert "count: 2 kind: KIND_CPU" in pre
+    assert "count: 4 kind: KIND_CPU" in pre
 
     # The engine directory loads as an executor.
     from engine.executor import Executor

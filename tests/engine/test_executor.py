@@ -171,6 +171,88 @@ def test_image_embeds_cut_by_chunks(model, model_config):
     assert delta != 0
 
 
+def image_request(mc, request_id: str, grids: list[tuple[int, int, int]], seed: int):
+    """A prompt with one image block per grid, uint8 patches for them, and the M-RoPE positions."""
+    merge_area = mc.vision_config.spatial_merge_size**2
+    ids = [5, 6]
+    for t, h, w in grids:
+        ids += [mc.image_start_token_id] + [mc.image_token_id] * (t * h * w // merge_area)
+        ids += [mc.image_end_token_id]
+    ids += [7, 8]
+    grid = torch.tensor(grids, dtype=torch.int64)
+    num_patches = int(grid.prod(dim=1).sum())
+    generator = torch.Generator().manual_seed(seed)
+    patches = torch.randint(0, 256, (num_patches, mc.vision_config.patch_dim), generator=generator)
+    positions, delta = get_mrope_positions(ids, grid, mc)
+    return ids, patches.to(torch.uint8), grid, positions, delta
+
+
+def test_image_patches_encoded_in_the_engine_match_precomputed_embeds(model, model_config):
+    """uint8 patches: normalized like the image processor, encoded in packed ViT forwards across
+    requests (budget of 2 images' patches per forward), same tokens as embeds encoded up front."""
+    from engine.executor import CLIP_MEAN, CLIP_STD
+
+    mc = model_config
+    grids = [[(1, 4, 6)], [(1, 4, 4), (1, 2, 6)], [(1, 6, 4)]]
+    reqs, references = [], {}
+    for i, g in enumerate(grids):
+        ids, patches, grid, positions, delta = image_request(mc, f"p{i}", g, seed=i)
+        per_channel = mc.vision_config.patch_dim // 3
+        mean = torch.tensor(CLIP_MEAN).repeat_interleave(per_channel)
+        std = torch.tensor(CLIP_STD).repeat_interleave(per_channel)
+        pixels = (patches.float() * torch.tensor(1 / 255, dtype=torch.float32) - mean) / std
+        embeds = model.encode_images(pixels, grid)
+        references[f"p{i}"] = reference_greedy(model, mc, ids, 6, embeds, positions, delta)
+        reqs.append(
+            GenerationRequest(
+                f"p{i}",
+                ids,
+                greedy(6),
+                image_patches=patches,
+                image_grid_thw=grid,
+                mrope_positions=positions,
+                mrope_delta=delta,
+            )
+        )
+    reqs.append(GenerationRequest("text", prompt(9, 5), greedy(6)))
+    references["text"] = reference_greedy(model, mc, prompt(9, 5), 6)
+    ex = make_executor(model, mc, max_num_vision_patches=40, max_num_batched_tokens=8)
+    outputs = run_to_end(ex, {0: reqs[:2], 1: reqs[2:]})
+    assert {rid: tokens(outs) for rid, outs in outputs.items()} == references
+    assert ex.stats().num_finished == 4 and not ex._vision_waiting
+
+
+def test_image_patches_rejected_with_the_field_named(model, model_config):
+    mc = model_config
+    ex = make_executor(model, mc)
+    ids, patches, grid, positions, delta = image_request(mc, "x", [(1, 4, 4)], seed=0)
+
+    def req(**kwargs):
+        base = {"image_patches": patches, "image_grid_thw": grid, "mrope_positions": positions}
+        return GenerationRequest("x", ids, greedy(2), **{**base, **kwargs})
+
+    cases = [
+        (req(image_grid_thw=None), r"^image_grid_thw: image_patches and image_grid_thw go together"),
+        (req(image_patches=None), r"^image_patches: image_patches and image_grid_thw go together"),
+        (req(image_grid_thw=torch.tensor([[1, 3, 4]])), r"^image_grid_thw: \[1, 3, 4\] must have"),
+        (req(image_patches=patches[:-1]), r"^image_patches: shape \(15, 1176\) must be \[16, 1176\]"),
+        (req(image_grid_thw=torch.tensor([[1, 4, 8]])), r"^image_patches: shape \(16, 1176\) must be \[32,"),
+        (req(image_patches=patches.to(torch.int32)), r"^image_patches: dtype torch.int32 must be uint8"),
+        (req(image_embeds=torch.zeros(4, mc.hidden_size)), r"^image_patches: give image_patches .* not both"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ex.add_request(bad)
+    # aborted while its image waits for the ViT: ends with "abort", nothing left behind
+    ex.add_request(req())
+    ex.add_request(GenerationRequest("big", prompt(1, 40), greedy(2, ignore_eos=True)))
+    ex.abort("x")
+    first = {o.request_id: o.finish_reason for o in ex.step()}
+    assert first["x"] == "abort"
+    run_to_end(ex)
+    assert not ex._vision_waiting and ex.block_manager.num_used_blocks == 0
+
+
 def test_seeded_sampling_independent_of_batch(model, model_config):
     sp = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     alone = tokens(

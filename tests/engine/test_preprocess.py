@@ -88,7 +88,11 @@ def test_text_only_matches_chat_template(pre: Preprocessor, hf_processor) -> Non
     )
     assert out.prompt == expected
     assert out.input_ids.tolist() == hf_processor.tokenizer(expected, add_special_tokens=False)["input_ids"]
-    assert out.pixel_values.shape == (0, 1176) and out.image_grid_thw.shape == (0, 3)
+    assert (
+        out.image_patches.shape == (0, 1176)
+        and out.image_patches.dtype == np.uint8
+        and out.image_grid_thw.shape == (0, 3)
+    )
     assert out.mrope_positions.tolist() == [list(range(len(out.input_ids)))] * 3
     assert out.mrope_delta == 0
 
@@ -117,7 +121,7 @@ def test_images_match_transformers_processor(pre: Preprocessor, hf_processor, ti
     ref = hf_processor(text=[text], images=[Image.open(io.BytesIO(f)) for f in files], return_tensors="np")
     assert out.input_ids.tolist() == ref["input_ids"][0].tolist()
     # Our numpy image path computes the processor's function; only float rounding may differ.
-    np.testing.assert_allclose(out.pixel_values, ref["pixel_values"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pre.normalize(out.image_patches), ref["pixel_values"], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(out.image_grid_thw, ref["image_grid_thw"])
     assert out.image_hashes == [hashlib.sha256(f).hexdigest() for f in files]
 
@@ -141,7 +145,7 @@ def test_base64_and_data_uri_equal_raw(pre: Preprocessor) -> None:
     uri = b"data:image/jpeg;base64," + b64
     outs = [pre("q", [x]) for x in (raw, b64, uri, uri.decode())]
     for out in outs[1:]:
-        np.testing.assert_array_equal(out.pixel_values, outs[0].pixel_values)
+        np.testing.assert_array_equal(out.image_patches, outs[0].image_patches)
         assert out.image_hashes == outs[0].image_hashes == [hashlib.sha256(raw).hexdigest()]
 
 
@@ -156,7 +160,9 @@ def test_gif_uses_first_frame(pre: Preprocessor) -> None:
     buf = io.BytesIO()
     red.save(buf, "GIF", save_all=True, append_images=[blue])
     only_red = encode(red, "GIF")
-    np.testing.assert_array_equal(pre("q", [buf.getvalue()]).pixel_values, pre("q", [only_red]).pixel_values)
+    np.testing.assert_array_equal(
+        pre("q", [buf.getvalue()]).image_patches, pre("q", [only_red]).image_patches
+    )
 
 
 def test_rgba_and_grayscale_are_accepted(pre: Preprocessor) -> None:
@@ -258,7 +264,25 @@ def test_pixel_values_match_processor_for_modes_and_sizes(pre: Preprocessor, mod
     rng = np.random.default_rng(7)
     rgba = Image.fromarray((rng.random((size[1], size[0], 4)) * 255).astype("uint8"), "RGBA")
     data = encode(rgba.convert(mode))
-    pixel_values, grid = pre.process_images(pre.load_images([data]))
+    patches, grid = pre.process_images(pre.load_images([data]))
+    pixel_values = pre.normalize(patches)
     ref = pre.image_processor([Image.open(io.BytesIO(data))], return_tensors="np")
     np.testing.assert_array_equal(grid, ref["image_grid_thw"])
     np.testing.assert_allclose(pixel_values, ref["pixel_values"], rtol=0, atol=1e-6)
+
+
+def test_engine_patch_normalizer_equals_the_preprocessor_arithmetic(pre: Preprocessor) -> None:
+    """The llm normalizes the uint8 patches on its device: bit-identical to Preprocessor.normalize."""
+    import torch
+
+    from engine.vision import PatchNormalizer
+
+    rng = np.random.default_rng(3)
+    data = encode(Image.fromarray((rng.random((300, 500, 3)) * 255).astype("uint8"), "RGB"))
+    patches, _ = pre.process_images(pre.load_images([data]))
+    assert patches.dtype == np.uint8 and patches.shape[1] == 1176
+    proc = pre.image_processor
+    normalizer = PatchNormalizer(1176, tuple(proc.image_mean), tuple(proc.image_std), proc.rescale_factor)
+    np.testing.assert_array_equal(normalizer(torch.from_numpy(patches)).numpy(), pre.normalize(patches))
+    with pytest.raises(ValueError, match=r"^image_patches: shape \(3, 1175\) must be \[N, 1176\]"):
+        normalizer(torch.zeros(3, 1175, dtype=torch.uint8))

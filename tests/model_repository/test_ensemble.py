@@ -153,8 +153,9 @@ def engine_generate(engine_dir: Path, images: list[bytes]) -> tuple[str, str, st
     ex = Executor.from_engine_dir(engine_dir)
     embeds = None
     if images:
+        # the reference encodes numpy-normalized pixels up front; the server sends uint8 patches to the llm
         embeds = ex.model.encode_images(
-            torch.from_numpy(out.pixel_values), torch.from_numpy(out.image_grid_thw)
+            torch.from_numpy(pre.normalize(out.image_patches)), torch.from_numpy(out.image_grid_thw)
         )
     ex.add_request(
         GenerationRequest(
@@ -364,6 +365,63 @@ def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) 
     client.close()
     assert finish == "abort"
     assert num_tokens < 400
+
+
+def test_image_patches_and_vision_encoder_embeddings_give_the_llm_one_answer(
+    server, tiny_engine: Path
+) -> None:
+    """Images reach the llm two ways: uint8 patches (the ensemble's path: the llm runs the ViT) or an
+    embedding table from the standalone vision_encoder model (TensorRT-LLM style). Same greedy ids."""
+    from engine.preprocess import PreprocessLimits, Preprocessor
+
+    pre = Preprocessor(tiny_engine, PreprocessLimits.from_engine_dir(tiny_engine))
+    out = pre(QUESTION, IMAGES["two_images"])
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+
+    def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    pixels = pre.normalize(out.image_patches)[None]
+    grid = out.image_grid_thw[None]
+    table = client.infer(
+        "vision_encoder", [tensor("pixel_values", pixels, "FP32"), tensor("image_grid_thw", grid, "INT64")]
+    ).as_numpy("prompt_embedding_table")
+    num_image_tokens = int((out.input_ids == pre.model_config.image_token_id).sum())
+    assert table.shape == (1, num_image_tokens, pre.model_config.hidden_size)
+    with pytest.raises(InferenceServerException, match=r"pixel_values: \d+ patches do not match"):
+        client.infer(
+            "vision_encoder",
+            [tensor("pixel_values", pixels[:, :-4], "FP32"), tensor("image_grid_thw", grid, "INT64")],
+        )
+
+    def generate(image_tensors: list) -> list[int]:
+        responses: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        common = [
+            tensor("input_ids", out.input_ids.astype(np.int32), "INT32"),
+            tensor("request_output_len", np.array([MAX_TOKENS], np.int32), "INT32"),
+            tensor("temperature", np.array([0.0], np.float32), "FP32"),
+            tensor("mrope_positions", out.mrope_positions, "INT64"),
+            tensor("mrope_position_deltas", np.array([out.mrope_delta], np.int64), "INT64"),
+            tensor("exclude_input_in_output", np.array([True]), "BOOL"),
+        ]
+        client.async_stream_infer("llm", common + image_tensors)
+        result, error = responses.get(timeout=60)
+        client.stop_stream()
+        assert error is None, error
+        return result.as_numpy("output_ids").tolist()
+
+    from_patches = generate(
+        [
+            tensor("image_patches", out.image_patches, "UINT8"),
+            tensor("image_grid_thw", out.image_grid_thw, "INT64"),
+        ]
+    )
+    from_table = generate([tensor("prompt_embedding_table", table, "FP32")])
+    assert from_patches == from_table and len(from_patches) == MAX_TOKENS
+    client.close()
 
 
 def test_messages_and_stop_words_over_http(server) -> None:

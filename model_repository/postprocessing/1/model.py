@@ -10,6 +10,11 @@ llm never sees it, but the next postprocessing request arrives cancelled. Postpr
 llm a `stop` request for the `request_key` (BLS), which aborts the sequence and frees its KV blocks.
 The cancelled request itself is still answered normally: answering it with an error leaves the ensemble
 request in flight forever in Triton 2.51 (the server then cannot shut down).
+
+Cost per streamed response is what bounds the server's token rate, so the hot path is lean: the llm's
+tensors are passed on as they are (same names), and `is_cancelled()` (a round trip to the server, about as
+costly as the rest of the response) is asked at most once per `cancellation_check_period_ms` per stream,
+and always on a stream's first and final response.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import collections
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+PASS_THROUGH = ("text_output", "reasoning_output", "finish_reason")
 PASS_THROUGH_INT = (
     ("num_input_tokens", np.int32),
     ("num_output_tokens", np.int32),
@@ -50,6 +57,9 @@ class TritonPythonModel:
         self.tokenizer = None  # loaded on the first id-only response
         self.llm_model_name = _param(config, "llm_model_name", "llm")
         self.stopped_keys: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.check_period_s = float(_param(config, "cancellation_check_period_ms", "10")) / 1000.0
+        # request_key -> when is_cancelled() was last asked for that stream (oldest first)
+        self.last_checks: collections.OrderedDict[bytes, float] = collections.OrderedDict()
 
     def _decode(self, ids: list[int]) -> tuple[str, str]:
         if self.tokenizer is None:
@@ -69,7 +79,7 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            if request.is_cancelled():
+            if self._should_check(request) and request.is_cancelled():
                 self._stop_llm(request)
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
@@ -78,6 +88,27 @@ class TritonPythonModel:
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {exc}"))
                 )
         return responses
+
+    def _should_check(self, request) -> bool:
+        """Ask is_cancelled() for this response? Its stream's first and last, then once per period."""
+        key_tensor = pb_utils.get_input_tensor_by_name(request, "request_key")
+        finish = pb_utils.get_input_tensor_by_name(request, "finish_reason")
+        if key_tensor is None:
+            return True
+        key = bytes(key_tensor.as_numpy().reshape(-1)[0])
+        now = time.monotonic()
+        last = self.last_checks.get(key)
+        is_final = finish is not None and bytes(finish.as_numpy().reshape(-1)[0]) != b""
+        if is_final:
+            self.last_checks.pop(key, None)
+            return True
+        if last is not None and now - last < self.check_period_s:
+            return False
+        self.last_checks[key] = now
+        self.last_checks.move_to_end(key)
+        while len(self.last_checks) > 65536:  # streams that ended without a final response reaching here
+            self.last_checks.popitem(last=False)
+        return True
 
     def _stop_llm(self, request) -> None:
         """Ask the llm to abort the cancelled request (once per request_key)."""
@@ -107,6 +138,17 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"postprocessing: stop failed: {exc}")
 
     def _process(self, request) -> list:
+        inputs = {name: pb_utils.get_input_tensor_by_name(request, name) for name in PASS_THROUGH}
+        if inputs["text_output"] is not None:  # our llm: its tensors are the ensemble's outputs as they are
+            out = [inputs["text_output"]]
+            for name in PASS_THROUGH[1:]:
+                tensor = inputs[name]
+                out.append(tensor if tensor is not None else _bytes_tensor(name, b""))
+            for name, dtype in PASS_THROUGH_INT:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                out.append(tensor if tensor is not None else pb_utils.Tensor(name, np.zeros(1, dtype)))
+            return out
+
         def get(name: str):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy().reshape(-1)
