@@ -15,7 +15,6 @@ import asyncio
 import base64
 import itertools
 import json
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -135,12 +134,9 @@ class TritonGrpcTarget:
                 finish_reason = _scalar(result, "finish_reason")
                 if finish_reason:
                     timer.record.num_input_tokens = _scalar(result, "num_input_tokens")
-                    arrival, first = (
-                        _scalar(result, "arrival_time_ns"),
-                        _scalar(result, "first_token_time_ns"),
+                    timer.server_times(
+                        _scalar(result, "arrival_time_ns"), _scalar(result, "first_token_time_ns")
                     )
-                    if arrival and first and first >= arrival:
-                        timer.record.server_ttft_s = (first - arrival) / 1e9
                     return timer.finish(finish_reason, None if count is None else int(count))
             return timer.fail("stream closed before a response with a finish_reason")
         finally:
@@ -235,7 +231,7 @@ class OpenAITarget:
     async def _stream(self, timer: StreamTimer, sample: Sample, params: RequestParams) -> RequestRecord:
         session = await self._get_session()
         body = self.payload(sample, params)
-        timer.record.start_s = time.perf_counter()  # the model lookup is not part of the request
+        timer.restart()  # the model lookup is not part of the request
         async with session.post(f"{self.url}/v1/chat/completions", json=body) as resp:
             if resp.status != 200:
                 return timer.fail(f"HTTP {resp.status}: {(await resp.text())[:500]}")
@@ -307,8 +303,15 @@ class TritonHttpTarget(OpenAITarget):
                 finish_reason = event.get("finish_reason")
                 finish_reason = finish_reason[0] if isinstance(finish_reason, list) else finish_reason
                 if finish_reason:
+                    timer.server_times(
+                        _first(event.get("arrival_time_ns")), _first(event.get("first_token_time_ns"))
+                    )
                     return timer.finish(finish_reason, None if count is None else int(count))
             return timer.fail("stream ended without a finish_reason")
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
 
 
 TARGETS = {"triton": TritonGrpcTarget, "openai": OpenAITarget, "triton-http": TritonHttpTarget}

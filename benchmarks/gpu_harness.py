@@ -210,12 +210,48 @@ def _ttft_summary(records) -> dict:
         "errors": len(records) - len(ok),
         "ttft_ms": distribution_ms(r.ttft_s for r in ok if r.ttft_s is not None),
         "server_ttft_ms": distribution_ms(r.server_ttft_s for r in ok if r.server_ttft_s is not None),
+        "pre_llm_ms": distribution_ms(r.pre_llm_s for r in ok if r.pre_llm_s is not None),
         "prompt_tokens": next((r.num_input_tokens for r in ok if r.num_input_tokens), None),
         "error_messages": sorted({r.error for r in records if r.error})[:3],
     }
 
 
-async def serve_phases(harness: Harness, url: str, target_kind: str, record: dict) -> None:
+def model_stats(http_url: str) -> dict:
+    """Triton's cumulative per-model statistics: {model: {execution_count, <stat>: (count, ns)}}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{http_url}/v2/models/stats", timeout=10) as resp:
+        doc = json.loads(resp.read())
+    out = {}
+    for m in doc.get("model_stats", []):
+        row = {"executions": int(m.get("execution_count", 0))}
+        for key, value in m.get("inference_stats", {}).items():
+            row[key] = (int(value.get("count", 0)), int(value.get("ns", 0)))
+        out[m["name"]] = row
+    return out
+
+
+def stage_breakdown(before: dict, after: dict) -> dict:
+    """Per model over one sub-phase: executions and mean ms per execution of queue / compute stages."""
+    out = {}
+    for name, row in after.items():
+        prev = before.get(name, {})
+        executions = row["executions"] - prev.get("executions", 0)
+        if executions <= 0:
+            continue
+        stages = {"executions": executions}
+        for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+            count = row.get(key, (0, 0))[0] - prev.get(key, (0, 0))[0]
+            ns = row.get(key, (0, 0))[1] - prev.get(key, (0, 0))[1]
+            if count > 0:
+                stages[f"{key}_ms"] = round(ns / count / 1e6, 3)
+        out[name] = stages
+    return out
+
+
+async def serve_phases(
+    harness: Harness, url: str, target_kind: str, record: dict, http_url: str | None = None
+) -> None:
     """Every measurement through Triton; each sub-phase guarded so one failure keeps the others."""
     sizes = {"448": (448, 448), "1288": (1288, 728)}
     corpora = {k: Corpus(sizes=[v], pool_size=12) for k, v in sizes.items()}
@@ -231,11 +267,18 @@ async def serve_phases(harness: Harness, url: str, target_kind: str, record: dic
             harness.log(f"serve/{name}: skipped")
             return
         harness.log(f"serve/{name}: start ({harness.left():.0f} s left)")
+        before = None
+        if http_url:
+            with contextlib.suppress(Exception):
+                before = model_stats(http_url)
         try:
             record[name] = await asyncio.wait_for(coro_fn(), timeout=max(10.0, harness.left() - 15))
         except Exception as exc:
             record[name] = {"error": f"{type(exc).__name__}: {exc}"}
             harness.log(f"serve/{name}: FAILED {record[name]['error']}")
+        if before is not None:
+            with contextlib.suppress(Exception):
+                record[name]["stages"] = stage_breakdown(before, model_stats(http_url))
         harness.log(f"serve/{name}: {json.dumps(record[name])[:400]}")
         harness.save()
 
@@ -323,7 +366,7 @@ def phase_serve(record: dict, harness: Harness, engine_out: Path) -> None:
         harness.log(f"serve: triton ready in {record['startup_s']} s")
         url = server.grpc_url if target_kind == "triton" else server.http_url
         record["target"] = target_kind
-        asyncio.run(serve_phases(harness, url, target_kind, record))
+        asyncio.run(serve_phases(harness, url, target_kind, record, server.http_url))
     finally:
         with contextlib.suppress(Exception):
             server.stop(timeout_s=20)

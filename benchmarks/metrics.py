@@ -34,6 +34,10 @@ class RequestRecord:
     num_input_tokens: int | None = None
     finish_reason: str | None = None
     server_ttft_s: float | None = None  # first_token_time - arrival_time, from the server's clocks
+    # send -> arrival at the llm (preprocessing, ensemble hops), from the server's arrival_time and the
+    # client's wall clock: meaningful when client and server share a host
+    pre_llm_s: float | None = None
+    start_wall_ns: int = 0  # time.time_ns() at send
     error: str | None = None
 
     @property
@@ -49,7 +53,7 @@ class StreamTimer:
     """
 
     def __init__(self) -> None:
-        self.record = RequestRecord(start_s=time.perf_counter())
+        self.record = RequestRecord(start_s=time.perf_counter(), start_wall_ns=time.time_ns())
         self._last_token_s: float | None = None
         self._count = 0
 
@@ -71,6 +75,18 @@ class StreamTimer:
         self._count += num_new
         self.record.num_output_tokens = self._count
         return num_new
+
+    def restart(self) -> None:
+        """The request is sent now (work done before it, such as a model lookup, is not part of it)."""
+        self.record.start_s = time.perf_counter()
+        self.record.start_wall_ns = time.time_ns()
+
+    def server_times(self, arrival_ns: int | None, first_token_ns: int | None) -> None:
+        """The llm's arrival_time_ns / first_token_time_ns (wall clock) of this request."""
+        if arrival_ns and first_token_ns and first_token_ns >= arrival_ns:
+            self.record.server_ttft_s = (first_token_ns - arrival_ns) / 1e9
+        if arrival_ns and arrival_ns >= self.record.start_wall_ns:
+            self.record.pre_llm_s = (arrival_ns - self.record.start_wall_ns) / 1e9
 
     def finish(
         self, finish_reason: str | None, num_output_tokens: int | None = None, at: float | None = None
@@ -123,5 +139,6 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
         "itl_ms": distribution_ms(v for r in ok for v in r.itl_s),
         "e2e_ms": distribution_ms(r.e2e_s for r in ok if r.e2e_s is not None),
         "server_ttft_ms": distribution_ms(r.server_ttft_s for r in ok if r.server_ttft_s is not None),
+        "pre_llm_ms": distribution_ms(r.pre_llm_s for r in ok if r.pre_llm_s is not None),
         "error_messages": {msg[:300]: n for msg, n in errors.most_common(5)},
     }

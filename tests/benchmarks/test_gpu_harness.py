@@ -79,3 +79,21 @@ def test_a_failing_phase_is_recorded_and_the_next_one_runs(tmp_path: Path) -> No
     assert saved["broken"]["partial"] == 1
     assert saved["fine"] == {"value": 2, "ok": True, "seconds": saved["fine"]["seconds"]}
     assert saved["too_long"]["skipped"].startswith("time budget")
+
+
+def test_stage_breakdown_is_the_per_execution_mean_between_two_snapshots() -> None:
+    from benchmarks.gpu_harness import stage_breakdown
+
+    before = {
+        "llm": {"executions": 10, "queue": (10, 50_000_000), "compute_infer": (10, 20_000_000)},
+        "idle": {"executions": 3, "queue": (3, 3_000_000)},
+    }
+    after = {
+        "llm": {"executions": 14, "queue": (14, 58_000_000), "compute_infer": (14, 30_000_000)},
+        "idle": {"executions": 3, "queue": (3, 3_000_000)},
+        "new": {"executions": 2, "compute_output": (2, 1_000_000)},
+    }
+    assert stage_breakdown(before, after) == {
+        "llm": {"executions": 4, "queue_ms": 2.0, "compute_infer_ms": 2.5},
+        "new": {"executions": 2, "compute_output_ms": 0.5},
+    }
