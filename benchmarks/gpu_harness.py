@@ -220,7 +220,8 @@ def model_stats(http_url: str) -> dict:
     """Triton's cumulative per-model statistics: {model: {execution_count, <stat>: (count, ns)}}."""
     import urllib.request
 
-    with urllib.request.urlopen(f"{http_url}/v2/models/stats", timeout=10) as resp:
+    base = http_url if http_url.startswith("http") else f"http://{http_url}"
+    with urllib.request.urlopen(f"{base}/v2/models/stats", timeout=10) as resp:
         doc = json.loads(resp.read())
     out = {}
     for m in doc.get("model_stats", []):

@@ -2,10 +2,11 @@
 
     python -m benchmarks.multi_gpu --out DIR [--gpus 2] [--concurrency-per-gpu 32] [--duration 20]
 
-Builds the full-size dummy engine twice — on GPU 0 alone, then with one vision_encoder + one llm instance
-on each of the first `--gpus` GPUs — serves each with Triton, and runs the same closed loop (448×448 images,
-`--max-tokens` out) at `concurrency-per-gpu × number of GPUs`. Writes multi_gpu.json with both runs and
-the throughput ratio, and prints a short table.
+Builds the full-size dummy engine twice — on GPU 0 alone, then with one llm (and one vision_encoder)
+instance on each of the first `--gpus` GPUs — serves each with Triton, and runs the same closed loop
+(448×448 images, `--max-tokens` out) at `concurrency-per-gpu × number of GPUs`. Writes multi_gpu.json with
+both runs, Triton's per-model queue/compute means of each run (where a shared CPU stage saturates), and the
+throughput ratio, and prints a short table.
 """
 
 from __future__ import annotations
@@ -75,9 +76,13 @@ def _serve_and_measure(gpus: str, work: Path, args: argparse.Namespace, concurre
     server = TritonServer(
         find_model_repository(out), http_port=0, grpc_port=0, metrics_port=0, startup_timeout_s=300
     )
+    from benchmarks.gpu_harness import model_stats, stage_breakdown
+
     with server:
         url = server.grpc_url if target_kind == "triton" else server.http_url
+        before = model_stats(server.http_url)
         result = asyncio.run(_measure(url, target_kind, concurrency, args.duration, args.max_tokens))
+        result["stages"] = stage_breakdown(before, model_stats(server.http_url))
     result.update({"gpus": gpus, "target": target_kind})
     return result
 
