@@ -17,6 +17,11 @@ Contract:
   `self_attn.qkv_proj` at load.
 * Numerics follow transformers' Glm4v: RMSNorm in float32, rotary in the activations' dtype, softmax in
   float32 (CPU reference; SDPA on CUDA); float32 runs match `Glm4vForConditionalGeneration` to ~1e-5.
+* The elementwise work between matmuls runs as the fused ops of `engine.kernels` (Triton kernels on CUDA,
+  their torch references elsewhere): each layer is qkv_proj -> in-place rotary -> paged_attention ->
+  o_proj -> add_rms_norm_pair(post_self_attn, post_attention) -> gate_up_proj -> silu_mul -> down_proj ->
+  add_rms_norm_pair(post_mlp, next layer's input_layernorm or the final norm). The RMSNorm modules only
+  hold the weights and eps (state-dict names unchanged).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig, parse_dtype
-from engine.rope import MRotaryEmbedding, apply_interleaved_rotary
+from engine.kernels import add_rms_norm_pair, apply_interleaved_rotary_, rms_norm, silu_mul
+from engine.rope import MRotaryEmbedding
 from engine.vision import ACTIVATIONS, RMSNorm, VisionEncoder
 
 
@@ -55,7 +61,7 @@ class DecoderAttention(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, -1)
-        qk = apply_interleaved_rotary(qk, cos, sin)  # q and k heads rotated in one pass
+        apply_interleaved_rotary_(qk, cos, sin)  # q and k heads rotated in place, in one pass
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, attn, self.scale)  # [T, heads, head_dim]
@@ -67,15 +73,23 @@ class DecoderMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.hidden_act = config.hidden_act
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if self.hidden_act == "silu":
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(up * self.act(gate))
 
 
 class DecoderLayer(nn.Module):
-    """GLM-4-0414 sandwich norms: x + post_self_attn(attn(input(x))); h + post_mlp(mlp(post_attention(h)))."""
+    """GLM-4-0414 sandwich norms: x + post_self_attn(attn(input(x))); h + post_mlp(mlp(post_attention(h))).
+
+    `forward` takes the residual stream x and input_layernorm(x) (computed by the op before it) and returns
+    the new residual stream and `next_norm` of it (the next layer's input_layernorm, or the final norm).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -90,15 +104,20 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        normed: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
-        x = x + self.post_self_attn_layernorm(h)
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + self.post_mlp_layernorm(h)
+        next_norm: RMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] residual stream, normed = input_layernorm(x) -> (x', next_norm(x'))."""
+        h = self.self_attn(normed, cos, sin, kv_cache, attn)
+        post, post_attention = self.post_self_attn_layernorm, self.post_attention_layernorm
+        x, normed = add_rms_norm_pair(x, h, post.weight, post_attention.weight, post.eps, post_attention.eps)
+        h = self.mlp(normed)
+        post = self.post_mlp_layernorm
+        return add_rms_norm_pair(x, h, post.weight, next_norm.weight, post.eps, next_norm.eps)
 
 
 class TextDecoder(nn.Module):
@@ -123,9 +142,16 @@ class TextDecoder(nn.Module):
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # [T, hidden]
         cos, sin = self.rotary(positions)  # [T, rotary_dim/2] each, float32
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # transformers rotates in the activations' dtype
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, attn)
-        return self.norm(x)
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"kv_caches: {len(kv_caches)} tensors for {len(self.layers)} layers")
+        if not len(self.layers):
+            return rms_norm(x, self.norm.weight, self.norm.eps)
+        first = self.layers[0].input_layernorm
+        normed = rms_norm(x, first.weight, first.eps)  # later input norms are fused into the layer before
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, kv_cache, next_norm in zip(self.layers, kv_caches, next_norms, strict=True):
+            x, normed = layer(x, normed, cos, sin, kv_cache, attn, next_norm)
+        return normed  # the final norm of the last layer's output
 
 
 class Glm4vModel(nn.Module):
