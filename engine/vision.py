@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import VisionConfig
-from engine.rope import apply_rotary_half, vision_patch_positions, vision_rotary_cos_sin
+from engine.kernels import rms_norm, silu_mul
+from engine.rope import vision_patch_positions, vision_rotary_cos_sin
+from engine.vision_kernels import apply_rotary_half_qk_
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -65,8 +67,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # one fused kernel on CUDA (engine.kernels)
 
 
 class PatchEmbed(nn.Module):
@@ -115,9 +116,8 @@ class VisionAttention(nn.Module):
     ) -> torch.Tensor:
         num_patches = x.shape[0]
         qkv = self.qkv(x).view(num_patches, 3, self.num_heads, self.head_dim)  # [N, 3, heads, head_dim]
+        apply_rotary_half_qk_(qkv, cos, sin)  # q and k rotated in place
         q, k, v = qkv.unbind(1)  # [N, heads, head_dim]
-        q = apply_rotary_half(q, cos, sin)
-        k = apply_rotary_half(k, cos, sin)
         out = torch.empty_like(q)
         start = 0
         for n in seqlens:  # block-diagonal: one image (frame) at a time
@@ -136,8 +136,11 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act = ACTIVATIONS[act]
+        self.is_silu = act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_silu:  # one fused kernel on CUDA, same product as below
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
