@@ -59,12 +59,15 @@ def device_slug(name: str | None = None) -> str:
 
 
 def git_commit() -> str:
-    """Short commit of the working tree (+'-dirty' if it has changes), or $GLMV_COMMIT, or 'unknown'."""
+    """$GLMV_COMMIT if set (a copied tree whose git metadata may be stale), else the working tree's short
+    commit (+'-dirty' if it has changes), else 'unknown'."""
+    if os.environ.get("GLMV_COMMIT"):
+        return os.environ["GLMV_COMMIT"]
     sha = _run(["git", "rev-parse", "--short", "HEAD"])
     if sha:
         dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
         return sha + ("-dirty" if dirty else "")
-    return os.environ.get("GLMV_COMMIT", "unknown")
+    return "unknown"
 
 
 def today() -> str:
