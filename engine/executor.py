@@ -65,8 +65,9 @@ class GenerationRequest:
     image_embeds: torch.Tensor | None = None
     """[num_image_tokens, hidden], rows in prompt order."""
     image_patches: torch.Tensor | None = None
-    """[num_patches, patch_dim]: uint8 RGB patches of the resized images (normalized here) or float
-    pixel values; the executor encodes them. Exclusive with image_embeds."""
+    """The images for the executor to encode: uint8 RGB patches [num_patches, patch_dim], float pixel
+    values [num_patches, patch_dim], or the resized RGB images flat [sum(H*W*3)] uint8 (stills; patchified
+    and normalized on the device). Exclusive with image_embeds."""
     image_grid_thw: torch.Tensor | None = None
     """[num_images, 3] (t, h, w) patches per image, with image_patches."""
     mrope_positions: torch.Tensor | None = None
@@ -173,6 +174,9 @@ class Executor:
             tuple(proc.get("image_std", CLIP_STD)),
             float(proc.get("rescale_factor", 1 / 255)),
             self.device,
+            patch_size=model_config.vision_config.patch_size,
+            merge_size=model_config.vision_config.spatial_merge_size,
+            temporal_patch_size=model_config.vision_config.temporal_patch_size,
         )
         self._vision_waiting: list[Sequence] = []  # loop thread only: images not encoded yet, FIFO
         self.tokenizer = tokenizer
@@ -315,7 +319,18 @@ class Executor:
                 )
         num_patches = int(grid.prod(dim=1).sum()) if grid.shape[0] else 0
         patches = req.image_patches
-        if tuple(patches.shape) != (num_patches, vision.patch_dim):
+        if patches.ndim == 1:  # the resized RGB images, flat: stills only
+            if patches.dtype != torch.uint8:
+                raise ValueError(f"image_patches: flat RGB images must be uint8, not {patches.dtype}")
+            if any(t != 1 for t in grid[:, 0].tolist()):
+                raise ValueError(f"image_grid_thw: flat RGB images are stills (t = 1), got {grid.tolist()}")
+            expected = self.patch_normalizer.rgb_size(grid)
+            if patches.shape[0] != expected:
+                raise ValueError(
+                    f"image_patches: {patches.shape[0]} bytes of RGB, image_grid_thw {grid.tolist()} needs "
+                    f"{expected}"
+                )
+        elif tuple(patches.shape) != (num_patches, vision.patch_dim):
             raise ValueError(
                 f"image_patches: shape {tuple(patches.shape)} must be [{num_patches}, {vision.patch_dim}] "
                 f"for image_grid_thw {grid.tolist()}"
@@ -433,7 +448,7 @@ class Executor:
         budget = self.engine_config.max_num_vision_patches
         batch, num_patches = [], 0
         for seq in self._vision_waiting:
-            n = seq.image_patches.shape[0]
+            n = int(seq.image_grid_thw.prod(dim=1).sum())
             if batch and num_patches + n > budget:
                 break
             batch.append(seq)
@@ -442,7 +457,7 @@ class Executor:
         merge_area = self.model_config.vision_config.spatial_merge_size**2
         try:
             with torch.inference_mode():
-                pixels = torch.cat([self.patch_normalizer(s.image_patches) for s in batch])
+                pixels = torch.cat([self.patch_normalizer(s.image_patches, s.image_grid_thw) for s in batch])
                 grid = torch.cat([s.image_grid_thw for s in batch]).to(torch.int64).cpu()
                 embeds = self.model.encode_images(pixels, grid)
         except Exception as exc:  # these requests end; the engine keeps serving the others
@@ -455,7 +470,7 @@ class Executor:
             return outputs
         offset = 0
         for seq in batch:
-            rows = seq.image_patches.shape[0] // merge_area
+            rows = int(seq.image_grid_thw.prod(dim=1).sum()) // merge_area
             seq.image_embeds = embeds[offset : offset + rows]
             offset += rows
             seq.image_patches = seq.image_grid_thw = None

@@ -11,11 +11,12 @@ Triton model and by tests. Contract:
   so a decompression bomb is never decoded. Then the image is decoded (corrupt/truncated -> error).
 * Image processing follows transformers' `Glm46VImageProcessorPil` with the engine dir's
   `preprocessor_config.json` (its `smart_resize` with factor 28, PIL bicubic, CLIP mean/std, patchify in
-  merge-window order) in a numpy path that is 3-6x faster on large images. It stops before rescaling:
-  `image_patches` [sum(gh*gw), 1176] uint8 (the resized RGB values, 4x fewer bytes than float32; the engine
-  normalizes them on its device, `engine.vision.PatchNormalizer`) and `image_grid_thw` [n, 3] int64.
-  `Preprocessor.normalize(image_patches)` gives the float32 pixel_values, within 1e-6 of the processor's
-  output (float rounding only; the grid is identical). `image_hash` is the sha256 hex of each image's
+  merge-window order) in a numpy path that is 3-6x faster on large images. A request's images stop after
+  the resize: `image_rgb` (the resized RGB images, flat uint8, 8x fewer bytes than float32 patches) and
+  `image_grid_thw` [n, 3] int64; the llm patchifies and normalizes them on its GPU
+  (`engine.vision.PatchNormalizer`). `Preprocessor.patchify` gives the uint8 patches [sum(gh*gw), 1176] and
+  `Preprocessor.normalize` the float32 pixel_values, within 1e-6 of the processor's output (float
+  rounding only; the grid is identical). `image_hash` is the sha256 hex of each image's
   file bytes.
 * The prompt: `messages` (OpenAI-shaped JSON; `{"type": "image"}` / `image_url` parts take the images in
   order) or `text_input` with the images before the text in one user turn, rendered with the tokenizer's
@@ -143,7 +144,7 @@ class ImageInfo:
 @dataclass
 class PreprocessedRequest:
     input_ids: np.ndarray  # [L] int32, image tokens expanded
-    image_patches: np.ndarray  # [num_patches, 1176] uint8 RGB, not normalized (0 rows without images)
+    image_rgb: np.ndarray  # flat uint8: the resized RGB images one after the other (resize_images)
     image_grid_thw: np.ndarray  # [num_images, 3] int64
     mrope_positions: np.ndarray  # [3, L] int64
     mrope_delta: int
@@ -352,19 +353,47 @@ class Preprocessor:
             infos.append(open_image(decode_image_bytes(raw, field_name), field_name, self.limits))
         return infos
 
-    def process_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
-        """image_patches [N, 1176] uint8, image_grid_thw [n, 3] int64 (empty for no images)."""
+    def _geometry(self) -> tuple[int, int, int]:
         proc = self.image_processor
-        patch, merge, temporal = int(proc.patch_size), int(proc.merge_size), int(proc.temporal_patch_size)
-        patch_dim = 3 * temporal * patch**2
+        return int(proc.patch_size), int(proc.merge_size), int(proc.temporal_patch_size)
+
+    def resize_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
+        """The resized RGB images, flat uint8 [sum(H*W*3)] (each [H, W, 3] row-major, one after the other),
+        and image_grid_thw [n, 3] int64 (H = gh * patch, W = gw * patch). What the llm receives."""
+        patch, merge, temporal = self._geometry()
         if not images:
-            return np.zeros((0, patch_dim), np.uint8), np.zeros((0, 3), np.int64)
+            return np.zeros(0, np.uint8), np.zeros((0, 3), np.int64)
         parts, grids = [], []
         for info in images:
-            rows, grid = self._patchify(info.image, patch, merge, temporal)
-            parts.append(rows)
-            grids.append(grid)
+            rgb = self._resize(info.image, patch, merge, temporal)
+            parts.append(rgb.reshape(-1))
+            grids.append((1, rgb.shape[0] // patch, rgb.shape[1] // patch))
         return np.concatenate(parts), np.asarray(grids, dtype=np.int64)
+
+    def patchify(self, image_rgb: np.ndarray, image_grid_thw: np.ndarray) -> np.ndarray:
+        """Flat resized RGB images -> uint8 patches [N, 1176] in the processor's order (merge windows, then
+        channel-major 3 x temporal x p x p rows; a still image repeated over the temporal patch)."""
+        patch, merge, temporal = self._geometry()
+        parts, offset = [], 0
+        for _, gh, gw in np.asarray(image_grid_thw).reshape(-1, 3).tolist():
+            size = gh * patch * gw * patch * 3
+            x = image_rgb[offset : offset + size].reshape(
+                gh // merge, merge, patch, gw // merge, merge, patch, 3
+            )
+            offset += size
+            # [gh/m, m, p, gw/m, m, p, 3] -> [gh/m, gw/m, m, m, 3, p, p]: merge windows, channel-major patches
+            x = x.transpose(0, 3, 1, 4, 6, 2, 5)
+            out = np.empty((gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch), np.uint8)
+            out[...] = x[:, :, :, :, :, None]
+            parts.append(out.reshape(gh * gw, 3 * temporal * patch * patch))
+        if not parts:
+            return np.zeros((0, 3 * temporal * patch * patch), np.uint8)
+        return np.concatenate(parts)
+
+    def process_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
+        """image_patches [N, 1176] uint8, image_grid_thw [n, 3] int64 (empty for no images)."""
+        rgb, grid = self.resize_images(images)
+        return self.patchify(rgb, grid), grid
 
     def normalize(self, image_patches: np.ndarray) -> np.ndarray:
         """uint8 patches -> float32 pixel_values: `x * rescale_factor`, then `(x - mean) / std` per channel
@@ -375,8 +404,8 @@ class Preprocessor:
         x = image_patches.astype(np.float32) * np.float32(self.image_processor.rescale_factor)
         return (x - mean) / std
 
-    def _patchify(self, image: Any, patch: int, merge: int, temporal: int) -> tuple[np.ndarray, tuple]:
-        """One image -> uint8 rows [gh*gw, 3*temporal*patch*patch] in merge-window order, and (1, gh, gw)."""
+    def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
+        """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
         from PIL import Image
         from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
 
@@ -395,16 +424,11 @@ class Preprocessor:
             # transparency is composited onto white, as transformers' convert_to_rgb does
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image.convert("RGBA"))
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         if (w, h) != (width, height):
             image = image.resize((w, h), resample=Image.Resampling(int(proc.resample)))
-        x = np.asarray(image, dtype=np.uint8)  # [h, w, 3]
-        gh, gw = h // patch, w // patch
-        # [gh/m, m, p, gw/m, m, p, 3] -> [gh/m, gw/m, m, m, 3, p, p]: merge windows, then channel-major patches
-        x = x.reshape(gh // merge, merge, patch, gw // merge, merge, patch, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-        out = np.empty((gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch), np.uint8)
-        out[...] = x[:, :, :, :, :, None]  # a still image repeated over the temporal patch
-        return out.reshape(gh * gw, 3 * temporal * patch * patch), (1, gh, gw)
+        return np.asarray(image, dtype=np.uint8)  # [h, w, 3]
 
     # -- prompt ---------------------------------------------------------------------------------------
 
@@ -478,7 +502,7 @@ class Preprocessor:
         messages = self.build_messages(text, messages_json, len(infos))
         thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
         prompt = self.render(messages, thinking)
-        image_patches, grid = self.process_images(infos)
+        image_rgb, grid = self.resize_images(infos)
         num_tokens_per_image = [int(t * h * w) // self.merge_size**2 for t, h, w in grid.tolist()]
         if sum(num_tokens_per_image) > self.limits.max_image_tokens_per_request:
             raise InputError(
@@ -512,7 +536,7 @@ class Preprocessor:
         positions, delta = get_mrope_positions(expanded, torch.from_numpy(grid), self.model_config)
         return PreprocessedRequest(
             input_ids=np.asarray(expanded, dtype=np.int32),
-            image_patches=image_patches,
+            image_rgb=image_rgb,
             image_grid_thw=grid,
             mrope_positions=positions.numpy().astype(np.int64),
             mrope_delta=int(delta),

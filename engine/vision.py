@@ -10,9 +10,10 @@ Contract:
   except the fused `mlp.gate_up_proj` / `merger.gate_up_proj` (gate rows first), built at load by
   `engine.weights`.
 * Matches transformers' `Glm4vVisionModel(...).pooler_output` (float32 to ~1e-5).
-* `PatchNormalizer` turns raw uint8 RGB patches (the resized image patchified, no rescale/normalize: 4x
-  fewer bytes between processes than float32) into pixel_values on the encoder's device with the same
-  float32 arithmetic as the image processor (`x * rescale_factor`, then `(x - mean) / std` per channel).
+* `PatchNormalizer` turns raw uint8 RGB (the resized images, flat, or already patchified; no rescale or
+  normalize: 8x fewer bytes between processes than float32 patches) into pixel_values on the encoder's
+  device with the image processor's float32 arithmetic (`x * rescale_factor`, then `(x - mean) / std` per
+  channel); the patchify runs on the device too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.
 
 
 class PatchNormalizer:
-    """uint8 patches [N, patch_dim] (channel-major rows: 3 x temporal x p x p) -> float32 pixel_values."""
+    """uint8 RGB -> float32 pixel_values [N, patch_dim] on the encoder's device.
+
+    Takes either patches [N, patch_dim] (channel-major rows: 3 x temporal x p x p) or the resized images
+    flat [sum(H*W*3)] with their grid (each image [H, W, 3] row-major, H = gh * p, W = gw * p, t = 1),
+    which it patchifies on the device like `engine.preprocess.Preprocessor.patchify`."""
 
     def __init__(
         self,
@@ -39,19 +44,46 @@ class PatchNormalizer:
         image_std: tuple[float, ...],
         rescale_factor: float,
         device: torch.device | str = "cpu",
+        patch_size: int = 14,
+        merge_size: int = 2,
+        temporal_patch_size: int = 2,
     ) -> None:
         channels = len(image_mean)
         if len(image_std) != channels or patch_dim % channels:
             raise ValueError(f"image_mean/image_std: {channels} channels do not divide patch_dim {patch_dim}")
         per_channel = patch_dim // channels
         self.patch_dim = patch_dim
+        self.patch, self.merge, self.temporal = patch_size, merge_size, temporal_patch_size
         self.rescale = torch.tensor(rescale_factor, dtype=torch.float32, device=device)
         self.mean = torch.tensor(image_mean, dtype=torch.float32).repeat_interleave(per_channel).to(device)
         self.std = torch.tensor(image_std, dtype=torch.float32).repeat_interleave(per_channel).to(device)
 
-    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
+    def rgb_size(self, grid_thw: torch.Tensor) -> int:
+        """Bytes of the flat RGB images of this grid."""
+        return int(sum(h * w for _, h, w in grid_thw.tolist())) * self.patch**2 * 3
+
+    def patchify(self, image_rgb: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Flat uint8 RGB images -> uint8 patches [N, patch_dim] on the device."""
+        p, m, t = self.patch, self.merge, self.temporal
+        rgb = image_rgb.to(self.mean.device, non_blocking=True)
+        parts, offset = [], 0
+        for _, gh, gw in grid_thw.tolist():
+            size = gh * p * gw * p * 3
+            x = rgb[offset : offset + size].view(gh // m, m, p, gw // m, m, p, 3)
+            offset += size
+            x = x.permute(0, 3, 1, 4, 6, 2, 5).unsqueeze(5)  # [gh/m, gw/m, m, m, 3, 1, p, p]
+            parts.append(x.expand(-1, -1, -1, -1, -1, t, -1, -1).reshape(gh * gw, self.patch_dim))
+        if not parts:
+            return torch.zeros(0, self.patch_dim, dtype=torch.uint8, device=self.mean.device)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def __call__(self, patches: torch.Tensor, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         if patches.dtype != torch.uint8:
             return patches.to(self.mean.device, torch.float32)  # already pixel values
+        if patches.ndim == 1:
+            if grid_thw is None:
+                raise ValueError("image_grid_thw: needed to patchify flat RGB images")
+            patches = self.patchify(patches, grid_thw)
         if patches.ndim != 2 or patches.shape[1] != self.patch_dim:
             raise ValueError(f"image_patches: shape {tuple(patches.shape)} must be [N, {self.patch_dim}]")
         x = patches.to(self.mean.device, non_blocking=True).to(torch.float32) * self.rescale

@@ -222,6 +222,46 @@ def test_image_patches_encoded_in_the_engine_match_precomputed_embeds(model, mod
     assert ex.stats().num_finished == 4 and not ex._vision_waiting
 
 
+def test_flat_rgb_images_patchified_in_the_engine_give_the_same_tokens(model, model_config):
+    """The llm receives the resized RGB images flat: patchified on the device, same tokens as patches."""
+    mc = model_config
+    ex = make_executor(model, mc)
+    grids = [(1, 4, 6), (1, 2, 2)]
+    ids, _, grid, positions, delta = image_request(mc, "rgb", grids, seed=5)
+    patch = mc.vision_config.patch_size
+    rgb = torch.cat(
+        [
+            torch.randint(0, 256, (h * patch * w * patch * 3,), generator=torch.Generator().manual_seed(h))
+            for _, h, w in grids
+        ]
+    ).to(torch.uint8)
+    patches = ex.patch_normalizer.patchify(rgb, grid)
+    assert patches.shape == (28, mc.vision_config.patch_dim) and patches.dtype == torch.uint8
+    common = {"image_grid_thw": grid, "mrope_positions": positions, "mrope_delta": delta}
+    outputs = run_to_end(
+        ex,
+        {
+            0: [
+                GenerationRequest("flat", ids, greedy(6), image_patches=rgb, **common),
+                GenerationRequest("rows", ids, greedy(6), image_patches=patches, **common),
+            ]
+        },
+    )
+    assert tokens(outputs["flat"]) == tokens(outputs["rows"])
+    bad = [
+        ({"image_patches": rgb[:-1]}, r"^image_patches: 16463 bytes of RGB, image_grid_thw .* needs 16464"),
+        ({"image_patches": rgb.to(torch.int16)}, r"^image_patches: flat RGB images must be uint8"),
+        (
+            {"image_grid_thw": torch.tensor([[2, 4, 6], [1, 2, 2]])},
+            r"^image_grid_thw: flat RGB images are stills",
+        ),
+    ]
+    for change, match in bad:
+        kwargs = {**common, "image_patches": rgb, **change}
+        with pytest.raises(ValueError, match=match):
+            ex.add_request(GenerationRequest("bad", ids, greedy(2), **kwargs))
+
+
 def test_image_patches_rejected_with_the_field_named(model, model_config):
     mc = model_config
     ex = make_executor(model, mc)

@@ -89,9 +89,7 @@ def test_text_only_matches_chat_template(pre: Preprocessor, hf_processor) -> Non
     assert out.prompt == expected
     assert out.input_ids.tolist() == hf_processor.tokenizer(expected, add_special_tokens=False)["input_ids"]
     assert (
-        out.image_patches.shape == (0, 1176)
-        and out.image_patches.dtype == np.uint8
-        and out.image_grid_thw.shape == (0, 3)
+        out.image_rgb.shape == (0,) and out.image_rgb.dtype == np.uint8 and out.image_grid_thw.shape == (0, 3)
     )
     assert out.mrope_positions.tolist() == [list(range(len(out.input_ids)))] * 3
     assert out.mrope_delta == 0
@@ -121,7 +119,9 @@ def test_images_match_transformers_processor(pre: Preprocessor, hf_processor, ti
     ref = hf_processor(text=[text], images=[Image.open(io.BytesIO(f)) for f in files], return_tensors="np")
     assert out.input_ids.tolist() == ref["input_ids"][0].tolist()
     # Our numpy image path computes the processor's function; only float rounding may differ.
-    np.testing.assert_allclose(pre.normalize(out.image_patches), ref["pixel_values"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        pre.normalize(pre.patchify(out.image_rgb, out.image_grid_thw)), ref["pixel_values"], rtol=0, atol=1e-6
+    )
     np.testing.assert_array_equal(out.image_grid_thw, ref["image_grid_thw"])
     assert out.image_hashes == [hashlib.sha256(f).hexdigest() for f in files]
 
@@ -145,7 +145,7 @@ def test_base64_and_data_uri_equal_raw(pre: Preprocessor) -> None:
     uri = b"data:image/jpeg;base64," + b64
     outs = [pre("q", [x]) for x in (raw, b64, uri, uri.decode())]
     for out in outs[1:]:
-        np.testing.assert_array_equal(out.image_patches, outs[0].image_patches)
+        np.testing.assert_array_equal(out.image_rgb, outs[0].image_rgb)
         assert out.image_hashes == outs[0].image_hashes == [hashlib.sha256(raw).hexdigest()]
 
 
@@ -160,9 +160,7 @@ def test_gif_uses_first_frame(pre: Preprocessor) -> None:
     buf = io.BytesIO()
     red.save(buf, "GIF", save_all=True, append_images=[blue])
     only_red = encode(red, "GIF")
-    np.testing.assert_array_equal(
-        pre("q", [buf.getvalue()]).image_patches, pre("q", [only_red]).image_patches
-    )
+    np.testing.assert_array_equal(pre("q", [buf.getvalue()]).image_rgb, pre("q", [only_red]).image_rgb)
 
 
 def test_rgba_and_grayscale_are_accepted(pre: Preprocessor) -> None:
@@ -284,5 +282,17 @@ def test_engine_patch_normalizer_equals_the_preprocessor_arithmetic(pre: Preproc
     proc = pre.image_processor
     normalizer = PatchNormalizer(1176, tuple(proc.image_mean), tuple(proc.image_std), proc.rescale_factor)
     np.testing.assert_array_equal(normalizer(torch.from_numpy(patches)).numpy(), pre.normalize(patches))
+    # flat RGB (what the llm gets) is patchified by the engine exactly like Preprocessor.patchify
+    two = [data, encode(Image.fromarray((rng.random((100, 60, 3)) * 255).astype("uint8"), "RGB"))]
+    rgb, grid = pre.resize_images(pre.load_images(two))
+    assert rgb.ndim == 1 and rgb.size == normalizer.rgb_size(torch.from_numpy(grid))
+    expected = pre.patchify(rgb, grid)
+    np.testing.assert_array_equal(
+        normalizer.patchify(torch.from_numpy(rgb), torch.from_numpy(grid)).numpy(), expected
+    )
+    np.testing.assert_array_equal(
+        normalizer(torch.from_numpy(rgb), torch.from_numpy(grid)).numpy(), pre.normalize(expected)
+    )
+    assert expected.shape[0] == int(grid.prod(axis=1).sum())
     with pytest.raises(ValueError, match=r"^image_patches: shape \(3, 1175\) must be \[N, 1176\]"):
         normalizer(torch.zeros(3, 1175, dtype=torch.uint8))

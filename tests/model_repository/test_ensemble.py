@@ -155,7 +155,8 @@ def engine_generate(engine_dir: Path, images: list[bytes]) -> tuple[str, str, st
     if images:
         # the reference encodes numpy-normalized pixels up front; the server sends uint8 patches to the llm
         embeds = ex.model.encode_images(
-            torch.from_numpy(pre.normalize(out.image_patches)), torch.from_numpy(out.image_grid_thw)
+            torch.from_numpy(pre.normalize(pre.patchify(out.image_rgb, out.image_grid_thw))),
+            torch.from_numpy(out.image_grid_thw),
         )
     ex.add_request(
         GenerationRequest(
@@ -367,10 +368,8 @@ def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) 
     assert num_tokens < 400
 
 
-def test_image_patches_and_vision_encoder_embeddings_give_the_llm_one_answer(
-    server, tiny_engine: Path
-) -> None:
-    """Images reach the llm two ways: uint8 patches (the ensemble's path: the llm runs the ViT) or an
+def test_rgb_images_and_vision_encoder_embeddings_give_the_llm_one_answer(server, tiny_engine: Path) -> None:
+    """Images reach the llm two ways: resized uint8 RGB (the ensemble's path: the llm runs the ViT) or an
     embedding table from the standalone vision_encoder model (TensorRT-LLM style). Same greedy ids."""
     from engine.preprocess import PreprocessLimits, Preprocessor
 
@@ -383,7 +382,7 @@ def test_image_patches_and_vision_encoder_embeddings_give_the_llm_one_answer(
         t.set_data_from_numpy(array)
         return t
 
-    pixels = pre.normalize(out.image_patches)[None]
+    pixels = pre.normalize(pre.patchify(out.image_rgb, out.image_grid_thw))[None]
     grid = out.image_grid_thw[None]
     table = client.infer(
         "vision_encoder", [tensor("pixel_values", pixels, "FP32"), tensor("image_grid_thw", grid, "INT64")]
@@ -415,7 +414,7 @@ def test_image_patches_and_vision_encoder_embeddings_give_the_llm_one_answer(
 
     from_patches = generate(
         [
-            tensor("image_patches", out.image_patches, "UINT8"),
+            tensor("image_rgb", out.image_rgb, "UINT8"),
             tensor("image_grid_thw", out.image_grid_thw, "INT64"),
         ]
     )

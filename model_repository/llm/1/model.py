@@ -261,16 +261,16 @@ class TritonPythonModel:
             min_tokens=int(_scalar(request, "min_tokens", 0)),
             stop_token_ids=stop_token_ids,
         )
-        patches = _tensor(request, "image_patches")
+        rgb = _tensor(request, "image_rgb")
         grid = _tensor(request, "image_grid_thw")
-        image_patches = image_grid_thw = None
-        if patches is not None or grid is not None:
-            if patches is None or grid is None:
-                missing = "image_patches" if patches is None else "image_grid_thw"
-                raise ValueError(f"{missing}: image_patches and image_grid_thw go together")
-            if patches.shape[0] > 0:
-                image_patches = torch.from_numpy(np.ascontiguousarray(patches))
-                image_grid_thw = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.int64))
+        image_rgb = image_grid_thw = None
+        if rgb is not None or grid is not None:
+            if rgb is None or grid is None:
+                missing = "image_rgb" if rgb is None else "image_grid_thw"
+                raise ValueError(f"{missing}: image_rgb and image_grid_thw go together")
+            if rgb.size > 0:
+                image_rgb = torch.from_numpy(np.ascontiguousarray(rgb.reshape(-1)))
+                image_grid_thw = torch.from_numpy(np.ascontiguousarray(grid.reshape(-1, 3), dtype=np.int64))
         table = _tensor(request, "prompt_embedding_table")
         image_embeds = None
         if table is not None:
@@ -294,7 +294,7 @@ class TritonPythonModel:
             prompt_token_ids=prompt.tolist(),
             sampling=sampling,
             image_embeds=image_embeds,
-            image_patches=image_patches,
+            image_patches=image_rgb,  # the engine patchifies flat RGB on its device
             image_grid_thw=image_grid_thw,
             mrope_positions=mrope_positions,
             mrope_delta=int(_scalar(request, "mrope_position_deltas", 0)),

@@ -142,7 +142,7 @@ class TritonPythonModel:
             pb_utils.Tensor("input_ids", out.input_ids.astype(np.int32)),
             pb_utils.Tensor("input_lengths", np.array([len(out.input_ids)], np.int32)),
             pb_utils.Tensor("request_output_len", np.array([max_tokens], np.int32)),
-            pb_utils.Tensor("image_patches", np.ascontiguousarray(out.image_patches, dtype=np.uint8)),
+            pb_utils.Tensor("image_rgb", np.ascontiguousarray(out.image_rgb, dtype=np.uint8)),
             pb_utils.Tensor("image_grid_thw", out.image_grid_thw.astype(np.int64)),
             pb_utils.Tensor("mrope_positions", np.ascontiguousarray(out.mrope_positions, dtype=np.int64)),
             pb_utils.Tensor("mrope_position_deltas", np.array([out.mrope_delta], np.int64)),
