@@ -1,0 +1,137 @@
+"""Where one request's first token goes, inside the engine (no Triton): ViT, prefill, host time.
+
+    python -m benchmarks.ttft_probe --out DIR [--sizes 448x448,1288x728] [--context 1236]
+
+Full-size GLM-4.6V-Flash shape, random bf16 weights, on the GPU. For each image size: a request with the
+resized RGB image (as the llm receives it) and a 30-token question goes through `Executor.step()` alone;
+reported: the first step's wall time (ViT + prefill + sampling), the ViT alone, and a torch profiler table
+of one first step (top ops by self CPU time and by CUDA time) — host-bound steps show CPU time well above
+their CUDA time. Also decode ms/token at batch 1 with a long context (`--context` prompt tokens), the
+case the end-to-end harness measures. Writes ttft_probe.json and ttft_profile_<size>.txt under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _request(ex, mc, size: tuple[int, int], rid: str, gen: torch.Generator):
+    from engine.executor import GenerationRequest
+    from engine.rope import get_mrope_positions
+    from engine.sampling import SamplingParams
+
+    vision = mc.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    width, height = (max(unit, round(s / unit) * unit) for s in size)
+    gh, gw = height // vision.patch_size, width // vision.patch_size
+    grid = torch.tensor([[1, gh, gw]])
+    num_image_tokens = gh * gw // vision.spatial_merge_size**2
+    text = torch.randint(0, 150000, (30,), generator=gen).tolist()
+    ids = text[:4] + [mc.image_start_token_id] + [mc.image_token_id] * num_image_tokens
+    ids += [mc.image_end_token_id] + text[4:]
+    positions, delta = get_mrope_positions(ids, grid, mc)
+    rgb = torch.randint(0, 256, (height * width * 3,), generator=gen, dtype=torch.uint8)
+    return GenerationRequest(
+        rid,
+        ids,
+        SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+        image_patches=rgb,
+        image_grid_thw=grid,
+        mrope_positions=positions,
+        mrope_delta=delta,
+    )
+
+
+def _first_step_ms(ex, req) -> float:
+    _sync()
+    t = time.perf_counter()
+    ex.add_request(req)
+    while ex.has_unfinished():
+        ex.step()
+    _sync()
+    return (time.perf_counter() - t) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.engine_probe import _full_executor
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sizes", default="448x448,1288x728")
+    ap.add_argument("--context", type=int, default=1236)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "cuda"
+    ex, mc, _, res = _full_executor(device)
+    gen = torch.Generator().manual_seed(0)
+    res["sizes"] = {}
+    for size_text in args.sizes.split(","):
+        size = tuple(int(v) for v in size_text.split("x"))
+        for i in range(2):  # warm: shapes seen once
+            _first_step_ms(ex, _request(ex, mc, size, f"warm{i}", gen))
+        times = [_first_step_ms(ex, _request(ex, mc, size, f"r{i}", gen)) for i in range(5)]
+        req = _request(ex, mc, size, "vit", gen)
+        pixels = ex.patch_normalizer(req.image_patches, req.image_grid_thw)
+        with torch.inference_mode():
+            ex.model.encode_images(pixels, req.image_grid_thw)
+            _sync()
+            t = time.perf_counter()
+            for _ in range(5):
+                ex.model.encode_images(pixels, req.image_grid_thw)
+            _sync()
+        vit_ms = (time.perf_counter() - t) / 5 * 1e3
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            _first_step_ms(ex, _request(ex, mc, size, "prof", gen))
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
+        (args.out / f"ttft_profile_{size_text}.txt").write_text(table)
+        events = prof.key_averages()
+        res["sizes"][size_text] = {
+            "first_step_ms": sorted(times)[len(times) // 2],
+            "vit_ms": vit_ms,
+            "profiled_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "profiled_cuda_ms": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3,
+            "prompt_tokens": len(req.prompt_token_ids),
+        }
+        print(size_text, json.dumps(res["sizes"][size_text]))
+
+    # decode at batch 1 with a long context (the harness's case), and with a short one
+    from engine.executor import GenerationRequest
+    from engine.sampling import SamplingParams
+
+    for context in (32, args.context):
+        ids = torch.randint(0, 150000, (context,), generator=gen).tolist()
+        ex.add_request(
+            GenerationRequest(
+                f"d{context}", ids, SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True)
+            )
+        )
+        ex.step()  # prefill + first token
+        _sync()
+        t = time.perf_counter()
+        n = 0
+        while ex.has_unfinished():
+            n += sum(len(o.new_token_ids) for o in ex.step())
+        _sync()
+        res[f"decode_ms_per_token_b1_context_{context}"] = (time.perf_counter() - t) / max(n, 1) * 1e3
+        print(
+            f"decode b1, context {context}: {res[f'decode_ms_per_token_b1_context_{context}']:.3f} ms/token"
+        )
+    (args.out / "ttft_probe.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
