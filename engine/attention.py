@@ -13,12 +13,17 @@ Contract:
   not written, its output is garbage; padding rows come after all sequences' rows), then attends. Its result for a sequence does not depend on the
   other sequences in the batch.
 * `_paged_attention_reference` (per-sequence loop, float32 softmax) is the spec and runs on any device.
-  On CUDA, `paged_attention` uses torch SDPA per prefill chunk and one batched gather for decode tokens.
+  On CUDA, `paged_attention` uses torch SDPA per prefill chunk and, for decode tokens (query_len 1), the
+  Triton kernel `engine.kernels.paged_decode_attention` (split-K over the context, K/V read through the
+  block table, only live blocks) when `engine.kernels.use_triton` allows it, else one batched gather +
+  masked SDPA (GLMV_DISABLE_TRITON_KERNELS=1 restores that path). Under Triton's CPU interpreter
+  (TRITON_INTERPRET=1) decode-only steps run the kernel too; everything else on CPU runs the reference.
 * CUDA graphs: a decode-only step (every query_len 1) reads only device tensors of the metadata
   (slot_mapping, seq_lens, block_tables), so `model.forward` can be captured once per batch size on static
   metadata buffers (fixed block_tables width) and replayed after copying new values into them (checked
   on an H200: replay equals eager exactly). Padding sequences in a captured batch must point at a
-  scratch block rather than use slot -1 (dropping -1 slots needs a host sync).
+  scratch block rather than use slot -1 (dropping -1 slots needs a host sync). The decode kernel sizes its
+  grid from the block_tables width (never from seq_lens values), so it is captured like the SDPA path.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from engine.kernels import paged_decode_attention, paged_decode_supported
 
 
 @dataclass
@@ -166,6 +173,7 @@ class _FastPlan:
     decode_rows: torch.Tensor | None  # [Bd] rows of the decode tokens; None: every row (decode-only step)
     decode_tables: torch.Tensor | None  # [Bd, max_blocks] int64 block ids; None: no decode tokens
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] True = attend
+    decode_seq_lens: torch.Tensor | None = None  # [Bd] int64 context lengths (mixed steps only)
 
 
 def _fast_plan(attn: AttentionMetadata, block_size: int) -> _FastPlan:
@@ -205,10 +213,31 @@ def _fast_plan(attn: AttentionMetadata, block_size: int) -> _FastPlan:
         plan.decode_rows = torch.tensor(decode_rows, dtype=torch.int64).to(device, non_blocking=True)
         plan.decode_tables = attn.block_tables[index, :max_blocks].long()
         seq_lens = attn.seq_lens[index].long()  # [Bd]
+        plan.decode_seq_lens = seq_lens
         positions = torch.arange(max_blocks * block_size, device=device)
         plan.decode_mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
     attn._plan = plan
     return plan
+
+
+def _use_decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    return paged_decode_supported(q, kv_cache[0], kv_cache[1])
+
+
+def _paged_decode_step(
+    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """A decode-only step (every query_len 1) through the Triton kernel: row b is sequence b's token.
+
+    Reads only device tensors of the metadata (block_tables, seq_lens), no host sync: CUDA-graph safe."""
+    num_seqs = attn.num_seqs
+    if q.shape[0] == num_seqs:
+        return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.block_tables, attn.seq_lens, scale)
+    out = torch.empty_like(q)  # padding rows (after all sequences' rows) stay garbage
+    paged_decode_attention(
+        q[:num_seqs], kv_cache[0], kv_cache[1], attn.block_tables, attn.seq_lens, scale, out=out[:num_seqs]
+    )
+    return out
 
 
 def _paged_attention_fast(
@@ -219,11 +248,16 @@ def _paged_attention_fast(
     attn: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """SDPA per prefill chunk; all decode tokens (query_len 1) in one batched gather. q [T, H, D].
+    """SDPA per prefill chunk; all decode tokens (query_len 1) in one batched call. q [T, H, D].
 
+    Decode tokens go through the Triton paged-decode kernel when `_use_decode_kernel` holds (a decode-only
+    step then needs no plan at all), else through one batched gather + masked SDPA.
     k, v [T, Hkv, D] are the new tokens (already in the cache); a chunk with no cached context uses
     them directly. Host syncs happen only while building the step's plan (first layer).
     """
+    use_kernel = _use_decode_kernel(q, kv_cache)
+    if use_kernel and attn.max_query_len == 1:
+        return _paged_decode_step(q, kv_cache, attn, scale)
     _, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -243,7 +277,12 @@ def _paged_attention_fast(
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         out[row : row + q_len] = ob[0].transpose(0, 1)
 
-    if plan.decode_tables is not None:
+    if plan.decode_tables is not None and use_kernel and plan.decode_rows is not None:
+        od = paged_decode_attention(
+            q[plan.decode_rows], kv_cache[0], kv_cache[1], plan.decode_tables, plan.decode_seq_lens, scale
+        )
+        out[plan.decode_rows] = od
+    elif plan.decode_tables is not None:
         kd = kv_cache[0][plan.decode_tables].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, S, D]
         vd = kv_cache[1][plan.decode_tables].flatten(1, 2).transpose(1, 2)
         qd = q if plan.decode_rows is None else q[plan.decode_rows]
@@ -272,4 +311,6 @@ def paged_attention(
         write_kv_cache(kv_cache, k, v, attn.slot_mapping)
     if q.device.type == "cuda":
         return _paged_attention_fast(q, k, v, kv_cache, attn, scale)
+    if attn.max_query_len == 1 and _use_decode_kernel(q, kv_cache):  # Triton's CPU interpreter
+        return _paged_decode_step(q, kv_cache, attn, scale)
     return _paged_attention_reference(q, kv_cache, attn, scale)

@@ -17,6 +17,9 @@ these kernels existed.
   `engine.rope.apply_interleaved_rotary` (arithmetic in cos's dtype, each product and sum rounded to it);
   the other dims are left untouched. qk may be a strided view (e.g. into the qkv projection's output) as
   long as its last dim is contiguous; cos/sin may have any strides (MRotaryEmbedding's are transposed).
+* `paged_decode_attention(q [B, H, D], k_cache, v_cache, block_tables, seq_lens, scale)`: attention of one
+  decode token per sequence straight from the paged KV cache (split-K "flash-decoding" + a reduce kernel;
+  see its section below), `paged_decode_attention_reference` (gather + float32 softmax) is its spec.
 
 Numerics of the Triton path against the reference: rotary and the residual add round exactly as torch
 does (bit-equal given equal inputs). The RMSNorm reduction (sum order, 1/sqrt) and silu's exp differ from
@@ -326,3 +329,339 @@ def apply_interleaved_rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Te
             BLOCK_H=block_h, BLOCK_R=block_r, num_warps=ROTARY_WARPS,
         )  # fmt: skip
     return qk
+
+
+# ---------------------------------------------------------------------------------------------------------
+# paged decode attention (one query token per sequence, K/V read through the block table)
+#
+# `paged_decode_attention(q [B, H, D], k_cache, v_cache [num_blocks, block_size, Hkv, D], block_tables
+# [B, W], seq_lens [B], scale) -> [B, H, D]`: query b attends to the first seq_lens[b] tokens of its
+# sequence (token j at block block_tables[b, j // block_size], offset j % block_size), query head h to kv
+# head h // (H // Hkv); softmax in float32. `paged_decode_attention_reference` is the spec.
+#
+# Kernel ("flash-decoding"): grid (B, Hkv, num_splits). Program (b, kvh, s) holds the G = H // Hkv query
+# heads of kv head kvh as one [G, D] tile (so K/V are read once per kv head) and runs an online softmax
+# over tokens [s * tokens_per_split, (s + 1) * tokens_per_split) ∩ [0, seq_lens[b]) in tiles of BLOCK_N
+# tokens, each token's K/V row loaded through the block table (only live blocks are read). With one split
+# it writes the output directly; otherwise it writes a float32 partial (acc / l and the base-2 log-sum-exp)
+# and `_paged_decode_reduce_kernel` (grid (B, H)) merges the live splits. Programs whose range starts
+# past seq_lens[b] exit at once and the reduce ignores them, so num_splits may be sized from shapes alone
+# (block_tables width, B, Hkv, the GPU's SM count): a CUDA graph captured for one width replays for any
+# seq_lens that fit it. Numerics: scores and the softmax in float32; for 16-bit caches p is rounded to the
+# cache dtype before the p @ V product (as flash / memory-efficient SDPA do), float32 caches use IEEE
+# float32 dots (no TF32).
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        block_tables_ptr,
+        seq_lens_ptr,
+        out_ptr,
+        part_o_ptr,
+        part_lse_ptr,
+        qk_scale,  # softmax scale * log2(e)
+        q_stride_b,
+        q_stride_h,
+        k_stride_blk,
+        k_stride_slot,
+        k_stride_h,
+        v_stride_blk,
+        v_stride_slot,
+        v_stride_h,
+        bt_stride_b,
+        out_stride_b,
+        out_stride_h,
+        num_heads,
+        max_tokens,  # block_tables width * block_size
+        tokens_per_split,
+        GROUP: tl.constexpr,  # query heads per kv head
+        HEAD_DIM: tl.constexpr,
+        PAGE: tl.constexpr,  # block_size of the cache
+        BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DIRECT: tl.constexpr,  # one split: write the output, no partials
+        FP32_DOT: tl.constexpr,  # float32 operands, IEEE dots (float32 caches; the interpreter, whose dot
+        # cannot take bfloat16: bf16 x bf16 products are exact in float32, so the result is the same)
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        num_splits = tl.num_programs(2)
+        seq_len = tl.minimum(tl.load(seq_lens_ptr + b).to(tl.int32), max_tokens)
+        start = split * tokens_per_split
+        if start >= seq_len:
+            return
+        end = tl.minimum(start + tokens_per_split, seq_len)
+        dtype: tl.constexpr = out_ptr.dtype.element_ty
+        kv_dtype: tl.constexpr = v_ptr.dtype.element_ty
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_DIM
+        heads = kvh * GROUP + offs_g
+        b64 = b.to(tl.int64)
+        q = tl.load(
+            q_ptr + b64 * q_stride_b + heads[:, None] * q_stride_h + offs_d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [G, D]
+        if FP32_DOT:
+            q = q.to(tl.float32)
+        k_base = k_ptr + kvh * k_stride_h
+        v_base = v_ptr + kvh * v_stride_h
+        table = block_tables_ptr + b64 * bt_stride_b
+
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            toks = n0 + offs_n
+            n_mask = toks < end
+            blk = tl.load(table + toks // PAGE, mask=n_mask, other=0).to(tl.int64)
+            slot = toks % PAGE
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(
+                k_base + (blk * k_stride_blk + slot * k_stride_slot)[:, None] + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )  # [N, D]
+            if FP32_DOT:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))  # [G, N] float32, base-2 logits
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a live token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_base + (blk * v_stride_blk + slot * v_stride_slot)[:, None] + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )  # [N, D]
+            p = _round_to(p, kv_dtype)  # the p @ V operand in the cache dtype (float32 values)
+            if FP32_DOT:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(kv_dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        o = acc / l_i[:, None]  # l_i >= 1 (the max term is exp2(0))
+        gd_mask = g_mask[:, None] & d_mask[None, :]
+        if DIRECT:
+            out = out_ptr + b64 * out_stride_b + heads[:, None] * out_stride_h + offs_d[None, :]
+            tl.store(out, _round_to(o, dtype).to(dtype), mask=gd_mask)
+        else:
+            row = (b64 * num_heads + heads) * num_splits + split  # [G] rows of [B, H, S]
+            tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=gd_mask)
+            tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
+
+    @triton.jit
+    def _paged_decode_reduce_kernel(
+        part_o_ptr,
+        part_lse_ptr,
+        seq_lens_ptr,
+        out_ptr,
+        out_stride_b,
+        out_stride_h,
+        num_heads,
+        num_splits,
+        max_tokens,
+        tokens_per_split,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_S: tl.constexpr,  # >= num_splits
+        BLOCK_SC: tl.constexpr,  # splits merged per iteration
+        BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        dtype: tl.constexpr = out_ptr.dtype.element_ty
+        seq_len = tl.minimum(tl.load(seq_lens_ptr + b).to(tl.int32), max_tokens)
+        live = tl.cdiv(seq_len, tokens_per_split)  # splits that wrote a partial (>= 1)
+        base = (b.to(tl.int64) * num_heads + h) * num_splits
+        offs_s = tl.arange(0, BLOCK_S)
+        lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < live, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        denom = tl.sum(tl.exp2(lse - m), axis=0)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        offs_c = tl.arange(0, BLOCK_SC)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, live, BLOCK_SC):
+            splits = s0 + offs_c
+            s_mask = splits < live
+            w = tl.exp2(tl.load(part_lse_ptr + base + splits, mask=s_mask, other=float("-inf")) - m)
+            o = tl.load(
+                part_o_ptr + (base + splits)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(w[:, None] * o, axis=0)
+        out = acc / denom
+        tl.store(
+            out_ptr + b.to(tl.int64) * out_stride_b + h * out_stride_h + offs_d,
+            _round_to(out, dtype).to(dtype),
+            mask=d_mask,
+        )
+
+
+# Launch parameters of the decode attention (defaults; the GPU owner tunes them with
+# benchmarks/decode_attention_bench.py). A program handles a multiple of DECODE_BLOCK_N tokens; the split
+# count aims at DECODE_PROGRAMS_PER_SM programs per SM over the whole batch.
+DECODE_BLOCK_N = 64  # tokens per tile (K and V tiles of [BLOCK_N, D])
+DECODE_WARPS = 4
+DECODE_STAGES = 2
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_MAX_SPLITS = 256
+DECODE_REDUCE_BLOCK_SC = 16
+DECODE_REDUCE_WARPS = 2
+_DEFAULT_SM_COUNT = 132  # H100 SXM; used without CUDA (the interpreter)
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def paged_decode_splits(
+    batch: int,
+    num_kv_heads: int,
+    max_tokens: int,
+    device: torch.device,
+    num_splits: int | None = None,
+    block_n: int = DECODE_BLOCK_N,
+) -> tuple[int, int]:
+    """(tokens_per_split, num_splits) for a decode batch whose block tables cover max_tokens tokens.
+
+    A function of shapes only (and the device's SM count): fixed for a captured CUDA graph. num_splits
+    forces a split count (rounded so every split is a whole number of BLOCK_N tiles)."""
+    if num_splits is None:
+        target = DECODE_PROGRAMS_PER_SM * _sm_count(device)
+        num_splits = min(DECODE_MAX_SPLITS, -(-target // max(1, batch * num_kv_heads)))
+    per_split = -(-max_tokens // max(1, num_splits))
+    tokens_per_split = max(block_n, -(-per_split // block_n) * block_n)
+    return tokens_per_split, -(-max_tokens // tokens_per_split)
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Gather every sequence's block table, float32 softmax over its first seq_lens[b] tokens. q [B, H, D]."""
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    tables = block_tables.long()
+    k = k_cache[tables].flatten(1, 2).float()  # [B, S, Hkv, D], S = W * block_size
+    v = v_cache[tables].flatten(1, 2).float()
+    qf = q.float().view(batch, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,bshd->bhgs", qf, k) * scale
+    positions = torch.arange(k.shape[1], device=q.device)
+    live = positions[None, :] < seq_lens.long()[:, None]  # [B, S]
+    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgs,bshd->bhgd", scores.softmax(dim=-1), v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether `paged_decode_attention` runs its Triton kernel on these tensors (else the reference)."""
+    return (
+        use_triton(q, k_cache, v_cache)
+        and q.dim() == 3
+        and k_cache.dim() == 4
+        and k_cache.shape == v_cache.shape
+        and q.dtype == k_cache.dtype == v_cache.dtype
+        and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and q.shape[2] == k_cache.shape[3] <= 256
+        and q.shape[1] % k_cache.shape[2] == 0
+        and q.shape[1] // k_cache.shape[2] <= 64
+        and q.stride(-1) == 1
+        and k_cache.stride(-1) == 1
+        and v_cache.stride(-1) == 1
+        and q.numel() > 0
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged context; see the section comment above.
+
+    q [B, H, D] (last dim contiguous), k_cache/v_cache [num_blocks, block_size, Hkv, D], block_tables
+    [B, W] int, seq_lens [B] int (1 <= seq_lens[b] <= W * block_size). Returns [B, H, D] in q's dtype
+    (written into `out` when given). num_splits / block_n override the launch heuristic (tuning)."""
+    if not paged_decode_supported(q, k_cache, v_cache):
+        ref = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        if out is None:
+            return ref
+        return out.copy_(ref)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out: {tuple(out.shape)} {out.dtype} must be like q with a contiguous last dim")
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    block_n = block_n or DECODE_BLOCK_N
+    max_tokens = block_tables.shape[1] * block_size
+    if max_tokens == 0:
+        return out.zero_()
+    tokens_per_split, splits = paged_decode_splits(
+        batch, num_kv_heads, max_tokens, q.device, num_splits, block_n
+    )
+    direct = splits == 1
+    if direct:
+        part_o = part_lse = out  # unused
+    else:
+        part_o = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+    block_g = max(16, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    with _device_guard(q):
+        _paged_decode_kernel[(batch, num_kv_heads, splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
+            scale * 1.4426950408889634,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), out.stride(0), out.stride(1),
+            num_heads, max_tokens, tokens_per_split,
+            GROUP=group, HEAD_DIM=head_dim, PAGE=block_size, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT=direct,
+            FP32_DOT=q.dtype == torch.float32 or INTERPRET, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+        )  # fmt: skip
+        if not direct:
+            _paged_decode_reduce_kernel[(batch, num_heads)](
+                part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
+                num_heads, splits, max_tokens, tokens_per_split,
+                HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_SC=DECODE_REDUCE_BLOCK_SC, BLOCK_D=block_d,
+                num_warps=DECODE_REDUCE_WARPS,
+            )  # fmt: skip
+    return out
