@@ -54,7 +54,13 @@ FIELD_FLAGS = {
     "kv_cache_memory_bytes": "--kv-cache-bytes",
     "device": "--device",
     "dtype": "--dtype",
+    "quantization": "--dtype",
 }
+
+
+# --dtype fp8: bfloat16 activations + EngineConfig.quantization "fp8" (weights stay 16-bit on disk and are
+# quantized when the engine loads them, see engine.quant).
+FP8_DTYPE_FLAG = "fp8"
 
 
 class BuildError(ValueError):
@@ -67,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="HF GLM-4.xV checkpoint directory")
     src.add_argument("--preset", choices=["tiny", "small", "dummy-full"], help="generated checkpoint")
     p.add_argument("--output", required=True, help="engine directory to write (replaced if it exists)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto | float32 | bfloat16 | float16 | fp8 (bfloat16 activations and KV cache, decoder linears "
+        "and lm_head quantized to float8_e4m3fn when the engine loads)",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--gpus", default=None, help="GPU ids for vision_encoder/llm instances: 0,1 or all")
     p.add_argument("--max-batch-size", type=int, default=64, help="most sequences per engine step")
@@ -119,7 +130,11 @@ def _resolve_dtype(requested: str, device: str, checkpoint_dtype: str) -> str:
     from engine.config import DTYPES
 
     if requested != "auto":
-        _check(requested in DTYPES, "--dtype", f"{requested!r} must be auto or one of {sorted(DTYPES)}")
+        _check(
+            requested in DTYPES,
+            "--dtype",
+            f"{requested!r} must be auto or one of {sorted([*DTYPES, FP8_DTYPE_FLAG])}",
+        )
         if device == "cpu":
             _check(requested != "float16", "--dtype", "float16 is not supported on --device cpu")
         return requested
@@ -230,7 +245,14 @@ def build(args: argparse.Namespace) -> Path:
         except ValueError as exc:
             raise BuildError(f"--checkpoint: {exc}") from None
         checkpoint_dtype = _weights_dtype(checkpoint) or model_config.torch_dtype
-        dtype = _resolve_dtype(args.dtype, device, checkpoint_dtype)
+        quantization = "fp8" if args.dtype == FP8_DTYPE_FLAG else "none"
+        if quantization == "fp8" and device == "cpu":
+            print(
+                "glmv-build: note: --dtype fp8 on --device cpu runs the dequantized path (fp8 weights, "
+                "bfloat16 matmuls): it saves weight memory but is not faster",
+                file=sys.stderr,
+            )
+        dtype = _resolve_dtype("bfloat16" if quantization == "fp8" else args.dtype, device, checkpoint_dtype)
         _check(
             args.max_seq_len <= model_config.max_position_embeddings,
             "--max-seq-len",
@@ -245,6 +267,7 @@ def build(args: argparse.Namespace) -> Path:
                 gpu_memory_utilization=args.kv_cache_free_gpu_mem_fraction,
                 device=device,
                 dtype=dtype,
+                quantization=quantization,
                 max_images_per_request=args.max_images_per_request,
                 enable_thinking=not args.disable_thinking,
                 seed=args.seed,
@@ -295,6 +318,7 @@ def build(args: argparse.Namespace) -> Path:
                 else str(Path(args.checkpoint).resolve()),
                 "checkpoint_dtype": checkpoint_dtype,
                 "dtype": dtype,
+                "quantization": quantization,
                 "device": device,
                 "gpus": gpus,
                 "dummy": is_dummy,

@@ -28,6 +28,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
+QUANTIZATIONS = ("none", "fp8")  # EngineConfig.quantization values
+
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """'bfloat16' | 'float16' | 'float32' (or a torch.dtype) -> torch.dtype; ValueError otherwise."""
@@ -255,10 +257,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use in total
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     dtype: str = "float32"  # weights/activations/KV dtype: float32 | float16 | bfloat16
+    quantization: str = "none"  # "fp8": decoder linears + lm_head in float8_e4m3fn (engine.quant)
     enable_chunked_prefill: bool = True  # split long prompts over several steps
     max_images_per_request: int = 8  # most images in one request
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
-    max_num_vision_patches: int = 32768  # most ViT patches encoded in one packed forward
+    max_num_vision_patches: int = 8192  # most ViT patches in one packed forward (one step of the llm)
     enable_thinking: bool = True  # default of the chat template's thinking switch
     seed: int = 0  # seed of the engine's sampler and of dummy weights
 
@@ -286,6 +289,12 @@ class EngineConfig:
         parse_dtype(self.dtype)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} must be spelled one of {sorted(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: {self.quantization!r} must be one of {list(QUANTIZATIONS)}")
+        if self.quantization == "fp8" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(
+                f"quantization: fp8 needs a 16-bit activation dtype (bfloat16 or float16), not dtype {self.dtype!r}"
+            )
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
@@ -322,4 +331,4 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["DTYPES", "EngineConfig", "ModelConfig", "VisionConfig", "parse_dtype"]
+__all__ = ["DTYPES", "QUANTIZATIONS", "EngineConfig", "ModelConfig", "VisionConfig", "parse_dtype"]

@@ -134,6 +134,17 @@ class Executor:
                 model = Glm4vModel.from_pretrained(
                     weights_dir, self.device, engine_config.dtype, model_config
                 )
+        if engine_config.quantization == "fp8":  # before KV sizing: the freed 16-bit weights go to the cache
+            from engine.quant import quantize_decoder_fp8_, weight_bytes
+
+            before = weight_bytes(model)
+            swapped = quantize_decoder_fp8_(model)  # in place (a given model too); FP8 layers are kept
+            logger.info(
+                "[glm-engine] fp8: %d decoder linear layers quantized; weights %.2f GB -> %.2f GB",
+                swapped,
+                before / 1e9,
+                weight_bytes(model) / 1e9,
+            )
         self.model = model
         block_size = engine_config.block_size
         num_blocks = num_kv_blocks(

@@ -109,3 +109,46 @@ def test_refuses_to_replace_a_non_engine_folder(tmp_path: Path, tiny_checkpoint:
     assert run("--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "precious")) == 2
     assert "--output:" in capsys.readouterr().err
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
+    tmp_path: Path, tiny_checkpoint: Path, capsys
+) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "fp8"
+    assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--dtype", "fp8") == 0
+    assert "--dtype fp8 on --device cpu runs the dequantized path" in capsys.readouterr().err
+    config = json.loads((out / "engine_config.json").read_text())
+    assert config["engine"]["dtype"] == "bfloat16" and config["engine"]["quantization"] == "fp8"
+    assert config["build"]["dtype"] == "bfloat16" and config["build"]["quantization"] == "fp8"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # quantized when the engine loads
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}  # noqa: SIM118
+
+    from engine.executor import Executor
+    from engine.quant import Fp8Linear
+
+    ex = Executor.from_engine_dir(out)
+    assert isinstance(ex.model.lm_head, Fp8Linear)
+    assert isinstance(ex.model.language_model.layers[0].mlp.down_proj, Fp8Linear)
+
+    # other dtypes still write quantization "none"
+    assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--dtype", "bfloat16") == 0
+    assert json.loads((out / "engine_config.json").read_text())["engine"]["quantization"] == "none"
+    assert "fp8" not in capsys.readouterr().err
+
+
+def test_dtype_fp8_on_cuda_dummy(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "dummy-fp8"
+    assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--dtype", "fp8") == 0
+    assert "note" not in capsys.readouterr().err
+    engine = json.loads((out / "engine_config.json").read_text())["engine"]
+    assert engine["dtype"] == "bfloat16" and engine["quantization"] == "fp8" and engine["device"] == "cuda"
+
+
+def test_bad_dtype_lists_fp8(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    out = tmp_path / "engine"
+    assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--dtype", "fp4") == 2
+    assert "--dtype: 'fp4' must be auto or one of ['bfloat16', 'float16', 'float32', 'fp8']" in (
+        capsys.readouterr().err
+    )
