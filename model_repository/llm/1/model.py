@@ -6,7 +6,12 @@ blocks the engine); a cancellation thread polls `is_cancelled()` every `cancella
 aborts the engine request; a stats thread publishes gauges every `stats_check_period_ms`.
 
 Per request: streaming → one response per engine step that produced tokens (`output_ids` = the new
-tokens, `text_output`/`reasoning_output` = the new text); non-streaming → one response at the end
+tokens, `text_output`/`reasoning_output` = the new text) while at most `stream_responses_per_step`
+requests stream; with more, each stream gets a response every k = ceil(streams / that) steps carrying the
+k steps' tokens (the first token and the last response are never held). Every streamed response passes
+through the single postprocessing instance, whose cost per response caps the server's response rate:
+this keeps the response rate under that cap at any concurrency while the token rate keeps growing;
+non-streaming → one response at the end
 (`output_ids` = prompt + completion unless `exclude_input_in_output`, texts whole). The last response
 carries COMPLETE_FINAL and `finish_reason` (stop | length | abort); a request refused by the engine gets a
 final error response. `stop=true` cancels every request sent with the same `request_key` (or, without
@@ -16,6 +21,7 @@ engine loop is not running, new requests get an UNAVAILABLE error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -68,6 +74,7 @@ class RequestState:
     is_cancelled: bool = False
     has_first_token: bool = False
     is_done: bool = False  # the final response is sent: the sender must not be touched again
+    held: list = field(default_factory=list)  # streamed outputs not sent yet (merged into the next response)
 
 
 class TritonPythonModel:
@@ -105,6 +112,7 @@ class TritonPythonModel:
         self.executor = Executor.from_engine_dir(engine_dir, **overrides)
         self.cancel_period_s = float(_param(config, "cancellation_check_period_ms", "10")) / 1000.0
         self.stats_period_s = float(_param(config, "stats_check_period_ms", "100")) / 1000.0
+        self.stream_responses_per_step = max(1, int(_param(config, "stream_responses_per_step", "16")))
         # Executor times are time.monotonic(); responses carry wall-clock ns.
         self.wall_offset_ns = time.time_ns() - time.monotonic_ns()
 
@@ -349,12 +357,38 @@ class TritonPythonModel:
             outputs = self.send_queue.get()
             if outputs is None:
                 return
+            with self.lock:
+                num_streams = sum(1 for s in self.states.values() if s.is_streaming)
+            every = max(1, -(-num_streams // self.stream_responses_per_step))  # steps per response
             for output in outputs:
                 try:
+                    output = self._coalesce(output, every)
+                    if output is None:
+                        continue
                     with self.sender_lock:
                         self._send_output(output)
                 except Exception:
                     logger.exception("llm: sending a response failed")
+
+    def _coalesce(self, output, every: int):
+        """The output to send now (several steps' outputs merged), or None to hold this one back."""
+        with self.lock:
+            state = self.states.get(output.request_id)
+        if state is None or not state.is_streaming:
+            return output
+        if not state.held and (every == 1 or output.is_finished or not state.has_first_token):
+            return output
+        state.held.append(output)
+        if len(state.held) < every and not output.is_finished:
+            return None
+        held, state.held = state.held, []
+        return dataclasses.replace(
+            held[-1],
+            new_token_ids=[t for o in held for t in o.new_token_ids],
+            text="".join(o.text for o in held),
+            reasoning="".join(o.reasoning for o in held),
+            first_token_time=held[0].first_token_time,
+        )
 
     def _send_output(self, output) -> None:
         with self.lock:
