@@ -59,8 +59,8 @@ ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
 ARG PYTRITON_VERSION=0.7.0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 COPY requirements/gpu.txt /tmp/requirements.txt
-# requirements/gpu.txt is cpu.txt without torch: torch comes from the CPU-only index (the PyPI build would
-# pull the CUDA libraries). nvidia-pytriton with --no-deps: only its bundled server is used (its own Python
+# requirements/gpu.txt is cpu.txt without torch and triton: torch comes from the CPU-only index (the PyPI
+# build would pull the CUDA libraries); without triton the engine's kernels fall back to torch on CPU. nvidia-pytriton with --no-deps: only its bundled server is used (its own Python
 # package pins numpy<2). This venv keeps pip: the launcher uses it once, below, to give the bundled server's
 # Python-backend stub the numpy 1.x it was built against.
 RUN python3 -m venv /opt/venv \
