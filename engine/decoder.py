@@ -168,11 +168,12 @@ class Glm4vModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.language_model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activation dtype (the embeddings'; lm_head may hold FP8 weights, engine.quant)."""
+        return self.language_model.embed_tokens.weight.dtype
 
     @torch.no_grad()
     def forward(

@@ -409,7 +409,6 @@ def _lm_head_is_tied(model: nn.Module) -> bool:
 @torch.no_grad()
 def quantize_decoder_fp8_(model: nn.Module, include_lm_head: bool = True) -> int:
     """Swap the decoder's linears for `Fp8Linear` in place (module docstring); returns how many."""
-    activation_dtype = model.language_model.embed_tokens.weight.dtype
     count = 0
     for name in decoder_linear_names(model, include_lm_head):
         parent_name, _, attr = name.rpartition(".")
@@ -428,35 +427,7 @@ def quantize_decoder_fp8_(model: nn.Module, include_lm_head: bool = True) -> int
             # reserved (3 GB of the full-size model's 20 GB did) and never reach the KV cache.
             torch.cuda.empty_cache()
         count += 1
-    _keep_model_dtype(model, activation_dtype)
     return count
-
-
-_DTYPE_CLASSES: dict[type, type] = {}
-
-
-def _keep_model_dtype(model: nn.Module, activation_dtype: torch.dtype) -> None:
-    """`Glm4vModel.dtype` reads lm_head.weight.dtype, float8 once lm_head is swapped; callers (encode_images,
-    allocate_kv_caches) expect the activation dtype. Give the instance a subclass whose `dtype` returns it.
-    A no-op when `model.dtype` already is the activation dtype (e.g. lm_head tied or kept)."""
-    try:
-        current = model.dtype
-    except Exception:
-        return
-    if current == activation_dtype or not isinstance(current, torch.dtype):
-        return
-    cls = type(model)
-    if cls not in _DTYPE_CLASSES:
-        _DTYPE_CLASSES[cls] = type(
-            cls.__name__,
-            (cls,),
-            {
-                "__module__": cls.__module__,
-                "__doc__": cls.__doc__,
-                "dtype": property(lambda self: self.language_model.embed_tokens.weight.dtype),
-            },
-        )
-    model.__class__ = _DTYPE_CLASSES[cls]
 
 
 __all__ = [
