@@ -315,6 +315,9 @@ def test_metrics_are_exported(server) -> None:
     assert metric(server, "glmv_preprocess_latency_seconds_count", 'model="preprocessing"') > 0
     assert metric(server, "nv_trt_llm_request_metrics", 'request_type="waiting"') >= 0
     assert metric(server, "glmv_preemptions_total", 'model="llm"') >= 0
+    # one series per llm instance (one instance per GPU must not overwrite another's gauges)
+    labels = 'kv_cache_block_type="max",model="llm",model_instance="llm_0_0"'
+    assert metric(server, "nv_trt_llm_kv_cache_block_metrics", labels) > 0
 
 
 def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) -> None:

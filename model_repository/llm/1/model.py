@@ -139,7 +139,13 @@ class TritonPythonModel:
     # -- metrics ----------------------------------------------------------------------------------------
 
     def _init_metrics(self, args: dict) -> None:
-        labels = {"model": args["model_name"], "version": args["model_version"]}
+        # One series per instance: with one llm per GPU, the instances would otherwise overwrite each
+        # other's gauges (Prometheus' own `instance` label names the pod, not the GPU).
+        labels = {
+            "model": args["model_name"],
+            "version": args["model_version"],
+            "model_instance": args.get("model_instance_name", args["model_name"]),
+        }
         # The families must outlive their metrics: keep references on self.
         self.families = []
         requests = pb_utils.MetricFamily(
