@@ -4,9 +4,11 @@
 
 Builds the full-size dummy engine twice — on GPU 0 alone, then with one llm (and one vision_encoder)
 instance on each of the first `--gpus` GPUs — serves each with Triton, and runs the same closed loop
-(448×448 images, `--max-tokens` out) at `concurrency-per-gpu × number of GPUs`. Writes multi_gpu.json with
-both runs, Triton's per-model queue/compute means of each run (where a shared CPU stage saturates), and the
-throughput ratio, and prints a short table.
+(448×448 images, `--max-tokens` out) at `concurrency-per-gpu × number of GPUs`, from
+`--client-processes` load-generator processes. Writes multi_gpu.json with
+both runs, Triton's per-model queue/compute means of each run (where a shared CPU stage saturates), how many
+requests each llm instance finished (how evenly Triton split them), and the throughput ratio, and prints a
+short table.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from benchmarks.run import Progress, closed_loop
 from benchmarks.server import build_engine, find_model_repository
 
 
-async def _measure(url: str, target_kind: str, concurrency: int, duration_s: float, max_tokens: int) -> dict:
-    corpus = Corpus(sizes=[(448, 448)], pool_size=12)
+async def _closed_loop(
+    url: str, target_kind: str, concurrency: int, duration_s: float, max_tokens: int, seed: int
+):
+    corpus = Corpus(sizes=[(448, 448)], pool_size=12, seed=seed)
     target = make_target(target_kind, url, None, concurrency)
     params = RequestParams(max_tokens=max_tokens, temperature=0.0, timeout_s=300)
     try:
-        for i in range(4):  # warm-up: graphs, allocator, both instances
+        for i in range(2):  # warm-up: graphs, allocator, connections
             await target.send(corpus.sample(i), params)
         progress = Progress(f"c={concurrency}", 5.0, duration_s)
         reporter = asyncio.create_task(progress.report())
@@ -41,10 +45,35 @@ async def _measure(url: str, target_kind: str, concurrency: int, duration_s: flo
         reporter.cancel()
     finally:
         await target.close()
+    return records, elapsed
+
+
+def _client_process(args: tuple) -> tuple[list, float]:
+    """One load-generator process (its own event loop and gRPC channels)."""
+    return asyncio.run(_closed_loop(*args))
+
+
+def _measure(
+    url: str, target_kind: str, concurrency: int, duration_s: float, max_tokens: int, processes: int
+) -> dict:
+    """Closed loop at `concurrency`, split over `processes` client processes (one Python event loop
+    parsing every streamed response can itself become the limit at thousands of responses/s)."""
+    if processes <= 1:
+        records, elapsed = asyncio.run(_closed_loop(url, target_kind, concurrency, duration_s, max_tokens, 0))
+    else:
+        import multiprocessing as mp
+
+        shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+        jobs = [(url, target_kind, c, duration_s, max_tokens, i) for i, c in enumerate(shares) if c]
+        with mp.get_context("spawn").Pool(len(jobs)) as pool:
+            parts = pool.map(_client_process, jobs)
+        records = [r for part, _ in parts for r in part]
+        elapsed = max(e for _, e in parts)
     ok = [r for r in records if r.error is None]
     tokens = sum(r.num_output_tokens or 0 for r in ok)
     return {
         "concurrency": concurrency,
+        "client_processes": processes,
         "requests": len(ok),
         "errors": len(records) - len(ok),
         "seconds": round(elapsed, 2),
@@ -53,6 +82,29 @@ async def _measure(url: str, target_kind: str, concurrency: int, duration_s: flo
         "ttft_ms": distribution_ms(r.ttft_s for r in ok if r.ttft_s is not None),
         "error_messages": sorted({r.error for r in records if r.error})[:3],
     }
+
+
+def requests_per_llm_instance(metrics_url: str) -> dict[str, float]:
+    """Requests each llm instance finished (glmv_requests_finished_total summed per model_instance)."""
+    import urllib.request
+
+    base = metrics_url if metrics_url.startswith("http") else f"http://{metrics_url}"
+    if not base.rstrip("/").endswith("/metrics"):
+        base = base.rstrip("/") + "/metrics"
+    with urllib.request.urlopen(base, timeout=10) as resp:
+        return finished_per_instance(resp.read().decode())
+
+
+def finished_per_instance(body: str) -> dict[str, float]:
+    """glmv_requests_finished_total summed per model_instance, from a Prometheus text body."""
+    import re
+
+    out: dict[str, float] = {}
+    for labels, value in re.findall(r"^glmv_requests_finished_total\{([^}]*)\} (\S+)$", body, re.MULTILINE):
+        found = re.search(r'model_instance="([^"]+)"', labels)
+        if found:
+            out[found.group(1)] = out.get(found.group(1), 0.0) + float(value)
+    return out
 
 
 def _serve_and_measure(gpus: str, work: Path, args: argparse.Namespace, concurrency: int) -> dict:
@@ -81,8 +133,15 @@ def _serve_and_measure(gpus: str, work: Path, args: argparse.Namespace, concurre
     with server:
         url = server.grpc_url if target_kind == "triton" else server.http_url
         before = model_stats(server.http_url)
-        result = asyncio.run(_measure(url, target_kind, concurrency, args.duration, args.max_tokens))
+        split_before = requests_per_llm_instance(server.metrics_url)
+        result = _measure(
+            url, target_kind, concurrency, args.duration, args.max_tokens, args.client_processes
+        )
         result["stages"] = stage_breakdown(before, model_stats(server.http_url))
+        split_after = requests_per_llm_instance(server.metrics_url)
+        result["requests_per_llm_instance"] = {
+            k: v - split_before.get(k, 0.0) for k, v in sorted(split_after.items())
+        }
     result.update({"gpus": gpus, "target": target_kind})
     return result
 
@@ -94,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency-per-gpu", type=int, default=32)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="load-generator processes sharing the concurrency (one event loop may be the limit)",
+    )
     ap.add_argument(
         "--preset", default="dummy-full", help="glmv-build preset (tiny: a CPU check of the script)"
     )
