@@ -42,7 +42,7 @@ from pathlib import Path
 
 from benchmarks.clients import RequestParams, make_target
 from benchmarks.corpus import Corpus
-from benchmarks.metrics import distribution_ms, summarize
+from benchmarks.metrics import distribution_ms, steady_state, summarize
 from benchmarks.results import REPO_ROOT, GpuMemorySampler, git_commit, summary_markdown, today, validate
 
 
@@ -317,6 +317,8 @@ async def serve_phases(
                 target, corpora[size], params, concurrency, num_requests, duration_s
             )
             run = {"concurrency": concurrency, **summarize(records, wall), "gpu_mem_gb": sampler.take_peak()}
+            # after the opening burst of `concurrency` simultaneous requests (None if too few followed)
+            run["steady"] = steady_state(records, concurrency)
             run["image_size"] = f"{sizes[size][0]}x{sizes[size][1]}"
             if size == "1288":
                 runs.append(run)
@@ -329,8 +331,8 @@ async def serve_phases(
         await sub("ttft_448", 20, lambda: ttft("448"))
         await sub("ttft_1288", 20, lambda: ttft("1288"))
         await sub("decode_b1", 30, decode_b1)
-        await sub("c32_448", 40, throughput("448", 32, 64, 20.0))
-        await sub("c32_1288", 40, throughput("1288", 32, 64, 20.0))
+        await sub("c32_448", 40, throughput("448", 32, 128, 20.0))
+        await sub("c32_1288", 40, throughput("1288", 32, 128, 25.0))
         # 64 and 128 at once: every request of one wave in flight together, none may fail
         await sub("c64_1288", 40, throughput("1288", 64, 128, 15.0))
         await sub("c128_1288", 40, throughput("1288", 128, 128, 10.0))
@@ -485,6 +487,13 @@ def table(doc: dict) -> str:
             f"{f(cmp['ours_over_transformers'].get(key))}{f(cmp['ours_over_roofline'].get(key))}"
         )
     serve = doc["phases"].get("serve", {})
+    for name in ("c32_448", "c32_1288"):
+        steady = (serve.get(name) or {}).get("steady")
+        if steady:
+            lines.append(
+                f"{name} after its opening burst: {steady['rps']:.2f} req/s, {steady['output_tok_s']:.1f} tok/s, "
+                f"TTFT P95 {steady['ttft_ms']['p95']:.0f} ms ({steady['requests']} requests)"
+            )
     for name in ("c64_1288", "c128_1288"):
         run = serve.get(name) or {}
         if "requests" in run:

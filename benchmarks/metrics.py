@@ -123,6 +123,20 @@ def distribution_ms(values_s: Iterable[float]) -> dict[str, float | None]:
     return out
 
 
+def steady_state(records: Sequence[RequestRecord], concurrency: int) -> dict | None:
+    """The closed loop after its opening burst: requests sent after the first `concurrency` (which all
+    start at once and queue behind each other's prefill), measured over the window from the first of them
+    being sent to the last of them finishing. None when fewer than `concurrency` requests follow the burst."""
+    ordered = sorted(records, key=lambda r: r.start_s)
+    later = [r for r in ordered[concurrency:] if r.e2e_s is not None]
+    if len(later) < max(1, concurrency):
+        return None
+    window = max(r.start_s + r.e2e_s for r in later) - later[0].start_s
+    row = summarize(later, window)
+    row["window_s"] = round(window, 3)
+    return row
+
+
 def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
     """One run's row of results.json (without the concurrency/rate and gpu_mem_gb keys)."""
     ok = [r for r in records if r.is_ok]

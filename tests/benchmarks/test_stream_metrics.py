@@ -60,3 +60,17 @@ def test_summarize_counts_only_successful_requests() -> None:
     assert row["itl_ms"]["p50"] == 20.0
     assert row["e2e_ms"]["p99"] == pytest.approx(1990.0)
     assert row["error_messages"] == {"max_tokens: 0 is under 1": 3}
+
+
+def test_steady_state_drops_the_opening_burst_and_measures_its_own_window() -> None:
+    from benchmarks.metrics import RequestRecord, steady_state
+
+    def rec(start: float, ttft: float, e2e: float, tokens: int = 10) -> RequestRecord:
+        return RequestRecord(start_s=start, ttft_s=ttft, e2e_s=e2e, num_output_tokens=tokens)
+
+    burst = [rec(0.0, 3.0 + i, 5.0 + i) for i in range(2)]  # both sent at once: queued first tokens
+    later = [rec(5.0, 0.2, 2.0), rec(6.0, 0.4, 2.0), rec(7.0, 0.3, 1.0)]
+    row = steady_state(burst + later, concurrency=2)
+    assert row["requests"] == 3 and row["window_s"] == 3.0  # from 5.0 to the last finish at 8.0
+    assert row["output_tok_s"] == 10.0 and row["ttft_ms"]["p50"] == 300.0
+    assert steady_state(burst + later[:1], concurrency=2) is None  # fewer than 2 after the burst
