@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from triton_interpreter import bf16_ulps, main, run_interpreted  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EPS = 1e-5
@@ -35,16 +35,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers of the checks
-
-
-def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elementwise distance in bf16 representable steps (+0 and -0 are the same point)."""
-
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        bits = t.contiguous().view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return (ordered(a) - ordered(b)).abs()
 
 
 def assert_matches(got: torch.Tensor, ref: torch.Tensor, what: str, exact: bool = False) -> None:
@@ -312,37 +302,17 @@ CHECKS: dict[str, Callable[..., None]] = {
 }
 
 
-def run_interpreted(check: str, *args: str) -> None:
-    """Run CHECKS[check]("cpu", *args) in a fresh Python with TRITON_INTERPRET=1."""
-    env = {k: v for k, v in os.environ.items() if k != "GLMV_DISABLE_TRITON_KERNELS"}
-    env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, __file__, check, *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"check {check} failed under TRITON_INTERPRET=1:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-    assert f"ok {check}" in proc.stdout
-
-
 # ---------------------------------------------------------------------------------------------------------
 # tests
 
 
 @pytest.mark.parametrize("check", ["use_triton", "rms_norm", "add_rms_norm_pair", "silu_mul", "rotary"])
 def test_kernel_equals_torch_reference_in_interpreter(check):
-    run_interpreted(check)
+    run_interpreted(__file__, check)
 
 
 def test_decoder_with_kernels_equals_torch_path_in_interpreter(tiny_checkpoint):
-    run_interpreted("decoder", str(tiny_checkpoint))
+    run_interpreted(__file__, "decoder", str(tiny_checkpoint))
 
 
 def test_torch_path_without_interpreter_on_cpu(monkeypatch):
@@ -379,7 +349,4 @@ def test_cuda_graph_replay_of_kernels_equals_eager():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    name, *rest = sys.argv[1:]
-    CHECKS[name]("cpu", *rest)
-    print(f"ok {name}")
+    main(CHECKS)

@@ -17,17 +17,15 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from triton_interpreter import main, run_interpreted  # noqa: E402
+
 SEQ_LENS = [1, 15, 16, 17, 100, 300]
 DTYPES = [torch.float32, torch.bfloat16]
 # (num_heads, num_kv_heads, head_dim): GQA ratios 1, 4 and 16 (the full-size 32/2/128), plus the tiny
@@ -363,33 +361,13 @@ CHECKS: dict[str, Callable[..., None]] = {
 }
 
 
-def run_interpreted(check: str, *args: str) -> None:
-    """Run CHECKS[check]("cpu", *args) in a fresh Python with TRITON_INTERPRET=1."""
-    env = {k: v for k, v in os.environ.items() if k != "GLMV_DISABLE_TRITON_KERNELS"}
-    env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, __file__, check, *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"check {check} failed under TRITON_INTERPRET=1:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-    assert f"ok {check}" in proc.stdout
-
-
 # ---------------------------------------------------------------------------------------------------------
 # tests
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_paged_decode_in_interpreter(check):
-    run_interpreted(check)
+    run_interpreted(__file__, check)
 
 
 def test_torch_path_without_interpreter_on_cpu(monkeypatch):
@@ -425,7 +403,4 @@ def test_cuda_graph_replay_of_paged_decode_equals_eager():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    name, *rest = sys.argv[1:]
-    CHECKS[name]("cpu", *rest)
-    print(f"ok {name}")
+    main(CHECKS)

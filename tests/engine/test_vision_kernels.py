@@ -8,8 +8,6 @@ step (the GPU may contract the float32 product and sum into one fused multiply-a
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,15 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> int:
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        bits = t.contiguous().view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return int((ordered(a) - ordered(b)).abs().max())
+from triton_interpreter import bf16_ulps, main, run_interpreted  # noqa: E402
 
 
 def check_rotary(device: str) -> None:
@@ -51,7 +41,7 @@ def check_rotary(device: str) -> None:
             if dtype == torch.float32:
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
             else:
-                assert bf16_steps(got, ref) <= 1, (num_patches, heads, head_dim)
+                assert int(bf16_ulps(got, ref).max()) <= 1, (num_patches, heads, head_dim)
 
 
 def check_vision_encoder(device: str) -> None:
@@ -93,18 +83,9 @@ def check_vision_encoder(device: str) -> None:
 CHECKS = {"rotary": check_rotary, "vision_encoder": check_vision_encoder}
 
 
-def run_interpreted(check: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("GLMV_DISABLE_TRITON_KERNELS", None)
-    done = subprocess.run(
-        [sys.executable, __file__, check], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_vision_kernels_in_interpreter(check: str) -> None:
-    run_interpreted(check)
+    run_interpreted(__file__, check)
 
 
 @pytest.mark.gpu
@@ -115,4 +96,4 @@ def test_vision_kernels_on_cuda(check: str) -> None:
 
 
 if __name__ == "__main__":
-    CHECKS[sys.argv[1]]("cpu")
+    main(CHECKS)
