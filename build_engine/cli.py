@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="streams that get a response every engine step (split across GPUs); with more, tokens of "
         "several steps go out together",
     )
+    p.add_argument(
+        "--vision-cuda-graphs",
+        action="store_true",
+        help="replay the llm's ViT from CUDA graphs, one per image layout (host-bound small images)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")
     return p
 
@@ -278,6 +283,7 @@ def build(args: argparse.Namespace) -> Path:
                 quantization=quantization,
                 max_images_per_request=args.max_images_per_request,
                 enable_thinking=not args.disable_thinking,
+                vision_cuda_graphs=args.vision_cuda_graphs,
                 seed=args.seed,
             )
             limits = PreprocessLimits(

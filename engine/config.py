@@ -262,6 +262,7 @@ class EngineConfig:
     max_images_per_request: int = 8  # most images in one request
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
     max_num_vision_patches: int = 8192  # most ViT patches in one packed forward (one step of the llm)
+    vision_cuda_graphs: bool = False  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
     enable_thinking: bool = True  # default of the chat template's thinking switch
     seed: int = 0  # seed of the engine's sampler and of dummy weights
 
@@ -284,6 +285,8 @@ class EngineConfig:
         at_least("max_images_per_request", self.max_images_per_request, 0)
         at_least("max_image_tokens_per_request", self.max_image_tokens_per_request, 0)
         at_least("max_num_vision_patches", self.max_num_vision_patches, 4)
+        if not isinstance(self.vision_cuda_graphs, bool):
+            raise ValueError(f"vision_cuda_graphs: {self.vision_cuda_graphs!r} must be true or false")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
         parse_dtype(self.dtype)

@@ -146,6 +146,14 @@ class Executor:
                 weight_bytes(model) / 1e9,
             )
         self.model = model
+        if (
+            engine_config.vision_cuda_graphs
+            and self.device.type == "cuda"
+            and not (
+                getattr(engine_config, "enforce_eager", False) if enforce_eager is None else enforce_eager
+            )
+        ):
+            model.visual.enable_cuda_graphs(max_patches=max(16384, engine_config.max_num_vision_patches))
         block_size = engine_config.block_size
         num_blocks = num_kv_blocks(
             engine_config, model_config.kv_bytes_per_token(engine_config.dtype), self.device

@@ -227,9 +227,28 @@ class VisionEncoder(nn.Module):
             config.hidden_size, config.out_hidden_size, kernel_size=merge, stride=merge
         )
         self.merger = PatchMerger(config)
+        self.graphs: TowerGraphs | None = None  # enable_cuda_graphs()
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.encode(pixel_values, grid_thw)
+
+    def enable_cuda_graphs(self, max_graphs: int = 8, max_patches: int = 16384) -> None:
+        """Replay the blocks + merger of `encode` from CUDA graphs, one per batch layout (the images'
+        patch counts), captured on first use (CUDA only; see TowerGraphs)."""
+        self.graphs = TowerGraphs(self._tower, max_graphs, max_patches)
+
+    def _tower(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+    ) -> torch.Tensor:
+        """The ViT blocks, final norm, spatial downsample and merger: [N, hidden] -> [N / merge**2, out]."""
+        config = self.config
+        merge = config.spatial_merge_size
+        for block in self.blocks:
+            x = block(x, cos, sin, seqlens)
+        x = self.post_layernorm(x)
+        x = x.view(-1, merge, merge, x.shape[-1]).permute(0, 3, 1, 2)  # [N/4, hidden, merge, merge]
+        x = self.downsample(x).view(-1, config.out_hidden_size)  # [N/4, out_hidden]
+        return self.merger(x)
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -256,9 +275,68 @@ class VisionEncoder(nn.Module):
         x = self.post_conv_layernorm(x)
         cos, sin = vision_rotary_cos_sin(hw_positions, config.head_dim, config.rope_theta)  # [N, head_dim]
         x = x + self.embeddings(hw_positions, patch_hw)
-        for block in self.blocks:
-            x = block(x, cos, sin, seqlens)
-        x = self.post_layernorm(x)
-        x = x.view(-1, merge, merge, x.shape[-1]).permute(0, 3, 1, 2)  # [N/4, hidden, merge, merge]
-        x = self.downsample(x).view(-1, config.out_hidden_size)  # [N/4, out_hidden]
-        return self.merger(x)
+        if self.graphs is not None and x.is_cuda:
+            return self.graphs(x, cos, sin, seqlens)
+        return self._tower(x, cos, sin, seqlens)
+
+
+class TowerGraphs:
+    """CUDA graphs of `VisionEncoder._tower`, keyed by the per-image patch counts of the batch.
+
+    Eager, the tower is ~300 kernel launches and ~2,500 torch calls per forward: for a 448x448 image the
+    host, not the GPU, sets its time. A layout seen for the first time runs eagerly twice on a side stream
+    (Triton kernels compile, cuBLAS warms up), then is captured; later calls copy their inputs into the
+    graph's static buffers, replay, and get a copy of the output (the static output is overwritten by the
+    next replay, and the embeddings may wait several engine steps for their prefill). Layouts over
+    `max_patches` patches, and any beyond `max_graphs` distinct ones (least recently used are dropped), run
+    eagerly; so does a layout whose capture failed (logged once). The graphs share one memory pool: they
+    replay one at a time and their outputs are copied out at once."""
+
+    def __init__(self, tower, max_graphs: int, max_patches: int) -> None:
+        self.tower = tower
+        self.max_graphs, self.max_patches = max_graphs, max_patches
+        self.entries: dict[tuple[int, ...], tuple] = {}  # insertion order = least recently used first
+        self.failed: set[tuple[int, ...]] = set()
+        self.pool = None
+
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+    ) -> torch.Tensor:
+        key = tuple(seqlens)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # inside someone else's capture
+        if x.shape[0] > self.max_patches or key in self.failed or capturing:
+            return self.tower(x, cos, sin, seqlens)
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            try:
+                entry = self._capture(x, cos, sin, seqlens)
+            except Exception:
+                import logging
+
+                logging.getLogger("glm-engine").exception("[glm-engine] ViT graph capture failed for %s", key)
+                self.failed.add(key)
+                return self.tower(x, cos, sin, seqlens)
+            while len(self.entries) >= self.max_graphs:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = entry
+        graph, static_x, static_cos, static_sin, static_out = entry
+        static_x.copy_(x)
+        static_cos.copy_(cos)
+        static_sin.copy_(sin)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> tuple:
+        static_x, static_cos, static_sin = x.clone(), cos.clone(), sin.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.tower(static_x, static_cos, static_sin, seqlens)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.tower(static_x, static_cos, static_sin, seqlens)
+        return graph, static_x, static_cos, static_sin, static_out

@@ -1,0 +1,99 @@
+"""VisionEncoder CUDA graphs (TowerGraphs): replays equal eager, bookkeeping (LRU, size limit, failed
+captures fall back to eager) checked on CPU with a stand-in graph; real capture on CUDA (gpu marker)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from build_engine.checkpoint import make_tiny_checkpoint
+from engine.config import EngineConfig, ModelConfig
+from engine.vision import TowerGraphs, VisionEncoder
+
+
+@pytest.fixture(scope="module")
+def vision_config():
+    with tempfile.TemporaryDirectory() as tmp:
+        return ModelConfig.from_pretrained(
+            make_tiny_checkpoint(Path(tmp) / "tiny", "tiny", seed=0)
+        ).vision_config
+
+
+def tower_inputs(n: int, hidden: int, head_dim: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=gen)
+    cos, sin = torch.randn(n, head_dim, generator=gen), torch.randn(n, head_dim, generator=gen)
+    return x, cos, sin
+
+
+class StandInGraph:
+    """What torch.cuda.CUDAGraph does for TowerGraphs: replay = run the tower on the static buffers."""
+
+    def __init__(self, tower, static, seqlens):
+        self.tower, self.static, self.seqlens = tower, static, seqlens
+        self.replays = 0
+
+    def replay(self) -> None:
+        x, cos, sin, out = self.static
+        out.copy_(self.tower(x, cos, sin, self.seqlens))
+        self.replays += 1
+
+
+def test_tower_graphs_bookkeeping_with_a_stand_in_graph(vision_config, monkeypatch) -> None:
+    encoder = VisionEncoder(vision_config).eval()
+    calls: list[tuple] = []
+
+    def capture(self, x, cos, sin, seqlens):
+        if tuple(seqlens) == (12,):
+            raise RuntimeError("capture refused")
+        static = (x.clone(), cos.clone(), sin.clone(), self.tower(x, cos, sin, seqlens).clone())
+        calls.append(tuple(seqlens))
+        return (StandInGraph(self.tower, static, seqlens), *static)
+
+    monkeypatch.setattr(TowerGraphs, "_capture", capture)
+    graphs = TowerGraphs(encoder._tower, max_graphs=2, max_patches=64)
+    head_dim = vision_config.head_dim
+    with torch.inference_mode():
+        for seqlens, seed in (([16], 0), ([16], 1), ([8, 8], 2), ([16], 3), ([4, 4], 4), ([8, 8], 5)):
+            x, cos, sin = tower_inputs(sum(seqlens), vision_config.hidden_size, head_dim, seed)
+            got = graphs(x, cos, sin, seqlens)
+            torch.testing.assert_close(got, encoder._tower(x, cos, sin, seqlens), rtol=0, atol=0)
+        # (16,) captured once and replayed; (8, 8) captured, then dropped as least recently used by (4, 4)
+        assert calls == [(16,), (8, 8), (4, 4), (8, 8)]
+        assert list(graphs.entries) == [(4, 4), (8, 8)]
+        # a layout over max_patches runs eagerly, without a capture
+        x, cos, sin = tower_inputs(68, vision_config.hidden_size, head_dim, 6)
+        graphs(x, cos, sin, [68])
+        assert (68,) not in graphs.entries and len(calls) == 4
+        # a refused capture is not retried: that layout stays eager
+        x, cos, sin = tower_inputs(12, vision_config.hidden_size, head_dim, 7)
+        for _ in range(2):
+            torch.testing.assert_close(graphs(x, cos, sin, [12]), encoder._tower(x, cos, sin, [12]))
+        assert graphs.failed == {(12,)}
+
+
+def test_vision_cuda_graphs_setting() -> None:
+    assert EngineConfig().vision_cuda_graphs is False
+    assert EngineConfig(vision_cuda_graphs=True).vision_cuda_graphs is True
+    with pytest.raises(ValueError, match=r"^vision_cuda_graphs: 'yes' must be true or false"):
+        EngineConfig(vision_cuda_graphs="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_graph_replay_equals_eager(vision_config) -> None:
+    torch.manual_seed(0)
+    encoder = VisionEncoder(vision_config).to("cuda", torch.bfloat16).eval()
+    grids = [torch.tensor([[1, 4, 6]]), torch.tensor([[1, 4, 4], [1, 2, 2]])]
+    pixels = [torch.randn(int(g.prod(dim=1).sum()), vision_config.patch_dim, device="cuda") for g in grids]
+    with torch.inference_mode():
+        eager = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]
+        encoder.enable_cuda_graphs()
+        first = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]  # captures
+        again = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]  # replays
+    assert len(encoder.graphs.entries) == 2 and not encoder.graphs.failed
+    for e, f, a in zip(eager, first, again, strict=True):
+        assert torch.equal(e, f) and torch.equal(e, a)  # and the first outputs survived later replays
