@@ -7,6 +7,7 @@ import fnmatch
 import re
 import subprocess
 
+import pytest
 from conftest import REPO_ROOT, find_tool
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -184,3 +185,19 @@ def test_cpu_python_has_a_backend_stub_in_the_pytriton_wheel() -> None:
     version = re.search(r"^ARG PYTHON_VERSION=(\d+)\.(\d+)", DOCKERFILE.read_text(), flags=re.M)
     assert version is not None
     assert (3, 8) <= (int(version.group(1)), int(version.group(2))) <= (3, 13)
+
+
+@pytest.mark.parametrize(
+    "script",
+    sorted(
+        str(p.relative_to(REPO_ROOT))
+        for p in [*REPO_ROOT.glob("scripts/*.sh"), *REPO_ROOT.glob("benchmarks/*.sh")]
+    ),
+)
+def test_project_shell_scripts_parse_and_pass_shellcheck(script: str) -> None:
+    path = REPO_ROOT / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    result = subprocess.run(
+        [str(find_tool("shellcheck")), "--severity=style", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
