@@ -17,6 +17,10 @@ carries COMPLETE_FINAL and `finish_reason` (stop | length | abort); a request re
 final error response. `stop=true` cancels every request sent with the same `request_key` (or, without
 one, the same Triton request id); the ensemble's postprocessing sends it when the client cancels. When the
 engine loop is not running, new requests get an UNAVAILABLE error.
+
+Images come as `image_rgb` (the resized RGB images, flat uint8) + `image_grid_thw`, which the engine
+patchifies, normalizes and encodes on its own GPU in its loop thread, or as `prompt_embedding_table`
+(embeddings made elsewhere, e.g. by the vision_encoder model); one or the other.
 """
 
 from __future__ import annotations
