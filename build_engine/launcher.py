@@ -359,6 +359,10 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.abort_event.is_set():
+                # A signal that lands between the server becoming ready and this loop's next probe finds a
+                # running server: the caller then stops it like any running server (clean exit).
+                if self.process.poll() is None and self.is_ready():
+                    return
                 raise ServerStartError("start-up interrupted by a signal")
             code = self.process.poll()
             if code is not None:

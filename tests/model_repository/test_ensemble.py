@@ -431,6 +431,22 @@ def test_rgb_images_and_vision_encoder_embeddings_give_the_llm_one_answer(server
     )
     from_table = generate([tensor("prompt_embedding_table", table, "FP32")])
     assert from_patches == from_table and len(from_patches) == MAX_TOKENS
+    # both at once is refused, naming the field
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    both = [
+        tensor("input_ids", out.input_ids.astype(np.int32), "INT32"),
+        tensor("image_rgb", out.image_rgb, "UINT8"),
+        tensor("image_grid_thw", out.image_grid_thw, "INT64"),
+        tensor("prompt_embedding_table", table, "FP32"),
+    ]
+    client.async_stream_infer("llm", both)
+    _, error = responses.get(timeout=60)
+    client.stop_stream()
+    assert (
+        error is not None
+        and "image_rgb: give image_rgb + image_grid_thw or prompt_embedding_table" in str(error)
+    )
     client.close()
 
 

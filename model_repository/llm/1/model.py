@@ -290,6 +290,8 @@ class TritonPythonModel:
                 image_rgb = torch.from_numpy(np.ascontiguousarray(rgb.reshape(-1)))
                 image_grid_thw = torch.from_numpy(np.ascontiguousarray(grid.reshape(-1, 3), dtype=np.int64))
         table = _tensor(request, "prompt_embedding_table")
+        if image_rgb is not None and table is not None and table.size:
+            raise ValueError("image_rgb: give image_rgb + image_grid_thw or prompt_embedding_table, not both")
         image_embeds = None
         if table is not None:
             table = table.reshape(-1, table.shape[-1])
