@@ -31,39 +31,20 @@ from .client import (
 )
 from .errors import RequestTimeoutError, ServerError, ServerUnavailableError
 from .images import ImageLike
-from .request import GenerateRequest, Limits, build_request, generate_json
+from .request import GenerateRequest, build_request, generate_json
 from .results import Assembler, Delta, Finish, Response, Result, response_from_tensors
 
 
 class AsyncClient(ClientSettings):
     """Asyncio client; safe for many concurrent requests."""
 
-    def __init__(
-        self,
-        url: str = "localhost:8001",
-        protocol: str = "grpc",
-        timeout: float | None = 600.0,
-        model: str = "ensemble",
-        *,
-        limits: Limits | None = None,
-        max_retries: int = 2,
-        retry_backoff: float = 0.2,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(
-            url,
-            protocol,
-            timeout,
-            model,
-            limits=limits,
-            max_retries=max_retries,
-            retry_backoff=retry_backoff,
-            headers=headers,
-        )
+    def _open(self) -> None:
         self._grpc: aiogrpc.InferenceServerClient | None = None
         self._http: httpx.AsyncClient | None = None
-        if protocol == "http":
-            self._http = httpx.AsyncClient(base_url=self._http_base_url(), timeout=timeout, headers=headers)
+        if self.protocol == "http":
+            self._http = httpx.AsyncClient(
+                base_url=self._http_base_url(), timeout=self.timeout, headers=self.headers
+            )
 
     # -- public API ---------------------------------------------------------------------------
 

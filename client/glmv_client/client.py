@@ -101,6 +101,10 @@ class ClientSettings:
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.headers = headers
+        self._open()
+
+    def _open(self) -> None:
+        """Set up the transport state (each client class its own)."""
 
     def _http_base_url(self) -> str:
         return self.url if self.url.startswith(("http://", "https://")) else f"http://{self.url}"
@@ -109,33 +113,14 @@ class ClientSettings:
 class Client(ClientSettings):
     """Blocking client; thread-safe (each call takes its own gRPC stream)."""
 
-    def __init__(
-        self,
-        url: str = "localhost:8001",
-        protocol: str = "grpc",
-        timeout: float | None = 600.0,
-        model: str = "ensemble",
-        *,
-        limits: Limits | None = None,
-        max_retries: int = 2,
-        retry_backoff: float = 0.2,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(
-            url,
-            protocol,
-            timeout,
-            model,
-            limits=limits,
-            max_retries=max_retries,
-            retry_backoff=retry_backoff,
-            headers=headers,
-        )
+    def _open(self) -> None:
         self._idle: list[grpcclient.InferenceServerClient] = []
         self._lock = threading.Lock()
         self._http: httpx.Client | None = None
-        if protocol == "http":
-            self._http = httpx.Client(base_url=self._http_base_url(), timeout=timeout, headers=headers)
+        if self.protocol == "http":
+            self._http = httpx.Client(
+                base_url=self._http_base_url(), timeout=self.timeout, headers=self.headers
+            )
 
     # -- public API ---------------------------------------------------------------------------
 
