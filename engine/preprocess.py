@@ -328,8 +328,22 @@ class Preprocessor:
         settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
         self.image_processor = Glm46VImageProcessorPil(**settings)
         self.merge_size = int(self.image_processor.merge_size)
-        self._mean = np.asarray(self.image_processor.image_mean, np.float32)  # [3]
-        self._std = np.asarray(self.image_processor.image_std, np.float32)  # [3]
+        from engine.vision import PatchNormalizer
+
+        proc = self.image_processor
+        patch, merge, temporal = self._geometry()
+        # The llm's own patchify + normalize (engine.vision), run here on the CPU for callers that want
+        # patches or pixel values (the vision_encoder model, tests): one implementation of both.
+        self.normalizer = PatchNormalizer(
+            3 * temporal * patch**2,
+            tuple(proc.image_mean),
+            tuple(proc.image_std),
+            float(proc.rescale_factor),
+            "cpu",
+            patch_size=patch,
+            merge_size=merge,
+            temporal_patch_size=temporal,
+        )
         self.think_start_id = self._token_id("<think>")
         self.think_end_id = self._token_id("</think>")
 
@@ -373,22 +387,10 @@ class Preprocessor:
     def patchify(self, image_rgb: np.ndarray, image_grid_thw: np.ndarray) -> np.ndarray:
         """Flat resized RGB images -> uint8 patches [N, 1176] in the processor's order (merge windows, then
         channel-major 3 x temporal x p x p rows; a still image repeated over the temporal patch)."""
-        patch, merge, temporal = self._geometry()
-        parts, offset = [], 0
-        for _, gh, gw in np.asarray(image_grid_thw).reshape(-1, 3).tolist():
-            size = gh * patch * gw * patch * 3
-            x = image_rgb[offset : offset + size].reshape(
-                gh // merge, merge, patch, gw // merge, merge, patch, 3
-            )
-            offset += size
-            # [gh/m, m, p, gw/m, m, p, 3] -> [gh/m, gw/m, m, m, 3, p, p]: merge windows, channel-major patches
-            x = x.transpose(0, 3, 1, 4, 6, 2, 5)
-            out = np.empty((gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch), np.uint8)
-            out[...] = x[:, :, :, :, :, None]
-            parts.append(out.reshape(gh * gw, 3 * temporal * patch * patch))
-        if not parts:
-            return np.zeros((0, 3 * temporal * patch * patch), np.uint8)
-        return np.concatenate(parts)
+        import torch
+
+        grid = torch.from_numpy(np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3))
+        return self.normalizer.patchify(torch.from_numpy(np.ascontiguousarray(image_rgb)), grid).numpy()
 
     def process_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
         """image_patches [N, 1176] uint8, image_grid_thw [n, 3] int64 (empty for no images)."""
@@ -398,11 +400,9 @@ class Preprocessor:
     def normalize(self, image_patches: np.ndarray) -> np.ndarray:
         """uint8 patches -> float32 pixel_values: `x * rescale_factor`, then `(x - mean) / std` per channel
         (the image processor's arithmetic; rows are channel-major, 3 x temporal x p x p)."""
-        per_channel = image_patches.shape[-1] // len(self._mean)
-        mean = np.repeat(self._mean, per_channel)
-        std = np.repeat(self._std, per_channel)
-        x = image_patches.astype(np.float32) * np.float32(self.image_processor.rescale_factor)
-        return (x - mean) / std
+        import torch
+
+        return self.normalizer(torch.from_numpy(np.ascontiguousarray(image_patches))).numpy()
 
     def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""

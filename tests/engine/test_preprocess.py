@@ -269,30 +269,28 @@ def test_pixel_values_match_processor_for_modes_and_sizes(pre: Preprocessor, mod
     np.testing.assert_allclose(pixel_values, ref["pixel_values"], rtol=0, atol=1e-6)
 
 
-def test_engine_patch_normalizer_equals_the_preprocessor_arithmetic(pre: Preprocessor) -> None:
-    """The llm normalizes the uint8 patches on its device: bit-identical to Preprocessor.normalize."""
+def test_flat_rgb_of_several_images_patchified_like_the_processor(pre: Preprocessor) -> None:
+    """What the llm receives (flat RGB of two images + grid) becomes, through the engine's PatchNormalizer,
+    the processor's pixel_values for the same two images."""
     import torch
 
-    from engine.vision import PatchNormalizer
-
     rng = np.random.default_rng(3)
-    data = encode(Image.fromarray((rng.random((300, 500, 3)) * 255).astype("uint8"), "RGB"))
-    patches, _ = pre.process_images(pre.load_images([data]))
-    assert patches.dtype == np.uint8 and patches.shape[1] == 1176
-    proc = pre.image_processor
-    normalizer = PatchNormalizer(1176, tuple(proc.image_mean), tuple(proc.image_std), proc.rescale_factor)
-    np.testing.assert_array_equal(normalizer(torch.from_numpy(patches)).numpy(), pre.normalize(patches))
-    # flat RGB (what the llm gets) is patchified by the engine exactly like Preprocessor.patchify
-    two = [data, encode(Image.fromarray((rng.random((100, 60, 3)) * 255).astype("uint8"), "RGB"))]
-    rgb, grid = pre.resize_images(pre.load_images(two))
-    assert rgb.ndim == 1 and rgb.size == normalizer.rgb_size(torch.from_numpy(grid))
-    expected = pre.patchify(rgb, grid)
-    np.testing.assert_array_equal(
-        normalizer.patchify(torch.from_numpy(rgb), torch.from_numpy(grid)).numpy(), expected
+    files = [
+        encode(Image.fromarray((rng.random((300, 500, 3)) * 255).astype("uint8"), "RGB")),
+        encode(Image.fromarray((rng.random((100, 60, 3)) * 255).astype("uint8"), "RGB")),
+    ]
+    rgb, grid = pre.resize_images(pre.load_images(files))
+    assert (
+        rgb.dtype == np.uint8
+        and rgb.ndim == 1
+        and rgb.size == pre.normalizer.rgb_size(torch.from_numpy(grid))
     )
-    np.testing.assert_array_equal(
-        normalizer(torch.from_numpy(rgb), torch.from_numpy(grid)).numpy(), pre.normalize(expected)
-    )
-    assert expected.shape[0] == int(grid.prod(axis=1).sum())
+    ref = pre.image_processor([Image.open(io.BytesIO(f)) for f in files], return_tensors="np")
+    np.testing.assert_array_equal(grid, ref["image_grid_thw"])
+    pixel_values = pre.normalizer(torch.from_numpy(rgb), torch.from_numpy(grid)).numpy()  # the llm's route
+    np.testing.assert_allclose(pixel_values, ref["pixel_values"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(pixel_values, pre.normalize(pre.patchify(rgb, grid)))
     with pytest.raises(ValueError, match=r"^image_patches: shape \(3, 1175\) must be \[N, 1176\]"):
-        normalizer(torch.zeros(3, 1175, dtype=torch.uint8))
+        pre.normalizer(torch.zeros(3, 1175, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"^image_grid_thw: needed to patchify flat RGB images"):
+        pre.normalizer(torch.from_numpy(rgb))
