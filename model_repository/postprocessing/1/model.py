@@ -79,23 +79,23 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            if self._should_check(request) and request.is_cancelled():
-                self._stop_llm(request)
+            inputs = {tensor.name(): tensor for tensor in request.inputs()}  # looked up once per response
+            key = inputs.get("request_key")
+            key = None if key is None else bytes(key.as_numpy().reshape(-1)[0])
+            if self._should_check(key, inputs.get("finish_reason")) and request.is_cancelled():
+                self._stop_llm(key)
             try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(inputs)))
             except Exception as exc:
                 responses.append(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {exc}"))
                 )
         return responses
 
-    def _should_check(self, request) -> bool:
+    def _should_check(self, key: bytes | None, finish) -> bool:
         """Ask is_cancelled() for this response? Its stream's first and last, then once per period."""
-        key_tensor = pb_utils.get_input_tensor_by_name(request, "request_key")
-        finish = pb_utils.get_input_tensor_by_name(request, "finish_reason")
-        if key_tensor is None:
+        if key is None:
             return True
-        key = bytes(key_tensor.as_numpy().reshape(-1)[0])
         now = time.monotonic()
         last = self.last_checks.get(key)
         is_final = finish is not None and bytes(finish.as_numpy().reshape(-1)[0]) != b""
@@ -110,13 +110,9 @@ class TritonPythonModel:
             self.last_checks.popitem(last=False)
         return True
 
-    def _stop_llm(self, request) -> None:
+    def _stop_llm(self, key: bytes | None) -> None:
         """Ask the llm to abort the cancelled request (once per request_key)."""
-        tensor = pb_utils.get_input_tensor_by_name(request, "request_key")
-        if tensor is None:
-            return
-        key = bytes(tensor.as_numpy().reshape(-1)[0])
-        if key in self.stopped_keys:
+        if key is None or key in self.stopped_keys:
             return
         self.stopped_keys[key] = None
         if len(self.stopped_keys) > 4096:
@@ -137,20 +133,21 @@ class TritonPythonModel:
         except Exception as exc:
             pb_utils.Logger.log_warn(f"postprocessing: stop failed: {exc}")
 
-    def _process(self, request) -> list:
-        inputs = {name: pb_utils.get_input_tensor_by_name(request, name) for name in PASS_THROUGH}
-        if inputs["text_output"] is not None:  # our llm: its tensors are the ensemble's outputs as they are
+    def _process(self, inputs: dict) -> list:
+        if (
+            inputs.get("text_output") is not None
+        ):  # our llm: its tensors are the ensemble's outputs as they are
             out = [inputs["text_output"]]
             for name in PASS_THROUGH[1:]:
-                tensor = inputs[name]
+                tensor = inputs.get(name)
                 out.append(tensor if tensor is not None else _bytes_tensor(name, b""))
             for name, dtype in PASS_THROUGH_INT:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                tensor = inputs.get(name)
                 out.append(tensor if tensor is not None else pb_utils.Tensor(name, np.zeros(1, dtype)))
             return out
 
         def get(name: str):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            tensor = inputs.get(name)
             return None if tensor is None else tensor.as_numpy().reshape(-1)
 
         text, reasoning, finish = get("text_output"), get("reasoning_output"), get("finish_reason")
