@@ -5,7 +5,7 @@
 #   3. the end-to-end harness (no transformers baseline) with ViT CUDA graphs switched on.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
 #   OUT=/some/dir GLMV_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
-# Results land under $OUT; the multi-GPU run needs a machine of its own (benchmarks/multi_gpu.py).
+# Results land under $OUT (ttft/ and harness/ packed into gpu_session.tar.gz); the multi-GPU run needs a machine of its own (benchmarks/multi_gpu.py).
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
@@ -18,3 +18,5 @@ tail -n 3 "$OUT/pytest_gpu.txt"
 timeout 120 python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^(448|1288)|decode b1'
 timeout 300 python3 -m benchmarks.gpu_harness --out "$OUT/harness" --skip baseline --budget-s 290 \
   --engine-args "--max-batch-size 128 --vision-cuda-graphs" 2>&1 | grep -v '^\[c='
+# One archive of everything written above, beside the short texts.
+tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" ttft harness 2>/dev/null && rm -rf "$OUT/ttft" "$OUT/harness"
