@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--vision-cuda-graphs",
-        action="store_true",
-        help="replay the llm's ViT from CUDA graphs, one per image layout (host-bound small images)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay the llm's ViT from CUDA graphs, one per image layout (host-bound small images); "
+        "--no-vision-cuda-graphs runs it eagerly",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")
     return p

@@ -262,7 +262,7 @@ class EngineConfig:
     max_images_per_request: int = 8  # most images in one request
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
     max_num_vision_patches: int = 8192  # most ViT patches in one packed forward (one step of the llm)
-    vision_cuda_graphs: bool = False  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
+    vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
     enable_thinking: bool = True  # default of the chat template's thinking switch
     seed: int = 0  # seed of the engine's sampler and of dummy weights
 

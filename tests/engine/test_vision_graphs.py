@@ -76,8 +76,8 @@ def test_tower_graphs_bookkeeping_with_a_stand_in_graph(vision_config, monkeypat
 
 
 def test_vision_cuda_graphs_setting() -> None:
-    assert EngineConfig().vision_cuda_graphs is False
-    assert EngineConfig(vision_cuda_graphs=True).vision_cuda_graphs is True
+    assert EngineConfig().vision_cuda_graphs is True
+    assert EngineConfig(vision_cuda_graphs=False).vision_cuda_graphs is False
     with pytest.raises(ValueError, match=r"^vision_cuda_graphs: 'yes' must be true or false"):
         EngineConfig(vision_cuda_graphs="yes")
 
