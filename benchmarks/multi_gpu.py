@@ -84,27 +84,60 @@ def _measure(
     }
 
 
-def requests_per_llm_instance(metrics_url: str) -> dict[str, float]:
-    """Requests each llm instance finished (glmv_requests_finished_total summed per model_instance)."""
+def llm_instance_counters(metrics_url: str) -> dict[str, dict[str, float]]:
+    """The llm instances' counters now (see `instance_counters`), scraped from Triton's metrics port."""
     import urllib.request
 
     base = metrics_url if metrics_url.startswith("http") else f"http://{metrics_url}"
     if not base.rstrip("/").endswith("/metrics"):
         base = base.rstrip("/") + "/metrics"
     with urllib.request.urlopen(base, timeout=10) as resp:
-        return finished_per_instance(resp.read().decode())
+        return instance_counters(resp.read().decode())
 
 
-def finished_per_instance(body: str) -> dict[str, float]:
-    """glmv_requests_finished_total summed per model_instance, from a Prometheus text body."""
+_COUNTERS = {
+    "glmv_requests_finished_total": "finished",
+    "glmv_inter_token_latency_seconds_sum": "itl_s",
+    "glmv_inter_token_latency_seconds_count": "itl_n",
+    "glmv_time_to_first_token_seconds_sum": "ttft_s",
+    "glmv_time_to_first_token_seconds_count": "ttft_n",
+}
+
+
+def instance_counters(body: str) -> dict[str, dict[str, float]]:
+    """Per model_instance, from a Prometheus text body: requests finished (all reasons), and the sums and
+    counts of the engine's inter-token-latency and time-to-first-token histograms."""
     import re
 
-    out: dict[str, float] = {}
-    for labels, value in re.findall(r"^glmv_requests_finished_total\{([^}]*)\} (\S+)$", body, re.MULTILINE):
+    out: dict[str, dict[str, float]] = {}
+    pattern = r"^(glmv_\w+)\{([^}]*)\} (\S+)$"
+    for name, labels, value in re.findall(pattern, body, re.MULTILINE):
+        key = _COUNTERS.get(name)
         found = re.search(r'model_instance="([^"]+)"', labels)
-        if found:
-            out[found.group(1)] = out.get(found.group(1), 0.0) + float(value)
+        if key and found:
+            counters = out.setdefault(found.group(1), dict.fromkeys(_COUNTERS.values(), 0.0))
+            counters[key] += float(value)
     return out
+
+
+def per_instance_summary(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """What each llm instance did between two scrapes: requests finished, mean inter-token latency and mean
+    engine TTFT (arrival at the engine to first token), in ms. Slower steps on every instance with more
+    GPUs point at something the engines share (host CPU, the server process), not at the balancing."""
+    summary = {}
+    for name, end in sorted(after.items()):
+        start = before.get(name, {})
+        delta = {k: v - start.get(k, 0.0) for k, v in end.items()}
+        summary[name] = {
+            "requests": delta["finished"],
+            "mean_itl_ms": round(1000 * delta["itl_s"] / delta["itl_n"], 3) if delta["itl_n"] else None,
+            "mean_engine_ttft_ms": round(1000 * delta["ttft_s"] / delta["ttft_n"], 3)
+            if delta["ttft_n"]
+            else None,
+        }
+    return summary
 
 
 def _serve_and_measure(gpus: str, work: Path, args: argparse.Namespace, concurrency: int) -> dict:
@@ -133,15 +166,14 @@ def _serve_and_measure(gpus: str, work: Path, args: argparse.Namespace, concurre
     with server:
         url = server.grpc_url if target_kind == "triton" else server.http_url
         before = model_stats(server.http_url)
-        split_before = requests_per_llm_instance(server.metrics_url)
+        counters_before = llm_instance_counters(server.metrics_url)
         result = _measure(
             url, target_kind, concurrency, args.duration, args.max_tokens, args.client_processes
         )
         result["stages"] = stage_breakdown(before, model_stats(server.http_url))
-        split_after = requests_per_llm_instance(server.metrics_url)
-        result["requests_per_llm_instance"] = {
-            k: v - split_before.get(k, 0.0) for k, v in sorted(split_after.items())
-        }
+        instances = per_instance_summary(counters_before, llm_instance_counters(server.metrics_url))
+        result["llm_instances"] = instances
+        result["requests_per_llm_instance"] = {k: v["requests"] for k, v in instances.items()}
     result.update({"gpus": gpus, "target": target_kind})
     return result
 
@@ -191,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['gpus']:>6} {r.get('concurrency', '-'):>5} {r.get('rps', '-'):>8} {r.get('output_tok_s', '-'):>9} {r.get('errors', r.get('error', '')[:60])!s:>6}"
         )
+    for r in runs:
+        for name, inst in r.get("llm_instances", {}).items():
+            print(f"  gpus {r['gpus']}: {name} {inst}")
     print("scaling (tok/s):", doc.get("scaling_tok_s"))
     return 0
 

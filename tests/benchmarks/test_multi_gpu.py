@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.multi_gpu import finished_per_instance
+from benchmarks.multi_gpu import instance_counters, per_instance_summary
 
 BODY = """# HELP glmv_requests_finished_total Requests finished, by finish_reason
 # TYPE glmv_requests_finished_total counter
@@ -12,9 +12,32 @@ glmv_requests_finished_total{finish_reason="length",model="llm",model_instance="
 glmv_requests_finished_total{finish_reason="stop",model="llm",model_instance="llm_0_1",version="1"} 1
 glmv_requests_finished_total{finish_reason="stop",model="llm",version="1"} 7
 nv_trt_llm_request_metrics{model="llm",model_instance="llm_0_0",request_type="waiting",version="1"} 5
+glmv_inter_token_latency_seconds_bucket{le="0.01",model="llm",model_instance="llm_0_0",version="1"} 900
+glmv_inter_token_latency_seconds_sum{model="llm",model_instance="llm_0_0",version="1"} 12.5
+glmv_inter_token_latency_seconds_count{model="llm",model_instance="llm_0_0",version="1"} 1000
+glmv_time_to_first_token_seconds_sum{model="llm",model_instance="llm_0_0",version="1"} 4.2
+glmv_time_to_first_token_seconds_count{model="llm",model_instance="llm_0_0",version="1"} 42
 """
 
 
-def test_finished_requests_are_summed_per_llm_instance() -> None:
-    assert finished_per_instance(BODY) == {"llm_0_0": 42.0, "llm_0_1": 24.0}
-    assert finished_per_instance("") == {}
+def test_counters_are_read_per_llm_instance() -> None:
+    counters = instance_counters(BODY)
+    assert sorted(counters) == ["llm_0_0", "llm_0_1"]
+    assert counters["llm_0_0"] == {
+        "finished": 42.0,
+        "itl_s": 12.5,
+        "itl_n": 1000.0,
+        "ttft_s": 4.2,
+        "ttft_n": 42.0,
+    }
+    assert counters["llm_0_1"] == {"finished": 24.0, "itl_s": 0.0, "itl_n": 0.0, "ttft_s": 0.0, "ttft_n": 0.0}
+    assert instance_counters("") == {}
+
+
+def test_summary_is_the_difference_between_two_scrapes() -> None:
+    before = {"llm_0_0": {"finished": 2.0, "itl_s": 0.5, "itl_n": 100.0, "ttft_s": 0.2, "ttft_n": 2.0}}
+    summary = per_instance_summary(before, instance_counters(BODY))
+    assert summary == {
+        "llm_0_0": {"requests": 40.0, "mean_itl_ms": 13.333, "mean_engine_ttft_ms": 100.0},
+        "llm_0_1": {"requests": 24.0, "mean_itl_ms": None, "mean_engine_ttft_ms": None},
+    }
