@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay the llm's ViT from CUDA graphs, one per image layout (host-bound small images); "
         "--no-vision-cuda-graphs runs it eagerly",
     )
+    p.add_argument(
+        "--prefill-cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay steps of new prompts from CUDA graphs, one per token-count bucket up to 2048 "
+        "(bf16/fp16); --no-prefill-cuda-graphs runs them eagerly",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")
     return p
 
@@ -286,6 +293,7 @@ def build(args: argparse.Namespace) -> Path:
                 max_images_per_request=args.max_images_per_request,
                 enable_thinking=not args.disable_thinking,
                 vision_cuda_graphs=args.vision_cuda_graphs,
+                prefill_cuda_graphs=args.prefill_cuda_graphs,
                 seed=args.seed,
             )
             limits = PreprocessLimits(

@@ -24,6 +24,11 @@ Contract:
   on an H200: replay equals eager exactly). Padding sequences in a captured batch must point at a
   scratch block rather than use slot -1 (dropping -1 slots needs a host sync). The decode kernel sizes its
   grid from the block_tables width (never from seq_lens values), so it is captured like the SDPA path.
+* `all_fresh` metadata (prefill CUDA graphs, `engine.model_runner.PrefillGraphs`): every sequence's chunk
+  starts at position 0, so it attends only to its own new tokens; on CUDA one varlen flash call over
+  `cu_query_lens` (device tensor, zero-length sequences allowed) does every sequence without a host sync,
+  elsewhere `_fresh_prefill_reference`. Padding rows are given as one more sequence (slots in the scratch
+  block), so no row is left unwritten.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class AttentionMetadata:
     query_lens_cpu: tuple[int, ...] = ()  # host copy of query_lens; (): computed on construction
     seq_lens_cpu: tuple[int, ...] = ()  # host copy of seq_lens; (): computed on construction
     has_padding: bool | None = None  # any slot_mapping < 0; None: computed on construction
+    all_fresh: bool = False  # every sequence's chunk starts at position 0 (no cached context; CUDA varlen)
     _plan: Any = field(default=None, repr=False, compare=False)  # per-step cache of the CUDA path
     _plan_captured: bool = field(default=False, repr=False, compare=False)  # _plan built in a graph capture
 
@@ -295,6 +301,37 @@ def _paged_attention_fast(
     return out
 
 
+def fresh_prefill_supported(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `fresh_prefill_attention` (flash varlen) takes this dtype and head size."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+
+
+def fresh_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_lens: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of packed prompt chunks that all start at position 0, in one varlen flash call.
+
+    q [T, H, D], k/v [T, Hkv, D] (last dim contiguous; GQA in the kernel), cu_lens [B+1] int32 prefix sums
+    on the device (zero-length sequences allowed), max_len >= the longest. No host sync: CUDA-graph safe
+    with fixed T, B and max_len. Returns [T, H, D]; rows past cu_lens[-1] are left unwritten."""
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_lens, cu_lens, max_len, max_len, 0.0, True, False, scale=scale
+    )[0]
+    return out
+
+
+def _fresh_prefill_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The spec of `fresh_prefill_attention`: causal attention within each [cu_lens[i], cu_lens[i+1])."""
+    out = torch.zeros_like(q)
+    bounds = cu_lens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end > start:
+            out[start:end] = _causal_gqa_attention(q[start:end], k[start:end], v[start:end], scale)
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -309,6 +346,10 @@ def paged_attention(
         write_kv_cache(kv_cache, k[keep], v[keep], attn.slot_mapping[keep])
     else:
         write_kv_cache(kv_cache, k, v, attn.slot_mapping)
+    if attn.all_fresh:
+        if q.device.type == "cuda":
+            return fresh_prefill_attention(q, k, v, attn.cu_query_lens, attn.max_query_len, scale)
+        return _fresh_prefill_reference(q, k, v, attn.cu_query_lens, scale)
     if q.device.type == "cuda":
         return _paged_attention_fast(q, k, v, kv_cache, attn, scale)
     if attn.max_query_len == 1 and _use_decode_kernel(q, kv_cache):  # Triton's CPU interpreter

@@ -263,6 +263,9 @@ class EngineConfig:
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
     max_num_vision_patches: int = 8192  # most ViT patches in one packed forward (one step of the llm)
     vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
+    prefill_cuda_graphs: bool = (
+        True  # replay fresh prompt chunks from CUDA graphs per token bucket (CUDA only)
+    )
     enable_thinking: bool = True  # default of the chat template's thinking switch
     seed: int = 0  # seed of the engine's sampler and of dummy weights
 
@@ -285,8 +288,9 @@ class EngineConfig:
         at_least("max_images_per_request", self.max_images_per_request, 0)
         at_least("max_image_tokens_per_request", self.max_image_tokens_per_request, 0)
         at_least("max_num_vision_patches", self.max_num_vision_patches, 4)
-        if not isinstance(self.vision_cuda_graphs, bool):
-            raise ValueError(f"vision_cuda_graphs: {self.vision_cuda_graphs!r} must be true or false")
+        for name in ("vision_cuda_graphs", "prefill_cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be true or false")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
         parse_dtype(self.dtype)

@@ -381,9 +381,11 @@ class Executor:
         self.capture_cuda_graphs()
 
     def capture_cuda_graphs(self) -> None:
-        """Capture all decode CUDA graphs now (start-up; no-op on CPU or with enforce_eager)."""
-        if self.runner.graphs is not None:
-            with torch.inference_mode():
+        """Capture all decode and prefill CUDA graphs now (start-up; no-op on CPU or with enforce_eager)."""
+        with torch.inference_mode():
+            if self.runner.prefill_graphs is not None:
+                self.runner.prefill_graphs.capture_all()
+            if self.runner.graphs is not None:
                 self.runner.graphs.capture_all()
 
     def abort(self, request_id: str) -> None:

@@ -11,9 +11,18 @@ Contract of ``ModelRunner.execute(out) -> list[int | None]`` (one entry per ``ou
     a sampled token id, the others (mid-prefill chunks) get None.
 The runner owns the KV cache tensors; ``num_kv_blocks`` sizes them from a memory budget.
 
-CUDA graphs (``DecodeGraphs``, CUDA only, off with ``enforce_eager``): a step where every sequence runs
-exactly one text token replays a graph captured for (batch bucket, block-table width bucket); padding rows
-write into one scratch KV block past the block manager's range. Other steps run eagerly.
+CUDA graphs (CUDA only, off with ``enforce_eager``):
+  * ``DecodeGraphs``: a step where every sequence runs exactly one text token replays a graph captured for
+    (batch bucket, block-table width bucket); padding rows write into one scratch KV block past the block
+    manager's range.
+  * ``PrefillGraphs`` (``EngineConfig.prefill_cuda_graphs``): the sequences whose chunk starts at position
+    0 ("fresh" prompt chunks, image tokens included) replay a graph captured for their total token count
+    rounded up to a bucket (one varlen flash call per layer; padding is one extra sequence writing into
+    the scratch block). A step of fresh chunks plus one-token steps runs the one-token part from a decode
+    graph and then the fresh part from a prefill graph (two passes over the weights, each a few kernel
+    launches, instead of one eager pass of ~1,000 host-side torch calls).
+  * Other steps (a chunk that continues a prompt, more than ``PrefillGraphs.max_seqs`` fresh chunks, more
+    tokens than the largest bucket) run eagerly.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import logging
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, fresh_prefill_supported
 from engine.config import EngineConfig, ModelConfig
 from engine.sampling import Sampler
 from engine.scheduler import SchedulerOutput
@@ -85,11 +94,25 @@ class ModelRunner:
             # cuDNN attention builds a plan for every new sequence length (~70 ms each): every new prompt
             # length would pay it in its TTFT. Flash / memory-efficient SDPA need no plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        # with graphs, block id num_blocks is the scratch block of padding rows (never handed out)
+        # block id num_blocks is the scratch block of graph padding rows (never handed out)
+        self.scratch_block_id = num_blocks
         self.kv_caches = model.allocate_kv_caches(
-            num_blocks + int(use_graphs), self.block_size, self.device, engine_config.torch_dtype
-        )  # per layer [2, num_blocks (+1), block_size, num_kv_heads, head_dim]
+            num_blocks + 1, self.block_size, self.device, engine_config.torch_dtype
+        )  # per layer [2, num_blocks + 1, block_size, num_kv_heads, head_dim]
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        if (
+            use_graphs
+            and getattr(engine_config, "prefill_cuda_graphs", True)
+            and fresh_prefill_supported(model.dtype, model_config.head_dim)
+        ):
+            self.prefill_graphs = PrefillGraphs(
+                model,
+                self.kv_caches,
+                self.block_size,
+                max_num_tokens=engine_config.max_num_batched_tokens,
+                scratch_block_id=self.scratch_block_id,
+            )
         if use_graphs:
             max_len = max_model_len or engine_config.max_model_len
             self.graphs = DecodeGraphs(
@@ -98,31 +121,79 @@ class ModelRunner:
                 self.block_size,
                 max_num_seqs=engine_config.max_num_seqs,
                 max_num_blocks_per_seq=-(-max_len // self.block_size),
-                scratch_block_id=num_blocks,
+                scratch_block_id=self.scratch_block_id,
             )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int | None]:
-        hidden = None
         if self.graphs is not None and all(n == 1 for n in out.num_scheduled_tokens):
             hidden = self.graphs.run(out.seqs)  # [num_seqs, hidden] or None (no graph for this step)
-        if hidden is not None:
-            sample_rows = [
-                (i, i) for i, seq in enumerate(out.seqs) if seq.num_computed_tokens + 1 == len(seq)
-            ]
-        else:
-            input_ids, positions, input_embeds, attn, sample_rows = self.prepare(out)
-            hidden = self.model.forward(
-                input_ids, positions, attn, self.kv_caches, input_embeds
-            )  # [T, hidden]
+            if hidden is not None:
+                return self._sample(out, [(hidden, self._one_token_rows(out.seqs, range(len(out.seqs))))])
+        if self.prefill_graphs is not None:
+            parts = self._execute_split(out)
+            if parts is not None:
+                return self._sample(out, parts)
+        input_ids, positions, input_embeds, attn, sample_rows = self.prepare(out)
+        hidden = self.model.forward(input_ids, positions, attn, self.kv_caches, input_embeds)  # [T, hidden]
+        return self._sample(out, [(hidden, sample_rows)])
+
+    @staticmethod
+    def _one_token_rows(seqs: list, indices) -> list[tuple[int, int]]:
+        """(index into seqs, row) of one-token steps that sample; row j holds the j-th of ``indices``."""
+        return [(i, j) for j, i in enumerate(indices) if seqs[i].num_computed_tokens + 1 == len(seqs[i])]
+
+    def _sample(
+        self, out: SchedulerOutput, parts: list[tuple[torch.Tensor, list[tuple[int, int]]]]
+    ) -> list[int | None]:
+        """One token for each (index into out.seqs, row) of each (hidden states, rows) part."""
         sampled: list[int | None] = [None] * len(out.seqs)
-        if sample_rows:
-            rows = torch.tensor([row for _, row in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])  # [num_sampling, vocab] fp32
-            token_ids = self.sampler(logits, [out.seqs[i] for i, _ in sample_rows])
-            for (i, _), token_id in zip(sample_rows, token_ids, strict=True):
+        picked, order = [], []
+        for hidden, rows in parts:
+            if not rows:
+                continue
+            if all(row == k for k, (_, row) in enumerate(rows)):
+                picked.append(hidden[: len(rows)])  # the leading rows: no gather
+            else:
+                index = torch.tensor([row for _, row in rows]).to(hidden.device, non_blocking=True)
+                picked.append(hidden.index_select(0, index))
+            order += [i for i, _ in rows]
+        if order:
+            hidden = picked[0] if len(picked) == 1 else torch.cat(picked)
+            logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] fp32
+            token_ids = self.sampler(logits, [out.seqs[i] for i in order])
+            for i, token_id in zip(order, token_ids, strict=True):
                 sampled[i] = token_id
         return sampled
+
+    def _execute_split(self, out: SchedulerOutput) -> list[tuple[torch.Tensor, list[tuple[int, int]]]] | None:
+        """Run a step of fresh prompt chunks (+ one-token steps) from a decode graph and a prefill graph.
+
+        Returns the (hidden, rows) parts `_sample` takes, or None (nothing run) when the step does not
+        have that shape or no graph fits it."""
+        fresh = [i for i, seq in enumerate(out.seqs) if seq.num_computed_tokens == 0]
+        if not fresh:
+            return None
+        fresh_set = set(fresh)
+        others = [i for i in range(len(out.seqs)) if i not in fresh_set]
+        if any(out.num_scheduled_tokens[i] != 1 for i in others):
+            return None  # a chunk that continues a prompt attends to its cached context: eager
+        counts = [out.num_scheduled_tokens[i] for i in fresh]
+        if not self.prefill_graphs.fits(counts) or (others and self.graphs is None):
+            return None
+        parts = []
+        if others:
+            hidden = self.graphs.run([out.seqs[i] for i in others])  # own pool: survives the prefill replay
+            if hidden is None:
+                return None
+            parts.append((hidden, self._one_token_rows(out.seqs, others)))
+        sub = SchedulerOutput(seqs=[out.seqs[i] for i in fresh], num_scheduled_tokens=counts)
+        input_ids, positions, input_embeds, attn, sample_rows = self.prepare(sub)
+        if input_embeds is None:
+            input_embeds = self.model.language_model.embed_tokens(input_ids)
+        hidden = self.prefill_graphs.run(input_embeds, positions, attn.slot_mapping, counts)
+        parts.append((hidden, [(fresh[j], row) for j, row in sample_rows]))
+        return parts
 
     def prepare(
         self, out: SchedulerOutput
@@ -310,4 +381,133 @@ class DecodeGraphs:
         if self.pool is None:
             self.pool = graph.pool()
         logger.info("[glm-engine] captured a decode CUDA graph: batch %d, %d blocks", batch, width)
+        return graph, hidden
+
+
+def prefill_buckets(max_num_tokens: int, largest: int = 2048) -> list[int]:
+    """Token counts that prefill graphs are captured for: finer where the host dominates (small), coarser
+    where the GPU does; up to min(max_num_tokens, largest)."""
+    top = min(max_num_tokens, largest)
+    steps = [(128, 32), (512, 64), (1024, 128), (largest, 256)]  # (up to, step)
+    buckets, size = set(), 0
+    for limit, step in steps:
+        while size + step <= limit:
+            size += step
+            buckets.add(size)
+    return sorted({b for b in buckets if b < top} | {top})
+
+
+class PrefillGraphs:
+    """CUDA graphs of fresh prompt chunks (every sequence starts at position 0), keyed by token bucket.
+
+    Inputs are the embeddings (image rows already in place), M-RoPE positions and KV slots of the packed
+    chunks; they are copied into static buffers padded to the bucket. The padding rows form one extra
+    sequence (so every row of the varlen attention is written) whose K/V go to the scratch block. At most
+    ``max_seqs`` sequences per replay (the varlen call's batch is fixed at capture). The graphs share a
+    memory pool of their own (the decode graph's output of the same step stays valid).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        *,
+        max_num_tokens: int,
+        scratch_block_id: int,
+        max_seqs: int = 16,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.max_seqs = max_seqs
+        self.buckets = prefill_buckets(max_num_tokens)
+        self.scratch_slot = scratch_block_id * block_size
+        device = kv_caches[0].device
+        top = self.buckets[-1]
+        hidden_size = model.language_model.embed_tokens.weight.shape[1]
+        self.embeds = torch.zeros(top, hidden_size, dtype=model.dtype, device=device)
+        self.positions = torch.zeros(3, top, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((top,), self.scratch_slot, dtype=torch.long, device=device)
+        self.cu_lens = torch.zeros(max_seqs + 2, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def bucket(self, num_tokens: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_tokens), None)
+
+    def fits(self, counts: list[int]) -> bool:
+        return 0 < len(counts) <= self.max_seqs and self.bucket(sum(counts)) is not None
+
+    def cu_lens_for(self, counts: list[int], bucket: int) -> list[int]:
+        """Prefix sums of the chunks, then the padding sequence up to ``bucket``, then empty sequences."""
+        cu = [0]
+        for n in counts:
+            cu.append(cu[-1] + n)
+        cu.append(bucket)
+        return cu + [bucket] * (self.max_seqs + 2 - len(cu))
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first. Call while no sequence runs (all rows are padding)."""
+        self.slot_mapping.fill_(self.scratch_slot)
+        self.positions.zero_()
+        for bucket in reversed(self.buckets):
+            if bucket not in self.graphs:
+                self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], bucket), dtype=torch.int32))
+                self.graphs[bucket] = self.capture(bucket)
+
+    def run(
+        self,
+        input_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        counts: list[int],
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] of the packed chunks (T = sum(counts); check `fits` first)."""
+        num_tokens = sum(counts)
+        bucket = self.bucket(num_tokens)
+        self.embeds[:num_tokens].copy_(input_embeds)
+        self.positions[:, :num_tokens].copy_(positions)
+        self.slot_mapping[:num_tokens].copy_(slot_mapping)
+        self.slot_mapping[num_tokens:bucket].fill_(self.scratch_slot)
+        cu = torch.tensor(self.cu_lens_for(counts, bucket), dtype=torch.int32)
+        self.cu_lens.copy_(cu, non_blocking=True)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self.capture(bucket)
+        graph, hidden = self.graphs[bucket]
+        graph.replay()
+        return hidden[:num_tokens]
+
+    def forward_args(self, bucket: int) -> tuple:
+        """model.forward's arguments over the first ``bucket`` rows of the static buffers."""
+        device = self.embeds.device
+        attn = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bucket],
+            query_lens=self.cu_lens[1:] - self.cu_lens[:-1],
+            seq_lens=self.cu_lens[1:] - self.cu_lens[:-1],
+            cu_query_lens=self.cu_lens,
+            block_tables=torch.zeros(self.max_seqs + 1, 1, dtype=torch.int32, device=device),
+            max_query_len=bucket,
+            max_seq_len=bucket,
+            query_lens_cpu=(bucket,),
+            seq_lens_cpu=(bucket,),
+            has_padding=False,
+            all_fresh=True,
+        )
+        return (None, self.positions[:, :bucket], attn, self.kv_caches, self.embeds[:bucket])
+
+    def capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture model.forward over the first ``bucket`` rows of the static buffers (valid inputs)."""
+        with torch.cuda.device(self.embeds.device):
+            args = self.forward_args(bucket)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: Triton kernels compile, cuBLAS picks its algorithms
+                self.model.forward(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                hidden = self.model.forward(*args)  # [bucket, hidden]
+            if self.pool is None:
+                self.pool = graph.pool()
+        logger.info("[glm-engine] captured a prefill CUDA graph: %d tokens", bucket)
         return graph, hidden

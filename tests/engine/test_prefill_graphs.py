@@ -1,0 +1,198 @@
+"""Prefill CUDA graphs (engine.model_runner.PrefillGraphs) and the split of a step into a decode part and a
+fresh-prompt part. On CPU the graphs are stand-ins that run the captured forward eagerly on the same
+static, padded buffers, so the bookkeeping (buckets, padding sequence, scratch slots, which rows sample)
+is checked against the reference loop; the CUDA replay itself is checked by the GPU test at the end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import EngineConfig
+from engine.decoder import Glm4vModel
+from engine.executor import Executor, GenerationRequest
+from engine.model_runner import PrefillGraphs, prefill_buckets
+from engine.scheduler import SchedulerOutput
+from tests.engine.test_executor import (
+    BLOCK_SIZE,
+    greedy,
+    image_request,
+    make_executor,
+    prompt,
+    reference_greedy,
+    run_to_end,
+    tokens,
+)
+from tests.engine.test_executor import model as model  # noqa: F401 - module fixtures
+from tests.engine.test_executor import model_config as model_config  # noqa: F401
+
+
+def test_buckets_are_fine_where_the_host_dominates() -> None:
+    assert prefill_buckets(2048) == (
+        [32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024] + [1280, 1536, 1792, 2048]
+    )
+    assert prefill_buckets(300) == [32, 64, 96, 128, 192, 256, 300]
+    assert prefill_buckets(8192)[-1] == 2048  # larger steps are GPU-bound: eager
+    assert prefill_buckets(10) == [10]
+
+
+def test_padding_is_one_more_sequence_then_empty_ones(model) -> None:  # noqa: F811
+    kv = model.allocate_kv_caches(3, BLOCK_SIZE, "cpu", torch.float32)
+    graphs = PrefillGraphs(model, kv, BLOCK_SIZE, max_num_tokens=64, scratch_block_id=2, max_seqs=4)
+    assert graphs.cu_lens_for([3, 5], 32) == [0, 3, 8, 32, 32, 32]
+    assert graphs.cu_lens_for([32], 32) == [0, 32, 32, 32, 32, 32]  # zero-length padding sequence
+    assert graphs.fits([3, 5]) and graphs.fits([64]) and graphs.fits([1] * 4)
+    assert not graphs.fits([]) and not graphs.fits([65]) and not graphs.fits([1] * 5)
+    assert graphs.bucket(33) == 64 and graphs.bucket(65) is None
+
+
+def test_fresh_attention_reference_equals_paged_attention() -> None:
+    """all_fresh metadata (each sequence attends to its own new tokens) == the paged path."""
+    gen = torch.Generator().manual_seed(0)
+    counts, heads, kv_heads, dim = [3, 5, 1], 4, 2, 8
+    total = sum(counts)
+    q = torch.randn(total, heads, dim, generator=gen)
+    k = torch.randn(total, kv_heads, dim, generator=gen)
+    v = torch.randn(total, kv_heads, dim, generator=gen)
+    tables = [[0, 1], [2, 3], [4]]
+    paged = AttentionMetadata.build(counts, counts, tables, BLOCK_SIZE)
+    cache = torch.zeros(2, 6, BLOCK_SIZE, kv_heads, dim)
+    expected = paged_attention(q, k, v, cache, paged, 0.3)
+    fresh = AttentionMetadata(
+        slot_mapping=paged.slot_mapping,
+        query_lens=paged.query_lens,
+        seq_lens=paged.seq_lens,
+        cu_query_lens=torch.tensor([0, 3, 8, 9, 9], dtype=torch.int32),  # an empty sequence at the end
+        block_tables=paged.block_tables,
+        all_fresh=True,
+    )
+    cache2 = torch.zeros_like(cache)
+    torch.testing.assert_close(paged_attention(q, k, v, cache2, fresh, 0.3), expected, rtol=0, atol=0)
+    assert torch.equal(cache2, cache)  # the new K/V were written to the same slots
+
+
+class _EagerGraph:
+    """Stands in for a captured graph: replay() re-runs the forward on the same static buffers."""
+
+    def __init__(self, forward, args) -> None:
+        self.forward, self.args = forward, args
+        self.out = forward(*args).clone()
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.out.copy_(self.forward(*self.args))
+        self.replays += 1
+
+
+class _EagerPrefillGraphs(PrefillGraphs):
+    def capture(self, bucket: int):
+        graph = _EagerGraph(self.model.forward, self.forward_args(bucket))
+        return graph, graph.out
+
+    @property
+    def replays(self) -> int:
+        return sum(graph.replays for graph, _ in self.graphs.values())
+
+
+class _EagerDecodeGraphs:
+    """Stands in for DecodeGraphs: the one-token steps of `seqs`, eagerly; counts its calls."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.calls = runner, 0
+
+    def run(self, seqs):
+        if any(s.image_token_indices and s.num_computed_tokens < s.num_prompt_tokens for s in seqs):
+            return None
+        self.calls += 1
+        ids, positions, embeds, attn, _ = self.runner.prepare(SchedulerOutput(seqs, [1] * len(seqs)))
+        return self.runner.model.forward(ids, positions, attn, self.runner.kv_caches, embeds)
+
+
+def _split_executor(model, model_config, **engine) -> Executor:  # noqa: F811
+    ex = make_executor(model, model_config, **engine)
+    runner = ex.runner
+    runner.graphs = _EagerDecodeGraphs(runner)
+    runner.prefill_graphs = _EagerPrefillGraphs(
+        model,
+        runner.kv_caches,
+        BLOCK_SIZE,
+        max_num_tokens=ex.engine_config.max_num_batched_tokens,
+        scratch_block_id=runner.scratch_block_id,
+        max_seqs=3,
+    )
+    return ex
+
+
+def test_split_steps_give_the_reference_tokens(model, model_config) -> None:  # noqa: F811
+    """Fresh prompts (text and image) arriving while others decode: each mixed step runs its one-token
+    part from the decode graph and its fresh part from a padded prefill graph; every token equals the
+    reference loop's. More fresh prompts than max_seqs, and continuation chunks, run eagerly."""
+    mc = model_config
+    ex = _split_executor(model, mc, max_num_batched_tokens=40)
+    ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=3)
+    pixels = ex.patch_normalizer(patches, grid)
+    image_ref = reference_greedy(model, mc, ids, 6, model.encode_images(pixels, grid), positions, delta)
+    image = GenerationRequest(
+        "img", ids, greedy(6), image_patches=patches, image_grid_thw=grid, mrope_positions=positions,
+        mrope_delta=delta,
+    )  # fmt: skip
+    reqs = [
+        GenerationRequest(f"t{i}", prompt(40 + i, 3 + 5 * i), greedy(7, ignore_eos=True)) for i in range(8)
+    ]
+    # step 1 reuses the 32-token graph of step 0 with fewer tokens (its padding must not write into the
+    # KV of step 0's sequences); step 4 brings 4 fresh prompts at once (> max_seqs: eager)
+    arrivals = {0: reqs[:3], 1: [reqs[3]], 2: [image], 4: reqs[4:8]}
+    outputs = run_to_end(ex, arrivals)
+    for req in reqs:
+        assert tokens(outputs[req.request_id]) == reference_greedy(
+            model, mc, req.prompt_token_ids, 7, ignore_eos=True
+        ), req.request_id
+    assert tokens(outputs["img"]) == image_ref
+    prefill, decode = ex.runner.prefill_graphs, ex.runner.graphs
+    assert prefill.replays >= 3 and decode.calls >= 3  # fresh-only, mixed, and decode-only steps
+    assert set(prefill.graphs) <= set(prefill.buckets)
+    # the scratch block took the padding rows; the block manager never handed it out
+    assert ex.runner.scratch_block_id == ex.block_manager.num_blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_prefill_graphs_match_eager(tiny_checkpoint, model_config) -> None:  # noqa: F811
+    """bf16 on CUDA: a prefill graph replay (varlen flash, padded bucket) gives the eager step's hidden
+    states for the same fresh chunks, and the engine's greedy tokens agree with the eager engine's."""
+    model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "bfloat16", model_config)
+    engine = {"block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "dtype": "bfloat16"}
+    graphed = Executor(model_config, EngineConfig(num_kv_blocks=64, **engine), model=model)
+    eager = Executor(model_config, EngineConfig(num_kv_blocks=64, **engine), model=model, enforce_eager=True)
+    assert graphed.runner.prefill_graphs is not None and eager.runner.prefill_graphs is None
+    graphed.capture_cuda_graphs()
+    runner = graphed.runner
+    replays, replay = [], runner.prefill_graphs.run
+    runner.prefill_graphs.run = lambda *args: replays.append(args[-1]) or replay(*args)
+    reqs = [
+        GenerationRequest(f"c{i}", prompt(60 + i, 5 + 9 * i), greedy(8, ignore_eos=True)) for i in range(5)
+    ]
+    arrivals = {0: reqs[:2], 3: reqs[2:]}
+    got = {k: tokens(v) for k, v in run_to_end(graphed, arrivals).items()}
+    want = {k: tokens(v) for k, v in run_to_end(eager, arrivals).items()}
+    assert len(replays) >= 2  # the first arrivals alone, the later ones beside decodes
+    first = {k: v[0] for k, v in got.items()}
+    assert first == {k: v[0] for k, v in want.items()}  # the prefill's own token, every request
+    agree = sum(a == b for k in got for a, b in zip(got[k], want[k], strict=True)) / sum(
+        map(len, got.values())
+    )
+    assert agree >= 0.9, (got, want)
+
+    # hidden states of one replay against eager, same chunks
+    seqs = [graphed._make_seq(r) for r in reqs[:3]]
+    counts = [len(s) for s in seqs]
+    for seq, n in zip(seqs, counts, strict=True):
+        graphed.block_manager.allocate(seq, n)
+    input_ids, positions, _, attn, _ = runner.prepare(SchedulerOutput(seqs, counts))
+    want_hidden = model.forward(input_ids, positions, attn, runner.kv_caches, None)
+    embeds = model.language_model.embed_tokens(input_ids)
+    got_hidden = replay(embeds, positions, attn.slot_mapping, counts)
+    torch.testing.assert_close(got_hidden.float(), want_hidden.float(), rtol=0.05, atol=0.05)
+    for seq in seqs:
+        graphed.block_manager.free(seq)
