@@ -211,6 +211,9 @@ class PatchMerger(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
+LAYOUT_CACHE_PATCHES = 65536  # patches of position embeddings + rotary tables VisionEncoder keeps
+
+
 class VisionEncoder(nn.Module):
     """The whole vision tower; see the module docstring for the `encode` contract."""
 
@@ -228,6 +231,7 @@ class VisionEncoder(nn.Module):
         )
         self.merger = PatchMerger(config)
         self.graphs: TowerGraphs | None = None  # enable_cuda_graphs()
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # _layout's cache
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.encode(pixel_values, grid_thw)
@@ -250,6 +254,28 @@ class VisionEncoder(nn.Module):
         x = self.downsample(x).view(-1, config.out_hidden_size)  # [N/4, out_hidden]
         return self.merger(x)
 
+    def _layout(
+        self, h: int, w: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(position embeddings [h*w, hidden], rotary cos, sin [h*w, head_dim]) of one frame of an h x w
+        patch grid, in merge-window order. They depend on the grid alone (and the position table), so they
+        are kept per grid: the bicubic resampling is a slow kernel (~2.5 ms per image on an H100). At most
+        `LAYOUT_CACHE_PATCHES` patches' worth are kept, least recently used dropped first."""
+        table = self.embeddings.position_embedding.weight
+        key = (h, w, table.data_ptr(), table._version, device)
+        cached = self._layouts.pop(key, None)
+        if cached is None:
+            config = self.config
+            grid = torch.tensor([[1, h, w]], dtype=torch.int64)
+            hw_positions = vision_patch_positions(grid, config.spatial_merge_size).to(device)  # [hw, 2]
+            patch_hw = torch.tensor([[h, w]], device=device).expand(h * w, 2)
+            cos, sin = vision_rotary_cos_sin(hw_positions, config.head_dim, config.rope_theta)
+            cached = (self.embeddings(hw_positions, patch_hw), cos, sin)
+            while self._layouts and sum(k[0] * k[1] for k in self._layouts) + h * w > LAYOUT_CACHE_PATCHES:
+                self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[key] = cached
+        return cached
+
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, patch_dim], grid_thw [n, 3] -> image-token embeddings [N / merge**2, out_hidden]."""
@@ -267,14 +293,18 @@ class VisionEncoder(nn.Module):
             if h % merge or w % merge or t < 1:
                 raise ValueError(f"grid_thw: {[t, h, w]} must have t >= 1 and h, w divisible by {merge}")
         seqlens = [h * w for t, h, w in grids for _ in range(t)]  # one attention block per frame
-        grid_cpu = torch.tensor(grids, dtype=torch.int64).view(-1, 3)
-        hw_positions = vision_patch_positions(grid_cpu, merge).to(device)  # [N, 2]
-        patch_hw = torch.repeat_interleave(grid_cpu[:, 1:], grid_cpu.prod(-1), dim=0).to(device)  # [N, 2]
+        layouts = [self._layout(h, w, device) for _, h, w in grids]
+        frames = [t for t, _, _ in grids]
+        pos, cos, sin = (
+            torch.cat(
+                [part[k].repeat(t, 1) if t > 1 else part[k] for t, part in zip(frames, layouts, strict=True)]
+            )
+            for k in range(3)
+        )  # [N, hidden], [N, head_dim] x 2
 
         x = self.patch_embed(pixel_values.to(device))  # [N, hidden]
         x = self.post_conv_layernorm(x)
-        cos, sin = vision_rotary_cos_sin(hw_positions, config.head_dim, config.rope_theta)  # [N, head_dim]
-        x = x + self.embeddings(hw_positions, patch_hw)
+        x = x + pos
         if self.graphs is not None and x.is_cuda:
             return self.graphs(x, cos, sin, seqlens)
         return self._tower(x, cos, sin, seqlens)

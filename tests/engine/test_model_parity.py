@@ -77,6 +77,41 @@ def test_vision_encoder_equals_transformers(hf_model, model):
     torch.testing.assert_close(first, got[:6], atol=1e-5, rtol=1e-5)
 
 
+def test_vision_layouts_are_kept_per_grid_and_follow_the_position_table(hf_model, model, monkeypatch):
+    """Position embeddings and rotary tables are computed once per grid (a two-frame grid reuses its
+    frame's); a changed position table is seen at once; the cache stays under its patch budget."""
+    import engine.vision
+
+    visual = model.visual
+    visual._layouts.clear()
+    prompt = make_prompt(model, [(1, 4, 6), (1, 4, 6)], seed=2)
+    with torch.no_grad():
+        expected = hf_model.model.visual(prompt.pixel_values, grid_thw=prompt.grid_thw).pooler_output
+        got = visual.encode(prompt.pixel_values, prompt.grid_thw)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert [key[:2] for key in visual._layouts] == [(4, 6)]
+        # the same 48 patches as one two-frame grid: one attention block per frame, same rows
+        frames = visual.encode(prompt.pixel_values, torch.tensor([[2, 4, 6]]))
+        torch.testing.assert_close(frames, got, atol=1e-6, rtol=1e-6)
+        assert len(visual._layouts) == 1
+        table = visual.embeddings.position_embedding.weight
+        hf_table = hf_model.model.visual.embeddings.position_embedding.weight
+        saved = table.clone()
+        try:
+            table.mul_(2.0)
+            hf_table.mul_(2.0)
+            changed = visual.encode(prompt.pixel_values, prompt.grid_thw)
+            expected = hf_model.model.visual(prompt.pixel_values, grid_thw=prompt.grid_thw).pooler_output
+            torch.testing.assert_close(changed, expected, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(changed, got)
+        finally:
+            table.copy_(saved)
+            hf_table.copy_(saved)
+        monkeypatch.setattr(engine.vision, "LAYOUT_CACHE_PATCHES", 40)
+        visual.encode(make_prompt(model, [(1, 6, 4)], seed=3).pixel_values, torch.tensor([[1, 6, 4]]))
+        assert [key[:2] for key in visual._layouts] == [(6, 4)]  # 24 + 24 > 40: older grids dropped
+
+
 def test_vision_encoder_rejects_bad_shapes(model):
     with pytest.raises(ValueError, match="pixel_values"):
         model.visual.encode(torch.zeros(10, 1176), torch.tensor([[1, 4, 6]]))
