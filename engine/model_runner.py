@@ -323,26 +323,34 @@ class DecodeGraphs:
         width = next((w for w in self.width_buckets if w >= max_blocks), None)
         if batch is None or width is None:
             return None
-        input_ids, slots, seq_lens = (
-            [0] * batch,
-            [self.scratch_block_id * self.block_size] * batch,
-            [1] * batch,
-        )
-        positions = torch.zeros(3, batch, dtype=torch.long)
-        tables = torch.zeros(batch, width, dtype=torch.int32)
-        tables[num_seqs:, 0] = self.scratch_block_id
+        # Plain lists first (ids, 3 position rows, slots, seq_lens; the block table rows), then one host
+        # tensor for each of the two dtypes: no per-sequence torch calls.
+        block_size, scratch = self.block_size, self.scratch_block_id
+        rows = [[0] * batch for _ in range(6)]
+        ids, pos_t, pos_h, pos_w, slots, lens = rows
+        slots[num_seqs:] = [scratch * block_size] * (batch - num_seqs)
+        lens[:] = [1] * batch
+        tables = []
         for i, seq in enumerate(seqs):
             pos = seq.num_computed_tokens
-            input_ids[i] = seq.token_ids[pos]
-            slots[i] = seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-            seq_lens[i] = pos + 1
-            positions[:, i] = ModelRunner.positions(seq, pos, pos + 1)[:, 0]
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        self.input_ids[:batch].copy_(torch.tensor(input_ids), non_blocking=True)
-        self.positions[:, :batch].copy_(positions, non_blocking=True)
-        self.slot_mapping[:batch].copy_(torch.tensor(slots), non_blocking=True)
-        self.seq_lens[:batch].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:batch, :width].copy_(tables, non_blocking=True)
+            table = seq.block_table
+            ids[i] = seq.token_ids[pos]
+            slots[i] = table[pos // block_size] * block_size + pos % block_size
+            lens[i] = pos + 1
+            if pos >= seq.num_prompt_tokens:
+                pos_t[i] = pos_h[i] = pos_w[i] = pos + seq.mrope_delta
+            elif seq.mrope_positions is None:
+                pos_t[i] = pos_h[i] = pos_w[i] = pos
+            else:
+                pos_t[i], pos_h[i], pos_w[i] = (int(p) for p in seq.mrope_positions[:, pos])
+            tables.append(table + [0] * (width - len(table)))
+        tables += [[scratch] + [0] * (width - 1)] * (batch - num_seqs)
+        host = torch.tensor(rows, dtype=torch.long)  # [6, batch]
+        self.input_ids[:batch].copy_(host[0], non_blocking=True)
+        self.positions[:, :batch].copy_(host[1:4], non_blocking=True)
+        self.slot_mapping[:batch].copy_(host[4], non_blocking=True)
+        self.seq_lens[:batch].copy_(host[5], non_blocking=True)
+        self.block_tables[:batch, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
         if (batch, width) not in self.graphs:
             self.graphs[(batch, width)] = self.capture(batch, width)
         graph, hidden = self.graphs[(batch, width)]

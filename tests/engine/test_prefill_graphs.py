@@ -196,3 +196,55 @@ def test_cuda_prefill_graphs_match_eager(tiny_checkpoint, model_config) -> None:
     torch.testing.assert_close(got_hidden.float(), want_hidden.float(), rtol=0.05, atol=0.05)
     for seq in seqs:
         graphed.block_manager.free(seq)
+
+
+def test_decode_graph_inputs_equal_the_eager_step(model, model_config) -> None:  # noqa: F811
+    """DecodeGraphs.run packs a one-token step into its static buffers: ids, M-RoPE positions (image
+    prompts' outputs carry the delta), slots and block tables equal what the eager step would use;
+    padding rows point at the scratch block."""
+    from engine.model_runner import DecodeGraphs
+
+    mc = model_config
+    ex = make_executor(model, mc, max_num_seqs=8)
+    ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=1)
+    reqs = [
+        GenerationRequest("img", ids, greedy(9, ignore_eos=True), image_patches=patches, image_grid_thw=grid,
+                          mrope_positions=positions, mrope_delta=delta),
+        GenerationRequest("a", prompt(1, 7), greedy(9, ignore_eos=True)),
+        GenerationRequest("b", prompt(2, 30), greedy(9, ignore_eos=True)),
+    ]  # fmt: skip
+    for req in reqs:
+        ex.add_request(req)
+    for _ in range(3):
+        ex.step()
+    out = ex.scheduler.schedule()  # the next step: one token each, blocks allocated
+    seqs = out.seqs
+    assert out.num_scheduled_tokens == [1, 1, 1] and all(s.num_computed_tokens == len(s) - 1 for s in seqs)
+    runner = ex.runner
+
+    class NoGraph:
+        def replay(self) -> None:
+            pass
+
+    class Inspect(DecodeGraphs):
+        def capture(self, batch, width):
+            return NoGraph(), torch.zeros(batch, mc.hidden_size)
+
+    graphs = Inspect(model, runner.kv_caches, BLOCK_SIZE, max_num_seqs=8, max_num_blocks_per_seq=64,
+                     scratch_block_id=runner.scratch_block_id)  # fmt: skip
+    assert graphs.run(seqs).shape == (3, mc.hidden_size)
+    input_ids, want_positions, _, attn, _ = runner.prepare(out)
+    assert graphs.input_ids[:3].tolist() == input_ids.tolist()
+    assert graphs.positions[:, :3].tolist() == want_positions.tolist()
+    assert graphs.slot_mapping[:3].tolist() == attn.slot_mapping.tolist()
+    assert graphs.seq_lens[:3].tolist() == [len(s) for s in seqs]
+    width = graphs.width_buckets[0]
+    for i, seq in enumerate(seqs):
+        assert graphs.block_tables[i, :width].tolist() == seq.block_table + [0] * (
+            width - len(seq.block_table)
+        )
+    scratch = runner.scratch_block_id
+    assert graphs.block_tables[3, :width].tolist() == [scratch] + [0] * (width - 1)  # batch bucket 4
+    assert graphs.slot_mapping[3].item() == scratch * BLOCK_SIZE and graphs.seq_lens[3].item() == 1
+    image_seq = next(s for s in seqs if s.seq_id == "img")
+    assert image_seq.mrope_delta != 0
