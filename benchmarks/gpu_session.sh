@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBUFFERED=1
 
 timeout 150 python3 -m pytest -q -m gpu tests/engine >"$OUT/pytest_gpu.txt" 2>&1
 tail -n 3 "$OUT/pytest_gpu.txt"
-timeout 120 python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^(448|1288)|decode b1'
+timeout 150 python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^(448|1288)|decode b'
 timeout 300 python3 -m benchmarks.gpu_harness --out "$OUT/harness" --skip baseline --budget-s 290 \
   --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c='
 # One archive of everything written above, beside the short texts.

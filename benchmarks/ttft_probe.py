@@ -9,7 +9,7 @@ eager, the ViT alone (eager, and replayed from a CUDA graph with its difference 
 profiler table
 of one first step (top ops by self CPU time and by CUDA time) — host-bound steps show CPU time well above
 their CUDA time. Also decode ms/token at batch 1 with a long context (`--context` prompt tokens), the
-case the end-to-end harness measures. Writes ttft_probe.json and ttft_profile_<size>.txt under --out.
+case the end-to-end harness measures, and ms per step with 32 sequences decoding. Writes ttft_probe.json and ttft_profile_<size>.txt under --out.
 """
 
 from __future__ import annotations
@@ -165,6 +165,25 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"decode b1, context {context}: {res[f'decode_ms_per_token_b1_context_{context}']:.3f} ms/token"
         )
+
+    # decode at batch 32 (context ~300, the 448x448 load): ms per engine step once all are decoding
+    for i in range(32):
+        ids = torch.randint(0, 150000, (300,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+        ex.add_request(GenerationRequest(f"b{i}", ids, params))
+    while any(s.num_output_tokens == 0 for s in ex.scheduler.running) or ex.scheduler.waiting:
+        ex.step()
+    for _ in range(5):
+        ex.step()
+    _sync()
+    t = time.perf_counter()
+    for _ in range(40):
+        ex.step()
+    _sync()
+    res["decode_ms_per_step_b32"] = (time.perf_counter() - t) / 40 * 1e3
+    while ex.has_unfinished():
+        ex.step()
+    print(f"decode b32, context ~300: {res['decode_ms_per_step_b32']:.3f} ms/step")
     (args.out / "ttft_probe.json").write_text(json.dumps(res, indent=2))
     return 0
 

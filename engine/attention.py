@@ -164,7 +164,9 @@ def _paged_attention_reference(
     """The spec: one sequence at a time. q [T, H, D] -> [T, H, D]."""
     out = torch.empty_like(q)
     start = 0
-    for b, (q_len, s_len) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu, strict=True)):
+    # the lengths are read from the tensors, not the host tuples: a CPU stand-in of a CUDA graph replays
+    # this on static metadata whose host tuples were fixed at capture
+    for b, (q_len, s_len) in enumerate(zip(attn.query_lens.tolist(), attn.seq_lens.tolist(), strict=True)):
         k, v = gather_context(kv_cache, attn.block_tables[b], s_len)
         out[start : start + q_len] = _causal_gqa_attention(q[start : start + q_len], k, v, scale)
         start += q_len

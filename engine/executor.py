@@ -46,9 +46,9 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, think_token_ids
 from engine.metrics import EngineStats
-from engine.model_runner import ModelRunner, num_kv_blocks
+from engine.model_runner import ModelRunner, PendingDecode, num_kv_blocks
 from engine.sampling import Sampler, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger("glm-engine")
@@ -212,6 +212,7 @@ class Executor:
         self._thread: threading.Thread | None = None
         self._is_stopping = False
         self._callback: Callable[[list[RequestOutput]], None] | None = None
+        self._pending: PendingDecode | None = None  # loop thread only: a launched decode step (see step)
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, **overrides: Any) -> Executor:
@@ -409,16 +410,32 @@ class Executor:
     # -- one step (one thread) ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One engine step; returns the outputs it produced.
+
+        Decode steps run one ahead of the host where they can (`_run_ahead`): a decode-only step that
+        replays a CUDA graph is launched without waiting for its tokens; the next call launches the step
+        after it (its input tokens still on the GPU) and only then reads the first one's tokens, so the
+        host's work for one step overlaps the GPU's work for the next."""
         started = time.monotonic()
         with self._lock:
             new_seqs, self._new_seqs = self._new_seqs, []
             aborted_ids, self._aborted_ids = self._aborted_ids, set()
+        outputs: list[RequestOutput] = []
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if not new_seqs and not aborted_ids:
+                ahead = self._run_ahead(pending)
+                if ahead is not None:
+                    outputs = self._resolve(pending)
+                    self._pending = ahead
+                    self._finish_step(outputs, started, len(ahead.seqs), 1)
+                    return outputs
+            outputs = self._resolve(pending)
         for seq in new_seqs:
             if seq.image_patches is not None:
                 self._vision_waiting.append(seq)
             else:
                 self.scheduler.add(seq)
-        outputs = []
         for request_id in sorted(aborted_ids):
             seq = self._seqs.get(request_id)
             if seq is None or seq.is_finished:
@@ -430,21 +447,80 @@ class Executor:
         out = self.scheduler.schedule()
         num_tokens = out.num_batched_tokens
         if not out.is_empty:
-            try:
-                sampled = self.runner.execute(out)
-            except Exception as exc:  # the batch's requests end; the engine keeps serving the others
-                logger.exception("[glm-engine] model step failed; aborting %d requests", len(out.seqs))
-                for seq in out.seqs:
-                    self.scheduler.finish(seq, "abort")
-                    outputs.append(self._output(seq, error=f"engine error: {exc}"))
-                sampled = []
-                out.seqs, out.num_scheduled_tokens = [], []
-            self.scheduler.update(out, sampled, time.monotonic())
-            for seq, token_id in zip(out.seqs, sampled, strict=True):
-                if token_id is not None:
-                    outputs.append(self._output(seq))
+            launched = self._launch_decode(out)
+            if launched is not None:
+                self._pending = launched
+            else:
+                try:
+                    sampled = self.runner.execute(out)
+                except Exception as exc:  # the batch's requests end; the engine keeps serving the others
+                    logger.exception("[glm-engine] model step failed; aborting %d requests", len(out.seqs))
+                    for seq in out.seqs:
+                        self.scheduler.finish(seq, "abort")
+                        outputs.append(self._output(seq, error=f"engine error: {exc}"))
+                    sampled = []
+                    out.seqs, out.num_scheduled_tokens = [], []
+                self.scheduler.update(out, sampled, time.monotonic())
+                for seq, token_id in zip(out.seqs, sampled, strict=True):
+                    if token_id is not None:
+                        outputs.append(self._output(seq))
         self._finish_step(outputs, started, num_tokens, 0 if out.is_empty else 1)
         return outputs
+
+    def _launch_decode(self, out: SchedulerOutput) -> PendingDecode | None:
+        """Launch ``out`` without waiting for its tokens when it is a decode-only step that a CUDA graph
+        replays and every sequence can be sampled ahead; else None (the caller runs it synchronously)."""
+        if self.runner.graphs is None or any(n != 1 for n in out.num_scheduled_tokens):
+            return None
+        sampler = self.runner.sampler
+        if not all(seq.num_output_tokens and sampler.can_run_ahead(seq) for seq in out.seqs):
+            return None
+        try:
+            return self.runner.launch_decode(out.seqs)
+        except Exception:  # the synchronous path runs the step again and reports its error
+            logger.exception("[glm-engine] decode launch failed; running the step synchronously")
+            return None
+
+    def _run_ahead(self, pending: PendingDecode) -> PendingDecode | None:
+        """Launch the decode step after ``pending`` before its tokens are read, when nothing else could be
+        scheduled: nothing waiting, every running sequence in ``pending``, each sampled ahead, and blocks
+        for one more position. Sequences that ``pending``'s token ends by length sit it out; one that
+        ends on a stop token or string runs one step for nothing (its result is dropped)."""
+        if self.scheduler.waiting or self._vision_waiting or len(self.scheduler.running) != len(pending.seqs):
+            return None
+        sampler = self.runner.sampler
+        seqs = []
+        for seq in pending.seqs:
+            if seq.status != SequenceStatus.RUNNING:
+                return None
+            if seq.num_output_tokens + 1 >= seq.sampling.max_tokens or len(seq) + 1 >= self.max_model_len:
+                continue
+            if not sampler.can_run_ahead(seq):
+                return None
+            seqs.append(seq)
+        blocks = self.block_manager
+        if not seqs or sum(blocks.num_missing_blocks(seq, 2) for seq in seqs) > blocks.num_free_blocks:
+            return None
+        for seq in seqs:
+            blocks.allocate(seq, 2)  # the position after pending's token
+        try:
+            return self.runner.launch_decode(seqs, previous=pending)
+        except Exception:
+            logger.exception("[glm-engine] decode launch failed; running the next step synchronously")
+            return None
+
+    def _resolve(self, pending: PendingDecode) -> list[RequestOutput]:
+        """Read ``pending``'s tokens and apply them like a synchronous step (sequences that ended in the
+        meantime are skipped)."""
+        tokens = pending.tokens()
+        live = [
+            (seq, t)
+            for seq, t in zip(pending.seqs, tokens, strict=True)
+            if seq.status == SequenceStatus.RUNNING
+        ]
+        out = SchedulerOutput([seq for seq, _ in live], [1] * len(live))
+        self.scheduler.update(out, [t for _, t in live], time.monotonic())
+        return [self._output(seq) for seq in out.seqs]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """End ``seq`` in the scheduler, or before it got there (images not encoded yet)."""
@@ -560,6 +636,9 @@ class Executor:
 
     def abort_all(self) -> list[RequestOutput]:
         """End every unfinished request with "abort" now (call from the stepping thread)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.tokens()  # let the launched step finish; its tokens are dropped with the requests
         with self._lock:
             new_seqs, self._new_seqs = self._new_seqs, []
             self._aborted_ids.clear()

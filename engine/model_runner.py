@@ -28,6 +28,7 @@ CUDA graphs (CUDA only, off with ``enforce_eager``):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +38,22 @@ from engine.sampling import Sampler
 from engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger("glm-engine")
+
+
+@dataclass
+class PendingDecode:
+    """A launched decode step whose tokens have not been read on the host yet."""
+
+    seqs: list  # the sequences of the step, in row order
+    token_ids: torch.Tensor  # [len(seqs)] sampled ids on the device
+    host: torch.Tensor  # their host copy (pinned on CUDA), valid once `ready` has passed
+    ready: torch.cuda.Event | None  # None: already on the host
+
+    def tokens(self) -> list[int]:
+        """The sampled ids (waits for the step to finish)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 def num_kv_blocks(engine_config: EngineConfig, kv_bytes_per_token: int, device: torch.device) -> int:
@@ -137,6 +154,33 @@ class ModelRunner:
         input_ids, positions, input_embeds, attn, sample_rows = self.prepare(out)
         hidden = self.model.forward(input_ids, positions, attn, self.kv_caches, input_embeds)  # [T, hidden]
         return self._sample(out, [(hidden, sample_rows)])
+
+    @torch.inference_mode()
+    def launch_decode(self, seqs: list, previous: PendingDecode | None = None) -> PendingDecode | None:
+        """Launch a one-token step of ``seqs`` (all decoding, all `Sampler.can_run_ahead`) from a decode
+        graph, and its sampling, without waiting for the GPU. With ``previous``, each sequence's input is
+        its token of that step, still on the device, one position past the host's state. None (nothing
+        launched) when no graph fits."""
+        if self.graphs is None:
+            return None
+        input_ids = None
+        if previous is not None:
+            rows = {id(seq): j for j, seq in enumerate(previous.seqs)}
+            index = [rows[id(seq)] for seq in seqs]
+            input_ids = previous.token_ids
+            if index != list(range(len(previous.seqs))):
+                input_ids = input_ids[torch.tensor(index).to(input_ids.device, non_blocking=True)]
+        hidden = self.graphs.run(seqs, input_ids)
+        if hidden is None:
+            return None
+        token_ids = self.sampler.sample_ids(self.model.compute_logits(hidden), seqs)  # [n] on the device
+        if token_ids.is_cuda:
+            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            host.copy_(token_ids, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return PendingDecode(seqs, token_ids, host, ready)
+        return PendingDecode(seqs, token_ids, token_ids, None)
 
     @staticmethod
     def _one_token_rows(seqs: list, indices) -> list[tuple[int, int]]:
@@ -313,8 +357,13 @@ class DecodeGraphs:
                 if (batch, width) not in self.graphs:
                     self.graphs[(batch, width)] = self.capture(batch, width)
 
-    def run(self, seqs: list) -> torch.Tensor | None:
-        """Hidden states [len(seqs), hidden] of each sequence's next token; None when no graph fits."""
+    def run(self, seqs: list, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Hidden states [len(seqs), hidden] of each sequence's next token; None when no graph fits.
+
+        ``input_ids`` [len(seqs)] on the device: the tokens are one step ahead of the host (the last
+        sampled tokens, not yet appended): each sequence runs position ``num_computed_tokens + 1`` with
+        that token (its blocks must already cover that position)."""
+        ahead = 0 if input_ids is None else 1
         if any(seq.image_token_indices and seq.num_computed_tokens < seq.num_prompt_tokens for seq in seqs):
             return None  # a 1-token prompt chunk may be an image token (needs input_embeds)
         num_seqs = len(seqs)
@@ -332,9 +381,10 @@ class DecodeGraphs:
         lens[:] = [1] * batch
         tables = []
         for i, seq in enumerate(seqs):
-            pos = seq.num_computed_tokens
+            pos = seq.num_computed_tokens + ahead
             table = seq.block_table
-            ids[i] = seq.token_ids[pos]
+            if not ahead:
+                ids[i] = seq.token_ids[pos]
             slots[i] = table[pos // block_size] * block_size + pos % block_size
             lens[i] = pos + 1
             if pos >= seq.num_prompt_tokens:
@@ -346,7 +396,10 @@ class DecodeGraphs:
             tables.append(table + [0] * (width - len(table)))
         tables += [[scratch] + [0] * (width - 1)] * (batch - num_seqs)
         host = torch.tensor(rows, dtype=torch.long)  # [6, batch]
-        self.input_ids[:batch].copy_(host[0], non_blocking=True)
+        if ahead:
+            self.input_ids[:num_seqs].copy_(input_ids)
+        else:
+            self.input_ids[:batch].copy_(host[0], non_blocking=True)
         self.positions[:, :batch].copy_(host[1:4], non_blocking=True)
         self.slot_mapping[:batch].copy_(host[4], non_blocking=True)
         self.seq_lens[:batch].copy_(host[5], non_blocking=True)
@@ -363,7 +416,8 @@ class DecodeGraphs:
         with torch.cuda.device(self.slot_mapping.device):  # streams and the graph on the model's GPU
             return self._capture(batch, width)
 
-    def _capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def forward_args(self, batch: int, width: int) -> tuple:
+        """model.forward's arguments over the static buffers' first ``batch`` rows and ``width`` blocks."""
         attn = AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch],
             query_lens=torch.ones(batch, dtype=torch.int32, device=self.slot_mapping.device),
@@ -376,7 +430,10 @@ class DecodeGraphs:
             seq_lens_cpu=(1,) * batch,
             has_padding=False,
         )
-        args = (self.input_ids[:batch], self.positions[:, :batch], attn, self.kv_caches, None)
+        return (self.input_ids[:batch], self.positions[:, :batch], attn, self.kv_caches, None)
+
+    def _capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        args = self.forward_args(batch, width)
         # Warm-up writes the same K/V the replay will write, so running it is harmless.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

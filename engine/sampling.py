@@ -14,6 +14,10 @@ Contract:
       4. temperature 0 -> argmax; otherwise ``logits / temperature``, top-k (0 = off), top-p, then one
          draw. A row with a seed draws from its sequence's own ``torch.Generator`` (one draw per step),
          so its tokens do not depend on which other sequences share the batch.
+  * ``Sampler.sample_ids(logits, seqs)`` is the same without steps 1-3, returning the ids on the logits'
+    device without waiting for the GPU (no host sync): the engine launches a decode step before the
+    previous one's tokens reach the host, for sequences where ``can_run_ahead(seq)`` holds (no penalty,
+    min_tokens already reached even with the token still in flight), which is when steps 1-3 do nothing.
 """
 
 from __future__ import annotations
@@ -120,6 +124,22 @@ class Sampler:
         self.apply_min_tokens(logits, seqs)
         return self.sample(logits, seqs)
 
+    @staticmethod
+    def can_run_ahead(seq: SamplingSeq) -> bool:
+        """Whether a step of ``seq`` can be sampled before its previous token is known on the host:
+        penalties and min_tokens read the token history, nothing else does."""
+        sp = seq.sampling
+        return (
+            sp.repetition_penalty == 1.0
+            and sp.presence_penalty == 0.0
+            and sp.frequency_penalty == 0.0
+            and len(seq.token_ids) - seq.num_prompt_tokens >= sp.min_tokens
+        )
+
+    def sample_ids(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> torch.Tensor:
+        """Token ids [num_seqs] on the logits' device, no host sync (every seq must `can_run_ahead`)."""
+        return self._sample(logits.float(), seqs)
+
     def apply_penalties(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
         """In place: repetition, then presence/frequency penalties (batched: a few copies per step)."""
         device = logits.device
@@ -193,10 +213,13 @@ class Sampler:
             ] = -math.inf
 
     def sample(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
+        return self._sample(logits, seqs).tolist()
+
+    def _sample(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> torch.Tensor:
         next_ids = logits.argmax(dim=-1)  # [num_seqs]
         rows = [i for i, seq in enumerate(seqs) if not seq.sampling.is_greedy]
         if rows:
-            idx = torch.tensor(rows, device=logits.device)
+            idx = _on(rows, logits.device)
             probs = self.probs(logits[idx], [seqs[i].sampling for i in rows])  # [num_rows, vocab]
             # Exponential-race sampling: argmax(p / q) with q ~ Exp(1) is a draw from p. Seeded rows draw
             # their noise from their own generator so a row's draw depends only on its own state.
@@ -209,24 +232,25 @@ class Sampler:
                 else:
                     noise[j].exponential_(generator=generator)
             if unseeded:
-                noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+                index = _on(unseeded, probs.device)
+                noise[index] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
             next_ids[idx] = (probs / noise).argmax(dim=-1)
-        return next_ids.tolist()
+        return next_ids
 
     @staticmethod
     def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Temperature, top-k, top-p -> probabilities [num_rows, vocab]."""
         device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        temperature = _on([p.temperature for p in params], device, torch.float32).unsqueeze(1)
         logits = logits / temperature
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             vocab_size = logits.shape[1]
             sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_rows, vocab]
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+            top_k = _on([p.top_k if p.top_k > 0 else vocab_size for p in params], device)
             ranks = torch.arange(vocab_size, device=device).unsqueeze(0)
             sorted_logits.masked_fill_(ranks >= top_k.unsqueeze(1), -math.inf)
             # top_p 1.0 -> inf so float error in the cumsum never drops a tail token
-            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params], device=device)
+            top_p = _on([p.top_p if p.top_p < 1.0 else math.inf for p in params], device, torch.float32)
             top_p = top_p.unsqueeze(1)
             sorted_probs = sorted_logits.softmax(dim=-1)
             # Drop a token when the mass before it already reaches top_p; the first token always stays.
@@ -234,3 +258,8 @@ class Sampler:
             sorted_logits.masked_fill_(mass_before >= top_p, -math.inf)
             logits = torch.full_like(logits, -math.inf).scatter_(1, order, sorted_logits)
         return logits.softmax(dim=-1)
+
+
+def _on(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small host list on the device without a blocking copy (a blocking one waits for the GPU)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

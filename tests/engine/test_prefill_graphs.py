@@ -12,7 +12,8 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import EngineConfig
 from engine.decoder import Glm4vModel
 from engine.executor import Executor, GenerationRequest
-from engine.model_runner import PrefillGraphs, prefill_buckets
+from engine.model_runner import DecodeGraphs, PrefillGraphs, prefill_buckets
+from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerOutput
 from tests.engine.test_executor import (
     BLOCK_SIZE,
@@ -95,24 +96,29 @@ class _EagerPrefillGraphs(PrefillGraphs):
         return sum(graph.replays for graph, _ in self.graphs.values())
 
 
-class _EagerDecodeGraphs:
-    """Stands in for DecodeGraphs: the one-token steps of `seqs`, eagerly; counts its calls."""
+class _EagerDecodeGraphs(DecodeGraphs):
+    """DecodeGraphs whose graphs are `_EagerGraph` stand-ins; counts the replays."""
 
-    def __init__(self, runner) -> None:
-        self.runner, self.calls = runner, 0
+    def capture(self, batch: int, width: int):
+        graph = _EagerGraph(self.model.forward, self.forward_args(batch, width))
+        return graph, graph.out
 
-    def run(self, seqs):
-        if any(s.image_token_indices and s.num_computed_tokens < s.num_prompt_tokens for s in seqs):
-            return None
-        self.calls += 1
-        ids, positions, embeds, attn, _ = self.runner.prepare(SchedulerOutput(seqs, [1] * len(seqs)))
-        return self.runner.model.forward(ids, positions, attn, self.runner.kv_caches, embeds)
+    @property
+    def calls(self) -> int:
+        return sum(graph.replays for graph, _ in self.graphs.values())
 
 
 def _split_executor(model, model_config, **engine) -> Executor:  # noqa: F811
     ex = make_executor(model, model_config, **engine)
     runner = ex.runner
-    runner.graphs = _EagerDecodeGraphs(runner)
+    runner.graphs = _EagerDecodeGraphs(
+        model,
+        runner.kv_caches,
+        BLOCK_SIZE,
+        max_num_seqs=ex.engine_config.max_num_seqs,
+        max_num_blocks_per_seq=-(-ex.engine_config.max_model_len // BLOCK_SIZE),
+        scratch_block_id=runner.scratch_block_id,
+    )
     runner.prefill_graphs = _EagerPrefillGraphs(
         model,
         runner.kv_caches,
@@ -202,10 +208,8 @@ def test_decode_graph_inputs_equal_the_eager_step(model, model_config) -> None: 
     """DecodeGraphs.run packs a one-token step into its static buffers: ids, M-RoPE positions (image
     prompts' outputs carry the delta), slots and block tables equal what the eager step would use;
     padding rows point at the scratch block."""
-    from engine.model_runner import DecodeGraphs
-
     mc = model_config
-    ex = make_executor(model, mc, max_num_seqs=8)
+    ex = make_executor(model, mc, max_num_seqs=8)  # no graphs: the steps below run synchronously
     ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=1)
     reqs = [
         GenerationRequest("img", ids, greedy(9, ignore_eos=True), image_patches=patches, image_grid_thw=grid,
@@ -248,3 +252,55 @@ def test_decode_graph_inputs_equal_the_eager_step(model, model_config) -> None: 
     assert graphs.slot_mapping[3].item() == scratch * BLOCK_SIZE and graphs.seq_lens[3].item() == 1
     image_seq = next(s for s in seqs if s.seq_id == "img")
     assert image_seq.mrope_delta != 0
+
+
+def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config) -> None:  # noqa: F811
+    """Decode-only graph steps are launched before the previous step's tokens are read (the next
+    step's inputs come from the device). Every token equals the synchronous engine's: greedy and seeded
+    sampling, early stops on an eos id (one step run for nothing), max_tokens, requests arriving and
+    being aborted while steps are in flight; penalties and unmet min_tokens run synchronously."""
+    mc = model_config
+    eos = mc.eos_token_ids[0]
+
+    def requests():
+        return [
+            GenerationRequest("g", prompt(80, 6), greedy(14, ignore_eos=True)),
+            GenerationRequest("s", prompt(81, 9), SamplingParams(max_tokens=12, temperature=0.9, seed=7)),
+            GenerationRequest("e", prompt(82, 5), greedy(20, stop_token_ids=[eos], ignore_eos=True)),
+            GenerationRequest("p", prompt(83, 7), greedy(10, repetition_penalty=1.3, ignore_eos=True)),
+            GenerationRequest("m", prompt(84, 4), greedy(9, min_tokens=5, ignore_eos=True)),
+            GenerationRequest("late", prompt(85, 11), greedy(8, ignore_eos=True)),
+            GenerationRequest("gone", prompt(86, 3), greedy(50, ignore_eos=True)),
+            GenerationRequest("long", prompt(87, 8), greedy(36, ignore_eos=True)),
+        ]
+
+    def run(ex: Executor) -> dict[str, list]:
+        reqs = requests()
+        outputs: dict[str, list] = {}
+        for req in reqs[:5] + reqs[6:]:
+            ex.add_request(req)
+        step = 0
+        while ex.has_unfinished() or step < 9:
+            if step == 9:
+                ex.add_request(reqs[5])
+            if step == 12:
+                ex.abort("gone")
+            for o in ex.step():
+                outputs.setdefault(o.request_id, []).append(o)
+            step += 1
+            assert step < 500
+        assert ex.block_manager.num_used_blocks == 0
+        return {rid: tokens(outs) for rid, outs in outputs.items()} | {
+            "gone": outputs["gone"][-1].finish_reason
+        }
+
+    want = run(make_executor(model, mc))
+    ex = _split_executor(model, mc)
+    ahead, launch = [], ex.runner.launch_decode
+    ex.runner.launch_decode = lambda seqs, previous=None: (
+        ahead.append(previous is not None) or launch(seqs, previous)
+    )
+    got = run(ex)
+    assert got == want and want["gone"] == "abort"
+    assert want["e"][-1] == eos or len(want["e"]) == 20
+    assert sum(ahead) >= 10 and not all(ahead)  # many steps ran ahead, some had to start afresh
