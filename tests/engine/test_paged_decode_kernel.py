@@ -344,7 +344,10 @@ def check_cuda_graph(device: str) -> None:
         with no_fallback():
             eager = step()  # rewrites the same K/V: harmless
         torch.cuda.synchronize()
-        assert torch.equal(replayed, eager), f"case {i}: graph replay differs from eager"
+        # live rows only: padding rows all write the one scratch slot (which write lands is not fixed)
+        # and read it back, so their outputs are garbage by contract
+        live = len(lens)
+        assert torch.equal(replayed[:live], eager[:live]), f"case {i}: graph replay differs from eager"
         eager_attn = AttentionMetadata.build(
             [1] * len(lens), lens, [r for r in tables[: len(lens)].tolist()], block_size, device
         )
