@@ -173,7 +173,8 @@ class ModelRunner:
         hidden = self.graphs.run(seqs, input_ids)
         if hidden is None:
             return None
-        token_ids = self.sampler.sample_ids(self.model.compute_logits(hidden), seqs)  # [n] on the device
+        logits = self.model.compute_logits(hidden)
+        token_ids = self.sampler.sample_ids(logits, seqs, ahead=int(previous is not None))  # [n], device
         if token_ids.is_cuda:
             host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
             host.copy_(token_ids, non_blocking=True)

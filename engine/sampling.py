@@ -14,10 +14,10 @@ Contract:
       4. temperature 0 -> argmax; otherwise ``logits / temperature``, top-k (0 = off), top-p, then one
          draw. A row with a seed draws from its sequence's own ``torch.Generator`` (one draw per step),
          so its tokens do not depend on which other sequences share the batch.
-  * ``Sampler.sample_ids(logits, seqs)`` is the same without steps 1-3, returning the ids on the logits'
+  * ``Sampler.sample_ids(logits, seqs, ahead)`` is the same without steps 1-2, returning the ids on the logits'
     device without waiting for the GPU (no host sync): the engine launches a decode step before the
-    previous one's tokens reach the host, for sequences where ``can_run_ahead(seq)`` holds (no penalty,
-    min_tokens already reached even with the token still in flight), which is when steps 1-3 do nothing.
+    previous one's tokens reach the host, for sequences where ``can_run_ahead(seq)`` holds (no penalty:
+    steps 1-2 do nothing); step 3 counts the ``ahead`` tokens still in flight.
 """
 
 from __future__ import annotations
@@ -127,18 +127,18 @@ class Sampler:
     @staticmethod
     def can_run_ahead(seq: SamplingSeq) -> bool:
         """Whether a step of ``seq`` can be sampled before its previous token is known on the host:
-        penalties and min_tokens read the token history, nothing else does."""
+        penalties read the token history; min_tokens only its length, which `sample_ids` is told."""
         sp = seq.sampling
-        return (
-            sp.repetition_penalty == 1.0
-            and sp.presence_penalty == 0.0
-            and sp.frequency_penalty == 0.0
-            and len(seq.token_ids) - seq.num_prompt_tokens >= sp.min_tokens
-        )
+        return sp.repetition_penalty == 1.0 and sp.presence_penalty == 0.0 and sp.frequency_penalty == 0.0
 
-    def sample_ids(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> torch.Tensor:
-        """Token ids [num_seqs] on the logits' device, no host sync (every seq must `can_run_ahead`)."""
-        return self._sample(logits.float(), seqs)
+    def sample_ids(self, logits: torch.Tensor, seqs: list[SamplingSeq], ahead: int = 0) -> torch.Tensor:
+        """Token ids [num_seqs] on the logits' device, no host sync (every seq must `can_run_ahead`).
+        ``ahead``: tokens each sequence has beyond ``token_ids`` (sampled, not yet on the host)."""
+        logits = logits.float()
+        if any(len(s.token_ids) - s.num_prompt_tokens + ahead < s.sampling.min_tokens for s in seqs):
+            logits = logits.clone()
+            self.apply_min_tokens(logits, seqs, ahead)
+        return self._sample(logits, seqs)
 
     def apply_penalties(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
         """In place: repetition, then presence/frequency penalties (batched: a few copies per step)."""
@@ -198,19 +198,18 @@ class Sampler:
             self._prompt_ids_cache[seq] = ids
         return ids
 
-    def apply_min_tokens(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
-        """In place: mask eos and stop ids for rows that have not reached min_tokens."""
+    def apply_min_tokens(self, logits: torch.Tensor, seqs: list[SamplingSeq], ahead: int = 0) -> None:
+        """In place: mask eos and stop ids for rows that have not reached min_tokens (counting ``ahead``
+        tokens not yet in ``token_ids``)."""
         rows, ids = [], []
         for i, seq in enumerate(seqs):
             sp = seq.sampling
-            if len(seq.token_ids) - seq.num_prompt_tokens < sp.min_tokens:
+            if len(seq.token_ids) - seq.num_prompt_tokens + ahead < sp.min_tokens:
                 banned = {t for t in (*self.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]}
                 rows += [i] * len(banned)
                 ids += sorted(banned)
         if rows:
-            logits[
-                torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)
-            ] = -math.inf
+            logits[_on(rows, logits.device), _on(ids, logits.device)] = -math.inf
 
     def sample(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
         return self._sample(logits, seqs).tolist()

@@ -70,7 +70,8 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     assert config["dummy"] is True and config["engine"]["dtype"] == "bfloat16"
     assert config["engine"]["vision_cuda_graphs"] is True
     assert (
-        run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--no-vision-cuda-graphs") == 0
+        run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--no-vision-cuda-graphs")
+        == 0
     )
     assert json.loads((out / "engine_config.json").read_text())["engine"]["vision_cuda_graphs"] is False
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--gpus", "0,1") == 0

@@ -258,7 +258,8 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
     """Decode-only graph steps are launched before the previous step's tokens are read (the next
     step's inputs come from the device). Every token equals the synchronous engine's: greedy and seeded
     sampling, early stops on an eos id (one step run for nothing), max_tokens, requests arriving and
-    being aborted while steps are in flight; penalties and unmet min_tokens run synchronously."""
+    being aborted while steps are in flight, min_tokens counted with the token in flight; penalties run
+    synchronously."""
     mc = model_config
     eos = mc.eos_token_ids[0]
 
@@ -268,7 +269,7 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
             GenerationRequest("s", prompt(81, 9), SamplingParams(max_tokens=12, temperature=0.9, seed=7)),
             GenerationRequest("e", prompt(82, 5), greedy(20, stop_token_ids=[eos], ignore_eos=True)),
             GenerationRequest("p", prompt(83, 7), greedy(10, repetition_penalty=1.3, ignore_eos=True)),
-            GenerationRequest("m", prompt(84, 4), greedy(9, min_tokens=5, ignore_eos=True)),
+            GenerationRequest("m", prompt(84, 4), greedy(9, min_tokens=5, stop_token_ids=[eos])),
             GenerationRequest("late", prompt(85, 11), greedy(8, ignore_eos=True)),
             GenerationRequest("gone", prompt(86, 3), greedy(50, ignore_eos=True)),
             GenerationRequest("long", prompt(87, 8), greedy(36, ignore_eos=True)),

@@ -140,6 +140,22 @@ def test_min_tokens_masks_eos_and_stop_ids():
     assert Sampler([EOS])(logits, [early, done]) == [4, EOS]
 
 
+def test_sample_ids_counts_tokens_in_flight_for_min_tokens():
+    """A step sampled ahead of the host has one more output token than token_ids shows."""
+    logits = torch.zeros(3, VOCAB)
+    logits[:, EOS] = 10.0
+    logits[:, 4] = 1.0
+    sp = SamplingParams(temperature=0.0, min_tokens=3)
+    seqs = [make_seq(sp, output=(4,)), make_seq(sp, output=(4, 4)), make_seq(SamplingParams(temperature=0.0))]
+    sampler = Sampler([EOS])
+    assert sampler.sample_ids(logits, seqs).tolist() == [4, 4, EOS]
+    assert sampler.sample_ids(logits, seqs, ahead=1).tolist() == [4, EOS, EOS]  # 2 + 1 reaches 3
+    assert logits[:, EOS].eq(10.0).all()  # the caller's logits are left alone
+    assert all(Sampler.can_run_ahead(seq) for seq in seqs)
+    assert not Sampler.can_run_ahead(make_seq(SamplingParams(repetition_penalty=1.2)))
+    assert not Sampler.can_run_ahead(make_seq(SamplingParams(presence_penalty=0.5)))
+
+
 def test_penalties_do_not_touch_other_rows():
     logits = random_logits(2)
     plain = make_seq(SamplingParams(temperature=0.0), output=(1, 2))
