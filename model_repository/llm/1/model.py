@@ -79,6 +79,10 @@ class RequestState:
     has_first_token: bool = False
     is_done: bool = False  # the final response is sent: the sender must not be touched again
     held: list = field(default_factory=list)  # streamed outputs not sent yet (merged into the next response)
+    # Output tensors that stay the same for every response of the request, made once: building a
+    # pb_utils.Tensor is most of a response's cost, and one already in shared memory is not copied again.
+    fixed_tensors: list = field(default_factory=list)
+    first_token_tensor: object = None
 
 
 class TritonPythonModel:
@@ -114,6 +118,9 @@ class TritonPythonModel:
         ):
             torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         self.executor = Executor.from_engine_dir(engine_dir, **overrides)
+        if self.executor.device.type == "cuda" and _param(config, "warmup", "true").lower() != "false":
+            # kernels compiled and every CUDA graph captured before the first request, not during serving
+            self.executor.warmup()
         self.cancel_period_s = float(_param(config, "cancellation_check_period_ms", "10")) / 1000.0
         self.stats_period_s = float(_param(config, "stats_check_period_ms", "100")) / 1000.0
         self.stream_responses_per_step = max(1, int(_param(config, "stream_responses_per_step", "16")))
@@ -126,6 +133,7 @@ class TritonPythonModel:
         # TRITONBACKEND_ResponseFactoryIsCancelled).
         self.sender_lock = threading.Lock()
         self.states: dict[str, RequestState] = {}
+        self.empty_text_tensors: dict[str, object] = {}  # _text_tensor's shared empty strings
         self.triton_ids: dict[str, set[str]] = {}
         self.send_queue: queue.Queue = queue.Queue()
         self.is_shutting_down = threading.Event()
@@ -441,27 +449,44 @@ class TritonPythonModel:
         else:
             ids = state.output_ids if state.exclude_input else state.prompt_ids + state.output_ids
             text, reasoning = "".join(state.text), "".join(state.reasoning)
+        if not state.fixed_tensors:
+            state.fixed_tensors = [
+                pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], np.int32)),
+                pb_utils.Tensor("arrival_time_ns", np.array([self._wall_ns(output.arrival_time)], np.int64)),
+                pb_utils.Tensor("request_key", np.array([state.triton_id.encode()], dtype=np.object_)),
+            ]
+        if state.first_token_tensor is None or output.first_token_time is None:
+            first = pb_utils.Tensor(
+                "first_token_time_ns", np.array([self._wall_ns(output.first_token_time)], np.int64)
+            )
+            if output.first_token_time is not None:
+                state.first_token_tensor = first
+        else:
+            first = state.first_token_tensor
         tensors = [
             pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
             pb_utils.Tensor("sequence_length", np.array([len(ids)], np.int32)),
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("reasoning_output", np.array([reasoning.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor(
-                "finish_reason", np.array([(output.finish_reason or "").encode()], dtype=np.object_)
-            ),
-            pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], np.int32)),
+            self._text_tensor("text_output", text),
+            self._text_tensor("reasoning_output", reasoning),
+            self._text_tensor("finish_reason", output.finish_reason or ""),
             pb_utils.Tensor("num_output_tokens", np.array([output.num_output_tokens], np.int32)),
-            pb_utils.Tensor("arrival_time_ns", np.array([self._wall_ns(output.arrival_time)], np.int64)),
-            pb_utils.Tensor(
-                "first_token_time_ns", np.array([self._wall_ns(output.first_token_time)], np.int64)
-            ),
+            first,
             pb_utils.Tensor(
                 "last_token_time_ns", np.array([self._wall_ns(output.last_token_time)], np.int64)
             ),
-            pb_utils.Tensor("request_key", np.array([state.triton_id.encode()], dtype=np.object_)),
+            *state.fixed_tensors,
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if is_final else 0
         state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def _text_tensor(self, name: str, text: str):
+        """A [1] BYTES tensor; the empty one of each name is made once and shared by every response."""
+        if text:
+            return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+        tensor = self.empty_text_tensors.get(name)
+        if tensor is None:
+            tensor = self.empty_text_tensors[name] = pb_utils.Tensor(name, np.array([b""], dtype=np.object_))
+        return tensor
 
     def _wall_ns(self, monotonic_s: float | None) -> int:
         return 0 if monotonic_s is None else int(monotonic_s * 1e9) + self.wall_offset_ns
