@@ -137,6 +137,7 @@ class TritonPythonModel:
         self.sender_lock = threading.Lock()
         self.states: dict[str, RequestState] = {}
         self.empty_text_tensors: dict[str, object] = {}  # _text_tensor's shared empty strings
+        self.count_tensors: dict[tuple[str, int], object] = {}  # _count_tensor's shared counts
         self.triton_ids: dict[str, set[str]] = {}
         self.send_queue: queue.Queue = queue.Queue()
         self.is_shutting_down = threading.Event()
@@ -468,11 +469,11 @@ class TritonPythonModel:
             first = state.first_token_tensor
         tensors = [
             pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
-            pb_utils.Tensor("sequence_length", np.array([len(ids)], np.int32)),
+            self._count_tensor("sequence_length", len(ids)),
             self._text_tensor("text_output", text),
             self._text_tensor("reasoning_output", reasoning),
             self._text_tensor("finish_reason", output.finish_reason or ""),
-            pb_utils.Tensor("num_output_tokens", np.array([output.num_output_tokens], np.int32)),
+            self._count_tensor("num_output_tokens", output.num_output_tokens),
             first,
             pb_utils.Tensor(
                 "last_token_time_ns", np.array([self._wall_ns(output.last_token_time)], np.int64)
@@ -489,6 +490,16 @@ class TritonPythonModel:
         tensor = self.empty_text_tensors.get(name)
         if tensor is None:
             tensor = self.empty_text_tensors[name] = pb_utils.Tensor(name, np.array([b""], dtype=np.object_))
+        return tensor
+
+    def _count_tensor(self, name: str, value: int):
+        """A [1] INT32 tensor, one per (name, value), shared by every response that carries that count."""
+        key = (name, value)
+        tensor = self.count_tensors.get(key)
+        if tensor is None:
+            if len(self.count_tensors) >= 65536:
+                self.count_tensors.clear()
+            tensor = self.count_tensors[key] = pb_utils.Tensor(name, np.array([value], np.int32))
         return tensor
 
     def _wall_ns(self, monotonic_s: float | None) -> int:
