@@ -434,20 +434,27 @@ class DecodeGraphs:
         return (self.input_ids[:batch], self.positions[:, :batch], attn, self.kv_caches, None)
 
     def _capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        args = self.forward_args(batch, width)
-        # Warm-up writes the same K/V the replay will write, so running it is harmless.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.model.forward(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            hidden = self.model.forward(*args)  # [batch, hidden]
-        if self.pool is None:
-            self.pool = graph.pool()
+        # The warm-up writes the same K/V the replay will write, so running it is harmless.
+        graph, hidden, self.pool = capture_forward(self.model, self.forward_args(batch, width), self.pool)
         logger.info("[glm-engine] captured a decode CUDA graph: batch %d, %d blocks", batch, width)
         return graph, hidden
+
+
+def capture_forward(
+    model: torch.nn.Module, args: tuple, pool
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
+    """Run ``model.forward(*args)`` once on a side stream (Triton kernels compile, cuBLAS picks its
+    algorithms), then capture it into a CUDA graph sharing ``pool`` (None: a new pool). Returns the graph,
+    its static output and the pool."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        model.forward(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        hidden = model.forward(*args)
+    return graph, hidden, pool if pool is not None else graph.pool()
 
 
 def prefill_buckets(max_num_tokens: int, largest: int = 2048) -> list[int]:
@@ -564,16 +571,6 @@ class PrefillGraphs:
     def capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture model.forward over the first ``bucket`` rows of the static buffers (valid inputs)."""
         with torch.cuda.device(self.embeds.device):
-            args = self.forward_args(bucket)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: Triton kernels compile, cuBLAS picks its algorithms
-                self.model.forward(*args)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                hidden = self.model.forward(*args)  # [bucket, hidden]
-            if self.pool is None:
-                self.pool = graph.pool()
+            graph, hidden, self.pool = capture_forward(self.model, self.forward_args(bucket), self.pool)
         logger.info("[glm-engine] captured a prefill CUDA graph: %d tokens", bucket)
         return graph, hidden
