@@ -226,16 +226,18 @@ class ModelRunner:
         counts = [out.num_scheduled_tokens[i] for i in fresh]
         if not self.prefill_graphs.fits(counts) or (others and self.graphs is None):
             return None
+        # The fresh part's inputs first: preparing them copies host lists to the GPU and waits for it,
+        # so done between the two replays it would stall the GPU behind the host.
+        sub = SchedulerOutput(seqs=[out.seqs[i] for i in fresh], num_scheduled_tokens=counts)
+        input_ids, positions, input_embeds, attn, sample_rows = self.prepare(sub)
+        if input_embeds is None:
+            input_embeds = self.model.language_model.embed_tokens(input_ids)
         parts = []
         if others:
             hidden = self.graphs.run([out.seqs[i] for i in others])  # own pool: survives the prefill replay
             if hidden is None:
                 return None
             parts.append((hidden, self._one_token_rows(out.seqs, others)))
-        sub = SchedulerOutput(seqs=[out.seqs[i] for i in fresh], num_scheduled_tokens=counts)
-        input_ids, positions, input_embeds, attn, sample_rows = self.prepare(sub)
-        if input_embeds is None:
-            input_embeds = self.model.language_model.embed_tokens(input_ids)
         hidden = self.prefill_graphs.run(input_embeds, positions, attn.slot_mapping, counts)
         parts.append((hidden, [(fresh[j], row) for j, row in sample_rows]))
         return parts
