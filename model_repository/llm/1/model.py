@@ -459,14 +459,13 @@ class TritonPythonModel:
                 pb_utils.Tensor("arrival_time_ns", np.array([self._wall_ns(output.arrival_time)], np.int64)),
                 pb_utils.Tensor("request_key", np.array([state.triton_id.encode()], dtype=np.object_)),
             ]
-        if state.first_token_tensor is None or output.first_token_time is None:
+        first = state.first_token_tensor
+        if first is None:
             first = pb_utils.Tensor(
                 "first_token_time_ns", np.array([self._wall_ns(output.first_token_time)], np.int64)
             )
-            if output.first_token_time is not None:
+            if output.first_token_time is not None:  # fixed from now on
                 state.first_token_tensor = first
-        else:
-            first = state.first_token_tensor
         tensors = [
             pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
             self._count_tensor("sequence_length", len(ids)),
