@@ -40,7 +40,7 @@ def summarize(collapsed: str, top: int = 25) -> dict:
         total += n
         threads[frames[0]] += n
         self_samples[frames[-1]] += n
-        for frame in set(frames[1:]):
+        for frame in dict.fromkeys(frames[1:]):  # once per stack, outermost first (stable ties)
             inclusive[frame] += n
 
     def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
