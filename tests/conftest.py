@@ -1,4 +1,5 @@
-"""Shared fixtures: one CPU thread per test process, and a tiny random GLM-4V checkpoint per session."""
+"""Shared fixtures: one CPU thread per test process, and a tiny random GLM-4V checkpoint per session.
+Tests marked `gpu` are skipped where no CUDA device is visible."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

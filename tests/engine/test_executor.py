@@ -409,7 +409,6 @@ def test_loop_thread_generate_and_callback(model, model_config):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_cuda_decode_graphs_give_reference_tokens(tiny_checkpoint, model_config, enforce_eager):
     model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "float32", model_config)

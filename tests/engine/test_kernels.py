@@ -331,19 +331,16 @@ def test_torch_path_without_interpreter_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("check", ["use_triton", "rms_norm", "add_rms_norm_pair", "silu_mul", "rotary"])
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_kernel_equals_torch_reference(check):
     CHECKS[check]("cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_decoder_with_kernels_equals_torch_path(tiny_checkpoint):
     check_decoder("cuda", str(tiny_checkpoint))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_graph_replay_of_kernels_equals_eager():
     check_cuda_graph("cuda")
 

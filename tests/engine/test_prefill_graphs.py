@@ -163,7 +163,6 @@ def test_split_steps_give_the_reference_tokens(model, model_config) -> None:  # 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_prefill_graphs_match_eager(tiny_checkpoint, model_config) -> None:  # noqa: F811
     """bf16 on CUDA: a prefill graph replay (varlen flash, padded bucket) gives the eager step's hidden
     states for the same fresh chunks, and the engine's greedy tokens agree with the eager engine's."""

@@ -335,7 +335,6 @@ def test_scale_epilogue_reference():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_scaled_mm_path_equals_dequantized_path(tiny_checkpoint, model_config):
     device = torch.device("cuda")
     torch.manual_seed(0)

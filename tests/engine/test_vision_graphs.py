@@ -83,7 +83,6 @@ def test_vision_cuda_graphs_setting() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_graph_replay_equals_eager(vision_config) -> None:
     torch.manual_seed(0)
     encoder = VisionEncoder(vision_config).to("cuda", torch.bfloat16).eval()

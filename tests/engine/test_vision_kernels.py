@@ -89,7 +89,6 @@ def test_vision_kernels_in_interpreter(check: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_vision_kernels_on_cuda(check: str) -> None:
     CHECKS[check]("cuda")
