@@ -136,8 +136,7 @@ class TritonPythonModel:
         # TRITONBACKEND_ResponseFactoryIsCancelled).
         self.sender_lock = threading.Lock()
         self.states: dict[str, RequestState] = {}
-        self.empty_text_tensors: dict[str, object] = {}  # _text_tensor's shared empty strings
-        self.count_tensors: dict[tuple[str, int], object] = {}  # _count_tensor's shared counts
+        self.shared_tensors: dict[tuple[str, object], object] = {}  # _shared_tensor's, by (name, value)
         self.triton_ids: dict[str, set[str]] = {}
         self.send_queue: queue.Queue = queue.Queue()
         self.is_shutting_down = threading.Event()
@@ -468,11 +467,11 @@ class TritonPythonModel:
                 state.first_token_tensor = first
         tensors = [
             pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
-            self._count_tensor("sequence_length", len(ids)),
+            self._shared_tensor("sequence_length", len(ids), np.int32),
             self._text_tensor("text_output", text),
             self._text_tensor("reasoning_output", reasoning),
-            self._text_tensor("finish_reason", output.finish_reason or ""),
-            self._count_tensor("num_output_tokens", output.num_output_tokens),
+            self._shared_tensor("finish_reason", (output.finish_reason or "").encode(), np.object_),
+            self._shared_tensor("num_output_tokens", output.num_output_tokens, np.int32),
             first,
             pb_utils.Tensor(
                 "last_token_time_ns", np.array([self._wall_ns(output.last_token_time)], np.int64)
@@ -483,22 +482,19 @@ class TritonPythonModel:
         state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
     def _text_tensor(self, name: str, text: str):
-        """A [1] BYTES tensor; the empty one of each name is made once and shared by every response."""
+        """A [1] BYTES tensor of ``text``; the empty one is shared (`_shared_tensor`)."""
         if text:
             return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
-        tensor = self.empty_text_tensors.get(name)
-        if tensor is None:
-            tensor = self.empty_text_tensors[name] = pb_utils.Tensor(name, np.array([b""], dtype=np.object_))
-        return tensor
+        return self._shared_tensor(name, b"", np.object_)
 
-    def _count_tensor(self, name: str, value: int):
-        """A [1] INT32 tensor, one per (name, value), shared by every response that carries that count."""
+    def _shared_tensor(self, name: str, value, dtype):
+        """A [1] tensor made once per (name, value) and shared by every response that carries it."""
         key = (name, value)
-        tensor = self.count_tensors.get(key)
+        tensor = self.shared_tensors.get(key)
         if tensor is None:
-            if len(self.count_tensors) >= 65536:
-                self.count_tensors.clear()
-            tensor = self.count_tensors[key] = pb_utils.Tensor(name, np.array([value], np.int32))
+            if len(self.shared_tensors) >= 65536:
+                self.shared_tensors.clear()
+            tensor = self.shared_tensors[key] = pb_utils.Tensor(name, np.array([value], dtype=dtype))
         return tensor
 
     def _wall_ns(self, monotonic_s: float | None) -> int:
