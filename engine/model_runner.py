@@ -390,6 +390,7 @@ class DecodeGraphs:
                 ids[i] = seq.token_ids[pos]
             slots[i] = table[pos // block_size] * block_size + pos % block_size
             lens[i] = pos + 1
+            # `ModelRunner.positions(seq, pos, pos + 1)` without building tensors
             if pos >= seq.num_prompt_tokens:
                 pos_t[i] = pos_h[i] = pos_w[i] = pos + seq.mrope_delta
             elif seq.mrope_positions is None:
