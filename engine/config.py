@@ -266,6 +266,8 @@ class EngineConfig:
     prefill_cuda_graphs: bool = (
         True  # replay fresh prompt chunks from CUDA graphs per token bucket (CUDA only)
     )
+    enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
+    image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch
     seed: int = 0  # seed of the engine's sampler and of dummy weights
 
@@ -288,7 +290,8 @@ class EngineConfig:
         at_least("max_images_per_request", self.max_images_per_request, 0)
         at_least("max_image_tokens_per_request", self.max_image_tokens_per_request, 0)
         at_least("max_num_vision_patches", self.max_num_vision_patches, 4)
-        for name in ("vision_cuda_graphs", "prefill_cuda_graphs"):
+        at_least("image_cache_mb", self.image_cache_mb, 0)
+        for name in ("vision_cuda_graphs", "prefill_cuda_graphs", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be true or false")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -45,6 +46,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, think_token_ids
+from engine.image_cache import ImageCache
 from engine.metrics import EngineStats
 from engine.model_runner import ModelRunner, PendingDecode, num_kv_blocks
 from engine.sampling import Sampler, SamplingParams
@@ -70,6 +72,9 @@ class GenerationRequest:
     and normalized on the device). Exclusive with image_embeds."""
     image_grid_thw: torch.Tensor | None = None
     """[num_images, 3] (t, h, w) patches per image, with image_patches."""
+    image_hashes: list[bytes] | None = None
+    """Content hash of each image as the model sees it (resized pixels and their size), for the prefix and
+    image-embedding caches; None: the executor hashes image_patches itself (host tensors only)."""
     mrope_positions: torch.Tensor | None = None
     """[3, prompt_len] int64; None: text-only (arange)."""
     mrope_delta: int = 0
@@ -98,6 +103,8 @@ class RequestOutput:
     """Reasoning text delta (with a tokenizer)."""
     error: str | None = None
     """Why the engine aborted the request, when it was not asked to."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (not computed for this request)."""
 
     @property
     def is_finished(self) -> bool:
@@ -168,7 +175,10 @@ class Executor:
                 self.max_model_len,
             )
         logger.info("[glm-engine] KV cache: %d blocks of %d tokens", num_blocks, block_size)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(
+            num_blocks, block_size, enable_prefix_caching=engine_config.enable_prefix_caching
+        )
+        self.image_cache = ImageCache(engine_config.image_cache_mb << 20)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=engine_config.max_num_seqs,
@@ -303,7 +313,14 @@ class Executor:
         if req.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
         has_patches = req.image_patches is not None and req.image_patches.shape[0] > 0
-        return Sequence(
+        image_sizes = image_hashes = input_offsets = None
+        if has_patches:
+            grid = req.image_grid_thw
+            merge_area = self.model_config.vision_config.spatial_merge_size**2
+            image_sizes = [int(t * h * w) // merge_area for t, h, w in grid.tolist()]
+            input_offsets = self._image_input_offsets(req.image_patches, grid)
+            image_hashes = self._image_hashes(req, input_offsets)
+        seq = Sequence(
             req.request_id,
             prompt,
             req.sampling,
@@ -313,9 +330,50 @@ class Executor:
             mrope_positions=req.mrope_positions,
             mrope_delta=int(req.mrope_delta),
             image_token_id=self.model_config.image_token_id,
+            image_sizes=image_sizes,
+            image_hashes=image_hashes,
             arrival_time=req.arrival_time,
             generator=generator,
         )
+        seq.image_input_offsets = input_offsets
+        return seq
+
+    def _image_input_offsets(self, patches: torch.Tensor, grid: torch.Tensor) -> list[tuple[int, int]]:
+        """[start, end) of each image in ``patches`` along dim 0 (bytes of flat RGB, else patch rows)."""
+        offsets, start = [], 0
+        for i in range(grid.shape[0]):
+            if patches.ndim == 1:
+                size = self.patch_normalizer.rgb_size(grid[i : i + 1])
+            else:
+                size = int(grid[i].prod())
+            offsets.append((start, start + size))
+            start += size
+        return offsets
+
+    def _image_hashes(self, req: GenerationRequest, offsets: list[tuple[int, int]]) -> list[bytes] | None:
+        """The request's image hashes, checked; computed from host patches when it gave none."""
+        grid = req.image_grid_thw
+        if req.image_hashes is not None:
+            hashes = [bytes(h) for h in req.image_hashes]
+            if len(hashes) != grid.shape[0] or not all(hashes):
+                raise ValueError(
+                    f"image_hash: {len(hashes)} hashes for {grid.shape[0]} images (one non-empty hash each)"
+                )
+            return hashes
+        patches = req.image_patches
+        if patches.device.type != "cpu":
+            return None
+        data = patches.contiguous().view(torch.uint8).numpy() if patches.dtype != torch.uint8 else None
+        hashes = []
+        for (start, end), thw in zip(offsets, grid.tolist(), strict=True):
+            h = hashlib.blake2b(b"%d,%d,%d;%s" % (*thw, str(patches.dtype).encode()), digest_size=16)
+            if data is None:
+                h.update(patches[start:end].contiguous().numpy())
+            else:
+                row = data.shape[-1]
+                h.update(data.reshape(-1, row)[start:end])
+            hashes.append(h.digest())
+        return hashes
 
     def _check_patches(self, req: GenerationRequest, num_image_tokens: int) -> None:
         vision = self.model_config.vision_config
@@ -445,6 +503,11 @@ class Executor:
         outputs += self._encode_waiting_images()
 
         out = self.scheduler.schedule()
+        for seq in out.preempted:
+            if seq.missing_image_end and seq.status == SequenceStatus.WAITING:
+                # its cached prefix is gone with its blocks: the skipped images may need the ViT now
+                self.scheduler.waiting.remove(seq)
+                self._vision_waiting.insert(0, seq)
         num_tokens = out.num_batched_tokens
         if not out.is_empty:
             launched = self._launch_decode(out)
@@ -526,6 +589,7 @@ class Executor:
         """End ``seq`` in the scheduler, or before it got there (images not encoded yet)."""
         if any(s is seq for s in self._vision_waiting):
             self._vision_waiting = [s for s in self._vision_waiting if s is not seq]
+            self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = reason
             seq.image_patches = seq.image_grid_thw = None
@@ -533,10 +597,13 @@ class Executor:
             self.scheduler.finish(seq, reason)
 
     def _encode_waiting_images(self) -> list[RequestOutput]:
-        """Encode the images of the oldest waiting requests (one packed ViT forward of at most
-        max_num_vision_patches patches) and hand those requests to the scheduler. Runs only while the
-        prefill queue holds less than one step of tokens, so images are encoded just ahead of their
-        prefill and decodes are not held up by encoding far ahead."""
+        """Give the oldest waiting requests their image embeddings, then hand them to the scheduler.
+
+        Each request first maps its cached prefix (`BlockManager.match_prefix`): images wholly inside it
+        need no embeddings. The others come from the image cache by hash, else from one packed ViT
+        forward over the batch (at most max_num_vision_patches patches). Runs only while the prefill
+        queue holds less than one step of tokens, so images are encoded just ahead of their prefill and
+        decodes are not held up by encoding far ahead."""
         if not self._vision_waiting:
             return []
         queued = sum(len(s) - s.num_computed_tokens for s in self.scheduler.waiting)
@@ -545,34 +612,110 @@ class Executor:
         budget = self.engine_config.max_num_vision_patches
         batch, num_patches = [], 0
         for seq in self._vision_waiting:
-            n = int(seq.image_grid_thw.prod(dim=1).sum())
+            if not seq.block_table:
+                self.block_manager.match_prefix(seq)
+            needed = self._images_to_embed(seq)
+            n = sum(int(seq.image_grid_thw[i].prod()) for i in needed if not self._has_embeds(seq, i))
             if batch and num_patches + n > budget:
                 break
-            batch.append(seq)
+            batch.append((seq, needed))
             num_patches += n
         self._vision_waiting = self._vision_waiting[len(batch) :]
-        merge_area = self.model_config.vision_config.spatial_merge_size**2
+        plans = [(seq, self._lookup_embeds(seq, needed)) for seq, needed in batch]
+        jobs = [(seq, i) for seq, plan in plans for i, rows in plan.items() if rows is None]
         try:
-            with torch.inference_mode():
-                pixels = torch.cat([self.patch_normalizer(s.image_patches, s.image_grid_thw) for s in batch])
-                grid = torch.cat([s.image_grid_thw for s in batch]).to(torch.int64).cpu()
-                embeds = self.model.encode_images(pixels, grid)
+            if jobs:
+                self._run_vision(jobs, plans)
         except Exception as exc:  # these requests end; the engine keeps serving the others
             logger.exception("[glm-engine] vision encoder failed; aborting %d requests", len(batch))
             outputs = []
-            for seq in batch:
+            for seq, _ in batch:
+                self.block_manager.free(seq)
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
                 seq.image_patches = seq.image_grid_thw = None
                 outputs.append(self._output(seq, error=f"vision encoder error: {exc}"))
             return outputs
-        offset = 0
-        for seq in batch:
-            rows = int(seq.image_grid_thw.prod(dim=1).sum()) // merge_area
-            seq.image_embeds = embeds[offset : offset + rows]
-            offset += rows
-            seq.image_patches = seq.image_grid_thw = None
+        for seq, plan in plans:
+            self._assemble_embeds(seq, plan)
             self.scheduler.add(seq)
         return []
+
+    def _images_to_embed(self, seq: Sequence) -> list[int]:
+        """Indices of the images of ``seq`` with tokens past its computed (cached) prefix."""
+        return [i for i, (_, end, _) in enumerate(seq.image_spans) if end > seq.num_computed_tokens]
+
+    def _has_embeds(self, seq: Sequence, i: int) -> bool:
+        """Whether ``seq.image_embeds`` already holds valid rows for image ``i`` (or the cache does)."""
+        start, _, image_hash = seq.image_spans[i]
+        if seq.image_embeds is not None and start >= seq.missing_image_end:
+            return True
+        return (
+            image_hash is not None
+            and self.image_cache.capacity_bytes > 0
+            and (image_hash in self.image_cache)
+        )
+
+    def _lookup_embeds(self, seq: Sequence, needed: list[int]) -> dict[int, torch.Tensor | None]:
+        """Image index -> embedding rows already at hand (earlier rows of ``seq`` or the image cache), or
+        None (to encode)."""
+        plan: dict[int, torch.Tensor | None] = {}
+        row = 0
+        for i, (start, end, image_hash) in enumerate(seq.image_spans):
+            rows = None
+            if i in needed:
+                if seq.image_embeds is not None and start >= seq.missing_image_end:
+                    rows = seq.image_embeds[row : row + end - start]
+                elif image_hash is not None and self.image_cache.capacity_bytes > 0:
+                    rows = self.image_cache.get(image_hash)
+                plan[i] = rows
+            row += end - start
+        return plan
+
+    def _run_vision(
+        self, jobs: list[tuple[Sequence, int]], plans: list[tuple[Sequence, dict[int, torch.Tensor | None]]]
+    ) -> None:
+        """One packed ViT forward over the images of ``jobs``; fills their rows in ``plans`` and the image
+        cache."""
+        pixels, grids = [], []
+        for seq, i in jobs:
+            start, end = seq.image_input_offsets[i]
+            grid = seq.image_grid_thw[i : i + 1]
+            pixels.append(self.patch_normalizer(seq.image_patches[start:end], grid))
+            grids.append(grid)
+        with torch.inference_mode():
+            grid = torch.cat(grids).to(torch.int64).cpu()
+            embeds = self.model.encode_images(torch.cat(pixels), grid)  # [sum(image tokens), hidden]
+        by_seq = {id(seq): plan for seq, plan in plans}
+        offset = 0
+        for seq, i in jobs:
+            start, end, image_hash = seq.image_spans[i]
+            rows = embeds[offset : offset + end - start]
+            offset += end - start
+            by_seq[id(seq)][i] = rows
+            if image_hash is not None and self.image_cache.capacity_bytes > 0:
+                self.image_cache.put(image_hash, rows)
+
+    def _assemble_embeds(self, seq: Sequence, plan: dict[int, torch.Tensor | None]) -> None:
+        """Set ``seq.image_embeds`` from ``plan``; images not in it (inside the cached prefix) get unwritten
+        rows, and ``missing_image_end`` marks them. The images' inputs are dropped once every image has
+        its rows (kept otherwise: a preemption may need them encoded after all)."""
+        if not plan:
+            seq.image_embeds = None
+            seq.missing_image_end = seq.image_spans[-1][1]
+            return
+        hidden = self.model_config.hidden_size
+        parts, missing_end = [], 0
+        for i, (start, end, _) in enumerate(seq.image_spans):
+            rows = plan.get(i)
+            if rows is None:
+                first = next(iter(plan.values()))
+                rows = torch.empty(end - start, hidden, dtype=first.dtype, device=first.device)
+                missing_end = end
+            parts.append(rows)
+        seq.image_embeds = parts[0] if len(parts) == 1 else torch.cat(parts)
+        seq.missing_image_end = missing_end
+        if not missing_end:
+            seq.image_patches = seq.image_grid_thw = None
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         """The output of ``seq`` for this step: its unreturned tokens and text; ends it on a stop string."""
@@ -605,6 +748,7 @@ class Executor:
             text=text,
             reasoning=reasoning,
             error=error,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     def _finish_step(
@@ -632,6 +776,10 @@ class Executor:
                 last_step_time=now if num_steps else stats.last_step_time,
                 last_step_duration=now - started if num_steps else stats.last_step_duration,
                 last_step_num_tokens=num_tokens if num_steps else stats.last_step_num_tokens,
+                prefix_cache=self.block_manager.stats,
+                num_image_cache_hits=self.image_cache.num_hits,
+                num_image_cache_misses=self.image_cache.num_misses,
+                image_cache_bytes=self.image_cache.num_bytes,
             )
 
     def abort_all(self) -> list[RequestOutput]:
@@ -647,6 +795,7 @@ class Executor:
             seq.image_patches = seq.image_grid_thw = None
         outputs = []
         for seq in self._vision_waiting:
+            self.block_manager.free(seq)
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
             seq.image_patches = seq.image_grid_thw = None
             outputs.append(self._output(seq))

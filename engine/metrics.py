@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from engine.block_manager import PrefixCacheStats
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,14 @@ class EngineStats:
     """Tokens batched in the last step."""
     is_loop_running: bool = False
     """Whether the loop thread (start/stop) is alive."""
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    """Prefix-cache lookups, hits and blocks (engine.block_manager)."""
+    num_image_cache_hits: int = 0
+    """Images whose ViT embeddings came from the image cache, since start."""
+    num_image_cache_misses: int = 0
+    """Images looked up in the image cache and not found, since start."""
+    image_cache_bytes: int = 0
+    """Bytes of embeddings held by the image cache now."""
 
     @property
     def kv_cache_usage(self) -> float:

@@ -14,6 +14,9 @@ Contract of ``schedule() -> SchedulerOutput``:
     waiting queue; later it re-prefills prompt + tokens generated so far and goes on sampling (the tokens
     it already produced are kept and never produced again). If the newest is the one asking, it preempts
     itself. A victim already scheduled in this step is unscheduled. Nothing is ever dropped.
+  * Prefix cache: a waiting sequence with no blocks first maps its longest cached prefix
+    (``BlockManager.match_prefix``) and is scheduled from there; a sequence's first admission records
+    ``num_cached_tokens``. ``update`` offers every newly full block to the cache (``BlockManager.commit``).
   * ``add`` rejects (ValueError) a prompt that can never run: longer than ``max_model_len`` (which the
     caller caps at the KV capacity) or, with chunked prefill off, longer than ``max_num_batched_tokens``.
   * ``update(output, sampled)`` advances ``num_computed_tokens``, appends sampled tokens, and finishes
@@ -135,12 +138,18 @@ class Scheduler:
         # (3) waiting, FCFS
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not seq.block_table:
+                self.block_manager.match_prefix(seq)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = seq.num_computed_tokens
             num_tokens = seq.num_new_tokens
             if num_tokens > budget:
                 if not self.enable_chunked_prefill:
                     break
                 num_tokens = budget
             if not self.block_manager.can_allocate(seq, num_tokens):
+                if not self.running and self._release_waiting_blocks(seq):
+                    continue
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, num_tokens)
@@ -150,6 +159,17 @@ class Scheduler:
             out.num_scheduled_tokens.append(num_tokens)
             budget -= num_tokens
         return out
+
+    def _release_waiting_blocks(self, head: Sequence) -> bool:
+        """With nothing running, free the cached blocks that sequences queued behind ``head`` hold, so the
+        head can run (those that lack image embeddings for their cached part keep theirs). Whether any
+        were freed."""
+        released = False
+        for seq in self.waiting:
+            if seq is not head and seq.block_table and not seq.missing_image_end:
+                self.block_manager.free(seq)
+                released = True
+        return released
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
         """Preempt ``seq`` by recompute; return the budget it gives back (if it was scheduled this step)."""
@@ -177,6 +197,7 @@ class Scheduler:
         finished = []
         for seq, num_tokens, token_id in zip(out.seqs, out.num_scheduled_tokens, sampled, strict=True):
             seq.num_computed_tokens += num_tokens
+            self.block_manager.commit(seq)
             if token_id is None:
                 continue
             seq.append_token(token_id, now)

@@ -16,6 +16,7 @@ import enum
 import time
 from bisect import bisect_left
 
+import numpy as np
 import torch
 
 from engine.sampling import SamplingParams
@@ -40,6 +41,8 @@ class Sequence:
         mrope_positions: torch.Tensor | None = None,
         mrope_delta: int = 0,
         image_token_id: int | None = None,
+        image_sizes: list[int] | None = None,
+        image_hashes: list[bytes] | None = None,
         arrival_time: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -59,10 +62,25 @@ class Sequence:
             if image_token_id is not None
             else []
         )
+        # (start, end, content hash or None) of each image's tokens in the prompt, in order. Without
+        # per-image sizes, one span covers all image tokens (no identity: its blocks are never cached).
+        self.image_spans: list[tuple[int, int, bytes | None]] = _image_spans(
+            self.image_token_indices, image_sizes, image_hashes
+        )
         self.generator = generator
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        # prefix cache (engine.block_manager)
+        self.block_hashes: list[bytes] = []  # hashes of the first full blocks of token_ids
+        self.is_hash_stopped = False  # a block with an image of unknown identity: no hashes past it
+        self.num_committed_blocks = 0  # leading blocks already offered to the cache
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
+        self.missing_image_end = 0  # image tokens before this index have no embeddings (cache hit)
+        self.image_input_offsets: list[tuple[int, int]] | None = (
+            None  # each image's [start, end) in image_patches
+        )
+        self._positions_np = None
         self.finish_reason: str | None = None
         self.num_emitted_tokens = 0  # output tokens already handed to the caller
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -103,8 +121,40 @@ class Sequence:
         """Rows [first, last) of image_embeds for the image tokens at token indices [start, end)."""
         return bisect_left(self.image_token_indices, start), bisect_left(self.image_token_indices, end)
 
+    def positions_bytes(self, start: int, end: int) -> bytes:
+        """The M-RoPE positions of tokens [start, end) as int64 bytes [3, end - start] (for block hashes):
+        the same bytes for a token whether it is a prompt or an output token."""
+        if self._positions_np is None:
+            self._positions_np = self.mrope_positions.cpu().numpy().astype(np.int64)
+        num_prompt = self.num_prompt_tokens
+        if end <= num_prompt:
+            return np.ascontiguousarray(self._positions_np[:, start:end]).tobytes()
+        first = max(start, num_prompt)
+        rows = np.broadcast_to(np.arange(first, end, dtype=np.int64) + self.mrope_delta, (3, end - first))
+        if start < num_prompt:
+            rows = np.concatenate([self._positions_np[:, start:num_prompt], rows], axis=1)
+        return np.ascontiguousarray(rows).tobytes()
+
     def append_token(self, token_id: int, now: float) -> None:
         self.token_ids.append(token_id)
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
+
+
+def _image_spans(
+    indices: list[int], sizes: list[int] | None, hashes: list[bytes] | None
+) -> list[tuple[int, int, bytes | None]]:
+    """Split the sorted image token indices into one span per image (``sizes`` tokens each)."""
+    if not indices:
+        return []
+    if sizes is None or sum(sizes) != len(indices):
+        return [(indices[0], indices[-1] + 1, None)]
+    spans, offset = [], 0
+    for i, size in enumerate(sizes):
+        if size == 0:
+            continue
+        start, end = indices[offset], indices[offset + size - 1] + 1
+        spans.append((start, end, None if hashes is None else hashes[i]))
+        offset += size
+    return spans

@@ -101,3 +101,104 @@ def test_num_kv_blocks_from_budget():
         ValueError, match=r"^kv_cache_memory_bytes: a budget of 15999 bytes holds no KV block"
     ):
         num_kv_blocks(EngineConfig(kv_cache_memory_bytes=15_999), 1000, cpu)
+
+
+# -- prefix caching --------------------------------------------------------------------------------------
+
+
+def cached_manager(num_blocks: int = 8, block_size: int = 4) -> BlockManager:
+    return BlockManager(num_blocks, block_size, enable_prefix_caching=True)
+
+
+def computed(bm: BlockManager, seq: Sequence) -> Sequence:
+    """Allocate and 'compute' all of ``seq`` (as a prefill step would), then commit its blocks."""
+    bm.allocate(seq, seq.num_new_tokens)
+    seq.num_computed_tokens = len(seq)
+    bm.commit(seq)
+    return seq
+
+
+def token_seq(ids: list[int], seq_id: str = "s", **kwargs) -> Sequence:
+    return Sequence(seq_id, ids, SamplingParams(), **kwargs)
+
+
+def test_full_blocks_are_found_by_content_and_refcounted():
+    bm = cached_manager()
+    a = computed(bm, token_seq([1, 2, 3, 4, 5, 6, 7, 8, 9], "a"))
+    assert a.block_table == [0, 1, 2] and bm.stats.num_cached_blocks == 2  # the partial block has no hash
+    b = token_seq([1, 2, 3, 4, 5, 6, 7, 8, 10, 11], "b")
+    assert bm.match_prefix(b) == 8
+    assert b.block_table == [0, 1] and b.num_computed_tokens == 8 and b.num_cached_tokens is None
+    assert bm.ref_counts[:3] == [2, 2, 1]
+    assert bm.allocate(b, b.num_new_tokens) == [3]
+    bm.free(a)
+    assert bm.ref_counts[:4] == [1, 1, 0, 1]
+    assert list(bm.free_block_ids) == [4, 5, 6, 7, 2] and list(bm.cached_free) == []
+    bm.free(b)
+    assert bm.num_used_blocks == 0 and bm.ref_counts == [0] * 8
+    # cached blocks sit in the LRU pool, tail first (evicted before the head of the prefix)
+    assert list(bm.cached_free) == [1, 0]
+    s = bm.stats
+    assert (s.num_queried_tokens, s.num_hit_tokens, s.num_reused_blocks) == (10, 8, 2)
+
+
+def test_match_leaves_the_last_token_and_never_ends_on_the_last_block():
+    bm = cached_manager()
+    computed(bm, token_seq([1, 2, 3, 4, 5, 6, 7, 8], "a"))
+    same = token_seq([1, 2, 3, 4, 5, 6, 7, 8], "b")  # fully cached, ends on a block boundary
+    assert bm.match_prefix(same) == 4 and same.block_table == [0]
+    longer = token_seq([1, 2, 3, 4, 5, 6, 7, 8, 9], "c")
+    assert bm.match_prefix(longer) == 8 and longer.block_table == [0, 1]
+    assert bm.peek_prefix(token_seq([1, 2, 3, 4, 9, 9, 9, 9, 9])) == 4
+
+
+def test_eviction_takes_plain_free_blocks_first_then_the_least_recently_freed():
+    bm = cached_manager(num_blocks=4, block_size=2)
+    a = computed(bm, token_seq([1, 2, 3, 4], "a"))
+    b = computed(bm, token_seq([5, 6, 7, 8], "b"))
+    bm.free(a)
+    bm.free(b)
+    assert list(bm.cached_free) == [1, 0, 3, 2] and bm.num_free_blocks == 4
+    c = token_seq([9, 9, 9], "c")
+    assert bm.allocate(c, 3) == [1, 0]  # no plain free id left: a's blocks go, tail first
+    assert bm.stats.num_evicted_blocks == 2 and bm.stats.num_cached_blocks == 2
+    assert bm.match_prefix(token_seq([1, 2, 3, 4, 0], "a2")) == 0
+    assert bm.match_prefix(token_seq([5, 6, 7, 8, 0], "b2")) == 4
+
+
+def test_equal_blocks_computed_twice_keep_one_cached_copy():
+    bm = cached_manager()
+    a = computed(bm, token_seq([1, 2, 3, 4, 5], "a"))
+    b = computed(bm, token_seq([1, 2, 3, 4, 6], "b"))  # computed beside a, without a lookup
+    assert a.block_table == [0, 1] and b.block_table == [2, 3]
+    assert bm.hash_of_block[0] is not None and bm.hash_of_block[2] is None
+    bm.free(b)
+    assert list(bm.free_block_ids)[-2:] == [2, 3]  # b's copy is plain free again
+    bm.free(a)
+    assert bm.num_used_blocks == 0
+
+
+def test_image_identity_and_positions_are_part_of_the_hash():
+    bm = cached_manager(num_blocks=16, block_size=4)
+    image_id = 99
+    ids = [1, 2] + [image_id] * 4 + [3, 4, 5]
+    positions = torch.arange(9).expand(3, -1).clone()
+
+    def seq(seq_id, image_hash, pos=positions):
+        return token_seq(
+            ids,
+            seq_id,
+            image_token_id=image_id,
+            image_sizes=[4],
+            image_hashes=[image_hash],
+            mrope_positions=pos,
+        )
+
+    computed(bm, seq("a", b"cat"))
+    assert bm.match_prefix(seq("same image", b"cat")) == 8
+    assert bm.match_prefix(seq("other image", b"dog")) == 0  # block 0 already holds image tokens
+    moved = positions.clone()
+    moved[1:, 6:] += 1  # same tokens and image, other positions from token 6 on
+    assert bm.match_prefix(seq("other positions", b"cat", moved)) == 4
+    unknown = token_seq(ids, "no hash", image_token_id=image_id, mrope_positions=positions)
+    assert bm.match_prefix(unknown) == 0 and unknown.is_hash_stopped

@@ -1,0 +1,50 @@
+"""Image-embedding cache: ViT outputs kept on the engine's device by image content hash.
+
+Contract:
+  * ``get(image_hash)`` returns the embeddings [num_image_tokens, hidden] stored for that hash, or None;
+    a hit makes the entry the most recently used. Hits and misses are counted.
+  * ``put(image_hash, embeds)`` stores a copy (so a packed ViT output is not kept alive by one image),
+    then drops least recently used entries until the stored bytes are within ``capacity_bytes``. An entry
+    larger than the whole capacity is not stored. Capacity 0 turns the cache off.
+  * Used from the engine's loop thread only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class ImageCache:
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.num_bytes = 0
+        self.num_hits = 0
+        self.num_misses = 0
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, image_hash: bytes) -> bool:
+        return image_hash in self._entries
+
+    def get(self, image_hash: bytes) -> torch.Tensor | None:
+        embeds = self._entries.get(image_hash)
+        if embeds is None:
+            self.num_misses += 1
+            return None
+        self._entries.move_to_end(image_hash)
+        self.num_hits += 1
+        return embeds
+
+    def put(self, image_hash: bytes, embeds: torch.Tensor) -> None:
+        size = embeds.numel() * embeds.element_size()
+        if size > self.capacity_bytes or image_hash in self._entries:
+            return
+        self._entries[image_hash] = embeds.clone()
+        self.num_bytes += size
+        while self.num_bytes > self.capacity_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.num_bytes -= old.numel() * old.element_size()
