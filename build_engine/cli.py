@@ -55,6 +55,7 @@ FIELD_FLAGS = {
     "device": "--device",
     "dtype": "--dtype",
     "quantization": "--dtype",
+    "image_cache_mb": "--image-cache-mb",
 }
 
 
@@ -128,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="replay steps of new prompts from CUDA graphs, one per token-count bucket up to 2048 "
         "(bf16/fp16); --no-prefill-cuda-graphs runs them eagerly",
+    )
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of equal prompt prefixes (images by content hash); --no-prefix-caching "
+        "computes every prompt in full",
+    )
+    p.add_argument(
+        "--image-cache-mb",
+        type=int,
+        default=1024,
+        help="MiB of ViT embeddings kept on the engine's device by image hash (an image met again outside "
+        "a cached prefix skips the ViT); 0 turns it off",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")
     return p
@@ -294,6 +309,8 @@ def build(args: argparse.Namespace) -> Path:
                 enable_thinking=not args.disable_thinking,
                 vision_cuda_graphs=args.vision_cuda_graphs,
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
+                enable_prefix_caching=args.prefix_caching,
+                image_cache_mb=args.image_cache_mb,
                 seed=args.seed,
             )
             limits = PreprocessLimits(

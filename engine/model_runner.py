@@ -61,7 +61,7 @@ def num_kv_blocks(engine_config: EngineConfig, kv_bytes_per_token: int, device: 
 
     ``num_kv_blocks`` if set; else ``kv_cache_memory_bytes``; else on CUDA the part of
     ``gpu_memory_utilization * total`` not already in use (weights and everything else on the GPU; call it
-    after loading the model), on CPU 1 GiB. Raises ValueError when that leaves no block.
+    after loading the model) less ``image_cache_mb``, on CPU 1 GiB. Raises ValueError when that leaves no block.
     """
     if engine_config.num_kv_blocks is not None:
         return engine_config.num_kv_blocks
@@ -74,6 +74,7 @@ def num_kv_blocks(engine_config: EngineConfig, kv_bytes_per_token: int, device: 
         # Leave room for activations of the largest step: hidden, qkv, mlp intermediate and logits are
         # all O(max_num_batched_tokens); 10% of what remains is a coarse margin for them.
         budget = int((engine_config.gpu_memory_utilization * total - (total - free)) * 0.9)
+        budget -= engine_config.image_cache_mb << 20  # the image-embedding cache fills up later
         source = "gpu_memory_utilization"
     else:
         budget = 1 << 30

@@ -16,8 +16,10 @@ Triton model and by tests. Contract:
   `image_grid_thw` [n, 3] int64; the llm patchifies and normalizes them on its GPU
   (`engine.vision.PatchNormalizer`). `Preprocessor.patchify` gives the uint8 patches [sum(gh*gw), 1176] and
   `Preprocessor.normalize` the float32 pixel_values, within 1e-6 of the processor's output (float
-  rounding only; the grid is identical). `image_hash` is the sha256 hex of each image's
-  file bytes.
+  rounding only; the grid is identical). `image_hashes` identify what the model sees: the sha256 hex of
+  each resized image's size and RGB bytes, so the same picture hits the engine's prefix and image caches
+  however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
+  lets an image sent again skip its decode and resize (its header is still checked against the limits).
 * The prompt: `messages` (OpenAI-shaped JSON; `{"type": "image"}` / `image_url` parts take the images in
   order) or `text_input` with the images before the text in one user turn, rendered with the tokenizer's
   chat template (`add_generation_prompt=True`, `enable_thinking`); each `<|image|>` id is expanded to
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import hashlib
 import io
 import json
@@ -138,7 +141,7 @@ class ImageInfo:
     width: int
     height: int
     num_bytes: int
-    image_hash: str  # sha256 hex of the decoded file bytes
+    file_hash: str  # sha256 hex of the file bytes (the key of the preprocessor's resize cache)
 
 
 @dataclass
@@ -149,6 +152,7 @@ class PreprocessedRequest:
     mrope_positions: np.ndarray  # [3, L] int64
     mrope_delta: int
     image_hashes: list[str] = field(default_factory=list)
+    """sha256 hex of each resized image (its size and RGB bytes): what the model sees."""
     prompt: str = ""  # the rendered chat template (before image expansion)
     is_thinking: bool = False  # the prompt leaves a <think> open: output starts as reasoning
 
@@ -204,8 +208,9 @@ def decode_image_bytes(raw: bytes | str, field: str) -> bytes:
     return decoded
 
 
-def open_image(data: bytes, field: str, limits: PreprocessLimits) -> ImageInfo:
-    """Validate one image file (size, format, header dimensions) and decode it (first frame)."""
+def open_image(data: bytes, field: str, limits: PreprocessLimits, decode: bool = True) -> ImageInfo:
+    """Validate one image file (size, format, header dimensions) and decode it (first frame; with
+    ``decode=False`` only the header is read: for a file already decoded once)."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > limits.max_image_bytes:
@@ -252,9 +257,10 @@ def open_image(data: bytes, field: str, limits: PreprocessLimits) -> ImageInfo:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if getattr(img, "n_frames", 1) > 1:
+            if decode and getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
-            img.load()
+            if decode:
+                img.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad data
         raise InputError(f"{field}: corrupt or truncated {img.format} image ({exc})") from None
     return ImageInfo(
@@ -263,7 +269,7 @@ def open_image(data: bytes, field: str, limits: PreprocessLimits) -> ImageInfo:
         width=width,
         height=height,
         num_bytes=len(data),
-        image_hash=hashlib.sha256(data).hexdigest(),
+        file_hash=hashlib.sha256(data).hexdigest(),
     )
 
 
@@ -313,7 +319,13 @@ def validate_sampling(
 class Preprocessor:
     """Turns (text or messages, images) into engine inputs for one engine directory."""
 
-    def __init__(self, engine_dir: str | Path, limits: PreprocessLimits | None = None) -> None:
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        limits: PreprocessLimits | None = None,
+        resize_cache_bytes: int = 128 << 20,
+    ) -> None:
+        """``resize_cache_bytes``: resized images kept by file digest (0: none)."""
         from transformers import AutoTokenizer
         from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
 
@@ -321,6 +333,9 @@ class Preprocessor:
 
         self.engine_dir = Path(engine_dir)
         self.limits = limits or PreprocessLimits()
+        self.resize_cache_bytes = resize_cache_bytes
+        self._resized: collections.OrderedDict[str, tuple[np.ndarray, str]] = collections.OrderedDict()
+        self._resized_bytes = 0
         self.model_config = ModelConfig.from_pretrained(self.engine_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.engine_dir))
         processor_file = self.engine_dir / "preprocessor_config.json"
@@ -364,7 +379,9 @@ class Preprocessor:
         infos = []
         for i, raw in enumerate(raw_images):
             field_name = f"image_input[{i}]"
-            infos.append(open_image(decode_image_bytes(raw, field_name), field_name, self.limits))
+            data = decode_image_bytes(raw, field_name)
+            is_known = hashlib.sha256(data).hexdigest() in self._resized
+            infos.append(open_image(data, field_name, self.limits, decode=not is_known))
         return infos
 
     def _geometry(self) -> tuple[int, int, int]:
@@ -374,15 +391,40 @@ class Preprocessor:
     def resize_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
         """The resized RGB images, flat uint8 [sum(H*W*3)] (each [H, W, 3] row-major, one after the other),
         and image_grid_thw [n, 3] int64 (H = gh * patch, W = gw * patch). What the llm receives."""
+        rgb, grid, _ = self.prepare_images(images)
+        return rgb, grid
+
+    def prepare_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """`resize_images` and each resized image's hash (sha256 hex of its size and RGB bytes)."""
         patch, merge, temporal = self._geometry()
         if not images:
-            return np.zeros(0, np.uint8), np.zeros((0, 3), np.int64)
-        parts, grids = [], []
+            return np.zeros(0, np.uint8), np.zeros((0, 3), np.int64), []
+        parts, grids, hashes = [], [], []
         for info in images:
-            rgb = self._resize(info.image, patch, merge, temporal)
+            known = self._resized.get(info.file_hash)
+            if known is None:
+                rgb = self._resize(info.image, patch, merge, temporal)
+                digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
+                digest.update(np.ascontiguousarray(rgb).data)
+                known = (rgb, digest.hexdigest())
+                self._remember_resized(info.file_hash, known)
+            else:
+                self._resized.move_to_end(info.file_hash)
+            rgb, image_hash = known
             parts.append(rgb.reshape(-1))
             grids.append((1, rgb.shape[0] // patch, rgb.shape[1] // patch))
-        return np.concatenate(parts), np.asarray(grids, dtype=np.int64)
+            hashes.append(image_hash)
+        return np.concatenate(parts), np.asarray(grids, dtype=np.int64), hashes
+
+    def _remember_resized(self, file_hash: str, entry: tuple[np.ndarray, str]) -> None:
+        size = entry[0].nbytes
+        if size > self.resize_cache_bytes:
+            return
+        self._resized[file_hash] = entry
+        self._resized_bytes += size
+        while self._resized_bytes > self.resize_cache_bytes:
+            _, (old, _) = self._resized.popitem(last=False)
+            self._resized_bytes -= old.nbytes
 
     def patchify(self, image_rgb: np.ndarray, image_grid_thw: np.ndarray) -> np.ndarray:
         """Flat resized RGB images -> uint8 patches [N, 1176] in the processor's order (merge windows, then
@@ -502,7 +544,7 @@ class Preprocessor:
         messages = self.build_messages(text, messages_json, len(infos))
         thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
         prompt = self.render(messages, thinking)
-        image_rgb, grid = self.resize_images(infos)
+        image_rgb, grid, image_hashes = self.prepare_images(infos)
         num_tokens_per_image = [int(t * h * w) // self.merge_size**2 for t, h, w in grid.tolist()]
         if sum(num_tokens_per_image) > self.limits.max_image_tokens_per_request:
             raise InputError(
@@ -540,7 +582,7 @@ class Preprocessor:
             image_grid_thw=grid,
             mrope_positions=positions.numpy().astype(np.int64),
             mrope_delta=int(delta),
-            image_hashes=[info.image_hash for info in infos],
+            image_hashes=image_hashes,
             prompt=prompt,
             is_thinking=self._is_thinking(expanded),
         )

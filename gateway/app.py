@@ -201,7 +201,9 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                 "text": result.text,
                 "reasoning": result.reasoning,
                 "finish_reason": result.finish_reason,
-                "usage": usage_dict(result.usage.prompt_tokens, result.usage.completion_tokens),
+                "usage": usage_dict(
+                    result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.cached_tokens
+                ),
             }
             gw.metrics.tokens.labels("prompt").inc(result.usage.prompt_tokens)
             gw.metrics.tokens.labels("completion").inc(result.usage.completion_tokens)
@@ -315,7 +317,9 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                             )
                         if tail_t:
                             yield sse(chunk_body(completion_id, req.model, created, {"content": tail_t}))
-                        usage = usage_dict(item.usage.prompt_tokens, item.usage.completion_tokens)
+                        usage = usage_dict(
+                            item.usage.prompt_tokens, item.usage.completion_tokens, item.usage.cached_tokens
+                        )
                         yield sse(
                             chunk_body(
                                 completion_id, req.model, created, {}, finish_reason=item.finish_reason

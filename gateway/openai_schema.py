@@ -265,11 +265,13 @@ def finish_reason_for(reason: str) -> str:
     return reason if reason in ("stop", "length", "content_filter") else "stop"
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI ``usage``; ``prompt_tokens_details.cached_tokens``: prompt tokens from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

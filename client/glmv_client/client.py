@@ -39,6 +39,7 @@ OUTPUTS = (
     "reasoning_output",
     "finish_reason",
     "num_input_tokens",
+    "num_cached_tokens",
     "num_output_tokens",
     "arrival_time_ns",
     "first_token_time_ns",

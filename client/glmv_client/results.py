@@ -21,6 +21,7 @@ import numpy as np
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the server's prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -67,6 +68,7 @@ class Response:
     num_input_tokens: int
     num_output_tokens: int
     arrival_time_ns: int | None = None
+    num_cached_tokens: int = 0
     first_token_time_ns: int | None = None
     last_token_time_ns: int | None = None
 
@@ -91,6 +93,7 @@ def response_from_tensors(get: Callable[[str], np.ndarray | None]) -> Response:
         finish_reason=text("finish_reason"),
         num_input_tokens=integer("num_input_tokens") or 0,
         num_output_tokens=integer("num_output_tokens") or 0,
+        num_cached_tokens=integer("num_cached_tokens") or 0,
         arrival_time_ns=integer("arrival_time_ns"),
         first_token_time_ns=integer("first_token_time_ns"),
         last_token_time_ns=integer("last_token_time_ns"),
@@ -116,6 +119,7 @@ def response_from_json(obj: dict[str, Any]) -> Response:
         finish_reason=str(value("finish_reason") or ""),
         num_input_tokens=integer("num_input_tokens") or 0,
         num_output_tokens=integer("num_output_tokens") or 0,
+        num_cached_tokens=integer("num_cached_tokens") or 0,
         arrival_time_ns=integer("arrival_time_ns"),
         first_token_time_ns=integer("first_token_time_ns"),
         last_token_time_ns=integer("last_token_time_ns"),
@@ -170,7 +174,7 @@ class Assembler:
             ttft = server_ttft
         return Finish(
             finish_reason=last.finish_reason or "abort",
-            usage=Usage(last.num_input_tokens, last.num_output_tokens),
+            usage=Usage(last.num_input_tokens, last.num_output_tokens, last.num_cached_tokens),
             timings=Timings(
                 ttft=ttft, total=now - self.start, server_ttft=server_ttft, server_total=server_total
             ),

@@ -123,7 +123,7 @@ def test_images_match_transformers_processor(pre: Preprocessor, hf_processor, ti
         pre.normalize(pre.patchify(out.image_rgb, out.image_grid_thw)), ref["pixel_values"], rtol=0, atol=1e-6
     )
     np.testing.assert_array_equal(out.image_grid_thw, ref["image_grid_thw"])
-    assert out.image_hashes == [hashlib.sha256(f).hexdigest() for f in files]
+    assert out.image_hashes == pixel_hashes(pre, out)
 
     # M-RoPE positions equal transformers' get_rope_index.
     import torch
@@ -146,7 +146,42 @@ def test_base64_and_data_uri_equal_raw(pre: Preprocessor) -> None:
     outs = [pre("q", [x]) for x in (raw, b64, uri, uri.decode())]
     for out in outs[1:]:
         np.testing.assert_array_equal(out.image_rgb, outs[0].image_rgb)
-        assert out.image_hashes == outs[0].image_hashes == [hashlib.sha256(raw).hexdigest()]
+        assert out.image_hashes == outs[0].image_hashes == pixel_hashes(pre, outs[0])
+
+
+def pixel_hashes(pre: Preprocessor, out) -> list[str]:
+    """sha256 of each resized image's 'height,width;' and RGB bytes, cut from the flat image_rgb."""
+    patch = pre._geometry()[0]
+    hashes, offset = [], 0
+    for _, gh, gw in out.image_grid_thw.tolist():
+        h, w = gh * patch, gw * patch
+        rgb = out.image_rgb[offset : offset + h * w * 3]
+        offset += h * w * 3
+        hashes.append(hashlib.sha256(b"%d,%d;" % (h, w) + rgb.tobytes()).hexdigest())
+    return hashes
+
+
+def test_image_hash_is_the_pixels_not_the_file(pre: Preprocessor) -> None:
+    """The same picture as PNG and as BMP (lossless both) hashes the same; another picture does not."""
+    picture = noise_image(80, 60, seed=3)
+    png, bmp = pre("q", [encode(picture, "PNG")]), pre("q", [encode(picture, "BMP")])
+    assert png.image_hashes == bmp.image_hashes
+    other = pre("q", [encode(noise_image(80, 60, seed=4), "PNG")])
+    assert other.image_hashes != png.image_hashes
+
+
+def test_an_image_sent_again_skips_decode_and_resize(tiny_checkpoint) -> None:
+    pre = Preprocessor(tiny_checkpoint, resize_cache_bytes=1 << 20)
+    raw = encode(noise_image(64, 48, seed=5), "PNG")
+    first = pre("q", [raw])
+    (info,) = pre.load_images([raw])
+    assert info.image._im is None  # header only: the pixels were not decoded again
+    again = pre("q", [raw])
+    np.testing.assert_array_equal(again.image_rgb, first.image_rgb)
+    assert again.image_hashes == first.image_hashes
+    small = Preprocessor(tiny_checkpoint, resize_cache_bytes=0)
+    small("q", [raw])
+    assert not small._resized and small.load_images([raw])[0].image._im is not None
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])

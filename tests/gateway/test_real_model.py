@@ -80,7 +80,13 @@ def test_openai_sdk_matches_glmv_client_greedy(real_triton, real_gateway, photo,
     assert reference.usage.completion_tokens > 0
     assert "".join(d.text for d in streamed if isinstance(d, Delta)) == reference.text
     assert "".join(d.reasoning for d in streamed if isinstance(d, Delta)) == reference.reasoning
-    assert isinstance(streamed[-1], Finish) and streamed[-1].usage == reference.usage
+    assert isinstance(streamed[-1], Finish)
+    assert (streamed[-1].usage.prompt_tokens, streamed[-1].usage.completion_tokens) == (
+        reference.usage.prompt_tokens,
+        reference.usage.completion_tokens,
+    )
+    # the same prompt again: all of it but the block of its last token comes from the prefix cache
+    assert streamed[-1].usage.cached_tokens == (reference.usage.prompt_tokens - 1) // 16 * 16
 
     sdk = openai.OpenAI(base_url=f"{real_gateway.url}/v1", api_key="real-key", timeout=300)
     messages = [
@@ -157,3 +163,44 @@ def test_page_with_the_real_model(real_gateway, photo, browser, artifacts_dir):
     assert answer and answer != "The answer appears here."
     assert "TTFT" in page.text_content("#stats")
     page.screenshot(path=str(artifacts_dir / "page.png"), full_page=True)
+
+
+def test_follow_up_on_the_same_image_reports_cached_prompt_tokens(real_triton, real_gateway, photo):
+    """A second question about a picture (sent as a data URI the first time and as raw base64 by
+    glmv_client the second) reuses the KV of the shared prefix: usage says how many prompt tokens, and
+    the answer is the one a cold engine gives (the first question's answer is checked the same way)."""
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(base_url=f"{real_gateway.url}/v1", api_key="real-key", max_retries=0)
+
+    def ask(question: str):
+        return sdk.chat.completions.create(
+            model=MODEL,
+            temperature=0,
+            max_tokens=8,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_uri(photo)}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+            ],
+            extra_body={"enable_thinking": False},
+        )
+
+    first = ask("Describe the colours of this gradient in one word, please.")
+    with Client(real_triton.grpc_url, timeout=300) as client:
+        again = client.analyze(
+            [photo],
+            "Describe the colours of this gradient in one word, please.",
+            temperature=0,
+            max_tokens=8,
+            enable_thinking=False,
+        )
+    second = ask("Which corner is brightest?")
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+    assert again.usage.cached_tokens >= first.usage.prompt_tokens - 16  # all but the last block
+    assert again.text == first.choices[0].message.content
+    assert 0 < second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens % 16 == 0  # whole blocks of the shared prefix

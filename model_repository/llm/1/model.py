@@ -56,6 +56,15 @@ def _tensor(request, name: str):
     return None if tensor is None else tensor.as_numpy()
 
 
+def _image_hashes(request, image_grid_thw) -> list[bytes] | None:
+    """The `image_hash` input (one per image, from preprocessing), or None (the engine hashes the
+    pixels itself)."""
+    hashes = _tensor(request, "image_hash")
+    if hashes is None or image_grid_thw is None or hashes.size == 0:
+        return None
+    return [h if isinstance(h, bytes) else str(h).encode() for h in hashes.reshape(-1)]
+
+
 def _scalar(request, name: str, default=None):
     array = _tensor(request, name)
     if array is None or array.size == 0:
@@ -180,6 +189,22 @@ class TritonPythonModel:
         self.m_blocks_used = blocks.Metric(labels={**labels, "kv_cache_block_type": "used"})
         self.m_blocks_free = blocks.Metric(labels={**labels, "kv_cache_block_type": "free"})
         self.m_blocks_max = blocks.Metric(labels={**labels, "kv_cache_block_type": "max"})
+        self.m_blocks_cached = blocks.Metric(labels={**labels, "kv_cache_block_type": "cached"})
+        # prefix and image caches: counters advanced from the engine's totals (see _stats_loop)
+        self.cache_counters = {}
+        for name, description in (
+            ("glmv_prefix_cache_queried_tokens_total", "Tokens looked up in the prefix cache"),
+            ("glmv_prefix_cache_hit_tokens_total", "Tokens found in the prefix cache (not computed again)"),
+            ("glmv_kv_cache_reused_blocks_total", "KV blocks mapped from the prefix cache"),
+            ("glmv_kv_cache_evicted_blocks_total", "Cached KV blocks evicted for new content"),
+            ("glmv_image_cache_hits_total", "Images whose ViT embeddings came from the image cache"),
+            ("glmv_image_cache_misses_total", "Images looked up in the image cache and not found"),
+        ):
+            family = pb_utils.MetricFamily(
+                name=name, description=description, kind=pb_utils.MetricFamily.COUNTER
+            )
+            self.families.append(family)
+            self.cache_counters[name] = [family.Metric(labels=labels), 0]
         ttft = pb_utils.MetricFamily(
             name="glmv_time_to_first_token_seconds",
             description="Arrival at the engine to the first generated token",
@@ -222,6 +247,20 @@ class TritonPythonModel:
                 self.m_blocks_used.set(stats.num_blocks_used)
                 self.m_blocks_free.set(stats.num_blocks_total - stats.num_blocks_used)
                 self.m_blocks_max.set(stats.num_blocks_total)
+                self.m_blocks_cached.set(stats.prefix_cache.num_cached_blocks)
+                prefix = stats.prefix_cache
+                for name, total in (
+                    ("glmv_prefix_cache_queried_tokens_total", prefix.num_queried_tokens),
+                    ("glmv_prefix_cache_hit_tokens_total", prefix.num_hit_tokens),
+                    ("glmv_kv_cache_reused_blocks_total", prefix.num_reused_blocks),
+                    ("glmv_kv_cache_evicted_blocks_total", prefix.num_evicted_blocks),
+                    ("glmv_image_cache_hits_total", stats.num_image_cache_hits),
+                    ("glmv_image_cache_misses_total", stats.num_image_cache_misses),
+                ):
+                    counter = self.cache_counters[name]
+                    if total > counter[1]:
+                        counter[0].increment(total - counter[1])
+                        counter[1] = total
                 if stats.num_preemptions > self.num_preemptions_seen:
                     self.m_preemptions.increment(stats.num_preemptions - self.num_preemptions_seen)
                     self.num_preemptions_seen = stats.num_preemptions
@@ -329,6 +368,7 @@ class TritonPythonModel:
             image_grid_thw=image_grid_thw,
             mrope_positions=mrope_positions,
             mrope_delta=int(_scalar(request, "mrope_position_deltas", 0)),
+            image_hashes=_image_hashes(request, image_grid_thw),
             stop_strings=stop_strings if self.executor.tokenizer is not None else (),
             is_thinking=bool(_scalar(request, "is_thinking", False)),
         )
@@ -455,6 +495,11 @@ class TritonPythonModel:
         if not state.fixed_tensors:
             state.fixed_tensors = [
                 pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], np.int32)),
+                pb_utils.Tensor("num_cached_tokens", np.array([output.num_cached_tokens], np.int32)),
+                pb_utils.Tensor(
+                    "kv_cache_reused_blocks",
+                    np.array([output.num_cached_tokens // self.executor.block_manager.block_size], np.int32),
+                ),
                 pb_utils.Tensor("arrival_time_ns", np.array([self._wall_ns(output.arrival_time)], np.int64)),
                 pb_utils.Tensor("request_key", np.array([state.triton_id.encode()], dtype=np.object_)),
             ]

@@ -31,6 +31,7 @@ import triton_python_backend_utils as pb_utils
 PASS_THROUGH = ("text_output", "reasoning_output", "finish_reason")
 PASS_THROUGH_INT = (
     ("num_input_tokens", np.int32),
+    ("num_cached_tokens", np.int32),
     ("num_output_tokens", np.int32),
     ("arrival_time_ns", np.int64),
     ("first_token_time_ns", np.int64),

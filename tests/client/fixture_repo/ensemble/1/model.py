@@ -135,6 +135,7 @@ class TritonPythonModel:
             pb_utils.Tensor("reasoning_output", np.array([reasoning.encode()], dtype=np.object_)),
             pb_utils.Tensor("finish_reason", np.array([finish.encode()], dtype=np.object_)),
             pb_utils.Tensor("num_input_tokens", np.array([num_input], dtype=np.int32)),
+            pb_utils.Tensor("num_cached_tokens", np.array([0], dtype=np.int32)),
             pb_utils.Tensor("num_output_tokens", np.array([num_output], dtype=np.int32)),
             pb_utils.Tensor("arrival_time_ns", np.array([arrival], dtype=np.int64)),
             pb_utils.Tensor("first_token_time_ns", np.array([first or now], dtype=np.int64)),
