@@ -29,6 +29,12 @@ Contract:
   `cu_query_lens` (device tensor, zero-length sequences allowed) does every sequence without a host sync,
   elsewhere `_fresh_prefill_reference`. Padding rows are given as one more sequence (slots in the scratch
   block), so no row is left unwritten.
+* `context_slots` metadata (prefill graphs of chunks with cached context: prefix-cache hits, chunked
+  prefill): `context_slots` [C] lists the flat cache slots of every sequence's whole context (positions
+  0..seq_len-1, its new tokens included), sequence after sequence, and `cu_seq_lens` [B+1] their prefix
+  sums. After the write, the context K/V are gathered by those slots and one varlen flash call (causal,
+  aligned to the end of each context) attends every chunk to its context; elsewhere
+  `_context_prefill_reference`. No host sync: graph-safe with fixed C, B and max lengths.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class AttentionMetadata:
     seq_lens_cpu: tuple[int, ...] = ()  # host copy of seq_lens; (): computed on construction
     has_padding: bool | None = None  # any slot_mapping < 0; None: computed on construction
     all_fresh: bool = False  # every sequence's chunk starts at position 0 (no cached context; CUDA varlen)
+    context_slots: torch.Tensor | None = None  # [C] int64 flat slots of each sequence's context (see above)
+    cu_seq_lens: torch.Tensor | None = None  # [B+1] int32 prefix sums of the contexts in context_slots
     _plan: Any = field(default=None, repr=False, compare=False)  # per-step cache of the CUDA path
     _plan_captured: bool = field(default=False, repr=False, compare=False)  # _plan built in a graph capture
 
@@ -322,6 +330,43 @@ def fresh_prefill_attention(
     return out
 
 
+def context_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Chunks attending to their whole contexts, one varlen flash call: q [T, H, D] packed by
+    cu_query_lens, k/v [C, Hkv, D] packed by cu_seq_lens (each context ends with its chunk's tokens);
+    causal with the mask aligned to each context's end. No host sync (CUDA-graph safe)."""
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_query_lens, cu_seq_lens, max_query_len, max_seq_len, 0.0, True, False, scale=scale
+    )[0]
+
+
+def _context_prefill_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The spec of `context_prefill_attention`: query i of a chunk of Q rows over a context of S keys sees
+    keys 0..S-Q+i."""
+    out = torch.zeros_like(q)
+    q_bounds, k_bounds = cu_query_lens.tolist(), cu_seq_lens.tolist()
+    for b in range(len(q_bounds) - 1):
+        q0, q1, k0, k1 = q_bounds[b], q_bounds[b + 1], k_bounds[b], k_bounds[b + 1]
+        if q1 > q0:
+            out[q0:q1] = _causal_gqa_attention(q[q0:q1], k[k0:k1], v[k0:k1], scale)
+    return out
+
+
 def _fresh_prefill_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -348,6 +393,23 @@ def paged_attention(
         write_kv_cache(kv_cache, k[keep], v[keep], attn.slot_mapping[keep])
     else:
         write_kv_cache(kv_cache, k, v, attn.slot_mapping)
+    if attn.context_slots is not None:
+        flat_k = kv_cache[0].view(-1, *kv_cache.shape[-2:])  # [num_blocks * block_size, Hkv, D]
+        flat_v = kv_cache[1].view(-1, *kv_cache.shape[-2:])
+        k_ctx = flat_k.index_select(0, attn.context_slots)  # [C, Hkv, D]
+        v_ctx = flat_v.index_select(0, attn.context_slots)
+        if q.device.type == "cuda":
+            return context_prefill_attention(
+                q,
+                k_ctx,
+                v_ctx,
+                attn.cu_query_lens,
+                attn.cu_seq_lens,
+                attn.max_query_len,
+                attn.max_seq_len,
+                scale,
+            )
+        return _context_prefill_reference(q, k_ctx, v_ctx, attn.cu_query_lens, attn.cu_seq_lens, scale)
     if attn.all_fresh:
         if q.device.type == "cuda":
             return fresh_prefill_attention(q, k, v, attn.cu_query_lens, attn.max_query_len, scale)

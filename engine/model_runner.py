@@ -21,8 +21,10 @@ CUDA graphs (CUDA only, off with ``enforce_eager``):
     the scratch block). A step of fresh chunks plus one-token steps runs the one-token part from a decode
     graph and then the fresh part from a prefill graph (two passes over the weights, each a few kernel
     launches, instead of one eager pass of ~1,000 host-side torch calls).
-  * Other steps (a chunk that continues a prompt, more than ``PrefillGraphs.max_seqs`` fresh chunks, more
-    tokens than the largest bucket) run eagerly.
+    Chunks that continue a prompt (prefix-cache hits, later chunks of a long prompt) replay a context
+    graph of ``PrefillGraphs`` (token bucket x context bucket) the same way.
+  * Other steps (more than ``PrefillGraphs.max_seqs`` chunks, more tokens than the largest bucket, more
+    context than the largest context bucket) run eagerly.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, fresh_prefill_supported
@@ -130,6 +133,7 @@ class ModelRunner:
                 self.block_size,
                 max_num_tokens=engine_config.max_num_batched_tokens,
                 scratch_block_id=self.scratch_block_id,
+                max_context=max_model_len or engine_config.max_model_len,
             )
         if use_graphs:
             max_len = max_model_len or engine_config.max_model_len
@@ -213,19 +217,26 @@ class ModelRunner:
         return sampled
 
     def _execute_split(self, out: SchedulerOutput) -> list[tuple[torch.Tensor, list[tuple[int, int]]]] | None:
-        """Run a step of fresh prompt chunks (+ one-token steps) from a decode graph and a prefill graph.
+        """Run a step of prompt chunks (+ one-token steps) from a decode graph and a prefill graph.
 
-        Returns the (hidden, rows) parts `_sample` takes, or None (nothing run) when the step does not
-        have that shape or no graph fits it."""
-        fresh = [i for i, seq in enumerate(out.seqs) if seq.num_computed_tokens == 0]
+        Chunks that all start at position 0 replay a fresh prefill graph; chunks with cached context
+        (prefix-cache hits, later chunks of a long prompt) replay a context graph. Returns the
+        (hidden, rows) parts `_sample` takes, or None (nothing run) when no graph fits the step."""
+        seqs, scheduled = out.seqs, out.num_scheduled_tokens
+        fresh = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens == 0 or scheduled[i] > 1]
         if not fresh:
             return None
         fresh_set = set(fresh)
-        others = [i for i in range(len(out.seqs)) if i not in fresh_set]
-        if any(out.num_scheduled_tokens[i] != 1 for i in others):
-            return None  # a chunk that continues a prompt attends to its cached context: eager
-        counts = [out.num_scheduled_tokens[i] for i in fresh]
-        if not self.prefill_graphs.fits(counts) or (others and self.graphs is None):
+        others = [i for i in range(len(seqs)) if i not in fresh_set]
+        counts = [scheduled[i] for i in fresh]
+        context_lens = None
+        if any(seqs[i].num_computed_tokens for i in fresh):
+            context_lens = [seqs[i].num_computed_tokens + scheduled[i] for i in fresh]
+            if not self.prefill_graphs.fits_context(counts, context_lens):
+                return None
+        elif not self.prefill_graphs.fits(counts):
+            return None
+        if others and self.graphs is None:
             return None
         # The fresh part's inputs first: preparing them copies host lists to the GPU and waits for it,
         # so done between the two replays it would stall the GPU behind the host.
@@ -239,7 +250,13 @@ class ModelRunner:
             if hidden is None:
                 return None
             parts.append((hidden, self._one_token_rows(out.seqs, others)))
-        hidden = self.prefill_graphs.run(input_embeds, positions, attn.slot_mapping, counts)
+        if context_lens is None:
+            hidden = self.prefill_graphs.run(input_embeds, positions, attn.slot_mapping, counts)
+        else:
+            tables = [seqs[i].block_table for i in fresh]
+            hidden = self.prefill_graphs.run_context(
+                input_embeds, positions, attn.slot_mapping, counts, context_lens, tables
+            )
         parts.append((hidden, [(fresh[j], row) for j, row in sample_rows]))
         return parts
 
@@ -482,6 +499,12 @@ class PrefillGraphs:
     sequence (so every row of the varlen attention is written) whose K/V go to the scratch block. At most
     ``max_seqs`` sequences per replay (the varlen call's batch is fixed at capture). The graphs share a
     memory pool of their own (the decode graph's output of the same step stays valid).
+
+    Context graphs, keyed by (token bucket, context bucket), run chunks that attend to KV already in the
+    cache (a prefix-cache hit, a later chunk of a long prompt): the step's context slots (every
+    sequence's positions 0..end through its block table, then the padding sequence's rows) go into a
+    static buffer padded to the context bucket, and each layer gathers them for one varlen flash call
+    (`engine.attention.context_prefill_attention`).
     """
 
     def __init__(
@@ -493,12 +516,25 @@ class PrefillGraphs:
         max_num_tokens: int,
         scratch_block_id: int,
         max_seqs: int = 16,
+        max_context: int = 0,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.max_seqs = max_seqs
+        self.block_size = block_size
         self.buckets = prefill_buckets(max_num_tokens)
         self.scratch_slot = scratch_block_id * block_size
+        # context graphs: coarser token buckets (powers of two) x context buckets (powers of two)
+        self.context_token_buckets = sorted(
+            {b for b in (32, 64, 128, 256, 512, 1024) if b < self.buckets[-1]}
+        )
+        self.context_token_buckets.append(self.buckets[-1])
+        # up to twice the longest context: room for a few sequences' contexts in one step
+        self.context_buckets: list[int] = []
+        size = 1 << (self.buckets[-1] - 1).bit_length()
+        while max_context and size <= 2 * max_context:
+            self.context_buckets.append(size)
+            size *= 2
         device = kv_caches[0].device
         top = self.buckets[-1]
         hidden_size = model.language_model.embed_tokens.weight.shape[1]
@@ -506,7 +542,10 @@ class PrefillGraphs:
         self.positions = torch.zeros(3, top, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((top,), self.scratch_slot, dtype=torch.long, device=device)
         self.cu_lens = torch.zeros(max_seqs + 2, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        top_context = self.context_buckets[-1] if self.context_buckets else 0
+        self.context_slots = torch.full((top_context,), self.scratch_slot, dtype=torch.long, device=device)
+        self.cu_context = torch.zeros(max_seqs + 2, dtype=torch.int32, device=device)
+        self.graphs: dict[int | tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def bucket(self, num_tokens: int) -> int | None:
@@ -514,6 +553,19 @@ class PrefillGraphs:
 
     def fits(self, counts: list[int]) -> bool:
         return 0 < len(counts) <= self.max_seqs and self.bucket(sum(counts)) is not None
+
+    def context_bucket(self, counts: list[int], context_lens: list[int]) -> tuple[int, int] | None:
+        """(token bucket, context bucket) of a context graph for these chunks, or None."""
+        num_tokens = sum(counts)
+        bucket = next((b for b in self.context_token_buckets if b >= num_tokens), None)
+        if bucket is None or not 0 < len(counts) <= self.max_seqs:
+            return None
+        need = sum(context_lens) + bucket - num_tokens  # the padding sequence attends to its own rows
+        context = next((c for c in self.context_buckets if c >= need), None)
+        return None if context is None else (bucket, context)
+
+    def fits_context(self, counts: list[int], context_lens: list[int]) -> bool:
+        return self.context_bucket(counts, context_lens) is not None
 
     def cu_lens_for(self, counts: list[int], bucket: int) -> list[int]:
         """Prefix sums of the chunks, then the padding sequence up to ``bucket``, then empty sequences."""
@@ -526,11 +578,18 @@ class PrefillGraphs:
     def capture_all(self) -> None:
         """Capture every bucket now, largest first. Call while no sequence runs (all rows are padding)."""
         self.slot_mapping.fill_(self.scratch_slot)
+        self.context_slots.fill_(self.scratch_slot)
         self.positions.zero_()
         for bucket in reversed(self.buckets):
             if bucket not in self.graphs:
                 self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], bucket), dtype=torch.int32))
                 self.graphs[bucket] = self.capture(bucket)
+        for context in reversed(self.context_buckets):
+            for bucket in reversed(self.context_token_buckets):
+                if (bucket, context) not in self.graphs:
+                    self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], bucket), dtype=torch.int32))
+                    self.cu_context.copy_(self.cu_lens)
+                    self.graphs[(bucket, context)] = self.capture(bucket, context)
 
     def run(
         self,
@@ -554,9 +613,73 @@ class PrefillGraphs:
         graph.replay()
         return hidden[:num_tokens]
 
-    def forward_args(self, bucket: int) -> tuple:
-        """model.forward's arguments over the first ``bucket`` rows of the static buffers."""
+    def run_context(
+        self,
+        input_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        counts: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] of chunks with cached context: chunk b's tokens are the last
+        ``counts[b]`` of its ``context_lens[b]`` positions (check `fits_context` first)."""
+        num_tokens = sum(counts)
+        bucket, context = self.context_bucket(counts, context_lens)
+        self.embeds[:num_tokens].copy_(input_embeds)
+        self.positions[:, :num_tokens].copy_(positions)
+        self.slot_mapping[:num_tokens].copy_(slot_mapping)
+        self.slot_mapping[num_tokens:bucket].fill_(self.scratch_slot)
+        slots, cu_context = self.context_slots_for(context_lens, block_tables, bucket - num_tokens, context)
+        self.context_slots[:context].copy_(torch.from_numpy(slots), non_blocking=True)
+        cu = torch.tensor([self.cu_lens_for(counts, bucket), cu_context], dtype=torch.int32)
+        self.cu_lens.copy_(cu[0], non_blocking=True)
+        self.cu_context.copy_(cu[1], non_blocking=True)
+        if (bucket, context) not in self.graphs:
+            self.graphs[(bucket, context)] = self.capture(bucket, context)
+        graph, hidden = self.graphs[(bucket, context)]
+        graph.replay()
+        return hidden[:num_tokens]
+
+    def context_slots_for(
+        self, context_lens: list[int], block_tables: list[list[int]], num_padding: int, context: int
+    ) -> tuple[np.ndarray, list[int]]:
+        """The flat slots of every context (positions 0..len-1 through its block table), then the padding
+        sequence's rows (scratch slot), padded to ``context``; and the contexts' prefix sums (padding
+        sequence, then empty ones)."""
+        offsets = np.arange(self.block_size, dtype=np.int64)
+        parts, cu = [], [0]
+        for length, table in zip(context_lens, block_tables, strict=True):
+            blocks = np.asarray(table[: -(-length // self.block_size)], dtype=np.int64)
+            parts.append((blocks[:, None] * self.block_size + offsets).reshape(-1)[:length])
+            cu.append(cu[-1] + length)
+        cu.append(cu[-1] + num_padding)
+        slots = np.full(context, self.scratch_slot, dtype=np.int64)
+        if parts:
+            flat = np.concatenate(parts)
+            slots[: flat.shape[0]] = flat
+        return slots, cu + [cu[-1]] * (self.max_seqs + 2 - len(cu))
+
+    def forward_args(self, bucket: int, context: int = 0) -> tuple:
+        """model.forward's arguments over the first ``bucket`` rows of the static buffers (and the first
+        ``context`` context slots: a context graph)."""
         device = self.embeds.device
+        if context:
+            attn = AttentionMetadata(
+                slot_mapping=self.slot_mapping[:bucket],
+                query_lens=self.cu_lens[1:] - self.cu_lens[:-1],
+                seq_lens=self.cu_context[1:] - self.cu_context[:-1],
+                cu_query_lens=self.cu_lens,
+                block_tables=torch.zeros(self.max_seqs + 1, 1, dtype=torch.int32, device=device),
+                max_query_len=bucket,
+                max_seq_len=context,
+                query_lens_cpu=(bucket,),
+                seq_lens_cpu=(context,),
+                has_padding=False,
+                context_slots=self.context_slots[:context],
+                cu_seq_lens=self.cu_context,
+            )
+            return (None, self.positions[:, :bucket], attn, self.kv_caches, self.embeds[:bucket])
         attn = AttentionMetadata(
             slot_mapping=self.slot_mapping[:bucket],
             query_lens=self.cu_lens[1:] - self.cu_lens[:-1],
@@ -572,9 +695,11 @@ class PrefillGraphs:
         )
         return (None, self.positions[:, :bucket], attn, self.kv_caches, self.embeds[:bucket])
 
-    def capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def capture(self, bucket: int, context: int = 0) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture model.forward over the first ``bucket`` rows of the static buffers (valid inputs)."""
         with torch.cuda.device(self.embeds.device):
-            graph, hidden, self.pool = capture_forward(self.model, self.forward_args(bucket), self.pool)
-        logger.info("[glm-engine] captured a prefill CUDA graph: %d tokens", bucket)
+            graph, hidden, self.pool = capture_forward(
+                self.model, self.forward_args(bucket, context), self.pool
+            )
+        logger.info("[glm-engine] captured a prefill CUDA graph: %d tokens, context %d", bucket, context)
         return graph, hidden

@@ -87,8 +87,8 @@ class _EagerGraph:
 
 
 class _EagerPrefillGraphs(PrefillGraphs):
-    def capture(self, bucket: int):
-        graph = _EagerGraph(self.model.forward, self.forward_args(bucket))
+    def capture(self, bucket: int, context: int = 0):
+        graph = _EagerGraph(self.model.forward, self.forward_args(bucket, context))
         return graph, graph.out
 
     @property
@@ -126,6 +126,7 @@ def _split_executor(model, model_config, **engine) -> Executor:  # noqa: F811
         max_num_tokens=ex.engine_config.max_num_batched_tokens,
         scratch_block_id=runner.scratch_block_id,
         max_seqs=3,
+        max_context=ex.max_model_len,
     )
     return ex
 
@@ -157,7 +158,8 @@ def test_split_steps_give_the_reference_tokens(model, model_config) -> None:  # 
     assert tokens(outputs["img"]) == image_ref
     prefill, decode = ex.runner.prefill_graphs, ex.runner.graphs
     assert prefill.replays >= 3 and decode.calls >= 3  # fresh-only, mixed, and decode-only steps
-    assert set(prefill.graphs) <= set(prefill.buckets)
+    context_keys = {(t, c) for t in prefill.context_token_buckets for c in prefill.context_buckets}
+    assert set(prefill.graphs) <= set(prefill.buckets) | context_keys
     # the scratch block took the padding rows; the block manager never handed it out
     assert ex.runner.scratch_block_id == ex.block_manager.num_blocks
 
@@ -304,3 +306,129 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
     assert got == want and want["gone"] == "abort"
     assert want["e"][-1] == eos or len(want["e"]) == 20
     assert sum(ahead) >= 10 and not all(ahead)  # many steps ran ahead, some had to start afresh
+
+
+def test_context_attention_reference_equals_paged_attention() -> None:
+    """context_slots metadata (chunks attending to cached context gathered by slot) == the paged path."""
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim = 4, 2, 8
+    query_lens, seq_lens, tables = [3, 1, 5], [9, 6, 5], [[4, 0, 7], [2, 5], [1, 3]]
+    cache = torch.randn(2, 8, BLOCK_SIZE, kv_heads, dim, generator=gen)
+    total = sum(query_lens)
+    q = torch.randn(total, heads, dim, generator=gen)
+    k = torch.randn(total, kv_heads, dim, generator=gen)
+    v = torch.randn(total, kv_heads, dim, generator=gen)
+    paged = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK_SIZE)
+    expected = paged_attention(q, k, v, cache.clone(), paged, 0.3)
+    slots = [
+        t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+        for t, n in zip(tables, seq_lens, strict=True)
+        for p in range(n)
+    ]
+    context = AttentionMetadata(
+        slot_mapping=paged.slot_mapping,
+        query_lens=paged.query_lens,
+        seq_lens=paged.seq_lens,
+        cu_query_lens=paged.cu_query_lens,
+        block_tables=paged.block_tables,
+        context_slots=torch.tensor(slots),
+        cu_seq_lens=torch.tensor([0, 9, 15, 20], dtype=torch.int32),
+    )
+    torch.testing.assert_close(
+        paged_attention(q, k, v, cache.clone(), context, 0.3), expected, rtol=0, atol=0
+    )
+
+
+def test_context_slots_follow_the_block_tables_then_the_padding(model) -> None:  # noqa: F811
+    kv = model.allocate_kv_caches(9, BLOCK_SIZE, "cpu", torch.float32)
+    graphs = PrefillGraphs(
+        model, kv, BLOCK_SIZE, max_num_tokens=40, scratch_block_id=8, max_seqs=3, max_context=100
+    )
+    assert graphs.context_token_buckets == [32, 40] and graphs.context_buckets == [64, 128]
+    slots, cu = graphs.context_slots_for([6, 3], [[5, 2], [7]], num_padding=2, context=16)
+    scratch = 8 * BLOCK_SIZE
+    assert slots.tolist() == [20, 21, 22, 23, 8, 9, 28, 29, 30, scratch, scratch] + [scratch] * 5
+    assert cu == [0, 6, 9, 11, 11]
+    assert graphs.context_bucket([2, 3], [30, 20]) == (32, 128)  # 50 + 27 padding rows
+    assert graphs.context_bucket([2, 3], [100, 100]) is None  # more context than the largest bucket
+    assert graphs.context_bucket([41], [50]) is None
+
+
+def test_prefix_hits_and_prompt_chunks_replay_context_graphs(model, model_config) -> None:  # noqa: F811
+    """Chunks with cached context (a prefix-cache hit on an image prompt, the later chunks of a prompt
+    longer than the step budget), alone and beside decodes, run from context graphs; every token equals
+    the reference loop's."""
+    mc = model_config
+    ex = _split_executor(model, mc, max_num_batched_tokens=40)
+    ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=3)
+    pixels = ex.patch_normalizer(patches, grid)
+    embeds = model.encode_images(pixels, grid)
+    common = {
+        "image_patches": patches,
+        "image_grid_thw": grid,
+        "mrope_positions": positions,
+        "mrope_delta": delta,
+    }
+    first = GenerationRequest("img", ids, greedy(6), **common)
+    again = GenerationRequest("again", ids, greedy(6), **common)
+    long = GenerationRequest("long", prompt(77, 90), greedy(5, ignore_eos=True))  # chunks of 40, 40, 10
+    outputs = run_to_end(ex, {0: [first], 1: [long], 9: [again]})
+    image_ref = reference_greedy(model, mc, ids, 6, embeds, positions, delta)
+    assert tokens(outputs["img"]) == tokens(outputs["again"]) == image_ref
+    assert outputs["again"][-1].num_cached_tokens == (len(ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert tokens(outputs["long"]) == reference_greedy(model, mc, long.prompt_token_ids, 5, ignore_eos=True)
+    graphs = ex.runner.prefill_graphs
+    context_graphs = [key for key in graphs.graphs if isinstance(key, tuple)]
+    assert context_graphs and sum(graphs.graphs[key][0].replays for key in context_graphs) >= 3
+
+
+@pytest.mark.gpu
+def test_cuda_context_graphs_match_eager(tiny_checkpoint, model_config) -> None:  # noqa: F811
+    """bf16 on CUDA: chunks with cached context (prefix hits, a prompt longer than the step budget) from
+    context graphs (gather + one varlen flash call per layer) give the eager engine's tokens, and one
+    replay's hidden states equal the eager step's."""
+    model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "bfloat16", model_config)
+    engine = {
+        "block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "dtype": "bfloat16",
+        "max_num_batched_tokens": 64, "num_kv_blocks": 128,
+    }  # fmt: skip
+    graphed = Executor(model_config, EngineConfig(**engine), model=model)
+    eager = Executor(model_config, EngineConfig(**engine), model=model, enforce_eager=True)
+    graphed.capture_cuda_graphs()
+    runner = graphed.runner
+    calls, run_context = [], runner.prefill_graphs.run_context
+    runner.prefill_graphs.run_context = lambda *args: calls.append(args[3]) or run_context(*args)
+    shared = prompt(90, 70)
+    reqs = {
+        0: [GenerationRequest("long", prompt(91, 150), greedy(8, ignore_eos=True))],
+        1: [GenerationRequest("a", shared + [1, 2, 3], greedy(8, ignore_eos=True))],
+        8: [GenerationRequest(f"b{i}", shared + [4 + i], greedy(8, ignore_eos=True)) for i in range(3)],
+    }
+    got = {k: tokens(v) for k, v in run_to_end(graphed, reqs).items()}
+    want = {k: tokens(v) for k, v in run_to_end(eager, reqs).items()}
+    assert len(calls) >= 3
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+    agree = sum(a == b for k in got for a, b in zip(got[k], want[k], strict=True)) / sum(
+        map(len, got.values())
+    )
+    assert agree >= 0.9, (got, want)
+
+    # one replay against eager: two sequences, each continuing 40 cached tokens
+    seqs = [graphed._make_seq(GenerationRequest(f"h{i}", prompt(95 + i, 60), greedy(1))) for i in range(2)]
+    for seq in seqs:
+        graphed.block_manager.allocate(seq, 60)
+    first = SchedulerOutput(seqs, [40, 40])
+    input_ids, positions, _, attn, _ = runner.prepare(first)
+    model.forward(input_ids, positions, attn, runner.kv_caches, None)
+    for seq in seqs:
+        seq.num_computed_tokens = 40
+    rest = SchedulerOutput(seqs, [20, 20])
+    input_ids, positions, _, attn, _ = runner.prepare(rest)
+    want_hidden = model.forward(input_ids, positions, attn, runner.kv_caches, None)
+    embeds = model.language_model.embed_tokens(input_ids)
+    got_hidden = run_context(
+        embeds, positions, attn.slot_mapping, [20, 20], [60, 60], [s.block_table for s in seqs]
+    )
+    torch.testing.assert_close(got_hidden.float(), want_hidden.float(), rtol=0.05, atol=0.05)
+    for seq in seqs:
+        graphed.block_manager.free(seq)
