@@ -54,8 +54,9 @@ def triton_inputs(sample: Sample, params: RequestParams, grpc_module) -> list:
         t.set_data_from_numpy(array)
         return t
 
+    prompt = ("messages", sample.messages) if sample.messages else ("text_input", sample.question)
     inputs = [
-        tensor("text_input", "BYTES", np.array([sample.question.encode()], dtype=np.object_)),
+        tensor(prompt[0], "BYTES", np.array([prompt[1].encode()], dtype=np.object_)),
         tensor("max_tokens", "INT32", np.array([params.max_tokens], dtype=np.int32)),
         tensor("temperature", "FP32", np.array([params.temperature], dtype=np.float32)),
         tensor("enable_thinking", "BOOL", np.array([params.enable_thinking], dtype=bool)),
@@ -134,6 +135,7 @@ class TritonGrpcTarget:
                 finish_reason = _scalar(result, "finish_reason")
                 if finish_reason:
                     timer.record.num_input_tokens = _scalar(result, "num_input_tokens")
+                    timer.record.num_cached_tokens = _scalar(result, "num_cached_tokens")
                     timer.server_times(
                         _scalar(result, "arrival_time_ns"), _scalar(result, "first_token_time_ns")
                     )
@@ -249,6 +251,8 @@ class OpenAITarget:
                 if usage:
                     completion_tokens = usage.get("completion_tokens")
                     timer.record.num_input_tokens = usage.get("prompt_tokens")
+                    details = usage.get("prompt_tokens_details") or {}
+                    timer.record.num_cached_tokens = details.get("cached_tokens")
             if finish_reason is None:
                 return timer.fail("stream ended without a finish_reason")
             return timer.finish(finish_reason, completion_tokens)

@@ -92,6 +92,7 @@ class Sample:
     kind: str  # one of KINDS
     lang: str  # one of LANGS
     size: tuple[int, int]  # (width, height) of every image
+    messages: str | None = None  # OpenAI-shaped JSON history sent instead of the question (a conversation)
 
 
 @functools.lru_cache(maxsize=1)

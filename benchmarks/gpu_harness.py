@@ -42,7 +42,7 @@ from pathlib import Path
 
 from benchmarks.clients import RequestParams, make_target
 from benchmarks.corpus import Corpus
-from benchmarks.metrics import distribution_ms, steady_state, summarize
+from benchmarks.metrics import cache_hits, distribution_ms, steady_state, summarize
 from benchmarks.results import REPO_ROOT, GpuMemorySampler, git_commit, summary_markdown, today, validate
 
 
@@ -216,12 +216,14 @@ def _ttft_summary(records) -> dict:
     }
 
 
-def model_stats(http_url: str) -> dict:
-    """Triton's cumulative per-model statistics: {model: {execution_count, <stat>: (count, ns)}}."""
+def model_stats(http_url: str, headers: dict[str, str] | None = None) -> dict:
+    """Triton's cumulative per-model statistics: {model: {execution_count, <stat>: (count, ns)}}.
+    ``headers``: the server's admin key (``TritonServer.admin_headers``; statistics is a restricted API)."""
     import urllib.request
 
     base = http_url if http_url.startswith("http") else f"http://{http_url}"
-    with urllib.request.urlopen(f"{base}/v2/models/stats", timeout=10) as resp:
+    request = urllib.request.Request(f"{base}/v2/models/stats", headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         doc = json.loads(resp.read())
     out = {}
     for m in doc.get("model_stats", []):
@@ -251,9 +253,18 @@ def stage_breakdown(before: dict, after: dict) -> dict:
 
 
 async def serve_phases(
-    harness: Harness, url: str, target_kind: str, record: dict, http_url: str | None = None
+    harness: Harness,
+    url: str,
+    target_kind: str,
+    record: dict,
+    http_url: str | None = None,
+    only: set[str] | None = None,
+    admin_headers: dict[str, str] | None = None,
 ) -> None:
-    """Every measurement through Triton; each sub-phase guarded so one failure keeps the others."""
+    """Every measurement through Triton; each sub-phase guarded so one failure keeps the others.
+    ``only``: run just these sub-phases (and the warm-up)."""
+    from benchmarks.reuse import QuestionsPerImage, conversation, follow_up_pairs
+
     sizes = {"448": (448, 448), "1288": (1288, 728)}
     corpora = {k: Corpus(sizes=[v], pool_size=12) for k, v in sizes.items()}
     target = make_target(target_kind, url, None, 128)
@@ -263,6 +274,8 @@ async def serve_phases(
     sampler.__enter__()
 
     async def sub(name: str, needs_s: float, coro_fn) -> None:
+        if only and name != "warmup" and name not in only:
+            return
         if harness.left() < needs_s:
             record[name] = {"skipped": f"time budget: {harness.left():.0f} s left"}
             harness.log(f"serve/{name}: skipped")
@@ -271,7 +284,7 @@ async def serve_phases(
         before = None
         if http_url:
             with contextlib.suppress(Exception):
-                before = model_stats(http_url)
+                before = model_stats(http_url, admin_headers)
         try:
             record[name] = await asyncio.wait_for(coro_fn(), timeout=max(10.0, harness.left() - 15))
         except Exception as exc:
@@ -279,7 +292,7 @@ async def serve_phases(
             harness.log(f"serve/{name}: FAILED {record[name]['error']}")
         if before is not None:
             with contextlib.suppress(Exception):
-                record[name]["stages"] = stage_breakdown(before, model_stats(http_url))
+                record[name]["stages"] = stage_breakdown(before, model_stats(http_url, admin_headers))
         harness.log(f"serve/{name}: {json.dumps(record[name])[:400]}")
         harness.save()
 
@@ -326,6 +339,41 @@ async def serve_phases(
 
         return go
 
+    async def follow_up():
+        """TTFT of a second question about a 1288x728 screenshot seen once (cold: the first question)."""
+        corpus = Corpus(sizes=[sizes["1288"]], pool_size=5, seed=1000)
+        cold, warm = [], []
+        for first, second in follow_up_pairs(corpus, 5):
+            cold.append(await target.send(first, one))
+            warm.append(await target.send(second, one))
+        return {"cold": _ttft_summary(cold), "warm": _ttft_summary(warm), "warm_cache": cache_hits(warm)}
+
+    def questions_per_image(concurrency: int, num_images: int, per_image: int):
+        async def go():
+            corpus = QuestionsPerImage(
+                Corpus(sizes=[sizes["1288"]], pool_size=num_images, seed=2000), num_images, per_image
+            )
+            params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
+            records, wall = await _closed(target, corpus, params, concurrency, len(corpus), 60.0)
+            run = {"concurrency": concurrency, "images": num_images, "questions_per_image": per_image}
+            run.update(summarize(records, wall))
+            run["steady"] = steady_state(records, concurrency)
+            return run
+
+        return go
+
+    async def chat(turns: int = 4, count: int = 3):
+        """``count`` conversations of ``turns`` turns about one screenshot each, one turn at a time."""
+        corpus = Corpus(sizes=[sizes["1288"]], pool_size=count, seed=3000)
+        params = RequestParams(max_tokens=32, ignore_eos=True, timeout_s=120)
+        by_turn: list[list] = [[] for _ in range(turns)]
+        for i in range(count):
+            for t, sample in enumerate(conversation(corpus.sample(i), turns)):
+                by_turn[t].append(await target.send(sample, params))
+        return {
+            f"turn_{t + 1}": {**_ttft_summary(recs), **cache_hits(recs)} for t, recs in enumerate(by_turn)
+        }
+
     try:
         await sub("warmup", 60, warmup)
         await sub("ttft_448", 20, lambda: ttft("448"))
@@ -333,6 +381,9 @@ async def serve_phases(
         await sub("decode_b1", 30, decode_b1)
         await sub("c32_448", 40, throughput("448", 32, 128, 20.0))
         await sub("c32_1288", 40, throughput("1288", 32, 128, 25.0))
+        await sub("followup_1288", 20, follow_up)
+        await sub("reuse_c32_1288", 40, questions_per_image(32, 64, 4))
+        await sub("conversation_1288", 20, chat)
         # 64 and 128 at once: every request of one wave in flight together, none may fail
         await sub("c64_1288", 40, throughput("1288", 64, 128, 15.0))
         await sub("c128_1288", 40, throughput("1288", 128, 128, 10.0))
@@ -341,7 +392,7 @@ async def serve_phases(
         await target.close()
 
 
-def phase_serve(record: dict, harness: Harness, engine_out: Path) -> None:
+def phase_serve(record: dict, harness: Harness, engine_out: Path, only: set[str] | None = None) -> None:
     from benchmarks.server import find_model_repository
     from build_engine.launcher import TritonServer
 
@@ -369,7 +420,7 @@ def phase_serve(record: dict, harness: Harness, engine_out: Path) -> None:
         harness.log(f"serve: triton ready in {record['startup_s']} s")
         url = server.grpc_url if target_kind == "triton" else server.http_url
         record["target"] = target_kind
-        asyncio.run(serve_phases(harness, url, target_kind, record, server.http_url))
+        asyncio.run(serve_phases(harness, url, target_kind, record, server.http_url, only, server.admin_headers))
     finally:
         with contextlib.suppress(Exception):
             server.stop(timeout_s=20)
@@ -494,6 +545,28 @@ def table(doc: dict) -> str:
                 f"{name} after its opening burst: {steady['rps']:.2f} req/s, {steady['output_tok_s']:.1f} tok/s, "
                 f"TTFT P95 {steady['ttft_ms']['p95']:.0f} ms ({steady['requests']} requests)"
             )
+    for name in ("c32_1288", "reuse_c32_1288"):
+        run = serve.get(name) or {}
+        if "requests" in run:
+            itl = run.get("itl_ms") or {}
+            lines.append(
+                f"{name}: {run['rps']:.2f} req/s, {run['requests']} ok, {run['errors']} errors, ITL P50/P99 "
+                f"{itl.get('p50') or 0:.1f}/{itl.get('p99') or 0:.1f} ms, cache hit rate {run.get('cache_hit_rate')}"
+            )
+    follow = serve.get("followup_1288") or {}
+    if "warm" in follow:
+        lines.append(
+            f"followup_1288: TTFT P50 cold {follow['cold']['ttft_ms'].get('p50') or 0:.1f} ms, warm "
+            f"{follow['warm']['ttft_ms'].get('p50') or 0:.1f} ms (server {follow['warm']['server_ttft_ms'].get('p50') or 0:.1f}), "
+            f"warm cache {follow.get('warm_cache')}"
+        )
+    chat = serve.get("conversation_1288") or {}
+    for turn, run in chat.items():
+        if isinstance(run, dict) and "ttft_ms" in run:
+            lines.append(
+                f"conversation {turn}: TTFT P50 {run['ttft_ms'].get('p50') or 0:.1f} ms, prompt {run.get('prompt_tokens')}, "
+                f"cached {run.get('cached_tokens')}"
+            )
     for name in ("c64_1288", "c128_1288"):
         run = serve.get(name) or {}
         if "requests" in run:
@@ -557,6 +630,12 @@ def main(argv: list[str] | None = None) -> int:
         help="extra glmv-build flags for the dummy-full engine (default: room for 128 running sequences)",
     )
     p.add_argument("--skip", default="", help="comma list of phases to skip: roofline,baseline,build,serve")
+    p.add_argument(
+        "--serve-phases",
+        default="",
+        help="comma list of serve sub-phases to run (default: all): ttft_448, ttft_1288, decode_b1, c32_448, "
+        "c32_1288, followup_1288, reuse_c32_1288, conversation_1288, c64_1288, c128_1288",
+    )
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     harness = Harness(args.out, args.budget_s, args.commit)
@@ -599,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             harness.reserve_s = 0.0 if "baseline" in skip else args.baseline_budget_s
             with harness.phase("serve", 90) as rec:
                 if rec is not None:
-                    phase_serve(rec, harness, engine_out)
+                    phase_serve(rec, harness, engine_out, set(filter(None, args.serve_phases.split(","))))
             harness.reserve_s = 0.0
         if "baseline" not in skip:
             budget = min(args.baseline_budget_s, harness.left() - 10)

@@ -32,6 +32,7 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)  # one value per output token after the first
     num_output_tokens: int = 0
     num_input_tokens: int | None = None
+    num_cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache
     finish_reason: str | None = None
     server_ttft_s: float | None = None  # first_token_time - arrival_time, from the server's clocks
     # send -> arrival at the llm (preprocessing, ensemble hops), from the server's arrival_time and the
@@ -137,6 +138,16 @@ def steady_state(records: Sequence[RequestRecord], concurrency: int) -> dict | N
     return row
 
 
+def cache_hits(records: Sequence[RequestRecord]) -> dict:
+    """Prefix-cache hit rate of the requests that report it: cached prompt tokens / prompt tokens."""
+    known = [r for r in records if r.num_cached_tokens is not None and r.num_input_tokens]
+    if not known:
+        return {}
+    prompt = sum(r.num_input_tokens for r in known)
+    cached = sum(r.num_cached_tokens for r in known)
+    return {"prompt_tokens": prompt, "cached_tokens": cached, "cache_hit_rate": round(cached / prompt, 4)}
+
+
 def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
     """One run's row of results.json (without the concurrency/rate and gpu_mem_gb keys)."""
     ok = [r for r in records if r.is_ok]
@@ -154,5 +165,6 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
         "e2e_ms": distribution_ms(r.e2e_s for r in ok if r.e2e_s is not None),
         "server_ttft_ms": distribution_ms(r.server_ttft_s for r in ok if r.server_ttft_s is not None),
         "pre_llm_ms": distribution_ms(r.pre_llm_s for r in ok if r.pre_llm_s is not None),
+        **cache_hits(ok),
         "error_messages": {msg[:300]: n for msg, n in errors.most_common(5)},
     }

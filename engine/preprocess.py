@@ -323,7 +323,7 @@ class Preprocessor:
         self,
         engine_dir: str | Path,
         limits: PreprocessLimits | None = None,
-        resize_cache_bytes: int = 128 << 20,
+        resize_cache_bytes: int = 512 << 20,
     ) -> None:
         """``resize_cache_bytes``: resized images kept by file digest (0: none)."""
         from transformers import AutoTokenizer

@@ -132,3 +132,42 @@ def test_openai_target_through_the_gateway(gateway_url: str, tmp_path: Path) -> 
         assert run["errors"] == 0, run["error_messages"]
         assert run["requests"] == 2
         assert run["e2e_ms"]["p50"] is not None
+
+
+def test_reuse_workloads_report_cache_hits(tiny_triton) -> None:
+    """The harness's cache workloads against the tiny engine: follow-up questions and conversation
+    turns report cached prompt tokens (the first question of an image none); questions per image come
+    in rounds, image after image."""
+    import asyncio
+
+    from benchmarks.clients import RequestParams, make_target
+    from benchmarks.corpus import Corpus
+    from benchmarks.metrics import cache_hits
+    from benchmarks.reuse import QUESTIONS, QuestionsPerImage, conversation, follow_up_pairs
+
+    corpus = Corpus(sizes=[(320, 240)], pool_size=3, seed=7)
+    per_image = QuestionsPerImage(corpus, num_images=3, questions_per_image=2)
+    assert len(per_image) == 6
+    assert [(per_image.sample(i).images, per_image.sample(i).question) for i in (0, 4)] == [
+        (corpus.sample(0).images, QUESTIONS[0]),
+        (corpus.sample(1).images, QUESTIONS[1]),
+    ]
+    params = RequestParams(max_tokens=4, timeout_s=120)
+
+    async def go():
+        target = make_target("triton", tiny_triton.grpc_url, None, 1)
+        try:
+            ((first, second),) = follow_up_pairs(Corpus(sizes=[(320, 240)], pool_size=1, seed=8), 1)
+            cold, warm = await target.send(first, params), await target.send(second, params)
+            turns = [await target.send(s, params) for s in conversation(corpus.sample(2), 3)]
+        finally:
+            await target.close()
+        return cold, warm, turns
+
+    cold, warm, turns = asyncio.run(go())
+    for record in (cold, warm, *turns):
+        assert record.error is None and record.num_output_tokens == 4
+    assert cold.num_cached_tokens == 0 and 0 < warm.num_cached_tokens < warm.num_input_tokens
+    assert [t.num_input_tokens for t in turns] == sorted(t.num_input_tokens for t in turns)
+    assert turns[0].num_cached_tokens == 0 and all(t.num_cached_tokens > 0 for t in turns[1:])
+    assert cache_hits(turns)["cached_tokens"] == sum(t.num_cached_tokens for t in turns)
