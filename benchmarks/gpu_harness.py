@@ -420,7 +420,9 @@ def phase_serve(record: dict, harness: Harness, engine_out: Path, only: set[str]
         harness.log(f"serve: triton ready in {record['startup_s']} s")
         url = server.grpc_url if target_kind == "triton" else server.http_url
         record["target"] = target_kind
-        asyncio.run(serve_phases(harness, url, target_kind, record, server.http_url, only, server.admin_headers))
+        asyncio.run(
+            serve_phases(harness, url, target_kind, record, server.http_url, only, server.admin_headers)
+        )
     finally:
         with contextlib.suppress(Exception):
             server.stop(timeout_s=20)

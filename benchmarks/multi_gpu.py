@@ -165,12 +165,12 @@ def _serve_and_measure(gpus: str, work: Path, args: argparse.Namespace, concurre
 
     with server:
         url = server.grpc_url if target_kind == "triton" else server.http_url
-        before = model_stats(server.http_url)
+        before = model_stats(server.http_url, server.admin_headers)
         counters_before = llm_instance_counters(server.metrics_url)
         result = _measure(
             url, target_kind, concurrency, args.duration, args.max_tokens, args.client_processes
         )
-        result["stages"] = stage_breakdown(before, model_stats(server.http_url))
+        result["stages"] = stage_breakdown(before, model_stats(server.http_url, server.admin_headers))
         instances = per_instance_summary(counters_before, llm_instance_counters(server.metrics_url))
         result["llm_instances"] = instances
         result["requests_per_llm_instance"] = {k: v["requests"] for k, v in instances.items()}

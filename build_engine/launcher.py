@@ -18,6 +18,18 @@ Contract:
   numpy<2 wheel comes from `$GLMV_STUB_NUMPY_WHEEL`, `<project>/.whl/` or `pip install` (once).
 - The stubs ignore PYTHONPATH; the project root is added to their sys.path by the same .pth (and by each
   model.py from its `python_path` parameter).
+- Ports: each of the HTTP, gRPC and metrics ports must be free when `start()` runs; one already in use
+  raises `PortInUseError` naming the flag and the port (a server already listening there would otherwise
+  answer the readiness probe for the new one).
+- Restricted APIs: Triton's control endpoints (model repository load/unload/index, logging, statistics,
+  trace, shared-memory registration) answer only requests that carry the server's admin key in the HTTP
+  header `glmv-admin-key` (gRPC metadata `triton-grpc-protocol-glmv-admin-key`), through
+  `--http-restricted-api` / `--grpc-restricted-protocol`. The key comes from
+  `admin_key` (glmv-serve: `$GLMV_TRITON_ADMIN_KEY` or `--admin-key-file`); without one a random key is
+  made at start-up and kept only in this process (`admin_headers`), so the endpoints are closed to others.
+  Health, metadata, model config and inference stay open.
+- Signals: glmv-serve stops on SIGTERM / SIGINT through a `StopRequest` (no lock is taken in the handler);
+  any number of signals lead to one clean shutdown.
 - gRPC message size: Triton 2.51 fixes its gRPC limit at INT32_MAX bytes, the same as tritonclient's
   `MAX_GRPC_MESSAGE_SIZE`, so no flag is needed; the Python backend's shared memory grows on demand from
   `shm_default_byte_size` in steps of `shm_growth_byte_size` (sized for 10 MiB images).
@@ -26,7 +38,9 @@ Contract:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,15 +56,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ServerStartError", "TritonServer", "TritonInstall", "find_triton", "free_port", "main"]
+from .stop_signal import StopRequest
+
+__all__ = [
+    "ADMIN_KEY_HEADER",
+    "PortInUseError",
+    "RESTRICTED_APIS",
+    "ServerStartError",
+    "TritonServer",
+    "TritonInstall",
+    "check_ports_free",
+    "find_triton",
+    "free_port",
+    "main",
+]
 
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 SHM_DEFAULT_BYTE_SIZE = 16 * 1024 * 1024
 SHM_GROWTH_BYTE_SIZE = 16 * 1024 * 1024
+ADMIN_KEY_HEADER = "glmv-admin-key"
+ADMIN_KEY_ENV = "GLMV_TRITON_ADMIN_KEY"
+# Triton's API groups that only the operator needs; health, metadata, model-config and inference stay open.
+RESTRICTED_APIS = ("model-repository", "logging", "statistics", "trace", "shared-memory")
 
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready; the message ends with the tail of its log."""
+
+
+class PortInUseError(ServerStartError):
+    """A port the server needs is already in use; the message names the flag and the port."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +263,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_ports_free(ports: dict[str, int]) -> None:
+    """Raise PortInUseError for the first `{flag: port}` that cannot be bound on all interfaces now."""
+    for flag, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # SO_REUSEADDR as the server sets it: a port in TIME_WAIT is free, a listening one is not.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise PortInUseError(
+                    f"{flag}: port {port} is already in use (another server listens there); "
+                    "stop it or choose another port"
+                ) from None
+
+
 class TritonServer:
     """A Triton server child process; a context manager that starts it and waits until it is ready.
 
@@ -248,6 +300,7 @@ class TritonServer:
         exit_timeout_s: int = 30,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -261,6 +314,7 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
         self._own_log = log_file is None
         if log_file is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
@@ -271,7 +325,7 @@ class TritonServer:
         self.install: TritonInstall | None = None
         self.stub_bin: Path | None = None
         self._stop_lock = threading.Lock()
-        self.abort_event = threading.Event()  # set (e.g. from a signal handler) to cancel wait_ready
+        self.abort_event = StopRequest()  # set (e.g. from a signal handler) to cancel wait_ready
 
     @property
     def http_url(self) -> str:
@@ -284,6 +338,16 @@ class TritonServer:
     @property
     def metrics_url(self) -> str:
         return f"http://localhost:{self.metrics_port}/metrics"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The header that opens the restricted APIs (statistics, repository, logging, shared memory)."""
+        return {ADMIN_KEY_HEADER: self.admin_key}
+
+    @property
+    def admin_grpc_headers(self) -> dict[str, str]:
+        """The same over gRPC: Triton expects the metadata key with a `triton-grpc-protocol-` prefix."""
+        return {f"triton-grpc-protocol-{ADMIN_KEY_HEADER}": self.admin_key}
 
     def command(self) -> list[str]:
         assert self.install is not None
@@ -300,6 +364,8 @@ class TritonServer:
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTE_SIZE}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTE_SIZE}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}",
         ]
         if self.install.backend_dir is not None:
             cmd.append(f"--backend-directory={self.install.backend_dir}")
@@ -326,6 +392,13 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None:
             raise RuntimeError("server already started")
+        check_ports_free(
+            {
+                "--http-port": self.http_port,
+                "--grpc-port": self.grpc_port,
+                "--metrics-port": self.metrics_port,
+            }
+        )
         self.install = find_triton()
         if self.install.source == "pytriton" and _numpy_major() >= 2:
             self.stub_bin = prepare_stub_env()
@@ -452,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grpc-infer-allocation-pool-size", type=int, default=64, help="gRPC inference request objects kept"
     )
+    p.add_argument(
+        "--admin-key-file",
+        default=None,
+        help=f"file holding the key that opens Triton's control APIs (header {ADMIN_KEY_HEADER}); "
+        f"default ${ADMIN_KEY_ENV}, else a random key nobody knows (the control APIs stay closed)",
+    )
     p.add_argument("extra", nargs="*", help="extra tritonserver arguments after `--`")
     return p
 
@@ -473,6 +552,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 <= value < 65536:
             print(f"--{flag.replace('_', '-')}: {value} is not a TCP port", file=sys.stderr)
             return 2
+    admin_key = os.environ.get(ADMIN_KEY_ENV) or None
+    if args.admin_key_file:
+        try:
+            admin_key = Path(args.admin_key_file).read_text().strip()
+        except OSError as e:
+            print(f"--admin-key-file: cannot read {args.admin_key_file}: {e.strerror}", file=sys.stderr)
+            return 2
+        if not admin_key:
+            print(f"--admin-key-file: {args.admin_key_file} is empty", file=sys.stderr)
+            return 2
     try:
         server = TritonServer(
             args.model_repository,
@@ -484,19 +573,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             startup_timeout_s=args.startup_timeout,
             grpc_infer_allocation_pool_size=args.grpc_infer_allocation_pool_size,
             extra_args=args.extra,
+            admin_key=admin_key,
         )
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 2
 
-    stop_event = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop_event.set()
-        server.abort_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # One request for both: a signal during start-up aborts wait_ready, later it ends the wait below.
+    stop_request = server.abort_event.install()
     try:
         server.start()
     except (ServerStartError, FileNotFoundError) as e:
@@ -508,8 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     assert server.process is not None
-    while not stop_event.is_set() and server.process.poll() is None:
-        stop_event.wait(0.5)
+    while not stop_request.is_set() and server.process.poll() is None:
+        stop_request.wait(0.5)
     if server.process.poll() is not None:
         print(
             f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}",

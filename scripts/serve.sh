@@ -19,6 +19,10 @@ if [ -n "${GLMV_CHECKPOINT:-}" ]; then src=(--checkpoint "$GLMV_CHECKPOINT"); el
 "$VENV/bin/glmv-build" "${src[@]}" --output "$WORK" --device "$DEVICE" "$@"
 
 mkdir -p "$WORK/logs"
+# A port already in use is an error here: a server left running there would answer the readiness probe below.
+"$VENV/bin/python" -c 'import sys; from build_engine.launcher import check_ports_free as c
+try: c(dict(zip(("GLMV_HTTP_PORT", "GLMV_GRPC_PORT", "GLMV_METRICS_PORT", "GLMV_GATEWAY_PORT"), map(int, sys.argv[1:]))))
+except RuntimeError as e: sys.exit(f"serve: {e}")' "$HTTP" "$GRPC" "$METRICS" "$GATEWAY"
 "$VENV/bin/glmv-serve" --model-repository "$WORK/model_repository" --http-port "$HTTP" --grpc-port "$GRPC" \
   --metrics-port "$METRICS" --log-file "$WORK/logs/triton.log" &
 triton_pid=$!

@@ -151,3 +151,107 @@ def test_prepare_only(capsys) -> None:
     assert "tritonserver" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([])  # --model-repository is required without --prepare
+
+
+def test_port_in_use_is_an_error_at_start_up(tmp_path: Path) -> None:
+    """A port another server listens on must fail the start, not be answered by that other server."""
+    import socket
+
+    from build_engine.launcher import PortInUseError
+
+    repo = echo_repo(tmp_path / "repo")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.bind(("0.0.0.0", 0))
+        other.listen()
+        busy = other.getsockname()[1]
+        with pytest.raises(PortInUseError) as info:
+            TritonServer(repo, http_port=0, grpc_port=busy, metrics_port=0).start()
+        assert str(info.value) == (
+            f"--grpc-port: port {busy} is already in use (another server listens there); "
+            "stop it or choose another port"
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "build_engine.launcher", "--model-repository", str(repo)]
+            + ["--http-port", str(busy), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    assert result.returncode == 1
+    assert f"--http-port: port {busy} is already in use" in result.stderr
+    assert stub_pids(str(repo)) == []
+
+
+def test_control_apis_need_the_admin_key(tmp_path: Path) -> None:
+    """Repository, logging, statistics and shared-memory control answer only with the admin key."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    repo = echo_repo(tmp_path / "repo")
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, exit_timeout_s=10) as server:
+        base = f"http://{server.http_url}"
+        closed = [
+            ("POST", "/v2/repository/index"),
+            ("GET", "/v2/logging"),
+            ("GET", "/v2/models/stats"),
+            ("GET", "/v2/systemsharedmemory/status"),
+            ("POST", "/v2/repository/models/echo/unload"),
+        ]
+        for method, path in closed:
+            r = httpx.request(method, base + path, timeout=10)
+            assert r.status_code == 403, (path, r.status_code, r.text)
+        assert (
+            httpx.post(base + "/v2/repository/index", headers={"glmv-admin-key": "wrong"}).status_code == 403
+        )
+        r = httpx.post(base + "/v2/repository/index", headers=server.admin_headers, timeout=10)
+        assert r.status_code == 200 and r.json()[0]["name"] == "echo"
+        assert (
+            httpx.get(base + "/v2/models/stats", headers=server.admin_headers, timeout=10).status_code == 200
+        )
+        assert httpx.get(base + "/v2/health/ready", timeout=10).status_code == 200
+        assert httpx.get(base + "/v2/models/echo/config", timeout=10).status_code == 200
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            with pytest.raises(InferenceServerException) as info:
+                client.get_model_repository_index()
+            assert "This protocol is restricted" in str(info.value)
+            index = client.get_model_repository_index(headers=server.admin_grpc_headers)
+            assert [m.name for m in index.models] == ["echo"]
+            assert client.is_model_ready("echo")
+        assert stub_pids(str(repo))
+    assert stub_pids(str(repo)) == []
+
+
+def test_glmv_serve_exits_on_the_group_sigterm_and_a_second_one(tmp_path: Path) -> None:
+    """serve.sh's shutdown: SIGTERM to the process group, then SIGTERM from its trap. Exit in 30 s, nothing left."""
+    repo = echo_repo(tmp_path / "repo")
+    http_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "build_engine.launcher", "--model-repository", str(repo)]
+        + [
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("glmv-serve: ready"), line + proc.stdout.read()
+        assert stub_pids(str(repo))
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "glmv-serve: shutting down" in proc.stdout.read()
+    assert stub_pids(str(repo)) == []
