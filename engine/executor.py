@@ -52,6 +52,7 @@ from engine.model_runner import ModelRunner, PendingDecode, num_kv_blocks
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
+from engine.structured import GrammarCompiler, GrammarState, Guide
 
 logger = logging.getLogger("glm-engine")
 
@@ -84,6 +85,9 @@ class GenerationRequest:
     """Strings that end the sequence (needs the executor's tokenizer)."""
     is_thinking: bool = False
     """The output starts inside <think> (routes text to ``reasoning`` until </think>)."""
+    guide: Guide | None = None
+    """Hold the answer to a JSON schema, any JSON, a regex or a grammar (engine.structured; needs the
+    executor's tokenizer). Compiled in ``add_request`` (cached by guide)."""
 
 
 @dataclass
@@ -105,6 +109,8 @@ class RequestOutput:
     """Why the engine aborted the request, when it was not asked to."""
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache (not computed for this request)."""
+    logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] | None = None
+    """With ``sampling.logprobs`` set: (logprob, top (token id, logprob) pairs) of each new token."""
 
     @property
     def is_finished(self) -> bool:
@@ -223,6 +229,7 @@ class Executor:
         self._is_stopping = False
         self._callback: Callable[[list[RequestOutput]], None] | None = None
         self._pending: PendingDecode | None = None  # loop thread only: a launched decode step (see step)
+        self._grammar_compiler: GrammarCompiler | None = None  # made on the first guided request
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, **overrides: Any) -> Executor:
@@ -336,7 +343,27 @@ class Executor:
             generator=generator,
         )
         seq.image_input_offsets = input_offsets
+        if req.guide is not None:
+            if req.sampling.min_tokens:
+                raise ValueError(
+                    f"min_tokens: {req.sampling.min_tokens} must be 0 with guided_decoding_guide "
+                    "(the grammar decides where the answer ends)"
+                )
+            seq.grammar = GrammarState(self.grammar_compiler().compile(req.guide))
         return seq
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of guided requests' grammars (one per executor, its cache keyed by guide)."""
+        with self._lock:
+            if self._grammar_compiler is None:
+                if self.tokenizer is None:
+                    raise ValueError(
+                        "guided_decoding_guide: this executor has no tokenizer to build a grammar"
+                    )
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
+                )
+            return self._grammar_compiler
 
     def _image_input_offsets(self, patches: torch.Tensor, grid: torch.Tensor) -> list[tuple[int, int]]:
         """[start, end) of each image in ``patches`` along dim 0 (bytes of flat RGB, else patch rows)."""
@@ -719,8 +746,10 @@ class Executor:
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         """The output of ``seq`` for this step: its unreturned tokens and text; ends it on a stop string."""
-        new_token_ids = seq.output_token_ids[seq.num_emitted_tokens :]
+        first = seq.num_emitted_tokens
+        new_token_ids = seq.output_token_ids[first:]
         seq.num_emitted_tokens = seq.num_output_tokens
+        logprobs = None if seq.sampling.logprobs is None else seq.logprobs[first : seq.num_output_tokens]
         text = reasoning = ""
         detokenizer = self._detokenizers.get(seq.seq_id)
         if detokenizer is not None:
@@ -749,6 +778,7 @@ class Executor:
             reasoning=reasoning,
             error=error,
             num_cached_tokens=seq.num_cached_tokens or 0,
+            logprobs=logprobs,
         )
 
     def _finish_step(

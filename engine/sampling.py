@@ -11,13 +11,21 @@ Contract:
       2. presence / frequency penalties (OpenAI semantics) over output tokens:
          ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``;
       3. while ``num_output_tokens < min_tokens``: eos ids and ``stop_token_ids`` are masked to -inf;
-      4. temperature 0 -> argmax; otherwise ``logits / temperature``, top-k (0 = off), top-p, then one
+      4. a sequence with a grammar (``seq.grammar``, engine.structured) gets the tokens its grammar
+         forbids masked to -inf: the masks of all such rows are filled on the host in one batched call
+         before anything waits for the logits, so on a GPU they are computed while the forward runs;
+      5. temperature 0 -> argmax; otherwise ``logits / temperature``, top-k (0 = off), top-p, then one
          draw. A row with a seed draws from its sequence's own ``torch.Generator`` (one draw per step),
          so its tokens do not depend on which other sequences share the batch.
+    A row whose ``sampling.logprobs`` is not None also gets the log-probability of its token under the
+    model's distribution (log-softmax of the logits as they came in, before penalties, grammar and
+    temperature, as transformers computes them) and, for ``logprobs = k > 0``, the k most likely tokens
+    with theirs: ``seq.logprobs[i]`` = ``(logprob, ((token_id, logprob), ...))`` for output token i. Rows
+    without grammar or logprobs pay nothing for either.
   * ``Sampler.sample_ids(logits, seqs, ahead)`` is the same without steps 1-2, returning the ids on the logits'
     device without waiting for the GPU (no host sync): the engine launches a decode step before the
     previous one's tokens reach the host, for sequences where ``can_run_ahead(seq)`` holds (no penalty:
-    steps 1-2 do nothing); step 3 counts the ``ahead`` tokens still in flight.
+    steps 1-2 do nothing, no grammar, no logprobs); step 3 counts the ``ahead`` tokens still in flight.
 """
 
 from __future__ import annotations
@@ -25,9 +33,14 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.structured import GrammarState
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,8 @@ class SamplingParams:
     """Extra token ids that end the sequence (finish_reason "stop")."""
     ignore_eos: bool = False
     """Keep generating past eos (only stop_token_ids and max_tokens end the sequence)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; 0: the sampled token's; k: also the k most likely tokens' (k <= 20)."""
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the first bad field and its limit; return self when all is well."""
@@ -89,6 +104,12 @@ class SamplingParams:
             f"must be <= max_tokens ({self.max_tokens})",
         )
         check(
+            self.logprobs is None
+            or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+            "logprobs",
+            f"must be None or in [0, {MAX_TOP_LOGPROBS}]",
+        )
+        check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
             "must be non-negative token ids",
@@ -108,6 +129,8 @@ class SamplingSeq(Protocol):
     token_ids: list[int]
     num_prompt_tokens: int
     generator: torch.Generator | None
+    grammar: GrammarState | None
+    logprobs: list[tuple[float, tuple[tuple[int, float], ...]]]
 
 
 class Sampler:
@@ -119,17 +142,67 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (logits.shape, len(seqs))
+        raw = logits
         logits = logits.float().clone()  # [num_seqs, vocab]
+        self.apply_grammars(logits, seqs)
         self.apply_penalties(logits, seqs)
         self.apply_min_tokens(logits, seqs)
-        return self.sample(logits, seqs)
+        token_ids = self.sample(logits, seqs)
+        self.record_logprobs(raw, seqs, token_ids)
+        return token_ids
 
     @staticmethod
     def can_run_ahead(seq: SamplingSeq) -> bool:
         """Whether a step of ``seq`` can be sampled before its previous token is known on the host:
         penalties read the token history; min_tokens only its length, which `sample_ids` is told."""
         sp = seq.sampling
-        return sp.repetition_penalty == 1.0 and sp.presence_penalty == 0.0 and sp.frequency_penalty == 0.0
+        return (
+            sp.repetition_penalty == 1.0
+            and sp.presence_penalty == 0.0
+            and sp.frequency_penalty == 0.0
+            and sp.logprobs is None
+            and getattr(seq, "grammar", None) is None
+        )
+
+    @staticmethod
+    def apply_grammars(logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
+        """In place: mask what each row's grammar forbids (rows with an unfinished grammar only)."""
+        rows, states = [], []
+        for i, seq in enumerate(seqs):
+            state = getattr(seq, "grammar", None)
+            if state is None:
+                continue
+            state.sync(seq.token_ids[seq.num_prompt_tokens :])
+            if not state.is_terminated:
+                rows.append(i)
+                states.append(state)
+        if rows:
+            from engine.structured import apply_grammars
+
+            apply_grammars(logits, rows, states)
+
+    @staticmethod
+    def record_logprobs(raw_logits: torch.Tensor, seqs: list[SamplingSeq], token_ids: list[int]) -> None:
+        """Append to ``seq.logprobs`` the log-probability of its sampled token (and its top-k) for rows
+        that ask for them, at the index of the token they sampled."""
+        rows = [i for i, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+        if not rows:
+            return
+        logprobs = raw_logits[_on(rows, raw_logits.device)].float().log_softmax(dim=-1)  # [R, vocab]
+        chosen = logprobs.gather(1, _on([token_ids[i] for i in rows], logprobs.device)[:, None])
+        chosen_list = chosen[:, 0].tolist()
+        k = max(seqs[i].sampling.logprobs or 0 for i in rows)
+        top_values: list[list[float]] = [[] for _ in rows]
+        top_ids: list[list[int]] = [[] for _ in rows]
+        if k:
+            values, ids = logprobs.topk(k, dim=-1)  # [R, k], most likely first
+            top_values, top_ids = values.tolist(), ids.tolist()
+        for j, i in enumerate(rows):
+            seq = seqs[i]
+            n = seq.sampling.logprobs or 0
+            top = tuple(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+            del seq.logprobs[len(seq.token_ids) - seq.num_prompt_tokens :]
+            seq.logprobs.append((chosen_list[j], top))
 
     def sample_ids(self, logits: torch.Tensor, seqs: list[SamplingSeq], ahead: int = 0) -> torch.Tensor:
         """Token ids [num_seqs] on the logits' device, no host sync (every seq must `can_run_ahead`).

@@ -15,11 +15,15 @@ from __future__ import annotations
 import enum
 import time
 from bisect import bisect_left
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -68,6 +72,9 @@ class Sequence:
             self.image_token_indices, image_sizes, image_hashes
         )
         self.generator = generator
+        self.grammar: GrammarState | None = None  # guided decoding (engine.structured); set by the executor
+        # (logprob, top (token id, logprob) pairs) of output token i, when sampling.logprobs is set
+        self.logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = []
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []

@@ -1,0 +1,243 @@
+"""Guided decoding and logprobs on the tiny random checkpoint: random weights are the hardest case for a
+grammar (the model never wants the structure), so every sampled answer must still parse and validate."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import jsonschema
+import pytest
+import torch
+
+from engine.executor import Executor, GenerationRequest
+from engine.sampling import Sampler, SamplingParams
+from engine.structured import Guide
+
+INVOICE = {
+    "type": "object",
+    "properties": {
+        "invoice_number": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+        "total": {"type": "number"},
+        "currency": {"enum": ["EUR", "USD", "人民币"]},
+        "paid": {"type": "boolean"},
+    },
+    "required": ["invoice_number", "total", "currency", "paid"],
+    "additionalProperties": False,
+}
+NESTED = {
+    "type": "object",
+    "properties": {
+        "customer": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "pattern": "^[一-龥]{1,6}$"},
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            },
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        },
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"enum": ["红色", "blue", "绿"]}, "qty": {"type": "integer"}},
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+            "maxItems": 3,
+        },
+    },
+    "required": ["customer", "items"],
+    "additionalProperties": False,
+}
+CLAUSE = {
+    "type": "object",
+    "properties": {
+        "present": {"enum": ["yes", "no"]},
+        "quote": {"type": "string", "maxLength": 12},
+        "scores": {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 4},
+    },
+    "required": ["present", "quote", "scores"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def executor(tiny_checkpoint, tmp_path_factory) -> Executor:
+    engine_dir = tmp_path_factory.mktemp("structured") / "engine"
+    shutil.copytree(tiny_checkpoint, engine_dir)
+    engine = {"block_size": 4, "num_kv_blocks": 2048, "max_model_len": 1024, "dtype": "float32"}
+    (engine_dir / "engine_config.json").write_text(json.dumps({"engine": engine}))
+    return Executor.from_engine_dir(engine_dir, max_num_seqs=16)
+
+
+def run(ex: Executor, reqs: list[GenerationRequest]) -> dict[str, tuple[list[int], str, str]]:
+    """request id -> (tokens, text, finish_reason), all requests in one batch."""
+    for req in reqs:
+        ex.add_request(req)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    texts = dict.fromkeys(tokens, "")
+    reasons: dict[str, str] = {}
+    while ex.has_unfinished():
+        for out in ex.step():
+            tokens[out.request_id] += out.new_token_ids
+            texts[out.request_id] += out.text + out.reasoning
+            if out.finish_reason:
+                reasons[out.request_id] = out.finish_reason
+    return {rid: (tokens[rid], texts[rid], reasons[rid]) for rid in tokens}
+
+
+@pytest.mark.parametrize("schema", [INVOICE, NESTED, CLAUSE], ids=["invoice", "nested", "clause"])
+def test_every_sampled_answer_validates_against_its_schema(executor, schema):
+    guide = Guide("json_schema", json.dumps(schema))
+    reqs = [
+        GenerationRequest(
+            f"r{seed}", [5, 6, 7, 8 + seed], SamplingParams(max_tokens=600, seed=seed), guide=guide
+        )
+        for seed in range(8)
+    ]
+    for rid, (_, text, reason) in run(executor, reqs).items():
+        assert reason == "stop", (rid, text)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_object_guide_gives_json_objects_and_greedy_too(executor):
+    reqs = [
+        GenerationRequest("sampled", [9, 10], SamplingParams(max_tokens=600, seed=3), guide=Guide("json")),
+        GenerationRequest(
+            "greedy", [9, 10], SamplingParams(max_tokens=600, temperature=0.0), guide=Guide("json")
+        ),
+        GenerationRequest("free", [9, 10], SamplingParams(max_tokens=8, temperature=0.0)),
+    ]
+    results = run(executor, reqs)
+    for rid in ("sampled", "greedy"):
+        tokens, text, reason = results[rid]
+        assert reason == "stop", text
+        assert isinstance(json.loads(text), dict)
+    free_tokens, _, _ = results["free"]
+    alone = run(
+        executor, [GenerationRequest("alone", [9, 10], SamplingParams(max_tokens=8, temperature=0.0))]
+    )
+    assert free_tokens == alone["alone"][0]  # a guided neighbour changes nothing for an unguided request
+
+
+def test_regex_guide(executor):
+    guide = Guide("regex", "(yes|no): [0-9]{2}")
+    reqs = [
+        GenerationRequest(f"r{seed}", [3, 4], SamplingParams(max_tokens=40, seed=seed), guide=guide)
+        for seed in range(6)
+    ]
+    for _, text, reason in run(executor, reqs).values():
+        assert reason == "stop"
+        assert re.fullmatch("(yes|no): [0-9]{2}", text), text
+
+
+def test_min_tokens_is_refused_with_a_guide(executor):
+    with pytest.raises(ValueError, match=r"^min_tokens: 3 must be 0 with guided_decoding_guide"):
+        executor.add_request(
+            GenerationRequest("m", [1], SamplingParams(max_tokens=8, min_tokens=3), guide=Guide("json"))
+        )
+
+
+def test_a_schema_is_compiled_once(executor):
+    compiler = executor.grammar_compiler()
+    schema = json.dumps({"type": "object", "properties": {"once": {"type": "integer"}}, "required": ["once"]})
+    before = compiler.num_compiled
+    run(
+        executor,
+        [
+            GenerationRequest(
+                f"c{i}", [1, 2], SamplingParams(max_tokens=40, seed=i), guide=Guide("json_schema", schema)
+            )
+            for i in range(3)
+        ],
+    )
+    assert compiler.num_compiled == before + 1
+
+
+@pytest.mark.parametrize(
+    ("guide", "message"),
+    [
+        (Guide("json_schema", "{not json"), "guided_decoding_guide: not valid JSON"),
+        (
+            Guide("json_schema", "[1, 2]"),
+            "guided_decoding_guide: invalid json_schema (a JSON schema is an object",
+        ),
+        (Guide("json_schema", '{"type": "strnig"}'), "guided_decoding_guide: invalid json_schema"),
+        (Guide("regex", "(unclosed"), "guided_decoding_guide: invalid regex"),
+        (Guide("ebnf_grammar", "root ::= missing_rule"), "guided_decoding_guide: invalid ebnf_grammar"),
+        (Guide("xml", "<a/>"), "guided_decoding_guide_type: 'xml' must be one of json, json_schema, regex"),
+        (Guide("regex", ""), "guided_decoding_guide: empty; a regex guide needs a value"),
+    ],
+)
+def test_bad_guides_are_rejected_naming_the_field(executor, guide, message):
+    with pytest.raises(ValueError) as info:
+        executor.add_request(GenerationRequest("bad", [1, 2], SamplingParams(max_tokens=4), guide=guide))
+    assert str(info.value).startswith(message), str(info.value)
+    assert not executor.has_unfinished()
+
+
+def test_guided_and_logprob_sequences_never_run_ahead(executor):
+    executor.add_request(GenerationRequest("g", [1, 2], SamplingParams(max_tokens=4), guide=Guide("json")))
+    executor.add_request(GenerationRequest("l", [1, 2], SamplingParams(max_tokens=4, logprobs=0)))
+    executor.add_request(GenerationRequest("p", [1, 2], SamplingParams(max_tokens=4)))
+    seqs = {rid: executor._seqs[rid] for rid in ("g", "l", "p")}
+    assert [Sampler.can_run_ahead(seqs[rid]) for rid in ("g", "l", "p")] == [False, False, True]
+    while executor.has_unfinished():
+        executor.step()
+
+
+def test_logprobs_match_a_transformers_forward(executor, hf_model):
+    prompt = [11, 12, 13, 14, 15]
+    reqs = [
+        GenerationRequest(
+            "greedy", prompt, SamplingParams(max_tokens=12, temperature=0.0, logprobs=5, ignore_eos=True)
+        ),
+        GenerationRequest(
+            "sampled",
+            prompt,
+            SamplingParams(max_tokens=12, seed=1, logprobs=20, ignore_eos=True, repetition_penalty=1.3),
+        ),
+        GenerationRequest("only", prompt, SamplingParams(max_tokens=12, seed=2, logprobs=0, ignore_eos=True)),
+    ]
+    logprobs: dict[str, list] = {r.request_id: [] for r in reqs}
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    for req in reqs:
+        executor.add_request(req)
+    while executor.has_unfinished():
+        for out in executor.step():
+            assert out.logprobs is not None and len(out.logprobs) == len(out.new_token_ids)
+            logprobs[out.request_id] += out.logprobs
+            tokens[out.request_id] += out.new_token_ids
+    for req in reqs:
+        ids = tokens[req.request_id]
+        with torch.inference_mode():
+            logits = hf_model(input_ids=torch.tensor([prompt + ids])).logits[0].float()
+        expected = logits[len(prompt) - 1 : -1].log_softmax(dim=-1)  # [12, vocab]: the distribution of each
+        k = req.sampling.logprobs
+        assert len(logprobs[req.request_id]) == len(ids) == 12
+        for i, (token_id, (logprob, top)) in enumerate(zip(ids, logprobs[req.request_id], strict=True)):
+            assert abs(logprob - expected[i, token_id].item()) < 1e-4
+            assert len(top) == k
+            values, top_ids = expected[i].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+            assert torch.allclose(torch.tensor([v for _, v in top]), values, atol=1e-4)
+            assert [t for t, _ in top] == top_ids.tolist()
+        if req.request_id == "greedy":
+            assert all(
+                top[0][0] == token_id for token_id, (_, top) in zip(ids, logprobs["greedy"], strict=True)
+            )
+
+
+def test_no_logprobs_unless_asked(executor):
+    out = run(executor, [GenerationRequest("n", [1, 2], SamplingParams(max_tokens=3, temperature=0.0))])
+    assert out["n"][2] in ("stop", "length")
+    executor.add_request(GenerationRequest("n2", [1, 2], SamplingParams(max_tokens=2, temperature=0.0)))
+    while executor.has_unfinished():
+        assert all(o.logprobs is None for o in executor.step())
+
+
+def test_logprobs_is_validated():
+    with pytest.raises(ValueError, match=r"^logprobs: 21 is out of range \(must be None or in \[0, 20\]\)"):
+        SamplingParams(logprobs=21).validate()
