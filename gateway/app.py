@@ -14,7 +14,6 @@ request in the engine. Every error body has OpenAI's shape {"error": {message, t
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +34,8 @@ from .config import GatewayConfig
 from .disconnect import ClientDisconnected, unless_disconnected, wait_for_disconnect
 from .errors import api_error_from, read_body
 from .images import resolve_images
+from .json_body import parse_json_body
+from .json_body import sse_event as sse
 from .metrics import GatewayMetrics
 from .middleware import RequestMetricsMiddleware
 from .openai_schema import (
@@ -65,11 +66,6 @@ def strip_box_markers(text: str, metrics: GatewayMetrics) -> str:
     return text
 
 
-def sse(data: dict[str, Any] | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n"
-
-
 def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> FastAPI:
     gw = Gateway(config, client)
 
@@ -95,6 +91,11 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Every answer keeps OpenAI's error shape, even for a fault of the gateway itself.
+        return JSONResponse(api_error_from(exc).body(), status_code=500)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -163,11 +164,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                 headers={"Retry-After": str(retry_after)},
             )
         raw = await read_body(request, config.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
-        req = parse_chat_request(body, config)
+        req = parse_chat_request(parse_json_body(raw), config)
         gw.guard.check(req.messages)
         assert gw.http is not None and gw.client is not None
         images = await resolve_images(req.images, config, gw.http)
