@@ -152,16 +152,25 @@ def test_page_with_the_real_model(real_gateway, photo, browser, artifacts_dir):
     page.wait_for_selector("#settings[open]")  # the page asks for the key this gateway requires
     assert page.text_content("#error") == "This server needs an API key: enter it under Settings."
     page.fill("#api-key", "real-key")
+    page.set_checked("#thinking", False)
     page.set_input_files("#file", str(photo))
-    page.wait_for_selector("#preview:not([hidden])")
-    page.fill("#question", "这张图片里有什么？ What is in this picture?")
+    page.wait_for_selector("#attachments img")
     page.fill("#max-tokens", "32")
-    page.click("#send")
-    page.wait_for_selector("#send:not([disabled])", timeout=120000)
-    assert page.is_hidden("#error"), page.text_content("#error")
-    answer = page.text_content("#answer") + page.text_content("#reasoning")
-    assert answer and answer != "The answer appears here."
-    assert "TTFT" in page.text_content("#stats")
+    for turns, question in enumerate(
+        ["这张图片里有什么？ What is in this picture?", "Which corner is brightest?"], 1
+    ):
+        page.fill("#question", question)
+        page.click("#send")
+        page.wait_for_function(
+            "n => document.querySelectorAll('.turn.assistant').length === n && "
+            "!document.getElementById('send').disabled",
+            arg=turns,
+            timeout=120000,
+        )
+        assert page.is_hidden("#error"), page.text_content("#error")
+    first, second = (page.locator(".turn.assistant .stats").nth(i).text_content() for i in (0, 1))
+    assert "TTFT" in first and "finish: " in first
+    assert "prompt tokens cached" in second  # the follow-up reuses the image and the first turn's KV
     page.screenshot(path=str(artifacts_dir / "page.png"), full_page=True)
 
 
