@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, ``GET /healthz``
 (process alive), ``GET /readyz`` (Triton ready *and* a cached 1-token probe answered),
-``GET /metrics`` (Prometheus), ``GET /`` (the web page).
+``GET /metrics`` (Prometheus), ``GET /`` (the web page); the GLM-4.6V-Flash-WEB image's ``POST /infer``,
+``GET /health`` and its chat body shape (gateway/compat.py).
 
 A chat request goes: auth (401) → rate limit (429 + Retry-After) → body cap (413) → parse and
 validate (400/404) → prompt guard (400 ``prompt_rejected``) → images (413/400) → cache
@@ -30,6 +31,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cache import cache_key
+from .compat import is_seed_chat, parse_seed_chat
+from .compat import router as compat_router
 from .config import GatewayConfig
 from .disconnect import ClientDisconnected, unless_disconnected, wait_for_disconnect
 from .errors import api_error_from, read_body
@@ -136,9 +139,12 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        return await answer_counted(request)
+
+    async def answer_counted(request: Request, parsed: ChatRequest | None = None) -> Response:
         gw.metrics.in_flight.inc()
         try:
-            response = await answer_chat(request)
+            response = await answer_chat(request, parsed)
         except BaseException:
             gw.metrics.in_flight.dec()
             raise
@@ -148,7 +154,9 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
             gw.metrics.in_flight.dec()
         return response
 
-    async def answer_chat(request: Request) -> Response:
+    app.state.answer_chat = answer_counted  # the seed API's routes answer through it (gateway/compat.py)
+
+    async def answer_chat(request: Request, parsed: ChatRequest | None = None) -> Response:
         started = time.monotonic()
         key = gw.auth.check(request.headers.get("authorization"))
         bucket = key if key is not None else (request.client.host if request.client else "anonymous")
@@ -163,8 +171,10 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(retry_after)},
             )
-        raw = await read_body(request, config.max_body_bytes)
-        req = parse_chat_request(parse_json_body(raw), config)
+        if parsed is None:
+            body = parse_json_body(await read_body(request, config.max_body_bytes))
+            parsed = parse_seed_chat(body, config) if is_seed_chat(body) else parse_chat_request(body, config)
+        req = parsed
         gw.guard.check(req.messages)
         assert gw.http is not None and gw.client is not None
         images = await resolve_images(req.images, config, gw.http)
@@ -364,6 +374,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
     async def index() -> FileResponse:
         return FileResponse(static_dir / "index.html", headers={"Cache-Control": "no-cache"})
 
+    app.include_router(compat_router)
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
     return app
 

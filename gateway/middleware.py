@@ -35,4 +35,13 @@ class RequestMetricsMiddleware:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
 
-_KNOWN_PATHS = ("/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics", "/")
+_KNOWN_PATHS = (
+    "/v1/chat/completions",
+    "/v1/models",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/",
+    "/infer",
+    "/health",
+)
