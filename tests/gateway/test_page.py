@@ -90,11 +90,18 @@ def image_part(path: Path) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def test_follow_up_questions_keep_the_images_and_the_history(browser, make_gateway, images, artifacts_dir):
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_follow_up_questions_keep_the_images_and_the_history(
+    browser, make_gateway, images, artifacts_dir, viewport
+):
     gw = make_gateway()
-    page, bodies = open_page(browser, gw, DESKTOP)
+    page, bodies = open_page(browser, gw, viewport)
     page.set_input_files("#file", [str(p) for p in images])
     page.wait_for_function("document.querySelectorAll('#attachments img').length === 2")
+    page.set_input_files("#file", str(images[0]))  # a third, then removed again
+    page.wait_for_function("document.querySelectorAll('#attachments img').length === 3")
+    page.locator("#attachments .remove").nth(2).click()
+    assert page.locator("#attachments img").count() == 2
     sizes = ",".join(str(p.stat().st_size) for p in images)
 
     first = ask(page, "图片 里 有 什么 what")
@@ -121,8 +128,10 @@ def test_follow_up_questions_keep_the_images_and_the_history(browser, make_gatew
     ]
     assert bodies[1]["stream"] is True and bodies[1]["chat_template_kwargs"] == {"enable_thinking": True}
     assert page.get_attribute("#question", "placeholder") == "Ask a follow-up question · 继续提问"
+    page.locator(".turn.assistant .reasoning-box summary").nth(1).click()
+    assert page.locator(".turn.assistant .reasoning-box").nth(1).get_attribute("open") == ""
     assert_no_horizontal_overflow(page)
-    page.screenshot(path=str(artifacts_dir / "page_conversation_desktop.png"), full_page=True)
+    page.screenshot(path=str(artifacts_dir / f"page_conversation_{viewport['width']}.png"), full_page=True)
 
     page.click("#new-conversation")
     assert page.locator("#thread > li").count() == 0 and page.is_visible("#empty")
@@ -149,7 +158,7 @@ def test_long_answers_wrap_inside_the_page(browser, make_gateway, images, artifa
     page.screenshot(path=str(artifacts_dir / f"page_long_{viewport['width']}.png"), full_page=True)
 
 
-def test_paste_a_screenshot_from_the_clipboard(browser, make_gateway, png_bytes):
+def test_paste_a_screenshot_from_the_clipboard(browser, make_gateway, png_bytes, artifacts_dir):
     gw = make_gateway()
     page, bodies = open_page(browser, gw, PHONE, permissions=["clipboard-read", "clipboard-write"])
     page.evaluate(
@@ -162,6 +171,7 @@ def test_paste_a_screenshot_from_the_clipboard(browser, make_gateway, png_bytes)
     page.focus("#question")
     page.keyboard.press("Control+V")
     page.wait_for_selector("#attachments img")
+    page.screenshot(path=str(artifacts_dir / "page_pasted_375.png"))
     answer = ask(page, "what is pasted")
     assert answer.startswith("what is pasted | images=1 sizes=")
     [part] = [p for p in bodies[0]["messages"][0]["content"] if p["type"] == "image_url"]
