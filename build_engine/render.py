@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_repository"
-MODEL_NAMES = ("ensemble", "preprocessing", "vision_encoder", "llm", "postprocessing")
+MODEL_NAMES = ("ensemble", "ensemble_sync", "preprocessing", "vision_encoder", "llm", "postprocessing")
 
 
 class RenderError(ValueError):
