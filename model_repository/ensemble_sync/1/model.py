@@ -35,7 +35,6 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         self.target_model = _param(config, "target_model", "ensemble")
-        self.output_names = [o["name"] for o in config["output"]]
         num_threads = int(_param(config, "max_requests_in_flight", "512"))
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ensemble_sync")
 
@@ -64,10 +63,9 @@ class TritonPythonModel:
                 continue
             inputs.append(tensor)
         inputs.append(pb_utils.Tensor("stream", np.array([False])))
+        # no requested output names: every output of the ensemble comes back, the same set as this model's
         bls = pb_utils.InferenceRequest(
-            model_name=self.target_model,
-            inputs=inputs,
-            requested_output_names=self.output_names,
+            model_name=self.target_model, inputs=inputs, requested_output_names=[]
         )
         answers = []
         for response in bls.exec(decoupled=True):
