@@ -16,7 +16,7 @@ const RATE_MIN_SECONDS = 0.2; // ... and seconds between the first and the last 
 const SAFE_TAGS = ["a", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "li",
   "ol", "p", "pre", "strong", "table", "tbody", "td", "th", "thead", "tr", "ul"];
 const SAFE_ATTRS = ["href", "title", "start", "align"];
-const state = { model: "glm-4.6v-flash", messages: [], pending: [], controller: null };
+const state = { model: "glm-4.6v-flash", messages: [], pending: [], controller: null, conversation: 0 };
 
 const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 
@@ -295,6 +295,7 @@ async function ask(event) {
   $("send").disabled = true; $("stop").hidden = false;
   const controller = new AbortController();
   state.controller = controller;
+  const conversation = state.conversation;
   const stats = { ttft: null, tokens: 0, decodeSeconds: 0, total: 0, finish: "", cacheHit: false,
                   promptTokens: 0, cachedPromptTokens: 0 };
   let failure = null;
@@ -305,6 +306,9 @@ async function ask(event) {
     if (e.name === "AbortError") stats.finish = "stopped";
     else failure = e.message.startsWith("Failed to fetch") ? "Cannot reach the server." : e.message;
   }
+  state.controller = null;
+  $("send").disabled = false; $("stop").hidden = true;
+  if (conversation !== state.conversation) return; // New conversation was pressed: this one is gone
   stats.total = (performance.now() - started) / 1000;
   renderAnswer(turn);
   turn.answer.classList.remove("streaming");
@@ -320,13 +324,12 @@ async function ask(event) {
     state.pending = images.concat(state.pending); renderPending();
     showError(failure || "");
   }
-  $("send").disabled = false; $("stop").hidden = true;
   $("question").placeholder = state.messages.length ? "Ask a follow-up question · 继续提问" : "What is in this picture? · 图片里有什么？";
-  state.controller = null;
 }
 
 function newConversation() {
   if (state.controller) state.controller.abort();
+  state.conversation += 1;
   state.messages = []; state.pending = [];
   renderPending();
   $("thread").replaceChildren();

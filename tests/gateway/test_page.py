@@ -209,6 +209,20 @@ def test_stop_ends_the_stream_and_keeps_the_partial_answer(browser, make_gateway
     ]
 
 
+def test_new_conversation_during_an_answer_drops_it(browser, make_gateway):
+    gw = make_gateway()
+    page, bodies = open_page(browser, gw, DESKTOP)
+    settings(page, thinking=False)
+    page.fill("#question", "sleep 1 a b c d")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.turn.assistant .answer').textContent === 'sleep'")
+    page.click("#new-conversation")
+    page.wait_for_selector("#send:not([disabled])")
+    assert page.locator("#thread > li").count() == 0 and page.input_value("#question") == ""
+    assert ask(page, "fresh") == f"fresh | images=0 sizes= {TAIL}"
+    assert bodies[1]["messages"] == [{"role": "user", "content": [{"type": "text", "text": "fresh"}]}]
+
+
 def test_answers_render_markdown_without_raw_html(browser, make_gateway):
     gw = make_gateway()
     page, _ = open_page(browser, gw, DESKTOP)
