@@ -40,6 +40,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 # EngineConfig / PreprocessLimits field → the flag that sets it (for error messages).
+DEFAULT_MAX_SEQ_LEN = 32768  # a 3840x2160 image is ~10.6k tokens
+
 FIELD_FLAGS = {
     "max_num_seqs": "--max-batch-size",
     "max_num_batched_tokens": "--max-num-tokens",
@@ -56,6 +58,7 @@ FIELD_FLAGS = {
     "dtype": "--dtype",
     "quantization": "--dtype",
     "image_cache_mb": "--image-cache-mb",
+    "max_num_prefill_tokens_with_decodes": "--max-prefill-tokens-with-decodes",
 }
 
 
@@ -84,7 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=None, help="GPU ids for vision_encoder/llm instances: 0,1 or all")
     p.add_argument("--max-batch-size", type=int, default=64, help="most sequences per engine step")
     p.add_argument("--max-num-tokens", type=int, default=2048, help="most tokens per engine step")
-    p.add_argument("--max-seq-len", type=int, default=8192, help="prompt + output tokens of one request")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="prompt + output tokens of one request (default 32768, enough for a 3840x2160 image and a long "
+        "answer, or the model's max_position_embeddings if smaller)",
+    )
+    p.add_argument(
+        "--max-prefill-tokens-with-decodes",
+        type=int,
+        default=256,
+        help="prompt tokens in an engine step that also decodes (stall-free steps: a long prompt is spread "
+        "over several steps instead of stalling every stream); 0: no cap",
+    )
     p.add_argument(
         "--max-output-tokens", type=int, default=None, help="largest max_tokens (default max-seq-len - 1)"
     )
@@ -290,6 +306,8 @@ def build(args: argparse.Namespace) -> Path:
                 file=sys.stderr,
             )
         dtype = _resolve_dtype("bfloat16" if quantization == "fp8" else args.dtype, device, checkpoint_dtype)
+        if args.max_seq_len is None:
+            args.max_seq_len = min(DEFAULT_MAX_SEQ_LEN, model_config.max_position_embeddings)
         _check(
             args.max_seq_len <= model_config.max_position_embeddings,
             "--max-seq-len",
@@ -300,6 +318,7 @@ def build(args: argparse.Namespace) -> Path:
                 max_num_seqs=args.max_batch_size,
                 max_num_batched_tokens=args.max_num_tokens,
                 max_model_len=args.max_seq_len,
+                max_num_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes or None,
                 kv_cache_memory_bytes=args.kv_cache_bytes,
                 gpu_memory_utilization=args.kv_cache_free_gpu_mem_fraction,
                 device=device,

@@ -30,6 +30,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -117,6 +118,17 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+@dataclass
+class _VisionBatch:
+    """Requests whose images one ViT forward encodes: each one's plan (image index -> rows at hand, or
+    None until ``embeds`` is split) and the (request, image index) jobs in ``embeds`` order."""
+
+    plans: list[tuple[Sequence, dict[int, torch.Tensor | None]]]
+    jobs: list[tuple[Sequence, int]]
+    embeds: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # recorded on the vision stream after the forward (CUDA)
+
+
 class Executor:
     def __init__(
         self,
@@ -192,6 +204,7 @@ class Executor:
             max_model_len=self.max_model_len,
             eos_token_ids=model_config.eos_token_ids,
             enable_chunked_prefill=engine_config.enable_chunked_prefill,
+            max_num_prefill_tokens_with_decodes=engine_config.max_num_prefill_tokens_with_decodes,
         )
         self.runner = ModelRunner(
             model,
@@ -214,6 +227,14 @@ class Executor:
             temporal_patch_size=model_config.vision_config.temporal_patch_size,
         )
         self._vision_waiting: list[Sequence] = []  # loop thread only: images not encoded yet, FIFO
+        # On CUDA the ViT runs on a stream of its own, beside the decode steps: a launched batch waits
+        # here (loop thread only) until its event has passed, then joins the scheduler.
+        self._vision_stream = (
+            torch.cuda.Stream(self.device)
+            if self.device.type == "cuda" and engine_config.async_vision
+            else None
+        )
+        self._vision_inflight: _VisionBatch | None = None
         self.tokenizer = tokenizer
         self.think_start_id, self.think_end_id = think_token_ids(tokenizer) if tokenizer else (None, None)
 
@@ -576,7 +597,12 @@ class Executor:
         scheduled: nothing waiting, every running sequence in ``pending``, each sampled ahead, and blocks
         for one more position. Sequences that ``pending``'s token ends by length sit it out; one that
         ends on a stop token or string runs one step for nothing (its result is dropped)."""
-        if self.scheduler.waiting or self._vision_waiting or len(self.scheduler.running) != len(pending.seqs):
+        if (
+            self.scheduler.waiting
+            or self._vision_waiting
+            or self._vision_inflight is not None
+            or len(self.scheduler.running) != len(pending.seqs)
+        ):
             return None
         sampler = self.runner.sampler
         seqs = []
@@ -614,7 +640,10 @@ class Executor:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """End ``seq`` in the scheduler, or before it got there (images not encoded yet)."""
-        if any(s is seq for s in self._vision_waiting):
+        inflight = self._vision_inflight
+        if any(s is seq for s in self._vision_waiting) or (
+            inflight is not None and any(s is seq for s, _ in inflight.plans)
+        ):
             self._vision_waiting = [s for s in self._vision_waiting if s is not seq]
             self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED
@@ -631,11 +660,12 @@ class Executor:
         forward over the batch (at most max_num_vision_patches patches). Runs only while the prefill
         queue holds less than one step of tokens, so images are encoded just ahead of their prefill and
         decodes are not held up by encoding far ahead."""
-        if not self._vision_waiting:
-            return []
+        outputs = self._collect_vision()
+        if not self._vision_waiting or self._vision_inflight is not None:
+            return outputs
         queued = sum(len(s) - s.num_computed_tokens for s in self.scheduler.waiting)
         if queued >= self.engine_config.max_num_batched_tokens:
-            return []
+            return outputs
         budget = self.engine_config.max_num_vision_patches
         batch, num_patches = [], 0
         for seq in self._vision_waiting:
@@ -650,22 +680,64 @@ class Executor:
         self._vision_waiting = self._vision_waiting[len(batch) :]
         plans = [(seq, self._lookup_embeds(seq, needed)) for seq, needed in batch]
         jobs = [(seq, i) for seq, plan in plans for i, rows in plan.items() if rows is None]
+        vision = _VisionBatch(plans, jobs)
         try:
             if jobs:
-                self._run_vision(jobs, plans)
+                self._launch_vision(vision)
         except Exception as exc:  # these requests end; the engine keeps serving the others
-            logger.exception("[glm-engine] vision encoder failed; aborting %d requests", len(batch))
-            outputs = []
-            for seq, _ in batch:
-                self.block_manager.free(seq)
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
-                seq.image_patches = seq.image_grid_thw = None
-                outputs.append(self._output(seq, error=f"vision encoder error: {exc}"))
+            return outputs + self._fail_vision(vision, exc)
+        if vision.ready is not None:
+            self._vision_inflight = vision
             return outputs
-        for seq, plan in plans:
+        return outputs + self._finish_vision(vision)
+
+    def _collect_vision(self) -> list[RequestOutput]:
+        """Hand the launched ViT batch to the scheduler once its stream has passed its event."""
+        vision = self._vision_inflight
+        if vision is None:
+            return []
+        if not self.scheduler.running and not self.scheduler.waiting:
+            vision.ready.synchronize()  # nothing else to run: wait here rather than spin
+        elif not vision.ready.query():
+            return []
+        self._vision_inflight = None
+        torch.cuda.current_stream(self.device).wait_event(vision.ready)
+        vision.embeds.record_stream(torch.cuda.current_stream(self.device))
+        return self._finish_vision(vision)
+
+    def _finish_vision(self, vision: _VisionBatch) -> list[RequestOutput]:
+        """Split the batch's ViT output per image (into the image cache), give each request its
+        embeddings and hand it to the scheduler (requests aborted meanwhile are skipped)."""
+        try:
+            offset = 0
+            by_seq = {id(seq): plan for seq, plan in vision.plans}
+            for seq, i in vision.jobs:
+                start, end, image_hash = seq.image_spans[i]
+                rows = vision.embeds[offset : offset + end - start]
+                offset += end - start
+                by_seq[id(seq)][i] = rows
+                if image_hash is not None and self.image_cache.capacity_bytes > 0:
+                    self.image_cache.put(image_hash, rows)
+        except Exception as exc:
+            return self._fail_vision(vision, exc)
+        for seq, plan in vision.plans:
+            if seq.is_finished:
+                continue
             self._assemble_embeds(seq, plan)
             self.scheduler.add(seq)
         return []
+
+    def _fail_vision(self, vision: _VisionBatch, exc: Exception) -> list[RequestOutput]:
+        logger.exception("[glm-engine] vision encoder failed; aborting %d requests", len(vision.plans))
+        outputs = []
+        for seq, _ in vision.plans:
+            if seq.is_finished:
+                continue
+            self.block_manager.free(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            seq.image_patches = seq.image_grid_thw = None
+            outputs.append(self._output(seq, error=f"vision encoder error: {exc}"))
+        return outputs
 
     def _images_to_embed(self, seq: Sequence) -> list[int]:
         """Indices of the images of ``seq`` with tokens past its computed (cached) prefix."""
@@ -698,29 +770,27 @@ class Executor:
             row += end - start
         return plan
 
-    def _run_vision(
-        self, jobs: list[tuple[Sequence, int]], plans: list[tuple[Sequence, dict[int, torch.Tensor | None]]]
-    ) -> None:
-        """One packed ViT forward over the images of ``jobs``; fills their rows in ``plans`` and the image
-        cache."""
-        pixels, grids = [], []
-        for seq, i in jobs:
-            start, end = seq.image_input_offsets[i]
-            grid = seq.image_grid_thw[i : i + 1]
-            pixels.append(self.patch_normalizer(seq.image_patches[start:end], grid))
-            grids.append(grid)
-        with torch.inference_mode():
+    def _launch_vision(self, vision: _VisionBatch) -> None:
+        """One packed ViT forward over the images of ``vision.jobs`` into ``vision.embeds``: on the vision
+        stream without waiting (``vision.ready`` is recorded after it), or at once on CPU."""
+        stream = self._vision_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with (
+            torch.inference_mode(),
+            torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
+        ):
+            pixels, grids = [], []
+            for seq, i in vision.jobs:
+                start, end = seq.image_input_offsets[i]
+                grid = seq.image_grid_thw[i : i + 1]
+                pixels.append(self.patch_normalizer(seq.image_patches[start:end], grid))
+                grids.append(grid)
             grid = torch.cat(grids).to(torch.int64).cpu()
-            embeds = self.model.encode_images(torch.cat(pixels), grid)  # [sum(image tokens), hidden]
-        by_seq = {id(seq): plan for seq, plan in plans}
-        offset = 0
-        for seq, i in jobs:
-            start, end, image_hash = seq.image_spans[i]
-            rows = embeds[offset : offset + end - start]
-            offset += end - start
-            by_seq[id(seq)][i] = rows
-            if image_hash is not None and self.image_cache.capacity_bytes > 0:
-                self.image_cache.put(image_hash, rows)
+            vision.embeds = self.model.encode_images(torch.cat(pixels), grid)  # [sum(image tokens), hidden]
+            if stream is not None:
+                vision.ready = torch.cuda.Event()
+                vision.ready.record(stream)
 
     def _assemble_embeds(self, seq: Sequence, plan: dict[int, torch.Tensor | None]) -> None:
         """Set ``seq.image_embeds`` from ``plan``; images not in it (inside the cached prefix) get unwritten
@@ -794,7 +864,9 @@ class Executor:
                 self._aborted_ids.discard(o.request_id)
             self._stats = dataclasses.replace(
                 stats,
-                num_waiting=len(self.scheduler.waiting) + len(self._vision_waiting),
+                num_waiting=len(self.scheduler.waiting)
+                + len(self._vision_waiting)
+                + (len(self._vision_inflight.plans) if self._vision_inflight is not None else 0),
                 num_running=len(self.scheduler.running),
                 num_blocks_used=self.block_manager.num_used_blocks,
                 num_preemptions=self.scheduler.num_preemptions,
@@ -824,7 +896,10 @@ class Executor:
             self.scheduler.add(seq)  # scheduler.finish ends them; patches waiting for the ViT are dropped
             seq.image_patches = seq.image_grid_thw = None
         outputs = []
-        for seq in self._vision_waiting:
+        inflight, self._vision_inflight = self._vision_inflight, None
+        for seq in self._vision_waiting + ([s for s, _ in inflight.plans] if inflight is not None else []):
+            if seq.is_finished:
+                continue
             self.block_manager.free(seq)
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
             seq.image_patches = seq.image_grid_thw = None

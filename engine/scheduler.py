@@ -9,6 +9,10 @@ Contract of ``schedule() -> SchedulerOutput``:
     head of the queue gets a chunk or nobody behind it is admitted. With chunked prefill off, a prompt
     is only admitted when it fits the remaining budget whole. No new sequence is admitted in a step
     that preempted.
+  * Stall-free steps: in a step with decodes, (2) and (3) together get at most
+    ``max_num_prefill_tokens_with_decodes`` tokens (None: the rest of the budget), so a long prompt
+    is spread over several steps and no decode waits for all of it; a step without decodes gives
+    prompts the whole budget.
   * "No room" for a running sequence: the NEWEST running sequence (last admitted) is preempted by
     recompute: its blocks are freed, ``num_computed_tokens`` drops to 0 and it goes to the FRONT of the
     waiting queue; later it re-prefills prompt + tokens generated so far and goes on sampling (the tokens
@@ -65,10 +69,12 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: list[int] | tuple[int, ...] = (),
         enable_chunked_prefill: bool = True,
+        max_num_prefill_tokens_with_decodes: int | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_prefill_tokens_with_decodes = max_num_prefill_tokens_with_decodes
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -117,9 +123,12 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         # (1) decodes, then (2) running prefills; stable sort keeps admission order within each group
+        prefill_cap = None  # set once the decodes are scheduled (stall-free steps)
         for seq in sorted(self.running, key=lambda s: s.is_prefilling):
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this step
                 continue
+            if seq.is_prefilling and prefill_cap is None:
+                budget = prefill_cap = self._prefill_budget(out, budget)
             num_tokens = min(seq.num_new_tokens, budget)
             if num_tokens == 0:
                 continue
@@ -136,6 +145,8 @@ class Scheduler:
             budget -= num_tokens
 
         # (3) waiting, FCFS
+        if prefill_cap is None:
+            budget = self._prefill_budget(out, budget)
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
@@ -159,6 +170,13 @@ class Scheduler:
             out.num_scheduled_tokens.append(num_tokens)
             budget -= num_tokens
         return out
+
+    def _prefill_budget(self, out: SchedulerOutput, budget: int) -> int:
+        """What is left of ``budget`` for prompt chunks after the step's decodes (stall-free steps)."""
+        cap = self.max_num_prefill_tokens_with_decodes
+        if cap is None or not out.seqs or not self.enable_chunked_prefill:
+            return budget
+        return min(budget, cap)
 
     def _release_waiting_blocks(self, head: Sequence) -> bool:
         """With nothing running, free the cached blocks that sequences queued behind ``head`` hold, so the

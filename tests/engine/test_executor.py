@@ -487,3 +487,54 @@ def test_leaving_generate_early_aborts(model, model_config):
         time.sleep(0.05)
     assert not ex.has_unfinished() and ex.block_manager.num_used_blocks == 0
     ex.stop(timeout=10)
+
+
+@pytest.mark.gpu
+def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_checkpoint, model_config):
+    """float32 on CUDA: images arriving while other requests decode are encoded on the vision stream; the
+    requests join once their embeddings are ready and every token equals the reference loop's. A request
+    aborted while its ViT runs ends with "abort" and leaves no block behind."""
+    from engine.executor import CLIP_MEAN, CLIP_STD
+
+    mc = model_config
+    model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "float32", mc)
+    engine = {"block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "num_kv_blocks": 64}
+    ex = Executor(mc, EngineConfig(**engine), model=model)
+    assert ex._vision_stream is not None
+    per_channel = mc.vision_config.patch_dim // 3
+    mean = torch.tensor(CLIP_MEAN).repeat_interleave(per_channel)
+    std = torch.tensor(CLIP_STD).repeat_interleave(per_channel)
+    text = [GenerationRequest(f"t{i}", prompt(50 + i, 7), greedy(16, ignore_eos=True)) for i in range(2)]
+    images, references = [], {}
+    for i, grids in enumerate([[(1, 4, 6)], [(1, 6, 4), (1, 2, 2)]]):
+        ids, patches, grid, positions, delta = image_request(mc, f"v{i}", grids, seed=20 + i)
+        pixels = (patches.float() * torch.tensor(1 / 255, dtype=torch.float32) - mean) / std
+        embeds = model.encode_images(pixels.cuda(), grid)
+        references[f"v{i}"] = reference_greedy(model, mc, ids, 6, embeds, positions, delta)
+        images.append(
+            GenerationRequest(
+                f"v{i}", ids, greedy(6), image_patches=patches, image_grid_thw=grid,
+                mrope_positions=positions, mrope_delta=delta,
+            )
+        )  # fmt: skip
+    outputs = run_to_end(ex, {0: text, 3: images[:1], 5: images[1:]})
+    for req in text:
+        assert tokens(outputs[req.request_id]) == reference_greedy(
+            model, mc, req.prompt_token_ids, 16, ignore_eos=True
+        )
+    assert {k: tokens(outputs[k]) for k in references} == references
+
+    ids, patches, grid, positions, delta = image_request(mc, "gone", [(1, 4, 4)], seed=40)
+    ex.add_request(GenerationRequest("busy", prompt(60, 5), greedy(30, ignore_eos=True)))
+    ex.step()
+    ex.add_request(
+        GenerationRequest(
+            "gone", ids, greedy(4), image_patches=patches, image_grid_thw=grid, mrope_positions=positions,
+            mrope_delta=delta,
+        )
+    )  # fmt: skip
+    ex.step()
+    ex.abort("gone")
+    rest = run_to_end(ex)
+    assert rest["gone"][-1].finish_reason == "abort" and rest["busy"][-1].finish_reason == "length"
+    assert ex._vision_inflight is None and ex.block_manager.num_used_blocks == 0

@@ -13,7 +13,14 @@ EOS = 2
 
 
 def make_scheduler(
-    *, num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64, chunked=True
+    *,
+    num_blocks=64,
+    block_size=4,
+    max_num_seqs=8,
+    max_num_batched_tokens=16,
+    max_model_len=64,
+    chunked=True,
+    prefill_with_decodes=None,
 ) -> Scheduler:
     return Scheduler(
         BlockManager(num_blocks, block_size),
@@ -22,6 +29,7 @@ def make_scheduler(
         max_model_len=max_model_len,
         eos_token_ids=[EOS],
         enable_chunked_prefill=chunked,
+        max_num_prefill_tokens_with_decodes=prefill_with_decodes,
     )
 
 
@@ -58,6 +66,24 @@ def test_fcfs_chunked_prefill_and_decode_first():
     _, scheduled, _ = step(sched)
     assert scheduled == [("a", 1), ("b", 1), ("c", 1)]
     assert [s.num_output_tokens for s in (a, b, c)] == [3, 3, 2]
+
+
+def test_stall_free_steps_cap_prompt_tokens_beside_decodes():
+    sched = make_scheduler(max_num_batched_tokens=16, prefill_with_decodes=3)
+    a = make_seq("a", 4)
+    sched.add(a)
+    assert step(sched)[1] == [("a", 4)]  # no decodes yet: the whole budget
+    sched.add(make_seq("b", 7))
+    sched.add(make_seq("c", 2))
+    assert step(sched)[1] == [("a", 1), ("b", 3)]  # beside a decode: 3 prompt tokens in all
+    assert step(sched)[1] == [("a", 1), ("b", 3)]
+    assert step(sched)[1] == [("a", 1), ("b", 1), ("c", 2)]
+    assert step(sched)[1] == [("a", 1), ("b", 1), ("c", 1)]
+    off = make_scheduler(max_num_batched_tokens=16, prefill_with_decodes=3, chunked=False)
+    off.add(make_seq("a", 4))
+    step(off)
+    off.add(make_seq("b", 7))
+    assert step(off)[1] == [("a", 1), ("b", 7)]  # without chunked prefill a prompt is never cut
 
 
 def test_new_requests_join_running_batch():
