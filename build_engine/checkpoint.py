@@ -56,8 +56,25 @@ GLM_VOCAB_SIZE = 151552
 # Renders GLM-4.6V's prompt layout: `[gMASK]<sop>`, `<|user|>\n`, images as
 # `<|begin_of_image|><|image|><|end_of_image|>` directly followed by text, and with enable_thinking=False
 # a `/nothink` suffix on the last user turn plus an empty `<think></think>` after `<|assistant|>\n`.
+# With `tools`: GLM-4.5V's tool prompt in a system turn first, assistant `tool_calls` as
+# `<tool_call>name\n<arg_key>k</arg_key>\n<arg_value>v</arg_value>\n</tool_call>`, and `tool` turns as
+# `<tool_response>` blocks after one `<|observation|>`.
+TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
+TOOLS_FORMAT = (
+    "</tools>\n\nFor each function call, output the function name and arguments within the following XML "
+    "format:\n<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}"
+    "</arg_value>\n<arg_key>{arg-key-2}</arg_key>\n<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>"
+)
 CHAT_TEMPLATE = (
     "[gMASK]<sop>"
+    "{%- if tools -%}<|system|>{{ '\\n' }}"
+    + TOOLS_PROMPT.replace("\n", "{{ '\\n' }}")
+    + "{%- for tool in tools -%}{{ tool | tojson(ensure_ascii=False) }}{{ '\\n' }}{%- endfor -%}"
+    + TOOLS_FORMAT.replace("\n", "{{ '\\n' }}")
+    + "{%- endif -%}"
     "{%- set thinking_off = enable_thinking is defined and not enable_thinking -%}"
     "{%- set ns = namespace(last_user=-1) -%}"
     "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
@@ -80,6 +97,14 @@ CHAT_TEMPLATE = (
     "{%- if m.reasoning_content is defined and m.reasoning_content and loop.index0 > ns.last_user -%}"
     "<think>{{ m.reasoning_content }}</think>{{ '\\n' }}{%- else -%}<think></think>{{ '\\n' }}{%- endif -%}"
     "{{ text }}"
+    "{%- for tc in (m.tool_calls or []) -%}{%- set f = tc.function if tc.function is defined else tc -%}"
+    "{{ '\\n' }}<tool_call>{{ f.name }}{{ '\\n' }}{%- for k, v in f.arguments.items() -%}"
+    "<arg_key>{{ k }}</arg_key>{{ '\\n' }}<arg_value>"
+    "{{ v if v is string else v | tojson(ensure_ascii=False) }}</arg_value>{{ '\\n' }}"
+    "{%- endfor -%}</tool_call>{%- endfor -%}"
+    "{%- elif m.role == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}<|observation|>{%- endif -%}"
+    "{{ '\\n' }}<tool_response>{{ '\\n' }}{{ text }}{{ '\\n' }}</tool_response>"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- if thinking_off -%}<think></think>{{ '\\n' }}{%- endif -%}"

@@ -273,6 +273,53 @@ def open_image(data: bytes, field: str, limits: PreprocessLimits, decode: bool =
     )
 
 
+def parse_tools(tools_json: str | None) -> list[dict] | None:
+    """The `tools` input: a JSON list of OpenAI function tools ({"type": "function", "function": {"name",
+    "description", "parameters"}}), handed to the chat template; None when absent."""
+    if not tools_json:
+        return None
+    try:
+        tools = json.loads(tools_json)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"tools: not valid JSON ({exc})") from None
+    if not isinstance(tools, list):
+        raise InputError("tools: must be a JSON list of function tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise InputError(f'tools[{i}]: must be {{"type": "function", "function": {{"name": ...}}}}')
+    return tools
+
+
+def _normalize_tool_calls(message: dict, index: int) -> None:
+    """An assistant turn's OpenAI `tool_calls` with their `arguments` (a JSON string) as objects, the form
+    the chat template renders as <arg_key>/<arg_value> pairs."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return
+    if not isinstance(calls, list):
+        raise InputError(f"messages[{index}].tool_calls: must be a list")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InputError(f"messages[{index}].tool_calls[{j}].function: must have a name")
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    f"messages[{index}].tool_calls[{j}].function.arguments: not valid JSON ({exc})"
+                ) from None
+        if not isinstance(arguments, dict):
+            raise InputError(f"messages[{index}].tool_calls[{j}].function.arguments: must be a JSON object")
+        function["arguments"] = arguments
+
+
 def validate_sampling(
     *,
     max_tokens: int,
@@ -488,8 +535,11 @@ class Preprocessor:
             for i, m in enumerate(messages):
                 if not isinstance(m, dict) or "role" not in m:
                     raise InputError(f"messages[{i}]: must be an object with a role and a content")
-                if m["role"] not in ("system", "user", "assistant"):
-                    raise InputError(f"messages[{i}].role: {m['role']!r} must be system, user or assistant")
+                if m["role"] not in ("system", "user", "assistant", "tool"):
+                    raise InputError(
+                        f"messages[{i}].role: {m['role']!r} must be system, user, assistant or tool"
+                    )
+                _normalize_tool_calls(m, i)
                 content = m.get("content", "")
                 if content is None:
                     m["content"] = ""
@@ -520,10 +570,14 @@ class Preprocessor:
         parts.append({"type": "text", "text": text})
         return [{"role": "user", "content": parts}]
 
-    def render(self, messages: list[dict], enable_thinking: bool) -> str:
+    def render(self, messages: list[dict], enable_thinking: bool, tools: list[dict] | None = None) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+                messages,
+                tools=tools or None,
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=enable_thinking,
             )
         except Exception as exc:  # jinja errors on a malformed conversation
             raise InputError(f"messages: the chat template cannot render them ({exc})") from None
@@ -535,6 +589,7 @@ class Preprocessor:
         *,
         messages_json: str | None = None,
         enable_thinking: bool | None = None,
+        tools_json: str | None = None,
     ) -> PreprocessedRequest:
         import torch
 
@@ -543,7 +598,7 @@ class Preprocessor:
         infos = self.load_images(list(images or []))
         messages = self.build_messages(text, messages_json, len(infos))
         thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
-        prompt = self.render(messages, thinking)
+        prompt = self.render(messages, thinking, parse_tools(tools_json))
         image_rgb, grid, image_hashes = self.prepare_images(infos)
         num_tokens_per_image = [int(t * h * w) // self.merge_size**2 for t, h, w in grid.tolist()]
         if sum(num_tokens_per_image) > self.limits.max_image_tokens_per_request:

@@ -52,6 +52,7 @@ from .openai_schema import (
 )
 from .ratelimit import RateLimiter
 from .state import Gateway
+from .structured import ToolCallStream, parse_tool_calls
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -179,7 +180,8 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
         assert gw.http is not None and gw.client is not None
         images = await resolve_images(req.images, config, gw.http)
 
-        key_hash = cache_key(req, images) if gw.cache is not None and req.is_deterministic else None
+        is_cacheable = gw.cache is not None and req.is_deterministic and not req.wants_logprobs
+        key_hash = cache_key(req, images) if is_cacheable else None
         headers: dict[str, str] = {}
         cached = None
         if key_hash is not None:
@@ -211,6 +213,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                 "usage": usage_dict(
                     result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.cached_tokens
                 ),
+                "logprobs": list(result.logprobs),
             }
             gw.metrics.tokens.labels("prompt").inc(result.usage.prompt_tokens)
             gw.metrics.tokens.labels("completion").inc(result.usage.completion_tokens)
@@ -218,15 +221,19 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                 assert gw.cache is not None
                 await gw.cache.set(key_hash, cached)
         gw.metrics.latency.labels("/v1/chat/completions", "false").observe(time.monotonic() - started)
+        text = gw.output_filter.apply(strip_box_markers(cached["text"], gw.metrics))
+        text, tool_calls = parse_tool_calls(text, req.tools) if req.tools else (text, [])
         out = completion_body(
             new_completion_id(),
             req.model,
-            gw.output_filter.apply(strip_box_markers(cached["text"], gw.metrics)),
+            text,
             gw.output_filter.apply(strip_box_markers(cached["reasoning"], gw.metrics))
             if req.include_reasoning
             else "",
             cached["finish_reason"],
             cached["usage"],
+            tool_calls=tool_calls,
+            logprobs=cached.get("logprobs", []) if req.wants_logprobs else None,
         )
         return JSONResponse(out, headers=headers)
 
@@ -282,6 +289,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
             reasoning_parts: list[str] = []
             is_first_token = True
             is_finished = False  # [DONE] sent; otherwise the client went away mid-stream
+            tool_stream = ToolCallStream(req.tools) if req.tools else None
             item: Delta | Finish | BaseException = first
             try:
                 yield sse(chunk_body(completion_id, req.model, created, {"role": "assistant", "content": ""}))
@@ -308,6 +316,15 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                             else ""
                         )
                         text = text_filter.feed(strip_box_markers(item.text, gw.metrics))
+                        calls: list[dict[str, Any]] = []
+                        if tool_stream is not None:
+                            text, calls = tool_stream.feed(text)
+                        logprobs = list(item.logprobs) if req.wants_logprobs else None
+                        if logprobs and not text and not calls:
+                            text_delta = {"content": ""}
+                            yield sse(
+                                chunk_body(completion_id, req.model, created, text_delta, logprobs=logprobs)
+                            )
                         if reasoning:
                             yield sse(
                                 chunk_body(
@@ -315,9 +332,22 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                                 )
                             )
                         if text:
-                            yield sse(chunk_body(completion_id, req.model, created, {"content": text}))
+                            yield sse(
+                                chunk_body(
+                                    completion_id, req.model, created, {"content": text}, logprobs=logprobs
+                                )
+                            )
+                        for call in calls:
+                            yield sse(chunk_body(completion_id, req.model, created, {"tool_calls": [call]}))
                     else:
                         tail_r, tail_t = reasoning_filter.flush(), text_filter.flush()
+                        if tool_stream is not None:
+                            tail_t, calls = tool_stream.feed(tail_t)
+                            tail_t += tool_stream.flush()
+                            for call in calls:
+                                yield sse(
+                                    chunk_body(completion_id, req.model, created, {"tool_calls": [call]})
+                                )
                         if tail_r:
                             yield sse(
                                 chunk_body(completion_id, req.model, created, {"reasoning_content": tail_r})
@@ -327,10 +357,11 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                         usage = usage_dict(
                             item.usage.prompt_tokens, item.usage.completion_tokens, item.usage.cached_tokens
                         )
+                        finish_reason = item.finish_reason
+                        if tool_stream is not None and tool_stream.num_calls:
+                            finish_reason = "tool_calls"
                         yield sse(
-                            chunk_body(
-                                completion_id, req.model, created, {}, finish_reason=item.finish_reason
-                            )
+                            chunk_body(completion_id, req.model, created, {}, finish_reason=finish_reason)
                         )
                         if req.include_usage:
                             yield sse(chunk_body(completion_id, req.model, created, None, usage=usage))

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import GatewayConfig
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class ApiError(Exception):
@@ -64,6 +64,8 @@ class ChatRequest:
     include_usage: bool = False
     include_reasoning: bool = True  # False: reasoning_content is left out of the answer
     sampling: dict[str, Any] = field(default_factory=dict)  # glmv_client sampling kwargs
+    tools: list[dict[str, Any]] = field(default_factory=list)  # parse GLM tool calls out of the answer
+    wants_logprobs: bool = False
 
     @property
     def is_deterministic(self) -> bool:
@@ -153,6 +155,16 @@ def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
                 400, "'enable_thinking' must be a boolean.", param="chat_template_kwargs.enable_thinking"
             )
         sampling["enable_thinking"] = thinking
+    from .structured import parse_structured
+
+    structured = parse_structured(body)
+    sampling.update(structured.client_kwargs)
+    if "guide_type" in sampling and thinking:
+        raise ApiError(
+            400,
+            "'enable_thinking' must be false with response_format or a required tool_choice.",
+            param="chat_template_kwargs.enable_thinking",
+        )
     return ChatRequest(
         model=model,
         messages=messages,
@@ -163,6 +175,8 @@ def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
         include_usage=include_usage,
         include_reasoning=include_reasoning,
         sampling=sampling,
+        tools=structured.tools,
+        wants_logprobs=structured.wants_logprobs,
     )
 
 
@@ -181,7 +195,19 @@ def _convert_messages(raw: list[Any]) -> tuple[list[dict[str, Any]], list[ImageR
                 param=f"messages[{i}].role",
             )
         content = msg.get("content")
-        if isinstance(content, str):
+        if content is None and (role == "assistant" and msg.get("tool_calls")):
+            content = ""
+        if role == "tool" or msg.get("tool_calls"):
+            if not isinstance(content, str):
+                raise ApiError(
+                    400, f"messages[{i}].content must be a string.", param=f"messages[{i}].content"
+                )
+            message = {"role": role, "content": content}
+            if msg.get("tool_calls"):
+                message["tool_calls"] = msg["tool_calls"]
+            messages.append(message)
+            texts = [content]
+        elif isinstance(content, str):
             messages.append({"role": role, "content": content})
             texts = [content]
         elif isinstance(content, list):
@@ -283,10 +309,16 @@ def completion_body(
     finish_reason: str,
     usage: dict[str, int],
     created: int | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """``tool_calls``: parsed calls (finish_reason becomes "tool_calls"); ``logprobs``: content items."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if reasoning:
         message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = tool_calls
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -296,8 +328,8 @@ def completion_body(
             {
                 "index": 0,
                 "message": message,
-                "finish_reason": finish_reason_for(finish_reason),
-                "logprobs": None,
+                "finish_reason": "tool_calls" if tool_calls else finish_reason_for(finish_reason),
+                "logprobs": None if logprobs is None else {"content": logprobs},
             }
         ],
         "usage": usage,
@@ -311,6 +343,7 @@ def chunk_body(
     delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk (no choices)."""
     body: dict[str, Any] = {
@@ -324,8 +357,12 @@ def chunk_body(
             {
                 "index": 0,
                 "delta": delta,
-                "finish_reason": None if finish_reason is None else finish_reason_for(finish_reason),
-                "logprobs": None,
+                "finish_reason": None
+                if finish_reason is None
+                else finish_reason
+                if finish_reason == "tool_calls"
+                else finish_reason_for(finish_reason),
+                "logprobs": None if logprobs is None else {"content": logprobs},
             }
         ],
     }

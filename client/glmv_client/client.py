@@ -44,6 +44,7 @@ OUTPUTS = (
     "arrival_time_ns",
     "first_token_time_ns",
     "last_token_time_ns",
+    "logprobs",
 )
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 _UNAVAILABLE = ("StatusCode.UNAVAILABLE",)

@@ -18,6 +18,11 @@ import re
 
 #: The ensemble's input tensors; a server message starting with one of them is a bad request.
 ENSEMBLE_INPUTS = (
+    "guided_decoding_guide_type",
+    "guided_decoding_guide",
+    "return_log_probs",
+    "top_logprobs",
+    "tools",
     "text_input",
     "messages",
     "image_input",

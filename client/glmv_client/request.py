@@ -22,6 +22,7 @@ from .images import ImageLike, to_image_bytes
 
 MiB = 1024 * 1024
 UINT64_MAX = 2**64 - 1
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class GenerateRequest:
     min_tokens: int | None = None
     stream: bool = False
     request_id: str = ""
+    tools: str | None = None  # JSON list of OpenAI function tools, for the chat template
+    guide_type: str | None = None  # guided decoding: json | json_schema | regex | ebnf_grammar
+    guide: str | None = None  # the schema (JSON), regex or grammar
+    logprobs: int | None = None  # None: off; k: the token's logprob and the k most likely
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,6 +87,10 @@ def build_request(
     min_tokens: int | None = None,
     stream: bool = False,
     request_id: str = "",
+    tools: Sequence[dict[str, Any]] | None = None,
+    guide_type: str | None = None,
+    guide: str | None = None,
+    logprobs: int | None = None,
 ) -> GenerateRequest:
     """Validate the arguments of ``analyze`` / ``stream`` into a :class:`GenerateRequest`."""
     image_list = _as_image_list(images)
@@ -115,6 +124,16 @@ def build_request(
     if enable_thinking is not None and not isinstance(enable_thinking, bool):
         raise InvalidRequestError("enable_thinking", "must be a bool")
     stop_words = _check_stop(stop, limits.max_stop_words)
+    _check_int("logprobs", logprobs, 0, 20)
+    if guide_type is not None and guide_type not in GUIDE_TYPES:
+        raise InvalidRequestError("guide_type", f"{guide_type!r} must be one of {', '.join(GUIDE_TYPES)}")
+    if guide is not None and guide_type is None:
+        raise InvalidRequestError("guide_type", "missing: a guide needs its type")
+    tools_json = None
+    if tools is not None:
+        if not isinstance(tools, (list, tuple)):
+            raise InvalidRequestError("tools", "must be a list of function tools")
+        tools_json = json.dumps(list(tools), ensure_ascii=False)
 
     req = GenerateRequest(
         prompt=prompt,
@@ -133,6 +152,10 @@ def build_request(
         min_tokens=min_tokens,
         stream=stream,
         request_id=request_id,
+        tools=tools_json,
+        guide_type=guide_type,
+        guide=guide,
+        logprobs=logprobs,
     )
     # base64 in JSON and protobuf framing add overhead; 4/3 covers the worst case (HTTP).
     approx = req.num_image_bytes * 4 // 3 + len(prompt.encode()) + len(messages_json or "") + 4096
@@ -164,7 +187,7 @@ def _check_messages(messages: Sequence[dict[str, Any]], num_images: int) -> str:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise InvalidRequestError(f"messages[{i}]", "must be an object with 'role' and 'content'")
-        if msg["role"] not in ("system", "user", "assistant"):
+        if msg["role"] not in ("system", "user", "assistant", "tool"):
             raise InvalidRequestError(f"messages[{i}].role", f"unknown role {msg['role']!r}")
         content = msg["content"]
         if isinstance(content, list):
@@ -249,7 +272,28 @@ def tensor_values(req: GenerateRequest) -> dict[str, np.ndarray]:
         t["stop_words"] = np.array([w.encode() for w in req.stop], dtype=np.object_)
     if req.enable_thinking is not None:
         t["enable_thinking"] = np.array([req.enable_thinking], dtype=bool)
+    for name, value in _structured_inputs(req).items():
+        if isinstance(value, str):
+            t[name] = np.array([value.encode()], dtype=np.object_)
+        elif isinstance(value, bool):
+            t[name] = np.array([value], dtype=bool)
+        else:
+            t[name] = np.array([value], dtype=np.int32)
     return t
+
+
+def _structured_inputs(req: GenerateRequest) -> dict[str, Any]:
+    """tools, guided decoding and logprobs inputs, by tensor name (only those set)."""
+    values: dict[str, Any] = {}
+    if req.tools is not None:
+        values["tools"] = req.tools
+    if req.guide_type is not None:
+        values["guided_decoding_guide_type"] = req.guide_type
+        values["guided_decoding_guide"] = req.guide or ""
+    if req.logprobs is not None:
+        values["return_log_probs"] = True
+        values["top_logprobs"] = req.logprobs
+    return values
 
 
 def generate_json(req: GenerateRequest) -> dict[str, Any]:
@@ -275,4 +319,5 @@ def generate_json(req: GenerateRequest) -> dict[str, Any]:
             body[name] = value
     if req.stop:
         body["stop_words"] = list(req.stop)
+    body.update(_structured_inputs(req))
     return body

@@ -9,9 +9,10 @@ from the server's ``*_time_ns`` outputs when present.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ class Timings:
 class Delta:
     text: str
     reasoning: str
+    logprobs: tuple[dict[str, Any], ...] = ()  # OpenAI logprobs.content items of this delta's tokens
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Finish:
     finish_reason: str
     usage: Usage
     timings: Timings
+    logprobs: tuple[dict[str, Any], ...] = ()  # items of tokens no delta carried (no text of their own)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Result:
     finish_reason: str
     usage: Usage
     timings: Timings
+    logprobs: tuple[dict[str, Any], ...] = ()  # OpenAI logprobs.content items, when asked for
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,14 @@ class Response:
     num_cached_tokens: int = 0
     first_token_time_ns: int | None = None
     last_token_time_ns: int | None = None
+    logprobs: tuple[dict[str, Any], ...] = field(default=())
+
+
+def _logprob_items(raw: Any) -> tuple[dict[str, Any], ...]:
+    """The `logprobs` output (JSON list of items, empty when not asked) as a tuple."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    return tuple(json.loads(raw)) if raw else ()
 
 
 def response_from_tensors(get: Callable[[str], np.ndarray | None]) -> Response:
@@ -97,6 +109,7 @@ def response_from_tensors(get: Callable[[str], np.ndarray | None]) -> Response:
         arrival_time_ns=integer("arrival_time_ns"),
         first_token_time_ns=integer("first_token_time_ns"),
         last_token_time_ns=integer("last_token_time_ns"),
+        logprobs=_logprob_items(text("logprobs")),
     )
 
 
@@ -123,6 +136,7 @@ def response_from_json(obj: dict[str, Any]) -> Response:
         arrival_time_ns=integer("arrival_time_ns"),
         first_token_time_ns=integer("first_token_time_ns"),
         last_token_time_ns=integer("last_token_time_ns"),
+        logprobs=_logprob_items(value("logprobs")),
     )
 
 
@@ -136,6 +150,8 @@ class Assembler:
         self.text_parts: list[str] = []
         self.reasoning_parts: list[str] = []
         self.last: Response | None = None
+        self.logprobs: list[dict[str, Any]] = []  # every item so far
+        self.pending_logprobs: list[dict[str, Any]] = []  # items no delta has carried yet
 
     def restart(self) -> None:
         self.start = time.monotonic()
@@ -143,6 +159,10 @@ class Assembler:
     def add(self, resp: Response) -> Delta | None:
         """Record one response; the delta it carries (None when it carries no text)."""
         self.last = resp
+        if not self.is_stream:
+            self.logprobs = []
+        self.logprobs.extend(resp.logprobs)
+        self.pending_logprobs.extend(resp.logprobs)
         if not (resp.text or resp.reasoning):
             return None
         if self.first_token_at is None:
@@ -153,7 +173,8 @@ class Assembler:
         else:  # a non-streaming response carries the whole answer
             self.text_parts = [resp.text]
             self.reasoning_parts = [resp.reasoning]
-        return Delta(text=resp.text, reasoning=resp.reasoning)
+        carried, self.pending_logprobs = tuple(self.pending_logprobs), []
+        return Delta(text=resp.text, reasoning=resp.reasoning, logprobs=carried)
 
     @property
     def is_finished(self) -> bool:
@@ -178,6 +199,7 @@ class Assembler:
             timings=Timings(
                 ttft=ttft, total=now - self.start, server_ttft=server_ttft, server_total=server_total
             ),
+            logprobs=tuple(self.pending_logprobs),
         )
 
     def result(self) -> Result:
@@ -188,4 +210,5 @@ class Assembler:
             finish_reason=fin.finish_reason,
             usage=fin.usage,
             timings=fin.timings,
+            logprobs=tuple(self.logprobs),
         )

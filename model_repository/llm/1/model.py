@@ -73,6 +73,24 @@ def _scalar(request, name: str, default=None):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _text(request, name: str) -> str:
+    value = _scalar(request, name, b"")
+    return (value if isinstance(value, bytes) else str(value).encode()).decode("utf-8", errors="replace")
+
+
+def _guide(request, guide_class):
+    """engine.structured.Guide from `guided_decoding_guide_type` / `guided_decoding_guide`, or None."""
+    guide_type = _text(request, "guided_decoding_guide_type")
+    return guide_class(guide_type, _text(request, "guided_decoding_guide")) if guide_type else None
+
+
+def _logprobs(request) -> int | None:
+    """SamplingParams.logprobs: None unless `return_log_probs`; then `top_logprobs` (default 0)."""
+    if not _scalar(request, "return_log_probs", False):
+        return None
+    return int(_scalar(request, "top_logprobs", 0))
+
+
 @dataclass
 class RequestState:
     engine_id: str
@@ -94,6 +112,7 @@ class RequestState:
     fixed_tensors: list = field(default_factory=list)
     first_token_tensor: object = None
     last_cancel_check: float = 0.0  # time.monotonic() of the last is_cancelled() asked for it
+    logprobs: list = field(default_factory=list)  # (logprob, top) of each output token (non-streaming)
 
 
 class TritonPythonModel:
@@ -109,6 +128,11 @@ class TritonPythonModel:
 
         self.GenerationRequest = GenerationRequest
         self.SamplingParams = SamplingParams
+        from engine.structured import Guide
+
+        self.Guide = Guide
+        self.token_texts = None  # engine.logprobs.TokenTexts, made on the first request with logprobs
+        self.empty_log_probs = None  # the shared empty `output_log_probs` tensor
         # Several threads share the GIL here (engine loop, sender, cancellation, stats). With the default
         # 5 ms switch interval the engine loop could wait that long for the GIL after every GPU sync; a
         # short interval hands it back within 0.2 ms.
@@ -328,6 +352,7 @@ class TritonPythonModel:
             frequency_penalty=float(_scalar(request, "frequency_penalty", 0.0)),
             min_tokens=int(_scalar(request, "min_tokens", 0)),
             stop_token_ids=stop_token_ids,
+            logprobs=_logprobs(request),
         )
         rgb = _tensor(request, "image_rgb")
         grid = _tensor(request, "image_grid_thw")
@@ -371,6 +396,7 @@ class TritonPythonModel:
             image_hashes=_image_hashes(request, image_grid_thw),
             stop_strings=stop_strings if self.executor.tokenizer is not None else (),
             is_thinking=bool(_scalar(request, "is_thinking", False)),
+            guide=_guide(request, self.Guide),
         )
         state = RequestState(
             engine_id=engine_id,
@@ -451,6 +477,7 @@ class TritonPythonModel:
             text="".join(o.text for o in held),
             reasoning="".join(o.reasoning for o in held),
             first_token_time=held[0].first_token_time,
+            logprobs=None if held[-1].logprobs is None else [lp for o in held for lp in o.logprobs or ()],
         )
 
     def _send_output(self, output) -> None:
@@ -468,6 +495,8 @@ class TritonPythonModel:
                 self.m_itl.observe(max(0.0, gap) / len(now_tokens))
             state.last_token_time = output.last_token_time
         state.output_ids.extend(now_tokens)
+        if output.logprobs is not None and not state.is_streaming:
+            state.logprobs.extend(output.logprobs)
         state.text.append(output.text)
         state.reasoning.append(output.reasoning)
         is_final = output.is_finished
@@ -489,9 +518,11 @@ class TritonPythonModel:
             return
         if state.is_streaming:
             ids, text, reasoning = now_tokens, output.text, output.reasoning
+            new_ids, logprobs = now_tokens, output.logprobs
         else:
             ids = state.output_ids if state.exclude_input else state.prompt_ids + state.output_ids
             text, reasoning = "".join(state.text), "".join(state.reasoning)
+            new_ids, logprobs = state.output_ids, state.logprobs if output.logprobs is not None else None
         if not state.fixed_tensors:
             state.fixed_tensors = [
                 pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], np.int32)),
@@ -522,9 +553,30 @@ class TritonPythonModel:
                 "last_token_time_ns", np.array([self._wall_ns(output.last_token_time)], np.int64)
             ),
             *state.fixed_tensors,
+            *self._logprob_tensors(new_ids, logprobs),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if is_final else 0
         state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def _logprob_tensors(self, token_ids: list[int], logprobs: list | None) -> list:
+        """`output_log_probs` FP32 [n] (one per token of output_ids' new tokens) and `logprobs`, the
+        tokens' OpenAI `logprobs.content` items as JSON (eos and stop ids left out); empty when not asked."""
+        if logprobs is None:
+            if self.empty_log_probs is None:
+                self.empty_log_probs = pb_utils.Tensor("output_log_probs", np.zeros(0, np.float32))
+            return [self.empty_log_probs, self._shared_tensor("logprobs", b"", np.object_)]
+        if self.token_texts is None:
+            from engine.logprobs import TokenTexts
+
+            self.token_texts = TokenTexts(self.executor.tokenizer)
+        from engine.logprobs import content_items
+
+        skip = frozenset(self.executor.model_config.eos_token_ids)
+        items = content_items(token_ids, logprobs, self.token_texts, skip)
+        return [
+            pb_utils.Tensor("output_log_probs", np.array([lp for lp, _ in logprobs], np.float32)),
+            pb_utils.Tensor("logprobs", np.array([json.dumps(items).encode()], dtype=np.object_)),
+        ]
 
     def _text_tensor(self, name: str, text: str):
         """A [1] BYTES tensor of ``text``; the empty one is shared (`_shared_tensor`)."""

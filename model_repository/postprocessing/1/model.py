@@ -48,6 +48,15 @@ def _bytes_tensor(name: str, value: bytes) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.array([value], dtype=np.object_))
 
 
+def _logprob_tensors(inputs: dict) -> list:
+    """`output_log_probs` and `logprobs` as the llm sent them (empty when it sent none)."""
+    log_probs, items = inputs.get("output_log_probs"), inputs.get("logprobs")
+    return [
+        log_probs if log_probs is not None else pb_utils.Tensor("output_log_probs", np.zeros(0, np.float32)),
+        items if items is not None else _bytes_tensor("logprobs", b""),
+    ]
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -145,7 +154,7 @@ class TritonPythonModel:
             for name, dtype in PASS_THROUGH_INT:
                 tensor = inputs.get(name)
                 out.append(tensor if tensor is not None else pb_utils.Tensor(name, np.zeros(1, dtype)))
-            return out
+            return out + _logprob_tensors(inputs)
 
         def get(name: str):
             tensor = inputs.get(name)
@@ -174,4 +183,4 @@ class TritonPythonModel:
                 length = get("sequence_length")
                 value = length if length is not None else np.zeros(1)
             out.append(pb_utils.Tensor(name, np.array([0 if value is None else value[0]], dtype=dtype)))
-        return out
+        return out + _logprob_tensors(inputs)

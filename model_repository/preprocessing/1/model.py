@@ -41,6 +41,11 @@ def _strings(request, name: str) -> list[bytes]:
     return [x if isinstance(x, bytes) else str(x).encode() for x in tensor.as_numpy().reshape(-1)]
 
 
+def _text(request, name: str) -> str:
+    values = _strings(request, name)
+    return values[0].decode("utf-8", errors="replace") if values else ""
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -122,12 +127,29 @@ class TritonPythonModel:
             )
         enable_thinking = _scalar(request, "enable_thinking")
         stream = _scalar(request, "stream")
+        guide_type = _text(request, "guided_decoding_guide_type")
+        if guide_type and enable_thinking:
+            raise self.InputError(
+                "enable_thinking: must be false with guided_decoding_guide_type (the grammar holds the "
+                "answer from its first token)"
+            )
+        if guide_type:
+            enable_thinking = False
         out = self.preprocessor(
             text,
             _strings(request, "image_input"),
             messages_json=messages_json,
             enable_thinking=None if enable_thinking is None else bool(enable_thinking),
+            tools_json=_text(request, "tools") or None,
         )
+        guide = _text(request, "guided_decoding_guide")
+        if guide and not guide_type:
+            raise self.InputError(
+                "guided_decoding_guide_type: missing (json, json_schema, regex, ebnf_grammar)"
+            )
+        top_logprobs = _scalar(request, "top_logprobs")
+        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+            raise self.InputError(f"top_logprobs: {top_logprobs} is out of range (must be in [0, 20])")
         seed = sampling["seed"]
         if seed is None:  # unseeded sampling: a fresh seed per request
             seed = random.getrandbits(63)
@@ -161,4 +183,10 @@ class TritonPythonModel:
             # Unique per request: postprocessing uses it to stop the llm when the client cancels
             # (Triton does not pass an ensemble's cancellation to a step that is already running).
             pb_utils.Tensor("request_key", np.array([uuid.uuid4().hex.encode()], dtype=np.object_)),
+            pb_utils.Tensor("guided_decoding_guide_type", np.array([guide_type.encode()], dtype=np.object_)),
+            pb_utils.Tensor("guided_decoding_guide", np.array([guide.encode()], dtype=np.object_)),
+            pb_utils.Tensor(
+                "return_log_probs", np.array([bool(_scalar(request, "return_log_probs"))], np.bool_)
+            ),
+            i32("top_logprobs", top_logprobs, 0),
         ]
