@@ -302,6 +302,11 @@ def make_sample(
     )
 
 
+def _make_sample_args(args: tuple) -> Sample:
+    kind, size, lang, seed, num_images = args
+    return make_sample(kind, size, lang, seed=seed, num_images=num_images)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'1288x728' -> (1288, 728)."""
     try:
@@ -326,12 +331,19 @@ class Corpus:
         num_images: int = 1,
         pool_size: int = 24,
         seed: int = 0,
+        workers: int = 1,
     ) -> None:
+        """``workers`` > 1 renders the pool in that many processes (the same samples, faster)."""
         combos = [(k, s, lang) for s in sizes for k in kinds for lang in langs]
         count = max(pool_size, len(combos))
-        self.samples = [
-            make_sample(*combos[i % len(combos)], seed=seed + i, num_images=num_images) for i in range(count)
-        ]
+        args = [(*combos[i % len(combos)], seed + i, num_images) for i in range(count)]
+        if workers > 1 and count > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(workers, count)) as pool:
+                self.samples = list(pool.map(_make_sample_args, args, chunksize=4))
+        else:
+            self.samples = [_make_sample_args(a) for a in args]
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -144,6 +144,7 @@ def _full_executor(device: str, quantization: str = "none"):
         dtype="bfloat16",
         max_num_seqs=64,
         max_num_batched_tokens=8192,
+        max_model_len=32768,
         gpu_memory_utilization=0.9,
         quantization=quantization,
     )

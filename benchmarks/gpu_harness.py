@@ -266,7 +266,19 @@ async def serve_phases(
     from benchmarks.reuse import QuestionsPerImage, conversation, follow_up_pairs
 
     sizes = {"448": (448, 448), "1288": (1288, 728)}
+    # Every request of the TTFT and throughput runs brings an image no earlier request brought (the caches
+    # must not flatter them): the warm-up, the TTFT runs and each throughput run draw from their own seeds,
+    # rendered up front in worker processes.
+    workers = max(1, min(16, os.cpu_count() or 1))
     corpora = {k: Corpus(sizes=[v], pool_size=12) for k, v in sizes.items()}
+    warm_corpora = {k: Corpus(sizes=[v], pool_size=3, seed=900) for k, v in sizes.items()}
+    unique = {
+        ("448", 32): Corpus(sizes=[sizes["448"]], pool_size=128, seed=10_000, workers=workers),
+        ("1288", 32): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=20_000, workers=workers),
+        ("1288", 64): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=30_000, workers=workers),
+        ("1288", 128): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=40_000, workers=workers),
+    }
+    harness.log(f"serve: rendered {sum(len(c) for c in unique.values())} unique images")
     target = make_target(target_kind, url, None, 128)
     runs: list[dict] = []
     record["runs"] = runs
@@ -299,8 +311,8 @@ async def serve_phases(
     one = RequestParams(max_tokens=1, ignore_eos=True, timeout_s=120)
 
     async def warmup():
-        recs = await _sequential(target, corpora["448"], RequestParams(max_tokens=4, timeout_s=300), 2)
-        recs += await _sequential(target, corpora["1288"], RequestParams(max_tokens=4, timeout_s=300), 1)
+        recs = await _sequential(target, warm_corpora["448"], RequestParams(max_tokens=4, timeout_s=300), 2)
+        recs += await _sequential(target, warm_corpora["1288"], RequestParams(max_tokens=4, timeout_s=300), 1)
         return {
             "errors": [r.error for r in recs if r.error],
             "e2e_ms": [round((r.e2e_s or 0) * 1e3, 1) for r in recs],
@@ -327,7 +339,7 @@ async def serve_phases(
             params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
             sampler.take_peak()
             records, wall = await _closed(
-                target, corpora[size], params, concurrency, num_requests, duration_s
+                target, unique[(size, concurrency)], params, concurrency, num_requests, duration_s
             )
             run = {"concurrency": concurrency, **summarize(records, wall), "gpu_mem_gb": sampler.take_peak()}
             # after the opening burst of `concurrency` simultaneous requests (None if too few followed)
@@ -350,9 +362,8 @@ async def serve_phases(
 
     def questions_per_image(concurrency: int, num_images: int, per_image: int):
         async def go():
-            corpus = QuestionsPerImage(
-                Corpus(sizes=[sizes["1288"]], pool_size=num_images, seed=2000), num_images, per_image
-            )
+            images = Corpus(sizes=[sizes["1288"]], pool_size=num_images, seed=2000, workers=workers)
+            corpus = QuestionsPerImage(images, num_images, per_image)
             params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
             records, wall = await _closed(target, corpus, params, concurrency, len(corpus), 60.0)
             run = {"concurrency": concurrency, "images": num_images, "questions_per_image": per_image}
@@ -361,6 +372,36 @@ async def serve_phases(
             return run
 
         return go
+
+    def poisson(rate: float, duration_s: float):
+        """Open loop: Poisson arrivals of unique 1288x728 screenshots at ``rate`` req/s, 128 out."""
+
+        async def go():
+            from benchmarks.run import Progress, open_loop
+
+            corpus = Corpus(sizes=[sizes["1288"]], pool_size=int(rate * duration_s) + 8, seed=int(50_000 + rate * 1000),
+                            workers=workers)  # fmt: skip
+            params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=120)
+            progress = Progress(f"rate={rate}", 5.0, duration_s)
+            started = time.perf_counter()
+            records = await open_loop(target, corpus, params, rate, duration_s, None, 0, progress)
+            run = {"rate": rate, **summarize(records, time.perf_counter() - started)}
+            return run
+
+        return go
+
+    async def large_images():
+        """TTFT of one request each: 1920x1080, 2560x1440, 3840x2160, and four 1288x728 screenshots."""
+        out = {}
+        for name, size, count in (
+            ("1920x1080", (1920, 1080), 1),
+            ("2560x1440", (2560, 1440), 1),
+            ("3840x2160", (3840, 2160), 1),
+            ("4x1288x728", (1288, 728), 4),
+        ):
+            corpus = Corpus(sizes=[size], pool_size=3, seed=60_000 + size[0], num_images=count)
+            out[name] = _ttft_summary(await _sequential(target, corpus, one, 3))
+        return out
 
     async def chat(turns: int = 4, count: int = 3):
         """``count`` conversations of ``turns`` turns about one screenshot each, one turn at a time."""
@@ -384,6 +425,9 @@ async def serve_phases(
         await sub("followup_1288", 20, follow_up)
         await sub("reuse_c32_1288", 40, questions_per_image(32, 64, 4))
         await sub("conversation_1288", 20, chat)
+        await sub("poisson_5", 40, poisson(5.0, 20.0))
+        await sub("poisson_9", 40, poisson(9.0, 20.0))
+        await sub("large_images", 30, large_images)
         # 64 and 128 at once: every request of one wave in flight together, none may fail
         await sub("c64_1288", 40, throughput("1288", 64, 128, 15.0))
         await sub("c128_1288", 40, throughput("1288", 128, 128, 10.0))
@@ -547,12 +591,13 @@ def table(doc: dict) -> str:
                 f"{name} after its opening burst: {steady['rps']:.2f} req/s, {steady['output_tok_s']:.1f} tok/s, "
                 f"TTFT P95 {steady['ttft_ms']['p95']:.0f} ms ({steady['requests']} requests)"
             )
-    for name in ("c32_1288", "reuse_c32_1288"):
+    for name in ("c32_448", "c32_1288", "reuse_c32_1288", "poisson_5", "poisson_9"):
         run = serve.get(name) or {}
         if "requests" in run:
             itl = run.get("itl_ms") or {}
             lines.append(
-                f"{name}: {run['rps']:.2f} req/s, {run['requests']} ok, {run['errors']} errors, ITL P50/P99 "
+                f"{name}: {run['rps']:.2f} req/s, {run['requests']} ok, {run['errors']} errors, TTFT P50/P99 "
+                f"{(run.get('ttft_ms') or {}).get('p50') or 0:.0f}/{(run.get('ttft_ms') or {}).get('p99') or 0:.0f} ms, ITL P50/P99 "
                 f"{itl.get('p50') or 0:.1f}/{itl.get('p99') or 0:.1f} ms, cache hit rate {run.get('cache_hit_rate')}"
             )
     follow = serve.get("followup_1288") or {}
@@ -636,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         "--serve-phases",
         default="",
         help="comma list of serve sub-phases to run (default: all): ttft_448, ttft_1288, decode_b1, c32_448, "
-        "c32_1288, followup_1288, reuse_c32_1288, conversation_1288, c64_1288, c128_1288",
+        "c32_1288, followup_1288, reuse_c32_1288, conversation_1288, poisson_5, poisson_9, large_images, "
+        "c64_1288, c128_1288",
     )
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))

@@ -54,6 +54,15 @@ def _request(ex, mc, size: tuple[int, int], rid: str, gen: torch.Generator):
     )
 
 
+def _follow_up(req, rid: str, gen: torch.Generator):
+    """Another question about the same image: the prompt up to the image's end, then 26 new tokens."""
+    import dataclasses
+
+    end = max(i for i, t in enumerate(req.prompt_token_ids) if t == req.prompt_token_ids[5]) + 2
+    tail = torch.randint(0, 150000, (len(req.prompt_token_ids) - end,), generator=gen).tolist()
+    return dataclasses.replace(req, request_id=rid, prompt_token_ids=req.prompt_token_ids[:end] + tail)
+
+
 def _first_step_ms(ex, req) -> float:
     _sync()
     t = time.perf_counter()
@@ -107,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sizes", default="448x448,1288x728")
     ap.add_argument("--context", type=int, default=1236)
+    ap.add_argument(
+        "--quick-sizes",
+        default="1920x1080,2560x1440,3840x2160",
+        help="sizes measured for their first step only (ViT + prefill alone)",
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda"
@@ -141,7 +155,44 @@ def main(argv: list[str] | None = None) -> int:
             "profiled_cuda_ms": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3,
             "prompt_tokens": len(req.prompt_token_ids),
         }
+        # a follow-up question about an image seen once: its prefix (the image included) is cached
+        cold, warm = [], []
+        for i in range(3):
+            first = _request(ex, mc, size, f"f{i}", gen)
+            cold.append(_first_step_ms(ex, first))
+            warm.append(_first_step_ms(ex, _follow_up(first, f"f{i}b", gen)))
+        first = _request(ex, mc, size, "fprof", gen)
+        _first_step_ms(ex, first)
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            _first_step_ms(ex, _follow_up(first, "fprof-b", gen))
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
+        (args.out / f"ttft_profile_followup_{size_text}.txt").write_text(table)
+        res["sizes"][size_text]["follow_up_first_step_ms"] = sorted(warm)[1]
+        res["sizes"][size_text]["follow_up_cold_first_step_ms"] = sorted(cold)[1]
         print(size_text, json.dumps(res["sizes"][size_text]))
+
+    # large images: the first step alone (ViT + prefill, chunked at the step budget)
+    for size_text in filter(None, args.quick_sizes.split(",")):
+        size = tuple(int(v) for v in size_text.split("x"))
+        _first_step_ms(ex, _request(ex, mc, size, f"qw{size_text}", gen))
+        times = [_first_step_ms(ex, _request(ex, mc, size, f"q{size_text}-{i}", gen)) for i in range(3)]
+        res["sizes"][size_text] = {"first_step_ms": sorted(times)[1]}
+        print(size_text, json.dumps(res["sizes"][size_text]))
+
+    # a 1288x728 prompt prefilled in chunks of 512 tokens against one step of 2048
+    chunked = {}
+    for budget in (2048, 512):
+        ex.scheduler.max_num_batched_tokens = budget
+        _first_step_ms(ex, _request(ex, mc, (1288, 728), f"cw{budget}", gen))
+        times = [_first_step_ms(ex, _request(ex, mc, (1288, 728), f"c{budget}-{i}", gen)) for i in range(3)]
+        chunked[f"budget_{budget}_ms"] = sorted(times)[1]
+    ex.scheduler.max_num_batched_tokens = ex.engine_config.max_num_batched_tokens
+    chunked["ratio"] = chunked["budget_512_ms"] / chunked["budget_2048_ms"]
+    res["chunked_prefill_1288"] = chunked
+    print("chunked prefill 1288x728:", json.dumps(chunked))
 
     # decode at batch 1 with a long context (the harness's case), and with a short one
     from engine.executor import GenerationRequest
