@@ -717,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                         engine_out,
                         device="cuda",
                         dtype="bfloat16",
-                        timeout_s=harness.left() - 150,
+                        timeout_s=max(90.0, harness.left() - 150),
                         extra_args=extra,
                     )
                     rec["output"] = str(engine_out)
