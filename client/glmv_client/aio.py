@@ -21,13 +21,13 @@ import tritonclient.grpc.aio as aiogrpc
 from tritonclient.utils import InferenceServerException
 
 from .client import (
-    OUTPUTS,
     ClientSettings,
     checked_json_response,
     grpc_channel_args,
     grpc_inputs,
     http_error_message,
     is_connection_error,
+    output_names,
 )
 from .errors import RequestTimeoutError, ServerError, ServerUnavailableError
 from .images import ImageLike
@@ -51,9 +51,13 @@ class AsyncClient(ClientSettings):
     async def analyze(
         self, images: ImageLike | Sequence[ImageLike] | None, prompt: str, **sampling: Any
     ) -> Result:
-        """The whole answer to ``prompt`` about ``images``."""
-        req = build_request(images, prompt, limits=self.limits, stream=False, **sampling)
-        asm = Assembler(is_stream=False)
+        """The whole answer to ``prompt`` about ``images``.
+
+        Asked of the server as a stream and folded here: Triton 2.51 hands an ensemble's cancellation only
+        to the steps after it, so a request that sends no response before its last could not be stopped
+        when this call is cancelled (a gateway client that went away)."""
+        req = build_request(images, prompt, limits=self.limits, stream=True, **sampling)
+        asm = Assembler(is_stream=True)
         responses = self._responses(req, asm)
         try:
             async for resp in responses:
@@ -157,7 +161,7 @@ class AsyncClient(ClientSettings):
         request = {
             "model_name": self.model,
             "inputs": grpc_inputs(req),
-            "outputs": [grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
+            "outputs": [grpcclient.InferRequestedOutput(n) for n in output_names(req)],
             "request_id": request_id,
         }
 
@@ -171,10 +175,19 @@ class AsyncClient(ClientSettings):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise self._timeout_error()
+                # Not asyncio.wait_for: on Python < 3.12 it returns the result when a cancellation lands in
+                # the same loop step as the response, and the cancelled caller then runs on unaware, its
+                # request generating to the end. asyncio.wait always raises the cancellation.
+                next_response = asyncio.ensure_future(call.__anext__())
                 try:
-                    result, error = await asyncio.wait_for(call.__anext__(), remaining)
-                except asyncio.TimeoutError:
-                    raise self._timeout_error() from None
+                    done, _ = await asyncio.wait({next_response}, timeout=remaining)
+                finally:
+                    if not next_response.done():
+                        next_response.cancel()
+                if not done:
+                    raise self._timeout_error()
+                try:
+                    result, error = next_response.result()
                 except StopAsyncIteration:
                     raise ServerError("the stream ended without a finish_reason") from None
                 except Exception as exc:  # grpc.aio.AioRpcError

@@ -44,8 +44,14 @@ OUTPUTS = (
     "arrival_time_ns",
     "first_token_time_ns",
     "last_token_time_ns",
-    "logprobs",
 )
+
+
+def output_names(req: GenerateRequest) -> tuple[str, ...]:
+    """The outputs to ask for: ``logprobs`` only when the request wants them (older servers lack it)."""
+    return OUTPUTS + ("logprobs",) if req.logprobs is not None else OUTPUTS
+
+
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 _UNAVAILABLE = ("StatusCode.UNAVAILABLE",)
 
@@ -239,7 +245,7 @@ class Client(ClientSettings):
                 client.async_stream_infer(
                     self.model,
                     grpc_inputs(req),
-                    outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
+                    outputs=[grpcclient.InferRequestedOutput(n) for n in output_names(req)],
                     request_id=request_id,
                 )
             except InferenceServerException as exc:
