@@ -46,8 +46,8 @@ def test_image_count_and_prompt_checks(png_bytes):
         build_request(None, "  ", limits=LIMITS)
     with pytest.raises(InvalidRequestError, match="1 image parts but 0 images"):
         build_request(None, "", limits=LIMITS, messages=[{"role": "user", "content": [{"type": "image"}]}])
-    with pytest.raises(InvalidRequestError, match=r"^messages\[0\].role: unknown role 'tool'"):
-        build_request(None, "", limits=LIMITS, messages=[{"role": "tool", "content": "x"}])
+    with pytest.raises(InvalidRequestError, match=r"^messages\[0\].role: unknown role 'robot'"):
+        build_request(None, "", limits=LIMITS, messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(InvalidRequestError, match="max_message_bytes"):
         build_request([png_bytes], "hi", limits=Limits(max_message_bytes=1000))
 
