@@ -5,6 +5,8 @@
 #
 #   tritonclient      the gRPC client (pure Python, 0.1 MB)
 #   python-rapidjson  imported by tritonclient.grpc (1.8 MB)
+#   xgrammar, apache-tvm-ffi  guided decoding in the llm (xgrammar also imports pydantic, which the
+#                     machine must have for guided requests; requests without a guide never import it)
 #   nvidia-pytriton   only for the Triton 2.51 server it bundles; slimmed here: the stubs for Pythons other
 #                     than 3.12 and the libpython3.13 they need are dropped (55 MB -> 40 MB)
 #   grpcio, protobuf  only with WITH_GRPC=1 (7.7 MB): tritonclient 2.73's generated code needs grpcio >= 1.81.1
@@ -34,6 +36,7 @@ download() {  # download DIR SPEC...
 }
 
 download "$DEST" tritonclient==2.73.0 python-rapidjson==1.25
+download "$DEST" xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2  # guided decoding (engine/structured.py), 5 MB
 if [ "${WITH_GRPC:-0}" = 1 ]; then
   download "$DEST" grpcio==1.85.1 protobuf==6.33.5
 fi
