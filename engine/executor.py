@@ -309,6 +309,13 @@ class Executor:
         req.sampling.validate()
         prompt = [int(t) for t in req.prompt_token_ids]
         self.scheduler.check_prompt(len(prompt))
+        num_tokens = len(prompt) + req.sampling.max_tokens
+        if num_tokens > self.max_model_len:  # min_tokens <= max_tokens: also what min_tokens can never reach
+            raise ValueError(
+                f"max_tokens: prompt {len(prompt)} + max_tokens {req.sampling.max_tokens} = {num_tokens} "
+                f"tokens, over the limit of {self.max_model_len} tokens (max_model_len, capped at the KV "
+                "cache capacity)"
+            )
         vocab_size = self.model_config.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
         if bad is not None:

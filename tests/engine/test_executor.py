@@ -338,6 +338,15 @@ def test_add_request_rejects_bad_requests(model, model_config):
             r"^prompt_token_ids: .*33 tokens, over the limit of 32",
         ),
         (GenerationRequest("a", [], greedy(1)), r"^prompt_token_ids: the prompt is empty"),
+        (
+            GenerationRequest("a", prompt(0, 30), greedy(3)),
+            r"^max_tokens: prompt 30 \+ max_tokens 3 = 33 tokens, over the limit of 32 tokens \(max_model_len, "
+            r"capped at the KV cache capacity\)$",
+        ),
+        (
+            GenerationRequest("a", prompt(0, 10), SamplingParams(max_tokens=40, min_tokens=40)),
+            r"^max_tokens: prompt 10 \+ max_tokens 40 = 50 tokens, over the limit of 32",
+        ),
         (GenerationRequest("a", [1, 99999], greedy(1)), r"^prompt_token_ids: token id 99999"),
         (GenerationRequest("a", [1], SamplingParams(top_p=0.0)), r"^top_p: "),
         (
@@ -473,7 +482,7 @@ def test_leaving_generate_early_aborts(model, model_config):
 
     async def first_two():
         seen = []
-        async for out in ex.generate(GenerationRequest("early", prompt(8, 5), greedy(500, ignore_eos=True))):
+        async for out in ex.generate(GenerationRequest("early", prompt(8, 5), greedy(200, ignore_eos=True))):
             seen.append(out)
             if len(seen) == 2:
                 break
