@@ -58,6 +58,10 @@ class TritonPythonModel:
         self.validate_sampling = validate_sampling
         engine_dir = _param(config, "engine_dir")
         self.limits = PreprocessLimits.from_engine_dir(engine_dir)
+        from engine.input_bounds import TEXT_INPUTS, InputBounds
+
+        self.bounded_inputs = (*TEXT_INPUTS, "image_input")
+        self.bounds = InputBounds.from_limits(self.limits)
         self.preprocessor = Preprocessor(engine_dir, self.limits)
         self.default_max_tokens = int(_param(config, "default_max_tokens", "256") or 256)
         labels = {"model": args["model_name"], "version": args["model_version"]}
@@ -99,6 +103,8 @@ class TritonPythonModel:
         return responses
 
     def _process(self, request) -> list:
+        for name in self.bounded_inputs:  # by bytes, before any decoding or tokenizing
+            self.bounds.check(name, _strings(request, name))
         texts = _strings(request, "text_input")
         messages = _strings(request, "messages")
         text = texts[0].decode("utf-8", errors="replace") if texts else None
