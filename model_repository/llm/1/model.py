@@ -27,10 +27,12 @@ patchifies, normalizes and encodes on its own GPU in its loop thread, or as `pro
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -117,6 +119,9 @@ class RequestState:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        # `kill -USR1 <pid of this stub>` prints every thread's Python stack to the server log: where a
+        # stuck engine loop or sender is waiting.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         config = json.loads(args["model_config"])
         python_path = _param(config, "python_path")
         if python_path and os.path.isdir(python_path) and python_path not in sys.path:
@@ -625,3 +630,11 @@ class TritonPythonModel:
         self.send_queue.put(None)
         for thread in self.threads:
             thread.join(timeout=10)
+        # Metrics are released here, while the stub still serves them: a MetricFamily left for the stub's
+        # own teardown clears its metrics through the stub being destroyed and the stub segfaults on
+        # every shutdown (triton-inference-server/server#8662).
+        self.m_finished_by_reason.clear()
+        self.cache_counters.clear()
+        for name in [n for n in vars(self) if n.startswith("m_")]:
+            delattr(self, name)
+        self.families.clear()
