@@ -635,6 +635,9 @@ class TritonPythonModel:
         # every shutdown (triton-inference-server/server#8662).
         self.m_finished_by_reason.clear()
         self.cache_counters.clear()
+        # Likewise the response tensors kept for reuse: freed now, not after the stub's shared memory is gone.
+        self.shared_tensors.clear()
+        self.states.clear()
         for name in [n for n in vars(self) if n.startswith("m_")]:
             delattr(self, name)
         self.families.clear()

@@ -79,6 +79,11 @@ class TritonPythonModel:
         )
         self.errors = self.errors_family.Metric(labels=labels)
 
+    def finalize(self) -> None:
+        # Released while the stub still serves them: a MetricFamily left for the stub's own teardown
+        # segfaults it on every shutdown (triton-inference-server/server#8662).
+        del self.latency, self.errors, self.latency_family, self.errors_family
+
     def execute(self, requests):
         responses = []
         for request in requests:
