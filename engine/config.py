@@ -267,7 +267,9 @@ class EngineConfig:
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
     max_num_vision_patches: int = 8192  # most ViT patches in one packed forward (one step of the llm)
     vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
-    async_vision: bool = True  # run the ViT on its own CUDA stream beside the decode steps (CUDA only)
+    # Run the ViT on its own CUDA stream beside the decode steps (CUDA only). Off: under 32 concurrent
+    # requests through Triton on an H200 the engine stalled with it on (cause not found yet).
+    async_vision: bool = False
     prefill_cuda_graphs: bool = (
         True  # replay fresh prompt chunks from CUDA graphs per token bucket (CUDA only)
     )
