@@ -38,7 +38,12 @@ def test_non_streaming_answer(make_gateway, png_data_uri, png_bytes):
         "reasoning_content": "thinking about 1 images",
     }
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 13, "completion_tokens": 12, "total_tokens": 25}
+    assert body["usage"] == {
+        "prompt_tokens": 13,
+        "completion_tokens": 12,
+        "total_tokens": 25,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_streaming_answer_with_usage(make_gateway):
@@ -63,6 +68,7 @@ def test_streaming_answer_with_usage(make_gateway):
         "prompt_tokens": 2,
         "completion_tokens": 6,
         "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 
