@@ -243,7 +243,11 @@ BAD_INPUTS = [
     ("format", {"images": [b"II*\x00" + b"\x00" * 100]}, "image_input[0]: not a PNG/JPEG/WebP/BMP/GIF image"),
     ("too many images", {"images": [png(56, 56)] * 3}, "image_input: 3 images, over the limit of 2"),
     ("prompt too long", {"text": "word " * 600}, "text_input: the prompt is"),
-    ("text bytes", {"text": "x" * 8193}, "text_input: 8193 bytes, over the limit of 8192 bytes (max_text_bytes"),
+    (
+        "text bytes",
+        {"text": "x" * 8193},
+        "text_input: 8193 bytes, over the limit of 8192 bytes (max_text_bytes",
+    ),
     ("stop_words bytes", {"stop_words": np.array([b"s" * 8193], np.object_)}, "stop_words: 8193 bytes, over"),
     ("max_tokens 0", {"max_tokens": 0}, "max_tokens: 0 is out of range"),
     ("max_tokens over", {"max_tokens": 401}, "max_tokens: 401 is over the limit of 400"),
