@@ -104,7 +104,9 @@ class Stream:
             response = result.get_response()
             parts = results.setdefault(response.id, [])
             if response.outputs:
-                parts.append({o.name: result.as_numpy(o.name)[0] for o in response.outputs})
+                arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
+                # first element of each output; an empty one (output_log_probs when not asked) stays empty
+                parts.append({name: a[0] if a.size else a for name, a in arrays.items()})
             if response.parameters["triton_final_response"].bool_param:
                 done += 1
         return results
