@@ -507,7 +507,13 @@ def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_
 
     mc = model_config
     model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "float32", mc)
-    engine = {"block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "num_kv_blocks": 64}
+    engine = {
+        "block_size": BLOCK_SIZE,
+        "max_model_len": 256,
+        "device": "cuda",
+        "num_kv_blocks": 64,
+        "async_vision": True,
+    }
     ex = Executor(mc, EngineConfig(**engine), model=model)
     assert ex._vision_stream is not None
     per_channel = mc.vision_config.patch_dim // 3
