@@ -152,6 +152,8 @@ class Executor:
         self.model_config = model_config
         self.engine_config = engine_config
         self.device = torch.device(engine_config.device)
+        if self.device.type == "cuda" and self.device.index is None:  # the loop thread sets it by index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if model is None:
             if weights_dir is None:
                 model = Glm4vModel.dummy(model_config, self.device, engine_config.dtype, engine_config.seed)
