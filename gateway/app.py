@@ -291,6 +291,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
             is_finished = False  # [DONE] sent; otherwise the client went away mid-stream
             tool_stream = ToolCallStream(req.tools) if req.tools else None
             item: Delta | Finish | BaseException = first
+            getter: asyncio.Future | None = None
             try:
                 yield sse(chunk_body(completion_id, req.model, created, {"role": "assistant", "content": ""}))
                 while True:
@@ -390,6 +391,8 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
                     item = getter.result()
             finally:
                 watcher.cancel()
+                if getter is not None and not getter.done():
+                    getter.cancel()  # the response was closed while it waited for the next event
                 if not is_finished:
                     gw.metrics.disconnects.inc()
                 if not producer.done():
