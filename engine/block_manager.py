@@ -192,18 +192,6 @@ class BlockManager:
         self.num_reused_blocks += len(hits)
         return seq.num_computed_tokens
 
-    def peek_prefix(self, seq: Sequence) -> int:
-        """Tokens ``match_prefix`` would find now, without taking anything."""
-        if not self.enable_prefix_caching:
-            return 0
-        limit = (len(seq) - 1) // self.block_size
-        num_hits = 0
-        for h in self._hashes(seq, limit):
-            if h not in self.block_of_hash:
-                break
-            num_hits += 1
-        return num_hits * self.block_size
-
     def commit(self, seq: Sequence) -> None:
         """Make ``seq``'s full, computed blocks findable by their hash."""
         if not self.enable_prefix_caching:

@@ -520,6 +520,11 @@ class Executor:
                 self._stats,
                 num_waiting=self._stats.num_waiting + len(self._new_seqs),
                 is_loop_running=self._thread is not None and self._thread.is_alive(),
+                # counters the loop thread only adds to: read here, not copied after every step
+                prefix_cache=self.block_manager.stats,
+                num_image_cache_hits=self.image_cache.num_hits,
+                num_image_cache_misses=self.image_cache.num_misses,
+                image_cache_bytes=self.image_cache.num_bytes,
             )
 
     # -- one step (one thread) ------------------------------------------------------------------------
@@ -725,8 +730,7 @@ class Executor:
                 rows = vision.embeds[offset : offset + end - start]
                 offset += end - start
                 by_seq[id(seq)][i] = rows
-                if image_hash is not None and self.image_cache.capacity_bytes > 0:
-                    self.image_cache.put(image_hash, rows)
+                self.image_cache.put(image_hash, rows)
         except Exception as exc:
             return self._fail_vision(vision, exc)
         for seq, plan in vision.plans:
@@ -757,11 +761,7 @@ class Executor:
         start, _, image_hash = seq.image_spans[i]
         if seq.image_embeds is not None and start >= seq.missing_image_end:
             return True
-        return (
-            image_hash is not None
-            and self.image_cache.capacity_bytes > 0
-            and (image_hash in self.image_cache)
-        )
+        return image_hash in self.image_cache
 
     def _lookup_embeds(self, seq: Sequence, needed: list[int]) -> dict[int, torch.Tensor | None]:
         """Image index -> embedding rows already at hand (earlier rows of ``seq`` or the image cache), or
@@ -773,7 +773,7 @@ class Executor:
             if i in needed:
                 if seq.image_embeds is not None and start >= seq.missing_image_end:
                     rows = seq.image_embeds[row : row + end - start]
-                elif image_hash is not None and self.image_cache.capacity_bytes > 0:
+                else:
                     rows = self.image_cache.get(image_hash)
                 plan[i] = rows
             row += end - start
@@ -887,10 +887,6 @@ class Executor:
                 last_step_time=now if num_steps else stats.last_step_time,
                 last_step_duration=now - started if num_steps else stats.last_step_duration,
                 last_step_num_tokens=num_tokens if num_steps else stats.last_step_num_tokens,
-                prefix_cache=self.block_manager.stats,
-                num_image_cache_hits=self.image_cache.num_hits,
-                num_image_cache_misses=self.image_cache.num_misses,
-                image_cache_bytes=self.image_cache.num_bytes,
             )
 
     def abort_all(self) -> list[RequestOutput]:

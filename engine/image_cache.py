@@ -2,7 +2,8 @@
 
 Contract:
   * ``get(image_hash)`` returns the embeddings [num_image_tokens, hidden] stored for that hash, or None;
-    a hit makes the entry the most recently used. Hits and misses are counted.
+    a hit makes the entry the most recently used. Hits and misses are counted. An image without a hash
+    (None) is never stored or found, and with capacity 0 nothing is looked up (nor counted).
   * ``put(image_hash, embeds)`` stores a copy (so a packed ViT output is not kept alive by one image),
     then drops least recently used entries until the stored bytes are within ``capacity_bytes``. An entry
     larger than the whole capacity is not stored. Capacity 0 turns the cache off.
@@ -27,10 +28,12 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, image_hash: bytes) -> bool:
-        return image_hash in self._entries
+    def __contains__(self, image_hash: bytes | None) -> bool:
+        return image_hash is not None and image_hash in self._entries
 
-    def get(self, image_hash: bytes) -> torch.Tensor | None:
+    def get(self, image_hash: bytes | None) -> torch.Tensor | None:
+        if image_hash is None or self.capacity_bytes == 0:
+            return None
         embeds = self._entries.get(image_hash)
         if embeds is None:
             self.num_misses += 1
@@ -39,9 +42,9 @@ class ImageCache:
         self.num_hits += 1
         return embeds
 
-    def put(self, image_hash: bytes, embeds: torch.Tensor) -> None:
+    def put(self, image_hash: bytes | None, embeds: torch.Tensor) -> None:
         size = embeds.numel() * embeds.element_size()
-        if size > self.capacity_bytes or image_hash in self._entries:
+        if image_hash is None or size > self.capacity_bytes or image_hash in self._entries:
             return
         self._entries[image_hash] = embeds.clone()
         self.num_bytes += size

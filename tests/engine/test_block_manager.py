@@ -149,7 +149,7 @@ def test_match_leaves_the_last_token_and_never_ends_on_the_last_block():
     assert bm.match_prefix(same) == 4 and same.block_table == [0]
     longer = token_seq([1, 2, 3, 4, 5, 6, 7, 8, 9], "c")
     assert bm.match_prefix(longer) == 8 and longer.block_table == [0, 1]
-    assert bm.peek_prefix(token_seq([1, 2, 3, 4, 9, 9, 9, 9, 9])) == 4
+    assert bm.match_prefix(token_seq([1, 2, 3, 4, 9, 9, 9, 9, 9], "d")) == 4
 
 
 def test_eviction_takes_plain_free_blocks_first_then_the_least_recently_freed():

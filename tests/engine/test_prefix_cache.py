@@ -4,11 +4,8 @@ is back to free at the end."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.decoder import Glm4vModel
 from engine.executor import Executor, GenerationRequest, RequestOutput
 from engine.rope import get_mrope_positions
 from tests.engine.test_executor import (
@@ -19,17 +16,8 @@ from tests.engine.test_executor import (
     run_to_end,
     tokens,
 )
-
-
-@pytest.fixture(scope="module")
-def model_config(tiny_checkpoint) -> ModelConfig:
-    return ModelConfig.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint, model_config) -> Glm4vModel:
-    return Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "float32", model_config)
-
+from tests.engine.test_executor import model as model  # noqa: F401 - module fixtures
+from tests.engine.test_executor import model_config as model_config  # noqa: F401
 
 OFF = {"enable_prefix_caching": False, "image_cache_mb": 0}
 
