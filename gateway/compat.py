@@ -12,10 +12,10 @@ Its calls and what they become here (one image, one question, a whole answer):
 - ``GET /health`` → ``{"status": "alive"}``, as ``/healthz``.
 
 ``image`` is plain base64 or a ``data:`` URI. Both routes answer through the gateway's chat pipeline
-(auth, rate limit, body cap, prompt guard, response cache, output filter: ``app.state.answer_chat``);
-the answer excludes the reasoning, as the seed image's did. A field that the seed API had but this
-server does not support, or any other unknown field, is a 400 naming it; errors name the seed field
-(``image``, ``max_new_tokens``) and have OpenAI's error shape.
+(gateway/pipeline.py, as ``app.state.answer_chat``: auth, rate limit, body cap, prompt guard, response
+cache, output filter); the answer excludes the reasoning, as the seed image's did. A field that the seed
+API had but this server does not support, or any other unknown field, is a 400 naming it; errors name
+the seed field (``image``, ``max_new_tokens``) and have OpenAI's error shape.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from gateway.app import sse
+from gateway.json_body import sse_event as sse
 
 MODEL = "glm-4.6v-flash"
 
