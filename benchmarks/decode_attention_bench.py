@@ -1,5 +1,5 @@
 """Micro-benchmark of one layer's decode attention: the old gather + masked SDPA path vs the Triton
-paged-decode kernel (engine.kernels.paged_decode_attention).
+paged-decode kernel (engine.kernels.fused.paged_decode_attention).
 
 Full-size GLM-4.6V head config (32 query heads, 2 KV heads, head_dim 128, block_size 16, bf16), every
 sequence at the given context (block_tables exactly as wide as the context, blocks shuffled), one decode
@@ -8,7 +8,7 @@ token per sequence. Times the attention only (the KV write is the same on both p
 * ``graph``: N calls captured in one CUDA graph, replayed (how decode steps run in the engine);
 * ``eager``: back-to-back launches (includes Python and launch overhead).
 
-The old path is ``engine.attention._paged_attention_fast`` with GLMV_DISABLE_TRITON_KERNELS=1 and its
+The old path is ``engine.kernels.attention._paged_attention_fast`` with GLMV_DISABLE_TRITON_KERNELS=1 and its
 per-step plan already built (the engine builds it once per step for all 40 layers).
 
     python -m benchmarks.decode_attention_bench                   # B = 1, 8, 32 x context 1k, 4k
@@ -53,7 +53,7 @@ def triton_disabled(disabled: bool = True) -> Iterator[None]:
 
 def make_inputs(batch: int, context: int, device: str, dtype: torch.dtype, seed: int = 0):
     """q [B, H, D], kv_cache [2, N, 16, Hkv, D], AttentionMetadata of one decode token per sequence."""
-    from engine.attention import AttentionMetadata
+    from engine.kernels.attention import AttentionMetadata
 
     gen = torch.Generator().manual_seed(seed)
     per_seq = -(-context // BLOCK_SIZE)
@@ -108,7 +108,8 @@ def time_call(fn: Callable[[], object], iters: int, graph: bool, repeats: int = 
 
 
 def bench_shape(batch: int, context: int, args: argparse.Namespace) -> dict:
-    from engine import attention, kernels
+    from engine.kernels import attention
+    from engine.kernels import fused as kernels
 
     dtype = torch.bfloat16
     q, kv_cache, attn = make_inputs(batch, context, args.device, dtype)
@@ -193,7 +194,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1 as a smoke test)")
     if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)  # as engine.model_runner does
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as engine.runner.model_runner does
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(
         f"# {'B':>3} {'ctx':>6} {'splits':>6} {'old graph':>10} {'new graph':>10} {'old eager':>10} {'new eager':>10}  (µs/call)"

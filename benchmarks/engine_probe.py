@@ -8,7 +8,7 @@ Runs the engine in-process (no Triton), so it isolates the engine's own cost:
     near-tie; CPU fp32 parity is exact and tested in CI);
   * speed: the full-size GLM-4.6V-Flash shape with random bf16 weights: ViT time for a 1288x728 image,
     prefill time of a 1224-token prompt, decode ms/token at batch 1, output tokens/s at 32 concurrent.
-  * --fp8 (off by default): EngineConfig.quantization "fp8" against bf16 (engine.quant): greedy agreement
+  * --fp8 (off by default): EngineConfig.quantization "fp8" against bf16 (engine.model.quant): greedy agreement
     and first-step logits error on the tiny checkpoint and on the full-size shape (the same random
     weights, quantized in place, so one model is in memory), then decode ms/token at batch 1 and output
     tok/s at 32 concurrent (and a 1224-token prefill) of a bf16 executor and of an fp8 one (built one
@@ -50,16 +50,16 @@ def parity(device: str, work: Path) -> dict:
 
     from build_engine.checkpoint import make_tiny_checkpoint
     from engine.config import EngineConfig, ModelConfig
-    from engine.executor import Executor, GenerationRequest
-    from engine.rope import get_mrope_positions
-    from engine.sampling import SamplingParams
+    from engine.llm_engine import GenerationRequest, LLMEngine
+    from engine.model.rope import get_mrope_positions
+    from engine.sample.sampler import SamplingParams
 
     ckpt = make_tiny_checkpoint(work / "tiny", "tiny", seed=0)
     tok = AutoTokenizer.from_pretrained(ckpt)
     proc = AutoImageProcessor.from_pretrained(ckpt)
     hf = Glm4vForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).to(device).eval()
     mc = ModelConfig.from_pretrained(ckpt)
-    ex = Executor(mc, EngineConfig(device=device, dtype="bfloat16", kv_cache_memory_bytes=64 << 20), ckpt)
+    ex = LLMEngine(mc, EngineConfig(device=device, dtype="bfloat16", kv_cache_memory_bytes=64 << 20), ckpt)
     cases = {
         "text": ([], "Describe the product in the photo."),
         "one_image": ([Image.new("RGB", (300, 200), (200, 30, 30))], "What is in this image?"),
@@ -136,7 +136,7 @@ def _full_model_config():
 def _full_executor(device: str, quantization: str = "none"):
     """(executor, model config, engine config, load stats): full-size random bf16 weights, warmed up."""
     from engine.config import EngineConfig
-    from engine.executor import Executor
+    from engine.llm_engine import LLMEngine
 
     mc = _full_model_config()
     ec = EngineConfig(
@@ -149,7 +149,7 @@ def _full_executor(device: str, quantization: str = "none"):
         quantization=quantization,
     )
     t0 = time.perf_counter()
-    ex = Executor(mc, ec, None)
+    ex = LLMEngine(mc, ec, None)
     ex.warmup()
     res: dict = {
         "load_s": time.perf_counter() - t0,
@@ -181,8 +181,8 @@ class _Load:
         return ids, torch.randn(n_img, mc.hidden_size, generator=self.gen).to(self.device, torch.bfloat16)
 
     def one(self, n_img: int, n_text: int, max_tokens: int, tag: str) -> tuple[float, float]:
-        from engine.executor import GenerationRequest
-        from engine.sampling import SamplingParams
+        from engine.llm_engine import GenerationRequest
+        from engine.sample.sampler import SamplingParams
 
         ex = self.ex
         ids, embeds = self.prompt(n_text, n_img)
@@ -214,8 +214,8 @@ class _Load:
         self, num: int = 32, n_img: int = 256, n_text: int = 30, max_tokens: int = 128
     ) -> tuple[float, float]:
         """`num` concurrent requests (n_img image tokens each): (output tokens/s, wall s)."""
-        from engine.executor import GenerationRequest
-        from engine.sampling import SamplingParams
+        from engine.llm_engine import GenerationRequest
+        from engine.sample.sampler import SamplingParams
 
         ids_list = []
         _sync()
@@ -276,8 +276,8 @@ def _profile_decode(ex, prompt) -> str:
     """Kernel-time table of 16 decode steps at batch 1 (where the gap to the roofline goes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from engine.executor import GenerationRequest
-    from engine.sampling import SamplingParams
+    from engine.llm_engine import GenerationRequest
+    from engine.sample.sampler import SamplingParams
 
     ids, _ = prompt(64, 0)
     ex.add_request(
@@ -314,7 +314,7 @@ def _free_gpu() -> None:
 
 def _fp8_kernels(model) -> dict:
     """How many Fp8Linear layers run which paths ("dequant", or the small-M / large-M fp8 GEMMs)."""
-    from engine.quant import Fp8Linear
+    from engine.model.quant import Fp8Linear
 
     counts: dict[str, int] = {}
     for module in model.modules():
@@ -329,7 +329,7 @@ def _fp8_kernels(model) -> dict:
 @torch.inference_mode()
 def _all_logits(model, ids: list[int]) -> torch.Tensor:
     """Logits [len(ids), vocab] float32 (on the model's device) of one prefill of `ids`."""
-    from engine.attention import AttentionMetadata
+    from engine.kernels.attention import AttentionMetadata
 
     n, block_size, device = len(ids), 16, model.device
     num_blocks = -(-n // block_size)
@@ -342,10 +342,10 @@ def _all_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def _greedy(model, mc, device: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy tokens of each prompt through an Executor around `model` (batched, CUDA-graph decode)."""
+    """Greedy tokens of each prompt through an LLMEngine around `model` (batched, CUDA-graph decode)."""
     from engine.config import EngineConfig
-    from engine.executor import Executor, GenerationRequest
-    from engine.sampling import SamplingParams
+    from engine.llm_engine import GenerationRequest, LLMEngine
+    from engine.sample.sampler import SamplingParams
 
     longest = max(len(p) for p in prompts) + max_tokens
     ec = EngineConfig(
@@ -356,7 +356,7 @@ def _greedy(model, mc, device: str, prompts: list[list[int]], max_tokens: int) -
         max_model_len=longest + 16,
         kv_cache_memory_bytes=1 << 30,
     )
-    ex = Executor(mc, ec, model=model)
+    ex = LLMEngine(mc, ec, model=model)
     ids = [f"p{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts, strict=True):
         ex.add_request(
@@ -434,7 +434,7 @@ def _params_to(model, dtype: torch.dtype) -> None:
 def _parity_fp8(model, mc, device: str, prompts: list[list[int]], fp32_reference: bool = True) -> dict:
     """bf16 outputs of `model`; (optionally) float32 outputs of the same weights, the noise floor; then the
     weights quantized in place: fp8 outputs as served and with the dequantized (W8A16) path; compared."""
-    from engine.quant import Fp8Linear, quantize_decoder_fp8_, weight_bytes
+    from engine.model.quant import Fp8Linear, quantize_decoder_fp8_, weight_bytes
 
     ref = _model_outputs(model, mc, device, prompts, FP8_NEW_TOKENS)
     _free_gpu()
@@ -487,7 +487,7 @@ def fp8_tiny(device: str, work: Path) -> dict:
     """Tiny checkpoint on `device`: bf16 vs fp8 (same weights) greedy agreement and logits error."""
     from build_engine.checkpoint import make_tiny_checkpoint
     from engine.config import ModelConfig
-    from engine.decoder import Glm4vModel
+    from engine.model.decoder import Glm4vModel
 
     ckpt = make_tiny_checkpoint(work / "tiny", "tiny", seed=0)
     mc = ModelConfig.from_pretrained(ckpt)
@@ -499,7 +499,7 @@ def fp8_tiny(device: str, work: Path) -> dict:
 
 def fp8_accuracy(device: str) -> dict:
     """Full-size shape, random weights (seed 0): bf16, then the same weights in fp8 (one model in memory)."""
-    from engine.decoder import Glm4vModel
+    from engine.model.decoder import Glm4vModel
 
     mc = _full_model_config()
     gen = torch.Generator().manual_seed(1)
@@ -518,7 +518,7 @@ def _linear_microbench(device: str) -> dict:
     import torch.nn.functional as F
     from torch import nn
 
-    from engine.quant import Fp8Linear
+    from engine.model.quant import Fp8Linear
 
     def timed(fn, iters: int = 50) -> float:
         stream = torch.cuda.Stream()
@@ -573,7 +573,7 @@ def _linear_microbench(device: str) -> dict:
 
 def fp8_speed(device: str) -> dict:
     """Decode ms/token at batch 1 and output tok/s at 32 concurrent: bf16 executor, then fp8 (one at a time)."""
-    from engine.quant import weight_bytes
+    from engine.model.quant import weight_bytes
 
     res: dict = {}
     for label, quantization in (("bf16", "none"), ("fp8", "fp8")):

@@ -3,7 +3,7 @@
     python -m benchmarks.ttft_probe --out DIR [--sizes 448x448,1288x728] [--context 1236]
 
 Full-size GLM-4.6V-Flash shape, random bf16 weights, on the GPU. For each image size: a request with the
-resized RGB image (as the llm receives it) and a 30-token question goes through `Executor.step()` alone;
+resized RGB image (as the llm receives it) and a 30-token question goes through `LLMEngine.step()` alone;
 reported: the first step's wall time (ViT + prefill + sampling) as the engine runs it and with the prefill
 eager, the ViT alone (eager, and replayed from a CUDA graph with its difference from eager), and a torch
 profiler table
@@ -28,9 +28,9 @@ def _sync() -> None:
 
 
 def _request(ex, mc, size: tuple[int, int], rid: str, gen: torch.Generator):
-    from engine.executor import GenerationRequest
-    from engine.rope import get_mrope_positions
-    from engine.sampling import SamplingParams
+    from engine.llm_engine import GenerationRequest
+    from engine.model.rope import get_mrope_positions
+    from engine.sample.sampler import SamplingParams
 
     vision = mc.vision_config
     unit = vision.patch_size * vision.spatial_merge_size
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         eager = [_first_step_ms(ex, _request(ex, mc, size, f"e{i}", gen)) for i in range(5)]
         ex.runner.prefill_graphs = prefill_graphs
         req = _request(ex, mc, size, "vit", gen)
-        pixels = ex.patch_normalizer(req.image_patches, req.image_grid_thw)
+        pixels = ex.runner.patch_normalizer(req.image_patches, req.image_grid_thw)
         graphs = _vit_graphs(ex, pixels, req.image_grid_thw)
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print("chunked prefill 1288x728:", json.dumps(chunked))
 
     # decode at batch 1 with a long context (the harness's case), and with a short one
-    from engine.executor import GenerationRequest
-    from engine.sampling import SamplingParams
+    from engine.llm_engine import GenerationRequest
+    from engine.sample.sampler import SamplingParams
 
     for context in (32, args.context):
         ids = torch.randint(0, 150000, (context,), generator=gen).tolist()

@@ -63,7 +63,7 @@ FIELD_FLAGS = {
 
 
 # --dtype fp8: bfloat16 activations + EngineConfig.quantization "fp8" (weights stay 16-bit on disk and are
-# quantized when the engine loads them, see engine.quant).
+# quantized when the engine loads them, see engine.model.quant).
 FP8_DTYPE_FLAG = "fp8"
 
 
@@ -202,7 +202,7 @@ def _copy_weights(checkpoint: Path, out: Path, dtype: str) -> None:
     from tqdm import tqdm
 
     from engine.config import DTYPES
-    from engine.weights import INDEX_FILE, checkpoint_files
+    from engine.model.weights import INDEX_FILE, checkpoint_files
 
     files = checkpoint_files(checkpoint)
     target = DTYPES[dtype]
@@ -230,7 +230,7 @@ def _weights_dtype(checkpoint: Path) -> str | None:
     """dtype of the first floating tensor of the checkpoint (None when there are no weights)."""
     from safetensors import safe_open
 
-    from engine.weights import checkpoint_files
+    from engine.model.weights import checkpoint_files
 
     try:
         files = checkpoint_files(checkpoint)
@@ -251,7 +251,7 @@ def build(args: argparse.Namespace) -> Path:
     from build_engine.gpus import instance_groups, parse_gpus
     from build_engine.render import TEMPLATE_DIR, render_repository
     from engine.config import EngineConfig, ModelConfig
-    from engine.preprocess import PreprocessLimits
+    from engine.processing.preprocess import PreprocessLimits
 
     device = args.device
     _check(device in ("cpu", "cuda"), "--device", f"{device!r} must be cpu or cuda")

@@ -261,7 +261,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use in total
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     dtype: str = "float32"  # weights/activations/KV dtype: float32 | float16 | bfloat16
-    quantization: str = "none"  # "fp8": decoder linears + lm_head in float8_e4m3fn (engine.quant)
+    quantization: str = "none"  # "fp8": decoder linears + lm_head in float8_e4m3fn (engine.model.quant)
     enable_chunked_prefill: bool = True  # split long prompts over several steps
     max_images_per_request: int = 8  # most images in one request
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
@@ -329,10 +329,6 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -349,4 +345,67 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["DTYPES", "QUANTIZATIONS", "EngineConfig", "ModelConfig", "VisionConfig", "parse_dtype"]
+@dataclass(frozen=True)
+class EngineDir:
+    """A ``glmv-build`` engine directory, the one reader of its files (docs/DESIGN.md lists them):
+    ``config.json`` (ModelConfig), ``engine_config.json`` ({"engine": EngineConfig fields, "preprocess":
+    request limits, "dummy": random weights}), ``tokenizer.json``, ``preprocessor_config.json``."""
+
+    path: Path
+    raw: dict[str, Any]
+    """engine_config.json, parsed."""
+
+    @classmethod
+    def open(cls, path: str | Path) -> EngineDir:
+        path = Path(path)
+        config_file = path / "engine_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"engine_config.json not found in {path}")
+        return cls(path, json.loads(config_file.read_text()))
+
+    def engine_config(self, **overrides: Any) -> EngineConfig:
+        """The EngineConfig it was built with; ``overrides`` replace fields."""
+        return EngineConfig.from_dict({**self.raw.get("engine", {}), **overrides})
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_pretrained(self.path)
+
+    @property
+    def is_dummy(self) -> bool:
+        """Built without weights: the runtime makes random ones of the config's shape."""
+        return bool(self.raw.get("dummy", self.raw.get("build", {}).get("dummy", False)))
+
+    @property
+    def weights_dir(self) -> Path | None:
+        """Where the safetensors are; None for a dummy engine."""
+        return None if self.is_dummy else self.path
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """The "preprocess" section: request limits beside the engine's own."""
+        return dict(self.raw.get("preprocess", {}))
+
+    def tokenizer(self) -> Any:
+        """The fast tokenizer of ``tokenizer.json`` (tokenizers.Tokenizer), or None."""
+        file = self.path / "tokenizer.json"
+        if not file.is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(file))
+
+    def image_processor_config(self) -> dict[str, Any] | None:
+        """``preprocessor_config.json`` (image_mean, image_std, ...), or None."""
+        file = self.path / "preprocessor_config.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+
+
+__all__ = [
+    "DTYPES",
+    "QUANTIZATIONS",
+    "EngineConfig",
+    "EngineDir",
+    "ModelConfig",
+    "VisionConfig",
+    "parse_dtype",
+]

@@ -39,9 +39,9 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert "count: 4 kind: KIND_CPU" in pre
 
     # The engine directory loads as an executor.
-    from engine.executor import Executor
+    from engine.llm_engine import LLMEngine
 
-    ex = Executor.from_engine_dir(out)
+    ex = LLMEngine.from_engine_dir(out)
     assert ex.max_model_len == 1024
 
     # Rebuilding into the same folder replaces it; nothing is left beside it.
@@ -135,10 +135,10 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # quantized when the engine loads
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}  # noqa: SIM118
 
-    from engine.executor import Executor
-    from engine.quant import Fp8Linear
+    from engine.llm_engine import LLMEngine
+    from engine.model.quant import Fp8Linear
 
-    ex = Executor.from_engine_dir(out)
+    ex = LLMEngine.from_engine_dir(out)
     assert isinstance(ex.model.lm_head, Fp8Linear)
     assert isinstance(ex.model.language_model.layers[0].mlp.down_proj, Fp8Linear)
 

@@ -1,7 +1,7 @@
 """requirements/gpu.txt is requirements/cpu.txt without torch and triton.
 
 The GPU image installs torch for CUDA itself, and that torch build pins the triton it was built with;
-cpu.txt pins triton only for its CPU interpreter (tests of engine/kernels.py).
+cpu.txt pins triton only for its CPU interpreter (tests of engine/kernels/fused.py).
 """
 
 from __future__ import annotations

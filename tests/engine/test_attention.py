@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.attention import (
+from engine.kernels.attention import (
     AttentionMetadata,
     _paged_attention_fast,
     paged_attention,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.block_manager import BlockManager
-from engine.sampling import SamplingParams
-from engine.sequence import Sequence
+from engine.core.block_manager import BlockManager
+from engine.core.sequence import Sequence
+from engine.sample.sampler import SamplingParams
 
 
 def make_seq(num_prompt_tokens: int, seq_id: str = "s") -> Sequence:
@@ -90,7 +90,7 @@ def test_bad_sizes_rejected():
 
 def test_num_kv_blocks_from_budget():
     from engine.config import EngineConfig
-    from engine.model_runner import num_kv_blocks
+    from engine.runner.model_runner import num_kv_blocks
 
     cpu = torch.device("cpu")
     # 1000 bytes per token, 16-token blocks: 16000 bytes per block

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.detokenizer import Delta, IncrementalDetokenizer, think_token_ids
+from engine.processing.detokenizer import Delta, IncrementalDetokenizer, think_token_ids
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.image_cache import ImageCache
+from engine.core.image_cache import ImageCache
 
 
 def rows(value: float, n: int = 4) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.input_bounds import InputBounds
-from engine.preprocess import InputError, PreprocessLimits
+from engine.processing.input_bounds import InputBounds
+from engine.processing.preprocess import InputError, PreprocessLimits
 
 
 def test_bounds_follow_the_engine_limits() -> None:

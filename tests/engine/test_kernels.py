@@ -1,4 +1,4 @@
-"""engine.kernels: the Triton kernels equal their torch references (and the decoder is unchanged by them).
+"""engine.kernels.fused: the Triton kernels equal their torch references (and the decoder is unchanged by them).
 
 On CPU the kernels run through Triton's interpreter. TRITON_INTERPRET=1 must be set before triton is
 imported, so each check runs in a fresh Python: this file executes itself
@@ -55,8 +55,8 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor, what: str, exact: bool 
 
 @contextlib.contextmanager
 def no_fallback() -> Iterator[None]:
-    """Make the torch fallbacks of engine.kernels raise, so a passing check really ran the kernels."""
-    from engine import kernels
+    """Make the torch fallbacks of engine.kernels.fused raise, so a passing check really ran the kernels."""
+    from engine.kernels import fused as kernels
 
     names = [
         "rms_norm_reference",
@@ -67,7 +67,7 @@ def no_fallback() -> Iterator[None]:
     saved = {name: getattr(kernels, name) for name in names}
 
     def boom(*args, **kwargs):
-        raise AssertionError("engine.kernels fell back to torch")
+        raise AssertionError("engine.kernels.fused fell back to torch")
 
     for name in names:
         setattr(kernels, name, boom)
@@ -94,7 +94,7 @@ def norm_weight(hidden: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def check_use_triton(device: str) -> None:
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     x = torch.zeros(2, device=device)
     assert kernels.HAS_TRITON and kernels.use_triton(x)
@@ -106,7 +106,7 @@ def check_use_triton(device: str) -> None:
 
 
 def check_rms_norm(device: str) -> None:
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     gen = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
@@ -121,7 +121,7 @@ def check_rms_norm(device: str) -> None:
 
 
 def check_add_rms_norm_pair(device: str) -> None:
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     gen = torch.Generator().manual_seed(1)
     for dtype in DTYPES:
@@ -155,7 +155,7 @@ def check_add_rms_norm_pair(device: str) -> None:
 
 
 def check_silu_mul(device: str) -> None:
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     gen = torch.Generator().manual_seed(2)
     for dtype in DTYPES:
@@ -169,8 +169,8 @@ def check_silu_mul(device: str) -> None:
 
 
 def check_rotary(device: str) -> None:
-    from engine import kernels
-    from engine.rope import apply_interleaved_rotary
+    from engine.kernels import fused as kernels
+    from engine.model.rope import apply_interleaved_rotary
 
     gen = torch.Generator().manual_seed(3)
     cases = [(dtype, dtype) for dtype in DTYPES] + [(torch.bfloat16, torch.float32)]  # (x, cos/sin) dtypes
@@ -207,8 +207,8 @@ def check_rotary(device: str) -> None:
 
 def decoder_outputs(model, device: str) -> list[torch.Tensor]:
     """Hidden states of a packed prefill of two prompts (5 and 7 tokens), then one decode step of both."""
-    from engine.attention import AttentionMetadata
-    from engine.rope import text_positions
+    from engine.kernels.attention import AttentionMetadata
+    from engine.model.rope import text_positions
 
     block_size = 4
     kv_caches = model.allocate_kv_caches(8, block_size)
@@ -226,7 +226,7 @@ def decoder_outputs(model, device: str) -> list[torch.Tensor]:
 
 
 def check_decoder(device: str, checkpoint: str) -> None:
-    from engine.decoder import Glm4vModel
+    from engine.model.decoder import Glm4vModel
 
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         model = Glm4vModel.from_pretrained(checkpoint, device, dtype)
@@ -246,7 +246,7 @@ def check_decoder(device: str, checkpoint: str) -> None:
 
 def check_cuda_graph(device: str) -> None:
     """The fused ops capture into a CUDA graph and replay on new inputs like eager."""
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     gen = torch.Generator().manual_seed(5)
     dtype, num_tokens, hidden, intermediate = torch.bfloat16, 3, 4096, 13696
@@ -316,7 +316,7 @@ def test_decoder_with_kernels_equals_torch_path_in_interpreter(tiny_checkpoint):
 
 
 def test_torch_path_without_interpreter_on_cpu(monkeypatch):
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     x = torch.randn(3, 64)
     w = torch.rand(64)

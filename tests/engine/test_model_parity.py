@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.decoder import Glm4vModel
-from engine.rope import get_mrope_positions
+from engine.kernels.attention import AttentionMetadata
+from engine.model.decoder import Glm4vModel
+from engine.model.rope import get_mrope_positions
 
 MAX_NEW_TOKENS = 12
 
@@ -80,7 +80,7 @@ def test_vision_encoder_equals_transformers(hf_model, model):
 def test_vision_layouts_are_kept_per_grid_and_follow_the_position_table(hf_model, model, monkeypatch):
     """Position embeddings and rotary tables are computed once per grid (a two-frame grid reuses its
     frame's); a changed position table is seen at once; the cache stays under its patch budget."""
-    import engine.vision
+    import engine.model.vision
 
     visual = model.visual
     visual._layouts.clear()
@@ -107,7 +107,7 @@ def test_vision_layouts_are_kept_per_grid_and_follow_the_position_table(hf_model
         finally:
             table.copy_(saved)
             hf_table.copy_(saved)
-        monkeypatch.setattr(engine.vision, "LAYOUT_CACHE_PATCHES", 40)
+        monkeypatch.setattr(engine.model.vision, "LAYOUT_CACHE_PATCHES", 40)
         visual.encode(make_prompt(model, [(1, 6, 4)], seed=3).pixel_values, torch.tensor([[1, 6, 4]]))
         assert [key[:2] for key in visual._layouts] == [(6, 4)]  # 24 + 24 > 40: older grids dropped
 

@@ -1,4 +1,4 @@
-"""engine.kernels.paged_decode_attention (Triton, split-K over the paged context) equals its torch reference,
+"""engine.kernels.fused.paged_decode_attention (Triton, split-K over the paged context) equals its torch reference,
 and paged_attention's decode steps through it equal the reference path.
 
 On CPU the kernel runs through Triton's interpreter: TRITON_INTERPRET=1 must be set before triton is
@@ -57,7 +57,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 @contextlib.contextmanager
 def no_fallback() -> Iterator[None]:
     """Make the torch fallback of paged_decode_attention raise, so a passing check really ran the kernel."""
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     saved = kernels.paged_decode_attention_reference
 
@@ -121,7 +121,7 @@ def random_paged_batch(
 
 def check_decode_kernel(device: str) -> None:
     """Random paged caches, lengths 1..300, GQA 1/4/16, fp32/bf16, forced and heuristic split counts."""
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     for dtype in DTYPES:
         for num_heads, num_kv_heads, head_dim in HEAD_CONFIGS:
@@ -157,8 +157,8 @@ def check_decode_kernel(device: str) -> None:
                     q, k_cache, v_cache, tables, seq_lens, 0.125, num_splits=num_splits, block_n=block_n
                 )
             assert_close(got, ref, f"{dtype_name(dtype)} block_size=4 splits={num_splits} block_n={block_n}")
-    # the reference itself agrees with engine.attention's per-sequence spec
-    from engine.attention import _causal_gqa_attention, gather_context
+    # the reference itself agrees with engine.kernels.attention's per-sequence spec
+    from engine.kernels.attention import _causal_gqa_attention, gather_context
 
     q, k_cache, v_cache, tables, seq_lens = random_paged_batch(SEQ_LENS, 8, 2, 64, torch.float32, device)
     ref = kernels.paged_decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, 0.125)
@@ -166,7 +166,7 @@ def check_decode_kernel(device: str) -> None:
     for b, n in enumerate(SEQ_LENS):
         k, v = gather_context(kv_cache, tables[b], n)
         assert_close(ref[b : b + 1], _causal_gqa_attention(q[b : b + 1], k, v, 0.125), f"fp32 spec b={b}")
-    # an output buffer (the padded-batch path of engine.attention)
+    # an output buffer (the padded-batch path of engine.kernels.attention)
     out = torch.full((len(SEQ_LENS) + 2, 8, 64), float("nan"), device=device)
     with no_fallback():
         kernels.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, out=out[: len(SEQ_LENS)])
@@ -176,7 +176,7 @@ def check_decode_kernel(device: str) -> None:
 
 def check_decode_splits(device: str) -> None:
     """The split count depends on shapes only, covers the block table, and whole tiles per split."""
-    from engine import kernels
+    from engine.kernels import fused as kernels
 
     dev = torch.device(device)
     for batch in (1, 8, 32):
@@ -191,7 +191,7 @@ def check_decode_splits(device: str) -> None:
 
 def decode_step(kv_cache: torch.Tensor, seq_lens: list[int], tables: list[list[int]], seed: int):
     """q, k, v [B, ., D] of one decode token per sequence and its AttentionMetadata (block_size 16)."""
-    from engine.attention import AttentionMetadata
+    from engine.kernels.attention import AttentionMetadata
 
     gen = torch.Generator().manual_seed(seed)
     device = kv_cache.device
@@ -207,8 +207,8 @@ def decode_step(kv_cache: torch.Tensor, seq_lens: list[int], tables: list[list[i
 def check_paged_attention(device: str) -> None:
     """paged_attention's decode-only steps (kernel) equal the reference path end to end; mixed steps on
     the CUDA path send their decode rows through the kernel; GLMV_DISABLE_TRITON_KERNELS=1 is the old path."""
-    from engine import attention
-    from engine.attention import AttentionMetadata, paged_attention
+    from engine.kernels import attention
+    from engine.kernels.attention import AttentionMetadata, paged_attention
 
     for dtype in DTYPES:
         what = dtype_name(dtype)
@@ -270,7 +270,7 @@ def check_paged_attention(device: str) -> None:
 
 
 def _written(kv_cache, k, v, attn):
-    from engine.attention import write_kv_cache
+    from engine.kernels.attention import write_kv_cache
 
     write_kv_cache(kv_cache, k, v, attn.slot_mapping)
     return kv_cache
@@ -279,7 +279,7 @@ def _written(kv_cache, k, v, attn):
 def check_cuda_graph(device: str) -> None:
     """paged_attention's decode step captured on static metadata (fixed block_tables width) replays like
     eager for new seq_lens / block tables, padding rows pointing at a scratch block (as DecodeGraphs does)."""
-    from engine.attention import AttentionMetadata, paged_attention
+    from engine.kernels.attention import AttentionMetadata, paged_attention
 
     dtype, batch, width, block_size, num_blocks = torch.bfloat16, 4, 32, 16, 200
     scratch = num_blocks - 1
@@ -351,7 +351,7 @@ def check_cuda_graph(device: str) -> None:
         eager_attn = AttentionMetadata.build(
             [1] * len(lens), lens, [r for r in tables[: len(lens)].tolist()], block_size, device
         )
-        from engine.attention import _paged_attention_reference
+        from engine.kernels.attention import _paged_attention_reference
 
         ref = _paged_attention_reference(static["q"][: len(lens)], kv_cache, eager_attn, 128**-0.5)
         assert_close(replayed[: len(lens)], ref, f"bf16 graph case {i}")
@@ -376,7 +376,8 @@ def test_paged_decode_in_interpreter(check):
 def test_torch_path_without_interpreter_on_cpu(monkeypatch):
     """Without the interpreter (or with the switch off) CPU runs the reference, and paged_attention the
     old reference path, bit for bit."""
-    from engine import attention, kernels
+    from engine.kernels import attention
+    from engine.kernels import fused as kernels
 
     q, k_cache, v_cache, tables, seq_lens = random_paged_batch(SEQ_LENS, 8, 2, 64, torch.float32, "cpu")
     monkeypatch.setenv("GLMV_DISABLE_TRITON_KERNELS", "1")

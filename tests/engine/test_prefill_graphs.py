@@ -1,4 +1,4 @@
-"""Prefill CUDA graphs (engine.model_runner.PrefillGraphs) and the split of a step into a decode part and a
+"""Prefill CUDA graphs (engine.runner.model_runner.PrefillGraphs) and the split of a step into a decode part and a
 fresh-prompt part. On CPU the graphs are stand-ins that run the captured forward eagerly on the same
 static, padded buffers, so the bookkeeping (buckets, padding sequence, scratch slots, which rows sample)
 is checked against the reference loop; the CUDA replay itself is checked by the GPU test at the end."""
@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, paged_attention
 from engine.config import EngineConfig
-from engine.decoder import Glm4vModel
-from engine.executor import Executor, GenerationRequest
-from engine.model_runner import DecodeGraphs, PrefillGraphs, prefill_buckets
-from engine.sampling import SamplingParams
-from engine.scheduler import SchedulerOutput
-from tests.engine.test_executor import (
+from engine.core.scheduler import SchedulerOutput
+from engine.kernels.attention import AttentionMetadata, paged_attention
+from engine.llm_engine import GenerationRequest, LLMEngine
+from engine.model.decoder import Glm4vModel
+from engine.runner.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
+from engine.sample.sampler import SamplingParams
+from tests.engine.test_llm_engine import (
     BLOCK_SIZE,
     greedy,
     image_request,
@@ -25,8 +25,8 @@ from tests.engine.test_executor import (
     run_to_end,
     tokens,
 )
-from tests.engine.test_executor import model as model  # noqa: F401 - module fixtures
-from tests.engine.test_executor import model_config as model_config  # noqa: F401
+from tests.engine.test_llm_engine import model as model  # noqa: F401 - module fixtures
+from tests.engine.test_llm_engine import model_config as model_config  # noqa: F401
 
 
 def test_buckets_are_fine_where_the_host_dominates() -> None:
@@ -108,7 +108,7 @@ class _EagerDecodeGraphs(DecodeGraphs):
         return sum(graph.replays for graph, _ in self.graphs.values())
 
 
-def _split_executor(model, model_config, **engine) -> Executor:  # noqa: F811
+def _split_executor(model, model_config, **engine) -> LLMEngine:  # noqa: F811
     ex = make_executor(model, model_config, **engine)
     runner = ex.runner
     runner.graphs = _EagerDecodeGraphs(
@@ -138,7 +138,7 @@ def test_split_steps_give_the_reference_tokens(model, model_config) -> None:  # 
     mc = model_config
     ex = _split_executor(model, mc, max_num_batched_tokens=40)
     ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=3)
-    pixels = ex.patch_normalizer(patches, grid)
+    pixels = ex.runner.patch_normalizer(patches, grid)
     image_ref = reference_greedy(model, mc, ids, 6, model.encode_images(pixels, grid), positions, delta)
     image = GenerationRequest(
         "img", ids, greedy(6), image_patches=patches, image_grid_thw=grid, mrope_positions=positions,
@@ -170,10 +170,10 @@ def test_cuda_prefill_graphs_match_eager(tiny_checkpoint, model_config) -> None:
     states for the same fresh chunks, and the engine's greedy tokens agree with the eager engine's."""
     model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "bfloat16", model_config)
     engine = {"block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "dtype": "bfloat16"}
-    graphed = Executor(model_config, EngineConfig(num_kv_blocks=64, **engine), model=model)
-    eager = Executor(model_config, EngineConfig(num_kv_blocks=64, **engine), model=model, enforce_eager=True)
+    graphed = LLMEngine(model_config, EngineConfig(num_kv_blocks=64, **engine), model=model)
+    eager = LLMEngine(model_config, EngineConfig(num_kv_blocks=64, **engine), model=model, enforce_eager=True)
     assert graphed.runner.prefill_graphs is not None and eager.runner.prefill_graphs is None
-    graphed.capture_cuda_graphs()
+    graphed.runner.capture_cuda_graphs()
     runner = graphed.runner
     replays, replay = [], runner.prefill_graphs.run
     runner.prefill_graphs.run = lambda *args: replays.append(args[-1]) or replay(*args)
@@ -192,7 +192,7 @@ def test_cuda_prefill_graphs_match_eager(tiny_checkpoint, model_config) -> None:
     assert agree >= 0.9, (got, want)
 
     # hidden states of one replay against eager, same chunks
-    seqs = [graphed._make_seq(r) for r in reqs[:3]]
+    seqs = [graphed.input_processor.process(r) for r in reqs[:3]]
     counts = [len(s) for s in seqs]
     for seq, n in zip(seqs, counts, strict=True):
         graphed.block_manager.allocate(seq, n)
@@ -276,7 +276,7 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
             GenerationRequest("long", prompt(87, 8), greedy(36, ignore_eos=True)),
         ]
 
-    def run(ex: Executor) -> dict[str, list]:
+    def run(ex: LLMEngine) -> dict[str, list]:
         reqs = requests()
         outputs: dict[str, list] = {}
         for req in reqs[:5] + reqs[6:]:
@@ -361,7 +361,7 @@ def test_prefix_hits_and_prompt_chunks_replay_context_graphs(model, model_config
     mc = model_config
     ex = _split_executor(model, mc, max_num_batched_tokens=40)
     ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=3)
-    pixels = ex.patch_normalizer(patches, grid)
+    pixels = ex.runner.patch_normalizer(patches, grid)
     embeds = model.encode_images(pixels, grid)
     common = {
         "image_patches": patches,
@@ -392,9 +392,9 @@ def test_cuda_context_graphs_match_eager(tiny_checkpoint, model_config) -> None:
         "block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "dtype": "bfloat16",
         "max_num_batched_tokens": 64, "num_kv_blocks": 128,
     }  # fmt: skip
-    graphed = Executor(model_config, EngineConfig(**engine), model=model)
-    eager = Executor(model_config, EngineConfig(**engine), model=model, enforce_eager=True)
-    graphed.capture_cuda_graphs()
+    graphed = LLMEngine(model_config, EngineConfig(**engine), model=model)
+    eager = LLMEngine(model_config, EngineConfig(**engine), model=model, enforce_eager=True)
+    graphed.runner.capture_cuda_graphs()
     runner = graphed.runner
     calls, run_context = [], runner.prefill_graphs.run_context
     runner.prefill_graphs.run_context = lambda *args: calls.append(args[3]) or run_context(*args)
@@ -414,7 +414,10 @@ def test_cuda_context_graphs_match_eager(tiny_checkpoint, model_config) -> None:
     assert agree >= 0.9, (got, want)
 
     # one replay against eager: two sequences, each continuing 40 cached tokens
-    seqs = [graphed._make_seq(GenerationRequest(f"h{i}", prompt(95 + i, 60), greedy(1))) for i in range(2)]
+    seqs = [
+        graphed.input_processor.process(GenerationRequest(f"h{i}", prompt(95 + i, 60), greedy(1)))
+        for i in range(2)
+    ]
     for seq in seqs:
         graphed.block_manager.allocate(seq, 60)
     first = SchedulerOutput(seqs, [40, 40])

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.executor import Executor, GenerationRequest, RequestOutput
-from engine.rope import get_mrope_positions
-from tests.engine.test_executor import (
+from engine.llm_engine import GenerationRequest, LLMEngine, RequestOutput
+from engine.model.rope import get_mrope_positions
+from tests.engine.test_llm_engine import (
     BLOCK_SIZE,
     greedy,
     make_executor,
@@ -16,8 +16,8 @@ from tests.engine.test_executor import (
     run_to_end,
     tokens,
 )
-from tests.engine.test_executor import model as model  # noqa: F401 - module fixtures
-from tests.engine.test_executor import model_config as model_config  # noqa: F401
+from tests.engine.test_llm_engine import model as model  # noqa: F401 - module fixtures
+from tests.engine.test_llm_engine import model_config as model_config  # noqa: F401
 
 OFF = {"enable_prefix_caching": False, "image_cache_mb": 0}
 
@@ -49,11 +49,11 @@ def image(mc, seed: int, grid=(1, 4, 6)) -> tuple[torch.Tensor, tuple[int, int, 
     return torch.randint(0, 256, (num_patches, mc.vision_config.patch_dim), generator=g).to(torch.uint8), grid
 
 
-def serve_one_by_one(ex: Executor, reqs: list[GenerationRequest]) -> list[list[RequestOutput]]:
+def serve_one_by_one(ex: LLMEngine, reqs: list[GenerationRequest]) -> list[list[RequestOutput]]:
     return [run_to_end(ex, {0: [req]})[req.request_id] for req in reqs]
 
 
-def same_with_cache_off(model, mc, reqs_fn, **engine) -> tuple[list, list, Executor]:
+def same_with_cache_off(model, mc, reqs_fn, **engine) -> tuple[list, list, LLMEngine]:
     """Serve reqs_fn() one by one with the caches on and off; the tokens must be identical."""
     on = make_executor(model, mc, **engine)
     off = make_executor(model, mc, **{**engine, **OFF})

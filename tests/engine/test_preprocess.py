@@ -1,4 +1,4 @@
-"""engine.preprocess: image validation, exact equality with transformers' GLM-4.6V processor, limits."""
+"""engine.processing.preprocess: image validation, exact equality with transformers' GLM-4.6V processor, limits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
+from engine.processing.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

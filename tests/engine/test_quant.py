@@ -1,4 +1,4 @@
-"""engine.quant: FP8 (float8_e4m3fn, per-output-channel scales) decoder linears.
+"""engine.model.quant: FP8 (float8_e4m3fn, per-output-channel scales) decoder linears.
 
 CPU runs the dequantized path (W8A16), the reference; the GPU-marked test checks the `torch._scaled_mm`
 paths (W8A8, per-token activations; per-tensor GEMM + epilogue, captured in CUDA graphs at small M, and
@@ -22,11 +22,11 @@ import pytest
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
-from engine.decoder import Glm4vModel
-from engine.executor import Executor, GenerationRequest
-from engine.quant import (
+from engine.kernels.attention import AttentionMetadata
+from engine.llm_engine import GenerationRequest, LLMEngine
+from engine.model.decoder import Glm4vModel
+from engine.model.quant import (
     FP8_DTYPE,
     FP8_MAX,
     TENSORWISE_MAX_M,
@@ -41,7 +41,7 @@ from engine.quant import (
     scale_rows_cols_reference,
     weight_bytes,
 )
-from engine.sampling import SamplingParams
+from engine.sample.sampler import SamplingParams
 
 BLOCK_SIZE = 4
 NUM_PROMPTS = 16
@@ -262,10 +262,10 @@ def test_quantized_tiny_model_logits_and_greedy(tiny_checkpoint, model_config, c
     model = Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "bfloat16", mc)
     engine = {"block_size": BLOCK_SIZE, "num_kv_blocks": 512, "max_model_len": 256, "dtype": "bfloat16"}
     with caplog.at_level(logging.INFO, logger="glm-engine"):
-        ex = Executor(mc, EngineConfig(**engine, quantization="fp8"), model=model)
+        ex = LLMEngine(mc, EngineConfig(**engine, quantization="fp8"), model=model)
     assert isinstance(ex.model.lm_head, Fp8Linear) and ex.model is model
     assert f"fp8: {4 * mc.num_hidden_layers + 1} decoder linear layers quantized" in caplog.text
-    reference = Executor(mc, EngineConfig(**engine), model=bf16)
+    reference = LLMEngine(mc, EngineConfig(**engine), model=bf16)
     outputs = {}
     for name, executor in (("fp8", ex), ("bf16", reference)):
         for i, ids in enumerate(prompts()):

@@ -9,7 +9,7 @@ import torch
 from transformers.models.glm4v import modeling_glm4v as hf_glm4v
 
 from engine.config import ModelConfig
-from engine.rope import (
+from engine.model.rope import (
     MRotaryEmbedding,
     apply_interleaved_rotary,
     apply_rotary_half,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.sampling import Sampler, SamplingParams
-from engine.sequence import Sequence
+from engine.core.sequence import Sequence
+from engine.sample.sampler import Sampler, SamplingParams
 
 EOS = 7
 VOCAB = 12

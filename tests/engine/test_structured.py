@@ -10,9 +10,9 @@ import shutil
 import pytest
 import torch
 
-from engine.executor import Executor, GenerationRequest
-from engine.sampling import Sampler, SamplingParams
-from engine.structured import Guide
+from engine.llm_engine import GenerationRequest, LLMEngine
+from engine.sample.sampler import Sampler, SamplingParams
+from engine.sample.structured import Guide
 
 # Both are in requirements/cpu.txt; the GPU machine has neither unless they are carried as wheels.
 jsonschema = pytest.importorskip("jsonschema")
@@ -68,15 +68,15 @@ CLAUSE = {
 
 
 @pytest.fixture(scope="module")
-def executor(tiny_checkpoint, tmp_path_factory) -> Executor:
+def executor(tiny_checkpoint, tmp_path_factory) -> LLMEngine:
     engine_dir = tmp_path_factory.mktemp("structured") / "engine"
     shutil.copytree(tiny_checkpoint, engine_dir)
     engine = {"block_size": 4, "num_kv_blocks": 2048, "max_model_len": 1024, "dtype": "float32"}
     (engine_dir / "engine_config.json").write_text(json.dumps({"engine": engine}))
-    return Executor.from_engine_dir(engine_dir, max_num_seqs=16)
+    return LLMEngine.from_engine_dir(engine_dir, max_num_seqs=16)
 
 
-def run(ex: Executor, reqs: list[GenerationRequest]) -> dict[str, tuple[list[int], str, str]]:
+def run(ex: LLMEngine, reqs: list[GenerationRequest]) -> dict[str, tuple[list[int], str, str]]:
     """request id -> (tokens, text, finish_reason), all requests in one batch."""
     for req in reqs:
         ex.add_request(req)

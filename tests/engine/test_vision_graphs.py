@@ -11,7 +11,7 @@ import torch
 
 from build_engine.checkpoint import make_tiny_checkpoint
 from engine.config import EngineConfig, ModelConfig
-from engine.vision import TowerGraphs, VisionEncoder
+from engine.model.vision import TowerGraphs, VisionEncoder
 
 
 @pytest.fixture(scope="module")

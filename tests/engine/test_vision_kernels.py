@@ -1,4 +1,4 @@
-"""engine.vision_kernels: the vision rotary kernel equals its torch reference, and the ViT is unchanged.
+"""engine.kernels.vision: the vision rotary kernel equals its torch reference, and the ViT is unchanged.
 
 On CPU the kernel runs through Triton's interpreter in a fresh Python (TRITON_INTERPRET=1 must be set
 before triton is imported): this file executes itself. Tolerances: float32 1e-5; bfloat16 at most one bf16
@@ -19,8 +19,8 @@ from triton_interpreter import bf16_ulps, main, run_interpreted  # noqa: E402
 
 
 def check_rotary(device: str) -> None:
-    from engine import vision_kernels
-    from engine.rope import vision_patch_positions, vision_rotary_cos_sin
+    from engine.kernels import vision as vision_kernels
+    from engine.model.rope import vision_patch_positions, vision_rotary_cos_sin
 
     for dtype in (torch.float32, torch.bfloat16):
         for num_patches, heads, head_dim in ((4, 2, 16), (37, 3, 32), (64, 12, 128)):
@@ -49,9 +49,10 @@ def check_vision_encoder(device: str) -> None:
     import tempfile
 
     from build_engine.checkpoint import make_tiny_checkpoint
-    from engine import kernels, vision_kernels
     from engine.config import ModelConfig
-    from engine.vision import VisionEncoder
+    from engine.kernels import fused as kernels
+    from engine.kernels import vision as vision_kernels
+    from engine.model.vision import VisionEncoder
 
     with tempfile.TemporaryDirectory() as tmp:
         config = ModelConfig.from_pretrained(
@@ -69,7 +70,7 @@ def check_vision_encoder(device: str) -> None:
     without = encoder.encode(pixels, grid)
     torch.testing.assert_close(with_kernels, without, rtol=1e-5, atol=1e-5)
     # the rotary is not a no-op here: dropping it changes the output
-    import engine.vision as vision
+    import engine.model.vision as vision
 
     saved = vision.apply_rotary_half_qk_
     vision.apply_rotary_half_qk_ = lambda qkv, cos, sin: qkv

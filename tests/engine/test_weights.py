@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
-from engine.decoder import Glm4vModel
-from engine.weights import hf_to_param_name, init_dummy_weights, load_weights
+from engine.kernels.attention import AttentionMetadata
+from engine.model.decoder import Glm4vModel
+from engine.model.weights import hf_to_param_name, init_dummy_weights, load_weights
 
 
 def copy_config(src: Path, dst: Path) -> Path:

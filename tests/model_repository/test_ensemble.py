@@ -146,13 +146,13 @@ def http_payload(images: list[bytes], stream: bool) -> dict:
 
 
 def engine_generate(engine_dir: Path, images: list[bytes]) -> tuple[str, str, str]:
-    from engine.executor import Executor, GenerationRequest
-    from engine.preprocess import PreprocessLimits, Preprocessor
-    from engine.sampling import SamplingParams
+    from engine.llm_engine import GenerationRequest, LLMEngine
+    from engine.processing.preprocess import PreprocessLimits, Preprocessor
+    from engine.sample.sampler import SamplingParams
 
     pre = Preprocessor(engine_dir, PreprocessLimits.from_engine_dir(engine_dir))
     out = pre(QUESTION, images)
-    ex = Executor.from_engine_dir(engine_dir)
+    ex = LLMEngine.from_engine_dir(engine_dir)
     embeds = None
     if images:
         # the reference encodes numpy-normalized pixels up front; the server sends uint8 patches to the llm
@@ -390,7 +390,7 @@ def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) 
 def test_rgb_images_and_vision_encoder_embeddings_give_the_llm_one_answer(server, tiny_engine: Path) -> None:
     """Images reach the llm two ways: resized uint8 RGB (the ensemble's path: the llm runs the ViT) or an
     embedding table from the standalone vision_encoder model (TensorRT-LLM style). Same greedy ids."""
-    from engine.preprocess import PreprocessLimits, Preprocessor
+    from engine.processing.preprocess import PreprocessLimits, Preprocessor
 
     pre = Preprocessor(tiny_engine, PreprocessLimits.from_engine_dir(tiny_engine))
     out = pre(QUESTION, IMAGES["two_images"])

@@ -1,6 +1,6 @@
-"""Triton `llm`: decoupled Python model around `engine.executor.Executor` (TensorRT-LLM tensor names).
+"""Triton `llm`: decoupled Python model around `engine.llm_engine.LLMEngine` (TensorRT-LLM tensor names).
 
-Threads: the engine loop (Executor.start) calls `_on_outputs` after each step, which only queues work;
+Threads: the engine loop (LLMEngine.start) calls `_on_outputs` after each step, which only queues work;
 a sender thread builds the response tensors and calls `response_sender.send` (so a slow client never
 blocks the engine); a cancellation thread polls `is_cancelled()` every `cancellation_check_period_ms` for
 at most `cancellation_checks_per_period` streams (longest unasked first) and aborts the engine request; a
@@ -81,7 +81,7 @@ def _text(request, name: str) -> str:
 
 
 def _guide(request, guide_class):
-    """engine.structured.Guide from `guided_decoding_guide_type` / `guided_decoding_guide`, or None."""
+    """engine.sample.structured.Guide from `guided_decoding_guide_type` / `guided_decoding_guide`, or None."""
     guide_type = _text(request, "guided_decoding_guide_type")
     return guide_class(guide_type, _text(request, "guided_decoding_guide")) if guide_type else None
 
@@ -128,15 +128,15 @@ class TritonPythonModel:
             sys.path.insert(0, python_path)
         import torch
 
-        from engine.executor import Executor, GenerationRequest
-        from engine.sampling import SamplingParams
+        from engine.llm_engine import GenerationRequest, LLMEngine
+        from engine.sample.sampler import SamplingParams
 
         self.GenerationRequest = GenerationRequest
         self.SamplingParams = SamplingParams
-        from engine.structured import Guide
+        from engine.sample.structured import Guide
 
         self.Guide = Guide
-        self.token_texts = None  # engine.logprobs.TokenTexts, made on the first request with logprobs
+        self.token_texts = None  # engine.sample.logprobs.TokenTexts, made on the first request with logprobs
         self.empty_log_probs = None  # the shared empty `output_log_probs` tensor
         # Several threads share the GIL here (engine loop, sender, cancellation, stats). With the default
         # 5 ms switch interval the engine loop could wait that long for the GIL after every GPU sync; a
@@ -157,15 +157,15 @@ class TritonPythonModel:
             "cuda"
         ):
             torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-        self.executor = Executor.from_engine_dir(engine_dir, **overrides)
-        if self.executor.device.type == "cuda" and _param(config, "warmup", "true").lower() != "false":
+        self.engine = LLMEngine.from_engine_dir(engine_dir, **overrides)
+        if self.engine.device.type == "cuda" and _param(config, "warmup", "true").lower() != "false":
             # kernels compiled and every CUDA graph captured before the first request, not during serving
-            self.executor.warmup()
+            self.engine.warmup()
         self.cancel_period_s = float(_param(config, "cancellation_check_period_ms", "10")) / 1000.0
         self.stats_period_s = float(_param(config, "stats_check_period_ms", "100")) / 1000.0
         self.cancel_checks_per_period = max(1, int(_param(config, "cancellation_checks_per_period", "8")))
         self.stream_responses_per_step = max(1, int(_param(config, "stream_responses_per_step", "16")))
-        # Executor times are time.monotonic(); responses carry wall-clock ns.
+        # LLMEngine times are time.monotonic(); responses carry wall-clock ns.
         self.wall_offset_ns = time.time_ns() - time.monotonic_ns()
 
         self.lock = threading.Lock()
@@ -180,7 +180,7 @@ class TritonPythonModel:
         self.is_shutting_down = threading.Event()
         self._init_metrics(args)
 
-        self.executor.start(self._on_outputs)
+        self.engine.start(self._on_outputs)
         self.threads = [
             threading.Thread(target=self._sender_loop, name="llm-sender", daemon=True),
             threading.Thread(target=self._cancellation_loop, name="llm-cancel", daemon=True),
@@ -268,7 +268,7 @@ class TritonPythonModel:
     def _stats_loop(self) -> None:
         while not self.is_shutting_down.wait(self.stats_period_s):
             try:
-                stats = self.executor.stats()
+                stats = self.engine.stats()
                 self.m_waiting.set(stats.num_waiting)
                 self.m_running.set(stats.num_running)
                 with self.lock:
@@ -321,10 +321,10 @@ class TritonPythonModel:
             with self.lock:
                 engine_ids = list(self.triton_ids.get(triton_id, ()))
             for engine_id in engine_ids:
-                self.executor.abort(engine_id)
+                self.engine.abort(engine_id)
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        if not self.executor.stats().is_loop_running:
+        if not self.engine.stats().is_loop_running:
             self._send_error(sender, "llm: the engine loop is not running", pb_utils.TritonError.UNAVAILABLE)
             return
         import torch
@@ -399,7 +399,7 @@ class TritonPythonModel:
             mrope_positions=mrope_positions,
             mrope_delta=int(_scalar(request, "mrope_position_deltas", 0)),
             image_hashes=_image_hashes(request, image_grid_thw),
-            stop_strings=stop_strings if self.executor.tokenizer is not None else (),
+            stop_strings=stop_strings if self.engine.tokenizer is not None else (),
             is_thinking=bool(_scalar(request, "is_thinking", False)),
             guide=_guide(request, self.Guide),
         )
@@ -416,7 +416,7 @@ class TritonPythonModel:
             if triton_id:
                 self.triton_ids.setdefault(triton_id, set()).add(engine_id)
         try:
-            self.executor.add_request(gen)
+            self.engine.add_request(gen)
         except Exception:
             self._forget(state)
             raise
@@ -534,7 +534,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("num_cached_tokens", np.array([output.num_cached_tokens], np.int32)),
                 pb_utils.Tensor(
                     "kv_cache_reused_blocks",
-                    np.array([output.num_cached_tokens // self.executor.block_manager.block_size], np.int32),
+                    np.array([output.num_cached_tokens // self.engine.block_manager.block_size], np.int32),
                 ),
                 pb_utils.Tensor("arrival_time_ns", np.array([self._wall_ns(output.arrival_time)], np.int64)),
                 pb_utils.Tensor("request_key", np.array([state.triton_id.encode()], dtype=np.object_)),
@@ -571,12 +571,12 @@ class TritonPythonModel:
                 self.empty_log_probs = pb_utils.Tensor("output_log_probs", np.zeros(0, np.float32))
             return [self.empty_log_probs, self._shared_tensor("logprobs", b"", np.object_)]
         if self.token_texts is None:
-            from engine.logprobs import TokenTexts
+            from engine.sample.logprobs import TokenTexts
 
-            self.token_texts = TokenTexts(self.executor.tokenizer)
-        from engine.logprobs import content_items
+            self.token_texts = TokenTexts(self.engine.tokenizer)
+        from engine.sample.logprobs import content_items
 
-        skip = frozenset(self.executor.model_config.eos_token_ids)
+        skip = frozenset(self.engine.model_config.eos_token_ids)
         items = content_items(token_ids, logprobs, self.token_texts, skip)
         return [
             pb_utils.Tensor("output_log_probs", np.array([lp for lp, _ in logprobs], np.float32)),
@@ -620,13 +620,13 @@ class TritonPythonModel:
                         is_cancelled = not state.is_done and state.sender.is_cancelled()
                     if is_cancelled:
                         state.is_cancelled = True
-                        self.executor.abort(state.engine_id)
+                        self.engine.abort(state.engine_id)
                 except Exception:
                     logger.exception("llm: cancellation check failed")
 
     def finalize(self) -> None:
         self.is_shutting_down.set()
-        self.executor.stop(timeout=30)  # unfinished requests end with "abort" (sent as final responses)
+        self.engine.stop(timeout=30)  # unfinished requests end with "abort" (sent as final responses)
         self.send_queue.put(None)
         for thread in self.threads:
             thread.join(timeout=10)

@@ -1,4 +1,4 @@
-"""Triton `preprocessing`: one request → engine inputs (engine.preprocess does the work).
+"""Triton `preprocessing`: one request → engine inputs (engine.processing.preprocess does the work).
 
 Bad inputs are answered with an INVALID_ARG error whose message starts with the field name; the model
 keeps serving. Exports `glmv_preprocess_latency_seconds` (histogram) and error counts.
@@ -52,13 +52,13 @@ class TritonPythonModel:
         python_path = _param(config, "python_path")
         if python_path and os.path.isdir(python_path) and python_path not in sys.path:
             sys.path.insert(0, python_path)
-        from engine.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
+        from engine.processing.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
 
         self.InputError = InputError
         self.validate_sampling = validate_sampling
         engine_dir = _param(config, "engine_dir")
         self.limits = PreprocessLimits.from_engine_dir(engine_dir)
-        from engine.input_bounds import TEXT_INPUTS, InputBounds
+        from engine.processing.input_bounds import TEXT_INPUTS, InputBounds
 
         self.bounded_inputs = (*TEXT_INPUTS, "image_input")
         self.bounds = InputBounds.from_limits(self.limits)

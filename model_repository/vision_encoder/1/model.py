@@ -58,8 +58,8 @@ class TritonPythonModel:
         import torch
         from torch import nn
 
-        from engine.vision import VisionEncoder
-        from engine.weights import hf_to_param_name, init_dummy_weights, iter_checkpoint
+        from engine.model.vision import VisionEncoder
+        from engine.model.weights import hf_to_param_name, init_dummy_weights, iter_checkpoint
 
         class VisualOnly(nn.Module):  # same parameter names and order as Glm4vModel's visual part
             def __init__(self) -> None:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import HAS_TRITON, _device_guard
+from engine.kernels.fused import HAS_TRITON, device_guard
 
 if HAS_TRITON:  # else the torch ops quantize the activations
     import triton
@@ -154,7 +154,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     one_pass = n_cols <= QUANT_ONE_PASS_MAX
     block = triton.next_power_of_2(n_cols) if one_pass else 4096
-    with _device_guard(x):
+    with device_guard(x):
         _quantize_rows_kernel[(n_rows,)](
             x, q, scale, x.stride(0), q.stride(0), n_cols, MIN_ACT_SCALE,
             FP8_MAX_C=FP8_MAX, BLOCK=block, ONE_PASS=one_pass, num_warps=max(1, min(16, block // 512)),
@@ -187,7 +187,7 @@ def scale_rows_cols(
     n_rows, n_cols = acc.shape
     out = torch.empty((n_rows, n_cols), dtype=dtype, device=acc.device)
     block = min(1024, triton.next_power_of_2(n_cols))
-    with _device_guard(acc):
+    with device_guard(acc):
         _scale_rows_cols_kernel[(n_rows, triton.cdiv(n_cols, block))](
             acc, scale_a, scale_b, scale_b if bias is None else bias, out, n_cols, acc.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,

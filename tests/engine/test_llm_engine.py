@@ -1,4 +1,4 @@
-"""Executor on the tiny random checkpoint: our batched, paged, preempting engine gives the tokens of a
+"""LLMEngine on the tiny random checkpoint: our batched, paged, preempting engine gives the tokens of a
 plain full-recompute loop (and of transformers generate()), whatever the batch and the arrival order."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
-from engine.decoder import Glm4vModel
-from engine.executor import Executor, GenerationRequest, RequestOutput
-from engine.rope import get_mrope_positions
-from engine.sampling import SamplingParams
+from engine.kernels.attention import AttentionMetadata
+from engine.llm_engine import GenerationRequest, LLMEngine, RequestOutput
+from engine.model.decoder import Glm4vModel
+from engine.model.rope import get_mrope_positions
+from engine.sample.sampler import SamplingParams
 
 BLOCK_SIZE = 4
 
@@ -32,9 +32,9 @@ def model(tiny_checkpoint, model_config) -> Glm4vModel:
     return Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "float32", model_config)
 
 
-def make_executor(model, model_config, tokenizer=None, **engine) -> Executor:
+def make_executor(model, model_config, tokenizer=None, **engine) -> LLMEngine:
     engine = {"block_size": BLOCK_SIZE, "num_kv_blocks": 256, "max_model_len": 256, **engine}
-    return Executor(model_config, EngineConfig(**engine), model=model, tokenizer=tokenizer)
+    return LLMEngine(model_config, EngineConfig(**engine), model=model, tokenizer=tokenizer)
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -87,7 +87,7 @@ def reference_greedy(
 
 
 def run_to_end(
-    ex: Executor, arrivals: dict[int, list[GenerationRequest]] | None = None
+    ex: LLMEngine, arrivals: dict[int, list[GenerationRequest]] | None = None
 ) -> dict[str, list[RequestOutput]]:
     """Step until done; ``arrivals[k]`` are added before step k. Returns every output per request."""
     arrivals = dict(arrivals or {})
@@ -190,7 +190,7 @@ def image_request(mc, request_id: str, grids: list[tuple[int, int, int]], seed: 
 def test_image_patches_encoded_in_the_engine_match_precomputed_embeds(model, model_config):
     """uint8 patches: normalized like the image processor, encoded in packed ViT forwards across
     requests (budget of 2 images' patches per forward), same tokens as embeds encoded up front."""
-    from engine.executor import CLIP_MEAN, CLIP_STD
+    from engine.runner.model_runner import CLIP_MEAN, CLIP_STD
 
     mc = model_config
     grids = [[(1, 4, 6)], [(1, 4, 4), (1, 2, 6)], [(1, 6, 4)]]
@@ -219,7 +219,7 @@ def test_image_patches_encoded_in_the_engine_match_precomputed_embeds(model, mod
     ex = make_executor(model, mc, max_num_vision_patches=40, max_num_batched_tokens=8)
     outputs = run_to_end(ex, {0: reqs[:2], 1: reqs[2:]})
     assert {rid: tokens(outs) for rid, outs in outputs.items()} == references
-    assert ex.stats().num_finished == 4 and not ex._vision_waiting
+    assert ex.stats().num_finished == 4 and not ex.core.vision.waiting
 
 
 def test_flat_rgb_images_patchified_in_the_engine_give_the_same_tokens(model, model_config):
@@ -235,7 +235,7 @@ def test_flat_rgb_images_patchified_in_the_engine_give_the_same_tokens(model, mo
             for _, h, w in grids
         ]
     ).to(torch.uint8)
-    patches = ex.patch_normalizer.patchify(rgb, grid)
+    patches = ex.runner.patch_normalizer.patchify(rgb, grid)
     assert patches.shape == (28, mc.vision_config.patch_dim) and patches.dtype == torch.uint8
     common = {"image_grid_thw": grid, "mrope_positions": positions, "mrope_delta": delta}
     outputs = run_to_end(
@@ -290,7 +290,7 @@ def test_image_patches_rejected_with_the_field_named(model, model_config):
     first = {o.request_id: o.finish_reason for o in ex.step()}
     assert first["x"] == "abort"
     run_to_end(ex)
-    assert not ex._vision_waiting and ex.block_manager.num_used_blocks == 0
+    assert not ex.core.vision.waiting and ex.block_manager.num_used_blocks == 0
 
 
 def test_seeded_sampling_independent_of_batch(model, model_config):
@@ -376,7 +376,7 @@ def test_text_stop_strings_and_from_engine_dir(tiny_checkpoint, tmp_path, model)
     (engine_dir / "engine_config.json").write_text(
         json.dumps({"engine": engine, "build": {"dtype": "float32"}})
     )
-    ex = Executor.from_engine_dir(engine_dir, max_num_seqs=4)
+    ex = LLMEngine.from_engine_dir(engine_dir, max_num_seqs=4)
     assert ex.engine_config.max_num_seqs == 4 and ex.block_manager.num_blocks == 64
     ids = prompt(5, 6)
     outs = run_to_end(ex, {0: [GenerationRequest("t", ids, greedy(16, ignore_eos=True))]})["t"]
@@ -422,7 +422,7 @@ def test_loop_thread_generate_and_callback(model, model_config):
 def test_cuda_decode_graphs_give_reference_tokens(tiny_checkpoint, model_config, enforce_eager):
     model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "float32", model_config)
     engine = {"block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "max_num_seqs": 6}
-    ex = Executor(
+    ex = LLMEngine(
         model_config, EngineConfig(num_kv_blocks=10, **engine), model=model, enforce_eager=enforce_eager
     )
     assert (ex.runner.graphs is None) == enforce_eager
@@ -434,7 +434,7 @@ def test_cuda_decode_graphs_give_reference_tokens(tiny_checkpoint, model_config,
         assert tokens(outputs[req.request_id]) == expected
     if not enforce_eager:
         assert ex.runner.graphs.graphs  # some steps replayed a graph
-        ex.capture_cuda_graphs()
+        ex.runner.capture_cuda_graphs()
         assert len(ex.runner.graphs.graphs) == len(ex.runner.graphs.batch_buckets) * len(
             ex.runner.graphs.width_buckets
         )
@@ -503,7 +503,7 @@ def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_
     """float32 on CUDA: images arriving while other requests decode are encoded on the vision stream; the
     requests join once their embeddings are ready and every token equals the reference loop's. A request
     aborted while its ViT runs ends with "abort" and leaves no block behind."""
-    from engine.executor import CLIP_MEAN, CLIP_STD
+    from engine.runner.model_runner import CLIP_MEAN, CLIP_STD
 
     mc = model_config
     model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "float32", mc)
@@ -514,8 +514,8 @@ def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_
         "num_kv_blocks": 64,
         "async_vision": True,
     }
-    ex = Executor(mc, EngineConfig(**engine), model=model)
-    assert ex._vision_stream is not None
+    ex = LLMEngine(mc, EngineConfig(**engine), model=model)
+    assert ex.runner.vision_stream is not None
     per_channel = mc.vision_config.patch_dim // 3
     mean = torch.tensor(CLIP_MEAN).repeat_interleave(per_channel)
     std = torch.tensor(CLIP_STD).repeat_interleave(per_channel)
@@ -552,4 +552,4 @@ def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_
     ex.abort("gone")
     rest = run_to_end(ex)
     assert rest["gone"][-1].finish_reason == "abort" and rest["busy"][-1].finish_reason == "length"
-    assert ex._vision_inflight is None and ex.block_manager.num_used_blocks == 0
+    assert ex.core.vision.inflight is None and ex.block_manager.num_used_blocks == 0

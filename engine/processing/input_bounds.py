@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.preprocess import InputError, PreprocessLimits, _sniff_format
+from engine.processing.preprocess import InputError, PreprocessLimits, _sniff_format
 
 __all__ = ["InputBounds", "TEXT_BYTES_PER_TOKEN"]
 

@@ -5,7 +5,7 @@ references are the spec (and the CPU path), and they compute exactly what the de
 these kernels existed.
 
 * `rms_norm(x, weight, eps)`: `weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)`, the
-  product rounded to x's dtype (engine.vision.RMSNorm, transformers' Glm4vRMSNorm).
+  product rounded to x's dtype (engine.model.layers.RMSNorm, transformers' Glm4vRMSNorm).
 * `add_rms_norm_pair(residual, h, w_post, w_next, eps) -> (new_residual, normed_next)`:
   `new_residual = residual + rms_norm(h, w_post)` (added in x's dtype) and
   `normed_next = rms_norm(new_residual, w_next)`: GLM-4's sandwich norm after a sublayer, fused with the
@@ -14,7 +14,7 @@ these kernels existed.
   rounded to the input dtype before the product, as torch does in eager.
 * `apply_interleaved_rotary_(qk [T, heads, head_dim], cos, sin)`: in place, rotates the first
   `2 * cos.shape[-1]` dims of every head in adjacent pairs (2i, 2i+1) like
-  `engine.rope.apply_interleaved_rotary` (arithmetic in cos's dtype, each product and sum rounded to it);
+  `engine.model.rope.apply_interleaved_rotary` (arithmetic in cos's dtype, each product and sum rounded to it);
   the other dims are left untouched. qk may be a strided view (e.g. into the qkv projection's output) as
   long as its last dim is contiguous; cos/sin may have any strides (MRotaryEmbedding's are transposed).
 * `paged_decode_attention(q [B, H, D], k_cache, v_cache, block_tables, seq_lens, scale)`: attention of one
@@ -44,7 +44,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine.rope import apply_interleaved_rotary
+from engine.model.rope import apply_interleaved_rotary
 
 try:
     import triton
@@ -67,7 +67,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return INTERPRET or all(t.is_cuda for t in tensors)
 
 
-def _device_guard(t: torch.Tensor):
+def device_guard(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it t's device."""
     if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
@@ -79,7 +79,7 @@ def _device_guard(t: torch.Tensor):
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """engine.vision.RMSNorm.forward: normalize in float32, cast back, then scale in x's dtype."""
+    """engine.model.layers.RMSNorm.forward: normalize in float32, cast back, then scale in x's dtype."""
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # x * rsqrt(mean(x^2) + eps)
     return weight * normed.to(x.dtype)
 
@@ -250,7 +250,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n_rows, n_cols = x2.shape
     out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n_cols)
-    with _device_guard(x):
+    with device_guard(x):
         _rms_norm_kernel[(n_rows,)](
             x2, weight.contiguous(), out, x2.stride(0), out.stride(0), n_cols, eps,
             BLOCK=block, num_warps=_row_warps(block),
@@ -281,7 +281,7 @@ def add_rms_norm_pair(
     new_residual = torch.empty((n_rows, n_cols), dtype=residual.dtype, device=residual.device)
     normed = torch.empty_like(new_residual)
     block = triton.next_power_of_2(n_cols)
-    with _device_guard(residual):
+    with device_guard(residual):
         _add_rms_norm_pair_kernel[(n_rows,)](
             res2, h2, w_post.contiguous(), w_next.contiguous(), new_residual, normed,
             res2.stride(0), h2.stride(0), new_residual.stride(0), normed.stride(0), n_cols, eps, eps_next,
@@ -298,7 +298,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
     out = torch.empty((n_rows, n_cols), dtype=gate_up.dtype, device=gate_up.device)
     block = min(SILU_BLOCK, triton.next_power_of_2(n_cols))
-    with _device_guard(gate_up):
+    with device_guard(gate_up):
         _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
             gu, out, gu.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=4 if block >= 512 else 1
         )
@@ -322,7 +322,7 @@ def apply_interleaved_rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         return apply_interleaved_rotary_reference_(qk, cos, sin)
     num_tokens, n_heads, _ = qk.shape
     block_h, block_r = min(ROTARY_BLOCK_H, triton.next_power_of_2(n_heads)), triton.next_power_of_2(half)
-    with _device_guard(qk):
+    with device_guard(qk):
         _rotary_kernel[(num_tokens, triton.cdiv(n_heads, block_h))](
             qk, cos, sin, qk.stride(0), qk.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
             n_heads, half,
@@ -645,7 +645,7 @@ def paged_decode_attention(
         part_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    with _device_guard(q):
+    with device_guard(q):
         _paged_decode_kernel[(batch, num_kv_heads, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
             scale * 1.4426950408889634,

@@ -8,7 +8,7 @@ Contract:
   t*h*w / merge**2 consecutive rows). Attention is block-diagonal: one block per image (per frame).
 * Parameter names equal the HF checkpoint's `model.visual.*` names without the `model.visual.` prefix,
   except the fused `mlp.gate_up_proj` / `merger.gate_up_proj` (gate rows first), built at load by
-  `engine.weights`.
+  `engine.model.weights`.
 * Matches transformers' `Glm4vVisionModel(...).pooler_output` (float32 to ~1e-5).
 * `PatchNormalizer` turns raw uint8 RGB (the resized images, flat, or already patchified; no rescale or
   normalize: 8x fewer bytes between processes than float32 patches) into pixel_values on the encoder's
@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import VisionConfig
-from engine.kernels import rms_norm, silu_mul
-from engine.rope import vision_patch_positions, vision_rotary_cos_sin
-from engine.vision_kernels import apply_rotary_half_qk_
-
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+from engine.kernels.fused import silu_mul
+from engine.kernels.vision import apply_rotary_half_qk_
+from engine.model.layers import ACTIVATIONS, RMSNorm
+from engine.model.rope import vision_patch_positions, vision_rotary_cos_sin
 
 
 class PatchNormalizer:
@@ -35,7 +34,7 @@ class PatchNormalizer:
 
     Takes either patches [N, patch_dim] (channel-major rows: 3 x temporal x p x p) or the resized images
     flat [sum(H*W*3)] with their grid (each image [H, W, 3] row-major, H = gh * p, W = gw * p, t = 1),
-    which it patchifies on the device like `engine.preprocess.Preprocessor.patchify`."""
+    which it patchifies on the device like `engine.processing.preprocess.Preprocessor.patchify`."""
 
     def __init__(
         self,
@@ -88,18 +87,6 @@ class PatchNormalizer:
             raise ValueError(f"image_patches: shape {tuple(patches.shape)} must be [N, {self.patch_dim}]")
         x = patches.to(self.mean.device, non_blocking=True).to(torch.float32) * self.rescale
         return (x - self.mean) / self.std
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, cast back, then scaled (transformers' Glm4vRMSNorm order)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)  # one fused kernel on CUDA (engine.kernels)
 
 
 class PatchEmbed(nn.Module):

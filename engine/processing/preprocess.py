@@ -14,7 +14,7 @@ Triton model and by tests. Contract:
   merge-window order) in a numpy path that is 3-6x faster on large images. A request's images stop after
   the resize: `image_rgb` (the resized RGB images, flat uint8, 8x fewer bytes than float32 patches) and
   `image_grid_thw` [n, 3] int64; the llm patchifies and normalizes them on its GPU
-  (`engine.vision.PatchNormalizer`). `Preprocessor.patchify` gives the uint8 patches [sum(gh*gw), 1176] and
+  (`engine.model.vision.PatchNormalizer`). `Preprocessor.patchify` gives the uint8 patches [sum(gh*gw), 1176] and
   `Preprocessor.normalize` the float32 pixel_values, within 1e-6 of the processor's output (float
   rounding only; the grid is identical). `image_hashes` identify what the model sees: the sha256 hex of
   each resized image's size and RGB bytes, so the same picture hits the engine's prefix and image caches
@@ -24,7 +24,7 @@ Triton model and by tests. Contract:
   order) or `text_input` with the images before the text in one user turn, rendered with the tokenizer's
   chat template (`add_generation_prompt=True`, `enable_thinking`); each `<|image|>` id is expanded to
   gh*gw/merge**2 copies. The prompt must leave room for one output token within `max_seq_len`.
-* `mrope_positions` [3, L] int64 and `mrope_delta` come from `engine.rope.get_mrope_positions`.
+* `mrope_positions` [3, L] int64 and `mrope_delta` come from `engine.model.rope.get_mrope_positions`.
 """
 
 from __future__ import annotations
@@ -390,11 +390,11 @@ class Preprocessor:
         settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
         self.image_processor = Glm46VImageProcessorPil(**settings)
         self.merge_size = int(self.image_processor.merge_size)
-        from engine.vision import PatchNormalizer
+        from engine.model.vision import PatchNormalizer
 
         proc = self.image_processor
         patch, merge, temporal = self._geometry()
-        # The llm's own patchify + normalize (engine.vision), run here on the CPU for callers that want
+        # The llm's own patchify + normalize (engine.model.vision), run here on the CPU for callers that want
         # patches or pixel values (the vision_encoder model, tests): one implementation of both.
         self.normalizer = PatchNormalizer(
             3 * temporal * patch**2,
@@ -593,7 +593,7 @@ class Preprocessor:
     ) -> PreprocessedRequest:
         import torch
 
-        from engine.rope import get_mrope_positions
+        from engine.model.rope import get_mrope_positions
 
         infos = self.load_images(list(images or []))
         messages = self.build_messages(text, messages_json, len(infos))

@@ -14,8 +14,8 @@ Contract:
   other sequences in the batch.
 * `_paged_attention_reference` (per-sequence loop, float32 softmax) is the spec and runs on any device.
   On CUDA, `paged_attention` uses torch SDPA per prefill chunk and, for decode tokens (query_len 1), the
-  Triton kernel `engine.kernels.paged_decode_attention` (split-K over the context, K/V read through the
-  block table, only live blocks) when `engine.kernels.use_triton` allows it, else one batched gather +
+  Triton kernel `engine.kernels.fused.paged_decode_attention` (split-K over the context, K/V read through the
+  block table, only live blocks) when `engine.kernels.fused.use_triton` allows it, else one batched gather +
   masked SDPA (GLMV_DISABLE_TRITON_KERNELS=1 restores that path). Under Triton's CPU interpreter
   (TRITON_INTERPRET=1) decode-only steps run the kernel too; everything else on CPU runs the reference.
 * CUDA graphs: a decode-only step (every query_len 1) reads only device tensors of the metadata
@@ -24,7 +24,7 @@ Contract:
   on an H200: replay equals eager exactly). Padding sequences in a captured batch must point at a
   scratch block rather than use slot -1 (dropping -1 slots needs a host sync). The decode kernel sizes its
   grid from the block_tables width (never from seq_lens values), so it is captured like the SDPA path.
-* `all_fresh` metadata (prefill CUDA graphs, `engine.model_runner.PrefillGraphs`): every sequence's chunk
+* `all_fresh` metadata (prefill CUDA graphs, `engine.runner.model_runner.PrefillGraphs`): every sequence's chunk
   starts at position 0, so it attends only to its own new tokens; on CUDA one varlen flash call over
   `cu_query_lens` (device tensor, zero-length sequences allowed) does every sequence without a host sync,
   elsewhere `_fresh_prefill_reference`. Padding rows are given as one more sequence (slots in the scratch
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import paged_decode_attention, paged_decode_supported
+from engine.kernels.fused import paged_decode_attention, paged_decode_supported
 
 
 @dataclass

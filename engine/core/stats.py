@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.block_manager import PrefixCacheStats
+from engine.core.block_manager import PrefixCacheStats
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class EngineStats:
     is_loop_running: bool = False
     """Whether the loop thread (start/stop) is alive."""
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
-    """Prefix-cache lookups, hits and blocks (engine.block_manager)."""
+    """Prefix-cache lookups, hits and blocks (engine.core.block_manager)."""
     num_image_cache_hits: int = 0
     """Images whose ViT embeddings came from the image cache, since start."""
     num_image_cache_misses: int = 0

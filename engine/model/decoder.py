@@ -3,21 +3,21 @@
 Contract:
 * `Glm4vModel.forward(input_ids [T], positions [3, T], attn, kv_caches, input_embeds [T, hidden] | None)
   -> hidden [T, hidden]` runs one step over a packed batch of prefill chunks and decode tokens (see
-  `engine.attention`). It writes the new tokens' K/V into `kv_caches` (one tensor per layer, from
+  `engine.kernels.attention`). It writes the new tokens' K/V into `kv_caches` (one tensor per layer, from
   `allocate_kv_caches`) and returns the final-norm hidden states of every new token. `positions` are the
-  M-RoPE positions (`engine.rope.get_mrope_positions` for prompts; token i >= prompt_len has i + delta in
+  M-RoPE positions (`engine.model.rope.get_mrope_positions` for prompts; token i >= prompt_len has i + delta in
   all three rows). When `input_embeds` is given, `input_ids` is ignored (image prompts: build it with
   `get_input_embeddings`).
 * `compute_logits(hidden [n, hidden]) -> [n, vocab] float32`: apply it only to the rows that sample.
 * `get_input_embeddings(input_ids [T], image_embeds [m, hidden] | None)` embeds the ids and overwrites
   the m rows whose id is `image_token_id` with image_embeds, in order (m must equal that count).
-* Weights: `Glm4vModel.from_pretrained(path, device, dtype)` loads an HF checkpoint (`engine.weights`);
+* Weights: `Glm4vModel.from_pretrained(path, device, dtype)` loads an HF checkpoint (`engine.model.weights`);
   `Glm4vModel.dummy(model_config, device, dtype, seed)` fills random weights on the device.
   Parameter names are the HF names without the leading `model.`; q/k/v are fused into
   `self_attn.qkv_proj` at load.
 * Numerics follow transformers' Glm4v: RMSNorm in float32, rotary in the activations' dtype, softmax in
   float32 (CPU reference; SDPA on CUDA); float32 runs match `Glm4vForConditionalGeneration` to ~1e-5.
-* The elementwise work between matmuls runs as the fused ops of `engine.kernels` (Triton kernels on CUDA,
+* The elementwise work between matmuls runs as the fused ops of `engine.kernels.fused` (Triton kernels on CUDA,
   their torch references elsewhere): each layer is qkv_proj -> in-place rotary -> paged_attention ->
   o_proj -> add_rms_norm_pair(post_self_attn, post_attention) -> gate_up_proj -> silu_mul -> down_proj ->
   add_rms_norm_pair(post_mlp, next layer's input_layernorm or the final norm). The RMSNorm modules only
@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig, parse_dtype
-from engine.kernels import add_rms_norm_pair, apply_interleaved_rotary_, rms_norm, silu_mul
-from engine.rope import MRotaryEmbedding
-from engine.vision import ACTIVATIONS, RMSNorm, VisionEncoder
+from engine.kernels.attention import AttentionMetadata, paged_attention
+from engine.kernels.fused import add_rms_norm_pair, apply_interleaved_rotary_, rms_norm, silu_mul
+from engine.model.layers import ACTIVATIONS, RMSNorm
+from engine.model.rope import MRotaryEmbedding
+from engine.model.vision import VisionEncoder
 
 
 class DecoderAttention(nn.Module):
@@ -172,7 +173,7 @@ class Glm4vModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activation dtype (the embeddings'; lm_head may hold FP8 weights, engine.quant)."""
+        """The activation dtype (the embeddings'; lm_head may hold FP8 weights, engine.model.quant)."""
         return self.language_model.embed_tokens.weight.dtype
 
     @torch.no_grad()
@@ -255,7 +256,7 @@ class Glm4vModel(nn.Module):
         model_config: ModelConfig | None = None,
     ) -> Glm4vModel:
         """Load an HF Glm4v checkpoint directory, converting weights to `dtype` on `device`."""
-        from engine.weights import load_weights
+        from engine.model.weights import load_weights
 
         config = model_config or ModelConfig.from_pretrained(path)
         model = cls.empty(config, device, dtype)
@@ -271,7 +272,7 @@ class Glm4vModel(nn.Module):
         seed: int = 0,
     ) -> Glm4vModel:
         """Full-size model with random weights created directly on `device` (benchmarks without files)."""
-        from engine.weights import init_dummy_weights
+        from engine.model.weights import init_dummy_weights
 
         model = cls.empty(model_config, device, dtype)
         init_dummy_weights(model, seed)

@@ -11,7 +11,7 @@ Contract:
       2. presence / frequency penalties (OpenAI semantics) over output tokens:
          ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``;
       3. while ``num_output_tokens < min_tokens``: eos ids and ``stop_token_ids`` are masked to -inf;
-      4. a sequence with a grammar (``seq.grammar``, engine.structured) gets the tokens its grammar
+      4. a sequence with a grammar (``seq.grammar``, engine.sample.structured) gets the tokens its grammar
          forbids masked to -inf: the masks of all such rows are filled on the host in one batched call
          before anything waits for the logits, so on a GPU they are computed while the forward runs;
       5. temperature 0 -> argmax; otherwise ``logits / temperature``, top-k (0 = off), top-p, then one
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from engine.structured import GrammarState
+    from engine.sample.structured import GrammarState
 
 MAX_TOP_LOGPROBS = 20
 
@@ -122,7 +122,7 @@ class SamplingParams:
 
 
 class SamplingSeq(Protocol):
-    """What the sampler reads from a sequence (engine.sequence.Sequence has all of it). The object must be
+    """What the sampler reads from a sequence (engine.core.sequence.Sequence has all of it). The object must be
     weak-referenceable and hashable by identity: the sampler caches its prompt ids on the device."""
 
     sampling: SamplingParams
@@ -177,7 +177,7 @@ class Sampler:
                 rows.append(i)
                 states.append(state)
         if rows:
-            from engine.structured import apply_grammars
+            from engine.sample.structured import apply_grammars
 
             apply_grammars(logits, rows, states)
 

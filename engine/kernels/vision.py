@@ -1,12 +1,12 @@
 """Fused rotate-half rotary of the vision tower, in the Triton language, with the torch code that defines it.
 
 `apply_rotary_half_qk_(qkv [N, 3, heads, head_dim], cos, sin)` rotates q = qkv[:, 0] and k = qkv[:, 1] in
-place like `engine.rope.apply_rotary_half` (cos/sin [N, head_dim] float32; the arithmetic runs in float32,
+place like `engine.model.rope.apply_rotary_half` (cos/sin [N, head_dim] float32; the arithmetic runs in float32,
 `x * cos + rotate_half(x) * sin`, and the result is rounded to qkv's dtype); v is left untouched. One
 program per patch and group of heads; the eager torch version runs about seven full-size float32 kernels
 per tensor (2 x 29 MB per kernel for a 1288x728 screenshot), this one reads and writes q and k once.
 
-The same switch as `engine.kernels` decides between Triton and torch (`use_triton`). Numerics: the float32
+The same switch as `engine.kernels.fused` decides between Triton and torch (`use_triton`). Numerics: the float32
 products and sum may be contracted into one fused multiply-add on the GPU, so a bfloat16 result can differ
 from torch's by one rounding step where the float32 value lies next to a rounding boundary.
 """
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import HAS_TRITON, _device_guard, use_triton
-from engine.rope import apply_rotary_half
+from engine.kernels.fused import HAS_TRITON, device_guard, use_triton
+from engine.model.rope import apply_rotary_half
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from engine.kernels import _round_to
+    from engine.kernels.fused import _round_to
 
     @triton.jit
     def _rotary_half_kernel(
@@ -85,7 +85,7 @@ def apply_rotary_half_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     qk = qkv.view(num_tokens, 3 * n_heads, head_dim)  # q heads then k heads are the first 2 * n_heads
     half = head_dim // 2
     block_h = min(BLOCK_H, triton.next_power_of_2(2 * n_heads))
-    with _device_guard(qkv):
+    with device_guard(qkv):
         _rotary_half_kernel[(num_tokens, triton.cdiv(2 * n_heads, block_h))](
             qk, cos, sin, qk.stride(0), qk.stride(1), cos.stride(0), sin.stride(0), 2 * n_heads, half,
             BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), num_warps=4,

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.sampling import SamplingParams
+from engine.sample.sampler import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.structured import GrammarState
+    from engine.sample.structured import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -72,13 +72,15 @@ class Sequence:
             self.image_token_indices, image_sizes, image_hashes
         )
         self.generator = generator
-        self.grammar: GrammarState | None = None  # guided decoding (engine.structured); set by the executor
+        self.grammar: GrammarState | None = (
+            None  # guided decoding (engine.sample.structured); set by the executor
+        )
         # (logprob, top (token id, logprob) pairs) of output token i, when sampling.logprobs is set
         self.logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = []
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
-        # prefix cache (engine.block_manager)
+        # prefix cache (engine.core.block_manager)
         self.block_hashes: list[bytes] = []  # hashes of the first full blocks of token_ids
         self.is_hash_stopped = False  # a block with an image of unknown identity: no hashes past it
         self.num_committed_blocks = 0  # leading blocks already offered to the cache

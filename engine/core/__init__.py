@@ -1,0 +1,1 @@
+"""The engine core: scheduler, KV block manager, sequences, vision queue, image cache and the step."""

@@ -1,0 +1,217 @@
+"""Encoder work, budgeted: requests whose images need ViT embeddings before their prefill.
+
+Each request first maps its cached prefix (`BlockManager.match_prefix`): images wholly inside it need no
+embeddings. The others come from the image cache by hash, else from one packed ViT forward over a batch of
+requests (at most ``max_num_vision_patches`` patches, oldest first). A batch is formed only while the
+prefill queue holds less than one step of tokens, so images are encoded just ahead of their prefill and
+decodes are not held up by encoding far ahead. With the runner's vision stream the forward runs beside the
+decode steps; its batch joins the scheduler once its event has passed.
+
+Stepping thread only."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.core.block_manager import BlockManager
+from engine.core.image_cache import ImageCache
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger("glm-engine")
+
+
+@dataclass
+class VisionBatch:
+    """Requests whose images one ViT forward encodes: each one's plan (image index -> rows at hand, or
+    None until ``embeds`` is split) and the (request, image index) jobs in ``embeds`` order."""
+
+    plans: list[tuple[Sequence, dict[int, torch.Tensor | None]]]
+    jobs: list[tuple[Sequence, int]]
+    embeds: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # recorded on the vision stream after the forward (CUDA)
+
+
+class VisionQueue:
+    def __init__(
+        self,
+        runner,
+        scheduler: Scheduler,
+        block_manager: BlockManager,
+        image_cache: ImageCache,
+        max_num_batched_tokens: int,
+        max_num_vision_patches: int,
+        hidden_size: int,
+    ) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.block_manager = block_manager
+        self.image_cache = image_cache
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_vision_patches = max_num_vision_patches
+        self.hidden_size = hidden_size
+        self.waiting: list[Sequence] = []  # images not encoded yet, FIFO
+        self.inflight: VisionBatch | None = None
+
+    def __len__(self) -> int:
+        """Requests waiting for their embeddings (queued or in the launched batch)."""
+        return len(self.waiting) + (len(self.inflight.plans) if self.inflight is not None else 0)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.waiting and self.inflight is None
+
+    def add(self, seq: Sequence, first: bool = False) -> None:
+        self.waiting.insert(0, seq) if first else self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> bool:
+        """Drop ``seq`` if it is here (queued or in the launched batch, whose result it then skips)."""
+        inflight = self.inflight
+        if not any(s is seq for s in self.waiting) and not (
+            inflight is not None and any(s is seq for s, _ in inflight.plans)
+        ):
+            return False
+        self.waiting = [s for s in self.waiting if s is not seq]
+        return True
+
+    def drain(self) -> list[Sequence]:
+        """Every request here, queued or launched; the queue is empty after."""
+        inflight, self.inflight = self.inflight, None
+        seqs = self.waiting + ([s for s, _ in inflight.plans] if inflight is not None else [])
+        self.waiting = []
+        return seqs
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """Hand the requests whose embeddings are ready to the scheduler and launch the next batch; returns
+        the requests a failed forward ended, with the error."""
+        failed = self._collect()
+        if not self.waiting or self.inflight is not None:
+            return failed
+        queued = sum(len(s) - s.num_computed_tokens for s in self.scheduler.waiting)
+        if queued >= self.max_num_batched_tokens:
+            return failed
+        batch, num_patches = [], 0
+        for seq in self.waiting:
+            if not seq.block_table:
+                self.block_manager.match_prefix(seq)
+            needed = self._images_to_embed(seq)
+            n = sum(int(seq.image_grid_thw[i].prod()) for i in needed if not self._has_embeds(seq, i))
+            if batch and num_patches + n > self.max_num_vision_patches:
+                break
+            batch.append((seq, needed))
+            num_patches += n
+        self.waiting = self.waiting[len(batch) :]
+        plans = [(seq, self._lookup_embeds(seq, needed)) for seq, needed in batch]
+        jobs = [(seq, i) for seq, plan in plans for i, rows in plan.items() if rows is None]
+        vision = VisionBatch(plans, jobs)
+        try:
+            if jobs:
+                images = []
+                for seq, i in jobs:
+                    start, end = seq.image_input_offsets[i]
+                    images.append((seq.image_patches[start:end], seq.image_grid_thw[i : i + 1]))
+                vision.embeds, vision.ready = self.runner.encode_images(images)
+        except Exception as exc:  # these requests end; the engine keeps serving the others
+            return failed + self._fail(vision, exc)
+        if vision.ready is not None:
+            self.inflight = vision
+            return failed
+        return failed + self._finish(vision)
+
+    def _collect(self) -> list[tuple[Sequence, str]]:
+        """Hand the launched batch to the scheduler once its stream has passed its event."""
+        vision = self.inflight
+        if vision is None:
+            return []
+        if not self.scheduler.running and not self.scheduler.waiting:
+            vision.ready.synchronize()  # nothing else to run: wait here rather than spin
+        elif not vision.ready.query():
+            return []
+        self.inflight = None
+        self.runner.wait_vision(vision.embeds, vision.ready)
+        return self._finish(vision)
+
+    def _finish(self, vision: VisionBatch) -> list[tuple[Sequence, str]]:
+        """Split the batch's ViT output per image (into the image cache), give each request its
+        embeddings and hand it to the scheduler (requests ended meanwhile are skipped)."""
+        try:
+            offset = 0
+            by_seq = {id(seq): plan for seq, plan in vision.plans}
+            for seq, i in vision.jobs:
+                start, end, image_hash = seq.image_spans[i]
+                rows = vision.embeds[offset : offset + end - start]
+                offset += end - start
+                by_seq[id(seq)][i] = rows
+                self.image_cache.put(image_hash, rows)
+        except Exception as exc:
+            return self._fail(vision, exc)
+        for seq, plan in vision.plans:
+            if seq.is_finished:
+                continue
+            self._assemble_embeds(seq, plan)
+            self.scheduler.add(seq)
+        return []
+
+    def _fail(self, vision: VisionBatch, exc: Exception) -> list[tuple[Sequence, str]]:
+        logger.exception("[glm-engine] vision encoder failed; aborting %d requests", len(vision.plans))
+        failed = []
+        for seq, _ in vision.plans:
+            if seq.is_finished:
+                continue
+            self.block_manager.free(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            seq.image_patches = seq.image_grid_thw = None
+            failed.append((seq, f"vision encoder error: {exc}"))
+        return failed
+
+    @staticmethod
+    def _images_to_embed(seq: Sequence) -> list[int]:
+        """Indices of the images of ``seq`` with tokens past its computed (cached) prefix."""
+        return [i for i, (_, end, _) in enumerate(seq.image_spans) if end > seq.num_computed_tokens]
+
+    def _has_embeds(self, seq: Sequence, i: int) -> bool:
+        """Whether ``seq.image_embeds`` already holds valid rows for image ``i`` (or the cache does)."""
+        start, _, image_hash = seq.image_spans[i]
+        if seq.image_embeds is not None and start >= seq.missing_image_end:
+            return True
+        return image_hash in self.image_cache
+
+    def _lookup_embeds(self, seq: Sequence, needed: list[int]) -> dict[int, torch.Tensor | None]:
+        """Image index -> embedding rows already at hand (earlier rows of ``seq`` or the image cache), or
+        None (to encode)."""
+        plan: dict[int, torch.Tensor | None] = {}
+        row = 0
+        for i, (start, end, image_hash) in enumerate(seq.image_spans):
+            rows = None
+            if i in needed:
+                if seq.image_embeds is not None and start >= seq.missing_image_end:
+                    rows = seq.image_embeds[row : row + end - start]
+                else:
+                    rows = self.image_cache.get(image_hash)
+                plan[i] = rows
+            row += end - start
+        return plan
+
+    def _assemble_embeds(self, seq: Sequence, plan: dict[int, torch.Tensor | None]) -> None:
+        """Set ``seq.image_embeds`` from ``plan``; images not in it (inside the cached prefix) get unwritten
+        rows, and ``missing_image_end`` marks them. The images' inputs are dropped once every image has
+        its rows (kept otherwise: a preemption may need them encoded after all)."""
+        if not plan:
+            seq.image_embeds = None
+            seq.missing_image_end = seq.image_spans[-1][1]
+            return
+        parts, missing_end = [], 0
+        for i, (start, end, _) in enumerate(seq.image_spans):
+            rows = plan.get(i)
+            if rows is None:
+                first = next(iter(plan.values()))
+                rows = torch.empty(end - start, self.hidden_size, dtype=first.dtype, device=first.device)
+                missing_end = end
+            parts.append(rows)
+        seq.image_embeds = parts[0] if len(parts) == 1 else torch.cat(parts)
+        seq.missing_image_end = missing_end
+        if not missing_end:
+            seq.image_patches = seq.image_grid_thw = None

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton language and flash-attention calls), each with the torch reference it is tested against."""

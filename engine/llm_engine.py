@@ -1,0 +1,325 @@
+"""The engine's front door: requests in, per-step token outputs out, one loop thread.
+
+Wiring (docs/DESIGN.md has the room map): ``InputProcessor`` checks a request and builds its sequence on
+the caller's thread; ``EngineCore`` (scheduler, vision queue, KV blocks, caches) steps on one thread and
+drives ``ModelRunner``, the one door into the model; ``OutputProcessor`` turns sequences into outputs.
+
+Contract:
+  * ``add_request(req) -> request_id`` validates at once (ValueError naming the field: sampling params,
+    empty or too long prompt, image_embeds rows or image_patches/image_grid_thw vs image tokens,
+    mrope_positions shape, duplicate id) and queues the request; it joins the running batch at the next
+    step.
+  * Images come either encoded (``image_embeds``) or as patches (``image_patches`` uint8 RGB or float
+    pixel values, with ``image_grid_thw``): the engine then runs the ViT itself, packing the patches of
+    several requests into one forward just ahead of their prefill (``engine.core.vision_queue``). The
+    embeddings stay on the device.
+  * ``step() -> list[RequestOutput]``: one step (``engine.core.engine_core``). ``new_token_ids`` are the
+    tokens not returned before (a request preempted by recompute never returns a token twice). Every
+    request's last output has ``finish_reason`` set: "stop" (eos, stop id, stop string), "length"
+    (max_tokens, max_model_len) or "abort"; its KV blocks are free by then.
+  * ``abort(request_id)``: the request ends within the next step with an "abort" output (unknown or
+    finished ids are ignored).
+  * ``add_request``, ``abort``, ``stats`` and ``has_unfinished`` may be called from any thread; ``step``
+    from one thread at a time: the loop thread after ``start(callback)``, else the caller.
+  * ``start(callback)`` runs ``step()`` on a thread while there is work (it sleeps on a condition when
+    idle) and calls ``callback(outputs)`` after each step with outputs. ``stop()`` ends the loop; requests
+    still unfinished end with "abort". ``generate(req)`` is an async iterator over one request's outputs
+    (it starts the loop if needed; leaving the iterator early aborts the request).
+  * With a tokenizer (``from_engine_dir`` loads ``tokenizer.json``), outputs also carry ``text`` and
+    ``reasoning`` deltas and ``GenerationRequest.stop_strings`` end sequences inside the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig, EngineDir, ModelConfig
+from engine.core.engine_core import EngineCore
+from engine.core.sequence import Sequence
+from engine.core.stats import EngineStats
+from engine.processing.input_processor import InputProcessor
+from engine.processing.output_processor import OutputProcessor
+from engine.request import GenerationRequest, RequestOutput
+from engine.runner.model_runner import ModelRunner, load_model, num_kv_blocks, quantize_if_asked
+from engine.sample.sampler import Sampler, SamplingParams
+from engine.sample.structured import GrammarCompiler
+
+logger = logging.getLogger("glm-engine")
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        weights_dir: str | Path | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        enforce_eager: bool = False,
+        image_processor_config: dict[str, Any] | None = None,
+    ) -> None:
+        """Load the model (``weights_dir``; None: random weights of the config's shape, unless ``model``
+        is given), size and allocate the KV cache, build the processors, core and runner.
+        ``enforce_eager=True`` turns CUDA graphs off. ``image_processor_config``: the checkpoint's
+        preprocessor_config.json for uint8 ``image_patches``; None: CLIP mean/std and 1/255."""
+        self.model_config = model_config
+        self.engine_config = engine_config
+        device = torch.device(engine_config.device)
+        if device.type == "cuda" and device.index is None:  # the loop thread sets it by index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        if model is None:
+            model = load_model(model_config, engine_config, device, weights_dir, enforce_eager)
+        else:
+            quantize_if_asked(model, engine_config)
+        self.model = model
+        block_size = engine_config.block_size
+        num_blocks = num_kv_blocks(
+            engine_config, model_config.kv_bytes_per_token(engine_config.dtype), device
+        )
+        self.max_model_len = min(engine_config.max_model_len, num_blocks * block_size)
+        if self.max_model_len < engine_config.max_model_len:
+            logger.warning(
+                "[glm-engine] KV cache holds %d tokens (%d blocks): max_model_len %d capped to %d",
+                num_blocks * block_size,
+                num_blocks,
+                engine_config.max_model_len,
+                self.max_model_len,
+            )
+        logger.info("[glm-engine] KV cache: %d blocks of %d tokens", num_blocks, block_size)
+        self.runner = ModelRunner(
+            model,
+            model_config,
+            engine_config.replace(device=str(device)),
+            num_blocks,
+            Sampler(model_config.eos_token_ids),
+            max_model_len=self.max_model_len,
+            enforce_eager=enforce_eager,
+            image_processor_config=image_processor_config,
+        )
+        self.tokenizer = tokenizer
+        self.output_processor = OutputProcessor(tokenizer)
+        self.core = EngineCore(
+            model_config, engine_config, self.runner, num_blocks, self.max_model_len, self.output_processor
+        )
+        self.input_processor = InputProcessor(
+            model_config, self.max_model_len, self.core.scheduler.check_prompt, device, tokenizer
+        )
+
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._seqs: dict[str, Sequence] = {}  # unfinished requests by id
+        self._new_seqs: list[Sequence] = []  # added, not yet handed to the core
+        self._aborted_ids: set[str] = set()
+        self._streams: dict[str, Callable[[RequestOutput], None]] = {}  # generate() queues
+        self._thread: threading.Thread | None = None
+        self._is_stopping = False
+        self._callback: Callable[[list[RequestOutput]], None] | None = None
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path | EngineDir, **overrides: Any) -> LLMEngine:
+        """Engine for a ``glmv-build`` engine directory; ``overrides`` replace EngineConfig fields."""
+        d = engine_dir if isinstance(engine_dir, EngineDir) else EngineDir.open(engine_dir)
+        return cls(
+            d.model_config(),
+            d.engine_config(**overrides),
+            d.weights_dir,
+            tokenizer=d.tokenizer(),
+            image_processor_config=d.image_processor_config(),
+        )
+
+    # the core's parts, for callers that inspect them (tests, probes)
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def block_manager(self):
+        return self.core.block_manager
+
+    @property
+    def image_cache(self):
+        return self.core.image_cache
+
+    # -- requests (any thread) ----------------------------------------------------------------------
+
+    def add_request(self, req: GenerationRequest) -> str:
+        return self._add(req, None)
+
+    def _add(self, req: GenerationRequest, stream: Callable[[RequestOutput], None] | None) -> str:
+        seq = self.input_processor.process(req)
+        with self._cond:
+            if req.request_id in self._seqs:
+                raise ValueError(f"request_id: {req.request_id!r} is already in use by an unfinished request")
+            self._seqs[req.request_id] = seq
+            self.output_processor.add(req)
+            if stream is not None:
+                self._streams[req.request_id] = stream
+            self._new_seqs.append(seq)
+            self._cond.notify_all()
+        return req.request_id
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of guided requests' grammars (one per engine, its cache keyed by guide)."""
+        return self.input_processor.grammar_compiler()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            if request_id in self._seqs:
+                self._aborted_ids.add(request_id)
+                self._cond.notify_all()
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._seqs)
+
+    def stats(self) -> EngineStats:
+        stats = self.core.stats
+        with self._lock:
+            num_new = len(self._new_seqs)
+            is_running = self._thread is not None and self._thread.is_alive()
+        cache = self.core.image_cache
+        return dataclasses.replace(
+            stats,
+            num_waiting=stats.num_waiting + num_new,
+            is_loop_running=is_running,
+            # counters the stepping thread only adds to: read here, not copied after every step
+            prefix_cache=self.core.block_manager.stats,
+            num_image_cache_hits=cache.num_hits,
+            num_image_cache_misses=cache.num_misses,
+            image_cache_bytes=cache.num_bytes,
+        )
+
+    # -- stepping (one thread) ----------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Run one throw-away request (a full-budget prefill chunk, then decodes) so the first real request
+        pays no kernel start-up, then capture the CUDA graphs. Call before serving (no request running)."""
+        num_tokens = max(1, min(self.engine_config.max_num_batched_tokens, self.max_model_len - 2))
+        self.runner.warm_up_vision()
+        self.add_request(
+            GenerationRequest("__warmup__", [0] * num_tokens, SamplingParams(max_tokens=2, ignore_eos=True))
+        )
+        while self.has_unfinished():
+            self.step()
+        self.runner.capture_cuda_graphs()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step (``EngineCore.step``); returns the outputs it produced."""
+        with self._lock:
+            new_seqs, self._new_seqs = self._new_seqs, []
+            aborted_ids, self._aborted_ids = self._aborted_ids, set()
+            aborted = [self._seqs[i] for i in sorted(aborted_ids) if i in self._seqs]
+        outputs = self.core.step(new_seqs, aborted)
+        self._retire(outputs)
+        return outputs
+
+    def abort_all(self) -> list[RequestOutput]:
+        """End every unfinished request with "abort" now (call from the stepping thread)."""
+        with self._lock:
+            new_seqs, self._new_seqs = self._new_seqs, []
+            self._aborted_ids.clear()
+        outputs = self.core.abort_all(new_seqs)
+        self._retire(outputs)
+        return outputs
+
+    def _retire(self, outputs: list[RequestOutput]) -> None:
+        """Forget the requests that finished in ``outputs``."""
+        with self._lock:
+            for o in outputs:
+                if o.is_finished:
+                    self._seqs.pop(o.request_id, None)
+                    self.output_processor.pop(o.request_id)
+                    self._aborted_ids.discard(o.request_id)
+
+    # -- loop thread ------------------------------------------------------------------------------------
+
+    def start(self, callback: Callable[[list[RequestOutput]], None] | None = None) -> None:
+        """Run the step loop on a thread; ``callback(outputs)`` after each step that has outputs."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                raise RuntimeError("start: the loop thread is already running")
+            self._callback = callback
+            self._is_stopping = False
+            self._thread = threading.Thread(target=self._loop, name="glm-engine-loop", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop after its current step; unfinished requests end with "abort"."""
+        with self._cond:
+            thread = self._thread
+            self._is_stopping = True
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        if self.device.type == "cuda":
+            # The current CUDA device is per thread: streams and graphs made here must be on ours.
+            torch.cuda.set_device(self.device)
+        while True:
+            with self._cond:
+                while not self._is_stopping and not self._seqs:
+                    self._cond.wait()
+                if self._is_stopping:
+                    break
+            try:
+                outputs = self.step()
+            except Exception:
+                logger.exception("[glm-engine] step failed; aborting all requests")
+                outputs = self.abort_all()
+            self._dispatch(outputs)
+        self._dispatch(self.abort_all())
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        if not outputs:
+            return
+        with self._lock:
+            streams = [(self._streams.get(o.request_id), o) for o in outputs]
+            for o in outputs:
+                if o.is_finished:
+                    self._streams.pop(o.request_id, None)
+        for stream, o in streams:
+            if stream is not None:
+                stream(o)
+        if self._callback is not None:
+            try:
+                self._callback(outputs)
+            except Exception:
+                logger.exception("[glm-engine] output callback failed")
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Outputs of ``req`` as they come (the last one has finish_reason set)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._add(req, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o))
+        with self._lock:
+            is_running = self._thread is not None and self._thread.is_alive() and not self._is_stopping
+        if not is_running:
+            try:
+                self.start()
+            except RuntimeError:  # another caller started it in between
+                pass
+        is_finished = False
+        try:
+            while not is_finished:
+                output = await queue.get()
+                is_finished = output.is_finished
+                yield output
+        finally:
+            if not is_finished:
+                with self._lock:
+                    self._streams.pop(req.request_id, None)
+                self.abort(req.request_id)
+
+
+__all__ = ["GenerationRequest", "LLMEngine", "RequestOutput", "SamplingParams"]

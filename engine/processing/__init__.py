@@ -1,0 +1,1 @@
+"""Requests in and answers out: image preprocessing, input bounds, the input and output processors."""

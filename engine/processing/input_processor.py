@@ -1,0 +1,210 @@
+"""Requests in: checks a GenerationRequest (a ValueError naming the field and the limit) and builds its
+Sequence: the prompt and sampling limits, the images' patches or embeddings against the image tokens, the
+images' content hashes (for the prefix and image caches) and the compiled grammar of a guided request.
+Runs on the caller's thread, before the request reaches the engine core."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.core.sequence import Sequence
+from engine.request import GenerationRequest
+from engine.sample.structured import GrammarCompiler, GrammarState
+
+
+class InputProcessor:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        max_model_len: int,
+        check_prompt: Any,
+        device: torch.device,
+        tokenizer: Any = None,
+    ) -> None:
+        """``check_prompt(num_tokens)``: the scheduler's check that a prompt can ever be scheduled."""
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.check_prompt = check_prompt
+        self.device = device
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self._grammar_compiler: GrammarCompiler | None = None  # made on the first guided request
+
+    def process(self, req: GenerationRequest) -> Sequence:
+        """Validate ``req`` (ValueError naming the field) and build its Sequence."""
+        if not isinstance(req.request_id, str) or not req.request_id:
+            raise ValueError(f"request_id: {req.request_id!r} must be a non-empty string")
+        req.sampling.validate()
+        prompt = [int(t) for t in req.prompt_token_ids]
+        self.check_prompt(len(prompt))
+        num_tokens = len(prompt) + req.sampling.max_tokens
+        if num_tokens > self.max_model_len:  # min_tokens <= max_tokens: also what min_tokens can never reach
+            raise ValueError(
+                f"max_tokens: prompt {len(prompt)} + max_tokens {req.sampling.max_tokens} = {num_tokens} "
+                f"tokens, over the limit of {self.max_model_len} tokens (max_model_len, capped at the KV "
+                "cache capacity)"
+            )
+        vocab_size = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
+        num_image_tokens = prompt.count(self.model_config.image_token_id)
+        if req.image_patches is not None or req.image_grid_thw is not None:
+            self._check_patches(req, num_image_tokens)
+            num_rows = num_image_tokens
+        else:
+            num_rows = 0 if req.image_embeds is None else req.image_embeds.shape[0]
+        if num_rows != num_image_tokens:
+            raise ValueError(
+                f"image_embeds: {num_rows} rows for {num_image_tokens} image tokens "
+                f"(id {self.model_config.image_token_id}) in prompt_token_ids"
+            )
+        if req.image_embeds is not None and tuple(req.image_embeds.shape[1:]) != (
+            self.model_config.hidden_size,
+        ):
+            raise ValueError(
+                f"image_embeds: shape {tuple(req.image_embeds.shape)} must be "
+                f"[num_image_tokens, {self.model_config.hidden_size}]"
+            )
+        if req.mrope_positions is not None and tuple(req.mrope_positions.shape) != (3, len(prompt)):
+            raise ValueError(
+                f"mrope_positions: shape {tuple(req.mrope_positions.shape)} must be [3, {len(prompt)}]"
+            )
+        if req.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings: this engine has no tokenizer to match stop strings")
+        generator = None
+        if req.sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
+        has_patches = req.image_patches is not None and req.image_patches.shape[0] > 0
+        image_sizes = image_hashes = input_offsets = None
+        if has_patches:
+            grid = req.image_grid_thw
+            merge_area = self.model_config.vision_config.spatial_merge_size**2
+            image_sizes = [int(t * h * w) // merge_area for t, h, w in grid.tolist()]
+            input_offsets = self._image_input_offsets(req.image_patches, grid)
+            image_hashes = self._image_hashes(req, input_offsets)
+        seq = Sequence(
+            req.request_id,
+            prompt,
+            req.sampling,
+            image_embeds=req.image_embeds,
+            image_patches=req.image_patches if has_patches else None,
+            image_grid_thw=req.image_grid_thw if has_patches else None,
+            mrope_positions=req.mrope_positions,
+            mrope_delta=int(req.mrope_delta),
+            image_token_id=self.model_config.image_token_id,
+            image_sizes=image_sizes,
+            image_hashes=image_hashes,
+            arrival_time=req.arrival_time,
+            generator=generator,
+        )
+        seq.image_input_offsets = input_offsets
+        if req.guide is not None:
+            if req.sampling.min_tokens:
+                raise ValueError(
+                    f"min_tokens: {req.sampling.min_tokens} must be 0 with guided_decoding_guide "
+                    "(the grammar decides where the answer ends)"
+                )
+            seq.grammar = GrammarState(self.grammar_compiler().compile(req.guide))
+        return seq
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of guided requests' grammars (one per engine, its cache keyed by guide)."""
+        with self._lock:
+            if self._grammar_compiler is None:
+                if self.tokenizer is None:
+                    raise ValueError("guided_decoding_guide: this engine has no tokenizer to build a grammar")
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
+                )
+            return self._grammar_compiler
+
+    def _check_patches(self, req: GenerationRequest, num_image_tokens: int) -> None:
+        vision = self.model_config.vision_config
+        merge = vision.spatial_merge_size
+        if req.image_embeds is not None:
+            raise ValueError(
+                "image_patches: give image_patches with image_grid_thw, or image_embeds, not both"
+            )
+        if req.image_patches is None or req.image_grid_thw is None:
+            missing = "image_grid_thw" if req.image_grid_thw is None else "image_patches"
+            raise ValueError(f"{missing}: image_patches and image_grid_thw go together")
+        grid = req.image_grid_thw
+        if grid.ndim != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point:
+            raise ValueError(
+                f"image_grid_thw: shape {tuple(grid.shape)} {grid.dtype} must be [n, 3] integers"
+            )
+        for t, h, w in grid.tolist():
+            if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
+                raise ValueError(
+                    f"image_grid_thw: {[t, h, w]} must have t, h, w >= 1 and h, w divisible by {merge}"
+                )
+        num_patches = int(grid.prod(dim=1).sum()) if grid.shape[0] else 0
+        patches = req.image_patches
+        if patches.ndim == 1:  # the resized RGB images, flat: stills only
+            if patches.dtype != torch.uint8:
+                raise ValueError(f"image_patches: flat RGB images must be uint8, not {patches.dtype}")
+            if any(t != 1 for t in grid[:, 0].tolist()):
+                raise ValueError(f"image_grid_thw: flat RGB images are stills (t = 1), got {grid.tolist()}")
+            expected = self._rgb_size(grid)
+            if patches.shape[0] != expected:
+                raise ValueError(
+                    f"image_patches: {patches.shape[0]} bytes of RGB, image_grid_thw {grid.tolist()} needs "
+                    f"{expected}"
+                )
+        elif tuple(patches.shape) != (num_patches, vision.patch_dim):
+            raise ValueError(
+                f"image_patches: shape {tuple(patches.shape)} must be [{num_patches}, {vision.patch_dim}] "
+                f"for image_grid_thw {grid.tolist()}"
+            )
+        if patches.dtype != torch.uint8 and not patches.dtype.is_floating_point:
+            raise ValueError(f"image_patches: dtype {patches.dtype} must be uint8 or floating point")
+        if num_patches // merge**2 != num_image_tokens:
+            raise ValueError(
+                f"image_patches: {num_patches // merge**2} image tokens for {num_image_tokens} image tokens "
+                f"(id {self.model_config.image_token_id}) in prompt_token_ids"
+            )
+
+    def _rgb_size(self, grid: torch.Tensor) -> int:
+        """Bytes of the flat RGB images of this grid (stills)."""
+        patch = self.model_config.vision_config.patch_size
+        return int(sum(h * w for _, h, w in grid.tolist())) * patch**2 * 3
+
+    def _image_input_offsets(self, patches: torch.Tensor, grid: torch.Tensor) -> list[tuple[int, int]]:
+        """[start, end) of each image in ``patches`` along dim 0 (bytes of flat RGB, else patch rows)."""
+        offsets, start = [], 0
+        for i in range(grid.shape[0]):
+            size = self._rgb_size(grid[i : i + 1]) if patches.ndim == 1 else int(grid[i].prod())
+            offsets.append((start, start + size))
+            start += size
+        return offsets
+
+    def _image_hashes(self, req: GenerationRequest, offsets: list[tuple[int, int]]) -> list[bytes] | None:
+        """The request's image hashes, checked; computed from host patches when it gave none."""
+        grid = req.image_grid_thw
+        if req.image_hashes is not None:
+            hashes = [bytes(h) for h in req.image_hashes]
+            if len(hashes) != grid.shape[0] or not all(hashes):
+                raise ValueError(
+                    f"image_hash: {len(hashes)} hashes for {grid.shape[0]} images (one non-empty hash each)"
+                )
+            return hashes
+        patches = req.image_patches
+        if patches.device.type != "cpu":
+            return None
+        data = patches.contiguous().view(torch.uint8).numpy() if patches.dtype != torch.uint8 else None
+        hashes = []
+        for (start, end), thw in zip(offsets, grid.tolist(), strict=True):
+            h = hashlib.blake2b(b"%d,%d,%d;%s" % (*thw, str(patches.dtype).encode()), digest_size=16)
+            if data is None:
+                h.update(patches[start:end].contiguous().numpy())
+            else:
+                row = data.shape[-1]
+                h.update(data.reshape(-1, row)[start:end])
+            hashes.append(h.digest())
+        return hashes

@@ -1,0 +1,1 @@
+"""The one door into the model: batch preparation, ViT and decoder forwards, CUDA graphs."""

@@ -1,0 +1,444 @@
+"""Turns one scheduler step into one forward pass and one sampled token per finishing sequence.
+
+Contract of ``ModelRunner.execute(out) -> list[int | None]`` (one entry per ``out.seqs``):
+  * Sequence ``seq`` runs tokens ``[start, end)`` with ``start = seq.num_computed_tokens`` and
+    ``end = start + num_scheduled_tokens``; all sequences are packed into one flat batch of T tokens.
+  * Positions ``[3, T]``: a prompt token ``i`` takes ``seq.mrope_positions[:, i]`` (text-only prompts:
+    ``i``); an output token ``i`` takes ``i + seq.mrope_delta`` in all three rows.
+  * Image tokens of ``[start, end)`` take the rows of ``seq.image_embeds`` that belong to them (the
+    k-th image token of the prompt takes row k), so a chunk boundary may cut through an image.
+  * Logits are computed only for the last token of sequences whose step reaches ``len(seq)``; those get
+    a sampled token id, the others (mid-prefill chunks) get None.
+The runner owns the KV cache tensors (``num_kv_blocks`` sizes them from a memory budget) and is the one
+door into the model: ``encode_images`` runs the ViT (on a stream of its own with ``async_vision``),
+``execute`` / ``launch_decode`` the decoder; ``load_model`` builds the model it is given.
+
+CUDA graphs (CUDA only, off with ``enforce_eager``):
+  * ``DecodeGraphs``: a step where every sequence runs exactly one text token replays a graph captured for
+    (batch bucket, block-table width bucket); padding rows write into one scratch KV block past the block
+    manager's range.
+  * ``PrefillGraphs`` (``EngineConfig.prefill_cuda_graphs``): the sequences whose chunk starts at position
+    0 ("fresh" prompt chunks, image tokens included) replay a graph captured for their total token count
+    rounded up to a bucket (one varlen flash call per layer; padding is one extra sequence writing into
+    the scratch block). A step of fresh chunks plus one-token steps runs the one-token part from a decode
+    graph and then the fresh part from a prefill graph (two passes over the weights, each a few kernel
+    launches, instead of one eager pass of ~1,000 host-side torch calls).
+    Chunks that continue a prompt (prefix-cache hits, later chunks of a long prompt) replay a context
+    graph of ``PrefillGraphs`` (token bucket x context bucket) the same way.
+  * Other steps (more than ``PrefillGraphs.max_seqs`` chunks, more tokens than the largest bucket, more
+    context than the largest context bucket) run eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.core.scheduler import SchedulerOutput
+from engine.kernels.attention import AttentionMetadata, fresh_prefill_supported
+from engine.model.vision import PatchNormalizer
+from engine.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
+from engine.sample.sampler import Sampler
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image processor's defaults
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+logger = logging.getLogger("glm-engine")
+
+
+@dataclass
+class PendingDecode:
+    """A launched decode step whose tokens have not been read on the host yet."""
+
+    seqs: list  # the sequences of the step, in row order
+    token_ids: torch.Tensor  # [len(seqs)] sampled ids on the device
+    host: torch.Tensor  # their host copy (pinned on CUDA), valid once `ready` has passed
+    ready: torch.cuda.Event | None  # None: already on the host
+
+    def tokens(self) -> list[int]:
+        """The sampled ids (waits for the step to finish)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+def num_kv_blocks(engine_config: EngineConfig, kv_bytes_per_token: int, device: torch.device) -> int:
+    """KV cache blocks for this engine.
+
+    ``num_kv_blocks`` if set; else ``kv_cache_memory_bytes``; else on CUDA the part of
+    ``gpu_memory_utilization * total`` not already in use (weights and everything else on the GPU; call it
+    after loading the model) less ``image_cache_mb``, on CPU 1 GiB. Raises ValueError when that leaves no block.
+    """
+    if engine_config.num_kv_blocks is not None:
+        return engine_config.num_kv_blocks
+    block_bytes = kv_bytes_per_token * engine_config.block_size
+    if engine_config.kv_cache_memory_bytes is not None:
+        budget = engine_config.kv_cache_memory_bytes
+        source = "kv_cache_memory_bytes"
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # Leave room for activations of the largest step: hidden, qkv, mlp intermediate and logits are
+        # all O(max_num_batched_tokens); 10% of what remains is a coarse margin for them.
+        budget = int((engine_config.gpu_memory_utilization * total - (total - free)) * 0.9)
+        budget -= engine_config.image_cache_mb << 20  # the image-embedding cache fills up later
+        source = "gpu_memory_utilization"
+    else:
+        budget = 1 << 30
+        source = "the CPU default of 1 GiB"
+    num_blocks = budget // block_bytes
+    if num_blocks < 1:
+        raise ValueError(
+            f"{source}: a budget of {budget} bytes holds no KV block of {block_bytes} bytes "
+            f"({engine_config.block_size} tokens x {kv_bytes_per_token} bytes)"
+        )
+    return num_blocks
+
+
+def load_model(
+    model_config: ModelConfig,
+    engine_config: EngineConfig,
+    device: torch.device,
+    weights_dir: str | Path | None = None,
+    enforce_eager: bool = False,
+) -> torch.nn.Module:
+    """The model on ``device``: the checkpoint's weights (``weights_dir``; None: random weights of the
+    config's shape), its decoder's linear layers quantized to FP8 when the engine config asks, and the ViT's
+    CUDA graphs turned on (CUDA, unless ``enforce_eager``). Call before sizing the KV cache: the memory
+    freed by FP8 goes to the cache."""
+    from engine.model.decoder import Glm4vModel
+
+    if weights_dir is None:
+        model = Glm4vModel.dummy(model_config, device, engine_config.dtype, engine_config.seed)
+    else:
+        model = Glm4vModel.from_pretrained(weights_dir, device, engine_config.dtype, model_config)
+    quantize_if_asked(model, engine_config)
+    if engine_config.vision_cuda_graphs and device.type == "cuda" and not enforce_eager:
+        model.visual.enable_cuda_graphs(max_patches=max(16384, engine_config.max_num_vision_patches))
+    return model
+
+
+def quantize_if_asked(model: torch.nn.Module, engine_config: EngineConfig) -> None:
+    """Quantize the decoder's linear layers to FP8 in place when ``engine_config.quantization`` says so."""
+    if engine_config.quantization != "fp8":
+        return
+    from engine.model.quant import quantize_decoder_fp8_, weight_bytes
+
+    before = weight_bytes(model)
+    swapped = quantize_decoder_fp8_(model)  # FP8 layers already there are kept
+    logger.info(
+        "[glm-engine] fp8: %d decoder linear layers quantized; weights %.2f GB -> %.2f GB",
+        swapped,
+        before / 1e9,
+        weight_bytes(model) / 1e9,
+    )
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        num_blocks: int,
+        sampler: Sampler,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        image_processor_config: dict[str, Any] | None = None,
+    ) -> None:
+        """``enforce_eager``: no CUDA graphs. ``image_processor_config``: the checkpoint's
+        preprocessor_config.json (image_mean, image_std, rescale_factor) for uint8 image inputs; None: CLIP
+        mean/std and 1/255."""
+        self.model = model
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.block_size = engine_config.block_size
+        self.device = torch.device(engine_config.device)
+        if self.device.type == "cuda" and self.device.index is None:  # the loop thread sets it by index
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.sampler = sampler
+        use_graphs = self.device.type == "cuda" and not enforce_eager
+        proc = image_processor_config or {}
+        vision = model_config.vision_config
+        self.patch_normalizer = PatchNormalizer(
+            vision.patch_dim,
+            tuple(proc.get("image_mean", CLIP_MEAN)),
+            tuple(proc.get("image_std", CLIP_STD)),
+            float(proc.get("rescale_factor", 1 / 255)),
+            self.device,
+            patch_size=vision.patch_size,
+            merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+        )
+        # With async_vision on CUDA the ViT runs on a stream of its own, beside the decode steps.
+        self.vision_stream = (
+            torch.cuda.Stream(self.device)
+            if self.device.type == "cuda" and engine_config.async_vision
+            else None
+        )
+        if self.device.type == "cuda":
+            # cuDNN attention builds a plan for every new sequence length (~70 ms each): every new prompt
+            # length would pay it in its TTFT. Flash / memory-efficient SDPA need no plan.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        # block id num_blocks is the scratch block of graph padding rows (never handed out)
+        self.scratch_block_id = num_blocks
+        self.kv_caches = model.allocate_kv_caches(
+            num_blocks + 1, self.block_size, self.device, engine_config.torch_dtype
+        )  # per layer [2, num_blocks + 1, block_size, num_kv_heads, head_dim]
+        self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        if (
+            use_graphs
+            and engine_config.prefill_cuda_graphs
+            and fresh_prefill_supported(model.dtype, model_config.head_dim)
+        ):
+            self.prefill_graphs = PrefillGraphs(
+                model,
+                self.kv_caches,
+                self.block_size,
+                max_num_tokens=engine_config.max_num_batched_tokens,
+                scratch_block_id=self.scratch_block_id,
+                max_context=max_model_len or engine_config.max_model_len,
+            )
+        if use_graphs:
+            max_len = max_model_len or engine_config.max_model_len
+            self.graphs = DecodeGraphs(
+                model,
+                self.kv_caches,
+                self.block_size,
+                max_num_seqs=engine_config.max_num_seqs,
+                max_num_blocks_per_seq=-(-max_len // self.block_size),
+                scratch_block_id=self.scratch_block_id,
+            )
+
+    # -- the ViT -----------------------------------------------------------------------------------------
+
+    def encode_images(
+        self, images: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """One packed ViT forward over ``images`` ((raw pixels: uint8 patches, float pixel values or flat
+        RGB; grid [1, 3]) each) -> (embeddings [sum(image tokens), hidden], event). On the vision stream
+        the forward is launched without waiting and the event is recorded after it (`wait_vision` before
+        use); else it runs at once and the event is None."""
+        stream = self.vision_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with (
+            torch.inference_mode(),
+            torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
+        ):
+            pixels = [self.patch_normalizer(x, grid) for x, grid in images]
+            grid = torch.cat([g for _, g in images]).to(torch.int64).cpu()
+            embeds = self.model.encode_images(torch.cat(pixels), grid)
+            ready = None
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        return embeds, ready
+
+    def wait_vision(self, embeds: torch.Tensor, ready: torch.cuda.Event) -> None:
+        """Order the decoder's stream after a launched ViT forward that produced ``embeds``."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        embeds.record_stream(current)
+
+    def warm_up_vision(self) -> None:
+        """One mid-size image through the ViT, so the first real image pays no kernel start-up."""
+        vision = self.model_config.vision_config
+        side = 16 * vision.spatial_merge_size
+        with torch.inference_mode():
+            self.model.encode_images(
+                torch.zeros(side * side, vision.patch_dim, device=self.device),
+                torch.tensor([[1, side, side]]),
+            )
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture all decode and prefill CUDA graphs now (start-up; no-op on CPU or with enforce_eager)."""
+        with torch.inference_mode():
+            if self.prefill_graphs is not None:
+                self.prefill_graphs.capture_all()
+            if self.graphs is not None:
+                self.graphs.capture_all()
+
+    # -- the decoder -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int | None]:
+        if self.graphs is not None and all(n == 1 for n in out.num_scheduled_tokens):
+            hidden = self.graphs.run(out.seqs)  # [num_seqs, hidden] or None (no graph for this step)
+            if hidden is not None:
+                return self._sample(out, [(hidden, self._one_token_rows(out.seqs, range(len(out.seqs))))])
+        if self.prefill_graphs is not None:
+            parts = self._execute_split(out)
+            if parts is not None:
+                return self._sample(out, parts)
+        input_ids, positions, input_embeds, attn, sample_rows = self.prepare(out)
+        hidden = self.model.forward(input_ids, positions, attn, self.kv_caches, input_embeds)  # [T, hidden]
+        return self._sample(out, [(hidden, sample_rows)])
+
+    @torch.inference_mode()
+    def launch_decode(self, seqs: list, previous: PendingDecode | None = None) -> PendingDecode | None:
+        """Launch a one-token step of ``seqs`` (all decoding, all `Sampler.can_run_ahead`) from a decode
+        graph, and its sampling, without waiting for the GPU. With ``previous``, each sequence's input is
+        its token of that step, still on the device, one position past the host's state. None (nothing
+        launched) when no graph fits."""
+        if self.graphs is None:
+            return None
+        input_ids = None
+        if previous is not None:
+            rows = {id(seq): j for j, seq in enumerate(previous.seqs)}
+            index = [rows[id(seq)] for seq in seqs]
+            input_ids = previous.token_ids
+            if index != list(range(len(previous.seqs))):
+                input_ids = input_ids[torch.tensor(index).to(input_ids.device, non_blocking=True)]
+        hidden = self.graphs.run(seqs, input_ids)
+        if hidden is None:
+            return None
+        logits = self.model.compute_logits(hidden)
+        token_ids = self.sampler.sample_ids(logits, seqs, ahead=int(previous is not None))  # [n], device
+        if token_ids.is_cuda:
+            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            host.copy_(token_ids, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return PendingDecode(seqs, token_ids, host, ready)
+        return PendingDecode(seqs, token_ids, token_ids, None)
+
+    @staticmethod
+    def _one_token_rows(seqs: list, indices) -> list[tuple[int, int]]:
+        """(index into seqs, row) of one-token steps that sample; row j holds the j-th of ``indices``."""
+        return [(i, j) for j, i in enumerate(indices) if seqs[i].num_computed_tokens + 1 == len(seqs[i])]
+
+    def _sample(
+        self, out: SchedulerOutput, parts: list[tuple[torch.Tensor, list[tuple[int, int]]]]
+    ) -> list[int | None]:
+        """One token for each (index into out.seqs, row) of each (hidden states, rows) part."""
+        sampled: list[int | None] = [None] * len(out.seqs)
+        picked, order = [], []
+        for hidden, rows in parts:
+            if not rows:
+                continue
+            if all(row == k for k, (_, row) in enumerate(rows)):
+                picked.append(hidden[: len(rows)])  # the leading rows: no gather
+            else:
+                index = torch.tensor([row for _, row in rows]).to(hidden.device, non_blocking=True)
+                picked.append(hidden.index_select(0, index))
+            order += [i for i, _ in rows]
+        if order:
+            hidden = picked[0] if len(picked) == 1 else torch.cat(picked)
+            logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] fp32
+            token_ids = self.sampler(logits, [out.seqs[i] for i in order])
+            for i, token_id in zip(order, token_ids, strict=True):
+                sampled[i] = token_id
+        return sampled
+
+    def _execute_split(self, out: SchedulerOutput) -> list[tuple[torch.Tensor, list[tuple[int, int]]]] | None:
+        """Run a step of prompt chunks (+ one-token steps) from a decode graph and a prefill graph.
+
+        Chunks that all start at position 0 replay a fresh prefill graph; chunks with cached context
+        (prefix-cache hits, later chunks of a long prompt) replay a context graph. Returns the
+        (hidden, rows) parts `_sample` takes, or None (nothing run) when no graph fits the step."""
+        seqs, scheduled = out.seqs, out.num_scheduled_tokens
+        fresh = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens == 0 or scheduled[i] > 1]
+        if not fresh:
+            return None
+        fresh_set = set(fresh)
+        others = [i for i in range(len(seqs)) if i not in fresh_set]
+        counts = [scheduled[i] for i in fresh]
+        context_lens = None
+        if any(seqs[i].num_computed_tokens for i in fresh):
+            context_lens = [seqs[i].num_computed_tokens + scheduled[i] for i in fresh]
+            if not self.prefill_graphs.fits_context(counts, context_lens):
+                return None
+        elif not self.prefill_graphs.fits(counts):
+            return None
+        if others and self.graphs is None:
+            return None
+        # The fresh part's inputs first: preparing them copies host lists to the GPU and waits for it,
+        # so done between the two replays it would stall the GPU behind the host.
+        sub = SchedulerOutput(seqs=[out.seqs[i] for i in fresh], num_scheduled_tokens=counts)
+        input_ids, positions, input_embeds, attn, sample_rows = self.prepare(sub)
+        if input_embeds is None:
+            input_embeds = self.model.language_model.embed_tokens(input_ids)
+        parts = []
+        if others:
+            hidden = self.graphs.run([out.seqs[i] for i in others])  # own pool: survives the prefill replay
+            if hidden is None:
+                return None
+            parts.append((hidden, self._one_token_rows(out.seqs, others)))
+        if context_lens is None:
+            hidden = self.prefill_graphs.run(input_embeds, positions, attn.slot_mapping, counts)
+        else:
+            tables = [seqs[i].block_table for i in fresh]
+            hidden = self.prefill_graphs.run_context(
+                input_embeds, positions, attn.slot_mapping, counts, context_lens, tables
+            )
+        parts.append((hidden, [(fresh[j], row) for j, row in sample_rows]))
+        return parts
+
+    def prepare(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, AttentionMetadata, list[tuple[int, int]]]:
+        """Flatten a step into (input_ids [T], positions [3, T], input_embeds [T, hidden] | None, attn,
+        [(seq index, row of its last token)] for the sequences that sample)."""
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []  # each [3, n]
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        image_parts: list[tuple[int, int, torch.Tensor]] = []  # (first row in batch, seq, embeds)
+        sample_rows: list[tuple[int, int]] = []
+        for i, (seq, num_tokens) in enumerate(zip(out.seqs, out.num_scheduled_tokens, strict=True)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
+            offset = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.append(self.positions(seq, start, end))
+            if seq.image_token_indices:
+                first, last = seq.image_rows(start, end)
+                if last > first:
+                    image_parts.append((offset, i, seq.image_embeds[first:last]))
+            query_lens.append(num_tokens)
+            seq_lens.append(end)
+            if end == len(seq):
+                sample_rows.append((i, offset + num_tokens - 1))
+
+        ids = torch.tensor(input_ids, dtype=torch.long)  # [T]
+        input_embeds = None
+        if image_parts:
+            embeds = self.model.language_model.embed_tokens(ids.to(self.device))  # [T, hidden]
+            is_image = ids == self.model_config.image_token_id
+            for offset, i, rows in image_parts:
+                n = out.num_scheduled_tokens[i]
+                idx = torch.nonzero(is_image[offset : offset + n]).squeeze(1) + offset
+                embeds[idx.to(self.device)] = rows.to(self.device, embeds.dtype)
+            input_embeds = embeds
+        attn = AttentionMetadata.build(
+            query_lens, seq_lens, [seq.block_table for seq in out.seqs], self.block_size, self.device
+        )
+        return (
+            ids.to(self.device),
+            torch.cat(positions, dim=1).to(self.device),
+            input_embeds,
+            attn,
+            sample_rows,
+        )
+
+    @staticmethod
+    def positions(seq, start: int, end: int) -> torch.Tensor:
+        """M-RoPE positions [3, end - start] of tokens [start, end) of ``seq``."""
+        num_prompt = seq.num_prompt_tokens
+        parts = []
+        if start < num_prompt:
+            prompt_end = min(end, num_prompt)
+            if seq.mrope_positions is None:
+                parts.append(torch.arange(start, prompt_end, dtype=torch.long).expand(3, -1))
+            else:
+                parts.append(seq.mrope_positions[:, start:prompt_end].long())
+        if end > num_prompt:
+            first = max(start, num_prompt)
+            parts.append(torch.arange(first, end, dtype=torch.long).add_(seq.mrope_delta).expand(3, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

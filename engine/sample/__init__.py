@@ -1,0 +1,1 @@
+"""Token sampling: sampling parameters, the sampler, logprobs and grammar-constrained decoding."""
