@@ -137,13 +137,6 @@ class BlockManager:
         self.num_new_blocks += num_missing
         return new_block_ids
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Room for one more token (the decode step of ``seq``)."""
-        return self.can_allocate(seq, 1)
-
-    def append_slot(self, seq: Sequence) -> list[int]:
-        return self.allocate(seq, 1)
-
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s hold on its blocks; a block whose ref count reaches 0 becomes free (cached free
         when it has a hash)."""

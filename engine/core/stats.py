@@ -41,7 +41,3 @@ class EngineStats:
     """Images looked up in the image cache and not found, since start."""
     image_cache_bytes: int = 0
     """Bytes of embeddings held by the image cache now."""
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0

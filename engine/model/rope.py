@@ -74,11 +74,6 @@ def get_mrope_positions(
     return positions, delta
 
 
-def text_positions(start: int, num_tokens: int, delta: int = 0) -> torch.Tensor:
-    """Positions [3, num_tokens] of plain text tokens start..start+num_tokens-1, shifted by delta."""
-    return torch.arange(start + delta, start + delta + num_tokens, dtype=torch.int64).expand(3, -1)
-
-
 class MRotaryEmbedding(torch.nn.Module):
     """Decoder M-RoPE: positions [3, T] -> (cos, sin) [T, rotary_dim/2] float32."""
 

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.config import EngineConfig, EngineDir
+
 __all__ = [
     "ImageInfo",
     "InputError",
@@ -74,15 +76,16 @@ class InputError(ValueError):
 class PreprocessLimits:
     """Request limits enforced before the engine sees a request."""
 
-    max_seq_len: int = 8192  # prompt + output tokens; the prompt must leave room for one output token
+    # The first three and enable_thinking are the engine's (EngineConfig); the rest are the request's own.
+    max_seq_len: int = EngineConfig.max_model_len  # prompt + output tokens; leaves room for one output token
     max_output_tokens: int = 4096  # largest max_tokens a request may ask for
-    max_images_per_request: int = 8  # most images in one request
-    max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
+    max_images_per_request: int = EngineConfig.max_images_per_request  # most images in one request
+    max_image_tokens_per_request: int = EngineConfig.max_image_tokens_per_request  # LLM image tokens
     max_image_bytes: int = 10 * 1024 * 1024  # encoded size of one image
     max_image_pixels: int = 8192 * 8192  # width x height of one input image (read from the header)
     min_image_pixels: int = 1  # width x height of one input image
     max_stop_words: int = 16  # most stop strings in one request
-    enable_thinking: bool = True  # default of the chat template's thinking switch
+    enable_thinking: bool = EngineConfig.enable_thinking  # default of the chat template's thinking switch
 
     def __post_init__(self) -> None:
         for name in (
@@ -105,22 +108,17 @@ class PreprocessLimits:
             )
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path) -> PreprocessLimits:
-        """Limits from `engine_config.json`: its "preprocess" section plus the engine's own limits."""
-        path = Path(engine_dir) / "engine_config.json"
-        raw = json.loads(path.read_text()) if path.is_file() else {}
-        engine = raw.get("engine", {})
-        values = dict(raw.get("preprocess", {}))
-        for ours, theirs in (
-            ("max_seq_len", "max_model_len"),
-            ("max_images_per_request", "max_images_per_request"),
-            ("max_image_tokens_per_request", "max_image_tokens_per_request"),
-            ("enable_thinking", "enable_thinking"),
-        ):
-            if theirs in engine:
-                values.setdefault(ours, engine[theirs])
-        if "max_seq_len" in values:
-            values.setdefault("max_output_tokens", max(1, int(values["max_seq_len"]) - 1))
+    def from_engine_dir(cls, engine_dir: str | Path | EngineDir) -> PreprocessLimits:
+        """Limits of an engine directory: its "preprocess" section, and the engine's own limits from its
+        EngineConfig (max_model_len, images per request, image tokens per request, thinking default)."""
+        d = engine_dir if isinstance(engine_dir, EngineDir) else EngineDir.open(engine_dir)
+        engine = d.engine_config()
+        values = d.preprocess
+        values.setdefault("max_seq_len", engine.max_model_len)
+        values.setdefault("max_images_per_request", engine.max_images_per_request)
+        values.setdefault("max_image_tokens_per_request", engine.max_image_tokens_per_request)
+        values.setdefault("enable_thinking", engine.enable_thinking)
+        values.setdefault("max_output_tokens", max(1, int(values["max_seq_len"]) - 1))
         return cls.from_dict(values)
 
     @classmethod
@@ -472,26 +470,6 @@ class Preprocessor:
         while self._resized_bytes > self.resize_cache_bytes:
             _, (old, _) = self._resized.popitem(last=False)
             self._resized_bytes -= old.nbytes
-
-    def patchify(self, image_rgb: np.ndarray, image_grid_thw: np.ndarray) -> np.ndarray:
-        """Flat resized RGB images -> uint8 patches [N, 1176] in the processor's order (merge windows, then
-        channel-major 3 x temporal x p x p rows; a still image repeated over the temporal patch)."""
-        import torch
-
-        grid = torch.from_numpy(np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3))
-        return self.normalizer.patchify(torch.from_numpy(np.ascontiguousarray(image_rgb)), grid).numpy()
-
-    def process_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
-        """image_patches [N, 1176] uint8, image_grid_thw [n, 3] int64 (empty for no images)."""
-        rgb, grid = self.resize_images(images)
-        return self.patchify(rgb, grid), grid
-
-    def normalize(self, image_patches: np.ndarray) -> np.ndarray:
-        """uint8 patches -> float32 pixel_values: `x * rescale_factor`, then `(x - mean) / std` per channel
-        (the image processor's arithmetic; rows are channel-major, 3 x temporal x p x p)."""
-        import torch
-
-        return self.normalizer(torch.from_numpy(np.ascontiguousarray(image_patches))).numpy()
 
     def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""

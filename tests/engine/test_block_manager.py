@@ -25,9 +25,9 @@ def test_allocate_prompt_then_decode_slots():
     seq.token_ids.append(42)
     # tokens 5, 6, 7 fit in block 1; token 8 needs a new block
     for _ in range(3):
-        assert bm.append_slot(seq) == []
+        assert bm.allocate(seq, 1) == []
         seq.num_computed_tokens += 1
-    assert bm.append_slot(seq) == [2]
+    assert bm.allocate(seq, 1) == [2]
     assert seq.block_table == [0, 1, 2]
     assert bm.ref_counts[:4] == [1, 1, 1, 0]
 

@@ -208,18 +208,17 @@ def check_rotary(device: str) -> None:
 def decoder_outputs(model, device: str) -> list[torch.Tensor]:
     """Hidden states of a packed prefill of two prompts (5 and 7 tokens), then one decode step of both."""
     from engine.kernels.attention import AttentionMetadata
-    from engine.model.rope import text_positions
 
     block_size = 4
     kv_caches = model.allocate_kv_caches(8, block_size)
     tables = [[1, 2, 3], [5, 4, 6]]
     gen = torch.Generator().manual_seed(4)
     ids = torch.randint(30, 200, (12,), generator=gen).to(device)
-    positions = torch.cat([text_positions(0, 5), text_positions(0, 7)], dim=1).to(device)
+    positions = torch.cat([torch.arange(5).expand(3, -1), torch.arange(7).expand(3, -1)], dim=1).to(device)
     attn = AttentionMetadata.build([5, 7], [5, 7], tables, block_size, device)
     prefill = model(ids, positions, attn, kv_caches)
     ids = torch.tensor([77, 99], device=device)
-    positions = torch.cat([text_positions(5, 1), text_positions(7, 1)], dim=1).to(device)
+    positions = torch.cat([torch.full((3, 1), 5), torch.full((3, 1), 7)], dim=1).to(device)
     attn = AttentionMetadata.build([1, 1], [6, 8], tables, block_size, device)
     decode = model(ids, positions, attn, kv_caches)
     return [prefill, decode]

@@ -16,6 +16,13 @@ from PIL import Image
 from engine.processing.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
 
 
+def pixel_values_of(pre: Preprocessor, image_rgb: np.ndarray, image_grid_thw: np.ndarray) -> np.ndarray:
+    """The float32 pixel values the engine's PatchNormalizer makes of the preprocessing model's output."""
+    import torch
+
+    return pre.normalizer(torch.from_numpy(image_rgb), torch.from_numpy(image_grid_thw)).numpy()
+
+
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kwargs)
@@ -120,7 +127,7 @@ def test_images_match_transformers_processor(pre: Preprocessor, hf_processor, ti
     assert out.input_ids.tolist() == ref["input_ids"][0].tolist()
     # Our numpy image path computes the processor's function; only float rounding may differ.
     np.testing.assert_allclose(
-        pre.normalize(pre.patchify(out.image_rgb, out.image_grid_thw)), ref["pixel_values"], rtol=0, atol=1e-6
+        pixel_values_of(pre, out.image_rgb, out.image_grid_thw), ref["pixel_values"], rtol=0, atol=1e-6
     )
     np.testing.assert_array_equal(out.image_grid_thw, ref["image_grid_thw"])
     assert out.image_hashes == pixel_hashes(pre, out)
@@ -297,8 +304,8 @@ def test_pixel_values_match_processor_for_modes_and_sizes(pre: Preprocessor, mod
     rng = np.random.default_rng(7)
     rgba = Image.fromarray((rng.random((size[1], size[0], 4)) * 255).astype("uint8"), "RGBA")
     data = encode(rgba.convert(mode))
-    patches, grid = pre.process_images(pre.load_images([data]))
-    pixel_values = pre.normalize(patches)
+    rgb, grid = pre.resize_images(pre.load_images([data]))
+    pixel_values = pixel_values_of(pre, rgb, grid)
     ref = pre.image_processor([Image.open(io.BytesIO(data))], return_tensors="np")
     np.testing.assert_array_equal(grid, ref["image_grid_thw"])
     np.testing.assert_allclose(pixel_values, ref["pixel_values"], rtol=0, atol=1e-6)
@@ -324,7 +331,8 @@ def test_flat_rgb_of_several_images_patchified_like_the_processor(pre: Preproces
     np.testing.assert_array_equal(grid, ref["image_grid_thw"])
     pixel_values = pre.normalizer(torch.from_numpy(rgb), torch.from_numpy(grid)).numpy()  # the llm's route
     np.testing.assert_allclose(pixel_values, ref["pixel_values"], rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(pixel_values, pre.normalize(pre.patchify(rgb, grid)))
+    patches = pre.normalizer.patchify(torch.from_numpy(rgb), torch.from_numpy(grid))  # uint8 patches
+    np.testing.assert_array_equal(pixel_values, pre.normalizer(patches).numpy())
     with pytest.raises(ValueError, match=r"^image_patches: shape \(3, 1175\) must be \[N, 1176\]"):
         pre.normalizer(torch.zeros(3, 1175, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"^image_grid_thw: needed to patchify flat RGB images"):

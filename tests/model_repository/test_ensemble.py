@@ -20,6 +20,8 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from tests.engine.test_preprocess import pixel_values_of
+
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 8
@@ -157,7 +159,7 @@ def engine_generate(engine_dir: Path, images: list[bytes]) -> tuple[str, str, st
     if images:
         # the reference encodes numpy-normalized pixels up front; the server sends uint8 patches to the llm
         embeds = ex.model.encode_images(
-            torch.from_numpy(pre.normalize(pre.patchify(out.image_rgb, out.image_grid_thw))),
+            torch.from_numpy(pixel_values_of(pre, out.image_rgb, out.image_grid_thw)),
             torch.from_numpy(out.image_grid_thw),
         )
     ex.add_request(
@@ -401,7 +403,7 @@ def test_rgb_images_and_vision_encoder_embeddings_give_the_llm_one_answer(server
         t.set_data_from_numpy(array)
         return t
 
-    pixels = pre.normalize(pre.patchify(out.image_rgb, out.image_grid_thw))[None]
+    pixels = pixel_values_of(pre, out.image_rgb, out.image_grid_thw)[None]
     grid = out.image_grid_thw[None]
     table = client.infer(
         "vision_encoder", [tensor("pixel_values", pixels, "FP32"), tensor("image_grid_thw", grid, "INT64")]
