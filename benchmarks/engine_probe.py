@@ -11,7 +11,7 @@ Runs the engine in-process (no Triton), so it isolates the engine's own cost:
   * --fp8 (off by default): EngineConfig.quantization "fp8" against bf16 (engine.model.quant): greedy agreement
     and first-step logits error on the tiny checkpoint and on the full-size shape (the same random
     weights, quantized in place, so one model is in memory), then decode ms/token at batch 1 and output
-    tok/s at 32 concurrent (and a 1224-token prefill) of a bf16 executor and of an fp8 one (built one
+    tok/s at 32 concurrent (and a 1224-token prefill) of a bf16 engine and of an fp8 one (built one
     after the other), and each linear layer's time alone. Results under "fp8_tiny", "fp8_accuracy",
     "fp8_speed".
 Prints a short table and writes engine_probe.json under --out.
@@ -133,8 +133,8 @@ def _full_model_config():
     return ModelConfig.from_pretrained(tmp)
 
 
-def _full_executor(device: str, quantization: str = "none"):
-    """(executor, model config, engine config, load stats): full-size random bf16 weights, warmed up."""
+def _full_engine(device: str, quantization: str = "none"):
+    """(engine, model config, engine config, load stats): full-size random bf16 weights, warmed up."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
@@ -161,7 +161,7 @@ def _full_executor(device: str, quantization: str = "none"):
 
 
 class _Load:
-    """Random requests on an executor: `prompt`, `one` (TTFT, ms/token of one request), `batch`."""
+    """Random requests on an engine: `prompt`, `one` (TTFT, ms/token of one request), `batch`."""
 
     def __init__(self, ex, mc, device: str, gen: torch.Generator) -> None:
         self.ex, self.mc, self.device, self.gen = ex, mc, device, gen
@@ -239,7 +239,7 @@ class _Load:
 
 
 def speed(device: str) -> dict:
-    ex, mc, ec, res = _full_executor(device)
+    ex, mc, ec, res = _full_engine(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     load = _Load(ex, mc, device, gen)
 
@@ -303,7 +303,7 @@ FP8_STORAGE = torch.float8_e4m3fn
 
 
 def _free_gpu() -> None:
-    """Drop what the last phase left (executors, CUDA graphs) before the next full-size model."""
+    """Drop what the last phase left (engines, CUDA graphs) before the next full-size model."""
     import gc
 
     gc.collect()
@@ -572,7 +572,7 @@ def _linear_microbench(device: str) -> dict:
 
 
 def fp8_speed(device: str) -> dict:
-    """Decode ms/token at batch 1 and output tok/s at 32 concurrent: bf16 executor, then fp8 (one at a time)."""
+    """Decode ms/token at batch 1 and output tok/s at 32 concurrent: bf16 engine, then fp8 (one at a time)."""
     from engine.model.quant import weight_bytes
 
     res: dict = {}
@@ -580,7 +580,7 @@ def fp8_speed(device: str) -> dict:
         ex = load = None
         try:
             _free_gpu()
-            ex, mc, _, stats = _full_executor(device, quantization)
+            ex, mc, _, stats = _full_engine(device, quantization)
             load = _Load(ex, mc, device, torch.Generator(device="cpu").manual_seed(0))
             stats["weights_gb"] = weight_bytes(ex.model) / 1e9
             stats["kernels"] = _fp8_kernels(ex.model)
@@ -598,7 +598,7 @@ def fp8_speed(device: str) -> dict:
             res[label] = {"error": traceback.format_exc()}
             print(res[label]["error"])
         finally:
-            ex = load = None  # the executor goes before the next one is built
+            ex = load = None  # the engine goes before the next one is built
             _free_gpu()
     try:
         res["linears"] = _linear_microbench(device) if torch.cuda.is_available() else None

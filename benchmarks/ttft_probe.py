@@ -110,7 +110,7 @@ def _time_ms(fn, repeat: int = 5) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.engine_probe import _full_executor
+    from benchmarks.engine_probe import _full_engine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda"
-    ex, mc, _, res = _full_executor(device)
+    ex, mc, _, res = _full_engine(device)
     gen = torch.Generator().manual_seed(0)
     res["sizes"] = {}
     for size_text in args.sizes.split(","):

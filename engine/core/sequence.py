@@ -55,7 +55,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
         self.image_embeds = image_embeds  # [num_image_tokens, hidden] in prompt order, or None
-        # Images still to encode (the executor runs the ViT and sets image_embeds before scheduling):
+        # Images still to encode (the engine runs the ViT and sets image_embeds before scheduling):
         self.image_patches = image_patches  # [num_patches, patch_dim] uint8 RGB or float pixel values
         self.image_grid_thw = image_grid_thw  # [num_images, 3] int64
         self.mrope_positions = mrope_positions  # [3, num_prompt_tokens] int64, or None (text-only)
@@ -73,7 +73,7 @@ class Sequence:
         )
         self.generator = generator
         self.grammar: GrammarState | None = (
-            None  # guided decoding (engine.sample.structured); set by the executor
+            None  # guided decoding (engine.sample.structured); set by the input processor
         )
         # (logprob, top (token id, logprob) pairs) of output token i, when sampling.logprobs is set
         self.logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = []

@@ -24,7 +24,7 @@ these kernels existed.
 Numerics of the Triton path against the reference: rotary and the residual add round exactly as torch
 does (bit-equal given equal inputs). The RMSNorm reduction (sum order, 1/sqrt) and silu's exp differ from
 torch's by a few float32 ulps, so a bfloat16 result can differ from torch's by one rounding step where the
-float32 value lies next to a rounding boundary (see tests/engine/test_kernels.py for the tolerances).
+float32 value lies next to a rounding boundary (see tests/engine/kernels/test_fused.py for the tolerances).
 Every rounding to bfloat16 goes through `_round_to`, a round-to-nearest-even written with integer ops:
 Triton's CPU interpreter truncates float32 -> bfloat16 casts, this way it rounds like the GPU.
 

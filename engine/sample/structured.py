@@ -10,10 +10,10 @@ Contract:
     ``guided_decoding_guide_type`` values): "json" (a JSON object, any keys; ``value`` ignored), "json_schema"
     (``value`` a JSON schema, strict: no properties beyond the schema's), "regex", "ebnf_grammar"
     (xgrammar's EBNF, root rule ``root``).
-  * ``GrammarCompiler(tokenizer, vocab_size, stop_token_ids)`` (one per executor).
+  * ``GrammarCompiler(tokenizer, vocab_size, stop_token_ids)`` (one per engine).
     ``compile(guide) -> CompiledGrammar`` raises ``ValueError`` starting with ``guided_decoding_guide``
     (or ``guided_decoding_guide_type``) and the reason; results are cached by (type, value), so a schema
-    is compiled once (``num_compiled`` counts real compilations). Thread-safe: the executor compiles in
+    is compiled once (``num_compiled`` counts real compilations). Thread-safe: the input processor compiles in
     ``add_request``, on the caller's thread, never on the engine loop.
   * ``GrammarState(compiled)``: one sequence's matcher. ``sync(output_token_ids)`` feeds it the tokens it
     has not seen (so preemption, dropped run-ahead tokens and retries never put it out of step);

@@ -38,7 +38,7 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     pre = (out / "model_repository" / "preprocessing" / "config.pbtxt").read_text()
     assert "count: 4 kind: KIND_CPU" in pre
 
-    # The engine directory loads as an executor.
+    # The engine directory loads as an engine.
     from engine.llm_engine import LLMEngine
 
     ex = LLMEngine.from_engine_dir(out)

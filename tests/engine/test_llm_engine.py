@@ -32,7 +32,7 @@ def model(tiny_checkpoint, model_config) -> Glm4vModel:
     return Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "float32", model_config)
 
 
-def make_executor(model, model_config, tokenizer=None, **engine) -> LLMEngine:
+def make_engine(model, model_config, tokenizer=None, **engine) -> LLMEngine:
     engine = {"block_size": BLOCK_SIZE, "num_kv_blocks": 256, "max_model_len": 256, **engine}
     return LLMEngine(model_config, EngineConfig(**engine), model=model, tokenizer=tokenizer)
 
@@ -110,7 +110,7 @@ def tokens(outs: list[RequestOutput]) -> list[int]:
 
 
 def test_greedy_matches_reference_loop_and_transformers(model, model_config, hf_model):
-    ex = make_executor(model, model_config)
+    ex = make_engine(model, model_config)
     prompts = {"a": prompt(0, 5), "b": prompt(1, 13), "c": prompt(2, 1)}
     for request_id, ids in prompts.items():
         outs = run_to_end(ex, {0: [GenerationRequest(request_id, ids, greedy(10))]})[request_id]
@@ -129,7 +129,7 @@ def test_greedy_matches_reference_loop_and_transformers(model, model_config, hf_
 
 
 def test_staggered_arrivals_and_chunked_prefill_give_tokens_of_each_alone(model, model_config):
-    ex = make_executor(model, model_config, max_num_batched_tokens=16, max_num_seqs=6)
+    ex = make_engine(model, model_config, max_num_batched_tokens=16, max_num_seqs=6)
     ex.warmup()
     assert ex.stats().num_finished == 1 and ex.block_manager.num_used_blocks == 0
     reqs = [GenerationRequest(f"r{i}", prompt(10 + i, 3 + 4 * i), greedy(6 + i % 3)) for i in range(9)]
@@ -145,7 +145,7 @@ def test_staggered_arrivals_and_chunked_prefill_give_tokens_of_each_alone(model,
 
 
 def test_preemption_by_recompute_gives_same_tokens(model, model_config):
-    ex = make_executor(model, model_config, num_kv_blocks=10, max_num_batched_tokens=32)  # 40 token slots
+    ex = make_engine(model, model_config, num_kv_blocks=10, max_num_batched_tokens=32)  # 40 token slots
     reqs = [GenerationRequest(f"p{i}", prompt(30 + i, 6 + i), greedy(12, ignore_eos=True)) for i in range(4)]
     outputs = run_to_end(ex, {0: reqs})
     assert ex.stats().num_preemptions > 0
@@ -165,7 +165,7 @@ def test_image_embeds_cut_by_chunks(model, model_config):
     req = GenerationRequest(
         "img", ids, greedy(8), image_embeds=embeds, mrope_positions=positions, mrope_delta=delta
     )
-    ex = make_executor(model, mc, max_num_batched_tokens=5)  # chunks [0,5) [5,10) [10,13)
+    ex = make_engine(model, mc, max_num_batched_tokens=5)  # chunks [0,5) [5,10) [10,13)
     outs = run_to_end(ex, {0: [req]})["img"]
     assert tokens(outs) == reference_greedy(model, mc, ids, 8, embeds, positions, delta)
     assert delta != 0
@@ -216,7 +216,7 @@ def test_image_patches_encoded_in_the_engine_match_precomputed_embeds(model, mod
         )
     reqs.append(GenerationRequest("text", prompt(9, 5), greedy(6)))
     references["text"] = reference_greedy(model, mc, prompt(9, 5), 6)
-    ex = make_executor(model, mc, max_num_vision_patches=40, max_num_batched_tokens=8)
+    ex = make_engine(model, mc, max_num_vision_patches=40, max_num_batched_tokens=8)
     outputs = run_to_end(ex, {0: reqs[:2], 1: reqs[2:]})
     assert {rid: tokens(outs) for rid, outs in outputs.items()} == references
     assert ex.stats().num_finished == 4 and not ex.core.vision.waiting
@@ -225,7 +225,7 @@ def test_image_patches_encoded_in_the_engine_match_precomputed_embeds(model, mod
 def test_flat_rgb_images_patchified_in_the_engine_give_the_same_tokens(model, model_config):
     """The llm receives the resized RGB images flat: patchified on the device, same tokens as patches."""
     mc = model_config
-    ex = make_executor(model, mc)
+    ex = make_engine(model, mc)
     grids = [(1, 4, 6), (1, 2, 2)]
     ids, _, grid, positions, delta = image_request(mc, "rgb", grids, seed=5)
     patch = mc.vision_config.patch_size
@@ -264,7 +264,7 @@ def test_flat_rgb_images_patchified_in_the_engine_give_the_same_tokens(model, mo
 
 def test_image_patches_rejected_with_the_field_named(model, model_config):
     mc = model_config
-    ex = make_executor(model, mc)
+    ex = make_engine(model, mc)
     ids, patches, grid, positions, delta = image_request(mc, "x", [(1, 4, 4)], seed=0)
 
     def req(**kwargs):
@@ -296,21 +296,21 @@ def test_image_patches_rejected_with_the_field_named(model, model_config):
 def test_seeded_sampling_independent_of_batch(model, model_config):
     sp = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     alone = tokens(
-        run_to_end(make_executor(model, model_config), {0: [GenerationRequest("s", prompt(3, 7), sp)]})["s"]
+        run_to_end(make_engine(model, model_config), {0: [GenerationRequest("s", prompt(3, 7), sp)]})["s"]
     )
     others = [
         GenerationRequest(f"o{i}", prompt(40 + i, 5), SamplingParams(max_tokens=5, temperature=1.0))
         for i in range(3)
     ]
     outputs = run_to_end(
-        make_executor(model, model_config),
+        make_engine(model, model_config),
         {0: others[:2], 2: [GenerationRequest("s", prompt(3, 7), sp)], 3: others[2:]},
     )
     assert tokens(outputs["s"]) == alone
 
 
 def test_abort_frees_blocks_within_next_step(model, model_config):
-    ex = make_executor(model, model_config)
+    ex = make_engine(model, model_config)
     ex.add_request(GenerationRequest("keep", prompt(1, 6), greedy(5, ignore_eos=True)))
     ex.add_request(GenerationRequest("drop", prompt(2, 9), greedy(50, ignore_eos=True)))
     ex.add_request(GenerationRequest("never", prompt(3, 4), greedy(5)))
@@ -330,7 +330,7 @@ def test_abort_frees_blocks_within_next_step(model, model_config):
 
 
 def test_add_request_rejects_bad_requests(model, model_config):
-    ex = make_executor(model, model_config, num_kv_blocks=8, max_model_len=64)  # capped at 32 tokens
+    ex = make_engine(model, model_config, num_kv_blocks=8, max_model_len=64)  # capped at 32 tokens
     assert ex.max_model_len == 32
     cases = [
         (
@@ -393,7 +393,7 @@ def test_text_stop_strings_and_from_engine_dir(tiny_checkpoint, tmp_path, model)
 
 
 def test_loop_thread_generate_and_callback(model, model_config):
-    ex = make_executor(model, model_config)
+    ex = make_engine(model, model_config)
     seen: list[RequestOutput] = []
     ex.start(seen.extend)
     reqs = [GenerationRequest(f"g{i}", prompt(50 + i, 4 + i), greedy(6, ignore_eos=True)) for i in range(3)]
@@ -446,7 +446,7 @@ def test_cuda_decode_graphs_give_reference_tokens(tiny_checkpoint, model_config,
 
 
 def test_add_and_abort_from_other_threads_while_loop_runs(model, model_config):
-    ex = make_executor(model, model_config, max_num_seqs=4)
+    ex = make_engine(model, model_config, max_num_seqs=4)
     done = threading.Event()
     outputs: dict[str, list[RequestOutput]] = {}
 
@@ -478,7 +478,7 @@ def test_add_and_abort_from_other_threads_while_loop_runs(model, model_config):
 
 
 def test_leaving_generate_early_aborts(model, model_config):
-    ex = make_executor(model, model_config)
+    ex = make_engine(model, model_config)
 
     async def first_two():
         seen = []

@@ -1,4 +1,4 @@
-"""Prefix KV cache and image-embedding cache in the executor (tiny random checkpoint, CPU): greedy token
+"""Prefix KV cache and image-embedding cache in the engine (tiny random checkpoint, CPU): greedy token
 ids are identical with the caches on and off, what is found is exactly what should be, and every block
 is back to free at the end."""
 
@@ -11,7 +11,7 @@ from engine.model.rope import get_mrope_positions
 from tests.engine.test_llm_engine import (
     BLOCK_SIZE,
     greedy,
-    make_executor,
+    make_engine,
     prompt,
     run_to_end,
     tokens,
@@ -55,8 +55,8 @@ def serve_one_by_one(ex: LLMEngine, reqs: list[GenerationRequest]) -> list[list[
 
 def same_with_cache_off(model, mc, reqs_fn, **engine) -> tuple[list, list, LLMEngine]:
     """Serve reqs_fn() one by one with the caches on and off; the tokens must be identical."""
-    on = make_executor(model, mc, **engine)
-    off = make_executor(model, mc, **{**engine, **OFF})
+    on = make_engine(model, mc, **engine)
+    off = make_engine(model, mc, **{**engine, **OFF})
     outs_on = serve_one_by_one(on, reqs_fn())
     outs_off = serve_one_by_one(off, reqs_fn())
     assert [tokens(o) for o in outs_on] == [tokens(o) for o in outs_off]
@@ -125,8 +125,8 @@ def test_conversation_resent_turn_by_turn(model, model_config):
     mc = model_config
     img = image(mc, 6)
     history: list[int] = []
-    on = make_executor(model, mc)
-    off = make_executor(model, mc, **OFF)
+    on = make_engine(model, mc)
+    off = make_engine(model, mc, **OFF)
     questions = ([7, 8, 9], [10, 11], [12, 13, 14, 15], [16])
     previous_len = 0
     for turn, question in enumerate(questions):
@@ -168,7 +168,7 @@ def test_concurrent_sequences_share_blocks_and_give_them_all_back(model, model_c
             2: [GenerationRequest(f"s{k}", shared + [3 + k], greedy(8, ignore_eos=True)) for k in range(3)],
         }
 
-    on = make_executor(model, mc, max_num_batched_tokens=64)
+    on = make_engine(model, mc, max_num_batched_tokens=64)
     seen_shared = []
     original_step = on.step
 
@@ -179,7 +179,7 @@ def test_concurrent_sequences_share_blocks_and_give_them_all_back(model, model_c
 
     on.step = step
     outs_on = run_to_end(on, arrivals())
-    outs_off = run_to_end(make_executor(model, mc, max_num_batched_tokens=64, **OFF), arrivals())
+    outs_off = run_to_end(make_engine(model, mc, max_num_batched_tokens=64, **OFF), arrivals())
     assert {k: tokens(v) for k, v in outs_on.items()} == {k: tokens(v) for k, v in outs_off.items()}
     assert [outs_on[f"s{k}"][-1].num_cached_tokens for k in range(3)] == [20, 20, 20]
     assert max(seen_shared) == 4  # the first 5 blocks were held by all four sequences at once
@@ -197,10 +197,10 @@ def test_preemption_and_abort_of_sequences_with_shared_blocks(model, model_confi
             2: [GenerationRequest(f"f{k}", shared + [2 + k], greedy(20, ignore_eos=True)) for k in range(3)],
         }
 
-    on = make_executor(model, mc, **engine)
+    on = make_engine(model, mc, **engine)
     outs_on = run_to_end(on, arrivals())
     assert on.scheduler.num_preemptions > 0
-    outs_off = run_to_end(make_executor(model, mc, **engine, **OFF), arrivals())
+    outs_off = run_to_end(make_engine(model, mc, **engine, **OFF), arrivals())
     assert {k: tokens(v) for k, v in outs_on.items()} == {k: tokens(v) for k, v in outs_off.items()}
     bm = on.block_manager
     assert bm.ref_counts == [0] * bm.num_blocks and bm.num_free_blocks == bm.num_blocks
@@ -248,10 +248,10 @@ def test_preempted_sequence_whose_image_was_skipped_is_encoded_again(model, mode
             ],
         }
 
-    on = make_executor(model, mc, **engine)
+    on = make_engine(model, mc, **engine)
     run_to_end(on, {0: [warm]})
     outs_on = run_to_end(on, arrivals())
     assert outs_on["img"][-1].num_cached_tokens > 0 and on.scheduler.num_preemptions > 0
-    off = make_executor(model, mc, **{**engine, **OFF})
+    off = make_engine(model, mc, **{**engine, **OFF})
     outs_off = run_to_end(off, arrivals())
     assert {k: tokens(v) for k, v in outs_on.items()} == {k: tokens(v) for k, v in outs_off.items()}

@@ -3,7 +3,7 @@ and paged_attention's decode steps through it equal the reference path.
 
 On CPU the kernel runs through Triton's interpreter: TRITON_INTERPRET=1 must be set before triton is
 imported, so each check runs in a fresh Python (`TRITON_INTERPRET=1 python
-tests/engine/test_paged_decode_kernel.py CHECK`). The GPU-marked tests run the same checks in-process on
+tests/engine/kernels/test_paged_decode_kernel.py CHECK`). The GPU-marked tests run the same checks in-process on
 CUDA (compiled kernels), plus CUDA-graph capture/replay checks.
 
 Tolerances against the float32 reference: float32 rtol = atol = 1e-5 (IEEE float32 dots, no TF32).

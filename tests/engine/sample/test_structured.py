@@ -68,7 +68,7 @@ CLAUSE = {
 
 
 @pytest.fixture(scope="module")
-def executor(tiny_checkpoint, tmp_path_factory) -> LLMEngine:
+def engine(tiny_checkpoint, tmp_path_factory) -> LLMEngine:
     engine_dir = tmp_path_factory.mktemp("structured") / "engine"
     shutil.copytree(tiny_checkpoint, engine_dir)
     engine = {"block_size": 4, "num_kv_blocks": 2048, "max_model_len": 1024, "dtype": "float32"}
@@ -93,7 +93,7 @@ def run(ex: LLMEngine, reqs: list[GenerationRequest]) -> dict[str, tuple[list[in
 
 
 @pytest.mark.parametrize("schema", [INVOICE, NESTED, CLAUSE], ids=["invoice", "nested", "clause"])
-def test_every_sampled_answer_validates_against_its_schema(executor, schema):
+def test_every_sampled_answer_validates_against_its_schema(engine, schema):
     guide = Guide("json_schema", json.dumps(schema))
     reqs = [
         GenerationRequest(
@@ -101,12 +101,12 @@ def test_every_sampled_answer_validates_against_its_schema(executor, schema):
         )
         for seed in range(8)
     ]
-    for rid, (_, text, reason) in run(executor, reqs).items():
+    for rid, (_, text, reason) in run(engine, reqs).items():
         assert reason == "stop", (rid, text)
         jsonschema.validate(json.loads(text), schema)
 
 
-def test_json_object_guide_gives_json_objects_and_greedy_too(executor):
+def test_json_object_guide_gives_json_objects_and_greedy_too(engine):
     reqs = [
         GenerationRequest("sampled", [9, 10], SamplingParams(max_tokens=600, seed=3), guide=Guide("json")),
         GenerationRequest(
@@ -114,42 +114,42 @@ def test_json_object_guide_gives_json_objects_and_greedy_too(executor):
         ),
         GenerationRequest("free", [9, 10], SamplingParams(max_tokens=8, temperature=0.0)),
     ]
-    results = run(executor, reqs)
+    results = run(engine, reqs)
     for rid in ("sampled", "greedy"):
         tokens, text, reason = results[rid]
         assert reason == "stop", text
         assert isinstance(json.loads(text), dict)
     free_tokens, _, _ = results["free"]
     alone = run(
-        executor, [GenerationRequest("alone", [9, 10], SamplingParams(max_tokens=8, temperature=0.0))]
+        engine, [GenerationRequest("alone", [9, 10], SamplingParams(max_tokens=8, temperature=0.0))]
     )
     assert free_tokens == alone["alone"][0]  # a guided neighbour changes nothing for an unguided request
 
 
-def test_regex_guide(executor):
+def test_regex_guide(engine):
     guide = Guide("regex", "(yes|no): [0-9]{2}")
     reqs = [
         GenerationRequest(f"r{seed}", [3, 4], SamplingParams(max_tokens=40, seed=seed), guide=guide)
         for seed in range(6)
     ]
-    for _, text, reason in run(executor, reqs).values():
+    for _, text, reason in run(engine, reqs).values():
         assert reason == "stop"
         assert re.fullmatch("(yes|no): [0-9]{2}", text), text
 
 
-def test_min_tokens_is_refused_with_a_guide(executor):
+def test_min_tokens_is_refused_with_a_guide(engine):
     with pytest.raises(ValueError, match=r"^min_tokens: 3 must be 0 with guided_decoding_guide"):
-        executor.add_request(
+        engine.add_request(
             GenerationRequest("m", [1], SamplingParams(max_tokens=8, min_tokens=3), guide=Guide("json"))
         )
 
 
-def test_a_schema_is_compiled_once(executor):
-    compiler = executor.grammar_compiler()
+def test_a_schema_is_compiled_once(engine):
+    compiler = engine.grammar_compiler()
     schema = json.dumps({"type": "object", "properties": {"once": {"type": "integer"}}, "required": ["once"]})
     before = compiler.num_compiled
     run(
-        executor,
+        engine,
         [
             GenerationRequest(
                 f"c{i}", [1, 2], SamplingParams(max_tokens=40, seed=i), guide=Guide("json_schema", schema)
@@ -175,24 +175,24 @@ def test_a_schema_is_compiled_once(executor):
         (Guide("regex", ""), "guided_decoding_guide: empty; a regex guide needs a value"),
     ],
 )
-def test_bad_guides_are_rejected_naming_the_field(executor, guide, message):
+def test_bad_guides_are_rejected_naming_the_field(engine, guide, message):
     with pytest.raises(ValueError) as info:
-        executor.add_request(GenerationRequest("bad", [1, 2], SamplingParams(max_tokens=4), guide=guide))
+        engine.add_request(GenerationRequest("bad", [1, 2], SamplingParams(max_tokens=4), guide=guide))
     assert str(info.value).startswith(message), str(info.value)
-    assert not executor.has_unfinished()
+    assert not engine.has_unfinished()
 
 
-def test_guided_and_logprob_sequences_never_run_ahead(executor):
-    executor.add_request(GenerationRequest("g", [1, 2], SamplingParams(max_tokens=4), guide=Guide("json")))
-    executor.add_request(GenerationRequest("l", [1, 2], SamplingParams(max_tokens=4, logprobs=0)))
-    executor.add_request(GenerationRequest("p", [1, 2], SamplingParams(max_tokens=4)))
-    seqs = {rid: executor._seqs[rid] for rid in ("g", "l", "p")}
+def test_guided_and_logprob_sequences_never_run_ahead(engine):
+    engine.add_request(GenerationRequest("g", [1, 2], SamplingParams(max_tokens=4), guide=Guide("json")))
+    engine.add_request(GenerationRequest("l", [1, 2], SamplingParams(max_tokens=4, logprobs=0)))
+    engine.add_request(GenerationRequest("p", [1, 2], SamplingParams(max_tokens=4)))
+    seqs = {rid: engine._seqs[rid] for rid in ("g", "l", "p")}
     assert [Sampler.can_run_ahead(seqs[rid]) for rid in ("g", "l", "p")] == [False, False, True]
-    while executor.has_unfinished():
-        executor.step()
+    while engine.has_unfinished():
+        engine.step()
 
 
-def test_logprobs_match_a_transformers_forward(executor, hf_model):
+def test_logprobs_match_a_transformers_forward(engine, hf_model):
     prompt = [11, 12, 13, 14, 15]
     reqs = [
         GenerationRequest(
@@ -208,9 +208,9 @@ def test_logprobs_match_a_transformers_forward(executor, hf_model):
     logprobs: dict[str, list] = {r.request_id: [] for r in reqs}
     tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
     for req in reqs:
-        executor.add_request(req)
-    while executor.has_unfinished():
-        for out in executor.step():
+        engine.add_request(req)
+    while engine.has_unfinished():
+        for out in engine.step():
             assert out.logprobs is not None and len(out.logprobs) == len(out.new_token_ids)
             logprobs[out.request_id] += out.logprobs
             tokens[out.request_id] += out.new_token_ids
@@ -233,12 +233,12 @@ def test_logprobs_match_a_transformers_forward(executor, hf_model):
             )
 
 
-def test_no_logprobs_unless_asked(executor):
-    out = run(executor, [GenerationRequest("n", [1, 2], SamplingParams(max_tokens=3, temperature=0.0))])
+def test_no_logprobs_unless_asked(engine):
+    out = run(engine, [GenerationRequest("n", [1, 2], SamplingParams(max_tokens=3, temperature=0.0))])
     assert out["n"][2] in ("stop", "length")
-    executor.add_request(GenerationRequest("n2", [1, 2], SamplingParams(max_tokens=2, temperature=0.0)))
-    while executor.has_unfinished():
-        assert all(o.logprobs is None for o in executor.step())
+    engine.add_request(GenerationRequest("n2", [1, 2], SamplingParams(max_tokens=2, temperature=0.0)))
+    while engine.has_unfinished():
+        assert all(o.logprobs is None for o in engine.step())
 
 
 def test_logprobs_is_validated():

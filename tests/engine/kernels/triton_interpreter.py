@@ -2,7 +2,7 @@
 interpreter, and the distance of two bf16 tensors in representable steps.
 
 TRITON_INTERPRET=1 must be set before triton is imported, so each check runs in its own process: the test
-file executes itself (`python tests/engine/test_x.py CHECK [ARGS]`, through `main`), and the pytest side
+file executes itself (`python tests/engine/kernels/test_x.py CHECK [ARGS]`, through `main`), and the pytest side
 calls `run_interpreted(__file__, CHECK, *ARGS)`.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def run_interpreted(script: str, check: str, *args: str) -> None:

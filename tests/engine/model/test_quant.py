@@ -258,7 +258,7 @@ def test_quantized_tiny_model_logits_and_greedy(tiny_checkpoint, model_config, c
     clear = [same for gap, same in gaps if gap > 2 * max_abs]  # an error below gap/2 cannot flip argmax
     assert len(clear) >= 2 and all(clear)  # 3 of 16 prompts here
 
-    # The executor quantizes a given bf16 model in place when quantization is fp8, and logs it.
+    # The engine quantizes a given bf16 model in place when quantization is fp8, and logs it.
     model = Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "bfloat16", mc)
     engine = {"block_size": BLOCK_SIZE, "num_kv_blocks": 512, "max_model_len": 256, "dtype": "bfloat16"}
     with caplog.at_level(logging.INFO, logger="glm-engine"):
@@ -267,16 +267,16 @@ def test_quantized_tiny_model_logits_and_greedy(tiny_checkpoint, model_config, c
     assert f"fp8: {4 * mc.num_hidden_layers + 1} decoder linear layers quantized" in caplog.text
     reference = LLMEngine(mc, EngineConfig(**engine), model=bf16)
     outputs = {}
-    for name, executor in (("fp8", ex), ("bf16", reference)):
+    for name, llm in (("fp8", ex), ("bf16", reference)):
         for i, ids in enumerate(prompts()):
-            executor.add_request(
+            llm.add_request(
                 GenerationRequest(
                     str(i), ids, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
                 )
             )
         tokens = {str(i): [] for i in range(NUM_PROMPTS)}
-        while executor.has_unfinished():
-            for out in executor.step():
+        while llm.has_unfinished():
+            for out in llm.step():
                 tokens[out.request_id] += out.new_token_ids
         outputs[name] = [tokens[str(i)] for i in range(NUM_PROMPTS)]
     same, prefix = greedy_agreement(outputs["fp8"], outputs["bf16"])

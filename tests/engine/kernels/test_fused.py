@@ -2,7 +2,7 @@
 
 On CPU the kernels run through Triton's interpreter. TRITON_INTERPRET=1 must be set before triton is
 imported, so each check runs in a fresh Python: this file executes itself
-(`TRITON_INTERPRET=1 python tests/engine/test_kernels.py CHECK [ARGS]`). The GPU-marked tests run the same
+(`TRITON_INTERPRET=1 python tests/engine/kernels/test_fused.py CHECK [ARGS]`). The GPU-marked tests run the same
 checks in-process on CUDA (compiled kernels), plus a CUDA-graph capture/replay check.
 
 Tolerances: float32 rtol = atol = 1e-5. bfloat16: at most 1 bf16 ulp from the torch result, and rotary
@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 from triton_interpreter import bf16_ulps, main, run_interpreted  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 EPS = 1e-5
 # (num_heads + num_kv_heads, head_dim, rotary_dim): the tiny test config and GLM-4.6V-Flash.
 ROTARY_SHAPES = [(4 + 2, 16, 8), (32 + 2, 128, 64)]

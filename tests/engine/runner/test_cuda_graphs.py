@@ -19,7 +19,7 @@ from tests.engine.test_llm_engine import (
     BLOCK_SIZE,
     greedy,
     image_request,
-    make_executor,
+    make_engine,
     prompt,
     reference_greedy,
     run_to_end,
@@ -108,8 +108,8 @@ class _EagerDecodeGraphs(DecodeGraphs):
         return sum(graph.replays for graph, _ in self.graphs.values())
 
 
-def _split_executor(model, model_config, **engine) -> LLMEngine:  # noqa: F811
-    ex = make_executor(model, model_config, **engine)
+def _split_engine(model, model_config, **engine) -> LLMEngine:  # noqa: F811
+    ex = make_engine(model, model_config, **engine)
     runner = ex.runner
     runner.graphs = _EagerDecodeGraphs(
         model,
@@ -136,7 +136,7 @@ def test_split_steps_give_the_reference_tokens(model, model_config) -> None:  # 
     part from the decode graph and its fresh part from a padded prefill graph; every token equals the
     reference loop's. More fresh prompts than max_seqs, and continuation chunks, run eagerly."""
     mc = model_config
-    ex = _split_executor(model, mc, max_num_batched_tokens=40)
+    ex = _split_engine(model, mc, max_num_batched_tokens=40)
     ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=3)
     pixels = ex.runner.patch_normalizer(patches, grid)
     image_ref = reference_greedy(model, mc, ids, 6, model.encode_images(pixels, grid), positions, delta)
@@ -210,7 +210,7 @@ def test_decode_graph_inputs_equal_the_eager_step(model, model_config) -> None: 
     prompts' outputs carry the delta), slots and block tables equal what the eager step would use;
     padding rows point at the scratch block."""
     mc = model_config
-    ex = make_executor(model, mc, max_num_seqs=8)  # no graphs: the steps below run synchronously
+    ex = make_engine(model, mc, max_num_seqs=8)  # no graphs: the steps below run synchronously
     ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=1)
     reqs = [
         GenerationRequest("img", ids, greedy(9, ignore_eos=True), image_patches=patches, image_grid_thw=grid,
@@ -296,8 +296,8 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
             "gone": outputs["gone"][-1].finish_reason
         }
 
-    want = run(make_executor(model, mc))
-    ex = _split_executor(model, mc)
+    want = run(make_engine(model, mc))
+    ex = _split_engine(model, mc)
     ahead, launch = [], ex.runner.launch_decode
     ex.runner.launch_decode = lambda seqs, previous=None: (
         ahead.append(previous is not None) or launch(seqs, previous)
@@ -359,7 +359,7 @@ def test_prefix_hits_and_prompt_chunks_replay_context_graphs(model, model_config
     longer than the step budget), alone and beside decodes, run from context graphs; every token equals
     the reference loop's."""
     mc = model_config
-    ex = _split_executor(model, mc, max_num_batched_tokens=40)
+    ex = _split_engine(model, mc, max_num_batched_tokens=40)
     ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=3)
     pixels = ex.runner.patch_normalizer(patches, grid)
     embeds = model.encode_images(pixels, grid)
