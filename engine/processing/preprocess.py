@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import hashlib
 import io
 import json
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import EngineConfig, EngineDir
+from engine.processing.resize_cache import ResizeCache
 
 __all__ = [
     "ImageInfo",
@@ -140,6 +140,7 @@ class ImageInfo:
     height: int
     num_bytes: int
     file_hash: str  # sha256 hex of the file bytes (the key of the preprocessor's resize cache)
+    is_decoded: bool = True  # False: only the header was read (the resize cache held the image)
 
 
 @dataclass
@@ -206,7 +207,9 @@ def decode_image_bytes(raw: bytes | str, field: str) -> bytes:
     return decoded
 
 
-def open_image(data: bytes, field: str, limits: PreprocessLimits, decode: bool = True) -> ImageInfo:
+def open_image(
+    data: bytes, field: str, limits: PreprocessLimits, decode: bool = True, file_hash: str | None = None
+) -> ImageInfo:
     """Validate one image file (size, format, header dimensions) and decode it (first frame; with
     ``decode=False`` only the header is read: for a file already decoded once)."""
     from PIL import Image, UnidentifiedImageError
@@ -267,7 +270,8 @@ def open_image(data: bytes, field: str, limits: PreprocessLimits, decode: bool =
         width=width,
         height=height,
         num_bytes=len(data),
-        file_hash=hashlib.sha256(data).hexdigest(),
+        file_hash=file_hash or hashlib.sha256(data).hexdigest(),
+        is_decoded=decode,
     )
 
 
@@ -369,8 +373,12 @@ class Preprocessor:
         engine_dir: str | Path,
         limits: PreprocessLimits | None = None,
         resize_cache_bytes: int = 512 << 20,
+        shared_resize_cache_dir: str | Path | None = None,
+        shared_resize_cache_bytes: int = 0,
     ) -> None:
-        """``resize_cache_bytes``: resized images kept by file digest (0: none)."""
+        """``resize_cache_bytes``: resized images kept by file digest in this process (0: none);
+        ``shared_resize_cache_dir`` / ``_bytes``: a directory that the preprocessing instances of the host
+        share, and its size (engine.processing.resize_cache)."""
         from transformers import AutoTokenizer
         from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
 
@@ -378,9 +386,13 @@ class Preprocessor:
 
         self.engine_dir = Path(engine_dir)
         self.limits = limits or PreprocessLimits()
-        self.resize_cache_bytes = resize_cache_bytes
-        self._resized: collections.OrderedDict[str, tuple[np.ndarray, str]] = collections.OrderedDict()
-        self._resized_bytes = 0
+        self.resize_cache = ResizeCache(
+            resize_cache_bytes,
+            shared_dir=None
+            if shared_resize_cache_dir is None
+            else Path(shared_resize_cache_dir) / f"glmv-resize-{self._settings_digest()}",
+            shared_max_bytes=shared_resize_cache_bytes,
+        )
         self.model_config = ModelConfig.from_pretrained(self.engine_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.engine_dir))
         processor_file = self.engine_dir / "preprocessor_config.json"
@@ -407,6 +419,13 @@ class Preprocessor:
         self.think_start_id = self._token_id("<think>")
         self.think_end_id = self._token_id("</think>")
 
+    def _settings_digest(self) -> str:
+        """What the resized pixels depend on: the image processor's settings (its config file) and this
+        code's resize."""
+        processor_file = self.engine_dir / "preprocessor_config.json"
+        settings = processor_file.read_bytes() if processor_file.is_file() else b"{}"
+        return hashlib.sha256(b"resize-v1;" + settings).hexdigest()[:16]
+
     def _token_id(self, token: str) -> int | None:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
@@ -425,8 +444,9 @@ class Preprocessor:
         for i, raw in enumerate(raw_images):
             field_name = f"image_input[{i}]"
             data = decode_image_bytes(raw, field_name)
-            is_known = hashlib.sha256(data).hexdigest() in self._resized
-            infos.append(open_image(data, field_name, self.limits, decode=not is_known))
+            file_hash = hashlib.sha256(data).hexdigest()
+            is_known = file_hash in self.resize_cache
+            infos.append(open_image(data, field_name, self.limits, decode=not is_known, file_hash=file_hash))
         return infos
 
     def _geometry(self) -> tuple[int, int, int]:
@@ -446,30 +466,20 @@ class Preprocessor:
             return np.zeros(0, np.uint8), np.zeros((0, 3), np.int64), []
         parts, grids, hashes = [], [], []
         for info in images:
-            known = self._resized.get(info.file_hash)
+            known = self.resize_cache.get(info.file_hash)
             if known is None:
+                if not info.is_decoded:  # its cache entry went between the check and here
+                    info.image.load()
                 rgb = self._resize(info.image, patch, merge, temporal)
                 digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
                 digest.update(np.ascontiguousarray(rgb).data)
                 known = (rgb, digest.hexdigest())
-                self._remember_resized(info.file_hash, known)
-            else:
-                self._resized.move_to_end(info.file_hash)
+                self.resize_cache.put(info.file_hash, *known)
             rgb, image_hash = known
             parts.append(rgb.reshape(-1))
             grids.append((1, rgb.shape[0] // patch, rgb.shape[1] // patch))
             hashes.append(image_hash)
         return np.concatenate(parts), np.asarray(grids, dtype=np.int64), hashes
-
-    def _remember_resized(self, file_hash: str, entry: tuple[np.ndarray, str]) -> None:
-        size = entry[0].nbytes
-        if size > self.resize_cache_bytes:
-            return
-        self._resized[file_hash] = entry
-        self._resized_bytes += size
-        while self._resized_bytes > self.resize_cache_bytes:
-            _, (old, _) = self._resized.popitem(last=False)
-            self._resized_bytes -= old.nbytes
 
     def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""

@@ -188,7 +188,7 @@ def test_an_image_sent_again_skips_decode_and_resize(tiny_checkpoint) -> None:
     assert again.image_hashes == first.image_hashes
     small = Preprocessor(tiny_checkpoint, resize_cache_bytes=0)
     small("q", [raw])
-    assert not small._resized and small.load_images([raw])[0].image._im is not None
+    assert not small.resize_cache._entries and small.load_images([raw])[0].image._im is not None
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])

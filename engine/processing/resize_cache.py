@@ -1,0 +1,146 @@
+"""Resized images by file digest: an image sent again skips its decode and resize.
+
+Two levels: an LRU in the process (``max_bytes``), and optionally a directory that every preprocessing
+instance on the host shares (``shared_dir``, best on tmpfs such as /dev/shm; ``shared_max_bytes``). Triton
+hands a request to any instance, so a follow-up question about an image usually reaches an instance that
+did not resize it; the shared directory makes that a hit too.
+
+A shared entry is one file ``<file digest>.rgb``: an 80-byte header (magic, height, width, the resized
+image's content hash as 64 hex digits) and the RGB bytes. Files are written to a temporary name and renamed
+into place, so a reader never sees half a file; a file that does not parse is a miss and is removed. The
+directory is trimmed, oldest first (by modification time, refreshed on every hit), to ``shared_max_bytes``,
+and a write is skipped when it would leave the file system less than 10 % or 64 MiB free, whichever is
+more (tmpfs is memory, and Triton's own shared-memory regions live on /dev/shm too: with Docker's default
+64 MiB /dev/shm nothing is written). The directory's name carries a digest of
+the resize settings, so servers with other settings never read each other's entries.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+_MAGIC = b"GLMVRGB1"
+_HEADER = struct.Struct("<8sII64s")  # magic, height, width, image hash (hex)
+MIN_FREE_BYTES = 64 << 20
+MIN_FREE_FRACTION = 0.1
+
+
+class ResizeCache:
+    def __init__(
+        self,
+        max_bytes: int,
+        shared_dir: str | Path | None = None,
+        shared_max_bytes: int = 0,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.shared_dir = Path(shared_dir) if shared_dir is not None and shared_max_bytes > 0 else None
+        self.shared_max_bytes = shared_max_bytes
+        self._entries: collections.OrderedDict[str, tuple[np.ndarray, str]] = collections.OrderedDict()
+        self._bytes = 0
+        self.num_shared_hits = 0
+        if self.shared_dir is not None:
+            self.shared_dir.mkdir(parents=True, exist_ok=True)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries or (self.shared_dir is not None and self._path(key).is_file())
+
+    def get(self, key: str) -> tuple[np.ndarray, str] | None:
+        """(resized RGB [h, w, 3] uint8, its content hash), or None."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        if self.shared_dir is None:
+            return None
+        entry = self._read_shared(key)
+        if entry is not None:
+            self.num_shared_hits += 1
+            self._remember(key, entry)
+        return entry
+
+    def put(self, key: str, rgb: np.ndarray, image_hash: str) -> None:
+        entry = (rgb, image_hash)
+        self._remember(key, entry)
+        if self.shared_dir is not None:
+            self._write_shared(key, entry)
+
+    # -- the process's LRU --------------------------------------------------------------------------
+
+    def _remember(self, key: str, entry: tuple[np.ndarray, str]) -> None:
+        size = entry[0].nbytes
+        if size > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = entry
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, (old, _) = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes
+
+    # -- the shared directory -----------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.shared_dir / f"{key}.rgb"
+
+    def _read_shared(self, key: str) -> tuple[np.ndarray, str] | None:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            magic, height, width, image_hash = _HEADER.unpack_from(data)
+            if magic != _MAGIC or len(data) != _HEADER.size + height * width * 3:
+                raise ValueError("bad entry")
+            rgb = np.frombuffer(data, np.uint8, offset=_HEADER.size).reshape(height, width, 3)
+            entry = (rgb, image_hash.decode("ascii"))
+        except (ValueError, struct.error, UnicodeDecodeError):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: trimmed last
+        return entry
+
+    def _write_shared(self, key: str, entry: tuple[np.ndarray, str]) -> None:
+        rgb, image_hash = entry
+        size = _HEADER.size + rgb.nbytes
+        if size > self.shared_max_bytes or self._path(key).is_file():
+            return
+        self._trim(self.shared_max_bytes - size)
+        tmp = self.shared_dir / f".{key}.{os.getpid()}.tmp"
+        try:
+            stat = os.statvfs(self.shared_dir)
+            min_free = max(MIN_FREE_BYTES, MIN_FREE_FRACTION * stat.f_blocks * stat.f_frsize)
+            if stat.f_bavail * stat.f_frsize - size < min_free:
+                return
+            with open(tmp, "wb") as f:
+                height, width = rgb.shape[:2]
+                f.write(_HEADER.pack(_MAGIC, height, width, image_hash.encode("ascii")))
+                f.write(np.ascontiguousarray(rgb).data)
+            os.replace(tmp, self._path(key))
+        except OSError:  # a full or vanished directory costs the cache, never the request
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _trim(self, budget: int) -> None:
+        """Remove the least recently used entries until the directory holds at most ``budget`` bytes."""
+        files = []
+        with contextlib.suppress(OSError):
+            for item in os.scandir(self.shared_dir):
+                if item.name.endswith(".rgb"):
+                    with contextlib.suppress(OSError):
+                        stat = item.stat()
+                        files.append((stat.st_mtime, stat.st_size, item.path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= budget:
+                break
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            total -= size

@@ -1,0 +1,78 @@
+"""ResizeCache and the Preprocessor with a shared directory: a second instance (another process in Triton)
+answers an image the first one resized without decoding or resizing it, byte for byte the same; the
+directory stays within its bytes, oldest first; a damaged entry is a miss and goes away."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.processing.preprocess import Preprocessor
+from engine.processing.resize_cache import ResizeCache
+
+
+def png(seed: int, size=(300, 200)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"), "RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_second_instance_reads_what_the_first_resized(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    shared = {"shared_resize_cache_dir": tmp_path, "shared_resize_cache_bytes": 64 << 20}
+    first = Preprocessor(tiny_checkpoint, **shared)
+    second = Preprocessor(tiny_checkpoint, **shared)
+    image = png(1)
+    want = first("What is this?", [image])
+
+    def no_resize(*args, **kwargs):
+        raise AssertionError("resized again")
+
+    monkeypatch.setattr(second, "_resize", no_resize)
+    got = second("What is this?", [image])
+    assert second.resize_cache.num_shared_hits == 1
+    np.testing.assert_array_equal(got.image_rgb, want.image_rgb)
+    np.testing.assert_array_equal(got.input_ids, want.input_ids)
+    assert got.image_hashes == want.image_hashes
+    # settings are part of the directory's name: another image processor config never reads these entries
+    (entry,) = list(tmp_path.iterdir())
+    assert entry.name.startswith("glmv-resize-") and len(list(entry.glob("*.rgb"))) == 1
+
+
+def test_the_directory_keeps_its_bytes_oldest_first(tmp_path: Path):
+    rgb = np.zeros((10, 10, 3), np.uint8)
+    entry_bytes = 80 + rgb.nbytes
+    cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=3 * entry_bytes)
+    for i in range(3):
+        cache.put(f"k{i}", rgb + i, "ab" * 32)
+        os.utime(tmp_path / f"k{i}.rgb", (time.time() - 100 + i, time.time() - 100 + i))
+    assert ResizeCache(0, tmp_path, 3 * entry_bytes).get("k0")[1] == "ab" * 32  # a hit refreshes k0
+    cache.put("k3", rgb + 3, "cd" * 32)
+    assert sorted(p.name for p in tmp_path.glob("*.rgb")) == ["k0.rgb", "k2.rgb", "k3.rgb"]
+    reader = ResizeCache(0, tmp_path, 3 * entry_bytes)
+    got = reader.get("k3")
+    assert got[1] == "cd" * 32 and (got[0] == 3).all() and got[0].shape == (10, 10, 3)
+
+
+def test_a_damaged_entry_is_a_miss_and_goes_away(tmp_path: Path):
+    cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=1 << 20)
+    cache.put("k", np.ones((4, 4, 3), np.uint8), "ef" * 32)
+    path = tmp_path / "k.rgb"
+    path.write_bytes(path.read_bytes()[:-1])
+    assert cache.get("k") is None and not path.exists()
+
+
+@pytest.mark.parametrize("max_bytes", [0, 1 << 20])
+def test_the_process_lru_keeps_its_bytes(max_bytes: int):
+    cache = ResizeCache(max_bytes)
+    rgb = np.zeros((100, 100, 3), np.uint8)  # 30 kB each
+    for i in range(50):
+        cache.put(f"k{i}", rgb, "00" * 32)
+    held = [f"k{i}" for i in range(50) if f"k{i}" in cache]
+    assert held == ([] if max_bytes == 0 else [f"k{i}" for i in range(50 - (1 << 20) // rgb.nbytes, 50)])
