@@ -7,6 +7,10 @@
 
 ``send(sample, params)`` never raises: failures come back as a RequestRecord with ``error`` set, the
 message being the server's (a Triton error message names the bad field, see DESIGN.md).
+
+Guided requests (``RequestParams.guide_type`` / ``guide``) go as the ensemble's ``guided_decoding_guide_type``
+/ ``guided_decoding_guide`` inputs (Triton targets) or as ``response_format`` (gateway: ``json_schema`` and
+``json`` only); ``keep_text`` keeps each answer's text in ``RequestRecord.text``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ class RequestParams:
     ignore_eos: bool = True  # min_tokens = max_tokens, so every answer has the same length
     enable_thinking: bool = False
     timeout_s: float = 600.0
+    guide_type: str | None = None
+    """Guided decoding: json | json_schema | regex | ebnf_grammar (None: free text)."""
+    guide: str = ""
+    """The JSON schema (as JSON text), regex or grammar of ``guide_type``."""
+    keep_text: bool = False
+    """Keep the answer's text in ``RequestRecord.text`` (to check what a guided answer holds)."""
+
+    def __post_init__(self) -> None:
+        if self.guide_type and self.ignore_eos:
+            # the server refuses min_tokens with a grammar: the grammar decides where the answer ends
+            raise ValueError(
+                "ignore_eos: must be False with guide_type (min_tokens is refused with a grammar)"
+            )
 
 
 def image_mime(data: bytes) -> str:
@@ -68,6 +85,12 @@ def triton_inputs(sample: Sample, params: RequestParams, grpc_module) -> list:
         inputs.append(tensor("seed", "UINT64", np.array([params.seed], dtype=np.uint64)))
     if params.ignore_eos:
         inputs.append(tensor("min_tokens", "INT32", np.array([params.max_tokens], dtype=np.int32)))
+    if params.guide_type:
+        guide_type = np.array([params.guide_type.encode()], dtype=np.object_)
+        inputs.append(tensor("guided_decoding_guide_type", "BYTES", guide_type))
+        inputs.append(
+            tensor("guided_decoding_guide", "BYTES", np.array([params.guide.encode()], dtype=np.object_))
+        )
     return inputs
 
 
@@ -125,6 +148,8 @@ class TritonGrpcTarget:
                 if error is not None:
                     return timer.fail(str(error))
                 count = _scalar(result, "num_output_tokens")
+                if params.keep_text:
+                    timer.record.text += _scalar(result, "text_output") or ""
                 if count is None:  # no counts: one token per response with text
                     text = (_scalar(result, "text_output") or "") + (
                         _scalar(result, "reasoning_output") or ""
@@ -219,6 +244,22 @@ class OpenAITarget:
             body["seed"] = params.seed + next(self._request_counter)
         if params.ignore_eos:
             body["min_tokens"] = params.max_tokens
+        if params.guide_type == "json_schema":
+            schema = json.loads(params.guide)
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": str(schema.get("title") or "answer"),
+                    "schema": schema,
+                    "strict": True,
+                },
+            }
+        elif params.guide_type == "json":
+            body["response_format"] = {"type": "json_object"}
+        elif params.guide_type:
+            raise ValueError(
+                f"guide_type: {params.guide_type!r} has no response_format (json_schema or json)"
+            )
         return body
 
     async def send(self, sample: Sample, params: RequestParams) -> RequestRecord:
@@ -244,6 +285,8 @@ class OpenAITarget:
                     return timer.fail(err.get("message", str(err)) if isinstance(err, dict) else str(err))
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or {}
+                    if params.keep_text:
+                        timer.record.text += delta.get("content") or ""
                     if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
                         timer.tokens(new=1)
                     finish_reason = choice.get("finish_reason") or finish_reason
@@ -287,6 +330,9 @@ class TritonHttpTarget(OpenAITarget):
             body["seed"] = params.seed
         if params.ignore_eos:
             body["min_tokens"] = params.max_tokens
+        if params.guide_type:
+            body["guided_decoding_guide_type"] = params.guide_type
+            body["guided_decoding_guide"] = params.guide
         return body
 
     async def _stream(self, timer: StreamTimer, sample: Sample, params: RequestParams) -> RequestRecord:
@@ -300,6 +346,8 @@ class TritonHttpTarget(OpenAITarget):
                     return timer.fail(str(event["error"]))
                 count = event.get("num_output_tokens")
                 count = count[0] if isinstance(count, list) else count
+                if params.keep_text:
+                    timer.record.text += _first(event.get("text_output")) or ""
                 if count is None:
                     timer.tokens(new=1 if event.get("text_output") or event.get("reasoning_output") else 0)
                 else:

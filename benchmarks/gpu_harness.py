@@ -11,9 +11,11 @@ timeout keeps what was measured before it):
 3. ``build``     — ``glmv-build --preset dummy-full --device cuda --dtype bfloat16 --max-batch-size 128``.
 4. ``serve``     — Triton (system binary, or the one bundled in nvidia-pytriton) on that repository, then
    through the ensemble over gRPC streaming: TTFT of single 448×448 and 1288×728 requests, decode ms/token
-   at batch 1, throughput at 32 concurrent (448×448 like the baseline, and 1288×728), then 64 and 128
-   concurrent 1288×728 requests (128 tokens out) that must finish with no errors. ``--baseline-budget-s``
-   stays reserved for the next phase.
+   at batch 1, throughput at 32 concurrent (448×448 like the baseline, and 1288×728), guided decoding's cost
+   (``grammar_compile``: TTFT with a new, a cached and no JSON schema; ``structured_c32``: 32 concurrent
+   448×448 requests with a JSON schema on every one against the same without, benchmarks.structured), then
+   64 and 128 concurrent 1288×728 requests (128 tokens out) that must finish with no errors.
+   ``--baseline-budget-s`` stays reserved for the next phase.
 5. ``baseline``  — transformers ``generate()`` on the same shapes with random weights, after Triton has
    stopped, in a subprocess so its GPU memory is released (benchmarks.baseline_hf). When it cannot run,
    the ratios use the earlier measurement of ARCHITECTURE.md §4 for the same GPU kind, labelled as such.
@@ -120,7 +122,7 @@ def phase_env(record: dict) -> None:
         record["tritonclient"] = getattr(tritonclient, "__version__", "present")
     except Exception as exc:
         record["tritonclient"] = f"unusable: {exc}"
-    for name in ("grpc", "google.protobuf"):
+    for name in ("grpc", "google.protobuf", "xgrammar", "pydantic"):
         try:
             module = __import__(name, fromlist=["__version__"])
             record[name] = getattr(module, "__version__", "present")
@@ -415,6 +417,22 @@ async def serve_phases(
             f"turn_{t + 1}": {**_ttft_summary(recs), **cache_hits(recs)} for t, recs in enumerate(by_turn)
         }
 
+    async def grammar_compile():
+        from benchmarks import structured
+
+        problem = structured.guided_decoding_problem()
+        if problem:
+            return {"skipped": problem}
+        return await structured.compile_ttft(target, sizes["448"], repetitions=4, seed=70_000)
+
+    async def structured_c32():
+        from benchmarks import structured
+
+        problem = structured.guided_decoding_problem()
+        if problem:
+            return {"skipped": problem}
+        return await structured.throughput(target, sizes["448"], 32, 64, 15.0, seed=71_000, workers=workers)
+
     try:
         await sub("warmup", 60, warmup)
         await sub("ttft_448", 20, lambda: ttft("448"))
@@ -422,6 +440,8 @@ async def serve_phases(
         await sub("decode_b1", 30, decode_b1)
         await sub("c32_448", 40, throughput("448", 32, 128, 20.0))
         await sub("c32_1288", 40, throughput("1288", 32, 128, 25.0))
+        await sub("grammar_compile", 20, grammar_compile)
+        await sub("structured_c32", 50, structured_c32)
         await sub("followup_1288", 20, follow_up)
         await sub("reuse_c32_1288", 40, questions_per_image(32, 64, 4))
         await sub("conversation_1288", 20, chat)
@@ -486,6 +506,24 @@ def _ratio(a, b):
     return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
+def structured_figures(serve: dict) -> dict:
+    """Issue 18's figures from the ``structured_c32`` and ``grammar_compile`` sub-phases (None where one did
+    not run): output tok/s with a JSON schema on every request over without (target >= 0.9), the fraction of
+    guided answers that validate, and the TTFT that compiling a new schema and using a cached one add."""
+    run, compiled = serve.get("structured_c32") or {}, serve.get("grammar_compile") or {}
+    with_schema, without = run.get("with_schema") or {}, run.get("without_schema") or {}
+    return {
+        "tok_s_with_schema": with_schema.get("output_tok_s"),
+        "tok_s_without_schema": without.get("output_tok_s"),
+        "with_over_without": (run.get("ratio") or {}).get("output_tok_s"),
+        "target": run.get("target_ratio"),
+        "meets_target": run.get("meets_target"),
+        "valid_fraction": (with_schema.get("answers") or {}).get("valid_fraction"),
+        "compile_ttft_ms": compiled.get("compile_ms"),
+        "cached_schema_ttft_ms": compiled.get("cached_schema_ms"),
+    }
+
+
 def comparisons(doc: dict) -> dict:
     """ours / transformers and ours / roofline for TTFT, ms/token and batch-32 tok/s."""
     phases = doc["phases"]
@@ -524,6 +562,7 @@ def comparisons(doc: dict) -> dict:
         # < 1 is better for times, > 1 is better for tok/s
         "ours_over_transformers": {k: _ratio(ours.get(k), v) for k, v in hf.items()},
         "ours_over_roofline": {k: _ratio(ours.get(k), v) for k, v in floor.items()},
+        "structured": structured_figures(serve),
     }
 
 
@@ -600,6 +639,7 @@ def table(doc: dict) -> str:
                 f"{(run.get('ttft_ms') or {}).get('p50') or 0:.0f}/{(run.get('ttft_ms') or {}).get('p99') or 0:.0f} ms, ITL P50/P99 "
                 f"{itl.get('p50') or 0:.1f}/{itl.get('p99') or 0:.1f} ms, cache hit rate {run.get('cache_hit_rate')}"
             )
+    lines += _structured_lines(serve)
     follow = serve.get("followup_1288") or {}
     if "warm" in follow:
         lines.append(
@@ -623,6 +663,46 @@ def table(doc: dict) -> str:
         else:
             lines.append(f"{name}: {run.get('error') or run.get('skipped') or 'not run'}")
     return "\n".join(lines)
+
+
+def _structured_lines(serve: dict) -> list[str]:
+    def p(dist: dict) -> str:
+        return "/".join(
+            f"{dist.get(k):.1f}" if dist.get(k) is not None else "–" for k in ("p50", "p95", "p99")
+        )
+
+    lines = []
+    run = serve.get("structured_c32")
+    if run and "with_schema" in run:
+        with_schema, without = run["with_schema"], run["without_schema"]
+        answers = with_schema["answers"]
+        verdict = "met" if run["meets_target"] else "not met"
+        lines.append(
+            f"structured_c32 {run['image_size']}: with a schema {with_schema['rps']:.2f} req/s, "
+            f"{with_schema['output_tok_s']:.1f} tok/s; without (answers of {run['plain_tokens_per_answer']} tokens) "
+            f"{without['rps']:.2f} req/s, {without['output_tok_s']:.1f} tok/s; with/without tok/s "
+            f"{run['ratio']['output_tok_s']} (target >= {run['target_ratio']}: {verdict}); "
+            f"{answers['valid']}/{answers['requests']} answers valid ({answers['validator']})"
+        )
+        lines.append(
+            f"structured_c32 with/without: TTFT P50/P95/P99 {p(with_schema['ttft_ms'])} / {p(without['ttft_ms'])} ms, "
+            f"ITL P50/P95/P99 {p(with_schema['itl_ms'])} / {p(without['itl_ms'])} ms, "
+            f"errors {with_schema['errors']} / {without['errors']}"
+        )
+    elif run:
+        lines.append(f"structured_c32: {run.get('error') or run.get('skipped')}")
+    compiled = serve.get("grammar_compile")
+    if compiled and "new_schema" in compiled:
+        lines.append(
+            f"grammar_compile {compiled['image_size']}: TTFT P50/P95/P99 new schema "
+            f"{p(compiled['new_schema']['ttft_ms'])}, same schema {p(compiled['same_schema']['ttft_ms'])}, "
+            f"no schema {p(compiled['no_schema']['ttft_ms'])} ms; compiling adds {compiled['compile_ms']} ms, a "
+            f"cached schema {compiled['cached_schema_ms']} ms; the first guided request "
+            f"{compiled['first_guided_ttft_ms']} ms"
+        )
+    elif compiled:
+        lines.append(f"grammar_compile: {compiled.get('error') or compiled.get('skipped')}")
+    return lines
 
 
 def finalize(harness: Harness) -> None:
@@ -663,6 +743,31 @@ def finalize(harness: Harness) -> None:
     print(table(doc), flush=True)
 
 
+def install_llm_wheels(wheel_dir: Path) -> str:
+    """Make xgrammar (guided decoding) importable where the llm runs: the llm imports it inside Triton's
+    Python backend stubs, which see this interpreter's own site-packages but not PYTHONPATH. When it is not
+    there and ``wheel_dir`` (.whl/llm from benchmarks/fetch_wheels.sh) is, pip installs it from there, with
+    what it needs that is missing or too old. Returns what was found or done."""
+    import importlib
+    import site
+
+    def in_site_packages() -> bool:
+        return any((Path(p) / "xgrammar" / "__init__.py").is_file() for p in site.getsitepackages())
+
+    if in_site_packages():
+        return "xgrammar already in site-packages"
+    if not wheel_dir.is_dir():
+        return f"xgrammar not in site-packages and no {wheel_dir}: guided decoding cannot be measured"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheel_dir),
+           "--no-compile", "--no-cache-dir", "xgrammar"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # into the environment, not the --target
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    importlib.invalidate_caches()
+    if proc.returncode != 0 or not in_site_packages():
+        return f"pip install from {wheel_dir} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+    return f"installed from {wheel_dir}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_harness", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_harness_out")))
@@ -681,8 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         "--serve-phases",
         default="",
         help="comma list of serve sub-phases to run (default: all): ttft_448, ttft_1288, decode_b1, c32_448, "
-        "c32_1288, followup_1288, reuse_c32_1288, conversation_1288, poisson_5, poisson_9, large_images, "
-        "c64_1288, c128_1288",
+        "c32_1288, grammar_compile, structured_c32, followup_1288, reuse_c32_1288, conversation_1288, poisson_5, "
+        "poisson_9, large_images, c64_1288, c128_1288",
     )
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -693,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     if stub_numpy and not os.environ.get("GLMV_STUB_NUMPY_WHEEL"):
         os.environ["GLMV_STUB_NUMPY_WHEEL"] = str(stub_numpy[-1])
         harness.log(f"GLMV_STUB_NUMPY_WHEEL={stub_numpy[-1]}")
+    harness.doc["meta"]["llm_wheels"] = install_llm_wheels(REPO_ROOT / ".whl" / "llm")
+    harness.log(f"llm wheels: {harness.doc['meta']['llm_wheels']}")
     work = Path(tempfile.mkdtemp(prefix="glmv-harness-"))
     try:
         with harness.phase("env", 0) as rec:

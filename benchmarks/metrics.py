@@ -40,6 +40,7 @@ class RequestRecord:
     pre_llm_s: float | None = None
     start_wall_ns: int = 0  # time.time_ns() at send
     error: str | None = None
+    text: str = ""  # the answer's text, kept only when RequestParams.keep_text (benchmarks.clients)
 
     @property
     def is_ok(self) -> bool:
