@@ -1,38 +1,51 @@
 #!/usr/bin/env bash
-# The next GPU measurements in one device call (at most 600 s), in priority order, each with its own limit:
-#   1. the end-to-end harness with the prefix and image caches on (every serve sub-phase, no transformers
-#      baseline);
-#   2. the same engine with both caches off, on the sub-phases the caches change (unique images, follow-up
-#      TTFT, 4 questions per image, a 4-turn conversation);
-#   3. benchmarks.ttft_probe (the engine alone: first steps, a follow-up question, large images, chunked
-#      prefill), then every other GPU-marked engine test, while time is left.
-# Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh and a
-# numpy 1.x wheel under .whl/stub/):
-#   OUT=/some/dir GLMV_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
-# Results land under $OUT (cache_on/, cache_off/ and ttft/ packed into gpu_session.tar.gz); the multi-GPU
-# run needs a machine of its own (benchmarks/multi_gpu.py).
+# The next GPU measurements, as two device calls of at most 600 s each (PART=1, then PART=2), each step with
+# its own limit, in priority order:
+#   PART=1  the end-to-end harness (every serve sub-phase, the structured-output ones included; no
+#           transformers baseline), then every GPU-marked engine test, then benchmarks.ttft_probe while
+#           time is left;
+#   PART=2  benchmarks.soak on the full-size shape (mixed load, cancellations and bad input through the
+#           gateway and Triton; RSS over time), then the harness with the prefix and image caches off on the
+#           sub-phases the caches change, while time is left.
+# Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
+#   OUT=/some/dir GLMV_COMMIT=$(git rev-parse --short HEAD) PART=1 bash benchmarks/gpu_session.sh
+# Results land under $OUT (packed into gpu_session.tar.gz beside the short texts); the multi-GPU run needs a
+# machine of its own (benchmarks/multi_gpu.py).
 set -u
 OUT=${OUT:-gpu_session_out}
+PART=${PART:-1}
 mkdir -p "$OUT"
 started=$(date +%s)
 left() { echo $((${SESSION_S:-575} - ($(date +%s) - started))); }  # SESSION_S: this script's share of the call
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 stub=$(find "$PWD/.whl/stub" -name 'numpy-1*.whl' | sort | tail -n 1)
 export PYTHONPATH=/tmp/site GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBUFFERED=1
+# guided decoding inside the llm (Triton's Python stubs ignore PYTHONPATH) and pydantic for the gateway
+python3 -c 'import xgrammar' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/llm \
+  --no-compile --no-cache-dir xgrammar==0.2.8
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
-timeout 250 python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline --budget-s 240 \
-  --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c=\|^\[rate='
-pkill -f tritonserver; sleep 3  # a server that did not stop in time must not hold the GPU for the next
-timeout 130 python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline --budget-s 125 \
-  --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
-  --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
-if [ "$(left)" -gt 40 ]; then
-  timeout "$(left)" python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b'
-fi
-if [ "$(left)" -gt 30 ]; then
-  timeout "$(left)" python3 -m pytest -q -m gpu tests/engine >"$OUT/pytest_gpu.txt" 2>&1
-  tail -n 3 "$OUT/pytest_gpu.txt"
+if [ "$PART" = 1 ]; then
+  timeout 330 python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline --budget-s 320 \
+    --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c=\|^\[rate='
+  pkill -f tritonserver; sleep 3  # a server that did not stop in time must not hold the GPU for the next
+  if [ "$(left)" -gt 60 ]; then
+    timeout $(($(left) - 30)) python3 -m pytest -q -m gpu tests/engine >"$OUT/pytest_gpu.txt" 2>&1
+    tail -n 3 "$OUT/pytest_gpu.txt"
+  fi
+  if [ "$(left)" -gt 40 ]; then
+    timeout "$(left)" python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b'
+  fi
+else
+  timeout 400 python3 -m benchmarks.soak --minutes 5 --preset dummy-full --device cuda --concurrency 32 \
+    --max-tokens 64 --engine-args "--max-batch-size 128" --out "$OUT/soak" 2>&1 | tail -n 40
+  pkill -f tritonserver; pkill -f "python3 -m gateway"; sleep 3
+  if [ "$(left)" -gt 100 ]; then
+    timeout $(($(left) - 5)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
+      --budget-s $(($(left) - 15)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
+      --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
+  fi
 fi
 # One archive of everything written above, beside the short texts.
-tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" cache_on cache_off ttft 2>/dev/null
-rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft"
+tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d cache_on cache_off ttft soak 2>/dev/null)
+rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak"

@@ -408,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
             log_file=out_dir / "triton.log",
         ) as triton:
             port = free_port()
-            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            }
             gateway = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "--triton-url", triton.grpc_url, "--port", str(port)],
                 cwd=REPO_ROOT,
