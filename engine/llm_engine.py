@@ -48,7 +48,7 @@ from engine.core.stats import EngineStats
 from engine.processing.input_processor import InputProcessor
 from engine.processing.output_processor import OutputProcessor
 from engine.request import GenerationRequest, RequestOutput
-from engine.runner.model_runner import ModelRunner, load_model, num_kv_blocks, quantize_if_asked
+from engine.runner.model_runner import ModelRunner, load_model, num_kv_blocks, prepare_model
 from engine.sample.sampler import Sampler, SamplingParams
 from engine.sample.structured import GrammarCompiler
 
@@ -78,9 +78,8 @@ class LLMEngine:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         if model is None:
-            model = load_model(model_config, engine_config, device, weights_dir, enforce_eager)
-        else:
-            quantize_if_asked(model, engine_config)
+            model = load_model(model_config, engine_config, device, weights_dir)
+        prepare_model(model, engine_config, device, enforce_eager)
         self.model = model
         block_size = engine_config.block_size
         num_blocks = num_kv_blocks(

@@ -10,6 +10,9 @@ Contract:
 * Every parameter (every row range of a fused one) must be filled exactly once and every checkpoint
   tensor must be used; otherwise ValueError listing the missing and unexpected keys. A tied lm_head may be
   absent from the checkpoint.
+* `load_weights(module, path, prefix="visual.")` loads one part of the model on its own (the ViT for the
+  vision_encoder model): `module`'s parameters are named without the prefix, only the checkpoint tensors
+  under it are read, and the same checks hold within the part.
 * `init_dummy_weights(model, seed)` fills every parameter on its own device: norms (1-D weights whose name
   contains "norm") 1, other biases 0, everything else N(0, 0.02). Same seed and device -> same weights.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -54,12 +57,16 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
 
-def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, CPU tensor) for every tensor, one shard and one tensor at a time."""
+def iter_checkpoint(
+    path: str | Path, keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, CPU tensor) for every tensor (every one whose key `keep` accepts), one shard and one tensor
+    at a time; the others are not read."""
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as shard:
             for key in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield key, shard.get_tensor(key)
+                if keep is None or keep(key):
+                    yield key, shard.get_tensor(key)
 
 
 def hf_to_param_name(hf_key: str) -> tuple[str, int | None]:
@@ -85,9 +92,10 @@ def _shard_rows(model: nn.Module, param_name: str, shard: int) -> tuple[int, int
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy the checkpoint at `path` into `model`'s parameters (see the module contract)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> None:
+    """Copy the checkpoint at `path` into `model`'s parameters (see the module contract); with `prefix`,
+    `model` is the part of the whole model under it (e.g. "visual.": a VisionEncoder)."""
+    params = {prefix + name: param for name, param in model.named_parameters(remove_duplicate=False)}
     expected: set[tuple[str, int | None]] = set()
     for name in params:
         if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
@@ -103,7 +111,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     loaded: set[tuple[str, int | None]] = set()
     unexpected: list[str] = []
     shape_errors: list[str] = []
-    for hf_key, tensor in iter_checkpoint(path):
+    for hf_key, tensor in iter_checkpoint(path, lambda key: hf_to_param_name(key)[0].startswith(prefix)):
         name, shard = hf_to_param_name(hf_key)
         if tied and name == "lm_head.weight":
             continue
@@ -111,7 +119,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             unexpected.append(hf_key)
             continue
         param = params[name]
-        target = param.data if shard is None else param.data[slice(*_shard_rows(model, name, shard))]
+        target = param.data
+        if shard is not None:
+            target = target[slice(*_shard_rows(model, name.removeprefix(prefix), shard))]
         if target.shape != tensor.shape:
             shape_errors.append(f"{hf_key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
             continue

@@ -105,38 +105,36 @@ def load_model(
     engine_config: EngineConfig,
     device: torch.device,
     weights_dir: str | Path | None = None,
-    enforce_eager: bool = False,
 ) -> torch.nn.Module:
     """The model on ``device``: the checkpoint's weights (``weights_dir``; None: random weights of the
-    config's shape), its decoder's linear layers quantized to FP8 when the engine config asks, and the ViT's
-    CUDA graphs turned on (CUDA, unless ``enforce_eager``). Call before sizing the KV cache: the memory
-    freed by FP8 goes to the cache."""
+    config's shape)."""
     from engine.model.decoder import Glm4vModel
 
     if weights_dir is None:
-        model = Glm4vModel.dummy(model_config, device, engine_config.dtype, engine_config.seed)
-    else:
-        model = Glm4vModel.from_pretrained(weights_dir, device, engine_config.dtype, model_config)
-    quantize_if_asked(model, engine_config)
+        return Glm4vModel.dummy(model_config, device, engine_config.dtype, engine_config.seed)
+    return Glm4vModel.from_pretrained(weights_dir, device, engine_config.dtype, model_config)
+
+
+def prepare_model(
+    model: torch.nn.Module, engine_config: EngineConfig, device: torch.device, enforce_eager: bool = False
+) -> None:
+    """Make a loaded model (or one a caller gives) what the engine config asks, in place: the decoder's
+    linear layers in FP8 (``quantization``; FP8 layers already there are kept) and the ViT's CUDA graphs on
+    (``vision_cuda_graphs``, on CUDA, unless ``enforce_eager``). Call before sizing the KV cache: the memory
+    freed by FP8 goes to the cache."""
+    if engine_config.quantization == "fp8":
+        from engine.model.quant import quantize_decoder_fp8_, weight_bytes
+
+        before = weight_bytes(model)
+        swapped = quantize_decoder_fp8_(model)
+        logger.info(
+            "[glm-engine] fp8: %d decoder linear layers quantized; weights %.2f GB -> %.2f GB",
+            swapped,
+            before / 1e9,
+            weight_bytes(model) / 1e9,
+        )
     if engine_config.vision_cuda_graphs and device.type == "cuda" and not enforce_eager:
         model.visual.enable_cuda_graphs(max_patches=max(16384, engine_config.max_num_vision_patches))
-    return model
-
-
-def quantize_if_asked(model: torch.nn.Module, engine_config: EngineConfig) -> None:
-    """Quantize the decoder's linear layers to FP8 in place when ``engine_config.quantization`` says so."""
-    if engine_config.quantization != "fp8":
-        return
-    from engine.model.quant import quantize_decoder_fp8_, weight_bytes
-
-    before = weight_bytes(model)
-    swapped = quantize_decoder_fp8_(model)  # FP8 layers already there are kept
-    logger.info(
-        "[glm-engine] fp8: %d decoder linear layers quantized; weights %.2f GB -> %.2f GB",
-        swapped,
-        before / 1e9,
-        weight_bytes(model) / 1e9,
-    )
 
 
 class ModelRunner:
