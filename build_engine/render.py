@@ -2,7 +2,10 @@
 
 `render_template(text, values, source)` substitutes with `string.Template`; a placeholder without a value
 is an error naming it and the file. `render_repository(template_dir, out_dir, values)` copies each model
-folder (`config.pbtxt` rendered, everything else copied as is) into `out_dir`.
+folder (`config.pbtxt` rendered, everything else copied as is) into `out_dir`, and the helpers the Python
+models share (`common/*.py`) into each Python model's version folder, beside its `model.py` (the stub
+imports model.py as `1.model`, so it imports them as `.name`). `common/` itself is not copied: Triton
+would take any folder at the top of the repository for a model.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
+    "COMMON_DIR",
     "MODEL_NAMES",
     "TEMPLATE_DIR",
     "RenderError",
@@ -22,6 +26,7 @@ __all__ = [
 ]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_repository"
+COMMON_DIR = "common"  # under the template dir: modules copied beside every Python model's model.py
 MODEL_NAMES = ("ensemble", "ensemble_sync", "preprocessing", "vision_encoder", "llm", "postprocessing")
 
 
@@ -58,6 +63,7 @@ def render_repository(
     """Write the rendered repository to `out_dir` (which must not exist yet)."""
     template_dir, out_dir = Path(template_dir), Path(out_dir)
     out_dir.mkdir(parents=True)
+    common = sorted((template_dir / COMMON_DIR).glob("*.py"))
     for name in models:
         src = template_dir / name
         if not (src / "config.pbtxt").is_file():
@@ -65,6 +71,9 @@ def render_repository(
         shutil.copytree(src, out_dir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         # Every model needs its version folder; the ensemble's is empty, which git does not keep.
         (out_dir / name / "1").mkdir(exist_ok=True)
+        if (out_dir / name / "1" / "model.py").is_file():
+            for module in common:
+                shutil.copy2(module, out_dir / name / "1" / module.name)
         config = out_dir / name / "config.pbtxt"
         config.write_text(render_template(config.read_text(), values, str(src / "config.pbtxt")))
     return out_dir

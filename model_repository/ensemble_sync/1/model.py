@@ -19,23 +19,19 @@ Contract:
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def _param(config: dict, key: str, default: str) -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
-    return default if (not value or value.startswith("${")) else value
+from .triton_model import setup_model  # common/, copied by glmv-build
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        self.target_model = _param(config, "target_model", "ensemble")
-        num_threads = int(_param(config, "max_requests_in_flight", "512"))
+        parameters = setup_model(args)
+        self.target_model = parameters.get("target_model", "ensemble")
+        num_threads = parameters.get_int("max_requests_in_flight", 512)
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ensemble_sync")
 
     def execute(self, requests: list) -> None:

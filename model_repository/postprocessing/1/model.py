@@ -20,13 +20,12 @@ and always on a stream's first and final response.
 from __future__ import annotations
 
 import collections
-import json
-import os
-import sys
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from .triton_model import setup_model  # common/, copied by glmv-build
 
 PASS_THROUGH = ("text_output", "reasoning_output", "finish_reason")
 PASS_THROUGH_INT = (
@@ -37,11 +36,6 @@ PASS_THROUGH_INT = (
     ("first_token_time_ns", np.int64),
     ("last_token_time_ns", np.int64),
 )
-
-
-def _param(config: dict, key: str, default: str = "") -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
-    return default if (not value or value.startswith("${")) else value
 
 
 def _bytes_tensor(name: str, value: bytes) -> pb_utils.Tensor:
@@ -59,23 +53,24 @@ def _logprob_tensors(inputs: dict) -> list:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        python_path = _param(config, "python_path")
-        if python_path and os.path.isdir(python_path) and python_path not in sys.path:
-            sys.path.insert(0, python_path)
-        self.engine_dir = _param(config, "engine_dir")
+        parameters = setup_model(args)
+        self.engine_dir = parameters.get("engine_dir")
         self.tokenizer = None  # loaded on the first id-only response
-        self.llm_model_name = _param(config, "llm_model_name", "llm")
+        self.llm_model_name = parameters.get("llm_model_name", "llm")
         self.stopped_keys: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self.check_period_s = float(_param(config, "cancellation_check_period_ms", "10")) / 1000.0
+        self.check_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
         # request_key -> when is_cancelled() was last asked for that stream (oldest first)
         self.last_checks: collections.OrderedDict[bytes, float] = collections.OrderedDict()
 
     def _decode(self, ids: list[int]) -> tuple[str, str]:
         if self.tokenizer is None:
-            from tokenizers import Tokenizer
+            # imported here: the engine (and torch under it) loads only if a TensorRT-LLM backend sends ids
+            from engine.config import EngineDir
 
-            self.tokenizer = Tokenizer.from_file(os.path.join(self.engine_dir, "tokenizer.json"))
+            engine_dir = EngineDir.open(self.engine_dir)
+            self.tokenizer = engine_dir.tokenizer()
+            if self.tokenizer is None:
+                raise FileNotFoundError(f"tokenizer.json not found in {engine_dir.path}")
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         reasoning = ""
         if "</think>" in text:
@@ -156,31 +151,26 @@ class TritonPythonModel:
                 out.append(tensor if tensor is not None else pb_utils.Tensor(name, np.zeros(1, dtype)))
             return out + _logprob_tensors(inputs)
 
+        # ids only (a TensorRT-LLM backend): decoded here
         def get(name: str):
             tensor = inputs.get(name)
             return None if tensor is None else tensor.as_numpy().reshape(-1)
 
-        text, reasoning, finish = get("text_output"), get("reasoning_output"), get("finish_reason")
-        out = []
-        if text is not None:
-            out.append(_bytes_tensor("text_output", bytes(text[0])))
-            out.append(
-                _bytes_tensor("reasoning_output", bytes(reasoning[0]) if reasoning is not None else b"")
-            )
-        else:
-            ids = get("output_ids")
-            length = get("sequence_length")
-            ids = [] if ids is None else ids.tolist()
-            if length is not None:
-                ids = ids[: int(length[0])]
-            decoded, decoded_reasoning = self._decode([i for i in ids if i >= 0])
-            out.append(_bytes_tensor("text_output", decoded.encode()))
-            out.append(_bytes_tensor("reasoning_output", decoded_reasoning.encode()))
-        out.append(_bytes_tensor("finish_reason", bytes(finish[0]) if finish is not None else b""))
+        ids = get("output_ids")
+        length = get("sequence_length")
+        ids = [] if ids is None else ids.tolist()
+        if length is not None:
+            ids = ids[: int(length[0])]
+        text, reasoning = self._decode([i for i in ids if i >= 0])
+        finish = get("finish_reason")
+        out = [
+            _bytes_tensor("text_output", text.encode()),
+            _bytes_tensor("reasoning_output", reasoning.encode()),
+            _bytes_tensor("finish_reason", bytes(finish[0]) if finish is not None else b""),
+        ]
         for name, dtype in PASS_THROUGH_INT:
             value = get(name)
             if value is None and name == "num_output_tokens":
-                length = get("sequence_length")
                 value = length if length is not None else np.zeros(1)
             out.append(pb_utils.Tensor(name, np.array([0 if value is None else value[0]], dtype=dtype)))
         return out + _logprob_tensors(inputs)

@@ -6,22 +6,16 @@ keeps serving. Exports `glmv_preprocess_latency_seconds` (histogram) and error c
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import sys
 import time
 import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .triton_model import setup_model  # common/, copied by glmv-build
+
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
-
-
-def _param(config: dict, key: str, default: str = "") -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
-    return default if value.startswith("${") else value
 
 
 def _scalar(request, name: str):
@@ -48,22 +42,19 @@ def _text(request, name: str) -> str:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        python_path = _param(config, "python_path")
-        if python_path and os.path.isdir(python_path) and python_path not in sys.path:
-            sys.path.insert(0, python_path)
+        parameters = setup_model(args)
+        from engine.config import EngineDir
+        from engine.processing.input_bounds import TEXT_INPUTS, InputBounds
         from engine.processing.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
 
         self.InputError = InputError
         self.validate_sampling = validate_sampling
-        engine_dir = _param(config, "engine_dir")
+        engine_dir = EngineDir.open(parameters.get("engine_dir"))
         self.limits = PreprocessLimits.from_engine_dir(engine_dir)
-        from engine.processing.input_bounds import TEXT_INPUTS, InputBounds
-
         self.bounded_inputs = (*TEXT_INPUTS, "image_input")
         self.bounds = InputBounds.from_limits(self.limits)
-        self.preprocessor = Preprocessor(engine_dir, self.limits)
-        self.default_max_tokens = int(_param(config, "default_max_tokens", "256") or 256)
+        self.preprocessor = Preprocessor(engine_dir.path, self.limits)
+        self.default_max_tokens = parameters.get_int("default_max_tokens", 256)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         # The families must outlive their metrics: keep references on self.
         self.latency_family = pb_utils.MetricFamily(

@@ -4,97 +4,52 @@ Each request brings pixel_values [1, N_r, 1176] and image_grid_thw [1, n_r, 3] (
 patches of all requests are concatenated, encoded by one `VisionEncoder.encode` call (in chunks of at most
 `max_num_vision_patches` patches, whole images per chunk), and split back: request r gets
 prompt_embedding_table [1, N_r / merge**2, hidden] (an empty [1, 0, hidden] table without images).
-Only the `model.visual.*` weights are loaded.
+Only the `model.visual.*` weights are read (`engine.model.weights.load_weights(..., prefix="visual.")`: the
+same checks as the whole model's load); a dummy engine gets the random weights of its seed.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def _param(config: dict, key: str, default: str = "") -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
-    return default if value.startswith("${") else value
+from .triton_model import gpu_instance_device, limit_cpu_threads, setup_model  # common/, copied by glmv-build
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        python_path = _param(config, "python_path")
-        if python_path and os.path.isdir(python_path) and python_path not in sys.path:
-            sys.path.insert(0, python_path)
+        parameters = setup_model(args)
         import torch
 
-        from engine.config import EngineConfig, ModelConfig
+        from engine.config import EngineDir
+        from engine.model.vision import VisionEncoder
+        from engine.model.weights import init_dummy_weights, load_weights
 
-        engine_dir = _param(config, "engine_dir")
-        raw = json.loads(open(os.path.join(engine_dir, "engine_config.json")).read())
-        engine_config = EngineConfig.from_dict(raw.get("engine", {}))
-        self.model_config = ModelConfig.from_pretrained(engine_dir)
-        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
-            self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
-            torch.cuda.set_device(self.device)
+        engine_dir = EngineDir.open(parameters.get("engine_dir"))
+        engine_config = engine_dir.engine_config()
+        model_config = engine_dir.model_config()
+        device_index = gpu_instance_device(args)
+        if device_index is not None:
+            self.device = torch.device(f"cuda:{device_index}")
         elif engine_config.device.startswith("cuda") and torch.cuda.is_available():
             self.device = torch.device(engine_config.device)
         else:
             self.device = torch.device("cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+            limit_cpu_threads()
         self.dtype = engine_config.torch_dtype
-        is_dummy = bool(raw.get("dummy", raw.get("build", {}).get("dummy", False)))
-        self.encoder = self._load(engine_dir, is_dummy, engine_config.seed)
-        self.hidden_size = self.model_config.hidden_size
-        self.merge = self.model_config.vision_config.spatial_merge_size
-        self.max_patches = int(
-            _param(config, "max_num_vision_patches", "") or engine_config.max_num_vision_patches
-        )
-
-    def _load(self, engine_dir: str, is_dummy: bool, seed: int):
-        import torch
-        from torch import nn
-
-        from engine.model.vision import VisionEncoder
-        from engine.model.weights import hf_to_param_name, init_dummy_weights, iter_checkpoint
-
-        class VisualOnly(nn.Module):  # same parameter names and order as Glm4vModel's visual part
-            def __init__(self) -> None:
-                super().__init__()
-                self.visual = VisionEncoder(self.model_config_vision)
-
-        VisualOnly.model_config_vision = self.model_config.vision_config
         with torch.device("meta"):
-            holder = VisualOnly()
-        holder = holder.to(self.dtype).to_empty(device=self.device).eval().requires_grad_(False)
-        if is_dummy:
-            init_dummy_weights(holder, seed)
-            return holder.visual
-        params = dict(holder.named_parameters())
-        filled: set[tuple[str, int | None]] = set()
-        with torch.no_grad():
-            for key, tensor in iter_checkpoint(engine_dir):
-                name, shard = hf_to_param_name(key)
-                if not name.startswith("visual."):
-                    continue
-                if name not in params:
-                    raise ValueError(f"checkpoint key {key} has no vision encoder parameter")
-                target = params[name].data
-                if shard is not None:  # fused gate_up: gate rows first, then up
-                    half = target.shape[0] // 2
-                    target = target[shard * half : (shard + 1) * half]
-                target.copy_(tensor)
-                filled.add((name, shard))
-        missing = [n for n in params if not any(f[0] == n for f in filled)]
-        if missing:
-            raise ValueError(f"vision weights missing from {engine_dir}: {missing[:10]}")
-        return holder.visual
+            encoder = VisionEncoder(model_config.vision_config)
+        self.encoder = encoder.to(self.dtype).to_empty(device=self.device).eval().requires_grad_(False)
+        if engine_dir.weights_dir is None:
+            init_dummy_weights(self.encoder, engine_config.seed)
+        else:
+            load_weights(self.encoder, engine_dir.weights_dir, prefix="visual.")
+        self.hidden_size = model_config.hidden_size
+        self.merge = model_config.vision_config.spatial_merge_size
+        self.max_patches = parameters.get_int("max_num_vision_patches", engine_config.max_num_vision_patches)
 
     def execute(self, requests):
-
         pixel_chunks, grids, counts = [], [], []
         responses: list = [None] * len(requests)
         for i, request in enumerate(requests):

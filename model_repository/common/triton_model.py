@@ -1,0 +1,90 @@
+"""What every glmv Python model does first, in one place; `glmv-build` copies this file into each Python
+model's version folder, beside its model.py, which imports it as `from .triton_model import ...` (the
+stub imports model.py as `<version>.model`).
+
+Contract:
+* `setup_model(args)` parses `args["model_config"]`, puts the `python_path` parameter (the project root,
+  where `engine` lives) first on sys.path when it names a directory, and returns the `ModelParameters`.
+  Call it before importing anything from the project.
+* A parameter has one meaning in every model: missing, empty or still an unrendered `${placeholder}`
+  means "use the default". `get_int` / `get_float` raise ValueError naming the parameter for a value that
+  is not a number.
+* `gpu_instance_device(args)`: for a KIND_GPU instance the CUDA device index, made the current device
+  (CUDA graphs, streams and default allocations follow it); None for a KIND_CPU instance.
+* `limit_cpu_threads()`: torch on at most 4 threads; every model stub on the host shares its cores.
+
+This module imports neither Triton nor torch at import time (torch only inside the functions that need it),
+so it loads in the lightest model and in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ModelParameters", "gpu_instance_device", "limit_cpu_threads", "setup_model"]
+
+
+@dataclass(frozen=True)
+class ModelParameters:
+    """The `parameters` of a model's config.pbtxt (string values)."""
+
+    config: dict[str, Any]
+    """The parsed model config (args["model_config"])."""
+
+    @classmethod
+    def from_model_config(cls, model_config: str | dict[str, Any]) -> ModelParameters:
+        return cls(json.loads(model_config) if isinstance(model_config, str) else model_config)
+
+    def get(self, key: str, default: str = "") -> str:
+        """The parameter's string value; `default` when it is missing, empty or an unrendered `${...}`."""
+        value = self.config.get("parameters", {}).get(key, {}).get("string_value", "")
+        return default if not value or value.startswith("${") else value
+
+    def get_int(self, key: str, default: int) -> int:
+        value = self.get(key)
+        if not value:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key}: parameter {value!r} is not an integer") from None
+
+    def get_float(self, key: str, default: float) -> float:
+        value = self.get(key)
+        if not value:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key}: parameter {value!r} is not a number") from None
+
+
+def setup_model(args: dict[str, Any]) -> ModelParameters:
+    """The model's parameters, with `python_path` first on sys.path (see the module contract)."""
+    parameters = ModelParameters.from_model_config(args["model_config"])
+    python_path = parameters.get("python_path")
+    if python_path and os.path.isdir(python_path) and python_path not in sys.path:
+        sys.path.insert(0, python_path)
+    return parameters
+
+
+def gpu_instance_device(args: dict[str, Any]) -> int | None:
+    """The CUDA device index of a KIND_GPU instance, made the current device; None for a CPU instance."""
+    if args.get("model_instance_kind") != "GPU":
+        return None
+    import torch
+
+    index = int(args["model_instance_device_id"])
+    torch.cuda.set_device(index)
+    return index
+
+
+def limit_cpu_threads() -> None:
+    """At most 4 torch threads: every model stub on the host shares its cores."""
+    import torch
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))

@@ -1,0 +1,273 @@
+"""Triton request → engine request, and the llm's per-request state.
+
+Contract:
+* Inputs carry TensorRT-LLM's names (config.pbtxt). `parse_request` raises ValueError naming the input for
+  a bad one (the model answers INVALID_ARG with that message); the engine's own checks run in
+  `LLMEngine.add_request`.
+* `request_key(request)` is the id a `stop` request cancels by: the `request_key` input (set by
+  preprocessing), else the Triton request id, else "".
+* `RequestTable` holds the requests in flight by engine id and by that key; it is shared by the execute,
+  sender and cancellation threads (its own lock). A `RequestState`'s fields are written by the sender
+  thread only, except `is_cancelled` / `last_cancel_check` (the cancellation thread).
+* The engine is imported inside the functions that use it: it is importable once `setup_model` has put
+  `python_path` on sys.path, after this module is imported.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+if TYPE_CHECKING:
+    from engine.request import GenerationRequest
+    from engine.sample.sampler import SamplingParams
+    from engine.sample.structured import Guide
+
+
+def _tensor(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _scalar(request, name: str, default=None):
+    """The input's first value (a Python scalar or bytes), or `default` when it is missing or empty."""
+    array = _tensor(request, name)
+    if array is None or array.size == 0:
+        return default
+    value = array.reshape(-1)[0]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _text(request, name: str) -> str:
+    value = _scalar(request, name, b"")
+    return (value if isinstance(value, bytes) else str(value).encode()).decode("utf-8", errors="replace")
+
+
+def request_key(request) -> str:
+    key = _scalar(request, "request_key")
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", errors="replace")
+    return key or request.request_id() or ""
+
+
+def is_stop(request) -> bool:
+    return bool(_scalar(request, "stop", False))
+
+
+@dataclass
+class RequestState:
+    engine_id: str
+    triton_id: str  # request_key(): what `stop` finds it by
+    sender: object
+    is_streaming: bool
+    exclude_input: bool
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    last_token_time: float | None = None
+    is_cancelled: bool = False
+    has_first_token: bool = False
+    is_done: bool = False  # the final response is sent: the sender must not be touched again
+    held: list = field(default_factory=list)  # streamed outputs not sent yet (merged into the next response)
+    # Output tensors that stay the same for every response of the request, made once: building a
+    # pb_utils.Tensor is most of a response's cost, and one already in shared memory is not copied again.
+    fixed_tensors: list = field(default_factory=list)
+    first_token_tensor: object = None
+    last_cancel_check: float = 0.0  # time.monotonic() of the last is_cancelled() asked for it
+    logprobs: list = field(default_factory=list)  # (logprob, top) of each output token (non-streaming)
+
+    def add_output(self, output) -> tuple[float | None, float | None]:
+        """Take in one (possibly coalesced) engine output. Returns (seconds from arrival to the first token,
+        seconds per token since the previous output), each None when this output gives none."""
+        ttft = itl = None
+        new_tokens = output.new_token_ids
+        if new_tokens:
+            if not self.has_first_token and output.first_token_time is not None:
+                self.has_first_token = True
+                ttft = max(0.0, output.first_token_time - output.arrival_time)
+            elif self.last_token_time is not None and output.last_token_time is not None:
+                itl = max(0.0, output.last_token_time - self.last_token_time) / len(new_tokens)
+            self.last_token_time = output.last_token_time
+        self.output_ids.extend(new_tokens)
+        if output.logprobs is not None and not self.is_streaming:
+            self.logprobs.extend(output.logprobs)
+        self.text.append(output.text)
+        self.reasoning.append(output.reasoning)
+        return ttft, itl
+
+
+class RequestTable:
+    """The requests in flight, by engine id and by `request_key` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[str, RequestState] = {}
+        self._engine_ids: dict[str, set[str]] = {}  # triton_id -> engine ids
+
+    def add(self, state: RequestState) -> None:
+        with self._lock:
+            self._states[state.engine_id] = state
+            if state.triton_id:
+                self._engine_ids.setdefault(state.triton_id, set()).add(state.engine_id)
+
+    def get(self, engine_id: str) -> RequestState | None:
+        with self._lock:
+            return self._states.get(engine_id)
+
+    def forget(self, state: RequestState) -> None:
+        with self._lock:
+            self._states.pop(state.engine_id, None)
+            ids = self._engine_ids.get(state.triton_id)
+            if ids is not None:
+                ids.discard(state.engine_id)
+                if not ids:
+                    del self._engine_ids[state.triton_id]
+
+    def engine_ids(self, triton_id: str) -> list[str]:
+        with self._lock:
+            return list(self._engine_ids.get(triton_id, ()))
+
+    def num_active(self) -> int:
+        with self._lock:
+            return len(self._states)
+
+    def num_streaming(self) -> int:
+        with self._lock:
+            return sum(1 for s in self._states.values() if s.is_streaming)
+
+    def not_cancelled(self) -> list[RequestState]:
+        with self._lock:
+            return [s for s in self._states.values() if not s.is_cancelled]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
+            self._engine_ids.clear()
+
+
+def parse_request(
+    request, sender, triton_id: str, has_tokenizer: bool
+) -> tuple[GenerationRequest, RequestState]:
+    """The engine request (under a fresh engine id) and its state; ValueError naming a bad input."""
+    from engine.request import GenerationRequest
+
+    input_ids = _tensor(request, "input_ids")
+    if input_ids is None:
+        raise ValueError("input_ids: missing")
+    prompt = input_ids.reshape(-1).astype(np.int64)
+    input_length = _scalar(request, "input_lengths")
+    if input_length is not None:
+        if not 0 < input_length <= prompt.size:
+            raise ValueError(f"input_lengths: {input_length} must be in [1, {prompt.size}] (len(input_ids))")
+        prompt = prompt[: int(input_length)]
+    sampling = _sampling(request)
+    image_rgb, image_grid_thw, image_embeds = _images(request)
+    positions = _tensor(request, "mrope_positions")
+    mrope_positions = None
+    if positions is not None and positions.size:
+        mrope_positions = torch.from_numpy(np.ascontiguousarray(positions.reshape(3, -1), dtype=np.int64))
+    stop_words = _tensor(request, "stop_words")
+    stop_strings = tuple(
+        (w if isinstance(w, bytes) else str(w).encode()).decode("utf-8", errors="replace")
+        for w in ([] if stop_words is None else stop_words.reshape(-1))
+    )
+    stop_strings = tuple(s for s in stop_strings if s)
+    engine_id = uuid.uuid4().hex
+    generation_request = GenerationRequest(
+        request_id=engine_id,
+        prompt_token_ids=prompt.tolist(),
+        sampling=sampling,
+        image_embeds=image_embeds,
+        image_patches=image_rgb,  # the engine patchifies flat RGB on its device
+        image_grid_thw=image_grid_thw,
+        mrope_positions=mrope_positions,
+        mrope_delta=int(_scalar(request, "mrope_position_deltas", 0)),
+        image_hashes=_image_hashes(request, image_grid_thw),
+        stop_strings=stop_strings if has_tokenizer else (),
+        is_thinking=bool(_scalar(request, "is_thinking", False)),
+        guide=_guide(request),
+    )
+    state = RequestState(
+        engine_id=engine_id,
+        triton_id=triton_id,
+        sender=sender,
+        is_streaming=bool(_scalar(request, "streaming", False)),
+        exclude_input=bool(_scalar(request, "exclude_input_in_output", False)),
+        prompt_ids=prompt.tolist(),
+    )
+    return generation_request, state
+
+
+def _sampling(request) -> SamplingParams:
+    from engine.sample.sampler import SamplingParams
+
+    end_id = _scalar(request, "end_id")
+    seed = _scalar(request, "seed")
+    return SamplingParams(
+        max_tokens=int(_scalar(request, "request_output_len", 16)),
+        temperature=float(_scalar(request, "temperature", 1.0)),
+        top_k=int(_scalar(request, "runtime_top_k", 0)),
+        top_p=float(_scalar(request, "runtime_top_p", 1.0)) or 1.0,  # TensorRT-LLM: top_p <= 0 is unset
+        seed=None if seed is None else int(seed),
+        repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
+        presence_penalty=float(_scalar(request, "presence_penalty", 0.0)),
+        frequency_penalty=float(_scalar(request, "frequency_penalty", 0.0)),
+        min_tokens=int(_scalar(request, "min_tokens", 0)),
+        stop_token_ids=() if end_id is None else (int(end_id),),
+        logprobs=_logprobs(request),
+    )
+
+
+def _logprobs(request) -> int | None:
+    """SamplingParams.logprobs: None unless `return_log_probs`; then `top_logprobs` (default 0)."""
+    if not _scalar(request, "return_log_probs", False):
+        return None
+    return int(_scalar(request, "top_logprobs", 0))
+
+
+def _images(request) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(image_rgb [sum of h*w*3] uint8, image_grid_thw [num_images, 3], image_embeds [num_tokens, hidden]):
+    the resized RGB images with their grids, or an embedding table made elsewhere; not both."""
+    rgb = _tensor(request, "image_rgb")
+    grid = _tensor(request, "image_grid_thw")
+    image_rgb = image_grid_thw = None
+    if rgb is not None or grid is not None:
+        if rgb is None or grid is None:
+            missing = "image_rgb" if rgb is None else "image_grid_thw"
+            raise ValueError(f"{missing}: image_rgb and image_grid_thw go together")
+        if rgb.size > 0:
+            image_rgb = torch.from_numpy(np.ascontiguousarray(rgb.reshape(-1)))
+            image_grid_thw = torch.from_numpy(np.ascontiguousarray(grid.reshape(-1, 3), dtype=np.int64))
+    table = _tensor(request, "prompt_embedding_table")
+    if image_rgb is not None and table is not None and table.size:
+        raise ValueError("image_rgb: give image_rgb + image_grid_thw or prompt_embedding_table, not both")
+    image_embeds = None
+    if table is not None:
+        table = table.reshape(-1, table.shape[-1])
+        if table.shape[0] > 0:
+            image_embeds = torch.from_numpy(np.ascontiguousarray(table))
+    return image_rgb, image_grid_thw, image_embeds
+
+
+def _image_hashes(request, image_grid_thw) -> list[bytes] | None:
+    """The `image_hash` input (one per image, from preprocessing), or None (the engine hashes the
+    pixels itself)."""
+    hashes = _tensor(request, "image_hash")
+    if hashes is None or image_grid_thw is None or hashes.size == 0:
+        return None
+    return [h if isinstance(h, bytes) else str(h).encode() for h in hashes.reshape(-1)]
+
+
+def _guide(request) -> Guide | None:
+    """The structured-output Guide of `guided_decoding_guide_type` / `guided_decoding_guide`, or None."""
+    from engine.sample.structured import Guide
+
+    guide_type = _text(request, "guided_decoding_guide_type")
+    return Guide(guide_type, _text(request, "guided_decoding_guide")) if guide_type else None
