@@ -20,7 +20,7 @@ from typing import Any
 # Histograms are queried as <name>_bucket.
 METRICS: dict[str, tuple[str, str, str]] = {
     # engine: the llm model's pb_utils metrics on Triton's metrics port (:8002); the queue and KV families
-    # use TensorRT-LLM's names and labels (model_repository/llm/1/model.py)
+    # use TensorRT-LLM's names and labels (model_repository/llm/1/metrics.py)
     "engine_waiting": ("nv_trt_llm_request_metrics", "gauge", 'request_type="waiting"'),
     "engine_running": ("nv_trt_llm_request_metrics", "gauge", 'request_type="scheduled"'),
     "engine_kv_used": ("nv_trt_llm_kv_cache_block_metrics", "gauge", 'kv_cache_block_type="used"'),

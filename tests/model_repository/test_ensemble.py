@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.engine.test_preprocess import pixel_values_of
+from tests.engine.processing.test_preprocess import pixel_values_of
 
 pytestmark = pytest.mark.slow
 
