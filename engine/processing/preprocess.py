@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import EngineConfig, EngineDir
+from engine.config import EngineConfig, EngineDir, ModelConfig
 from engine.processing.resize_cache import ResizeCache
 
 __all__ = [
@@ -370,7 +370,7 @@ class Preprocessor:
 
     def __init__(
         self,
-        engine_dir: str | Path,
+        engine_dir: str | Path | EngineDir,
         limits: PreprocessLimits | None = None,
         resize_cache_bytes: int = 512 << 20,
         shared_resize_cache_dir: str | Path | None = None,
@@ -382,9 +382,8 @@ class Preprocessor:
         from transformers import AutoTokenizer
         from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
 
-        from engine.config import ModelConfig
-
-        self.engine_dir = Path(engine_dir)
+        d = engine_dir if isinstance(engine_dir, EngineDir) else None
+        self.engine_dir = d.path if d is not None else Path(engine_dir)
         self.limits = limits or PreprocessLimits()
         self.resize_cache = ResizeCache(
             resize_cache_bytes,
@@ -393,7 +392,9 @@ class Preprocessor:
             else Path(shared_resize_cache_dir) / f"glmv-resize-{self._settings_digest()}",
             shared_max_bytes=shared_resize_cache_bytes,
         )
-        self.model_config = ModelConfig.from_pretrained(self.engine_dir)
+        self.model_config = (
+            d.model_config() if d is not None else ModelConfig.from_pretrained(self.engine_dir)
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.engine_dir))
         processor_file = self.engine_dir / "preprocessor_config.json"
         settings = json.loads(processor_file.read_text()) if processor_file.is_file() else {}

@@ -6,7 +6,9 @@ keeps serving. Exports `glmv_preprocess_latency_seconds` (histogram) and error c
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 import time
 import uuid
 
@@ -53,7 +55,16 @@ class TritonPythonModel:
         self.limits = PreprocessLimits.from_engine_dir(engine_dir)
         self.bounded_inputs = (*TEXT_INPUTS, "image_input")
         self.bounds = InputBounds.from_limits(self.limits)
-        self.preprocessor = Preprocessor(engine_dir.path, self.limits)
+        # Resized images by file digest, shared by this host's instances (any of them may get a follow-up).
+        shared_dir = parameters.get(
+            "shared_resize_cache_dir", "/dev/shm" if os.path.isdir("/dev/shm") else ""
+        )
+        self.preprocessor = Preprocessor(
+            engine_dir,
+            self.limits,
+            shared_resize_cache_dir=shared_dir or tempfile.gettempdir(),
+            shared_resize_cache_bytes=parameters.get_int("shared_resize_cache_mb", 512) << 20,
+        )
         self.default_max_tokens = parameters.get_int("default_max_tokens", 256)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         # The families must outlive their metrics: keep references on self.
