@@ -94,6 +94,36 @@ if ! ls "$DEST"/nvidia_pytriton-0.7.0-*.whl >/dev/null 2>&1; then
   slim pytriton "$full" "$DEST/$(basename "$full")"
   rm -rf "$tmp"
 fi
+# ICU's 30 MB data library is only reached through libtritonserver -> libxml2 -> libicuuc, for character
+# encodings the server never converts: the wheel gets a stub with the same name and data symbol (needs cc).
+pytriton=$(ls "$DEST"/nvidia_pytriton-0.7.0-*.whl)
+if command -v cc >/dev/null && unzip -l "$pytriton" | awk '/libicudata/ && $1 > 1000000 {found=1} END {exit !found}'; then
+  tmp=$(mktemp -d)
+  member=$(unzip -Z1 "$pytriton" | grep 'nvidia_pytriton.libs/libicudata')
+  unzip -p "$pytriton" "$member" >"$tmp/icudata.so"
+  symbol=$(nm -D --defined-only "$tmp/icudata.so" | awk '/icudt[0-9]+_dat/ {print $3}')
+  echo "const char ${symbol}[64] __attribute__((aligned(16))) = {0};" >"$tmp/stub.c"
+  cc -shared -fPIC -nostdlib -Wl,-soname,"$(basename "$member")" -o "$tmp/stub.so" "$tmp/stub.c"
+  "$PY" - "$pytriton" "$member" "$tmp/stub.so" <<'EOF'
+import base64, hashlib, sys, zipfile
+wheel, member, stub = sys.argv[1:]
+data = open(stub, "rb").read()
+digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+with zipfile.ZipFile(wheel) as zin:
+    members = [(info, zin.read(info)) for info in zin.infolist()]
+with zipfile.ZipFile(wheel + ".tmp", "w", zipfile.ZIP_DEFLATED) as zout:
+    for info, content in members:
+        if info.filename == member:
+            content = data
+        elif info.filename.endswith(".dist-info/RECORD"):
+            lines = [f"{member},sha256={digest},{len(data)}" if l.startswith(member + ",") else l
+                     for l in content.decode().splitlines()]
+            content = ("\n".join(lines) + "\n").encode()
+        zout.writestr(info, content, compresslevel=9)
+EOF
+  mv "$pytriton.tmp" "$pytriton"
+  rm -rf "$tmp"
+fi
 if ! ls "$DEST"/stub/numpy-1.26.4-*.whl >/dev/null 2>&1; then
   download "$DEST/stub" numpy==1.26.4
 fi
