@@ -7,7 +7,8 @@ did not resize it; the shared directory makes that a hit too.
 
 A shared entry is one file ``<file digest>.rgb``: an 80-byte header (magic, height, width, the resized
 image's content hash as 64 hex digits) and the RGB bytes. Files are written to a temporary name and renamed
-into place, so a reader never sees half a file; a file that does not parse is a miss and is removed. The
+into place, so a reader never sees half a file; a file that does not parse is a miss and is removed. Writes
+run on a thread of their own (at most 8 waiting; more are dropped), so a request never waits for one. The
 directory is trimmed, oldest first (by modification time, refreshed on every hit), to ``shared_max_bytes``,
 and a write is skipped when it would leave the file system less than 10 % or 64 MiB free, whichever is
 more (tmpfs is memory, and Triton's own shared-memory regions live on /dev/shm too: with Docker's default
@@ -20,7 +21,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,8 @@ class ResizeCache:
         self._entries: collections.OrderedDict[str, tuple[np.ndarray, str]] = collections.OrderedDict()
         self._bytes = 0
         self.num_shared_hits = 0
+        self._writes: queue.Queue[tuple[str, tuple[np.ndarray, str]]] = queue.Queue(maxsize=8)
+        self._writer: threading.Thread | None = None
         if self.shared_dir is not None:
             self.shared_dir.mkdir(parents=True, exist_ok=True)
 
@@ -67,8 +72,17 @@ class ResizeCache:
     def put(self, key: str, rgb: np.ndarray, image_hash: str) -> None:
         entry = (rgb, image_hash)
         self._remember(key, entry)
-        if self.shared_dir is not None:
-            self._write_shared(key, entry)
+        if self.shared_dir is None:
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="resize-cache-writer", daemon=True)
+            self._writer.start()
+        with contextlib.suppress(queue.Full):  # the directory is a cache: a write may be skipped
+            self._writes.put_nowait((key, entry))
+
+    def flush(self) -> None:
+        """Wait until the writes asked so far are done."""
+        self._writes.join()
 
     # -- the process's LRU --------------------------------------------------------------------------
 
@@ -83,6 +97,14 @@ class ResizeCache:
             self._bytes -= old.nbytes
 
     # -- the shared directory -----------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            key, entry = self._writes.get()
+            try:
+                self._write_shared(key, entry)
+            finally:
+                self._writes.task_done()
 
     def _path(self, key: str) -> Path:
         return self.shared_dir / f"{key}.rgb"

@@ -30,6 +30,7 @@ def test_a_second_instance_reads_what_the_first_resized(tiny_checkpoint: Path, t
     second = Preprocessor(tiny_checkpoint, **shared)
     image = png(1)
     want = first("What is this?", [image])
+    first.resize_cache.flush()
 
     def no_resize(*args, **kwargs):
         raise AssertionError("resized again")
@@ -51,9 +52,11 @@ def test_the_directory_keeps_its_bytes_oldest_first(tmp_path: Path):
     cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=3 * entry_bytes)
     for i in range(3):
         cache.put(f"k{i}", rgb + i, "ab" * 32)
+        cache.flush()
         os.utime(tmp_path / f"k{i}.rgb", (time.time() - 100 + i, time.time() - 100 + i))
     assert ResizeCache(0, tmp_path, 3 * entry_bytes).get("k0")[1] == "ab" * 32  # a hit refreshes k0
     cache.put("k3", rgb + 3, "cd" * 32)
+    cache.flush()
     assert sorted(p.name for p in tmp_path.glob("*.rgb")) == ["k0.rgb", "k2.rgb", "k3.rgb"]
     reader = ResizeCache(0, tmp_path, 3 * entry_bytes)
     got = reader.get("k3")
@@ -63,6 +66,7 @@ def test_the_directory_keeps_its_bytes_oldest_first(tmp_path: Path):
 def test_a_damaged_entry_is_a_miss_and_goes_away(tmp_path: Path):
     cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=1 << 20)
     cache.put("k", np.ones((4, 4, 3), np.uint8), "ef" * 32)
+    cache.flush()
     path = tmp_path / "k.rgb"
     path.write_bytes(path.read_bytes()[:-1])
     assert cache.get("k") is None and not path.exists()
