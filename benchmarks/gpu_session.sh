@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The next GPU measurements, as two device calls of at most 600 s each (PART=1, then PART=2), each step with
+# The next GPU measurements, as device calls of at most 600 s each (PART=1, 2, 3), each step with
 # its own limit, in priority order:
 #   PART=1  the end-to-end harness (every serve sub-phase, the structured-output ones included; no
 #           transformers baseline), then every GPU-marked engine test, then benchmarks.ttft_probe while
 #           time is left;
 #   PART=2  benchmarks.soak on the full-size shape (mixed load, cancellations and bad input through the
-#           gateway and Triton; RSS over time), then the harness with the prefix and image caches off on the
-#           sub-phases the caches change, while time is left.
+#           gateway and Triton; RSS over time), then OLD_TREE (a snapshot of another commit, if given) and
+#           this tree on the same few sub-phases, then OLD_TREE's context-graph GPU test;
+#   PART=3  the harness with the prefix and image caches off on the sub-phases the caches change.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
 #   OUT=/some/dir GLMV_COMMIT=$(git rev-parse --short HEAD) PART=1 bash benchmarks/gpu_session.sh
 # Results land under $OUT (packed into gpu_session.tar.gz beside the short texts); the multi-GPU run needs a
@@ -36,16 +37,29 @@ if [ "$PART" = 1 ]; then
   if [ "$(left)" -gt 40 ]; then
     timeout "$(left)" python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b'
   fi
-else
-  timeout 400 python3 -m benchmarks.soak --minutes 5 --preset dummy-full --device cuda --concurrency 32 \
+elif [ "$PART" = 2 ]; then
+  timeout 330 python3 -m benchmarks.soak --minutes 4 --preset dummy-full --device cuda --concurrency 32 \
     --max-tokens 64 --engine-args "--max-batch-size 128" --out "$OUT/soak" 2>&1 | tail -n 40
-  pkill -f tritonserver; pkill -f "python3 -m gateway"; sleep 3
-  if [ "$(left)" -gt 100 ]; then
-    timeout $(($(left) - 5)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
-      --budget-s $(($(left) - 15)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
-      --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
+  pkill -f tritonserver; pkill -f "m gateway"; sleep 3
+  # Same machine, same call: the tree of OLD_TREE (another commit's snapshot, e.g. before a refactor) and
+  # this one on the sub-phases that show the engine and the Triton path.
+  for tree in ${OLD_TREE:+"$OLD_TREE"} .; do
+    name=$(cd "$tree" && basename "$PWD")
+    [ "$(left)" -gt 90 ] || break
+    (cd "$tree" && timeout 120 python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
+      --budget-s 110 --engine-args "--max-batch-size 128" \
+      --serve-phases ttft_448,ttft_1288,decode_b1,c32_448,followup_1288 2>&1 | grep -E '^(TTFT|decode|tok/s|c32|follow)')
+    pkill -f tritonserver; sleep 2
+  done
+  if [ -n "${OLD_TREE:-}" ] && [ "$(left)" -gt 40 ]; then
+    (cd "$OLD_TREE" && timeout $(($(left) - 5)) python3 -m pytest -q -m gpu tests/engine -k context_graphs_match_eager \
+      >"$OUT/pytest_gpu_old.txt" 2>&1; tail -n 3 "$OUT/pytest_gpu_old.txt")
   fi
+else
+  timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
+    --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
+    --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
 fi
 # One archive of everything written above, beside the short texts.
-tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d cache_on cache_off ttft soak 2>/dev/null)
-rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak"
+tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d cache_on cache_off ttft soak ab 2>/dev/null)
+rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab"
