@@ -20,7 +20,7 @@ started=$(date +%s)
 left() { echo $((${SESSION_S:-575} - ($(date +%s) - started))); }  # SESSION_S: this script's share of the call
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 stub=$(find "$PWD/.whl/stub" -name 'numpy-1*.whl' | sort | tail -n 1)
-export PYTHONPATH=/tmp/site GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBUFFERED=1
 # guided decoding inside the llm (Triton's Python stubs ignore PYTHONPATH) and pydantic for the gateway
 python3 -c 'import xgrammar' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/llm \
   --no-compile --no-cache-dir xgrammar==0.2.8
@@ -38,23 +38,27 @@ if [ "$PART" = 1 ]; then
     timeout "$(left)" python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b'
   fi
 elif [ "$PART" = 2 ]; then
-  timeout 330 python3 -m benchmarks.soak --minutes 4 --preset dummy-full --device cuda --concurrency 32 \
-    --max-tokens 64 --engine-args "--max-batch-size 128" --out "$OUT/soak" 2>&1 | tail -n 40
-  pkill -f tritonserver; pkill -f "m gateway"; sleep 3
-  # Same machine, same call: the tree of OLD_TREE (another commit's snapshot, e.g. before a refactor) and
-  # this one on the sub-phases that show the engine and the Triton path.
-  for tree in ${OLD_TREE:+"$OLD_TREE"} .; do
+  if [ "${SOAK_MIN:-4}" != 0 ]; then
+    timeout 330 python3 -m benchmarks.soak --minutes "${SOAK_MIN:-4}" --preset dummy-full --device cuda \
+      --concurrency 32 --max-tokens 64 --engine-args "--max-batch-size 128" --out "$OUT/soak" 2>&1 | tail -n 40
+    pkill -f tritonserver; pkill -f "m gateway"; sleep 3
+  fi
+  # Same machine, same call: the trees of TREES (snapshots of other commits; default OLD_TREE, then this
+  # one) on the sub-phases that show the engine and the Triton path, then TEST_K's GPU tests in each.
+  for tree in ${TREES:-${OLD_TREE:-} .}; do
     name=$(cd "$tree" && basename "$PWD")
-    [ "$(left)" -gt 90 ] || break
-    (cd "$tree" && timeout 120 python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
-      --budget-s 110 --engine-args "--max-batch-size 128" \
-      --serve-phases ttft_448,ttft_1288,decode_b1,c32_448,followup_1288 2>&1 | grep -E '^(TTFT|decode|tok/s|c32|follow)')
+    [ "$(left)" -gt 80 ] || break
+    (cd "$tree" && timeout 110 python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
+      --budget-s 100 --engine-args "--max-batch-size 128" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
+      2>&1 | grep -E '^(TTFT|decode|tok/s|c32|follow)' | sed "s/^/$name: /")
     pkill -f tritonserver; sleep 2
   done
-  if [ -n "${OLD_TREE:-}" ] && [ "$(left)" -gt 40 ]; then
-    (cd "$OLD_TREE" && timeout $(($(left) - 5)) python3 -m pytest -q -m gpu tests/engine -k context_graphs_match_eager \
-      >"$OUT/pytest_gpu_old.txt" 2>&1; tail -n 3 "$OUT/pytest_gpu_old.txt")
-  fi
+  for tree in ${TEST_TREES:-${OLD_TREE:-}}; do
+    name=$(cd "$tree" && basename "$PWD")
+    [ "$(left)" -gt 40 ] || break
+    (cd "$tree" && timeout 90 python3 -m pytest -q -m gpu tests/engine -k "${TEST_K:-context_graphs_match_eager}" \
+      >"$OUT/pytest_gpu_$name.txt" 2>&1; echo "$name: $(tail -n 1 "$OUT/pytest_gpu_$name.txt")")
+  done
 else
   timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
     --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
