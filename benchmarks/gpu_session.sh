@@ -47,9 +47,9 @@ elif [ "$PART" = 2 ]; then
   # one) on the sub-phases that show the engine and the Triton path, then TEST_K's GPU tests in each.
   for tree in ${TREES:-${OLD_TREE:-} .}; do
     name=$(cd "$tree" && basename "$PWD")
-    [ "$(left)" -gt 80 ] || break
-    (cd "$tree" && timeout 110 python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
-      --budget-s 100 --engine-args "--max-batch-size 128" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
+    [ "$(left)" -gt 110 ] || break
+    (cd "$tree" && timeout 135 python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
+      --budget-s 125 --engine-args "--max-batch-size 128" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
       2>&1 | grep -E '^(TTFT|decode|tok/s|c32|follow)' | sed "s/^/$name: /")
     pkill -f tritonserver; sleep 2
   done
