@@ -103,6 +103,17 @@ RUN groupadd --system --gid "${GLMV_UID}" glmv \
     && mkdir -p /models/checkpoint /models/engine \
     && chown glmv:glmv /models/checkpoint /models/engine
 
+# jemalloc, which glmv-serve preloads into tritonserver when installed (build_engine/allocator.py): under
+# glibc's malloc each of Triton's ~300 frontend threads may keep, in an arena of its own, the pages of the
+# largest request bodies it once held, so the server's memory climbs in steps; jemalloc gives them back.
+# NVIDIA's Triton image ships it already; python:slim does not.
+# DL3008 (pin versions): the base image's tag fixes the distribution release, whose security updates of
+# the library are wanted.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
+
 COPY --from=app /opt/venv /opt/venv
 COPY --from=app /opt/glmv-serve /opt/glmv-serve
 

@@ -30,6 +30,9 @@ Contract:
   Health, metadata, model config and inference stay open.
 - Signals: glmv-serve stops on SIGTERM / SIGINT through a `StopRequest` (no lock is taken in the handler);
   any number of signals lead to one clean shutdown.
+- Allocator: the server runs with jemalloc (else tcmalloc) through LD_PRELOAD where the library is installed,
+  else with glibc's malloc; `malloc` / `--malloc` / `$GLMV_TRITON_MALLOC` choose (build_engine/allocator.py).
+  The choice is the first line of the server's log and is printed in glmv-serve's ready line.
 - gRPC message size: Triton 2.51 fixes its gRPC limit at INT32_MAX bytes, the same as tritonclient's
   `MAX_GRPC_MESSAGE_SIZE`, so no flag is needed; the Python backend's shared memory grows on demand from
   `shm_default_byte_size` in steps of `shm_growth_byte_size` (sized for 10 MiB images).
@@ -56,6 +59,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .allocator import ALLOCATOR_ENV, Allocator, AllocatorNotFoundError, choose_allocator
 from .stop_signal import StopRequest
 
 __all__ = [
@@ -301,6 +305,7 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         admin_key: str | None = None,
+        malloc: str | Allocator | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -315,6 +320,7 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self.admin_key = admin_key or secrets.token_urlsafe(24)
+        self.allocator = malloc if isinstance(malloc, Allocator) else choose_allocator(malloc)
         self._own_log = log_file is None
         if log_file is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
@@ -387,7 +393,7 @@ class TritonServer:
         # The backend stub embeds Python and finds its site-packages through the `python3` first on PATH.
         python_bin = str(self.stub_bin or Path(sys.executable).parent)
         env["PATH"] = f"{python_bin}:{env.get('PATH', '')}"
-        return env
+        return self.allocator.environment(env)
 
     def start(self) -> TritonServer:
         if self.process is not None:
@@ -403,6 +409,8 @@ class TritonServer:
         if self.install.source == "pytriton" and _numpy_major() >= 2:
             self.stub_bin = prepare_stub_env()
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
+        log.write(f"glmv-serve: {self.allocator.describe()}\n".encode())
+        log.flush()
         try:
             self.process = subprocess.Popen(
                 self.command(),
@@ -531,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"file holding the key that opens Triton's control APIs (header {ADMIN_KEY_HEADER}); "
         f"default ${ADMIN_KEY_ENV}, else a random key nobody knows (the control APIs stay closed)",
     )
+    p.add_argument(
+        "--malloc",
+        default=None,
+        help="the server's allocator: auto (jemalloc, else tcmalloc, where installed; else glibc), jemalloc, "
+        f"tcmalloc, glibc, or a library path; default ${ALLOCATOR_ENV}, else auto",
+    )
     p.add_argument("extra", nargs="*", help="extra tritonserver arguments after `--`")
     return p
 
@@ -574,8 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grpc_infer_allocation_pool_size=args.grpc_infer_allocation_pool_size,
             extra_args=args.extra,
             admin_key=admin_key,
+            malloc=args.malloc,
         )
-    except FileNotFoundError as e:
+    except (FileNotFoundError, AllocatorNotFoundError) as e:
         print(e, file=sys.stderr)
         return 2
 
@@ -588,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(
         f"glmv-serve: ready  http :{server.http_port}  grpc :{server.grpc_port}  "
-        f"metrics :{server.metrics_port}  log {server.log_file}",
+        f"metrics :{server.metrics_port}  {server.allocator.describe()}  log {server.log_file}",
         flush=True,
     )
     assert server.process is not None

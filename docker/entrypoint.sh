@@ -18,6 +18,9 @@
 #   GLMV_HTTP_PORT GLMV_GRPC_PORT GLMV_METRICS_PORT GLMV_GATEWAY_PORT       default 8000 8001 8002 8080
 #   GLMV_STARTUP_TIMEOUT seconds Triton may take to load the models           default 1800
 #   GLMV_SERVE_ARGS      extra glmv-serve arguments;  GLMV_GATEWAY_ARGS  extra gateway arguments
+#   GLMV_TRITON_MALLOC   tritonserver's allocator (glmv-serve --malloc): auto (jemalloc, else tcmalloc,
+#                        where installed, else glibc; the image has jemalloc), jemalloc, tcmalloc, glibc
+#                        or a library path                                   default auto
 #   GLMV_DRAIN_TIMEOUT   seconds the gateway gets to finish open streams after SIGTERM   default 30
 #   GLMV_STOP_TIMEOUT    seconds glmv-serve gets to stop Triton after that               default 60
 #   GLMV_TRITON_LOG      Triton's log file, copied to stdout          default ${TMPDIR:-/tmp}/glmv-tritonserver.log

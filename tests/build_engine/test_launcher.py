@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from build_engine.allocator import LIBRARY_NAMES, choose_allocator
 from build_engine.launcher import ServerStartError, TritonServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -246,6 +247,7 @@ def test_glmv_serve_exits_on_the_group_sigterm_and_a_second_one(tmp_path: Path) 
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("glmv-serve: ready"), line + proc.stdout.read()
+        assert f"  malloc {choose_allocator().name} " in line
         assert stub_pids(str(repo))
         os.killpg(proc.pid, signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)
@@ -254,6 +256,77 @@ def test_glmv_serve_exits_on_the_group_sigterm_and_a_second_one(tmp_path: Path) 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "glmv-serve: shutting down" in proc.stdout.read()
+    assert stub_pids(str(repo)) == []
+
+
+def mapped_allocators(pid: int) -> set[str]:
+    """The preloadable allocators (jemalloc, tcmalloc) mapped into a running process."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {name for name, files in LIBRARY_NAMES.items() if any(f in maps for f in files)}
+
+
+def infer_echo(server: TritonServer) -> list[float]:
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        x = httpclient.InferInput("x", [2], "FP32")
+        x.set_data_from_numpy(np.array([1.5, -2.0], np.float32))
+        s = httpclient.InferInput("s", [1], "BYTES")
+        s.set_data_from_numpy(np.array([b"ab"], dtype=np.object_))
+        return client.infer("echo", [x, s]).as_numpy("y").tolist()
+
+
+def test_server_runs_with_the_allocator_installed(tmp_path: Path) -> None:
+    """auto preloads jemalloc (else tcmalloc) into tritonserver and, through its environment, the stubs."""
+    allocator = choose_allocator("auto")
+    if allocator.library is None:
+        pytest.skip(f"neither jemalloc nor tcmalloc is installed here ({allocator.reason})")
+    repo = echo_repo(tmp_path / "repo")
+    log = tmp_path / "server.log"
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=log, malloc="auto") as server:
+        assert server.allocator == allocator
+        assert infer_echo(server) == [3.0, -4.0]
+        assert mapped_allocators(server.process.pid) == {allocator.name}
+        stubs = stub_pids(str(repo))
+        assert stubs and all(mapped_allocators(pid) == {allocator.name} for pid in stubs)
+    assert server.process.returncode == 0, server.log_tail()
+    assert log.read_text().splitlines()[0] == (
+        f"glmv-serve: malloc {allocator.name} (LD_PRELOAD {allocator.library}; "
+        "auto: the first of jemalloc, tcmalloc installed)"
+    )
+    assert stub_pids(str(repo)) == []
+
+
+def test_server_falls_back_to_glibc_when_no_allocator_is_installed(tmp_path: Path) -> None:
+    """With no library in the directories searched, auto starts the server on glibc's malloc and says so."""
+    empty = tmp_path / "no-libraries"
+    empty.mkdir()
+    repo = echo_repo(tmp_path / "repo")
+    log = tmp_path / "server.log"
+    glibc = choose_allocator("auto", dirs=[empty])
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=log, malloc=glibc) as server:
+        assert infer_echo(server) == [3.0, -4.0]
+        assert mapped_allocators(server.process.pid) == set()
+        assert all(mapped_allocators(pid) == set() for pid in stub_pids(str(repo)))
+    assert log.read_text().splitlines()[0] == (
+        f"glmv-serve: malloc glibc (auto: neither jemalloc nor tcmalloc is installed in {empty})"
+    )
+
+
+def test_glmv_serve_refuses_an_allocator_that_is_not_there(tmp_path: Path) -> None:
+    repo = echo_repo(tmp_path / "repo")
+    missing = tmp_path / "libjemalloc.so.2"
+    result = subprocess.run(
+        [sys.executable, "-m", "build_engine.launcher", "--model-repository", str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "GLMV_TRITON_MALLOC": str(missing)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"--malloc / GLMV_TRITON_MALLOC: {missing} is not a file"
     assert stub_pids(str(repo)) == []
 
 
