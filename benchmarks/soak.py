@@ -13,7 +13,8 @@ then runs ``--concurrency`` workers for ``--minutes``. Each request picks one of
 Every request ends as one outcome: ``ok`` (a finish_reason), ``cancelled`` (cut on purpose), ``refused``
 (a bad input refused as it should be) or ``error`` (anything else, kept by message); a request that never
 ends counts as ``lost``. Every ``--sample-s`` the RSS of tritonserver, each backend stub (by model) and the
-gateway, and the llm's active requests and used KV blocks are recorded. At the end, once the server is
+gateway, split into its anonymous (heap), file-backed (code) and shared-memory parts, and the llm's active
+requests and used KV blocks are recorded. The server's allocator is ``--malloc`` (the launcher's setting). At the end, once the server is
 idle, the used KV blocks must be 0. Writes ``soak.json`` and ``soak.png`` under
 ``<out>/<date>-<device>-soak-<commit>/``.
 """
@@ -249,12 +250,14 @@ class Soak:
     # -- samples ----------------------------------------------------------------------------------
 
     def sample(self, started: float, gateway_pid: int) -> None:
-        row: dict[str, Any] = {"t_s": round(time.monotonic() - started, 1), "rss_mb": {}}
+        row: dict[str, Any] = {"t_s": round(time.monotonic() - started, 1)}
         assert self.triton.process is not None
-        row["rss_mb"]["tritonserver"] = _rss_mb(self.triton.process.pid)
-        row["rss_mb"]["gateway"] = _rss_mb(gateway_pid)
+        pids = {"tritonserver": self.triton.process.pid, "gateway": gateway_pid}
         for pid, model in _stubs(str(self.triton.model_repository)):
-            row["rss_mb"][f"stub:{model}"] = _rss_mb(pid)
+            pids[f"stub:{model}"] = pid
+        parts = {name: _rss_parts_mb(pid) for name, pid in pids.items()}
+        for key, field in RSS_FIELDS.items():
+            row[key] = {name: p.get(field) for name, p in parts.items()}
         row["active"] = _metric(self.triton, "nv_trt_llm_request_metrics", 'request_type="active"')
         row["kv_used"] = _metric(
             self.triton, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="used"'
@@ -290,14 +293,26 @@ class Soak:
             await asyncio.sleep(1.0)
 
 
-def _rss_mb(pid: int) -> float | None:
+RSS_FIELDS = {  # sample key: /proc/<pid>/status field
+    "rss_mb": "VmRSS",
+    "rss_anon_mb": "RssAnon",  # heap and other private memory: where a leak or fragmentation shows
+    "rss_file_mb": "RssFile",  # pages of the binary and its libraries, read in as code paths are first run
+    "rss_shmem_mb": "RssShmem",  # touched pages of the Python backend's shared-memory regions
+}
+
+
+def _rss_parts_mb(pid: int) -> dict[str, float]:
+    """VmRSS and its anonymous, file and shared-memory parts of one process, in MB ({} once it is gone)."""
+    fields = set(RSS_FIELDS.values())
+    out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
+            name, _, value = line.partition(":")
+            if name in fields:
+                out[name] = round(int(value.split()[0]) / 1024, 1)
     except OSError:
-        pass
-    return None
+        return {}
+    return out
 
 
 def _stubs(marker: str) -> list[tuple[int, str]]:
@@ -325,14 +340,15 @@ def _metric(server: Any, name: str, labels: str) -> float:
     return sum(float(v) for v in found)
 
 
-def memory_growth(samples: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per process: mean RSS of the last quarter over the mean of the second quarter (after warm-up), in %."""
-    names = sorted({n for s in samples for n in s["rss_mb"]})
+def memory_growth(samples: list[dict[str, Any]], key: str = "rss_mb") -> dict[str, float | None]:
+    """Per process: mean `key` (RSS or a part) of the last quarter over the mean of the second quarter
+    (after warm-up), in %."""
+    names = sorted({n for s in samples for n in s[key]})
     n = len(samples)
     out: dict[str, float | None] = {}
     for name in names:
-        early = [s["rss_mb"].get(name) for s in samples[n // 4 : n // 2]]
-        late = [s["rss_mb"].get(name) for s in samples[3 * n // 4 :]]
+        early = [s[key].get(name) for s in samples[n // 4 : n // 2]]
+        late = [s[key].get(name) for s in samples[3 * n // 4 :]]
         early = [v for v in early if v]
         late = [v for v in late if v]
         out[name] = (
@@ -351,17 +367,26 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     samples = doc["samples"]
     t = [s["t_s"] / 60 for s in samples]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    fig, (ax1, ax3, ax2) = plt.subplots(3, 1, figsize=(10, 11), sharex=True)
     for name in sorted({n for s in samples for n in s["rss_mb"]}):
         ax1.plot(t, [s["rss_mb"].get(name) for s in samples], label=name)
     ax1.set_ylabel("RSS (MB)")
     ax1.legend(fontsize=7, ncol=2)
+    for name in ("tritonserver", "gateway"):
+        for key, style in (("rss_anon_mb", "-"), ("rss_file_mb", ":"), ("rss_shmem_mb", "--")):
+            values = [s.get(key, {}).get(name) for s in samples]
+            ax3.plot(t, values, style, label=f"{name} {key[4:-3]}")
+    ax3.set_ylabel("RSS parts (MB)")
+    ax3.legend(fontsize=7, ncol=2)
     ax2.plot(t, [s["active"] for s in samples], label="active requests")
     ax2.plot(t, [s["kv_used"] for s in samples], label="KV blocks used")
     ax2.set_xlabel("minutes")
     ax2.legend(fontsize=8)
     meta = doc["meta"]
-    fig.suptitle(f"soak {meta['args']['minutes']} min, {meta['device']}, {meta['commit']}, {meta['date']}")
+    fig.suptitle(
+        f"soak {meta['args']['minutes']} min, {meta['device']}, {meta['commit']}, {meta['date']}, "
+        f"tritonserver malloc {meta.get('malloc', '?')}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -382,6 +407,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--oversize-bytes", type=int, default=4 << 20, help="size of the too-long text_input case")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--malloc",
+        default=None,
+        help="tritonserver's allocator (glmv-serve --malloc; default as glmv-serve's)",
+    )
     return p.parse_args(argv)
 
 
@@ -406,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             grpc_port=0,
             metrics_port=0,
             log_file=out_dir / "triton.log",
+            malloc=args.malloc,
         ) as triton:
             port = free_port()
             env = {
@@ -440,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         by_outcome[outcome] += n
     last = soak.samples[-1]
     doc = {
-        "meta": {**meta, "engine": config.get("engine", config)},
+        "meta": {**meta, "engine": config.get("engine", config), "malloc": triton.allocator.describe()},
         "wall_s": round(wall_s, 1),
         "requests": sum(by_outcome.values()),
         "outcomes": dict(by_outcome),
@@ -450,13 +481,17 @@ def main(argv: list[str] | None = None) -> int:
         "errors_by_kind": dict(soak.errors.most_common()),
         "end": {"active": last["active"], "kv_used_blocks": last["kv_used"]},
         "rss_growth_pct": memory_growth(soak.samples),
+        "rss_part_growth_pct": {
+            key[4:-3]: memory_growth(soak.samples, key) for key in RSS_FIELDS if key != "rss_mb"
+        },
         "triton_exit_code": triton_exit,
         "samples": soak.samples,
     }
     (out_dir / "soak.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     plot(doc, out_dir / "soak.png")
     summary = {k: doc[k] for k in ("requests", "outcomes", "lost", "cancelled", "errors_by_kind", "end")}
-    print(json.dumps({**summary, "rss_growth_pct": doc["rss_growth_pct"], "out": str(out_dir)}, indent=1))
+    growth = {k: doc[k] for k in ("rss_growth_pct", "rss_part_growth_pct")}
+    print(json.dumps({**summary, **growth, "malloc": doc["meta"]["malloc"], "out": str(out_dir)}, indent=1))
     return 0 if not doc["lost"] and not soak.errors and last["kv_used"] == 0 else 1
 
 
