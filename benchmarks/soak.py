@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,18 @@ KINDS = {  # kind: weight
 }
 MODEL = "glm-4.6v-flash"
 PROMPTS = ("Describe this picture.", "What does the image say?", "图片里有什么？", "Tell me a long story.")
+
+
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an event stream, split at LF (CRLF) as SSE does; httpx's ``aiter_lines`` also splits at
+    U+0085, U+2028 and U+2029, which Triton's ``generate_stream`` writes unescaped inside its JSON."""
+    pending = ""
+    async for text in response.aiter_text():
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending
 
 
 def _png(seed: int) -> bytes:
@@ -123,7 +136,7 @@ class Soak:
             if r.status_code != 200:
                 await r.aread()
                 return f"error: gateway {r.status_code} {r.text[:160]}"
-            async for line in r.aiter_lines():
+            async for line in sse_lines(r):
                 if not line.startswith("data: "):
                     continue
                 if line == "data: [DONE]":
@@ -170,7 +183,7 @@ class Soak:
             if r.status_code != 200:
                 await r.aread()
                 return f"error: triton http {r.status_code} {r.text[:160]}"
-            async for line in r.aiter_lines():
+            async for line in sse_lines(r):
                 if not line.startswith("data:"):
                     continue
                 event = json.loads(line[5:])
@@ -383,9 +396,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax2.set_xlabel("minutes")
     ax2.legend(fontsize=8)
     meta = doc["meta"]
+    malloc = meta.get("malloc", "malloc ?").split(" (")[0]  # the allocator's name, without its path
     fig.suptitle(
         f"soak {meta['args']['minutes']} min, {meta['device']}, {meta['commit']}, {meta['date']}, "
-        f"tritonserver malloc {meta.get('malloc', '?')}"
+        f"tritonserver {malloc}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
