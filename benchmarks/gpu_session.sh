@@ -65,5 +65,7 @@ else
     --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
 fi
 # One archive of everything written above, beside the short texts.
-tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d cache_on cache_off ttft soak ab 2>/dev/null)
+parts=()
+for d in cache_on cache_off ttft soak ab; do [ -d "$OUT/$d" ] && parts+=("$d"); done
+tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" "${parts[@]}"
 rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab"

@@ -120,9 +120,7 @@ def test_json_object_guide_gives_json_objects_and_greedy_too(engine):
         assert reason == "stop", text
         assert isinstance(json.loads(text), dict)
     free_tokens, _, _ = results["free"]
-    alone = run(
-        engine, [GenerationRequest("alone", [9, 10], SamplingParams(max_tokens=8, temperature=0.0))]
-    )
+    alone = run(engine, [GenerationRequest("alone", [9, 10], SamplingParams(max_tokens=8, temperature=0.0))])
     assert free_tokens == alone["alone"][0]  # a guided neighbour changes nothing for an unguided request
 
 
