@@ -6,7 +6,8 @@
 #
 # .whl/        for the harness's own process (pip install --target /tmp/site, then PYTHONPATH=/tmp/site):
 #   tritonclient      the gRPC client (pure Python, 0.1 MB)
-#   fastapi, starlette, uvicorn, python-multipart, annotated-doc  the gateway, for benchmarks.soak (0.3 MB)
+#   fastapi, starlette, uvicorn, python-multipart, annotated-doc, opentelemetry-api  the gateway, for
+#                     benchmarks.soak (0.4 MB; fastapi 0.165 imports opentelemetry at start)
 #   python-rapidjson  imported by tritonclient.grpc (1.8 MB)
 #   nvidia-pytriton   only for the Triton 2.51 server it bundles; slimmed here: the stubs for Pythons other
 #                     than 3.12 and the libpython3.13 they need are dropped (55 MB -> 40 MB)
@@ -79,7 +80,8 @@ EOF
 
 download "$DEST" tritonclient==2.73.0 python-rapidjson==1.25
 # the gateway, for benchmarks.soak (pydantic comes from llm/; the machine has httpx, anyio, h11, click)
-download "$DEST" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34 annotated-doc==0.0.7
+download "$DEST" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34 annotated-doc==0.0.7 \
+  opentelemetry-api==1.45.2
 if [ "${WITH_GRPC:-0}" = 1 ]; then
   download "$DEST" grpcio==1.85.1 protobuf==6.33.5
 fi

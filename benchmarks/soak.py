@@ -467,11 +467,21 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 gateway_url = f"http://127.0.0.1:{port}"
                 for _ in range(120):
+                    if gateway.poll() is not None:
+                        break
                     try:
                         if httpx.get(f"{gateway_url}/healthz", timeout=2).status_code == 200:
                             break
                     except httpx.HTTPError:
                         time.sleep(0.5)
+                else:  # never healthy in 60 s
+                    gateway.kill()
+                    gateway.wait(30)
+                if gateway.poll() is not None:  # a soak without its gateway measures nothing of the gateway
+                    tail = (out_dir / "gateway.log").read_text(errors="replace").strip().splitlines()[-5:]
+                    raise SystemExit(
+                        f"soak: the gateway did not start (exit {gateway.returncode}): " + " | ".join(tail)
+                    )
                 soak = Soak(args, triton, gateway_url, args.max_tokens)
                 started = time.time()
                 asyncio.run(soak.run(gateway.pid))
