@@ -31,11 +31,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from glmv_client.results import aevent_lines
 
 from benchmarks.results import REPO_ROOT, device_slug, make_meta
 
@@ -53,18 +53,6 @@ KINDS = {  # kind: weight
 }
 MODEL = "glm-4.6v-flash"
 PROMPTS = ("Describe this picture.", "What does the image say?", "图片里有什么？", "Tell me a long story.")
-
-
-async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
-    """The lines of an event stream, split at LF (CRLF) as SSE does; httpx's ``aiter_lines`` also splits at
-    U+0085, U+2028 and U+2029, which Triton's ``generate_stream`` writes unescaped inside its JSON."""
-    pending = ""
-    async for text in response.aiter_text():
-        *lines, pending = (pending + text).split("\n")
-        for line in lines:
-            yield line.removesuffix("\r")
-    if pending:
-        yield pending
 
 
 def _png(seed: int) -> bytes:
@@ -136,7 +124,7 @@ class Soak:
             if r.status_code != 200:
                 await r.aread()
                 return f"error: gateway {r.status_code} {r.text[:160]}"
-            async for line in sse_lines(r):
+            async for line in aevent_lines(r.aiter_text()):
                 if not line.startswith("data: "):
                     continue
                 if line == "data: [DONE]":
@@ -183,7 +171,7 @@ class Soak:
             if r.status_code != 200:
                 await r.aread()
                 return f"error: triton http {r.status_code} {r.text[:160]}"
-            async for line in sse_lines(r):
+            async for line in aevent_lines(r.aiter_text()):
                 if not line.startswith("data:"):
                     continue
                 event = json.loads(line[5:])

@@ -32,7 +32,7 @@ from .client import (
 from .errors import RequestTimeoutError, ServerError, ServerUnavailableError
 from .images import ImageLike
 from .request import GenerateRequest, build_request, generate_json
-from .results import Assembler, Delta, Finish, Response, Result, response_from_tensors
+from .results import Assembler, Delta, Finish, Response, Result, aevent_lines, response_from_tensors
 
 
 class AsyncClient(ClientSettings):
@@ -218,7 +218,7 @@ class AsyncClient(ClientSettings):
                     await r.aread()
                     yield checked_json_response(json.loads(r.text), r.status_code)
                     return
-                async for line in r.aiter_lines():
+                async for line in aevent_lines(r.aiter_text()):
                     if deadline is not None and time.monotonic() > deadline:
                         raise httpx.ReadTimeout("deadline passed")
                     if not line.startswith("data:"):

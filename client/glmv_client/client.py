@@ -32,7 +32,16 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from .errors import RequestTimeoutError, ServerError, ServerUnavailableError
 from .images import ImageLike
 from .request import GenerateRequest, Limits, build_request, generate_json, tensor_values
-from .results import Assembler, Delta, Finish, Response, Result, response_from_json, response_from_tensors
+from .results import (
+    Assembler,
+    Delta,
+    Finish,
+    Response,
+    Result,
+    event_lines,
+    response_from_json,
+    response_from_tensors,
+)
 
 OUTPUTS = (
     "text_output",
@@ -293,7 +302,7 @@ class Client(ClientSettings):
                     r.read()
                     yield checked_json_response(json.loads(r.text), r.status_code)
                     return
-                for line in r.iter_lines():
+                for line in event_lines(r.iter_text()):
                     if deadline is not None and time.monotonic() > deadline:
                         raise httpx.ReadTimeout("deadline passed")
                     if not line.startswith("data:"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,3 +212,29 @@ class Assembler:
             timings=fin.timings,
             logprobs=tuple(self.logprobs),
         )
+
+
+def event_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of a server-sent event stream, split at LF (CRLF) only, as SSE defines them.
+
+    ``str.splitlines`` (and so httpx's ``iter_lines``) also splits at U+0085, U+2028 and U+2029, which
+    Triton's ``generate_stream`` writes unescaped inside its JSON: one answer containing them would read as a
+    broken event."""
+    pending = ""
+    for text in chunks:
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending
+
+
+async def aevent_lines(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
+    """``event_lines`` over an async stream of text."""
+    pending = ""
+    async for text in chunks:
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending

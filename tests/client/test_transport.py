@@ -67,6 +67,23 @@ def test_stream(fixture_triton, protocol):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_stream_text_with_unicode_line_separators(fixture_triton, protocol):
+    # Triton's generate_stream writes U+2028, U+2029 and U+0085 raw inside its JSON; only LF ends an event
+    prompt = "one\u2028two three\u0085four five\u2029six"
+    expected = prompt + " | images=0 sizes= temperature=- seed=-"
+    with Client(url_of(fixture_triton, protocol), protocol=protocol, timeout=30) as client:
+        items = list(client.stream(None, prompt, enable_thinking=False))
+
+    async def run():
+        async with AsyncClient(url_of(fixture_triton, protocol), protocol=protocol, timeout=30) as client:
+            return [item async for item in client.stream(None, prompt, enable_thinking=False)]
+
+    for got in (items, asyncio.run(run())):
+        assert "".join(i.text for i in got if isinstance(i, Delta)) == expected
+        assert isinstance(got[-1], Finish) and got[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_server_error_keeps_the_message(fixture_triton, protocol):
     with Client(url_of(fixture_triton, protocol), protocol=protocol, timeout=30) as client:
         with pytest.raises(ServerError) as info:

@@ -9,6 +9,7 @@ max_tokens; image_input over 1000000 bytes fails with the server's image_input[i
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -74,7 +75,9 @@ class TritonPythonModel:
         thinking = True if thinking is None else bool(thinking[0])
         temperature = _get(request, "temperature")
         seed = _get(request, "seed")
-        words = question.split()
+        words = [
+            w for w in re.split(r"[ \t\r\n]+", question) if w
+        ]  # ASCII whitespace: U+2028 stays in a word
         delay = 0.0
         if words and words[0] == "fail":
             raise ValueError("max_tokens: the fixture was asked to fail")
@@ -91,7 +94,7 @@ class TritonPythonModel:
         tokens = [("r", w) for w in reasoning] + [("t", w) for w in answer]
         finish = "length" if len(tokens) > max_tokens else "stop"
         tokens = tokens[:max_tokens]
-        num_input = len(question.split()) + 10 * len(images)
+        num_input = len(words) + 10 * len(images)
         first = None
         text, reason = [], []
         for i, (kind, word) in enumerate(tokens):
