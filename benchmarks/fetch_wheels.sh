@@ -9,6 +9,7 @@
 #   fastapi, starlette, uvicorn, python-multipart, annotated-doc, opentelemetry-api  the gateway, for
 #                     benchmarks.soak (0.4 MB; fastapi 0.165 imports opentelemetry at start)
 #   python-rapidjson  imported by tritonclient.grpc (1.8 MB)
+#   jsonschema, jsonschema-specifications, referencing, rpds-py, attrs  the structured-output GPU tests (0.5 MB)
 #   nvidia-pytriton   only for the Triton 2.51 server it bundles; slimmed here: the stubs for Pythons other
 #                     than 3.12 and the libpython3.13 they need are dropped (55 MB -> 40 MB)
 #   grpcio, protobuf  only with WITH_GRPC=1 (7.7 MB): tritonclient 2.73's generated code needs grpcio >= 1.81.1
@@ -80,6 +81,9 @@ EOF
 
 download "$DEST" tritonclient==2.73.0 python-rapidjson==1.25
 # the gateway, for benchmarks.soak (pydantic comes from llm/; the machine has httpx, anyio, h11, click)
+# jsonschema and its dependencies, for the structured-output tests (pytest -m gpu)
+download "$DEST" jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 \
+  attrs==26.1.0
 download "$DEST" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34 annotated-doc==0.0.7 \
   opentelemetry-api==1.45.2
 if [ "${WITH_GRPC:-0}" = 1 ]; then

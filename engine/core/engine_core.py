@@ -10,6 +10,8 @@ with "abort" and ``error`` set; the core keeps serving the others.
 Decode steps run one ahead of the host where they can: a decode-only step that replays a CUDA graph is
 launched without waiting for its tokens; the next step is launched (its input tokens still on the GPU)
 before the first one's tokens are read, so the host's work for one step overlaps the GPU's for the next.
+With a grammar in the batch the next step's forward is launched first, the previous tokens are read and
+the grammars' masks filled while it runs, and then it is sampled.
 """
 
 from __future__ import annotations
@@ -79,14 +81,15 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         pending, self._pending = self._pending, None
         if pending is not None:
+            resolved = None
             if not new_seqs and not aborted:
-                ahead = self._run_ahead(pending)
+                ahead, resolved = self._run_ahead(pending)
                 if ahead is not None:
-                    outputs = self._resolve(pending)
+                    outputs = resolved if resolved is not None else self._resolve(pending)
                     self._pending = ahead
                     self._record_step(outputs, started, len(ahead.seqs), 1)
                     return outputs
-            outputs = self._resolve(pending)
+            outputs = resolved if resolved is not None else self._resolve(pending)
         for seq in new_seqs:
             if seq.image_patches is not None:
                 self.vision.add(seq)
@@ -168,37 +171,49 @@ class EngineCore:
             logger.exception("[glm-engine] decode launch failed; running the step synchronously")
             return None
 
-    def _run_ahead(self, pending: PendingDecode) -> PendingDecode | None:
+    def _run_ahead(self, pending: PendingDecode) -> tuple[PendingDecode | None, list[RequestOutput] | None]:
         """Launch the decode step after ``pending`` before its tokens are read, when nothing else could be
-        scheduled: nothing waiting, every running sequence in ``pending``, each sampled ahead, and blocks
-        for one more position. Sequences that ``pending``'s token ends by length sit it out; one that
-        ends on a stop token or string runs one step for nothing (its result is dropped)."""
+        scheduled: nothing waiting, every running sequence in ``pending``, none with penalties or logprobs,
+        and blocks for one more position. Sequences that ``pending``'s token ends by length sit it out; one
+        that ends on a stop token or string runs one step for nothing (its result is dropped).
+
+        Returns (the launched step or None, ``pending``'s outputs if it was read here or None). When a
+        sequence's sampling needs its last token on the host (a grammar), ``pending`` is read while the new
+        step's forward runs, and the new step is sampled after that."""
         if (
             self.scheduler.waiting
             or not self.vision.is_idle
             or len(self.scheduler.running) != len(pending.seqs)
         ):
-            return None
+            return None, None
         sampler = self.runner.sampler
         seqs = []
         for seq in pending.seqs:
             if seq.status != SequenceStatus.RUNNING:
-                return None
+                return None, None
             if seq.num_output_tokens + 1 >= seq.sampling.max_tokens or len(seq) + 1 >= self.max_model_len:
                 continue
             if not sampler.can_run_ahead(seq):
-                return None
+                return None, None
             seqs.append(seq)
         blocks = self.block_manager
         if not seqs or sum(blocks.num_missing_blocks(seq, 2) for seq in seqs) > blocks.num_free_blocks:
-            return None
+            return None, None
         for seq in seqs:
             blocks.allocate(seq, 2)  # the position after pending's token
+        resolved: list[list[RequestOutput]] = []
+        before_sample = None
+        if any(sampler.needs_last_token(seq) for seq in seqs):
+
+            def before_sample() -> None:
+                resolved.append(self._resolve(pending))
+
         try:
-            return self.runner.launch_decode(seqs, previous=pending)
+            launched = self.runner.launch_decode(seqs, previous=pending, before_sample=before_sample)
         except Exception:
             logger.exception("[glm-engine] decode launch failed; running the next step synchronously")
-            return None
+            launched = None
+        return launched, (resolved[0] if resolved else None)
 
     def _resolve(self, pending: PendingDecode) -> list[RequestOutput]:
         """Read ``pending``'s tokens and apply them like a synchronous step (sequences that ended in the

@@ -25,7 +25,10 @@ Contract:
   * ``Sampler.sample_ids(logits, seqs, ahead)`` is the same without steps 1-2, returning the ids on the logits'
     device without waiting for the GPU (no host sync): the engine launches a decode step before the
     previous one's tokens reach the host, for sequences where ``can_run_ahead(seq)`` holds (no penalty:
-    steps 1-2 do nothing, no grammar, no logprobs); step 3 counts the ``ahead`` tokens still in flight.
+    steps 1-2 do nothing; no logprobs); step 3 counts the ``ahead`` tokens still in flight. A sequence with
+    a grammar can run ahead too, but its mask needs every earlier token on the host: its step's forward is
+    launched first, its previous token read while that forward runs, and only then is it sampled
+    (``ahead`` 0); ``needs_last_token(seq)`` says which sequences need that order.
 """
 
 from __future__ import annotations
@@ -153,16 +156,24 @@ class Sampler:
 
     @staticmethod
     def can_run_ahead(seq: SamplingSeq) -> bool:
-        """Whether a step of ``seq`` can be sampled before its previous token is known on the host:
-        penalties read the token history; min_tokens only its length, which `sample_ids` is told."""
+        """Whether a step of ``seq`` can be launched before its previous token is known on the host:
+        penalties read the token history; min_tokens only its length, which `sample_ids` is told; a
+        grammar only its last token, which must be on the host before the step is sampled (see
+        `needs_last_token`)."""
         sp = seq.sampling
         return (
             sp.repetition_penalty == 1.0
             and sp.presence_penalty == 0.0
             and sp.frequency_penalty == 0.0
             and sp.logprobs is None
-            and getattr(seq, "grammar", None) is None
         )
+
+    @staticmethod
+    def needs_last_token(seq: SamplingSeq) -> bool:
+        """Whether sampling ``seq`` needs its previous token on the host (a grammar that is still
+        deciding: its mask depends on it)."""
+        state = getattr(seq, "grammar", None)
+        return state is not None and not state.is_terminated
 
     @staticmethod
     def apply_grammars(logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
@@ -206,10 +217,20 @@ class Sampler:
 
     def sample_ids(self, logits: torch.Tensor, seqs: list[SamplingSeq], ahead: int = 0) -> torch.Tensor:
         """Token ids [num_seqs] on the logits' device, no host sync (every seq must `can_run_ahead`).
-        ``ahead``: tokens each sequence has beyond ``token_ids`` (sampled, not yet on the host)."""
+        ``ahead``: tokens each sequence has beyond ``token_ids`` (sampled, not yet on the host); it must
+        be 0 when a sequence `needs_last_token`. Grammar masks are filled on the host and applied on the
+        device."""
         logits = logits.float()
-        if any(len(s.token_ids) - s.num_prompt_tokens + ahead < s.sampling.min_tokens for s in seqs):
+        guided = any(self.needs_last_token(s) for s in seqs)
+        if guided and ahead:
+            raise ValueError(
+                "sample_ids: a sequence with a grammar needs its last token on the host (ahead=0)"
+            )
+        if guided or any(
+            len(s.token_ids) - s.num_prompt_tokens + ahead < s.sampling.min_tokens for s in seqs
+        ):
             logits = logits.clone()
+            self.apply_grammars(logits, seqs)
             self.apply_min_tokens(logits, seqs, ahead)
         return self._sample(logits, seqs)
 

@@ -148,16 +148,18 @@ _batch_matcher: Any = None
 def apply_grammars(logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> None:
     """In place: forbid for each row in ``rows`` (of ``logits`` [num_seqs, vocab]) what its grammar
     forbids. The masks are filled on the host in one batched call (a thread pool) and applied on the
-    logits' device in one pass."""
+    logits' device in one pass; on a GPU the mask is copied from pinned memory, so nothing here waits for
+    the GPU (the forward that produces ``logits`` may still be running)."""
     import xgrammar as xgr
 
     global _batch_matcher
     if _batch_matcher is None:
         _batch_matcher = xgr.BatchGrammarMatcher(max_threads=4)
     num_seqs, vocab_size = logits.shape
-    bitmask = xgr.allocate_token_bitmask(num_seqs, vocab_size)  # [num_seqs, ceil(vocab / 32)] int32, all 1
+    on_gpu = logits.device.type != "cpu"
+    # [num_seqs, ceil(vocab / 32)] int32, all bits set: rows outside ``rows`` allow every token
+    bitmask = torch.full((num_seqs, -(-vocab_size // 32)), -1, dtype=torch.int32, pin_memory=on_gpu)
     _batch_matcher.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask, indices=rows)
-    if logits.device.type != "cpu":
+    if on_gpu:
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    indices = None if len(rows) == num_seqs else rows
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=indices)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size)

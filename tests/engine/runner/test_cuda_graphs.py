@@ -299,8 +299,8 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
     want = run(make_engine(model, mc))
     ex = _split_engine(model, mc)
     ahead, launch = [], ex.runner.launch_decode
-    ex.runner.launch_decode = lambda seqs, previous=None: (
-        ahead.append(previous is not None) or launch(seqs, previous)
+    ex.runner.launch_decode = lambda seqs, previous=None, before_sample=None: (
+        ahead.append(previous is not None) or launch(seqs, previous, before_sample)
     )
     got = run(ex)
     assert got == want and want["gone"] == "abort"

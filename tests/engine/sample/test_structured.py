@@ -68,11 +68,16 @@ CLAUSE = {
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint, tmp_path_factory) -> LLMEngine:
+def engine_dir(tiny_checkpoint, tmp_path_factory):
     engine_dir = tmp_path_factory.mktemp("structured") / "engine"
     shutil.copytree(tiny_checkpoint, engine_dir)
     engine = {"block_size": 4, "num_kv_blocks": 2048, "max_model_len": 1024, "dtype": "float32"}
     (engine_dir / "engine_config.json").write_text(json.dumps({"engine": engine}))
+    return engine_dir
+
+
+@pytest.fixture(scope="module")
+def engine(engine_dir) -> LLMEngine:
     return LLMEngine.from_engine_dir(engine_dir, max_num_seqs=16)
 
 
@@ -180,14 +185,67 @@ def test_bad_guides_are_rejected_naming_the_field(engine, guide, message):
     assert not engine.has_unfinished()
 
 
-def test_guided_and_logprob_sequences_never_run_ahead(engine):
+def test_logprob_sequences_never_run_ahead_and_guided_ones_wait_for_their_last_token(engine):
     engine.add_request(GenerationRequest("g", [1, 2], SamplingParams(max_tokens=4), guide=Guide("json")))
     engine.add_request(GenerationRequest("l", [1, 2], SamplingParams(max_tokens=4, logprobs=0)))
     engine.add_request(GenerationRequest("p", [1, 2], SamplingParams(max_tokens=4)))
     seqs = {rid: engine._seqs[rid] for rid in ("g", "l", "p")}
-    assert [Sampler.can_run_ahead(seqs[rid]) for rid in ("g", "l", "p")] == [False, False, True]
+    assert [Sampler.can_run_ahead(seqs[rid]) for rid in ("g", "l", "p")] == [True, False, True]
+    assert [Sampler.needs_last_token(seqs[rid]) for rid in ("g", "l", "p")] == [True, False, False]
+    logits = torch.zeros(1, engine.model_config.vocab_size)
+    with pytest.raises(ValueError, match="needs its last token on the host"):
+        engine.runner.sampler.sample_ids(logits, [seqs["g"]], ahead=1)
     while engine.has_unfinished():
         engine.step()
+
+
+def test_guided_steps_run_ahead_and_give_the_same_tokens(engine, engine_dir):
+    """With decode steps launched ahead of the host, a batch with grammars runs ahead too: each step's
+    forward is launched before the previous tokens are read, and sampled once they are (masks filled
+    meanwhile). Every token equals the synchronous engine's, and every guided answer validates."""
+    from tests.engine.runner.test_cuda_graphs import _EagerDecodeGraphs
+
+    ahead = LLMEngine.from_engine_dir(engine_dir, max_num_seqs=16)
+    runner = ahead.runner
+    runner.graphs = _EagerDecodeGraphs(
+        runner.model,
+        runner.kv_caches,
+        runner.block_size,
+        max_num_seqs=16,
+        max_num_blocks_per_seq=1024 // runner.block_size,
+        scratch_block_id=runner.scratch_block_id,
+    )
+    launches, launch = [], runner.launch_decode
+    runner.launch_decode = lambda seqs, previous=None, before_sample=None: (
+        launches.append((previous is not None, before_sample is not None))
+        or launch(seqs, previous, before_sample)
+    )
+
+    def requests() -> list[GenerationRequest]:
+        schemas = [INVOICE, NESTED, CLAUSE]
+        return [
+            *(
+                GenerationRequest(
+                    f"g{i}", [5, 6, 7 + i], SamplingParams(max_tokens=300, seed=i),
+                    guide=Guide("json_schema", json.dumps(schemas[i % 3])),
+                )
+                for i in range(5)
+            ),
+            GenerationRequest("greedy", [9, 10], SamplingParams(max_tokens=300, temperature=0.0), guide=Guide("json")),
+            GenerationRequest("free", [9, 10], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)),
+            GenerationRequest("seeded", [11, 12], SamplingParams(max_tokens=30, seed=5, ignore_eos=True)),
+        ]  # fmt: skip
+
+    want = run(engine, requests())
+    got = run(ahead, requests())
+    assert got == want
+    for rid, (_, text, reason) in got.items():
+        if rid.startswith("g") and rid != "greedy":
+            assert reason == "stop", (rid, text)
+            jsonschema.validate(json.loads(text), [INVOICE, NESTED, CLAUSE][int(rid[1]) % 3])
+    assert isinstance(json.loads(got["greedy"][1]), dict)
+    assert sum(1 for previous, waited in launches if previous and waited) >= 10  # guided steps ran ahead
+    assert ahead.block_manager.num_used_blocks == 0
 
 
 def test_logprobs_match_a_transformers_forward(engine, hf_model):
@@ -242,3 +300,37 @@ def test_no_logprobs_unless_asked(engine):
 def test_logprobs_is_validated():
     with pytest.raises(ValueError, match=r"^logprobs: 21 is out of range \(must be None or in \[0, 20\]\)"):
         SamplingParams(logprobs=21).validate()
+
+
+@pytest.mark.gpu
+def test_guided_steps_run_ahead_on_cuda_graphs(engine_dir):
+    """On the GPU, guided decode steps replay CUDA graphs one step ahead (masks copied from pinned memory
+    while the forward runs) and give the tokens of the same engine stepping eagerly and synchronously."""
+    graphs = LLMEngine.from_engine_dir(engine_dir, max_num_seqs=16, device="cuda")
+    eager = LLMEngine.from_engine_dir(engine_dir, max_num_seqs=16, device="cuda")
+    eager.runner.graphs = eager.runner.prefill_graphs = None
+    launches, launch = [], graphs.runner.launch_decode
+    graphs.runner.launch_decode = lambda seqs, previous=None, before_sample=None: (
+        launches.append(before_sample is not None) or launch(seqs, previous, before_sample)
+    )
+
+    def requests() -> list[GenerationRequest]:
+        schemas = [INVOICE, NESTED, CLAUSE]
+        return [
+            *(
+                GenerationRequest(
+                    f"g{i}", [5, 6, 7 + i], SamplingParams(max_tokens=300, temperature=0.0),
+                    guide=Guide("json_schema", json.dumps(schemas[i % 3])),
+                )
+                for i in range(6)
+            ),
+            GenerationRequest("free", [9, 10], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)),
+        ]  # fmt: skip
+
+    got, want = run(graphs, requests()), run(eager, requests())
+    assert got == want
+    for i in range(6):
+        _, text, reason = got[f"g{i}"]
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), [INVOICE, NESTED, CLAUSE][i % 3])
+    assert sum(launches) >= 10
