@@ -47,7 +47,7 @@ def _request(ex, mc, size: tuple[int, int], rid: str, gen: torch.Generator):
         rid,
         ids,
         SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
-        image_patches=rgb,
+        image_pixels=rgb,
         image_grid_thw=grid,
         mrope_positions=positions,
         mrope_delta=delta,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         eager = [_first_step_ms(ex, _request(ex, mc, size, f"e{i}", gen)) for i in range(5)]
         ex.runner.prefill_graphs = prefill_graphs
         req = _request(ex, mc, size, "vit", gen)
-        pixels = ex.runner.patch_normalizer(req.image_patches, req.image_grid_thw)
+        pixels = ex.runner.patch_normalizer(req.image_pixels, req.image_grid_thw)
         graphs = _vit_graphs(ex, pixels, req.image_grid_thw)
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

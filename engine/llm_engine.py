@@ -6,10 +6,10 @@ drives ``ModelRunner``, the one door into the model; ``OutputProcessor`` turns s
 
 Contract:
   * ``add_request(req) -> request_id`` validates at once (ValueError naming the field: sampling params,
-    empty or too long prompt, image_embeds rows or image_patches/image_grid_thw vs image tokens,
+    empty or too long prompt, image_embeds rows or image_pixels/image_grid_thw vs image tokens,
     mrope_positions shape, duplicate id) and queues the request; it joins the running batch at the next
     step.
-  * Images come either encoded (``image_embeds``) or as patches (``image_patches`` uint8 RGB or float
+  * Images come either encoded (``image_embeds``) or as patches (``image_pixels`` uint8 RGB or float
     pixel values, with ``image_grid_thw``): the engine then runs the ViT itself, packing the patches of
     several requests into one forward just ahead of their prefill (``engine.core.vision_queue``). The
     embeddings stay on the device.
@@ -70,7 +70,7 @@ class LLMEngine:
         """Load the model (``weights_dir``; None: random weights of the config's shape, unless ``model``
         is given), size and allocate the KV cache, build the processors, core and runner.
         ``enforce_eager=True`` turns CUDA graphs off. ``image_processor_config``: the checkpoint's
-        preprocessor_config.json for uint8 ``image_patches``; None: CLIP mean/std and 1/255."""
+        preprocessor_config.json for uint8 ``image_pixels``; None: CLIP mean/std and 1/255."""
         self.model_config = model_config
         self.engine_config = engine_config
         device = torch.device(engine_config.device)

@@ -18,15 +18,15 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     image_embeds: torch.Tensor | None = None
     """[num_image_tokens, hidden], rows in prompt order."""
-    image_patches: torch.Tensor | None = None
+    image_pixels: torch.Tensor | None = None
     """The images for the engine to encode: uint8 RGB patches [num_patches, patch_dim], float pixel
     values [num_patches, patch_dim], or the resized RGB images flat [sum(H*W*3)] uint8 (stills; patchified
     and normalized on the device). Exclusive with image_embeds."""
     image_grid_thw: torch.Tensor | None = None
-    """[num_images, 3] (t, h, w) patches per image, with image_patches."""
+    """[num_images, 3] (t, h, w) patches per image, with image_pixels."""
     image_hashes: list[bytes] | None = None
     """Content hash of each image as the model sees it (resized pixels and their size), for the prefix and
-    image-embedding caches; None: the engine hashes image_patches itself (host tensors only)."""
+    image-embedding caches; None: the engine hashes image_pixels itself (host tensors only)."""
     mrope_positions: torch.Tensor | None = None
     """[3, prompt_len] int64; None: text-only (arange)."""
     mrope_delta: int = 0

@@ -91,7 +91,7 @@ class EngineCore:
                     return outputs
             outputs = resolved if resolved is not None else self._resolve(pending)
         for seq in new_seqs:
-            if seq.image_patches is not None:
+            if seq.image_pixels is not None:
                 self.vision.add(seq)
             else:
                 self.scheduler.add(seq)
@@ -137,7 +137,7 @@ class EngineCore:
             pending.tokens()  # let the launched step finish; its tokens are dropped with the requests
         for seq in new_seqs:
             self.scheduler.add(seq)  # scheduler.finish ends them; patches waiting for the ViT are dropped
-            seq.image_patches = seq.image_grid_thw = None
+            seq.image_pixels = seq.image_grid_thw = None
         outputs = []
         for seq in self.vision.drain():
             if seq.is_finished:
@@ -240,7 +240,7 @@ class EngineCore:
     def _end_before_scheduling(self, seq: Sequence, reason: str) -> None:
         self.block_manager.free(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-        seq.image_patches = seq.image_grid_thw = None
+        seq.image_pixels = seq.image_grid_thw = None
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         return self.output_processor.output(seq, self.scheduler.finish, error)

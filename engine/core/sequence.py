@@ -40,7 +40,7 @@ class Sequence:
         sampling: SamplingParams,
         *,
         image_embeds: torch.Tensor | None = None,
-        image_patches: torch.Tensor | None = None,
+        image_pixels: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         mrope_positions: torch.Tensor | None = None,
         mrope_delta: int = 0,
@@ -56,7 +56,7 @@ class Sequence:
         self.sampling = sampling
         self.image_embeds = image_embeds  # [num_image_tokens, hidden] in prompt order, or None
         # Images still to encode (the engine runs the ViT and sets image_embeds before scheduling):
-        self.image_patches = image_patches  # [num_patches, patch_dim] uint8 RGB or float pixel values
+        self.image_pixels = image_pixels  # [num_patches, patch_dim] uint8 RGB or float pixel values
         self.image_grid_thw = image_grid_thw  # [num_images, 3] int64
         self.mrope_positions = mrope_positions  # [3, num_prompt_tokens] int64, or None (text-only)
         self.mrope_delta = mrope_delta
@@ -87,7 +87,7 @@ class Sequence:
         self.num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
         self.missing_image_end = 0  # image tokens before this index have no embeddings (cache hit)
         self.image_input_offsets: list[tuple[int, int]] | None = (
-            None  # each image's [start, end) in image_patches
+            None  # each image's [start, end) in image_pixels
         )
         self._positions_np = None
         self.finish_reason: str | None = None

@@ -112,7 +112,7 @@ class VisionQueue:
                 images = []
                 for seq, i in jobs:
                     start, end = seq.image_input_offsets[i]
-                    images.append((seq.image_patches[start:end], seq.image_grid_thw[i : i + 1]))
+                    images.append((seq.image_pixels[start:end], seq.image_grid_thw[i : i + 1]))
                 vision.embeds, vision.ready = self.runner.encode_images(images)
         except Exception as exc:  # these requests end; the engine keeps serving the others
             return failed + self._fail(vision, exc)
@@ -163,7 +163,7 @@ class VisionQueue:
                 continue
             self.block_manager.free(seq)
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
-            seq.image_patches = seq.image_grid_thw = None
+            seq.image_pixels = seq.image_grid_thw = None
             failed.append((seq, f"vision encoder error: {exc}"))
         return failed
 
@@ -214,4 +214,4 @@ class VisionQueue:
         seq.image_embeds = parts[0] if len(parts) == 1 else torch.cat(parts)
         seq.missing_image_end = missing_end
         if not missing_end:
-            seq.image_patches = seq.image_grid_thw = None
+            seq.image_pixels = seq.image_grid_thw = None

@@ -84,7 +84,7 @@ class PatchNormalizer:
                 raise ValueError("image_grid_thw: needed to patchify flat RGB images")
             patches = self.patchify(patches, grid_thw)
         if patches.ndim != 2 or patches.shape[1] != self.patch_dim:
-            raise ValueError(f"image_patches: shape {tuple(patches.shape)} must be [N, {self.patch_dim}]")
+            raise ValueError(f"image_pixels: shape {tuple(patches.shape)} must be [N, {self.patch_dim}]")
         x = patches.to(self.mean.device, non_blocking=True).to(torch.float32) * self.rescale
         return (x - self.mean) / self.std
 

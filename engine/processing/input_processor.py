@@ -54,7 +54,7 @@ class InputProcessor:
         if bad is not None:
             raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
         num_image_tokens = prompt.count(self.model_config.image_token_id)
-        if req.image_patches is not None or req.image_grid_thw is not None:
+        if req.image_pixels is not None or req.image_grid_thw is not None:
             self._check_patches(req, num_image_tokens)
             num_rows = num_image_tokens
         else:
@@ -80,20 +80,20 @@ class InputProcessor:
         generator = None
         if req.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
-        has_patches = req.image_patches is not None and req.image_patches.shape[0] > 0
+        has_patches = req.image_pixels is not None and req.image_pixels.shape[0] > 0
         image_sizes = image_hashes = input_offsets = None
         if has_patches:
             grid = req.image_grid_thw
             merge_area = self.model_config.vision_config.spatial_merge_size**2
             image_sizes = [int(t * h * w) // merge_area for t, h, w in grid.tolist()]
-            input_offsets = self._image_input_offsets(req.image_patches, grid)
+            input_offsets = self._image_input_offsets(req.image_pixels, grid)
             image_hashes = self._image_hashes(req, input_offsets)
         seq = Sequence(
             req.request_id,
             prompt,
             req.sampling,
             image_embeds=req.image_embeds,
-            image_patches=req.image_patches if has_patches else None,
+            image_pixels=req.image_pixels if has_patches else None,
             image_grid_thw=req.image_grid_thw if has_patches else None,
             mrope_positions=req.mrope_positions,
             mrope_delta=int(req.mrope_delta),
@@ -128,12 +128,10 @@ class InputProcessor:
         vision = self.model_config.vision_config
         merge = vision.spatial_merge_size
         if req.image_embeds is not None:
-            raise ValueError(
-                "image_patches: give image_patches with image_grid_thw, or image_embeds, not both"
-            )
-        if req.image_patches is None or req.image_grid_thw is None:
-            missing = "image_grid_thw" if req.image_grid_thw is None else "image_patches"
-            raise ValueError(f"{missing}: image_patches and image_grid_thw go together")
+            raise ValueError("image_pixels: give image_pixels with image_grid_thw, or image_embeds, not both")
+        if req.image_pixels is None or req.image_grid_thw is None:
+            missing = "image_grid_thw" if req.image_grid_thw is None else "image_pixels"
+            raise ValueError(f"{missing}: image_pixels and image_grid_thw go together")
         grid = req.image_grid_thw
         if grid.ndim != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point:
             raise ValueError(
@@ -145,28 +143,28 @@ class InputProcessor:
                     f"image_grid_thw: {[t, h, w]} must have t, h, w >= 1 and h, w divisible by {merge}"
                 )
         num_patches = int(grid.prod(dim=1).sum()) if grid.shape[0] else 0
-        patches = req.image_patches
+        patches = req.image_pixels
         if patches.ndim == 1:  # the resized RGB images, flat: stills only
             if patches.dtype != torch.uint8:
-                raise ValueError(f"image_patches: flat RGB images must be uint8, not {patches.dtype}")
+                raise ValueError(f"image_pixels: flat RGB images must be uint8, not {patches.dtype}")
             if any(t != 1 for t in grid[:, 0].tolist()):
                 raise ValueError(f"image_grid_thw: flat RGB images are stills (t = 1), got {grid.tolist()}")
             expected = self._rgb_size(grid)
             if patches.shape[0] != expected:
                 raise ValueError(
-                    f"image_patches: {patches.shape[0]} bytes of RGB, image_grid_thw {grid.tolist()} needs "
+                    f"image_pixels: {patches.shape[0]} bytes of RGB, image_grid_thw {grid.tolist()} needs "
                     f"{expected}"
                 )
         elif tuple(patches.shape) != (num_patches, vision.patch_dim):
             raise ValueError(
-                f"image_patches: shape {tuple(patches.shape)} must be [{num_patches}, {vision.patch_dim}] "
+                f"image_pixels: shape {tuple(patches.shape)} must be [{num_patches}, {vision.patch_dim}] "
                 f"for image_grid_thw {grid.tolist()}"
             )
         if patches.dtype != torch.uint8 and not patches.dtype.is_floating_point:
-            raise ValueError(f"image_patches: dtype {patches.dtype} must be uint8 or floating point")
+            raise ValueError(f"image_pixels: dtype {patches.dtype} must be uint8 or floating point")
         if num_patches // merge**2 != num_image_tokens:
             raise ValueError(
-                f"image_patches: {num_patches // merge**2} image tokens for {num_image_tokens} image tokens "
+                f"image_pixels: {num_patches // merge**2} image tokens for {num_image_tokens} image tokens "
                 f"(id {self.model_config.image_token_id}) in prompt_token_ids"
             )
 
@@ -194,7 +192,7 @@ class InputProcessor:
                     f"image_hash: {len(hashes)} hashes for {grid.shape[0]} images (one non-empty hash each)"
                 )
             return hashes
-        patches = req.image_patches
+        patches = req.image_pixels
         if patches.device.type != "cpu":
             return None
         data = patches.contiguous().view(torch.uint8).numpy() if patches.dtype != torch.uint8 else None

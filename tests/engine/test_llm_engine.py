@@ -187,7 +187,7 @@ def image_request(mc, request_id: str, grids: list[tuple[int, int, int]], seed: 
     return ids, patches.to(torch.uint8), grid, positions, delta
 
 
-def test_image_patches_encoded_in_the_engine_match_precomputed_embeds(model, model_config):
+def test_image_pixels_encoded_in_the_engine_match_precomputed_embeds(model, model_config):
     """uint8 patches: normalized like the image processor, encoded in packed ViT forwards across
     requests (budget of 2 images' patches per forward), same tokens as embeds encoded up front."""
     from engine.runner.model_runner import CLIP_MEAN, CLIP_STD
@@ -208,7 +208,7 @@ def test_image_patches_encoded_in_the_engine_match_precomputed_embeds(model, mod
                 f"p{i}",
                 ids,
                 greedy(6),
-                image_patches=patches,
+                image_pixels=patches,
                 image_grid_thw=grid,
                 mrope_positions=positions,
                 mrope_delta=delta,
@@ -242,43 +242,43 @@ def test_flat_rgb_images_patchified_in_the_engine_give_the_same_tokens(model, mo
         ex,
         {
             0: [
-                GenerationRequest("flat", ids, greedy(6), image_patches=rgb, **common),
-                GenerationRequest("rows", ids, greedy(6), image_patches=patches, **common),
+                GenerationRequest("flat", ids, greedy(6), image_pixels=rgb, **common),
+                GenerationRequest("rows", ids, greedy(6), image_pixels=patches, **common),
             ]
         },
     )
     assert tokens(outputs["flat"]) == tokens(outputs["rows"])
     bad = [
-        ({"image_patches": rgb[:-1]}, r"^image_patches: 16463 bytes of RGB, image_grid_thw .* needs 16464"),
-        ({"image_patches": rgb.to(torch.int16)}, r"^image_patches: flat RGB images must be uint8"),
+        ({"image_pixels": rgb[:-1]}, r"^image_pixels: 16463 bytes of RGB, image_grid_thw .* needs 16464"),
+        ({"image_pixels": rgb.to(torch.int16)}, r"^image_pixels: flat RGB images must be uint8"),
         (
             {"image_grid_thw": torch.tensor([[2, 4, 6], [1, 2, 2]])},
             r"^image_grid_thw: flat RGB images are stills",
         ),
     ]
     for change, match in bad:
-        kwargs = {**common, "image_patches": rgb, **change}
+        kwargs = {**common, "image_pixels": rgb, **change}
         with pytest.raises(ValueError, match=match):
             ex.add_request(GenerationRequest("bad", ids, greedy(2), **kwargs))
 
 
-def test_image_patches_rejected_with_the_field_named(model, model_config):
+def test_image_pixels_rejected_with_the_field_named(model, model_config):
     mc = model_config
     ex = make_engine(model, mc)
     ids, patches, grid, positions, delta = image_request(mc, "x", [(1, 4, 4)], seed=0)
 
     def req(**kwargs):
-        base = {"image_patches": patches, "image_grid_thw": grid, "mrope_positions": positions}
+        base = {"image_pixels": patches, "image_grid_thw": grid, "mrope_positions": positions}
         return GenerationRequest("x", ids, greedy(2), **{**base, **kwargs})
 
     cases = [
-        (req(image_grid_thw=None), r"^image_grid_thw: image_patches and image_grid_thw go together"),
-        (req(image_patches=None), r"^image_patches: image_patches and image_grid_thw go together"),
+        (req(image_grid_thw=None), r"^image_grid_thw: image_pixels and image_grid_thw go together"),
+        (req(image_pixels=None), r"^image_pixels: image_pixels and image_grid_thw go together"),
         (req(image_grid_thw=torch.tensor([[1, 3, 4]])), r"^image_grid_thw: \[1, 3, 4\] must have"),
-        (req(image_patches=patches[:-1]), r"^image_patches: shape \(15, 1176\) must be \[16, 1176\]"),
-        (req(image_grid_thw=torch.tensor([[1, 4, 8]])), r"^image_patches: shape \(16, 1176\) must be \[32,"),
-        (req(image_patches=patches.to(torch.int32)), r"^image_patches: dtype torch.int32 must be uint8"),
-        (req(image_embeds=torch.zeros(4, mc.hidden_size)), r"^image_patches: give image_patches .* not both"),
+        (req(image_pixels=patches[:-1]), r"^image_pixels: shape \(15, 1176\) must be \[16, 1176\]"),
+        (req(image_grid_thw=torch.tensor([[1, 4, 8]])), r"^image_pixels: shape \(16, 1176\) must be \[32,"),
+        (req(image_pixels=patches.to(torch.int32)), r"^image_pixels: dtype torch.int32 must be uint8"),
+        (req(image_embeds=torch.zeros(4, mc.hidden_size)), r"^image_pixels: give image_pixels .* not both"),
     ]
     for bad, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -528,7 +528,7 @@ def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_
         references[f"v{i}"] = reference_greedy(model, mc, ids, 6, embeds, positions, delta)
         images.append(
             GenerationRequest(
-                f"v{i}", ids, greedy(6), image_patches=patches, image_grid_thw=grid,
+                f"v{i}", ids, greedy(6), image_pixels=patches, image_grid_thw=grid,
                 mrope_positions=positions, mrope_delta=delta,
             )
         )  # fmt: skip
@@ -544,7 +544,7 @@ def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_
     ex.step()
     ex.add_request(
         GenerationRequest(
-            "gone", ids, greedy(4), image_patches=patches, image_grid_thw=grid, mrope_positions=positions,
+            "gone", ids, greedy(4), image_pixels=patches, image_grid_thw=grid, mrope_positions=positions,
             mrope_delta=delta,
         )
     )  # fmt: skip

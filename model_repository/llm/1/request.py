@@ -185,7 +185,7 @@ def parse_request(
         prompt_token_ids=prompt.tolist(),
         sampling=sampling,
         image_embeds=image_embeds,
-        image_patches=image_rgb,  # the engine patchifies flat RGB on its device
+        image_pixels=image_rgb,  # the engine patchifies flat RGB on its device
         image_grid_thw=image_grid_thw,
         mrope_positions=mrope_positions,
         mrope_delta=int(_scalar(request, "mrope_position_deltas", 0)),

@@ -36,7 +36,7 @@ def image_prompt(
     positions, delta = get_mrope_positions(ids, grid, mc)
     patches = torch.cat([p for p, _ in images])
     return ids, {
-        "image_patches": patches,
+        "image_pixels": patches,
         "image_grid_thw": grid,
         "mrope_positions": positions,
         "mrope_delta": delta,

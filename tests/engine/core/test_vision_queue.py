@@ -32,7 +32,7 @@ def image_req(mc, request_id: str, grids, seed: int) -> GenerationRequest:
         request_id,
         ids,
         greedy(3),
-        image_patches=patches,
+        image_pixels=patches,
         image_grid_thw=grid,
         mrope_positions=positions,
         mrope_delta=delta,

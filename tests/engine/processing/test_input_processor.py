@@ -49,7 +49,7 @@ def request(mc, grids, pixels, **kwargs) -> GenerationRequest:
         "r",
         image_prompt(mc, grids),
         SamplingParams(max_tokens=2),
-        image_patches=pixels,
+        image_pixels=pixels,
         image_grid_thw=torch.tensor(grids),
         **kwargs,
     )
@@ -96,7 +96,7 @@ def test_flat_rgb_of_the_wrong_size_names_the_bytes_needed(model_config):
     grids = [(1, 4, 4)]
     pixels = flat_rgb(mc, grids, seed=2)
     with pytest.raises(
-        ValueError, match=rf"^image_patches: {pixels.numel() - 1} bytes of RGB, image_grid_thw"
+        ValueError, match=rf"^image_pixels: {pixels.numel() - 1} bytes of RGB, image_grid_thw"
     ):
         processor(mc).process(request(mc, grids, pixels[:-1]))
 

@@ -333,7 +333,7 @@ def test_flat_rgb_of_several_images_patchified_like_the_processor(pre: Preproces
     np.testing.assert_allclose(pixel_values, ref["pixel_values"], rtol=0, atol=1e-6)
     patches = pre.normalizer.patchify(torch.from_numpy(rgb), torch.from_numpy(grid))  # uint8 patches
     np.testing.assert_array_equal(pixel_values, pre.normalizer(patches).numpy())
-    with pytest.raises(ValueError, match=r"^image_patches: shape \(3, 1175\) must be \[N, 1176\]"):
+    with pytest.raises(ValueError, match=r"^image_pixels: shape \(3, 1175\) must be \[N, 1176\]"):
         pre.normalizer(torch.zeros(3, 1175, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"^image_grid_thw: needed to patchify flat RGB images"):
         pre.normalizer(torch.from_numpy(rgb))

@@ -141,7 +141,7 @@ def test_split_steps_give_the_reference_tokens(model, model_config) -> None:  # 
     pixels = ex.runner.patch_normalizer(patches, grid)
     image_ref = reference_greedy(model, mc, ids, 6, model.encode_images(pixels, grid), positions, delta)
     image = GenerationRequest(
-        "img", ids, greedy(6), image_patches=patches, image_grid_thw=grid, mrope_positions=positions,
+        "img", ids, greedy(6), image_pixels=patches, image_grid_thw=grid, mrope_positions=positions,
         mrope_delta=delta,
     )  # fmt: skip
     reqs = [
@@ -213,7 +213,7 @@ def test_decode_graph_inputs_equal_the_eager_step(model, model_config) -> None: 
     ex = make_engine(model, mc, max_num_seqs=8)  # no graphs: the steps below run synchronously
     ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=1)
     reqs = [
-        GenerationRequest("img", ids, greedy(9, ignore_eos=True), image_patches=patches, image_grid_thw=grid,
+        GenerationRequest("img", ids, greedy(9, ignore_eos=True), image_pixels=patches, image_grid_thw=grid,
                           mrope_positions=positions, mrope_delta=delta),
         GenerationRequest("a", prompt(1, 7), greedy(9, ignore_eos=True)),
         GenerationRequest("b", prompt(2, 30), greedy(9, ignore_eos=True)),
@@ -364,7 +364,7 @@ def test_prefix_hits_and_prompt_chunks_replay_context_graphs(model, model_config
     pixels = ex.runner.patch_normalizer(patches, grid)
     embeds = model.encode_images(pixels, grid)
     common = {
-        "image_patches": patches,
+        "image_pixels": patches,
         "image_grid_thw": grid,
         "mrope_positions": positions,
         "mrope_delta": delta,
