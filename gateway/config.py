@@ -27,7 +27,11 @@ class ConfigError(ValueError):
 class GatewayConfig:
     """Settings of the OpenAI-compatible gateway."""
 
-    triton_url: str = "localhost:8001"  # Triton gRPC address
+    triton_url: str = (
+        "localhost:8001"  # Triton gRPC address; several comma-separated: see gateway/backends.py
+    )
+    backend_load_factor: float = 1.25  # several servers: a server takes at most this x its share of requests
+    backend_retry_s: float = 5.0  # several servers: an unreachable one is tried last for this long
     triton_model: str = "ensemble"  # Triton model answering requests
     served_model_name: str = "glm-4.6v-flash"  # the model id clients send and /v1/models lists
     host: str = "0.0.0.0"
@@ -70,6 +74,14 @@ class GatewayConfig:
         for name in ("image_url_timeout_s", "request_timeout_s", "readiness_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.triton_urls:
+            raise ConfigError("triton_url must name at least one Triton gRPC address (host:port)")
+        if len(set(self.triton_urls)) != len(self.triton_urls):
+            raise ConfigError(f"triton_url names a server twice: {self.triton_url}")
+        if self.backend_load_factor < 1:
+            raise ConfigError(f"backend_load_factor must be >= 1, got {self.backend_load_factor}")
+        if self.backend_retry_s < 0:
+            raise ConfigError(f"backend_retry_s must be >= 0, got {self.backend_retry_s}")
         if self.max_tokens_default > self.max_tokens_limit:
             raise ConfigError(
                 f"max_tokens_default ({self.max_tokens_default}) is over max_tokens_limit ({self.max_tokens_limit})"
@@ -78,6 +90,11 @@ class GatewayConfig:
             raise ConfigError(f"port must be <= 65535, got {self.port}")
         if any(not k for k in self.api_keys):
             raise ConfigError("api_keys must not contain empty keys")
+
+    @property
+    def triton_urls(self) -> tuple[str, ...]:
+        """The Triton servers of ``triton_url`` (comma-separated), in the order given."""
+        return tuple(url.strip() for url in self.triton_url.split(",") if url.strip())
 
     @classmethod
     def from_sources(

@@ -50,6 +50,24 @@ class GatewayMetrics:
             "<|begin_of_box|> / <|end_of_box|> markers removed from answers",
             registry=self.registry,
         )
+        self.backend_requests = Counter(
+            "glmv_gateway_backend_requests",
+            "Chat requests answered by each Triton server (several: the one an image's requests prefer)",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.backend_in_flight = Gauge(
+            "glmv_gateway_backend_requests_in_flight",
+            "Chat requests sent to each Triton server and not finished",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "glmv_gateway_backend_failovers",
+            "Requests moved to the next Triton server because this one could not be reached",
+            ("backend",),
+            registry=self.registry,
+        )
         self.disconnects = Counter(
             "glmv_gateway_client_disconnects",
             "Chat requests cancelled because the client went away",

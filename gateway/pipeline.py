@@ -4,7 +4,8 @@ Contract:
 - ``answer_chat(gw, request, parsed=None) -> Response`` answers ``POST /v1/chat/completions`` and the seed
   API's routes (which pass the ChatRequest they parsed): auth (401) → rate limit (429 + Retry-After) → body
   cap (413) → parse (400/404) → prompt guard (400 ``prompt_rejected``) → images (413/400) → response cache
-  → Triton over gRPC streaming through ``glmv_client``. A client that goes away cancels its gRPC stream,
+  → Triton over gRPC streaming through ``glmv_client``, on the server the request's affinity key prefers
+  (gateway/backends.py). A client that goes away cancels its gRPC stream,
   which cancels the request in the engine; gone before the answer, it gets 499. An error before the first
   byte is its ApiError (gateway/errors.py), after it an error event and ``[DONE]``. The request counts in
   ``glmv_gateway_requests_in_flight`` until its last byte.
@@ -32,6 +33,7 @@ from glmv_client.errors import GlmvError
 from glmv_client.results import Timings, Usage
 from starlette.background import BackgroundTask
 
+from .backends import affinity_key
 from .cache import cache_key
 from .compat import is_seed_chat, parse_seed_chat
 from .disconnect import ClientDisconnected, unless_disconnected, wait_for_disconnect
@@ -168,10 +170,10 @@ async def _complete(
 ) -> Response:
     answer, logprobs = lookup.answer, []
     if answer is None:
-        assert gw.client is not None
         try:
             result = await unless_disconnected(
-                request, gw.client.analyze(images, req.prompt, **triton_kwargs(req))
+                request,
+                gw.analyze(affinity_key(images, req.messages), images, req.prompt, **triton_kwargs(req)),
             )
         except ClientDisconnected:
             gw.metrics.disconnects.inc()
@@ -256,10 +258,9 @@ async def _produce(
         usage = Usage(cached["usage"]["prompt_tokens"], cached["usage"]["completion_tokens"])
         await events.put(Finish(cached["finish_reason"], usage, Timings(ttft=0.0, total=0.0)))
         return
-    assert gw.client is not None
     stream = None
     try:
-        stream = gw.client.stream(images, req.prompt, **triton_kwargs(req))
+        stream = gw.stream(affinity_key(images, req.messages), images, req.prompt, **triton_kwargs(req))
         async for item in stream:
             await events.put(item)
     except Exception as exc:  # handed to the response (before or after its first byte)
