@@ -7,7 +7,9 @@
 #   PART=2  benchmarks.soak on the full-size shape (mixed load, cancellations and bad input through the
 #           gateway and Triton; RSS over time), then OLD_TREE (a snapshot of another commit, if given) and
 #           this tree on the same few sub-phases, then OLD_TREE's context-graph GPU test;
-#   PART=3  the harness with the prefix and image caches off on the sub-phases the caches change.
+#   PART=3  the harness with the prefix and image caches off on the sub-phases the caches change;
+#   PART=4  (two GPUs) benchmarks.multi_gpu: Triton's spread over one llm per GPU, then one server per GPU
+#           behind the gateway's image affinity.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
 #   OUT=/some/dir GLMV_COMMIT=$(git rev-parse --short HEAD) PART=1 bash benchmarks/gpu_session.sh
 # Results land under $OUT (packed into gpu_session.tar.gz beside the short texts); the multi-GPU run needs a
@@ -59,6 +61,16 @@ elif [ "$PART" = 2 ]; then
     (cd "$tree" && timeout 90 python3 -m pytest -q -m gpu tests/engine -k "${TEST_K:-context_graphs_match_eager}" \
       >"$OUT/pytest_gpu_$name.txt" 2>&1; echo "$name: $(tail -n 1 "$OUT/pytest_gpu_$name.txt")")
   done
+elif [ "$PART" = 4 ]; then
+  # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
+  # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions
+  # per image: the prefix-cache hit rate with image affinity)
+  timeout 280 python3 -m benchmarks.multi_gpu --out "$OUT/multi_gpu/triton" --placement triton \
+    --workload unique,reuse --client-processes 2 2>&1 | grep -v '^\[c='
+  pkill -f tritonserver; sleep 3
+  timeout $(($(left) - 10)) python3 -m benchmarks.multi_gpu --out "$OUT/multi_gpu/gateway" --placement gateway \
+    --workload reuse --client-processes 2 2>&1 | grep -v '^\[c='
+  pkill -f tritonserver; pkill -f "m gateway"
 else
   timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
     --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
@@ -66,6 +78,6 @@ else
 fi
 # One archive of everything written above, beside the short texts.
 parts=()
-for d in cache_on cache_off ttft soak ab; do [ -d "$OUT/$d" ] && parts+=("$d"); done
+for d in cache_on cache_off ttft soak ab multi_gpu; do [ -d "$OUT/$d" ] && parts+=("$d"); done
 tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" "${parts[@]}"
-rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab"
+rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab" "$OUT/multi_gpu"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from benchmarks.multi_gpu import instance_counters, per_instance_summary
 
 BODY = """# HELP glmv_requests_finished_total Requests finished, by finish_reason
@@ -41,3 +45,23 @@ def test_summary_is_the_difference_between_two_scrapes() -> None:
         "llm_0_0": {"requests": 40.0, "mean_itl_ms": 13.333, "mean_engine_ttft_ms": 100.0},
         "llm_0_1": {"requests": 24.0, "mean_itl_ms": None, "mean_engine_ttft_ms": None},
     }
+
+
+@pytest.mark.slow
+def test_gateway_placement_runs_on_cpu_servers(tmp_path) -> None:
+    """`--placement gateway --workload reuse` with the tiny engine on two CPU servers: every request of the
+    four-questions-per-image workload answered through the gateway, both servers used, hit rates reported."""
+    from benchmarks.multi_gpu import main
+
+    args = ["--out", str(tmp_path), "--preset", "tiny", "--device", "cpu", "--placement", "gateway"]
+    args += ["--workload", "reuse", "--gpus", "2", "--concurrency-per-gpu", "2", "--images", "3"]
+    args += ["--image-size", "112x112", "--max-tokens", "4"]
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "multi_gpu.json").read_text())
+    one, two = doc["runs"]
+    assert (one["placement"], one["target"], one["gpus"], two["gpus"]) == ("gateway", "openai", "0", "0,1")
+    assert (one["requests"], one["errors"], two["requests"], two["errors"]) == (12, 0, 24, 0)
+    assert 0 < one["cache_hit_rate"] < 1 and 0 < two["cache_hit_rate"] < 1
+    assert sorted(two["requests_per_llm_instance"]) == ["server0/llm_0_0", "server1/llm_0_0"]
+    assert sum(two["requests_per_llm_instance"].values()) == 24
+    assert doc["scaling"]["reuse"]["rps"] > 0 and one["workload"]["kind"] == "reuse"

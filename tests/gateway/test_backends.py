@@ -135,7 +135,7 @@ def ensemble_requests(server) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-def png(seed: int) -> str:
+def png_bytes(seed: int) -> bytes:
     from PIL import Image
 
     img = Image.new("RGB", (56, 56))
@@ -148,7 +148,25 @@ def png(seed: int) -> str:
     )
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def images_for(urls: list[str], per_server: int) -> dict[str, list[bytes]]:
+    """``per_server`` images that each server of ``urls`` is first in line for."""
+    order = Backends(urls, AsyncClient)
+    chosen: dict[str, list[bytes]] = {url: [] for url in urls}
+    seed = 0
+    while any(len(v) < per_server for v in chosen.values()):
+        seed += 1
+        data = png_bytes(seed)
+        first = order.order(affinity_key([data], []))[0].url
+        if len(chosen[first]) < per_server:
+            chosen[first].append(data)
+    return chosen
 
 
 def ask(openai_client, image: str, question: str, stream: bool):
@@ -182,45 +200,44 @@ def test_an_images_questions_go_to_one_server_and_move_when_it_goes_away(
     openai = pytest.importorskip("openai")
     from build_engine.launcher import TritonServer
 
-    images = [png(seed + 1) for seed in range(8)]
     with TritonServer(tiny_repo, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "a.log") as a:
         b = TritonServer(tiny_repo, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "b.log")
         with b:
-            config = GatewayConfig(triton_url=f"{a.grpc_url},{b.grpc_url}", cache_size=0, readiness_ttl_s=0)
+            chosen = images_for([a.grpc_url, b.grpc_url], 3)  # 3 images first in line for each server
+            images = [(url, data) for url, datas in chosen.items() for data in datas]
+            config = GatewayConfig(
+                triton_url=f"{a.grpc_url},{b.grpc_url}", cache_size=0, readiness_ttl_s=0, backend_retry_s=600
+            )
             with gateway_server_class(config) as gateway:
                 client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
-                served_by: dict[int, set[str]] = {}
-                for i, image in enumerate(images):
+                for i, (url, data) in enumerate(images):
                     cached = []
                     for turn, question in enumerate(
                         ["what is this?", "what colour is it?", "is there text?"]
                     ):
                         before = {s.grpc_url: ensemble_requests(s) for s in (a, b)}
-                        usage = ask(client, image, QUESTION + question, stream=turn % 2 == 1)
+                        usage = ask(client, data_uri(data), QUESTION + question, stream=turn % 2 == 1)
                         after = {s.grpc_url: ensemble_requests(s) for s in (a, b)}
-                        served_by.setdefault(i, set()).update(
-                            url for url in after if after[url] > before[url]
-                        )
+                        assert [s for s in after if after[s] > before[s]] == [url], (i, turn)
                         cached.append(usage.prompt_tokens_details.cached_tokens)
                     # the first question reuses at most the chat template's opening; the next ones the image too
                     assert cached[1] > cached[0] and cached[2] > cached[0], (i, cached)
-                assert all(len(urls) == 1 for urls in served_by.values()), served_by
-                assert {url for urls in served_by.values() for url in urls} == {a.grpc_url, b.grpc_url}
                 metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
                 for server in (a, b):
-                    expected = 3 * sum(server.grpc_url in urls for urls in served_by.values())
-                    assert metric(metrics, "glmv_gateway_backend_requests_total", server.grpc_url) == expected
+                    assert metric(metrics, "glmv_gateway_backend_requests_total", server.grpc_url) == 9
 
                 b.stop()  # b goes away while the gateway runs
-                for i, image in enumerate(images):
-                    assert ask(client, image, "and now?", stream=i % 2 == 0).completion_tokens > 0
+                for i, (_, data) in enumerate(images):  # b's images too: each moves to a at once
+                    assert ask(client, data_uri(data), "and now?", stream=i % 2 == 0).completion_tokens > 0
+                    assert b.process is not None and b.process.poll() is not None
                 ready = httpx.get(gateway.url + "/readyz", timeout=60)
                 assert ready.status_code == 200, ready.text
                 reason = ready.json()["reason"]
                 assert reason.startswith("ready on 1 of 2 Triton servers; "), reason
                 assert f"{b.grpc_url}: Triton at {b.grpc_url}" in reason
                 metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
-                assert metric(metrics, "glmv_gateway_backend_failovers_total", b.grpc_url) >= 1
+                assert metric(metrics, "glmv_gateway_backend_failovers_total", b.grpc_url) == 1  # then down
+                assert metric(metrics, "glmv_gateway_backend_requests_total", a.grpc_url) == 9 + 6
 
 
 def metric(text: str, name: str, backend: str) -> float:
