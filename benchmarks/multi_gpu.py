@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--placement", choices=("triton", "gateway"), default="triton")
     ap.add_argument("--image-size", default="1288x728")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of each unique-image run")
-    ap.add_argument("--pool-size", type=int, default=256, help="distinct images per GPU of a unique-image run")
+    ap.add_argument(
+        "--pool-size", type=int, default=256, help="distinct images per GPU of a unique-image run"
+    )
     ap.add_argument("--images", type=int, default=64, help="reuse: images per GPU")
     ap.add_argument("--questions-per-image", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
