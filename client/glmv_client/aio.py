@@ -32,7 +32,7 @@ from .client import (
 from .errors import RequestTimeoutError, ServerError, ServerUnavailableError
 from .images import ImageLike
 from .request import GenerateRequest, build_request, generate_json
-from .results import Assembler, Delta, Finish, Response, Result, aevent_lines, response_from_tensors
+from .results import Assembler, Delta, Finish, Response, Result, aevent_lines, response_from_grpc
 
 
 class AsyncClient(ClientSettings):
@@ -197,7 +197,7 @@ class AsyncClient(ClientSettings):
                     raise _aio_rpc_error(exc) from None
                 if error is not None:
                     raise error
-                resp = response_from_tensors(result.as_numpy)
+                resp = response_from_grpc(result.get_response())
                 yield resp
                 if resp.finish_reason:
                     is_done = True

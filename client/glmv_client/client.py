@@ -39,8 +39,8 @@ from .results import (
     Response,
     Result,
     event_lines,
+    response_from_grpc,
     response_from_json,
-    response_from_tensors,
 )
 
 OUTPUTS = (
@@ -276,7 +276,7 @@ class Client(ClientSettings):
                     ) from None
                 if error is not None:
                     raise error
-                resp = response_from_tensors(result.as_numpy)
+                resp = response_from_grpc(result.get_response())
                 yield resp
                 if resp.finish_reason:
                     is_done = True

@@ -99,3 +99,58 @@ def test_server_error_field_parsing():
     assert field_of("Stub process 'ensemble_0_0' is not healthy.") is None
     assert ServerError("top_p: bad").is_invalid_request
     assert not ServerError("engine crashed", status="StatusCode.INTERNAL").is_invalid_request
+
+
+def _infer_response(outputs: dict[str, np.ndarray]):
+    """A gRPC ModelInferResponse holding ``outputs`` as Triton serializes them."""
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
+
+    response = service_pb2.ModelInferResponse(model_name="ensemble", id="r1")
+    for name, array in outputs.items():
+        out = response.outputs.add(
+            name=name, datatype=np_to_triton_dtype(array.dtype), shape=list(array.shape)
+        )
+        out.name = name
+        if array.dtype != np.object_:
+            raw = array.tobytes()
+        else:  # a 0-d object array holding the length-prefixed bytes
+            raw = serialize_byte_tensor(array).item() if array.size else b""
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def test_grpc_responses_decode_as_tritonclient_reads_them():
+    from glmv_client.results import response_from_grpc
+    from tritonclient.grpc import InferResult
+
+    items = [{"token": "猫", "logprob": -0.5, "top_logprobs": []}]
+    outputs = {
+        "text_output": np.array(["一只\u2028猫 cat".encode()], dtype=np.object_),
+        "reasoning_output": np.array([b""], dtype=np.object_),
+        "finish_reason": np.array([b"stop"], dtype=np.object_),
+        "num_input_tokens": np.array([1236], dtype=np.int32),
+        "num_output_tokens": np.array([7], dtype=np.int32),
+        "num_cached_tokens": np.array([1216], dtype=np.int32),
+        "arrival_time_ns": np.array([1_764_800_000_123_456_789], dtype=np.int64),
+        "first_token_time_ns": np.array([1_764_800_000_223_456_789], dtype=np.int64),
+        "logprobs": np.array([json.dumps(items).encode()], dtype=np.object_),
+    }
+    response = _infer_response(outputs)
+    got = response_from_grpc(response)
+    result = InferResult(response)
+    assert got.text == result.as_numpy("text_output")[0].decode() == "一只\u2028猫 cat"
+    assert (got.reasoning, got.finish_reason) == ("", "stop")
+    assert (got.num_input_tokens, got.num_output_tokens, got.num_cached_tokens) == (1236, 7, 1216)
+    assert got.arrival_time_ns == int(result.as_numpy("arrival_time_ns")[0]) == 1_764_800_000_123_456_789
+    assert got.first_token_time_ns == 1_764_800_000_223_456_789
+    assert got.last_token_time_ns is None  # not sent
+    assert got.logprobs == tuple(items)
+
+    empty = response_from_grpc(_infer_response({"text_output": np.array([], dtype=np.object_)}))
+    assert (empty.text, empty.finish_reason, empty.num_output_tokens, empty.arrival_time_ns) == (
+        "",
+        "",
+        0,
+        None,
+    )
