@@ -171,3 +171,31 @@ def test_reuse_workloads_report_cache_hits(tiny_triton) -> None:
     assert [t.num_input_tokens for t in turns] == sorted(t.num_input_tokens for t in turns)
     assert turns[0].num_cached_tokens == 0 and all(t.num_cached_tokens > 0 for t in turns[1:])
     assert cache_hits(turns)["cached_tokens"] == sum(t.num_cached_tokens for t in turns)
+
+
+def test_gateway_overhead_counts_every_chunk(tmp_path: Path) -> None:
+    """benchmarks.gateway_overhead against the echo ensemble: every streamed chunk of every answer counted
+    (the words, 5 answer and 4 reasoning tokens of the echo model, the role and finish chunks)."""
+    from benchmarks.gateway_overhead import main
+
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path),
+                "--words",
+                "30",
+                "--requests",
+                "3",
+                "--concurrency",
+                "2",
+                "--repeats",
+                "2",
+            ]
+        )
+        == 0
+    )
+    doc = json.loads((tmp_path / "gateway_overhead.json").read_text())
+    assert [r["chunks"] for r in doc["runs"]] == [3 * (30 + 11)] * 2
+    assert all(r["gateway_cpu_us_per_chunk"] > 0 and r["chunks_per_s"] > 0 for r in doc["runs"])
+    assert (tmp_path / "gateway_overhead.png").stat().st_size > 0
