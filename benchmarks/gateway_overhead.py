@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.results import REPO_ROOT, make_meta
+from benchmarks.server import local_gateway
 
 ECHO_REPO = REPO_ROOT / "tests" / "client" / "fixture_repo"
 SERVED_MODEL = "glm-4.6v-flash"
@@ -64,53 +64,31 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from build_engine.launcher import TritonServer, free_port
+    from build_engine.launcher import TritonServer
 
     runs = []
-    with TritonServer(ECHO_REPO, http_port=0, grpc_port=0, metrics_port=0) as triton:
-        port = free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--triton-url", triton.grpc_url, "--port", str(port),
-             "--host", "127.0.0.1", "--cache-size", "0"],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if gateway.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the gateway did not start")
-                time.sleep(0.2)
-            asyncio.run(_stream_all(url, args.words, args.concurrency, args.concurrency))  # warm-up
-            for _ in range(args.repeats):
-                before = _cpu_seconds(gateway.pid)
-                chunks, seconds = asyncio.run(_stream_all(url, args.words, args.requests, args.concurrency))
-                cpu = _cpu_seconds(gateway.pid) - before
-                runs.append(
-                    {
-                        "chunks": chunks,
-                        "seconds": round(seconds, 3),
-                        "chunks_per_s": round(chunks / seconds, 1),
-                        "gateway_cpu_s": round(cpu, 3),
-                        "gateway_cpu_us_per_chunk": round(1e6 * cpu / chunks, 1),
-                    }
-                )
-                print(
-                    f"{chunks} chunks in {seconds:.2f} s: {chunks / seconds:.0f}/s, "
-                    f"gateway CPU {1e6 * cpu / chunks:.0f} us per chunk"
-                )
-        finally:
-            gateway.terminate()
-            gateway.wait(30)
+    with (
+        TritonServer(ECHO_REPO, http_port=0, grpc_port=0, metrics_port=0) as triton,
+        local_gateway([triton.grpc_url], args.out / "gateway.log", ["--cache-size", "0"]) as (url, gateway),
+    ):
+        asyncio.run(_stream_all(url, args.words, args.concurrency, args.concurrency))  # warm-up
+        for _ in range(args.repeats):
+            before = _cpu_seconds(gateway.pid)
+            chunks, seconds = asyncio.run(_stream_all(url, args.words, args.requests, args.concurrency))
+            cpu = _cpu_seconds(gateway.pid) - before
+            runs.append(
+                {
+                    "chunks": chunks,
+                    "seconds": round(seconds, 3),
+                    "chunks_per_s": round(chunks / seconds, 1),
+                    "gateway_cpu_s": round(cpu, 3),
+                    "gateway_cpu_us_per_chunk": round(1e6 * cpu / chunks, 1),
+                }
+            )
+            print(
+                f"{chunks} chunks in {seconds:.2f} s: {chunks / seconds:.0f}/s, "
+                f"gateway CPU {1e6 * cpu / chunks:.0f} us per chunk"
+            )
     per_chunk = [r["gateway_cpu_us_per_chunk"] for r in runs]
     return {
         "meta": make_meta(vars(args) | {"out": str(args.out)}, "echo ensemble (tests/client/fixture_repo)"),

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,10 +36,9 @@ from pathlib import Path
 from benchmarks.clients import RequestParams, make_target
 from benchmarks.corpus import Corpus
 from benchmarks.metrics import cache_hits, distribution_ms
-from benchmarks.results import REPO_ROOT
 from benchmarks.reuse import QuestionsPerImage
 from benchmarks.run import Progress, closed_loop
-from benchmarks.server import build_engine, find_model_repository
+from benchmarks.server import build_engine, find_model_repository, local_gateway
 
 SERVED_MODEL = "glm-4.6v-flash"
 
@@ -230,9 +227,7 @@ def _serve_behind_gateway(
 ) -> list[dict]:
     """``gateway`` placement: one server per GPU (the same engine, ``CUDA_VISIBLE_DEVICES``), one gateway
     with all of them, driven through the OpenAI API; one run per workload."""
-    import httpx
-
-    from build_engine.launcher import TritonServer, free_port
+    from build_engine.launcher import TritonServer
 
     repo = _engine(args, work, "0")
     with ExitStack() as stack:
@@ -244,31 +239,14 @@ def _serve_behind_gateway(
                 log_file=work / f"triton-{num_gpus}-{i}.log",
             )  # fmt: skip
             servers.append(stack.enter_context(server))
-        port = free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--triton-url", ",".join(s.grpc_url for s in servers),
-             "--port", str(port), "--host", "127.0.0.1", "--cache-size", "0", "--max-body-bytes", str(64 << 20),
-             "--max-image-bytes", str(32 << 20)],
-            cwd=REPO_ROOT, env=env, stdout=(work / f"gateway-{num_gpus}.log").open("w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        stack.callback(gateway.wait, 30)
-        stack.callback(gateway.terminate)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=60).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if gateway.poll() is not None or time.monotonic() > deadline:
-                log = (work / f"gateway-{num_gpus}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the gateway did not become ready: {log}")
-            time.sleep(0.5)
+        url, _ = stack.enter_context(
+            local_gateway(
+                [s.grpc_url for s in servers],
+                work / f"gateway-{num_gpus}.log",
+                ["--cache-size", "0", "--max-body-bytes", str(64 << 20), "--max-image-bytes", str(32 << 20)],
+                ready_path="/readyz",
+            )
+        )
         results = []
         gpus = ",".join(str(i) for i in range(num_gpus))
         for workload in workloads:

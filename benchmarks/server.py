@@ -103,3 +103,53 @@ def local_triton(
                 flush=True,
             )
             yield server
+
+
+class GatewayNotStarted(RuntimeError):
+    """``python -m gateway`` exited or did not answer in time; the message ends with its log's tail."""
+
+
+@contextlib.contextmanager
+def local_gateway(
+    triton_urls: Sequence[str],
+    log_file: Path,
+    extra_args: Sequence[str] = (),
+    ready_path: str = "/healthz",
+    timeout_s: float = 120.0,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python -m gateway`` in front of ``triton_urls`` on a free port, its output in ``log_file``;
+    yields (its URL, the process) once ``ready_path`` answers 200, and stops it on exit."""
+    import httpx
+
+    from build_engine.launcher import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [sys.executable, "-m", "gateway", "--triton-url", ",".join(triton_urls), "--port", str(port)]
+    cmd += ["--host", "127.0.0.1", *extra_args]
+    with open(log_file, "w") as log:
+        gateway = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(url + ready_path, timeout=60).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if gateway.poll() is not None or time.monotonic() > deadline:
+                tail = " | ".join(Path(log_file).read_text(errors="replace").strip().splitlines()[-5:])
+                raise GatewayNotStarted(f"the gateway did not start (exit {gateway.poll()}): {tail}")
+            time.sleep(0.3)
+        yield url, gateway
+    finally:
+        gateway.terminate()
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -420,8 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from benchmarks.server import build_engine, find_model_repository
-    from build_engine.launcher import TritonServer, free_port
+    from benchmarks.server import GatewayNotStarted, build_engine, find_model_repository, local_gateway
+    from build_engine.launcher import TritonServer
 
     args = parse_args(argv)
     meta = make_meta(vars(args), args.preset)
@@ -440,43 +438,14 @@ def main(argv: list[str] | None = None) -> int:
             log_file=out_dir / "triton.log",
             malloc=args.malloc,
         ) as triton:
-            port = free_port()
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-            }
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "--triton-url", triton.grpc_url, "--port", str(port)],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=(out_dir / "gateway.log").open("w"),
-                stderr=subprocess.STDOUT,
-            )
             try:
-                gateway_url = f"http://127.0.0.1:{port}"
-                for _ in range(120):
-                    if gateway.poll() is not None:
-                        break
-                    try:
-                        if httpx.get(f"{gateway_url}/healthz", timeout=2).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        time.sleep(0.5)
-                else:  # never healthy in 60 s
-                    gateway.kill()
-                    gateway.wait(30)
-                if gateway.poll() is not None:  # a soak without its gateway measures nothing of the gateway
-                    tail = (out_dir / "gateway.log").read_text(errors="replace").strip().splitlines()[-5:]
-                    raise SystemExit(
-                        f"soak: the gateway did not start (exit {gateway.returncode}): " + " | ".join(tail)
-                    )
-                soak = Soak(args, triton, gateway_url, args.max_tokens)
-                started = time.time()
-                asyncio.run(soak.run(gateway.pid))
-                wall_s = time.time() - started
-            finally:
-                gateway.terminate()
-                gateway.wait(30)
+                with local_gateway([triton.grpc_url], out_dir / "gateway.log") as (gateway_url, gateway):
+                    soak = Soak(args, triton, gateway_url, args.max_tokens)
+                    started = time.time()
+                    asyncio.run(soak.run(gateway.pid))
+                    wall_s = time.time() - started
+            except GatewayNotStarted as exc:  # a soak without its gateway measures nothing of the gateway
+                raise SystemExit(f"soak: {exc}") from None
         triton_exit = triton.process.returncode if triton.process else None
     by_outcome = Counter()
     for (_, outcome), n in soak.outcomes.items():

@@ -27,9 +27,7 @@ class ConfigError(ValueError):
 class GatewayConfig:
     """Settings of the OpenAI-compatible gateway."""
 
-    triton_url: str = (
-        "localhost:8001"  # Triton gRPC address; several comma-separated: see gateway/backends.py
-    )
+    triton_url: str = "localhost:8001"  # Triton gRPC address; several, comma-separated (gateway/backends.py)
     backend_load_factor: float = 1.25  # several servers: a server takes at most this x its share of requests
     backend_retry_s: float = 5.0  # several servers: an unreachable one is tried last for this long
     triton_model: str = "ensemble"  # Triton model answering requests

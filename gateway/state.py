@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -89,6 +90,16 @@ class Gateway:
         assert self.backends is not None, "Gateway.start() first"
         return self.backends.order(key)
 
+    @contextmanager
+    def _lease(self, backend: Backend) -> Iterator[None]:
+        """Counts a request in flight on ``backend`` (for its load bound and its gauge)."""
+        assert self.backends is not None
+        with (
+            self.backends.lease(backend),
+            self.metrics.backend_in_flight.labels(backend.url).track_inprogress(),
+        ):
+            yield
+
     def _failed_over(self, backend: Backend) -> None:
         assert self.backends is not None
         self.backends.mark_down(backend)
@@ -96,13 +107,9 @@ class Gateway:
 
     async def analyze(self, key: bytes, images: list[bytes], prompt: str, **kwargs: Any) -> Result:
         """A whole answer from the first server of ``key``'s order that can be reached."""
-        assert self.backends is not None
         unreachable: ServerUnavailableError | None = None
         for backend in self._order(key):
-            with (
-                self.backends.lease(backend),
-                self.metrics.backend_in_flight.labels(backend.url).track_inprogress(),
-            ):
+            with self._lease(backend):
                 try:
                     result = await backend.client.analyze(images, prompt, **kwargs)
                 except ServerUnavailableError as exc:
@@ -119,13 +126,9 @@ class Gateway:
     ) -> AsyncIterator[Delta | Finish]:
         """A streamed answer from the first server of ``key``'s order that can be reached; once a server
         has answered, its errors are the stream's."""
-        assert self.backends is not None
         unreachable: ServerUnavailableError | None = None
         for backend in self._order(key):
-            with (
-                self.backends.lease(backend),
-                self.metrics.backend_in_flight.labels(backend.url).track_inprogress(),
-            ):
+            with self._lease(backend):
                 stream = backend.client.stream(images, prompt, **kwargs)
                 answered = False
                 try:

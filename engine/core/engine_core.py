@@ -81,15 +81,12 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         pending, self._pending = self._pending, None
         if pending is not None:
-            resolved = None
-            if not new_seqs and not aborted:
-                ahead, resolved = self._run_ahead(pending)
-                if ahead is not None:
-                    outputs = resolved if resolved is not None else self._resolve(pending)
-                    self._pending = ahead
-                    self._record_step(outputs, started, len(ahead.seqs), 1)
-                    return outputs
+            ahead, resolved = self._run_ahead(pending) if not new_seqs and not aborted else (None, None)
             outputs = resolved if resolved is not None else self._resolve(pending)
+            if ahead is not None:
+                self._pending = ahead
+                self._record_step(outputs, started, len(ahead.seqs), 1)
+                return outputs
         for seq in new_seqs:
             if seq.image_pixels is not None:
                 self.vision.add(seq)

@@ -15,8 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,35 +84,12 @@ def test_locust_headless_grpc_user(tiny_triton, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def gateway_url(tiny_triton) -> Iterator[str]:
-    from build_engine.launcher import free_port
+def gateway_url(tiny_triton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from benchmarks.server import local_gateway
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "gateway", "--triton-url", tiny_triton.grpc_url, "--port", str(port)]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                pytest.fail(f"the gateway did not start:\n{out[-3000:]}")
-            time.sleep(0.2)
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with local_gateway([tiny_triton.grpc_url], log) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_openai_target_through_the_gateway(gateway_url: str, tmp_path: Path) -> None:

@@ -104,6 +104,24 @@ def gateway_server_class() -> type[GatewayServer]:
     return GatewayServer
 
 
+@pytest.fixture(scope="session")
+def tiny_model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model repository of a tiny random engine (``python -m build_engine --preset tiny``), built once."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny_engine")
+    build = subprocess.run(
+        [sys.executable, "-m", "build_engine", "--preset", "tiny", "--output", str(out), "--device", "cpu"],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    return out / "model_repository"
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parents[2] / "artifacts"
 CHROMIUM_ARGS = [

@@ -11,10 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +20,6 @@ from glmv_client import AsyncClient
 from gateway.backends import Backends, affinity_key
 from gateway.config import ConfigError, GatewayConfig
 
-REPO_ROOT = Path(__file__).parents[2]
 MODEL = "glm-4.6v-flash"
 QUESTION = "Look at the picture carefully and answer in a few words, without any preamble: "
 
@@ -114,20 +110,6 @@ def test_triton_url_takes_a_list() -> None:
 # -- two real servers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_engine_two_servers")
-    build = subprocess.run(
-        [sys.executable, "-m", "build_engine", "--preset", "tiny", "--output", str(out), "--device", "cpu"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    return out / "model_repository"
-
-
 def ensemble_requests(server) -> int:
     """Requests the server's ensemble has answered (Triton's own metrics)."""
     text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
@@ -192,7 +174,7 @@ def ask(openai_client, image: str, question: str, stream: bool):
 
 @pytest.mark.slow
 def test_an_images_questions_go_to_one_server_and_move_when_it_goes_away(
-    tiny_repo, gateway_server_class, tmp_path
+    tiny_model_repository, gateway_server_class, tmp_path
 ):
     """Two servers: every question about an image goes to one of them and hits its prefix cache, both get
     images; then one server stops and every image is answered by the other (failovers counted, /readyz
@@ -200,8 +182,12 @@ def test_an_images_questions_go_to_one_server_and_move_when_it_goes_away(
     openai = pytest.importorskip("openai")
     from build_engine.launcher import TritonServer
 
-    with TritonServer(tiny_repo, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "a.log") as a:
-        b = TritonServer(tiny_repo, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "b.log")
+    with TritonServer(
+        tiny_model_repository, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "a.log"
+    ) as a:
+        b = TritonServer(
+            tiny_model_repository, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "b.log"
+        )
         with b:
             chosen = images_for([a.grpc_url, b.grpc_url], 3)  # 3 images first in line for each server
             images = [(url, data) for url, datas in chosen.items() for data in datas]

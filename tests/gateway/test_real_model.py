@@ -6,8 +6,6 @@ launcher's Triton; answers are greedy, so every route must give the same text to
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,25 +15,15 @@ from glmv_client import Client, Delta, Finish
 
 pytestmark = pytest.mark.slow
 MODEL = "glm-4.6v-flash"
-REPO_ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
-def real_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def real_triton(tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from build_engine.launcher import TritonServer
 
-    out = tmp_path_factory.mktemp("tiny_engine")
-    build = subprocess.run(
-        [sys.executable, "-m", "build_engine", "--preset", "tiny", "--output", str(out), "--device", "cpu"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    log_file = out / "triton.log"
+    log_file = tmp_path_factory.mktemp("real_triton") / "triton.log"
     with TritonServer(
-        out / "model_repository", http_port=0, grpc_port=0, metrics_port=0, log_file=log_file
+        tiny_model_repository, http_port=0, grpc_port=0, metrics_port=0, log_file=log_file
     ) as server:
         yield server
     print(f"triton log: {log_file}")

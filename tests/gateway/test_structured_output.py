@@ -4,8 +4,6 @@ outputs, request checks, and the whole path (OpenAI SDK → gateway → Triton �
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,6 @@ from gateway.openai_schema import ApiError
 from gateway.structured import ToolCallStream, parse_structured, parse_tool_calls
 
 MODEL = "glm-4.6v-flash"
-REPO_ROOT = Path(__file__).parents[2]
 WEATHER = {
     "type": "function",
     "function": {
@@ -115,21 +112,15 @@ def test_required_and_named_tool_choice_become_a_grammar():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, gateway_server_class) -> Iterator[openai.OpenAI]:
+def served(
+    tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory, gateway_server_class
+) -> Iterator[openai.OpenAI]:
     from build_engine.launcher import TritonServer
     from gateway.config import GatewayConfig
 
-    out = tmp_path_factory.mktemp("structured_engine")
-    build = subprocess.run(
-        [sys.executable, "-m", "build_engine", "--preset", "tiny", "--output", str(out), "--device", "cpu"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
+    log_file = tmp_path_factory.mktemp("structured_triton") / "triton.log"
     with TritonServer(
-        out / "model_repository", http_port=0, grpc_port=0, metrics_port=0, log_file=out / "triton.log"
+        tiny_model_repository, http_port=0, grpc_port=0, metrics_port=0, log_file=log_file
     ) as triton:
         with gateway_server_class(GatewayConfig(triton_url=triton.grpc_url)) as gateway:
             yield openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
