@@ -8,6 +8,7 @@
 #           gateway and Triton; RSS over time), then OLD_TREE (a snapshot of another commit, if given) and
 #           this tree on the same few sub-phases, then OLD_TREE's context-graph GPU test;
 #   PART=3  the harness with the prefix and image caches off on the sub-phases the caches change;
+#   PART=5  benchmarks.guided_probe (guided decoding inside the engine), TEST_K's GPU tests, then the soak;
 #   PART=4  (two GPUs) benchmarks.multi_gpu: Triton's spread over one llm per GPU, then one server per GPU
 #           behind the gateway's image affinity.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
@@ -61,6 +62,18 @@ elif [ "$PART" = 2 ]; then
     (cd "$tree" && timeout 90 python3 -m pytest -q -m gpu tests/engine -k "${TEST_K:-context_graphs_match_eager}" \
       >"$OUT/pytest_gpu_$name.txt" 2>&1; echo "$name: $(tail -n 1 "$OUT/pytest_gpu_$name.txt")")
   done
+elif [ "$PART" = 5 ]; then
+  # guided decoding inside the engine (no Triton) with and without a schema, the GPU tests of TEST_K, then
+  # the soak through the gateway and Triton
+  timeout 200 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 15 2>&1 | tail -n 3
+  timeout 100 python3 -m pytest -q -m gpu tests/engine -k "${TEST_K:-vision_graphs or structured}" \
+    >"$OUT/pytest_gpu.txt" 2>&1; tail -n 3 "$OUT/pytest_gpu.txt"
+  if [ "$(left)" -gt 150 ]; then
+    timeout $(($(left) - 20)) python3 -m benchmarks.soak --minutes "${SOAK_MIN:-3}" --preset dummy-full \
+      --device cuda --concurrency 32 --max-tokens 64 --engine-args "--max-batch-size 128" --out "$OUT/soak" \
+      2>&1 | tail -n 40
+    pkill -f tritonserver; pkill -f "m gateway"
+  fi
 elif [ "$PART" = 4 ]; then
   # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
   # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions
@@ -78,6 +91,6 @@ else
 fi
 # One archive of everything written above, beside the short texts.
 parts=()
-for d in cache_on cache_off ttft soak ab multi_gpu; do [ -d "$OUT/$d" ] && parts+=("$d"); done
+for d in cache_on cache_off ttft soak ab multi_gpu guided; do [ -d "$OUT/$d" ] && parts+=("$d"); done
 tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" "${parts[@]}"
-rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab" "$OUT/multi_gpu"
+rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab" "$OUT/multi_gpu" "$OUT/guided"

@@ -86,6 +86,9 @@ def test_vision_cuda_graphs_setting() -> None:
 def test_cuda_graph_replay_equals_eager(vision_config) -> None:
     torch.manual_seed(0)
     encoder = VisionEncoder(vision_config).to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():  # the patch embedding is allocated uninitialised (weights come from a checkpoint)
+        for parameter in encoder.parameters():
+            parameter.normal_(0.0, 0.02)
     grids = [torch.tensor([[1, 4, 6]]), torch.tensor([[1, 4, 4], [1, 2, 2]])]
     pixels = [torch.randn(int(g.prod(dim=1).sum()), vision_config.patch_dim, device="cuda") for g in grids]
     with torch.inference_mode():
