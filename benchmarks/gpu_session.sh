@@ -9,6 +9,8 @@
 #           this tree on the same few sub-phases, then OLD_TREE's context-graph GPU test;
 #   PART=3  the harness with the prefix and image caches off on the sub-phases the caches change;
 #   PART=5  benchmarks.guided_probe (guided decoding inside the engine), TEST_K's GPU tests, then the soak;
+#   PART=6  benchmarks.guided_probe, then VARIANTS of glmv-build flags on the guided and plain 32-stream
+#           runs through Triton, then the caches off (as PART=3);
 #   PART=4  (two GPUs) benchmarks.multi_gpu: Triton's spread over one llm per GPU, then one server per GPU
 #           behind the gateway's image affinity.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
@@ -74,6 +76,21 @@ elif [ "$PART" = 5 ]; then
       2>&1 | tail -n 40
     pkill -f tritonserver; pkill -f "m gateway"
   fi
+elif [ "$PART" = 6 ]; then
+  # guided decoding inside the engine, then through Triton with VARIANTS ("name:extra glmv-build flags"
+  # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change
+  timeout 150 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
+  for variant in ${VARIANTS:-default:}; do
+    name=${variant%%:*}; extra=${variant#*:}
+    [ "$(left)" -gt 230 ] || break
+    timeout 130 python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline --budget-s 120 \
+      --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases structured_c32,c32_448 2>&1 \
+      | grep -E '^(structured_c32|c32_448)' | sed "s/^/$name: /"
+    pkill -f tritonserver; sleep 2
+  done
+  timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
+    --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
+    --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
 elif [ "$PART" = 4 ]; then
   # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
   # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions

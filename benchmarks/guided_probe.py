@@ -11,7 +11,8 @@ smoke run). The engine runs its own loop thread (``LLMEngine.start``), as in the
 Reported per run: output tok/s, requests/s, TTFT and ITL inside the engine (arrival -> first token, gaps
 between a request's token batches per token), and per engine step: its wall time by kind (a decode step
 launched one ahead, a step run synchronously), the share of steps launched ahead, and the host time of
-the grammar masks (fill + apply, the part that runs while the GPU computes). Writes guided_probe.json.
+the grammar masks (fill + apply, the part that runs while the GPU computes; and with the matchers fed
+the new tokens first). Writes guided_probe.json.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ class _Recorder:
 
         self.steps: list[tuple[str, float]] = []
         self.mask_ms: list[float] = []
+        self.grammar_ms: list[float] = []
         self.launch_with_wait = 0
         core, runner = ex.core, ex.runner
         step, launch, apply = core.step, runner.launch_decode, structured.apply_grammars
+        sampler = runner.sampler
+        grammars = sampler.apply_grammars
 
         def timed_step(new_seqs, aborted):
             started = time.perf_counter()
@@ -64,11 +68,19 @@ class _Recorder:
             apply(logits, rows, states)
             self.mask_ms.append((time.perf_counter() - started) * 1e3)
 
+        def timed_grammars(logits, seqs):
+            started = time.perf_counter()
+            grammars(logits, seqs)
+            if any(getattr(seq, "grammar", None) is not None for seq in seqs):
+                self.grammar_ms.append((time.perf_counter() - started) * 1e3)
+
         core.step, runner.launch_decode, structured.apply_grammars = timed_step, timed_launch, timed_apply
+        sampler.apply_grammars = timed_grammars
 
     def take(self) -> dict:
         steps, self.steps = self.steps, []
         masks, self.mask_ms = self.mask_ms, []
+        grammar, self.grammar_ms = self.grammar_ms, []
         waited, self.launch_with_wait = self.launch_with_wait, 0
         by_kind = {k: [ms for kind, ms in steps if kind == k] for k in ("ahead", "sync")}
         return {
@@ -77,6 +89,7 @@ class _Recorder:
             "launched_after_mask_wait": waited,
             "step_ms": {k: _percentiles(v) for k, v in by_kind.items()},
             "mask_ms": _percentiles(masks),
+            "grammar_ms": _percentiles(grammar),  # matchers fed the new tokens + masks
         }
 
 
@@ -225,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['steps']} steps, {e['ahead_share']} ahead, {e['launched_after_mask_wait']} with masks, "
             f"step ahead/sync P50 {e['step_ms']['ahead'].get('p50')}/{e['step_ms']['sync'].get('p50')} ms "
             f"(mean {e['step_ms']['ahead'].get('mean')}/{e['step_ms']['sync'].get('mean')}), "
-            f"masks P50/P95 {e['mask_ms'].get('p50')}/{e['mask_ms'].get('p95')} ms"
+            f"masks P50/P95 {e['mask_ms'].get('p50')}/{e['mask_ms'].get('p95')} ms "
+            f"(with the matchers' updates {e['grammar_ms'].get('p50')}/{e['grammar_ms'].get('p95')})"
         )
     print(f"with/without tok/s {res['with_over_without']}")
     return 0

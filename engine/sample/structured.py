@@ -26,6 +26,7 @@ Contract:
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -142,7 +143,40 @@ class GrammarState:
         return self.matcher.is_terminated()
 
 
-_batch_matcher: Any = None
+class _MaskBuffers:
+    """The bitmasks of the last few steps: host buffers (pinned on a GPU) reused in turn, so a step neither
+    allocates pinned memory nor overwrites a mask whose copy to the device may still be queued (each
+    buffer's copy is fenced by an event, waited on before the buffer is filled again)."""
+
+    RING = 3
+
+    def __init__(self) -> None:
+        import xgrammar as xgr
+
+        # xgrammar fills the masks of a batch on a thread pool, outside the GIL
+        self.matcher = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, os.cpu_count() or 1)))
+        self.buffers: list[torch.Tensor] = []
+        self.fences: list[torch.cuda.Event | None] = []
+        self.turn = 0
+
+    def take(self, num_rows: int, num_words: int, pinned: bool) -> tuple[int, torch.Tensor]:
+        """(ring index, a [num_rows, num_words] int32 host view with every bit set)."""
+        if not self.buffers or self.buffers[0].shape[0] < num_rows or self.buffers[0].shape[1] != num_words:
+            rows = max(num_rows, 2 * self.buffers[0].shape[0] if self.buffers else 64)
+            self.buffers = [
+                torch.empty((rows, num_words), dtype=torch.int32, pin_memory=pinned) for _ in range(self.RING)
+            ]
+            self.fences = [None] * self.RING
+        k, self.turn = self.turn, (self.turn + 1) % self.RING
+        if self.fences[k] is not None:
+            self.fences[k].synchronize()  # its last copy was queued steps ago: long done
+            self.fences[k] = None
+        view = self.buffers[k][:num_rows]
+        view.fill_(-1)
+        return k, view
+
+
+_local = threading.local()  # one _MaskBuffers per stepping thread
 
 
 def apply_grammars(logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> None:
@@ -152,14 +186,17 @@ def apply_grammars(logits: torch.Tensor, rows: list[int], states: list[GrammarSt
     the GPU (the forward that produces ``logits`` may still be running)."""
     import xgrammar as xgr
 
-    global _batch_matcher
-    if _batch_matcher is None:
-        _batch_matcher = xgr.BatchGrammarMatcher(max_threads=4)
+    masks = getattr(_local, "masks", None)
+    if masks is None:
+        masks = _local.masks = _MaskBuffers()
     num_seqs, vocab_size = logits.shape
     on_gpu = logits.device.type != "cpu"
     # [num_seqs, ceil(vocab / 32)] int32, all bits set: rows outside ``rows`` allow every token
-    bitmask = torch.full((num_seqs, -(-vocab_size // 32)), -1, dtype=torch.int32, pin_memory=on_gpu)
-    _batch_matcher.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask, indices=rows)
+    k, bitmask = masks.take(num_seqs, -(-vocab_size // 32), pinned=on_gpu)
+    masks.matcher.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask, indices=rows)
     if on_gpu:
         bitmask = bitmask.to(logits.device, non_blocking=True)
+        fence = torch.cuda.Event()
+        fence.record()
+        masks.fences[k] = fence
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size)
