@@ -305,16 +305,39 @@ def full_size_config(max_positions: int = 131072, rope_theta: float = 500000.0):
     return _glm4v_config(p, GLM_VOCAB_SIZE, ids, max_positions, rope_theta)
 
 
+def _fill_vocabulary(model: dict, end: int) -> None:
+    """Give every id from the learned vocabulary's end up to ``end`` a token of its own: lowercase words of
+    three or more letters, every other one after a space (byte-level "Ġ"), never one the vocabulary already
+    has. No merge leads to them, so encoding is unchanged; but a random model's tokens decode to text as
+    a real 151k vocabulary's do, and a grammar engine meets as many tokens as it would with the real one."""
+    vocab = model["vocab"]
+    model["ignore_merges"] = False  # a word is never taken whole from the vocabulary
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    n, next_id = 26**2, len(vocab)
+    while next_id < end:
+        word, k = "", n
+        while k:
+            k, r = divmod(k, 26)
+            word = letters[r] + word
+        n += 1
+        token = ("\u0120" + word) if n % 2 else word
+        if token not in vocab:
+            vocab[token] = next_id
+            next_id += 1
+
+
 def make_dummy_checkpoint(out_dir: str | Path) -> Path:
     """Write the full-size config, processor and a tokenizer with the real special-token ids; no weights.
 
     The byte-level BPE covers the low ids; GLM's special tokens are placed at their real ids (151329 …) so
-    prompts, image placeholders and stop ids match the real checkpoint. Ids in between decode to nothing.
+    prompts, image placeholders and stop ids match the real checkpoint. Ids in between are filler words
+    (`_fill_vocabulary`): a random model's answers decode to text, as with the real vocabulary.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(PRESETS["small"].vocab_target)
     data = json.loads(tok.to_str())
+    _fill_vocabulary(data["model"], GLM_FIRST_SPECIAL_ID)
     real_ids = {t: GLM_FIRST_SPECIAL_ID + i for i, t in enumerate(GLM_SPECIAL_TOKENS)} | GLM_EXTRA_TOKEN_IDS
     for entry in data["added_tokens"]:
         new_id = real_ids[entry["content"]]

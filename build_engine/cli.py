@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream-responses-per-step",
         type=int,
-        default=16,
+        default=4,
         help="streams that get a response every engine step (split across GPUs); with more, tokens of "
         "several steps go out together",
     )

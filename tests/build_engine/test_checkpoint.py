@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -76,6 +77,25 @@ def test_dummy_has_real_glm_ids(tmp_path):
     assert cfg.text_config.eos_token_id == [151329, 151336, 151338]
     assert not list(out.glob("*.safetensors"))
     assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 9633792
+
+
+def test_dummy_ids_below_the_specials_decode_to_text_and_encoding_is_unchanged(tmp_path):
+    """Every id under the first special one decodes to its own non-empty text (a random model writes text,
+    and a grammar engine sees a full vocabulary); the filler words never come out of encoding."""
+    from tokenizers import Tokenizer
+
+    from build_engine.checkpoint import GLM_FIRST_SPECIAL_ID, PRESETS, _train_tokenizer
+
+    tok = Tokenizer.from_file(str(make_dummy_checkpoint(tmp_path) / "tokenizer.json"))
+    learned = _train_tokenizer(PRESETS["small"].vocab_target)
+    start = len(json.loads(learned.to_str())["model"]["vocab"])  # the learned ids (specials come after)
+    texts = [tok.decode([i]) for i in range(GLM_FIRST_SPECIAL_ID)]
+    assert all(texts)
+    fillers = texts[start:]
+    assert len(set(fillers)) == len(fillers) == GLM_FIRST_SPECIAL_ID - start
+    assert fillers[:2] == [" baa", "bab"] and all(re.fullmatch(" ?[a-z]{3,}", t) for t in fillers)
+    sample = "Describe this screenshot: abc the quick brown fox, 发票号码 INV-2024 abb aba"
+    assert tok.encode(sample).ids == learned.encode(sample).ids
 
 
 def test_full_size_parameter_count():

@@ -77,7 +77,7 @@ class TritonPythonModel:
         self.cancel_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
         self.stats_period_s = parameters.get_float("stats_check_period_ms", 100.0) / 1000.0
         self.cancel_checks_per_period = max(1, parameters.get_int("cancellation_checks_per_period", 8))
-        self.stream_responses_per_step = max(1, parameters.get_int("stream_responses_per_step", 16))
+        self.stream_responses_per_step = max(1, parameters.get_int("stream_responses_per_step", 4))
 
         self.requests = RequestTable()
         self.responses = Responses(self.engine, wall_offset_ns=time.time_ns() - time.monotonic_ns())
