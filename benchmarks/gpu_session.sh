@@ -11,6 +11,7 @@
 #   PART=5  benchmarks.guided_probe (guided decoding inside the engine), TEST_K's GPU tests, then the soak;
 #   PART=6  benchmarks.guided_probe, then VARIANTS of glmv-build flags on the guided and plain 32-stream
 #           runs through Triton, then the caches off (as PART=3);
+#   PART=7  the harness as in PART=1, then benchmarks.guided_probe;
 #   PART=4  (two GPUs) benchmarks.multi_gpu: Triton's spread over one llm per GPU, then one server per GPU
 #           behind the gateway's image affinity.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
@@ -91,6 +92,13 @@ elif [ "$PART" = 6 ]; then
   timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
     --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
     --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
+elif [ "$PART" = 7 ]; then
+  # the end-to-end harness (as PART=1), then guided decoding inside the engine
+  timeout 330 python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline --budget-s 320 \
+    --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c=\|^\[rate='
+  pkill -f tritonserver; sleep 3
+  [ "$(left)" -gt 90 ] && timeout $(($(left) - 5)) python3 -m benchmarks.guided_probe --out "$OUT/guided" \
+    --duration 10 2>&1 | tail -n 3
 elif [ "$PART" = 4 ]; then
   # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
   # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions
