@@ -126,11 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--vision-max-queue-delay-us", type=int, default=2000)
     p.add_argument(
-        "--stream-responses-per-step",
+        "--stream-responses-per-s",
         type=int,
-        default=4,
-        help="streams that get a response every engine step (split across GPUs); with more, tokens of "
-        "several steps go out together",
+        default=500,
+        help="streamed responses per second, all streams together (split across GPUs); past it, each "
+        "response carries the tokens of several steps",
     )
     p.add_argument(
         "--vision-cuda-graphs",
@@ -265,7 +265,7 @@ def build(args: argparse.Namespace) -> Path:
         ("--vision-max-batch-size", args.vision_max_batch_size, 1),
         ("--vision-max-queue-delay-us", args.vision_max_queue_delay_us, 0),
         ("--default-max-tokens", args.default_max_tokens, 1),
-        ("--stream-responses-per-step", args.stream_responses_per_step, 1),
+        ("--stream-responses-per-s", args.stream_responses_per_s, 1),
     ):
         _check(value >= low, flag, f"{value} must be >= {low}")
     _check(
@@ -401,7 +401,7 @@ def build(args: argparse.Namespace) -> Path:
             "cancellation_check_period_ms": 10,
             "stats_check_period_ms": 100,
             # the postprocessing instance is shared by every GPU's llm: split its response budget
-            "stream_responses_per_step": max(1, args.stream_responses_per_step // max(1, len(gpus or [0]))),
+            "stream_responses_per_s": max(1, args.stream_responses_per_s // max(1, len(gpus or [0]))),
         }
         render_repository(TEMPLATE_DIR, engine_dir / "model_repository", values)
         _swap_in(engine_dir, output)

@@ -78,8 +78,8 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     assert not list(out.glob("*.safetensors"))
     llm = (out / "model_repository/llm/config.pbtxt").read_text()
     assert "{ count: 1 kind: KIND_GPU gpus: [ 0 ] },\n  { count: 1 kind: KIND_GPU gpus: [ 1 ] }" in llm
-    # the one postprocessing instance's response budget (4 streams per step) is split over the 2 GPUs
-    assert 'key: "stream_responses_per_step" value: { string_value: "2" }' in llm
+    # the one postprocessing instance's response budget (500 per second) is split over the 2 GPUs
+    assert 'key: "stream_responses_per_s" value: { string_value: "250" }' in llm
     vision = (out / "model_repository/vision_encoder/config.pbtxt").read_text()
     assert "gpus: [ 1 ]" in vision and "dims: [ -1, 4096 ]" in vision
 
@@ -100,7 +100,7 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
         (["--device", "tpu"], "--device: 'tpu' must be cpu or cuda"),
         (["--gpus", "0"], "--gpus: GPU instances need --device cuda"),
         (["--preprocessing-instances", "0"], "--preprocessing-instances: 0 must be >= 1"),
-        (["--stream-responses-per-step", "0"], "--stream-responses-per-step: 0 must be >= 1"),
+        (["--stream-responses-per-s", "0"], "--stream-responses-per-s: 0 must be >= 1"),
         (["--max-image-bytes", "0"], "--max-image-bytes: 0 must be an integer >= 1"),
         (["--min-image-pixels", "100", "--max-image-pixels", "10"], "--min-image-pixels: 100 must be <="),
     ],

@@ -11,11 +11,12 @@ at most `cancellation_checks_per_period` streams (longest unasked first) and abo
 stats thread publishes gauges every `stats_check_period_ms`.
 
 Per request: streaming → one response per engine step that produced tokens (`output_ids` = the new
-tokens, `text_output`/`reasoning_output` = the new text) while at most `stream_responses_per_step`
-requests stream; with more, each stream gets a response every k = ceil(streams / that) steps carrying the
-k steps' tokens (the first token and the last response are never held). Every streamed response passes
-through the single postprocessing instance, whose cost per response caps the server's response rate:
-this keeps the response rate under that cap at any concurrency while the token rate keeps growing;
+tokens, `text_output`/`reasoning_output` = the new text), as long as the streams together stay within
+`stream_responses_per_s`; with more streams, each gets at most one response per streams / that seconds,
+carrying the tokens of the steps in between (the first token and the last response are never held).
+Every streamed response is built by the sender thread (on the engine loop's GIL) and passes through the
+single postprocessing instance: this keeps the response rate under what both can take at any
+concurrency while the token rate keeps growing;
 non-streaming → one response at the end
 (`output_ids` = prompt + completion unless `exclude_input_in_output`, texts whole). The last response
 carries COMPLETE_FINAL and `finish_reason` (stop | length | abort); a request refused by the engine gets a
@@ -77,7 +78,7 @@ class TritonPythonModel:
         self.cancel_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
         self.stats_period_s = parameters.get_float("stats_check_period_ms", 100.0) / 1000.0
         self.cancel_checks_per_period = max(1, parameters.get_int("cancellation_checks_per_period", 8))
-        self.stream_responses_per_step = max(1, parameters.get_int("stream_responses_per_step", 4))
+        self.stream_responses_per_s = max(1.0, parameters.get_float("stream_responses_per_s", 500.0))
 
         self.requests = RequestTable()
         self.responses = Responses(self.engine, wall_offset_ns=time.time_ns() - time.monotonic_ns())
@@ -144,14 +145,15 @@ class TritonPythonModel:
             outputs = self.send_queue.get()
             if outputs is None:
                 return
-            # steps per response of each stream
-            every = max(1, -(-self.requests.num_streaming() // self.stream_responses_per_step))
+            # the least time between two responses of a stream
+            interval = self.requests.num_streaming() / self.stream_responses_per_s
+            now = time.monotonic()
             for output in outputs:
                 try:
                     state = self.requests.get(output.request_id)
                     if state is None:
                         continue
-                    output = coalesce(state, output, every)
+                    output = coalesce(state, output, interval, now)
                     if output is None:
                         continue
                     with self.sender_lock:

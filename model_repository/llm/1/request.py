@@ -76,6 +76,7 @@ class RequestState:
     has_first_token: bool = False
     is_done: bool = False  # the final response is sent: the sender must not be touched again
     held: list = field(default_factory=list)  # streamed outputs not sent yet (merged into the next response)
+    last_sent: float = 0.0  # time.monotonic() of the stream's last response
     # Output tensors that stay the same for every response of the request, made once: building a
     # pb_utils.Tensor is most of a response's cost, and one already in shared memory is not copied again.
     fixed_tensors: list = field(default_factory=list)

@@ -1,9 +1,10 @@
 """Engine outputs → the llm's Triton responses (TensorRT-LLM output names, config.pbtxt).
 
 Contract:
-* `coalesce(state, output, every)`: a streaming request's outputs are sent one response per `every`
-  engine steps, merged (tokens, text, reasoning and logprobs joined; timings of the first and the last);
-  the first token and the final output are never held. Returns the output to send now, or None.
+* `coalesce(state, output, interval, now)`: a streaming request gets at most one response per `interval`
+  seconds; outputs in between are held and merged into the next (tokens, text, reasoning and logprobs
+  joined; timings of the first and the last). The first token and the final output are never held.
+  Returns the output to send now, or None.
 * `Responses.send(state, output)` answers one output of a request whose state already took it in
   (`RequestState.add_output`): streaming → the new tokens and text; non-streaming → nothing until the
   final output, then `output_ids` = prompt + completion (completion only with `exclude_input_in_output`)
@@ -38,15 +39,19 @@ def send_error(sender, message: str, code=None) -> None:
         logger.exception("llm: could not send an error response")
 
 
-def coalesce(state, output, every: int):
-    """The output to send now (several steps' outputs merged), or None to hold this one back."""
+def coalesce(state, output, interval: float, now: float):
+    """The output to send now (several steps' outputs merged), or None to hold this one back.
+    ``interval``: the least time between two responses of a stream, seconds; ``now``: time.monotonic()."""
     if not state.is_streaming:
         return output
-    if not state.held and (every == 1 or output.is_finished or not state.has_first_token):
+    due = output.is_finished or not state.has_first_token or now - state.last_sent >= interval
+    if not state.held and due:
+        state.last_sent = now
         return output
     state.held.append(output)
-    if len(state.held) < every and not output.is_finished:
+    if not due:
         return None
+    state.last_sent = now
     held, state.held = state.held, []
     return dataclasses.replace(
         held[-1],
