@@ -11,8 +11,8 @@ smoke run). The engine runs its own loop thread (``LLMEngine.start``), as in the
 Reported per run: output tok/s, requests/s, TTFT and ITL inside the engine (arrival -> first token, gaps
 between a request's token batches per token), and per engine step: its wall time by kind (a decode step
 launched one ahead, a step run synchronously), the share of steps launched ahead, and the host time of
-the grammar masks (fill + apply, the part that runs while the GPU computes; and with the matchers fed
-the new tokens first). Writes guided_probe.json.
+the grammar masks (each fill, on the worker thread or the stepping thread, and the stepping thread's wait
+for a worker's fill). Writes guided_probe.json.
 """
 
 from __future__ import annotations
@@ -41,16 +41,14 @@ class _Recorder:
     """Wraps the engine core's step, the runner's decode launch and the grammar masks with timers."""
 
     def __init__(self, ex) -> None:
-        import engine.sample.structured as structured
-
         self.steps: list[tuple[str, float]] = []
-        self.mask_ms: list[float] = []
-        self.grammar_ms: list[float] = []
+        self.fill_ms: list[float] = []  # host time of each mask fill, wherever it runs
+        self.wait_ms: list[float] = []  # the stepping thread waiting for masks filled on the worker
         self.launch_with_wait = 0
         core, runner = ex.core, ex.runner
-        step, launch, apply = core.step, runner.launch_decode, structured.apply_grammars
-        sampler = runner.sampler
-        grammars = sampler.apply_grammars
+        step, launch = core.step, runner.launch_decode
+        masks = runner.sampler.masks
+        fill, sample_ids = masks._fill, runner.sampler.sample_ids
 
         def timed_step(new_seqs, aborted):
             started = time.perf_counter()
@@ -63,24 +61,26 @@ class _Recorder:
             self.launch_with_wait += before_sample is not None
             return launch(seqs, previous, before_sample)
 
-        def timed_apply(logits, rows, states):
+        def timed_fill(*args):
             started = time.perf_counter()
-            apply(logits, rows, states)
-            self.mask_ms.append((time.perf_counter() - started) * 1e3)
+            out = fill(*args)
+            self.fill_ms.append((time.perf_counter() - started) * 1e3)
+            return out
 
-        def timed_grammars(logits, seqs):
-            started = time.perf_counter()
-            grammars(logits, seqs)
-            if any(getattr(seq, "grammar", None) is not None for seq in seqs):
-                self.grammar_ms.append((time.perf_counter() - started) * 1e3)
+        def timed_sample_ids(logits, seqs, ahead=0, prepared=None):
+            if prepared is not None:
+                started = time.perf_counter()
+                prepared.result()
+                self.wait_ms.append((time.perf_counter() - started) * 1e3)
+            return sample_ids(logits, seqs, ahead, prepared)
 
-        core.step, runner.launch_decode, structured.apply_grammars = timed_step, timed_launch, timed_apply
-        sampler.apply_grammars = timed_grammars
+        core.step, runner.launch_decode = timed_step, timed_launch
+        masks._fill, runner.sampler.sample_ids = timed_fill, timed_sample_ids
 
     def take(self) -> dict:
         steps, self.steps = self.steps, []
-        masks, self.mask_ms = self.mask_ms, []
-        grammar, self.grammar_ms = self.grammar_ms, []
+        fills, self.fill_ms = self.fill_ms, []
+        waits, self.wait_ms = self.wait_ms, []
         waited, self.launch_with_wait = self.launch_with_wait, 0
         by_kind = {k: [ms for kind, ms in steps if kind == k] for k in ("ahead", "sync")}
         return {
@@ -88,8 +88,8 @@ class _Recorder:
             "ahead_share": round(len(by_kind["ahead"]) / max(1, len(steps)), 3),
             "launched_after_mask_wait": waited,
             "step_ms": {k: _percentiles(v) for k, v in by_kind.items()},
-            "mask_ms": _percentiles(masks),
-            "grammar_ms": _percentiles(grammar),  # matchers fed the new tokens + masks
+            "mask_fill_ms": _percentiles(fills),
+            "mask_wait_ms": _percentiles(waits),
         }
 
 
@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['steps']} steps, {e['ahead_share']} ahead, {e['launched_after_mask_wait']} with masks, "
             f"step ahead/sync P50 {e['step_ms']['ahead'].get('p50')}/{e['step_ms']['sync'].get('p50')} ms "
             f"(mean {e['step_ms']['ahead'].get('mean')}/{e['step_ms']['sync'].get('mean')}), "
-            f"masks P50/P95 {e['mask_ms'].get('p50')}/{e['mask_ms'].get('p95')} ms "
-            f"(with the matchers' updates {e['grammar_ms'].get('p50')}/{e['grammar_ms'].get('p95')})"
+            f"mask fill P50/P95 {e['mask_fill_ms'].get('p50')}/{e['mask_fill_ms'].get('p95')} ms, "
+            f"waited for P50/P95 {e['mask_wait_ms'].get('p50')}/{e['mask_wait_ms'].get('p95')} ms"
         )
     print(f"with/without tok/s {res['with_over_without']}")
     return 0

@@ -10,8 +10,9 @@ with "abort" and ``error`` set; the core keeps serving the others.
 Decode steps run one ahead of the host where they can: a decode-only step that replays a CUDA graph is
 launched without waiting for its tokens; the next step is launched (its input tokens still on the GPU)
 before the first one's tokens are read, so the host's work for one step overlaps the GPU's for the next.
-With a grammar in the batch the next step's forward is launched first, the previous tokens are read and
-the grammars' masks filled while it runs, and then it is sampled.
+With a grammar in the batch the next step's forward is launched first; while it runs, the previous tokens
+are read, the grammars' masks filled on a worker thread and the tokens applied and turned into outputs on
+this one; then it is sampled.
 """
 
 from __future__ import annotations
@@ -202,8 +203,19 @@ class EngineCore:
         before_sample = None
         if any(sampler.needs_last_token(seq) for seq in seqs):
 
-            def before_sample() -> None:
-                resolved.append(self._resolve(pending))
+            def before_sample():
+                # the grammars take pending's tokens and fill the masks on a worker thread while this
+                # thread applies the tokens and builds the outputs
+                tokens = pending.tokens()
+                rows = {id(seq): j for j, seq in enumerate(pending.seqs)}
+                prepared = sampler.prepare_masks(
+                    seqs,
+                    [tokens[rows[id(seq)]] for seq in seqs],
+                    self.model_config.vocab_size,
+                    pinned=pending.ready is not None,
+                )
+                resolved.append(self._resolve(pending, tokens))
+                return prepared
 
         try:
             launched = self.runner.launch_decode(seqs, previous=pending, before_sample=before_sample)
@@ -212,10 +224,10 @@ class EngineCore:
             launched = None
         return launched, (resolved[0] if resolved else None)
 
-    def _resolve(self, pending: PendingDecode) -> list[RequestOutput]:
-        """Read ``pending``'s tokens and apply them like a synchronous step (sequences that ended in the
-        meantime are skipped)."""
-        tokens = pending.tokens()
+    def _resolve(self, pending: PendingDecode, tokens: list[int] | None = None) -> list[RequestOutput]:
+        """Read ``pending``'s tokens (unless given) and apply them like a synchronous step (sequences that
+        ended in the meantime are skipped)."""
+        tokens = pending.tokens() if tokens is None else tokens
         live = [
             (seq, t)
             for seq, t in zip(pending.seqs, tokens, strict=True)

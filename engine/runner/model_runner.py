@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,14 +286,15 @@ class ModelRunner:
         self,
         seqs: list,
         previous: PendingDecode | None = None,
-        before_sample: Callable[[], None] | None = None,
+        before_sample: Callable[[], Future | None] | None = None,
     ) -> PendingDecode | None:
         """Launch a one-token step of ``seqs`` (all decoding, all `Sampler.can_run_ahead`) from a decode
         graph, and its sampling, without waiting for the GPU. With ``previous``, each sequence's input is
         its token of that step, still on the device, one position past the host's state.
         ``before_sample``, when given, is called after the forward is launched and before it is sampled:
         it reads ``previous``'s tokens on the host (while the forward runs), so that sequences whose
-        sampling `needs_last_token` see them. None (nothing launched, ``before_sample`` not called) when no
+        sampling `needs_last_token` see them, and returns their grammar masks in the making
+        (`Sampler.prepare_masks`) or None. None (nothing launched, ``before_sample`` not called) when no
         graph fits."""
         if self.graphs is None:
             return None
@@ -307,10 +309,9 @@ class ModelRunner:
         if hidden is None:
             return None
         logits = self.model.compute_logits(hidden)
-        if before_sample is not None:
-            before_sample()
+        prepared = before_sample() if before_sample is not None else None
         ahead = int(previous is not None and before_sample is None)
-        token_ids = self.sampler.sample_ids(logits, seqs, ahead=ahead)  # [n], device
+        token_ids = self.sampler.sample_ids(logits, seqs, ahead=ahead, prepared=prepared)  # [n], device
         if token_ids.is_cuda:
             host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
             host.copy_(token_ids, non_blocking=True)

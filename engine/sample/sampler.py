@@ -28,7 +28,9 @@ Contract:
     steps 1-2 do nothing; no logprobs); step 3 counts the ``ahead`` tokens still in flight. A sequence with
     a grammar can run ahead too, but its mask needs every earlier token on the host: its step's forward is
     launched first, its previous token read while that forward runs, and only then is it sampled
-    (``ahead`` 0); ``needs_last_token(seq)`` says which sequences need that order.
+    (``ahead`` 0); ``needs_last_token(seq)`` says which sequences need that order. ``prepare_masks(seqs,
+    token_ids, ...)`` feeds the grammars those tokens and fills the masks on a worker thread, while the
+    caller does the step's other host work; ``sample_ids(..., prepared=)`` then applies them.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from engine.sample.structured import GrammarState
+    from concurrent.futures import Future
+
+    from engine.sample.structured import GrammarMasks, GrammarState
 
 MAX_TOP_LOGPROBS = 20
 
@@ -142,6 +146,15 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int] | tuple[int, ...]) -> None:
         self.eos_token_ids = tuple(eos_token_ids)
         self._prompt_ids_cache: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+        self._masks: GrammarMasks | None = None  # made for the first guided row
+
+    @property
+    def masks(self) -> GrammarMasks:
+        if self._masks is None:
+            from engine.sample.structured import GrammarMasks
+
+            self._masks = GrammarMasks()
+        return self._masks
 
     def __call__(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (logits.shape, len(seqs))
@@ -175,8 +188,7 @@ class Sampler:
         state = getattr(seq, "grammar", None)
         return state is not None and not state.is_terminated
 
-    @staticmethod
-    def apply_grammars(logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
+    def apply_grammars(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> None:
         """In place: mask what each row's grammar forbids (rows with an unfinished grammar only)."""
         rows, states = [], []
         for i, seq in enumerate(seqs):
@@ -188,9 +200,22 @@ class Sampler:
                 rows.append(i)
                 states.append(state)
         if rows:
-            from engine.sample.structured import apply_grammars
+            num_seqs, vocab_size = logits.shape
+            pinned = logits.device.type == "cuda"
+            self.masks.apply(logits, self.masks.fill(num_seqs, vocab_size, rows, states, pinned))
 
-            apply_grammars(logits, rows, states)
+    def prepare_masks(
+        self, seqs: list[SamplingSeq], token_ids: list[int], vocab_size: int, pinned: bool
+    ) -> Future | None:
+        """Start filling the masks of a step of ``seqs`` whose newest tokens ``token_ids`` (one each) are on
+        the host but not yet in the sequences; pass the result to `sample_ids`. None: no grammar to mask.
+        The sequences' token lists may change meanwhile (the worker reads only what it is given)."""
+        jobs = [
+            (i, seq.grammar, token_id, len(seq.token_ids) - seq.num_prompt_tokens)
+            for i, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True))
+            if self.needs_last_token(seq)
+        ]
+        return self.masks.prepare(len(seqs), vocab_size, jobs, pinned) if jobs else None
 
     @staticmethod
     def record_logprobs(raw_logits: torch.Tensor, seqs: list[SamplingSeq], token_ids: list[int]) -> None:
@@ -215,13 +240,16 @@ class Sampler:
             del seq.logprobs[len(seq.token_ids) - seq.num_prompt_tokens :]
             seq.logprobs.append((chosen_list[j], top))
 
-    def sample_ids(self, logits: torch.Tensor, seqs: list[SamplingSeq], ahead: int = 0) -> torch.Tensor:
+    def sample_ids(
+        self, logits: torch.Tensor, seqs: list[SamplingSeq], ahead: int = 0, prepared: Future | None = None
+    ) -> torch.Tensor:
         """Token ids [num_seqs] on the logits' device, no host sync (every seq must `can_run_ahead`).
         ``ahead``: tokens each sequence has beyond ``token_ids`` (sampled, not yet on the host); it must
-        be 0 when a sequence `needs_last_token`. Grammar masks are filled on the host and applied on the
-        device."""
+        be 0 when a sequence `needs_last_token`. Grammar masks are those of ``prepared`` (`prepare_masks`),
+        else filled here on the host; either way applied on the device."""
         logits = logits.float()
-        guided = any(self.needs_last_token(s) for s in seqs)
+        masks = prepared.result() if prepared is not None else None  # the matchers are fed after this
+        guided = bool(masks.rows) if masks is not None else any(self.needs_last_token(s) for s in seqs)
         if guided and ahead:
             raise ValueError(
                 "sample_ids: a sequence with a grammar needs its last token on the host (ahead=0)"
@@ -230,7 +258,10 @@ class Sampler:
             len(s.token_ids) - s.num_prompt_tokens + ahead < s.sampling.min_tokens for s in seqs
         ):
             logits = logits.clone()
-            self.apply_grammars(logits, seqs)
+            if masks is not None:
+                self.masks.apply(logits, masks)
+            else:
+                self.apply_grammars(logits, seqs)
             self.apply_min_tokens(logits, seqs, ahead)
         return self._sample(logits, seqs)
 

@@ -18,9 +18,10 @@ Contract:
   * ``GrammarState(compiled)``: one sequence's matcher. ``sync(output_token_ids)`` feeds it the tokens it
     has not seen (so preemption, dropped run-ahead tokens and retries never put it out of step);
     ``is_terminated`` once it accepted a stop token.
-  * ``apply_grammars(logits, rows, states)``: in place, sets the logits of the tokens each grammar forbids
-    to -inf for the given rows (one batched mask fill, one masked write). A grammar that has finished
-    (its root rule complete) allows only the stop tokens.
+  * ``GrammarMasks``: a step's masks, filled on the host (``fill``, or ``prepare`` on a worker thread while
+    the stepping thread reads the step's outputs) and applied on the logits' device (``apply``): one
+    batched fill, one masked write. A grammar that has finished (its root rule complete) allows only the
+    stop tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,30 +140,55 @@ class GrammarState:
                 return
             self.num_accepted += 1
 
+    def accept_at(self, position: int, token_id: int) -> None:
+        """Accept ``token_id`` as output token ``position`` when the matcher has seen exactly the tokens
+        before it (as ``sync`` would once the token is in the sequence)."""
+        if self.num_accepted != position or self.matcher.is_terminated():
+            return
+        # refused only before a forced end (max_tokens, stop string, abort): the token counts as seen
+        self.matcher.accept_token(token_id)
+        self.num_accepted = position + 1
+
     @property
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
 
 
-class _MaskBuffers:
-    """The bitmasks of the last few steps: host buffers (pinned on a GPU) reused in turn, so a step neither
-    allocates pinned memory nor overwrites a mask whose copy to the device may still be queued (each
-    buffer's copy is fenced by an event, waited on before the buffer is filled again)."""
+@dataclass
+class PreparedMasks:
+    """Masks filled for one step (``GrammarMasks``): the ring slot, the rows that hold one and the host
+    bitmask [num_rows, ceil(vocab / 32)] int32 (other rows allow every token)."""
+
+    slot: int
+    rows: list[int]
+    bitmask: torch.Tensor
+
+
+class GrammarMasks:
+    """The token masks of a step's guided rows: filled on the host, applied on the logits' device.
+
+    The host bitmasks live in a ring of reused buffers (pinned on a GPU), so a step neither allocates
+    pinned memory nor overwrites a mask whose copy to the device may still be queued (each buffer's copy is
+    fenced by an event, waited on before the buffer is filled again). ``prepare`` feeds the matchers their
+    newest tokens and fills the masks on a worker thread (xgrammar works outside the GIL), so the stepping
+    thread can do the step's other host work meanwhile; ``fill`` does the same on the calling thread.
+    ``apply`` copies a mask to the logits' device and applies it there: nothing here waits for the GPU."""
 
     RING = 3
 
     def __init__(self) -> None:
         import xgrammar as xgr
 
-        # xgrammar fills the masks of a batch on a thread pool, outside the GIL (8 threads were no faster
-        # than 4 on an H200 host: most rows take microseconds, a few near a string's maxLength ~1-2 ms)
+        # xgrammar fills the rows of a batch on a thread pool (4: 8 were no faster on an H200 host; most
+        # rows take microseconds, a few inside a string near its maxLength 1-2 ms)
         self.matcher = xgr.BatchGrammarMatcher(max_threads=max(1, min(4, os.cpu_count() or 1)))
         self.buffers: list[torch.Tensor] = []
         self.fences: list[torch.cuda.Event | None] = []
         self.turn = 0
+        self._worker: ThreadPoolExecutor | None = None
 
-    def take(self, num_rows: int, num_words: int, pinned: bool) -> tuple[int, torch.Tensor]:
-        """(ring index, a [num_rows, num_words] int32 host view with every bit set)."""
+    def _take(self, num_rows: int, num_words: int, pinned: bool) -> tuple[int, torch.Tensor]:
+        """(ring slot, a [num_rows, num_words] int32 host view), not yet cleared."""
         if not self.buffers or self.buffers[0].shape[0] < num_rows or self.buffers[0].shape[1] != num_words:
             rows = max(num_rows, 2 * self.buffers[0].shape[0] if self.buffers else 64)
             self.buffers = [
@@ -172,32 +199,54 @@ class _MaskBuffers:
         if self.fences[k] is not None:
             self.fences[k].synchronize()  # its last copy was queued steps ago: long done
             self.fences[k] = None
-        view = self.buffers[k][:num_rows]
-        view.fill_(-1)
-        return k, view
+        return k, self.buffers[k][:num_rows]
 
+    def _fill(
+        self, slot: int, bitmask: torch.Tensor, rows: list[int], states: list[GrammarState]
+    ) -> PreparedMasks:
+        bitmask.fill_(-1)
+        if rows:
+            self.matcher.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask, indices=rows)
+        return PreparedMasks(slot, rows, bitmask)
 
-_local = threading.local()  # one _MaskBuffers per stepping thread
+    def fill(
+        self, num_rows: int, vocab_size: int, rows: list[int], states: list[GrammarState], pinned: bool
+    ) -> PreparedMasks:
+        """The masks of ``rows`` (their matchers already fed), on the calling thread."""
+        slot, bitmask = self._take(num_rows, -(-vocab_size // 32), pinned)
+        return self._fill(slot, bitmask, rows, states)
 
+    def prepare(
+        self, num_rows: int, vocab_size: int, jobs: list[tuple[int, GrammarState, int, int]], pinned: bool
+    ) -> Future:
+        """Future of the masks of a step whose rows' newest tokens are known on the host but not yet in
+        their sequences: ``jobs`` = (row, state, token, its position among the outputs). The worker thread
+        feeds each matcher its token (``GrammarState.accept_at``) and fills the rows still deciding."""
+        slot, bitmask = self._take(num_rows, -(-vocab_size // 32), pinned)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-grammar")
 
-def apply_grammars(logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> None:
-    """In place: forbid for each row in ``rows`` (of ``logits`` [num_seqs, vocab]) what its grammar
-    forbids. The masks are filled on the host in one batched call (a thread pool) and applied on the
-    logits' device in one pass; on a GPU the mask is copied from pinned memory, so nothing here waits for
-    the GPU (the forward that produces ``logits`` may still be running)."""
-    import xgrammar as xgr
+        def work() -> PreparedMasks:
+            for _, state, token, position in jobs:
+                state.accept_at(position, token)
+            live = [(row, state) for row, state, _, _ in jobs if not state.is_terminated]
+            return self._fill(slot, bitmask, [r for r, _ in live], [s for _, s in live])
 
-    masks = getattr(_local, "masks", None)
-    if masks is None:
-        masks = _local.masks = _MaskBuffers()
-    num_seqs, vocab_size = logits.shape
-    on_gpu = logits.device.type != "cpu"
-    # [num_seqs, ceil(vocab / 32)] int32, all bits set: rows outside ``rows`` allow every token
-    k, bitmask = masks.take(num_seqs, -(-vocab_size // 32), pinned=on_gpu)
-    masks.matcher.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask, indices=rows)
-    if on_gpu:
-        bitmask = bitmask.to(logits.device, non_blocking=True)
-        fence = torch.cuda.Event()
-        fence.record()
-        masks.fences[k] = fence
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size)
+        return self._worker.submit(work)
+
+    def apply(self, logits: torch.Tensor, prepared: PreparedMasks) -> None:
+        """In place: -inf for the tokens ``prepared`` forbids in each of its rows."""
+        import xgrammar as xgr
+
+        if not prepared.rows:
+            return
+        num_seqs, vocab_size = logits.shape
+        bitmask = prepared.bitmask
+        if bitmask.shape[0] != num_seqs or bitmask.shape[1] != -(-vocab_size // 32):
+            raise ValueError(f"grammar masks: {tuple(bitmask.shape)} do not fit logits {tuple(logits.shape)}")
+        if logits.device.type != "cpu":
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+            fence = torch.cuda.Event()
+            fence.record()
+            self.fences[prepared.slot] = fence
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 
 import pytest
 import torch
@@ -220,6 +221,11 @@ def test_guided_steps_run_ahead_and_give_the_same_tokens(engine, engine_dir):
         launches.append((previous is not None, before_sample is not None))
         or launch(seqs, previous, before_sample)
     )
+    masks = runner.sampler.masks
+    prepared, prepare = [], masks.prepare
+    masks.prepare = lambda *args: prepared.append(threading.current_thread()) or prepare(*args)
+    filled_on, fill = [], masks._fill
+    masks._fill = lambda *args: filled_on.append(threading.current_thread()) or fill(*args)
 
     def requests() -> list[GenerationRequest]:
         schemas = [INVOICE, NESTED, CLAUSE]
@@ -245,6 +251,10 @@ def test_guided_steps_run_ahead_and_give_the_same_tokens(engine, engine_dir):
             jsonschema.validate(json.loads(text), [INVOICE, NESTED, CLAUSE][int(rid[1]) % 3])
     assert isinstance(json.loads(got["greedy"][1]), dict)
     assert sum(1 for previous, waited in launches if previous and waited) >= 10  # guided steps ran ahead
+    # their masks were filled on the worker thread while the stepping thread applied the tokens
+    assert len(prepared) >= 10 and all(t is threading.main_thread() for t in prepared)
+    workers = {t for t in filled_on if t is not threading.main_thread()}
+    assert len(workers) == 1 and next(iter(workers)).name.startswith("glm-grammar")
     assert ahead.block_manager.num_used_blocks == 0
 
 
