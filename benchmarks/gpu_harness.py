@@ -236,6 +236,22 @@ def model_stats(http_url: str, headers: dict[str, str] | None = None) -> dict:
     return out
 
 
+def add_stats(total: dict, before: dict, after: dict) -> dict:
+    """``total`` (statistics shaped like `model_stats`) plus what each model did from ``before`` to
+    ``after``: to take the stages of some of a sub-phase's requests apart (`stage_breakdown({}, total)`)."""
+    for name, row in after.items():
+        prev, acc = before.get(name, {}), total.setdefault(name, {"executions": 0})
+        acc["executions"] += row["executions"] - prev.get("executions", 0)
+        for key, value in row.items():
+            if key == "executions":
+                continue
+            count, ns = value
+            c0, n0 = prev.get(key, (0, 0))
+            c, n = acc.get(key, (0, 0))
+            acc[key] = (c + count - c0, n + ns - n0)
+    return total
+
+
 def stage_breakdown(before: dict, after: dict) -> dict:
     """Per model over one sub-phase: executions and mean ms per execution of queue / compute stages."""
     out = {}
@@ -354,13 +370,30 @@ async def serve_phases(
         return go
 
     async def follow_up():
-        """TTFT of a second question about a 1288x728 screenshot seen once (cold: the first question)."""
+        """TTFT of a second question about a 1288x728 screenshot seen once (cold: the first question), and
+        each kind's own per-model stages (the statistics read around every request)."""
         corpus = Corpus(sizes=[sizes["1288"]], pool_size=5, seed=1000)
-        cold, warm = [], []
+        cold, warm, totals = [], [], {"cold": {}, "warm": {}}
+
+        def stats() -> dict | None:
+            if not http_url:
+                return None
+            with contextlib.suppress(Exception):
+                return model_stats(http_url, admin_headers)
+            return None
+
         for first, second in follow_up_pairs(corpus, 5):
-            cold.append(await target.send(first, one))
-            warm.append(await target.send(second, one))
-        return {"cold": _ttft_summary(cold), "warm": _ttft_summary(warm), "warm_cache": cache_hits(warm)}
+            for kind, sample, records in (("cold", first, cold), ("warm", second, warm)):
+                before = stats()
+                records.append(await target.send(sample, one))
+                after = stats()
+                if before is not None and after is not None:
+                    add_stats(totals[kind], before, after)
+        out = {"cold": _ttft_summary(cold), "warm": _ttft_summary(warm), "warm_cache": cache_hits(warm)}
+        for kind in ("cold", "warm"):
+            if totals[kind]:
+                out[kind]["stages"] = stage_breakdown({}, totals[kind])
+        return out
 
     def questions_per_image(concurrency: int, num_images: int, per_image: int):
         async def go():
@@ -647,6 +680,14 @@ def table(doc: dict) -> str:
             f"{follow['warm']['ttft_ms'].get('p50') or 0:.1f} ms (server {follow['warm']['server_ttft_ms'].get('p50') or 0:.1f}), "
             f"warm cache {follow.get('warm_cache')}"
         )
+        for kind in ("cold", "warm"):
+            stages = follow[kind].get("stages") or {}
+            if stages:
+                parts = ", ".join(
+                    f"{model} " + "/".join(f"{row.get(k, 0):.2f}" for k in ("queue_ms", "compute_infer_ms"))
+                    for model, row in sorted(stages.items())
+                )
+                lines.append(f"followup_1288 {kind}: per model queue/compute ms: {parts}")
     chat = serve.get("conversation_1288") or {}
     for turn, run in chat.items():
         if isinstance(run, dict) and "ttft_ms" in run:

@@ -97,3 +97,22 @@ def test_stage_breakdown_is_the_per_execution_mean_between_two_snapshots() -> No
         "llm": {"executions": 4, "queue_ms": 2.0, "compute_infer_ms": 2.5},
         "new": {"executions": 2, "compute_output_ms": 0.5},
     }
+
+
+def test_add_stats_takes_the_stages_of_some_requests_apart() -> None:
+    """Stages of the requests between snapshots 0-1 and 2-3 only, not of those between 1 and 2."""
+    from benchmarks.gpu_harness import add_stats, stage_breakdown
+
+    snaps = [
+        {"pre": {"executions": 0, "compute_infer": (0, 0)}},
+        {"pre": {"executions": 1, "compute_infer": (1, 20_000_000)}},  # a cold request: 20 ms
+        {"pre": {"executions": 2, "compute_infer": (2, 23_000_000)}},  # a warm one: 3 ms
+        {"pre": {"executions": 3, "compute_infer": (3, 45_000_000)}, "llm": {"executions": 1}},  # cold: 22 ms
+    ]
+    cold = add_stats(add_stats({}, snaps[0], snaps[1]), snaps[2], snaps[3])
+    warm = add_stats({}, snaps[1], snaps[2])
+    assert stage_breakdown({}, cold) == {
+        "pre": {"executions": 2, "compute_infer_ms": 21.0},
+        "llm": {"executions": 1},
+    }
+    assert stage_breakdown({}, warm) == {"pre": {"executions": 1, "compute_infer_ms": 3.0}}
