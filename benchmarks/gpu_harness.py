@@ -666,11 +666,12 @@ def table(doc: dict) -> str:
     for name in ("c32_448", "c32_1288", "reuse_c32_1288", "poisson_5", "poisson_9"):
         run = serve.get(name) or {}
         if "requests" in run:
-            itl = run.get("itl_ms") or {}
+            itl, gap = run.get("itl_ms") or {}, run.get("response_gap_ms") or {}
             lines.append(
                 f"{name}: {run['rps']:.2f} req/s, {run['requests']} ok, {run['errors']} errors, TTFT P50/P99 "
                 f"{(run.get('ttft_ms') or {}).get('p50') or 0:.0f}/{(run.get('ttft_ms') or {}).get('p99') or 0:.0f} ms, ITL P50/P99 "
-                f"{itl.get('p50') or 0:.1f}/{itl.get('p99') or 0:.1f} ms, cache hit rate {run.get('cache_hit_rate')}"
+                f"{itl.get('p50') or 0:.1f}/{itl.get('p99') or 0:.1f} ms, response gap P50/P99 "
+                f"{gap.get('p50') or 0:.1f}/{gap.get('p99') or 0:.1f} ms, cache hit rate {run.get('cache_hit_rate')}"
             )
     lines += _structured_lines(serve)
     follow = serve.get("followup_1288") or {}

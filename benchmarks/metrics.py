@@ -5,6 +5,8 @@ A streamed request is timed on the client with ``time.perf_counter``:
 * **TTFT** — send to the first response that carries an output token;
 * **ITL** (inter-token latency) — the gap between two responses that carry tokens, divided by the
   number of new tokens in the later one (one value per token, so a response with 3 tokens counts 3×);
+* **response gap** — the same gaps undivided, one value per response: how long a reader watches the
+  answer stand still (a server that sends several tokens together has short ITLs but longer gaps);
 * **e2e** — send to the last response (the one with a finish reason).
 
 Summaries give P50/P95/P99 (linear interpolation between order statistics, like ``numpy.percentile``)
@@ -30,6 +32,7 @@ class RequestRecord:
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)  # one value per output token after the first
+    gap_s: list[float] = field(default_factory=list)  # one value per response with tokens after the first
     num_output_tokens: int = 0
     num_input_tokens: int | None = None
     num_cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache
@@ -71,6 +74,7 @@ class StreamTimer:
             # Tokens that arrive together with the first one have no gap of their own.
             self.record.ttft_s = now - self.record.start_s
         else:
+            self.record.gap_s.append(now - self._last_token_s)
             gap = (now - self._last_token_s) / num_new
             self.record.itl_s.extend([gap] * num_new)
         self._last_token_s = now
@@ -163,6 +167,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
         "mean_output_tokens": round(num_tokens / len(ok), 2) if ok else 0.0,
         "ttft_ms": distribution_ms(r.ttft_s for r in ok if r.ttft_s is not None),
         "itl_ms": distribution_ms(v for r in ok for v in r.itl_s),
+        "response_gap_ms": distribution_ms(v for r in ok for v in r.gap_s),
         "e2e_ms": distribution_ms(r.e2e_s for r in ok if r.e2e_s is not None),
         "server_ttft_ms": distribution_ms(r.server_ttft_s for r in ok if r.server_ttft_s is not None),
         "pre_llm_ms": distribution_ms(r.pre_llm_s for r in ok if r.pre_llm_s is not None),

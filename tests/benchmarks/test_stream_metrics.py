@@ -15,6 +15,7 @@ def test_stream_timer_ttft_itl_e2e_from_running_counts() -> None:
     record = timer.finish("length", at=t0 + 0.160)
     assert record.ttft_s == pytest.approx(0.100)
     assert record.itl_s == pytest.approx([0.020, 0.020, 0.010])
+    assert record.gap_s == pytest.approx([0.040, 0.010])  # what a reader waits: once per response
     assert record.e2e_s == pytest.approx(0.160)
     assert record.num_output_tokens == 4
     assert record.finish_reason == "length" and record.is_ok
