@@ -12,7 +12,8 @@ Reported per run: output tok/s, requests/s, TTFT and ITL inside the engine (arri
 between a request's token batches per token), and per engine step: its wall time by kind (a decode step
 launched one ahead, a step run synchronously), the share of steps launched ahead, and the host time of
 the grammar masks (each fill, on the worker thread or the stepping thread, and the stepping thread's wait
-for a worker's fill). Writes guided_probe.json.
+for a worker's fill). ``--grammar-threads 1,8`` runs the schema loop again with xgrammar's batch fill on
+that many threads. Writes guided_probe.json.
 """
 
 from __future__ import annotations
@@ -175,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per run")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument(
+        "--grammar-threads",
+        default="",
+        help="comma list: run the schema loop again with xgrammar's batch fill on each many threads "
+        "(the engine's own setting first)",
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -227,8 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     res["without_schema"]["engine"] = recorder.take()
     w, wo = res["with_schema"]["output_tok_s"], res["without_schema"]["output_tok_s"]
     res["with_over_without"] = round(w / wo, 3) if wo else None
+    import xgrammar as xgr
+
+    for threads in filter(None, args.grammar_threads.split(",")):
+        ex.runner.sampler.masks.matcher = xgr.BatchGrammarMatcher(max_threads=int(threads))
+        name = f"with_schema_threads_{int(threads)}"
+        res[name] = closed_loop(
+            ex,
+            lambda rid: request(rid, guided, Guide("json_schema", schema)),
+            args.concurrency,
+            args.duration,
+        )
+        res[name]["engine"] = recorder.take()
+        res[name]["over_without"] = round(res[name]["output_tok_s"] / wo, 3) if wo else None
     (args.out / "guided_probe.json").write_text(json.dumps(res, indent=2) + "\n")
-    for name in ("with_schema", "without_schema"):
+    for name in [k for k in res if k.startswith(("with_schema", "without_schema"))]:
         r = res[name]
         e = r["engine"]
         print(

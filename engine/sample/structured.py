@@ -129,25 +129,23 @@ class GrammarState:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
-        self.num_accepted = 0
+        self.num_accepted = 0  # output tokens seen (fed to the matcher unless it ended or refused one)
+        self.refused = False  # a token outside the grammar came: only a forced end follows
 
     def sync(self, output_token_ids: list[int]) -> None:
-        """Accept the output tokens the matcher has not seen yet."""
-        while self.num_accepted < len(output_token_ids) and not self.matcher.is_terminated():
-            if not self.matcher.accept_token(output_token_ids[self.num_accepted]):
-                # only a forced end (max_tokens, stop string, abort) follows a token outside the grammar
-                self.num_accepted = len(output_token_ids)
-                return
-            self.num_accepted += 1
+        """Feed the matcher the output tokens it has not seen yet."""
+        while self.num_accepted < len(output_token_ids):
+            self.accept_at(self.num_accepted, output_token_ids[self.num_accepted])
 
     def accept_at(self, position: int, token_id: int) -> None:
-        """Accept ``token_id`` as output token ``position`` when the matcher has seen exactly the tokens
-        before it (as ``sync`` would once the token is in the sequence)."""
-        if self.num_accepted != position or self.matcher.is_terminated():
+        """Feed ``token_id`` as output token ``position`` when the matcher has seen exactly the tokens
+        before it (as ``sync`` does once the token is in the sequence); otherwise nothing."""
+        if self.num_accepted != position:
             return
-        # refused only before a forced end (max_tokens, stop string, abort): the token counts as seen
-        self.matcher.accept_token(token_id)
         self.num_accepted = position + 1
+        if not self.refused and not self.matcher.is_terminated():
+            # refused only before a forced end (max_tokens, stop string, abort): later tokens are not fed
+            self.refused = not self.matcher.accept_token(token_id)
 
     @property
     def is_terminated(self) -> bool:

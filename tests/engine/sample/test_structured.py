@@ -347,3 +347,42 @@ def test_guided_steps_run_ahead_on_cuda_graphs(engine_dir):
         if reason == "stop":
             jsonschema.validate(json.loads(text), [INVOICE, NESTED, CLAUSE][i % 3])
     assert sum(launches) >= 10
+
+
+def test_masks_prepared_on_the_worker_equal_masks_filled_after_the_tokens(engine):
+    """`GrammarMasks.prepare` (matchers fed the given tokens on the worker thread) gives the bitmask that
+    feeding the same tokens and filling on the calling thread gives; a position that does not follow the
+    matcher's is ignored; rows without a grammar allow every token; the ring reuses its buffers."""
+    from engine.sample.structured import GrammarMasks, GrammarState
+
+    compiled = engine.grammar_compiler().compile(Guide("json_schema", json.dumps(INVOICE)))
+    tokenizer = engine.tokenizer
+    text = '{"invoice_number": "INV-7", "total": 1'
+    ids = tokenizer.encode(text).ids if hasattr(tokenizer, "encode") else tokenizer(text)["input_ids"]
+    vocab_size = engine.model_config.vocab_size
+    masks = GrammarMasks()
+    buffers = None
+    for cut in range(1, len(ids)):
+        # rows 0 and 2 guided (a matcher each, in the same state), row 1 unguided
+        ahead = [GrammarState(compiled), GrammarState(compiled)]
+        here = [GrammarState(compiled), GrammarState(compiled)]
+        for state in ahead:
+            for position, token in enumerate(ids[: cut - 1]):
+                state.accept_at(position, token)
+            state.accept_at(cut + 5, ids[cut - 1])  # not its next position: ignored
+            assert state.num_accepted == cut - 1
+        for state in here:
+            state.sync(ids[:cut])
+        jobs = [(0, ahead[0], ids[cut - 1], cut - 1), (2, ahead[1], ids[cut - 1], cut - 1)]
+        prepared = masks.prepare(3, vocab_size, jobs, pinned=False).result()
+        assert [s.num_accepted for s in ahead + here] == [cut] * 4
+        want = masks.fill(3, vocab_size, [0, 2], here, pinned=False)
+        assert prepared.rows == want.rows == [0, 2]
+        assert torch.equal(prepared.bitmask, want.bitmask)
+        assert bool((prepared.bitmask[1] == -1).all())
+        assert not bool((prepared.bitmask[0] == -1).all())  # the grammar forbids something
+        buffers = buffers or [b.data_ptr() for b in masks.buffers]
+        assert [b.data_ptr() for b in masks.buffers] == buffers  # no new buffers per step
+    logits = torch.zeros(3, vocab_size)
+    masks.apply(logits, want)
+    assert bool(torch.isinf(logits[0]).any()) and not bool(torch.isinf(logits[1]).any())
