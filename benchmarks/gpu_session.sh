@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU measurements, as device calls of at most 600 s each (PART=1, 2, 3), each step with
+# The next GPU measurements, as device calls of at most 600 s each (PART=1, 2, 3, 4, 6, 7), each step with
 # its own limit, in priority order:
 #   PART=1  the end-to-end harness (every serve sub-phase, the structured-output ones included; no
 #           transformers baseline), then every GPU-marked engine test, then benchmarks.ttft_probe while
@@ -8,7 +8,6 @@
 #           gateway and Triton; RSS over time), then OLD_TREE (a snapshot of another commit, if given) and
 #           this tree on the same few sub-phases, then OLD_TREE's context-graph GPU test;
 #   PART=3  the harness with the prefix and image caches off on the sub-phases the caches change;
-#   PART=5  benchmarks.guided_probe (guided decoding inside the engine), TEST_K's GPU tests, then the soak;
 #   PART=6  benchmarks.guided_probe, then VARIANTS of glmv-build flags on the guided and plain 32-stream
 #           runs through Triton, then the caches off (as PART=3);
 #   PART=7  the harness as in PART=1, then benchmarks.guided_probe;
@@ -65,18 +64,6 @@ elif [ "$PART" = 2 ]; then
     (cd "$tree" && timeout 90 python3 -m pytest -q -m gpu tests/engine -k "${TEST_K:-context_graphs_match_eager}" \
       >"$OUT/pytest_gpu_$name.txt" 2>&1; echo "$name: $(tail -n 1 "$OUT/pytest_gpu_$name.txt")")
   done
-elif [ "$PART" = 5 ]; then
-  # guided decoding inside the engine (no Triton) with and without a schema, the GPU tests of TEST_K, then
-  # the soak through the gateway and Triton
-  timeout 200 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 15 2>&1 | tail -n 3
-  timeout 100 python3 -m pytest -q -m gpu tests/engine -k "${TEST_K:-vision_graphs or structured}" \
-    >"$OUT/pytest_gpu.txt" 2>&1; tail -n 3 "$OUT/pytest_gpu.txt"
-  if [ "$(left)" -gt 150 ]; then
-    timeout $(($(left) - 20)) python3 -m benchmarks.soak --minutes "${SOAK_MIN:-3}" --preset dummy-full \
-      --device cuda --concurrency 32 --max-tokens 64 --engine-args "--max-batch-size 128" --out "$OUT/soak" \
-      2>&1 | tail -n 40
-    pkill -f tritonserver; pkill -f "m gateway"
-  fi
 elif [ "$PART" = 6 ]; then
   # guided decoding inside the engine, then through Triton with VARIANTS ("name:extra glmv-build flags"
   # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change

@@ -26,16 +26,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.metrics import distribution_ms
 
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {}
-    ordered = sorted(values)
 
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-
-    return {"p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "mean": round(sum(ordered) / len(ordered), 3)}
+def _percentiles(values_ms: list[float]) -> dict:
+    return distribution_ms(v / 1e3 for v in values_ms)
 
 
 class _Recorder:
