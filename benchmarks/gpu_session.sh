@@ -85,7 +85,7 @@ elif [ "$PART" = 7 ]; then
     --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c=\|^\[rate='
   pkill -f tritonserver; sleep 3
   [ "$(left)" -gt 90 ] && timeout $(($(left) - 5)) python3 -m benchmarks.guided_probe --out "$OUT/guided" \
-    --duration 10 --grammar-threads 1 2>&1 | tail -n 4
+    --duration 10 --grammar-threads 4 2>&1 | tail -n 4
 elif [ "$PART" = 4 ]; then
   # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
   # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions

@@ -11,9 +11,8 @@ smoke run). The engine runs its own loop thread (``LLMEngine.start``), as in the
 Reported per run: output tok/s, requests/s, TTFT and ITL inside the engine (arrival -> first token, gaps
 between a request's token batches per token), and per engine step: its wall time by kind (a decode step
 launched one ahead, a step run synchronously), the share of steps launched ahead, and the host time of
-the grammar masks (each fill, on the worker thread or the stepping thread, and the stepping thread's wait
-for a worker's fill). ``--grammar-threads 1,8`` runs the schema loop again with xgrammar's batch fill on
-that many threads. Writes guided_probe.json.
+the grammar masks (each fill, feeding the matchers included). ``--grammar-threads 4,8`` runs the schema loop
+again with xgrammar's batch fill on that many threads (the engine's is 1). Writes guided_probe.json.
 """
 
 from __future__ import annotations
@@ -38,13 +37,13 @@ class _Recorder:
 
     def __init__(self, ex) -> None:
         self.steps: list[tuple[str, float]] = []
-        self.fill_ms: list[float] = []  # host time of each mask fill, wherever it runs
-        self.wait_ms: list[float] = []  # the stepping thread waiting for masks filled on the worker
-        self.launch_with_wait = 0
+        self.fill_ms: list[float] = []  # host time of each mask fill
+        self.prepare_ms: list[float] = []  # host time of each step's prepared masks (matchers fed + fill)
+        self.launch_with_masks = 0
         core, runner = ex.core, ex.runner
         step, launch = core.step, runner.launch_decode
         masks = runner.sampler.masks
-        fill, sample_ids = masks._fill, runner.sampler.sample_ids
+        fill, prepare = masks._fill, masks.prepare
 
         def timed_step(new_seqs, aborted):
             started = time.perf_counter()
@@ -54,7 +53,7 @@ class _Recorder:
             return outputs
 
         def timed_launch(seqs, previous=None, before_sample=None):
-            self.launch_with_wait += before_sample is not None
+            self.launch_with_masks += before_sample is not None
             return launch(seqs, previous, before_sample)
 
         def timed_fill(*args):
@@ -63,29 +62,28 @@ class _Recorder:
             self.fill_ms.append((time.perf_counter() - started) * 1e3)
             return out
 
-        def timed_sample_ids(logits, seqs, ahead=0, prepared=None):
-            if prepared is not None:
-                started = time.perf_counter()
-                prepared.result()
-                self.wait_ms.append((time.perf_counter() - started) * 1e3)
-            return sample_ids(logits, seqs, ahead, prepared)
+        def timed_prepare(*args):
+            started = time.perf_counter()
+            out = prepare(*args)
+            self.prepare_ms.append((time.perf_counter() - started) * 1e3)
+            return out
 
         core.step, runner.launch_decode = timed_step, timed_launch
-        masks._fill, runner.sampler.sample_ids = timed_fill, timed_sample_ids
+        masks._fill, masks.prepare = timed_fill, timed_prepare
 
     def take(self) -> dict:
         steps, self.steps = self.steps, []
         fills, self.fill_ms = self.fill_ms, []
-        waits, self.wait_ms = self.wait_ms, []
-        waited, self.launch_with_wait = self.launch_with_wait, 0
+        prepares, self.prepare_ms = self.prepare_ms, []
+        waited, self.launch_with_masks = self.launch_with_masks, 0
         by_kind = {k: [ms for kind, ms in steps if kind == k] for k in ("ahead", "sync")}
         return {
             "steps": len(steps),
             "ahead_share": round(len(by_kind["ahead"]) / max(1, len(steps)), 3),
-            "launched_after_mask_wait": waited,
+            "launched_with_masks": waited,
             "step_ms": {k: _percentiles(v) for k, v in by_kind.items()},
             "mask_fill_ms": _percentiles(fills),
-            "mask_wait_ms": _percentiles(waits),
+            "mask_prepare_ms": _percentiles(prepares),
         }
 
 
@@ -250,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: {r['output_tok_s']} tok/s, {r['rps']} req/s, {r['mean_output_tokens']} tokens, "
             f"TTFT P50/P95 {r['ttft_ms'].get('p50')}/{r['ttft_ms'].get('p95')} ms, "
             f"ITL P50/P95/mean {r['itl_ms'].get('p50')}/{r['itl_ms'].get('p95')}/{r['itl_ms'].get('mean')} ms; "
-            f"{e['steps']} steps, {e['ahead_share']} ahead, {e['launched_after_mask_wait']} with masks, "
+            f"{e['steps']} steps, {e['ahead_share']} ahead, {e['launched_with_masks']} with masks, "
             f"step ahead/sync P50 {e['step_ms']['ahead'].get('p50')}/{e['step_ms']['sync'].get('p50')} ms "
             f"(mean {e['step_ms']['ahead'].get('mean')}/{e['step_ms']['sync'].get('mean')}), "
             f"mask fill P50/P95 {e['mask_fill_ms'].get('p50')}/{e['mask_fill_ms'].get('p95')} ms, "
-            f"waited for P50/P95 {e['mask_wait_ms'].get('p50')}/{e['mask_wait_ms'].get('p95')} ms"
+            f"prepared (fed + fill) P50/P95 {e['mask_prepare_ms'].get('p50')}/{e['mask_prepare_ms'].get('p95')} ms"
         )
     print(f"with/without tok/s {res['with_over_without']}")
     return 0

@@ -11,8 +11,8 @@ Decode steps run one ahead of the host where they can: a decode-only step that r
 launched without waiting for its tokens; the next step is launched (its input tokens still on the GPU)
 before the first one's tokens are read, so the host's work for one step overlaps the GPU's for the next.
 With a grammar in the batch the next step's forward is launched first; while it runs, the previous tokens
-are read, the grammars' masks filled on a worker thread and the tokens applied and turned into outputs on
-this one; then it is sampled.
+are read and the grammars' masks filled from them; the step is sampled, and only then are the previous
+tokens applied to the sequences and turned into outputs.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class EngineCore:
 
         Returns (the launched step or None, ``pending``'s outputs if it was read here or None). When a
         sequence's sampling needs its last token on the host (a grammar), ``pending`` is read while the new
-        step's forward runs, and the new step is sampled after that."""
+        step's forward runs, and the new step is sampled after that (its masks fed pending's tokens)."""
         if (
             self.scheduler.waiting
             or not self.vision.is_idle
@@ -199,30 +199,28 @@ class EngineCore:
             return None, None
         for seq in seqs:
             blocks.allocate(seq, 2)  # the position after pending's token
-        resolved: list[list[RequestOutput]] = []
+        read: list[list[int]] = []  # pending's tokens, when read before the new step is sampled
         before_sample = None
         if any(sampler.needs_last_token(seq) for seq in seqs):
 
             def before_sample():
-                # the grammars take pending's tokens and fill the masks on a worker thread while this
-                # thread applies the tokens and builds the outputs
-                tokens = pending.tokens()
+                # the grammars take pending's tokens while the new step's forward runs; the tokens are
+                # applied to the sequences once its sampling is launched
+                read.append(pending.tokens())
                 rows = {id(seq): j for j, seq in enumerate(pending.seqs)}
-                prepared = sampler.prepare_masks(
+                return sampler.prepare_masks(
                     seqs,
-                    [tokens[rows[id(seq)]] for seq in seqs],
+                    [read[0][rows[id(seq)]] for seq in seqs],
                     self.model_config.vocab_size,
                     pinned=pending.ready is not None,
                 )
-                resolved.append(self._resolve(pending, tokens))
-                return prepared
 
         try:
             launched = self.runner.launch_decode(seqs, previous=pending, before_sample=before_sample)
         except Exception:
             logger.exception("[glm-engine] decode launch failed; running the next step synchronously")
             launched = None
-        return launched, (resolved[0] if resolved else None)
+        return launched, (self._resolve(pending, read[0]) if read else None)
 
     def _resolve(self, pending: PendingDecode, tokens: list[int] | None = None) -> list[RequestOutput]:
         """Read ``pending``'s tokens (unless given) and apply them like a synchronous step (sequences that

@@ -34,10 +34,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +46,9 @@ from engine.kernels.attention import AttentionMetadata, fresh_prefill_supported
 from engine.model.vision import PatchNormalizer
 from engine.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.sample.sampler import Sampler
+
+if TYPE_CHECKING:
+    from engine.sample.structured import PreparedMasks
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image processor's defaults
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -286,16 +288,15 @@ class ModelRunner:
         self,
         seqs: list,
         previous: PendingDecode | None = None,
-        before_sample: Callable[[], Future | None] | None = None,
+        before_sample: Callable[[], PreparedMasks | None] | None = None,
     ) -> PendingDecode | None:
         """Launch a one-token step of ``seqs`` (all decoding, all `Sampler.can_run_ahead`) from a decode
         graph, and its sampling, without waiting for the GPU. With ``previous``, each sequence's input is
         its token of that step, still on the device, one position past the host's state.
         ``before_sample``, when given, is called after the forward is launched and before it is sampled:
-        it reads ``previous``'s tokens on the host (while the forward runs), so that sequences whose
-        sampling `needs_last_token` see them, and returns their grammar masks in the making
-        (`Sampler.prepare_masks`) or None. None (nothing launched, ``before_sample`` not called) when no
-        graph fits."""
+        it reads ``previous``'s tokens on the host (while the forward runs) and returns the grammar masks
+        of the sequences whose sampling `needs_last_token`, fed those tokens (`Sampler.prepare_masks`), or
+        None. None (nothing launched, ``before_sample`` not called) when no graph fits."""
         if self.graphs is None:
             return None
         input_ids = None
@@ -310,7 +311,7 @@ class ModelRunner:
             return None
         logits = self.model.compute_logits(hidden)
         prepared = before_sample() if before_sample is not None else None
-        ahead = int(previous is not None and before_sample is None)
+        ahead = int(previous is not None)  # previous's tokens are not in the sequences yet
         token_ids = self.sampler.sample_ids(logits, seqs, ahead=ahead, prepared=prepared)  # [n], device
         if token_ids.is_cuda:
             host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)

@@ -29,8 +29,9 @@ Contract:
     a grammar can run ahead too, but its mask needs every earlier token on the host: its step's forward is
     launched first, its previous token read while that forward runs, and only then is it sampled
     (``ahead`` 0); ``needs_last_token(seq)`` says which sequences need that order. ``prepare_masks(seqs,
-    token_ids, ...)`` feeds the grammars those tokens and fills the masks on a worker thread, while the
-    caller does the step's other host work; ``sample_ids(..., prepared=)`` then applies them.
+    token_ids, ...)`` feeds the grammars those tokens and fills the masks before the tokens are in the
+    sequences; ``sample_ids(..., ahead=1, prepared=)`` then applies them, and the caller applies the tokens
+    to the sequences after the sampling is launched.
 """
 
 from __future__ import annotations
@@ -43,9 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
-    from engine.sample.structured import GrammarMasks, GrammarState
+    from engine.sample.structured import GrammarMasks, GrammarState, PreparedMasks
 
 MAX_TOP_LOGPROBS = 20
 
@@ -206,10 +205,10 @@ class Sampler:
 
     def prepare_masks(
         self, seqs: list[SamplingSeq], token_ids: list[int], vocab_size: int, pinned: bool
-    ) -> Future | None:
-        """Start filling the masks of a step of ``seqs`` whose newest tokens ``token_ids`` (one each) are on
-        the host but not yet in the sequences; pass the result to `sample_ids`. None: no grammar to mask.
-        The sequences' token lists may change meanwhile (the worker reads only what it is given)."""
+    ) -> PreparedMasks | None:
+        """The masks of a step of ``seqs`` whose newest tokens ``token_ids`` (one each) are on the host but
+        not yet in the sequences (the grammars are fed them here); pass them to `sample_ids`. None: no
+        grammar to mask."""
         jobs = [
             (i, seq.grammar, token_id, len(seq.token_ids) - seq.num_prompt_tokens)
             for i, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True))
@@ -241,16 +240,21 @@ class Sampler:
             seq.logprobs.append((chosen_list[j], top))
 
     def sample_ids(
-        self, logits: torch.Tensor, seqs: list[SamplingSeq], ahead: int = 0, prepared: Future | None = None
+        self,
+        logits: torch.Tensor,
+        seqs: list[SamplingSeq],
+        ahead: int = 0,
+        prepared: PreparedMasks | None = None,
     ) -> torch.Tensor:
         """Token ids [num_seqs] on the logits' device, no host sync (every seq must `can_run_ahead`).
-        ``ahead``: tokens each sequence has beyond ``token_ids`` (sampled, not yet on the host); it must
-        be 0 when a sequence `needs_last_token`. Grammar masks are those of ``prepared`` (`prepare_masks`),
-        else filled here on the host; either way applied on the device."""
+        ``ahead``: tokens each sequence has beyond ``token_ids`` (sampled, not yet in the sequence). Grammar
+        masks are those of ``prepared`` (`prepare_masks`, fed those tokens), else filled here from the
+        sequences' tokens, so then ``ahead`` must be 0 when a sequence `needs_last_token`; either way
+        applied on the device."""
         logits = logits.float()
-        masks = prepared.result() if prepared is not None else None  # the matchers are fed after this
+        masks = prepared
         guided = bool(masks.rows) if masks is not None else any(self.needs_last_token(s) for s in seqs)
-        if guided and ahead:
+        if guided and ahead and masks is None:
             raise ValueError(
                 "sample_ids: a sequence with a grammar needs its last token on the host (ahead=0)"
             )

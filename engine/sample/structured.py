@@ -2,8 +2,8 @@
 
 xgrammar is the grammar engine of vLLM, SGLang and TensorRT-LLM: it compiles a grammar against the
 tokenizer's vocabulary once (a persistent pushdown automaton with most tokens' validity precomputed per
-state), so filling a step's token mask costs microseconds per sequence, for many sequences at once on a
-thread pool; a random model (the worst case for a grammar) still only ever samples allowed tokens.
+state), so filling a step's token mask costs microseconds per sequence, for many sequences in one batched
+call; a random model (the worst case for a grammar) still only ever samples allowed tokens.
 
 Contract:
   * ``Guide(type, value)``: ``type`` is one of ``GUIDE_TYPES`` (TensorRT-LLM's
@@ -18,8 +18,8 @@ Contract:
   * ``GrammarState(compiled)``: one sequence's matcher. ``sync(output_token_ids)`` feeds it the tokens it
     has not seen (so preemption, dropped run-ahead tokens and retries never put it out of step);
     ``is_terminated`` once it accepted a stop token.
-  * ``GrammarMasks``: a step's masks, filled on the host (``fill``, or ``prepare`` on a worker thread while
-    the stepping thread reads the step's outputs) and applied on the logits' device (``apply``): one
+  * ``GrammarMasks``: a step's masks, filled on the host (``fill``, or ``prepare``, which first feeds the
+    matchers the step's newest tokens; the engine calls it while the step's forward runs) and applied on the logits' device (``apply``): one
     batched fill, one masked write. A grammar that has finished (its root rule complete) allows only the
     stop tokens.
 """
@@ -27,10 +27,8 @@ Contract:
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,23 +165,24 @@ class GrammarMasks:
 
     The host bitmasks live in a ring of reused buffers (pinned on a GPU), so a step neither allocates
     pinned memory nor overwrites a mask whose copy to the device may still be queued (each buffer's copy is
-    fenced by an event, waited on before the buffer is filled again). ``prepare`` feeds the matchers their
-    newest tokens and fills the masks on a worker thread (xgrammar works outside the GIL), so the stepping
-    thread can do the step's other host work meanwhile; ``fill`` does the same on the calling thread.
-    ``apply`` copies a mask to the logits' device and applies it there: nothing here waits for the GPU."""
+    fenced by an event, waited on before the buffer is filled again). ``fill`` fills the masks of rows
+    whose matchers are fed; ``prepare`` first feeds them their newest tokens. Both run on the calling
+    thread: the engine calls them while the step's forward runs on the GPU, and a worker thread would
+    wait for the GIL behind the stepping thread (measured on an H200: a guided step took 12.4 ms with the
+    fill on a worker, against 6.2 ms unguided). ``apply`` copies a mask to the logits' device and applies
+    it there: nothing here waits for the GPU."""
 
     RING = 3
 
-    def __init__(self) -> None:
+    def __init__(self, max_threads: int = 1) -> None:
         import xgrammar as xgr
 
-        # xgrammar fills the rows of a batch on a thread pool (4: 8 were no faster on an H200 host; most
-        # rows take microseconds, a few inside a string near its maxLength 1-2 ms)
-        self.matcher = xgr.BatchGrammarMatcher(max_threads=max(1, min(4, os.cpu_count() or 1)))
+        # xgrammar's batch fill on one thread: its thread pool was no faster on an H200 host (32 rows,
+        # P50 0.62 ms on 4 threads against 0.50 on 1; benchmarks.guided_probe --grammar-threads)
+        self.matcher = xgr.BatchGrammarMatcher(max_threads=max_threads)
         self.buffers: list[torch.Tensor] = []
         self.fences: list[torch.cuda.Event | None] = []
         self.turn = 0
-        self._worker: ThreadPoolExecutor | None = None
 
     def _take(self, num_rows: int, num_words: int, pinned: bool) -> tuple[int, torch.Tensor]:
         """(ring slot, a [num_rows, num_words] int32 host view), not yet cleared."""
@@ -210,27 +209,20 @@ class GrammarMasks:
     def fill(
         self, num_rows: int, vocab_size: int, rows: list[int], states: list[GrammarState], pinned: bool
     ) -> PreparedMasks:
-        """The masks of ``rows`` (their matchers already fed), on the calling thread."""
+        """The masks of ``rows`` (their matchers already fed)."""
         slot, bitmask = self._take(num_rows, -(-vocab_size // 32), pinned)
         return self._fill(slot, bitmask, rows, states)
 
     def prepare(
         self, num_rows: int, vocab_size: int, jobs: list[tuple[int, GrammarState, int, int]], pinned: bool
-    ) -> Future:
-        """Future of the masks of a step whose rows' newest tokens are known on the host but not yet in
-        their sequences: ``jobs`` = (row, state, token, its position among the outputs). The worker thread
-        feeds each matcher its token (``GrammarState.accept_at``) and fills the rows still deciding."""
-        slot, bitmask = self._take(num_rows, -(-vocab_size // 32), pinned)
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-grammar")
-
-        def work() -> PreparedMasks:
-            for _, state, token, position in jobs:
-                state.accept_at(position, token)
-            live = [(row, state) for row, state, _, _ in jobs if not state.is_terminated]
-            return self._fill(slot, bitmask, [r for r, _ in live], [s for _, s in live])
-
-        return self._worker.submit(work)
+    ) -> PreparedMasks:
+        """The masks of a step whose rows' newest tokens are known on the host but not yet in their
+        sequences: ``jobs`` = (row, state, token, its position among the outputs). Feeds each matcher its
+        token (``GrammarState.accept_at``) and fills the rows still deciding."""
+        for _, state, token, position in jobs:
+            state.accept_at(position, token)
+        live = [(row, state) for row, state, _, _ in jobs if not state.is_terminated]
+        return self.fill(num_rows, vocab_size, [r for r, _ in live], [s for _, s in live], pinned)
 
     def apply(self, logits: torch.Tensor, prepared: PreparedMasks) -> None:
         """In place: -inf for the tokens ``prepared`` forbids in each of its rows."""

@@ -202,8 +202,9 @@ def test_logprob_sequences_never_run_ahead_and_guided_ones_wait_for_their_last_t
 
 def test_guided_steps_run_ahead_and_give_the_same_tokens(engine, engine_dir):
     """With decode steps launched ahead of the host, a batch with grammars runs ahead too: each step's
-    forward is launched before the previous tokens are read, and sampled once they are (masks filled
-    meanwhile). Every token equals the synchronous engine's, and every guided answer validates."""
+    forward is launched before the previous tokens are read, and sampled once they are (masks fed those
+    tokens and filled meanwhile, on the stepping thread); the tokens reach the sequences after the sampling
+    is launched. Every token equals the synchronous engine's, and every guided answer validates."""
     from tests.engine.runner.test_cuda_graphs import _EagerDecodeGraphs
 
     ahead = LLMEngine.from_engine_dir(engine_dir, max_num_seqs=16)
@@ -224,8 +225,16 @@ def test_guided_steps_run_ahead_and_give_the_same_tokens(engine, engine_dir):
     masks = runner.sampler.masks
     prepared, prepare = [], masks.prepare
     masks.prepare = lambda *args: prepared.append(threading.current_thread()) or prepare(*args)
-    filled_on, fill = [], masks._fill
-    masks._fill = lambda *args: filled_on.append(threading.current_thread()) or fill(*args)
+    # (number of output tokens in each guided sequence, ahead) when a prepared step is sampled: pending's
+    # token is not in the sequence yet
+    sampled_at, sample_ids = [], runner.sampler.sample_ids
+
+    def record_sample(logits, seqs, ahead=0, prepared=None):
+        if prepared is not None:
+            sampled_at.append(ahead)
+        return sample_ids(logits, seqs, ahead, prepared)
+
+    runner.sampler.sample_ids = record_sample
 
     def requests() -> list[GenerationRequest]:
         schemas = [INVOICE, NESTED, CLAUSE]
@@ -251,10 +260,9 @@ def test_guided_steps_run_ahead_and_give_the_same_tokens(engine, engine_dir):
             jsonschema.validate(json.loads(text), [INVOICE, NESTED, CLAUSE][int(rid[1]) % 3])
     assert isinstance(json.loads(got["greedy"][1]), dict)
     assert sum(1 for previous, waited in launches if previous and waited) >= 10  # guided steps ran ahead
-    # their masks were filled on the worker thread while the stepping thread applied the tokens
+    # their masks were prepared on the stepping thread and sampled with pending's token still ahead
     assert len(prepared) >= 10 and all(t is threading.main_thread() for t in prepared)
-    workers = {t for t in filled_on if t is not threading.main_thread()}
-    assert len(workers) == 1 and next(iter(workers)).name.startswith("glm-grammar")
+    assert len(sampled_at) == len(prepared) and set(sampled_at) == {1}
     assert ahead.block_manager.num_used_blocks == 0
 
 
@@ -349,8 +357,8 @@ def test_guided_steps_run_ahead_on_cuda_graphs(engine_dir):
     assert sum(launches) >= 10
 
 
-def test_masks_prepared_on_the_worker_equal_masks_filled_after_the_tokens(engine):
-    """`GrammarMasks.prepare` (matchers fed the given tokens on the worker thread) gives the bitmask that
+def test_prepared_masks_equal_masks_filled_after_the_tokens(engine):
+    """`GrammarMasks.prepare` (matchers fed the given tokens, then filled) gives the bitmask that
     feeding the same tokens and filling on the calling thread gives; a position that does not follow the
     matcher's is ignored; rows without a grammar allow every token; the ring reuses its buffers."""
     from engine.sample.structured import GrammarMasks, GrammarState
@@ -374,7 +382,7 @@ def test_masks_prepared_on_the_worker_equal_masks_filled_after_the_tokens(engine
         for state in here:
             state.sync(ids[:cut])
         jobs = [(0, ahead[0], ids[cut - 1], cut - 1), (2, ahead[1], ids[cut - 1], cut - 1)]
-        prepared = masks.prepare(3, vocab_size, jobs, pinned=False).result()
+        prepared = masks.prepare(3, vocab_size, jobs, pinned=False)
         assert [s.num_accepted for s in ahead + here] == [cut] * 4
         want = masks.fill(3, vocab_size, [0, 2], here, pinned=False)
         assert prepared.rows == want.rows == [0, 2]
