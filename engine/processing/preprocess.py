@@ -420,6 +420,22 @@ class Preprocessor:
         self.think_start_id = self._token_id("<think>")
         self.think_end_id = self._token_id("</think>")
 
+    def warm_up(self) -> None:
+        """Run one small request through every stage (image decode and resize, chat template, tokenizer,
+        M-RoPE positions), so the first real request does not pay their one-time setup (~14 ms on
+        CPU); the caches are left as they were."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 120, 40)).save(buffer, format="PNG")
+        cache, self.resize_cache = self.resize_cache, ResizeCache(0)
+        try:
+            self("warm-up", [buffer.getvalue()])
+        finally:
+            self.resize_cache = cache
+
     def _settings_digest(self) -> str:
         """What the resized pixels depend on: the image processor's settings (its config file) and this
         code's resize."""

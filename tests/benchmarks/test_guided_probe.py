@@ -19,6 +19,8 @@ def test_guided_probe_cpu_smoke(tmp_path: Path) -> None:
         assert run["engine"]["steps"] > 0
     # the guided answers' masks were filled; the plain run has none; both decode the same lengths
     assert guided["engine"]["mask_fill_ms"]["p50"] is not None
-    assert plain["engine"]["mask_fill_ms"]["p50"] is None and plain["engine"]["mask_prepare_ms"]["p50"] is None
+    assert (
+        plain["engine"]["mask_fill_ms"]["p50"] is None and plain["engine"]["mask_prepare_ms"]["p50"] is None
+    )
     assert plain["mean_output_tokens"] == round(guided["mean_output_tokens"])
     assert res["with_over_without"] == round(guided["output_tok_s"] / plain["output_tok_s"], 3)

@@ -65,6 +65,9 @@ class TritonPythonModel:
             shared_resize_cache_dir=shared_dir or tempfile.gettempdir(),
             shared_resize_cache_bytes=parameters.get_int("shared_resize_cache_mb", 512) << 20,
         )
+        # the first request of each instance would pay the stages' one-time setup; Triton hands follow-ups
+        # to any instance, so every instance does it now
+        self.preprocessor.warm_up()
         self.default_max_tokens = parameters.get_int("default_max_tokens", 256)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         # The families must outlive their metrics: keep references on self.

@@ -80,3 +80,22 @@ def test_the_process_lru_keeps_its_bytes(max_bytes: int):
         cache.put(f"k{i}", rgb, "00" * 32)
     held = [f"k{i}" for i in range(50) if f"k{i}" in cache]
     assert held == ([] if max_bytes == 0 else [f"k{i}" for i in range(50 - (1 << 20) // rgb.nbytes, 50)])
+
+
+def test_warm_up_runs_every_stage_and_leaves_the_caches_as_they_were(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch
+):
+    shared = {"shared_resize_cache_dir": tmp_path, "shared_resize_cache_bytes": 64 << 20}
+    pre = Preprocessor(tiny_checkpoint, **shared)
+    stages = []
+    for name in ("_resize", "render"):
+        original = getattr(pre, name)
+        monkeypatch.setattr(pre, name, lambda *a, _f=original, _n=name, **k: stages.append(_n) or _f(*a, **k))
+    pre.warm_up()
+    assert stages == ["render", "_resize"]
+    assert not pre.resize_cache._entries and pre.resize_cache._writer is None
+    assert not list(pre.resize_cache.shared_dir.iterdir())
+    image = png(2)
+    pre("What is this?", [image])  # the real cache still works afterwards
+    pre.resize_cache.flush()
+    assert len(pre.resize_cache._entries) == 1 and len(list(pre.resize_cache.shared_dir.iterdir())) == 1
