@@ -84,6 +84,7 @@ elif [ "$PART" = 7 ]; then
   timeout 330 python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline --budget-s 320 \
     --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c=\|^\[rate='
   pkill -f tritonserver; sleep 3
+  echo "decode launches that failed (ran synchronously): $(grep -c 'decode launch failed' "$OUT/cache_on/triton.log")"
   [ "$(left)" -gt 90 ] && timeout $(($(left) - 5)) python3 -m benchmarks.guided_probe --out "$OUT/guided" \
     --duration 10 --grammar-threads 4 2>&1 | tail -n 4
 elif [ "$PART" = 4 ]; then
