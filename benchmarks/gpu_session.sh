@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU measurements, as device calls of at most 600 s each (PART=1, 2, 3, 4, 6, 7), each step with
+# The next GPU measurements, as device calls of at most 600 s each (PART=1, 2, 3, 4, 6, 7, 8), each step with
 # its own limit, in priority order:
 #   PART=1  the end-to-end harness (every serve sub-phase, the structured-output ones included; no
 #           transformers baseline), then every GPU-marked engine test, then benchmarks.ttft_probe while
@@ -11,6 +11,7 @@
 #   PART=6  benchmarks.guided_probe, then VARIANTS of glmv-build flags on the guided and plain 32-stream
 #           runs through Triton, then the caches off (as PART=3);
 #   PART=7  the harness as in PART=1, then benchmarks.guided_probe;
+#   PART=8  the GPU tests, then benchmarks.ttft_probe;
 #   PART=4  (two GPUs) benchmarks.multi_gpu: Triton's spread over one llm per GPU, then one server per GPU
 #           behind the gateway's image affinity.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
@@ -87,6 +88,12 @@ elif [ "$PART" = 7 ]; then
   echo "decode launches that failed (ran synchronously): $(grep -c 'decode launch failed' "$OUT/cache_on/triton.log")"
   [ "$(left)" -gt 90 ] && timeout $(($(left) - 5)) python3 -m benchmarks.guided_probe --out "$OUT/guided" \
     --duration 10 --grammar-threads 4 2>&1 | tail -n 4
+elif [ "$PART" = 8 ]; then
+  # the GPU tests, then one request's first token and decode inside the engine
+  timeout 240 python3 -m pytest -q -m gpu tests/engine >"$OUT/pytest_gpu.txt" 2>&1
+  tail -n 5 "$OUT/pytest_gpu.txt"
+  [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
+    grep -E '^[0-9]|chunked|decode b'
 elif [ "$PART" = 4 ]; then
   # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
   # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions
