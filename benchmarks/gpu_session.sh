@@ -68,16 +68,18 @@ elif [ "$PART" = 2 ]; then
 elif [ "$PART" = 6 ]; then
   # guided decoding inside the engine, then through Triton with VARIANTS ("name:extra glmv-build flags"
   # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change
-  timeout 150 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
+  # (PROBE=0 skips the probe; VARIANT_PHASES, CACHE_OFF=0 as named)
+  [ "${PROBE:-1}" = 0 ] || timeout 150 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
+  phases=${VARIANT_PHASES:-structured_c32,c32_448}
   for variant in ${VARIANTS:-default:}; do
     name=${variant%%:*}; extra=${variant#*:}
-    [ "$(left)" -gt 230 ] || break
+    [ "$(left)" -gt 140 ] || break
     timeout 130 python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline --budget-s 120 \
-      --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases structured_c32,c32_448 2>&1 \
-      | grep -E '^(structured_c32|c32_448)' | sed "s/^/$name: /"
+      --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases "$phases" 2>&1 \
+      | grep -E "^(${phases//,/|})" | sed "s/^/$name: /"
     pkill -f tritonserver; sleep 2
   done
-  timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
+  [ "${CACHE_OFF:-1}" = 0 ] || timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
     --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
     --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
 elif [ "$PART" = 7 ]; then
