@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream-responses-per-s",
         type=int,
-        default=500,
+        default=1000,
         help="streamed responses per second, all streams together (split across GPUs); past it, each "
         "response carries the tokens of several steps",
     )

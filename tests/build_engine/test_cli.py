@@ -78,8 +78,8 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     assert not list(out.glob("*.safetensors"))
     llm = (out / "model_repository/llm/config.pbtxt").read_text()
     assert "{ count: 1 kind: KIND_GPU gpus: [ 0 ] },\n  { count: 1 kind: KIND_GPU gpus: [ 1 ] }" in llm
-    # the one postprocessing instance's response budget (500 per second) is split over the 2 GPUs
-    assert 'key: "stream_responses_per_s" value: { string_value: "250" }' in llm
+    # the one postprocessing instance's response budget (1000 per second) is split over the 2 GPUs
+    assert 'key: "stream_responses_per_s" value: { string_value: "500" }' in llm
     vision = (out / "model_repository/vision_encoder/config.pbtxt").read_text()
     assert "gpus: [ 1 ]" in vision and "dims: [ -1, 4096 ]" in vision
 

@@ -78,7 +78,7 @@ class TritonPythonModel:
         self.cancel_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
         self.stats_period_s = parameters.get_float("stats_check_period_ms", 100.0) / 1000.0
         self.cancel_checks_per_period = max(1, parameters.get_int("cancellation_checks_per_period", 8))
-        self.stream_responses_per_s = max(1.0, parameters.get_float("stream_responses_per_s", 500.0))
+        self.stream_responses_per_s = max(1.0, parameters.get_float("stream_responses_per_s", 1000.0))
 
         self.requests = RequestTable()
         self.responses = Responses(self.engine, wall_offset_ns=time.time_ns() - time.monotonic_ns())
