@@ -68,7 +68,12 @@ elif [ "$PART" = 2 ]; then
 elif [ "$PART" = 6 ]; then
   # guided decoding inside the engine, then through Triton with VARIANTS ("name:extra glmv-build flags"
   # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change
-  # (PROBE=0 skips the probe; VARIANT_PHASES, CACHE_OFF=0 as named)
+  # (PROBE=0 skips the probe; VARIANT_PHASES, CACHE_OFF=0 as named; GPU_TESTS=<pytest path> runs those
+  # GPU tests first)
+  if [ -n "${GPU_TESTS:-}" ]; then
+    timeout 150 python3 -m pytest -q -m gpu "$GPU_TESTS" >"$OUT/pytest_gpu.txt" 2>&1
+    tail -n 4 "$OUT/pytest_gpu.txt"
+  fi
   [ "${PROBE:-1}" = 0 ] || timeout 150 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
   phases=${VARIANT_PHASES:-structured_c32,c32_448}
   for variant in ${VARIANTS:-default:}; do

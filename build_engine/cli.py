@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(bf16/fp16); --no-prefill-cuda-graphs runs them eagerly",
     )
     p.add_argument(
+        "--mixed-step-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a step with decodes and prompt chunks replays one graph (one pass over the weights); "
+        "--no-mixed-step-graphs replays a decode graph, then a prefill graph",
+    )
+    p.add_argument(
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -328,6 +335,7 @@ def build(args: argparse.Namespace) -> Path:
                 enable_thinking=not args.disable_thinking,
                 vision_cuda_graphs=args.vision_cuda_graphs,
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
+                mixed_step_graphs=args.mixed_step_graphs,
                 enable_prefix_caching=args.prefix_caching,
                 image_cache_mb=args.image_cache_mb,
                 seed=args.seed,

@@ -273,6 +273,9 @@ class EngineConfig:
     prefill_cuda_graphs: bool = (
         True  # replay fresh prompt chunks from CUDA graphs per token bucket (CUDA only)
     )
+    # A step with both decodes and prompt chunks runs them through one CUDA graph (one pass over the
+    # weights) instead of a decode graph and a prefill graph (needs prefill_cuda_graphs; CUDA only)
+    mixed_step_graphs: bool = True
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch
@@ -299,7 +302,13 @@ class EngineConfig:
         at_least("max_image_tokens_per_request", self.max_image_tokens_per_request, 0)
         at_least("max_num_vision_patches", self.max_num_vision_patches, 4)
         at_least("image_cache_mb", self.image_cache_mb, 0)
-        for name in ("vision_cuda_graphs", "prefill_cuda_graphs", "enable_prefix_caching", "async_vision"):
+        for name in (
+            "vision_cuda_graphs",
+            "prefill_cuda_graphs",
+            "mixed_step_graphs",
+            "enable_prefix_caching",
+            "async_vision",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be true or false")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -35,6 +35,12 @@ Contract:
   sums. After the write, the context K/V are gathered by those slots and one varlen flash call (causal,
   aligned to the end of each context) attends every chunk to its context; elsewhere
   `_context_prefill_reference`. No host sync: graph-safe with fixed C, B and max lengths.
+* `decode` metadata beside `context_slots` (mixed steps: running decodes and prompt chunks through one
+  graph, one pass over the weights): the step's decode rows come first and also form the varlen call's
+  first sequence, over their own new K/V only (a few cheap rows, so the call stays one call); then the
+  paged decode kernel attends each of the first `decode.num_seqs` rows over its whole context, and its
+  result replaces the varlen call's where `decode_mask` holds (the rows past the step's decodes belong to
+  chunks or padding and keep theirs). Graph-safe the same way.
 """
 
 from __future__ import annotations
@@ -65,6 +71,11 @@ class AttentionMetadata:
     all_fresh: bool = False  # every sequence's chunk starts at position 0 (no cached context; CUDA varlen)
     context_slots: torch.Tensor | None = None  # [C] int64 flat slots of each sequence's context (see above)
     cu_seq_lens: torch.Tensor | None = None  # [B+1] int32 prefix sums of the contexts in context_slots
+    # Mixed steps (decodes and prompt chunks in one pass over the weights; needs context_slots): the first
+    # ``decode.num_seqs`` rows of q are also one-token decodes with this metadata (block_tables, seq_lens),
+    # whose result replaces the varlen call's for the rows where ``decode_mask`` holds (see above).
+    decode: AttentionMetadata | None = None
+    decode_mask: torch.Tensor | None = None  # [decode.num_seqs] bool
     _plan: Any = field(default=None, repr=False, compare=False)  # per-step cache of the CUDA path
     _plan_captured: bool = field(default=False, repr=False, compare=False)  # _plan built in a graph capture
 
@@ -379,6 +390,28 @@ def _fresh_prefill_reference(
     return out
 
 
+def _context_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Every chunk over its context gathered by ``attn.context_slots`` (K/V already written)."""
+    flat_k = kv_cache[0].view(-1, *kv_cache.shape[-2:])  # [num_blocks * block_size, Hkv, D]
+    flat_v = kv_cache[1].view(-1, *kv_cache.shape[-2:])
+    k_ctx = flat_k.index_select(0, attn.context_slots)  # [C, Hkv, D]
+    v_ctx = flat_v.index_select(0, attn.context_slots)
+    if q.device.type == "cuda":
+        return context_prefill_attention(
+            q,
+            k_ctx,
+            v_ctx,
+            attn.cu_query_lens,
+            attn.cu_seq_lens,
+            attn.max_query_len,
+            attn.max_seq_len,
+            scale,
+        )
+    return _context_prefill_reference(q, k_ctx, v_ctx, attn.cu_query_lens, attn.cu_seq_lens, scale)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -394,22 +427,14 @@ def paged_attention(
     else:
         write_kv_cache(kv_cache, k, v, attn.slot_mapping)
     if attn.context_slots is not None:
-        flat_k = kv_cache[0].view(-1, *kv_cache.shape[-2:])  # [num_blocks * block_size, Hkv, D]
-        flat_v = kv_cache[1].view(-1, *kv_cache.shape[-2:])
-        k_ctx = flat_k.index_select(0, attn.context_slots)  # [C, Hkv, D]
-        v_ctx = flat_v.index_select(0, attn.context_slots)
-        if q.device.type == "cuda":
-            return context_prefill_attention(
-                q,
-                k_ctx,
-                v_ctx,
-                attn.cu_query_lens,
-                attn.cu_seq_lens,
-                attn.max_query_len,
-                attn.max_seq_len,
-                scale,
+        out = _context_attention(q, kv_cache, attn, scale)
+        if attn.decode is not None:
+            rows = attn.decode.num_seqs
+            decoded = paged_decode_attention(
+                q[:rows], kv_cache[0], kv_cache[1], attn.decode.block_tables, attn.decode.seq_lens, scale
             )
-        return _context_prefill_reference(q, k_ctx, v_ctx, attn.cu_query_lens, attn.cu_seq_lens, scale)
+            out[:rows] = torch.where(attn.decode_mask[:, None, None], decoded, out[:rows])
+        return out
     if attn.all_fresh:
         if q.device.type == "cuda":
             return fresh_prefill_attention(q, k, v, attn.cu_query_lens, attn.max_query_len, scale)

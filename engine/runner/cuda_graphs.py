@@ -209,6 +209,8 @@ class PrefillGraphs:
         scratch_block_id: int,
         max_seqs: int = 16,
         max_context: int = 0,
+        max_decodes: int = 0,
+        max_blocks_per_seq: int = 0,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -237,7 +239,24 @@ class PrefillGraphs:
         top_context = self.context_buckets[-1] if self.context_buckets else 0
         self.context_slots = torch.full((top_context,), self.scratch_slot, dtype=torch.long, device=device)
         self.cu_context = torch.zeros(max_seqs + 2, dtype=torch.int32, device=device)
-        self.graphs: dict[int | tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # mixed steps (`mixed_key`): up to max_decodes decode rows, block tables up to max_blocks_per_seq
+        self.decode_buckets: list[int] = []
+        self.width_buckets: list[int] = []
+        if max_decodes and max_blocks_per_seq and self.context_buckets:
+            self.decode_buckets = sorted(
+                {b for b in (1, 2, 4, 8) if b < max_decodes} | set(range(16, max_decodes, 16)) | {max_decodes}
+            )
+            widths, width = set(), max(1, 256 // block_size)
+            while width < max_blocks_per_seq:
+                widths.add(width)
+                width *= 2
+            self.width_buckets = sorted(widths | {max_blocks_per_seq})
+            self.decode_seq_lens = torch.ones(max_decodes, dtype=torch.int32, device=device)
+            self.decode_tables = torch.zeros(
+                max_decodes, max_blocks_per_seq, dtype=torch.int32, device=device
+            )
+            self.decode_mask = torch.zeros(max_decodes, dtype=torch.bool, device=device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def bucket(self, num_tokens: int) -> int | None:
@@ -258,6 +277,108 @@ class PrefillGraphs:
 
     def fits_context(self, counts: list[int], context_lens: list[int]) -> bool:
         return self.context_bucket(counts, context_lens) is not None
+
+    def mixed_key(
+        self, num_decodes: int, counts: list[int], context_lens: list[int], max_blocks: int
+    ) -> tuple[str, int, int, int, int] | None:
+        """The graph of a mixed step, or None: ``num_decodes`` one-token decodes (their block tables at most
+        ``max_blocks`` long) and chunks of ``counts`` tokens over ``context_lens`` positions.
+        ("mixed", token bucket, context bucket, decode rows bucket, block-table width)."""
+        if not self.decode_buckets or not 0 < num_decodes <= self.decode_buckets[-1]:
+            return None
+        num_tokens = num_decodes + sum(counts)
+        bucket = self.bucket(num_tokens)
+        if bucket is None or not 0 < len(counts) + 1 <= self.max_seqs:
+            return None
+        need = num_decodes + sum(context_lens) + bucket - num_tokens
+        context = next((c for c in self.context_buckets if c >= need), None)
+        rows = next(b for b in self.decode_buckets if b >= num_decodes)
+        width = next((w for w in self.width_buckets if w >= max_blocks), None)
+        if context is None or width is None or rows > bucket:
+            return None
+        return ("mixed", bucket, context, rows, width)
+
+    def run_mixed(
+        self,
+        key: tuple[str, int, int, int, int],
+        input_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        decode_slots: list[int],
+        decode_lens: list[int],
+        decode_tables: list[list[int]],
+        counts: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Hidden states [D + sum(counts), hidden] of a mixed step (`mixed_key`). Rows 0..D-1 are the
+        decodes: decode i's new token sits at ``decode_slots[i]``, position ``decode_lens[i] - 1`` of the
+        context in block table ``decode_tables[i]``. The chunks follow, as in `run_context`."""
+        _, bucket, context, rows, width = key
+        num_decodes = len(decode_slots)
+        num_tokens = num_decodes + sum(counts)
+        self.embeds[:num_tokens].copy_(input_embeds)
+        self.positions[:, :num_tokens].copy_(positions)
+        self.slot_mapping[:num_tokens].copy_(slot_mapping)
+        self.slot_mapping[num_tokens:bucket].fill_(self.scratch_slot)
+        # the varlen call's first sequence: the decode rows over their own new K/V
+        slots, cu_context = self.context_slots_for(
+            context_lens, block_tables, bucket - num_tokens, context, leading=decode_slots
+        )
+        self.context_slots[:context].copy_(torch.from_numpy(slots), non_blocking=True)
+        cu = torch.tensor([self.cu_lens_for([num_decodes, *counts], bucket), cu_context], dtype=torch.int32)
+        self.cu_lens.copy_(cu[0], non_blocking=True)
+        self.cu_context.copy_(cu[1], non_blocking=True)
+        # the decode kernel's rows: padding rows read one position of the scratch block and are masked out
+        scratch_block = self.scratch_slot // self.block_size
+        tables = [[scratch_block] + [0] * (width - 1)] * rows
+        for i, table in enumerate(decode_tables):
+            tables[i] = table[:width] + [0] * (width - len(table))
+        lens = list(decode_lens) + [1] * (rows - num_decodes)
+        mask = [1] * num_decodes + [0] * (rows - num_decodes)
+        self.decode_tables[:rows, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        host = torch.tensor([lens, mask], dtype=torch.int32)
+        self.decode_seq_lens[:rows].copy_(host[0], non_blocking=True)
+        self.decode_mask[:rows].copy_(host[1].bool(), non_blocking=True)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture_mixed(key)
+        graph, hidden = self.graphs[key]
+        graph.replay()
+        return hidden[:num_tokens]
+
+    def capture_mixed(self, key: tuple[str, int, int, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture a mixed step's graph on the static buffers (their current values are valid inputs)."""
+        _, bucket, context, rows, width = key
+        with torch.cuda.device(self.embeds.device):
+            graph, hidden, self.pool = capture_forward(self.model, self.mixed_forward_args(key), self.pool)
+        logger.info(
+            "[glm-engine] captured a mixed-step CUDA graph: %d tokens, context %d, %d decodes, %d blocks",
+            bucket,
+            context,
+            rows,
+            width,
+        )
+        return graph, hidden
+
+    def mixed_forward_args(self, key: tuple[str, int, int, int, int]) -> tuple:
+        """model.forward's arguments of a mixed step: a context graph's, plus the decode rows' metadata."""
+        _, bucket, context, rows, width = key
+        args = self.forward_args(bucket, context)
+        device = self.embeds.device
+        args[2].decode = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:rows],
+            query_lens=torch.ones(rows, dtype=torch.int32, device=device),
+            seq_lens=self.decode_seq_lens[:rows],
+            cu_query_lens=torch.arange(rows + 1, dtype=torch.int32, device=device),
+            block_tables=self.decode_tables[:rows, :width],
+            max_query_len=1,
+            max_seq_len=width * self.block_size,
+            query_lens_cpu=(1,) * rows,
+            seq_lens_cpu=(1,) * rows,
+            has_padding=False,
+        )
+        args[2].decode_mask = self.decode_mask[:rows]
+        return args
 
     def cu_lens_for(self, counts: list[int], bucket: int) -> list[int]:
         """Prefix sums of the chunks, then the padding sequence up to ``bucket``, then empty sequences."""
@@ -334,13 +455,21 @@ class PrefillGraphs:
         return hidden[:num_tokens]
 
     def context_slots_for(
-        self, context_lens: list[int], block_tables: list[list[int]], num_padding: int, context: int
+        self,
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        num_padding: int,
+        context: int,
+        leading: list[int] | None = None,
     ) -> tuple[np.ndarray, list[int]]:
         """The flat slots of every context (positions 0..len-1 through its block table), then the padding
         sequence's rows (scratch slot), padded to ``context``; and the contexts' prefix sums (padding
-        sequence, then empty ones)."""
+        sequence, then empty ones). ``leading``: the slots of a first context given as they are."""
         offsets = np.arange(self.block_size, dtype=np.int64)
         parts, cu = [], [0]
+        if leading is not None:
+            parts.append(np.asarray(leading, dtype=np.int64))
+            cu.append(len(leading))
         for length, table in zip(context_lens, block_tables, strict=True):
             blocks = np.asarray(table[: -(-length // self.block_size)], dtype=np.int64)
             parts.append((blocks[:, None] * self.block_size + offsets).reshape(-1)[:length])

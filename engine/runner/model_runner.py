@@ -206,6 +206,8 @@ class ModelRunner:
                 max_num_tokens=engine_config.max_num_batched_tokens,
                 scratch_block_id=self.scratch_block_id,
                 max_context=max_model_len or engine_config.max_model_len,
+                max_decodes=engine_config.max_num_seqs if engine_config.mixed_step_graphs else 0,
+                max_blocks_per_seq=-(-(max_model_len or engine_config.max_model_len) // self.block_size),
             )
         if use_graphs:
             max_len = max_model_len or engine_config.max_model_len
@@ -361,6 +363,10 @@ class ModelRunner:
             return None
         fresh_set = set(fresh)
         others = [i for i in range(len(seqs)) if i not in fresh_set]
+        if others:
+            parts = self._execute_mixed(out, others, fresh)
+            if parts is not None:
+                return parts
         counts = [scheduled[i] for i in fresh]
         context_lens = None
         if any(seqs[i].num_computed_tokens for i in fresh):
@@ -392,6 +398,52 @@ class ModelRunner:
             )
         parts.append((hidden, [(fresh[j], row) for j, row in sample_rows]))
         return parts
+
+    def _execute_mixed(
+        self, out: SchedulerOutput, decodes: list[int], chunks: list[int]
+    ) -> list[tuple[torch.Tensor, list[tuple[int, int]]]] | None:
+        """Run the one-token steps ``decodes`` and the prompt chunks ``chunks`` of ``out`` through one mixed
+        graph (`PrefillGraphs.mixed_key`): one pass over the weights. None when no mixed graph fits."""
+        graphs = self.prefill_graphs
+        seqs, scheduled = out.seqs, out.num_scheduled_tokens
+        decoding = [seqs[i] for i in decodes]
+        if any(
+            seq.image_token_indices and seq.num_computed_tokens < seq.num_prompt_tokens for seq in decoding
+        ):
+            return None  # a 1-token prompt chunk may be an image token (as in DecodeGraphs)
+        counts = [scheduled[i] for i in chunks]
+        context_lens = [seqs[i].num_computed_tokens + scheduled[i] for i in chunks]
+        key = graphs.mixed_key(
+            len(decodes), counts, context_lens, max(len(seq.block_table) for seq in decoding)
+        )
+        if key is None:
+            return None
+        order = decodes + chunks
+        sub = SchedulerOutput(
+            seqs=[seqs[i] for i in order], num_scheduled_tokens=[scheduled[i] for i in order]
+        )
+        input_ids, positions, input_embeds, attn, sample_rows = self.prepare(sub)
+        if input_embeds is None:
+            input_embeds = self.model.language_model.embed_tokens(input_ids)
+        block_size = self.block_size
+        slots = [
+            seq.block_table[seq.num_computed_tokens // block_size] * block_size
+            + seq.num_computed_tokens % block_size
+            for seq in decoding
+        ]
+        hidden = graphs.run_mixed(
+            key,
+            input_embeds,
+            positions,
+            attn.slot_mapping,
+            slots,
+            [seq.num_computed_tokens + 1 for seq in decoding],
+            [seq.block_table for seq in decoding],
+            counts,
+            context_lens,
+            [seqs[i].block_table for i in chunks],
+        )
+        return [(hidden, [(order[j], row) for j, row in sample_rows])]
 
     def prepare(
         self, out: SchedulerOutput
