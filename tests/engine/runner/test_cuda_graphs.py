@@ -524,6 +524,8 @@ def test_cuda_context_graphs_match_eager(tiny_checkpoint, model_config) -> None:
     runner = graphed.runner
     calls, run_context = [], runner.prefill_graphs.run_context
     runner.prefill_graphs.run_context = lambda *args: calls.append(args[3]) or run_context(*args)
+    run_mixed = runner.prefill_graphs.run_mixed  # chunks beside decodes go through mixed-step graphs
+    runner.prefill_graphs.run_mixed = lambda *args: calls.append(args[7]) or run_mixed(*args)
     shared = prompt(90, 70)
     reqs = {
         0: [GenerationRequest("long", prompt(91, 150), greedy(8, ignore_eos=True))],
