@@ -211,7 +211,6 @@ class PrefillGraphs:
         max_context: int = 0,
         max_decodes: int = 0,
         max_blocks_per_seq: int = 0,
-        mixed_chunk_tokens: int = 256,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -243,7 +242,6 @@ class PrefillGraphs:
         # mixed steps (`mixed_key`): up to max_decodes decode rows, block tables up to max_blocks_per_seq
         self.decode_buckets: list[int] = []
         self.width_buckets: list[int] = []
-        self.mixed_chunk_tokens = mixed_chunk_tokens  # prompt tokens beside decodes (the scheduler's cap)
         if max_decodes and max_blocks_per_seq and self.context_buckets:
             self.decode_buckets = sorted(
                 {b for b in (1, 2, 4, 8) if b < max_decodes} | set(range(16, max_decodes, 16)) | {max_decodes}
@@ -405,33 +403,6 @@ class PrefillGraphs:
                     self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], bucket), dtype=torch.int32))
                     self.cu_context.copy_(self.cu_lens)
                     self.graphs[(bucket, context)] = self.capture(bucket, context)
-        for key in self.common_mixed_keys():
-            if key not in self.graphs:
-                self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], key[1]), dtype=torch.int32))
-                self.cu_context.copy_(self.cu_lens)
-                self.decode_seq_lens.fill_(1)
-                self.decode_mask.zero_()
-                self.decode_tables.zero_()
-                self.decode_tables[:, 0] = self.scratch_slot // self.block_size
-                self.graphs[key] = self.capture_mixed(key)
-
-    def common_mixed_keys(self) -> list[tuple[str, int, int, int, int]]:
-        """The mixed-step graphs captured at start-up (the others on first use): up to 32 decodes with up
-        to 2048 tokens of context each, beside chunks of up to ``mixed_chunk_tokens`` tokens, within the
-        smallest context bucket. A first capture stalls the step that needs it (~0.1 s on an H200)."""
-        if not self.decode_buckets:
-            return []
-        context = self.context_buckets[0]
-        return [
-            ("mixed", bucket, context, rows, width)
-            for rows in self.decode_buckets
-            if rows <= 32
-            for width in self.width_buckets
-            if width * self.block_size <= 2048
-            for bucket in self.buckets
-            if rows < bucket <= (self.bucket(rows + self.mixed_chunk_tokens) or self.buckets[-1])
-            and bucket <= context
-        ]
 
     def run(
         self,
