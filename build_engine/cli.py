@@ -149,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mixed-step-graphs",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a step with decodes and prompt chunks replays one graph (one pass over the weights); "
-        "--no-mixed-step-graphs replays a decode graph, then a prefill graph",
+        default=False,
+        help="a step with decodes and prompt chunks replays one graph (one pass over the weights), each "
+        "graph captured on first use; off: a decode graph, then a prefill graph",
     )
     p.add_argument(
         "--prefix-caching",

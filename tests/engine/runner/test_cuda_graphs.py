@@ -247,7 +247,7 @@ def test_cuda_mixed_step_graph_matches_eager(tiny_checkpoint, model_config) -> N
         "block_size": BLOCK_SIZE, "max_model_len": 256, "device": "cuda", "dtype": "bfloat16",
         "max_num_batched_tokens": 64, "num_kv_blocks": 256,
     }  # fmt: skip
-    graphed = LLMEngine(model_config, EngineConfig(**engine), model=model)
+    graphed = LLMEngine(model_config, EngineConfig(mixed_step_graphs=True, **engine), model=model)
     eager = LLMEngine(model_config, EngineConfig(**engine), model=model, enforce_eager=True)
     runner = graphed.runner
     assert runner.prefill_graphs.decode_buckets
