@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed-step-graphs",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="a step with decodes and prompt chunks replays one graph (one pass over the weights), each "
-        "graph captured on first use; off: a decode graph, then a prefill graph",
+        help="a step with decodes and prompt chunks replays one graph (one pass over the weights; the "
+        "graphs are captured at start-up); off: a decode graph, then a prefill graph",
     )
     p.add_argument(
         "--prefix-caching",

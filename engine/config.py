@@ -275,8 +275,7 @@ class EngineConfig:
     )
     # A step with both decodes and prompt chunks runs them through one CUDA graph (one pass over the
     # weights) instead of a decode graph and a prefill graph (needs prefill_cuda_graphs; CUDA only). Off
-    # by default: its graphs are captured on first use, and a fresh server's first burst pays those
-    # captures (H200: steady throughput +14-15 %, but ITL P99 at 32 x 448x448 25.8 -> 55.6 ms)
+    # by default until measured on a GPU with its graphs captured at start-up (docs/DESIGN.md)
     mixed_step_graphs: bool = False
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off

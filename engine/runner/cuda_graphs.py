@@ -197,7 +197,13 @@ class PrefillGraphs:
     sequence's positions 0..end through its block table, then the padding sequence's rows) go into a
     static buffer padded to the context bucket, and each layer gathers them for one varlen flash call
     (`engine.kernels.attention.context_prefill_attention`).
+
+    Mixed-step graphs (``max_decodes`` > 0) run one-token decodes and prompt chunks in one replay: see
+    `mixed_key` and `run_mixed`.
     """
+
+    MIXED_DECODE_TOKENS = 2048  # longest context of a decode in a mixed step (the kernel's block tables)
+    MIXED_CONTEXT = 4096  # the chunks' gathered contexts in a mixed step (with decode and padding rows)
 
     def __init__(
         self,
@@ -211,6 +217,7 @@ class PrefillGraphs:
         max_context: int = 0,
         max_decodes: int = 0,
         max_blocks_per_seq: int = 0,
+        mixed_chunk_tokens: int = 256,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -239,22 +246,22 @@ class PrefillGraphs:
         top_context = self.context_buckets[-1] if self.context_buckets else 0
         self.context_slots = torch.full((top_context,), self.scratch_slot, dtype=torch.long, device=device)
         self.cu_context = torch.zeros(max_seqs + 2, dtype=torch.int32, device=device)
-        # mixed steps (`mixed_key`): up to max_decodes decode rows, block tables up to max_blocks_per_seq
+        # Mixed steps (`mixed_key`): up to max_decodes decode rows whose contexts fit MIXED_DECODE_TOKENS,
+        # beside chunks of up to mixed_chunk_tokens tokens whose contexts (with the decode and padding rows)
+        # fit MIXED_CONTEXT: one graph per (token bucket, decode-row bucket), all captured at start-up.
         self.decode_buckets: list[int] = []
-        self.width_buckets: list[int] = []
+        self.mixed_width = self.mixed_context = self.mixed_tokens = 0
         if max_decodes and max_blocks_per_seq and self.context_buckets:
             self.decode_buckets = sorted(
                 {b for b in (1, 2, 4, 8) if b < max_decodes} | set(range(16, max_decodes, 16)) | {max_decodes}
             )
-            widths, width = set(), max(1, 256 // block_size)
-            while width < max_blocks_per_seq:
-                widths.add(width)
-                width *= 2
-            self.width_buckets = sorted(widths | {max_blocks_per_seq})
-            self.decode_seq_lens = torch.ones(max_decodes, dtype=torch.int32, device=device)
-            self.decode_tables = torch.zeros(
-                max_decodes, max_blocks_per_seq, dtype=torch.int32, device=device
+            self.mixed_width = min(max_blocks_per_seq, max(1, self.MIXED_DECODE_TOKENS // block_size))
+            self.mixed_context = next(
+                (c for c in self.context_buckets if c >= self.MIXED_CONTEXT), self.context_buckets[-1]
             )
+            self.mixed_tokens = self.bucket(max_decodes + mixed_chunk_tokens) or self.buckets[-1]
+            self.decode_seq_lens = torch.ones(max_decodes, dtype=torch.int32, device=device)
+            self.decode_tables = torch.zeros(max_decodes, self.mixed_width, dtype=torch.int32, device=device)
             self.decode_mask = torch.zeros(max_decodes, dtype=torch.bool, device=device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -280,27 +287,36 @@ class PrefillGraphs:
 
     def mixed_key(
         self, num_decodes: int, counts: list[int], context_lens: list[int], max_blocks: int
-    ) -> tuple[str, int, int, int, int] | None:
-        """The graph of a mixed step, or None: ``num_decodes`` one-token decodes (their block tables at most
-        ``max_blocks`` long) and chunks of ``counts`` tokens over ``context_lens`` positions.
-        ("mixed", token bucket, context bucket, decode rows bucket, block-table width)."""
+    ) -> tuple[str, int, int] | None:
+        """The graph of a mixed step, or None (the step runs a decode graph and a prefill graph):
+        ``num_decodes`` one-token decodes (their block tables at most ``max_blocks`` long) and chunks of
+        ``counts`` tokens over ``context_lens`` positions. ("mixed", token bucket, decode-row bucket)."""
         if not self.decode_buckets or not 0 < num_decodes <= self.decode_buckets[-1]:
             return None
         num_tokens = num_decodes + sum(counts)
         bucket = self.bucket(num_tokens)
-        if bucket is None or not 0 < len(counts) + 1 <= self.max_seqs:
+        if bucket is None or bucket > self.mixed_tokens or not 0 < len(counts) + 1 <= self.max_seqs:
             return None
-        need = num_decodes + sum(context_lens) + bucket - num_tokens
-        context = next((c for c in self.context_buckets if c >= need), None)
+        if num_decodes + sum(context_lens) + bucket - num_tokens > self.mixed_context:
+            return None
+        if max_blocks > self.mixed_width:
+            return None
         rows = next(b for b in self.decode_buckets if b >= num_decodes)
-        width = next((w for w in self.width_buckets if w >= max_blocks), None)
-        if context is None or width is None or rows > bucket:
-            return None
-        return ("mixed", bucket, context, rows, width)
+        return ("mixed", bucket, rows) if rows <= bucket else None
+
+    def mixed_keys(self) -> list[tuple[str, int, int]]:
+        """Every mixed-step graph (captured at start-up by `capture_all`)."""
+        return [
+            ("mixed", bucket, rows)
+            for bucket in self.buckets
+            if bucket <= self.mixed_tokens
+            for rows in self.decode_buckets
+            if rows <= bucket
+        ]
 
     def run_mixed(
         self,
-        key: tuple[str, int, int, int, int],
+        key: tuple[str, int, int],
         input_embeds: torch.Tensor,
         positions: torch.Tensor,
         slot_mapping: torch.Tensor,
@@ -314,7 +330,8 @@ class PrefillGraphs:
         """Hidden states [D + sum(counts), hidden] of a mixed step (`mixed_key`). Rows 0..D-1 are the
         decodes: decode i's new token sits at ``decode_slots[i]``, position ``decode_lens[i] - 1`` of the
         context in block table ``decode_tables[i]``. The chunks follow, as in `run_context`."""
-        _, bucket, context, rows, width = key
+        _, bucket, rows = key
+        context, width = self.mixed_context, self.mixed_width
         num_decodes = len(decode_slots)
         num_tokens = num_decodes + sum(counts)
         self.embeds[:num_tokens].copy_(input_embeds)
@@ -346,23 +363,19 @@ class PrefillGraphs:
         graph.replay()
         return hidden[:num_tokens]
 
-    def capture_mixed(self, key: tuple[str, int, int, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def capture_mixed(self, key: tuple[str, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture a mixed step's graph on the static buffers (their current values are valid inputs)."""
-        _, bucket, context, rows, width = key
         with torch.cuda.device(self.embeds.device):
             graph, hidden, self.pool = capture_forward(self.model, self.mixed_forward_args(key), self.pool)
         logger.info(
-            "[glm-engine] captured a mixed-step CUDA graph: %d tokens, context %d, %d decodes, %d blocks",
-            bucket,
-            context,
-            rows,
-            width,
+            "[glm-engine] captured a mixed-step CUDA graph: %d tokens, %d decode rows", key[1], key[2]
         )
         return graph, hidden
 
-    def mixed_forward_args(self, key: tuple[str, int, int, int, int]) -> tuple:
+    def mixed_forward_args(self, key: tuple[str, int, int]) -> tuple:
         """model.forward's arguments of a mixed step: a context graph's, plus the decode rows' metadata."""
-        _, bucket, context, rows, width = key
+        _, bucket, rows = key
+        context, width = self.mixed_context, self.mixed_width
         args = self.forward_args(bucket, context)
         device = self.embeds.device
         args[2].decode = AttentionMetadata(
@@ -403,6 +416,17 @@ class PrefillGraphs:
                     self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], bucket), dtype=torch.int32))
                     self.cu_context.copy_(self.cu_lens)
                     self.graphs[(bucket, context)] = self.capture(bucket, context)
+        if self.decode_buckets:  # every row points at the scratch block; no decode row is live
+            self.decode_seq_lens.fill_(1)
+            self.decode_mask.zero_()
+            self.decode_tables.zero_()
+            self.decode_tables[:, 0] = self.scratch_slot // self.block_size
+            self.context_slots.fill_(self.scratch_slot)
+        for key in reversed(self.mixed_keys()):
+            if key not in self.graphs:
+                self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], key[1]), dtype=torch.int32))
+                self.cu_context.copy_(self.cu_lens)
+                self.graphs[key] = self.capture_mixed(key)
 
     def run(
         self,

@@ -208,6 +208,8 @@ class ModelRunner:
                 max_context=max_model_len or engine_config.max_model_len,
                 max_decodes=engine_config.max_num_seqs if engine_config.mixed_step_graphs else 0,
                 max_blocks_per_seq=-(-(max_model_len or engine_config.max_model_len) // self.block_size),
+                mixed_chunk_tokens=engine_config.max_num_prefill_tokens_with_decodes
+                or engine_config.max_num_batched_tokens,
             )
         if use_graphs:
             max_len = max_model_len or engine_config.max_model_len

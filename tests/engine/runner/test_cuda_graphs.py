@@ -224,17 +224,43 @@ def test_mixed_key_buckets(model) -> None:  # noqa: F811
     kv = model.allocate_kv_caches(9, BLOCK_SIZE, "cpu", torch.float32)
     graphs = PrefillGraphs(
         model, kv, BLOCK_SIZE, max_num_tokens=2048, scratch_block_id=8, max_seqs=4, max_context=4096,
-        max_decodes=64, max_blocks_per_seq=4096 // BLOCK_SIZE,
+        max_decodes=64, max_blocks_per_seq=4096 // BLOCK_SIZE, mixed_chunk_tokens=256,
     )  # fmt: skip
+    assert graphs.mixed_width == 2048 // BLOCK_SIZE and graphs.mixed_context == 4096
+    assert graphs.mixed_tokens == 320  # 64 decodes + 256 prompt tokens
     # 32 decodes of ~1.4k context beside a 256-token chunk of a 1236-token prompt
-    assert graphs.mixed_key(32, [256], [1024], 90) == ("mixed", 320, 2048, 32, 128)
-    assert graphs.mixed_key(33, [10], [10], 2) == ("mixed", 64, 2048, 48, 64)
+    assert graphs.mixed_key(32, [256], [1024], 1400 // BLOCK_SIZE) == ("mixed", 320, 32)
+    assert graphs.mixed_key(33, [10], [10], 2) == ("mixed", 64, 48)
+    assert graphs.mixed_key(17, [1], [40], 2) == ("mixed", 32, 32)
     assert graphs.mixed_key(65, [10], [10], 2) is None  # more decodes than max_decodes
     assert graphs.mixed_key(4, [8, 8, 8, 8], [8] * 4, 2) is None  # 5 varlen sequences > max_seqs
-    assert graphs.mixed_key(4, [8], [9000], 2) is None  # more context than the largest bucket
-    assert graphs.mixed_key(4, [8], [8], 4096 // BLOCK_SIZE + 1) is None  # a block table too wide
+    assert graphs.mixed_key(4, [8], [4090], 2) is None  # the chunks' contexts past MIXED_CONTEXT
+    assert graphs.mixed_key(4, [8], [8], 2048 // BLOCK_SIZE + 1) is None  # a decode past 2048 tokens
+    assert graphs.mixed_key(64, [300], [300], 2) is None  # more tokens than the mixed buckets
+    keys = graphs.mixed_keys()
+    assert ("mixed", 320, 32) in keys and ("mixed", 32, 1) in keys and ("mixed", 320, 64) in keys
+    assert all(rows <= bucket <= 320 for _, bucket, rows in keys)
+    assert (
+        len(keys)
+        == len(set(keys))
+        == sum(1 for b in graphs.buckets if b <= 320 for r in graphs.decode_buckets if r <= b)
+    )
     plain = PrefillGraphs(model, kv, BLOCK_SIZE, max_num_tokens=2048, scratch_block_id=8, max_context=4096)
-    assert plain.mixed_key(4, [8], [8], 2) is None  # mixed steps off
+    assert plain.mixed_key(4, [8], [8], 2) is None and not plain.mixed_keys()  # mixed steps off
+
+
+def test_start_up_captures_every_mixed_graph(model) -> None:  # noqa: F811
+    kv = model.allocate_kv_caches(9, BLOCK_SIZE, "cpu", torch.float32)
+    graphs = _EagerPrefillGraphs(
+        model, kv, BLOCK_SIZE, max_num_tokens=64, scratch_block_id=8, max_seqs=3, max_context=32,
+        max_decodes=4, max_blocks_per_seq=8, mixed_chunk_tokens=32,
+    )  # fmt: skip
+    keys = graphs.mixed_keys()
+    assert keys
+    before = kv[0][:8].clone()
+    graphs.capture_all()
+    assert set(keys) <= set(graphs.graphs)
+    assert torch.equal(kv[0][:8], before)  # the captures wrote only the scratch block
 
 
 @pytest.mark.gpu
