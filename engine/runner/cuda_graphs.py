@@ -149,7 +149,7 @@ class DecodeGraphs:
     def _capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # The warm-up writes the same K/V the replay will write, so running it is harmless.
         graph, hidden, self.pool = capture_forward(self.model, self.forward_args(batch, width), self.pool)
-        logger.info("[glm-engine] captured a decode CUDA graph: batch %d, %d blocks", batch, width)
+        logger.debug("[glm-engine] captured a decode CUDA graph: batch %d, %d blocks", batch, width)
         return graph, hidden
 
 
@@ -546,5 +546,5 @@ class PrefillGraphs:
             graph, hidden, self.pool = capture_forward(
                 self.model, self.forward_args(bucket, context), self.pool
             )
-        logger.info("[glm-engine] captured a prefill CUDA graph: %d tokens, context %d", bucket, context)
+        logger.debug("[glm-engine] captured a prefill CUDA graph: %d tokens, context %d", bucket, context)
         return graph, hidden

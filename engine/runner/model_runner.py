@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,10 +267,20 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         """Capture all decode and prefill CUDA graphs now (start-up; no-op on CPU or with enforce_eager)."""
         with torch.inference_mode():
-            if self.prefill_graphs is not None:
-                self.prefill_graphs.capture_all()
-            if self.graphs is not None:
-                self.graphs.capture_all()
+            for name, graphs in (
+                ("prefill, context and mixed-step", self.prefill_graphs),
+                ("decode", self.graphs),
+            ):
+                if graphs is None:
+                    continue
+                started, before = time.perf_counter(), len(graphs.graphs)
+                graphs.capture_all()
+                logger.info(
+                    "[glm-engine] captured %d %s CUDA graphs in %.1f s",
+                    len(graphs.graphs) - before,
+                    name,
+                    time.perf_counter() - started,
+                )
 
     # -- the decoder -------------------------------------------------------------------------------------
 

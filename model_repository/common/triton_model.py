@@ -12,6 +12,8 @@ Contract:
 * `gpu_instance_device(args)`: for a KIND_GPU instance the CUDA device index, made the current device
   (CUDA graphs, streams and default allocations follow it); None for a KIND_CPU instance.
 * `limit_cpu_threads()`: torch on at most 4 threads; every model stub on the host shares its cores.
+* `setup_model` also sends the project's loggers to stderr at INFO (`log_to_stderr`): Triton's log then
+  has the engine's start-up lines (KV cache size, CUDA graphs captured and how long it took).
 
 This module imports neither Triton nor torch at import time (torch only inside the functions that need it),
 so it loads in the lightest model and in tests.
@@ -25,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ModelParameters", "gpu_instance_device", "limit_cpu_threads", "setup_model"]
+__all__ = ["ModelParameters", "gpu_instance_device", "limit_cpu_threads", "log_to_stderr", "setup_model"]
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,27 @@ class ModelParameters:
 def setup_model(args: dict[str, Any]) -> ModelParameters:
     """The model's parameters, with `python_path` first on sys.path (see the module contract)."""
     parameters = ModelParameters.from_model_config(args["model_config"])
+    log_to_stderr()
     python_path = parameters.get("python_path")
     if python_path and os.path.isdir(python_path) and python_path not in sys.path:
         sys.path.insert(0, python_path)
     return parameters
+
+
+def log_to_stderr() -> None:
+    """The project's loggers ("glm-engine", "glmv-llm") at INFO on stderr, which Triton keeps in its log
+    (a stub has no logging set up: only warnings would show). Once per process."""
+    import logging
+
+    for name in ("glm-engine", "glmv-llm"):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "glmv", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.glmv = True
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
 
 
 def gpu_instance_device(args: dict[str, Any]) -> int | None:

@@ -118,3 +118,19 @@ def test_the_rendered_repository_has_the_module_beside_every_model_py(tmp_path: 
     for name in PYTHON_MODELS:
         assert (out / name / "1" / "triton_model.py").read_bytes() == COMMON.read_bytes(), name
     assert list((out / "ensemble" / "1").iterdir()) == []
+
+
+def test_setup_model_sends_the_engine_logs_to_stderr_once(capsys) -> None:
+    import logging
+
+    logger = logging.getLogger("glm-engine")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    logger.handlers[:] = []  # an earlier setup_model's handler writes to an earlier test's stderr
+    try:
+        for _ in range(2):
+            triton_model.setup_model({"model_config": {"parameters": {}}})
+        logging.getLogger("glm-engine").info("[glm-engine] KV cache: 7 blocks")
+        logging.getLogger("glm-engine").debug("[glm-engine] not shown")
+        assert capsys.readouterr().err == "[glm-engine] KV cache: 7 blocks\n"  # once: one handler
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
