@@ -16,7 +16,7 @@ ENGINE_FLAGS = (
     "--max-image-pixels", "4000000",
     "--preprocessing-instances", "1",
     "--max-batch-size", "32",
-    "--stream-responses-per-s", "1000",
+    "--stream-responses-per-s", "200",  # 32 streams: a response every 160 ms each, longer than any step here
 )  # fmt: skip
 
 

@@ -230,13 +230,13 @@ def test_32_concurrent_streams_get_their_own_answers(server) -> None:
         assert joined(together[rid]) == joined(alone[rid]), rid
         counts = [p["num_output_tokens"] for p in together[rid]]
         assert counts == sorted(counts) and counts[0] == 1, (rid, counts)  # the first token is never held
-    # alone (at most one response per ms): one response per token; 32 streams with --stream-responses-per-s
-    # 1000 (one response per 32 ms each): several steps' tokens
-    # share a response, and nothing is lost (the joined texts above are equal)
-    assert all(len(alone[r]) == alone[r][-1]["num_output_tokens"] for r in alone)
+    # 32 streams with --stream-responses-per-s 200 (one response per 160 ms each, several steps of this
+    # CPU engine): several steps' tokens share a response, and nothing is lost (the joined texts above are
+    # equal); alone, a stream may get a response every 5 ms: never fewer responses than together
     assert sum(len(together[r]) for r in together) < sum(
         together[r][-1]["num_output_tokens"] for r in together
     )
+    assert all(len(alone[r]) >= len(together[r]) for r in alone)
 
 
 BAD_INPUTS = [
