@@ -84,6 +84,7 @@ elif [ "$PART" = 6 ]; then
       --skip baseline,roofline --budget-s "${VARIANT_BUDGET:-120}" \
       --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases "$phases" 2>&1 \
       | grep -E "^(${phases//,/|})" | sed "s/^/$name: /"
+    grep -h "captured .* CUDA graphs in" "$OUT/ab/$name/triton.log" 2>/dev/null | sed "s/^/$name: /"
     pkill -f tritonserver; sleep 2
   done
   [ "${CACHE_OFF:-1}" = 0 ] || timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
