@@ -15,6 +15,26 @@ from engine.kernels.attention import AttentionMetadata
 logger = logging.getLogger("glm-engine")
 
 
+def decode_metadata(
+    slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int
+) -> AttentionMetadata:
+    """Attention metadata of static rows that each decode one token: graph-safe (no host reads)."""
+    batch, width = block_tables.shape
+    device = block_tables.device
+    return AttentionMetadata(
+        slot_mapping=slot_mapping,
+        query_lens=torch.ones(batch, dtype=torch.int32, device=device),
+        seq_lens=seq_lens,
+        cu_query_lens=torch.arange(batch + 1, dtype=torch.int32, device=device),
+        block_tables=block_tables,
+        max_query_len=1,
+        max_seq_len=width * block_size,
+        query_lens_cpu=(1,) * batch,
+        seq_lens_cpu=(1,) * batch,
+        has_padding=False,
+    )
+
+
 class DecodeGraphs:
     """CUDA graphs of steps where every sequence runs one text token, captured on first use.
 
@@ -132,17 +152,11 @@ class DecodeGraphs:
 
     def forward_args(self, batch: int, width: int) -> tuple:
         """model.forward's arguments over the static buffers' first ``batch`` rows and ``width`` blocks."""
-        attn = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch],
-            query_lens=torch.ones(batch, dtype=torch.int32, device=self.slot_mapping.device),
-            seq_lens=self.seq_lens[:batch],
-            cu_query_lens=torch.arange(batch + 1, dtype=torch.int32, device=self.slot_mapping.device),
-            block_tables=self.block_tables[:batch, :width],
-            max_query_len=1,
-            max_seq_len=width * self.block_size,
-            query_lens_cpu=(1,) * batch,
-            seq_lens_cpu=(1,) * batch,
-            has_padding=False,
+        attn = decode_metadata(
+            self.slot_mapping[:batch],
+            self.seq_lens[:batch],
+            self.block_tables[:batch, :width],
+            self.block_size,
         )
         return (self.input_ids[:batch], self.positions[:, :batch], attn, self.kv_caches, None)
 
@@ -377,18 +391,11 @@ class PrefillGraphs:
         _, bucket, rows = key
         context, width = self.mixed_context, self.mixed_width
         args = self.forward_args(bucket, context)
-        device = self.embeds.device
-        args[2].decode = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:rows],
-            query_lens=torch.ones(rows, dtype=torch.int32, device=device),
-            seq_lens=self.decode_seq_lens[:rows],
-            cu_query_lens=torch.arange(rows + 1, dtype=torch.int32, device=device),
-            block_tables=self.decode_tables[:rows, :width],
-            max_query_len=1,
-            max_seq_len=width * self.block_size,
-            query_lens_cpu=(1,) * rows,
-            seq_lens_cpu=(1,) * rows,
-            has_padding=False,
+        args[2].decode = decode_metadata(
+            self.slot_mapping[:rows],
+            self.decode_seq_lens[:rows],
+            self.decode_tables[:rows, :width],
+            self.block_size,
         )
         args[2].decode_mask = self.decode_mask[:rows]
         return args
@@ -416,12 +423,13 @@ class PrefillGraphs:
                     self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], bucket), dtype=torch.int32))
                     self.cu_context.copy_(self.cu_lens)
                     self.graphs[(bucket, context)] = self.capture(bucket, context)
-        if self.decode_buckets:  # every row points at the scratch block; no decode row is live
-            self.decode_seq_lens.fill_(1)
-            self.decode_mask.zero_()
-            self.decode_tables.zero_()
-            self.decode_tables[:, 0] = self.scratch_slot // self.block_size
-            self.context_slots.fill_(self.scratch_slot)
+        if not self.decode_buckets:
+            return
+        # mixed steps: every decode row points at the scratch block and none is live
+        self.decode_seq_lens.fill_(1)
+        self.decode_mask.zero_()
+        self.decode_tables.zero_()
+        self.decode_tables[:, 0] = self.scratch_slot // self.block_size
         for key in reversed(self.mixed_keys()):
             if key not in self.graphs:
                 self.cu_lens.copy_(torch.tensor(self.cu_lens_for([], key[1]), dtype=torch.int32))

@@ -27,11 +27,11 @@ Contract:
     previous one's tokens reach the host, for sequences where ``can_run_ahead(seq)`` holds (no penalty:
     steps 1-2 do nothing; no logprobs); step 3 counts the ``ahead`` tokens still in flight. A sequence with
     a grammar can run ahead too, but its mask needs every earlier token on the host: its step's forward is
-    launched first, its previous token read while that forward runs, and only then is it sampled
-    (``ahead`` 0); ``needs_last_token(seq)`` says which sequences need that order. ``prepare_masks(seqs,
-    token_ids, ...)`` feeds the grammars those tokens and fills the masks before the tokens are in the
-    sequences; ``sample_ids(..., ahead=1, prepared=)`` then applies them, and the caller applies the tokens
-    to the sequences after the sampling is launched.
+    launched first, its previous token read while that forward runs, and only then is it sampled;
+    ``needs_last_token(seq)`` says which sequences need that order. ``prepare_masks(seqs, token_ids, ...)``
+    feeds the grammars those tokens and fills the masks before the tokens are in the sequences;
+    ``sample_ids(..., ahead=1, prepared=)`` then applies them, and the caller applies the tokens to the
+    sequences after the sampling is launched.
 """
 
 from __future__ import annotations
@@ -252,9 +252,8 @@ class Sampler:
         sequences' tokens, so then ``ahead`` must be 0 when a sequence `needs_last_token`; either way
         applied on the device."""
         logits = logits.float()
-        masks = prepared
-        guided = bool(masks.rows) if masks is not None else any(self.needs_last_token(s) for s in seqs)
-        if guided and ahead and masks is None:
+        guided = bool(prepared.rows) if prepared is not None else any(self.needs_last_token(s) for s in seqs)
+        if guided and ahead and prepared is None:
             raise ValueError(
                 "sample_ids: a sequence with a grammar needs its last token on the host (ahead=0)"
             )
@@ -262,8 +261,8 @@ class Sampler:
             len(s.token_ids) - s.num_prompt_tokens + ahead < s.sampling.min_tokens for s in seqs
         ):
             logits = logits.clone()
-            if masks is not None:
-                self.masks.apply(logits, masks)
+            if prepared is not None:
+                self.masks.apply(logits, prepared)
             else:
                 self.apply_grammars(logits, seqs)
             self.apply_min_tokens(logits, seqs, ahead)

@@ -19,8 +19,8 @@ Contract:
     has not seen (so preemption, dropped run-ahead tokens and retries never put it out of step);
     ``is_terminated`` once it accepted a stop token.
   * ``GrammarMasks``: a step's masks, filled on the host (``fill``, or ``prepare``, which first feeds the
-    matchers the step's newest tokens; the engine calls it while the step's forward runs) and applied on the logits' device (``apply``): one
-    batched fill, one masked write. A grammar that has finished (its root rule complete) allows only the
+    matchers the step's newest tokens; the engine calls it while the step's forward runs) and applied on
+    the logits' device (``apply``): one batched fill, one masked write. A grammar that has finished (its root rule complete) allows only the
     stop tokens.
 """
 
@@ -167,18 +167,18 @@ class GrammarMasks:
     pinned memory nor overwrites a mask whose copy to the device may still be queued (each buffer's copy is
     fenced by an event, waited on before the buffer is filled again). ``fill`` fills the masks of rows
     whose matchers are fed; ``prepare`` first feeds them their newest tokens. Both run on the calling
-    thread: the engine calls them while the step's forward runs on the GPU, and a worker thread would
-    wait for the GIL behind the stepping thread (measured on an H200: a guided step took 12.4 ms with the
-    fill on a worker, against 6.2 ms unguided). ``apply`` copies a mask to the logits' device and applies
-    it there: nothing here waits for the GPU."""
+    thread, which the engine keeps inside inference mode (the buffers are inference tensors), while the
+    step's forward runs on the GPU: on an H200 a guided 32-sequence step launched ahead took 6.24 ms P50
+    against 6.15 unguided. ``apply`` copies a mask to the logits' device and applies it there: nothing
+    here waits for the GPU."""
 
     RING = 3
 
     def __init__(self, max_threads: int = 1) -> None:
         import xgrammar as xgr
 
-        # xgrammar's batch fill on one thread: its thread pool was no faster on an H200 host (32 rows,
-        # P50 0.62 ms on 4 threads against 0.50 on 1; benchmarks.guided_probe --grammar-threads)
+        # xgrammar's batch fill on one thread: its thread pool was slower on an H200 host (32 rows, P50
+        # 4.8 ms on 4 threads against 0.42 on 1; benchmarks.guided_probe --grammar-threads)
         self.matcher = xgr.BatchGrammarMatcher(max_threads=max_threads)
         self.buffers: list[torch.Tensor] = []
         self.fences: list[torch.cuda.Event | None] = []
