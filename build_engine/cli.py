@@ -59,6 +59,7 @@ FIELD_FLAGS = {
     "quantization": "--dtype",
     "image_cache_mb": "--image-cache-mb",
     "max_num_prefill_tokens_with_decodes": "--max-prefill-tokens-with-decodes",
+    "vision_patches_per_step": "--vision-patches-per-step",
 }
 
 
@@ -123,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="more than one may reorder a stream's responses (kept for a TensorRT-LLM-style setup)",
     )
+    p.add_argument(
+        "--vision-patches-per-step",
+        type=int,
+        default=1024,
+        help="ViT work per engine step while sequences decode, in patches through the whole tower (a "
+        "448x448 image is 1024); a bigger ViT batch runs a few blocks per step; 0: each batch in one step",
+    )
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--vision-max-queue-delay-us", type=int, default=2000)
     p.add_argument(
@@ -149,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mixed-step-graphs",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="a step with decodes and prompt chunks replays one graph (one pass over the weights; the "
-        "graphs are captured at start-up); off: a decode graph, then a prefill graph",
+        "graphs are captured at start-up); --no-mixed-step-graphs: a decode graph, then a prefill graph",
     )
     p.add_argument(
         "--prefix-caching",
@@ -336,6 +344,7 @@ def build(args: argparse.Namespace) -> Path:
                 vision_cuda_graphs=args.vision_cuda_graphs,
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
                 mixed_step_graphs=args.mixed_step_graphs,
+                vision_patches_per_step=args.vision_patches_per_step,
                 enable_prefix_caching=args.prefix_caching,
                 image_cache_mb=args.image_cache_mb,
                 seed=args.seed,

@@ -266,6 +266,10 @@ class EngineConfig:
     max_images_per_request: int = 8  # most images in one request
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
     max_num_vision_patches: int = 8192  # most ViT patches in one packed forward (one step of the llm)
+    # ViT work per engine step while sequences decode, in patches through the whole tower: a bigger batch
+    # runs a few blocks per step (engine.core.vision_queue). 1024 (one 448x448 image) is ~5 ms on an H200
+    # (a 1288x728 screenshot, 4784 patches, takes 24 ms). 0: each batch in one step
+    vision_patches_per_step: int = 1024
     vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
     # Run the ViT on its own CUDA stream beside the decode steps (CUDA only). Off: under 32 concurrent
     # requests through Triton on an H200 the engine stalled with it on (cause not found yet).
@@ -274,9 +278,9 @@ class EngineConfig:
         True  # replay fresh prompt chunks from CUDA graphs per token bucket (CUDA only)
     )
     # A step with both decodes and prompt chunks runs them through one CUDA graph (one pass over the
-    # weights) instead of a decode graph and a prefill graph (needs prefill_cuda_graphs; CUDA only). Off
-    # by default until measured on a GPU with its graphs captured at start-up (docs/DESIGN.md)
-    mixed_step_graphs: bool = False
+    # weights) instead of a decode graph and a prefill graph (needs prefill_cuda_graphs; CUDA only; the
+    # graphs are captured at start-up, docs/DESIGN.md)
+    mixed_step_graphs: bool = True
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch
@@ -302,6 +306,7 @@ class EngineConfig:
         at_least("max_images_per_request", self.max_images_per_request, 0)
         at_least("max_image_tokens_per_request", self.max_image_tokens_per_request, 0)
         at_least("max_num_vision_patches", self.max_num_vision_patches, 4)
+        at_least("vision_patches_per_step", self.vision_patches_per_step, 0)
         at_least("image_cache_mb", self.image_cache_mb, 0)
         for name in (
             "vision_cuda_graphs",

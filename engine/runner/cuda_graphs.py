@@ -381,7 +381,7 @@ class PrefillGraphs:
         """Capture a mixed step's graph on the static buffers (their current values are valid inputs)."""
         with torch.cuda.device(self.embeds.device):
             graph, hidden, self.pool = capture_forward(self.model, self.mixed_forward_args(key), self.pool)
-        logger.info(
+        logger.debug(
             "[glm-engine] captured a mixed-step CUDA graph: %d tokens, %d decode rows", key[1], key[2]
         )
         return graph, hidden
