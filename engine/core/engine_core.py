@@ -71,6 +71,8 @@ class EngineCore:
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             max_num_vision_patches=engine_config.max_num_vision_patches,
             hidden_size=model_config.hidden_size,
+            patches_per_step=engine_config.vision_patches_per_step,
+            depth=model_config.vision_config.depth,
         )
         self.stats = EngineStats(num_blocks_total=num_blocks)
         """Counters after the last step (replaced, never mutated: any thread may read it)."""

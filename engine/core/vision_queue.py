@@ -7,6 +7,11 @@ prefill queue holds less than one step of tokens, so images are encoded just ahe
 decodes are not held up by encoding far ahead. With the runner's vision stream the forward runs beside the
 decode steps; its batch joins the scheduler once its event has passed.
 
+Without it, the forward runs in the engine step, ahead of the decoder's, so every decoding stream waits
+for it. A batch of more than ``patches_per_step`` patches is therefore split by blocks across steps: each
+step runs as many blocks as ``patches_per_step`` patches through the whole tower cost (at least one), and
+the batch joins the scheduler in the step its last block ran. While nothing decodes the rest runs at once.
+
 Stepping thread only."""
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from engine.core.block_manager import BlockManager
 from engine.core.image_cache import ImageCache
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.model.vision import VisionPass
 
 logger = logging.getLogger("glm-engine")
 
@@ -33,6 +39,7 @@ class VisionBatch:
     jobs: list[tuple[Sequence, int]]
     embeds: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None  # recorded on the vision stream after the forward (CUDA)
+    vision_pass: VisionPass | None = None  # a forward split across steps, until its last block
 
 
 class VisionQueue:
@@ -45,7 +52,11 @@ class VisionQueue:
         max_num_batched_tokens: int,
         max_num_vision_patches: int,
         hidden_size: int,
+        patches_per_step: int = 0,
+        depth: int = 1,
     ) -> None:
+        """``patches_per_step``: ViT work per step while others decode, in patches through the whole
+        tower (``depth`` blocks); 0: each batch in one step."""
         self.runner = runner
         self.scheduler = scheduler
         self.block_manager = block_manager
@@ -53,6 +64,7 @@ class VisionQueue:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_vision_patches = max_num_vision_patches
         self.hidden_size = hidden_size
+        self.patches_per_step, self.depth = patches_per_step, depth
         self.waiting: list[Sequence] = []  # images not encoded yet, FIFO
         self.inflight: VisionBatch | None = None
 
@@ -87,8 +99,9 @@ class VisionQueue:
     def step(self) -> list[tuple[Sequence, str]]:
         """Hand the requests whose embeddings are ready to the scheduler and launch the next batch; returns
         the requests a failed forward ended, with the error."""
+        split = self.inflight is not None and self.inflight.vision_pass is not None
         failed = self._collect()
-        if not self.waiting or self.inflight is not None:
+        if not self.waiting or self.inflight is not None or split:  # one split step's blocks at most
             return failed
         queued = sum(len(s) - s.num_computed_tokens for s in self.scheduler.waiting)
         if queued >= self.max_num_batched_tokens:
@@ -113,6 +126,10 @@ class VisionQueue:
                 for seq, i in jobs:
                     start, end = seq.image_input_offsets[i]
                     images.append((seq.image_pixels[start:end], seq.image_grid_thw[i : i + 1]))
+                if self._split(num_patches):
+                    vision.vision_pass = self.runner.start_images(images)
+                    self.inflight = vision
+                    return failed + self._collect()
                 vision.embeds, vision.ready = self.runner.encode_images(images)
         except Exception as exc:  # these requests end; the engine keeps serving the others
             return failed + self._fail(vision, exc)
@@ -121,11 +138,39 @@ class VisionQueue:
             return failed
         return failed + self._finish(vision)
 
+    def _split(self, num_patches: int) -> bool:
+        """Whether a batch of ``num_patches`` runs across steps (no vision stream, over the budget)."""
+        return (
+            self.runner.vision_stream is None
+            and 0 < self.patches_per_step < num_patches
+            and bool(self.scheduler.running)
+        )
+
+    def _advance(self, vision: VisionBatch) -> bool:
+        """Run this step's blocks of a split forward; whether its embeddings are done."""
+        vision_pass = vision.vision_pass
+        blocks = self.depth
+        if self.scheduler.running:  # while nothing decodes, nobody waits for the rest
+            blocks = self.depth * self.patches_per_step // vision_pass.num_patches
+        if not self.runner.advance_images(vision_pass, max(1, blocks)):
+            return False
+        vision.embeds, vision.vision_pass = vision_pass.out, None
+        return True
+
     def _collect(self) -> list[tuple[Sequence, str]]:
         """Hand the launched batch to the scheduler once its stream has passed its event."""
         vision = self.inflight
         if vision is None:
             return []
+        if vision.vision_pass is not None:
+            try:
+                if not self._advance(vision):
+                    return []
+            except Exception as exc:
+                self.inflight = None
+                return self._fail(vision, exc)
+            self.inflight = None
+            return self._finish(vision)
         if not self.scheduler.running and not self.scheduler.waiting:
             vision.ready.synchronize()  # nothing else to run: wait here rather than spin
         elif not vision.ready.query():

@@ -36,7 +36,7 @@ from engine.kernels.attention import AttentionMetadata, paged_attention
 from engine.kernels.fused import add_rms_norm_pair, apply_interleaved_rotary_, rms_norm, silu_mul
 from engine.model.layers import ACTIVATIONS, RMSNorm
 from engine.model.rope import MRotaryEmbedding
-from engine.model.vision import VisionEncoder
+from engine.model.vision import VisionEncoder, VisionPass
 
 
 class DecoderAttention(nn.Module):
@@ -196,6 +196,10 @@ class Glm4vModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """`VisionEncoder.encode`: [N, patch_dim], [n, 3] -> [N / merge**2, hidden] in the model dtype."""
         return self.visual.encode(pixel_values.to(self.device, self.dtype), grid_thw)
+
+    def start_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionPass:
+        """`encode_images` in parts (`VisionEncoder.start`; `self.visual.advance` runs the blocks)."""
+        return self.visual.start(pixel_values.to(self.device, self.dtype), grid_thw)
 
     @torch.no_grad()
     def get_input_embeddings(

@@ -2,7 +2,8 @@
 
 Contract:
 * `VisionEncoder.encode(pixel_values [N, patch_dim], grid_thw [n, 3]) -> [N / merge**2, out_hidden_size]`
-  encodes the patches of n images (of any requests) in one packed forward. Rows of pixel_values are in the
+  encodes the patches of n images (of any requests) in one packed forward; `start` + `advance` run the same
+  forward a few blocks at a time (eagerly) with an equal result. Rows of pixel_values are in the
   processor's order (image after image, merge-window order inside an image; patch_dim = 3*2*14*14 = 1176);
   the output rows are the LLM image-token embeddings in the same order (image i owns
   t*h*w / merge**2 consecutive rows). Attention is block-diagonal: one block per image (per frame).
@@ -17,6 +18,8 @@ Contract:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -232,10 +235,14 @@ class VisionEncoder(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
     ) -> torch.Tensor:
         """The ViT blocks, final norm, spatial downsample and merger: [N, hidden] -> [N / merge**2, out]."""
-        config = self.config
-        merge = config.spatial_merge_size
         for block in self.blocks:
             x = block(x, cos, sin, seqlens)
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, spatial downsample and merger of the last block's output."""
+        config = self.config
+        merge = config.spatial_merge_size
         x = self.post_layernorm(x)
         x = x.view(-1, merge, merge, x.shape[-1]).permute(0, 3, 1, 2)  # [N/4, hidden, merge, merge]
         x = self.downsample(x).view(-1, config.out_hidden_size)  # [N/4, out_hidden]
@@ -266,6 +273,34 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, patch_dim], grid_thw [n, 3] -> image-token embeddings [N / merge**2, out_hidden]."""
+        x, cos, sin, seqlens = self._embed(pixel_values, grid_thw)
+        if self.graphs is not None and x.is_cuda:
+            return self.graphs(x, cos, sin, seqlens)
+        return self._tower(x, cos, sin, seqlens)
+
+    @torch.no_grad()
+    def start(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionPass:
+        """`encode` in parts: the patch embedding now, the blocks by `advance` (eager, no graphs)."""
+        return VisionPass(*self._embed(pixel_values, grid_thw))
+
+    @torch.no_grad()
+    def advance(self, vision_pass: VisionPass, num_blocks: int) -> bool:
+        """Run the next ``num_blocks`` blocks of ``vision_pass`` (and the head after the last one, which
+        sets ``vision_pass.out``); returns whether it is done. The result equals `encode`'s eager one."""
+        p = vision_pass
+        end = min(len(self.blocks), p.next_block + max(1, num_blocks))
+        for block in self.blocks[p.next_block : end]:
+            p.x = block(p.x, p.cos, p.sin, p.seqlens)
+        p.next_block = end
+        if end == len(self.blocks):
+            p.out = self._head(p.x)
+            p.x = p.cos = p.sin = None
+        return p.out is not None
+
+    def _embed(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """Check the inputs; (patch embeddings + positions [N, hidden], rotary cos, sin, frame lengths)."""
         config = self.config
         merge = config.spatial_merge_size
         device = self.patch_embed.proj.weight.device
@@ -291,10 +326,24 @@ class VisionEncoder(nn.Module):
 
         x = self.patch_embed(pixel_values.to(device))  # [N, hidden]
         x = self.post_conv_layernorm(x)
-        x = x + pos
-        if self.graphs is not None and x.is_cuda:
-            return self.graphs(x, cos, sin, seqlens)
-        return self._tower(x, cos, sin, seqlens)
+        return x + pos, cos, sin, seqlens
+
+
+@dataclass(eq=False)
+class VisionPass:
+    """A packed ViT forward run a few blocks at a time (`VisionEncoder.start` / `advance`): the hidden
+    states after ``next_block`` blocks, then ``out`` (the embeddings) once the head has run."""
+
+    x: torch.Tensor | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    seqlens: list[int]
+    next_block: int = 0
+    out: torch.Tensor | None = None
+
+    @property
+    def num_patches(self) -> int:
+        return sum(self.seqlens)
 
 
 class TowerGraphs:

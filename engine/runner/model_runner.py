@@ -11,7 +11,8 @@ Contract of ``ModelRunner.execute(out) -> list[int | None]`` (one entry per ``ou
     a sampled token id, the others (mid-prefill chunks) get None.
 The runner owns the KV cache tensors (``num_kv_blocks`` sizes them from a memory budget) and is the one
 door into the model: ``encode_images`` runs the ViT (on a stream of its own with ``async_vision``),
-``execute`` / ``launch_decode`` the decoder; ``load_model`` builds the model it is given.
+``start_images`` / ``advance_images`` run it a few blocks per engine step, ``execute`` / ``launch_decode``
+the decoder; ``load_model`` builds the model it is given.
 
 CUDA graphs (CUDA only, off with ``enforce_eager``):
   * ``DecodeGraphs``: a step where every sequence runs exactly one text token replays a graph captured for
@@ -44,7 +45,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.core.scheduler import SchedulerOutput
 from engine.kernels.attention import AttentionMetadata, fresh_prefill_supported
-from engine.model.vision import PatchNormalizer
+from engine.model.vision import PatchNormalizer, VisionPass
 from engine.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.sample.sampler import Sampler
 
@@ -239,14 +240,30 @@ class ModelRunner:
             torch.inference_mode(),
             torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
         ):
-            pixels = [self.patch_normalizer(x, grid) for x, grid in images]
-            grid = torch.cat([g for _, g in images]).to(torch.int64).cpu()
-            embeds = self.model.encode_images(torch.cat(pixels), grid)
+            embeds = self.model.encode_images(*self._vision_inputs(images))
             ready = None
             if stream is not None:
                 ready = torch.cuda.Event()
                 ready.record(stream)
         return embeds, ready
+
+    def start_images(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> VisionPass:
+        """`encode_images` to run a few blocks at a time on the decoder's stream: the patch embedding
+        now, then `advance_images` until it returns True (``.out`` holds the embeddings)."""
+        with torch.inference_mode():
+            return self.model.start_images(*self._vision_inputs(images))
+
+    def advance_images(self, vision_pass: VisionPass, num_blocks: int) -> bool:
+        """The next ``num_blocks`` ViT blocks of ``vision_pass``; whether its embeddings are done."""
+        with torch.inference_mode():
+            return self.model.visual.advance(vision_pass, num_blocks)
+
+    def _vision_inputs(
+        self, images: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel values [N, patch_dim] on the device, grids [n, 3] on the CPU) of ``images``."""
+        pixels = [self.patch_normalizer(x, grid) for x, grid in images]
+        return torch.cat(pixels), torch.cat([g for _, g in images]).to(torch.int64).cpu()
 
     def wait_vision(self, embeds: torch.Tensor, ready: torch.cuda.Event) -> None:
         """Order the decoder's stream after a launched ViT forward that produced ``embeds``."""

@@ -79,3 +79,136 @@ def test_a_failed_vit_forward_ends_its_batch_only(model, model_config):  # noqa:
     assert sum(len(o.new_token_ids) for o in outputs["ok"]) == 3
     assert not ex.core.vision.waiting and ex.core.vision.inflight is None
     assert ex.stats().num_waiting == 0 and not ex.core.scheduler.running
+
+
+class SplitRecorder:
+    """Wraps the engine's real runner: records (engine step, blocks asked for) of each split ViT step and
+    each whole batch's patch count; can fail the n-th split step on purpose."""
+
+    def __init__(self, runner, fail_on: int | None = None) -> None:
+        self.runner, self.fail_on = runner, fail_on
+        self.step, self.advances, self.whole = 0, [], []
+
+    def encode_images(self, images):
+        self.whole.append(sum(int(grid.prod()) for _, grid in images))
+        return self.runner.encode_images(images)
+
+    def advance_images(self, vision_pass, num_blocks):
+        self.advances.append((self.step, num_blocks))
+        if self.fail_on == len(self.advances):
+            raise RuntimeError("out of memory (on purpose)")
+        return self.runner.advance_images(vision_pass, num_blocks)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def run_recorded(ex, recorder, arrivals):
+    """`run_to_end`, keeping ``recorder.step`` at the engine step and counting each request's tokens per step."""
+    arrivals, outputs, per_step = dict(arrivals), {}, []
+    while arrivals or ex.has_unfinished():
+        for req in arrivals.pop(recorder.step, []):
+            ex.add_request(req)
+        counts = {}
+        for out in ex.step():
+            outputs.setdefault(out.request_id, []).append(out)
+            counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
+        per_step.append(counts)
+        recorder.step += 1
+        assert recorder.step < 1000
+    assert ex.block_manager.num_used_blocks == 0
+    return outputs, per_step
+
+
+def image_with_reference(ex, mc, request_id: str, max_tokens: int, seed: int):
+    """(a one-image request, its reference greedy tokens)."""
+    from tests.engine.test_llm_engine import reference_greedy
+
+    ids, patches, grid, positions, delta = image_request(mc, request_id, [(1, 4, 6)], seed=seed)
+    embeds = ex.model.encode_images(ex.runner.patch_normalizer(patches, grid), grid)
+    request = GenerationRequest(
+        request_id, ids, greedy(max_tokens), image_pixels=patches, image_grid_thw=grid,
+        mrope_positions=positions, mrope_delta=delta,
+    )  # fmt: skip
+    return request, reference_greedy(ex.model, mc, ids, max_tokens, embeds, positions, delta)
+
+
+def test_the_vit_is_split_across_steps_while_others_decode(model, model_config):  # noqa: F811
+    """Over ``vision_patches_per_step``, a ViT batch runs a block per step beside a decoding request, which
+    gets a token in each of those steps; every token equals the reference's (the split forward is exact).
+    An image that arrives while nothing decodes runs whole."""
+    from tests.engine.test_llm_engine import reference_greedy, tokens
+
+    mc = model_config
+    ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
+    recorder = SplitRecorder(ex.runner)
+    ex.core.vision.runner = recorder
+    image, image_ref = image_with_reference(ex, mc, "img", 5, seed=4)
+    text = GenerationRequest("text", prompt(3, 6), greedy(12, ignore_eos=True))
+    outputs, per_step = run_recorded(ex, recorder, {0: [text], 2: [image]})
+    depth = mc.vision_config.depth
+    assert depth > 1 and recorder.whole == []
+    assert recorder.advances == [(2 + k, 1) for k in range(depth)]  # 24 patches > 8: one block a step
+    assert all(per_step[s].get("text") == 1 for s, _ in recorder.advances)  # the decode went on each step
+    assert tokens(outputs["text"]) == reference_greedy(model, mc, prompt(3, 6), 12, ignore_eos=True)
+    assert tokens(outputs["img"]) == image_ref
+
+    alone, alone_ref = image_with_reference(ex, mc, "alone", 4, seed=5)
+    outputs, _ = run_recorded(ex, recorder, {recorder.step: [alone]})
+    assert recorder.whole == [24] and len(recorder.advances) == depth
+    assert tokens(outputs["alone"]) == alone_ref
+
+
+def test_a_split_vit_forward_finishes_at_once_when_decodes_end(model, model_config):  # noqa: F811
+    """The decoding request ends after the first block: the rest of the forward runs in the next step."""
+    from tests.engine.test_llm_engine import tokens
+
+    mc = model_config
+    ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
+    recorder = SplitRecorder(ex.runner)
+    ex.core.vision.runner = recorder
+    image, image_ref = image_with_reference(ex, mc, "img", 4, seed=6)
+    text = GenerationRequest(
+        "text", prompt(4, 6), greedy(3, ignore_eos=True)
+    )  # prefill + 2 decodes: steps 0-2
+    outputs, _ = run_recorded(ex, recorder, {0: [text], 2: [image]})
+    assert recorder.advances == [(2, 1), (3, mc.vision_config.depth)]
+    assert tokens(outputs["img"]) == image_ref
+
+
+def test_a_failed_or_aborted_split_forward_ends_only_its_requests(model, model_config):  # noqa: F811
+    """A split forward that raises ends its batch's requests with the error; one whose request is aborted
+    mid-way runs out without it; the decoding request is unaffected, and no block or queue entry is left."""
+    from tests.engine.test_llm_engine import reference_greedy
+
+    mc = model_config
+    for fail_on, abort in ((2, False), (None, True)):
+        ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
+        recorder = SplitRecorder(ex.runner, fail_on=fail_on)
+        ex.core.vision.runner = recorder
+        image, _ = image_with_reference(ex, mc, "img", 4, seed=7)
+        text = GenerationRequest("text", prompt(5, 6), greedy(10, ignore_eos=True))
+        ex.add_request(text)
+        outputs = {}
+        for step in range(3):  # the text prefills and decodes; then the image's first block
+            if step == 2:
+                ex.add_request(image)
+            for out in ex.step():
+                outputs.setdefault(out.request_id, []).append(out)
+            recorder.step += 1
+        assert ex.core.vision.inflight is not None and ex.core.vision.inflight.vision_pass is not None
+        if abort:
+            ex.abort("img")
+        rest, _ = run_recorded(ex, recorder, {})
+        for rid, outs in rest.items():
+            outputs.setdefault(rid, []).extend(outs)
+        last = outputs["img"][-1]
+        if abort:
+            assert last.finish_reason == "abort" and last.error is None
+        else:
+            assert last.finish_reason == "abort"
+            assert last.error == "vision encoder error: out of memory (on purpose)"
+        assert sum(len(o.new_token_ids) for o in outputs["img"]) == 0
+        ref = reference_greedy(model, mc, prompt(5, 6), 10, ignore_eos=True)
+        assert [t for o in outputs["text"] for t in o.new_token_ids] == ref
+        assert ex.core.vision.is_idle and ex.stats().num_waiting == 0 and not ex.core.scheduler.running

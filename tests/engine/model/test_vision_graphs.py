@@ -99,3 +99,26 @@ def test_cuda_graph_replay_equals_eager(vision_config) -> None:
     assert len(encoder.graphs.entries) == 2 and not encoder.graphs.failed
     for e, f, a in zip(eager, first, again, strict=True):
         assert torch.equal(e, f) and torch.equal(e, a)  # and the first outputs survived later replays
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_forward_split_by_blocks_equals_encode(vision_config, device) -> None:
+    """`start` + `advance` (1, 2 or every block a step) give `encode`'s eager result exactly, for a batch of
+    two images; the pass holds no hidden states once done."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    encoder = VisionEncoder(vision_config).to(device, dtype).eval()
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.normal_(0.0, 0.02)
+    grid = torch.tensor([[1, 4, 6], [1, 2, 4]])
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), vision_config.patch_dim, device=device, dtype=dtype)
+    with torch.inference_mode():
+        whole = encoder.encode(pixels, grid)
+        for blocks in (1, 2, vision_config.depth):
+            vision_pass = encoder.start(pixels, grid)
+            steps = 1
+            while not encoder.advance(vision_pass, blocks):
+                steps += 1
+            assert steps == -(-vision_config.depth // blocks) and vision_pass.num_patches == 32
+            assert torch.equal(vision_pass.out, whole) and vision_pass.x is None
