@@ -8,9 +8,11 @@ decodes are not held up by encoding far ahead. With the runner's vision stream t
 decode steps; its batch joins the scheduler once its event has passed.
 
 Without it, the forward runs in the engine step, ahead of the decoder's, so every decoding stream waits
-for it. A batch of more than ``patches_per_step`` patches is therefore split by blocks across steps: each
-step runs as many blocks as ``patches_per_step`` patches through the whole tower cost (at least one), and
-the batch joins the scheduler in the step its last block ran. While nothing decodes the rest runs at once.
+for it. While sequences decode, a batch therefore holds at most ``patches_per_step`` patches (whole
+requests: one request over it forms a batch alone), and a batch over it is split by blocks across steps:
+each step runs as many blocks as ``patches_per_step`` patches through the whole tower cost (at least one),
+and the batch joins the scheduler in the step its last block ran. While nothing decodes, batches take up
+to ``max_num_vision_patches`` and run whole (a split forward's rest runs at once).
 
 Stepping thread only."""
 
@@ -107,12 +109,15 @@ class VisionQueue:
         if queued >= self.max_num_batched_tokens:
             return failed
         batch, num_patches = [], 0
+        limit = self.max_num_vision_patches
+        if self._budgeted():  # while others decode, a batch keeps to the step's budget (or is one request)
+            limit = min(limit, self.patches_per_step)
         for seq in self.waiting:
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
             needed = self._images_to_embed(seq)
             n = sum(int(seq.image_grid_thw[i].prod()) for i in needed if not self._has_embeds(seq, i))
-            if batch and num_patches + n > self.max_num_vision_patches:
+            if batch and num_patches + n > limit:
                 break
             batch.append((seq, needed))
             num_patches += n
@@ -126,7 +131,7 @@ class VisionQueue:
                 for seq, i in jobs:
                     start, end = seq.image_input_offsets[i]
                     images.append((seq.image_pixels[start:end], seq.image_grid_thw[i : i + 1]))
-                if self._split(num_patches):
+                if self._budgeted() and num_patches > self.patches_per_step:
                     vision.vision_pass = self.runner.start_images(images)
                     self.inflight = vision
                     return failed + self._collect()
@@ -138,12 +143,11 @@ class VisionQueue:
             return failed
         return failed + self._finish(vision)
 
-    def _split(self, num_patches: int) -> bool:
-        """Whether a batch of ``num_patches`` runs across steps (no vision stream, over the budget)."""
+    def _budgeted(self) -> bool:
+        """Whether this step's ViT work keeps to ``patches_per_step`` (sequences decode, and the forward
+        would run in their step: no vision stream)."""
         return (
-            self.runner.vision_stream is None
-            and 0 < self.patches_per_step < num_patches
-            and bool(self.scheduler.running)
+            self.runner.vision_stream is None and self.patches_per_step > 0 and bool(self.scheduler.running)
         )
 
     def _advance(self, vision: VisionBatch) -> bool:

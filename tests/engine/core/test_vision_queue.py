@@ -212,3 +212,26 @@ def test_a_failed_or_aborted_split_forward_ends_only_its_requests(model, model_c
         ref = reference_greedy(model, mc, prompt(5, 6), 10, ignore_eos=True)
         assert [t for o in outputs["text"] for t in o.new_token_ids] == ref
         assert ex.core.vision.is_idle and ex.stats().num_waiting == 0 and not ex.core.scheduler.running
+
+
+def test_while_others_decode_a_vit_batch_keeps_to_the_step_budget(model, model_config):  # noqa: F811
+    """Images that fit ``vision_patches_per_step`` one by one but not together run whole in separate
+    steps while a request decodes; with nothing decoding they share one forward."""
+    from tests.engine.test_llm_engine import tokens
+
+    mc = model_config
+    for decoding, expected in ((True, [24, 16]), (False, [40])):
+        ex = make_engine(model, mc, vision_patches_per_step=24, image_cache_mb=0)
+        recorder = SplitRecorder(ex.runner)
+        ex.core.vision.runner = recorder
+        first = image_req(mc, "a", [(1, 4, 6)], seed=8)
+        second = image_req(mc, "b", [(1, 4, 4)], seed=9)
+        arrivals = {0: [first, second]}
+        if decoding:
+            arrivals = {
+                0: [GenerationRequest("text", prompt(6, 6), greedy(8, ignore_eos=True))],
+                2: [first, second],
+            }
+        outputs, _ = run_recorded(ex, recorder, arrivals)
+        assert recorder.whole == expected and recorder.advances == []
+        assert all(len(tokens(outs)) > 0 for outs in outputs.values())
