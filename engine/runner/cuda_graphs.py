@@ -90,17 +90,31 @@ class DecodeGraphs:
                 if (batch, width) not in self.graphs:
                     self.graphs[(batch, width)] = self.capture(batch, width)
 
-    def run(self, seqs: list, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run(
+        self, seqs: list, input_ids: torch.Tensor | None = None, counts: list[int] | None = None
+    ) -> torch.Tensor | None:
         """Hidden states [len(seqs), hidden] of each sequence's next token; None when no graph fits.
 
         ``input_ids`` [len(seqs)] on the device: the tokens are one step ahead of the host (the last
         sampled tokens, not yet appended): each sequence runs position ``num_computed_tokens + 1`` with
-        that token (its blocks must already cover that position)."""
+        that token (its blocks must already cover that position).
+
+        ``counts`` (host tokens only): a sequence with n tokens runs its positions ``num_computed_tokens``
+        .. + n - 1 as n rows in order (a short prompt chunk), each attending the context up to itself,
+        as the rows of a causal chunk do; the result then has sum(counts) rows. Chunks with image tokens
+        (they need input_embeds) get None."""
         ahead = 0 if input_ids is None else 1
-        if any(seq.image_token_indices and seq.num_computed_tokens < seq.num_prompt_tokens for seq in seqs):
-            return None  # a 1-token prompt chunk may be an image token (needs input_embeds)
-        num_seqs = len(seqs)
-        batch = next((b for b in self.batch_buckets if b >= num_seqs), None)
+        if counts is not None and ahead:
+            raise ValueError("counts: the tokens of a step run ahead are one per sequence")
+        counts = counts or [1] * len(seqs)
+        for seq, n in zip(seqs, counts, strict=True):
+            start = seq.num_computed_tokens + ahead
+            if seq.image_token_indices and start < seq.num_prompt_tokens:
+                first, last = seq.image_rows(start, start + n)
+                if last > first:
+                    return None
+        num_rows = sum(counts)
+        batch = next((b for b in self.batch_buckets if b >= num_rows), None)
         max_blocks = max(len(seq.block_table) for seq in seqs)
         width = next((w for w in self.width_buckets if w >= max_blocks), None)
         if batch is None or width is None:
@@ -110,28 +124,35 @@ class DecodeGraphs:
         block_size, scratch = self.block_size, self.scratch_block_id
         rows = [[0] * batch for _ in range(6)]
         ids, pos_t, pos_h, pos_w, slots, lens = rows
-        slots[num_seqs:] = [scratch * block_size] * (batch - num_seqs)
+        slots[num_rows:] = [scratch * block_size] * (batch - num_rows)
         lens[:] = [1] * batch
         tables = []
-        for i, seq in enumerate(seqs):
-            pos = seq.num_computed_tokens + ahead
+        i = 0
+        for seq, n in zip(seqs, counts, strict=True):
             table = seq.block_table
-            if not ahead:
-                ids[i] = seq.token_ids[pos]
-            slots[i] = table[pos // block_size] * block_size + pos % block_size
-            lens[i] = pos + 1
-            # `ModelRunner.positions(seq, pos, pos + 1)` without building tensors
-            if pos >= seq.num_prompt_tokens:
-                pos_t[i] = pos_h[i] = pos_w[i] = pos + seq.mrope_delta
-            elif seq.mrope_positions is None:
-                pos_t[i] = pos_h[i] = pos_w[i] = pos
-            else:
-                pos_t[i], pos_h[i], pos_w[i] = (int(p) for p in seq.mrope_positions[:, pos])
-            tables.append(table + [0] * (width - len(table)))
-        tables += [[scratch] + [0] * (width - 1)] * (batch - num_seqs)
+            row_table = table + [0] * (width - len(table))
+            start = seq.num_computed_tokens + ahead
+            prompt_end = min(start + n, seq.num_prompt_tokens)
+            mrope = None  # `ModelRunner.positions(seq, start, start + n)` without building tensors
+            if start < prompt_end and seq.mrope_positions is not None:
+                mrope = seq.mrope_positions[:, start:prompt_end].tolist()
+            for pos in range(start, start + n):
+                if not ahead:
+                    ids[i] = seq.token_ids[pos]
+                slots[i] = table[pos // block_size] * block_size + pos % block_size
+                lens[i] = pos + 1
+                if pos >= seq.num_prompt_tokens:
+                    pos_t[i] = pos_h[i] = pos_w[i] = pos + seq.mrope_delta
+                elif mrope is None:
+                    pos_t[i] = pos_h[i] = pos_w[i] = pos
+                else:
+                    pos_t[i], pos_h[i], pos_w[i] = (row[pos - start] for row in mrope)
+                tables.append(row_table)
+                i += 1
+        tables += [[scratch] + [0] * (width - 1)] * (batch - num_rows)
         host = torch.tensor(rows, dtype=torch.long)  # [6, batch]
         if ahead:
-            self.input_ids[:num_seqs].copy_(input_ids)
+            self.input_ids[:num_rows].copy_(input_ids)
         else:
             self.input_ids[:batch].copy_(host[0], non_blocking=True)
         self.positions[:, :batch].copy_(host[1:4], non_blocking=True)
@@ -142,7 +163,7 @@ class DecodeGraphs:
             self.graphs[(batch, width)] = self.capture(batch, width)
         graph, hidden = self.graphs[(batch, width)]
         graph.replay()
-        return hidden[:num_seqs]
+        return hidden[:num_rows]
 
     def capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture model.forward on the static buffers' first ``batch`` rows (their current values are

@@ -120,10 +120,12 @@ class _EagerDecodeGraphs(DecodeGraphs):
         return sum(graph.replays for graph, _ in self.graphs.values())
 
 
-def _split_engine(model, model_config, mixed: bool = False, **engine) -> LLMEngine:  # noqa: F811
-    """An engine whose decode and prefill graphs are eager stand-ins (``mixed``: with mixed-step graphs)."""
+def _split_engine(model, model_config, mixed: bool = False, chunk_rows: int = 0, **engine) -> LLMEngine:  # noqa: F811
+    """An engine whose decode and prefill graphs are eager stand-ins (``mixed``: with mixed-step graphs;
+    ``chunk_rows``: continuation chunks up to that many tokens run as decode-graph rows, 0: never)."""
     ex = make_engine(model, model_config, **engine)
     runner = ex.runner
+    runner.chunk_decode_rows = chunk_rows
     runner.graphs = _EagerDecodeGraphs(
         model,
         runner.kv_caches,
@@ -276,6 +278,7 @@ def test_cuda_mixed_step_graph_matches_eager(tiny_checkpoint, model_config) -> N
     graphed = LLMEngine(model_config, EngineConfig(mixed_step_graphs=True, **engine), model=model)
     eager = LLMEngine(model_config, EngineConfig(**engine), model=model, enforce_eager=True)
     runner = graphed.runner
+    runner.chunk_decode_rows = 0  # short continuation chunks go through the mixed graphs here too
     assert runner.prefill_graphs.decode_buckets
     seqs = [
         graphed.input_processor.process(GenerationRequest(f"m{i}", prompt(120 + i, n), greedy(1)))
@@ -506,6 +509,50 @@ def test_context_slots_follow_the_block_tables_then_the_padding(model) -> None: 
     assert graphs.context_bucket([41], [50]) is None
 
 
+def test_short_continuation_chunks_run_as_decode_graph_rows(model, model_config) -> None:  # noqa: F811
+    """A follow-up question on a cached image prompt (a chunk of text tokens over cached context) runs
+    beside a decoding request as rows of the decode graph, one per token; a continuation chunk with image
+    tokens, or longer than ``chunk_decode_rows``, does not. Every token equals the reference loop's."""
+    from engine.model.rope import get_mrope_positions
+
+    mc = model_config
+    ex = _split_engine(model, mc, chunk_rows=8, max_num_batched_tokens=40)
+    calls: list[tuple[list[int], bool]] = []  # (tokens per sequence, whether the graph ran) of chunk steps
+    run = ex.runner.graphs.run
+
+    def recording_run(seqs, input_ids=None, counts=None):
+        hidden = run(seqs, input_ids, counts)
+        if counts is not None:
+            calls.append((sorted(counts), hidden is not None))
+        return hidden
+
+    ex.runner.graphs.run = recording_run
+    ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6)], seed=3)
+    embeds = model.encode_images(ex.runner.patch_normalizer(patches, grid), grid)
+    follow_ids = ids + [9, 10, 11, 12, 13, 14]
+    follow_positions, follow_delta = get_mrope_positions(follow_ids, grid, mc)
+    common = {"image_pixels": patches, "image_grid_thw": grid}
+    first = GenerationRequest("img", ids, greedy(6), mrope_positions=positions, mrope_delta=delta, **common)
+    again = GenerationRequest("again", ids, greedy(6), mrope_positions=positions, mrope_delta=delta, **common)
+    follow = GenerationRequest(
+        "follow", follow_ids, greedy(6), mrope_positions=follow_positions, mrope_delta=follow_delta, **common
+    )
+    text = GenerationRequest("text", prompt(5, 7), greedy(40, ignore_eos=True))
+    long = GenerationRequest("long", prompt(77, 30), greedy(3, ignore_eos=True))  # continues in chunks of 20
+    outputs = run_to_end(ex, {0: [first, text], 9: [again], 11: [follow], 14: [long]})
+    assert tokens(outputs["img"]) == tokens(outputs["again"])
+    assert tokens(outputs["img"]) == reference_greedy(model, mc, ids, 6, embeds, positions, delta)
+    assert tokens(outputs["follow"]) == reference_greedy(
+        model, mc, follow_ids, 6, embeds, follow_positions, follow_delta
+    )
+    assert tokens(outputs["text"]) == reference_greedy(model, mc, prompt(5, 7), 40, ignore_eos=True)
+    assert tokens(outputs["long"]) == reference_greedy(model, mc, prompt(77, 30), 3, ignore_eos=True)
+    assert outputs["follow"][-1].num_cached_tokens == len(ids) // BLOCK_SIZE * BLOCK_SIZE
+    # the follow-up's 6 tokens beside two decodes ran as rows; "again"'s chunk [8, 12) starts on an image
+    # token and was turned down (the step ran from a context graph)
+    assert calls == [([1, 4], False), ([1, 1, 6], True)]
+
+
 def test_prefix_hits_and_prompt_chunks_replay_context_graphs(model, model_config) -> None:  # noqa: F811
     """Chunks with cached context (a prefix-cache hit on an image prompt, the later chunks of a prompt
     longer than the step budget), alone and beside decodes, run from context graphs; every token equals
@@ -548,6 +595,7 @@ def test_cuda_context_graphs_match_eager(tiny_checkpoint, model_config) -> None:
     eager = LLMEngine(model_config, EngineConfig(**engine), model=model, enforce_eager=True)
     graphed.runner.capture_cuda_graphs()
     runner = graphed.runner
+    runner.chunk_decode_rows = 0  # short chunks too: their rows in the decode graph are checked below
     calls, run_context = [], runner.prefill_graphs.run_context
     runner.prefill_graphs.run_context = lambda *args: calls.append(args[3]) or run_context(*args)
     run_mixed = runner.prefill_graphs.run_mixed  # chunks beside decodes go through mixed-step graphs
@@ -587,5 +635,8 @@ def test_cuda_context_graphs_match_eager(tiny_checkpoint, model_config) -> None:
         embeds, positions, attn.slot_mapping, [20, 20], [60, 60], [s.block_table for s in seqs]
     )
     torch.testing.assert_close(got_hidden.float(), want_hidden.float(), rtol=0.05, atol=0.05)
+    # the same chunks as rows of the decode graph (one per token, each over the context up to itself)
+    rows_hidden = runner.graphs.run(seqs, counts=[20, 20])
+    torch.testing.assert_close(rows_hidden.float(), want_hidden.float(), rtol=0.05, atol=0.05)
     for seq in seqs:
         graphed.block_manager.free(seq)
