@@ -73,6 +73,11 @@ class DecodeGraphs:
         self.slot_mapping = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch, max_width, dtype=torch.int32, device=device)
+        # rows that take an image embedding instead of their token's (image tokens of a prompt chunk)
+        self.image_rows = torch.zeros(max_batch, dtype=torch.bool, device=device)
+        self.image_embeds = torch.zeros(
+            max_batch, model.config.hidden_size, dtype=kv_caches[0].dtype, device=device
+        )
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -101,18 +106,12 @@ class DecodeGraphs:
 
         ``counts`` (host tokens only): a sequence with n tokens runs its positions ``num_computed_tokens``
         .. + n - 1 as n rows in order (a short prompt chunk), each attending the context up to itself,
-        as the rows of a causal chunk do; the result then has sum(counts) rows. Chunks with image tokens
-        (they need input_embeds) get None."""
+        as the rows of a causal chunk do; the result then has sum(counts) rows. Image tokens take their
+        rows of ``seq.image_embeds``."""
         ahead = 0 if input_ids is None else 1
         if counts is not None and ahead:
             raise ValueError("counts: the tokens of a step run ahead are one per sequence")
         counts = counts or [1] * len(seqs)
-        for seq, n in zip(seqs, counts, strict=True):
-            start = seq.num_computed_tokens + ahead
-            if seq.image_token_indices and start < seq.num_prompt_tokens:
-                first, last = seq.image_rows(start, start + n)
-                if last > first:
-                    return None
         num_rows = sum(counts)
         batch = next((b for b in self.batch_buckets if b >= num_rows), None)
         max_blocks = max(len(seq.block_table) for seq in seqs)
@@ -122,8 +121,9 @@ class DecodeGraphs:
         # Plain lists first (ids, 3 position rows, slots, seq_lens; the block table rows), then one host
         # tensor for each of the two dtypes: no per-sequence torch calls.
         block_size, scratch = self.block_size, self.scratch_block_id
-        rows = [[0] * batch for _ in range(6)]
-        ids, pos_t, pos_h, pos_w, slots, lens = rows
+        rows = [[0] * batch for _ in range(7)]
+        ids, pos_t, pos_h, pos_w, slots, lens, is_image = rows
+        image_parts: list[tuple[list[int], torch.Tensor]] = []  # (rows, their image embeddings)
         slots[num_rows:] = [scratch * block_size] * (batch - num_rows)
         lens[:] = [1] * batch
         tables = []
@@ -136,6 +136,13 @@ class DecodeGraphs:
             mrope = None  # `ModelRunner.positions(seq, start, start + n)` without building tensors
             if start < prompt_end and seq.mrope_positions is not None:
                 mrope = seq.mrope_positions[:, start:prompt_end].tolist()
+            if seq.image_token_indices and start < prompt_end:
+                first, last = seq.image_rows(start, start + n)
+                if last > first:
+                    image_rows = [i + p - start for p in seq.image_token_indices[first:last]]
+                    for row in image_rows:
+                        is_image[row] = 1
+                    image_parts.append((image_rows, seq.image_embeds[first:last]))
             for pos in range(start, start + n):
                 if not ahead:
                     ids[i] = seq.token_ids[pos]
@@ -150,7 +157,16 @@ class DecodeGraphs:
                 tables.append(row_table)
                 i += 1
         tables += [[scratch] + [0] * (width - 1)] * (batch - num_rows)
-        host = torch.tensor(rows, dtype=torch.long)  # [6, batch]
+        host = torch.tensor(rows, dtype=torch.long)  # [7, batch]
+        self.image_rows[:batch].copy_(host[6], non_blocking=True)
+        if image_parts:
+            index = torch.tensor([row for image_rows, _ in image_parts for row in image_rows])
+            embeds = torch.cat([e for _, e in image_parts]) if len(image_parts) > 1 else image_parts[0][1]
+            self.image_embeds.index_copy_(
+                0,
+                index.to(self.image_embeds.device),
+                embeds.to(self.image_embeds.device, self.image_embeds.dtype),
+            )
         if ahead:
             self.input_ids[:num_rows].copy_(input_ids)
         else:
@@ -172,36 +188,57 @@ class DecodeGraphs:
             return self._capture(batch, width)
 
     def forward_args(self, batch: int, width: int) -> tuple:
-        """model.forward's arguments over the static buffers' first ``batch`` rows and ``width`` blocks."""
+        """`step_forward`'s arguments over the static buffers' first ``batch`` rows and ``width`` blocks."""
         attn = decode_metadata(
             self.slot_mapping[:batch],
             self.seq_lens[:batch],
             self.block_tables[:batch, :width],
             self.block_size,
         )
-        return (self.input_ids[:batch], self.positions[:, :batch], attn, self.kv_caches, None)
+        return (
+            self.input_ids[:batch],
+            self.positions[:, :batch],
+            attn,
+            self.kv_caches,
+            self.image_rows[:batch],
+            self.image_embeds[:batch],
+        )
+
+    def step_forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn,
+        kv_caches: list[torch.Tensor],
+        image_rows: torch.Tensor,
+        image_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """model.forward of a step, the rows flagged in ``image_rows`` taking ``image_embeds``."""
+        embeds = self.model.language_model.embed_tokens(input_ids)
+        embeds = torch.where(image_rows[:, None], image_embeds, embeds)
+        return self.model.forward(input_ids, positions, attn, kv_caches, embeds)
 
     def _capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # The warm-up writes the same K/V the replay will write, so running it is harmless.
-        graph, hidden, self.pool = capture_forward(self.model, self.forward_args(batch, width), self.pool)
+        graph, hidden, self.pool = capture_forward(
+            self.step_forward, self.forward_args(batch, width), self.pool
+        )
         logger.debug("[glm-engine] captured a decode CUDA graph: batch %d, %d blocks", batch, width)
         return graph, hidden
 
 
-def capture_forward(
-    model: torch.nn.Module, args: tuple, pool
-) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
-    """Run ``model.forward(*args)`` once on a side stream (Triton kernels compile, cuBLAS picks its
-    algorithms), then capture it into a CUDA graph sharing ``pool`` (None: a new pool). Returns the graph,
-    its static output and the pool."""
+def capture_forward(forward, args: tuple, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
+    """Run ``forward(*args)`` once on a side stream (Triton kernels compile, cuBLAS picks its algorithms),
+    then capture it into a CUDA graph sharing ``pool`` (None: a new pool). Returns the graph, its static
+    output and the pool."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        model.forward(*args)
+        forward(*args)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
-        hidden = model.forward(*args)
+        hidden = forward(*args)
     return graph, hidden, pool if pool is not None else graph.pool()
 
 
@@ -401,7 +438,9 @@ class PrefillGraphs:
     def capture_mixed(self, key: tuple[str, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture a mixed step's graph on the static buffers (their current values are valid inputs)."""
         with torch.cuda.device(self.embeds.device):
-            graph, hidden, self.pool = capture_forward(self.model, self.mixed_forward_args(key), self.pool)
+            graph, hidden, self.pool = capture_forward(
+                self.model.forward, self.mixed_forward_args(key), self.pool
+            )
         logger.debug(
             "[glm-engine] captured a mixed-step CUDA graph: %d tokens, %d decode rows", key[1], key[2]
         )
@@ -573,7 +612,7 @@ class PrefillGraphs:
         """Capture model.forward over the first ``bucket`` rows of the static buffers (valid inputs)."""
         with torch.cuda.device(self.embeds.device):
             graph, hidden, self.pool = capture_forward(
-                self.model, self.forward_args(bucket, context), self.pool
+                self.model.forward, self.forward_args(bucket, context), self.pool
             )
         logger.debug("[glm-engine] captured a prefill CUDA graph: %d tokens, context %d", bucket, context)
         return graph, hidden

@@ -144,7 +144,8 @@ def prepare_model(
 
 
 # A step of one-token steps and prompt chunks that continue cached context, each of at most this many
-# tokens (a follow-up question, a conversation turn), replays the decode graph with one row per token:
+# tokens (a follow-up question, a conversation turn, image tokens included), replays the decode graph with
+# one row per token:
 # the paged decode kernel attends each row over its context, split across thread blocks, where one flash
 # call over the gathered context runs a handful of them (~3 ms for 30 tokens over 1.2k on an H200).
 CHUNK_DECODE_ROWS = 64

@@ -112,7 +112,7 @@ class _EagerDecodeGraphs(DecodeGraphs):
     """DecodeGraphs whose graphs are `_EagerGraph` stand-ins; counts the replays."""
 
     def capture(self, batch: int, width: int):
-        graph = _EagerGraph(self.model.forward, self.forward_args(batch, width))
+        graph = _EagerGraph(self.step_forward, self.forward_args(batch, width))
         return graph, graph.out
 
     @property
@@ -510,9 +510,10 @@ def test_context_slots_follow_the_block_tables_then_the_padding(model) -> None: 
 
 
 def test_short_continuation_chunks_run_as_decode_graph_rows(model, model_config) -> None:  # noqa: F811
-    """A follow-up question on a cached image prompt (a chunk of text tokens over cached context) runs
-    beside a decoding request as rows of the decode graph, one per token; a continuation chunk with image
-    tokens, or longer than ``chunk_decode_rows``, does not. Every token equals the reference loop's."""
+    """Chunks over cached context beside a decoding request run as rows of the decode graph, one per token:
+    the same image prompt again (its cached prefix ends inside the image, so its chunk starts with an image
+    token, which takes its image embedding) and a follow-up question on it; a continuation chunk longer
+    than ``chunk_decode_rows`` does not. Every token equals the reference loop's."""
     from engine.model.rope import get_mrope_positions
 
     mc = model_config
@@ -548,9 +549,10 @@ def test_short_continuation_chunks_run_as_decode_graph_rows(model, model_config)
     assert tokens(outputs["text"]) == reference_greedy(model, mc, prompt(5, 7), 40, ignore_eos=True)
     assert tokens(outputs["long"]) == reference_greedy(model, mc, prompt(77, 30), 3, ignore_eos=True)
     assert outputs["follow"][-1].num_cached_tokens == len(ids) // BLOCK_SIZE * BLOCK_SIZE
-    # the follow-up's 6 tokens beside two decodes ran as rows; "again"'s chunk [8, 12) starts on an image
-    # token and was turned down (the step ran from a context graph)
-    assert calls == [([1, 4], False), ([1, 1, 6], True)]
+    # "again"'s chunk [8, 12) (image token 8 among them) beside one decode, then the follow-up's 6 tokens
+    # beside two decodes, ran as rows; "long"'s chunks of 20 did not
+    assert mc.image_token_id == again.prompt_token_ids[8] != again.prompt_token_ids[9]
+    assert calls == [([1, 4], True), ([1, 1, 6], True)]
 
 
 def test_prefix_hits_and_prompt_chunks_replay_context_graphs(model, model_config) -> None:  # noqa: F811
