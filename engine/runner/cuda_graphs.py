@@ -36,7 +36,8 @@ def decode_metadata(
 
 
 class DecodeGraphs:
-    """CUDA graphs of steps where every sequence runs one text token, captured on first use.
+    """CUDA graphs of steps of one row per token (one-token steps, short continuation chunks as rows),
+    captured on first use or by `capture_all`.
 
     A graph is keyed by (batch bucket, width bucket): the batch is padded up to the bucket, and
     ``block_tables`` is cut to a fixed width (blocks) that covers the longest sequence, so the decode

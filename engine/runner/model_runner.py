@@ -15,9 +15,10 @@ door into the model: ``encode_images`` runs the ViT (on a stream of its own with
 the decoder; ``load_model`` builds the model it is given.
 
 CUDA graphs (CUDA only, off with ``enforce_eager``):
-  * ``DecodeGraphs``: a step where every sequence runs exactly one text token replays a graph captured for
+  * ``DecodeGraphs``: a step where every sequence runs exactly one token replays a graph captured for
     (batch bucket, block-table width bucket); padding rows write into one scratch KV block past the block
-    manager's range.
+    manager's range. A step of one-token steps and continuation chunks of at most ``CHUNK_DECODE_ROWS``
+    tokens replays it with one row per token (image tokens take their embeddings through a static mask).
   * ``PrefillGraphs`` (``EngineConfig.prefill_cuda_graphs``): the sequences whose chunk starts at position
     0 ("fresh" prompt chunks, image tokens included) replay a graph captured for their total token count
     rounded up to a bucket (one varlen flash call per layer; padding is one extra sequence writing into
@@ -145,9 +146,9 @@ def prepare_model(
 
 # A step of one-token steps and prompt chunks that continue cached context, each of at most this many
 # tokens (a follow-up question, a conversation turn, image tokens included), replays the decode graph with
-# one row per token:
-# the paged decode kernel attends each row over its context, split across thread blocks, where one flash
-# call over the gathered context runs a handful of them (~3 ms for 30 tokens over 1.2k on an H200).
+# one row per token: the paged decode kernel attends each row over its context, split across thread
+# blocks, where a flash call over the gathered context keeps a handful busy (on an H200 a follow-up's
+# attention went 2.95 -> 0.80 ms per step, its step 17.0 -> 13.9 ms).
 CHUNK_DECODE_ROWS = 64
 
 
