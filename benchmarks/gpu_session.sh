@@ -68,7 +68,7 @@ elif [ "$PART" = 2 ]; then
 elif [ "$PART" = 6 ]; then
   # guided decoding inside the engine, then through Triton with VARIANTS ("name:extra glmv-build flags"
   # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change
-  # (PROBE=0 skips the probe; VARIANT_PHASES, VARIANT_BUDGET (s per variant, 120; the server gets what
+  # (PROBE=0 skips the probe; VARIANT_PHASES, VARIANT_BUDGET (s per variant, 200; the server gets what
   # is left of it past 120 s to start, at least 30), CACHE_OFF=0 as named; GPU_TESTS=<pytest path> runs
   # those GPU tests first)
   if [ -n "${GPU_TESTS:-}" ]; then
@@ -79,9 +79,9 @@ elif [ "$PART" = 6 ]; then
   phases=${VARIANT_PHASES:-structured_c32,c32_448}
   for variant in ${VARIANTS:-default:}; do
     name=${variant%%:*}; extra=${variant#*:}
-    [ "$(left)" -gt $((${VARIANT_BUDGET:-120} + 20)) ] || break
-    timeout $((${VARIANT_BUDGET:-120} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" \
-      --skip baseline,roofline --budget-s "${VARIANT_BUDGET:-120}" \
+    [ "$(left)" -gt $((${VARIANT_BUDGET:-200} + 20)) ] || break
+    timeout $((${VARIANT_BUDGET:-200} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" \
+      --skip baseline,roofline --budget-s "${VARIANT_BUDGET:-200}" \
       --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases "$phases" 2>&1 \
       | grep -E "^(${phases//,/|})" | sed "s/^/$name: /"
     grep -h "captured .* CUDA graphs in" "$OUT/ab/$name/triton.log" 2>/dev/null | sed "s/^/$name: /"
