@@ -314,14 +314,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int | None]:
         counts = out.num_scheduled_tokens
-        if self.graphs is not None and all(n == 1 for n in counts):
-            hidden = self.graphs.run(out.seqs)  # [num_seqs, hidden] or None (no graph for this step)
-            if hidden is not None:
-                return self._sample(out, [(hidden, self._one_token_rows(out.seqs, range(len(out.seqs))))])
-        elif self.graphs is not None and all(
-            n <= self.chunk_decode_rows and seq.num_computed_tokens
+        if self.graphs is not None and all(
+            n == 1 or (n <= self.chunk_decode_rows and seq.num_computed_tokens)
             for seq, n in zip(out.seqs, counts, strict=True)
-        ):
+        ):  # one-token steps and short continuation chunks: one decode-graph row per token
             hidden = self.graphs.run(out.seqs, counts=counts)  # [sum(counts), hidden] or None
             if hidden is not None:
                 return self._sample(out, [(hidden, self._last_rows(out))])
@@ -465,10 +461,6 @@ class ModelRunner:
         graphs = self.prefill_graphs
         seqs, scheduled = out.seqs, out.num_scheduled_tokens
         decoding = [seqs[i] for i in decodes]
-        if any(
-            seq.image_token_indices and seq.num_computed_tokens < seq.num_prompt_tokens for seq in decoding
-        ):
-            return None  # a 1-token prompt chunk may be an image token (as in DecodeGraphs)
         counts = [scheduled[i] for i in chunks]
         context_lens = [seqs[i].num_computed_tokens + scheduled[i] for i in chunks]
         key = graphs.mixed_key(
