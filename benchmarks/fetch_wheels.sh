@@ -32,7 +32,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site
 # and for .whl/llm/ (benchmarks.gpu_harness does this itself when xgrammar is not in site-packages):
-#   python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.8
+#   python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.9
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl
@@ -89,8 +89,8 @@ download "$DEST" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 python-multi
 if [ "${WITH_GRPC:-0}" = 1 ]; then
   download "$DEST" grpcio==1.85.1 protobuf==6.33.5
 fi
-rm -f "$DEST"/xgrammar-*.whl "$DEST"/apache_tvm_ffi-*.whl  # now under llm/
-download "$DEST/llm" xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 pydantic==2.14.4 pydantic-core==2.50.5 \
+rm -f "$DEST"/xgrammar-*.whl "$DEST"/apache_tvm_ffi-*.whl "$DEST"/llm/xgrammar-*.whl  # under llm/; no stale version
+download "$DEST/llm" xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 pydantic==2.14.4 pydantic-core==2.50.5 \
   annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
 
 if ! ls "$DEST"/nvidia_pytriton-0.7.0-*.whl >/dev/null 2>&1; then

@@ -29,7 +29,7 @@ stub=$(find "$PWD/.whl/stub" -name 'numpy-1*.whl' | sort | tail -n 1)
 export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBUFFERED=1
 # guided decoding inside the llm (Triton's Python stubs ignore PYTHONPATH) and pydantic for the gateway
 python3 -c 'import xgrammar' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/llm \
-  --no-compile --no-cache-dir xgrammar==0.2.8
+  --no-compile --no-cache-dir xgrammar==0.2.9
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
 if [ "$PART" = 1 ]; then

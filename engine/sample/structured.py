@@ -111,7 +111,7 @@ def _json_schema_ebnf(schema: str, strict: bool = True) -> str:
     """xgrammar's grammar for ``schema`` (compact separators; ``strict``: no properties beyond the
     schema's), as EBNF.
 
-    xgrammar 0.2.8 writes the characters of a string with minLength/maxLength as a class that lets raw
+    xgrammar (0.2.8 and 0.2.9) writes the characters of a string with minLength/maxLength as a class that lets raw
     control characters (U+0000-U+001F) in, which a JSON parser rejects (its plain strings exclude them);
     adding them to the excluded range keeps every answer parseable."""
     import xgrammar as xgr
