@@ -797,7 +797,9 @@ def install_llm_wheels(wheel_dir: Path) -> str:
         return any((Path(p) / "xgrammar" / "__init__.py").is_file() for p in site.getsitepackages())
 
     if in_site_packages():
-        return "xgrammar already in site-packages"
+        from importlib.metadata import version
+
+        return f"xgrammar {version('xgrammar')} already in site-packages"
     if not wheel_dir.is_dir():
         return f"xgrammar not in site-packages and no {wheel_dir}: guided decoding cannot be measured"
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheel_dir),
@@ -807,7 +809,9 @@ def install_llm_wheels(wheel_dir: Path) -> str:
     importlib.invalidate_caches()
     if proc.returncode != 0 or not in_site_packages():
         return f"pip install from {wheel_dir} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
-    return f"installed from {wheel_dir}"
+    from importlib.metadata import version
+
+    return f"xgrammar {version('xgrammar')} installed from {wheel_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:

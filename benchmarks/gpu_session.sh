@@ -28,8 +28,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 stub=$(find "$PWD/.whl/stub" -name 'numpy-1*.whl' | sort | tail -n 1)
 export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBUFFERED=1
 # guided decoding inside the llm (Triton's Python stubs ignore PYTHONPATH) and pydantic for the gateway
-python3 -c 'import xgrammar' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/llm \
-  --no-compile --no-cache-dir xgrammar==0.2.9
+# (the pinned version even where another is installed: a no-op where it is already there)
+python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.9
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
 if [ "$PART" = 1 ]; then

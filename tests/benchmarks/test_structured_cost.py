@@ -187,6 +187,11 @@ def test_the_builtin_check_agrees_with_jsonschema(change: dict, message: str | N
 
 
 def test_llm_wheels_are_left_alone_where_xgrammar_is_installed(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
     from benchmarks.gpu_harness import install_llm_wheels
 
-    assert install_llm_wheels(tmp_path / "no_wheels_here") == "xgrammar already in site-packages"
+    assert (
+        install_llm_wheels(tmp_path / "no_wheels_here")
+        == f"xgrammar {version('xgrammar')} already in site-packages"
+    )
