@@ -70,7 +70,8 @@ elif [ "$PART" = 6 ]; then
   # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change
   # (PROBE=0 skips the probe; VARIANT_PHASES, VARIANT_BUDGET (s per variant, 200; the server gets what
   # is left of it past 120 s to start, at least 30), CACHE_OFF=0 as named; GPU_TESTS=<pytest path> runs
-  # those GPU tests first)
+  # those GPU tests first; VIT_BENCH=1 runs benchmarks.vit_attention_bench before them)
+  [ "${VIT_BENCH:-0}" = 0 ] || timeout 120 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
   if [ -n "${GPU_TESTS:-}" ]; then
     timeout 150 python3 -m pytest -q -m gpu "$GPU_TESTS" >"$OUT/pytest_gpu.txt" 2>&1
     tail -n 4 "$OUT/pytest_gpu.txt"
@@ -121,6 +122,6 @@ else
 fi
 # One archive of everything written above, beside the short texts.
 parts=()
-for d in cache_on cache_off ttft soak ab multi_gpu guided; do [ -d "$OUT/$d" ] && parts+=("$d"); done
+for d in cache_on cache_off ttft soak ab multi_gpu guided vit; do [ -d "$OUT/$d" ] && parts+=("$d"); done
 tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" "${parts[@]}"
-rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab" "$OUT/multi_gpu" "$OUT/guided"
+rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab" "$OUT/multi_gpu" "$OUT/guided" "$OUT/vit"

@@ -60,6 +60,7 @@ FIELD_FLAGS = {
     "image_cache_mb": "--image-cache-mb",
     "max_num_prefill_tokens_with_decodes": "--max-prefill-tokens-with-decodes",
     "vision_patches_per_step": "--vision-patches-per-step",
+    "vision_attention": "--vision-attention",
 }
 
 
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="ViT work per engine step while sequences decode, in patches through the whole tower (a "
         "448x448 image is 1024); a bigger ViT batch runs a few blocks per step; 0: each batch in one step",
+    )
+    p.add_argument(
+        "--vision-attention",
+        choices=["flash", "cudnn"],
+        default="flash",
+        help="the ViT attention's kernel on CUDA: FlashAttention-2, or cuDNN's fused attention",
     )
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--vision-max-queue-delay-us", type=int, default=2000)
@@ -345,6 +352,7 @@ def build(args: argparse.Namespace) -> Path:
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
                 mixed_step_graphs=args.mixed_step_graphs,
                 vision_patches_per_step=args.vision_patches_per_step,
+                vision_attention=args.vision_attention,
                 enable_prefix_caching=args.prefix_caching,
                 image_cache_mb=args.image_cache_mb,
                 seed=args.seed,

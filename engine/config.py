@@ -29,6 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 QUANTIZATIONS = ("none", "fp8")  # EngineConfig.quantization values
+VISION_ATTENTION_CHOICES = ("flash", "cudnn")  # EngineConfig.vision_attention values (engine.model.vision)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -271,6 +272,8 @@ class EngineConfig:
     # (a 1288x728 screenshot, 4784 patches, takes 24 ms). 0: each batch in one step
     vision_patches_per_step: int = 1024
     vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
+    # The ViT attention's kernel on CUDA (engine.model.vision.VISION_ATTENTION_CHOICES): "flash" or "cudnn"
+    vision_attention: str = "flash"
     # Run the ViT on its own CUDA stream beside the decode steps (CUDA only). Off: under 32 concurrent
     # requests through Triton on an H200 the engine stalled with it on (cause not found yet).
     async_vision: bool = False
@@ -322,6 +325,10 @@ class EngineConfig:
         parse_dtype(self.dtype)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} must be spelled one of {sorted(DTYPES)}")
+        if self.vision_attention not in VISION_ATTENTION_CHOICES:
+            raise ValueError(
+                f"vision_attention: {self.vision_attention!r} must be one of {', '.join(VISION_ATTENTION_CHOICES)}"
+            )
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: {self.quantization!r} must be one of {list(QUANTIZATIONS)}")
         if self.quantization == "fp8" and self.dtype not in ("bfloat16", "float16"):

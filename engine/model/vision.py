@@ -15,6 +15,9 @@ Contract:
   normalize: 8x fewer bytes between processes than float32 patches) into pixel_values on the encoder's
   device with the image processor's float32 arithmetic (`x * rescale_factor`, then `(x - mean) / std` per
   channel); the patchify runs on the device too.
+* `VisionEncoder.set_attention(choice)` picks the SDPA kernel of the blocks' attention on CUDA (one of
+  `VISION_ATTENTION_CHOICES`; `EngineConfig.vision_attention`): "flash" (FlashAttention-2) or "cudnn"
+  (cuDNN's fused attention first, flash where cuDNN cannot take the shape). CPU runs SDPA's own choice.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.config import VisionConfig
+from engine.config import VISION_ATTENTION_CHOICES, VisionConfig
 from engine.kernels.fused import silu_mul
 from engine.kernels.vision import apply_rotary_half_qk_
 from engine.model.layers import ACTIVATIONS, RMSNorm
@@ -125,6 +129,19 @@ class PositionEmbedding(nn.Module):
         return sampled[0, :, :, 0].T.to(table.dtype)  # [N, hidden]
 
 
+# The SDPA kernels each `VisionEncoder.set_attention` choice lets the ViT use on CUDA, in priority order.
+VISION_ATTENTION_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "cudnn": [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ],
+}
+assert tuple(VISION_ATTENTION_BACKENDS) == VISION_ATTENTION_CHOICES
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -132,6 +149,7 @@ class VisionAttention(nn.Module):
         self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.backends = VISION_ATTENTION_BACKENDS["flash"]  # on CUDA; VisionEncoder.set_attention
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
@@ -145,7 +163,12 @@ class VisionAttention(nn.Module):
         for n in seqlens:  # block-diagonal: one image (frame) at a time
             # 4-D [1, heads, n, head_dim]: 3-D inputs fall back to the unfused math kernel on CUDA.
             qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
-            out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
+            if x.is_cuda:
+                with sdpa_kernel(self.backends, set_priority=True):
+                    attended = F.scaled_dot_product_attention(qi, ki, vi)
+            else:
+                attended = F.scaled_dot_product_attention(qi, ki, vi)
+            out[start : start + n] = attended[0].transpose(0, 1)
             start += n
         return self.proj(out.view(num_patches, -1))
 
@@ -225,6 +248,16 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.encode(pixel_values, grid_thw)
+
+    def set_attention(self, choice: str) -> None:
+        """The blocks' attention kernel on CUDA: one of `VISION_ATTENTION_CHOICES`. Graphs captured
+        before keep the kernel they were captured with, so call it before any encode."""
+        if choice not in VISION_ATTENTION_BACKENDS:
+            raise ValueError(
+                f"vision_attention: {choice!r} must be one of {', '.join(VISION_ATTENTION_CHOICES)}"
+            )
+        for block in self.blocks:
+            block.attn.backends = VISION_ATTENTION_BACKENDS[choice]
 
     def enable_cuda_graphs(self, max_graphs: int = 8, max_patches: int = 16384) -> None:
         """Replay the blocks + merger of `encode` from CUDA graphs, one per batch layout (the images'

@@ -82,10 +82,23 @@ def test_vision_cuda_graphs_setting() -> None:
         EngineConfig(vision_cuda_graphs="yes")
 
 
+def test_vision_attention_setting(vision_config) -> None:
+    assert EngineConfig().vision_attention == "flash"
+    assert EngineConfig(vision_attention="cudnn").vision_attention == "cudnn"
+    with pytest.raises(ValueError, match=r"^vision_attention: 'fa3' must be one of flash, cudnn"):
+        EngineConfig(vision_attention="fa3")
+    encoder = VisionEncoder(vision_config)
+    with pytest.raises(ValueError, match=r"^vision_attention: 'fa3' must be one of flash, cudnn"):
+        encoder.set_attention("fa3")
+
+
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_eager(vision_config) -> None:
+@pytest.mark.parametrize("attention", ["flash", "cudnn"])
+def test_cuda_graph_replay_equals_eager(vision_config, attention) -> None:
+    """With either attention kernel: the replays equal eager exactly, and the two kernels agree to bf16."""
     torch.manual_seed(0)
     encoder = VisionEncoder(vision_config).to("cuda", torch.bfloat16).eval()
+    encoder.set_attention(attention)
     with torch.no_grad():  # the patch embedding is allocated uninitialised (weights come from a checkpoint)
         for parameter in encoder.parameters():
             parameter.normal_(0.0, 0.02)
@@ -99,6 +112,12 @@ def test_cuda_graph_replay_equals_eager(vision_config) -> None:
     assert len(encoder.graphs.entries) == 2 and not encoder.graphs.failed
     for e, f, a in zip(eager, first, again, strict=True):
         assert torch.equal(e, f) and torch.equal(e, a)  # and the first outputs survived later replays
+    encoder.graphs = None
+    encoder.set_attention("flash")
+    with torch.inference_mode():
+        flash = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]
+    for e, f in zip(eager, flash, strict=True):
+        torch.testing.assert_close(e, f, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

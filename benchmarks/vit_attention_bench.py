@@ -1,0 +1,156 @@
+"""The ViT's attention on each SDPA backend, alone and in the whole encoder (GPU).
+
+The full-size vision tower (24 blocks, 1536 wide, 12 heads of 128) with random bf16 weights encodes a
+448×448, a 1288×728, a 1920×1080 and a 3840×2160 image, eagerly, with each of the engine's
+``--vision-attention`` choices; per size it reports the encode time (median of CUDA-event timings), one
+block's attention call alone, and the largest difference of the embeddings from the flash ones. Then the
+448×448 layout is captured in a CUDA graph with each choice and replayed against its eager result (the
+engine replays the ViT from graphs for small images). Writes vit_attention.json under --out and prints a
+short table.
+
+    python -m benchmarks.vit_attention_bench --out /tmp/vit
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+SIZES = ((448, 448), (1288, 728), (1920, 1080), (3840, 2160))
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median ms of ``fn()`` over ``repeats`` runs (after one warm-up), by CUDA events."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _encoder(device: torch.device, dtype: torch.dtype):
+    from build_engine.checkpoint import full_size_config
+    from engine.config import ModelConfig
+    from engine.model.vision import VisionEncoder
+
+    config = ModelConfig.from_dict(full_size_config().to_dict()).vision_config
+    torch.manual_seed(0)
+    encoder = VisionEncoder(config).to(device=device, dtype=dtype).eval()
+    for p in encoder.parameters():  # small weights: activations stay finite through 24 blocks
+        torch.nn.init.normal_(p, std=0.02)
+    return encoder, config
+
+
+def _grid(size: tuple[int, int], config) -> tuple[int, int]:
+    from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
+
+    factor = config.patch_size * config.spatial_merge_size
+    h, w = smart_resize(
+        height=size[1],
+        width=size[0],
+        num_frames=config.temporal_patch_size,
+        factor=factor,
+        temporal_factor=config.temporal_patch_size,
+        min_pixels=factor * factor,
+        max_pixels=6144 * factor * factor,
+    )
+    return h // config.patch_size, w // config.patch_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.nn.attention import sdpa_kernel
+
+    from engine.model.vision import VISION_ATTENTION_BACKENDS, VISION_ATTENTION_CHOICES
+
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.vit_attention_bench", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    encoder, config = _encoder(device, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows: dict[str, dict] = {}
+    for size in SIZES:
+        gh, gw = _grid(size, config)
+        grid = torch.tensor([[1, gh, gw]])
+        pixels = torch.randn((gh * gw, config.patch_dim), generator=gen, device=device, dtype=dtype)
+        n = gh * gw
+        heads, head_dim = config.num_heads, config.head_dim
+        qkv = torch.randn((n, 3, heads, head_dim), generator=gen, device=device, dtype=dtype)
+        q, k, v = (t.transpose(0, 1)[None] for t in qkv.unbind(1))  # the layout VisionAttention passes
+        row: dict = {"patches": n}
+        reference = None
+        for choice in VISION_ATTENTION_CHOICES:
+            try:
+                encoder.set_attention(choice)
+                out = encoder.encode(pixels, grid)
+                row[f"encode_ms_{choice}"] = round(
+                    _timed(functools.partial(encoder.encode, pixels, grid), args.repeats), 3
+                )
+                with sdpa_kernel(VISION_ATTENTION_BACKENDS[choice], set_priority=True):
+                    row[f"attention_ms_{choice}"] = round(
+                        _timed(
+                            functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v),
+                            args.repeats,
+                        ),
+                        4,
+                    )
+                if reference is None:
+                    reference = out.float()
+                row[f"max_abs_diff_{choice}"] = float((out.float() - reference).abs().max())
+            except Exception as exc:  # a backend that cannot run this shape: recorded, not fatal
+                row[f"error_{choice}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows[f"{size[0]}x{size[1]}"] = row
+        print(
+            f"{size[0]}x{size[1]} ({n} patches): "
+            + ", ".join(f"{k} {v}" for k, v in row.items() if k != "patches"),
+            flush=True,
+        )
+    graphs: dict[str, dict] = {}
+    gh, gw = _grid(SIZES[0], config)
+    grid = torch.tensor([[1, gh, gw]])
+    pixels = torch.randn((gh * gw, config.patch_dim), generator=gen, device=device, dtype=dtype)
+    for choice in VISION_ATTENTION_CHOICES:
+        try:
+            encoder.set_attention(choice)
+            encoder.graphs = None
+            eager = encoder.encode(pixels, grid)
+            encoder.enable_cuda_graphs()
+            replayed = encoder.encode(pixels, grid)  # captured on first use
+            replayed = encoder.encode(pixels, grid)
+            graphs[choice] = {
+                "captured": bool(encoder.graphs.entries),
+                "max_abs_diff_vs_eager": float((replayed.float() - eager.float()).abs().max()),
+                "graph_ms": round(_timed(functools.partial(encoder.encode, pixels, grid), args.repeats), 3),
+            }
+        except Exception as exc:
+            graphs[choice] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        finally:
+            encoder.graphs = None
+        print(f"graph 448x448 {choice}: {graphs[choice]}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "sizes": rows,
+        "graphs_448": graphs,
+    }
+    (args.out / "vit_attention.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
