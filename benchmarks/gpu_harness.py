@@ -721,7 +721,7 @@ def _structured_lines(serve: dict) -> list[str]:
         verdict = "met" if run["meets_target"] else "not met"
         lines.append(
             f"structured_c32 {run['image_size']}: with a schema {with_schema['rps']:.2f} req/s, "
-            f"{with_schema['output_tok_s']:.1f} tok/s; without (answers of {run['plain_tokens_per_answer']} tokens) "
+            f"{with_schema['output_tok_s']:.1f} tok/s; without (the same answers' lengths, mean {run['plain_tokens_per_answer']} tokens) "
             f"{without['rps']:.2f} req/s, {without['output_tok_s']:.1f} tok/s; with/without tok/s "
             f"{run['ratio']['output_tok_s']} (target >= {run['target_ratio']}: {verdict}); "
             f"{answers['valid']}/{answers['requests']} answers valid ({answers['validator']})"

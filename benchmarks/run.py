@@ -170,8 +170,12 @@ class Progress:
 
 
 async def _timed(
-    target, corpus: Corpus, index: int, params: RequestParams, progress: Progress
+    target, corpus: Corpus, index: int, params: RequestParams | list[RequestParams], progress: Progress
 ) -> RequestRecord:
+    """One request, timed; ``params`` is the same for every request, or a list: request ``index`` takes
+    ``params[index % len(params)]``."""
+    if isinstance(params, list):
+        params = params[index % len(params)]
     progress.begin()
     record = await target.send(corpus.sample(index), params)
     progress.end(record)

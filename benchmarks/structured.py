@@ -284,8 +284,9 @@ async def throughput(
     workers: int = 1,
     max_tokens: int = MAX_TOKENS,
 ) -> dict:
-    """The closed loop with :data:`INVOICE_SCHEMA` on every request, then without a schema at the guided
-    answers' mean length; both summaries, the guided answers' check and the ratios with / without."""
+    """The closed loop with :data:`INVOICE_SCHEMA` on every request, then without a schema, each request
+    answering as many tokens as the guided request sent in its place; both summaries, the guided answers'
+    check and the ratios with / without."""
     # seeds seed .. seed + 2 * num_requests: every request brings an image no other request brought
     guided_corpus = _documents(image_size, num_requests + 1, seed, workers)  # the last one compiles
     plain_corpus = _documents(image_size, num_requests, seed + num_requests + 1, workers)
@@ -301,8 +302,12 @@ async def throughput(
     if not with_schema["requests"]:
         raise RuntimeError(f"no guided request succeeded: {with_schema['error_messages']}")
     length = max(1, round(with_schema["mean_output_tokens"]))
-    # keep_text here too: the client does the same work per response in both runs
-    plain = RequestParams(max_tokens=length, ignore_eos=True, keep_text=True, timeout_s=300)
+    # Request i without a schema answers as many tokens as guided request i did (sent in the same order,
+    # at the same concurrency), so both runs end and admit requests at the same points: answers of one
+    # length would end together and admit the next requests in bursts, which is not what guided load does.
+    # keep_text here too: the client does the same work per response in both runs.
+    lengths = [max(1, r.num_output_tokens) for r in sorted(records, key=lambda r: r.start_s) if r.is_ok]
+    plain = [RequestParams(max_tokens=n, ignore_eos=True, keep_text=True, timeout_s=300) for n in lengths]
     records, wall = await _closed(target, plain_corpus, plain, concurrency, num_requests, duration_s, "plain")
     without = {**summarize(records, wall), "steady": steady_state(records, concurrency)}
     steady_with, steady_without = with_schema["steady"] or {}, without["steady"] or {}
@@ -320,7 +325,8 @@ async def throughput(
         "concurrency": concurrency,
         "schema": "invoice (benchmarks.structured.INVOICE_SCHEMA)",
         "max_tokens": max_tokens,
-        "plain_tokens_per_answer": length,
+        "plain_tokens_per_answer": length,  # the mean; each answer's length in plain_answer_lengths
+        "plain_answer_lengths": lengths,
         "with_schema": with_schema,
         "without_schema": without,
         "ratio": ratio,

@@ -65,10 +65,12 @@ def test_structured_throughput_every_guided_answer_validates(tiny_triton) -> Non
     example = json.loads(answers["example"])
     jsonschema.validate(example, structured.INVOICE_SCHEMA)
     assert structured.schema_errors(example, structured.INVOICE_SCHEMA) == []
-    # the run without a schema decodes the guided answers' mean length, every answer alike
+    # request i without a schema decodes as many tokens as guided request i: the same answers' lengths
+    lengths = result["plain_answer_lengths"]
+    assert len(lengths) == 8 and sum(lengths) == round(8 * with_schema["mean_output_tokens"])
     assert result["plain_tokens_per_answer"] == round(with_schema["mean_output_tokens"])
     assert (without["requests"], without["errors"]) == (8, 0), without["error_messages"]
-    assert without["mean_output_tokens"] == result["plain_tokens_per_answer"]
+    assert without["mean_output_tokens"] == with_schema["mean_output_tokens"]
     for run in (with_schema, without):
         assert run["rps"] > 0 and run["output_tok_s"] > 0
         for dist in (run["ttft_ms"], run["itl_ms"]):
