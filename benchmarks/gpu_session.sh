@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU measurements, as device calls of at most 600 s each (PART=1, 2, 3, 4, 6, 7, 8), each step with
+# The next GPU measurements, as device calls of at most 600 s each (PART=1, 2, 3, 4, 6, 7, 8, 9), each step with
 # its own limit, in priority order:
 #   PART=1  the end-to-end harness (every serve sub-phase, the structured-output ones included; no
 #           transformers baseline), then every GPU-marked engine test, then benchmarks.ttft_probe while
@@ -12,6 +12,7 @@
 #           runs through Triton, then the caches off (as PART=3);
 #   PART=7  the harness as in PART=1, then benchmarks.guided_probe;
 #   PART=8  the GPU tests, then benchmarks.ttft_probe;
+#   PART=9  benchmarks.step_probe (STEP_VARIANTS), benchmarks.guided_probe, benchmarks.ttft_probe;
 #   PART=4  (two GPUs) benchmarks.multi_gpu: Triton's spread over one llm per GPU, then one server per GPU
 #           behind the gateway's image affinity.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
@@ -105,6 +106,19 @@ elif [ "$PART" = 8 ]; then
   tail -n 5 "$OUT/pytest_gpu.txt"
   [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
     grep -E '^[0-9]|chunked|decode b'
+elif [ "$PART" = 9 ]; then
+  # inside the engine: a step's time under 32 x 1288x728 (STEP_VARIANTS: "name:EngineConfig fields" ...),
+  # guided decoding's cost, then one request's first token and decode
+  for variant in ${STEP_VARIANTS:-default:}; do
+    name=${variant%%:*}; extra=${variant#*:}
+    [ "$(left)" -gt 100 ] || break
+    timeout 120 python3 -m benchmarks.step_probe --out "$OUT/step/$name" --engine-args "$extra" 2>&1 |
+      grep -E '^[0-9]|^  ' | sed "s/^/$name: /"
+  done
+  [ "${PROBE:-1}" = 0 ] || [ "$(left)" -lt 120 ] || timeout 110 python3 -m benchmarks.guided_probe \
+    --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
+  [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
+    grep -E '^[0-9]|chunked|decode b'
 elif [ "$PART" = 4 ]; then
   # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
   # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions
@@ -122,6 +136,6 @@ else
 fi
 # One archive of everything written above, beside the short texts.
 parts=()
-for d in cache_on cache_off ttft soak ab multi_gpu guided vit; do [ -d "$OUT/$d" ] && parts+=("$d"); done
+for d in cache_on cache_off ttft soak ab multi_gpu guided vit step; do [ -d "$OUT/$d" ] && parts+=("$d"); done
 tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" "${parts[@]}"
-rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab" "$OUT/multi_gpu" "$OUT/guided" "$OUT/vit"
+rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab" "$OUT/multi_gpu" "$OUT/guided" "$OUT/vit" "$OUT/step"

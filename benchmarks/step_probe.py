@@ -1,0 +1,228 @@
+"""Where an engine step's time goes under screenshot load, inside the engine (no Triton).
+
+    python -m benchmarks.step_probe --out DIR [--concurrency 32] [--duration 12] [--size 1288x728]
+
+Full-size GLM-4.6V-Flash shape with random bf16 weights on the GPU (``--device cpu``: the tiny preset, for
+a smoke run). The engine runs its own loop thread, as in the llm model; a driver keeps ``--concurrency``
+requests in flight, each a never-seen image of ``--size`` and a 30-token question, ``--max-tokens`` out
+(``ignore_eos``). Reported: requests/s, output tok/s, TTFT and ITL inside the engine; per engine step by
+kind (a decode step launched one ahead; a synchronous decode-only, mixed (decodes and prompt chunks) or
+prompt-only step) its count and wall time; the host time of the step's parts (vision queue, scheduling,
+the runner's execute, which includes waiting for the GPU's tokens, applying the tokens, outputs); and, over
+a window of ``--profile-s`` seconds in the middle, the GPU's busy time (kernels and copies) against the
+wall time. Writes step_probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.guided_probe import _percentiles, _tiny_engine_dir, closed_loop
+
+
+class _StepRecorder:
+    """Wraps the engine core's step and its parts with timers (host wall time, ms)."""
+
+    PARTS = ("vision", "schedule", "execute", "launch_decode", "update", "output")
+
+    def __init__(self, ex) -> None:
+        self.steps: list[tuple[str, float]] = []
+        self.parts: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.kind = "idle"
+        core, runner = ex.core, ex.runner
+        step = core.step
+
+        def timed_step(new_seqs, aborted):
+            self.kind = "idle"
+            started = time.perf_counter()
+            outputs = step(new_seqs, aborted)
+            kind = "ahead" if self.kind == "idle" and core.pending is not None else self.kind
+            self.steps.append((kind, (time.perf_counter() - started) * 1e3))
+            return outputs
+
+        core.step = timed_step
+
+        def timer(obj, name: str, part: str, classify=None) -> None:
+            inner = getattr(obj, name)
+
+            def timed(*args, **kwargs):
+                if classify is not None:
+                    classify(*args)
+                started = time.perf_counter()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    self.parts[part] += (time.perf_counter() - started) * 1e3
+
+            setattr(obj, name, timed)
+
+        def classify(out) -> None:
+            counts = out.num_scheduled_tokens
+            if all(n == 1 for n in counts):
+                self.kind = "sync_decode"
+            elif any(n == 1 for n in counts):
+                self.kind = "mixed"
+            else:
+                self.kind = "prompt_only"
+
+        timer(core.vision, "step", "vision")
+        timer(core.scheduler, "schedule", "schedule")
+        timer(runner, "execute", "execute", classify)
+        timer(runner, "launch_decode", "launch_decode")
+        timer(core.scheduler, "update", "update")
+        timer(core, "_output", "output")
+
+    def take(self) -> dict:
+        steps, self.steps = self.steps, []
+        parts, self.parts = dict(self.parts), collections.defaultdict(float)
+        kinds = sorted({k for k, _ in steps})
+        total = sum(ms for _, ms in steps)
+        return {
+            "steps": len(steps),
+            "step_ms_by_kind": {
+                k: {
+                    "count": sum(1 for kind, _ in steps if kind == k),
+                    **_percentiles([ms for kind, ms in steps if kind == k]),
+                }
+                for k in kinds
+            },
+            "step_wall_ms_total": round(total, 1),
+            "host_ms_by_part": {k: round(v, 1) for k, v in sorted(parts.items())},
+        }
+
+
+def gpu_busy(duration_s: float) -> dict:
+    """The GPU's busy time (kernels and copies, all streams) over ``duration_s`` of wall time, and the
+    kernels that took most of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        time.sleep(duration_s)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in averages)
+    top = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    return {
+        "wall_ms": round(wall * 1e3, 1),
+        "gpu_busy_ms": round(busy_us / 1e3, 1),
+        "gpu_busy_share": round(busy_us / 1e6 / wall, 3),
+        "top_kernels_ms": {e.key[:90]: round(e.self_device_time_total / 1e3, 1) for e in top},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=12.0, help="seconds of arrivals")
+    ap.add_argument("--size", default="1288x728")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--profile-s", type=float, default=2.0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--engine-args", default="", help="EngineConfig fields, as name=value,name=value")
+    args = ap.parse_args(argv)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)  # as the llm model sets it
+    try:
+        return _run(args)
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
+def _engine_overrides(text: str) -> dict:
+    out: dict = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        out[name] = json.loads(value) if value not in ("flash", "cudnn") else value
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from benchmarks.ttft_probe import _request
+    from build_engine.checkpoint import make_dummy_checkpoint, make_tiny_checkpoint
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sample.sampler import SamplingParams
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = args.out / "checkpoint"
+    width, height = (int(v) for v in args.size.split("x"))
+    if args.device == "cpu":
+        ckpt = make_tiny_checkpoint(workdir, preset="tiny", seed=0)
+        ex = LLMEngine.from_engine_dir(_tiny_engine_dir(ckpt, args.out / "engine"), device="cpu")
+        size = (112, 112)
+    else:
+        from transformers import AutoTokenizer
+
+        from benchmarks.engine_probe import _full_model_config
+
+        ckpt = make_dummy_checkpoint(workdir)
+        ec = EngineConfig(
+            device=args.device, dtype="bfloat16", max_num_seqs=128, **_engine_overrides(args.engine_args)
+        )
+        ex = LLMEngine(_full_model_config(), ec, None, tokenizer=AutoTokenizer.from_pretrained(ckpt))
+        ex.warmup()
+        size = (width, height)
+    mc = ex.model_config
+    gen = torch.Generator().manual_seed(0)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+    # plain text ids: below every special id (the tiny tokenizer appends its specials after its vocabulary)
+    text_vocab = min(
+        150000, mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id, *mc.eos_token_ids
+    )
+    specials = (mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id)
+
+    def request(rid: str):
+        import dataclasses
+
+        base = _request(ex, mc, size, rid, gen)
+        ids = [t if t in specials else t % text_vocab for t in base.prompt_token_ids]
+        return dataclasses.replace(base, prompt_token_ids=ids, sampling=sampling)
+
+    recorder = _StepRecorder(ex)
+    closed_loop(ex, request, 2, 0.1)  # warm: the shapes of a few first steps
+    recorder.take()
+    profiled: dict = {}
+    if args.device == "cuda" and args.profile_s > 0:
+
+        def window() -> None:
+            time.sleep(args.duration / 2)
+            profiled.update(gpu_busy(args.profile_s))
+
+        profiler = threading.Thread(target=window, daemon=True)
+        profiler.start()
+    res = closed_loop(ex, request, args.concurrency, args.duration)
+    res["engine"] = recorder.take()
+    res["gpu_window"] = profiled
+    res["size"] = f"{size[0]}x{size[1]}"
+    res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    (args.out / "step_probe.json").write_text(json.dumps(res, indent=2) + "\n")
+    e = res["engine"]
+    print(
+        f"{res['size']} c={args.concurrency}: {res['rps']} req/s, {res['output_tok_s']} tok/s, "
+        f"TTFT P50 {res['ttft_ms'].get('p50')} ms, ITL P50/P99 {res['itl_ms'].get('p50')}/{res['itl_ms'].get('p99')} ms"
+    )
+    for kind, d in e["step_ms_by_kind"].items():
+        print(f"  steps {kind}: {d['count']}, P50 {d.get('p50')} ms, mean {d.get('mean')} ms")
+    print(f"  host ms by part (of {e['step_wall_ms_total']} ms of steps): {e['host_ms_by_part']}")
+    if profiled:
+        print(
+            f"  GPU busy {profiled['gpu_busy_ms']} of {profiled['wall_ms']} ms ({profiled['gpu_busy_share']}); "
+            f"top: {list(profiled['top_kernels_ms'].items())[:6]}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
