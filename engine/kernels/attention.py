@@ -54,6 +54,17 @@ import torch.nn.functional as F
 from engine.kernels.fused import paged_decode_attention, paged_decode_supported
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device``. On CUDA the copy goes through pinned memory and is queued on
+    the current stream without waiting: a blocking copy (``torch.tensor(..., device=)``, ``.to(device)``)
+    waits until the GPU has run everything queued before it, so the host could not prepare a step while
+    the work queued ahead of it (a ViT pass) runs."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class AttentionMetadata:
     """Where a step's new tokens go in the paged KV cache and what they attend to. B sequences, T tokens."""
@@ -126,12 +137,14 @@ class AttentionMetadata:
         cu = [0]
         for q_len in query_lens:
             cu.append(cu[-1] + q_len)
+        num_seqs = len(query_lens)
+        lens = to_device(torch.tensor([query_lens, seq_lens], dtype=torch.int32).view(2, num_seqs), device)
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            cu_query_lens=torch.tensor(cu, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(table_rows, dtype=torch.int32, device=device).view(
+            slot_mapping=to_device(torch.tensor(slots, dtype=torch.int64), device),
+            query_lens=lens[0],
+            seq_lens=lens[1],
+            cu_query_lens=to_device(torch.tensor(cu, dtype=torch.int32), device),
+            block_tables=to_device(torch.tensor(table_rows, dtype=torch.int32), device).view(
                 len(block_tables), -1
             ),
             query_lens_cpu=tuple(query_lens),

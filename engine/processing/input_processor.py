@@ -88,12 +88,19 @@ class InputProcessor:
             image_sizes = [int(t * h * w) // merge_area for t, h, w in grid.tolist()]
             input_offsets = self._image_input_offsets(req.image_pixels, grid)
             image_hashes = self._image_hashes(req, input_offsets)
+        pixels = req.image_pixels if has_patches else None
+        if pixels is not None and torch.device(self.device).type == "cuda" and not pixels.is_cuda:
+            # Pinned here, on the caller's thread: a copy from pageable memory to the GPU waits for all the
+            # work queued before it, so the ViT's input would hold the engine loop until the step launched
+            # ahead of it has run; from pinned memory the copy is queued like a kernel.
+            if not pixels.is_pinned():
+                pixels = torch.empty_like(pixels, pin_memory=True).copy_(pixels)
         seq = Sequence(
             req.request_id,
             prompt,
             req.sampling,
             image_embeds=req.image_embeds,
-            image_pixels=req.image_pixels if has_patches else None,
+            image_pixels=pixels,
             image_grid_thw=req.image_grid_thw if has_patches else None,
             mrope_positions=req.mrope_positions,
             mrope_delta=int(req.mrope_delta),

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import torch
 
-from engine.kernels.attention import AttentionMetadata
+from engine.kernels.attention import AttentionMetadata, to_device
 
 logger = logging.getLogger("glm-engine")
 
@@ -165,7 +165,7 @@ class DecodeGraphs:
             embeds = torch.cat([e for _, e in image_parts]) if len(image_parts) > 1 else image_parts[0][1]
             self.image_embeds.index_copy_(
                 0,
-                index.to(self.image_embeds.device),
+                to_device(index, self.image_embeds.device),
                 embeds.to(self.image_embeds.device, self.image_embeds.dtype),
             )
         if ahead:

@@ -45,7 +45,7 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.core.scheduler import SchedulerOutput
-from engine.kernels.attention import AttentionMetadata, fresh_prefill_supported
+from engine.kernels.attention import AttentionMetadata, fresh_prefill_supported, to_device
 from engine.model.vision import PatchNormalizer, VisionPass
 from engine.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.sample.sampler import Sampler
@@ -522,21 +522,22 @@ class ModelRunner:
                 sample_rows.append((i, offset + num_tokens - 1))
 
         ids = torch.tensor(input_ids, dtype=torch.long)  # [T]
+        device_ids = to_device(ids, self.device)
         input_embeds = None
         if image_parts:
-            embeds = self.model.language_model.embed_tokens(ids.to(self.device))  # [T, hidden]
+            embeds = self.model.language_model.embed_tokens(device_ids)  # [T, hidden]
             is_image = ids == self.model_config.image_token_id
             for offset, i, rows in image_parts:
                 n = out.num_scheduled_tokens[i]
                 idx = torch.nonzero(is_image[offset : offset + n]).squeeze(1) + offset
-                embeds[idx.to(self.device)] = rows.to(self.device, embeds.dtype)
+                embeds[to_device(idx, self.device)] = rows.to(self.device, embeds.dtype)
             input_embeds = embeds
         attn = AttentionMetadata.build(
             query_lens, seq_lens, [seq.block_table for seq in out.seqs], self.block_size, self.device
         )
         return (
-            ids.to(self.device),
-            torch.cat(positions, dim=1).to(self.device),
+            device_ids,
+            to_device(torch.cat(positions, dim=1), self.device),
             input_embeds,
             attn,
             sample_rows,

@@ -542,12 +542,16 @@ def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_
     ids, patches, grid, positions, delta = image_request(mc, "gone", [(1, 4, 4)], seed=40)
     ex.add_request(GenerationRequest("busy", prompt(60, 5), greedy(30, ignore_eos=True)))
     ex.step()
+    assert not patches.is_pinned()
     ex.add_request(
         GenerationRequest(
             "gone", ids, greedy(4), image_pixels=patches, image_grid_thw=grid, mrope_positions=positions,
             mrope_delta=delta,
         )
     )  # fmt: skip
+    # the engine holds a pinned copy: its copy to the GPU does not wait for the steps queued before it
+    held = ex._seqs["gone"].image_pixels
+    assert held.is_pinned() and torch.equal(held, patches)
     ex.step()
     ex.abort("gone")
     rest = run_to_end(ex)
