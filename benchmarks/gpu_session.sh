@@ -33,6 +33,15 @@ export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBU
 python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.9
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
+step_probes() {  # benchmarks.step_probe once per STEP_VARIANTS entry ("name:EngineConfig fields")
+  for variant in ${STEP_VARIANTS:-}; do
+    name=${variant%%:*}; extra=${variant#*:}
+    [ "$(left)" -gt 100 ] || break
+    timeout 120 python3 -m benchmarks.step_probe --out "$OUT/step/$name" --engine-args "$extra" 2>&1 |
+      grep -E '^[0-9]|^  ' | sed "s/^/$name: /"
+  done
+}
+
 if [ "$PART" = 1 ]; then
   timeout 330 python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline --budget-s 320 \
     --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c=\|^\[rate='
@@ -71,8 +80,10 @@ elif [ "$PART" = 6 ]; then
   # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change
   # (PROBE=0 skips the probe; VARIANT_PHASES, VARIANT_BUDGET (s per variant, 200; the server gets what
   # is left of it past 120 s to start, at least 30), CACHE_OFF=0 as named; GPU_TESTS=<pytest path> runs
-  # those GPU tests first; VIT_BENCH=1 runs benchmarks.vit_attention_bench before them)
+  # those GPU tests first; VIT_BENCH=1 runs benchmarks.vit_attention_bench and STEP_VARIANTS
+  # benchmarks.step_probe before them)
   [ "${VIT_BENCH:-0}" = 0 ] || timeout 120 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
+  step_probes
   if [ -n "${GPU_TESTS:-}" ]; then
     timeout 150 python3 -m pytest -q -m gpu "$GPU_TESTS" >"$OUT/pytest_gpu.txt" 2>&1
     tail -n 4 "$OUT/pytest_gpu.txt"
@@ -109,12 +120,7 @@ elif [ "$PART" = 8 ]; then
 elif [ "$PART" = 9 ]; then
   # inside the engine: a step's time under 32 x 1288x728 (STEP_VARIANTS: "name:EngineConfig fields" ...),
   # guided decoding's cost, then one request's first token and decode
-  for variant in ${STEP_VARIANTS:-default:}; do
-    name=${variant%%:*}; extra=${variant#*:}
-    [ "$(left)" -gt 100 ] || break
-    timeout 120 python3 -m benchmarks.step_probe --out "$OUT/step/$name" --engine-args "$extra" 2>&1 |
-      grep -E '^[0-9]|^  ' | sed "s/^/$name: /"
-  done
+  STEP_VARIANTS=${STEP_VARIANTS:-default:} step_probes
   [ "${PROBE:-1}" = 0 ] || [ "$(left)" -lt 120 ] || timeout 110 python3 -m benchmarks.guided_probe \
     --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
   [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
