@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vision-attention",
         choices=["flash", "cudnn"],
-        default="cudnn",
+        default="flash",
         help="the ViT attention's kernel on CUDA: FlashAttention-2, or cuDNN's fused attention",
     )
     p.add_argument("--vision-max-batch-size", type=int, default=8)

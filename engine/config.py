@@ -272,10 +272,11 @@ class EngineConfig:
     # (a 1288x728 screenshot, 4784 patches, takes 24 ms). 0: each batch in one step
     vision_patches_per_step: int = 1024
     vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
-    # The ViT attention's kernel on CUDA (engine.model.vision.VISION_ATTENTION_CHOICES): "cudnn" (cuDNN's
-    # fused attention; on an H200 a 1288x728 screenshot's ViT 24.3 -> 20.0 ms against "flash", 3840x2160
-    # 94 -> 70 ms; the embeddings within 2.3e-5) or "flash"
-    vision_attention: str = "cudnn"
+    # The ViT attention's kernel on CUDA (engine.model.vision.VISION_ATTENTION_CHOICES): "flash" or "cudnn"
+    # (cuDNN's fused attention: on an H200 a 1288x728 screenshot's ViT 24.2 -> 21.3 ms, 3840x2160 93 -> 70
+    # ms, the embeddings within 2.3e-5; but the first image of each new size waits for cuDNN to build its
+    # plan, 0.03-0.7 s, in the engine step every stream waits on)
+    vision_attention: str = "flash"
     # Run the ViT on its own CUDA stream beside the decode steps (CUDA only). Off: under 32 concurrent
     # requests through Triton on an H200 the engine stalled with it on (cause not found yet).
     async_vision: bool = False

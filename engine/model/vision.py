@@ -149,7 +149,7 @@ class VisionAttention(nn.Module):
         self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.backends = VISION_ATTENTION_BACKENDS["cudnn"]  # on CUDA; VisionEncoder.set_attention
+        self.backends = VISION_ATTENTION_BACKENDS["flash"]  # on CUDA; VisionEncoder.set_attention
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
