@@ -153,6 +153,7 @@ class BlockManager:
             if self.hash_of_block[block_id] is not None:
                 self.cached_free[block_id] = None
         seq.block_table = []
+        seq.is_prefix_queried = False  # a later admission looks its prompt up again
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
 
@@ -180,9 +181,11 @@ class BlockManager:
         seq.block_table = hits
         seq.num_committed_blocks = len(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
-        self.num_queried_tokens += num_tokens
-        self.num_hit_tokens += seq.num_computed_tokens
-        self.num_reused_blocks += len(hits)
+        if not seq.is_prefix_queried:  # a sequence found nothing may be looked up again while it waits
+            seq.is_prefix_queried = True
+            self.num_queried_tokens += num_tokens
+            self.num_hit_tokens += seq.num_computed_tokens
+            self.num_reused_blocks += len(hits)
         return seq.num_computed_tokens
 
     def commit(self, seq: Sequence) -> None:

@@ -84,6 +84,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # hashes of the first full blocks of token_ids
         self.is_hash_stopped = False  # a block with an image of unknown identity: no hashes past it
         self.num_committed_blocks = 0  # leading blocks already offered to the cache
+        self.is_prefix_queried = False  # its prompt was looked up in the cache since it last held blocks
         self.num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
         self.missing_image_end = 0  # image tokens before this index have no embeddings (cache hit)
         self.image_input_offsets: list[tuple[int, int]] | None = (

@@ -142,6 +142,21 @@ def test_full_blocks_are_found_by_content_and_refcounted():
     assert (s.num_queried_tokens, s.num_hit_tokens, s.num_reused_blocks) == (10, 8, 2)
 
 
+def test_a_prompt_looked_up_again_while_it_waits_counts_once():
+    """A sequence that found nothing is looked up again each step while it waits (for the ViT): the
+    counters take it once; once its blocks are freed (a preemption), its next lookup counts again."""
+    bm = cached_manager()
+    waiting = token_seq([7, 7, 7, 7, 7, 7, 7, 7, 7], "w")
+    for _ in range(3):
+        assert bm.match_prefix(waiting) == 0
+    assert (bm.stats.num_queried_tokens, bm.stats.num_hit_tokens) == (9, 0)
+    computed(bm, waiting)
+    bm.free(waiting)
+    waiting.num_computed_tokens = 0
+    assert bm.match_prefix(waiting) == 8
+    assert (bm.stats.num_queried_tokens, bm.stats.num_hit_tokens, bm.stats.num_reused_blocks) == (18, 8, 2)
+
+
 def test_match_leaves_the_last_token_and_never_ends_on_the_last_block():
     bm = cached_manager()
     computed(bm, token_seq([1, 2, 3, 4, 5, 6, 7, 8], "a"))
