@@ -672,6 +672,9 @@ def table(doc: dict) -> str:
                 f"{(run.get('ttft_ms') or {}).get('p50') or 0:.0f}/{(run.get('ttft_ms') or {}).get('p99') or 0:.0f} ms, ITL P50/P99 "
                 f"{itl.get('p50') or 0:.1f}/{itl.get('p99') or 0:.1f} ms, response gap P50/P99 "
                 f"{gap.get('p50') or 0:.1f}/{gap.get('p99') or 0:.1f} ms, cache hit rate {run.get('cache_hit_rate')}"
+                # the preprocessing model's compute per request does not depend on the engine: when it moves
+                # between two runs, the host's speed moved (compare throughput within one call only)
+                + f", preprocessing {((run.get('stages') or {}).get('preprocessing') or {}).get('compute_infer_ms', 0):.1f} ms/request"
             )
     lines += _structured_lines(serve)
     follow = serve.get("followup_1288") or {}

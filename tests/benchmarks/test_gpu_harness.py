@@ -60,6 +60,14 @@ def test_table_and_plot(tmp_path: Path) -> None:
     assert "decode ms/token b1" in text
     assert "c64_1288: 128 ok, 0 errors" in text
     assert "c128_1288: time budget" in text
+    # a run with requests names the preprocessing model's compute per request (how fast the host was)
+    doc["phases"]["serve"]["c32_448"] |= {
+        "requests": 64, "errors": 0, "rps": 20.0, "ttft_ms": {"p50": 100.0, "p99": 400.0},
+        "itl_ms": {"p50": 8.0, "p99": 28.0}, "response_gap_ms": {"p50": 36.0, "p99": 70.0},
+        "stages": {"preprocessing": {"compute_infer_ms": 3.94}},
+    }  # fmt: skip
+    line = next(x for x in table(doc).splitlines() if x.startswith("c32_448: 20.00 req/s"))
+    assert line.endswith("preprocessing 3.9 ms/request"), line
     plot_comparison(doc, tmp_path / "comparison.png")
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
