@@ -128,6 +128,16 @@ def closed_loop(ex, make_request, concurrency: int, duration_s: float) -> dict:
     finally:
         ex.stop()
     wall = time.perf_counter() - started
+    last_arrival = max(t[0] for t in times.values())
+    # steady state: the requests sent after the opening burst (index >= concurrency) that ended before
+    # the last one was sent, over that window (no burst, no drain)
+    first = times.get(f"r{concurrency}")
+    steady = [
+        rid
+        for rid in done
+        if int(rid[1:]) >= concurrency and len(times[rid]) > 1 and times[rid][-1] <= last_arrival
+    ]
+    window = last_arrival - first[0] if first is not None else 0.0
     ttft, itl, tokens = [], [], 0
     for rid in done:
         arrival, *tok = times[rid]
@@ -152,6 +162,12 @@ def closed_loop(ex, make_request, concurrency: int, duration_s: float) -> dict:
         "mean_output_tokens": round(tokens / max(1, len(done)), 1),
         "ttft_ms": _percentiles(ttft),
         "itl_ms": _percentiles(itl),
+        "steady": {
+            "requests": len(steady),
+            "window_s": round(window, 3),
+            "rps": round(len(steady) / window, 3) if window > 0 else None,
+            "ttft_ms": _percentiles([(times[rid][1] - times[rid][0]) * 1e3 for rid in steady]),
+        },
     }
 
 

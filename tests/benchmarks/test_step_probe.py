@@ -1,0 +1,28 @@
+"""benchmarks.step_probe on CPU (the tiny model): the closed loop runs, every step is recorded by kind and
+part, and the report has the fields the GPU runs are read by."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def test_step_probe_cpu_smoke(tmp_path: Path) -> None:
+    from benchmarks.step_probe import main
+
+    args = ["--out", str(tmp_path), "--device", "cpu", "--concurrency", "2", "--duration", "2"]
+    assert main([*args, "--max-tokens", "8", "--pool", "4"]) == 0
+    res = json.loads((tmp_path / "step_probe.json").read_text())
+    assert res["requests"] >= 4 and res["output_tok_s"] > 0 and res["mean_output_tokens"] == 8
+    # the steady state leaves out the first two requests (the opening burst) and the drain
+    steady = res["steady"]
+    assert 1 <= steady["requests"] <= res["requests"] - 2 and steady["rps"] > 0
+    assert steady["ttft_ms"]["p50"] is not None
+    engine = res["engine"]
+    kinds = engine["step_ms_by_kind"]
+    assert sum(k["count"] for k in kinds.values()) == engine["steps"] > 0
+    assert set(kinds) <= {"ahead", "sync_decode", "mixed", "prompt_only", "idle"}
+    # prompts ran, and decodes (synchronously on CPU: no decode graphs to run ahead)
+    assert "sync_decode" in kinds and ({"mixed", "prompt_only"} & set(kinds))
+    assert {"vision", "schedule", "execute", "output"} <= set(engine["host_ms_by_part"])
+    assert res["gpu_window"] == {}  # no GPU to profile
