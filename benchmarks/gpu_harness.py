@@ -795,13 +795,12 @@ def install_llm_wheels(wheel_dir: Path) -> str:
     what it needs that is missing or too old. Returns what was found or done."""
     import importlib
     import site
+    from importlib.metadata import version
 
     def in_site_packages() -> bool:
         return any((Path(p) / "xgrammar" / "__init__.py").is_file() for p in site.getsitepackages())
 
     if in_site_packages():
-        from importlib.metadata import version
-
         return f"xgrammar {version('xgrammar')} already in site-packages"
     if not wheel_dir.is_dir():
         return f"xgrammar not in site-packages and no {wheel_dir}: guided decoding cannot be measured"
@@ -812,8 +811,6 @@ def install_llm_wheels(wheel_dir: Path) -> str:
     importlib.invalidate_caches()
     if proc.returncode != 0 or not in_site_packages():
         return f"pip install from {wheel_dir} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
-    from importlib.metadata import version
-
     return f"xgrammar {version('xgrammar')} installed from {wheel_dir}"
 
 

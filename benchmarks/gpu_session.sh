@@ -143,5 +143,7 @@ fi
 # One archive of everything written above, beside the short texts.
 parts=()
 for d in cache_on cache_off ttft soak ab multi_gpu guided vit step; do [ -d "$OUT/$d" ] && parts+=("$d"); done
-tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" "${parts[@]}"
-rm -rf "$OUT/cache_on" "$OUT/cache_off" "$OUT/ttft" "$OUT/soak" "$OUT/ab" "$OUT/multi_gpu" "$OUT/guided" "$OUT/vit" "$OUT/step"
+if [ "${#parts[@]}" -gt 0 ]; then
+  tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" "${parts[@]}"
+  for d in "${parts[@]}"; do rm -rf "${OUT:?}/$d"; done
+fi

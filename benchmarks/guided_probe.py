@@ -171,6 +171,55 @@ def closed_loop(ex, make_request, concurrency: int, duration_s: float) -> dict:
     }
 
 
+def probe_engine(device: str, out: Path, **engine):
+    """The engine a probe drives: the tiny preset on CPU (a smoke run), else the full-size shape with random
+    bf16 weights, warmed up (its CUDA graphs captured); ``engine``: EngineConfig fields."""
+    from build_engine.checkpoint import make_dummy_checkpoint, make_tiny_checkpoint
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    workdir = out / "checkpoint"
+    if device == "cpu":
+        ckpt = make_tiny_checkpoint(workdir, preset="tiny", seed=0)
+        return LLMEngine.from_engine_dir(_tiny_engine_dir(ckpt, out / "engine"), device="cpu", **engine)
+    from transformers import AutoTokenizer
+
+    from benchmarks.engine_probe import _full_model_config
+
+    ckpt = make_dummy_checkpoint(workdir)
+    config = EngineConfig(device=device, dtype="bfloat16", max_num_seqs=128, **engine)
+    ex = LLMEngine(_full_model_config(), config, None, tokenizer=AutoTokenizer.from_pretrained(ckpt))
+    ex.warmup()
+    return ex
+
+
+def probe_request(ex, size: tuple[int, int], rid: str, gen: torch.Generator, **changes):
+    """`benchmarks.ttft_probe`'s request (a random image of ``size``, a 30-token question) with its text ids
+    below every special id (the tiny tokenizer appends its specials after its vocabulary), ``changes``
+    applied (GenerationRequest fields)."""
+    import dataclasses
+
+    from benchmarks.ttft_probe import _request
+
+    mc = ex.model_config
+    specials = (mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id)
+    text_vocab = min(150000, *specials, *mc.eos_token_ids)
+    base = _request(ex, mc, size, rid, gen)
+    ids = [t if t in specials else t % text_vocab for t in base.prompt_token_ids]
+    return dataclasses.replace(base, prompt_token_ids=ids, **changes)
+
+
+def with_llm_switch_interval(run, args: argparse.Namespace) -> int:
+    """``run(args)`` under the llm model's GIL switch interval (model_repository/llm/1/model.py): its engine
+    loop shares the GIL with other threads, as the engine loop and a probe's driver do."""
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    try:
+        return run(args)
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -184,59 +233,24 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list: run the schema loop again with xgrammar's batch fill on each many threads "
         "(the engine's own setting first)",
     )
-    args = ap.parse_args(argv)
-    # the llm model's GIL switch interval (model_repository/llm/1/model.py): its engine loop shares the
-    # GIL with other threads, as the engine loop and this driver do here
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0002)
-    try:
-        return _run(args)
-    finally:
-        sys.setswitchinterval(switch_interval)
+    return with_llm_switch_interval(_run, ap.parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:
     from benchmarks.structured import INVOICE_SCHEMA
-    from benchmarks.ttft_probe import _request
-    from build_engine.checkpoint import make_dummy_checkpoint, make_tiny_checkpoint
-    from engine.config import EngineConfig
-    from engine.llm_engine import GenerationRequest, LLMEngine
+    from engine.llm_engine import GenerationRequest
     from engine.sample.sampler import SamplingParams
     from engine.sample.structured import Guide
 
     args.out.mkdir(parents=True, exist_ok=True)
-
-    from transformers import AutoTokenizer
-
-    workdir = args.out / "checkpoint"
-    if args.device == "cpu":
-        ckpt = make_tiny_checkpoint(workdir, preset="tiny", seed=0)
-        ex = LLMEngine.from_engine_dir(_tiny_engine_dir(ckpt, args.out / "engine"), device="cpu")
-        size = (112, 112)
-    else:
-        from benchmarks.engine_probe import _full_model_config
-
-        ckpt = make_dummy_checkpoint(workdir)
-        ec = EngineConfig(device=args.device, dtype="bfloat16", max_num_seqs=128)
-        ex = LLMEngine(_full_model_config(), ec, None, tokenizer=AutoTokenizer.from_pretrained(ckpt))
-        ex.warmup()
-        size = (448, 448)
-    mc = ex.model_config
-    # plain text ids: below every special id (the tiny tokenizer appends its specials after its vocabulary)
-    text_vocab = min(
-        150000, mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id, *mc.eos_token_ids
-    )
+    ex = probe_engine(args.device, args.out)
+    size = (112, 112) if args.device == "cpu" else (448, 448)
     gen = torch.Generator().manual_seed(0)
     recorder = _Recorder(ex)
     schema = json.dumps(INVOICE_SCHEMA)
 
     def request(rid: str, sampling: SamplingParams, guide: Guide | None) -> GenerationRequest:
-        import dataclasses
-
-        base = _request(ex, mc, size, rid, gen)
-        specials = (mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id)
-        ids = [t if t in specials else t % text_vocab for t in base.prompt_token_ids]
-        return dataclasses.replace(base, prompt_token_ids=ids, sampling=sampling, guide=guide)
+        return probe_request(ex, size, rid, gen, sampling=sampling, guide=guide)
 
     guided = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     # warm: compile the schema, capture the shapes

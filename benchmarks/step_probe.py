@@ -19,15 +19,21 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
-import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.guided_probe import _percentiles, _tiny_engine_dir, closed_loop
+from benchmarks.guided_probe import (
+    _percentiles,
+    closed_loop,
+    probe_engine,
+    probe_request,
+    with_llm_switch_interval,
+)
 
 
 class _StepRecorder:
@@ -133,66 +139,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=160, help="requests built before the loop")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--engine-args", default="", help="EngineConfig fields, as name=value,name=value")
-    args = ap.parse_args(argv)
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0002)  # as the llm model sets it
-    try:
-        return _run(args)
-    finally:
-        sys.setswitchinterval(switch_interval)
+    return with_llm_switch_interval(_run, ap.parse_args(argv))
 
 
 def _engine_overrides(text: str) -> dict:
+    """EngineConfig fields from "name=value,name=value" (a value that is not JSON is a string)."""
     out: dict = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        out[name] = json.loads(value) if value not in ("flash", "cudnn") else value
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
     return out
 
 
 def _run(args: argparse.Namespace) -> int:
-    from benchmarks.ttft_probe import _request
-    from build_engine.checkpoint import make_dummy_checkpoint, make_tiny_checkpoint
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
     from engine.sample.sampler import SamplingParams
 
     args.out.mkdir(parents=True, exist_ok=True)
-    workdir = args.out / "checkpoint"
-    width, height = (int(v) for v in args.size.split("x"))
-    if args.device == "cpu":
-        ckpt = make_tiny_checkpoint(workdir, preset="tiny", seed=0)
-        ex = LLMEngine.from_engine_dir(_tiny_engine_dir(ckpt, args.out / "engine"), device="cpu")
-        size = (112, 112)
-    else:
-        from transformers import AutoTokenizer
-
-        from benchmarks.engine_probe import _full_model_config
-
-        ckpt = make_dummy_checkpoint(workdir)
-        ec = EngineConfig(
-            device=args.device, dtype="bfloat16", max_num_seqs=128, **_engine_overrides(args.engine_args)
-        )
-        ex = LLMEngine(_full_model_config(), ec, None, tokenizer=AutoTokenizer.from_pretrained(ckpt))
-        ex.warmup()
-        size = (width, height)
-    mc = ex.model_config
+    ex = probe_engine(args.device, args.out, **_engine_overrides(args.engine_args))
+    size = (112, 112) if args.device == "cpu" else tuple(int(v) for v in args.size.split("x"))
     gen = torch.Generator().manual_seed(0)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
 
-    # plain text ids: below every special id (the tiny tokenizer appends its specials after its vocabulary)
-    text_vocab = min(
-        150000, mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id, *mc.eos_token_ids
-    )
-    specials = (mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id)
-
-    import collections
-    import dataclasses
-
     def build(rid: str):
-        base = _request(ex, mc, size, rid, gen)
-        ids = [t if t in specials else t % text_vocab for t in base.prompt_token_ids]
-        return dataclasses.replace(base, prompt_token_ids=ids, sampling=sampling)
+        return probe_request(ex, size, rid, gen, sampling=sampling)
 
     # the requests (each image random, never seen) are built before the loop: the driver thread then
     # only hands them over

@@ -17,27 +17,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.roofline import _time_cuda
 
 SIZES = ((448, 448), (1288, 728), (1920, 1080), (3840, 2160))
 
 
 def _timed(fn, repeats: int) -> float:
     """Median ms of ``fn()`` over ``repeats`` runs (after one warm-up), by CUDA events."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return _time_cuda(fn, warmup=1, repeats=repeats) * 1e3
 
 
 def _encoder(device: torch.device, dtype: torch.dtype):

@@ -22,6 +22,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -160,16 +161,13 @@ class VisionAttention(nn.Module):
         q, k, v = qkv.unbind(1)  # [N, heads, head_dim]
         out = torch.empty_like(q)
         start = 0
-        for n in seqlens:  # block-diagonal: one image (frame) at a time
-            # 4-D [1, heads, n, head_dim]: 3-D inputs fall back to the unfused math kernel on CUDA.
-            qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
-            if x.is_cuda:
-                with sdpa_kernel(self.backends, set_priority=True):
-                    attended = F.scaled_dot_product_attention(qi, ki, vi)
-            else:
-                attended = F.scaled_dot_product_attention(qi, ki, vi)
-            out[start : start + n] = attended[0].transpose(0, 1)
-            start += n
+        kernels = sdpa_kernel(self.backends, set_priority=True) if x.is_cuda else contextlib.nullcontext()
+        with kernels:
+            for n in seqlens:  # block-diagonal: one image (frame) at a time
+                # 4-D [1, heads, n, head_dim]: 3-D inputs fall back to the unfused math kernel on CUDA.
+                qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
+                out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
+                start += n
         return self.proj(out.view(num_patches, -1))
 
 

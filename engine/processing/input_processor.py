@@ -89,12 +89,12 @@ class InputProcessor:
             input_offsets = self._image_input_offsets(req.image_pixels, grid)
             image_hashes = self._image_hashes(req, input_offsets)
         pixels = req.image_pixels if has_patches else None
-        if pixels is not None and torch.device(self.device).type == "cuda" and not pixels.is_cuda:
+        on_host = pixels is not None and not pixels.is_cuda and not pixels.is_pinned()
+        if on_host and torch.device(self.device).type == "cuda":
             # Pinned here, on the caller's thread: a copy from pageable memory to the GPU waits for all the
             # work queued before it, so the ViT's input would hold the engine loop until the step launched
             # ahead of it has run; from pinned memory the copy is queued like a kernel.
-            if not pixels.is_pinned():
-                pixels = torch.empty_like(pixels, pin_memory=True).copy_(pixels)
+            pixels = torch.empty_like(pixels, pin_memory=True).copy_(pixels)
         seq = Sequence(
             req.request_id,
             prompt,

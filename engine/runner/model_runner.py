@@ -127,8 +127,8 @@ def prepare_model(
 ) -> None:
     """Make a loaded model (or one a caller gives) what the engine config asks, in place: the decoder's
     linear layers in FP8 (``quantization``; FP8 layers already there are kept), the ViT's attention kernel
-    (``vision_attention``) and its CUDA graphs on (``vision_cuda_graphs``, on CUDA, unless ``enforce_eager``). Call before sizing the KV cache: the memory
-    freed by FP8 goes to the cache."""
+    (``vision_attention``) and its CUDA graphs on (``vision_cuda_graphs``, on CUDA, unless
+    ``enforce_eager``). Call before sizing the KV cache: the memory freed by FP8 goes to the cache."""
     if engine_config.quantization == "fp8":
         from engine.model.quant import quantize_decoder_fp8_, weight_bytes
 
