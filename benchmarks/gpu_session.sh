@@ -23,6 +23,7 @@ set -u
 OUT=${OUT:-gpu_session_out}
 PART=${PART:-1}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: some steps run from another tree
 started=$(date +%s)
 left() { echo $((${SESSION_S:-575} - ($(date +%s) - started))); }  # SESSION_S: this script's share of the call
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -33,12 +34,19 @@ export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBU
 python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.9
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
-step_probes() {  # benchmarks.step_probe once per STEP_VARIANTS entry ("name:EngineConfig fields")
+step_probes() {  # benchmarks.step_probe once per STEP_VARIANTS entry ("name[@tree]:EngineConfig fields";
+  # tree: a snapshot of another commit to run it from; names unique, so A B A B orders show host drift)
+  local step_args
+  read -ra step_args <<<"${STEP_ARGS:-}"  # more step_probe flags for every variant (--host-ops, --size ...)
   for variant in ${STEP_VARIANTS:-}; do
-    name=${variant%%:*}; extra=${variant#*:}
+    head=${variant%%:*}; extra=${variant#*:}; name=${head%%@*}; tree=.
+    [ "$head" = "$name" ] || tree=${head#*@}
     [ "$(left)" -gt 100 ] || break
-    timeout 120 python3 -m benchmarks.step_probe --out "$OUT/step/$name" --engine-args "$extra" 2>&1 |
-      grep -E '^[0-9]|^  ' | sed "s/^/$name: /"
+    mkdir -p "$OUT/step/$name"
+    (cd "$tree" && timeout "${STEP_TIMEOUT:-120}" python3 -m benchmarks.step_probe --out "$OUT/step/$name" \
+      --engine-args "$extra" --watchdog-s 90 "${step_args[@]}" >"$OUT/step/$name/log.txt" 2>&1)
+    grep -E '^[0-9]|^  ' "$OUT/step/$name/log.txt" | sed "s/^/$name: /"
+    grep -B2 -A30 -m1 'Thread 0x\|Traceback' "$OUT/step/$name/log.txt" | head -n 60 | sed "s/^/$name! /"
   done
 }
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import faulthandler
 import json
 import threading
 import time
@@ -87,6 +88,10 @@ class _StepRecorder:
         timer(runner, "launch_decode", "launch_decode")
         timer(core.scheduler, "update", "update")
         timer(core, "_output", "output")
+        # inside the vision queue's part: the ViT launches (a whole batch, a split one's start, its blocks)
+        timer(runner, "encode_images", "vision: encode_images")
+        timer(runner, "start_images", "vision: start_images")
+        timer(runner, "advance_images", "vision: advance_images")
 
     def take(self) -> dict:
         steps, self.steps = self.steps, []
@@ -107,12 +112,15 @@ class _StepRecorder:
         }
 
 
-def gpu_busy(duration_s: float) -> dict:
+def gpu_busy(duration_s: float, host_ops: bool = False) -> dict:
     """The GPU's busy time (kernels and copies, all streams) over ``duration_s`` of wall time, and the
-    kernels that took most of it."""
+    kernels that took most of it; with ``host_ops`` also the host calls (torch ops, CUDA runtime calls)
+    that took most host time (the profile then slows the host itself, so the busy share is not
+    comparable with a run without)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host_ops else [])
+    with profile(activities=activities) as prof:
         started = time.perf_counter()
         time.sleep(duration_s)
         torch.cuda.synchronize()
@@ -120,12 +128,18 @@ def gpu_busy(duration_s: float) -> dict:
     averages = prof.key_averages()
     busy_us = sum(e.self_device_time_total for e in averages)
     top = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:15]
-    return {
+    res = {
         "wall_ms": round(wall * 1e3, 1),
         "gpu_busy_ms": round(busy_us / 1e3, 1),
         "gpu_busy_share": round(busy_us / 1e6 / wall, 3),
         "top_kernels_ms": {e.key[:90]: round(e.self_device_time_total / 1e3, 1) for e in top},
     }
+    if host_ops:
+        host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+        res["top_host_ops_ms"] = {
+            e.key[:90]: [round(e.self_cpu_time_total / 1e3, 1), e.count] for e in host
+        }  # [self host ms, calls]
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=160, help="requests built before the loop")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--engine-args", default="", help="EngineConfig fields, as name=value,name=value")
+    ap.add_argument("--host-ops", action="store_true", help="profile the host calls too (see gpu_busy)")
+    ap.add_argument(
+        "--watchdog-s",
+        type=float,
+        default=0.0,
+        help="if the loaded run has not ended after this many seconds, print every thread's stack and exit",
+    )
     return with_llm_switch_interval(_run, ap.parse_args(argv))
 
 
@@ -181,11 +202,14 @@ def _run(args: argparse.Namespace) -> int:
 
         def window() -> None:
             time.sleep(args.duration / 2)
-            profiled.update(gpu_busy(args.profile_s))
+            profiled.update(gpu_busy(args.profile_s, args.host_ops))
 
         profiler = threading.Thread(target=window, daemon=True)
         profiler.start()
+    if args.watchdog_s > 0:  # a stalled engine shows where each thread waits
+        faulthandler.dump_traceback_later(args.watchdog_s, exit=True)
     res = closed_loop(ex, request, args.concurrency, args.duration)
+    faulthandler.cancel_dump_traceback_later()
     res["engine"] = recorder.take()
     res["gpu_window"] = profiled
     res["size"] = f"{size[0]}x{size[1]}"
@@ -206,6 +230,8 @@ def _run(args: argparse.Namespace) -> int:
             f"  GPU busy {profiled['gpu_busy_ms']} of {profiled['wall_ms']} ms ({profiled['gpu_busy_share']}); "
             f"top: {list(profiled['top_kernels_ms'].items())[:6]}"
         )
+    if "top_host_ops_ms" in profiled:
+        print(f"  host calls [self ms, calls]: {list(profiled['top_host_ops_ms'].items())[:12]}")
     return 0
 
 

@@ -25,4 +25,7 @@ def test_step_probe_cpu_smoke(tmp_path: Path) -> None:
     # prompts ran, and decodes (synchronously on CPU: no decode graphs to run ahead)
     assert "sync_decode" in kinds and ({"mixed", "prompt_only"} & set(kinds))
     assert {"vision", "schedule", "execute", "output"} <= set(engine["host_ms_by_part"])
+    # the ViT's launches inside the vision queue's part (whole batches here: nothing splits on CPU)
+    parts = engine["host_ms_by_part"]
+    assert 0 < parts["vision: encode_images"] <= parts["vision"]
     assert res["gpu_window"] == {}  # no GPU to profile
