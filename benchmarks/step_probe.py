@@ -112,6 +112,18 @@ class _StepRecorder:
         }
 
 
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def allocator_counts(device: str) -> dict:
+    """The CUDA caching allocator's counters of the calls that can stall the host: a retry after freeing the
+    cache (it synchronizes the device), cudaMalloc / cudaFree, whole-device synchronizations."""
+    if device != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
+
+
 def gpu_busy(duration_s: float, host_ops: bool = False) -> dict:
     """The GPU's busy time (kernels and copies, all streams) over ``duration_s`` of wall time, and the
     kernels that took most of it; with ``host_ops`` also the host calls (torch ops, CUDA runtime calls)
@@ -208,9 +220,11 @@ def _run(args: argparse.Namespace) -> int:
         profiler.start()
     if args.watchdog_s > 0:  # a stalled engine shows where each thread waits
         faulthandler.dump_traceback_later(args.watchdog_s, exit=True)
+    allocator = allocator_counts(args.device)
     res = closed_loop(ex, request, args.concurrency, args.duration)
     faulthandler.cancel_dump_traceback_later()
     res["engine"] = recorder.take()
+    res["allocator"] = {k: v - allocator[k] for k, v in allocator_counts(args.device).items()}
     res["gpu_window"] = profiled
     res["size"] = f"{size[0]}x{size[1]}"
     res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -230,6 +244,8 @@ def _run(args: argparse.Namespace) -> int:
             f"  GPU busy {profiled['gpu_busy_ms']} of {profiled['wall_ms']} ms ({profiled['gpu_busy_share']}); "
             f"top: {list(profiled['top_kernels_ms'].items())[:6]}"
         )
+    if res["allocator"]:
+        print(f"  allocator over the run: {res['allocator']}")
     if "top_host_ops_ms" in profiled:
         print(f"  host calls [self ms, calls]: {list(profiled['top_host_ops_ms'].items())[:12]}")
     return 0
