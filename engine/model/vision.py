@@ -242,6 +242,7 @@ class VisionEncoder(nn.Module):
         )
         self.merger = PatchMerger(config)
         self.graphs: TowerGraphs | None = None  # enable_cuda_graphs()
+        self.segment_graphs: TowerGraphs | None = None  # the same, for `advance`'s block ranges
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # _layout's cache
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -257,18 +258,34 @@ class VisionEncoder(nn.Module):
         for block in self.blocks:
             block.attn.backends = VISION_ATTENTION_BACKENDS[choice]
 
-    def enable_cuda_graphs(self, max_graphs: int = 8, max_patches: int = 16384) -> None:
+    def enable_cuda_graphs(
+        self, max_graphs: int = 8, max_patches: int = 16384, max_segment_graphs: int = 24
+    ) -> None:
         """Replay the blocks + merger of `encode` from CUDA graphs, one per batch layout (the images'
-        patch counts), captured on first use (CUDA only; see TowerGraphs)."""
+        patch counts), captured on first use; and a forward split by `advance` from graphs of its block
+        ranges, one per (layout, range), captured the second time that range of that layout runs (the
+        first runs eagerly: an image size met once costs no captures). CUDA only; see TowerGraphs. The
+        two kinds share one memory pool (they replay one at a time)."""
         self.graphs = TowerGraphs(self._tower, max_graphs, max_patches)
+        self.segment_graphs = TowerGraphs(
+            self._tower, max_segment_graphs, max_patches, capture_after=1, share_pool_with=self.graphs
+        )
 
     def _tower(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        seqlens: list[int],
+        start: int = 0,
+        end: int | None = None,
     ) -> torch.Tensor:
-        """The ViT blocks, final norm, spatial downsample and merger: [N, hidden] -> [N / merge**2, out]."""
-        for block in self.blocks:
+        """Blocks ``start`` to ``end`` (default: all) of the ViT: [N, hidden] -> [N, hidden]; when they
+        include the last block, then the final norm, spatial downsample and merger -> [N / merge**2, out]."""
+        end = len(self.blocks) if end is None else end
+        for block in self.blocks[start:end]:
             x = block(x, cos, sin, seqlens)
-        return self._head(x)
+        return self._head(x) if end == len(self.blocks) else x
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, spatial downsample and merger of the last block's output."""
@@ -311,21 +328,25 @@ class VisionEncoder(nn.Module):
 
     @torch.no_grad()
     def start(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionPass:
-        """`encode` in parts: the patch embedding now, the blocks by `advance` (eager, no graphs)."""
+        """`encode` in parts: the patch embedding now, the blocks by `advance`."""
         return VisionPass(*self._embed(pixel_values, grid_thw))
 
     @torch.no_grad()
     def advance(self, vision_pass: VisionPass, num_blocks: int) -> bool:
         """Run the next ``num_blocks`` blocks of ``vision_pass`` (and the head after the last one, which
-        sets ``vision_pass.out``); returns whether it is done. The result equals `encode`'s eager one."""
+        sets ``vision_pass.out``), replayed from a graph where `segment_graphs` has one; returns whether it
+        is done. The result equals `encode`'s eager one."""
         p = vision_pass
         end = min(len(self.blocks), p.next_block + max(1, num_blocks))
-        for block in self.blocks[p.next_block : end]:
-            p.x = block(p.x, p.cos, p.sin, p.seqlens)
+        if self.segment_graphs is not None:  # set on CUDA only
+            x = self.segment_graphs(p.x, p.cos, p.sin, p.seqlens, p.next_block, end)
+        else:
+            x = self._tower(p.x, p.cos, p.sin, p.seqlens, p.next_block, end)
         p.next_block = end
         if end == len(self.blocks):
-            p.out = self._head(p.x)
-            p.x = p.cos = p.sin = None
+            p.out, p.x, p.cos, p.sin = x, None, None, None
+        else:
+            p.x = x
         return p.out is not None
 
     def _embed(
@@ -378,41 +399,72 @@ class VisionPass:
 
 
 class TowerGraphs:
-    """CUDA graphs of `VisionEncoder._tower`, keyed by the per-image patch counts of the batch.
+    """CUDA graphs of `VisionEncoder._tower` (the whole tower, or one range of its blocks), keyed by the
+    per-image patch counts of the batch and the block range.
 
     Eager, the tower is ~300 kernel launches and ~2,500 torch calls per forward: for a 448x448 image the
-    host, not the GPU, sets its time. A layout seen for the first time runs eagerly twice on a side stream
-    (Triton kernels compile, cuBLAS warms up), then is captured; later calls copy their inputs into the
-    graph's static buffers, replay, and get a copy of the output (the static output is overwritten by the
-    next replay, and the embeddings may wait several engine steps for their prefill). Layouts over
-    `max_patches` patches, and any beyond `max_graphs` distinct ones (least recently used are dropped), run
-    eagerly; so does a layout whose capture failed (logged once). The graphs share one memory pool: they
-    replay one at a time and their outputs are copied out at once."""
+    host, not the GPU, sets its time. A key seen for the ``capture_after + 1``-th time runs eagerly twice
+    on a side stream (Triton kernels compile, cuBLAS warms up), then is captured; earlier calls run
+    eagerly. Later calls copy their inputs into the graph's static buffers, replay, and get a copy of the
+    output (the static output is overwritten by the next replay, and the embeddings may wait several engine
+    steps for their prefill). Layouts over `max_patches` patches, and any beyond `max_graphs` distinct
+    keys (least recently used are dropped), run eagerly; so does a key whose capture failed (logged once).
+    The graphs share one memory pool (also with ``share_pool_with``'s): they replay one at a time and their
+    outputs are copied out at once."""
 
-    def __init__(self, tower, max_graphs: int, max_patches: int) -> None:
+    MAX_SEEN = 1024  # keys counted towards capture_after (oldest forgotten first)
+
+    def __init__(
+        self,
+        tower,
+        max_graphs: int,
+        max_patches: int,
+        capture_after: int = 0,
+        share_pool_with: TowerGraphs | None = None,
+    ) -> None:
         self.tower = tower
         self.max_graphs, self.max_patches = max_graphs, max_patches
-        self.entries: dict[tuple[int, ...], tuple] = {}  # insertion order = least recently used first
-        self.failed: set[tuple[int, ...]] = set()
-        self.pool = None
+        self.capture_after = capture_after
+        self.entries: dict[tuple, tuple] = {}  # insertion order = least recently used first
+        self.failed: set[tuple] = set()
+        self.seen: dict[tuple, int] = {}  # key -> eager runs so far (while below capture_after)
+        self._pool_owner = share_pool_with._pool_owner if share_pool_with is not None else self
+        self.pool = None  # on the pool owner
+
+    @staticmethod
+    def key(seqlens: list[int], start: int = 0, end: int | None = None) -> tuple:
+        """The entry of a batch layout and block range (the whole tower: ``(seqlens...)``)."""
+        return tuple(seqlens) if start == 0 and end is None else (tuple(seqlens), start, end)
 
     def __call__(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        seqlens: list[int],
+        start: int = 0,
+        end: int | None = None,
     ) -> torch.Tensor:
-        key = tuple(seqlens)
+        key = self.key(seqlens, start, end)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # inside someone else's capture
         if x.shape[0] > self.max_patches or key in self.failed or capturing:
-            return self.tower(x, cos, sin, seqlens)
+            return self.tower(x, cos, sin, seqlens, start, end)
         entry = self.entries.pop(key, None)
         if entry is None:
+            runs = self.seen.pop(key, 0)
+            if runs < self.capture_after:  # not captured yet: eager, and counted
+                self.seen[key] = runs + 1
+                while len(self.seen) > self.MAX_SEEN:
+                    self.seen.pop(next(iter(self.seen)))
+                return self.tower(x, cos, sin, seqlens, start, end)
             try:
-                entry = self._capture(x, cos, sin, seqlens)
+                entry = self._capture(x, cos, sin, seqlens, start, end)
             except Exception:
                 import logging
 
                 logging.getLogger("glm-engine").exception("[glm-engine] ViT graph capture failed for %s", key)
                 self.failed.add(key)
-                return self.tower(x, cos, sin, seqlens)
+                return self.tower(x, cos, sin, seqlens, start, end)
             while len(self.entries) >= self.max_graphs:
                 self.entries.pop(next(iter(self.entries)))
         self.entries[key] = entry
@@ -423,17 +475,26 @@ class TowerGraphs:
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> tuple:
+    def _capture(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        seqlens: list[int],
+        start: int = 0,
+        end: int | None = None,
+    ) -> tuple:
         static_x, static_cos, static_sin = x.clone(), cos.clone(), sin.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.tower(static_x, static_cos, static_sin, seqlens)
+                self.tower(static_x, static_cos, static_sin, seqlens, start, end)
         torch.cuda.current_stream(x.device).wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        owner = self._pool_owner
+        if owner.pool is None:
+            owner.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_out = self.tower(static_x, static_cos, static_sin, seqlens)
+        with torch.cuda.graph(graph, pool=owner.pool):
+            static_out = self.tower(static_x, static_cos, static_sin, seqlens, start, end)
         return graph, static_x, static_cos, static_sin, static_out

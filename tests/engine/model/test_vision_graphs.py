@@ -32,28 +32,34 @@ def tower_inputs(n: int, hidden: int, head_dim: int, seed: int):
 class StandInGraph:
     """What torch.cuda.CUDAGraph does for TowerGraphs: replay = run the tower on the static buffers."""
 
-    def __init__(self, tower, static, seqlens):
-        self.tower, self.static, self.seqlens = tower, static, seqlens
+    def __init__(self, tower, static, seqlens, start=0, end=None):
+        self.tower, self.static, self.seqlens, self.range = tower, static, seqlens, (start, end)
         self.replays = 0
 
     def replay(self) -> None:
         x, cos, sin, out = self.static
-        out.copy_(self.tower(x, cos, sin, self.seqlens))
+        out.copy_(self.tower(x, cos, sin, self.seqlens, *self.range))
         self.replays += 1
+
+
+def stand_in_capture(calls: list[tuple], refuse: tuple = ()):
+    """A `TowerGraphs._capture` that records its keys, captures a StandInGraph, and refuses ``refuse``."""
+
+    def capture(self, x, cos, sin, seqlens, start=0, end=None):
+        key = self.key(seqlens, start, end)
+        if key in refuse:
+            raise RuntimeError("capture refused")
+        static = (x.clone(), cos.clone(), sin.clone(), self.tower(x, cos, sin, seqlens, start, end).clone())
+        calls.append(key)
+        return (StandInGraph(self.tower, static, seqlens, start, end), *static)
+
+    return capture
 
 
 def test_tower_graphs_bookkeeping_with_a_stand_in_graph(vision_config, monkeypatch) -> None:
     encoder = VisionEncoder(vision_config).eval()
     calls: list[tuple] = []
-
-    def capture(self, x, cos, sin, seqlens):
-        if tuple(seqlens) == (12,):
-            raise RuntimeError("capture refused")
-        static = (x.clone(), cos.clone(), sin.clone(), self.tower(x, cos, sin, seqlens).clone())
-        calls.append(tuple(seqlens))
-        return (StandInGraph(self.tower, static, seqlens), *static)
-
-    monkeypatch.setattr(TowerGraphs, "_capture", capture)
+    monkeypatch.setattr(TowerGraphs, "_capture", stand_in_capture(calls, refuse=((12,),)))
     graphs = TowerGraphs(encoder._tower, max_graphs=2, max_patches=64)
     head_dim = vision_config.head_dim
     with torch.inference_mode():
@@ -73,6 +79,47 @@ def test_tower_graphs_bookkeeping_with_a_stand_in_graph(vision_config, monkeypat
         for _ in range(2):
             torch.testing.assert_close(graphs(x, cos, sin, [12]), encoder._tower(x, cos, sin, [12]))
         assert graphs.failed == {(12,)}
+
+
+def test_a_split_forward_replays_its_block_ranges_from_the_second_time_on(vision_config, monkeypatch) -> None:
+    """`advance` through segment graphs (a stand-in graph on CPU): a layout's block ranges run eagerly the
+    first time and are captured the second time; the results equal `encode` each time; another range (all
+    blocks at once, as when nothing decodes) is a key of its own; the least recently used one is dropped."""
+    torch.manual_seed(0)
+    encoder = VisionEncoder(vision_config).eval()
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.normal_(0.0, 0.02)
+    calls: list[tuple] = []
+    monkeypatch.setattr(TowerGraphs, "_capture", stand_in_capture(calls))
+    depth = vision_config.depth
+    assert depth >= 2
+    encoder.segment_graphs = TowerGraphs(encoder._tower, max_graphs=depth, max_patches=64, capture_after=1)
+    graphs = encoder.segment_graphs
+    grid = torch.tensor([[1, 4, 6], [1, 2, 4]])
+    ranges = [((24, 8), b, b + 1) for b in range(depth)]
+
+    def split(pixels, blocks: int):
+        vision_pass = encoder.start(pixels, grid)
+        while not encoder.advance(vision_pass, blocks):
+            pass
+        return vision_pass.out
+
+    with torch.inference_mode():
+        for round_ in range(3):
+            pixels = torch.randn(32, vision_config.patch_dim)
+            whole = encoder.encode(pixels, grid)
+            assert torch.equal(split(pixels, 1), whole)
+            # round 0 eager (each range counted), round 1 captures every range, round 2 replays them
+            assert calls == ([] if round_ == 0 else ranges)
+        assert [g.replays for g, *_ in graphs.entries.values()] == [2] * depth
+        # every block in one step: a new range, eager and counted the first time
+        assert torch.equal(split(pixels, depth), whole)
+        assert graphs.seen == {((24, 8), 0, depth): 1} and calls == ranges
+        # captured the second time; the least recently used range, the first block's, is dropped
+        assert torch.equal(split(pixels, depth), whole)
+        assert calls == [*ranges, ((24, 8), 0, depth)] and not graphs.seen
+        assert list(graphs.entries) == [*ranges[1:], ((24, 8), 0, depth)]
 
 
 def test_vision_cuda_graphs_setting() -> None:
@@ -123,7 +170,8 @@ def test_cuda_graph_replay_equals_eager(vision_config, attention) -> None:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_a_forward_split_by_blocks_equals_encode(vision_config, device) -> None:
     """`start` + `advance` (1, 2 or every block a step) give `encode`'s eager result exactly, for a batch of
-    two images; the pass holds no hidden states once done."""
+    two images; the pass holds no hidden states once done. On CUDA also with its block ranges replayed
+    from graphs."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
     encoder = VisionEncoder(vision_config).to(device, dtype).eval()
@@ -141,3 +189,12 @@ def test_a_forward_split_by_blocks_equals_encode(vision_config, device) -> None:
                 steps += 1
             assert steps == -(-vision_config.depth // blocks) and vision_pass.num_patches == 32
             assert torch.equal(vision_pass.out, whole) and vision_pass.x is None
+        if device == "cuda":  # the block ranges from graphs: eager, captured, replayed, all equal to eager
+            encoder.enable_cuda_graphs()
+            for _ in range(3):
+                vision_pass = encoder.start(pixels, grid)
+                while not encoder.advance(vision_pass, 1):
+                    pass
+                assert torch.equal(vision_pass.out, whole)
+            assert len(encoder.segment_graphs.entries) == vision_config.depth
+            assert not encoder.segment_graphs.failed
