@@ -32,6 +32,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -262,22 +263,28 @@ class LLMEngine:
             thread.join(timeout)
 
     def _loop(self) -> None:
+        stream = contextlib.nullcontext()
         if self.device.type == "cuda":
             # The current CUDA device is per thread: streams and graphs made here must be on ours.
             torch.cuda.set_device(self.device)
-        while True:
-            with self._cond:
-                while not self._is_stopping and not self._seqs:
-                    self._cond.wait()
-                if self._is_stopping:
-                    break
-            try:
-                outputs = self.step()
-            except Exception:
-                logger.exception("[glm-engine] step failed; aborting all requests")
-                outputs = self.abort_all()
-            self._dispatch(outputs)
-        self._dispatch(self.abort_all())
+            if self.runner.vision_stream is not None:
+                # the ViT runs on its own stream beside the steps: where both wait for the GPU's
+                # multiprocessors, the steps' kernels go first (a lower number is a higher priority)
+                stream = torch.cuda.stream(torch.cuda.Stream(self.device, priority=-5))
+        with stream:
+            while True:
+                with self._cond:
+                    while not self._is_stopping and not self._seqs:
+                        self._cond.wait()
+                    if self._is_stopping:
+                        break
+                try:
+                    outputs = self.step()
+                except Exception:
+                    logger.exception("[glm-engine] step failed; aborting all requests")
+                    outputs = self.abort_all()
+                self._dispatch(outputs)
+            self._dispatch(self.abort_all())
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         if not outputs:
