@@ -34,13 +34,17 @@ export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBU
 python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.9
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
-step_probes() {  # benchmarks.step_probe once per STEP_VARIANTS entry ("name[@tree]:EngineConfig fields";
-  # tree: a snapshot of another commit to run it from; names unique, so A B A B orders show host drift)
+step_probes() {  # benchmarks.step_probe once per STEP_VARIANTS entry ("name[@tree]:EngineConfig fields[:flags]";
+  # tree: a snapshot of another commit to run it from; names unique, so A B A B orders show host drift;
+  # flags: more step_probe flags of this variant, comma-separated, e.g. --size=448x448)
   local step_args
-  read -ra step_args <<<"${STEP_ARGS:-}"  # more step_probe flags for every variant (--host-ops, --size ...)
   for variant in ${STEP_VARIANTS:-}; do
     head=${variant%%:*}; extra=${variant#*:}; name=${head%%@*}; tree=.
     [ "$head" = "$name" ] || tree=${head#*@}
+    flags=""
+    case $extra in *:*) flags=${extra#*:}; extra=${extra%%:*} ;; esac
+    # more step_probe flags for every variant (STEP_ARGS: --host-ops ...), then this one's
+    read -ra step_args <<<"${STEP_ARGS:-} ${flags//,/ }"
     [ "$(left)" -gt 100 ] || break
     mkdir -p "$OUT/step/$name"
     (cd "$tree" && timeout "${STEP_TIMEOUT:-120}" python3 -m benchmarks.step_probe --out "$OUT/step/$name" \

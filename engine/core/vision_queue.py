@@ -5,7 +5,9 @@ embeddings. The others come from the image cache by hash, else from one packed V
 requests (at most ``max_num_vision_patches`` patches, oldest first). A batch is formed only while the
 prefill queue holds less than one step of tokens, so images are encoded just ahead of their prefill and
 decodes are not held up by encoding far ahead. With the runner's vision stream the forward runs beside the
-decode steps; its batch joins the scheduler once its event has passed.
+decode steps; its batch joins the scheduler once its event has passed; while sequences decode, a batch
+holds at most ``patches_per_step`` patches there too (whole requests), so that batch layouts, and their
+CUDA graphs, repeat.
 
 Without it, the forward runs in the engine step, ahead of the decoder's, so every decoding stream waits
 for it. While sequences decode, a batch therefore holds at most ``patches_per_step`` patches (whole
@@ -110,7 +112,10 @@ class VisionQueue:
             return failed
         batch, num_patches = [], 0
         limit = self.max_num_vision_patches
-        if self._budgeted():  # while others decode, a batch keeps to the step's budget (or is one request)
+        if self.patches_per_step > 0 and self.scheduler.running:
+            # while others decode, a batch keeps to the step's budget (or is one request): in the step, so
+            # that the step stays short; on the vision stream, so that batch layouts repeat (each new
+            # layout's graph capture waits for the whole GPU)
             limit = min(limit, self.patches_per_step)
         for seq in self.waiting:
             if not seq.block_table:

@@ -235,3 +235,52 @@ def test_while_others_decode_a_vit_batch_keeps_to_the_step_budget(model, model_c
         outputs, _ = run_recorded(ex, recorder, arrivals)
         assert recorder.whole == expected and recorder.advances == []
         assert all(len(tokens(outs)) > 0 for outs in outputs.values())
+
+
+class StandInVisionStream(SplitRecorder):
+    """The real runner as if it had a vision stream (CPU has none): each batch's forward runs at once and
+    its stand-in event has passed."""
+
+    vision_stream = "stand-in"
+
+    class Passed:
+        def query(self) -> bool:
+            return True
+
+        def synchronize(self) -> None:
+            pass
+
+    def encode_images(self, images):
+        embeds, _ = super().encode_images(images)
+        return embeds, self.Passed()
+
+    def wait_vision(self, embeds, ready) -> None:
+        pass
+
+
+def test_on_the_vision_stream_batches_keep_to_the_step_budget_while_others_decode(model, model_config):  # noqa: F811
+    """With a vision stream nothing is split by blocks, but while a request decodes a batch still holds at
+    most ``vision_patches_per_step`` patches (whole requests), so that batch layouts repeat; with nothing
+    decoding the images share one forward. Tokens equal the engine's without the stream."""
+    from tests.engine.test_llm_engine import tokens
+
+    mc = model_config
+    for decoding, expected in ((True, [24, 16]), (False, [40])):
+        results = []
+        for recorder_class in (SplitRecorder, StandInVisionStream):
+            ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
+            recorder = recorder_class(ex.runner)
+            ex.core.vision.runner = recorder
+            first = image_req(mc, "a", [(1, 4, 6)], seed=8)
+            second = image_req(mc, "b", [(1, 4, 4)], seed=9)
+            arrivals = {0: [first, second]}
+            if decoding:
+                arrivals = {
+                    0: [GenerationRequest("text", prompt(6, 6), greedy(8, ignore_eos=True))],
+                    2: [first, second],
+                }
+            outputs, _ = run_recorded(ex, recorder, arrivals)
+            results.append({k: tokens(v) for k, v in outputs.items()})
+            if recorder_class is StandInVisionStream:
+                assert recorder.whole == expected and recorder.advances == []
+        assert results[0] == results[1]
