@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-bytes", type=int, default=None, help="KV cache budget (overrides the fraction)"
     )
     p.add_argument("--disable-thinking", action="store_true", help="default enable_thinking to false")
-    p.add_argument("--preprocessing-instances", type=int, default=4)
+    p.add_argument(
+        "--preprocessing-instances",
+        type=int,
+        default=None,
+        help="default: one per two usable CPU cores of this machine, 2 to 16 (usable_cpu_cores)",
+    )
     p.add_argument(
         "--postprocessing-instances",
         type=int,
@@ -268,6 +273,30 @@ def _weights_dtype(checkpoint: Path) -> str | None:
     return None
 
 
+def usable_cpu_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's
+    --cpus), rounded up."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def default_preprocessing_instances(cores: int) -> int:
+    """Preprocessing instances for ``cores`` usable cores: one per two (the rest is for Triton, the llm's
+    threads and the gateway), at least 2 (a decode never holds every request), at most 16. Each instance
+    decodes and resizes one image at a time (~17 ms for a 1288×728 PNG on an H200 host), so a burst of new
+    images queues for (images / instances) × that."""
+    return max(2, min(16, cores // 2))
+
+
 def build(args: argparse.Namespace) -> Path:
     """Run the build described by parsed flags; returns the engine directory."""
     from build_engine.gpus import instance_groups, parse_gpus
@@ -281,6 +310,8 @@ def build(args: argparse.Namespace) -> Path:
     _check(not gpus or device == "cuda", "--gpus", "GPU instances need --device cuda")
     if device == "cuda" and not gpus:
         gpus = [0]
+    if args.preprocessing_instances is None:
+        args.preprocessing_instances = default_preprocessing_instances(usable_cpu_cores())
     for flag, value, low in (
         ("--preprocessing-instances", args.preprocessing_instances, 1),
         ("--postprocessing-instances", args.postprocessing_instances, 1),
@@ -407,6 +438,7 @@ def build(args: argparse.Namespace) -> Path:
                 "device": device,
                 "gpus": gpus,
                 "dummy": is_dummy,
+                "preprocessing_instances": args.preprocessing_instances,
             },
         }
         (engine_dir / "engine_config.json").write_text(json.dumps(engine_json, indent=2) + "\n")

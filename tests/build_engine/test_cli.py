@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from build_engine.cli import main
+from build_engine.cli import default_preprocessing_instances, main, usable_cpu_cores
 
 
 def run(*args: str) -> int:
@@ -36,7 +36,9 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     llm = (out / "model_repository" / "llm" / "config.pbtxt").read_text()
     assert f'string_value: "{out}"' in llm and "KIND_CPU" in llm and "decoupled: true" in llm
     pre = (out / "model_repository" / "preprocessing" / "config.pbtxt").read_text()
-    assert "count: 4 kind: KIND_CPU" in pre
+    instances = default_preprocessing_instances(usable_cpu_cores())  # one per two cores, 2 to 16
+    assert f"count: {instances} kind: KIND_CPU" in pre
+    assert config["build"]["preprocessing_instances"] == instances
 
     # The engine directory loads as an engine.
     from engine.llm_engine import LLMEngine
@@ -50,6 +52,29 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     )
     assert "count: 3 kind: KIND_CPU" in (out / "model_repository/preprocessing/config.pbtxt").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_preprocessing_instances_follow_the_usable_cores(tmp_path: Path, monkeypatch) -> None:
+    """One instance per two usable cores, 2 to 16; a container's CPU quota (cgroup v2 cpu.max) caps the
+    cores of the affinity mask, rounded up; "max" (no quota) and an unreadable file leave them."""
+    from build_engine import cli
+
+    assert [cli.default_preprocessing_instances(c) for c in (1, 2, 4, 5, 16, 32, 33, 64)] == [
+        2, 2, 2, 2, 8, 16, 16, 16,
+    ]  # fmt: skip
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(12)))
+    cpu_max = tmp_path / "cpu.max"
+    assert cli.usable_cpu_cores(cpu_max) == 12  # no such file
+    for text, cores in (
+        ("max 100000\n", 12),
+        ("250000 100000\n", 3),
+        ("400000 100000\n", 4),
+        ("50000 100000", 1),
+    ):
+        cpu_max.write_text(text)
+        assert cli.usable_cpu_cores(cpu_max) == cores, text
+    cpu_max.write_text("2000000 100000")  # a quota over the mask: the mask
+    assert cli.usable_cpu_cores(cpu_max) == 12
 
 
 def test_dtype_resave(tmp_path: Path, tiny_checkpoint: Path) -> None:
