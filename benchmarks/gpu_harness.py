@@ -768,7 +768,8 @@ def finalize(harness: Harness) -> None:
                     "max_tokens": 128,
                     "source": "gpu_harness",
                 },
-                "model": "GLM-4.6V-Flash shape, random bf16 weights (glmv-build --preset dummy-full)",
+                "model": f"glmv-build --preset {doc['meta'].get('preset', 'dummy-full')} "
+                f"(random weights, {doc['meta'].get('engine_device', 'cuda')})",
             },
             "runs": runs,
         }
@@ -829,6 +830,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip", default="", help="comma list of phases to skip: roofline,baseline,build,serve")
     p.add_argument(
+        "--preset",
+        default="dummy-full",
+        help="glmv-build preset; with --device cpu, `small` (its images are resized like the full model's) "
+        "measures the path around the llm (preprocessing, the ensemble, streaming) on a machine without a GPU",
+    )
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument(
         "--serve-phases",
         default="",
         help="comma list of serve sub-phases to run (default: all): ttft_448, ttft_1288, decode_b1, c32_448, "
@@ -838,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     harness = Harness(args.out, args.budget_s, args.commit)
+    harness.doc["meta"].update(preset=args.preset, engine_device=args.device)
     # The launcher's numpy<2 stub env (numpy 2 breaks the Triton 2.51 stub) installs from this wheel,
     # carried in a subfolder so that `pip install .whl/*.whl` leaves the main environment's numpy alone.
     stub_numpy = sorted((REPO_ROOT / ".whl" / "stub").glob("numpy-1*.whl"))
@@ -862,14 +871,16 @@ def main(argv: list[str] | None = None) -> int:
                     from benchmarks.server import build_engine
 
                     extra = shlex.split(args.engine_args)
+                    dtype = "bfloat16" if args.device == "cuda" else "float32"
                     rec["command"] = (
-                        "glmv-build --preset dummy-full --device cuda --dtype bfloat16 " + args.engine_args
+                        f"glmv-build --preset {args.preset} --device {args.device} --dtype {dtype} "
+                        + args.engine_args
                     )
                     build_engine(
-                        "dummy-full",
+                        args.preset,
                         engine_out,
-                        device="cuda",
-                        dtype="bfloat16",
+                        device=args.device,
+                        dtype=dtype,
                         timeout_s=max(90.0, harness.left() - 150),
                         extra_args=extra,
                     )
