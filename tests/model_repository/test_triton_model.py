@@ -134,3 +134,38 @@ def test_setup_model_sends_the_engine_logs_to_stderr_once(capsys) -> None:
         assert capsys.readouterr().err == "[glm-engine] KV cache: 7 blocks\n"  # once: one handler
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_input_tensors_look_each_input_up_and_convert_it_once() -> None:
+    """`InputTensors` lists the request's tensors once and calls as_numpy once per input read; a missing
+    input is None; ``request`` is the request."""
+    import numpy as np
+
+    class Tensor:
+        def __init__(self, name: str, value) -> None:
+            self._name, self.value, self.conversions = name, value, 0
+
+        def name(self) -> str:
+            return self._name
+
+        def as_numpy(self):
+            self.conversions += 1
+            return np.asarray(self.value)
+
+    class Request:
+        def __init__(self, tensors) -> None:
+            self.tensors, self.listings = tensors, 0
+
+        def inputs(self):
+            self.listings += 1
+            return list(self.tensors)
+
+    tensors = [Tensor("input_ids", [1, 2, 3]), Tensor("temperature", [0.5]), Tensor("unread", [7])]
+    request = Request(tensors)
+    inputs = triton_model.InputTensors(request)
+    for _ in range(3):
+        assert inputs.array("input_ids").tolist() == [1, 2, 3]
+        assert inputs.array("temperature").tolist() == [0.5]
+        assert inputs.array("seed") is None
+    assert "input_ids" in inputs and "seed" not in inputs and inputs.request is request
+    assert request.listings == 1 and [t.conversions for t in tensors] == [1, 1, 0]

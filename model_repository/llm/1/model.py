@@ -44,7 +44,12 @@ import triton_python_backend_utils as pb_utils
 from .metrics import LlmMetrics
 from .request import RequestTable, is_stop, parse_request, request_key
 from .response import Responses, coalesce, send_error
-from .triton_model import gpu_instance_device, limit_cpu_threads, setup_model  # common/, copied by glmv-build
+from .triton_model import (  # common/, copied by glmv-build
+    InputTensors,
+    gpu_instance_device,
+    limit_cpu_threads,
+    setup_model,
+)
 
 logger = logging.getLogger("glmv-llm")
 
@@ -113,8 +118,9 @@ class TritonPythonModel:
         return None
 
     def _handle(self, request, sender) -> None:
-        triton_id = request_key(request)
-        if is_stop(request):
+        inputs = InputTensors(request)
+        triton_id = request_key(inputs)
+        if is_stop(inputs):
             if not triton_id:
                 raise ValueError("stop: a stop request needs the request id (or request_key) to cancel")
             for engine_id in self.requests.engine_ids(triton_id):
@@ -125,7 +131,7 @@ class TritonPythonModel:
             send_error(sender, "llm: the engine loop is not running", pb_utils.TritonError.UNAVAILABLE)
             return
         generation_request, state = parse_request(
-            request, sender, triton_id, has_tokenizer=self.engine.tokenizer is not None
+            inputs, sender, triton_id, has_tokenizer=self.engine.tokenizer is not None
         )
         self.requests.add(state)
         try:

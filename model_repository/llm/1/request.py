@@ -4,7 +4,8 @@ Contract:
 * Inputs carry TensorRT-LLM's names (config.pbtxt). `parse_request` raises ValueError naming the input for
   a bad one (the model answers INVALID_ARG with that message); the engine's own checks run in
   `LLMEngine.add_request`.
-* `request_key(request)` is the id a `stop` request cancels by: the `request_key` input (set by
+* Inputs are read through `InputTensors` (each looked up and converted once per request).
+* `request_key(inputs)` is the id a `stop` request cancels by: the `request_key` input (set by
   preprocessing), else the Triton request id, else "".
 * `RequestTable` holds the requests in flight by engine id and by that key; it is shared by the execute,
   sender and cancellation threads (its own lock). A `RequestState`'s fields are written by the sender
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import triton_python_backend_utils as pb_utils
+
+from .triton_model import InputTensors  # common/, copied by glmv-build
 
 if TYPE_CHECKING:
     from engine.request import GenerationRequest
@@ -30,34 +32,33 @@ if TYPE_CHECKING:
     from engine.sample.structured import Guide
 
 
-def _tensor(request, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+def _tensor(inputs: InputTensors, name: str) -> np.ndarray | None:
+    return inputs.array(name)
 
 
-def _scalar(request, name: str, default=None):
+def _scalar(inputs: InputTensors, name: str, default=None):
     """The input's first value (a Python scalar or bytes), or `default` when it is missing or empty."""
-    array = _tensor(request, name)
+    array = _tensor(inputs, name)
     if array is None or array.size == 0:
         return default
     value = array.reshape(-1)[0]
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _text(request, name: str) -> str:
-    value = _scalar(request, name, b"")
+def _text(inputs: InputTensors, name: str) -> str:
+    value = _scalar(inputs, name, b"")
     return (value if isinstance(value, bytes) else str(value).encode()).decode("utf-8", errors="replace")
 
 
-def request_key(request) -> str:
-    key = _scalar(request, "request_key")
+def request_key(inputs: InputTensors) -> str:
+    key = _scalar(inputs, "request_key")
     if isinstance(key, bytes):
         key = key.decode("utf-8", errors="replace")
-    return key or request.request_id() or ""
+    return key or inputs.request.request_id() or ""
 
 
-def is_stop(request) -> bool:
-    return bool(_scalar(request, "stop", False))
+def is_stop(inputs: InputTensors) -> bool:
+    return bool(_scalar(inputs, "stop", False))
 
 
 @dataclass
@@ -154,27 +155,27 @@ class RequestTable:
 
 
 def parse_request(
-    request, sender, triton_id: str, has_tokenizer: bool
+    inputs: InputTensors, sender, triton_id: str, has_tokenizer: bool
 ) -> tuple[GenerationRequest, RequestState]:
     """The engine request (under a fresh engine id) and its state; ValueError naming a bad input."""
     from engine.request import GenerationRequest
 
-    input_ids = _tensor(request, "input_ids")
+    input_ids = _tensor(inputs, "input_ids")
     if input_ids is None:
         raise ValueError("input_ids: missing")
     prompt = input_ids.reshape(-1).astype(np.int64)
-    input_length = _scalar(request, "input_lengths")
+    input_length = _scalar(inputs, "input_lengths")
     if input_length is not None:
         if not 0 < input_length <= prompt.size:
             raise ValueError(f"input_lengths: {input_length} must be in [1, {prompt.size}] (len(input_ids))")
         prompt = prompt[: int(input_length)]
-    sampling = _sampling(request)
-    image_rgb, image_grid_thw, image_embeds = _images(request)
-    positions = _tensor(request, "mrope_positions")
+    sampling = _sampling(inputs)
+    image_rgb, image_grid_thw, image_embeds = _images(inputs)
+    positions = _tensor(inputs, "mrope_positions")
     mrope_positions = None
     if positions is not None and positions.size:
         mrope_positions = torch.from_numpy(np.ascontiguousarray(positions.reshape(3, -1), dtype=np.int64))
-    stop_words = _tensor(request, "stop_words")
+    stop_words = _tensor(inputs, "stop_words")
     stop_strings = tuple(
         (w if isinstance(w, bytes) else str(w).encode()).decode("utf-8", errors="replace")
         for w in ([] if stop_words is None else stop_words.reshape(-1))
@@ -189,55 +190,55 @@ def parse_request(
         image_pixels=image_rgb,  # the engine patchifies flat RGB on its device
         image_grid_thw=image_grid_thw,
         mrope_positions=mrope_positions,
-        mrope_delta=int(_scalar(request, "mrope_position_deltas", 0)),
-        image_hashes=_image_hashes(request, image_grid_thw),
+        mrope_delta=int(_scalar(inputs, "mrope_position_deltas", 0)),
+        image_hashes=_image_hashes(inputs, image_grid_thw),
         stop_strings=stop_strings if has_tokenizer else (),
-        is_thinking=bool(_scalar(request, "is_thinking", False)),
-        guide=_guide(request),
+        is_thinking=bool(_scalar(inputs, "is_thinking", False)),
+        guide=_guide(inputs),
     )
     state = RequestState(
         engine_id=engine_id,
         triton_id=triton_id,
         sender=sender,
-        is_streaming=bool(_scalar(request, "streaming", False)),
-        exclude_input=bool(_scalar(request, "exclude_input_in_output", False)),
+        is_streaming=bool(_scalar(inputs, "streaming", False)),
+        exclude_input=bool(_scalar(inputs, "exclude_input_in_output", False)),
         prompt_ids=prompt.tolist(),
     )
     return generation_request, state
 
 
-def _sampling(request) -> SamplingParams:
+def _sampling(inputs: InputTensors) -> SamplingParams:
     from engine.sample.sampler import SamplingParams
 
-    end_id = _scalar(request, "end_id")
-    seed = _scalar(request, "seed")
+    end_id = _scalar(inputs, "end_id")
+    seed = _scalar(inputs, "seed")
     return SamplingParams(
-        max_tokens=int(_scalar(request, "request_output_len", 16)),
-        temperature=float(_scalar(request, "temperature", 1.0)),
-        top_k=int(_scalar(request, "runtime_top_k", 0)),
-        top_p=float(_scalar(request, "runtime_top_p", 1.0)) or 1.0,  # TensorRT-LLM: top_p <= 0 is unset
+        max_tokens=int(_scalar(inputs, "request_output_len", 16)),
+        temperature=float(_scalar(inputs, "temperature", 1.0)),
+        top_k=int(_scalar(inputs, "runtime_top_k", 0)),
+        top_p=float(_scalar(inputs, "runtime_top_p", 1.0)) or 1.0,  # TensorRT-LLM: top_p <= 0 is unset
         seed=None if seed is None else int(seed),
-        repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-        presence_penalty=float(_scalar(request, "presence_penalty", 0.0)),
-        frequency_penalty=float(_scalar(request, "frequency_penalty", 0.0)),
-        min_tokens=int(_scalar(request, "min_tokens", 0)),
+        repetition_penalty=float(_scalar(inputs, "repetition_penalty", 1.0)),
+        presence_penalty=float(_scalar(inputs, "presence_penalty", 0.0)),
+        frequency_penalty=float(_scalar(inputs, "frequency_penalty", 0.0)),
+        min_tokens=int(_scalar(inputs, "min_tokens", 0)),
         stop_token_ids=() if end_id is None else (int(end_id),),
-        logprobs=_logprobs(request),
+        logprobs=_logprobs(inputs),
     )
 
 
-def _logprobs(request) -> int | None:
+def _logprobs(inputs: InputTensors) -> int | None:
     """SamplingParams.logprobs: None unless `return_log_probs`; then `top_logprobs` (default 0)."""
-    if not _scalar(request, "return_log_probs", False):
+    if not _scalar(inputs, "return_log_probs", False):
         return None
-    return int(_scalar(request, "top_logprobs", 0))
+    return int(_scalar(inputs, "top_logprobs", 0))
 
 
-def _images(request) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def _images(inputs: InputTensors) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(image_rgb [sum of h*w*3] uint8, image_grid_thw [num_images, 3], image_embeds [num_tokens, hidden]):
     the resized RGB images with their grids, or an embedding table made elsewhere; not both."""
-    rgb = _tensor(request, "image_rgb")
-    grid = _tensor(request, "image_grid_thw")
+    rgb = _tensor(inputs, "image_rgb")
+    grid = _tensor(inputs, "image_grid_thw")
     image_rgb = image_grid_thw = None
     if rgb is not None or grid is not None:
         if rgb is None or grid is None:
@@ -246,7 +247,7 @@ def _images(request) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Te
         if rgb.size > 0:
             image_rgb = torch.from_numpy(np.ascontiguousarray(rgb.reshape(-1)))
             image_grid_thw = torch.from_numpy(np.ascontiguousarray(grid.reshape(-1, 3), dtype=np.int64))
-    table = _tensor(request, "prompt_embedding_table")
+    table = _tensor(inputs, "prompt_embedding_table")
     if image_rgb is not None and table is not None and table.size:
         raise ValueError("image_rgb: give image_rgb + image_grid_thw or prompt_embedding_table, not both")
     image_embeds = None
@@ -257,18 +258,18 @@ def _images(request) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Te
     return image_rgb, image_grid_thw, image_embeds
 
 
-def _image_hashes(request, image_grid_thw) -> list[bytes] | None:
+def _image_hashes(inputs: InputTensors, image_grid_thw) -> list[bytes] | None:
     """The `image_hash` input (one per image, from preprocessing), or None (the engine hashes the
     pixels itself)."""
-    hashes = _tensor(request, "image_hash")
+    hashes = _tensor(inputs, "image_hash")
     if hashes is None or image_grid_thw is None or hashes.size == 0:
         return None
     return [h if isinstance(h, bytes) else str(h).encode() for h in hashes.reshape(-1)]
 
 
-def _guide(request) -> Guide | None:
+def _guide(inputs: InputTensors) -> Guide | None:
     """The structured-output Guide of `guided_decoding_guide_type` / `guided_decoding_guide`, or None."""
     from engine.sample.structured import Guide
 
-    guide_type = _text(request, "guided_decoding_guide_type")
-    return Guide(guide_type, _text(request, "guided_decoding_guide")) if guide_type else None
+    guide_type = _text(inputs, "guided_decoding_guide_type")
+    return Guide(guide_type, _text(inputs, "guided_decoding_guide")) if guide_type else None

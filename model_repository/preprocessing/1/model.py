@@ -15,30 +15,30 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .triton_model import setup_model  # common/, copied by glmv-build
+from .triton_model import InputTensors, setup_model  # common/, copied by glmv-build
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 
 
-def _scalar(request, name: str):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
+def _scalar(inputs: InputTensors, name: str):
+    array = inputs.array(name)
+    if array is None:
         return None
-    array = tensor.as_numpy().reshape(-1)
+    array = array.reshape(-1)
     if array.size != 1:
         raise ValueError(f"{name}: expected one value, got {array.size}")
     return array[0].item()
 
 
-def _strings(request, name: str) -> list[bytes]:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
+def _strings(inputs: InputTensors, name: str) -> list[bytes]:
+    array = inputs.array(name)
+    if array is None:
         return []
-    return [x if isinstance(x, bytes) else str(x).encode() for x in tensor.as_numpy().reshape(-1)]
+    return [x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1)]
 
 
-def _text(request, name: str) -> str:
-    values = _strings(request, name)
+def _text(inputs: InputTensors, name: str) -> str:
+    values = _strings(inputs, name)
     return values[0].decode("utf-8", errors="replace") if values else ""
 
 
@@ -94,7 +94,9 @@ class TritonPythonModel:
         for request in requests:
             started = time.perf_counter()
             try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(request)))
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=self._process(InputTensors(request)))
+                )
             except (self.InputError, ValueError) as exc:
                 self.errors.increment(1)
                 responses.append(
@@ -112,38 +114,38 @@ class TritonPythonModel:
             self.latency.observe(time.perf_counter() - started)
         return responses
 
-    def _process(self, request) -> list:
+    def _process(self, inputs: InputTensors) -> list:
         for name in self.bounded_inputs:  # by bytes, before any decoding or tokenizing
-            self.bounds.check(name, _strings(request, name))
-        texts = _strings(request, "text_input")
-        messages = _strings(request, "messages")
+            self.bounds.check(name, _strings(inputs, name))
+        texts = _strings(inputs, "text_input")
+        messages = _strings(inputs, "messages")
         text = texts[0].decode("utf-8", errors="replace") if texts else None
         messages_json = messages[0].decode("utf-8", errors="replace") if messages else None
-        max_tokens = _scalar(request, "max_tokens")
+        max_tokens = _scalar(inputs, "max_tokens")
         max_tokens = (
             min(self.default_max_tokens, self.limits.max_output_tokens)
             if max_tokens is None
             else int(max_tokens)
         )
         sampling = {
-            "temperature": _scalar(request, "temperature"),
-            "top_p": _scalar(request, "top_p"),
-            "top_k": _scalar(request, "top_k"),
-            "repetition_penalty": _scalar(request, "repetition_penalty"),
-            "presence_penalty": _scalar(request, "presence_penalty"),
-            "frequency_penalty": _scalar(request, "frequency_penalty"),
-            "min_tokens": _scalar(request, "min_tokens"),
-            "seed": _scalar(request, "seed"),
+            "temperature": _scalar(inputs, "temperature"),
+            "top_p": _scalar(inputs, "top_p"),
+            "top_k": _scalar(inputs, "top_k"),
+            "repetition_penalty": _scalar(inputs, "repetition_penalty"),
+            "presence_penalty": _scalar(inputs, "presence_penalty"),
+            "frequency_penalty": _scalar(inputs, "frequency_penalty"),
+            "min_tokens": _scalar(inputs, "min_tokens"),
+            "seed": _scalar(inputs, "seed"),
         }
         self.validate_sampling(max_tokens=max_tokens, limits=self.limits, **sampling)
-        stop_words = [w.decode("utf-8", errors="replace") for w in _strings(request, "stop_words")]
+        stop_words = [w.decode("utf-8", errors="replace") for w in _strings(inputs, "stop_words")]
         if len(stop_words) > self.limits.max_stop_words:
             raise self.InputError(
                 f"stop_words: {len(stop_words)} stop strings, over the limit of {self.limits.max_stop_words}"
             )
-        enable_thinking = _scalar(request, "enable_thinking")
-        stream = _scalar(request, "stream")
-        guide_type = _text(request, "guided_decoding_guide_type")
+        enable_thinking = _scalar(inputs, "enable_thinking")
+        stream = _scalar(inputs, "stream")
+        guide_type = _text(inputs, "guided_decoding_guide_type")
         if guide_type and enable_thinking:
             raise self.InputError(
                 "enable_thinking: must be false with guided_decoding_guide_type (the grammar holds the "
@@ -153,17 +155,17 @@ class TritonPythonModel:
             enable_thinking = False
         out = self.preprocessor(
             text,
-            _strings(request, "image_input"),
+            _strings(inputs, "image_input"),
             messages_json=messages_json,
             enable_thinking=None if enable_thinking is None else bool(enable_thinking),
-            tools_json=_text(request, "tools") or None,
+            tools_json=_text(inputs, "tools") or None,
         )
-        guide = _text(request, "guided_decoding_guide")
+        guide = _text(inputs, "guided_decoding_guide")
         if guide and not guide_type:
             raise self.InputError(
                 "guided_decoding_guide_type: missing (json, json_schema, regex, ebnf_grammar)"
             )
-        top_logprobs = _scalar(request, "top_logprobs")
+        top_logprobs = _scalar(inputs, "top_logprobs")
         if top_logprobs is not None and not 0 <= top_logprobs <= 20:
             raise self.InputError(f"top_logprobs: {top_logprobs} is out of range (must be in [0, 20])")
         seed = sampling["seed"]
@@ -202,7 +204,7 @@ class TritonPythonModel:
             pb_utils.Tensor("guided_decoding_guide_type", np.array([guide_type.encode()], dtype=np.object_)),
             pb_utils.Tensor("guided_decoding_guide", np.array([guide.encode()], dtype=np.object_)),
             pb_utils.Tensor(
-                "return_log_probs", np.array([bool(_scalar(request, "return_log_probs"))], np.bool_)
+                "return_log_probs", np.array([bool(_scalar(inputs, "return_log_probs"))], np.bool_)
             ),
             i32("top_logprobs", top_logprobs, 0),
         ]
