@@ -10,7 +10,8 @@ and the rest is what Triton, the Python backend and the preprocessing model cost
 change (on an H200 host the same path measured ~13.5 ms of a 24.5 ms follow-up TTFT).
 
 Writes ``path_overhead.json`` (meta: device, date, commit) into ``--out``. Run it from each of two trees in
-turn (A B A B) to compare them on one machine.
+turn (A B A B) to compare them on one machine; ``--compare RUN.json ...`` then draws them side by side
+(``path_overhead.png`` in ``--out``, one group of bars per figure, one bar per run).
 """
 
 from __future__ import annotations
@@ -67,11 +68,53 @@ async def _measure(server, requests: int) -> dict:
     return out
 
 
+FIGURES = (  # (kind, label, value of a kind's row)
+    ("text", "text: TTFT", lambda r: r["ttft_ms_p50"]),
+    ("text", "text: send -> llm", lambda r: r["pre_llm_ms_p50"]),
+    ("followup_1288", "follow-up: TTFT", lambda r: r["ttft_ms_p50"]),
+    ("followup_1288", "follow-up: send -> llm", lambda r: r["pre_llm_ms_p50"]),
+    ("followup_1288", "follow-up: llm compute", lambda r: r["stages"]["llm"]["compute_infer_ms"]),
+    ("followup_1288", "follow-up: preprocessing", lambda r: r["stages"]["preprocessing"]["compute_infer_ms"]),
+)
+
+
+def compare(paths: list[Path], out: Path) -> Path:
+    """Bars of each run's figures (P50 ms), runs in the order given, labelled by folder and commit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = [json.loads(p.read_text()) for p in paths]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(docs)
+    for i, (path, doc) in enumerate(zip(paths, docs, strict=True)):
+        values = [value(doc[kind]) for kind, _, value in FIGURES]
+        xs = [j + i * width for j in range(len(FIGURES))]
+        ax.bar(xs, values, width, label=f"{path.parent.name} ({doc['meta']['commit']})")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(FIGURES))], [label for _, label, _ in FIGURES])
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_ylabel("ms (P50 / mean per execution)")
+    meta = docs[-1]["meta"]
+    ax.set_title(f"path around the llm, one request at a time · {meta['device']} · {meta['date']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "path_overhead.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--requests", type=int, default=40, help="per kind, one at a time")
+    ap.add_argument("--compare", type=Path, nargs="+", help="path_overhead.json files to draw, no run")
     args = ap.parse_args(argv)
+    if args.compare:
+        print(compare(args.compare, args.out))
+        return 0
     from benchmarks.server import local_triton
 
     args.out.mkdir(parents=True, exist_ok=True)
