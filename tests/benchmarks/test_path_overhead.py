@@ -1,0 +1,27 @@
+"""benchmarks.path_overhead end to end on CPU: the small preset served by the real Triton, text-only and
+follow-up requests answered without errors, each model's stages read from Triton's statistics, and the
+comparison plot drawn from the JSON it wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def test_path_overhead_runs_through_triton_and_compares(tmp_path: Path) -> None:
+    from benchmarks.path_overhead import main
+
+    assert main(["--out", str(tmp_path / "run"), "--requests", "2"]) == 0
+    doc = json.loads((tmp_path / "run" / "path_overhead.json").read_text())
+    assert doc["meta"]["commit"] and doc["meta"]["args"] == {"requests": 2}
+    for kind in ("text", "followup_1288"):
+        row = doc[kind]
+        assert row["requests"] == 2 and row["errors"] == 0, row["error_messages"]
+        assert row["ttft_ms_p50"] > row["pre_llm_ms_p50"] > 0
+        # each request went through every model of the ensemble once
+        assert {m: s["executions"] for m, s in row["stages"].items() if m != "ensemble_sync"} == {
+            "ensemble": 2, "preprocessing": 2, "llm": 2, "postprocessing": 2,
+        }  # fmt: skip
+    path = tmp_path / "run" / "path_overhead.json"
+    assert main(["--out", str(tmp_path / "cmp"), "--compare", str(path), str(path)]) == 0
+    assert (tmp_path / "cmp" / "path_overhead.png").stat().st_size > 10_000
