@@ -33,7 +33,7 @@ def get_mrope_positions(
     grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
     merge = model_config.vision_config.spatial_merge_size
     image_id = model_config.image_token_id
-    num_image_tokens = sum(1 for t in ids if t == image_id)
+    num_image_tokens = ids.count(image_id)
     expected = sum(model_config.num_image_tokens(g) for g in grids)
     if num_image_tokens != expected:
         raise ValueError(

@@ -471,8 +471,9 @@ class Preprocessor:
         return int(proc.patch_size), int(proc.merge_size), int(proc.temporal_patch_size)
 
     def resize_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
-        """The resized RGB images, flat uint8 [sum(H*W*3)] (each [H, W, 3] row-major, one after the other),
-        and image_grid_thw [n, 3] int64 (H = gh * patch, W = gw * patch). What the llm receives."""
+        """The resized RGB images, flat uint8 [sum(H*W*3)] (each [H, W, 3] row-major, one after the other;
+        read-only: for one image it is the resize cache's own array), and image_grid_thw [n, 3] int64
+        (H = gh * patch, W = gw * patch). What the llm receives."""
         rgb, grid, _ = self.prepare_images(images)
         return rgb, grid
 
@@ -496,7 +497,8 @@ class Preprocessor:
             parts.append(rgb.reshape(-1))
             grids.append((1, rgb.shape[0] // patch, rgb.shape[1] // patch))
             hashes.append(image_hash)
-        return np.concatenate(parts), np.asarray(grids, dtype=np.int64), hashes
+        rgb = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one image: its cached array, no copy
+        return rgb, np.asarray(grids, dtype=np.int64), hashes
 
     def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
@@ -636,20 +638,25 @@ class Preprocessor:
                 f"{max_prompt} (max_seq_len {self.limits.max_seq_len} minus one output token)"
             )
         positions, delta = get_mrope_positions(expanded, torch.from_numpy(grid), self.model_config)
+        input_ids = np.asarray(expanded, dtype=np.int32)
         return PreprocessedRequest(
-            input_ids=np.asarray(expanded, dtype=np.int32),
+            input_ids=input_ids,
             image_rgb=image_rgb,
             image_grid_thw=grid,
             mrope_positions=positions.numpy().astype(np.int64),
             mrope_delta=int(delta),
             image_hashes=image_hashes,
             prompt=prompt,
-            is_thinking=self._is_thinking(expanded),
+            is_thinking=self._is_thinking(input_ids),
         )
 
-    def _is_thinking(self, ids: list[int]) -> bool:
+    def _is_thinking(self, ids: np.ndarray) -> bool:
+        """Whether the prompt ends inside a thinking block: its last think-start comes after its last
+        think-end."""
         if self.think_start_id is None:
             return False
-        last_start = max((i for i, t in enumerate(ids) if t == self.think_start_id), default=-1)
-        last_end = max((i for i, t in enumerate(ids) if t == self.think_end_id), default=-1)
-        return last_start > last_end
+        starts = np.flatnonzero(ids == self.think_start_id)
+        if not starts.size:
+            return False
+        ends = np.flatnonzero(ids == self.think_end_id) if self.think_end_id is not None else starts[:0]
+        return int(starts[-1]) > (int(ends[-1]) if ends.size else -1)

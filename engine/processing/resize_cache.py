@@ -56,7 +56,7 @@ class ResizeCache:
         return key in self._entries or (self.shared_dir is not None and self._path(key).is_file())
 
     def get(self, key: str) -> tuple[np.ndarray, str] | None:
-        """(resized RGB [h, w, 3] uint8, its content hash), or None."""
+        """(resized RGB [h, w, 3] uint8, read-only: the cached array itself, its content hash), or None."""
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
@@ -70,6 +70,8 @@ class ResizeCache:
         return entry
 
     def put(self, key: str, rgb: np.ndarray, image_hash: str) -> None:
+        """Keep ``rgb`` (made read-only: `get` hands out the cached array itself) under ``key``."""
+        rgb.flags.writeable = False
         entry = (rgb, image_hash)
         self._remember(key, entry)
         if self.shared_dir is None:

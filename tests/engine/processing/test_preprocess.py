@@ -20,7 +20,8 @@ def pixel_values_of(pre: Preprocessor, image_rgb: np.ndarray, image_grid_thw: np
     """The float32 pixel values the engine's PatchNormalizer makes of the preprocessing model's output."""
     import torch
 
-    return pre.normalizer(torch.from_numpy(image_rgb), torch.from_numpy(image_grid_thw)).numpy()
+    # a copy: the preprocessor's array may be its resize cache's own, read-only
+    return pre.normalizer(torch.from_numpy(image_rgb.copy()), torch.from_numpy(image_grid_thw)).numpy()
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

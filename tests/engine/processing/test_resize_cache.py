@@ -41,9 +41,23 @@ def test_a_second_instance_reads_what_the_first_resized(tiny_checkpoint: Path, t
     np.testing.assert_array_equal(got.image_rgb, want.image_rgb)
     np.testing.assert_array_equal(got.input_ids, want.input_ids)
     assert got.image_hashes == want.image_hashes
+    # one image is handed out as the cache's own array, read-only in either instance: no copy, and nobody
+    # can change what the next request about it gets
+    again = first("Another question?", [image])
+    assert np.shares_memory(again.image_rgb, first.resize_cache.get(again_key(first, image))[0])
+    for out in (want, got, again):
+        assert not out.image_rgb.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            out.image_rgb[0] = 1
     # settings are part of the directory's name: another image processor config never reads these entries
     (entry,) = list(tmp_path.iterdir())
     assert entry.name.startswith("glmv-resize-") and len(list(entry.glob("*.rgb"))) == 1
+
+
+def again_key(pre: Preprocessor, image: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(image).hexdigest()  # the resize cache's key: the file's digest
 
 
 def test_the_directory_keeps_its_bytes_oldest_first(tmp_path: Path):
