@@ -495,6 +495,8 @@ class TowerGraphs:
         if owner.pool is None:
             owner.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=owner.pool):
+        # captured while serving: the llm's request threads may pin host memory meanwhile, which a "global"
+        # capture would count against it; nothing they do touches this stream
+        with torch.cuda.graph(graph, pool=owner.pool, capture_error_mode="thread_local"):
             static_out = self.tower(static_x, static_cos, static_sin, seqlens, start, end)
         return graph, static_x, static_cos, static_sin, static_out
