@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-vision-cuda-graphs runs it eagerly",
     )
     p.add_argument(
+        "--async-vision",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run the llm's ViT on a CUDA stream of its own beside the engine's steps (which then run on a "
+        "high-priority stream) instead of a few blocks per step inside them",
+    )
+    p.add_argument(
         "--prefill-cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -380,6 +387,7 @@ def build(args: argparse.Namespace) -> Path:
                 max_images_per_request=args.max_images_per_request,
                 enable_thinking=not args.disable_thinking,
                 vision_cuda_graphs=args.vision_cuda_graphs,
+                async_vision=args.async_vision,
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
                 mixed_step_graphs=args.mixed_step_graphs,
                 vision_patches_per_step=args.vision_patches_per_step,

@@ -93,12 +93,11 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--gpus", "0,1") == 0
     config = json.loads((out / "engine_config.json").read_text())
     assert config["dummy"] is True and config["engine"]["dtype"] == "bfloat16"
-    assert config["engine"]["vision_cuda_graphs"] is True
-    assert (
-        run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--no-vision-cuda-graphs")
-        == 0
-    )
-    assert json.loads((out / "engine_config.json").read_text())["engine"]["vision_cuda_graphs"] is False
+    assert config["engine"]["vision_cuda_graphs"] is True and config["engine"]["async_vision"] is False
+    flags = ("--no-vision-cuda-graphs", "--async-vision")
+    assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", *flags) == 0
+    engine = json.loads((out / "engine_config.json").read_text())["engine"]
+    assert engine["vision_cuda_graphs"] is False and engine["async_vision"] is True
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--gpus", "0,1") == 0
     assert not list(out.glob("*.safetensors"))
     llm = (out / "model_repository/llm/config.pbtxt").read_text()
