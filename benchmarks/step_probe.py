@@ -124,6 +124,21 @@ def allocator_counts(device: str) -> dict:
     return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
 
 
+def vision_graph_counts(ex) -> dict:
+    """The ViT's CUDA graphs at the end of the run: whole-tower and block-range ones held, keys that
+    failed to capture, and block ranges still counted towards their capture (empty without graphs)."""
+    visual = ex.runner.model.visual
+    out = {}
+    for name, graphs in (("whole", visual.graphs), ("block_ranges", visual.segment_graphs)):
+        if graphs is not None:
+            out[name] = {
+                "held": len(graphs.entries),
+                "failed": len(graphs.failed),
+                "counted": len(graphs.seen),
+            }
+    return out
+
+
 def gpu_busy(duration_s: float, host_ops: bool = False) -> dict:
     """The GPU's busy time (kernels and copies, all streams) over ``duration_s`` of wall time, and the
     kernels that took most of it; with ``host_ops`` also the host calls (torch ops, CUDA runtime calls)
@@ -225,6 +240,7 @@ def _run(args: argparse.Namespace) -> int:
     faulthandler.cancel_dump_traceback_later()
     res["engine"] = recorder.take()
     res["allocator"] = {k: v - allocator[k] for k, v in allocator_counts(args.device).items()}
+    res["vision_graphs"] = vision_graph_counts(ex)
     res["gpu_window"] = profiled
     res["size"] = f"{size[0]}x{size[1]}"
     res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -245,7 +261,7 @@ def _run(args: argparse.Namespace) -> int:
             f"top: {list(profiled['top_kernels_ms'].items())[:6]}"
         )
     if res["allocator"]:
-        print(f"  allocator over the run: {res['allocator']}")
+        print(f"  allocator over the run: {res['allocator']}; ViT graphs: {res['vision_graphs']}")
     if "top_host_ops_ms" in profiled:
         print(f"  host calls [self ms, calls]: {list(profiled['top_host_ops_ms'].items())[:12]}")
     return 0

@@ -29,3 +29,4 @@ def test_step_probe_cpu_smoke(tmp_path: Path) -> None:
     parts = engine["host_ms_by_part"]
     assert 0 < parts["vision: encode_images"] <= parts["vision"]
     assert res["gpu_window"] == {}  # no GPU to profile
+    assert res["allocator"] == {} and res["vision_graphs"] == {}  # no CUDA allocator, no ViT graphs on CPU
