@@ -20,6 +20,9 @@ Triton model and by tests. Contract:
   each resized image's size and RGB bytes, so the same picture hits the engine's prefix and image caches
   however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
   lets an image sent again skip its decode and resize (its header is still checked against the limits).
+  A request's images are opened, decoded, resized and hashed on a few threads (`IMAGE_THREADS`), side by
+  side and beside the prompt's template and tokenizer; errors are raised in image order, before the
+  prompt's own.
 * The prompt: `messages` (OpenAI-shaped JSON; `{"type": "image"}` / `image_url` parts take the images in
   order) or `text_input` with the images before the text in one user turn, rendered with the tokenizer's
   chat template (`add_generation_prompt=True`, `enable_thinking`); each `<|image|>` id is expanded to
@@ -35,8 +38,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,8 @@ __all__ = [
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 MAX_ASPECT_RATIO = 200  # smart_resize refuses more
+# Threads per Preprocessor that open, decode, resize and hash a request's images (start_images).
+IMAGE_THREADS = max(1, min(4, os.cpu_count() or 1))
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -419,6 +426,7 @@ class Preprocessor:
         )
         self.think_start_id = self._token_id("<think>")
         self.think_end_id = self._token_id("</think>")
+        self._image_threads: ThreadPoolExecutor | None = None  # start_images, made on first use
 
     def warm_up(self) -> None:
         """Run one small request through every stage (image decode and resize, chat template, tokenizer,
@@ -452,19 +460,43 @@ class Preprocessor:
     # -- images ---------------------------------------------------------------------------------------
 
     def load_images(self, raw_images: list[bytes | str]) -> list[ImageInfo]:
+        """Each image opened and checked (`open_image`), decoded unless the resize cache has it."""
+        self._check_image_count(raw_images)
+        return [self._load_image(i, raw) for i, raw in enumerate(raw_images)]
+
+    def _check_image_count(self, raw_images: list[bytes | str]) -> None:
         if len(raw_images) > self.limits.max_images_per_request:
             raise InputError(
                 f"image_input: {len(raw_images)} images, over the limit of "
                 f"{self.limits.max_images_per_request} per request (max_images_per_request)"
             )
-        infos = []
-        for i, raw in enumerate(raw_images):
-            field_name = f"image_input[{i}]"
-            data = decode_image_bytes(raw, field_name)
-            file_hash = hashlib.sha256(data).hexdigest()
-            is_known = file_hash in self.resize_cache
-            infos.append(open_image(data, field_name, self.limits, decode=not is_known, file_hash=file_hash))
-        return infos
+
+    def _load_image(self, i: int, raw: bytes | str) -> ImageInfo:
+        field_name = f"image_input[{i}]"
+        data = decode_image_bytes(raw, field_name)
+        file_hash = hashlib.sha256(data).hexdigest()
+        is_known = file_hash in self.resize_cache
+        return open_image(data, field_name, self.limits, decode=not is_known, file_hash=file_hash)
+
+    def start_images(self, raw_images: list[bytes | str]) -> list[Future]:
+        """Each image loaded and prepared (`load_images`, then `prepare_images`' work for it) on the image
+        threads: a request's images side by side, and beside the prompt's template and tokenizer (PIL's
+        decode and resize and hashlib's digest leave the GIL). `finish_images` collects them."""
+        self._check_image_count(raw_images)
+        if not raw_images:
+            return []
+        if self._image_threads is None:
+            self._image_threads = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="glmv-image")
+        return [
+            self._image_threads.submit(lambda i, raw: self._prepare_image(self._load_image(i, raw)), i, raw)
+            for i, raw in enumerate(raw_images)
+        ]
+
+    def finish_images(self, started: list[Future]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """`prepare_images`' result of `start_images`' work; raises the first image's error in image order
+        (after every image has ended)."""
+        wait(started)
+        return self._assemble([future.result() for future in started])
 
     def _geometry(self) -> tuple[int, int, int]:
         proc = self.image_processor
@@ -479,26 +511,31 @@ class Preprocessor:
 
     def prepare_images(self, images: list[ImageInfo]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """`resize_images` and each resized image's hash (sha256 hex of its size and RGB bytes)."""
-        patch, merge, temporal = self._geometry()
-        if not images:
+        return self._assemble([self._prepare_image(info) for info in images])
+
+    def _prepare_image(self, info: ImageInfo) -> tuple[np.ndarray, str]:
+        """(resized RGB [h, w, 3] uint8, read-only, its hash) of one image: from the resize cache, else
+        decoded (if it was not), resized, hashed and put there."""
+        known = self.resize_cache.get(info.file_hash)
+        if known is None:
+            if not info.is_decoded:  # its cache entry went between the check and here
+                info.image.load()
+            patch, merge, temporal = self._geometry()
+            rgb = self._resize(info.image, patch, merge, temporal)
+            digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
+            digest.update(np.ascontiguousarray(rgb).data)
+            known = (rgb, digest.hexdigest())
+            self.resize_cache.put(info.file_hash, *known)
+        return known
+
+    def _assemble(self, prepared: list[tuple[np.ndarray, str]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if not prepared:
             return np.zeros(0, np.uint8), np.zeros((0, 3), np.int64), []
-        parts, grids, hashes = [], [], []
-        for info in images:
-            known = self.resize_cache.get(info.file_hash)
-            if known is None:
-                if not info.is_decoded:  # its cache entry went between the check and here
-                    info.image.load()
-                rgb = self._resize(info.image, patch, merge, temporal)
-                digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
-                digest.update(np.ascontiguousarray(rgb).data)
-                known = (rgb, digest.hexdigest())
-                self.resize_cache.put(info.file_hash, *known)
-            rgb, image_hash = known
-            parts.append(rgb.reshape(-1))
-            grids.append((1, rgb.shape[0] // patch, rgb.shape[1] // patch))
-            hashes.append(image_hash)
+        patch = self._geometry()[0]
+        parts = [rgb.reshape(-1) for rgb, _ in prepared]
+        grids = [(1, rgb.shape[0] // patch, rgb.shape[1] // patch) for rgb, _ in prepared]
         rgb = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one image: its cached array, no copy
-        return rgb, np.asarray(grids, dtype=np.int64), hashes
+        return rgb, np.asarray(grids, dtype=np.int64), [image_hash for _, image_hash in prepared]
 
     def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
@@ -602,11 +639,15 @@ class Preprocessor:
 
         from engine.model.rope import get_mrope_positions
 
-        infos = self.load_images(list(images or []))
-        messages = self.build_messages(text, messages_json, len(infos))
-        thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
-        prompt = self.render(messages, thinking, parse_tools(tools_json))
-        image_rgb, grid, image_hashes = self.prepare_images(infos)
+        started = self.start_images(list(images or []))
+        try:
+            messages = self.build_messages(text, messages_json, len(started))
+            thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
+            prompt = self.render(messages, thinking, parse_tools(tools_json))
+        except Exception:
+            self.finish_images(started)  # an image's own error comes first: the images are read first
+            raise
+        image_rgb, grid, image_hashes = self.finish_images(started)
         num_tokens_per_image = [int(t * h * w) // self.merge_size**2 for t, h, w in grid.tolist()]
         if sum(num_tokens_per_image) > self.limits.max_image_tokens_per_request:
             raise InputError(
@@ -621,7 +662,7 @@ class Preprocessor:
             if token_id == image_id:
                 if image_idx >= len(num_tokens_per_image):
                     raise InputError(
-                        f"text_input: the prompt has more image placeholders than the {len(infos)} images given"
+                        f"text_input: the prompt has more image placeholders than the {len(started)} images given"
                     )
                 expanded.extend([image_id] * num_tokens_per_image[image_idx])
                 image_idx += 1
@@ -629,7 +670,7 @@ class Preprocessor:
                 expanded.append(int(token_id))
         if image_idx != len(num_tokens_per_image):
             raise InputError(
-                f"image_input: {len(infos)} images but the rendered prompt has {image_idx} image placeholders"
+                f"image_input: {len(started)} images but the rendered prompt has {image_idx} image placeholders"
             )
         max_prompt = self.limits.max_seq_len - 1
         if len(expanded) > max_prompt:

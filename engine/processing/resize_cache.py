@@ -49,6 +49,9 @@ class ResizeCache:
         self.num_shared_hits = 0
         self._writes: queue.Queue[tuple[str, tuple[np.ndarray, str]]] = queue.Queue(maxsize=8)
         self._writer: threading.Thread | None = None
+        self._lock = (
+            threading.Lock()
+        )  # the LRU and the writer's start: a Preprocessor's image threads share it
         if self.shared_dir is not None:
             self.shared_dir.mkdir(parents=True, exist_ok=True)
 
@@ -57,15 +60,17 @@ class ResizeCache:
 
     def get(self, key: str) -> tuple[np.ndarray, str] | None:
         """(resized RGB [h, w, 3] uint8, read-only: the cached array itself, its content hash), or None."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
         if self.shared_dir is None:
             return None
         entry = self._read_shared(key)
         if entry is not None:
-            self.num_shared_hits += 1
+            with self._lock:
+                self.num_shared_hits += 1
             self._remember(key, entry)
         return entry
 
@@ -76,9 +81,12 @@ class ResizeCache:
         self._remember(key, entry)
         if self.shared_dir is None:
             return
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="resize-cache-writer", daemon=True)
-            self._writer.start()
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_loop, name="resize-cache-writer", daemon=True
+                )
+                self._writer.start()
         with contextlib.suppress(queue.Full):  # the directory is a cache: a write may be skipped
             self._writes.put_nowait((key, entry))
 
@@ -90,13 +98,14 @@ class ResizeCache:
 
     def _remember(self, key: str, entry: tuple[np.ndarray, str]) -> None:
         size = entry[0].nbytes
-        if size > self.max_bytes or key in self._entries:
-            return
-        self._entries[key] = entry
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, (old, _) = self._entries.popitem(last=False)
-            self._bytes -= old.nbytes
+        with self._lock:
+            if size > self.max_bytes or key in self._entries:
+                return
+            self._entries[key] = entry
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (old, _) = self._entries.popitem(last=False)
+                self._bytes -= old.nbytes
 
     # -- the shared directory -----------------------------------------------------------------------
 

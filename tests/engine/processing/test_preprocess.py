@@ -237,6 +237,39 @@ def test_image_errors_name_the_field_and_limit(tiny_checkpoint: Path) -> None:
     assert "aspect ratio" in error_of(pre, "q", [encode(Image.new("RGB", (1000, 4)))])
 
 
+def test_a_requests_images_run_side_by_side_errors_in_image_order(tiny_checkpoint: Path, monkeypatch) -> None:
+    """Two new images are resized at the same time on the image threads (each one's resize waits for the
+    other's to start); the result equals the images prepared one by one. With several bad images the
+    first one's error is raised, and an image's error comes before the prompt's."""
+    import threading
+
+    from engine.processing import preprocess
+
+    if preprocess.IMAGE_THREADS < 2:
+        pytest.skip("one core: one image thread")
+    pre = Preprocessor(tiny_checkpoint, resize_cache_bytes=0)
+    files = [encode(noise_image(60, 40, seed=1)), encode(noise_image(50, 70, seed=2))]
+    serial = pre.prepare_images(pre.load_images(files))
+    both_started = threading.Barrier(2, timeout=20)
+    resize, threads = pre._resize, set()
+
+    def resize_together(*args):
+        threads.add(threading.current_thread().name)
+        both_started.wait()  # broken (an error) if the other image's resize does not run meanwhile
+        return resize(*args)
+
+    monkeypatch.setattr(pre, "_resize", resize_together)
+    out = pre("What differs?", files)
+    assert len(threads) == 2 and all(name.startswith("glmv-image") for name in threads)
+    np.testing.assert_array_equal(out.image_rgb, serial[0])
+    np.testing.assert_array_equal(out.image_grid_thw, serial[1])
+    assert out.image_hashes == serial[2]
+    monkeypatch.setattr(pre, "_resize", resize)
+    corrupt = b"\x89PNG\r\n\x1a\n" + b"garbage" * 10
+    assert error_of(pre, "q", [files[0], corrupt, b""]).startswith("image_input[1]: corrupt")
+    assert error_of(pre, None, [corrupt], messages_json="{not json").startswith("image_input[0]: corrupt")
+
+
 def test_decompression_bomb_is_refused_from_the_header(pre: Preprocessor) -> None:
     bomb = png_header_only(30000, 30000)
     assert len(bomb) < 100
