@@ -5,7 +5,8 @@ Builds the `small` preset on CPU (its 1288×728 screenshots are resized like the
 a time through the ensemble over gRPC streaming, one output token each: text-only questions, and follow-up
 questions about a screenshot the server has seen (its resized pixels and its KV blocks cached). Per kind,
 over ``--requests`` requests: TTFT at the client, send → arrival at the llm (``pre_llm``), the llm's own TTFT,
-and each Triton model's queue / compute per execution. The model here is tiny, so the llm's share is small
+and each Triton model's queue / compute per execution; then requests with one and with four never-seen
+1288×728 screenshots (``--cold-requests`` each: decode and hash in preprocessing). The model here is tiny, so the llm's share is small
 and the rest is what Triton, the Python backend and the preprocessing model cost, which a GPU does not
 change (on an H200 host the same path measured ~13.5 ms of a 24.5 ms follow-up TTFT).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,7 +32,7 @@ def _p50(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
-async def _measure(server, requests: int) -> dict:
+async def _measure(server, requests: int, cold_requests: int) -> dict:
     from benchmarks.clients import RequestParams, make_target
     from benchmarks.corpus import Corpus, Sample
     from benchmarks.gpu_harness import model_stats, stage_breakdown
@@ -48,10 +50,24 @@ async def _measure(server, requests: int) -> dict:
     )
     for sample in (image, image, text, text):  # the screenshot seen (cold, then once warm); warm-up
         await target.send(sample, one)
+    fresh = Corpus(sizes=[(1288, 728)], pool_size=5 * cold_requests, seed=2000)
+    singles = [fresh.sample(i) for i in range(cold_requests)]
+    fours = [
+        dataclasses.replace(
+            singles[0],
+            images=tuple(fresh.sample(cold_requests + 4 * i + k).images[0] for k in range(4)),
+        )
+        for i in range(cold_requests)
+    ]
     out = {}
-    for name, sample in (("text", text), ("followup_1288", image)):
+    for name, samples in (
+        ("text", [text] * requests),
+        ("followup_1288", [image] * requests),
+        ("new_1288", singles),
+        ("new_4x1288", fours),
+    ):
         before = model_stats(server.http_url, server.admin_headers)
-        records = [await target.send(sample, one) for _ in range(requests)]
+        records = [await target.send(sample, one) for sample in samples]
         after = model_stats(server.http_url, server.admin_headers)
         errors = [r.error for r in records if r.error]
         out[name] = {
@@ -75,6 +91,8 @@ FIGURES = (  # (kind, label, value of a kind's row)
     ("followup_1288", "follow-up: send -> llm", lambda r: r["pre_llm_ms_p50"]),
     ("followup_1288", "follow-up: llm compute", lambda r: r["stages"]["llm"]["compute_infer_ms"]),
     ("followup_1288", "follow-up: preprocessing", lambda r: r["stages"]["preprocessing"]["compute_infer_ms"]),
+    ("new_1288", "new screenshot: send -> llm", lambda r: r["pre_llm_ms_p50"]),
+    ("new_4x1288", "4 new: send -> llm", lambda r: r["pre_llm_ms_p50"]),
 )
 
 
@@ -86,10 +104,10 @@ def compare(paths: list[Path], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     docs = [json.loads(p.read_text()) for p in paths]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(13, 4.5))
     width = 0.8 / len(docs)
     for i, (path, doc) in enumerate(zip(paths, docs, strict=True)):
-        values = [value(doc[kind]) for kind, _, value in FIGURES]
+        values = [value(doc[kind]) if kind in doc else float("nan") for kind, _, value in FIGURES]
         xs = [j + i * width for j in range(len(FIGURES))]
         ax.bar(xs, values, width, label=f"{path.parent.name} ({doc['meta']['commit']})")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(FIGURES))], [label for _, label, _ in FIGURES])
@@ -109,7 +127,13 @@ def compare(paths: list[Path], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--requests", type=int, default=40, help="per kind, one at a time")
+    ap.add_argument("--requests", type=int, default=40, help="text and follow-up requests, one at a time")
+    ap.add_argument(
+        "--cold-requests",
+        type=int,
+        default=8,
+        help="requests with one, and with four, never-seen screenshots",
+    )
     ap.add_argument("--compare", type=Path, nargs="+", help="path_overhead.json files to draw, no run")
     args = ap.parse_args(argv)
     if args.compare:
@@ -119,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     with local_triton("small", "cpu") as server:
-        kinds = asyncio.run(_measure(server, args.requests))
-    meta = make_meta({"requests": args.requests}, "glmv-build --preset small --device cpu (random weights)")
+        kinds = asyncio.run(_measure(server, args.requests, args.cold_requests))
+    meta = make_meta(
+        {"requests": args.requests, "cold_requests": args.cold_requests},
+        "glmv-build --preset small --device cpu (random weights)",
+    )
     doc = {"meta": meta, **kinds}
     (args.out / "path_overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
     for name, row in kinds.items():

@@ -11,16 +11,16 @@ from pathlib import Path
 def test_path_overhead_runs_through_triton_and_compares(tmp_path: Path) -> None:
     from benchmarks.path_overhead import main
 
-    assert main(["--out", str(tmp_path / "run"), "--requests", "2"]) == 0
+    assert main(["--out", str(tmp_path / "run"), "--requests", "2", "--cold-requests", "1"]) == 0
     doc = json.loads((tmp_path / "run" / "path_overhead.json").read_text())
-    assert doc["meta"]["commit"] and doc["meta"]["args"] == {"requests": 2}
-    for kind in ("text", "followup_1288"):
+    assert doc["meta"]["commit"] and doc["meta"]["args"] == {"requests": 2, "cold_requests": 1}
+    for kind, requests in (("text", 2), ("followup_1288", 2), ("new_1288", 1), ("new_4x1288", 1)):
         row = doc[kind]
-        assert row["requests"] == 2 and row["errors"] == 0, row["error_messages"]
+        assert row["requests"] == requests and row["errors"] == 0, row["error_messages"]
         assert row["ttft_ms_p50"] > row["pre_llm_ms_p50"] > 0
         # each request went through every model of the ensemble once
         assert {m: s["executions"] for m, s in row["stages"].items() if m != "ensemble_sync"} == {
-            "ensemble": 2, "preprocessing": 2, "llm": 2, "postprocessing": 2,
+            "ensemble": requests, "preprocessing": requests, "llm": requests, "postprocessing": requests,
         }  # fmt: skip
     path = tmp_path / "run" / "path_overhead.json"
     assert main(["--out", str(tmp_path / "cmp"), "--compare", str(path), str(path)]) == 0
