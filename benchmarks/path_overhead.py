@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def _p50(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
-async def _measure(server, requests: int, cold_requests: int) -> dict:
+async def _measure(server, requests: int, cold_requests: int, cold_seed: int) -> dict:
     from benchmarks.clients import RequestParams, make_target
     from benchmarks.corpus import Corpus, Sample
     from benchmarks.gpu_harness import model_stats, stage_breakdown
@@ -50,7 +51,8 @@ async def _measure(server, requests: int, cold_requests: int) -> dict:
     )
     for sample in (image, image, text, text):  # the screenshot seen (cold, then once warm); warm-up
         await target.send(sample, one)
-    fresh = Corpus(sizes=[(1288, 728)], pool_size=5 * cold_requests, seed=2000)
+    # never seen by this server or an earlier run's (the resize cache on /dev/shm outlives the server)
+    fresh = Corpus(sizes=[(1288, 728)], pool_size=5 * cold_requests, seed=cold_seed)
     singles = [fresh.sample(i) for i in range(cold_requests)]
     fours = [
         dataclasses.replace(
@@ -142,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.server import local_triton
 
     args.out.mkdir(parents=True, exist_ok=True)
+    cold_seed = random.SystemRandom().randrange(1 << 31)
     with local_triton("small", "cpu") as server:
-        kinds = asyncio.run(_measure(server, args.requests, args.cold_requests))
+        kinds = asyncio.run(_measure(server, args.requests, args.cold_requests, cold_seed))
     meta = make_meta(
-        {"requests": args.requests, "cold_requests": args.cold_requests},
+        {"requests": args.requests, "cold_requests": args.cold_requests, "cold_seed": cold_seed},
         "glmv-build --preset small --device cpu (random weights)",
     )
     doc = {"meta": meta, **kinds}

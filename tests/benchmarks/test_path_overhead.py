@@ -13,7 +13,13 @@ def test_path_overhead_runs_through_triton_and_compares(tmp_path: Path) -> None:
 
     assert main(["--out", str(tmp_path / "run"), "--requests", "2", "--cold-requests", "1"]) == 0
     doc = json.loads((tmp_path / "run" / "path_overhead.json").read_text())
-    assert doc["meta"]["commit"] and doc["meta"]["args"] == {"requests": 2, "cold_requests": 1}
+    args = doc["meta"]["args"]
+    assert (
+        doc["meta"]["commit"]
+        and args["requests"] == 2
+        and args["cold_requests"] == 1
+        and args["cold_seed"] >= 0
+    )
     for kind, requests in (("text", 2), ("followup_1288", 2), ("new_1288", 1), ("new_4x1288", 1)):
         row = doc[kind]
         assert row["requests"] == requests and row["errors"] == 0, row["error_messages"]
