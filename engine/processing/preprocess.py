@@ -20,9 +20,9 @@ Triton model and by tests. Contract:
   each resized image's size and RGB bytes, so the same picture hits the engine's prefix and image caches
   however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
   lets an image sent again skip its decode and resize (its header is still checked against the limits).
-  A request's images are opened, decoded, resized and hashed on a few threads (`IMAGE_THREADS`), side by
-  side and beside the prompt's template and tokenizer; errors are raised in image order, before the
-  prompt's own.
+  A request's images (two or more) are opened, decoded, resized and hashed on a few threads
+  (`IMAGE_THREADS`), side by side and beside the prompt's template and tokenizer; errors are raised in
+  image order, before the prompt's own.
 * The prompt: `messages` (OpenAI-shaped JSON; `{"type": "image"}` / `image_url` parts take the images in
   order) or `text_input` with the images before the text in one user turn, rendered with the tokenizer's
   chat template (`add_generation_prompt=True`, `enable_thinking`); each `<|image|>` id is expanded to
@@ -481,8 +481,16 @@ class Preprocessor:
     def start_images(self, raw_images: list[bytes | str]) -> list[Future]:
         """Each image loaded and prepared (`load_images`, then `prepare_images`' work for it) on the image
         threads: a request's images side by side, and beside the prompt's template and tokenizer (PIL's
-        decode and resize and hashlib's digest leave the GIL). `finish_images` collects them."""
+        decode and resize and hashlib's digest leave the GIL); a single image here, at once.
+        `finish_images` collects them."""
         self._check_image_count(raw_images)
+        if len(raw_images) == 1:  # here: a thread's handoff costs a follow-up more than the overlap saves
+            done: Future = Future()
+            try:
+                done.set_result(self._prepare_image(self._load_image(0, raw_images[0])))
+            except BaseException as exc:
+                done.set_exception(exc)
+            return [done]
         if not raw_images:
             return []
         if self._image_threads is None:

@@ -106,7 +106,7 @@ def test_warm_up_runs_every_stage_and_leaves_the_caches_as_they_were(
         original = getattr(pre, name)
         monkeypatch.setattr(pre, name, lambda *a, _f=original, _n=name, **k: stages.append(_n) or _f(*a, **k))
     pre.warm_up()
-    assert stages == ["render", "_resize"]
+    assert stages == ["_resize", "render"]  # one image: prepared at once, then the prompt
     assert not pre.resize_cache._entries and pre.resize_cache._writer is None
     assert not list(pre.resize_cache.shared_dir.iterdir())
     image = png(2)
