@@ -299,8 +299,8 @@ def usable_cpu_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> i
 def default_preprocessing_instances(cores: int) -> int:
     """Preprocessing instances for ``cores`` usable cores: one per two (the rest is for Triton, the llm's
     threads and the gateway), at least 2 (a decode never holds every request), at most 16. Each instance
-    decodes and resizes one image at a time (~17 ms for a 1288×728 PNG on an H200 host), so a burst of new
-    images queues for (images / instances) × that."""
+    serves one request at a time (a new 1288×728 PNG took ~15 ms on an H200 host), so a burst of new
+    screenshots queues for (requests / instances) × that."""
     return max(2, min(16, cores // 2))
 
 
