@@ -219,22 +219,24 @@ def test_while_others_decode_a_vit_batch_keeps_to_the_step_budget(model, model_c
     steps while a request decodes; with nothing decoding they share one forward."""
     from tests.engine.test_llm_engine import tokens
 
-    mc = model_config
     for decoding, expected in ((True, [24, 16]), (False, [40])):
-        ex = make_engine(model, mc, vision_patches_per_step=24, image_cache_mb=0)
-        recorder = SplitRecorder(ex.runner)
-        ex.core.vision.runner = recorder
-        first = image_req(mc, "a", [(1, 4, 6)], seed=8)
-        second = image_req(mc, "b", [(1, 4, 4)], seed=9)
-        arrivals = {0: [first, second]}
-        if decoding:
-            arrivals = {
-                0: [GenerationRequest("text", prompt(6, 6), greedy(8, ignore_eos=True))],
-                2: [first, second],
-            }
-        outputs, _ = run_recorded(ex, recorder, arrivals)
+        outputs, recorder = two_images(model, model_config, SplitRecorder, 24, decoding)
         assert recorder.whole == expected and recorder.advances == []
         assert all(len(tokens(outs)) > 0 for outs in outputs.values())
+
+
+def two_images(model, mc, recorder_class, patches_per_step: int, decoding: bool):  # noqa: F811
+    """(outputs, recorder) of two image requests (24 and 16 patches) arriving together, while a text
+    request decodes or with nothing else running, through a ``recorder_class`` around the real runner."""
+    ex = make_engine(model, mc, vision_patches_per_step=patches_per_step, image_cache_mb=0)
+    recorder = recorder_class(ex.runner)
+    ex.core.vision.runner = recorder
+    images = [image_req(mc, "a", [(1, 4, 6)], seed=8), image_req(mc, "b", [(1, 4, 4)], seed=9)]
+    arrivals = {0: images}
+    if decoding:
+        arrivals = {0: [GenerationRequest("text", prompt(6, 6), greedy(8, ignore_eos=True))], 2: images}
+    outputs, _ = run_recorded(ex, recorder, arrivals)
+    return outputs, recorder
 
 
 class StandInVisionStream(SplitRecorder):
@@ -264,22 +266,10 @@ def test_on_the_vision_stream_batches_keep_to_the_step_budget_while_others_decod
     decoding the images share one forward. Tokens equal the engine's without the stream."""
     from tests.engine.test_llm_engine import tokens
 
-    mc = model_config
     for decoding, expected in ((True, [24, 16]), (False, [40])):
         results = []
         for recorder_class in (SplitRecorder, StandInVisionStream):
-            ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
-            recorder = recorder_class(ex.runner)
-            ex.core.vision.runner = recorder
-            first = image_req(mc, "a", [(1, 4, 6)], seed=8)
-            second = image_req(mc, "b", [(1, 4, 4)], seed=9)
-            arrivals = {0: [first, second]}
-            if decoding:
-                arrivals = {
-                    0: [GenerationRequest("text", prompt(6, 6), greedy(8, ignore_eos=True))],
-                    2: [first, second],
-                }
-            outputs, _ = run_recorded(ex, recorder, arrivals)
+            outputs, recorder = two_images(model, model_config, recorder_class, 8, decoding)
             results.append({k: tokens(v) for k, v in outputs.items()})
             if recorder_class is StandInVisionStream:
                 assert recorder.whole == expected and recorder.advances == []
