@@ -71,6 +71,13 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
         before = model_stats(server.http_url, server.admin_headers)
         records = [await target.send(sample, one) for sample in samples]
         after = model_stats(server.http_url, server.admin_headers)
+        for _ in range(40):  # Triton counts a decoupled ensemble's execution a moment after its last response
+            if after.get("ensemble", {}).get("executions", 0) - before.get("ensemble", {}).get(
+                "executions", 0
+            ) >= len(samples):
+                break
+            await asyncio.sleep(0.05)
+            after = model_stats(server.http_url, server.admin_headers)
         errors = [r.error for r in records if r.error]
         out[name] = {
             "requests": len(records),
