@@ -12,7 +12,8 @@ Contract:
   * Images come either encoded (``image_embeds``) or as patches (``image_pixels`` uint8 RGB or float
     pixel values, with ``image_grid_thw``): the engine then runs the ViT itself, packing the patches of
     several requests into one forward just ahead of their prefill (``engine.core.vision_queue``). The
-    embeddings stay on the device.
+    embeddings stay on the device. ``held_image_embeds(hashes)`` (any thread) hands out the embeddings
+    the image cache holds for every one of those images, or None.
   * ``step() -> list[RequestOutput]``: one step (``engine.core.engine_core``). ``new_token_ids`` are the
     tokens not returned before (a request preempted by recompute never returns a token twice). Every
     request's last output has ``finish_reason`` set: "stop" (eos, stop id, stop string), "length"
@@ -124,6 +125,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._is_stopping = False
         self._callback: Callable[[list[RequestOutput]], None] | None = None
+        self._loop_stream: torch.cuda.Stream | None = None  # the loop thread's own stream, if it has one
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path | EngineDir, **overrides: Any) -> LLMEngine:
@@ -167,6 +169,21 @@ class LLMEngine:
             self._new_seqs.append(seq)
             self._cond.notify_all()
         return req.request_id
+
+    def held_image_embeds(self, image_hashes: list[bytes]) -> torch.Tensor | None:
+        """The embeddings [num_image_tokens, hidden] of these images one after the other, taken from the
+        image cache, or None when it does not hold every one of them. A request that brings them as
+        ``image_embeds`` (with ``image_grid_thw`` and ``image_hashes``, for the prefix cache) needs no
+        pixels; the tensors stay valid whatever the cache drops afterwards."""
+        parts = self.core.image_cache.get_all(image_hashes)
+        if parts is None:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        # queued where the loop queues its steps (they read it), after the copies that stored the parts
+        stream = self._loop_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return torch.cat(parts)
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The compiler of guided requests' grammars (one per engine, its cache keyed by guide)."""
@@ -270,7 +287,8 @@ class LLMEngine:
             if self.runner.vision_stream is not None:
                 # the ViT runs on its own stream beside the steps: where both wait for the GPU's
                 # multiprocessors, the steps' kernels go first (a lower number is a higher priority)
-                stream = torch.cuda.stream(torch.cuda.Stream(self.device, priority=-5))
+                self._loop_stream = torch.cuda.Stream(self.device, priority=-5)
+                stream = torch.cuda.stream(self._loop_stream)
         with stream:
             while True:
                 with self._cond:

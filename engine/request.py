@@ -17,13 +17,14 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     image_embeds: torch.Tensor | None = None
-    """[num_image_tokens, hidden], rows in prompt order."""
+    """[num_image_tokens, hidden], rows in prompt order. With image_grid_thw and image_hashes (the images'
+    sizes and identities, e.g. from ``LLMEngine.held_image_embeds``) their blocks are cached by content."""
     image_pixels: torch.Tensor | None = None
     """The images for the engine to encode: uint8 RGB patches [num_patches, patch_dim], float pixel
     values [num_patches, patch_dim], or the resized RGB images flat [sum(H*W*3)] uint8 (stills; patchified
     and normalized on the device). Exclusive with image_embeds."""
     image_grid_thw: torch.Tensor | None = None
-    """[num_images, 3] (t, h, w) patches per image, with image_pixels."""
+    """[num_images, 3] (t, h, w) patches per image, with image_pixels (or with image_embeds)."""
     image_hashes: list[bytes] | None = None
     """Content hash of each image as the model sees it (resized pixels and their size), for the prefix and
     image-embedding caches; None: the engine hashes image_pixels itself (host tensors only)."""

@@ -54,7 +54,18 @@ class InputProcessor:
         if bad is not None:
             raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
         num_image_tokens = prompt.count(self.model_config.image_token_id)
-        if req.image_pixels is not None or req.image_grid_thw is not None:
+        embeds_by_image = req.image_embeds is not None and req.image_pixels is None
+        if embeds_by_image and req.image_grid_thw is not None:
+            # encoded images with their grids and hashes: their blocks can be cached like encoded pixels'
+            self._check_grid(req.image_grid_thw)
+            num_rows = req.image_embeds.shape[0]
+            grid_rows = self._grid_tokens(req.image_grid_thw)
+            if grid_rows != num_rows:
+                raise ValueError(
+                    f"image_grid_thw: {req.image_grid_thw.tolist()} gives {grid_rows} image tokens for "
+                    f"{num_rows} rows of image_embeds"
+                )
+        elif req.image_pixels is not None or req.image_grid_thw is not None:
             self._check_patches(req, num_image_tokens)
             num_rows = num_image_tokens
         else:
@@ -88,6 +99,10 @@ class InputProcessor:
             image_sizes = [int(t * h * w) // merge_area for t, h, w in grid.tolist()]
             input_offsets = self._image_input_offsets(req.image_pixels, grid)
             image_hashes = self._image_hashes(req, input_offsets)
+        elif embeds_by_image and req.image_grid_thw is not None and req.image_grid_thw.shape[0] > 0:
+            merge_area = self.model_config.vision_config.spatial_merge_size**2
+            image_sizes = [int(t * h * w) // merge_area for t, h, w in req.image_grid_thw.tolist()]
+            image_hashes = self._given_hashes(req) if req.image_hashes is not None else None
         pixels = req.image_pixels if has_patches else None
         on_host = pixels is not None and not pixels.is_cuda and not pixels.is_pinned()
         if on_host and torch.device(self.device).type == "cuda":
@@ -140,15 +155,7 @@ class InputProcessor:
             missing = "image_grid_thw" if req.image_grid_thw is None else "image_pixels"
             raise ValueError(f"{missing}: image_pixels and image_grid_thw go together")
         grid = req.image_grid_thw
-        if grid.ndim != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point:
-            raise ValueError(
-                f"image_grid_thw: shape {tuple(grid.shape)} {grid.dtype} must be [n, 3] integers"
-            )
-        for t, h, w in grid.tolist():
-            if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
-                raise ValueError(
-                    f"image_grid_thw: {[t, h, w]} must have t, h, w >= 1 and h, w divisible by {merge}"
-                )
+        self._check_grid(grid)
         num_patches = int(grid.prod(dim=1).sum()) if grid.shape[0] else 0
         patches = req.image_pixels
         if patches.ndim == 1:  # the resized RGB images, flat: stills only
@@ -175,6 +182,23 @@ class InputProcessor:
                 f"(id {self.model_config.image_token_id}) in prompt_token_ids"
             )
 
+    def _check_grid(self, grid: torch.Tensor) -> None:
+        merge = self.model_config.vision_config.spatial_merge_size
+        if grid.ndim != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point:
+            raise ValueError(
+                f"image_grid_thw: shape {tuple(grid.shape)} {grid.dtype} must be [n, 3] integers"
+            )
+        for t, h, w in grid.tolist():
+            if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
+                raise ValueError(
+                    f"image_grid_thw: {[t, h, w]} must have t, h, w >= 1 and h, w divisible by {merge}"
+                )
+
+    def _grid_tokens(self, grid: torch.Tensor) -> int:
+        """Image tokens of the images of ``grid`` (patches over the merge area)."""
+        merge_area = self.model_config.vision_config.spatial_merge_size**2
+        return sum(int(t * h * w) // merge_area for t, h, w in grid.tolist())
+
     def _rgb_size(self, grid: torch.Tensor) -> int:
         """Bytes of the flat RGB images of this grid (stills)."""
         patch = self.model_config.vision_config.patch_size
@@ -189,16 +213,21 @@ class InputProcessor:
             start += size
         return offsets
 
+    @staticmethod
+    def _given_hashes(req: GenerationRequest) -> list[bytes]:
+        grid = req.image_grid_thw
+        hashes = [bytes(h) for h in req.image_hashes]
+        if len(hashes) != grid.shape[0] or not all(hashes):
+            raise ValueError(
+                f"image_hash: {len(hashes)} hashes for {grid.shape[0]} images (one non-empty hash each)"
+            )
+        return hashes
+
     def _image_hashes(self, req: GenerationRequest, offsets: list[tuple[int, int]]) -> list[bytes] | None:
         """The request's image hashes, checked; computed from host patches when it gave none."""
         grid = req.image_grid_thw
         if req.image_hashes is not None:
-            hashes = [bytes(h) for h in req.image_hashes]
-            if len(hashes) != grid.shape[0] or not all(hashes):
-                raise ValueError(
-                    f"image_hash: {len(hashes)} hashes for {grid.shape[0]} images (one non-empty hash each)"
-                )
-            return hashes
+            return self._given_hashes(req)
         patches = req.image_pixels
         if patches.device.type != "cpu":
             return None

@@ -159,8 +159,20 @@ class PreprocessedRequest:
     mrope_delta: int
     image_hashes: list[str] = field(default_factory=list)
     """sha256 hex of each resized image (its size and RGB bytes): what the model sees."""
+    image_refs: list[str] = field(default_factory=list)
+    """With ``pixels_by_reference`` and every image in the shared resize directory: each image's file there
+    (``ResizeCache.shared_ref``), and ``image_rgb`` is empty."""
     prompt: str = ""  # the rendered chat template (before image expansion)
     is_thinking: bool = False  # the prompt leaves a <think> open: output starts as reasoning
+
+
+def shared_resize_dir_name(engine_dir: str | Path) -> str:
+    """The name of the shared resize directory of an engine: a digest of what the resized pixels depend on
+    (the image processor's settings, its config file, and this code's resize), so servers with other
+    settings never read each other's entries."""
+    processor_file = Path(engine_dir) / "preprocessor_config.json"
+    settings = processor_file.read_bytes() if processor_file.is_file() else b"{}"
+    return "glmv-resize-" + hashlib.sha256(b"resize-v1;" + settings).hexdigest()[:16]
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -396,7 +408,7 @@ class Preprocessor:
             resize_cache_bytes,
             shared_dir=None
             if shared_resize_cache_dir is None
-            else Path(shared_resize_cache_dir) / f"glmv-resize-{self._settings_digest()}",
+            else Path(shared_resize_cache_dir) / shared_resize_dir_name(self.engine_dir),
             shared_max_bytes=shared_resize_cache_bytes,
         )
         self.model_config = (
@@ -443,13 +455,6 @@ class Preprocessor:
             self("warm-up", [buffer.getvalue()])
         finally:
             self.resize_cache = cache
-
-    def _settings_digest(self) -> str:
-        """What the resized pixels depend on: the image processor's settings (its config file) and this
-        code's resize."""
-        processor_file = self.engine_dir / "preprocessor_config.json"
-        settings = processor_file.read_bytes() if processor_file.is_file() else b"{}"
-        return hashlib.sha256(b"resize-v1;" + settings).hexdigest()[:16]
 
     def _token_id(self, token: str) -> int | None:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -500,11 +505,19 @@ class Preprocessor:
             for i, raw in enumerate(raw_images)
         ]
 
-    def finish_images(self, started: list[Future]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """`prepare_images`' result of `start_images`' work; raises the first image's error in image order
-        (after every image has ended)."""
+    def finish_images(
+        self, started: list[Future], by_reference: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """`prepare_images`' result of `start_images`' work and, with ``by_reference`` when every image
+        is in the shared resize directory, their files there (the RGB then empty); raises the first
+        image's error in image order (after every image has ended)."""
         wait(started)
-        return self._assemble([future.result() for future in started])
+        prepared = [future.result() for future in started]
+        refs = [ref for _, _, ref in prepared] if by_reference and prepared else []
+        if refs and all(refs):
+            hashes = [image_hash for _, image_hash, _ in prepared]
+            return np.zeros(0, np.uint8), self._grids(prepared), hashes, refs
+        return (*self._assemble(prepared), [])
 
     def _geometry(self) -> tuple[int, int, int]:
         proc = self.image_processor
@@ -521,29 +534,36 @@ class Preprocessor:
         """`resize_images` and each resized image's hash (sha256 hex of its size and RGB bytes)."""
         return self._assemble([self._prepare_image(info) for info in images])
 
-    def _prepare_image(self, info: ImageInfo) -> tuple[np.ndarray, str]:
-        """(resized RGB [h, w, 3] uint8, read-only, its hash) of one image: from the resize cache, else
-        decoded (if it was not), resized, hashed and put there."""
+    def _prepare_image(self, info: ImageInfo) -> tuple[np.ndarray, str, str | None]:
+        """(resized RGB [h, w, 3] uint8, read-only, its hash, its file in the shared resize directory or
+        None) of one image: from the resize cache, else decoded (if it was not), resized, hashed and put
+        there (a new image's file is written meanwhile: None)."""
         known = self.resize_cache.get(info.file_hash)
-        if known is None:
-            if not info.is_decoded:  # its cache entry went between the check and here
-                info.image.load()
-            patch, merge, temporal = self._geometry()
-            rgb = self._resize(info.image, patch, merge, temporal)
-            digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
-            digest.update(np.ascontiguousarray(rgb).data)
-            known = (rgb, digest.hexdigest())
-            self.resize_cache.put(info.file_hash, *known)
-        return known
+        if known is not None:
+            return (*known, self.resize_cache.shared_ref(info.file_hash))
+        if not info.is_decoded:  # its cache entry went between the check and here
+            info.image.load()
+        patch, merge, temporal = self._geometry()
+        rgb = self._resize(info.image, patch, merge, temporal)
+        digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
+        digest.update(np.ascontiguousarray(rgb).data)
+        known = (rgb, digest.hexdigest())
+        self.resize_cache.put(info.file_hash, *known)
+        return (*known, None)
 
-    def _assemble(self, prepared: list[tuple[np.ndarray, str]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def _grids(self, prepared: list[tuple[np.ndarray, str, str | None]]) -> np.ndarray:
+        patch = self._geometry()[0]
+        grids = [(1, rgb.shape[0] // patch, rgb.shape[1] // patch) for rgb, _, _ in prepared]
+        return np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+
+    def _assemble(
+        self, prepared: list[tuple[np.ndarray, str, str | None]]
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if not prepared:
             return np.zeros(0, np.uint8), np.zeros((0, 3), np.int64), []
-        patch = self._geometry()[0]
-        parts = [rgb.reshape(-1) for rgb, _ in prepared]
-        grids = [(1, rgb.shape[0] // patch, rgb.shape[1] // patch) for rgb, _ in prepared]
+        parts = [rgb.reshape(-1) for rgb, _, _ in prepared]
         rgb = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one image: its cached array, no copy
-        return rgb, np.asarray(grids, dtype=np.int64), [image_hash for _, image_hash in prepared]
+        return rgb, self._grids(prepared), [image_hash for _, image_hash, _ in prepared]
 
     def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
@@ -642,7 +662,10 @@ class Preprocessor:
         messages_json: str | None = None,
         enable_thinking: bool | None = None,
         tools_json: str | None = None,
+        pixels_by_reference: bool = False,
     ) -> PreprocessedRequest:
+        """``pixels_by_reference``: when every image is in the shared resize directory, hand their files
+        there (``image_refs``) instead of the pixels (``image_rgb`` empty)."""
         import torch
 
         from engine.model.rope import get_mrope_positions
@@ -655,7 +678,7 @@ class Preprocessor:
         except Exception:
             self.finish_images(started)  # an image's own error comes first: the images are read first
             raise
-        image_rgb, grid, image_hashes = self.finish_images(started)
+        image_rgb, grid, image_hashes, image_refs = self.finish_images(started, pixels_by_reference)
         num_tokens_per_image = [int(t * h * w) // self.merge_size**2 for t, h, w in grid.tolist()]
         if sum(num_tokens_per_image) > self.limits.max_image_tokens_per_request:
             raise InputError(
@@ -695,6 +718,7 @@ class Preprocessor:
             mrope_positions=positions.numpy().astype(np.int64),
             mrope_delta=int(delta),
             image_hashes=image_hashes,
+            image_refs=image_refs,
             prompt=prompt,
             is_thinking=self._is_thinking(input_ids),
         )

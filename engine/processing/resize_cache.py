@@ -14,6 +14,11 @@ and a write is skipped when it would leave the file system less than 10 % or 64 
 more (tmpfs is memory, and Triton's own shared-memory regions live on /dev/shm too: with Docker's default
 64 MiB /dev/shm nothing is written). The directory's name carries a digest of
 the resize settings, so servers with other settings never read each other's entries.
+
+A file touched in the last ``PROTECT_S`` seconds (written, or read as a hit) is not trimmed: ``shared_ref``
+hands its path to another process (the llm, in place of the pixels), which reads it with
+``read_shared_ref`` within that time. Under a burst of new images the directory may then outgrow
+``shared_max_bytes`` for that long, still within the free-space rule.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import collections
 import contextlib
 import os
 import queue
+import re
 import struct
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +39,8 @@ _MAGIC = b"GLMVRGB1"
 _HEADER = struct.Struct("<8sII64s")  # magic, height, width, image hash (hex)
 MIN_FREE_BYTES = 64 << 20
 MIN_FREE_FRACTION = 0.1
+PROTECT_S = 10.0
+_REF_NAME = re.compile(r"[0-9a-f]{64}\.rgb")
 
 
 class ResizeCache:
@@ -90,6 +99,18 @@ class ResizeCache:
         with contextlib.suppress(queue.Full):  # the directory is a cache: a write may be skipped
             self._writes.put_nowait((key, entry))
 
+    def shared_ref(self, key: str) -> str | None:
+        """The path of ``key``'s file in the shared directory, refreshed (not trimmed for ``PROTECT_S``
+        seconds), or None when it has none (yet: writes run on their own thread)."""
+        if self.shared_dir is None:
+            return None
+        path = self._path(key)
+        try:
+            os.utime(path)
+        except OSError:
+            return None
+        return str(path)
+
     def flush(self) -> None:
         """Wait until the writes asked so far are done."""
         self._writes.join()
@@ -126,13 +147,8 @@ class ResizeCache:
             data = path.read_bytes()
         except OSError:
             return None
-        try:
-            magic, height, width, image_hash = _HEADER.unpack_from(data)
-            if magic != _MAGIC or len(data) != _HEADER.size + height * width * 3:
-                raise ValueError("bad entry")
-            rgb = np.frombuffer(data, np.uint8, offset=_HEADER.size).reshape(height, width, 3)
-            entry = (rgb, image_hash.decode("ascii"))
-        except (ValueError, struct.error, UnicodeDecodeError):
+        entry = _parse(data)
+        if entry is None:
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
@@ -171,9 +187,49 @@ class ResizeCache:
                         stat = item.stat()
                         files.append((stat.st_mtime, stat.st_size, item.path))
         total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= budget:
+        protected_since = time.time() - PROTECT_S
+        for mtime, size, path in sorted(files):
+            if total <= budget or mtime > protected_since:
                 break
             with contextlib.suppress(OSError):
                 os.unlink(path)
             total -= size
+
+
+def _parse(data: bytes | np.ndarray) -> tuple[np.ndarray, str] | None:
+    """(RGB [h, w, 3], its image hash) of a shared entry's bytes (a view of them: read-only for bytes), or
+    None if they do not parse."""
+    try:
+        magic, height, width, image_hash = _HEADER.unpack_from(data)
+        if magic != _MAGIC or len(data) != _HEADER.size + height * width * 3:
+            return None
+        rgb = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
+        return rgb[_HEADER.size :].reshape(height, width, 3), image_hash.decode("ascii")
+    except (ValueError, struct.error, UnicodeDecodeError):
+        return None
+
+
+def check_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> Path:
+    """``ref`` as a path, if it can name an entry: a ``<64 hex digits>.rgb`` file directly inside a
+    directory named ``dir_name`` (so a caller cannot point a reader at any other file); else ValueError
+    naming ``field``."""
+    path = Path(ref)
+    if not path.is_absolute() or path.parent.name != dir_name or not _REF_NAME.fullmatch(path.name):
+        raise ValueError(f"{field}: {ref!r} is not an entry of this server's shared image directory")
+    return path
+
+
+def read_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> tuple[np.ndarray, str]:
+    """(RGB [h, w, 3], its image hash) of a path from ``shared_ref`` (``check_shared_ref`` first);
+    ValueError naming ``field`` when it is not one or no longer holds an entry."""
+    path = check_shared_ref(ref, dir_name, field)
+    try:
+        data = np.fromfile(path, np.uint8)  # writable: the caller may hand it to torch as it is
+    except OSError as exc:
+        raise ValueError(
+            f"{field}: {ref!r} could not be read ({exc.strerror}); send the request again"
+        ) from None
+    entry = _parse(data)
+    if entry is None:
+        raise ValueError(f"{field}: {ref!r} does not hold a resized image; send the request again")
+    return entry

@@ -509,3 +509,104 @@ def test_postprocessing_decodes_ids_when_only_ids_arrive(server, tiny_engine: Pa
     assert result.as_numpy("text_output")[0].decode() == "The answer is yes."
     assert result.as_numpy("reasoning_output")[0].decode() == "The invoice total"
     assert result.as_numpy("num_output_tokens").tolist() == [len(ids) - 2]
+
+
+def wait_for_metric(server, name: str, labels: str, above: float, timeout: float = 10.0) -> float:
+    """The metric once it exceeds `above` (the llm's counters follow the engine every 100 ms)."""
+    deadline = time.monotonic() + timeout
+    while (value := metric(server, name, labels)) <= above and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def test_images_the_host_has_resized_reach_the_llm_by_reference(server, tiny_engine: Path) -> None:
+    """A screenshot sent again goes from preprocessing to the llm as its file in the shared resize directory
+    (no pixels through Triton); the llm takes the embeddings it holds, or reads the file when it does not
+    hold them. Answers are the same as with the pixels; a reference outside that directory is refused."""
+    import hashlib
+    import os
+    import tempfile
+
+    from engine.processing.preprocess import PreprocessLimits, Preprocessor, shared_resize_dir_name
+
+    held_label, read_label = 'model="llm"', 'model="llm"'
+    time.sleep(0.3)  # the counters have caught up with earlier tests' requests (updated every 100 ms)
+    held_before = metric(server, "glmv_image_refs_held_total", held_label)
+    read_before = metric(server, "glmv_image_refs_read_total", read_label)
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # preprocessing's default
+    shared = Path(base) / shared_resize_dir_name(tiny_engine)
+    seed = time.time_ns() % 2**32  # never seen by this host: its first request carries the pixels
+    image = png(90, 60, seed)
+    first = grpc_generate(server, [image])
+    file = shared / f"{hashlib.sha256(image).hexdigest()}.rgb"
+    deadline = time.monotonic() + 10
+    while not file.is_file() and time.monotonic() < deadline:  # written beside the request, not in it
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert metric(server, "glmv_image_refs_held_total", held_label) == held_before  # it came by value
+    assert grpc_generate(server, [image]) == first
+    assert wait_for_metric(server, "glmv_image_refs_held_total", held_label, held_before) == held_before + 1
+
+    # the llm alone, with a reference to an image its engine has never encoded: it reads the file
+    pre = Preprocessor(
+        tiny_engine,
+        PreprocessLimits.from_engine_dir(tiny_engine),
+        shared_resize_cache_dir=base,
+        shared_resize_cache_bytes=64 << 20,
+    )
+    other = png(64, 100, seed + 1)
+    by_value = pre(QUESTION, [other])
+    pre.resize_cache.flush()
+    by_ref = pre(QUESTION, [other], pixels_by_reference=True)
+    assert by_ref.image_refs and by_ref.image_rgb.size == 0
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+
+    def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    def generate(image_tensors: list, hashes: list[str] = by_ref.image_hashes) -> list[int] | Exception:
+        responses: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        common = [
+            tensor("input_ids", by_ref.input_ids.astype(np.int32), "INT32"),
+            tensor("request_output_len", np.array([MAX_TOKENS], np.int32), "INT32"),
+            tensor("temperature", np.array([0.0], np.float32), "FP32"),
+            tensor("mrope_positions", by_ref.mrope_positions, "INT64"),
+            tensor("mrope_position_deltas", np.array([by_ref.mrope_delta], np.int64), "INT64"),
+            tensor("image_grid_thw", by_ref.image_grid_thw, "INT64"),
+            tensor("image_hash", np.array([h.encode() for h in hashes], np.object_), "BYTES"),
+            tensor("exclude_input_in_output", np.array([True]), "BOOL"),
+        ]
+        client.async_stream_infer("llm", common + image_tensors)
+        result, error = responses.get(timeout=60)
+        client.stop_stream()
+        return error if error is not None else result.as_numpy("output_ids").tolist()
+
+    def refs(*paths: str) -> list:
+        return [tensor("image_ref", np.array([p.encode() for p in paths], np.object_), "BYTES")]
+
+    from_file = generate(refs(*by_ref.image_refs))
+    assert wait_for_metric(server, "glmv_image_refs_read_total", read_label, read_before) == read_before + 1
+    from_pixels = generate([tensor("image_rgb", by_value.image_rgb, "UINT8")])
+    assert from_file == from_pixels and len(from_file) == MAX_TOKENS
+    for bad, message in [
+        (refs("/etc/passwd"), "image_ref[0]: '/etc/passwd' is not an entry of this server's shared image"),
+        (refs(*by_ref.image_refs, *by_ref.image_refs), "image_ref: 2 references, 1 hashes and 1 grid rows"),
+        (
+            refs(*by_ref.image_refs) + [tensor("image_rgb", by_value.image_rgb, "UINT8")],
+            "image_ref: give image_rgb or image_ref, not both",
+        ),
+    ]:
+        error = generate(bad)
+        assert isinstance(error, InferenceServerException) and message in str(error), error
+    # an image the engine does not hold, whose file is not there (or holds another image)
+    missing = generate(refs(str(shared / f"{'0' * 64}.rgb")), hashes=["f" * 64])
+    assert "image_ref[0]: '" in str(missing) and "could not be read" in str(missing), missing
+    wrong = generate(refs(*by_ref.image_refs), hashes=["f" * 64])
+    assert f"image_ref[0]: the file holds image {by_ref.image_hashes[0]}, not image_hash {'f' * 64}" in str(
+        wrong
+    ), wrong
+    client.close()
+    assert grpc_generate(server, [image]) == first  # still serving

@@ -42,7 +42,7 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from .metrics import LlmMetrics
-from .request import RequestTable, is_stop, parse_request, request_key
+from .request import ImageRefs, RequestTable, is_stop, parse_request, request_key
 from .response import Responses, coalesce, send_error
 from .triton_model import (  # common/, copied by glmv-build
     InputTensors,
@@ -85,6 +85,13 @@ class TritonPythonModel:
         self.cancel_checks_per_period = max(1, parameters.get_int("cancellation_checks_per_period", 8))
         self.stream_responses_per_s = max(1.0, parameters.get_float("stream_responses_per_s", 1000.0))
 
+        from engine.processing.preprocess import shared_resize_dir_name
+
+        self.image_refs = ImageRefs(
+            self.engine,
+            shared_resize_dir_name(engine_dir.path),
+            self.engine.model_config.vision_config.patch_size,
+        )
         self.requests = RequestTable()
         self.responses = Responses(self.engine, wall_offset_ns=time.time_ns() - time.monotonic_ns())
         self.metrics = LlmMetrics(args)
@@ -131,7 +138,11 @@ class TritonPythonModel:
             send_error(sender, "llm: the engine loop is not running", pb_utils.TritonError.UNAVAILABLE)
             return
         generation_request, state = parse_request(
-            inputs, sender, triton_id, has_tokenizer=self.engine.tokenizer is not None
+            inputs,
+            sender,
+            triton_id,
+            has_tokenizer=self.engine.tokenizer is not None,
+            image_refs=self.image_refs,
         )
         self.requests.add(state)
         try:
@@ -199,7 +210,9 @@ class TritonPythonModel:
     def _stats_loop(self) -> None:
         while not self.is_shutting_down.wait(self.stats_period_s):
             try:
-                self.metrics.update(self.engine.stats(), num_active=self.requests.num_active())
+                self.metrics.update(
+                    self.engine.stats(), num_active=self.requests.num_active(), image_refs=self.image_refs
+                )
             except Exception:
                 logger.exception("llm: stats update failed")
 

@@ -155,9 +155,10 @@ class RequestTable:
 
 
 def parse_request(
-    inputs: InputTensors, sender, triton_id: str, has_tokenizer: bool
+    inputs: InputTensors, sender, triton_id: str, has_tokenizer: bool, image_refs: ImageRefs | None = None
 ) -> tuple[GenerationRequest, RequestState]:
-    """The engine request (under a fresh engine id) and its state; ValueError naming a bad input."""
+    """The engine request (under a fresh engine id) and its state; ValueError naming a bad input.
+    ``image_refs`` resolves the `image_ref` input (refused without it)."""
     from engine.request import GenerationRequest
 
     input_ids = _tensor(inputs, "input_ids")
@@ -170,7 +171,16 @@ def parse_request(
             raise ValueError(f"input_lengths: {input_length} must be in [1, {prompt.size}] (len(input_ids))")
         prompt = prompt[: int(input_length)]
     sampling = _sampling(inputs)
-    image_rgb, image_grid_thw, image_embeds = _images(inputs)
+    refs = _tensor(inputs, "image_ref")
+    if refs is not None and refs.size:
+        if image_refs is None:
+            raise ValueError("image_ref: this model reads no shared image directory; send image_rgb")
+        image_rgb, image_grid_thw, image_embeds, image_hashes = image_refs.resolve(
+            [r if isinstance(r, bytes) else str(r).encode() for r in refs.reshape(-1)], inputs
+        )
+    else:
+        image_rgb, image_grid_thw, image_embeds = _images(inputs)
+        image_hashes = _image_hashes(inputs, image_grid_thw)
     positions = _tensor(inputs, "mrope_positions")
     mrope_positions = None
     if positions is not None and positions.size:
@@ -191,7 +201,7 @@ def parse_request(
         image_grid_thw=image_grid_thw,
         mrope_positions=mrope_positions,
         mrope_delta=int(_scalar(inputs, "mrope_position_deltas", 0)),
-        image_hashes=_image_hashes(inputs, image_grid_thw),
+        image_hashes=image_hashes,
         stop_strings=stop_strings if has_tokenizer else (),
         is_thinking=bool(_scalar(inputs, "is_thinking", False)),
         guide=_guide(inputs),
@@ -256,6 +266,66 @@ def _images(inputs: InputTensors) -> tuple[torch.Tensor | None, torch.Tensor | N
         if table.shape[0] > 0:
             image_embeds = torch.from_numpy(np.ascontiguousarray(table))
     return image_rgb, image_grid_thw, image_embeds
+
+
+class ImageRefs:
+    """Resolves `image_ref`: per image, its file in the host's shared resize directory
+    (engine.processing.resize_cache), sent by preprocessing in place of the pixels (`image_rgb` empty),
+    with `image_grid_thw` and `image_hash`. When the engine's image cache holds every image, the request
+    takes their embeddings from it; else each file is read (and checked against its hash and grid) and the
+    pixels go to the engine as if sent. Counts both ways (`num_held`, `num_read`)."""
+
+    def __init__(self, engine, dir_name: str, patch_size: int) -> None:
+        self.engine = engine
+        self.dir_name = dir_name
+        self.patch_size = patch_size
+        self.num_held = 0  # images whose embeddings the engine held
+        self.num_read = 0  # images read from their files
+
+    def resolve(self, refs: list[bytes], inputs: InputTensors):
+        """(image_rgb, image_grid_thw, image_embeds, image_hashes) of the request."""
+        from engine.processing.resize_cache import check_shared_ref, read_shared_ref
+
+        rgb = _tensor(inputs, "image_rgb")
+        grid = _tensor(inputs, "image_grid_thw")
+        hashes = _tensor(inputs, "image_hash")
+        if rgb is not None and rgb.size:
+            raise ValueError("image_ref: give image_rgb or image_ref, not both")
+        if _tensor(inputs, "prompt_embedding_table") is not None:
+            raise ValueError("image_ref: give prompt_embedding_table or image_ref, not both")
+        if grid is None or hashes is None:
+            raise ValueError("image_ref: needs image_grid_thw and image_hash, one row and one hash per image")
+        grid = grid.reshape(-1, 3)
+        hashes = [h if isinstance(h, bytes) else str(h).encode() for h in hashes.reshape(-1)]
+        if not len(refs) == len(hashes) == grid.shape[0]:
+            raise ValueError(
+                f"image_ref: {len(refs)} references, {len(hashes)} hashes and {grid.shape[0]} grid rows "
+                "(one of each per image)"
+            )
+        paths = [ref.decode("utf-8", errors="replace") for ref in refs]
+        for i, path in enumerate(paths):  # refused alike whether or not the engine holds the image
+            check_shared_ref(path, self.dir_name, f"image_ref[{i}]")
+        image_grid_thw = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.int64))
+        embeds = self.engine.held_image_embeds(hashes)
+        if embeds is not None:
+            self.num_held += len(refs)
+            return None, image_grid_thw, embeds, hashes
+        parts = []
+        for i, (path, image_hash, (_, gh, gw)) in enumerate(zip(paths, hashes, grid.tolist(), strict=True)):
+            field = f"image_ref[{i}]"
+            pixels, file_hash = read_shared_ref(path, self.dir_name, field)
+            if file_hash.encode() != image_hash:
+                raise ValueError(
+                    f"{field}: the file holds image {file_hash}, not image_hash {image_hash.decode()}"
+                )
+            if pixels.shape[:2] != (gh * self.patch_size, gw * self.patch_size):
+                raise ValueError(
+                    f"{field}: a {pixels.shape[1]}x{pixels.shape[0]} image, not image_grid_thw {[1, gh, gw]}"
+                )
+            parts.append(pixels.reshape(-1))
+        self.num_read += len(refs)
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return torch.from_numpy(flat), image_grid_thw, None, hashes
 
 
 def _image_hashes(inputs: InputTensors, image_grid_thw) -> list[bytes] | None:

@@ -65,6 +65,12 @@ class TritonPythonModel:
             shared_resize_cache_dir=shared_dir or tempfile.gettempdir(),
             shared_resize_cache_bytes=parameters.get_int("shared_resize_cache_mb", 512) << 20,
         )
+        # An image already in the shared directory (a follow-up's) goes to the llm as its file's path there,
+        # not as 2.8 MB of pixels through Triton (the llm reads the file only if it does not hold the
+        # image's embeddings).
+        self.pixels_by_reference = bool(shared_dir) and parameters.get(
+            "pixels_by_reference", "true"
+        ).lower() in ("true", "1", "yes")
         # the first request of each instance would pay the stages' one-time setup; Triton hands follow-ups
         # to any instance, so every instance does it now
         self.preprocessor.warm_up()
@@ -159,6 +165,7 @@ class TritonPythonModel:
             messages_json=messages_json,
             enable_thinking=None if enable_thinking is None else bool(enable_thinking),
             tools_json=_text(inputs, "tools") or None,
+            pixels_by_reference=self.pixels_by_reference,
         )
         guide = _text(inputs, "guided_decoding_guide")
         if guide and not guide_type:
@@ -187,6 +194,7 @@ class TritonPythonModel:
             pb_utils.Tensor("mrope_positions", np.ascontiguousarray(out.mrope_positions, dtype=np.int64)),
             pb_utils.Tensor("mrope_position_deltas", np.array([out.mrope_delta], np.int64)),
             pb_utils.Tensor("image_hash", np.array([h.encode() for h in out.image_hashes], dtype=np.object_)),
+            pb_utils.Tensor("image_ref", np.array([r.encode() for r in out.image_refs], dtype=np.object_)),
             i32("runtime_top_k", sampling["top_k"], 0),
             f32("runtime_top_p", sampling["top_p"], 1.0),
             f32("temperature", sampling["temperature"], 1.0),

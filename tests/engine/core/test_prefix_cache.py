@@ -255,3 +255,45 @@ def test_preempted_sequence_whose_image_was_skipped_is_encoded_again(model, mode
     off = make_engine(model, mc, **{**engine, **OFF})
     outs_off = run_to_end(off, arrivals())
     assert {k: tokens(v) for k, v in outs_on.items()} == {k: tokens(v) for k, v in outs_off.items()}
+
+
+def test_images_brought_as_the_embeddings_the_engine_holds_need_no_pixels(model, model_config):
+    """`held_image_embeds` hands out the embeddings of images the image cache holds; a request that brings
+    them (with its grids and hashes, no pixels) gets the tokens of the same request with pixels, and finds
+    its blocks in the prefix cache as if the pixels had come."""
+    import pytest
+
+    mc = model_config
+    first, second = image(mc, 11), image(mc, 12, (1, 2, 2))
+    hashes = [b"first-image", b"second-image"]
+
+    def req(rid: str, question: list[int], embeds: torch.Tensor | None = None, **extra) -> GenerationRequest:
+        ids, kw = image_prompt(mc, question, [first, second])
+        kw["image_hashes"] = hashes
+        if embeds is not None:
+            kw["image_embeds"], kw["image_pixels"] = embeds, None
+        return GenerationRequest(rid, ids, greedy(6), **{**kw, **extra})
+
+    ex = make_engine(model, mc)
+    assert ex.held_image_embeds(hashes) is None  # nothing encoded yet
+    serve_one_by_one(ex, [req("a", [7, 8, 9])])
+    assert ex.held_image_embeds([hashes[0], b"never-seen"]) is None  # all or nothing
+    held = ex.held_image_embeds(hashes)
+    assert held.shape == (6 + 1, mc.hidden_size)  # both images' rows, one after the other
+    (by_embeds,) = serve_one_by_one(ex, [req("b", [10, 11, 12, 13], held)])
+    (by_pixels,) = serve_one_by_one(make_engine(model, mc, **OFF), [req("b", [10, 11, 12, 13])])
+    assert tokens(by_embeds) == tokens(by_pixels)
+    images_end = 2 + (1 + 6 + 1) + (1 + 1 + 1)  # head, both image blocks
+    assert by_embeds[-1].num_cached_tokens == images_end // BLOCK_SIZE * BLOCK_SIZE
+    stats = ex.stats()
+    assert (stats.num_image_cache_misses, stats.num_image_cache_hits) == (2, 2)  # a encoded; b held both
+    assert ex.block_manager.num_used_blocks == 0
+    for bad, match in [
+        (
+            req("c", [7], held[:-1]),
+            r"^image_grid_thw: \[\[1, 4, 6\], \[1, 2, 2\]\] gives 7 image tokens for 6",
+        ),
+        (req("c", [7], held, image_hashes=hashes[:1]), r"^image_hash: 1 hashes for 2 images"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ex.add_request(bad)

@@ -1,6 +1,7 @@
 """ResizeCache and the Preprocessor with a shared directory: a second instance (another process in Triton)
 answers an image the first one resized without decoding or resizing it, byte for byte the same; the
-directory stays within its bytes, oldest first; a damaged entry is a miss and goes away."""
+directory stays within its bytes, oldest first, except files handed out by reference in the last seconds; a
+damaged entry is a miss and goes away; a reference is read only inside the server's own directory."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from engine.processing.preprocess import Preprocessor
-from engine.processing.resize_cache import ResizeCache
+from engine.processing.resize_cache import PROTECT_S, ResizeCache, read_shared_ref
 
 
 def png(seed: int, size=(300, 200)) -> bytes:
@@ -84,6 +85,86 @@ def test_a_damaged_entry_is_a_miss_and_goes_away(tmp_path: Path):
     path = tmp_path / "k.rgb"
     path.write_bytes(path.read_bytes()[:-1])
     assert cache.get("k") is None and not path.exists()
+
+
+def test_files_handed_out_by_reference_are_kept_for_a_while(tmp_path: Path):
+    rgb = np.zeros((10, 10, 3), np.uint8)
+    entry_bytes = 80 + rgb.nbytes
+    cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=2 * entry_bytes)
+    assert cache.shared_ref("k0") is None  # nothing written yet
+    old = time.time() - PROTECT_S - 5
+    for i in range(2):
+        cache.put(f"k{i}", rgb + i, "ab" * 32)
+        cache.flush()
+        os.utime(tmp_path / f"k{i}.rgb", (old + i, old + i))
+    assert cache.shared_ref("k0") == str(tmp_path / "k0.rgb")  # refreshed: k1 is now the oldest
+    cache.put("k2", rgb + 2, "cd" * 32)
+    cache.flush()
+    assert sorted(p.name for p in tmp_path.glob("*.rgb")) == ["k0.rgb", "k2.rgb"]
+    # over its bytes, but both files were touched within PROTECT_S: the directory keeps them for now
+    cache.put("k3", rgb + 3, "ef" * 32)
+    cache.flush()
+    assert sorted(p.name for p in tmp_path.glob("*.rgb")) == ["k0.rgb", "k2.rgb", "k3.rgb"]
+    for name in ("k0", "k2"):
+        os.utime(tmp_path / f"{name}.rgb", (old, old))
+    cache.put("k4", rgb + 4, "ef" * 32)
+    cache.flush()
+    assert sorted(p.name for p in tmp_path.glob("*.rgb")) == ["k3.rgb", "k4.rgb"]
+
+
+def test_a_reference_is_read_only_inside_the_servers_own_directory(tmp_path: Path):
+    shared = tmp_path / "glmv-resize-0123456789abcdef"
+    cache = ResizeCache(0, shared_dir=shared, shared_max_bytes=1 << 20)
+    key = "a" * 64
+    rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    cache.put(key, rgb, "cd" * 32)
+    cache.flush()
+    ref = cache.shared_ref(key)
+    got, image_hash = read_shared_ref(ref, shared.name)
+    np.testing.assert_array_equal(got, rgb)
+    assert image_hash == "cd" * 32 and got.flags.writeable  # handed to torch as it is
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / f"{key}.rgb").write_bytes((shared / f"{key}.rgb").read_bytes())
+    for bad in ("/etc/passwd", str(other / f"{key}.rgb"), str(shared / "notes.txt"), f"{key}.rgb",
+                str(shared / ".." / shared.name / "x.rgb")):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^image_ref\[0\]: .* is not an entry of this server's shared"):
+            read_shared_ref(bad, shared.name, "image_ref[0]")
+    with pytest.raises(ValueError, match=r"^image_ref: .* could not be read .*send the request again"):
+        read_shared_ref(str(shared / f"{'b' * 64}.rgb"), shared.name)
+    (shared / f"{'c' * 64}.rgb").write_bytes(b"GLMVRGB1 not an entry")
+    with pytest.raises(ValueError, match=r"^image_ref: .* does not hold a resized image"):
+        read_shared_ref(str(shared / f"{'c' * 64}.rgb"), shared.name)
+
+
+def test_images_in_the_shared_directory_go_by_reference(tiny_checkpoint: Path, tmp_path: Path):
+    pre = Preprocessor(tiny_checkpoint, shared_resize_cache_dir=tmp_path, shared_resize_cache_bytes=64 << 20)
+    image, other = png(7), png(8, (120, 90))
+    new = pre("What is this?", [image], pixels_by_reference=True)
+    assert new.image_refs == [] and new.image_rgb.size  # a new image: its file is written meanwhile
+    pre.resize_cache.flush()
+    again = pre("What is this?", [image], pixels_by_reference=True)
+    (ref,) = again.image_refs
+    assert again.image_rgb.size == 0 and Path(ref).parent.parent == tmp_path
+    got, image_hash = read_shared_ref(ref, Path(ref).parent.name)
+    np.testing.assert_array_equal(got.reshape(-1), new.image_rgb)
+    assert [image_hash] == again.image_hashes == new.image_hashes
+    np.testing.assert_array_equal(again.image_grid_thw, new.image_grid_thw)
+    np.testing.assert_array_equal(again.input_ids, new.input_ids)
+    np.testing.assert_array_equal(again.mrope_positions, new.mrope_positions)
+    # all or nothing: with one new image every pixel goes by value; and only when asked
+    mixed = pre("And these?", [image, other], pixels_by_reference=True)
+    patch = int(pre.image_processor.patch_size)
+    grid = mixed.image_grid_thw
+    assert (
+        mixed.image_refs == [] and mixed.image_rgb.size == int((grid[:, 1] * grid[:, 2]).sum()) * patch**2 * 3
+    )
+    assert mixed.image_rgb.size > new.image_rgb.size
+    pre.resize_cache.flush()
+    both = pre("And these?", [image, other], pixels_by_reference=True)
+    assert len(both.image_refs) == 2 and both.image_rgb.size == 0
+    np.testing.assert_array_equal(both.image_grid_thw, mixed.image_grid_thw)
+    assert pre("What is this?", [image]).image_refs == []
 
 
 @pytest.mark.parametrize("max_bytes", [0, 1 << 20])
