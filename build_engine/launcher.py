@@ -41,6 +41,7 @@ Contract:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import secrets
@@ -72,6 +73,7 @@ __all__ = [
     "check_ports_free",
     "find_triton",
     "free_port",
+    "free_ports",
     "main",
 ]
 
@@ -262,9 +264,19 @@ def prepare_stub_env(cache_dir: Path | None = None) -> Path:
 
 def free_port() -> int:
     """A TCP port that is free now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that are free now: each socket stays bound until all are picked (one by
+    one, the OS may hand out the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 def check_ports_free(ports: dict[str, int]) -> None:
@@ -310,9 +322,11 @@ class TritonServer:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"--model-repository: {self.model_repository} is not a directory")
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        picked = iter(free_ports(3))  # distinct: a port given here is never picked for another
+        given = {http_port, grpc_port, metrics_port}
+        self.http_port, self.grpc_port, self.metrics_port = (
+            port or next(p for p in picked if p not in given) for port in (http_port, grpc_port, metrics_port)
+        )
         self.log_verbose = log_verbose
         self.startup_timeout_s = startup_timeout_s
         self.grpc_infer_allocation_pool_size = grpc_infer_allocation_pool_size

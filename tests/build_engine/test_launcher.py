@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from build_engine.allocator import LIBRARY_NAMES, choose_allocator
-from build_engine.launcher import ServerStartError, TritonServer, free_port
+from build_engine.launcher import ServerStartError, TritonServer, free_port, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -371,3 +371,16 @@ def test_shutdown_leaves_no_crashed_stub(tiny_engine: Path, tmp_path: Path) -> N
             break
         time.sleep(0.5)
     assert crashes == []
+
+
+def test_the_ports_a_server_picks_are_distinct(tmp_path: Path) -> None:
+    # picked one by one, the OS may hand out a port twice (a server then refused to start: "cannot listen
+    # to GRPC requests and metrics requests at the same address and port")
+    for _ in range(50):
+        assert len(set(free_ports(3))) == 3
+        server = TritonServer(tmp_path)
+        assert len({server.http_port, server.grpc_port, server.metrics_port}) == 3
+    given = free_port()
+    server = TritonServer(tmp_path, grpc_port=given)
+    assert server.grpc_port == given and given not in (server.http_port, server.metrics_port)
+    assert server.http_port != server.metrics_port

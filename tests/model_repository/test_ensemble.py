@@ -79,6 +79,35 @@ def grpc_inputs(
     return inputs
 
 
+def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    t = grpcclient.InferInput(name, list(array.shape), dtype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def llm_first_response(client, tensors: list) -> list[int] | Exception:
+    """The `output_ids` of the llm's first response to `tensors` (non-streaming: the whole answer), or the
+    error it answered with."""
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer("llm", tensors)
+    result, error = responses.get(timeout=60)
+    client.stop_stream()
+    return error if error is not None else result.as_numpy("output_ids").tolist()
+
+
+def llm_prompt_tensors(out) -> list:
+    """The llm's prompt tensors of a PreprocessedRequest: greedy, MAX_TOKENS, output ids only."""
+    return [
+        tensor("input_ids", out.input_ids.astype(np.int32), "INT32"),
+        tensor("request_output_len", np.array([MAX_TOKENS], np.int32), "INT32"),
+        tensor("temperature", np.array([0.0], np.float32), "FP32"),
+        tensor("mrope_positions", out.mrope_positions, "INT64"),
+        tensor("mrope_position_deltas", np.array([out.mrope_delta], np.int64), "INT64"),
+        tensor("exclude_input_in_output", np.array([True]), "BOOL"),
+    ]
+
+
 class Stream:
     """One gRPC bidirectional stream; responses are grouped by request id."""
 
@@ -398,12 +427,6 @@ def test_rgb_images_and_vision_encoder_embeddings_give_the_llm_one_answer(server
     pre = Preprocessor(tiny_engine, PreprocessLimits.from_engine_dir(tiny_engine))
     out = pre(QUESTION, IMAGES["two_images"])
     client = grpcclient.InferenceServerClient(server.grpc_url)
-
-    def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
-        t = grpcclient.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        return t
-
     pixels = pixel_values_of(pre, out.image_rgb, out.image_grid_thw)[None]
     grid = out.image_grid_thw[None]
     table = client.infer(
@@ -418,21 +441,9 @@ def test_rgb_images_and_vision_encoder_embeddings_give_the_llm_one_answer(server
         )
 
     def generate(image_tensors: list) -> list[int]:
-        responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        common = [
-            tensor("input_ids", out.input_ids.astype(np.int32), "INT32"),
-            tensor("request_output_len", np.array([MAX_TOKENS], np.int32), "INT32"),
-            tensor("temperature", np.array([0.0], np.float32), "FP32"),
-            tensor("mrope_positions", out.mrope_positions, "INT64"),
-            tensor("mrope_position_deltas", np.array([out.mrope_delta], np.int64), "INT64"),
-            tensor("exclude_input_in_output", np.array([True]), "BOOL"),
-        ]
-        client.async_stream_infer("llm", common + image_tensors)
-        result, error = responses.get(timeout=60)
-        client.stop_stream()
-        assert error is None, error
-        return result.as_numpy("output_ids").tolist()
+        ids = llm_first_response(client, llm_prompt_tensors(out) + image_tensors)
+        assert not isinstance(ids, Exception), ids
+        return ids
 
     from_patches = generate(
         [
@@ -443,21 +454,16 @@ def test_rgb_images_and_vision_encoder_embeddings_give_the_llm_one_answer(server
     from_table = generate([tensor("prompt_embedding_table", table, "FP32")])
     assert from_patches == from_table and len(from_patches) == MAX_TOKENS
     # both at once is refused, naming the field
-    responses: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
     both = [
         tensor("input_ids", out.input_ids.astype(np.int32), "INT32"),
         tensor("image_rgb", out.image_rgb, "UINT8"),
         tensor("image_grid_thw", out.image_grid_thw, "INT64"),
         tensor("prompt_embedding_table", table, "FP32"),
     ]
-    client.async_stream_infer("llm", both)
-    _, error = responses.get(timeout=60)
-    client.stop_stream()
-    assert (
-        error is not None
-        and "image_rgb: give image_rgb + image_grid_thw or prompt_embedding_table" in str(error)
-    )
+    error = llm_first_response(client, both)
+    assert isinstance(
+        error, InferenceServerException
+    ) and "image_rgb: give image_rgb + image_grid_thw or prompt_embedding_table" in str(error)
     client.close()
 
 
@@ -561,28 +567,10 @@ def test_images_the_host_has_resized_reach_the_llm_by_reference(server, tiny_eng
     assert by_ref.image_refs and by_ref.image_rgb.size == 0
     client = grpcclient.InferenceServerClient(server.grpc_url)
 
-    def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
-        t = grpcclient.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        return t
-
     def generate(image_tensors: list, hashes: list[str] = by_ref.image_hashes) -> list[int] | Exception:
-        responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        common = [
-            tensor("input_ids", by_ref.input_ids.astype(np.int32), "INT32"),
-            tensor("request_output_len", np.array([MAX_TOKENS], np.int32), "INT32"),
-            tensor("temperature", np.array([0.0], np.float32), "FP32"),
-            tensor("mrope_positions", by_ref.mrope_positions, "INT64"),
-            tensor("mrope_position_deltas", np.array([by_ref.mrope_delta], np.int64), "INT64"),
-            tensor("image_grid_thw", by_ref.image_grid_thw, "INT64"),
-            tensor("image_hash", np.array([h.encode() for h in hashes], np.object_), "BYTES"),
-            tensor("exclude_input_in_output", np.array([True]), "BOOL"),
-        ]
-        client.async_stream_infer("llm", common + image_tensors)
-        result, error = responses.get(timeout=60)
-        client.stop_stream()
-        return error if error is not None else result.as_numpy("output_ids").tolist()
+        grid = tensor("image_grid_thw", by_ref.image_grid_thw, "INT64")
+        hash_tensor = tensor("image_hash", np.array([h.encode() for h in hashes], np.object_), "BYTES")
+        return llm_first_response(client, llm_prompt_tensors(by_ref) + [grid, hash_tensor] + image_tensors)
 
     def refs(*paths: str) -> list:
         return [tensor("image_ref", np.array([p.encode() for p in paths], np.object_), "BYTES")]
