@@ -74,6 +74,14 @@ class ModelParameters:
         except ValueError:
             raise ValueError(f"{key}: parameter {value!r} is not a number") from None
 
+    def get_bool(self, key: str, default: bool) -> bool:
+        value = self.get(key).lower()
+        if not value:
+            return default
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{key}: parameter {value!r} is not true or false")
+        return value in ("true", "1", "yes")
+
 
 def setup_model(args: dict[str, Any]) -> ModelParameters:
     """The model's parameters, with `python_path` first on sys.path (see the module contract)."""

@@ -62,6 +62,18 @@ def test_numbers_parse_and_empty_means_the_default() -> None:
     assert parameters.get_float("unrendered", 2.5) == 2.5
 
 
+def test_switches_parse_and_a_bad_one_names_the_parameter() -> None:
+    parameters = triton_model.ModelParameters(config(on="true", off="False", one="1", empty="", odd="maybe"))
+    assert [parameters.get_bool(k, d) for k, d in [("on", False), ("off", True), ("one", False)]] == [
+        True,
+        False,
+        True,
+    ]
+    assert parameters.get_bool("empty", True) is True and parameters.get_bool("missing", False) is False
+    with pytest.raises(ValueError, match=r"^odd: parameter 'maybe' is not true or false$"):
+        parameters.get_bool("odd", True)
+
+
 def test_a_bad_number_names_the_parameter() -> None:
     parameters = triton_model.ModelParameters(config(default_max_tokens="many", period="soon"))
     with pytest.raises(ValueError, match=r"^default_max_tokens: parameter 'many' is not an integer$"):

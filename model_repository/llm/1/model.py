@@ -77,7 +77,7 @@ class TritonPythonModel:
         if not overrides.get("device", engine_dir.engine_config().device).startswith("cuda"):
             limit_cpu_threads()
         self.engine = LLMEngine.from_engine_dir(engine_dir, **overrides)
-        if self.engine.device.type == "cuda" and parameters.get("warmup", "true").lower() != "false":
+        if self.engine.device.type == "cuda" and parameters.get_bool("warmup", True):
             # kernels compiled and every CUDA graph captured before the first request, not during serving
             self.engine.warmup()
         self.cancel_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0

@@ -68,9 +68,7 @@ class TritonPythonModel:
         # An image already in the shared directory (a follow-up's) goes to the llm as its file's path there,
         # not as 2.8 MB of pixels through Triton (the llm reads the file only if it does not hold the
         # image's embeddings).
-        self.pixels_by_reference = bool(shared_dir) and parameters.get(
-            "pixels_by_reference", "true"
-        ).lower() in ("true", "1", "yes")
+        self.pixels_by_reference = parameters.get_bool("pixels_by_reference", True)
         # the first request of each instance would pay the stages' one-time setup; Triton hands follow-ups
         # to any instance, so every instance does it now
         self.preprocessor.warm_up()
