@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="MiB of ViT embeddings kept on the engine's device by image hash (an image met again outside "
         "a cached prefix skips the ViT); 0 turns it off",
     )
+    p.add_argument(
+        "--pixels-by-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an image already in the host's shared resize directory goes from preprocessing to the llm as "
+        "that file's path (the llm takes the embeddings it holds, or reads the file); "
+        "--no-pixels-by-reference sends its pixels through Triton every time",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")
     return p
 
@@ -463,6 +471,7 @@ def build(args: argparse.Namespace) -> Path:
             "vision_max_queue_delay_us": args.vision_max_queue_delay_us,
             "max_num_vision_patches": engine_config.max_num_vision_patches,
             "default_max_tokens": args.default_max_tokens,
+            "pixels_by_reference": "true" if args.pixels_by_reference else "false",
             "cancellation_check_period_ms": 10,
             "stats_check_period_ms": 100,
             # the postprocessing instance is shared by every GPU's llm: split its response budget

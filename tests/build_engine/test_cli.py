@@ -39,6 +39,7 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     instances = default_preprocessing_instances(usable_cpu_cores())  # one per two cores, 2 to 16
     assert f"count: {instances} kind: KIND_CPU" in pre
     assert config["build"]["preprocessing_instances"] == instances
+    assert 'key: "pixels_by_reference" value: { string_value: "true" }' in pre
 
     # The engine directory loads as an engine.
     from engine.llm_engine import LLMEngine
@@ -47,10 +48,11 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert ex.max_model_len == 1024
 
     # Rebuilding into the same folder replaces it; nothing is left beside it.
-    assert (
-        run("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--preprocessing-instances", "3") == 0
-    )
-    assert "count: 3 kind: KIND_CPU" in (out / "model_repository/preprocessing/config.pbtxt").read_text()
+    flags = ("--preprocessing-instances", "3", "--no-pixels-by-reference")
+    assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), *flags) == 0
+    pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
+    assert "count: 3 kind: KIND_CPU" in pre
+    assert 'key: "pixels_by_reference" value: { string_value: "false" }' in pre
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 
 
