@@ -11,7 +11,9 @@ Contract:
   h // (num_heads // num_kv_heads)).
 * `paged_attention` first writes the new k/v into the cache at `slot_mapping` (slot -1 = padding token:
   not written, its output is garbage; padding rows come after all sequences' rows), then attends. Its result for a sequence does not depend on the
-  other sequences in the batch.
+  other sequences in the batch. `rotate_and_write_kv` applies the rotary and does that write in one
+  kernel on the Triton path (`engine.kernels.fused.rotary_write_kv_`); `paged_attention(...,
+  kv_written=True)` then only attends.
 * `_paged_attention_reference` (per-sequence loop, float32 softmax) is the spec and runs on any device.
   On CUDA, `paged_attention` uses torch SDPA per prefill chunk and, for decode tokens (query_len 1), the
   Triton kernel `engine.kernels.fused.paged_decode_attention` (split-K over the context, K/V read through the
@@ -51,7 +53,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.fused import paged_decode_attention, paged_decode_supported
+from engine.kernels.fused import (
+    apply_interleaved_rotary_,
+    paged_decode_attention,
+    paged_decode_supported,
+    rotary_write_kv_,
+)
 
 
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -425,6 +432,34 @@ def _context_attention(
     return _context_prefill_reference(q, k_ctx, v_ctx, attn.cu_query_lens, attn.cu_seq_lens, scale)
 
 
+def rotate_and_write_kv(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) views of qkv [T, H + 2 Hkv, D] after the rotary of its q and k heads (in place), with k
+    and v written into kv_cache at ``attn.slot_mapping``: one kernel on the Triton path
+    (``rotary_write_kv_``), else ``apply_interleaved_rotary_`` and ``write_kv_cache``. Then
+    ``paged_attention(..., kv_written=True)``."""
+    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    if not rotary_write_kv_(qkv, num_heads, num_kv_heads, cos, sin, kv_cache, attn.slot_mapping):
+        apply_interleaved_rotary_(qkv[:, : num_heads + num_kv_heads], cos, sin)
+        _write_new_kv(kv_cache, k, v, attn)
+    return q, k, v
+
+
+def _write_new_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata) -> None:
+    if attn.has_padding:
+        keep = attn.slot_mapping >= 0
+        write_kv_cache(kv_cache, k[keep], v[keep], attn.slot_mapping[keep])
+    else:
+        write_kv_cache(kv_cache, k, v, attn.slot_mapping)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -432,13 +467,12 @@ def paged_attention(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    kv_written: bool = False,
 ) -> torch.Tensor:
-    """Write k, v [T, Hkv, D] into kv_cache, then causal attention for q [T, H, D] -> [T, H, D]."""
-    if attn.has_padding:
-        keep = attn.slot_mapping >= 0
-        write_kv_cache(kv_cache, k[keep], v[keep], attn.slot_mapping[keep])
-    else:
-        write_kv_cache(kv_cache, k, v, attn.slot_mapping)
+    """Write k, v [T, Hkv, D] into kv_cache (unless ``kv_written``: ``rotate_and_write_kv`` did), then
+    causal attention for q [T, H, D] -> [T, H, D]."""
+    if not kv_written:
+        _write_new_kv(kv_cache, k, v, attn)
     if attn.context_slots is not None:
         out = _context_attention(q, kv_cache, attn, scale)
         if attn.decode is not None:

@@ -17,6 +17,10 @@ these kernels existed.
   `engine.model.rope.apply_interleaved_rotary` (arithmetic in cos's dtype, each product and sum rounded to it);
   the other dims are left untouched. qk may be a strided view (e.g. into the qkv projection's output) as
   long as its last dim is contiguous; cos/sin may have any strides (MRotaryEmbedding's are transposed).
+* `rotary_write_kv_(qkv [T, H + 2 Hkv, D], H, Hkv, cos, sin, kv_cache, slot_mapping) -> bool`: the rotary of
+  the q and k heads (as `apply_interleaved_rotary_`) and the new k, v rows stored at their cache slots
+  (as `engine.kernels.attention.write_kv_cache`, slot < 0 not stored), in one kernel; False (nothing
+  done) off the Triton path, where the caller runs the two torch ops.
 * `paged_decode_attention(q [B, H, D], k_cache, v_cache, block_tables, seq_lens, scale)`: attention of one
   decode token per sequence straight from the paged KV cache (split-K "flash-decoding" + a reduce kernel;
   see its section below), `paged_decode_attention_reference` (gather + float32 softmax) is its spec.
@@ -221,6 +225,69 @@ if HAS_TRITON:
         tl.store(even, _round_to(r0, xdtype).to(xdtype), mask=mask)
         tl.store(even + 1, _round_to(r1, xdtype).to(xdtype), mask=mask)
 
+    @triton.jit
+    def _rotary_kv_kernel(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        cache_ptr,
+        slot_ptr,
+        qkv_stride_t,
+        qkv_stride_h,
+        cos_stride_t,
+        cos_stride_r,
+        sin_stride_t,
+        sin_stride_r,
+        cache_stride_kv,
+        cache_stride_slot,
+        cache_stride_h,
+        n_q,
+        n_kv,
+        half,
+        head_dim,
+        BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # heads [0, n_q) are q, [n_q, n_q + n_kv) k, then v: q and k rotated in place as _rotary_kernel
+        # does; k (rotated) and v rows stored at the token's cache slot unless it is < 0 (padding)
+        t = tl.program_id(0).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+        n_rot = n_q + n_kv
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        has_slot = (heads * 0 + slot) >= 0  # [BLOCK_H, 1], like the other masks
+        is_k = (heads >= n_q) & (heads < n_rot)
+        is_v = (heads >= n_rot) & (heads < n_rot + n_kv)
+        kv_head = tl.where(is_k, heads - n_q, heads - n_rot).to(tl.int64)
+        cache_row = cache_ptr + slot * cache_stride_slot + kv_head * cache_stride_h
+        cache_dtype: tl.constexpr = cache_ptr.dtype.element_ty
+
+        slots = tl.arange(0, BLOCK_R)[None, :]
+        slot_mask = slots < half
+        mask = (heads < n_rot) & slot_mask
+        cdtype: tl.constexpr = cos_ptr.dtype.element_ty
+        xdtype: tl.constexpr = qkv_ptr.dtype.element_ty
+        c = tl.load(cos_ptr + t * cos_stride_t + slots * cos_stride_r, mask=slot_mask, other=0.0)
+        s = tl.load(sin_ptr + t * sin_stride_t + slots * sin_stride_r, mask=slot_mask, other=0.0)
+        c, s = c.to(tl.float32), s.to(tl.float32)
+        even = qkv_ptr + t * qkv_stride_t + heads * qkv_stride_h + 2 * slots
+        x0 = _round_to(tl.load(even, mask=mask, other=0.0).to(tl.float32), cdtype)
+        x1 = _round_to(tl.load(even + 1, mask=mask, other=0.0).to(tl.float32), cdtype)
+        r0 = _round_to(_round_to(_round_to(x0 * c, cdtype) - _round_to(x1 * s, cdtype), cdtype), xdtype)
+        r1 = _round_to(_round_to(_round_to(x1 * c, cdtype) + _round_to(x0 * s, cdtype), cdtype), xdtype)
+        tl.store(even, r0.to(xdtype), mask=mask)
+        tl.store(even + 1, r1.to(xdtype), mask=mask)
+        k_mask = mask & is_k & has_slot
+        tl.store(cache_row + 2 * slots, r0.to(xdtype).to(cache_dtype), mask=k_mask)
+        tl.store(cache_row + 2 * slots + 1, r1.to(xdtype).to(cache_dtype), mask=k_mask)
+
+        # k's dims past the rotary ones, and all of v, as they are
+        cols = tl.arange(0, BLOCK_D)[None, :]
+        copy_mask = ((is_k & (cols >= 2 * half)) | is_v) & (cols < head_dim) & has_slot
+        row = tl.load(qkv_ptr + t * qkv_stride_t + heads * qkv_stride_h + cols, mask=copy_mask, other=0.0)
+        dst = cache_row + is_v.to(tl.int64) * cache_stride_kv + cols
+        tl.store(dst, row.to(cache_dtype), mask=copy_mask)
+
 
 # Launch parameters, timed on an H200 in CUDA graphs (GLM-4.6V-Flash shapes, T = 1, 8, 64 tokens).
 ROTARY_BLOCK_H = 4  # heads per program: 34 q+k heads -> 9 programs per token (1.1 us at T=1)
@@ -329,6 +396,53 @@ def apply_interleaved_rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Te
             BLOCK_H=block_h, BLOCK_R=block_r, num_warps=ROTARY_WARPS,
         )  # fmt: skip
     return qk
+
+
+def rotary_write_kv_(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> bool:
+    """On the Triton path, in one kernel: `apply_interleaved_rotary_` on the q and k heads of qkv
+    [T, num_heads + 2 * num_kv_heads, head_dim] (in place), and k (rotated) and v stored into kv_cache
+    [2, num_blocks, block_size, num_kv_heads, head_dim] at the flat slots slot_mapping [T] (tokens at a
+    slot < 0 are not stored), as `engine.kernels.attention.write_kv_cache` does. Returns False, having
+    done nothing, where that path does not run (the caller then does both in torch)."""
+    half = cos.shape[-1]
+    if (
+        not use_triton(qkv, cos, sin, kv_cache, slot_mapping)
+        or qkv.dim() != 3
+        or qkv.stride(-1) != 1
+        or qkv.shape[1] != num_heads + 2 * num_kv_heads
+        or cos.dim() != 2
+        or cos.shape != sin.shape
+        or cos.dtype != sin.dtype
+        or cos.shape[0] != qkv.shape[0]
+        or 2 * half > qkv.shape[-1]
+        or qkv.numel() == 0
+        or kv_cache.dim() != 5
+        or tuple(kv_cache.shape[-2:]) != (num_kv_heads, qkv.shape[-1])
+        or not kv_cache.is_contiguous()
+        or slot_mapping.shape != (qkv.shape[0],)
+    ):
+        return False
+    num_tokens, n_all, head_dim = qkv.shape
+    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    block_h = min(ROTARY_BLOCK_H, triton.next_power_of_2(n_all))
+    with device_guard(qkv):
+        _rotary_kv_kernel[(num_tokens, triton.cdiv(n_all, block_h))](
+            qkv, cos, sin, flat, slot_mapping,
+            qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            flat.stride(0), flat.stride(1), flat.stride(2),
+            num_heads, num_kv_heads, half, head_dim,
+            BLOCK_H=block_h, BLOCK_R=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
+            num_warps=ROTARY_WARPS,
+        )  # fmt: skip
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------

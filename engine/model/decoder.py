@@ -18,7 +18,8 @@ Contract:
 * Numerics follow transformers' Glm4v: RMSNorm in float32, rotary in the activations' dtype, softmax in
   float32 (CPU reference; SDPA on CUDA); float32 runs match `Glm4vForConditionalGeneration` to ~1e-5.
 * The elementwise work between matmuls runs as the fused ops of `engine.kernels.fused` (Triton kernels on CUDA,
-  their torch references elsewhere): each layer is qkv_proj -> in-place rotary -> paged_attention ->
+  their torch references elsewhere): each layer is qkv_proj -> in-place rotary and the new k, v into the
+  KV cache (one kernel: rotate_and_write_kv) -> paged_attention ->
   o_proj -> add_rms_norm_pair(post_self_attn, post_attention) -> gate_up_proj -> silu_mul -> down_proj ->
   add_rms_norm_pair(post_mlp, next layer's input_layernorm or the final norm). The RMSNorm modules only
   hold the weights and eps (state-dict names unchanged).
@@ -32,8 +33,8 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, parse_dtype
-from engine.kernels.attention import AttentionMetadata, paged_attention
-from engine.kernels.fused import add_rms_norm_pair, apply_interleaved_rotary_, rms_norm, silu_mul
+from engine.kernels.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
+from engine.kernels.fused import add_rms_norm_pair, rms_norm, silu_mul
 from engine.model.layers import ACTIVATIONS, RMSNorm
 from engine.model.rope import MRotaryEmbedding
 from engine.model.vision import VisionEncoder, VisionPass
@@ -61,11 +62,10 @@ class DecoderAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
-        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, -1)
-        apply_interleaved_rotary_(qk, cos, sin)  # q and k heads rotated in place, in one pass
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, attn, self.scale)  # [T, heads, head_dim]
+        heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # q and k heads rotated in place and the new k, v stored in the cache (one kernel on the GPU)
+        q, k, v = rotate_and_write_kv(heads, self.num_heads, self.num_kv_heads, cos, sin, kv_cache, attn)
+        out = paged_attention(q, k, v, kv_cache, attn, self.scale, kv_written=True)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

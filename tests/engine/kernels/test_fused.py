@@ -69,13 +69,18 @@ def no_fallback() -> Iterator[None]:
     def boom(*args, **kwargs):
         raise AssertionError("engine.kernels.fused fell back to torch")
 
+    from engine.kernels import attention
+
+    saved_write = attention._write_new_kv  # the torch write of rotate_and_write_kv's fallback
     for name in names:
         setattr(kernels, name, boom)
+    attention._write_new_kv = boom
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(kernels, name, fn)
+        attention._write_new_kv = saved_write
 
 
 def residual_like(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -205,6 +210,55 @@ def check_rotary(device: str) -> None:
                 assert torch.equal(fallback, ref), what + ": fallback"
 
 
+def check_rotary_kv(device: str) -> None:
+    """rotary_write_kv_: the q and k heads rotated as apply_interleaved_rotary_ does, k (rotated) and v at
+    their cache slots as write_kv_cache stores them, a padding token (slot -1) and every other slot left
+    as they were."""
+    from engine.kernels import fused as kernels
+    from engine.kernels.attention import write_kv_cache
+
+    gen = torch.Generator().manual_seed(6)
+    num_blocks, block_size, kv_heads = 5, 4, 2
+    cases = [(dtype, dtype) for dtype in DTYPES] + [(torch.bfloat16, torch.float32)]  # (x, cos/sin) dtypes
+    for x_dtype, cs_dtype in cases:
+        for num_tokens in NUM_TOKENS:
+            for qk_heads, head_dim, rotary_dim in ROTARY_SHAPES:
+                num_heads = qk_heads - kv_heads
+                qkv = torch.randn(num_tokens, (qk_heads + kv_heads) * head_dim, generator=gen) * 3
+                heads = qkv.to(device, x_dtype).view(num_tokens, qk_heads + kv_heads, head_dim)
+                angles = torch.rand(num_tokens, rotary_dim // 2, generator=gen) * 100
+                if num_tokens == 3:  # MRotaryEmbedding's cos/sin are transposed views
+                    angles = angles.T.contiguous().T
+                cos, sin = angles.cos().to(device, cs_dtype), angles.sin().to(device, cs_dtype)
+                cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+                cache = cache.to(device, x_dtype)
+                slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+                if num_tokens > 1:
+                    slots[-1] = -1  # a padding token: nothing stored
+                slots = slots.to(device)
+                ref_heads, ref_cache = heads.clone(), cache.clone()
+                kernels.apply_interleaved_rotary_reference_(ref_heads[:, :qk_heads], cos, sin)
+                keep = slots >= 0
+                k, v = ref_heads[:, num_heads:qk_heads], ref_heads[:, qk_heads:]
+                write_kv_cache(ref_cache, k[keep], v[keep], slots[keep])
+                with no_fallback():
+                    assert kernels.rotary_write_kv_(heads, num_heads, kv_heads, cos, sin, cache, slots)
+                what = f"rotary_kv x={x_dtype} cos={cs_dtype} T={num_tokens} heads={qk_heads} D={head_dim}"
+                exact = x_dtype == cs_dtype == torch.bfloat16
+                assert_matches(heads, ref_heads, what, exact=exact)
+                assert_matches(cache, ref_cache, what + " cache", exact=exact)
+                # what the cache got is what the heads hold: one rounding, the same in both
+                live = slots[keep]
+                flat = cache.view(2, -1, kv_heads, head_dim)
+                assert torch.equal(flat[0, live], heads[keep, num_heads:qk_heads]), what + ": k"
+                assert torch.equal(flat[1, live], heads[keep, qk_heads:]), what + ": v"
+    # off the Triton path it does nothing and says so
+    heads = torch.zeros(2, 6, 16, device=device)
+    cache = torch.zeros(2, 2, 4, 2, 16, device=device)
+    cos = sin = torch.zeros(2, 4, device=device)
+    assert not kernels.rotary_write_kv_(heads, 3, 1, cos, sin, cache, torch.zeros(2, dtype=torch.long))
+
+
 def decoder_outputs(model, device: str) -> list[torch.Tensor]:
     """Hidden states of a packed prefill of two prompts (5 and 7 tokens), then one decode step of both."""
     from engine.kernels.attention import AttentionMetadata
@@ -297,6 +351,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "add_rms_norm_pair": check_add_rms_norm_pair,
     "silu_mul": check_silu_mul,
     "rotary": check_rotary,
+    "rotary_kv": check_rotary_kv,
     "decoder": check_decoder,
 }
 
@@ -305,7 +360,9 @@ CHECKS: dict[str, Callable[..., None]] = {
 # tests
 
 
-@pytest.mark.parametrize("check", ["use_triton", "rms_norm", "add_rms_norm_pair", "silu_mul", "rotary"])
+@pytest.mark.parametrize(
+    "check", ["use_triton", "rms_norm", "add_rms_norm_pair", "silu_mul", "rotary", "rotary_kv"]
+)
 def test_kernel_equals_torch_reference_in_interpreter(check):
     run_interpreted(__file__, check)
 
@@ -328,7 +385,9 @@ def test_torch_path_without_interpreter_on_cpu(monkeypatch):
     assert torch.equal(kernels.silu_mul(gate_up), kernels.silu_mul_reference(gate_up))
 
 
-@pytest.mark.parametrize("check", ["use_triton", "rms_norm", "add_rms_norm_pair", "silu_mul", "rotary"])
+@pytest.mark.parametrize(
+    "check", ["use_triton", "rms_norm", "add_rms_norm_pair", "silu_mul", "rotary", "rotary_kv"]
+)
 @pytest.mark.gpu
 def test_cuda_kernel_equals_torch_reference(check):
     CHECKS[check]("cuda")
