@@ -20,6 +20,9 @@ Triton model and by tests. Contract:
   each resized image's size and RGB bytes, so the same picture hits the engine's prefix and image caches
   however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
   lets an image sent again skip its decode and resize (its header is still checked against the limits).
+  With `pixels_by_reference`, when every image of a request is in the shared resize directory
+  (`ResizeCache.shared_ref`), `image_refs` holds their files there and `image_rgb` is empty: the llm takes
+  the embeddings it holds for them, or reads the files.
   A request's images (two or more) are opened, decoded, resized and hashed on a few threads
   (`IMAGE_THREADS`), side by side and beside the prompt's template and tokenizer; errors are raised in
   image order, before the prompt's own.
