@@ -148,7 +148,6 @@ class TritonPythonModel:
                 f"stop_words: {len(stop_words)} stop strings, over the limit of {self.limits.max_stop_words}"
             )
         enable_thinking = _scalar(inputs, "enable_thinking")
-        stream = _scalar(inputs, "stream")
         guide_type = _text(inputs, "guided_decoding_guide_type")
         if guide_type and enable_thinking:
             raise self.InputError(
@@ -177,12 +176,6 @@ class TritonPythonModel:
         if seed is None:  # unseeded sampling: a fresh seed per request
             seed = random.getrandbits(63)
 
-        def f32(name: str, value, default: float) -> pb_utils.Tensor:
-            return pb_utils.Tensor(name, np.array([default if value is None else value], np.float32))
-
-        def i32(name: str, value, default: int) -> pb_utils.Tensor:
-            return pb_utils.Tensor(name, np.array([default if value is None else value], np.int32))
-
         return [
             pb_utils.Tensor("input_ids", out.input_ids.astype(np.int32)),
             pb_utils.Tensor("input_lengths", np.array([len(out.input_ids)], np.int32)),
@@ -193,24 +186,9 @@ class TritonPythonModel:
             pb_utils.Tensor("mrope_position_deltas", np.array([out.mrope_delta], np.int64)),
             pb_utils.Tensor("image_hash", np.array([h.encode() for h in out.image_hashes], dtype=np.object_)),
             pb_utils.Tensor("image_ref", np.array([r.encode() for r in out.image_refs], dtype=np.object_)),
-            i32("runtime_top_k", sampling["top_k"], 0),
-            f32("runtime_top_p", sampling["top_p"], 1.0),
-            f32("temperature", sampling["temperature"], 1.0),
             pb_utils.Tensor("seed", np.array([seed], np.uint64)),
-            i32("min_tokens", sampling["min_tokens"], 0),
-            f32("repetition_penalty", sampling["repetition_penalty"], 1.0),
-            f32("presence_penalty", sampling["presence_penalty"], 0.0),
-            f32("frequency_penalty", sampling["frequency_penalty"], 0.0),
-            pb_utils.Tensor("streaming", np.array([bool(stream)], np.bool_)),
-            pb_utils.Tensor("stop_words", np.array([w.encode() for w in stop_words], dtype=np.object_)),
             pb_utils.Tensor("is_thinking", np.array([out.is_thinking], np.bool_)),
             # Unique per request: postprocessing uses it to stop the llm when the client cancels
             # (Triton does not pass an ensemble's cancellation to a step that is already running).
             pb_utils.Tensor("request_key", np.array([uuid.uuid4().hex.encode()], dtype=np.object_)),
-            pb_utils.Tensor("guided_decoding_guide_type", np.array([guide_type.encode()], dtype=np.object_)),
-            pb_utils.Tensor("guided_decoding_guide", np.array([guide.encode()], dtype=np.object_)),
-            pb_utils.Tensor(
-                "return_log_probs", np.array([bool(_scalar(inputs, "return_log_probs"))], np.bool_)
-            ),
-            i32("top_logprobs", top_logprobs, 0),
         ]
