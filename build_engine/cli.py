@@ -317,7 +317,7 @@ def build(args: argparse.Namespace) -> Path:
     from build_engine.gpus import instance_groups, parse_gpus
     from build_engine.render import TEMPLATE_DIR, render_repository
     from engine.config import EngineConfig, ModelConfig
-    from engine.processing.preprocess import PreprocessLimits
+    from engine.processing.limits import PreprocessLimits
 
     device = args.device
     _check(device in ("cpu", "cuda"), "--device", f"{device!r} must be cpu or cuda")

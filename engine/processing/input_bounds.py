@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.processing.preprocess import InputError, PreprocessLimits, _sniff_format
+from engine.processing.images import sniff_format
+from engine.processing.limits import InputError, PreprocessLimits
 
 __all__ = ["InputBounds", "TEXT_BYTES_PER_TOKEN"]
 
@@ -54,7 +55,7 @@ class InputBounds:
                     "(max_images_per_request)"
                 )
             for i, value in enumerate(values):
-                if len(value) > self.max_image_bytes and _sniff_format(value[:16]) is not None:
+                if len(value) > self.max_image_bytes and sniff_format(value[:16]) is not None:
                     raise InputError(
                         f"image_input[{i}]: image is {len(value)} bytes, over the limit of "
                         f"{self.max_image_bytes} bytes (max_image_bytes)"

@@ -1,7 +1,9 @@
 """Request preprocessing: image validation + processing, chat template rendering, tokenization, M-RoPE.
 
 Pure Python (PIL, numpy, torch, transformers' tokenizer and image processor); used by the `preprocessing`
-Triton model and by tests. Contract:
+Triton model and by tests. `Preprocessor` puts together the rooms beside it: `limits` (InputError,
+PreprocessLimits, validate_sampling), `images` (decode_image_bytes, open_image), `chat` (build_messages,
+parse_tools) and `resize_cache`. Contract:
 
 * Every bad input raises `InputError` whose message starts with the field name and states the limit:
   `image_input[1]: image is 12000000 bytes, over the limit of 10485760 bytes (max_image_bytes)`.
@@ -35,15 +37,10 @@ Triton model and by tests. Contract:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import json
-import math
 import os
-import re
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,106 +48,16 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import EngineConfig, EngineDir, ModelConfig
+from engine.config import EngineDir, ModelConfig
+from engine.processing.chat import build_messages, parse_tools
+from engine.processing.images import ImageInfo, decode_image_bytes, open_image
+from engine.processing.limits import InputError, PreprocessLimits
 from engine.processing.resize_cache import ResizeCache
 
-__all__ = [
-    "ImageInfo",
-    "InputError",
-    "PreprocessLimits",
-    "PreprocessedRequest",
-    "Preprocessor",
-    "decode_image_bytes",
-    "open_image",
-    "validate_sampling",
-]
+__all__ = ["PreprocessedRequest", "Preprocessor", "shared_resize_dir_name"]
 
-SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
-MAX_ASPECT_RATIO = 200  # smart_resize refuses more
 # Threads per Preprocessor that open, decode, resize and hash a request's images (start_images).
 IMAGE_THREADS = max(1, min(4, os.cpu_count() or 1))
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-)
-
-
-class InputError(ValueError):
-    """A bad request; the message starts with the field name."""
-
-
-@dataclass(frozen=True)
-class PreprocessLimits:
-    """Request limits enforced before the engine sees a request."""
-
-    # The first three and enable_thinking are the engine's (EngineConfig); the rest are the request's own.
-    max_seq_len: int = EngineConfig.max_model_len  # prompt + output tokens; leaves room for one output token
-    max_output_tokens: int = 4096  # largest max_tokens a request may ask for
-    max_images_per_request: int = EngineConfig.max_images_per_request  # most images in one request
-    max_image_tokens_per_request: int = EngineConfig.max_image_tokens_per_request  # LLM image tokens
-    max_image_bytes: int = 10 * 1024 * 1024  # encoded size of one image
-    max_image_pixels: int = 8192 * 8192  # width x height of one input image (read from the header)
-    min_image_pixels: int = 1  # width x height of one input image
-    max_stop_words: int = 16  # most stop strings in one request
-    enable_thinking: bool = EngineConfig.enable_thinking  # default of the chat template's thinking switch
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_seq_len",
-            "max_output_tokens",
-            "max_image_bytes",
-            "max_image_pixels",
-            "min_image_pixels",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: {value!r} must be an integer >= 1")
-        for name in ("max_images_per_request", "max_image_tokens_per_request", "max_stop_words"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}: {value!r} must be an integer >= 0")
-        if self.min_image_pixels > self.max_image_pixels:
-            raise ValueError(
-                f"min_image_pixels: {self.min_image_pixels} must be <= max_image_pixels {self.max_image_pixels}"
-            )
-
-    @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path | EngineDir) -> PreprocessLimits:
-        """Limits of an engine directory: its "preprocess" section, and the engine's own limits from its
-        EngineConfig (max_model_len, images per request, image tokens per request, thinking default)."""
-        d = engine_dir if isinstance(engine_dir, EngineDir) else EngineDir.open(engine_dir)
-        engine = d.engine_config()
-        values = d.preprocess
-        values.setdefault("max_seq_len", engine.max_model_len)
-        values.setdefault("max_images_per_request", engine.max_images_per_request)
-        values.setdefault("max_image_tokens_per_request", engine.max_image_tokens_per_request)
-        values.setdefault("enable_thinking", engine.enable_thinking)
-        values.setdefault("max_output_tokens", max(1, int(values["max_seq_len"]) - 1))
-        return cls.from_dict(values)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PreprocessLimits:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown preprocessing limit (known: {sorted(known)})")
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """One validated, decoded input image."""
-
-    image: Any  # PIL.Image.Image, loaded
-    format: str  # PNG | JPEG | WEBP | BMP | GIF
-    width: int
-    height: int
-    num_bytes: int
-    file_hash: str  # sha256 hex of the file bytes (the key of the preprocessor's resize cache)
-    is_decoded: bool = True  # False: only the header was read (the resize cache held the image)
 
 
 @dataclass
@@ -176,215 +83,6 @@ def shared_resize_dir_name(engine_dir: str | Path) -> str:
     processor_file = Path(engine_dir) / "preprocessor_config.json"
     settings = processor_file.read_bytes() if processor_file.is_file() else b"{}"
     return "glmv-resize-" + hashlib.sha256(b"resize-v1;" + settings).hexdigest()[:16]
-
-
-def _sniff_format(data: bytes) -> str | None:
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
-def _other_image_format(data: bytes) -> str | None:
-    """The format name of an image PIL knows but we do not accept (TIFF, ICO, ...), else None."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return str(img.format)
-    except Exception:
-        return None
-
-
-def decode_image_bytes(raw: bytes | str, field: str) -> bytes:
-    """The image file bytes of one `image_input` element: raw bytes, base64, or a `data:` URI."""
-    data = raw.encode() if isinstance(raw, str) else bytes(raw)
-    if not data:
-        raise InputError(f"{field}: image is empty (0 bytes)")
-    if _sniff_format(data) is not None:
-        return data
-    stripped = data.strip()
-    if stripped[:5].lower() == b"data:":
-        header, sep, payload = stripped.partition(b",")
-        if not sep:
-            raise InputError(f"{field}: data URI has no ',' before its payload")
-        if not header.lower().endswith(b";base64"):
-            raise InputError(f"{field}: data URI must be base64 encoded (data:image/...;base64,...)")
-        stripped = payload
-    try:
-        decoded = base64.b64decode(b"".join(stripped.split()), validate=True)
-    except (binascii.Error, ValueError):
-        other = _other_image_format(data)
-        if other is not None:
-            raise InputError(
-                f"{field}: image format {other} is not supported (PNG, JPEG, WebP, BMP, GIF)"
-            ) from None
-        raise InputError(
-            f"{field}: not a PNG/JPEG/WebP/BMP/GIF image, nor base64 or a data: URI of one"
-        ) from None
-    if not decoded:
-        raise InputError(f"{field}: image is empty (0 bytes after base64 decoding)")
-    return decoded
-
-
-def open_image(
-    data: bytes, field: str, limits: PreprocessLimits, decode: bool = True, file_hash: str | None = None
-) -> ImageInfo:
-    """Validate one image file (size, format, header dimensions) and decode it (first frame; with
-    ``decode=False`` only the header is read: for a file already decoded once)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if len(data) > limits.max_image_bytes:
-        raise InputError(
-            f"{field}: image is {len(data)} bytes, over the limit of {limits.max_image_bytes} bytes "
-            "(max_image_bytes)"
-        )
-    sniffed = _sniff_format(data)
-    if sniffed is None:
-        raise InputError(
-            f"{field}: unsupported or unrecognized image format (supported: PNG, JPEG, WebP, BMP, GIF)"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(SUPPORTED_FORMATS))  # reads the header only
-    except Image.DecompressionBombError as exc:  # PIL refuses far-too-large headers itself
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{found.group(1)} pixels" if found else "too many pixels"
-        raise InputError(
-            f"{field}: image is {size}, over the limit of {limits.max_image_pixels} pixels (max_image_pixels)"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{field}: corrupt {sniffed} image, cannot read its header ({exc})") from None
-    if img.format not in SUPPORTED_FORMATS:
-        raise InputError(f"{field}: image format {img.format} is not supported (PNG, JPEG, WebP, BMP, GIF)")
-    width, height = img.size
-    num_pixels = width * height
-    if num_pixels > limits.max_image_pixels:
-        raise InputError(
-            f"{field}: image is {width}x{height} = {num_pixels} pixels, over the limit of "
-            f"{limits.max_image_pixels} pixels (max_image_pixels)"
-        )
-    if num_pixels < limits.min_image_pixels or width < 1 or height < 1:
-        raise InputError(
-            f"{field}: image is {width}x{height} = {num_pixels} pixels, under the minimum of "
-            f"{limits.min_image_pixels} pixels (min_image_pixels)"
-        )
-    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise InputError(
-            f"{field}: image is {width}x{height}, its aspect ratio "
-            f"{max(width, height) / min(width, height):.1f} is over the limit of {MAX_ASPECT_RATIO}"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if decode and getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            if decode:
-                img.load()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad data
-        raise InputError(f"{field}: corrupt or truncated {img.format} image ({exc})") from None
-    return ImageInfo(
-        image=img,
-        format=str(img.format),
-        width=width,
-        height=height,
-        num_bytes=len(data),
-        file_hash=file_hash or hashlib.sha256(data).hexdigest(),
-        is_decoded=decode,
-    )
-
-
-def parse_tools(tools_json: str | None) -> list[dict] | None:
-    """The `tools` input: a JSON list of OpenAI function tools ({"type": "function", "function": {"name",
-    "description", "parameters"}}), handed to the chat template; None when absent."""
-    if not tools_json:
-        return None
-    try:
-        tools = json.loads(tools_json)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"tools: not valid JSON ({exc})") from None
-    if not isinstance(tools, list):
-        raise InputError("tools: must be a JSON list of function tools")
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if (
-            not isinstance(function, dict)
-            or not isinstance(function.get("name"), str)
-            or not function["name"]
-        ):
-            raise InputError(f'tools[{i}]: must be {{"type": "function", "function": {{"name": ...}}}}')
-    return tools
-
-
-def _normalize_tool_calls(message: dict, index: int) -> None:
-    """An assistant turn's OpenAI `tool_calls` with their `arguments` (a JSON string) as objects, the form
-    the chat template renders as <arg_key>/<arg_value> pairs."""
-    calls = message.get("tool_calls")
-    if not calls:
-        return
-    if not isinstance(calls, list):
-        raise InputError(f"messages[{index}].tool_calls: must be a list")
-    for j, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise InputError(f"messages[{index}].tool_calls[{j}].function: must have a name")
-        arguments = function.get("arguments") or {}
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments or "{}")
-            except json.JSONDecodeError as exc:
-                raise InputError(
-                    f"messages[{index}].tool_calls[{j}].function.arguments: not valid JSON ({exc})"
-                ) from None
-        if not isinstance(arguments, dict):
-            raise InputError(f"messages[{index}].tool_calls[{j}].function.arguments: must be a JSON object")
-        function["arguments"] = arguments
-
-
-def validate_sampling(
-    *,
-    max_tokens: int,
-    limits: PreprocessLimits,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    presence_penalty: float | None = None,
-    frequency_penalty: float | None = None,
-    min_tokens: int | None = None,
-    seed: int | None = None,
-) -> None:
-    """Raise InputError naming the first bad sampling field (ensemble input names) and its limit."""
-
-    def bad(name: str, value: Any, limit: str) -> InputError:
-        return InputError(f"{name}: {value!r} is out of range ({limit})")
-
-    if max_tokens < 1:
-        raise bad("max_tokens", max_tokens, "must be >= 1")
-    if max_tokens > limits.max_output_tokens:
-        raise InputError(
-            f"max_tokens: {max_tokens} is over the limit of {limits.max_output_tokens} (max_output_tokens)"
-        )
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise bad("temperature", temperature, "must be finite and >= 0; 0 is greedy")
-    if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise bad("top_p", top_p, "must be in (0, 1]")
-    if top_k is not None and top_k < 0:
-        raise bad("top_k", top_k, "must be >= 0; 0 turns it off")
-    if repetition_penalty is not None and not (
-        math.isfinite(repetition_penalty) and 0.0 < repetition_penalty <= 2.0
-    ):
-        raise bad("repetition_penalty", repetition_penalty, "must be in (0, 2]")
-    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if value is not None and not (math.isfinite(value) and -2.0 <= value <= 2.0):
-            raise bad(name, value, "must be in [-2, 2]")
-    if min_tokens is not None and not 0 <= min_tokens <= max_tokens:
-        raise bad("min_tokens", min_tokens, f"must be in [0, max_tokens={max_tokens}]")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise bad("seed", seed, "must be in [0, 2**64)")
 
 
 class Preprocessor:
@@ -447,7 +145,6 @@ class Preprocessor:
         """Run one small request through every stage (image decode and resize, chat template, tokenizer,
         M-RoPE positions), so the first real request does not pay their one-time setup (~14 ms on
         CPU); the caches are left as they were."""
-        import io
 
         from PIL import Image
 
@@ -596,55 +293,6 @@ class Preprocessor:
 
     # -- prompt ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    def build_messages(text: str | None, messages_json: str | None, num_images: int) -> list[dict]:
-        """Chat messages of the request; checks that image parts and images match one to one."""
-        if messages_json:
-            try:
-                messages = json.loads(messages_json)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"messages: not valid JSON ({exc})") from None
-            if not isinstance(messages, list) or not messages:
-                raise InputError("messages: must be a non-empty JSON list of {role, content} objects")
-            num_parts = 0
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or "role" not in m:
-                    raise InputError(f"messages[{i}]: must be an object with a role and a content")
-                if m["role"] not in ("system", "user", "assistant", "tool"):
-                    raise InputError(
-                        f"messages[{i}].role: {m['role']!r} must be system, user, assistant or tool"
-                    )
-                _normalize_tool_calls(m, i)
-                content = m.get("content", "")
-                if content is None:
-                    m["content"] = ""
-                elif isinstance(content, list):
-                    for j, part in enumerate(content):
-                        if not isinstance(part, dict) or "type" not in part:
-                            raise InputError(f"messages[{i}].content[{j}]: must be an object with a type")
-                        if part["type"] in ("image", "image_url"):
-                            num_parts += 1
-                        elif part["type"] != "text":
-                            raise InputError(
-                                f"messages[{i}].content[{j}].type: {part['type']!r} is not supported "
-                                "(text, image)"
-                            )
-                elif not isinstance(content, str):
-                    raise InputError(f"messages[{i}].content: must be a string or a list of parts")
-            if num_parts != num_images:
-                raise InputError(
-                    f"messages: {num_parts} image parts but {num_images} images in image_input "
-                    "(each image part takes the next image)"
-                )
-            return messages
-        if text is None:
-            raise InputError("text_input: missing (give text_input or messages)")
-        if num_images == 0:
-            return [{"role": "user", "content": text}]
-        parts: list[dict] = [{"type": "image"} for _ in range(num_images)]
-        parts.append({"type": "text", "text": text})
-        return [{"role": "user", "content": parts}]
-
     def render(self, messages: list[dict], enable_thinking: bool, tools: list[dict] | None = None) -> str:
         try:
             return self.tokenizer.apply_chat_template(
@@ -675,7 +323,7 @@ class Preprocessor:
 
         started = self.start_images(list(images or []))
         try:
-            messages = self.build_messages(text, messages_json, len(started))
+            messages = build_messages(text, messages_json, len(started))
             thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
             prompt = self.render(messages, thinking, parse_tools(tools_json))
         except Exception:

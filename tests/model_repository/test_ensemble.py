@@ -178,7 +178,8 @@ def http_payload(images: list[bytes], stream: bool) -> dict:
 
 def engine_generate(engine_dir: Path, images: list[bytes]) -> tuple[str, str, str]:
     from engine.llm_engine import GenerationRequest, LLMEngine
-    from engine.processing.preprocess import PreprocessLimits, Preprocessor
+    from engine.processing.limits import PreprocessLimits
+    from engine.processing.preprocess import Preprocessor
     from engine.sample.sampler import SamplingParams
 
     pre = Preprocessor(engine_dir, PreprocessLimits.from_engine_dir(engine_dir))
@@ -422,7 +423,8 @@ def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) 
 def test_rgb_images_and_vision_encoder_embeddings_give_the_llm_one_answer(server, tiny_engine: Path) -> None:
     """Images reach the llm two ways: resized uint8 RGB (the ensemble's path: the llm runs the ViT) or an
     embedding table from the standalone vision_encoder model (TensorRT-LLM style). Same greedy ids."""
-    from engine.processing.preprocess import PreprocessLimits, Preprocessor
+    from engine.processing.limits import PreprocessLimits
+    from engine.processing.preprocess import Preprocessor
 
     pre = Preprocessor(tiny_engine, PreprocessLimits.from_engine_dir(tiny_engine))
     out = pre(QUESTION, IMAGES["two_images"])
@@ -533,7 +535,8 @@ def test_images_the_host_has_resized_reach_the_llm_by_reference(server, tiny_eng
     import os
     import tempfile
 
-    from engine.processing.preprocess import PreprocessLimits, Preprocessor, shared_resize_dir_name
+    from engine.processing.limits import PreprocessLimits
+    from engine.processing.preprocess import Preprocessor, shared_resize_dir_name
 
     held_label, read_label = 'model="llm"', 'model="llm"'
     time.sleep(0.3)  # the counters have caught up with earlier tests' requests (updated every 100 ms)

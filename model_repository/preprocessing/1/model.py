@@ -47,7 +47,8 @@ class TritonPythonModel:
         parameters = setup_model(args)
         from engine.config import EngineDir
         from engine.processing.input_bounds import TEXT_INPUTS, InputBounds
-        from engine.processing.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
+        from engine.processing.limits import InputError, PreprocessLimits, validate_sampling
+        from engine.processing.preprocess import Preprocessor
 
         self.InputError = InputError
         self.validate_sampling = validate_sampling

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.processing.input_bounds import InputBounds
-from engine.processing.preprocess import InputError, PreprocessLimits
+from engine.processing.limits import InputError, PreprocessLimits
 
 
 def test_bounds_follow_the_engine_limits() -> None:

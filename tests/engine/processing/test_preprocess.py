@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.processing.preprocess import InputError, PreprocessLimits, Preprocessor, validate_sampling
+from engine.processing.limits import InputError, PreprocessLimits, validate_sampling
+from engine.processing.preprocess import Preprocessor
 
 
 def pixel_values_of(pre: Preprocessor, image_rgb: np.ndarray, image_grid_thw: np.ndarray) -> np.ndarray:
