@@ -832,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--preset",
         default="dummy-full",
-        help="glmv-build preset; with --device cpu, `small` (its images are resized like the full model's) "
+        help="glmv-build preset; with --device cpu, `small` (its pixel limit resizes 1288x728 to 1176x672) "
         "measures the path around the llm (preprocessing, the ensemble, streaming) on a machine without a GPU",
     )
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

@@ -1,11 +1,12 @@
 """What the path around the llm costs per request: ``python -m benchmarks.path_overhead --out DIR``.
 
-Builds the `small` preset on CPU (its 1288×728 screenshots are resized like the full model's: 4784 patches,
-2.8 MB of RGB from preprocessing to the llm), serves it with the launcher's Triton, and sends requests one at
+Builds the `small` preset on CPU (its pixel limit resizes a 1288×728 screenshot to 1176×672: 2.4 MB of RGB
+from preprocessing to the llm, where the full model keeps 1288×728, 2.8 MB), serves it with the launcher's Triton, and sends requests one at
 a time through the ensemble over gRPC streaming, one output token each: text-only questions, and follow-up
 questions about a screenshot the server has seen (its resized pixels and its KV blocks cached). Per kind,
 over ``--requests`` requests: TTFT at the client, send → arrival at the llm (``pre_llm``), the llm's own TTFT,
-and each Triton model's queue / compute per execution; then requests with one and with four never-seen
+each Triton model's queue / compute per execution and the preprocessing model's stages (its
+`glmv_preprocess_stage_seconds`); then requests with one and with four never-seen
 1288×728 screenshots (``--cold-requests`` each: decode and hash in preprocessing). The model here is tiny, so the llm's share is small
 and the rest is what Triton, the Python backend and the preprocessing model cost, which a GPU does not
 change (on an H200 host the same path measured ~13.5 ms of a 24.5 ms follow-up TTFT).
@@ -27,6 +28,35 @@ import sys
 from pathlib import Path
 
 from benchmarks.results import make_meta
+
+
+def preprocess_stages(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """stage -> (seconds, requests) so far, from the preprocessing model's `glmv_preprocess_stage_seconds`
+    (summed over its instances)."""
+    import re
+
+    import httpx
+
+    body = httpx.get(
+        metrics_url if "://" in metrics_url else f"http://{metrics_url}/metrics", timeout=10
+    ).text
+    totals: dict[str, list[float]] = {}
+    for kind, labels, value in re.findall(
+        r"^glmv_preprocess_stage_seconds_(sum|count)\{([^}]*)\} (\S+)$", body, re.MULTILINE
+    ):
+        stage = re.search(r'stage="([^"]+)"', labels).group(1)
+        totals.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] += float(value)
+    return {stage: (total[0], total[1]) for stage, total in totals.items()}
+
+
+def stage_means_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per request of each preprocessing stage between two `preprocess_stages` readings."""
+    means = {}
+    for stage, (seconds, count) in after.items():
+        seconds0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            means[stage] = round((seconds - seconds0) / (count - count0) * 1e3, 3)
+    return means
 
 
 def _p50(values: list[float]) -> float | None:
@@ -69,6 +99,7 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
         ("new_4x1288", fours),
     ):
         before = model_stats(server.http_url, server.admin_headers)
+        stages_before = preprocess_stages(server.metrics_url)
         records = [await target.send(sample, one) for sample in samples]
         after = model_stats(server.http_url, server.admin_headers)
         for _ in range(40):  # Triton counts a decoupled ensemble's execution a moment after its last response
@@ -89,6 +120,7 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
                 [r.server_ttft_s * 1e3 for r in records if r.server_ttft_s is not None]
             ),
             "stages": stage_breakdown(before, after),
+            "preprocess_stages_ms": stage_means_ms(stages_before, preprocess_stages(server.metrics_url)),
         }
     return out
 
@@ -165,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{model} {s['compute_infer_ms']:.2f}+{s['compute_output_ms']:.2f}"
             for model, s in sorted(row["stages"].items())
         )
+        pre = ", ".join(f"{stage} {ms:.3f}" for stage, ms in row["preprocess_stages_ms"].items())
         print(
             f"{name}: TTFT P50 {row['ttft_ms_p50']} ms, send -> llm {row['pre_llm_ms_p50']} ms, llm TTFT "
-            f"{row['server_ttft_ms_p50']} ms, errors {row['errors']}; compute+output ms per execution: {stages}"
+            f"{row['server_ttft_ms_p50']} ms, errors {row['errors']}; compute+output ms per execution: {stages}; "
+            f"preprocessing stages ms: {pre}"
         )
     return 0
 

@@ -41,6 +41,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ from engine.processing.images import ImageInfo, decode_image_bytes, open_image
 from engine.processing.limits import InputError, PreprocessLimits
 from engine.processing.resize_cache import ResizeCache
 
-__all__ = ["PreprocessedRequest", "Preprocessor", "shared_resize_dir_name"]
+__all__ = ["STAGES", "PreprocessedRequest", "Preprocessor", "shared_resize_dir_name"]
 
 # Threads per Preprocessor that open, decode, resize and hash a request's images (start_images).
 IMAGE_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -74,6 +75,12 @@ class PreprocessedRequest:
     (``ResizeCache.shared_ref``), and ``image_rgb`` is empty."""
     prompt: str = ""  # the rendered chat template (before image expansion)
     is_thinking: bool = False  # the prompt leaves a <think> open: output starts as reasoning
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Where the call's time went (``STAGES``): the images (their share on this thread and the wait for
+    their threads), the chat template, the tokens (tokenizer and image expansion), the positions."""
+
+
+STAGES = ("images", "template", "tokens", "positions")
 
 
 def shared_resize_dir_name(engine_dir: str | Path) -> str:
@@ -321,7 +328,9 @@ class Preprocessor:
 
         from engine.model.rope import get_mrope_positions
 
+        t0 = time.perf_counter()
         started = self.start_images(list(images or []))
+        t1 = time.perf_counter()
         try:
             messages = build_messages(text, messages_json, len(started))
             thinking = self.limits.enable_thinking if enable_thinking is None else bool(enable_thinking)
@@ -329,7 +338,9 @@ class Preprocessor:
         except Exception:
             self.finish_images(started)  # an image's own error comes first: the images are read first
             raise
+        t2 = time.perf_counter()
         image_rgb, grid, image_hashes, image_refs = self.finish_images(started, pixels_by_reference)
+        t3 = time.perf_counter()
         num_tokens_per_image = [int(t * h * w) // self.merge_size**2 for t, h, w in grid.tolist()]
         if sum(num_tokens_per_image) > self.limits.max_image_tokens_per_request:
             raise InputError(
@@ -360,8 +371,10 @@ class Preprocessor:
                 f"text_input: the prompt is {len(expanded)} tokens (with images), over the limit of "
                 f"{max_prompt} (max_seq_len {self.limits.max_seq_len} minus one output token)"
             )
+        t4 = time.perf_counter()
         positions, delta = get_mrope_positions(expanded, torch.from_numpy(grid), self.model_config)
         input_ids = np.asarray(expanded, dtype=np.int32)
+        t5 = time.perf_counter()
         return PreprocessedRequest(
             input_ids=input_ids,
             image_rgb=image_rgb,
@@ -372,6 +385,12 @@ class Preprocessor:
             image_refs=image_refs,
             prompt=prompt,
             is_thinking=self._is_thinking(input_ids),
+            stage_seconds={
+                "images": t1 - t0 + t3 - t2,
+                "template": t2 - t1,
+                "tokens": t4 - t3,
+                "positions": t5 - t4,
+            },
         )
 
     def _is_thinking(self, ids: np.ndarray) -> bool:

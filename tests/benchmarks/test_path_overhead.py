@@ -1,5 +1,6 @@
 """benchmarks.path_overhead end to end on CPU: the small preset served by the real Triton, text-only and
-follow-up requests answered without errors, each model's stages read from Triton's statistics, and the
+follow-up requests answered without errors, each model's stages read from Triton's statistics, the
+preprocessing model's own stages from its metrics, and the
 comparison plot drawn from the JSON it wrote."""
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def test_path_overhead_runs_through_triton_and_compares(tmp_path: Path) -> None:
         assert {m: s["executions"] for m, s in row["stages"].items() if m != "ensemble_sync"} == {
             "ensemble": requests, "preprocessing": requests, "llm": requests, "postprocessing": requests,
         }  # fmt: skip
+        # the preprocessing model's own stages, one observation per request (its metrics)
+        stages = row["preprocess_stages_ms"]
+        assert set(stages) == {"inputs", "images", "template", "tokens", "positions", "outputs"}, stages
+        assert all(ms >= 0 for ms in stages.values())
+    # a new screenshot's decode and resize is its preprocessing's largest stage; text has no image work
+    assert doc["new_1288"]["preprocess_stages_ms"]["images"] > doc["text"]["preprocess_stages_ms"]["images"]
     path = tmp_path / "run" / "path_overhead.json"
     assert main(["--out", str(tmp_path / "cmp"), "--compare", str(path), str(path)]) == 0
     assert (tmp_path / "cmp" / "path_overhead.png").stat().st_size > 10_000

@@ -18,6 +18,8 @@ import triton_python_backend_utils as pb_utils
 from .triton_model import InputTensors, setup_model  # common/, copied by glmv-build
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+STAGE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+PREPROCESS_STAGES = ("images", "template", "tokens", "positions")  # engine.processing.preprocess.STAGES
 
 
 def _scalar(inputs: InputTensors, name: str):
@@ -88,11 +90,21 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.errors = self.errors_family.Metric(labels=labels)
+        self.stage_family = pb_utils.MetricFamily(
+            name="glmv_preprocess_stage_seconds",
+            description="Time of one request's preprocessing by stage: its inputs read and checked, its "
+            "images, chat template, tokens and positions, and its output tensors",
+            kind=pb_utils.MetricFamily.HISTOGRAM,
+        )
+        self.stages = {
+            stage: self.stage_family.Metric(labels={**labels, "stage": stage}, buckets=STAGE_BUCKETS)
+            for stage in ("inputs", *PREPROCESS_STAGES, "outputs")
+        }
 
     def finalize(self) -> None:
         # Released while the stub still serves them: a MetricFamily left for the stub's own teardown
         # segfaults it on every shutdown (triton-inference-server/server#8662).
-        del self.latency, self.errors, self.latency_family, self.errors_family
+        del self.latency, self.errors, self.stages, self.latency_family, self.errors_family, self.stage_family
 
     def execute(self, requests):
         responses = []
@@ -120,6 +132,7 @@ class TritonPythonModel:
         return responses
 
     def _process(self, inputs: InputTensors) -> list:
+        started = time.perf_counter()
         for name in self.bounded_inputs:  # by bytes, before any decoding or tokenizing
             self.bounds.check(name, _strings(inputs, name))
         texts = _strings(inputs, "text_input")
@@ -157,6 +170,7 @@ class TritonPythonModel:
             )
         if guide_type:
             enable_thinking = False
+        called = time.perf_counter()
         out = self.preprocessor(
             text,
             _strings(inputs, "image_input"),
@@ -177,7 +191,8 @@ class TritonPythonModel:
         if seed is None:  # unseeded sampling: a fresh seed per request
             seed = random.getrandbits(63)
 
-        return [
+        returned = time.perf_counter()
+        tensors = [
             pb_utils.Tensor("input_ids", out.input_ids.astype(np.int32)),
             pb_utils.Tensor("input_lengths", np.array([len(out.input_ids)], np.int32)),
             pb_utils.Tensor("request_output_len", np.array([max_tokens], np.int32)),
@@ -193,3 +208,8 @@ class TritonPythonModel:
             # (Triton does not pass an ensemble's cancellation to a step that is already running).
             pb_utils.Tensor("request_key", np.array([uuid.uuid4().hex.encode()], dtype=np.object_)),
         ]
+        self.stages["inputs"].observe(called - started)
+        for stage, seconds in out.stage_seconds.items():
+            self.stages[stage].observe(seconds)
+        self.stages["outputs"].observe(time.perf_counter() - returned)
+        return tensors

@@ -104,6 +104,14 @@ def test_text_only_matches_chat_template(pre: Preprocessor, hf_processor) -> Non
     assert out.mrope_delta == 0
 
 
+def test_every_call_says_where_its_time_went(pre: Preprocessor) -> None:
+    from engine.processing.preprocess import STAGES
+
+    out = pre("What is this?", [encode(noise_image(64, 48, seed=3))])
+    assert tuple(out.stage_seconds) == STAGES and all(t >= 0 for t in out.stage_seconds.values())
+    assert out.stage_seconds["images"] > 0  # a PNG decoded, resized and hashed
+
+
 def test_thinking_switch(pre: Preprocessor) -> None:
     off = pre("hi", enable_thinking=False)
     assert off.prompt.endswith("hi/nothink<|assistant|>\n<think></think>\n")
