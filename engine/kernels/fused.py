@@ -192,6 +192,21 @@ if HAS_TRITON:
         tl.store(out_ptr + row * out_stride + cols, _round_to(up * silu, dtype).to(dtype), mask=mask)
 
     @triton.jit
+    def _rotate_pairs(
+        even, mask, cos_row, sin_row, slots, slot_mask, cos_stride_r, sin_stride_r, xdtype: tl.constexpr
+    ):
+        # the pairs (even, even + 1) of a token's heads rotated as rope.apply_interleaved_rotary does:
+        # arithmetic in cos's dtype, each product and sum rounded to it; the result rounded to x's dtype
+        cdtype: tl.constexpr = cos_row.dtype.element_ty
+        c = tl.load(cos_row + slots * cos_stride_r, mask=slot_mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_row + slots * sin_stride_r, mask=slot_mask, other=0.0).to(tl.float32)
+        x0 = _round_to(tl.load(even, mask=mask, other=0.0).to(tl.float32), cdtype)
+        x1 = _round_to(tl.load(even + 1, mask=mask, other=0.0).to(tl.float32), cdtype)
+        r0 = _round_to(_round_to(x0 * c, cdtype) - _round_to(x1 * s, cdtype), cdtype)
+        r1 = _round_to(_round_to(x1 * c, cdtype) + _round_to(x0 * s, cdtype), cdtype)
+        return _round_to(r0, xdtype), _round_to(r1, xdtype)
+
+    @triton.jit
     def _rotary_kernel(
         qk_ptr,
         cos_ptr,
@@ -212,18 +227,14 @@ if HAS_TRITON:
         slots = tl.arange(0, BLOCK_R)[None, :]
         slot_mask = slots < half
         mask = (heads < n_heads) & slot_mask
-        cdtype: tl.constexpr = cos_ptr.dtype.element_ty  # arithmetic dtype (rope.apply_interleaved_rotary)
         xdtype: tl.constexpr = qk_ptr.dtype.element_ty
-        c = tl.load(cos_ptr + t * cos_stride_t + slots * cos_stride_r, mask=slot_mask, other=0.0)
-        s = tl.load(sin_ptr + t * sin_stride_t + slots * sin_stride_r, mask=slot_mask, other=0.0)
-        c, s = c.to(tl.float32), s.to(tl.float32)
         even = qk_ptr + t * qk_stride_t + heads * qk_stride_h + 2 * slots
-        x0 = _round_to(tl.load(even, mask=mask, other=0.0).to(tl.float32), cdtype)
-        x1 = _round_to(tl.load(even + 1, mask=mask, other=0.0).to(tl.float32), cdtype)
-        r0 = _round_to(_round_to(x0 * c, cdtype) - _round_to(x1 * s, cdtype), cdtype)
-        r1 = _round_to(_round_to(x1 * c, cdtype) + _round_to(x0 * s, cdtype), cdtype)
-        tl.store(even, _round_to(r0, xdtype).to(xdtype), mask=mask)
-        tl.store(even + 1, _round_to(r1, xdtype).to(xdtype), mask=mask)
+        r0, r1 = _rotate_pairs(
+            even, mask, cos_ptr + t * cos_stride_t, sin_ptr + t * sin_stride_t, slots, slot_mask,
+            cos_stride_r, sin_stride_r, xdtype,
+        )  # fmt: skip
+        tl.store(even, r0.to(xdtype), mask=mask)
+        tl.store(even + 1, r1.to(xdtype), mask=mask)
 
     @triton.jit
     def _rotary_kv_kernel(
@@ -265,16 +276,12 @@ if HAS_TRITON:
         slots = tl.arange(0, BLOCK_R)[None, :]
         slot_mask = slots < half
         mask = (heads < n_rot) & slot_mask
-        cdtype: tl.constexpr = cos_ptr.dtype.element_ty
         xdtype: tl.constexpr = qkv_ptr.dtype.element_ty
-        c = tl.load(cos_ptr + t * cos_stride_t + slots * cos_stride_r, mask=slot_mask, other=0.0)
-        s = tl.load(sin_ptr + t * sin_stride_t + slots * sin_stride_r, mask=slot_mask, other=0.0)
-        c, s = c.to(tl.float32), s.to(tl.float32)
         even = qkv_ptr + t * qkv_stride_t + heads * qkv_stride_h + 2 * slots
-        x0 = _round_to(tl.load(even, mask=mask, other=0.0).to(tl.float32), cdtype)
-        x1 = _round_to(tl.load(even + 1, mask=mask, other=0.0).to(tl.float32), cdtype)
-        r0 = _round_to(_round_to(_round_to(x0 * c, cdtype) - _round_to(x1 * s, cdtype), cdtype), xdtype)
-        r1 = _round_to(_round_to(_round_to(x1 * c, cdtype) + _round_to(x0 * s, cdtype), cdtype), xdtype)
+        r0, r1 = _rotate_pairs(
+            even, mask, cos_ptr + t * cos_stride_t, sin_ptr + t * sin_stride_t, slots, slot_mask,
+            cos_stride_r, sin_stride_r, xdtype,
+        )  # fmt: skip
         tl.store(even, r0.to(xdtype), mask=mask)
         tl.store(even + 1, r1.to(xdtype), mask=mask)
         k_mask = mask & is_k & has_slot

@@ -220,8 +220,14 @@ class Preprocessor:
         image's error in image order (after every image has ended)."""
         wait(started)
         prepared = [future.result() for future in started]
-        refs = [ref for _, _, ref in prepared] if by_reference and prepared else []
-        if refs and all(refs):
+        refs = []
+        for _, _, cached_key in prepared if by_reference else ():
+            ref = None if cached_key is None else self.resize_cache.shared_ref(cached_key)
+            if ref is None:  # a new image, or one whose shared file is not there: the pixels go
+                refs = []
+                break
+            refs.append(ref)
+        if refs:
             hashes = [image_hash for _, image_hash, _ in prepared]
             return np.zeros(0, np.uint8), self._grids(prepared), hashes, refs
         return (*self._assemble(prepared), [])
@@ -242,12 +248,12 @@ class Preprocessor:
         return self._assemble([self._prepare_image(info) for info in images])
 
     def _prepare_image(self, info: ImageInfo) -> tuple[np.ndarray, str, str | None]:
-        """(resized RGB [h, w, 3] uint8, read-only, its hash, its file in the shared resize directory or
-        None) of one image: from the resize cache, else decoded (if it was not), resized, hashed and put
-        there (a new image's file is written meanwhile: None)."""
+        """(resized RGB [h, w, 3] uint8, read-only, its hash, its resize cache key if it was found there,
+        else None) of one image: from the resize cache, else decoded (if it was not), resized, hashed and
+        put there (its shared file is written meanwhile: this request sends the pixels)."""
         known = self.resize_cache.get(info.file_hash)
         if known is not None:
-            return (*known, self.resize_cache.shared_ref(info.file_hash))
+            return (*known, info.file_hash)
         if not info.is_decoded:  # its cache entry went between the check and here
             info.image.load()
         patch, merge, temporal = self._geometry()
