@@ -35,6 +35,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,14 @@ from pathlib import Path
 
 from benchmarks.clients import RequestParams, make_target
 from benchmarks.corpus import Corpus
-from benchmarks.metrics import cache_hits, distribution_ms, steady_state, summarize
+from benchmarks.metrics import (
+    cache_hits,
+    distribution_ms,
+    preprocess_stages,
+    stage_means_ms,
+    steady_state,
+    summarize,
+)
 from benchmarks.results import REPO_ROOT, GpuMemorySampler, git_commit, summary_markdown, today, validate
 
 
@@ -278,9 +286,11 @@ async def serve_phases(
     http_url: str | None = None,
     only: set[str] | None = None,
     admin_headers: dict[str, str] | None = None,
+    metrics_url: str | None = None,
 ) -> None:
     """Every measurement through Triton; each sub-phase guarded so one failure keeps the others.
-    ``only``: run just these sub-phases (and the warm-up)."""
+    ``only``: run just these sub-phases (and the warm-up). ``metrics_url``: Triton's metrics, for the
+    preprocessing model's stages of the follow-up requests."""
     from benchmarks.reuse import QuestionsPerImage, conversation, follow_up_pairs
 
     sizes = {"448": (448, 448), "1288": (1288, 728)}
@@ -371,9 +381,18 @@ async def serve_phases(
 
     async def follow_up():
         """TTFT of a second question about a 1288x728 screenshot seen once (cold: the first question), and
-        each kind's own per-model stages (the statistics read around every request)."""
+        each kind's own per-model stages (the statistics read around every request) and preprocessing
+        stages (its `glmv_preprocess_stage_seconds`, mean ms per request)."""
         corpus = Corpus(sizes=[sizes["1288"]], pool_size=5, seed=1000)
         cold, warm, totals = [], [], {"cold": {}, "warm": {}}
+        pre_stages: dict[str, dict[str, list[float]]] = {"cold": {}, "warm": {}}
+
+        def stage_reading() -> dict | None:
+            if not metrics_url:
+                return None
+            with contextlib.suppress(Exception):
+                return preprocess_stages(metrics_url)
+            return None
 
         def stats() -> dict | None:
             if not http_url:
@@ -384,15 +403,22 @@ async def serve_phases(
 
         for first, second in follow_up_pairs(corpus, 5):
             for kind, sample, records in (("cold", first, cold), ("warm", second, warm)):
-                before = stats()
+                before, stages_before = stats(), stage_reading()
                 records.append(await target.send(sample, one))
-                after = stats()
+                after, stages_after = stats(), stage_reading()
                 if before is not None and after is not None:
                     add_stats(totals[kind], before, after)
+                if stages_before is not None and stages_after is not None:
+                    for stage, ms in stage_means_ms(stages_before, stages_after).items():
+                        pre_stages[kind].setdefault(stage, []).append(ms)
         out = {"cold": _ttft_summary(cold), "warm": _ttft_summary(warm), "warm_cache": cache_hits(warm)}
         for kind in ("cold", "warm"):
             if totals[kind]:
                 out[kind]["stages"] = stage_breakdown({}, totals[kind])
+            if pre_stages[kind]:
+                out[kind]["preprocess_stages_ms"] = {
+                    stage: round(statistics.median(values), 3) for stage, values in pre_stages[kind].items()
+                }
         return out
 
     def questions_per_image(concurrency: int, num_images: int, per_image: int):
@@ -518,7 +544,16 @@ def phase_serve(record: dict, harness: Harness, engine_out: Path, only: set[str]
         url = server.grpc_url if target_kind == "triton" else server.http_url
         record["target"] = target_kind
         asyncio.run(
-            serve_phases(harness, url, target_kind, record, server.http_url, only, server.admin_headers)
+            serve_phases(
+                harness,
+                url,
+                target_kind,
+                record,
+                server.http_url,
+                only,
+                server.admin_headers,
+                server.metrics_url,
+            )
         )
     finally:
         with contextlib.suppress(Exception):
@@ -692,6 +727,10 @@ def table(doc: dict) -> str:
                     for model, row in sorted(stages.items())
                 )
                 lines.append(f"followup_1288 {kind}: per model queue/compute ms: {parts}")
+            pre = follow[kind].get("preprocess_stages_ms") or {}
+            if pre:
+                parts = ", ".join(f"{stage} {ms:.2f}" for stage, ms in pre.items())
+                lines.append(f"followup_1288 {kind}: preprocessing stages ms (P50): {parts}")
     chat = serve.get("conversation_1288") or {}
     for turn, run in chat.items():
         if isinstance(run, dict) and "ttft_ms" in run:

@@ -174,3 +174,35 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
         **cache_hits(ok),
         "error_messages": {msg[:300]: n for msg, n in errors.most_common(5)},
     }
+
+
+def preprocess_stages(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """stage -> (seconds, requests) so far, from the preprocessing model's `glmv_preprocess_stage_seconds`
+    (summed over its instances)."""
+    import re
+
+    import httpx
+
+    body = httpx.get(
+        metrics_url if "://" in metrics_url else f"http://{metrics_url}/metrics", timeout=10
+    ).text
+    totals: dict[str, list[float]] = {}
+    for kind, labels, value in re.findall(
+        r"^glmv_preprocess_stage_seconds_(sum|count)\{([^}]*)\} (\S+)$", body, re.MULTILINE
+    ):
+        stage = re.search(r'stage="([^"]+)"', labels).group(1)
+        totals.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] += float(value)
+    return {stage: (total[0], total[1]) for stage, total in totals.items()}
+
+
+def stage_means_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per request of each preprocessing stage between two `preprocess_stages` readings, in the
+    order a request passes them."""
+    order = ("inputs", "images", "template", "tokens", "positions", "outputs")
+    means = {}
+    for stage in sorted(after, key=lambda s: (order.index(s) if s in order else len(order), s)):
+        seconds, count = after[stage]
+        seconds0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            means[stage] = round((seconds - seconds0) / (count - count0) * 1e3, 3)
+    return means

@@ -27,36 +27,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from benchmarks.metrics import preprocess_stages, stage_means_ms
 from benchmarks.results import make_meta
-
-
-def preprocess_stages(metrics_url: str) -> dict[str, tuple[float, float]]:
-    """stage -> (seconds, requests) so far, from the preprocessing model's `glmv_preprocess_stage_seconds`
-    (summed over its instances)."""
-    import re
-
-    import httpx
-
-    body = httpx.get(
-        metrics_url if "://" in metrics_url else f"http://{metrics_url}/metrics", timeout=10
-    ).text
-    totals: dict[str, list[float]] = {}
-    for kind, labels, value in re.findall(
-        r"^glmv_preprocess_stage_seconds_(sum|count)\{([^}]*)\} (\S+)$", body, re.MULTILINE
-    ):
-        stage = re.search(r'stage="([^"]+)"', labels).group(1)
-        totals.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] += float(value)
-    return {stage: (total[0], total[1]) for stage, total in totals.items()}
-
-
-def stage_means_ms(before: dict, after: dict) -> dict[str, float]:
-    """Mean ms per request of each preprocessing stage between two `preprocess_stages` readings."""
-    means = {}
-    for stage, (seconds, count) in after.items():
-        seconds0, count0 = before.get(stage, (0.0, 0.0))
-        if count > count0:
-            means[stage] = round((seconds - seconds0) / (count - count0) * 1e3, 3)
-    return means
 
 
 def _p50(values: list[float]) -> float | None:

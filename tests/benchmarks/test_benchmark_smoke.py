@@ -174,3 +174,44 @@ def test_gateway_overhead_counts_every_chunk(tmp_path: Path) -> None:
     assert [r["chunks"] for r in doc["runs"]] == [3 * (30 + 11)] * 2
     assert all(r["gateway_cpu_us_per_chunk"] > 0 and r["chunks_per_s"] > 0 for r in doc["runs"])
     assert (tmp_path / "gateway_overhead.png").stat().st_size > 0
+
+
+def test_harness_follow_up_reports_each_models_and_preprocessing_stages(tiny_triton, tmp_path: Path) -> None:
+    """The harness's `followup_1288` sub-phase against the tiny engine: every question answered, the warm
+    ones from the cache, and each kind's Triton model stages and preprocessing stages (read from Triton's
+    statistics and metrics around every request) in the record and the table."""
+    import asyncio
+
+    from benchmarks.gpu_harness import Harness, comparisons, serve_phases, table
+
+    harness = Harness(tmp_path, budget_s=600, commit="abc1234")
+    record: dict = {}
+    try:
+        asyncio.run(
+            serve_phases(
+                harness,
+                tiny_triton.grpc_url,
+                "triton",
+                record,
+                tiny_triton.http_url,
+                {"followup_1288"},
+                tiny_triton.admin_headers,
+                tiny_triton.metrics_url,
+            )
+        )
+    finally:
+        harness.log_file.close()
+    follow = record["followup_1288"]
+    stages = ("inputs", "images", "template", "tokens", "positions", "outputs")
+    for kind in ("cold", "warm"):
+        assert (follow[kind]["requests"], follow[kind]["errors"]) == (5, 0), follow[kind]["error_messages"]
+        assert set(follow[kind]["stages"]) == {"ensemble", "preprocessing", "llm", "postprocessing"}
+        assert follow[kind]["stages"]["preprocessing"]["executions"] == 5
+        assert set(follow[kind]["preprocess_stages_ms"]) == set(stages)
+        assert all(ms >= 0 for ms in follow[kind]["preprocess_stages_ms"].values())
+    assert follow["warm_cache"]["cached_tokens"] > 0
+    doc = {"meta": {"date": "2026-12-05", "commit": "abc1234", "device": "cpu"}, "phases": {"serve": record}}
+    doc["comparison"] = comparisons(doc)
+    text = table(doc)
+    for kind in ("cold", "warm"):
+        assert f"followup_1288 {kind}: preprocessing stages ms (P50): inputs " in text
