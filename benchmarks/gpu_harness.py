@@ -515,11 +515,28 @@ async def serve_phases(
         await target.close()
 
 
+def clear_shared_resize_dirs(engine_out: Path) -> list[Path]:
+    """Remove the host's shared resize directories of the engines under ``engine_out`` (the preprocessing
+    model's, in /dev/shm or the temp directory), so that a server started after another one on the same
+    host (a second tree or variant in one call) meets its "new" images as new. Returns what it removed."""
+    from engine.processing.preprocess import shared_resize_dir_name
+
+    removed = []
+    for config in sorted(engine_out.glob("**/preprocessor_config.json")):
+        for root in {Path("/dev/shm"), Path(tempfile.gettempdir())}:
+            directory = root / shared_resize_dir_name(config.parent)
+            if directory.is_dir():
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(directory)
+    return removed
+
+
 def phase_serve(record: dict, harness: Harness, engine_out: Path, only: set[str] | None = None) -> None:
     from benchmarks.server import find_model_repository
     from build_engine.launcher import TritonServer
 
     repo = find_model_repository(engine_out)
+    clear_shared_resize_dirs(engine_out)
     log_file = Path(tempfile.gettempdir()) / "glmv-harness-triton.log"
     server = TritonServer(
         repo,

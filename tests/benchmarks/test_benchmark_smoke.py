@@ -182,7 +182,7 @@ def test_harness_follow_up_reports_each_models_and_preprocessing_stages(tiny_tri
     statistics and metrics around every request) in the record and the table."""
     import asyncio
 
-    from benchmarks.gpu_harness import Harness, comparisons, serve_phases, table
+    from benchmarks.gpu_harness import Harness, clear_shared_resize_dirs, comparisons, serve_phases, table
 
     harness = Harness(tmp_path, budget_s=600, commit="abc1234")
     record: dict = {}
@@ -215,3 +215,8 @@ def test_harness_follow_up_reports_each_models_and_preprocessing_stages(tiny_tri
     text = table(doc)
     for kind in ("cold", "warm"):
         assert f"followup_1288 {kind}: preprocessing stages ms (P50): inputs " in text
+    # the screenshots went through the host's shared resize directory; a later server starts without them
+    build_output = tiny_triton.model_repository.parent
+    (removed,) = clear_shared_resize_dirs(build_output)
+    assert removed.name.startswith("glmv-resize-") and not removed.exists()
+    assert clear_shared_resize_dirs(build_output) == []
