@@ -13,6 +13,9 @@
 #   PART=7  the harness as in PART=1, then benchmarks.guided_probe;
 #   PART=8  the GPU tests, then benchmarks.ttft_probe;
 #   PART=9  benchmarks.step_probe (STEP_VARIANTS), benchmarks.guided_probe, benchmarks.ttft_probe;
+#   PART=10 for when device calls are scarce, the most in one: the harness (HARNESS_BUDGET s, every sub-phase),
+#           the GPU tests of GPU_TESTS, benchmarks.step_probe (STEP_VARIANTS), then benchmarks.ttft_probe,
+#           each while time is left;
 #   PART=4  (two GPUs) benchmarks.multi_gpu: Triton's spread over one llm per GPU, then one server per GPU
 #           behind the gateway's image affinity.
 # Run from the repository root on the GPU machine, with .whl/ carried (bash benchmarks/fetch_wheels.sh):
@@ -135,6 +138,19 @@ elif [ "$PART" = 9 ]; then
   STEP_VARIANTS=${STEP_VARIANTS:-default:} step_probes
   [ "${PROBE:-1}" = 0 ] || [ "$(left)" -lt 120 ] || timeout 110 python3 -m benchmarks.guided_probe \
     --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
+  [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
+    grep -E '^[0-9]|chunked|decode b'
+elif [ "$PART" = 10 ]; then
+  budget=${HARNESS_BUDGET:-240}
+  timeout $((budget + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline \
+    --budget-s "$budget" --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c=\|^\[rate='
+  pkill -f tritonserver; sleep 3
+  if [ "$(left)" -gt 60 ]; then
+    timeout 120 python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/engine/kernels/test_fused.py tests/engine/model/test_vision_graphs.py} \
+      >"$OUT/pytest_gpu.txt" 2>&1
+    tail -n 4 "$OUT/pytest_gpu.txt"
+  fi
+  step_probes
   [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
     grep -E '^[0-9]|chunked|decode b'
 elif [ "$PART" = 4 ]; then
