@@ -45,7 +45,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,6 +59,18 @@ __all__ = ["STAGES", "PreprocessedRequest", "Preprocessor", "shared_resize_dir_n
 
 # Threads per Preprocessor that open, decode, resize and hash a request's images (start_images).
 IMAGE_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class _Prepared(NamedTuple):
+    """One image of a request, prepared: its resized RGB [h, w, 3] uint8 (read-only; None when only its
+    shared file's header was read), its hash, its resize cache key if it was found there (else None), its
+    resized (height, width), and the image it came from."""
+
+    rgb: np.ndarray | None
+    image_hash: str
+    cached_key: str | None
+    size: tuple[int, int]
+    info: ImageInfo
 
 
 @dataclass
@@ -190,16 +202,21 @@ class Preprocessor:
         is_known = file_hash in self.resize_cache
         return open_image(data, field_name, self.limits, decode=not is_known, file_hash=file_hash)
 
-    def start_images(self, raw_images: list[bytes | str]) -> list[Future]:
+    def start_images(self, raw_images: list[bytes | str], by_reference: bool = False) -> list[Future]:
         """Each image loaded and prepared (`load_images`, then `prepare_images`' work for it) on the image
         threads: a request's images side by side, and beside the prompt's template and tokenizer (PIL's
         decode and resize and hashlib's digest leave the GIL); a single image here, at once.
-        `finish_images` collects them."""
+        ``by_reference``: an image found only in the shared resize directory is not read, only its file's
+        header (`finish_images` reads it if the pixels go after all). `finish_images` collects them."""
         self._check_image_count(raw_images)
+
+        def prepare(i: int, raw: bytes | str) -> _Prepared:
+            return self._prepare_image(self._load_image(i, raw), by_reference)
+
         if len(raw_images) == 1:  # here: a thread's handoff costs a follow-up more than the overlap saves
             done: Future = Future()
             try:
-                done.set_result(self._prepare_image(self._load_image(0, raw_images[0])))
+                done.set_result(prepare(0, raw_images[0]))
             except BaseException as exc:
                 done.set_exception(exc)
             return [done]
@@ -207,10 +224,7 @@ class Preprocessor:
             return []
         if self._image_threads is None:
             self._image_threads = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="glmv-image")
-        return [
-            self._image_threads.submit(lambda i, raw: self._prepare_image(self._load_image(i, raw)), i, raw)
-            for i, raw in enumerate(raw_images)
-        ]
+        return [self._image_threads.submit(prepare, i, raw) for i, raw in enumerate(raw_images)]
 
     def finish_images(
         self, started: list[Future], by_reference: bool = False
@@ -221,15 +235,17 @@ class Preprocessor:
         wait(started)
         prepared = [future.result() for future in started]
         refs = []
-        for _, _, cached_key in prepared if by_reference else ():
-            ref = None if cached_key is None else self.resize_cache.shared_ref(cached_key)
+        for image in prepared if by_reference else ():
+            ref = None if image.cached_key is None else self.resize_cache.shared_ref(image.cached_key)
             if ref is None:  # a new image, or one whose shared file is not there: the pixels go
                 refs = []
                 break
             refs.append(ref)
         if refs:
-            hashes = [image_hash for _, image_hash, _ in prepared]
+            hashes = [image.image_hash for image in prepared]
             return np.zeros(0, np.uint8), self._grids(prepared), hashes, refs
+        # the pixels go: those of images seen only by their file's header are read (or made) now
+        prepared = [image if image.rgb is not None else self._prepare_image(image.info) for image in prepared]
         return (*self._assemble(prepared), [])
 
     def _geometry(self) -> tuple[int, int, int]:
@@ -247,36 +263,38 @@ class Preprocessor:
         """`resize_images` and each resized image's hash (sha256 hex of its size and RGB bytes)."""
         return self._assemble([self._prepare_image(info) for info in images])
 
-    def _prepare_image(self, info: ImageInfo) -> tuple[np.ndarray, str, str | None]:
-        """(resized RGB [h, w, 3] uint8, read-only, its hash, its resize cache key if it was found there,
-        else None) of one image: from the resize cache, else decoded (if it was not), resized, hashed and
-        put there (its shared file is written meanwhile: this request sends the pixels)."""
-        known = self.resize_cache.get(info.file_hash)
+    def _prepare_image(self, info: ImageInfo, by_reference: bool = False) -> _Prepared:
+        """One image: from the resize cache, else decoded (if it was not), resized, hashed and put there
+        (its shared file is written meanwhile: this request sends the pixels). ``by_reference``: an image
+        that only the shared directory holds comes from its file's header, without its pixels."""
+        known = self.resize_cache.get(info.file_hash, shared=not by_reference)
         if known is not None:
-            return (*known, info.file_hash)
+            return _Prepared(known[0], known[1], info.file_hash, known[0].shape[:2], info)
+        header = self.resize_cache.shared_header(info.file_hash) if by_reference else None
+        if header is not None:
+            height, width, image_hash = header
+            return _Prepared(None, image_hash, info.file_hash, (height, width), info)
         if not info.is_decoded:  # its cache entry went between the check and here
             info.image.load()
         patch, merge, temporal = self._geometry()
         rgb = self._resize(info.image, patch, merge, temporal)
         digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
         digest.update(np.ascontiguousarray(rgb).data)
-        known = (rgb, digest.hexdigest())
-        self.resize_cache.put(info.file_hash, *known)
-        return (*known, None)
+        image_hash = digest.hexdigest()
+        self.resize_cache.put(info.file_hash, rgb, image_hash)
+        return _Prepared(rgb, image_hash, None, rgb.shape[:2], info)
 
-    def _grids(self, prepared: list[tuple[np.ndarray, str, str | None]]) -> np.ndarray:
+    def _grids(self, prepared: list[_Prepared]) -> np.ndarray:
         patch = self._geometry()[0]
-        grids = [(1, rgb.shape[0] // patch, rgb.shape[1] // patch) for rgb, _, _ in prepared]
+        grids = [(1, image.size[0] // patch, image.size[1] // patch) for image in prepared]
         return np.asarray(grids, dtype=np.int64).reshape(-1, 3)
 
-    def _assemble(
-        self, prepared: list[tuple[np.ndarray, str, str | None]]
-    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def _assemble(self, prepared: list[_Prepared]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if not prepared:
             return np.zeros(0, np.uint8), np.zeros((0, 3), np.int64), []
-        parts = [rgb.reshape(-1) for rgb, _, _ in prepared]
+        parts = [image.rgb.reshape(-1) for image in prepared]
         rgb = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one image: its cached array, no copy
-        return rgb, self._grids(prepared), [image_hash for _, image_hash, _ in prepared]
+        return rgb, self._grids(prepared), [image.image_hash for image in prepared]
 
     def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
@@ -335,7 +353,7 @@ class Preprocessor:
         from engine.model.rope import get_mrope_positions
 
         t0 = time.perf_counter()
-        started = self.start_images(list(images or []))
+        started = self.start_images(list(images or []), pixels_by_reference)
         t1 = time.perf_counter()
         try:
             messages = build_messages(text, messages_json, len(started))

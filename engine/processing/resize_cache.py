@@ -67,14 +67,15 @@ class ResizeCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries or (self.shared_dir is not None and self._path(key).is_file())
 
-    def get(self, key: str) -> tuple[np.ndarray, str] | None:
-        """(resized RGB [h, w, 3] uint8, read-only: the cached array itself, its content hash), or None."""
+    def get(self, key: str, shared: bool = True) -> tuple[np.ndarray, str] | None:
+        """(resized RGB [h, w, 3] uint8, read-only: the cached array itself, its content hash), or None.
+        ``shared=False``: from this process's LRU only."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
-        if self.shared_dir is None:
+        if self.shared_dir is None or not shared:
             return None
         entry = self._read_shared(key)
         if entry is not None:
@@ -110,6 +111,29 @@ class ResizeCache:
         except OSError:
             return None
         return str(path)
+
+    def shared_header(self, key: str) -> tuple[int, int, str] | None:
+        """(height, width, image hash) of ``key``'s shared file from its header alone (the pixels stay
+        unread: for a request that sends the file's path, not the pixels), or None when it has no whole
+        entry there. Refreshes the file like a hit."""
+        if self.shared_dir is None:
+            return None
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                header = f.read(_HEADER.size)
+                size = os.fstat(f.fileno()).st_size
+            magic, height, width, image_hash = _HEADER.unpack(header)
+            if magic != _MAGIC or size != _HEADER.size + height * width * 3:
+                return None
+            result = height, width, image_hash.decode("ascii")
+        except (OSError, struct.error, UnicodeDecodeError):
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        with self._lock:
+            self.num_shared_hits += 1
+        return result
 
     def flush(self) -> None:
         """Wait until the writes asked so far are done."""

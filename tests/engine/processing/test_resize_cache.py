@@ -167,6 +167,56 @@ def test_images_in_the_shared_directory_go_by_reference(tiny_checkpoint: Path, t
     assert pre("What is this?", [image]).image_refs == []
 
 
+def test_another_instance_sends_a_shared_image_by_reference_from_its_header(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch
+):
+    """An instance that meets an image only in the shared directory sends its file from the header alone
+    (its pixels never read, nothing kept in its LRU); when the file goes before the request is finished,
+    the pixels are read after all (here: made anew, the file gone), equal to the first instance's."""
+    shared = {"shared_resize_cache_dir": tmp_path, "shared_resize_cache_bytes": 64 << 20}
+    first, second = Preprocessor(tiny_checkpoint, **shared), Preprocessor(tiny_checkpoint, **shared)
+    image = png(11, (260, 180))
+    want = first("What is this?", [image])
+    first.resize_cache.flush()
+
+    def no_read(key):
+        raise AssertionError("the pixels of a file sent by reference were read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(second.resize_cache, "_read_shared", no_read)
+        got = second("Another question?", [image], pixels_by_reference=True)
+    (ref,) = got.image_refs
+    assert got.image_rgb.size == 0 and got.image_hashes == want.image_hashes
+    np.testing.assert_array_equal(got.image_grid_thw, want.image_grid_thw)
+    assert not second.resize_cache._entries and second.resize_cache.num_shared_hits == 1
+    # the file goes between the images' start and the request's end: the pixels go, made anew
+    third = Preprocessor(tiny_checkpoint, **shared)
+    started = third.start_images([image], by_reference=True)
+    Path(ref).unlink()
+    rgb, grid, hashes, refs = third.finish_images(started, by_reference=True)
+    assert refs == [] and hashes == want.image_hashes
+    np.testing.assert_array_equal(rgb, want.image_rgb)
+    np.testing.assert_array_equal(grid, want.image_grid_thw)
+
+
+def test_a_shared_header_is_read_only_from_a_whole_entry(tmp_path: Path):
+    cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=64 << 20)
+    rgb = np.arange(6 * 4 * 3, dtype=np.uint8).reshape(6, 4, 3)
+    cache.put("k", rgb, "ab" * 32)
+    cache.flush()
+    path = tmp_path / "k.rgb"
+    os.utime(path, (1, 1))
+    assert cache.shared_header("k") == (6, 4, "ab" * 32)
+    assert path.stat().st_mtime > 1  # a hit: trimmed last
+    assert cache.shared_header("missing") is None
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])  # cut short
+    assert cache.shared_header("k") is None
+    path.write_bytes(b"NOTGLMV!" + data[8:])
+    assert cache.shared_header("k") is None
+    assert ResizeCache(0).shared_header("k") is None  # no shared directory
+
+
 @pytest.mark.parametrize("max_bytes", [0, 1 << 20])
 def test_the_process_lru_keeps_its_bytes(max_bytes: int):
     cache = ResizeCache(max_bytes)
