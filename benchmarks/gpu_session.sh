@@ -75,12 +75,13 @@ elif [ "$PART" = 2 ]; then
     pkill -f tritonserver; pkill -f "m gateway"; sleep 3
   fi
   # Same machine, same call: the trees of TREES (snapshots of other commits; default OLD_TREE, then this
-  # one) on the sub-phases that show the engine and the Triton path, then TEST_K's GPU tests in each.
+  # one) on the sub-phases that show the engine and the Triton path (AB_PHASES, AB_BUDGET s each), then
+  # TEST_K's GPU tests in each.
   for tree in ${TREES:-${OLD_TREE:-} .}; do
     name=$(cd "$tree" && basename "$PWD")
-    [ "$(left)" -gt 110 ] || break
-    (cd "$tree" && timeout 135 python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
-      --budget-s 125 --engine-args "--max-batch-size 128" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
+    [ "$(left)" -gt $((${AB_BUDGET:-125} - 15)) ] || break
+    (cd "$tree" && timeout $((${AB_BUDGET:-125} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
+      --budget-s "${AB_BUDGET:-125}" --engine-args "--max-batch-size 128" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
       2>&1 | grep -E '^(TTFT|decode|tok/s|c32|follow)' | sed "s/^/$name: /")
     pkill -f tritonserver; sleep 2
   done
