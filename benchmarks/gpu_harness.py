@@ -46,10 +46,12 @@ from pathlib import Path
 from benchmarks.clients import RequestParams, make_target
 from benchmarks.corpus import Corpus
 from benchmarks.metrics import (
+    LLM_STAGES,
+    PREPROCESS_STAGES,
     cache_hits,
     distribution_ms,
-    preprocess_stages,
     stage_means_ms,
+    stage_totals,
     steady_state,
     summarize,
 )
@@ -226,6 +228,10 @@ def _ttft_summary(records) -> dict:
     }
 
 
+# the stage histograms the harness reads around its requests: record key -> metric family
+STAGE_FAMILIES = {"preprocess_stages_ms": PREPROCESS_STAGES, "llm_stages_ms": LLM_STAGES}
+
+
 def model_stats(http_url: str, headers: dict[str, str] | None = None) -> dict:
     """Triton's cumulative per-model statistics: {model: {execution_count, <stat>: (count, ns)}}.
     ``headers``: the server's admin key (``TritonServer.admin_headers``; statistics is a restricted API)."""
@@ -325,6 +331,7 @@ async def serve_phases(
         if http_url:
             with contextlib.suppress(Exception):
                 before = model_stats(http_url, admin_headers)
+        stages_before = stage_reading()
         try:
             record[name] = await asyncio.wait_for(coro_fn(), timeout=max(10.0, harness.left() - 15))
         except Exception as exc:
@@ -333,6 +340,9 @@ async def serve_phases(
         if before is not None:
             with contextlib.suppress(Exception):
                 record[name]["stages"] = stage_breakdown(before, model_stats(http_url, admin_headers))
+        for key, means in stage_means(stages_before, stage_reading()).items():
+            if means and isinstance(record[name], dict):
+                record[name].setdefault(key, means)  # the mean over the sub-phase's requests
         harness.log(f"serve/{name}: {json.dumps(record[name])[:400]}")
         harness.save()
 
@@ -379,20 +389,27 @@ async def serve_phases(
 
         return go
 
+    def stage_reading() -> dict[str, dict] | None:
+        """Both stage histograms' totals so far: the preprocessing model's and the llm's."""
+        if not metrics_url:
+            return None
+        with contextlib.suppress(Exception):
+            return {key: stage_totals(metrics_url, family) for key, family in STAGE_FAMILIES.items()}
+        return None
+
+    def stage_means(before: dict | None, after: dict | None) -> dict[str, dict[str, float]]:
+        if before is None or after is None:
+            return {}
+        return {key: stage_means_ms(before[key], after[key]) for key in STAGE_FAMILIES}
+
     async def follow_up():
         """TTFT of a second question about a 1288x728 screenshot seen once (cold: the first question), and
-        each kind's own per-model stages (the statistics read around every request) and preprocessing
-        stages (its `glmv_preprocess_stage_seconds`, mean ms per request)."""
+        each kind's own per-model stages (the statistics read around every request), preprocessing stages
+        and llm stages (`glmv_preprocess_stage_seconds`, `glmv_llm_request_stage_seconds`: P50 over the
+        requests of ms per request)."""
         corpus = Corpus(sizes=[sizes["1288"]], pool_size=5, seed=1000)
         cold, warm, totals = [], [], {"cold": {}, "warm": {}}
-        pre_stages: dict[str, dict[str, list[float]]] = {"cold": {}, "warm": {}}
-
-        def stage_reading() -> dict | None:
-            if not metrics_url:
-                return None
-            with contextlib.suppress(Exception):
-                return preprocess_stages(metrics_url)
-            return None
+        per_request: dict[str, dict[str, dict[str, list[float]]]] = {"cold": {}, "warm": {}}
 
         def stats() -> dict | None:
             if not http_url:
@@ -408,17 +425,15 @@ async def serve_phases(
                 after, stages_after = stats(), stage_reading()
                 if before is not None and after is not None:
                     add_stats(totals[kind], before, after)
-                if stages_before is not None and stages_after is not None:
-                    for stage, ms in stage_means_ms(stages_before, stages_after).items():
-                        pre_stages[kind].setdefault(stage, []).append(ms)
+                for key, means in stage_means(stages_before, stages_after).items():
+                    for stage, ms in means.items():
+                        per_request[kind].setdefault(key, {}).setdefault(stage, []).append(ms)
         out = {"cold": _ttft_summary(cold), "warm": _ttft_summary(warm), "warm_cache": cache_hits(warm)}
         for kind in ("cold", "warm"):
             if totals[kind]:
                 out[kind]["stages"] = stage_breakdown({}, totals[kind])
-            if pre_stages[kind]:
-                out[kind]["preprocess_stages_ms"] = {
-                    stage: round(statistics.median(values), 3) for stage, values in pre_stages[kind].items()
-                }
+            for key, by_stage in per_request[kind].items():
+                out[kind][key] = {stage: round(statistics.median(v), 3) for stage, v in by_stage.items()}
         return out
 
     def questions_per_image(concurrency: int, num_images: int, per_image: int):
@@ -727,6 +742,7 @@ def table(doc: dict) -> str:
                 # the preprocessing model's compute per request does not depend on the engine: when it moves
                 # between two runs, the host's speed moved (compare throughput within one call only)
                 + f", preprocessing {((run.get('stages') or {}).get('preprocessing') or {}).get('compute_infer_ms', 0):.1f} ms/request"
+                + "".join(f", llm {stage} {ms:.2f}" for stage, ms in (run.get("llm_stages_ms") or {}).items())
             )
     lines += _structured_lines(serve)
     follow = serve.get("followup_1288") or {}
@@ -744,10 +760,11 @@ def table(doc: dict) -> str:
                     for model, row in sorted(stages.items())
                 )
                 lines.append(f"followup_1288 {kind}: per model queue/compute ms: {parts}")
-            pre = follow[kind].get("preprocess_stages_ms") or {}
-            if pre:
-                parts = ", ".join(f"{stage} {ms:.2f}" for stage, ms in pre.items())
-                lines.append(f"followup_1288 {kind}: preprocessing stages ms (P50): {parts}")
+            for key, what in (("preprocess_stages_ms", "preprocessing"), ("llm_stages_ms", "llm")):
+                by_stage = follow[kind].get(key) or {}
+                if by_stage:
+                    parts = ", ".join(f"{stage} {ms:.2f}" for stage, ms in by_stage.items())
+                    lines.append(f"followup_1288 {kind}: {what} stages ms (P50): {parts}")
     chat = serve.get("conversation_1288") or {}
     for turn, run in chat.items():
         if isinstance(run, dict) and "ttft_ms" in run:

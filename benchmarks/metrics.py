@@ -176,9 +176,13 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
     }
 
 
-def preprocess_stages(metrics_url: str) -> dict[str, tuple[float, float]]:
-    """stage -> (seconds, requests) so far, from the preprocessing model's `glmv_preprocess_stage_seconds`
-    (summed over its instances)."""
+PREPROCESS_STAGES = "glmv_preprocess_stage_seconds"  # the preprocessing model's stages
+LLM_STAGES = "glmv_llm_request_stage_seconds"  # the llm's: a request's way into the engine
+
+
+def stage_totals(metrics_url: str, family: str = PREPROCESS_STAGES) -> dict[str, tuple[float, float]]:
+    """stage -> (seconds, requests) so far of one stage histogram (the preprocessing model's
+    `glmv_preprocess_stage_seconds` by default; `LLM_STAGES`), summed over the model's instances."""
     import re
 
     import httpx
@@ -188,7 +192,7 @@ def preprocess_stages(metrics_url: str) -> dict[str, tuple[float, float]]:
     ).text
     totals: dict[str, list[float]] = {}
     for kind, labels, value in re.findall(
-        r"^glmv_preprocess_stage_seconds_(sum|count)\{([^}]*)\} (\S+)$", body, re.MULTILINE
+        rf"^{re.escape(family)}_(sum|count)\{{([^}}]*)\}} (\S+)$", body, re.MULTILINE
     ):
         stage = re.search(r'stage="([^"]+)"', labels).group(1)
         totals.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] += float(value)
@@ -196,9 +200,9 @@ def preprocess_stages(metrics_url: str) -> dict[str, tuple[float, float]]:
 
 
 def stage_means_ms(before: dict, after: dict) -> dict[str, float]:
-    """Mean ms per request of each preprocessing stage between two `preprocess_stages` readings, in the
+    """Mean ms per request of each preprocessing stage between two `stage_totals` readings, in the
     order a request passes them."""
-    order = ("inputs", "images", "template", "tokens", "positions", "outputs")
+    order = ("inputs", "images", "template", "tokens", "positions", "outputs", "parse", "add")
     means = {}
     for stage in sorted(after, key=lambda s: (order.index(s) if s in order else len(order), s)):
         seconds, count = after[stage]

@@ -27,7 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.metrics import preprocess_stages, stage_means_ms
+from benchmarks.metrics import stage_means_ms, stage_totals
 from benchmarks.results import make_meta
 
 
@@ -71,7 +71,7 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
         ("new_4x1288", fours),
     ):
         before = model_stats(server.http_url, server.admin_headers)
-        stages_before = preprocess_stages(server.metrics_url)
+        stages_before = stage_totals(server.metrics_url)
         records = [await target.send(sample, one) for sample in samples]
         after = model_stats(server.http_url, server.admin_headers)
         for _ in range(40):  # Triton counts a decoupled ensemble's execution a moment after its last response
@@ -92,7 +92,7 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
                 [r.server_ttft_s * 1e3 for r in records if r.server_ttft_s is not None]
             ),
             "stages": stage_breakdown(before, after),
-            "preprocess_stages_ms": stage_means_ms(stages_before, preprocess_stages(server.metrics_url)),
+            "preprocess_stages_ms": stage_means_ms(stages_before, stage_totals(server.metrics_url)),
         }
     return out
 

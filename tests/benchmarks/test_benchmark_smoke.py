@@ -176,10 +176,12 @@ def test_gateway_overhead_counts_every_chunk(tmp_path: Path) -> None:
     assert (tmp_path / "gateway_overhead.png").stat().st_size > 0
 
 
-def test_harness_follow_up_reports_each_models_and_preprocessing_stages(tiny_triton, tmp_path: Path) -> None:
+def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
+    tiny_triton, tmp_path: Path
+) -> None:
     """The harness's `followup_1288` sub-phase against the tiny engine: every question answered, the warm
-    ones from the cache, and each kind's Triton model stages and preprocessing stages (read from Triton's
-    statistics and metrics around every request) in the record and the table."""
+    ones from the cache, and each kind's Triton model stages, preprocessing stages and llm stages (read
+    from Triton's statistics and metrics around every request) in the record and the table."""
     import asyncio
 
     from benchmarks.gpu_harness import Harness, clear_shared_resize_dirs, comparisons, serve_phases, table
@@ -209,12 +211,18 @@ def test_harness_follow_up_reports_each_models_and_preprocessing_stages(tiny_tri
         assert follow[kind]["stages"]["preprocessing"]["executions"] == 5
         assert set(follow[kind]["preprocess_stages_ms"]) == set(stages)
         assert all(ms >= 0 for ms in follow[kind]["preprocess_stages_ms"].values())
+        assert list(follow[kind]["llm_stages_ms"]) == ["inputs", "parse", "add"]
+        assert all(ms > 0 for ms in follow[kind]["llm_stages_ms"].values())
     assert follow["warm_cache"]["cached_tokens"] > 0
     doc = {"meta": {"date": "2026-12-05", "commit": "abc1234", "device": "cpu"}, "phases": {"serve": record}}
     doc["comparison"] = comparisons(doc)
     text = table(doc)
     for kind in ("cold", "warm"):
         assert f"followup_1288 {kind}: preprocessing stages ms (P50): inputs " in text
+        assert f"followup_1288 {kind}: llm stages ms (P50): inputs " in text
+    # the sub-phase's own means, over its 10 requests
+    assert set(follow["preprocess_stages_ms"]) == set(stages)
+    assert list(follow["llm_stages_ms"]) == ["inputs", "parse", "add"]
     # the screenshots went through the host's shared resize directory; a later server starts without them
     build_output = tiny_triton.model_repository.parent
     (removed,) = clear_shared_resize_dirs(build_output)

@@ -356,6 +356,8 @@ def test_metrics_are_exported(server) -> None:
     assert metric(server, "glmv_preprocess_latency_seconds_count", 'model="preprocessing"') > 0
     for stage in ("inputs", "images", "template", "tokens", "positions", "outputs"):
         assert metric(server, "glmv_preprocess_stage_seconds_count", f'stage="{stage}"') > 0, stage
+    for stage in ("inputs", "parse", "add"):
+        assert metric(server, "glmv_llm_request_stage_seconds_count", f'stage="{stage}"') > 0, stage
     assert metric(server, "nv_trt_llm_request_metrics", 'request_type="waiting"') >= 0
     assert metric(server, "glmv_preemptions_total", 'model="llm"') >= 0
     # one series per llm instance (one instance per GPU must not overwrite another's gauges)

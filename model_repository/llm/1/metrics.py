@@ -18,6 +18,8 @@ import triton_python_backend_utils as pb_utils
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 FINISH_REASONS = ("stop", "length", "abort")
+STAGE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+REQUEST_STAGES = ("inputs", "parse", "add")  # glmv_llm_request_stage_seconds
 # the LlmMetrics attributes that hold one metric each (release() drops them)
 METRIC_ATTRIBUTES = (
     "waiting", "running", "active", "blocks_used", "blocks_free", "blocks_max", "blocks_cached",
@@ -78,6 +80,17 @@ class LlmMetrics:
             "Time between generated tokens of one request",
             pb_utils.MetricFamily.HISTOGRAM,
         ).Metric(labels=labels, buckets=ITL_BUCKETS)
+        stages = self._family(
+            "glmv_llm_request_stage_seconds",
+            "Time of one request's way into the engine by stage, on Triton's execute thread: its inputs "
+            "looked up (inputs), turned into an engine request with its images resolved (parse), and checked "
+            "and queued by the engine (add: the input processor, the pixels pinned)",
+            pb_utils.MetricFamily.HISTOGRAM,
+        )
+        self.stages = {
+            stage: stages.Metric(labels={**labels, "stage": stage}, buckets=STAGE_BUCKETS)
+            for stage in REQUEST_STAGES
+        }
         self.preemptions = self._family(
             "glmv_preemptions_total",
             "Sequences preempted (by recompute) for lack of KV blocks",
@@ -134,6 +147,11 @@ class LlmMetrics:
         if itl is not None:
             self.itl.observe(itl)
 
+    def observe_stages(self, seconds: dict[str, float]) -> None:
+        """One request's seconds by stage (REQUEST_STAGES)."""
+        for stage, value in seconds.items():
+            self.stages[stage].observe(value)
+
     def count_finished(self, finish_reason: str | None) -> None:
         if finish_reason in self.finished_by_reason:
             self.finished_by_reason[finish_reason].increment(1)
@@ -144,6 +162,7 @@ class LlmMetrics:
         shutdown (triton-inference-server/server#8662)."""
         self.finished_by_reason.clear()
         self.cache_counters.clear()
+        self.stages.clear()
         for name in METRIC_ATTRIBUTES:
             setattr(self, name, None)
         self.families.clear()

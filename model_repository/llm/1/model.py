@@ -125,6 +125,7 @@ class TritonPythonModel:
         return None
 
     def _handle(self, request, sender) -> None:
+        started = time.perf_counter()
         inputs = InputTensors(request)
         triton_id = request_key(inputs)
         if is_stop(inputs):
@@ -137,6 +138,7 @@ class TritonPythonModel:
         if not self.engine.stats().is_loop_running:
             send_error(sender, "llm: the engine loop is not running", pb_utils.TritonError.UNAVAILABLE)
             return
+        looked_up = time.perf_counter()
         generation_request, state = parse_request(
             inputs,
             sender,
@@ -144,12 +146,16 @@ class TritonPythonModel:
             has_tokenizer=self.engine.tokenizer is not None,
             image_refs=self.image_refs,
         )
+        parsed = time.perf_counter()
         self.requests.add(state)
         try:
             self.engine.add_request(generation_request)
         except Exception:
             self.requests.forget(state)
             raise
+        self.metrics.observe_stages(
+            {"inputs": looked_up - started, "parse": parsed - looked_up, "add": time.perf_counter() - parsed}
+        )
 
     # -- engine → client --------------------------------------------------------------------------------
 
