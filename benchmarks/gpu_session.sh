@@ -147,8 +147,8 @@ elif [ "$PART" = 10 ]; then
     --budget-s "$budget" --engine-args "--max-batch-size 128" 2>&1 | grep -v '^\[c=\|^\[rate='
   pkill -f tritonserver; sleep 3
   if [ "$(left)" -gt 60 ]; then
-    timeout 120 python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/engine/kernels/test_fused.py tests/engine/model/test_vision_graphs.py} \
-      >"$OUT/pytest_gpu.txt" 2>&1
+    read -ra gpu_tests <<<"${GPU_TESTS:-tests/engine/kernels/test_fused.py tests/engine/model/test_vision_graphs.py}"
+    timeout 120 python3 -m pytest -q -m gpu "${gpu_tests[@]}" >"$OUT/pytest_gpu.txt" 2>&1
     tail -n 4 "$OUT/pytest_gpu.txt"
   fi
   step_probes
