@@ -29,6 +29,14 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute: some steps run from another tree
 started=$(date +%s)
 left() { echo $((${SESSION_S:-575} - ($(date +%s) - started))); }  # SESSION_S: this script's share of the call
+# a harness run spends ~30 s on its environment and engine build, and skips serving with less than 90 s
+# left: a budget below 150 s measures nothing through Triton (checked before any device time goes)
+for budget_var in VARIANT_BUDGET AB_BUDGET HARNESS_BUDGET; do
+  if [ -n "${!budget_var:-}" ] && [ "${!budget_var}" -lt 150 ]; then
+    echo "$budget_var=${!budget_var}: a harness run needs at least 150 s to reach Triton" >&2
+    exit 2
+  fi
+done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 stub=$(find "$PWD/.whl/stub" -name 'numpy-1*.whl' | sort | tail -n 1)
 export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBUFFERED=1
