@@ -192,11 +192,12 @@ if HAS_TRITON:
         tl.store(out_ptr + row * out_stride + cols, _round_to(up * silu, dtype).to(dtype), mask=mask)
 
     @triton.jit
-    def _rotate_pairs(
+    def _rotate_pairs_(
         even, mask, cos_row, sin_row, slots, slot_mask, cos_stride_r, sin_stride_r, xdtype: tl.constexpr
     ):
-        # the pairs (even, even + 1) of a token's heads rotated as rope.apply_interleaved_rotary does:
-        # arithmetic in cos's dtype, each product and sum rounded to it; the result rounded to x's dtype
+        # the pairs (even, even + 1) of a token's heads rotated in place as rope.apply_interleaved_rotary
+        # does: arithmetic in cos's dtype, each product and sum rounded to it; the result rounded to x's
+        # dtype, stored and returned
         cdtype: tl.constexpr = cos_row.dtype.element_ty
         c = tl.load(cos_row + slots * cos_stride_r, mask=slot_mask, other=0.0).to(tl.float32)
         s = tl.load(sin_row + slots * sin_stride_r, mask=slot_mask, other=0.0).to(tl.float32)
@@ -204,7 +205,10 @@ if HAS_TRITON:
         x1 = _round_to(tl.load(even + 1, mask=mask, other=0.0).to(tl.float32), cdtype)
         r0 = _round_to(_round_to(x0 * c, cdtype) - _round_to(x1 * s, cdtype), cdtype)
         r1 = _round_to(_round_to(x1 * c, cdtype) + _round_to(x0 * s, cdtype), cdtype)
-        return _round_to(r0, xdtype), _round_to(r1, xdtype)
+        r0, r1 = _round_to(r0, xdtype), _round_to(r1, xdtype)
+        tl.store(even, r0.to(xdtype), mask=mask)
+        tl.store(even + 1, r1.to(xdtype), mask=mask)
+        return r0, r1
 
     @triton.jit
     def _rotary_kernel(
@@ -229,12 +233,10 @@ if HAS_TRITON:
         mask = (heads < n_heads) & slot_mask
         xdtype: tl.constexpr = qk_ptr.dtype.element_ty
         even = qk_ptr + t * qk_stride_t + heads * qk_stride_h + 2 * slots
-        r0, r1 = _rotate_pairs(
+        _rotate_pairs_(
             even, mask, cos_ptr + t * cos_stride_t, sin_ptr + t * sin_stride_t, slots, slot_mask,
             cos_stride_r, sin_stride_r, xdtype,
         )  # fmt: skip
-        tl.store(even, r0.to(xdtype), mask=mask)
-        tl.store(even + 1, r1.to(xdtype), mask=mask)
 
     @triton.jit
     def _rotary_kv_kernel(
@@ -278,12 +280,10 @@ if HAS_TRITON:
         mask = (heads < n_rot) & slot_mask
         xdtype: tl.constexpr = qkv_ptr.dtype.element_ty
         even = qkv_ptr + t * qkv_stride_t + heads * qkv_stride_h + 2 * slots
-        r0, r1 = _rotate_pairs(
+        r0, r1 = _rotate_pairs_(
             even, mask, cos_ptr + t * cos_stride_t, sin_ptr + t * sin_stride_t, slots, slot_mask,
             cos_stride_r, sin_stride_r, xdtype,
         )  # fmt: skip
-        tl.store(even, r0.to(xdtype), mask=mask)
-        tl.store(even + 1, r1.to(xdtype), mask=mask)
         k_mask = mask & is_k & has_slot
         tl.store(cache_row + 2 * slots, r0.to(xdtype).to(cache_dtype), mask=k_mask)
         tl.store(cache_row + 2 * slots + 1, r1.to(xdtype).to(cache_dtype), mask=k_mask)
