@@ -296,7 +296,7 @@ async def serve_phases(
 ) -> None:
     """Every measurement through Triton; each sub-phase guarded so one failure keeps the others.
     ``only``: run just these sub-phases (and the warm-up). ``metrics_url``: Triton's metrics, for the
-    preprocessing model's stages of the follow-up requests."""
+    preprocessing model's and the llm's stages (per sub-phase, and per follow-up request)."""
     from benchmarks.reuse import QuestionsPerImage, conversation, follow_up_pairs
 
     sizes = {"448": (448, 448), "1288": (1288, 728)}

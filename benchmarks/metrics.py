@@ -200,7 +200,7 @@ def stage_totals(metrics_url: str, family: str = PREPROCESS_STAGES) -> dict[str,
 
 
 def stage_means_ms(before: dict, after: dict) -> dict[str, float]:
-    """Mean ms per request of each preprocessing stage between two `stage_totals` readings, in the
+    """Mean ms per request of each stage between two `stage_totals` readings of one family, in the
     order a request passes them."""
     order = ("inputs", "images", "template", "tokens", "positions", "outputs", "parse", "add")
     means = {}
