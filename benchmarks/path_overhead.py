@@ -11,8 +11,9 @@ each Triton model's queue / compute per execution and the preprocessing model's 
 and the rest is what Triton, the Python backend and the preprocessing model cost, which a GPU does not
 change (on an H200 host the same path measured ~13.5 ms of a 24.5 ms follow-up TTFT).
 
-Writes ``path_overhead.json`` (meta: device, date, commit) into ``--out``. Run it from each of two trees in
-turn (A B A B) to compare them on one machine; ``--compare RUN.json ...`` then draws them side by side
+Writes ``path_overhead.json`` (meta: device, date, commit, build flags) into ``--out``. ``--build-flags``
+adds glmv-build flags (``--engine-process``: the llm's engine in a child process). Run it from each of two
+trees, or with and without a flag, in turn (A B A B) to compare them on one machine; ``--compare RUN.json ...`` then draws them side by side
 (``path_overhead.png`` in ``--out``, one group of bars per figure, one bar per run).
 """
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="requests with one, and with four, never-seen screenshots",
     )
+    ap.add_argument(
+        "--build-flags", default="", help="more glmv-build flags for the server (e.g. --engine-process)"
+    )
     ap.add_argument("--compare", type=Path, nargs="+", help="path_overhead.json files to draw, no run")
     args = ap.parse_args(argv)
     if args.compare:
@@ -156,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     cold_seed = random.SystemRandom().randrange(1 << 31)
-    with local_triton("small", "cpu") as server:
+    build_flags = args.build_flags.split()
+    with local_triton("small", "cpu", build_args=build_flags) as server:
         kinds = asyncio.run(_measure(server, args.requests, args.cold_requests, cold_seed))
     meta = make_meta(
         {"requests": args.requests, "cold_requests": args.cold_requests, "cold_seed": cold_seed},
-        "glmv-build --preset small --device cpu (random weights)",
+        " ".join(["glmv-build --preset small --device cpu", *build_flags, "(random weights)"]),
     )
     doc = {"meta": meta, **kinds}
     (args.out / "path_overhead.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -76,8 +76,10 @@ def local_triton(
     workdir: Path | None = None,
     log_file: Path | None = None,
     startup_timeout_s: float = 600.0,
+    build_args: Sequence[str] = (),
 ) -> Iterator:
-    """Build ``preset`` into ``workdir`` (a temp dir by default) and serve it on free ports."""
+    """Build ``preset`` into ``workdir`` (a temp dir by default; ``build_args``: more glmv-build flags) and
+    serve it on free ports."""
     import tempfile
 
     from build_engine.launcher import TritonServer
@@ -85,7 +87,9 @@ def local_triton(
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"glmv-{preset}-")))
-        output = build_engine(preset, Path(workdir) / "engine", device=device, dtype=dtype)
+        output = build_engine(
+            preset, Path(workdir) / "engine", device=device, dtype=dtype, extra_args=build_args
+        )
         repo = find_model_repository(output)
         server = TritonServer(
             repo,

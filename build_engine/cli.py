@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-vision-cuda-graphs runs it eagerly",
     )
     p.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run each llm instance's engine in a child process of its own, so its loop never waits for the "
+        "GIL of the Triton model's threads (requests in, responses out, cancellation checks)",
+    )
+    p.add_argument(
         "--async-vision",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -472,6 +479,7 @@ def build(args: argparse.Namespace) -> Path:
             "max_num_vision_patches": engine_config.max_num_vision_patches,
             "default_max_tokens": args.default_max_tokens,
             "pixels_by_reference": "true" if args.pixels_by_reference else "false",
+            "engine_process": "true" if args.engine_process else "false",
             "cancellation_check_period_ms": 10,
             "stats_check_period_ms": 100,
             # the postprocessing instance is shared by every GPU's llm: split its response budget

@@ -13,7 +13,9 @@ Contract:
     pixel values, with ``image_grid_thw``): the engine then runs the ViT itself, packing the patches of
     several requests into one forward just ahead of their prefill (``engine.core.vision_queue``). The
     embeddings stay on the device. ``held_image_embeds(hashes)`` (any thread) hands out the embeddings
-    the image cache holds for every one of those images, or None.
+    the image cache holds for every one of those images, or None. A request may name its images by their
+    files in the host's shared resize directory (``image_refs``; engines made by ``from_engine_dir``):
+    ``add_request`` takes their held embeddings, else reads the files.
   * ``step() -> list[RequestOutput]``: one step (``engine.core.engine_core``). ``new_token_ids`` are the
     tokens not returned before (a request preempted by recompute never returns a token twice). Every
     request's last output has ``finish_reason`` set: "stop" (eos, stop id, stop string), "length"
@@ -41,6 +43,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig, EngineDir, ModelConfig
@@ -126,18 +129,25 @@ class LLMEngine:
         self._is_stopping = False
         self._callback: Callable[[list[RequestOutput]], None] | None = None
         self._loop_stream: torch.cuda.Stream | None = None  # the loop thread's own stream, if it has one
+        self.image_ref_dir_name: str | None = None  # the shared resize directory's name (from_engine_dir)
+        self.num_image_refs_held = 0  # images sent as image_refs whose embeddings the image cache held
+        self.num_image_refs_read = 0  # images sent as image_refs read from their files
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path | EngineDir, **overrides: Any) -> LLMEngine:
         """Engine for a ``glmv-build`` engine directory; ``overrides`` replace EngineConfig fields."""
+        from engine.processing.resize_cache import shared_resize_dir_name
+
         d = engine_dir if isinstance(engine_dir, EngineDir) else EngineDir.open(engine_dir)
-        return cls(
+        engine = cls(
             d.model_config(),
             d.engine_config(**overrides),
             d.weights_dir,
             tokenizer=d.tokenizer(),
             image_processor_config=d.image_processor_config(),
         )
+        engine.image_ref_dir_name = shared_resize_dir_name(d.path)
+        return engine
 
     # the core's parts, for callers that inspect them (tests, probes)
     @property
@@ -158,6 +168,8 @@ class LLMEngine:
         return self._add(req, None)
 
     def _add(self, req: GenerationRequest, stream: Callable[[RequestOutput], None] | None) -> str:
+        if req.image_refs:
+            req = self._resolve_image_refs(req)
         seq = self.input_processor.process(req)
         with self._cond:
             if req.request_id in self._seqs:
@@ -169,6 +181,45 @@ class LLMEngine:
             self._new_seqs.append(seq)
             self._cond.notify_all()
         return req.request_id
+
+    def _resolve_image_refs(self, req: GenerationRequest) -> GenerationRequest:
+        """``req`` with its ``image_refs`` replaced by the images' held embeddings, or by their pixels read
+        from the files (each checked against its hash and grid); ValueError naming ``image_ref[i]``."""
+        from engine.processing.resize_cache import check_shared_ref, read_shared_ref
+
+        refs, grid, hashes = req.image_refs, req.image_grid_thw, req.image_hashes
+        if self.image_ref_dir_name is None:
+            raise ValueError("image_ref: this engine reads no shared image directory; send the pixels")
+        if req.image_pixels is not None or req.image_embeds is not None:
+            raise ValueError("image_ref: give the images' pixels, embeddings or references, one of them")
+        if grid is None or hashes is None or not len(refs) == len(hashes) == grid.shape[0]:
+            raise ValueError(
+                f"image_ref: {len(refs)} references, {len(hashes or ())} hashes and "
+                f"{0 if grid is None else grid.shape[0]} grid rows (one of each per image)"
+            )
+        for i, ref in enumerate(refs):  # refused alike whether or not the image cache holds the image
+            check_shared_ref(ref, self.image_ref_dir_name, f"image_ref[{i}]")
+        embeds = self.held_image_embeds(hashes)
+        if embeds is not None:
+            self.num_image_refs_held += len(refs)
+            return dataclasses.replace(req, image_refs=None, image_embeds=embeds)
+        patch = self.model_config.vision_config.patch_size
+        parts = []
+        for i, (ref, image_hash, (_, gh, gw)) in enumerate(zip(refs, hashes, grid.tolist(), strict=True)):
+            field = f"image_ref[{i}]"
+            pixels, file_hash = read_shared_ref(ref, self.image_ref_dir_name, field)
+            if file_hash.encode() != bytes(image_hash):
+                raise ValueError(
+                    f"{field}: the file holds image {file_hash}, not image_hash {bytes(image_hash).decode()}"
+                )
+            if pixels.shape[:2] != (gh * patch, gw * patch):
+                raise ValueError(
+                    f"{field}: a {pixels.shape[1]}x{pixels.shape[0]} image, not image_grid_thw {[1, gh, gw]}"
+                )
+            parts.append(pixels.reshape(-1))
+        self.num_image_refs_read += len(refs)
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return dataclasses.replace(req, image_refs=None, image_pixels=torch.from_numpy(flat))
 
     def held_image_embeds(self, image_hashes: list[bytes]) -> torch.Tensor | None:
         """The embeddings [num_image_tokens, hidden] of these images one after the other, taken from the
@@ -195,6 +246,11 @@ class LLMEngine:
                 self._aborted_ids.add(request_id)
                 self._cond.notify_all()
 
+    def is_running(self) -> bool:
+        """Whether the loop thread (``start``) is alive."""
+        with self._lock:
+            return self._thread is not None and self._thread.is_alive()
+
     def has_unfinished(self) -> bool:
         with self._lock:
             return bool(self._seqs)
@@ -214,6 +270,8 @@ class LLMEngine:
             num_image_cache_hits=cache.num_hits,
             num_image_cache_misses=cache.num_misses,
             image_cache_bytes=cache.num_bytes,
+            num_image_refs_held=self.num_image_refs_held,
+            num_image_refs_read=self.num_image_refs_read,
         )
 
     # -- stepping (one thread) ----------------------------------------------------------------------

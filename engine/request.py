@@ -28,6 +28,10 @@ class GenerationRequest:
     image_hashes: list[bytes] | None = None
     """Content hash of each image as the model sees it (resized pixels and their size), for the prefix and
     image-embedding caches; None: the engine hashes image_pixels itself (host tensors only)."""
+    image_refs: list[str] | None = None
+    """The images as files of the host's shared resize directory (engine.processing.resize_cache), in
+    place of image_pixels, with image_grid_thw and image_hashes: the engine takes their embeddings from its
+    image cache when it holds every one, else reads the files (each checked against its hash and grid)."""
     mrope_positions: torch.Tensor | None = None
     """[3, prompt_len] int64; None: text-only (arange)."""
     mrope_delta: int = 0

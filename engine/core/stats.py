@@ -41,3 +41,7 @@ class EngineStats:
     """Images looked up in the image cache and not found, since start."""
     image_cache_bytes: int = 0
     """Bytes of embeddings held by the image cache now."""
+    num_image_refs_held: int = 0
+    """Images sent by reference (``GenerationRequest.image_refs``) whose embeddings the cache held."""
+    num_image_refs_read: int = 0
+    """Images sent by reference read from their files in the shared resize directory."""

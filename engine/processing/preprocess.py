@@ -53,7 +53,7 @@ from engine.config import EngineDir, ModelConfig
 from engine.processing.chat import build_messages, parse_tools
 from engine.processing.images import ImageInfo, decode_image_bytes, open_image
 from engine.processing.limits import InputError, PreprocessLimits
-from engine.processing.resize_cache import ResizeCache
+from engine.processing.resize_cache import ResizeCache, shared_resize_dir_name
 
 __all__ = ["STAGES", "PreprocessedRequest", "Preprocessor", "shared_resize_dir_name"]
 
@@ -93,15 +93,6 @@ class PreprocessedRequest:
 
 
 STAGES = ("images", "template", "tokens", "positions")
-
-
-def shared_resize_dir_name(engine_dir: str | Path) -> str:
-    """The name of the shared resize directory of an engine: a digest of what the resized pixels depend on
-    (the image processor's settings, its config file, and this code's resize), so servers with other
-    settings never read each other's entries."""
-    processor_file = Path(engine_dir) / "preprocessor_config.json"
-    settings = processor_file.read_bytes() if processor_file.is_file() else b"{}"
-    return "glmv-resize-" + hashlib.sha256(b"resize-v1;" + settings).hexdigest()[:16]
 
 
 class Preprocessor:

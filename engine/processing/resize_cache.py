@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import os
 import queue
 import re
@@ -231,6 +232,15 @@ def _parse(data: bytes | np.ndarray) -> tuple[np.ndarray, str] | None:
         return rgb[_HEADER.size :].reshape(height, width, 3), image_hash.decode("ascii")
     except (ValueError, struct.error, UnicodeDecodeError):
         return None
+
+
+def shared_resize_dir_name(engine_dir: str | Path) -> str:
+    """The name of the shared resize directory of an engine: a digest of what the resized pixels depend on
+    (the image processor's settings, its config file, and the preprocessing's resize), so servers with
+    other settings never read each other's entries."""
+    processor_file = Path(engine_dir) / "preprocessor_config.json"
+    settings = processor_file.read_bytes() if processor_file.is_file() else b"{}"
+    return "glmv-resize-" + hashlib.sha256(b"resize-v1;" + settings).hexdigest()[:16]
 
 
 def check_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> Path:

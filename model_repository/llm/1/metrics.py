@@ -4,8 +4,8 @@ Contract:
 * Every series carries `model`, `version` and `model_instance` (one series per instance: with one llm per
   GPU the instances would otherwise overwrite each other's gauges; Prometheus' own `instance` label names
   the pod, not the GPU).
-* `update(stats, num_active, image_refs)` (the stats thread) sets the gauges from an `EngineStats` and
-  advances the counters by the growth of the engine's running totals (and of the image references');
+* `update(stats, num_active)` (the stats thread) sets the gauges from an `EngineStats` and advances the
+  counters by the growth of the engine's running totals;
   `observe_latencies` and `count_finished` (the sender thread) record one response's timings and one
   request's end.
 * `release()` drops every metric, then the families, while the stub still serves them (see there).
@@ -111,9 +111,8 @@ class LlmMetrics:
         self.families.append(family)
         return family
 
-    def update(self, stats, num_active: int, image_refs=None) -> None:
-        """Gauges from `stats` (engine.core.stats.EngineStats); counters advanced to the engine's totals
-        (and to `image_refs`' counts, request.ImageRefs)."""
+    def update(self, stats, num_active: int) -> None:
+        """Gauges from `stats` (engine.core.stats.EngineStats); counters advanced to the engine's totals."""
         self.waiting.set(stats.num_waiting)
         self.running.set(stats.num_running)
         self.active.set(num_active)
@@ -129,8 +128,8 @@ class LlmMetrics:
             ("glmv_kv_cache_evicted_blocks_total", prefix.num_evicted_blocks),
             ("glmv_image_cache_hits_total", stats.num_image_cache_hits),
             ("glmv_image_cache_misses_total", stats.num_image_cache_misses),
-            ("glmv_image_refs_held_total", image_refs.num_held if image_refs is not None else 0),
-            ("glmv_image_refs_read_total", image_refs.num_read if image_refs is not None else 0),
+            ("glmv_image_refs_held_total", stats.num_image_refs_held),
+            ("glmv_image_refs_read_total", stats.num_image_refs_read),
         ):
             counter = self.cache_counters[name]
             if total > counter[1]:

@@ -76,22 +76,25 @@ class TritonPythonModel:
             overrides["device"] = f"cuda:{device_index}"
         if not overrides.get("device", engine_dir.engine_config().device).startswith("cuda"):
             limit_cpu_threads()
-        self.engine = LLMEngine.from_engine_dir(engine_dir, **overrides)
-        if self.engine.device.type == "cuda" and parameters.get_bool("warmup", True):
-            # kernels compiled and every CUDA graph captured before the first request, not during serving
-            self.engine.warmup()
+        warmup = parameters.get_bool("warmup", True)
+        if parameters.get_bool("engine_process", False):
+            # the engine in a child process: its loop never waits for this process's GIL
+            from engine.engine_process import EngineProcess
+
+            self.engine = EngineProcess(engine_dir.path, overrides, warmup=warmup)
+        else:
+            self.engine = LLMEngine.from_engine_dir(engine_dir, **overrides)
+            if self.engine.device.type == "cuda" and warmup:
+                # kernels compiled and every CUDA graph captured before the first request, not during serving
+                self.engine.warmup()
         self.cancel_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
         self.stats_period_s = parameters.get_float("stats_check_period_ms", 100.0) / 1000.0
         self.cancel_checks_per_period = max(1, parameters.get_int("cancellation_checks_per_period", 8))
         self.stream_responses_per_s = max(1.0, parameters.get_float("stream_responses_per_s", 1000.0))
 
-        from engine.processing.preprocess import shared_resize_dir_name
+        from engine.processing.resize_cache import shared_resize_dir_name
 
-        self.image_refs = ImageRefs(
-            self.engine,
-            shared_resize_dir_name(engine_dir.path),
-            self.engine.model_config.vision_config.patch_size,
-        )
+        self.image_refs = ImageRefs(shared_resize_dir_name(engine_dir.path))
         self.requests = RequestTable()
         self.responses = Responses(self.engine, wall_offset_ns=time.time_ns() - time.monotonic_ns())
         self.metrics = LlmMetrics(args)
@@ -135,7 +138,7 @@ class TritonPythonModel:
                 self.engine.abort(engine_id)
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        if not self.engine.stats().is_loop_running:
+        if not self.engine.is_running():
             send_error(sender, "llm: the engine loop is not running", pb_utils.TritonError.UNAVAILABLE)
             return
         looked_up = time.perf_counter()
@@ -216,9 +219,7 @@ class TritonPythonModel:
     def _stats_loop(self) -> None:
         while not self.is_shutting_down.wait(self.stats_period_s):
             try:
-                self.metrics.update(
-                    self.engine.stats(), num_active=self.requests.num_active(), image_refs=self.image_refs
-                )
+                self.metrics.update(self.engine.stats(), num_active=self.requests.num_active())
             except Exception:
                 logger.exception("llm: stats update failed")
 

@@ -158,7 +158,7 @@ def parse_request(
     inputs: InputTensors, sender, triton_id: str, has_tokenizer: bool, image_refs: ImageRefs | None = None
 ) -> tuple[GenerationRequest, RequestState]:
     """The engine request (under a fresh engine id) and its state; ValueError naming a bad input.
-    ``image_refs`` resolves the `image_ref` input (refused without it)."""
+    ``image_refs`` reads the `image_ref` input (refused without it)."""
     from engine.request import GenerationRequest
 
     input_ids = _tensor(inputs, "input_ids")
@@ -172,10 +172,12 @@ def parse_request(
         prompt = prompt[: int(input_length)]
     sampling = _sampling(inputs)
     refs = _tensor(inputs, "image_ref")
+    ref_paths = None
     if refs is not None and refs.size:
         if image_refs is None:
             raise ValueError("image_ref: this model reads no shared image directory; send image_rgb")
-        image_rgb, image_grid_thw, image_embeds, image_hashes = image_refs.resolve(
+        image_rgb = image_embeds = None
+        image_grid_thw, image_hashes, ref_paths = image_refs.read(
             [r if isinstance(r, bytes) else str(r).encode() for r in refs.reshape(-1)], inputs
         )
     else:
@@ -202,6 +204,7 @@ def parse_request(
         mrope_positions=mrope_positions,
         mrope_delta=int(_scalar(inputs, "mrope_position_deltas", 0)),
         image_hashes=image_hashes,
+        image_refs=ref_paths,
         stop_strings=stop_strings if has_tokenizer else (),
         is_thinking=bool(_scalar(inputs, "is_thinking", False)),
         guide=_guide(inputs),
@@ -269,22 +272,18 @@ def _images(inputs: InputTensors) -> tuple[torch.Tensor | None, torch.Tensor | N
 
 
 class ImageRefs:
-    """Resolves `image_ref`: per image, its file in the host's shared resize directory
+    """Reads `image_ref`: per image, its file in the host's shared resize directory
     (engine.processing.resize_cache), sent by preprocessing in place of the pixels (`image_rgb` empty),
-    with `image_grid_thw` and `image_hash`. When the engine's image cache holds every image, the request
-    takes their embeddings from it; else each file is read (and checked against its hash and grid) and the
-    pixels go to the engine as if sent. Counts both ways (`num_held`, `num_read`)."""
+    with `image_grid_thw` and `image_hash`. Checked here (one reference, hash and grid row per image, each
+    path an entry of this engine's directory); the engine takes the images' embeddings from its image
+    cache when it holds every one, else reads the files (`GenerationRequest.image_refs`)."""
 
-    def __init__(self, engine, dir_name: str, patch_size: int) -> None:
-        self.engine = engine
+    def __init__(self, dir_name: str) -> None:
         self.dir_name = dir_name
-        self.patch_size = patch_size
-        self.num_held = 0  # images whose embeddings the engine held
-        self.num_read = 0  # images read from their files
 
-    def resolve(self, refs: list[bytes], inputs: InputTensors):
-        """(image_rgb, image_grid_thw, image_embeds, image_hashes) of the request."""
-        from engine.processing.resize_cache import check_shared_ref, read_shared_ref
+    def read(self, refs: list[bytes], inputs: InputTensors) -> tuple[torch.Tensor, list[bytes], list[str]]:
+        """(image_grid_thw, image_hashes, the files' paths) of the request."""
+        from engine.processing.resize_cache import check_shared_ref
 
         rgb = _tensor(inputs, "image_rgb")
         grid = _tensor(inputs, "image_grid_thw")
@@ -305,27 +304,7 @@ class ImageRefs:
         paths = [ref.decode("utf-8", errors="replace") for ref in refs]
         for i, path in enumerate(paths):  # refused alike whether or not the engine holds the image
             check_shared_ref(path, self.dir_name, f"image_ref[{i}]")
-        image_grid_thw = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.int64))
-        embeds = self.engine.held_image_embeds(hashes)
-        if embeds is not None:
-            self.num_held += len(refs)
-            return None, image_grid_thw, embeds, hashes
-        parts = []
-        for i, (path, image_hash, (_, gh, gw)) in enumerate(zip(paths, hashes, grid.tolist(), strict=True)):
-            field = f"image_ref[{i}]"
-            pixels, file_hash = read_shared_ref(path, self.dir_name, field)
-            if file_hash.encode() != image_hash:
-                raise ValueError(
-                    f"{field}: the file holds image {file_hash}, not image_hash {image_hash.decode()}"
-                )
-            if pixels.shape[:2] != (gh * self.patch_size, gw * self.patch_size):
-                raise ValueError(
-                    f"{field}: a {pixels.shape[1]}x{pixels.shape[0]} image, not image_grid_thw {[1, gh, gw]}"
-                )
-            parts.append(pixels.reshape(-1))
-        self.num_read += len(refs)
-        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return torch.from_numpy(flat), image_grid_thw, None, hashes
+        return torch.from_numpy(np.ascontiguousarray(grid, dtype=np.int64)), hashes, paths
 
 
 def _image_hashes(inputs: InputTensors, image_grid_thw) -> list[bytes] | None:

@@ -111,7 +111,7 @@ class Responses:
                 pb_utils.Tensor("num_cached_tokens", np.array([output.num_cached_tokens], np.int32)),
                 pb_utils.Tensor(
                     "kv_cache_reused_blocks",
-                    np.array([output.num_cached_tokens // self.engine.block_manager.block_size], np.int32),
+                    np.array([output.num_cached_tokens // self.engine.engine_config.block_size], np.int32),
                 ),
                 pb_utils.Tensor("arrival_time_ns", np.array([self._wall_ns(output.arrival_time)], np.int64)),
                 pb_utils.Tensor("request_key", np.array([state.triton_id.encode()], dtype=np.object_)),

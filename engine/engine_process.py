@@ -1,0 +1,431 @@
+"""The engine in a process of its own: ``EngineProcess`` takes the calls the llm model makes of an
+``LLMEngine`` and runs the engine in a child process, so the engine loop never waits for a GIL that the
+caller's threads hold (in Triton: the model's ``execute``, the response sender, the cancellation poller).
+
+Contract (the same as ``LLMEngine``'s for these calls):
+  * ``EngineProcess(engine_dir, overrides, warmup)`` starts the child (``python -m engine.engine_process``)
+    and returns once the engine is loaded (and, with ``warmup`` on CUDA, warmed up and its graphs
+    captured); a child that fails to start raises RuntimeError with its error.
+  * ``add_request(req)`` returns once the child has checked and queued the request: a refused request
+    raises ValueError with the engine's message, as in-process. ``abort``, ``stats``, ``is_running`` and
+    ``has_unfinished`` may be called from any thread.
+  * ``start(callback)``: ``callback(outputs)`` is called on this process's receiver thread for each
+    engine step with outputs. ``stop(timeout)`` ends the loop (unfinished requests end with "abort") and
+    the child.
+  * When the child dies, every request it had ends with an "abort" output carrying an error, and
+    ``is_running()`` turns false; the caller refuses new requests.
+  * ``model_config``, ``engine_config``, ``tokenizer``, ``device`` and ``max_model_len`` are read from the
+    engine directory here (the tokenizer is loaded in both processes).
+
+The wire is one socket pair. A message is pickled (protocol 5) with its large arrays out of band: each is
+written from its own buffer and read straight into its destination, on CUDA pinned memory, so an image's
+pixels cross in one copy each way and reach the GPU without another. Tensors cross as arrays of bytes with
+their dtype and shape (bfloat16 included); CUDA tensors do not cross.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import pickle
+import queue
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.config import EngineDir
+from engine.core.stats import EngineStats
+from engine.request import GenerationRequest, RequestOutput
+
+logger = logging.getLogger("glm-engine")
+
+OUT_OF_BAND_BYTES = 64 << 10  # arrays this large cross out of band
+REPLY_TIMEOUT_S = 120.0  # how long a call waits for the child's answer
+_SIZES = struct.Struct("<I")
+_TENSOR_FIELDS = ("image_embeds", "image_pixels", "image_grid_thw", "mrope_positions")
+
+
+class Wire:
+    """One end of the socket pair: ``send`` (any thread, serialized) and ``recv`` (one thread)."""
+
+    def __init__(self, conn: Connection, pin: bool = False) -> None:
+        self.conn = conn
+        self.pin = pin  # out-of-band buffers read into pinned memory
+        self._lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        buffers: list[pickle.PickleBuffer] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            if buffer.raw().nbytes < OUT_OF_BAND_BYTES:
+                return True  # in band
+            buffers.append(buffer)
+            return False
+
+        head = pickle.dumps(message, protocol=5, buffer_callback=out_of_band)
+        sizes = struct.pack(f"<I{len(buffers)}Q", len(buffers), *(b.raw().nbytes for b in buffers))
+        with self._lock:
+            self.conn.send_bytes(sizes + head)
+            for buffer in buffers:
+                self.conn.send_bytes(buffer.raw())
+
+    def recv(self) -> Any:
+        data = self.conn.recv_bytes()
+        (count,) = _SIZES.unpack_from(data)
+        sizes = struct.unpack_from(f"<{count}Q", data, _SIZES.size)
+        buffers = []
+        for size in sizes:
+            if self.pin:
+                buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
+            else:
+                buffer = np.empty(size, np.uint8)
+            self.conn.recv_bytes_into(buffer)
+            buffers.append(buffer)
+        return pickle.loads(memoryview(data)[_SIZES.size + 8 * count :], buffers=buffers)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _pack_tensor(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], np.ndarray]:
+    if tensor.device.type != "cpu":
+        raise ValueError(
+            f"a {tensor.device.type} tensor cannot go to the engine process; send it on the host"
+        )
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), flat.numpy()
+
+
+def _unpack_tensor(packed: tuple[str, tuple[int, ...], np.ndarray]) -> torch.Tensor:
+    dtype, shape, data = packed
+    return torch.from_numpy(data).view(getattr(torch, dtype)).reshape(shape)
+
+
+def pack_request(req: GenerationRequest) -> GenerationRequest:
+    """``req`` with its tensors as (dtype, shape, bytes) for the wire."""
+    return dataclasses.replace(
+        req,
+        **{
+            name: _pack_tensor(value)
+            for name in _TENSOR_FIELDS
+            if isinstance(value := getattr(req, name), torch.Tensor)
+        },
+    )
+
+
+def unpack_request(req: GenerationRequest) -> GenerationRequest:
+    return dataclasses.replace(
+        req,
+        **{
+            name: _unpack_tensor(value)
+            for name in _TENSOR_FIELDS
+            if isinstance(value := getattr(req, name), tuple)
+        },
+    )
+
+
+class EngineProcess:
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        overrides: dict[str, Any] | None = None,
+        warmup: bool = True,
+        start_timeout_s: float = 1800.0,
+    ) -> None:
+        """Start the child on ``engine_dir`` (``overrides``: EngineConfig fields) and wait until it is
+        ready (``warmup``: on CUDA, warm up and capture its graphs first)."""
+        overrides = dict(overrides or {})
+        d = EngineDir.open(engine_dir)
+        self.model_config = d.model_config()
+        self.engine_config = d.engine_config(**overrides)
+        self.tokenizer = d.tokenizer()
+        self.device = torch.device(self.engine_config.device)
+        parent_sock, child_sock = socket.socketpair()
+        # the child imports what this process imports: this package, then this process's own path (a Python
+        # stub ignores PYTHONPATH and finds its packages otherwise)
+        package_root = str(Path(__file__).resolve().parents[1])
+        paths = dict.fromkeys([package_root, *(p for p in sys.path if p and os.path.isdir(p))])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        command = [
+            python_executable(),
+            "-m",
+            "engine.engine_process",
+            str(child_sock.fileno()),
+            str(d.path),
+            json.dumps(overrides),
+            "1" if warmup else "0",
+            repr(sys.getswitchinterval()),  # the child's threads hand the GIL over as this process's do
+        ]
+        self._process = subprocess.Popen(command, pass_fds=(child_sock.fileno(),), env=env)
+        child_sock.close()
+        self._wire = Wire(Connection(parent_sock.detach()))
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count()
+        self._lock = threading.Lock()
+        self._live: set[str] = set()  # requests added and not finished
+        self._callback: Callable[[list[RequestOutput]], None] | None = None
+        self._is_stopping = False
+        self._is_dead = False
+        self._last_stats = EngineStats()
+        ready = self._wait_ready(start_timeout_s)
+        self.max_model_len = int(ready["max_model_len"])
+        self.device = torch.device(ready["device"])
+        self._receiver = threading.Thread(target=self._receive_loop, name="glm-engine-receiver", daemon=True)
+        self._receiver.start()
+
+    def _wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while not self._wire.conn.poll(1.0):
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"engine process: exited with code {self._process.returncode} while starting"
+                )
+            if time.monotonic() > deadline:
+                self._process.kill()
+                raise RuntimeError(f"engine process: not ready within {timeout_s:.0f} s")
+        try:
+            kind, payload = self._wire.recv()
+        except (EOFError, OSError):
+            self._process.wait(30)
+            raise RuntimeError(
+                f"engine process: exited with code {self._process.returncode} while starting"
+            ) from None
+        if kind != "ready":
+            self._process.wait(30)
+            raise RuntimeError(f"engine process: could not start:\n{payload}")
+        return payload
+
+    # -- calls (any thread) ---------------------------------------------------------------------------
+
+    def _call(self, *message: Any, timeout_s: float = REPLY_TIMEOUT_S) -> Any:
+        future: Future = Future()
+        with self._lock:
+            if self._is_dead:
+                raise RuntimeError("engine process: not running")
+            call_id = next(self._call_ids)
+            self._calls[call_id] = future
+        try:
+            self._wire.send((message[0], call_id, *message[1:]))
+            return future.result(timeout_s)
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+
+    def add_request(self, req: GenerationRequest) -> str:
+        packed = pack_request(req)
+        with self._lock:
+            if req.request_id in self._live:
+                raise ValueError(f"request_id: {req.request_id!r} is already in use by an unfinished request")
+            self._live.add(req.request_id)  # before the send: its outputs may come before the reply
+        try:
+            error = self._call("add", packed)
+        except BaseException:
+            with self._lock:
+                self._live.discard(req.request_id)
+            raise
+        if error is not None:
+            with self._lock:
+                self._live.discard(req.request_id)
+            kind, message = error
+            raise ValueError(message) if kind == "ValueError" else RuntimeError(f"engine: {kind}: {message}")
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if self._is_dead or request_id not in self._live:
+                return
+        try:
+            self._wire.send(("abort", request_id))
+        except OSError:
+            pass  # the receiver ends it with the others
+
+    def stats(self) -> EngineStats:
+        """The child's ``LLMEngine.stats()`` (the last one seen, not running, once the child is gone)."""
+        try:
+            stats = self._call("stats", timeout_s=10.0)
+        except Exception:
+            return dataclasses.replace(self._last_stats, is_loop_running=False)
+        self._last_stats = stats
+        return stats if self.is_running() else dataclasses.replace(stats, is_loop_running=False)
+
+    def is_running(self) -> bool:
+        """Whether the child is there and its loop started (and not stopping)."""
+        with self._lock:
+            return self._callback is not None and not self._is_dead and not self._is_stopping
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    def warmup(self) -> None:
+        """Done by the child before it reports ready (``warmup``)."""
+
+    # -- loop -----------------------------------------------------------------------------------------
+
+    def start(self, callback: Callable[[list[RequestOutput]], None] | None = None) -> None:
+        with self._lock:
+            if self._callback is not None:
+                raise RuntimeError("start: the loop is already running")
+            self._callback = callback or (lambda outputs: None)
+        self._wire.send(("start",))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the child's loop (unfinished requests end with "abort", their outputs delivered) and the
+        child; kill it if it has not exited within ``timeout``."""
+        with self._lock:
+            if self._is_stopping:
+                return
+            self._is_stopping = True
+        try:
+            self._wire.send(("stop",))
+        except OSError:
+            pass
+        self._receiver.join(timeout)
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._receiver.join(1.0)
+
+    def _receive_loop(self) -> None:
+        while True:
+            try:
+                message = self._wire.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "outputs":
+                outputs = message[1]
+                with self._lock:
+                    for output in outputs:
+                        if output.is_finished:
+                            self._live.discard(output.request_id)
+                    callback = self._callback
+                if callback is not None:
+                    try:
+                        callback(outputs)
+                    except Exception:
+                        logger.exception("[glm-engine] output callback failed")
+            elif kind == "reply":
+                with self._lock:
+                    future = self._calls.get(message[1])
+                if future is not None:
+                    future.set_result(message[2])
+        self._end()
+
+    def _end(self) -> None:
+        """The child is gone: its requests end with an error, pending calls fail."""
+        code = self._process.wait()
+        with self._lock:
+            self._is_dead = True
+            live, self._live = sorted(self._live), set()
+            calls = list(self._calls.values())
+            callback = self._callback
+            expected = self._is_stopping
+        if not expected:
+            logger.error("[glm-engine] the engine process exited (code %s)", code)
+        for future in calls:
+            future.set_exception(RuntimeError(f"engine process: exited (code {code})"))
+        if live and callback is not None:
+            now = time.monotonic()
+            error = f"the engine process exited (code {code}) before this request ended"
+            callback(
+                [
+                    RequestOutput(request_id, [], "abort", 0, 0, now, None, None, error=error)
+                    for request_id in live
+                ]
+            )
+        self._wire.close()
+
+
+def python_executable() -> str:
+    """A Python interpreter of this environment (Triton's Python stub is not one: its
+    ``sys.executable`` may name the stub or nothing)."""
+    for candidate in (sys.executable, str(Path(sys.prefix) / "bin" / "python3")):
+        if candidate and Path(candidate).name.startswith("python") and Path(candidate).is_file():
+            return candidate
+    raise RuntimeError(f"engine process: no Python interpreter found (sys.executable {sys.executable!r})")
+
+
+# -- the child -------------------------------------------------------------------------------------------
+
+
+def _child_main(fd: int, engine_dir: str, overrides: dict[str, Any], warmup: bool, switch_s: float) -> int:
+    from engine.llm_engine import LLMEngine
+
+    sys.setswitchinterval(switch_s)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    conn = Connection(fd)
+    wire = Wire(conn)
+    try:
+        engine = LLMEngine.from_engine_dir(engine_dir, **overrides)
+        if engine.device.type == "cuda":
+            wire.pin = True
+            if warmup:
+                engine.warmup()
+        else:
+            torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    except BaseException:
+        wire.send(("failed", traceback.format_exc()))
+        return 1
+    wire.send(("ready", {"max_model_len": engine.max_model_len, "device": str(engine.device)}))
+
+    outbox: queue.Queue = queue.Queue()
+
+    def send_outputs() -> None:  # the loop only queues: a slow reader never holds a step
+        while (outputs := outbox.get()) is not None:
+            try:
+                wire.send(("outputs", outputs))
+            except OSError:
+                return
+
+    sender = threading.Thread(target=send_outputs, name="glm-engine-outbox", daemon=True)
+    sender.start()
+    while True:
+        try:
+            message = wire.recv()
+        except (EOFError, OSError):
+            break  # the parent is gone
+        kind = message[0]
+        if kind == "add":
+            try:
+                engine.add_request(unpack_request(message[2]))
+                reply = None
+            except Exception as exc:
+                reply = (type(exc).__name__, str(exc))
+            wire.send(("reply", message[1], reply))
+        elif kind == "abort":
+            engine.abort(message[1])
+        elif kind == "stats":
+            wire.send(("reply", message[1], engine.stats()))
+        elif kind == "start":
+            engine.start(outbox.put)
+        elif kind == "stop":
+            break
+    engine.stop(timeout=30)  # unfinished requests end with "abort", queued before the sentinel
+    outbox.put(None)
+    sender.join(30)
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    fd, engine_dir, overrides, warmup, switch_s = sys.argv[1:]
+    sys.exit(_child_main(int(fd), engine_dir, json.loads(overrides), warmup == "1", float(switch_s)))
