@@ -5,8 +5,8 @@ from preprocessing to the llm, where the full model keeps 1288×728, 2.8 MB), se
 a time through the ensemble over gRPC streaming, one output token each: text-only questions, and follow-up
 questions about a screenshot the server has seen (its resized pixels and its KV blocks cached). Per kind,
 over ``--requests`` requests: TTFT at the client, send → arrival at the llm (``pre_llm``), the llm's own TTFT,
-each Triton model's queue / compute per execution and the preprocessing model's stages (its
-`glmv_preprocess_stage_seconds`); then requests with one and with four never-seen
+each Triton model's queue / compute per execution, the preprocessing model's stages (its
+`glmv_preprocess_stage_seconds`) and the llm's (`glmv_llm_request_stage_seconds`: inputs, parse, add); then requests with one and with four never-seen
 1288×728 screenshots (``--cold-requests`` each: decode and hash in preprocessing). The model here is tiny, so the llm's share is small
 and the rest is what Triton, the Python backend and the preprocessing model cost, which a GPU does not
 change (on an H200 host the same path measured ~13.5 ms of a 24.5 ms follow-up TTFT).
@@ -28,7 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.metrics import stage_means_ms, stage_totals
+from benchmarks.metrics import LLM_STAGES, stage_means_ms, stage_totals
 from benchmarks.results import make_meta
 
 
@@ -73,6 +73,7 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
     ):
         before = model_stats(server.http_url, server.admin_headers)
         stages_before = stage_totals(server.metrics_url)
+        llm_before = stage_totals(server.metrics_url, LLM_STAGES)
         records = [await target.send(sample, one) for sample in samples]
         after = model_stats(server.http_url, server.admin_headers)
         for _ in range(40):  # Triton counts a decoupled ensemble's execution a moment after its last response
@@ -94,6 +95,7 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
             ),
             "stages": stage_breakdown(before, after),
             "preprocess_stages_ms": stage_means_ms(stages_before, stage_totals(server.metrics_url)),
+            "llm_stages_ms": stage_means_ms(llm_before, stage_totals(server.metrics_url, LLM_STAGES)),
         }
     return out
 
@@ -175,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             for model, s in sorted(row["stages"].items())
         )
         pre = ", ".join(f"{stage} {ms:.3f}" for stage, ms in row["preprocess_stages_ms"].items())
+        llm = ", ".join(f"{stage} {ms:.3f}" for stage, ms in row["llm_stages_ms"].items())
         print(
             f"{name}: TTFT P50 {row['ttft_ms_p50']} ms, send -> llm {row['pre_llm_ms_p50']} ms, llm TTFT "
             f"{row['server_ttft_ms_p50']} ms, errors {row['errors']}; compute+output ms per execution: {stages}; "
-            f"preprocessing stages ms: {pre}"
+            f"preprocessing stages ms: {pre}; llm stages ms: {llm}"
         )
     return 0
 

@@ -81,8 +81,10 @@ class Wire:
         sizes = struct.pack(f"<I{len(buffers)}Q", len(buffers), *(b.raw().nbytes for b in buffers))
         with self._lock:
             self.conn.send_bytes(sizes + head)
-            for buffer in buffers:
-                self.conn.send_bytes(buffer.raw())
+            for buffer in buffers:  # the bytes alone, straight from the buffer (their sizes went ahead)
+                view = buffer.raw()
+                while view.nbytes:
+                    view = view[os.write(self.conn.fileno(), view) :]
 
     def recv(self) -> Any:
         data = self.conn.recv_bytes()
@@ -94,7 +96,12 @@ class Wire:
                 buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
             else:
                 buffer = np.empty(size, np.uint8)
-            self.conn.recv_bytes_into(buffer)
+            view = memoryview(buffer)
+            while view.nbytes:  # straight into the destination, no staging copy
+                read = os.readv(self.conn.fileno(), [view])
+                if read == 0:
+                    raise EOFError
+                view = view[read:]
             buffers.append(buffer)
         return pickle.loads(memoryview(data)[_SIZES.size + 8 * count :], buffers=buffers)
 
