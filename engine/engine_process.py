@@ -32,6 +32,7 @@ import logging
 import os
 import pickle
 import queue
+import signal
 import socket
 import struct
 import subprocess
@@ -378,6 +379,10 @@ def _child_main(fd: int, engine_dir: str, overrides: dict[str, Any], warmup: boo
     from engine.llm_engine import LLMEngine
 
     sys.setswitchinterval(switch_s)
+    # ended by its parent only ("stop", or the socket's end when the parent is gone), never half-way by a
+    # signal meant for the server's process group: requests then end with "abort", not a dead child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     conn = Connection(fd)
     wire = Wire(conn)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import threading
@@ -190,13 +191,15 @@ def test_abort_and_stop_end_requests_with_abort(engine_dir: Path) -> None:
         ep.add_request(GenerationRequest("long", [1, 2, 3], greedy(200, ignore_eos=True)))
         ep.add_request(GenerationRequest("kept", [4, 5, 6], greedy(200, ignore_eos=True)))
         collector.wait_first("long")
+        for signum in (signal.SIGINT, signal.SIGTERM):  # meant for the server's process group: ignored
+            os.kill(ep._process.pid, signum)
         ep.abort("long")
         outs = collector.wait("long")["long"]
         assert outs[-1].finish_reason == "abort" and outs[-1].error is None
         assert len(tokens(outs)) < 200
     finally:
         ep.stop(30)  # "kept" is unfinished: it ends with "abort" before the child exits
-    outs = collector.wait("kept", timeout=1)["kept"]
+    outs = collector.wait("kept", timeout=1)["kept"]  # ended by stop, not by the signals
     assert outs[-1].finish_reason == "abort" and len(tokens(outs)) < 200
     assert ep._process.returncode == 0 and not ep.is_running() and not ep.has_unfinished()
 
