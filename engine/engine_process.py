@@ -6,8 +6,10 @@ Contract (the same as ``LLMEngine``'s for these calls):
   * ``EngineProcess(engine_dir, overrides, warmup)`` starts the child (``python -m engine.engine_process``)
     and returns once the engine is loaded (and, with ``warmup`` on CUDA, warmed up and its graphs
     captured); a child that fails to start raises RuntimeError with its error.
-  * ``add_request(req)`` returns once the child has checked and queued the request: a refused request
-    raises ValueError with the engine's message, as in-process. ``abort``, ``stats``, ``is_running`` and
+  * ``add_request(req)`` checks the request here, with the engine's own checks (``InputProcessor``: the
+    same ValueError naming the field; a guided request's grammar compiled here too), sends it and returns
+    without waiting for the child. What only the child can find wrong (an image reference whose file has
+    gone) ends the request with an error output. ``abort``, ``stats``, ``is_running`` and
     ``has_unfinished`` may be called from any thread.
   * ``start(callback)``: ``callback(outputs)`` is called on this process's receiver thread for each
     engine step with outputs. ``stop(timeout)`` ends the loop (unfinished requests end with "abort") and
@@ -50,7 +52,10 @@ import numpy as np
 import torch
 
 from engine.config import EngineDir
+from engine.core.scheduler import check_prompt_length
 from engine.core.stats import EngineStats
+from engine.processing.input_processor import InputProcessor
+from engine.processing.resize_cache import check_shared_ref, shared_resize_dir_name
 from engine.request import GenerationRequest, RequestOutput
 
 logger = logging.getLogger("glm-engine")
@@ -162,6 +167,7 @@ class EngineProcess:
         self.model_config = d.model_config()
         self.engine_config = d.engine_config(**overrides)
         self.tokenizer = d.tokenizer()
+        self.image_ref_dir_name = shared_resize_dir_name(d.path)
         self.device = torch.device(self.engine_config.device)
         parent_sock, child_sock = socket.socketpair()
         # the child imports what this process imports: this package, then this process's own path (a Python
@@ -194,6 +200,15 @@ class EngineProcess:
         ready = self._wait_ready(start_timeout_s)
         self.max_model_len = int(ready["max_model_len"])
         self.device = torch.device(ready["device"])
+        limits = ready["prompt_limits"]
+        # the engine's request checks, run here (on the host: nothing pinned, no CUDA in this process)
+        self._checks = InputProcessor(
+            self.model_config,
+            self.max_model_len,
+            lambda num_tokens: check_prompt_length(num_tokens, *limits),
+            torch.device("cpu"),
+            self.tokenizer,
+        )
         self._receiver = threading.Thread(target=self._receive_loop, name="glm-engine-receiver", daemon=True)
         self._receiver.start()
 
@@ -236,23 +251,45 @@ class EngineProcess:
                 self._calls.pop(call_id, None)
 
     def add_request(self, req: GenerationRequest) -> str:
+        self._check(req)
         packed = pack_request(req)
         with self._lock:
+            if self._is_dead:
+                raise RuntimeError("engine process: not running")
             if req.request_id in self._live:
                 raise ValueError(f"request_id: {req.request_id!r} is already in use by an unfinished request")
-            self._live.add(req.request_id)  # before the send: its outputs may come before the reply
+            self._live.add(req.request_id)
         try:
-            error = self._call("add", packed)
+            self._wire.send(("add", packed))
         except BaseException:
             with self._lock:
                 self._live.discard(req.request_id)
             raise
-        if error is not None:
-            with self._lock:
-                self._live.discard(req.request_id)
-            kind, message = error
-            raise ValueError(message) if kind == "ValueError" else RuntimeError(f"engine: {kind}: {message}")
         return req.request_id
+
+    def _check(self, req: GenerationRequest) -> None:
+        """The engine's checks of ``req`` (ValueError naming the field); images sent as references stand
+        here as embeddings of no memory (their rows are the grid's; the child reads or finds them)."""
+        if req.image_refs:
+            if req.image_pixels is not None or req.image_embeds is not None:
+                raise ValueError("image_ref: give the images' pixels, embeddings or references, one of them")
+            grid = req.image_grid_thw
+            if (
+                grid is None
+                or req.image_hashes is None
+                or not len(req.image_refs) == len(req.image_hashes) == grid.shape[0]
+            ):
+                raise ValueError(
+                    f"image_ref: {len(req.image_refs)} references, {len(req.image_hashes or ())} hashes and "
+                    f"{0 if grid is None else grid.shape[0]} grid rows (one of each per image)"
+                )
+            for i, ref in enumerate(req.image_refs):  # a path's shape here; the file is the child's to read
+                check_shared_ref(ref, self.image_ref_dir_name, f"image_ref[{i}]")
+            self._checks.check_grid(grid)
+            rows = self._checks.grid_tokens(grid)
+            stand_in = torch.empty((rows, self.model_config.hidden_size), device="meta")
+            req = dataclasses.replace(req, image_refs=None, image_embeds=stand_in)
+        self._checks.process(req)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -397,7 +434,12 @@ def _child_main(fd: int, engine_dir: str, overrides: dict[str, Any], warmup: boo
     except BaseException:
         wire.send(("failed", traceback.format_exc()))
         return 1
-    wire.send(("ready", {"max_model_len": engine.max_model_len, "device": str(engine.device)}))
+    ready = {
+        "max_model_len": engine.max_model_len,
+        "device": str(engine.device),
+        "prompt_limits": engine.scheduler.prompt_limits(),
+    }
+    wire.send(("ready", ready))
 
     outbox: queue.Queue = queue.Queue()
 
@@ -417,12 +459,13 @@ def _child_main(fd: int, engine_dir: str, overrides: dict[str, Any], warmup: boo
             break  # the parent is gone
         kind = message[0]
         if kind == "add":
+            req = unpack_request(message[1])
             try:
-                engine.add_request(unpack_request(message[2]))
-                reply = None
-            except Exception as exc:
-                reply = (type(exc).__name__, str(exc))
-            wire.send(("reply", message[1], reply))
+                engine.add_request(req)
+            except Exception as exc:  # checked by the parent already: what only this process could find
+                now = time.monotonic()
+                error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                outbox.put([RequestOutput(req.request_id, [], "abort", 0, 0, now, None, None, error=error)])
         elif kind == "abort":
             engine.abort(message[1])
         elif kind == "stats":

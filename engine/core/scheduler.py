@@ -86,18 +86,13 @@ class Scheduler:
 
     def check_prompt(self, num_prompt_tokens: int) -> None:
         """Raise ValueError when a prompt of this length could never be scheduled."""
-        if num_prompt_tokens < 1:
-            raise ValueError("prompt_token_ids: the prompt is empty (needs at least 1 token)")
-        if num_prompt_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt_token_ids: the prompt has {num_prompt_tokens} tokens, over the limit of "
-                f"{self.max_model_len} tokens (max_model_len, capped at the KV cache capacity)"
-            )
-        if not self.enable_chunked_prefill and num_prompt_tokens > self.max_num_batched_tokens:
-            raise ValueError(
-                f"prompt_token_ids: the prompt has {num_prompt_tokens} tokens, over the limit of "
-                f"{self.max_num_batched_tokens} tokens (max_num_batched_tokens, chunked prefill is off)"
-            )
+        check_prompt_length(
+            num_prompt_tokens, self.max_model_len, self.max_num_batched_tokens, self.enable_chunked_prefill
+        )
+
+    def prompt_limits(self) -> tuple[int, int, bool]:
+        """(max_model_len, max_num_batched_tokens, enable_chunked_prefill): ``check_prompt_length``'s."""
+        return self.max_model_len, self.max_num_batched_tokens, self.enable_chunked_prefill
 
     def add(self, seq: Sequence) -> None:
         self.check_prompt(seq.num_prompt_tokens)
@@ -233,3 +228,21 @@ class Scheduler:
         if seq.num_output_tokens >= sp.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
+
+
+def check_prompt_length(
+    num_prompt_tokens: int, max_model_len: int, max_num_batched_tokens: int, enable_chunked_prefill: bool
+) -> None:
+    """Raise ValueError when a prompt of this length could never be scheduled (``Scheduler.check_prompt``)."""
+    if num_prompt_tokens < 1:
+        raise ValueError("prompt_token_ids: the prompt is empty (needs at least 1 token)")
+    if num_prompt_tokens > max_model_len:
+        raise ValueError(
+            f"prompt_token_ids: the prompt has {num_prompt_tokens} tokens, over the limit of "
+            f"{max_model_len} tokens (max_model_len, capped at the KV cache capacity)"
+        )
+    if not enable_chunked_prefill and num_prompt_tokens > max_num_batched_tokens:
+        raise ValueError(
+            f"prompt_token_ids: the prompt has {num_prompt_tokens} tokens, over the limit of "
+            f"{max_num_batched_tokens} tokens (max_num_batched_tokens, chunked prefill is off)"
+        )

@@ -57,9 +57,9 @@ class InputProcessor:
         embeds_by_image = req.image_embeds is not None and req.image_pixels is None
         if embeds_by_image and req.image_grid_thw is not None:
             # encoded images with their grids and hashes: their blocks can be cached like encoded pixels'
-            self._check_grid(req.image_grid_thw)
+            self.check_grid(req.image_grid_thw)
             num_rows = req.image_embeds.shape[0]
-            grid_rows = self._grid_tokens(req.image_grid_thw)
+            grid_rows = self.grid_tokens(req.image_grid_thw)
             if grid_rows != num_rows:
                 raise ValueError(
                     f"image_grid_thw: {req.image_grid_thw.tolist()} gives {grid_rows} image tokens for "
@@ -155,7 +155,7 @@ class InputProcessor:
             missing = "image_grid_thw" if req.image_grid_thw is None else "image_pixels"
             raise ValueError(f"{missing}: image_pixels and image_grid_thw go together")
         grid = req.image_grid_thw
-        self._check_grid(grid)
+        self.check_grid(grid)
         num_patches = int(grid.prod(dim=1).sum()) if grid.shape[0] else 0
         patches = req.image_pixels
         if patches.ndim == 1:  # the resized RGB images, flat: stills only
@@ -182,7 +182,8 @@ class InputProcessor:
                 f"(id {self.model_config.image_token_id}) in prompt_token_ids"
             )
 
-    def _check_grid(self, grid: torch.Tensor) -> None:
+    def check_grid(self, grid: torch.Tensor) -> None:
+        """ValueError naming image_grid_thw unless it is [n, 3] integers, each t, h, w >= 1, h and w whole merges."""
         merge = self.model_config.vision_config.spatial_merge_size
         if grid.ndim != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point:
             raise ValueError(
@@ -194,7 +195,7 @@ class InputProcessor:
                     f"image_grid_thw: {[t, h, w]} must have t, h, w >= 1 and h, w divisible by {merge}"
                 )
 
-    def _grid_tokens(self, grid: torch.Tensor) -> int:
+    def grid_tokens(self, grid: torch.Tensor) -> int:
         """Image tokens of the images of ``grid`` (patches over the merge area)."""
         merge_area = self.model_config.vision_config.spatial_merge_size**2
         return sum(int(t * h * w) // merge_area for t, h, w in grid.tolist())

@@ -291,9 +291,14 @@ def test_image_refs_take_held_embeddings_or_read_the_file(
             assert tokens(collector.wait("read")["read"]) == expected
             ep.add_request(by_ref("held"))
             assert tokens(collector.wait("held")["held"]) == expected
-            for req, message in bad:
+            (wrong, wrong_message), *checked_here = bad
+            for req, message in checked_here:
                 with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
                     ep.add_request(req)
+            # the file is the child's to read: what it holds ends the request with an error output
+            ep.add_request(wrong)
+            (out,) = collector.wait("wrong")["wrong"]
+            assert out.finish_reason == "abort" and out.error.startswith(wrong_message), out
             stats = ep.stats()
         finally:
             ep.stop(30)
