@@ -61,6 +61,7 @@ from engine.request import GenerationRequest, RequestOutput
 logger = logging.getLogger("glm-engine")
 
 OUT_OF_BAND_BYTES = 64 << 10  # arrays this large cross out of band
+SOCKET_BUFFER_BYTES = 8 << 20  # asked of the kernel, which caps it at net.core.wmem_max / rmem_max
 REPLY_TIMEOUT_S = 120.0  # how long a call waits for the child's answer
 _SIZES = struct.Struct("<I")
 _TENSOR_FIELDS = ("image_embeds", "image_pixels", "image_grid_thw", "mrope_positions")
@@ -170,6 +171,12 @@ class EngineProcess:
         self.image_ref_dir_name = shared_resize_dir_name(d.path)
         self.device = torch.device(self.engine_config.device)
         parent_sock, child_sock = socket.socketpair()
+        for sock in (
+            parent_sock,
+            child_sock,
+        ):  # a screenshot's pixels fit: a send does not wait for the reader
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
         # the child imports what this process imports: this package, then this process's own path (a Python
         # stub ignores PYTHONPATH and finds its packages otherwise)
         package_root = str(Path(__file__).resolve().parents[1])
