@@ -204,10 +204,13 @@ class LLMEngine:
             self.num_image_refs_held += len(refs)
             return dataclasses.replace(req, image_refs=None, image_embeds=embeds)
         patch = self.model_config.vision_config.patch_size
+        alloc = None
+        if self.device.type == "cuda" and len(refs) == 1:  # read into pinned memory: no copy to pin it
+            alloc = lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()  # noqa: E731
         parts = []
         for i, (ref, image_hash, (_, gh, gw)) in enumerate(zip(refs, hashes, grid.tolist(), strict=True)):
             field = f"image_ref[{i}]"
-            pixels, file_hash = read_shared_ref(ref, self.image_ref_dir_name, field)
+            pixels, file_hash = read_shared_ref(ref, self.image_ref_dir_name, field, alloc)
             if file_hash.encode() != bytes(image_hash):
                 raise ValueError(
                     f"{field}: the file holds image {file_hash}, not image_hash {bytes(image_hash).decode()}"

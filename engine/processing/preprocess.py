@@ -22,9 +22,11 @@ parse_tools) and `resize_cache`. Contract:
   each resized image's size and RGB bytes, so the same picture hits the engine's prefix and image caches
   however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
   lets an image sent again skip its decode and resize (its header is still checked against the limits).
-  With `pixels_by_reference`, when every image of a request is in the shared resize directory
-  (`ResizeCache.shared_ref`), `image_refs` holds their files there and `image_rgb` is empty: the llm takes
-  the embeddings it holds for them, or reads the files.
+  With `pixels_by_reference`, a new image's shared file is written before the request goes on, and when
+  every image of a request is in the shared resize directory (`ResizeCache.shared_ref`), `image_refs`
+  holds their files there and `image_rgb` is empty: the llm takes the embeddings it holds for them, or
+  reads the files. An image the directory cannot take (no directory, too little free space) goes by value,
+  and with it every image of its request.
   A request's images (two or more) are opened, decoded, resized and hashed on a few threads
   (`IMAGE_THREADS`), side by side and beside the prompt's template and tokenizer; errors are raised in
   image order, before the prompt's own.
@@ -63,8 +65,8 @@ IMAGE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 class _Prepared(NamedTuple):
     """One image of a request, prepared: its resized RGB [h, w, 3] uint8 (read-only; None when only its
-    shared file's header was read), its hash, its resize cache key if it was found there (else None), its
-    resized (height, width), and the image it came from."""
+    shared file's header was read), its hash, its resize cache key if it was found there or its shared
+    file written for this request (else None), its resized (height, width), and the image it came from."""
 
     rgb: np.ndarray | None
     image_hash: str
@@ -228,7 +230,7 @@ class Preprocessor:
         refs = []
         for image in prepared if by_reference else ():
             ref = None if image.cached_key is None else self.resize_cache.shared_ref(image.cached_key)
-            if ref is None:  # a new image, or one whose shared file is not there: the pixels go
+            if ref is None:  # an image whose shared file is not there (not written, or gone): the pixels go
                 refs = []
                 break
             refs.append(ref)
@@ -255,9 +257,10 @@ class Preprocessor:
         return self._assemble([self._prepare_image(info) for info in images])
 
     def _prepare_image(self, info: ImageInfo, by_reference: bool = False) -> _Prepared:
-        """One image: from the resize cache, else decoded (if it was not), resized, hashed and put there
-        (its shared file is written meanwhile: this request sends the pixels). ``by_reference``: an image
-        that only the shared directory holds comes from its file's header, without its pixels."""
+        """One image: from the resize cache, else decoded (if it was not), resized, hashed and put there.
+        ``by_reference``: an image that only the shared directory holds comes from its file's header,
+        without its pixels, and a new image's shared file is written now (the request sends its path);
+        otherwise that file is written meanwhile and this request sends the pixels."""
         known = self.resize_cache.get(info.file_hash, shared=not by_reference)
         if known is not None:
             return _Prepared(known[0], known[1], info.file_hash, known[0].shape[:2], info)
@@ -272,8 +275,8 @@ class Preprocessor:
         digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
         digest.update(np.ascontiguousarray(rgb).data)
         image_hash = digest.hexdigest()
-        self.resize_cache.put(info.file_hash, rgb, image_hash)
-        return _Prepared(rgb, image_hash, None, rgb.shape[:2], info)
+        self.resize_cache.put(info.file_hash, rgb, image_hash, write_now=by_reference)
+        return _Prepared(rgb, image_hash, info.file_hash if by_reference else None, rgb.shape[:2], info)
 
     def _grids(self, prepared: list[_Prepared]) -> np.ndarray:
         patch = self._geometry()[0]

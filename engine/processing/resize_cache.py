@@ -32,6 +32,7 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +86,17 @@ class ResizeCache:
             self._remember(key, entry)
         return entry
 
-    def put(self, key: str, rgb: np.ndarray, image_hash: str) -> None:
-        """Keep ``rgb`` (made read-only: `get` hands out the cached array itself) under ``key``."""
+    def put(self, key: str, rgb: np.ndarray, image_hash: str, write_now: bool = False) -> None:
+        """Keep ``rgb`` (made read-only: `get` hands out the cached array itself) under ``key``; its shared
+        file is written on the writer thread, or with ``write_now`` on this one (there when this returns,
+        unless the directory's limits skip it: `shared_ref` then finds none)."""
         rgb.flags.writeable = False
         entry = (rgb, image_hash)
         self._remember(key, entry)
         if self.shared_dir is None:
+            return
+        if write_now:
+            self._write_shared(key, entry)
             return
         with self._lock:
             if self._writer is None:
@@ -253,12 +259,19 @@ def check_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> Path:
     return path
 
 
-def read_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> tuple[np.ndarray, str]:
+def read_shared_ref(
+    ref: str, dir_name: str, field: str = "image_ref", alloc: Callable[[int], np.ndarray] | None = None
+) -> tuple[np.ndarray, str]:
     """(RGB [h, w, 3], its image hash) of a path from ``shared_ref`` (``check_shared_ref`` first);
-    ValueError naming ``field`` when it is not one or no longer holds an entry."""
+    ValueError naming ``field`` when it is not one or no longer holds an entry. ``alloc(nbytes)``: the
+    uint8 array to read the file into (pinned memory, say); else a fresh one."""
     path = check_shared_ref(ref, dir_name, field)
     try:
-        data = np.fromfile(path, np.uint8)  # writable: the caller may hand it to torch as it is
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            data = alloc(size) if alloc is not None else np.empty(size, np.uint8)  # writable: for torch as is
+            if f.readinto(memoryview(data)) != size:
+                raise ValueError(f"{field}: {ref!r} does not hold a resized image; send the request again")
     except OSError as exc:
         raise ValueError(
             f"{field}: {ref!r} could not be read ({exc.strerror}); send the request again"

@@ -532,9 +532,10 @@ def wait_for_metric(server, name: str, labels: str, above: float, timeout: float
 
 
 def test_images_the_host_has_resized_reach_the_llm_by_reference(server, tiny_engine: Path) -> None:
-    """A screenshot sent again goes from preprocessing to the llm as its file in the shared resize directory
-    (no pixels through Triton); the llm takes the embeddings it holds, or reads the file when it does not
-    hold them. Answers are the same as with the pixels; a reference outside that directory is refused."""
+    """A screenshot goes from preprocessing to the llm as its file in the shared resize directory (no pixels
+    through Triton), written before the request goes on when the image is new; the llm takes the
+    embeddings it holds, or reads the file when it does not hold them. Answers are the same as with the
+    pixels; a reference outside that directory is refused."""
     import hashlib
     import os
     import tempfile
@@ -551,12 +552,10 @@ def test_images_the_host_has_resized_reach_the_llm_by_reference(server, tiny_eng
     seed = time.time_ns() % 2**32  # never seen by this host: its first request carries the pixels
     image = png(90, 60, seed)
     first = grpc_generate(server, [image])
-    file = shared / f"{hashlib.sha256(image).hexdigest()}.rgb"
-    deadline = time.monotonic() + 10
-    while not file.is_file() and time.monotonic() < deadline:  # written beside the request, not in it
-        time.sleep(0.05)
-    time.sleep(0.3)
-    assert metric(server, "glmv_image_refs_held_total", held_label) == held_before  # it came by value
+    assert (shared / f"{hashlib.sha256(image).hexdigest()}.rgb").is_file()  # written before it went on
+    # new to the engine too: the llm read its file
+    assert wait_for_metric(server, "glmv_image_refs_read_total", read_label, read_before) == read_before + 1
+    assert metric(server, "glmv_image_refs_held_total", held_label) == held_before
     assert grpc_generate(server, [image]) == first
     assert wait_for_metric(server, "glmv_image_refs_held_total", held_label, held_before) == held_before + 1
 
@@ -583,7 +582,9 @@ def test_images_the_host_has_resized_reach_the_llm_by_reference(server, tiny_eng
         return [tensor("image_ref", np.array([p.encode() for p in paths], np.object_), "BYTES")]
 
     from_file = generate(refs(*by_ref.image_refs))
-    assert wait_for_metric(server, "glmv_image_refs_read_total", read_label, read_before) == read_before + 1
+    assert (
+        wait_for_metric(server, "glmv_image_refs_read_total", read_label, read_before + 1) == read_before + 2
+    )
     from_pixels = generate([tensor("image_rgb", by_value.image_rgb, "UINT8")])
     assert from_file == from_pixels and len(from_file) == MAX_TOKENS
     for bad, message in [

@@ -138,33 +138,44 @@ def test_a_reference_is_read_only_inside_the_servers_own_directory(tmp_path: Pat
 
 
 def test_images_in_the_shared_directory_go_by_reference(tiny_checkpoint: Path, tmp_path: Path):
+    """A new image's shared file is written before the request goes on, so it goes by reference as an
+    image seen before does; an image the directory cannot take goes by value, and with it every image of
+    its request."""
     pre = Preprocessor(tiny_checkpoint, shared_resize_cache_dir=tmp_path, shared_resize_cache_bytes=64 << 20)
     image, other = png(7), png(8, (120, 90))
-    new = pre("What is this?", [image], pixels_by_reference=True)
-    assert new.image_refs == [] and new.image_rgb.size  # a new image: its file is written meanwhile
-    pre.resize_cache.flush()
-    again = pre("What is this?", [image], pixels_by_reference=True)
-    (ref,) = again.image_refs
-    assert again.image_rgb.size == 0 and Path(ref).parent.parent == tmp_path
+    by_value = pre("What is this?", [image])  # not asked: the pixels (its file is written meanwhile)
+    assert by_value.image_refs == [] and by_value.image_rgb.size
+    new = Preprocessor(
+        tiny_checkpoint, shared_resize_cache_dir=tmp_path / "new", shared_resize_cache_bytes=64 << 20
+    )
+    first = new("What is this?", [image], pixels_by_reference=True)
+    (ref,) = first.image_refs  # written before the request went on
+    assert first.image_rgb.size == 0 and Path(ref).parent.parent == tmp_path / "new"
     got, image_hash = read_shared_ref(ref, Path(ref).parent.name)
-    np.testing.assert_array_equal(got.reshape(-1), new.image_rgb)
-    assert [image_hash] == again.image_hashes == new.image_hashes
-    np.testing.assert_array_equal(again.image_grid_thw, new.image_grid_thw)
-    np.testing.assert_array_equal(again.input_ids, new.input_ids)
-    np.testing.assert_array_equal(again.mrope_positions, new.mrope_positions)
-    # all or nothing: with one new image every pixel goes by value; and only when asked
-    mixed = pre("And these?", [image, other], pixels_by_reference=True)
-    patch = int(pre.image_processor.patch_size)
+    np.testing.assert_array_equal(got.reshape(-1), by_value.image_rgb)
+    assert [image_hash] == first.image_hashes == by_value.image_hashes
+    again = new("What is this?", [image], pixels_by_reference=True)
+    assert again.image_refs == [ref] and again.image_rgb.size == 0
+    for out in (first, again):
+        np.testing.assert_array_equal(out.image_grid_thw, by_value.image_grid_thw)
+        np.testing.assert_array_equal(out.input_ids, by_value.input_ids)
+        np.testing.assert_array_equal(out.mrope_positions, by_value.mrope_positions)
+    both = new("And these?", [image, other], pixels_by_reference=True)
+    assert len(both.image_refs) == 2 and both.image_refs[0] == ref and both.image_rgb.size == 0
+    # all or nothing: a directory too small for the bigger image sends both by value
+    patch = int(new.image_processor.patch_size)
+    sizes = [int(h * w) * patch**2 * 3 + 80 for _, h, w in both.image_grid_thw.tolist()]
+    assert sizes[0] != sizes[1]
+    small = Preprocessor(
+        tiny_checkpoint, shared_resize_cache_dir=tmp_path / "small", shared_resize_cache_bytes=min(sizes)
+    )
+    mixed = small("And these?", [image, other], pixels_by_reference=True)
     grid = mixed.image_grid_thw
     assert (
         mixed.image_refs == [] and mixed.image_rgb.size == int((grid[:, 1] * grid[:, 2]).sum()) * patch**2 * 3
     )
-    assert mixed.image_rgb.size > new.image_rgb.size
-    pre.resize_cache.flush()
-    both = pre("And these?", [image, other], pixels_by_reference=True)
-    assert len(both.image_refs) == 2 and both.image_rgb.size == 0
     np.testing.assert_array_equal(both.image_grid_thw, mixed.image_grid_thw)
-    assert pre("What is this?", [image]).image_refs == []
+    assert new("What is this?", [image]).image_refs == []
 
 
 def test_another_instance_sends_a_shared_image_by_reference_from_its_header(
