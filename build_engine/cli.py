@@ -205,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pixels-by-reference",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="an image already in the host's shared resize directory goes from preprocessing to the llm as "
-        "that file's path (the llm takes the embeddings it holds, or reads the file); "
-        "--no-pixels-by-reference sends its pixels through Triton every time",
+        help="an image goes from preprocessing to the llm as its file's path in the host's shared resize "
+        "directory (a new image's file written first; the llm takes the embeddings it holds, or reads the "
+        "file); --no-pixels-by-reference sends its pixels through Triton every time",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")
     return p

@@ -43,7 +43,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from engine.config import EngineConfig, EngineDir, ModelConfig
@@ -204,24 +203,20 @@ class LLMEngine:
             self.num_image_refs_held += len(refs)
             return dataclasses.replace(req, image_refs=None, image_embeds=embeds)
         patch = self.model_config.vision_config.patch_size
-        alloc = None
-        if self.device.type == "cuda" and len(refs) == 1:  # read into pinned memory: no copy to pin it
-            alloc = lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()  # noqa: E731
-        parts = []
-        for i, (ref, image_hash, (_, gh, gw)) in enumerate(zip(refs, hashes, grid.tolist(), strict=True)):
+        sizes = [int(h * w) * patch * patch * 3 for _, h, w in grid.tolist()]
+        # every image read into one buffer, pinned on CUDA: no copy to join them or to pin them
+        pinned = self.device.type == "cuda"
+        flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pinned).numpy()
+        start = 0
+        for i, (ref, image_hash, size) in enumerate(zip(refs, hashes, sizes, strict=True)):
             field = f"image_ref[{i}]"
-            pixels, file_hash = read_shared_ref(ref, self.image_ref_dir_name, field, alloc)
+            _, file_hash = read_shared_ref(ref, self.image_ref_dir_name, field, flat[start : start + size])
             if file_hash.encode() != bytes(image_hash):
                 raise ValueError(
                     f"{field}: the file holds image {file_hash}, not image_hash {bytes(image_hash).decode()}"
                 )
-            if pixels.shape[:2] != (gh * patch, gw * patch):
-                raise ValueError(
-                    f"{field}: a {pixels.shape[1]}x{pixels.shape[0]} image, not image_grid_thw {[1, gh, gw]}"
-                )
-            parts.append(pixels.reshape(-1))
+            start += size
         self.num_image_refs_read += len(refs)
-        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return dataclasses.replace(req, image_refs=None, image_pixels=torch.from_numpy(flat))
 
     def held_image_embeds(self, image_hashes: list[bytes]) -> torch.Tensor | None:

@@ -32,7 +32,6 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -260,23 +259,36 @@ def check_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> Path:
 
 
 def read_shared_ref(
-    ref: str, dir_name: str, field: str = "image_ref", alloc: Callable[[int], np.ndarray] | None = None
+    ref: str, dir_name: str, field: str = "image_ref", out: np.ndarray | None = None
 ) -> tuple[np.ndarray, str]:
     """(RGB [h, w, 3], its image hash) of a path from ``shared_ref`` (``check_shared_ref`` first);
-    ValueError naming ``field`` when it is not one or no longer holds an entry. ``alloc(nbytes)``: the
-    uint8 array to read the file into (pinned memory, say); else a fresh one."""
+    ValueError naming ``field`` when it is not one or no longer holds an entry. ``out``: a uint8 array of
+    exactly the image's bytes to read the pixels into (pinned memory, a slice of several images' buffer);
+    else a fresh, writable one (torch takes it as it is)."""
     path = check_shared_ref(ref, dir_name, field)
+    gone = f"{field}: {ref!r} does not hold a resized image; send the request again"
     try:
         with open(path, "rb", buffering=0) as f:
+            header = f.read(_HEADER.size)
             size = os.fstat(f.fileno()).st_size
-            data = alloc(size) if alloc is not None else np.empty(size, np.uint8)  # writable: for torch as is
-            if f.readinto(memoryview(data)) != size:
-                raise ValueError(f"{field}: {ref!r} does not hold a resized image; send the request again")
+            try:
+                magic, height, width, image_hash = _HEADER.unpack(header)
+                image_hash = image_hash.decode("ascii")
+            except (struct.error, UnicodeDecodeError):
+                raise ValueError(gone) from None
+            num_bytes = height * width * 3
+            if magic != _MAGIC or size != _HEADER.size + num_bytes:
+                raise ValueError(gone)
+            if out is not None and out.nbytes != num_bytes:
+                raise ValueError(
+                    f"{field}: a {width}x{height} image ({num_bytes} bytes), not the {out.nbytes} bytes of "
+                    "its image_grid_thw"
+                )
+            rgb = np.empty(num_bytes, np.uint8) if out is None else out
+            if f.readinto(memoryview(rgb).cast("B")) != num_bytes:
+                raise ValueError(gone)
     except OSError as exc:
         raise ValueError(
             f"{field}: {ref!r} could not be read ({exc.strerror}); send the request again"
         ) from None
-    entry = _parse(data)
-    if entry is None:
-        raise ValueError(f"{field}: {ref!r} does not hold a resized image; send the request again")
-    return entry
+    return rgb.reshape(height, width, 3), image_hash

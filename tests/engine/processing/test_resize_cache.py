@@ -130,6 +130,14 @@ def test_a_reference_is_read_only_inside_the_servers_own_directory(tmp_path: Pat
                 str(shared / ".." / shared.name / "x.rgb")):  # fmt: skip
         with pytest.raises(ValueError, match=r"^image_ref\[0\]: .* is not an entry of this server's shared"):
             read_shared_ref(bad, shared.name, "image_ref[0]")
+    into = np.zeros(rgb.nbytes + 4, np.uint8)  # read straight into a slice of a bigger buffer
+    got, _ = read_shared_ref(ref, shared.name, out=into[2:-2])
+    np.testing.assert_array_equal(got, rgb)
+    assert into[:2].tolist() == into[-2:].tolist() == [0, 0] and np.shares_memory(got, into)
+    with pytest.raises(
+        ValueError, match=r"^image_ref\[1\]: a \d+x\d+ image \(\d+ bytes\), not the \d+ bytes of its"
+    ):
+        read_shared_ref(ref, shared.name, "image_ref[1]", out=into)
     with pytest.raises(ValueError, match=r"^image_ref: .* could not be read .*send the request again"):
         read_shared_ref(str(shared / f"{'b' * 64}.rgb"), shared.name)
     (shared / f"{'c' * 64}.rgb").write_bytes(b"GLMVRGB1 not an entry")
