@@ -192,7 +192,9 @@ class ResizeCache:
         if size > self.shared_max_bytes or self._path(key).is_file():
             return
         self._trim(self.shared_max_bytes - size)
-        tmp = self.shared_dir / f".{key}.{os.getpid()}.tmp"
+        # one temporary name per writing thread: a request writing its new image and the writer thread may
+        # both write one entry
+        tmp = self.shared_dir / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             stat = os.statvfs(self.shared_dir)
             min_free = max(MIN_FREE_BYTES, MIN_FREE_FRACTION * stat.f_blocks * stat.f_frsize)
