@@ -4,7 +4,9 @@ This file keeps the lifecycle and the threads; `request.py` turns a Triton reque
 and keeps the per-request state, `response.py` builds and sends the responses, `metrics.py` owns the
 metrics, and `triton_model.py` (model_repository/common/, copied here by glmv-build) reads the parameters.
 
-Threads: the engine loop (LLMEngine.start) calls `_on_outputs` after each step, which only queues work;
+Threads: the engine loop (LLMEngine.start; with the `engine_process` parameter the engine runs in a child
+process, engine.engine_process, whose outputs arrive on a receiver thread) calls `_on_outputs` after each
+step, which only queues work;
 a sender thread builds the response tensors and calls `response_sender.send` (so a slow client never
 blocks the engine); a cancellation thread polls `is_cancelled()` every `cancellation_check_period_ms` for
 at most `cancellation_checks_per_period` streams (longest unasked first) and aborts the engine request; a
@@ -25,8 +27,10 @@ one, the same Triton request id); the ensemble's postprocessing sends it when th
 engine loop is not running, new requests get an UNAVAILABLE error.
 
 Images come as `image_rgb` (the resized RGB images, flat uint8) + `image_grid_thw`, which the engine
-patchifies, normalizes and encodes on its own GPU in its loop thread, or as `prompt_embedding_table`
-(embeddings made elsewhere, e.g. by the vision_encoder model); one or the other.
+patchifies, normalizes and encodes on its own GPU in its loop thread, as `image_ref` (their files in the
+host's shared resize directory, with `image_grid_thw` and `image_hash`: the engine takes the embeddings it
+holds or reads the files), or as `prompt_embedding_table` (embeddings made elsewhere, e.g. by the
+vision_encoder model); one of them.
 """
 
 from __future__ import annotations
