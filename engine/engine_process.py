@@ -55,7 +55,7 @@ from engine.config import EngineDir
 from engine.core.scheduler import check_prompt_length
 from engine.core.stats import EngineStats
 from engine.processing.input_processor import InputProcessor
-from engine.processing.resize_cache import check_shared_ref, shared_resize_dir_name
+from engine.processing.resize_cache import shared_resize_dir_name
 from engine.request import GenerationRequest, RequestOutput
 
 logger = logging.getLogger("glm-engine")
@@ -171,10 +171,8 @@ class EngineProcess:
         self.image_ref_dir_name = shared_resize_dir_name(d.path)
         self.device = torch.device(self.engine_config.device)
         parent_sock, child_sock = socket.socketpair()
-        for sock in (
-            parent_sock,
-            child_sock,
-        ):  # a screenshot's pixels fit: a send does not wait for the reader
+        # buffers a screenshot's pixels fit in: a send does not wait for the reader
+        for sock in (parent_sock, child_sock):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
         # the child imports what this process imports: this package, then this process's own path (a Python
@@ -191,7 +189,9 @@ class EngineProcess:
             str(d.path),
             json.dumps(overrides),
             "1" if warmup else "0",
-            repr(sys.getswitchinterval()),  # the child's threads hand the GIL over as this process's do
+            # the child's threads hand the GIL over as this process's do, and it runs as many torch threads
+            repr(sys.getswitchinterval()),
+            str(torch.get_num_threads()),
         ]
         self._process = subprocess.Popen(command, pass_fds=(child_sock.fileno(),), env=env)
         child_sock.close()
@@ -277,23 +277,8 @@ class EngineProcess:
     def _check(self, req: GenerationRequest) -> None:
         """The engine's checks of ``req`` (ValueError naming the field); images sent as references stand
         here as embeddings of no memory (their rows are the grid's; the child reads or finds them)."""
-        if req.image_refs:
-            if req.image_pixels is not None or req.image_embeds is not None:
-                raise ValueError("image_ref: give the images' pixels, embeddings or references, one of them")
-            grid = req.image_grid_thw
-            if (
-                grid is None
-                or req.image_hashes is None
-                or not len(req.image_refs) == len(req.image_hashes) == grid.shape[0]
-            ):
-                raise ValueError(
-                    f"image_ref: {len(req.image_refs)} references, {len(req.image_hashes or ())} hashes and "
-                    f"{0 if grid is None else grid.shape[0]} grid rows (one of each per image)"
-                )
-            for i, ref in enumerate(req.image_refs):  # a path's shape here; the file is the child's to read
-                check_shared_ref(ref, self.image_ref_dir_name, f"image_ref[{i}]")
-            self._checks.check_grid(grid)
-            rows = self._checks.grid_tokens(grid)
+        if req.image_refs:  # the paths' shape here; the files are the child's to read
+            rows = self._checks.check_image_refs(req, self.image_ref_dir_name)
             stand_in = torch.empty((rows, self.model_config.hidden_size), device="meta")
             req = dataclasses.replace(req, image_refs=None, image_embeds=stand_in)
         self._checks.process(req)
@@ -396,15 +381,15 @@ class EngineProcess:
         for future in calls:
             future.set_exception(RuntimeError(f"engine process: exited (code {code})"))
         if live and callback is not None:
-            now = time.monotonic()
             error = f"the engine process exited (code {code}) before this request ended"
-            callback(
-                [
-                    RequestOutput(request_id, [], "abort", 0, 0, now, None, None, error=error)
-                    for request_id in live
-                ]
-            )
+            callback([_error_output(request_id, error) for request_id in live])
         self._wire.close()
+
+
+def _error_output(request_id: str, error: str) -> RequestOutput:
+    """The final output of a request that the engine ended with ``error``."""
+    now = time.monotonic()
+    return RequestOutput(request_id, [], "abort", 0, 0, now, None, None, error=error)
 
 
 def python_executable() -> str:
@@ -419,10 +404,13 @@ def python_executable() -> str:
 # -- the child -------------------------------------------------------------------------------------------
 
 
-def _child_main(fd: int, engine_dir: str, overrides: dict[str, Any], warmup: bool, switch_s: float) -> int:
+def _child_main(
+    fd: int, engine_dir: str, overrides: dict[str, Any], warmup: bool, switch_s: float, num_threads: int
+) -> int:
     from engine.llm_engine import LLMEngine
 
     sys.setswitchinterval(switch_s)
+    torch.set_num_threads(num_threads)
     # ended by its parent only ("stop", or the socket's end when the parent is gone), never half-way by a
     # signal meant for the server's process group: requests then end with "abort", not a dead child
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -436,8 +424,6 @@ def _child_main(fd: int, engine_dir: str, overrides: dict[str, Any], warmup: boo
             wire.pin = True
             if warmup:
                 engine.warmup()
-        else:
-            torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     except BaseException:
         wire.send(("failed", traceback.format_exc()))
         return 1
@@ -470,9 +456,8 @@ def _child_main(fd: int, engine_dir: str, overrides: dict[str, Any], warmup: boo
             try:
                 engine.add_request(req)
             except Exception as exc:  # checked by the parent already: what only this process could find
-                now = time.monotonic()
                 error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-                outbox.put([RequestOutput(req.request_id, [], "abort", 0, 0, now, None, None, error=error)])
+                outbox.put([_error_output(req.request_id, error)])
         elif kind == "abort":
             engine.abort(message[1])
         elif kind == "stats":
@@ -489,5 +474,9 @@ def _child_main(fd: int, engine_dir: str, overrides: dict[str, Any], warmup: boo
 
 
 if __name__ == "__main__":
-    fd, engine_dir, overrides, warmup, switch_s = sys.argv[1:]
-    sys.exit(_child_main(int(fd), engine_dir, json.loads(overrides), warmup == "1", float(switch_s)))
+    fd, engine_dir, overrides, warmup, switch_s, num_threads = sys.argv[1:]
+    sys.exit(
+        _child_main(
+            int(fd), engine_dir, json.loads(overrides), warmup == "1", float(switch_s), int(num_threads)
+        )
+    )

@@ -184,20 +184,10 @@ class LLMEngine:
     def _resolve_image_refs(self, req: GenerationRequest) -> GenerationRequest:
         """``req`` with its ``image_refs`` replaced by the images' held embeddings, or by their pixels read
         from the files (each checked against its hash and grid); ValueError naming ``image_ref[i]``."""
-        from engine.processing.resize_cache import check_shared_ref, read_shared_ref
+        from engine.processing.resize_cache import read_shared_ref
 
+        self.input_processor.check_image_refs(req, self.image_ref_dir_name)
         refs, grid, hashes = req.image_refs, req.image_grid_thw, req.image_hashes
-        if self.image_ref_dir_name is None:
-            raise ValueError("image_ref: this engine reads no shared image directory; send the pixels")
-        if req.image_pixels is not None or req.image_embeds is not None:
-            raise ValueError("image_ref: give the images' pixels, embeddings or references, one of them")
-        if grid is None or hashes is None or not len(refs) == len(hashes) == grid.shape[0]:
-            raise ValueError(
-                f"image_ref: {len(refs)} references, {len(hashes or ())} hashes and "
-                f"{0 if grid is None else grid.shape[0]} grid rows (one of each per image)"
-            )
-        for i, ref in enumerate(refs):  # refused alike whether or not the image cache holds the image
-            check_shared_ref(ref, self.image_ref_dir_name, f"image_ref[{i}]")
         embeds = self.held_image_embeds(hashes)
         if embeds is not None:
             self.num_image_refs_held += len(refs)

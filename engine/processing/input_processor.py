@@ -182,6 +182,28 @@ class InputProcessor:
                 f"(id {self.model_config.image_token_id}) in prompt_token_ids"
             )
 
+    def check_image_refs(self, req: GenerationRequest, dir_name: str | None) -> int:
+        """Check a request that names its images by their files in the shared resize directory
+        ``dir_name`` (``image_refs``: one per hash and grid row, each an entry's path there; refused alike
+        whether or not the image cache holds the image); returns its image tokens. ValueError naming
+        ``image_ref``."""
+        from engine.processing.resize_cache import check_shared_ref
+
+        refs, grid, hashes = req.image_refs, req.image_grid_thw, req.image_hashes
+        if dir_name is None:
+            raise ValueError("image_ref: this engine reads no shared image directory; send the pixels")
+        if req.image_pixels is not None or req.image_embeds is not None:
+            raise ValueError("image_ref: give the images' pixels, embeddings or references, one of them")
+        if grid is None or hashes is None or not len(refs) == len(hashes) == grid.shape[0]:
+            raise ValueError(
+                f"image_ref: {len(refs)} references, {len(hashes or ())} hashes and "
+                f"{0 if grid is None else grid.shape[0]} grid rows (one of each per image)"
+            )
+        for i, ref in enumerate(refs):
+            check_shared_ref(ref, dir_name, f"image_ref[{i}]")
+        self.check_grid(grid)
+        return self.grid_tokens(grid)
+
     def check_grid(self, grid: torch.Tensor) -> None:
         """ValueError naming image_grid_thw unless it is [n, 3] integers, each t, h, w >= 1, h and w whole merges."""
         merge = self.model_config.vision_config.spatial_merge_size

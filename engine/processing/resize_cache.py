@@ -127,13 +127,10 @@ class ResizeCache:
         path = self._path(key)
         try:
             with open(path, "rb") as f:
-                header = f.read(_HEADER.size)
-                size = os.fstat(f.fileno()).st_size
-            magic, height, width, image_hash = _HEADER.unpack(header)
-            if magic != _MAGIC or size != _HEADER.size + height * width * 3:
-                return None
-            result = height, width, image_hash.decode("ascii")
-        except (OSError, struct.error, UnicodeDecodeError):
+                result = _header(f.read(_HEADER.size), os.fstat(f.fileno()).st_size)
+        except OSError:
+            return None
+        if result is None:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)
@@ -228,17 +225,26 @@ class ResizeCache:
             total -= size
 
 
-def _parse(data: bytes | np.ndarray) -> tuple[np.ndarray, str] | None:
-    """(RGB [h, w, 3], its image hash) of a shared entry's bytes (a view of them: read-only for bytes), or
-    None if they do not parse."""
+def _header(header: bytes, file_size: int) -> tuple[int, int, str] | None:
+    """(height, width, image hash) of a shared entry's first ``_HEADER.size`` bytes, or None unless they
+    parse and the entry's size is ``file_size``."""
     try:
-        magic, height, width, image_hash = _HEADER.unpack_from(data)
-        if magic != _MAGIC or len(data) != _HEADER.size + height * width * 3:
+        magic, height, width, image_hash = _HEADER.unpack_from(header)
+        if magic != _MAGIC or file_size != _HEADER.size + height * width * 3:
             return None
-        rgb = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
-        return rgb[_HEADER.size :].reshape(height, width, 3), image_hash.decode("ascii")
-    except (ValueError, struct.error, UnicodeDecodeError):
+        return height, width, image_hash.decode("ascii")
+    except (struct.error, UnicodeDecodeError):
         return None
+
+
+def _parse(data: bytes) -> tuple[np.ndarray, str] | None:
+    """(RGB [h, w, 3], its image hash) of a shared entry's bytes (a read-only view of them), or None if
+    they do not parse."""
+    header = _header(data, len(data))
+    if header is None:
+        return None
+    height, width, image_hash = header
+    return np.frombuffer(data, np.uint8)[_HEADER.size :].reshape(height, width, 3), image_hash
 
 
 def shared_resize_dir_name(engine_dir: str | Path) -> str:
@@ -271,16 +277,11 @@ def read_shared_ref(
     gone = f"{field}: {ref!r} does not hold a resized image; send the request again"
     try:
         with open(path, "rb", buffering=0) as f:
-            header = f.read(_HEADER.size)
-            size = os.fstat(f.fileno()).st_size
-            try:
-                magic, height, width, image_hash = _HEADER.unpack(header)
-                image_hash = image_hash.decode("ascii")
-            except (struct.error, UnicodeDecodeError):
-                raise ValueError(gone) from None
-            num_bytes = height * width * 3
-            if magic != _MAGIC or size != _HEADER.size + num_bytes:
+            header = _header(f.read(_HEADER.size), os.fstat(f.fileno()).st_size)
+            if header is None:
                 raise ValueError(gone)
+            height, width, image_hash = header
+            num_bytes = height * width * 3
             if out is not None and out.nbytes != num_bytes:
                 raise ValueError(
                     f"{field}: a {width}x{height} image ({num_bytes} bytes), not the {out.nbytes} bytes of "

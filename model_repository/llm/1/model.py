@@ -46,7 +46,7 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from .metrics import LlmMetrics
-from .request import ImageRefs, RequestTable, is_stop, parse_request, request_key
+from .request import RequestTable, is_stop, parse_request, request_key
 from .response import Responses, coalesce, send_error
 from .triton_model import (  # common/, copied by glmv-build
     InputTensors,
@@ -96,9 +96,6 @@ class TritonPythonModel:
         self.cancel_checks_per_period = max(1, parameters.get_int("cancellation_checks_per_period", 8))
         self.stream_responses_per_s = max(1.0, parameters.get_float("stream_responses_per_s", 1000.0))
 
-        from engine.processing.resize_cache import shared_resize_dir_name
-
-        self.image_refs = ImageRefs(shared_resize_dir_name(engine_dir.path))
         self.requests = RequestTable()
         self.responses = Responses(self.engine, wall_offset_ns=time.time_ns() - time.monotonic_ns())
         self.metrics = LlmMetrics(args)
@@ -151,7 +148,6 @@ class TritonPythonModel:
             sender,
             triton_id,
             has_tokenizer=self.engine.tokenizer is not None,
-            image_refs=self.image_refs,
         )
         parsed = time.perf_counter()
         self.requests.add(state)

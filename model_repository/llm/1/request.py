@@ -155,10 +155,9 @@ class RequestTable:
 
 
 def parse_request(
-    inputs: InputTensors, sender, triton_id: str, has_tokenizer: bool, image_refs: ImageRefs | None = None
+    inputs: InputTensors, sender, triton_id: str, has_tokenizer: bool
 ) -> tuple[GenerationRequest, RequestState]:
-    """The engine request (under a fresh engine id) and its state; ValueError naming a bad input.
-    ``image_refs`` reads the `image_ref` input (refused without it)."""
+    """The engine request (under a fresh engine id) and its state; ValueError naming a bad input."""
     from engine.request import GenerationRequest
 
     input_ids = _tensor(inputs, "input_ids")
@@ -174,10 +173,8 @@ def parse_request(
     refs = _tensor(inputs, "image_ref")
     ref_paths = None
     if refs is not None and refs.size:
-        if image_refs is None:
-            raise ValueError("image_ref: this model reads no shared image directory; send image_rgb")
         image_rgb = image_embeds = None
-        image_grid_thw, image_hashes, ref_paths = image_refs.read(
+        image_grid_thw, image_hashes, ref_paths = _image_refs(
             [r if isinstance(r, bytes) else str(r).encode() for r in refs.reshape(-1)], inputs
         )
     else:
@@ -271,40 +268,25 @@ def _images(inputs: InputTensors) -> tuple[torch.Tensor | None, torch.Tensor | N
     return image_rgb, image_grid_thw, image_embeds
 
 
-class ImageRefs:
-    """Reads `image_ref`: per image, its file in the host's shared resize directory
-    (engine.processing.resize_cache), sent by preprocessing in place of the pixels (`image_rgb` empty),
-    with `image_grid_thw` and `image_hash`. Checked here (one reference, hash and grid row per image, each
-    path an entry of this engine's directory); the engine takes the images' embeddings from its image
-    cache when it holds every one, else reads the files (`GenerationRequest.image_refs`)."""
-
-    def __init__(self, dir_name: str) -> None:
-        self.dir_name = dir_name
-
-    def read(self, refs: list[bytes], inputs: InputTensors) -> tuple[torch.Tensor, list[bytes], list[str]]:
-        """(image_grid_thw, image_hashes, the files' paths) of the request."""
-        from engine.processing.resize_cache import check_shared_ref
-
-        rgb = _tensor(inputs, "image_rgb")
-        grid = _tensor(inputs, "image_grid_thw")
-        hashes = _tensor(inputs, "image_hash")
-        if rgb is not None and rgb.size:
-            raise ValueError("image_ref: give image_rgb or image_ref, not both")
-        if _tensor(inputs, "prompt_embedding_table") is not None:
-            raise ValueError("image_ref: give prompt_embedding_table or image_ref, not both")
-        if grid is None or hashes is None:
-            raise ValueError("image_ref: needs image_grid_thw and image_hash, one row and one hash per image")
-        grid = grid.reshape(-1, 3)
-        hashes = [h if isinstance(h, bytes) else str(h).encode() for h in hashes.reshape(-1)]
-        if not len(refs) == len(hashes) == grid.shape[0]:
-            raise ValueError(
-                f"image_ref: {len(refs)} references, {len(hashes)} hashes and {grid.shape[0]} grid rows "
-                "(one of each per image)"
-            )
-        paths = [ref.decode("utf-8", errors="replace") for ref in refs]
-        for i, path in enumerate(paths):  # refused alike whether or not the engine holds the image
-            check_shared_ref(path, self.dir_name, f"image_ref[{i}]")
-        return torch.from_numpy(np.ascontiguousarray(grid, dtype=np.int64)), hashes, paths
+def _image_refs(refs: list[bytes], inputs: InputTensors) -> tuple[torch.Tensor, list[bytes], list[str]]:
+    """(image_grid_thw, image_hashes, the files' paths) of a request whose images come as `image_ref`: per
+    image, its file in the host's shared resize directory (engine.processing.resize_cache), sent by
+    preprocessing in place of the pixels (`image_rgb` empty), with `image_grid_thw` and `image_hash`. The
+    engine checks them (one reference, hash and grid row per image, each path an entry of its directory)
+    and takes the images' embeddings from its image cache, or reads the files
+    (`GenerationRequest.image_refs`)."""
+    rgb = _tensor(inputs, "image_rgb")
+    grid = _tensor(inputs, "image_grid_thw")
+    hashes = _tensor(inputs, "image_hash")
+    if rgb is not None and rgb.size:
+        raise ValueError("image_ref: give image_rgb or image_ref, not both")
+    if _tensor(inputs, "prompt_embedding_table") is not None:
+        raise ValueError("image_ref: give prompt_embedding_table or image_ref, not both")
+    if grid is None or hashes is None:
+        raise ValueError("image_ref: needs image_grid_thw and image_hash, one row and one hash per image")
+    hashes = [h if isinstance(h, bytes) else str(h).encode() for h in hashes.reshape(-1)]
+    paths = [ref.decode("utf-8", errors="replace") for ref in refs]
+    return torch.from_numpy(np.ascontiguousarray(grid.reshape(-1, 3), dtype=np.int64)), hashes, paths
 
 
 def _image_hashes(inputs: InputTensors, image_grid_thw) -> list[bytes] | None:
