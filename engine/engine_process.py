@@ -15,7 +15,9 @@ Contract (the same as ``LLMEngine``'s for these calls):
     engine step with outputs. ``stop(timeout)`` ends the loop (unfinished requests end with "abort") and
     the child.
   * When the child dies, every request it had ends with an "abort" output carrying an error, and
-    ``is_running()`` turns false; the caller refuses new requests.
+    ``is_running()`` turns false; the caller refuses new requests. A new child is started at once (waiting
+    1, 2, 4 ... 60 s between starts that fail); ``is_running()`` turns true again once it is ready.
+    ``stats()`` counts on from the dead child's counters; ``num_engine_restarts`` counts the new children.
   * ``model_config``, ``engine_config``, ``tokenizer``, ``device`` and ``max_model_len`` are read from the
     engine directory here (the tokenizer is loaded in both processes).
 
@@ -63,8 +65,28 @@ logger = logging.getLogger("glm-engine")
 OUT_OF_BAND_BYTES = 64 << 10  # arrays this large cross out of band
 SOCKET_BUFFER_BYTES = 8 << 20  # asked of the kernel, which caps it at net.core.wmem_max / rmem_max
 REPLY_TIMEOUT_S = 120.0  # how long a call waits for the child's answer
+RESTART_DELAY_MAX_S = 60.0  # the longest wait between two failed starts of a new child
 _SIZES = struct.Struct("<I")
 _TENSOR_FIELDS = ("image_embeds", "image_pixels", "image_grid_thw", "mrope_positions")
+# EngineStats's counters since start: a new child's count on from its predecessors'
+_COUNTERS = (
+    "num_preemptions",
+    "num_steps",
+    "num_finished",
+    "num_prompt_tokens",
+    "num_generation_tokens",
+    "num_image_cache_hits",
+    "num_image_cache_misses",
+    "num_image_refs_held",
+    "num_image_refs_read",
+)
+_PREFIX_COUNTERS = (
+    "num_queried_tokens",
+    "num_hit_tokens",
+    "num_reused_blocks",
+    "num_new_blocks",
+    "num_evicted_blocks",
+)
 
 
 class Wire:
@@ -153,6 +175,14 @@ def unpack_request(req: GenerationRequest) -> GenerationRequest:
     )
 
 
+@dataclasses.dataclass
+class _Child:
+    """One child process and its end of the wire."""
+
+    process: subprocess.Popen
+    wire: Wire
+
+
 class EngineProcess:
     def __init__(
         self,
@@ -160,16 +190,54 @@ class EngineProcess:
         overrides: dict[str, Any] | None = None,
         warmup: bool = True,
         start_timeout_s: float = 1800.0,
+        restart: bool = True,
     ) -> None:
         """Start the child on ``engine_dir`` (``overrides``: EngineConfig fields) and wait until it is
-        ready (``warmup``: on CUDA, warm up and capture its graphs first)."""
-        overrides = dict(overrides or {})
+        ready (``warmup``: on CUDA, warm up and capture its graphs first). ``restart``: start a new child
+        when this one dies."""
+        self._overrides = dict(overrides or {})
         d = EngineDir.open(engine_dir)
         self.model_config = d.model_config()
-        self.engine_config = d.engine_config(**overrides)
+        self.engine_config = d.engine_config(**self._overrides)
         self.tokenizer = d.tokenizer()
         self.image_ref_dir_name = shared_resize_dir_name(d.path)
         self.device = torch.device(self.engine_config.device)
+        self._engine_dir = d.path
+        self._warmup = warmup
+        self._start_timeout_s = start_timeout_s
+        self._restart = restart
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count()
+        self._lock = threading.Lock()
+        self._live: set[str] = set()  # requests added and not finished
+        self._callback: Callable[[list[RequestOutput]], None] | None = None
+        self._is_stopping = threading.Event()
+        self._is_dead = False
+        self._last_stats = EngineStats()
+        self._past_totals = EngineStats()  # the counters of the children before this one
+        self.num_restarts = 0
+        self._restarter: threading.Thread | None = None
+        self._child, ready = self._spawn()
+        self.max_model_len = int(ready["max_model_len"])
+        self.device = torch.device(ready["device"])
+        limits = ready["prompt_limits"]
+        # the engine's request checks, run here (on the host: nothing pinned, no CUDA in this process)
+        self._checks = InputProcessor(
+            self.model_config,
+            self.max_model_len,
+            lambda num_tokens: check_prompt_length(num_tokens, *limits),
+            torch.device("cpu"),
+            self.tokenizer,
+        )
+        self._receiver = self._receive(self._child)
+
+    @property
+    def _process(self) -> subprocess.Popen:
+        """The child process now (a new one after a restart)."""
+        return self._child.process
+
+    def _spawn(self) -> tuple[_Child, dict[str, Any]]:
+        """A new child, ready: (the child, its "ready" message)."""
         parent_sock, child_sock = socket.socketpair()
         # buffers a screenshot's pixels fit in: a send does not wait for the reader
         for sock in (parent_sock, child_sock):
@@ -186,60 +254,59 @@ class EngineProcess:
             "-m",
             "engine.engine_process",
             str(child_sock.fileno()),
-            str(d.path),
-            json.dumps(overrides),
-            "1" if warmup else "0",
+            str(self._engine_dir),
+            json.dumps(self._overrides),
+            "1" if self._warmup else "0",
             # the child's threads hand the GIL over as this process's do, and it runs as many torch threads
             repr(sys.getswitchinterval()),
             str(torch.get_num_threads()),
         ]
-        self._process = subprocess.Popen(command, pass_fds=(child_sock.fileno(),), env=env)
-        child_sock.close()
-        self._wire = Wire(Connection(parent_sock.detach()))
-        self._calls: dict[int, Future] = {}
-        self._call_ids = itertools.count()
-        self._lock = threading.Lock()
-        self._live: set[str] = set()  # requests added and not finished
-        self._callback: Callable[[list[RequestOutput]], None] | None = None
-        self._is_stopping = False
-        self._is_dead = False
-        self._last_stats = EngineStats()
-        ready = self._wait_ready(start_timeout_s)
-        self.max_model_len = int(ready["max_model_len"])
-        self.device = torch.device(ready["device"])
-        limits = ready["prompt_limits"]
-        # the engine's request checks, run here (on the host: nothing pinned, no CUDA in this process)
-        self._checks = InputProcessor(
-            self.model_config,
-            self.max_model_len,
-            lambda num_tokens: check_prompt_length(num_tokens, *limits),
-            torch.device("cpu"),
-            self.tokenizer,
-        )
-        self._receiver = threading.Thread(target=self._receive_loop, name="glm-engine-receiver", daemon=True)
-        self._receiver.start()
-
-    def _wait_ready(self, timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while not self._wire.conn.poll(1.0):
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"engine process: exited with code {self._process.returncode} while starting"
-                )
-            if time.monotonic() > deadline:
-                self._process.kill()
-                raise RuntimeError(f"engine process: not ready within {timeout_s:.0f} s")
         try:
-            kind, payload = self._wire.recv()
+            process = subprocess.Popen(command, pass_fds=(child_sock.fileno(),), env=env)
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        child = _Child(process, Wire(Connection(parent_sock.detach())))
+        try:
+            return child, self._wait_ready(child)
+        except BaseException:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            child.wire.close()
+            raise
+
+    def _wait_ready(self, child: _Child) -> dict[str, Any]:
+        deadline = time.monotonic() + self._start_timeout_s
+        while not child.wire.conn.poll(1.0):
+            if child.process.poll() is not None:
+                raise RuntimeError(
+                    f"engine process: exited with code {child.process.returncode} while starting"
+                )
+            if self._is_stopping.is_set():
+                raise RuntimeError("engine process: stopped while starting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"engine process: not ready within {self._start_timeout_s:.0f} s")
+        try:
+            kind, payload = child.wire.recv()
         except (EOFError, OSError):
-            self._process.wait(30)
+            child.process.wait(30)
             raise RuntimeError(
-                f"engine process: exited with code {self._process.returncode} while starting"
+                f"engine process: exited with code {child.process.returncode} while starting"
             ) from None
         if kind != "ready":
-            self._process.wait(30)
+            child.process.wait(30)
             raise RuntimeError(f"engine process: could not start:\n{payload}")
         return payload
+
+    def _receive(self, child: _Child) -> threading.Thread:
+        receiver = threading.Thread(
+            target=self._receive_loop, args=(child,), name="glm-engine-receiver", daemon=True
+        )
+        receiver.start()
+        return receiver
 
     # -- calls (any thread) ---------------------------------------------------------------------------
 
@@ -250,8 +317,9 @@ class EngineProcess:
                 raise RuntimeError("engine process: not running")
             call_id = next(self._call_ids)
             self._calls[call_id] = future
+            wire = self._child.wire
         try:
-            self._wire.send((message[0], call_id, *message[1:]))
+            wire.send((message[0], call_id, *message[1:]))
             return future.result(timeout_s)
         finally:
             with self._lock:
@@ -266,10 +334,13 @@ class EngineProcess:
             if req.request_id in self._live:
                 raise ValueError(f"request_id: {req.request_id!r} is already in use by an unfinished request")
             self._live.add(req.request_id)
+            wire = self._child.wire
         try:
-            self._wire.send(("add", packed))
+            wire.send(("add", packed))
         except BaseException:
             with self._lock:
+                if req.request_id not in self._live:
+                    return req.request_id  # the child died meanwhile: its error output has ended the request
                 self._live.discard(req.request_id)
             raise
         return req.request_id
@@ -287,24 +358,42 @@ class EngineProcess:
         with self._lock:
             if self._is_dead or request_id not in self._live:
                 return
+            wire = self._child.wire
         try:
-            self._wire.send(("abort", request_id))
+            wire.send(("abort", request_id))
         except OSError:
             pass  # the receiver ends it with the others
 
     def stats(self) -> EngineStats:
-        """The child's ``LLMEngine.stats()`` (the last one seen, not running, once the child is gone)."""
+        """The child's ``LLMEngine.stats()``, its counters counting those of the children before it (the
+        last one seen, not running, while there is no child)."""
         try:
             stats = self._call("stats", timeout_s=10.0)
         except Exception:
-            return dataclasses.replace(self._last_stats, is_loop_running=False)
+            return dataclasses.replace(self._totals(self._last_stats), is_loop_running=False)
         self._last_stats = stats
+        stats = self._totals(stats)
         return stats if self.is_running() else dataclasses.replace(stats, is_loop_running=False)
 
+    def _totals(self, stats: EngineStats) -> EngineStats:
+        past = self._past_totals
+        return dataclasses.replace(
+            stats,
+            **{name: getattr(stats, name) + getattr(past, name) for name in _COUNTERS},
+            prefix_cache=dataclasses.replace(
+                stats.prefix_cache,
+                **{
+                    name: getattr(stats.prefix_cache, name) + getattr(past.prefix_cache, name)
+                    for name in _PREFIX_COUNTERS
+                },
+            ),
+            num_engine_restarts=self.num_restarts,
+        )
+
     def is_running(self) -> bool:
-        """Whether the child is there and its loop started (and not stopping)."""
+        """Whether a child is there and its loop started (and not stopping)."""
         with self._lock:
-            return self._callback is not None and not self._is_dead and not self._is_stopping
+            return self._callback is not None and not self._is_dead and not self._is_stopping.is_set()
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -320,31 +409,37 @@ class EngineProcess:
             if self._callback is not None:
                 raise RuntimeError("start: the loop is already running")
             self._callback = callback or (lambda outputs: None)
-        self._wire.send(("start",))
+            wire = self._child.wire
+        wire.send(("start",))
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the child's loop (unfinished requests end with "abort", their outputs delivered) and the
-        child; kill it if it has not exited within ``timeout``."""
+        child; kill it if it has not exited within ``timeout``. A child being started is killed."""
         with self._lock:
-            if self._is_stopping:
+            if self._is_stopping.is_set():
                 return
-            self._is_stopping = True
+            self._is_stopping.set()
+            child, receiver, restarter = self._child, self._receiver, self._restarter
+        if restarter is not None:
+            restarter.join(timeout)
+            with self._lock:
+                child, receiver = self._child, self._receiver
         try:
-            self._wire.send(("stop",))
+            child.wire.send(("stop",))
         except OSError:
             pass
-        self._receiver.join(timeout)
+        receiver.join(timeout)
         try:
-            self._process.wait(timeout)
+            child.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._receiver.join(1.0)
+            child.process.kill()
+            child.process.wait()
+        receiver.join(1.0)
 
-    def _receive_loop(self) -> None:
+    def _receive_loop(self, child: _Child) -> None:
         while True:
             try:
-                message = self._wire.recv()
+                message = child.wire.recv()
             except (EOFError, OSError):
                 break
             kind = message[0]
@@ -365,17 +460,21 @@ class EngineProcess:
                     future = self._calls.get(message[1])
                 if future is not None:
                     future.set_result(message[2])
-        self._end()
+        self._end(child)
 
-    def _end(self) -> None:
-        """The child is gone: its requests end with an error, pending calls fail."""
-        code = self._process.wait()
+    def _end(self, child: _Child) -> None:
+        """The child is gone: its requests end with an error, pending calls fail; a new child is started
+        (``restart``) unless this one was stopped."""
+        code = child.process.wait()
         with self._lock:
             self._is_dead = True
             live, self._live = sorted(self._live), set()
             calls = list(self._calls.values())
             callback = self._callback
-            expected = self._is_stopping
+            expected = self._is_stopping.is_set()
+            restart = self._restart and not expected
+            self._past_totals = self._totals(self._last_stats)
+            self._last_stats = EngineStats()
         if not expected:
             logger.error("[glm-engine] the engine process exited (code %s)", code)
         for future in calls:
@@ -383,7 +482,46 @@ class EngineProcess:
         if live and callback is not None:
             error = f"the engine process exited (code {code}) before this request ended"
             callback([_error_output(request_id, error) for request_id in live])
-        self._wire.close()
+        child.wire.close()
+        if restart:
+            with self._lock:
+                if not self._is_stopping.is_set():
+                    self._restarter = threading.Thread(
+                        target=self._restart_loop, name="glm-engine-restart", daemon=True
+                    )
+                    self._restarter.start()
+
+    def _restart_loop(self) -> None:
+        """Start children until one is ready (waiting 1, 2, 4 ... 60 s between failures) or ``stop``."""
+        delay_s = 1.0
+        while not self._is_stopping.is_set():
+            logger.warning("[glm-engine] starting a new engine process")
+            try:
+                child, _ = self._spawn()
+            except Exception as exc:
+                if self._is_stopping.is_set():
+                    return
+                logger.error("[glm-engine] %s; trying again in %.0f s", exc, delay_s)
+                self._is_stopping.wait(delay_s)
+                delay_s = min(2 * delay_s, RESTART_DELAY_MAX_S)
+                continue
+            with self._lock:
+                if not self._is_stopping.is_set():
+                    self._child = child
+                    self._is_dead = False
+                    self.num_restarts += 1
+                    callback = self._callback
+                    self._receiver = self._receive(child)
+                    if callback is not None:
+                        child.wire.send(("start",))
+                    logger.warning(
+                        "[glm-engine] a new engine process is serving (restart %d)", self.num_restarts
+                    )
+                    return
+            child.wire.send(("stop",))  # stopped while it started
+            child.process.wait()
+            child.wire.close()
+            return
 
 
 def _error_output(request_id: str, error: str) -> RequestOutput:

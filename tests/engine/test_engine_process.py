@@ -1,5 +1,6 @@
 """EngineProcess: the engine in a child process gives the tokens of the engine in this one, refuses what it
-refuses with the same message, aborts, stops, and ends every request with an error when the child dies.
+refuses with the same message, aborts, stops, and ends every request with an error when the child dies,
+then starts a new one.
 Image references (files of the shared resize directory) are resolved by the engine in either process."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -204,21 +206,68 @@ def test_abort_and_stop_end_requests_with_abort(engine_dir: Path) -> None:
     assert ep._process.returncode == 0 and not ep.is_running() and not ep.has_unfinished()
 
 
-def test_a_dead_child_ends_its_requests_with_an_error_and_refuses_new_ones(engine_dir: Path) -> None:
+def wait_until(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the time given"
+        time.sleep(0.05)
+
+
+def test_a_dead_child_ends_its_requests_with_an_error_and_a_new_one_takes_over(engine_dir: Path) -> None:
     collector = Collector()
     ep = EngineProcess(engine_dir)
     try:
         ep.start(collector)
+        ep.add_request(GenerationRequest("done", [1, 2, 3], greedy(5, ignore_eos=True)))
+        first = tokens(collector.wait("done")["done"])
+        wait_until(lambda: ep.stats().num_finished == 1)  # seen here, as the llm model's stats thread does
         ep.add_request(GenerationRequest("cut", [1, 2, 3], greedy(200, ignore_eos=True)))
         collector.wait_first("cut")
-        ep._process.kill()
+        dead = ep._process
+        ep.abort("gone")  # an unknown id: a no-op, not an error
+        dead.kill()
         outs = collector.wait("cut")["cut"]
         assert outs[-1].finish_reason == "abort"
         assert outs[-1].error == "the engine process exited (code -9) before this request ended"
-        assert not ep.is_running() and not ep.stats().is_loop_running and not ep.has_unfinished()
+        assert not ep.has_unfinished()
+        ep.abort("cut")  # a no-op, not an error
+        # a new child: refused until it is ready, then the same tokens as the first
+        wait_until(lambda: ep._process is not dead)
+        while not ep.is_running():
+            with pytest.raises(RuntimeError, match="engine process: not running"):
+                ep.add_request(GenerationRequest("early", [1, 2, 3], greedy(4)))
+            wait_until(lambda: ep.is_running() or not ep._is_dead, timeout=60)
+        ep.add_request(GenerationRequest("again", [1, 2, 3], greedy(5, ignore_eos=True)))
+        assert tokens(collector.wait("again")["again"]) == first
+        stats = ep.stats()
+        assert stats.num_engine_restarts == 1 and stats.is_loop_running
+        assert stats.num_finished == 2  # counted on from the dead child's last stats seen
+    finally:
+        ep.stop(30)
+    assert ep._process.returncode == 0 and not ep.is_running()
+
+
+def test_a_child_that_dies_while_a_new_one_would_start_is_stopped_cleanly(engine_dir: Path) -> None:
+    """``stop`` while a new child is starting ends it; nothing is left running."""
+    ep = EngineProcess(engine_dir)
+    ep.start()
+    dead = ep._process
+    dead.kill()
+    wait_until(lambda: ep._restarter is not None)
+    ep.stop(30)
+    assert not ep._restarter.is_alive() and not ep.is_running()
+    assert ep._process.poll() is not None
+
+
+def test_restart_off_leaves_a_dead_child_dead(engine_dir: Path) -> None:
+    ep = EngineProcess(engine_dir, restart=False)
+    try:
+        ep.start()
+        ep._process.kill()
+        wait_until(lambda: ep._is_dead)
         with pytest.raises(RuntimeError, match="engine process: not running"):
             ep.add_request(GenerationRequest("late", [1, 2, 3], greedy(4)))
-        ep.abort("cut")  # a no-op, not an error
+        assert ep._restarter is None and not ep.stats().is_loop_running
     finally:
         ep.stop(10)
 

@@ -1,11 +1,12 @@
 """Every test of test_ensemble again on a server whose llm runs its engine in a child process
 (glmv-build --engine-process), then what happens when that child dies: the request in flight ends with an
-error naming it, and new requests are refused as UNAVAILABLE."""
+error naming it, new requests are refused as UNAVAILABLE until a new child is ready, then answered."""
 
 from __future__ import annotations
 
 import os
 import queue
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.model_repository.conftest import ENGINE_FLAGS
 from tests.model_repository.test_ensemble import *  # noqa: F403 (the same tests, on this module's server)
-from tests.model_repository.test_ensemble import Stream, grpc_generate, grpc_inputs
+from tests.model_repository.test_ensemble import grpc_generate, grpc_inputs, wait_for_metric
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +45,12 @@ def engine_children(engine_dir: Path) -> list[int]:
     return pids
 
 
-def test_zz_a_dead_engine_process_ends_its_requests_and_the_llm_refuses_new_ones(server, tiny_engine: Path):
-    """Runs last in this module: it kills the server's engine."""
+def test_zz_a_dead_engine_process_ends_its_requests_and_a_new_one_takes_over(server, tiny_engine: Path):
+    """Runs last in this module: it kills the server's engine. The request in flight ends with an error
+    naming the exit; new requests are refused as UNAVAILABLE until a new child is ready, then answered as
+    before; the llm counts the restart."""
     (pid,) = engine_children(tiny_engine)
+    answer = grpc_generate(server, [])
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -60,12 +64,20 @@ def test_zz_a_dead_engine_process_ends_its_requests_and_the_llm_refuses_new_ones
     assert "the engine process exited (code -9) before this request ended" in error.message(), error
     client.stop_stream()
     client.close()
-    s = Stream(server.grpc_url)
-    try:
-        s.send(grpc_inputs())
-        (refused,) = s.collect().values()
-    finally:
-        s.close()
-    assert "llm: the engine loop is not running" in refused.message(), refused
-    with pytest.raises(Exception, match="the engine loop is not running"):
-        grpc_generate(server, [])
+    refused = 0
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            again = grpc_generate(server, [])
+            break
+        except Exception as exc:  # until the new child is ready: UNAVAILABLE, naming the engine loop
+            assert "llm: the engine loop is not running" in str(exc), exc
+            assert time.monotonic() < deadline, "no new engine process within 120 s"
+            refused += 1
+            time.sleep(0.1)
+    assert again == answer
+    assert refused > 0  # the tiny engine loads in ~1 s: some requests came before it
+    (new_pid,) = engine_children(tiny_engine)
+    assert new_pid != pid
+    assert wait_for_metric(server, "glmv_engine_restarts_total", 'model="llm"', above=0) == 1
+    assert server.is_ready()

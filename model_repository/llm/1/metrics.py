@@ -26,8 +26,8 @@ METRIC_ATTRIBUTES = (
     "ttft", "itl", "preemptions",
 )  # fmt: skip
 
-# counters advanced from the engine's prefix-cache and image-cache totals: name -> description
-CACHE_COUNTERS = {
+# counters advanced from the engine's totals (prefix cache, image cache, restarts): name -> description
+ENGINE_COUNTERS = {
     "glmv_prefix_cache_queried_tokens_total": "Tokens looked up in the prefix cache",
     "glmv_prefix_cache_hit_tokens_total": "Tokens found in the prefix cache (not computed again)",
     "glmv_kv_cache_reused_blocks_total": "KV blocks mapped from the prefix cache",
@@ -36,6 +36,7 @@ CACHE_COUNTERS = {
     "glmv_image_cache_misses_total": "Images looked up in the image cache and not found",
     "glmv_image_refs_held_total": "Images sent by reference (image_ref) whose embeddings the engine held",
     "glmv_image_refs_read_total": "Images sent by reference (image_ref) read from the shared directory",
+    "glmv_engine_restarts_total": "New engine processes started after one died (engine_process)",
 }
 
 
@@ -66,9 +67,9 @@ class LlmMetrics:
         self.blocks_max = blocks.Metric(labels={**labels, "kv_cache_block_type": "max"})
         self.blocks_cached = blocks.Metric(labels={**labels, "kv_cache_block_type": "cached"})
         # name -> [counter, the engine total it has been advanced to]
-        self.cache_counters = {
+        self.engine_counters = {
             name: [self._family(name, description, pb_utils.MetricFamily.COUNTER).Metric(labels=labels), 0]
-            for name, description in CACHE_COUNTERS.items()
+            for name, description in ENGINE_COUNTERS.items()
         }
         self.ttft = self._family(
             "glmv_time_to_first_token_seconds",
@@ -130,8 +131,9 @@ class LlmMetrics:
             ("glmv_image_cache_misses_total", stats.num_image_cache_misses),
             ("glmv_image_refs_held_total", stats.num_image_refs_held),
             ("glmv_image_refs_read_total", stats.num_image_refs_read),
+            ("glmv_engine_restarts_total", stats.num_engine_restarts),
         ):
-            counter = self.cache_counters[name]
+            counter = self.engine_counters[name]
             if total > counter[1]:
                 counter[0].increment(total - counter[1])
                 counter[1] = total
@@ -160,7 +162,7 @@ class LlmMetrics:
         teardown clears its metrics through the stub being destroyed and the stub segfaults on every
         shutdown (triton-inference-server/server#8662)."""
         self.finished_by_reason.clear()
-        self.cache_counters.clear()
+        self.engine_counters.clear()
         self.stages.clear()
         for name in METRIC_ATTRIBUTES:
             setattr(self, name, None)
