@@ -7,8 +7,9 @@ Contract (the same as ``LLMEngine``'s for these calls):
     and returns once the engine is loaded (and, with ``warmup`` on CUDA, warmed up and its graphs
     captured); a child that fails to start raises RuntimeError with its error.
   * ``add_request(req)`` checks the request here, with the engine's own checks (``InputProcessor``: the
-    same ValueError naming the field; a guided request's grammar compiled here too), sends it and returns
-    without waiting for the child. What only the child can find wrong (an image reference whose file has
+    same ValueError naming the field; a guided request's grammar compiled here too, and sent with the
+    request the first time the child gets its guide: the child loads it instead of compiling it again),
+    sends it and returns without waiting for the child. What only the child can find wrong (an image reference whose file has
     gone) ends the request with an error output. ``abort``, ``stats``, ``is_running`` and
     ``has_unfinished`` may be called from any thread.
   * ``start(callback)``: ``callback(outputs)`` is called on this process's receiver thread for each
@@ -44,6 +45,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -59,6 +61,7 @@ from engine.core.stats import EngineStats
 from engine.processing.input_processor import InputProcessor
 from engine.processing.resize_cache import shared_resize_dir_name
 from engine.request import GenerationRequest, RequestOutput
+from engine.sample.structured import MAX_CACHED_GRAMMARS, Guide, grammar_key
 
 logger = logging.getLogger("glm-engine")
 
@@ -79,6 +82,7 @@ _COUNTERS = (
     "num_image_cache_misses",
     "num_image_refs_held",
     "num_image_refs_read",
+    "num_grammars_compiled",
 )
 _PREFIX_COUNTERS = (
     "num_queried_tokens",
@@ -217,6 +221,7 @@ class EngineProcess:
         self._past_totals = EngineStats()  # the counters of the children before this one
         self.num_restarts = 0
         self._restarter: threading.Thread | None = None
+        self._sent_grammars: OrderedDict[Guide, None] = OrderedDict()  # guides whose grammar the child has
         self._child, ready = self._spawn()
         self.max_model_len = int(ready["max_model_len"])
         self.device = torch.device(ready["device"])
@@ -328,6 +333,7 @@ class EngineProcess:
     def add_request(self, req: GenerationRequest) -> str:
         self._check(req)
         packed = pack_request(req)
+        grammar = self._grammar_to_send(req.guide) if req.guide is not None else None
         with self._lock:
             if self._is_dead:
                 raise RuntimeError("engine process: not running")
@@ -336,7 +342,7 @@ class EngineProcess:
             self._live.add(req.request_id)
             wire = self._child.wire
         try:
-            wire.send(("add", packed))
+            wire.send(("add", packed, grammar))
         except BaseException:
             with self._lock:
                 if req.request_id not in self._live:
@@ -354,6 +360,19 @@ class EngineProcess:
             req = dataclasses.replace(req, image_refs=None, image_embeds=stand_in)
         self._checks.process(req)
 
+    def _grammar_to_send(self, guide: Guide) -> str | None:
+        """A guide's grammar, compiled here by the checks, as JSON the first time the child gets it (it
+        loads it instead of compiling it again); None when sent before."""
+        key = grammar_key(guide)
+        with self._lock:
+            if key in self._sent_grammars:
+                self._sent_grammars.move_to_end(key)
+                return None
+            self._sent_grammars[key] = None
+            while len(self._sent_grammars) > MAX_CACHED_GRAMMARS:  # as many as the child's compiler caches
+                self._sent_grammars.popitem(last=False)
+        return self._checks.grammar_compiler().serialize(guide)
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             if self._is_dead or request_id not in self._live:
@@ -370,9 +389,10 @@ class EngineProcess:
         try:
             stats = self._call("stats", timeout_s=10.0)
         except Exception:
-            return dataclasses.replace(self._totals(self._last_stats), is_loop_running=False)
+            stats = self._with_grammars_compiled_here(self._totals(self._last_stats))
+            return dataclasses.replace(stats, is_loop_running=False)
         self._last_stats = stats
-        stats = self._totals(stats)
+        stats = self._with_grammars_compiled_here(self._totals(stats))
         return stats if self.is_running() else dataclasses.replace(stats, is_loop_running=False)
 
     def _totals(self, stats: EngineStats) -> EngineStats:
@@ -389,6 +409,11 @@ class EngineProcess:
             ),
             num_engine_restarts=self.num_restarts,
         )
+
+    def _with_grammars_compiled_here(self, stats: EngineStats) -> EngineStats:
+        """The child compiles a grammar only when it did not get it from here."""
+        compiled = stats.num_grammars_compiled + self._checks.num_grammars_compiled()
+        return dataclasses.replace(stats, num_grammars_compiled=compiled)
 
     def is_running(self) -> bool:
         """Whether a child is there and its loop started (and not stopping)."""
@@ -508,6 +533,7 @@ class EngineProcess:
             with self._lock:
                 if not self._is_stopping.is_set():
                     self._child = child
+                    self._sent_grammars.clear()
                     self._is_dead = False
                     self.num_restarts += 1
                     callback = self._callback
@@ -590,7 +616,12 @@ def _child_main(
             break  # the parent is gone
         kind = message[0]
         if kind == "add":
-            req = unpack_request(message[1])
+            req, grammar = unpack_request(message[1]), message[2]
+            if grammar is not None:  # compiled by the parent: loaded here, not compiled again
+                try:
+                    engine.grammar_compiler().load(req.guide, grammar)
+                except Exception:
+                    logger.exception("[glm-engine] a grammar from the parent did not load; compiling it here")
             try:
                 engine.add_request(req)
             except Exception as exc:  # checked by the parent already: what only this process could find

@@ -260,6 +260,7 @@ class LLMEngine:
             image_cache_bytes=cache.num_bytes,
             num_image_refs_held=self.num_image_refs_held,
             num_image_refs_read=self.num_image_refs_read,
+            num_grammars_compiled=self.input_processor.num_grammars_compiled(),
         )
 
     # -- stepping (one thread) ----------------------------------------------------------------------

@@ -146,6 +146,11 @@ class InputProcessor:
                 )
             return self._grammar_compiler
 
+    def num_grammars_compiled(self) -> int:
+        """Guides compiled to grammars since start (cached ones are not compiled again)."""
+        with self._lock:
+            return 0 if self._grammar_compiler is None else self._grammar_compiler.num_compiled
+
     def _check_patches(self, req: GenerationRequest, num_image_tokens: int) -> None:
         vision = self.model_config.vision_config
         merge = vision.spatial_merge_size

@@ -14,7 +14,9 @@ Contract:
     ``compile(guide) -> CompiledGrammar`` raises ``ValueError`` starting with ``guided_decoding_guide``
     (or ``guided_decoding_guide_type``) and the reason; results are cached by (type, value), so a schema
     is compiled once (``num_compiled`` counts real compilations). Thread-safe: the input processor compiles in
-    ``add_request``, on the caller's thread, never on the engine loop.
+    ``add_request``, on the caller's thread, never on the engine loop. ``serialize(guide)`` gives the
+    compiled grammar as JSON and ``load(guide, serialized)`` caches it in another process's compiler (of the
+    same tokenizer): the engine process sends its child a new guide's grammar instead of compiling it twice.
   * ``GrammarState(compiled)``: one sequence's matcher. ``sync(output_token_ids)`` feeds it the tokens it
     has not seen (so preemption, dropped run-ahead tokens and retries never put it out of step);
     ``is_terminated`` once it accepted a stop token.
@@ -46,6 +48,11 @@ class Guide:
     """The schema (JSON text), regex or EBNF grammar; empty for "json"."""
 
 
+def grammar_key(guide: Guide) -> Guide:
+    """The guide a compiled grammar is cached by ("json" ignores its value)."""
+    return Guide(guide.type, "" if guide.type == "json" else guide.value)
+
+
 class GrammarCompiler:
     """Compiles guides against one tokenizer; an LRU cache keyed by (type, value)."""
 
@@ -62,6 +69,7 @@ class GrammarCompiler:
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
         )
         self.vocab_size = vocab_size
+        self._info = info
         self._compiler = xgr.GrammarCompiler(info, max_threads=4, cache_enabled=False)
         self._cache: OrderedDict[Guide, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -72,7 +80,7 @@ class GrammarCompiler:
             raise ValueError(
                 f"guided_decoding_guide_type: {guide.type!r} must be one of {', '.join(GUIDE_TYPES)}"
             )
-        key = Guide(guide.type, "" if guide.type == "json" else guide.value)
+        key = grammar_key(guide)
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
@@ -80,11 +88,32 @@ class GrammarCompiler:
                 return compiled
         compiled = self._compile(key)
         with self._lock:
-            self._cache[key] = compiled
             self.num_compiled += 1
-            while len(self._cache) > MAX_CACHED_GRAMMARS:
-                self._cache.popitem(last=False)
+            self._put(key, compiled)
         return compiled
+
+    def serialize(self, guide: Guide) -> str:
+        """``guide``'s compiled grammar (compiled now unless cached) as JSON, for ``load``."""
+        return self.compile(guide).serialize_json()
+
+    def load(self, guide: Guide, serialized: str) -> None:
+        """Cache ``guide``'s grammar from ``serialize``'s JSON (made by a compiler of the same tokenizer and
+        vocabulary size), unless it is cached already."""
+        import xgrammar as xgr
+
+        key = grammar_key(guide)
+        with self._lock:
+            if key in self._cache:
+                return
+        compiled = xgr.CompiledGrammar.deserialize_json(serialized, self._info)
+        with self._lock:
+            self._put(key, compiled)
+
+    def _put(self, key: Guide, compiled: Any) -> None:  # holding the lock
+        self._cache[key] = compiled
+        self._cache.move_to_end(key)
+        while len(self._cache) > MAX_CACHED_GRAMMARS:
+            self._cache.popitem(last=False)
 
     def _compile(self, guide: Guide) -> Any:
         if guide.type != "json" and not guide.value:

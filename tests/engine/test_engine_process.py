@@ -26,7 +26,9 @@ from engine.llm_engine import GenerationRequest, LLMEngine, RequestOutput
 from engine.model.rope import get_mrope_positions
 from engine.processing.resize_cache import ResizeCache, shared_resize_dir_name
 from engine.sample.sampler import SamplingParams
+from engine.sample.structured import Guide
 
+GUIDE = Guide("json_schema", json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}}))
 GRID = (1, 12, 12)  # 144 patches: 84,672 bytes of RGB, past the wire's out-of-band threshold
 
 
@@ -148,6 +150,7 @@ def test_tokens_text_and_refusals_equal_the_engine_in_this_process(engine_dir: P
         GenerationRequest("a", [11, 12, 13, 14, 15], greedy(10, ignore_eos=True)),
         GenerationRequest("b", [21, 22, 23], greedy(8, ignore_eos=True)),
         image_request(mc, "img", seed=3),
+        GenerationRequest("guided", [31, 32, 33], greedy(16), guide=GUIDE),
     ]
     expected = run_in_process(ex, requests)
     collector = Collector()
@@ -157,7 +160,7 @@ def test_tokens_text_and_refusals_equal_the_engine_in_this_process(engine_dir: P
         ep.start(collector)
         for req in requests:
             ep.add_request(req)
-        got = collector.wait("a", "b", "img")
+        got = collector.wait("a", "b", "img", "guided")
         for request_id, outs in expected.items():
             assert tokens(got[request_id]) == tokens(outs), request_id
             assert "".join(o.text + o.reasoning for o in got[request_id]) == "".join(
@@ -176,9 +179,15 @@ def test_tokens_text_and_refusals_equal_the_engine_in_this_process(engine_dir: P
                 ep.add_request(req)
             assert str(in_child.value) == str(in_process.value)
         ep.add_request(GenerationRequest("after", [11, 12, 13, 14, 15], greedy(10, ignore_eos=True)))
-        assert tokens(collector.wait("after")["after"]) == tokens(expected["a"])
+        ep.add_request(GenerationRequest("guided again", [31, 32, 33], greedy(16), guide=GUIDE))
+        got = collector.wait("after", "guided again")
+        assert tokens(got["after"]) == tokens(expected["a"])
+        assert tokens(got["guided again"]) == tokens(expected["guided"])
         stats = ep.stats()
-        assert stats.is_loop_running and stats.num_finished == 4 and stats.num_running == 0
+        assert stats.is_loop_running and stats.num_finished == 6 and stats.num_running == 0
+        # the grammar was compiled here once and loaded by the child, as the engine in process compiled it
+        assert stats.num_grammars_compiled == ex.stats().num_grammars_compiled == 1
+        assert ep._last_stats.num_grammars_compiled == 0  # the child's own count
         assert not ep.has_unfinished()
     finally:
         ep.stop(30)

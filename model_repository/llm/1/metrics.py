@@ -36,6 +36,7 @@ ENGINE_COUNTERS = {
     "glmv_image_cache_misses_total": "Images looked up in the image cache and not found",
     "glmv_image_refs_held_total": "Images sent by reference (image_ref) whose embeddings the engine held",
     "glmv_image_refs_read_total": "Images sent by reference (image_ref) read from the shared directory",
+    "glmv_grammars_compiled_total": "Guides of guided requests compiled to grammars (a guide seen before is not)",
     "glmv_engine_restarts_total": "New engine processes started after one died (engine_process)",
 }
 
@@ -131,6 +132,7 @@ class LlmMetrics:
             ("glmv_image_cache_misses_total", stats.num_image_cache_misses),
             ("glmv_image_refs_held_total", stats.num_image_refs_held),
             ("glmv_image_refs_read_total", stats.num_image_refs_read),
+            ("glmv_grammars_compiled_total", stats.num_grammars_compiled),
             ("glmv_engine_restarts_total", stats.num_engine_restarts),
         ):
             counter = self.engine_counters[name]

@@ -399,3 +399,29 @@ def test_prepared_masks_equal_masks_filled_after_the_tokens(engine):
     logits = torch.zeros(3, vocab_size)
     masks.apply(logits, want)
     assert bool(torch.isinf(logits[0]).any()) and not bool(torch.isinf(logits[1]).any())
+
+
+def test_a_serialized_grammar_loads_in_another_compiler_and_gives_the_same_masks(engine):
+    """`serialize` in one compiler, `load` in another of the same tokenizer (the engine process's parent and
+    child): the second compiles nothing and its grammar masks each prefix as the first's does."""
+    from engine.sample.structured import GrammarCompiler, GrammarMasks, GrammarState
+
+    guide = Guide("json_schema", json.dumps(INVOICE))
+    here = engine.grammar_compiler()
+    mc = engine.model_config
+    there = GrammarCompiler(engine.tokenizer, mc.vocab_size, mc.eos_token_ids)
+    there.load(guide, here.serialize(guide))
+    there.load(guide, "not read: cached already")
+    assert there.compile(guide) is there.compile(guide) and there.num_compiled == 0
+    tokenizer = engine.tokenizer
+    text = '{"invoice_number": "INV-7", "total": 1'
+    ids = tokenizer.encode(text).ids if hasattr(tokenizer, "encode") else tokenizer(text)["input_ids"]
+    masks = GrammarMasks()
+    for cut in range(len(ids) + 1):
+        states = [GrammarState(here.compile(guide)), GrammarState(there.compile(guide))]
+        for state in states:
+            state.sync(ids[:cut])
+        filled = [
+            masks.fill(1, mc.vocab_size, [0], [state], pinned=False).bitmask.clone() for state in states
+        ]
+        assert torch.equal(*filled), cut
