@@ -28,6 +28,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "engine_ttft": ("glmv_time_to_first_token_seconds", "histogram", ""),
     "engine_itl": ("glmv_inter_token_latency_seconds", "histogram", ""),
     "engine_preemptions": ("glmv_preemptions_total", "counter", ""),
+    "engine_restarts": ("glmv_engine_restarts_total", "counter", ""),
     "engine_finished": ("glmv_requests_finished_total", "counter", ""),  # label finish_reason
     # preprocessing model (:8002)
     "preprocess_latency": ("glmv_preprocess_latency_seconds", "histogram", ""),
@@ -199,11 +200,15 @@ def panels() -> list[dict[str, Any]]:
             defaults={"min": 0, "max": 100},
         ),
         panel(
-            "Preemptions",
+            "Preemptions and engine restarts",
             "Sequences preempted (KV blocks freed, recomputed later) per second: steady preemption means the KV "
-            "cache is too small for the load.",
+            "cache is too small for the load. Engine restarts: new engine processes started after one died "
+            "(--engine-process); any is worth a look in the server log.",
             "ops",
-            [(f"sum by (instance) (rate({m('engine_preemptions')}[{RATE}]))", "{{instance}}")],
+            [
+                (f"sum by (instance) (rate({m('engine_preemptions')}[{RATE}]))", "preempted {{instance}}"),
+                (f"sum by (instance) (increase({m('engine_restarts')}[{RATE}]))", "restarts {{instance}}"),
+            ],
         ),
         panel(
             "GPU utilization and memory",

@@ -92,7 +92,7 @@ def test_required_panels_are_there() -> None:
         "KV cache usage",
         "Request rate",
         "Errors by status",
-        "Preemptions",
+        "Preemptions and engine restarts",
     ):
         assert required in titles
     ttft = next(p for p in load()["panels"] if p["title"] == "Time to first token")
