@@ -8,7 +8,9 @@ did not resize it; the shared directory makes that a hit too.
 A shared entry is one file ``<file digest>.rgb``: an 80-byte header (magic, height, width, the resized
 image's content hash as 64 hex digits) and the RGB bytes. Files are written to a temporary name and renamed
 into place, so a reader never sees half a file; a file that does not parse is a miss and is removed. Writes
-run on a thread of their own (at most 8 waiting; more are dropped), so a request never waits for one. The
+run on a thread of their own (at most 8 waiting; more are dropped), so a request never waits for one, except
+``put(write_now=True)``: a new image sent by reference is written by its request, which then queues the
+directory's trim (scanning a directory of a thousand entries takes milliseconds) for the writer thread. The
 directory is trimmed, oldest first (by modification time, refreshed on every hit), to ``shared_max_bytes``,
 and a write is skipped when it would leave the file system less than 10 % or 64 MiB free, whichever is
 more (tmpfs is memory, and Triton's own shared-memory regions live on /dev/shm too: with Docker's default
@@ -18,7 +20,8 @@ the resize settings, so servers with other settings never read each other's entr
 A file touched in the last ``PROTECT_S`` seconds (written, or read as a hit) is not trimmed: ``shared_ref``
 hands its path to another process (the llm, in place of the pixels), which reads it with
 ``read_shared_ref`` within that time. Under a burst of new images the directory may then outgrow
-``shared_max_bytes`` for that long, still within the free-space rule.
+``shared_max_bytes`` for that long (and by the images written by their requests until the writer thread has
+trimmed), still within the free-space rule.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class ResizeCache:
         self._entries: collections.OrderedDict[str, tuple[np.ndarray, str]] = collections.OrderedDict()
         self._bytes = 0
         self.num_shared_hits = 0
-        self._writes: queue.Queue[tuple[str, tuple[np.ndarray, str]]] = queue.Queue(maxsize=8)
+        # (key, entry) to write, or (key, None): trim the directory (key's file written by its request)
+        self._writes: queue.Queue[tuple[str, tuple[np.ndarray, str] | None]] = queue.Queue(maxsize=8)
         self._writer: threading.Thread | None = None
         self._lock = (
             threading.Lock()
@@ -88,23 +92,30 @@ class ResizeCache:
     def put(self, key: str, rgb: np.ndarray, image_hash: str, write_now: bool = False) -> None:
         """Keep ``rgb`` (made read-only: `get` hands out the cached array itself) under ``key``; its shared
         file is written on the writer thread, or with ``write_now`` on this one (there when this returns,
-        unless the directory's limits skip it: `shared_ref` then finds none)."""
+        unless the directory's limits skip it: `shared_ref` then finds none; the trim that makes room for
+        it runs on the writer thread)."""
         rgb.flags.writeable = False
         entry = (rgb, image_hash)
         self._remember(key, entry)
         if self.shared_dir is None:
             return
+        self._start_writer()
         if write_now:
-            self._write_shared(key, entry)
+            self._write_shared(key, entry, trim=False)
+            # the room it takes is made on the writer thread: a request never scans the directory
+            with contextlib.suppress(queue.Full):  # a full queue's writes trim it anyway
+                self._writes.put_nowait((key, None))
             return
+        with contextlib.suppress(queue.Full):  # the directory is a cache: a write may be skipped
+            self._writes.put_nowait((key, entry))
+
+    def _start_writer(self) -> None:
         with self._lock:
             if self._writer is None:
                 self._writer = threading.Thread(
                     target=self._write_loop, name="resize-cache-writer", daemon=True
                 )
                 self._writer.start()
-        with contextlib.suppress(queue.Full):  # the directory is a cache: a write may be skipped
-            self._writes.put_nowait((key, entry))
 
     def shared_ref(self, key: str) -> str | None:
         """The path of ``key``'s file in the shared directory, refreshed (not trimmed for ``PROTECT_S``
@@ -161,7 +172,10 @@ class ResizeCache:
         while True:
             key, entry = self._writes.get()
             try:
-                self._write_shared(key, entry)
+                if entry is None:  # written by its request: only the trim is left
+                    self._trim(self.shared_max_bytes)
+                else:
+                    self._write_shared(key, entry)
             finally:
                 self._writes.task_done()
 
@@ -183,12 +197,14 @@ class ResizeCache:
             os.utime(path)  # recently used: trimmed last
         return entry
 
-    def _write_shared(self, key: str, entry: tuple[np.ndarray, str]) -> None:
+    def _write_shared(self, key: str, entry: tuple[np.ndarray, str], trim: bool = True) -> None:
+        """Write ``key``'s file unless it is there; ``trim``: make room for it first."""
         rgb, image_hash = entry
         size = _HEADER.size + rgb.nbytes
         if size > self.shared_max_bytes or self._path(key).is_file():
             return
-        self._trim(self.shared_max_bytes - size)
+        if trim:
+            self._trim(self.shared_max_bytes - size)
         # one temporary name per writing thread: a request writing its new image and the writer thread may
         # both write one entry
         tmp = self.shared_dir / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"

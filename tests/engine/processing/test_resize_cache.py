@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,30 @@ def test_the_directory_keeps_its_bytes_oldest_first(tmp_path: Path):
     reader = ResizeCache(0, tmp_path, 3 * entry_bytes)
     got = reader.get("k3")
     assert got[1] == "cd" * 32 and (got[0] == 3).all() and got[0].shape == (10, 10, 3)
+
+
+def test_an_image_written_by_its_request_leaves_the_trim_to_the_writer_thread(tmp_path: Path, monkeypatch):
+    """`put(write_now=True)`: the file is there when `put` returns, and the directory is trimmed back to its
+    bytes (oldest first) by the writer thread, never by the request's."""
+    rgb = np.zeros((10, 10, 3), np.uint8)
+    entry_bytes = 80 + rgb.nbytes
+    cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=2 * entry_bytes)
+    old = time.time() - PROTECT_S - 5
+    for i in range(2):
+        cache.put(f"k{i}", rgb + i, "ab" * 32)
+        cache.flush()
+        os.utime(tmp_path / f"k{i}.rgb", (old + i, old + i))
+    trims = []
+    trim = cache._trim
+    monkeypatch.setattr(
+        cache, "_trim", lambda budget: (trims.append(threading.current_thread().name), trim(budget))
+    )
+    cache.put("k2", rgb + 2, "cd" * 32, write_now=True)
+    assert cache.shared_ref("k2") == str(tmp_path / "k2.rgb")
+    cache.flush()
+    assert trims == ["resize-cache-writer"]
+    assert sorted(p.name for p in tmp_path.glob("*.rgb")) == ["k1.rgb", "k2.rgb"]
+    assert ResizeCache(0, tmp_path, 2 * entry_bytes).get("k2")[1] == "cd" * 32
 
 
 def test_a_damaged_entry_is_a_miss_and_goes_away(tmp_path: Path):
