@@ -12,7 +12,7 @@ and the rest is what Triton, the Python backend and the preprocessing model cost
 change (on an H200 host the same path measured ~13.5 ms of a 24.5 ms follow-up TTFT).
 
 Writes ``path_overhead.json`` (meta: device, date, commit, build flags) into ``--out``. ``--build-flags``
-adds glmv-build flags (``--engine-process``: the llm's engine in a child process). Run it from each of two
+adds glmv-build flags (``--no-engine-process``: the llm's engine in the Triton model's process). Run it from each of two
 trees, or with and without a flag, in turn (A B A B) to compare them on one machine; ``--compare RUN.json ...`` then draws them side by side
 (``path_overhead.png`` in ``--out``, one group of bars per figure, one bar per run).
 """
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         help="requests with one, and with four, never-seen screenshots",
     )
     ap.add_argument(
-        "--build-flags", default="", help="more glmv-build flags for the server (e.g. --engine-process)"
+        "--build-flags", default="", help="more glmv-build flags for the server (e.g. --no-engine-process)"
     )
     ap.add_argument("--compare", type=Path, nargs="+", help="path_overhead.json files to draw, no run")
     args = ap.parse_args(argv)

@@ -162,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="run each llm instance's engine in a child process of its own, so its loop never waits for the "
-        "GIL of the Triton model's threads (requests in, responses out, cancellation checks)",
+        "GIL of the Triton model's threads (requests in, responses out, cancellation checks); "
+        "--no-engine-process runs it in the Triton model's process",
     )
     p.add_argument(
         "--async-vision",

@@ -4,8 +4,8 @@ This file keeps the lifecycle and the threads; `request.py` turns a Triton reque
 and keeps the per-request state, `response.py` builds and sends the responses, `metrics.py` owns the
 metrics, and `triton_model.py` (model_repository/common/, copied here by glmv-build) reads the parameters.
 
-Threads: the engine loop (LLMEngine.start; with the `engine_process` parameter the engine runs in a child
-process, engine.engine_process, whose outputs arrive on a receiver thread) calls `_on_outputs` after each
+Threads: the engine loop (LLMEngine.start; with the `engine_process` parameter, the default, the engine runs
+in a child process, engine.engine_process, whose outputs arrive on a receiver thread) calls `_on_outputs` after each
 step, which only queues work;
 a sender thread builds the response tensors and calls `response_sender.send` (so a slow client never
 blocks the engine); a cancellation thread polls `is_cancelled()` every `cancellation_check_period_ms` for
@@ -81,7 +81,7 @@ class TritonPythonModel:
         if not overrides.get("device", engine_dir.engine_config().device).startswith("cuda"):
             limit_cpu_threads()
         warmup = parameters.get_bool("warmup", True)
-        if parameters.get_bool("engine_process", False):
+        if parameters.get_bool("engine_process", True):
             # the engine in a child process: its loop never waits for this process's GIL
             from engine.engine_process import EngineProcess
 
