@@ -22,7 +22,8 @@ parse_tools) and `resize_cache`. Contract:
   each resized image's size and RGB bytes, so the same picture hits the engine's prefix and image caches
   however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
   lets an image sent again skip its decode and resize (its header is still checked against the limits).
-  With `pixels_by_reference`, a new image's shared file is written before the request goes on, and when
+  With `pixels_by_reference`, a new image's shared file is written before the request goes on (its
+  content hash computed on a hash thread meanwhile, the file's header written last), and when
   every image of a request is in the shared resize directory (`ResizeCache.shared_ref`), `image_refs`
   holds their files there and `image_rgb` is empty: the llm takes the embeddings it holds for them, or
   reads the files. An image the directory cannot take (no directory, too little free space) goes by value,
@@ -97,6 +98,13 @@ class PreprocessedRequest:
 STAGES = ("images", "template", "tokens", "positions")
 
 
+def content_hash(rgb: np.ndarray) -> str:
+    """An image's content hash: sha256 hex of its size and RGB bytes (what the model sees)."""
+    digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
+    digest.update(np.ascontiguousarray(rgb).data)  # hashlib leaves the GIL for the data
+    return digest.hexdigest()
+
+
 class Preprocessor:
     """Turns (text or messages, images) into engine inputs for one engine directory."""
 
@@ -152,6 +160,9 @@ class Preprocessor:
         self.think_start_id = self._token_id("<think>")
         self.think_end_id = self._token_id("</think>")
         self._image_threads: ThreadPoolExecutor | None = None  # start_images, made on first use
+        # content hashes of new images whose shared files are being written (its own threads: an image
+        # thread may wait for one)
+        self._hash_threads: ThreadPoolExecutor | None = None
 
     def warm_up(self) -> None:
         """Run one small request through every stage (image decode and resize, chat template, tokenizer,
@@ -272,10 +283,14 @@ class Preprocessor:
             info.image.load()
         patch, merge, temporal = self._geometry()
         rgb = self._resize(info.image, patch, merge, temporal)
-        digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
-        digest.update(np.ascontiguousarray(rgb).data)
-        image_hash = digest.hexdigest()
-        self.resize_cache.put(info.file_hash, rgb, image_hash, write_now=by_reference)
+        if by_reference and self.resize_cache.shared_dir is not None:
+            # its shared file's pixels are written here while a hash thread computes the content hash
+            if self._hash_threads is None:
+                self._hash_threads = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="glmv-image-hash")
+            image_hash = self._hash_threads.submit(content_hash, rgb)
+        else:
+            image_hash = content_hash(rgb)
+        image_hash = self.resize_cache.put(info.file_hash, rgb, image_hash, write_now=by_reference)
         return _Prepared(rgb, image_hash, info.file_hash if by_reference else None, rgb.shape[:2], info)
 
     def _grids(self, prepared: list[_Prepared]) -> np.ndarray:

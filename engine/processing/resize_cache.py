@@ -35,6 +35,7 @@ import re
 import struct
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -89,25 +90,29 @@ class ResizeCache:
             self._remember(key, entry)
         return entry
 
-    def put(self, key: str, rgb: np.ndarray, image_hash: str, write_now: bool = False) -> None:
+    def put(self, key: str, rgb: np.ndarray, image_hash: str | Future, write_now: bool = False) -> str:
         """Keep ``rgb`` (made read-only: `get` hands out the cached array itself) under ``key``; its shared
         file is written on the writer thread, or with ``write_now`` on this one (there when this returns,
         unless the directory's limits skip it: `shared_ref` then finds none; the trim that makes room for
-        it runs on the writer thread)."""
+        it runs on the writer thread). ``image_hash`` may be a Future (with ``write_now``): the file's
+        pixels are written while another thread computes it. Returns the image hash."""
         rgb.flags.writeable = False
-        entry = (rgb, image_hash)
-        self._remember(key, entry)
-        if self.shared_dir is None:
-            return
-        self._start_writer()
-        if write_now:
-            self._write_shared(key, entry, trim=False)
+        if write_now and self.shared_dir is not None:
+            self._start_writer()
+            image_hash = self._write_shared(key, (rgb, image_hash), trim=False)
             # the room it takes is made on the writer thread: a request never scans the directory
             with contextlib.suppress(queue.Full):  # a full queue's writes trim it anyway
                 self._writes.put_nowait((key, None))
-            return
+        elif isinstance(image_hash, Future):
+            image_hash = image_hash.result()
+        entry = (rgb, image_hash)
+        self._remember(key, entry)
+        if self.shared_dir is None or write_now:
+            return image_hash
+        self._start_writer()
         with contextlib.suppress(queue.Full):  # the directory is a cache: a write may be skipped
             self._writes.put_nowait((key, entry))
+        return image_hash
 
     def _start_writer(self) -> None:
         with self._lock:
@@ -197,12 +202,13 @@ class ResizeCache:
             os.utime(path)  # recently used: trimmed last
         return entry
 
-    def _write_shared(self, key: str, entry: tuple[np.ndarray, str], trim: bool = True) -> None:
-        """Write ``key``'s file unless it is there; ``trim``: make room for it first."""
+    def _write_shared(self, key: str, entry: tuple[np.ndarray, str | Future], trim: bool = True) -> str:
+        """Write ``key``'s file unless it is there; ``trim``: make room for it first. The entry's hash may
+        be a Future: the pixels are written first, then the header once it is known. Returns the hash."""
         rgb, image_hash = entry
         size = _HEADER.size + rgb.nbytes
         if size > self.shared_max_bytes or self._path(key).is_file():
-            return
+            return _resolved(image_hash)
         if trim:
             self._trim(self.shared_max_bytes - size)
         # one temporary name per writing thread: a request writing its new image and the writer thread may
@@ -212,15 +218,19 @@ class ResizeCache:
             stat = os.statvfs(self.shared_dir)
             min_free = max(MIN_FREE_BYTES, MIN_FREE_FRACTION * stat.f_blocks * stat.f_frsize)
             if stat.f_bavail * stat.f_frsize - size < min_free:
-                return
+                return _resolved(image_hash)
             with open(tmp, "wb") as f:
                 height, width = rgb.shape[:2]
-                f.write(_HEADER.pack(_MAGIC, height, width, image_hash.encode("ascii")))
+                f.seek(_HEADER.size)
                 f.write(np.ascontiguousarray(rgb).data)
+                image_hash = _resolved(image_hash)
+                f.seek(0)
+                f.write(_HEADER.pack(_MAGIC, height, width, image_hash.encode("ascii")))
             os.replace(tmp, self._path(key))
         except OSError:  # a full or vanished directory costs the cache, never the request
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        return _resolved(image_hash)
 
     def _trim(self, budget: int) -> None:
         """Remove the least recently used entries until the directory holds at most ``budget`` bytes."""
@@ -239,6 +249,10 @@ class ResizeCache:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             total -= size
+
+
+def _resolved(image_hash: str | Future) -> str:
+    return image_hash.result() if isinstance(image_hash, Future) else image_hash
 
 
 def _header(header: bytes, file_size: int) -> tuple[int, int, str] | None:

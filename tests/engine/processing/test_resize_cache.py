@@ -103,6 +103,22 @@ def test_an_image_written_by_its_request_leaves_the_trim_to_the_writer_thread(tm
     assert ResizeCache(0, tmp_path, 2 * entry_bytes).get("k2")[1] == "cd" * 32
 
 
+def test_a_hash_still_being_computed_goes_into_the_header_after_the_pixels(tmp_path: Path):
+    """`put(write_now=True)` with the content hash as a Future: the pixels are written while it is pending,
+    the header once it is known; `put` returns it, and the entry reads back whole."""
+    from concurrent.futures import Future
+
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=1 << 20)
+    pending: Future = Future()
+    threading.Timer(0.05, pending.set_result, ["ab" * 32]).start()
+    assert cache.put("k", rgb, pending, write_now=True) == "ab" * 32
+    assert (tmp_path / "k.rgb").stat().st_size == 80 + rgb.nbytes
+    got = ResizeCache(0, tmp_path, 1 << 20).get("k")
+    assert got[1] == "ab" * 32 and (got[0] == rgb).all()
+    assert cache.get("k")[1] == "ab" * 32  # this process's LRU has it too
+
+
 def test_a_damaged_entry_is_a_miss_and_goes_away(tmp_path: Path):
     cache = ResizeCache(0, shared_dir=tmp_path, shared_max_bytes=1 << 20)
     cache.put("k", np.ones((4, 4, 3), np.uint8), "ef" * 32)
