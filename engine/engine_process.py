@@ -388,14 +388,18 @@ class EngineProcess:
         last one seen, not running, while there is no child)."""
         try:
             stats = self._call("stats", timeout_s=10.0)
+            self._last_stats = stats
+            is_running = self.is_running()
         except Exception:
-            stats = self._with_grammars_compiled_here(self._totals(self._last_stats))
-            return dataclasses.replace(stats, is_loop_running=False)
-        self._last_stats = stats
-        stats = self._with_grammars_compiled_here(self._totals(stats))
-        return stats if self.is_running() else dataclasses.replace(stats, is_loop_running=False)
+            stats, is_running = self._last_stats, False
+        stats = self._totals(stats)
+        # the stub compiles every guide's grammar (the child only one it did not get from here)
+        compiled = stats.num_grammars_compiled + self._checks.num_grammars_compiled()
+        stats = dataclasses.replace(stats, num_grammars_compiled=compiled)
+        return stats if is_running else dataclasses.replace(stats, is_loop_running=False)
 
     def _totals(self, stats: EngineStats) -> EngineStats:
+        """``stats`` with the counters of the children before this one added."""
         past = self._past_totals
         return dataclasses.replace(
             stats,
@@ -409,11 +413,6 @@ class EngineProcess:
             ),
             num_engine_restarts=self.num_restarts,
         )
-
-    def _with_grammars_compiled_here(self, stats: EngineStats) -> EngineStats:
-        """The child compiles a grammar only when it did not get it from here."""
-        compiled = stats.num_grammars_compiled + self._checks.num_grammars_compiled()
-        return dataclasses.replace(stats, num_grammars_compiled=compiled)
 
     def is_running(self) -> bool:
         """Whether a child is there and its loop started (and not stopping)."""

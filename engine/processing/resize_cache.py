@@ -98,29 +98,25 @@ class ResizeCache:
         pixels are written while another thread computes it. Returns the image hash."""
         rgb.flags.writeable = False
         if write_now and self.shared_dir is not None:
-            self._start_writer()
             image_hash = self._write_shared(key, (rgb, image_hash), trim=False)
-            # the room it takes is made on the writer thread: a request never scans the directory
-            with contextlib.suppress(queue.Full):  # a full queue's writes trim it anyway
-                self._writes.put_nowait((key, None))
-        elif isinstance(image_hash, Future):
-            image_hash = image_hash.result()
-        entry = (rgb, image_hash)
-        self._remember(key, entry)
-        if self.shared_dir is None or write_now:
-            return image_hash
-        self._start_writer()
-        with contextlib.suppress(queue.Full):  # the directory is a cache: a write may be skipped
-            self._writes.put_nowait((key, entry))
+            self._queue(key, None)  # the room it takes is made on the writer thread, never by a request
+        else:
+            image_hash = _resolved(image_hash)
+            if self.shared_dir is not None:
+                self._queue(key, (rgb, image_hash))
+        self._remember(key, (rgb, image_hash))
         return image_hash
 
-    def _start_writer(self) -> None:
+    def _queue(self, key: str, entry: tuple[np.ndarray, str] | None) -> None:
+        """Hand the writer thread ``key``'s entry to write, or (None) the directory's trim."""
         with self._lock:
             if self._writer is None:
                 self._writer = threading.Thread(
                     target=self._write_loop, name="resize-cache-writer", daemon=True
                 )
                 self._writer.start()
+        with contextlib.suppress(queue.Full):  # the directory is a cache: a write or trim may be skipped
+            self._writes.put_nowait((key, entry))
 
     def shared_ref(self, key: str) -> str | None:
         """The path of ``key``'s file in the shared directory, refreshed (not trimmed for ``PROTECT_S``
