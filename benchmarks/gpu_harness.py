@@ -50,6 +50,8 @@ from benchmarks.metrics import (
     PREPROCESS_STAGES,
     cache_hits,
     distribution_ms,
+    engine_delta,
+    metric_totals,
     stage_means_ms,
     stage_totals,
     steady_state,
@@ -359,12 +361,27 @@ async def serve_phases(
     async def ttft(size: str):
         return _ttft_summary(await _sequential(target, corpora[size], one, 5))
 
+    async def engine_reading() -> dict[str, float] | None:
+        """The engine's step counters and the llm's inter-token histogram totals, once the llm's stats
+        thread (every 100 ms) has caught up."""
+        if not metrics_url:
+            return None
+        await asyncio.sleep(0.3)
+        with contextlib.suppress(Exception):
+            return metric_totals(metrics_url)
+        return None
+
     async def decode_b1():
+        """ms per token of one stream at the client; ``engine``: the same stretch inside the server (the
+        llm's mean inter-token time, the engine's steps and the share launched ahead of the host)."""
         params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
+        before = await engine_reading()
         recs = [r for r in await _sequential(target, corpora["1288"], params, 2)]
+        after = await engine_reading()
         ok = [r for r in recs if r.is_ok and r.num_output_tokens > 1]
         per_req = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) * 1e3 for r in ok]
         return {
+            "engine": engine_delta(before, after) if before and after else None,
             "requests": len(ok),
             "errors": [r.error for r in recs if r.error][:3],
             "ms_per_token": round(sorted(per_req)[len(per_req) // 2], 3) if per_req else None,
@@ -723,6 +740,13 @@ def table(doc: dict) -> str:
             f"{f(cmp['ours_over_transformers'].get(key))}{f(cmp['ours_over_roofline'].get(key))}"
         )
     serve = doc["phases"].get("serve", {})
+    b1 = serve.get("decode_b1") or {}
+    if b1.get("engine"):
+        eng = b1["engine"]
+        lines.append(
+            f"decode_b1: {b1.get('ms_per_token') or 0:.2f} ms/token at the client, {eng['llm_itl_ms_mean'] or 0:.2f} "
+            f"as the llm sent them; {eng['steps_ahead']} of {eng['steps']} engine steps launched ahead"
+        )
     for name in ("c32_448", "c32_1288"):
         steady = (serve.get(name) or {}).get("steady")
         if steady:

@@ -199,6 +199,45 @@ def stage_totals(metrics_url: str, family: str = PREPROCESS_STAGES) -> dict[str,
     return {stage: (total[0], total[1]) for stage, total in totals.items()}
 
 
+ENGINE_TOTALS = (
+    "glmv_engine_steps_total",
+    "glmv_engine_steps_ahead_total",
+    "glmv_inter_token_latency_seconds_sum",
+    "glmv_inter_token_latency_seconds_count",
+)
+
+
+def metric_totals(metrics_url: str, names: Sequence[str] = ENGINE_TOTALS) -> dict[str, float]:
+    """name -> the sum of its series (every label set) in Triton's metrics now."""
+    import re
+
+    import httpx
+
+    body = httpx.get(
+        metrics_url if "://" in metrics_url else f"http://{metrics_url}/metrics", timeout=10
+    ).text
+    totals = dict.fromkeys(names, 0.0)
+    for name, value in re.findall(r"^(\w+)(?:\{[^}]*\})? (\S+)$", body, re.MULTILINE):
+        if name in totals:
+            totals[name] += float(value)
+    return totals
+
+
+def engine_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float | int | None]:
+    """What the engine did between two `metric_totals` readings: its steps, those launched ahead of the
+    host, and the mean time between two tokens of one request as the llm sent them."""
+    steps = int(after["glmv_engine_steps_total"] - before["glmv_engine_steps_total"])
+    ahead = int(after["glmv_engine_steps_ahead_total"] - before["glmv_engine_steps_ahead_total"])
+    count = after["glmv_inter_token_latency_seconds_count"] - before["glmv_inter_token_latency_seconds_count"]
+    seconds = after["glmv_inter_token_latency_seconds_sum"] - before["glmv_inter_token_latency_seconds_sum"]
+    return {
+        "steps": steps,
+        "steps_ahead": ahead,
+        "ahead_fraction": round(ahead / steps, 3) if steps else None,
+        "llm_itl_ms_mean": round(seconds / count * 1e3, 3) if count else None,
+    }
+
+
 def stage_means_ms(before: dict, after: dict) -> dict[str, float]:
     """Mean ms per request of each stage between two `stage_totals` readings of one family, in the
     order a request passes them."""

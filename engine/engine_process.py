@@ -75,6 +75,7 @@ _TENSOR_FIELDS = ("image_embeds", "image_pixels", "image_grid_thw", "mrope_posit
 _COUNTERS = (
     "num_preemptions",
     "num_steps",
+    "num_steps_ahead",
     "num_finished",
     "num_prompt_tokens",
     "num_generation_tokens",

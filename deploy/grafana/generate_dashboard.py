@@ -29,6 +29,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "engine_itl": ("glmv_inter_token_latency_seconds", "histogram", ""),
     "engine_preemptions": ("glmv_preemptions_total", "counter", ""),
     "engine_restarts": ("glmv_engine_restarts_total", "counter", ""),
+    "engine_steps": ("glmv_engine_steps_total", "counter", ""),
+    "engine_steps_ahead": ("glmv_engine_steps_ahead_total", "counter", ""),
     "engine_finished": ("glmv_requests_finished_total", "counter", ""),  # label finish_reason
     # preprocessing model (:8002)
     "preprocess_latency": ("glmv_preprocess_latency_seconds", "histogram", ""),
@@ -208,6 +210,18 @@ def panels() -> list[dict[str, Any]]:
             [
                 (f"sum by (instance) (rate({m('engine_preemptions')}[{RATE}]))", "preempted {{instance}}"),
                 (f"sum by (instance) (increase({m('engine_restarts')}[{RATE}]))", "restarts {{instance}}"),
+            ],
+        ),
+        panel(
+            "Engine steps",
+            "Engine steps per second, and those of them that were decode steps launched before the previous "
+            "step's tokens were read (the host's work for one step hidden behind the GPU's for the next). While "
+            "only decodes run, the two lines should nearly meet; a gap means the host is in the decode path "
+            "(penalties, logprobs, arrivals or ends every step).",
+            "ops",
+            [
+                (f"sum by (instance) (rate({m('engine_steps')}[{RATE}]))", "steps {{instance}}"),
+                (f"sum by (instance) (rate({m('engine_steps_ahead')}[{RATE}]))", "ahead {{instance}}"),
             ],
         ),
         panel(

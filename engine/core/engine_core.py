@@ -88,7 +88,7 @@ class EngineCore:
             outputs = resolved if resolved is not None else self._resolve(pending)
             if ahead is not None:
                 self._pending = ahead
-                self._record_step(outputs, started, len(ahead.seqs), 1)
+                self._record_step(outputs, started, len(ahead.seqs), 1, ahead=True)
                 return outputs
         for seq in new_seqs:
             if seq.image_pixels is not None:
@@ -255,7 +255,12 @@ class EngineCore:
         return self.output_processor.output(seq, self.scheduler.finish, error)
 
     def _record_step(
-        self, outputs: list[RequestOutput], started: float, num_tokens: int, num_steps: int
+        self,
+        outputs: list[RequestOutput],
+        started: float,
+        num_tokens: int,
+        num_steps: int,
+        ahead: bool = False,
     ) -> None:
         now = time.monotonic()
         finished = [o for o in outputs if o.is_finished]
@@ -267,6 +272,7 @@ class EngineCore:
             num_blocks_used=self.block_manager.num_used_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=stats.num_steps + num_steps,
+            num_steps_ahead=stats.num_steps_ahead + ahead,
             num_finished=stats.num_finished + len(finished),
             num_prompt_tokens=stats.num_prompt_tokens + sum(o.num_prompt_tokens for o in finished),
             num_generation_tokens=stats.num_generation_tokens + sum(len(o.new_token_ids) for o in outputs),

@@ -19,6 +19,9 @@ class EngineStats:
     """Preemptions by recompute since start."""
     num_steps: int = 0
     """Non-empty scheduler steps since start."""
+    num_steps_ahead: int = 0
+    """Of those, decode steps launched before the previous step's tokens were read (run ahead of the host;
+    engine.core.engine_core): at one stream every decode step but the first should be one."""
     num_finished: int = 0
     """Requests finished since start (any finish_reason)."""
     num_prompt_tokens: int = 0

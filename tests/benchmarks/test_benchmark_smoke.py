@@ -228,3 +228,38 @@ def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
     (removed,) = clear_shared_resize_dirs(build_output)
     assert removed.name.startswith("glmv-resize-") and not removed.exists()
     assert clear_shared_resize_dirs(build_output) == []
+
+
+def test_harness_decode_b1_reports_the_engines_side(tiny_triton, tmp_path: Path) -> None:
+    """The harness's `decode_b1` sub-phase against the tiny engine: two 128-token answers, and beside the
+    client's ms per token what the server did meanwhile (read from the llm's metrics): at least one engine
+    step per token, none launched ahead (no CUDA graphs on a CPU), the llm's mean inter-token time."""
+    import asyncio
+
+    from benchmarks.gpu_harness import Harness, comparisons, serve_phases, table
+
+    harness = Harness(tmp_path, budget_s=600, commit="abc1234")
+    record: dict = {}
+    try:
+        asyncio.run(
+            serve_phases(
+                harness,
+                tiny_triton.grpc_url,
+                "triton",
+                record,
+                tiny_triton.http_url,
+                {"decode_b1"},
+                tiny_triton.admin_headers,
+                tiny_triton.metrics_url,
+            )
+        )
+    finally:
+        harness.log_file.close()
+    b1 = record["decode_b1"]
+    assert b1["requests"] == 2 and b1["output_tokens"] == [128, 128], b1["errors"]
+    engine = b1["engine"]
+    assert engine["steps"] >= 2 * 128 and engine["steps_ahead"] == 0 and engine["ahead_fraction"] == 0
+    assert engine["llm_itl_ms_mean"] > 0
+    doc = {"meta": {"date": "2026-12-05", "commit": "abc1234", "device": "cpu"}, "phases": {"serve": record}}
+    doc["comparison"] = comparisons(doc)
+    assert f"0 of {engine['steps']} engine steps launched ahead" in table(doc)

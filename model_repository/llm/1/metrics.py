@@ -38,6 +38,8 @@ ENGINE_COUNTERS = {
     "glmv_image_refs_read_total": "Images sent by reference (image_ref) read from the shared directory",
     "glmv_grammars_compiled_total": "Guides of guided requests compiled to grammars (a guide seen before is not)",
     "glmv_engine_restarts_total": "New engine processes started after one died (engine_process)",
+    "glmv_engine_steps_total": "Engine steps run (each a forward of the batch the scheduler picked)",
+    "glmv_engine_steps_ahead_total": "Decode steps launched before the previous step's tokens were read",
 }
 
 
@@ -134,6 +136,8 @@ class LlmMetrics:
             ("glmv_image_refs_read_total", stats.num_image_refs_read),
             ("glmv_grammars_compiled_total", stats.num_grammars_compiled),
             ("glmv_engine_restarts_total", stats.num_engine_restarts),
+            ("glmv_engine_steps_total", stats.num_steps),
+            ("glmv_engine_steps_ahead_total", stats.num_steps_ahead),
         ):
             counter = self.engine_counters[name]
             if total > counter[1]:

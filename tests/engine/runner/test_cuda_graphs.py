@@ -461,6 +461,7 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
     assert got == want and want["gone"] == "abort"
     assert want["e"][-1] == eos or len(want["e"]) == 20
     assert sum(ahead) >= 10 and not all(ahead)  # many steps ran ahead, some had to start afresh
+    assert ex.stats().num_steps_ahead == sum(ahead)
 
 
 def test_context_attention_reference_equals_paged_attention() -> None:
