@@ -9,7 +9,9 @@ eager, the ViT alone (eager, and replayed from a CUDA graph with its difference 
 profiler table
 of one first step (top ops by self CPU time and by CUDA time) — host-bound steps show CPU time well above
 their CUDA time. Also decode ms/token at batch 1 with a long context (`--context` prompt tokens), the
-case the end-to-end harness measures, and ms per step with 32 sequences decoding. Writes ttft_probe.json and ttft_profile_<size>.txt under --out.
+case the end-to-end harness measures (stepped here; with the sampling the harness sends through Triton, a
+seed and min_tokens; and through the engine's own loop thread, as the llm runs it), and ms per step with 32
+sequences decoding. Writes ttft_probe.json and ttft_profile_<size>.txt under --out.
 """
 
 from __future__ import annotations
@@ -52,6 +54,41 @@ def _request(ex, mc, size: tuple[int, int], rid: str, gen: torch.Generator):
         mrope_positions=positions,
         mrope_delta=delta,
     )
+
+
+def _decode_b1_ms(ex, req, loop: bool) -> float:
+    """ms per token after the first of one request alone: stepped here, or by the engine's loop thread
+    (``loop``; the time between its first and last outputs as its callback saw them)."""
+    import threading
+
+    if not loop:
+        ex.add_request(req)
+        ex.step()  # prefill + first token
+        _sync()
+        t = time.perf_counter()
+        n = 0
+        while ex.has_unfinished():
+            n += sum(len(o.new_token_ids) for o in ex.step())
+        _sync()
+        return (time.perf_counter() - t) / max(n, 1) * 1e3
+    seen: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def callback(outputs) -> None:
+        for o in outputs:
+            if o.request_id == req.request_id:
+                seen.append((time.perf_counter(), len(o.new_token_ids)))
+                if o.is_finished:
+                    done.set()
+
+    ex.start(callback)
+    try:
+        ex.add_request(req)
+        done.wait(120)
+    finally:
+        ex.stop(timeout=30)
+    tokens = sum(n for _, n in seen[1:])
+    return (seen[-1][0] - seen[0][0]) / max(tokens, 1) * 1e3
 
 
 def _follow_up(req, rid: str, gen: torch.Generator):
@@ -216,6 +253,23 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"decode b1, context {context}: {res[f'decode_ms_per_token_b1_context_{context}']:.3f} ms/token"
         )
+
+    # the same request with the sampling the harness sends through Triton (a seed, min_tokens = max_tokens,
+    # the model's end ids banned until then), and both through the engine's own loop thread (as the llm runs
+    # it): which of the two makes the client's batch-1 rate slower than the step loop above
+    ids = torch.randint(0, 150000, (args.context,), generator=gen).tolist()
+    as_sent = SamplingParams(
+        max_tokens=129, temperature=0.0, seed=0, min_tokens=129, stop_token_ids=tuple(mc.eos_token_ids)
+    )
+    plain = SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True)
+    for name, params, loop in (
+        ("harness_sampling", as_sent, False),
+        ("loop_thread", plain, True),
+        ("loop_thread_harness_sampling", as_sent, True),
+    ):
+        ms = _decode_b1_ms(ex, GenerationRequest(f"d-{name}", ids, params), loop)
+        res[f"decode_ms_per_token_b1_{name}"] = ms
+        print(f"decode b1, context {args.context}, {name.replace('_', ' ')}: {ms:.3f} ms/token")
 
     # decode at batch 32 (context ~300, the 448x448 load): ms per engine step once all are decoding
     for i in range(32):
