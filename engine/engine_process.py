@@ -7,10 +7,10 @@ Contract (the same as ``LLMEngine``'s for these calls):
     and returns once the engine is loaded (and, with ``warmup`` on CUDA, warmed up and its graphs
     captured); a child that fails to start raises RuntimeError with its error.
   * ``add_request(req)`` checks the request here, with the engine's own checks (``InputProcessor``: the
-    same ValueError naming the field; a guided request's grammar compiled here too, and sent with the
-    request the first time the child gets its guide: the child loads it instead of compiling it again),
-    sends it and returns without waiting for the child. What only the child can find wrong (an image reference whose file has
-    gone) ends the request with an error output. ``abort``, ``stats``, ``is_running`` and
+    same ValueError naming the field; a guided request's guide is parsed here and compiled by the child
+    only), sends it and returns without waiting for the child. What only the child can find wrong (an image
+    reference whose file has gone, a guide that parses but does not compile) ends the request with an error
+    output. ``abort``, ``stats``, ``is_running`` and
     ``has_unfinished`` may be called from any thread.
   * ``start(callback)``: ``callback(outputs)`` is called on this process's receiver thread for each
     engine step with outputs. ``stop(timeout)`` ends the loop (unfinished requests end with "abort") and
@@ -45,7 +45,6 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -61,7 +60,6 @@ from engine.core.stats import EngineStats
 from engine.processing.input_processor import InputProcessor
 from engine.processing.resize_cache import shared_resize_dir_name
 from engine.request import GenerationRequest, RequestOutput
-from engine.sample.structured import MAX_CACHED_GRAMMARS, Guide, grammar_key
 
 logger = logging.getLogger("glm-engine")
 
@@ -222,7 +220,6 @@ class EngineProcess:
         self._past_totals = EngineStats()  # the counters of the children before this one
         self.num_restarts = 0
         self._restarter: threading.Thread | None = None
-        self._sent_grammars: OrderedDict[Guide, None] = OrderedDict()  # guides whose grammar the child has
         self._child, ready = self._spawn()
         self.max_model_len = int(ready["max_model_len"])
         self.device = torch.device(ready["device"])
@@ -234,6 +231,7 @@ class EngineProcess:
             lambda num_tokens: check_prompt_length(num_tokens, *limits),
             torch.device("cpu"),
             self.tokenizer,
+            compile_grammars=False,  # a guide is parsed here and compiled by the child
         )
         self._receiver = self._receive(self._child)
 
@@ -334,7 +332,6 @@ class EngineProcess:
     def add_request(self, req: GenerationRequest) -> str:
         self._check(req)
         packed = pack_request(req)
-        grammar = self._grammar_to_send(req.guide) if req.guide is not None else None
         with self._lock:
             if self._is_dead:
                 raise RuntimeError("engine process: not running")
@@ -343,7 +340,7 @@ class EngineProcess:
             self._live.add(req.request_id)
             wire = self._child.wire
         try:
-            wire.send(("add", packed, grammar))
+            wire.send(("add", packed))
         except BaseException:
             with self._lock:
                 if req.request_id not in self._live:
@@ -360,19 +357,6 @@ class EngineProcess:
             stand_in = torch.empty((rows, self.model_config.hidden_size), device="meta")
             req = dataclasses.replace(req, image_refs=None, image_embeds=stand_in)
         self._checks.process(req)
-
-    def _grammar_to_send(self, guide: Guide) -> str | None:
-        """A guide's grammar, compiled here by the checks, as JSON the first time the child gets it (it
-        loads it instead of compiling it again); None when sent before."""
-        key = grammar_key(guide)
-        with self._lock:
-            if key in self._sent_grammars:
-                self._sent_grammars.move_to_end(key)
-                return None
-            self._sent_grammars[key] = None
-            while len(self._sent_grammars) > MAX_CACHED_GRAMMARS:  # as many as the child's compiler caches
-                self._sent_grammars.popitem(last=False)
-        return self._checks.grammar_compiler().serialize(guide)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -394,9 +378,6 @@ class EngineProcess:
         except Exception:
             stats, is_running = self._last_stats, False
         stats = self._totals(stats)
-        # the stub compiles every guide's grammar (the child only one it did not get from here)
-        compiled = stats.num_grammars_compiled + self._checks.num_grammars_compiled()
-        stats = dataclasses.replace(stats, num_grammars_compiled=compiled)
         return stats if is_running else dataclasses.replace(stats, is_loop_running=False)
 
     def _totals(self, stats: EngineStats) -> EngineStats:
@@ -533,7 +514,6 @@ class EngineProcess:
             with self._lock:
                 if not self._is_stopping.is_set():
                     self._child = child
-                    self._sent_grammars.clear()
                     self._is_dead = False
                     self.num_restarts += 1
                     callback = self._callback
@@ -616,12 +596,7 @@ def _child_main(
             break  # the parent is gone
         kind = message[0]
         if kind == "add":
-            req, grammar = unpack_request(message[1]), message[2]
-            if grammar is not None:  # compiled by the parent: loaded here, not compiled again
-                try:
-                    engine.grammar_compiler().load(req.guide, grammar)
-                except Exception:
-                    logger.exception("[glm-engine] a grammar from the parent did not load; compiling it here")
+            req = unpack_request(message[1])
             try:
                 engine.add_request(req)
             except Exception as exc:  # checked by the parent already: what only this process could find

@@ -14,7 +14,7 @@ import torch
 from engine.config import ModelConfig
 from engine.core.sequence import Sequence
 from engine.request import GenerationRequest
-from engine.sample.structured import GrammarCompiler, GrammarState
+from engine.sample.structured import GrammarCompiler, GrammarState, check_guide
 
 
 class InputProcessor:
@@ -25,13 +25,17 @@ class InputProcessor:
         check_prompt: Any,
         device: torch.device,
         tokenizer: Any = None,
+        compile_grammars: bool = True,
     ) -> None:
-        """``check_prompt(num_tokens)``: the scheduler's check that a prompt can ever be scheduled."""
+        """``check_prompt(num_tokens)``: the scheduler's check that a prompt can ever be scheduled.
+        ``compile_grammars=False``: a guided request's guide is only parsed (``check_guide``: the same errors
+        but the rare one only compiling finds), for checks made where no engine runs."""
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.check_prompt = check_prompt
         self.device = device
         self.tokenizer = tokenizer
+        self.compile_grammars = compile_grammars
         self._lock = threading.Lock()
         self._grammar_compiler: GrammarCompiler | None = None  # made on the first guided request
 
@@ -132,7 +136,12 @@ class InputProcessor:
                     f"min_tokens: {req.sampling.min_tokens} must be 0 with guided_decoding_guide "
                     "(the grammar decides where the answer ends)"
                 )
-            seq.grammar = GrammarState(self.grammar_compiler().compile(req.guide))
+            if not self.compile_grammars:
+                if self.tokenizer is None:
+                    raise ValueError("guided_decoding_guide: this engine has no tokenizer to build a grammar")
+                check_guide(req.guide)
+            else:
+                seq.grammar = GrammarState(self.grammar_compiler().compile(req.guide))
         return seq
 
     def grammar_compiler(self) -> GrammarCompiler:

@@ -14,9 +14,11 @@ Contract:
     ``compile(guide) -> CompiledGrammar`` raises ``ValueError`` starting with ``guided_decoding_guide``
     (or ``guided_decoding_guide_type``) and the reason; results are cached by (type, value), so a schema
     is compiled once (``num_compiled`` counts real compilations). Thread-safe: the input processor compiles in
-    ``add_request``, on the caller's thread, never on the engine loop. ``serialize(guide)`` gives the
-    compiled grammar as JSON and ``load(guide, serialized)`` caches it in another process's compiler (of the
-    same tokenizer): the engine process sends its child a new guide's grammar instead of compiling it twice.
+    ``add_request``, on the caller's thread, never on the engine loop.
+  * ``check_guide(guide)`` raises the same ValueError for a guide that does not parse (a schema, regex or
+    grammar that is not one), with no tokenizer and no compilation (~1 ms for a 20-field schema, against
+    ~20 ms to compile it against GLM's 151,552 tokens): the engine process's parent checks guides with it
+    and its child compiles them.
   * ``GrammarState(compiled)``: one sequence's matcher. ``sync(output_token_ids)`` feeds it the tokens it
     has not seen (so preemption, dropped run-ahead tokens and retries never put it out of step);
     ``is_terminated`` once it accepted a stop token.
@@ -76,10 +78,6 @@ class GrammarCompiler:
         self.num_compiled = 0
 
     def compile(self, guide: Guide) -> Any:
-        if guide.type not in GUIDE_TYPES:
-            raise ValueError(
-                f"guided_decoding_guide_type: {guide.type!r} must be one of {', '.join(GUIDE_TYPES)}"
-            )
         key = grammar_key(guide)
         with self._lock:
             compiled = self._cache.get(key)
@@ -92,23 +90,6 @@ class GrammarCompiler:
             self._put(key, compiled)
         return compiled
 
-    def serialize(self, guide: Guide) -> str:
-        """``guide``'s compiled grammar (compiled now unless cached) as JSON, for ``load``."""
-        return self.compile(guide).serialize_json()
-
-    def load(self, guide: Guide, serialized: str) -> None:
-        """Cache ``guide``'s grammar from ``serialize``'s JSON (made by a compiler of the same tokenizer and
-        vocabulary size), unless it is cached already."""
-        import xgrammar as xgr
-
-        key = grammar_key(guide)
-        with self._lock:
-            if key in self._cache:
-                return
-        compiled = xgr.CompiledGrammar.deserialize_json(serialized, self._info)
-        with self._lock:
-            self._put(key, compiled)
-
     def _put(self, key: Guide, compiled: Any) -> None:  # holding the lock
         self._cache[key] = compiled
         self._cache.move_to_end(key)
@@ -116,24 +97,41 @@ class GrammarCompiler:
             self._cache.popitem(last=False)
 
     def _compile(self, guide: Guide) -> Any:
-        if guide.type != "json" and not guide.value:
-            raise ValueError(f"guided_decoding_guide: empty; a {guide.type} guide needs a value")
-        try:
-            if guide.type == "json":
-                return self._compiler.compile_grammar(_json_schema_ebnf('{"type": "object"}', strict=False))
-            if guide.type == "json_schema":
-                schema = json.loads(guide.value)
-                if not isinstance(schema, dict):
-                    raise ValueError(f"a JSON schema is an object, not {type(schema).__name__}")
-                return self._compiler.compile_grammar(_json_schema_ebnf(guide.value))
-            if guide.type == "regex":
-                return self._compiler.compile_regex(guide.value)
-            return self._compiler.compile_grammar(guide.value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"guided_decoding_guide: not valid JSON ({exc})") from None
-        except (RuntimeError, ValueError, TypeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"guided_decoding_guide: invalid {guide.type} ({reason})") from None
+        return self._compiler.compile_grammar(_parse(guide))
+
+
+def check_guide(guide: Guide) -> None:
+    """ValueError naming ``guided_decoding_guide`` (or ``_type``) unless ``guide`` parses; no compilation."""
+    _parse(guide)
+
+
+def _parse(guide: Guide) -> Any:
+    """``guide`` as an xgrammar ``Grammar`` (the EBNF a schema or regex stands for, parsed); ValueError
+    naming the field when it is not one."""
+    import xgrammar as xgr
+
+    if guide.type not in GUIDE_TYPES:
+        raise ValueError(
+            f"guided_decoding_guide_type: {guide.type!r} must be one of {', '.join(GUIDE_TYPES)}"
+        )
+    if guide.type != "json" and not guide.value:
+        raise ValueError(f"guided_decoding_guide: empty; a {guide.type} guide needs a value")
+    try:
+        if guide.type == "json":
+            return xgr.Grammar.from_ebnf(_json_schema_ebnf('{"type": "object"}', strict=False))
+        if guide.type == "json_schema":
+            schema = json.loads(guide.value)
+            if not isinstance(schema, dict):
+                raise ValueError(f"a JSON schema is an object, not {type(schema).__name__}")
+            return xgr.Grammar.from_ebnf(_json_schema_ebnf(guide.value))
+        if guide.type == "regex":
+            return xgr.Grammar.from_regex(guide.value)
+        return xgr.Grammar.from_ebnf(guide.value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"guided_decoding_guide: not valid JSON ({exc})") from None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"guided_decoding_guide: invalid {guide.type} ({reason})") from None
 
 
 def _json_schema_ebnf(schema: str, strict: bool = True) -> str:

@@ -171,6 +171,7 @@ def test_tokens_text_and_refusals_equal_the_engine_in_this_process(engine_dir: P
             GenerationRequest("empty", [], greedy(4)),
             GenerationRequest("long", [1] * 10, greedy(250)),
             image_request(mc, "short", seed=3, image_grid_thw=torch.tensor([[1, 12, 10]])),
+            GenerationRequest("bad guide", [1, 2], greedy(4), guide=Guide("regex", "(unclosed")),
         ]
         for req in bad:
             with pytest.raises(ValueError) as in_process:
@@ -185,9 +186,9 @@ def test_tokens_text_and_refusals_equal_the_engine_in_this_process(engine_dir: P
         assert tokens(got["guided again"]) == tokens(expected["guided"])
         stats = ep.stats()
         assert stats.is_loop_running and stats.num_finished == 6 and stats.num_running == 0
-        # the grammar was compiled here once and loaded by the child, as the engine in process compiled it
+        # the guide was parsed here and compiled once by the child, as the engine in process compiled it
         assert stats.num_grammars_compiled == ex.stats().num_grammars_compiled == 1
-        assert ep._last_stats.num_grammars_compiled == 0  # the child's own count
+        assert ep._checks.num_grammars_compiled() == 0
         assert not ep.has_unfinished()
     finally:
         ep.stop(30)

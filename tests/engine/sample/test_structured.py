@@ -180,10 +180,33 @@ def test_a_schema_is_compiled_once(engine):
     ],
 )
 def test_bad_guides_are_rejected_naming_the_field(engine, guide, message):
+    """By the engine (which compiles the guide), and with the same message by `check_guide` (which only
+    parses it: what the engine process's parent runs before the request goes to its child)."""
+    from engine.sample.structured import check_guide
+
     with pytest.raises(ValueError) as info:
         engine.add_request(GenerationRequest("bad", [1, 2], SamplingParams(max_tokens=4), guide=guide))
     assert str(info.value).startswith(message), str(info.value)
     assert not engine.has_unfinished()
+    compiled = engine.grammar_compiler().num_compiled
+    with pytest.raises(ValueError) as parsed:
+        check_guide(guide)
+    assert str(parsed.value) == str(info.value)
+    check_guide(Guide("json_schema", json.dumps(INVOICE)))
+    assert engine.grammar_compiler().num_compiled == compiled  # parsing compiles nothing
+
+
+def test_warmup_makes_the_grammar_compiler_beside_it(engine_dir):
+    """The first guided request does not wait for the compiler's view of the vocabulary: `warmup` makes it
+    on a thread of its own."""
+    ex = LLMEngine.from_engine_dir(engine_dir)
+    assert ex.input_processor._grammar_compiler is None
+    ex.warmup()
+    for thread in threading.enumerate():
+        if thread.name == "glm-grammar-init":
+            thread.join(60)
+    assert ex.input_processor._grammar_compiler is not None
+    assert ex.grammar_compiler().num_compiled == 0
 
 
 def test_logprob_sequences_never_run_ahead_and_guided_ones_wait_for_their_last_token(engine):
@@ -399,29 +422,3 @@ def test_prepared_masks_equal_masks_filled_after_the_tokens(engine):
     logits = torch.zeros(3, vocab_size)
     masks.apply(logits, want)
     assert bool(torch.isinf(logits[0]).any()) and not bool(torch.isinf(logits[1]).any())
-
-
-def test_a_serialized_grammar_loads_in_another_compiler_and_gives_the_same_masks(engine):
-    """`serialize` in one compiler, `load` in another of the same tokenizer (the engine process's parent and
-    child): the second compiles nothing and its grammar masks each prefix as the first's does."""
-    from engine.sample.structured import GrammarCompiler, GrammarMasks, GrammarState
-
-    guide = Guide("json_schema", json.dumps(INVOICE))
-    here = engine.grammar_compiler()
-    mc = engine.model_config
-    there = GrammarCompiler(engine.tokenizer, mc.vocab_size, mc.eos_token_ids)
-    there.load(guide, here.serialize(guide))
-    there.load(guide, "not read: cached already")
-    assert there.compile(guide) is there.compile(guide) and there.num_compiled == 0
-    tokenizer = engine.tokenizer
-    text = '{"invoice_number": "INV-7", "total": 1'
-    ids = tokenizer.encode(text).ids if hasattr(tokenizer, "encode") else tokenizer(text)["input_ids"]
-    masks = GrammarMasks()
-    for cut in range(len(ids) + 1):
-        states = [GrammarState(here.compile(guide)), GrammarState(there.compile(guide))]
-        for state in states:
-            state.sync(ids[:cut])
-        filled = [
-            masks.fill(1, mc.vocab_size, [0], [state], pinned=False).bitmask.clone() for state in states
-        ]
-        assert torch.equal(*filled), cut
