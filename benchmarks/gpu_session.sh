@@ -74,7 +74,7 @@ if [ "$PART" = 1 ]; then
     tail -n 3 "$OUT/pytest_gpu.txt"
   fi
   if [ "$(left)" -gt 40 ]; then
-    timeout "$(left)" python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b'
+    timeout "$(left)" python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b|small copies'
   fi
 elif [ "$PART" = 2 ]; then
   if [ "${SOAK_MIN:-4}" != 0 ]; then
@@ -129,7 +129,7 @@ elif [ "$PART" = 6 ]; then
     --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
   # TTFT_PROBE=1: benchmarks.ttft_probe last, with what is left
   [ "${TTFT_PROBE:-0}" = 0 ] || [ "$(left)" -lt 60 ] || timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe \
-    --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b'
+    --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b|small copies'
 elif [ "$PART" = 7 ]; then
   # the end-to-end harness (as PART=1), then guided decoding inside the engine
   timeout 330 python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline --budget-s 320 \
@@ -143,7 +143,7 @@ elif [ "$PART" = 8 ]; then
   timeout 240 python3 -m pytest -q -m gpu tests/engine >"$OUT/pytest_gpu.txt" 2>&1
   tail -n 5 "$OUT/pytest_gpu.txt"
   [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
-    grep -E '^[0-9]|chunked|decode b'
+    grep -E '^[0-9]|chunked|decode b|small copies'
 elif [ "$PART" = 9 ]; then
   # inside the engine: a step's time under 32 x 1288x728 (STEP_VARIANTS: "name:EngineConfig fields" ...),
   # guided decoding's cost, then one request's first token and decode
@@ -151,7 +151,7 @@ elif [ "$PART" = 9 ]; then
   [ "${PROBE:-1}" = 0 ] || [ "$(left)" -lt 120 ] || timeout 110 python3 -m benchmarks.guided_probe \
     --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
   [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
-    grep -E '^[0-9]|chunked|decode b'
+    grep -E '^[0-9]|chunked|decode b|small copies'
 elif [ "$PART" = 10 ]; then
   budget=${HARNESS_BUDGET:-240}
   timeout $((budget + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline \
@@ -164,7 +164,7 @@ elif [ "$PART" = 10 ]; then
   fi
   step_probes
   [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
-    grep -E '^[0-9]|chunked|decode b'
+    grep -E '^[0-9]|chunked|decode b|small copies'
 elif [ "$PART" = 4 ]; then
   # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
   # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions

@@ -56,6 +56,29 @@ def _request(ex, mc, size: tuple[int, int], rid: str, gen: torch.Generator):
     )
 
 
+def _copy_behind_busy_gpu_ms() -> dict[str, float]:
+    """Host ms of `torch.tensor(list).to("cuda", non_blocking=True)` (pageable, and from pinned memory)
+    issued behind ~50 ms of queued matmuls, and of the matmuls' launch alone: a copy that waits for the
+    queue takes about as long as the queue."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    values = list(range(64))
+    out = {}
+    for name in ("none", "pageable", "pinned"):
+        torch.cuda.synchronize()
+        for _ in range(60):
+            a @ a
+        t = time.perf_counter()
+        if name == "pageable":
+            torch.tensor(values).to("cuda", non_blocking=True)
+        elif name == "pinned":
+            torch.tensor(values, pin_memory=True).to("cuda", non_blocking=True)
+        out[name] = round((time.perf_counter() - t) * 1e3, 3)
+        t = time.perf_counter()
+        torch.cuda.synchronize()
+        out[f"{name}_then_queue_drained"] = round((time.perf_counter() - t) * 1e3, 3)
+    return out
+
+
 def _decode_b1_ms(ex, req, loop: bool) -> float:
     """ms per token after the first of one request alone: stepped here, or by the engine's loop thread
     (``loop``; the time between its first and last outputs as its callback saw them)."""
@@ -270,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         ms = _decode_b1_ms(ex, GenerationRequest(f"d-{name}", ids, params), loop)
         res[f"decode_ms_per_token_b1_{name}"] = ms
         print(f"decode b1, context {args.context}, {name.replace('_', ' ')}: {ms:.3f} ms/token")
+
+    # does a small host list copied to the GPU with non_blocking wait for the work queued before it? (the
+    # engine's step inputs and sampling indices are copied so, from pageable memory, while a step runs)
+    if torch.cuda.is_available():
+        res["small_copy_behind_busy_gpu_ms"] = _copy_behind_busy_gpu_ms()
+        print(f"small copies behind a busy GPU: {json.dumps(res['small_copy_behind_busy_gpu_ms'])}")
 
     # decode at batch 32 (context ~300, the 448x448 load): ms per engine step once all are decoding
     for i in range(32):
