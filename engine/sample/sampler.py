@@ -166,6 +166,38 @@ class Sampler:
         self.record_logprobs(raw, seqs, token_ids)
         return token_ids
 
+    def warm_up(self, vocab_size: int, device: torch.device) -> None:
+        """Run each sampling path once on throw-away rows: greedy, `min_tokens`, seeded and unseeded draws
+        with top-k/top-p, penalties with logprobs, through the synchronous call and through `sample_ids`
+        (a step launched ahead). On a GPU the first launch of a kernel loads it, and that waits for
+        everything queued before it (~40 ms behind queued work on an H100): made here, at start, it is no
+        request's first token or a running stream's step that waits."""
+        from engine.core.sequence import Sequence
+
+        params = [
+            SamplingParams(max_tokens=4, temperature=0.0),
+            SamplingParams(max_tokens=4, temperature=0.0, min_tokens=4),
+            SamplingParams(max_tokens=4, temperature=0.8, top_k=20, top_p=0.9, seed=0),
+            SamplingParams(max_tokens=4, temperature=0.8),
+            SamplingParams(
+                max_tokens=4, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, logprobs=2
+            ),
+        ]
+        seqs = []
+        for i, sp in enumerate(params):
+            generator = None if sp.seed is None else torch.Generator(device=device).manual_seed(sp.seed)
+            seq = Sequence(f"__warmup_sampling_{i}__", [1, 2, 3], sp, generator=generator)
+            seq.token_ids.append(4)  # one output token: the penalties read the outputs too
+            seqs.append(seq)
+        logits = torch.zeros(len(seqs), vocab_size, device=device)
+        ahead = [seq for seq in seqs if self.can_run_ahead(seq)]  # the first rows
+        # the unseeded row draws from the global generator: its state is put back afterwards
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self(logits, seqs)
+            self.sample_ids(logits[: len(ahead)], ahead, ahead=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
     @staticmethod
     def can_run_ahead(seq: SamplingSeq) -> bool:
         """Whether a step of ``seq`` can be launched before its previous token is known on the host:

@@ -181,6 +181,21 @@ def test_sampling_ahead_never_waits_for_the_gpu():
     assert got[1].item() not in (EOS, 9)
 
 
+def test_warm_up_runs_every_path_and_leaves_requests_alone():
+    """`Sampler.warm_up` (the engine's warmup runs it, so that no request is the first to launch a
+    sampling kernel) goes through each path; the draws after it, seeded or from the global generator,
+    equal those of a sampler that never warmed up."""
+    warmed, fresh = Sampler([EOS]), Sampler([EOS])
+    logits = random_logits(2, seed=3)
+    seeded = SamplingParams(temperature=0.9, top_k=5, seed=11)
+    unseeded = SamplingParams(temperature=0.9, top_p=0.8)
+    torch.manual_seed(5)
+    want = fresh(logits, [make_seq(seeded), make_seq(unseeded)])
+    torch.manual_seed(5)
+    warmed.warm_up(VOCAB, torch.device("cpu"))
+    assert warmed(logits, [make_seq(seeded), make_seq(unseeded)]) == want
+
+
 def test_penalties_do_not_touch_other_rows():
     logits = random_logits(2)
     plain = make_seq(SamplingParams(temperature=0.0), output=(1, 2))
