@@ -36,12 +36,15 @@ Contract:
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+logger = logging.getLogger("glm-engine")
 
 if TYPE_CHECKING:
     from engine.sample.structured import GrammarMasks, GrammarState, PreparedMasks
@@ -169,7 +172,7 @@ class Sampler:
     def warm_up(self, vocab_size: int, device: torch.device) -> None:
         """Run each sampling path once on throw-away rows: greedy, `min_tokens`, seeded and unseeded draws
         with top-k/top-p, penalties with logprobs, through the synchronous call and through `sample_ids`
-        (a step launched ahead). On a GPU the first launch of a kernel loads it, and that waits for
+        (a step launched ahead), and an allow-all grammar mask. On a GPU the first launch of a kernel loads it, and that waits for
         everything queued before it (~40 ms behind queued work on an H100): made here, at start, it is no
         request's first token or a running stream's step that waits."""
         from engine.core.sequence import Sequence
@@ -195,8 +198,24 @@ class Sampler:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self(logits, seqs)
             self.sample_ids(logits[: len(ahead)], ahead, ahead=1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        self._warm_up_grammar_masks(logits, vocab_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @staticmethod
+    def _warm_up_grammar_masks(logits: torch.Tensor, vocab_size: int) -> None:
+        """Apply an allow-all grammar mask once (xgrammar's kernel; on a GPU its first use may also build
+        it), where xgrammar is installed; a failure is logged, never raised: guided requests then meet it
+        themselves."""
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            return
+        try:
+            bitmask = torch.full((1, -(-vocab_size // 32)), -1, dtype=torch.int32, device=logits.device)
+            xgr.apply_token_bitmask_inplace(logits[:1], bitmask, vocab_size=vocab_size)
+        except Exception as exc:
+            logger.warning("[glm-engine] grammar masks not warmed up (%s: %s)", type(exc).__name__, exc)
 
     @staticmethod
     def can_run_ahead(seq: SamplingSeq) -> bool:

@@ -181,7 +181,7 @@ def test_sampling_ahead_never_waits_for_the_gpu():
     assert got[1].item() not in (EOS, 9)
 
 
-def test_warm_up_runs_every_path_and_leaves_requests_alone():
+def test_warm_up_runs_every_path_and_leaves_requests_alone(caplog):
     """`Sampler.warm_up` (the engine's warmup runs it, so that no request is the first to launch a
     sampling kernel) goes through each path; the draws after it, seeded or from the global generator,
     equal those of a sampler that never warmed up."""
@@ -194,6 +194,7 @@ def test_warm_up_runs_every_path_and_leaves_requests_alone():
     torch.manual_seed(5)
     warmed.warm_up(VOCAB, torch.device("cpu"))
     assert warmed(logits, [make_seq(seeded), make_seq(unseeded)]) == want
+    assert "not warmed up" not in caplog.text  # the grammar mask's kernel ran too (xgrammar is installed)
 
 
 def test_penalties_do_not_touch_other_rows():
