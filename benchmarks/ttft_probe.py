@@ -260,19 +260,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for context in (32, args.context):
         ids = torch.randint(0, 150000, (context,), generator=gen).tolist()
-        ex.add_request(
-            GenerationRequest(
-                f"d{context}", ids, SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True)
-            )
-        )
-        ex.step()  # prefill + first token
-        _sync()
-        t = time.perf_counter()
-        n = 0
-        while ex.has_unfinished():
-            n += sum(len(o.new_token_ids) for o in ex.step())
-        _sync()
-        res[f"decode_ms_per_token_b1_context_{context}"] = (time.perf_counter() - t) / max(n, 1) * 1e3
+        params = SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True)
+        ms = _decode_b1_ms(ex, GenerationRequest(f"d{context}", ids, params), loop=False)
+        res[f"decode_ms_per_token_b1_context_{context}"] = ms
         print(
             f"decode b1, context {context}: {res[f'decode_ms_per_token_b1_context_{context}']:.3f} ms/token"
         )

@@ -136,24 +136,26 @@ class InputProcessor:
                     f"min_tokens: {req.sampling.min_tokens} must be 0 with guided_decoding_guide "
                     "(the grammar decides where the answer ends)"
                 )
-            if not self.compile_grammars:
-                if self.tokenizer is None:
-                    raise ValueError("guided_decoding_guide: this engine has no tokenizer to build a grammar")
-                check_guide(req.guide)
-            else:
+            if self.compile_grammars:
                 seq.grammar = GrammarState(self.grammar_compiler().compile(req.guide))
+            else:
+                self._require_tokenizer()
+                check_guide(req.guide)
         return seq
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The compiler of guided requests' grammars (one per engine, its cache keyed by guide)."""
         with self._lock:
             if self._grammar_compiler is None:
-                if self.tokenizer is None:
-                    raise ValueError("guided_decoding_guide: this engine has no tokenizer to build a grammar")
+                self._require_tokenizer()
                 self._grammar_compiler = GrammarCompiler(
                     self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
                 )
             return self._grammar_compiler
+
+    def _require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError("guided_decoding_guide: this engine has no tokenizer to build a grammar")
 
     def num_grammars_compiled(self) -> int:
         """Guides compiled to grammars since start (cached ones are not compiled again)."""

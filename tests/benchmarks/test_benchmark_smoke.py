@@ -176,15 +176,11 @@ def test_gateway_overhead_counts_every_chunk(tmp_path: Path) -> None:
     assert (tmp_path / "gateway_overhead.png").stat().st_size > 0
 
 
-def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
-    tiny_triton, tmp_path: Path
-) -> None:
-    """The harness's `followup_1288` sub-phase against the tiny engine: every question answered, the warm
-    ones from the cache, and each kind's Triton model stages, preprocessing stages and llm stages (read
-    from Triton's statistics and metrics around every request) in the record and the table."""
+def _serve_phase(tiny_triton, tmp_path: Path, phase: str) -> dict:
+    """The harness's serve record after running one sub-phase against the tiny engine."""
     import asyncio
 
-    from benchmarks.gpu_harness import Harness, clear_shared_resize_dirs, comparisons, serve_phases, table
+    from benchmarks.gpu_harness import Harness, serve_phases
 
     harness = Harness(tmp_path, budget_s=600, commit="abc1234")
     record: dict = {}
@@ -196,13 +192,25 @@ def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
                 "triton",
                 record,
                 tiny_triton.http_url,
-                {"followup_1288"},
+                {phase},
                 tiny_triton.admin_headers,
                 tiny_triton.metrics_url,
             )
         )
     finally:
         harness.log_file.close()
+    return record
+
+
+def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
+    tiny_triton, tmp_path: Path
+) -> None:
+    """The harness's `followup_1288` sub-phase against the tiny engine: every question answered, the warm
+    ones from the cache, and each kind's Triton model stages, preprocessing stages and llm stages (read
+    from Triton's statistics and metrics around every request) in the record and the table."""
+    from benchmarks.gpu_harness import clear_shared_resize_dirs, comparisons, table
+
+    record = _serve_phase(tiny_triton, tmp_path, "followup_1288")
     follow = record["followup_1288"]
     stages = ("inputs", "images", "template", "tokens", "positions", "outputs")
     for kind in ("cold", "warm"):
@@ -234,27 +242,9 @@ def test_harness_decode_b1_reports_the_engines_side(tiny_triton, tmp_path: Path)
     """The harness's `decode_b1` sub-phase against the tiny engine: two 128-token answers, and beside the
     client's ms per token what the server did meanwhile (read from the llm's metrics): at least one engine
     step per token, none launched ahead (no CUDA graphs on a CPU), the llm's mean inter-token time."""
-    import asyncio
+    from benchmarks.gpu_harness import comparisons, table
 
-    from benchmarks.gpu_harness import Harness, comparisons, serve_phases, table
-
-    harness = Harness(tmp_path, budget_s=600, commit="abc1234")
-    record: dict = {}
-    try:
-        asyncio.run(
-            serve_phases(
-                harness,
-                tiny_triton.grpc_url,
-                "triton",
-                record,
-                tiny_triton.http_url,
-                {"decode_b1"},
-                tiny_triton.admin_headers,
-                tiny_triton.metrics_url,
-            )
-        )
-    finally:
-        harness.log_file.close()
+    record = _serve_phase(tiny_triton, tmp_path, "decode_b1")
     b1 = record["decode_b1"]
     assert b1["requests"] == 2 and b1["output_tokens"] == [128, 128], b1["errors"]
     engine = b1["engine"]
