@@ -103,7 +103,7 @@ elif [ "$PART" = 6 ]; then
   # guided decoding inside the engine, then through Triton with VARIANTS ("name:extra glmv-build flags"
   # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change
   # (PROBE=0 skips the probe; VARIANT_PHASES, VARIANT_BUDGET (s per variant, 200; the server gets what
-  # is left of it past 120 s to start, at least 90), CACHE_OFF=0 as named; GPU_TESTS=<pytest path> runs
+  # is left of it past 120 s to start, at least 90), CACHE_OFF=0 as named (CACHE_OFF_PHASES: its sub-phases); GPU_TESTS=<pytest path> runs
   # those GPU tests first; VIT_BENCH=1 runs benchmarks.vit_attention_bench and STEP_VARIANTS
   # benchmarks.step_probe before them; TTFT_PROBE=1 runs benchmarks.ttft_probe after everything)
   [ "${VIT_BENCH:-0}" = 0 ] || timeout 120 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
@@ -126,7 +126,7 @@ elif [ "$PART" = 6 ]; then
   done
   [ "${CACHE_OFF:-1}" = 0 ] || timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
     --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
-    --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
+    --serve-phases "${CACHE_OFF_PHASES:-c32_1288,followup_1288,reuse_c32_1288,conversation_1288}" 2>&1 | grep -v '^\[c='
   # TTFT_PROBE=1: benchmarks.ttft_probe last, with what is left
   [ "${TTFT_PROBE:-0}" = 0 ] || [ "$(left)" -lt 60 ] || timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe \
     --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b|small copies'
@@ -178,7 +178,7 @@ elif [ "$PART" = 4 ]; then
 else
   timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
     --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
-    --serve-phases c32_1288,followup_1288,reuse_c32_1288,conversation_1288 2>&1 | grep -v '^\[c='
+    --serve-phases "${CACHE_OFF_PHASES:-c32_1288,followup_1288,reuse_c32_1288,conversation_1288}" 2>&1 | grep -v '^\[c='
 fi
 # One archive of everything written above, beside the short texts.
 parts=()
