@@ -186,6 +186,16 @@ class _Child:
     wire: Wire
 
 
+def _warm_up_guide_parser() -> None:
+    """Parse one guide, so that xgrammar is imported before a guided request needs it (``check_guide``)."""
+    from engine.sample.structured import Guide, check_guide
+
+    try:
+        check_guide(Guide("json"))
+    except Exception as exc:  # no xgrammar here: guided requests say so when they come
+        logger.info("[glm-engine] no guide parser at start (%s: %s)", type(exc).__name__, exc)
+
+
 class EngineProcess:
     def __init__(
         self,
@@ -220,6 +230,11 @@ class EngineProcess:
         self._past_totals = EngineStats()  # the counters of the children before this one
         self.num_restarts = 0
         self._restarter: threading.Thread | None = None
+        # xgrammar's import (~1 s) while the child starts, not in the first guided request's check
+        self.guide_parser_warmup = threading.Thread(
+            target=_warm_up_guide_parser, name="glm-guide-parser-init", daemon=True
+        )
+        self.guide_parser_warmup.start()
         self._child, ready = self._spawn()
         self.max_model_len = int(ready["max_model_len"])
         self.device = torch.device(ready["device"])

@@ -12,6 +12,8 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -193,6 +195,22 @@ def test_tokens_text_and_refusals_equal_the_engine_in_this_process(engine_dir: P
     finally:
         ep.stop(30)
     assert ep._process.returncode == 0 and not ep.is_running()
+
+
+def test_the_guide_parser_is_imported_while_the_child_starts(engine_dir: Path) -> None:
+    """xgrammar's import (~1 s) happens at start, not in the first guided request's check."""
+    script = (
+        "import sys\n"
+        "from engine.engine_process import EngineProcess\n"
+        "assert 'xgrammar' not in sys.modules\n"
+        f"ep = EngineProcess({str(engine_dir)!r}, warmup=False)\n"
+        "ep.guide_parser_warmup.join(60)\n"
+        "print('xgrammar' in sys.modules)\n"
+        "ep.stop(30)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
 
 
 def test_abort_and_stop_end_requests_with_abort(engine_dir: Path) -> None:
