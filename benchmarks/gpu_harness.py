@@ -334,11 +334,19 @@ async def serve_phases(
             with contextlib.suppress(Exception):
                 before = model_stats(http_url, admin_headers)
         stages_before = stage_reading()
+        engine_before = None
+        if metrics_url:  # the previous sub-phase's last reading waited for the llm's stats thread
+            with contextlib.suppress(Exception):
+                engine_before = metric_totals(metrics_url)
         try:
             record[name] = await asyncio.wait_for(coro_fn(), timeout=max(10.0, harness.left() - 15))
         except Exception as exc:
             record[name] = {"error": f"{type(exc).__name__}: {exc}"}
             harness.log(f"serve/{name}: FAILED {record[name]['error']}")
+        engine_after = await engine_reading()
+        if engine_before and engine_after and isinstance(record[name], dict):
+            # the engine over the whole sub-phase (steps, steps ahead, full garbage collections)
+            record[name].setdefault("engine", engine_delta(engine_before, engine_after))
         if before is not None:
             with contextlib.suppress(Exception):
                 record[name]["stages"] = stage_breakdown(before, model_stats(http_url, admin_headers))
@@ -769,6 +777,7 @@ def table(doc: dict) -> str:
                 # between two runs, the host's speed moved (compare throughput within one call only)
                 + f", preprocessing {((run.get('stages') or {}).get('preprocessing') or {}).get('compute_infer_ms', 0):.1f} ms/request"
                 + "".join(f", llm {stage} {ms:.2f}" for stage, ms in (run.get("llm_stages_ms") or {}).items())
+                + _gc_text(run.get("engine"))
             )
     lines += _structured_lines(serve)
     follow = serve.get("followup_1288") or {}
@@ -807,6 +816,13 @@ def table(doc: dict) -> str:
         else:
             lines.append(f"{name}: {run.get('error') or run.get('skipped') or 'not run'}")
     return "\n".join(lines)
+
+
+def _gc_text(engine: dict | None) -> str:
+    """ ", engine GC N (X ms)": the full garbage collections of the engine's process in a sub-phase."""
+    if not engine or engine.get("gc_full_collections") is None:
+        return ""
+    return f", engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms)"
 
 
 def _structured_lines(serve: dict) -> list[str]:

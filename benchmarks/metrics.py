@@ -204,6 +204,8 @@ ENGINE_TOTALS = (
     "glmv_engine_steps_ahead_total",
     "glmv_inter_token_latency_seconds_sum",
     "glmv_inter_token_latency_seconds_count",
+    "glmv_engine_gc_collections_total",
+    "glmv_engine_gc_seconds_total",
 )
 
 
@@ -225,7 +227,8 @@ def metric_totals(metrics_url: str, names: Sequence[str] = ENGINE_TOTALS) -> dic
 
 def engine_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float | int | None]:
     """What the engine did between two `metric_totals` readings: its steps, those launched ahead of the
-    host, and the mean time between two tokens of one request as the llm sent them."""
+    host, the mean time between two tokens of one request as the llm sent them, and the full garbage
+    collections of the engine's process (how many, ms in all: each stalls whatever thread it lands on)."""
     steps = int(after["glmv_engine_steps_total"] - before["glmv_engine_steps_total"])
     ahead = int(after["glmv_engine_steps_ahead_total"] - before["glmv_engine_steps_ahead_total"])
     count = after["glmv_inter_token_latency_seconds_count"] - before["glmv_inter_token_latency_seconds_count"]
@@ -235,6 +238,12 @@ def engine_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "steps_ahead": ahead,
         "ahead_fraction": round(ahead / steps, 3) if steps else None,
         "llm_itl_ms_mean": round(seconds / count * 1e3, 3) if count else None,
+        "gc_full_collections": int(
+            after["glmv_engine_gc_collections_total"] - before["glmv_engine_gc_collections_total"]
+        ),
+        "gc_full_ms": round(
+            (after["glmv_engine_gc_seconds_total"] - before["glmv_engine_gc_seconds_total"]) * 1e3, 3
+        ),
     }
 
 

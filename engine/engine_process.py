@@ -82,6 +82,8 @@ _COUNTERS = (
     "num_image_refs_held",
     "num_image_refs_read",
     "num_grammars_compiled",
+    "num_gc_full_collections",
+    "gc_full_seconds",
 )
 _PREFIX_COUNTERS = (
     "num_queried_tokens",

@@ -47,6 +47,7 @@ import torch
 
 from engine.config import EngineConfig, EngineDir, ModelConfig
 from engine.core.engine_core import EngineCore
+from engine.core.gc_watch import freeze_heap, gc_watch, unfreeze_heap
 from engine.core.sequence import Sequence
 from engine.core.stats import EngineStats
 from engine.processing.input_processor import InputProcessor
@@ -118,6 +119,8 @@ class LLMEngine:
             model_config, self.max_model_len, self.core.scheduler.check_prompt, device, tokenizer
         )
 
+        self._gc = gc_watch()
+        self._num_gc_frozen = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._seqs: dict[str, Sequence] = {}  # unfinished requests by id
@@ -260,6 +263,9 @@ class LLMEngine:
             image_cache_bytes=cache.num_bytes,
             num_image_refs_held=self.num_image_refs_held,
             num_image_refs_read=self.num_image_refs_read,
+            num_gc_full_collections=self._gc.num_full,
+            gc_full_seconds=self._gc.seconds,
+            num_gc_frozen_objects=self._num_gc_frozen,
             num_grammars_compiled=self.input_processor.num_grammars_compiled(),
         )
 
@@ -320,23 +326,32 @@ class LLMEngine:
     # -- loop thread ------------------------------------------------------------------------------------
 
     def start(self, callback: Callable[[list[RequestOutput]], None] | None = None) -> None:
-        """Run the step loop on a thread; ``callback(outputs)`` after each step that has outputs."""
+        """Run the step loop on a thread; ``callback(outputs)`` after each step that has outputs. What the
+        process holds by then (the model, its graphs, the imports) is frozen for the garbage collector
+        first (engine.core.gc_watch): a full collection then never walks it on the loop's thread."""
+        frozen = freeze_heap()  # outside the lock: a collection may run finalizers
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 raise RuntimeError("start: the loop thread is already running")
+            self._num_gc_frozen = frozen
             self._callback = callback
             self._is_stopping = False
             self._thread = threading.Thread(target=self._loop, name="glm-engine-loop", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the loop after its current step; unfinished requests end with "abort"."""
+        """Stop the loop after its current step; unfinished requests end with "abort". The heap frozen by
+        ``start`` is handed back to the collector (an engine made and dropped in a long-lived process must
+        not keep what it froze)."""
         with self._cond:
             thread = self._thread
             self._is_stopping = True
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        if self._num_gc_frozen:
+            unfreeze_heap()
+            self._num_gc_frozen = 0
 
     def _loop(self) -> None:
         stream = contextlib.nullcontext()

@@ -31,6 +31,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "engine_restarts": ("glmv_engine_restarts_total", "counter", ""),
     "engine_steps": ("glmv_engine_steps_total", "counter", ""),
     "engine_steps_ahead": ("glmv_engine_steps_ahead_total", "counter", ""),
+    "engine_gc": ("glmv_engine_gc_collections_total", "counter", ""),
+    "engine_gc_seconds": ("glmv_engine_gc_seconds_total", "counter", ""),
     "engine_finished": ("glmv_requests_finished_total", "counter", ""),  # label finish_reason
     # preprocessing model (:8002)
     "preprocess_latency": ("glmv_preprocess_latency_seconds", "histogram", ""),
@@ -222,6 +224,18 @@ def panels() -> list[dict[str, Any]]:
             [
                 (f"sum by (instance) (rate({m('engine_steps')}[{RATE}]))", "steps {{instance}}"),
                 (f"sum by (instance) (rate({m('engine_steps_ahead')}[{RATE}]))", "ahead {{instance}}"),
+            ],
+        ),
+        panel(
+            "Engine garbage collection",
+            "Full (generation 2) garbage collections of the engine's process per second, and the seconds per "
+            "second they take. Each one stalls the thread it lands on, the engine loop's included: every "
+            "stream waits. The process freezes what it holds when its loop starts, so one is counted then and "
+            "few should follow.",
+            "short",
+            [
+                (f"sum by (instance) (rate({m('engine_gc')}[{RATE}]))", "collections/s {{instance}}"),
+                (f"sum by (instance) (rate({m('engine_gc_seconds')}[{RATE}]))", "seconds/s {{instance}}"),
             ],
         ),
         panel(

@@ -52,3 +52,9 @@ class EngineStats:
     """Guided requests' guides compiled to grammars since start (a guide seen before is not compiled again)."""
     num_engine_restarts: int = 0
     """New engine processes started after one died (``engine.engine_process``; 0 in process)."""
+    num_gc_full_collections: int = 0
+    """Full (generation 2) garbage collections in the engine's process since it started (engine.core.gc_watch)."""
+    gc_full_seconds: float = 0.0
+    """Seconds those collections took."""
+    num_gc_frozen_objects: int = 0
+    """Objects the engine's process froze when its loop started (a full collection does not walk them)."""

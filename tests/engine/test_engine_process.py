@@ -188,6 +188,8 @@ def test_tokens_text_and_refusals_equal_the_engine_in_this_process(engine_dir: P
         assert tokens(got["guided again"]) == tokens(expected["guided"])
         stats = ep.stats()
         assert stats.is_loop_running and stats.num_finished == 6 and stats.num_running == 0
+        # the child froze its heap when its loop started, after one full collection
+        assert stats.num_gc_frozen_objects > 10_000 and stats.num_gc_full_collections >= 1
         # the guide was parsed here and compiled once by the child, as the engine in process compiled it
         assert stats.num_grammars_compiled == ex.stats().num_grammars_compiled == 1
         assert ep._checks.num_grammars_compiled() == 0

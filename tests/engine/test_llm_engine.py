@@ -557,3 +557,33 @@ def test_cuda_vision_stream_runs_beside_decodes_and_gives_reference_tokens(tiny_
     rest = run_to_end(ex)
     assert rest["gone"][-1].finish_reason == "abort" and rest["busy"][-1].finish_reason == "length"
     assert ex.core.vision.inflight is None and ex.block_manager.num_used_blocks == 0
+
+
+def test_stats_count_full_collections_and_the_loop_runs_on_a_frozen_heap(model, model_config):
+    """Every full garbage collection of the process is counted and timed; starting the loop collects
+    once and freezes what the process holds (a full collection then skips it), stopping hands it back."""
+    import gc
+
+    ex = make_engine(model, model_config)
+    before = ex.stats()
+    gc.collect()
+    after = ex.stats()
+    assert after.num_gc_full_collections == before.num_gc_full_collections + 1
+    assert after.gc_full_seconds > before.gc_full_seconds
+    assert after.num_gc_frozen_objects == 0
+    ex.start()
+    try:
+        frozen = ex.stats().num_gc_frozen_objects
+        assert frozen == gc.get_freeze_count() > 10_000
+        assert ex.stats().num_gc_full_collections == after.num_gc_full_collections + 1
+        req = GenerationRequest("after freeze", prompt(9, 4), greedy(5, ignore_eos=True))
+
+        async def collect():
+            return [o async for o in ex.generate(req)]
+
+        outs = asyncio.run(collect())
+        expected = reference_greedy(model, model_config, req.prompt_token_ids, 5, ignore_eos=True)
+        assert tokens(outs) == expected
+    finally:
+        ex.stop(30)
+    assert gc.get_freeze_count() == 0 and ex.stats().num_gc_frozen_objects == 0

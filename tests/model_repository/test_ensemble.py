@@ -365,6 +365,9 @@ def test_metrics_are_exported(server) -> None:
     assert wait_for_metric(server, "glmv_engine_steps_total", 'model="llm"', above=0) > 0
     # no CUDA graphs on a CPU: every decode step waits for the previous one's tokens
     assert metric(server, "glmv_engine_steps_ahead_total", 'model="llm"') == 0
+    # the engine's process collects once when its loop starts, then freezes what it holds
+    assert wait_for_metric(server, "glmv_engine_gc_collections_total", 'model="llm"', above=0) >= 1
+    assert metric(server, "glmv_engine_gc_seconds_total", 'model="llm"') > 0
     # one series per llm instance (one instance per GPU must not overwrite another's gauges)
     labels = 'kv_cache_block_type="max",model="llm",model_instance="llm_0_0"'
     assert metric(server, "nv_trt_llm_kv_cache_block_metrics", labels) > 0

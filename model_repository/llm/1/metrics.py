@@ -40,6 +40,8 @@ ENGINE_COUNTERS = {
     "glmv_engine_restarts_total": "New engine processes started after one died (engine_process)",
     "glmv_engine_steps_total": "Engine steps run (each a forward of the batch the scheduler picked)",
     "glmv_engine_steps_ahead_total": "Decode steps launched before the previous step's tokens were read",
+    "glmv_engine_gc_collections_total": "Full (generation 2) garbage collections in the engine's process",
+    "glmv_engine_gc_seconds_total": "Seconds the engine's process spent in full garbage collections",
 }
 
 
@@ -138,6 +140,8 @@ class LlmMetrics:
             ("glmv_engine_restarts_total", stats.num_engine_restarts),
             ("glmv_engine_steps_total", stats.num_steps),
             ("glmv_engine_steps_ahead_total", stats.num_steps_ahead),
+            ("glmv_engine_gc_collections_total", stats.num_gc_full_collections),
+            ("glmv_engine_gc_seconds_total", stats.gc_full_seconds),
         ):
             counter = self.engine_counters[name]
             if total > counter[1]:
