@@ -346,7 +346,7 @@ async def serve_phases(
         engine_after = await engine_reading()
         if engine_before and engine_after and isinstance(record[name], dict):
             # the engine over the whole sub-phase (steps, steps ahead, full garbage collections)
-            record[name].setdefault("engine", engine_delta(engine_before, engine_after))
+            record[name]["engine"] = engine_delta(engine_before, engine_after)
         if before is not None:
             with contextlib.suppress(Exception):
                 record[name]["stages"] = stage_breakdown(before, model_stats(http_url, admin_headers))
@@ -380,16 +380,13 @@ async def serve_phases(
         return None
 
     async def decode_b1():
-        """ms per token of one stream at the client; ``engine``: the same stretch inside the server (the
-        llm's mean inter-token time, the engine's steps and the share launched ahead of the host)."""
+        """ms per token of one stream at the client (`sub` adds ``engine``: the same stretch inside the
+        server, the llm's mean inter-token time, the engine's steps and the share launched ahead)."""
         params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
-        before = await engine_reading()
         recs = [r for r in await _sequential(target, corpora["1288"], params, 2)]
-        after = await engine_reading()
         ok = [r for r in recs if r.is_ok and r.num_output_tokens > 1]
         per_req = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) * 1e3 for r in ok]
         return {
-            "engine": engine_delta(before, after) if before and after else None,
             "requests": len(ok),
             "errors": [r.error for r in recs if r.error][:3],
             "ms_per_token": round(sorted(per_req)[len(per_req) // 2], 3) if per_req else None,

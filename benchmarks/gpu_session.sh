@@ -103,9 +103,10 @@ elif [ "$PART" = 6 ]; then
   # guided decoding inside the engine, then through Triton with VARIANTS ("name:extra glmv-build flags"
   # ...) on structured_c32 and c32_448, then the caches off on the sub-phases they change
   # (PROBE=0 skips the probe; VARIANT_PHASES, VARIANT_BUDGET (s per variant, 200; the server gets what
-  # is left of it past 120 s to start, at least 90), CACHE_OFF=0 as named (CACHE_OFF_PHASES: its sub-phases); GPU_TESTS=<pytest path> runs
-  # those GPU tests first; VIT_BENCH=1 runs benchmarks.vit_attention_bench and STEP_VARIANTS
-  # benchmarks.step_probe before them; TTFT_PROBE=1 runs benchmarks.ttft_probe after everything)
+  # is left of it past 120 s to start, at least 90), CACHE_OFF=0 as named (CACHE_OFF_PHASES: its
+  # sub-phases); GPU_TESTS=<pytest path> runs those GPU tests first; VIT_BENCH=1 runs
+  # benchmarks.vit_attention_bench and STEP_VARIANTS benchmarks.step_probe before them; TTFT_PROBE=1
+  # runs benchmarks.ttft_probe after everything)
   [ "${VIT_BENCH:-0}" = 0 ] || timeout 120 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
   step_probes
   if [ -n "${GPU_TESTS:-}" ]; then

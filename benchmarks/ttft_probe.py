@@ -169,6 +169,20 @@ def _step_times_ms(ex, req) -> list[float]:
     return times
 
 
+def _profiled_step(ex, req, path: Path) -> tuple[float, float]:
+    """``req`` run to its end under torch's profiler (`_first_step_ms`); its tables (by host time, then by
+    GPU time) written to ``path``. Returns (host ms, GPU ms) of the profiled events."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        _first_step_ms(ex, req)
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+    path.write_text(table + "\n" + events.table(sort_by="self_cuda_time_total", row_limit=25))
+    cpu_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+    return cpu_ms, sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+
+
 def _vit_graphs(ex, pixels: torch.Tensor, grid: torch.Tensor) -> dict:
     """The ViT call eager and replayed from a CUDA graph (VisionEncoder.enable_cuda_graphs): both times
     and the graph's largest difference from eager. The engine's own setting is restored afterwards."""
@@ -234,21 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         req = _request(ex, mc, size, "vit", gen)
         pixels = ex.runner.patch_normalizer(req.image_pixels, req.image_grid_thw)
         graphs = _vit_graphs(ex, pixels, req.image_grid_thw)
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        ) as prof:
-            _first_step_ms(ex, _request(ex, mc, size, "prof", gen))
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
-        (args.out / f"ttft_profile_{size_text}.txt").write_text(table)
-        events = prof.key_averages()
+        cpu_ms, cuda_ms = _profiled_step(
+            ex, _request(ex, mc, size, "prof", gen), args.out / f"ttft_profile_{size_text}.txt"
+        )
         res["sizes"][size_text] = {
             "first_step_ms": sorted(times)[len(times) // 2],
             "first_step_eager_prefill_ms": sorted(eager)[len(eager) // 2],
             "prefill_graphs": prefill_graphs is not None,
             **graphs,
-            "profiled_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
-            "profiled_cuda_ms": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3,
+            "profiled_cpu_ms": cpu_ms,
+            "profiled_cuda_ms": cuda_ms,
             "prompt_tokens": len(req.prompt_token_ids),
         }
         # a follow-up question about an image seen once: its prefix (the image included) is cached
@@ -259,13 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             warm.append(_first_step_ms(ex, _follow_up(first, f"f{i}b", gen)))
         first = _request(ex, mc, size, "fprof", gen)
         _first_step_ms(ex, first)
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        ) as prof:
-            _first_step_ms(ex, _follow_up(first, "fprof-b", gen))
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
-        (args.out / f"ttft_profile_followup_{size_text}.txt").write_text(table)
+        _profiled_step(
+            ex, _follow_up(first, "fprof-b", gen), args.out / f"ttft_profile_followup_{size_text}.txt"
+        )
         res["sizes"][size_text]["follow_up_first_step_ms"] = sorted(warm)[1]
         # the same, as the server runs it: the image's hash given, the follow-up without pixels
         served = []
@@ -296,16 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         chunked[f"budget_{budget}_step_ms"] = _step_times_ms(
             ex, _request(ex, mc, (1288, 728), f"cs{budget}", gen)
         )
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        ) as prof:
-            _first_step_ms(ex, _request(ex, mc, (1288, 728), f"cp{budget}", gen))
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
-        (args.out / f"ttft_profile_chunked_{budget}.txt").write_text(table)
-        events = prof.key_averages()
-        chunked[f"budget_{budget}_profiled_cuda_ms"] = (
-            sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+        _, chunked[f"budget_{budget}_profiled_cuda_ms"] = _profiled_step(
+            ex,
+            _request(ex, mc, (1288, 728), f"cp{budget}", gen),
+            args.out / f"ttft_profile_chunked_{budget}.txt",
         )
     ex.scheduler.max_num_batched_tokens = ex.engine_config.max_num_batched_tokens
     chunked["ratio"] = chunked["budget_512_ms"] / chunked["budget_2048_ms"]

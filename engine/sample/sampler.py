@@ -172,9 +172,9 @@ class Sampler:
     def warm_up(self, vocab_size: int, device: torch.device) -> None:
         """Run each sampling path once on throw-away rows: greedy, `min_tokens`, seeded and unseeded draws
         with top-k/top-p, penalties with logprobs, through the synchronous call and through `sample_ids`
-        (a step launched ahead), and an allow-all grammar mask. On a GPU the first launch of a kernel loads it, and that waits for
-        everything queued before it (~40 ms behind queued work on an H100): made here, at start, it is no
-        request's first token or a running stream's step that waits."""
+        (a step launched ahead), and an allow-all grammar mask. On a GPU the first launch of a kernel
+        loads it, and that waits for everything queued before it (~40 ms behind queued work on an H100):
+        made here, at start, it is no request's first token or a running stream's step that waits."""
         from engine.core.sequence import Sequence
 
         params = [
