@@ -44,17 +44,34 @@ class _StepRecorder:
 
     def __init__(self, ex) -> None:
         self.steps: list[tuple[str, float]] = []
+        # every step's (ms, kind, the runner's path, its shape, whether a ViT graph was captured in it)
+        self.records: list[dict] = []
         self.parts: collections.defaultdict[str, float] = collections.defaultdict(float)
         self.kind = "idle"
+        self.path = ""
+        self.shape: dict = {}
         core, runner = ex.core, ex.runner
         step = core.step
 
         def timed_step(new_seqs, aborted):
-            self.kind = "idle"
+            self.kind, self.path, self.shape = "idle", "", {}
+            captures = vision_graphs_held(ex)
+            before = {part: self.parts[part] for part in ("vision", "execute")}
             started = time.perf_counter()
             outputs = step(new_seqs, aborted)
+            ms = (time.perf_counter() - started) * 1e3
             kind = "ahead" if self.kind == "idle" and core.pending is not None else self.kind
-            self.steps.append((kind, (time.perf_counter() - started) * 1e3))
+            self.steps.append((kind, ms))
+            self.records.append(
+                {
+                    "ms": round(ms, 3),
+                    "kind": kind,
+                    "path": self.path or ("decode_graph" if kind == "ahead" else ""),
+                    **self.shape,
+                    **{f"{part}_ms": round(self.parts[part] - ms0, 3) for part, ms0 in before.items()},
+                    "vit_capture": bool(vision_graphs_held(ex) - captures),
+                }
+            )
             return outputs
 
         core.step = timed_step
@@ -81,6 +98,30 @@ class _StepRecorder:
                 self.kind = "mixed"
             else:
                 self.kind = "prompt_only"
+            chunks = [(seq, n) for seq, n in zip(out.seqs, counts, strict=True) if n > 1]
+            self.path = "eager"  # unless a graph below runs it
+            self.shape = {
+                "decodes": len(counts) - len(chunks),
+                "chunks": len(chunks),
+                "chunk_tokens": sum(n for _, n in chunks),
+                "max_context": max((seq.num_computed_tokens + n for seq, n in chunks), default=0),
+            }
+
+        def labelled(obj, name: str, path: str) -> None:  # sets the path when it ran the step
+            inner = getattr(obj, name)
+
+            def run(*args, **kwargs):
+                result = inner(*args, **kwargs)
+                if result is not None and self.path == "eager":
+                    self.path = path
+                return result
+
+            setattr(obj, name, run)
+
+        if runner.graphs is not None:
+            labelled(runner.graphs, "run", "decode_graph")
+        if runner.prefill_graphs is not None:
+            labelled(runner, "_execute_split", "split_graph")
 
         timer(core.vision, "step", "vision")
         timer(core.scheduler, "schedule", "schedule")
@@ -95,7 +136,11 @@ class _StepRecorder:
 
     def take(self) -> dict:
         steps, self.steps = self.steps, []
+        records, self.records = self.records, []
         parts, self.parts = dict(self.parts), collections.defaultdict(float)
+        by_path: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
+        for r in records:
+            by_path[f"{r['kind']}/{r['path']}" + ("+vit_capture" if r["vit_capture"] else "")].append(r["ms"])
         kinds = sorted({k for k, _ in steps})
         total = sum(ms for _, ms in steps)
         return {
@@ -107,6 +152,12 @@ class _StepRecorder:
                 }
                 for k in kinds
             },
+            # by the runner's path: decode_graph, split_graph (prefill, context and mixed-step graphs) or
+            # eager; "+vit_capture": a ViT graph was captured in the step
+            "step_ms_by_path": {
+                k: {"count": len(v), **_percentiles(v), "max": max(v)} for k, v in sorted(by_path.items())
+            },
+            "slowest_steps": sorted(records, key=lambda r: r["ms"], reverse=True)[:12],
             "step_wall_ms_total": round(total, 1),
             "host_ms_by_part": {k: round(v, 1) for k, v in sorted(parts.items())},
         }
@@ -122,6 +173,17 @@ def allocator_counts(device: str) -> dict:
         return {}
     stats = torch.cuda.memory_stats()
     return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
+
+
+def vision_graphs_held(ex) -> set:
+    """The keys of the ViT CUDA graphs (whole-tower and block-range) the engine holds now (empty without)."""
+    visual = ex.runner.model.visual
+    return {
+        (i, key)
+        for i, g in enumerate((visual.graphs, visual.segment_graphs))
+        if g is not None
+        for key in g.entries
+    }
 
 
 def vision_graph_counts(ex) -> dict:
@@ -254,6 +316,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     for kind, d in e["step_ms_by_kind"].items():
         print(f"  steps {kind}: {d['count']}, P50 {d.get('p50')} ms, mean {d.get('mean')} ms")
+    for path, d in e["step_ms_by_path"].items():
+        print(
+            f"  steps by path {path}: {d['count']}, P50/P99 {d.get('p50')}/{d.get('p99')} ms, max {d.get('max')}"
+        )
+    for r in e["slowest_steps"][:6]:
+        print(f"  slow step: {r}")
     print(f"  host ms by part (of {e['step_wall_ms_total']} ms of steps): {e['host_ms_by_part']}")
     if profiled:
         print(

@@ -30,3 +30,16 @@ def test_step_probe_cpu_smoke(tmp_path: Path) -> None:
     assert 0 < parts["vision: encode_images"] <= parts["vision"]
     assert res["gpu_window"] == {}  # no GPU to profile
     assert res["allocator"] == {} and res["vision_graphs"] == {}  # no CUDA allocator, no ViT graphs on CPU
+    # the same steps by the runner's path (no graphs on CPU: every synchronous step runs eagerly), and the
+    # slowest of them with their shapes
+    by_path = engine["step_ms_by_path"]
+    assert sum(p["count"] for p in by_path.values()) == engine["steps"]
+    assert {k.split("/")[1] for k in by_path if not k.startswith(("idle/", "ahead/"))} == {"eager"}
+    slowest = engine["slowest_steps"]
+    assert 0 < len(slowest) <= 12 and slowest[0]["ms"] == max(p["max"] for p in by_path.values())
+    assert [r["ms"] for r in slowest] == sorted((r["ms"] for r in slowest), reverse=True)
+    mixed = [r for r in slowest if r["kind"] in ("mixed", "prompt_only")]
+    assert all(
+        r["chunks"] >= 1 and r["chunk_tokens"] >= 2 and r["max_context"] >= r["chunk_tokens"] for r in mixed
+    )
+    assert not any(r["vit_capture"] for r in slowest)
