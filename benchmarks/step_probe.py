@@ -47,6 +47,7 @@ class _StepRecorder:
         # every step's (ms, kind, the runner's path, its shape, whether a ViT graph was captured in it)
         self.records: list[dict] = []
         self.parts: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.started = time.perf_counter()
         self.kind = "idle"
         self.path = ""
         self.shape: dict = {}
@@ -57,14 +58,20 @@ class _StepRecorder:
             self.kind, self.path, self.shape = "idle", "", {}
             captures = vision_graphs_held(ex)
             before = {part: self.parts[part] for part in ("vision", "execute")}
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             outputs = step(new_seqs, aborted)
             ms = (time.perf_counter() - started) * 1e3
+            cpu_ms = (time.thread_time() - cpu_started) * 1e3
             kind = "ahead" if self.kind == "idle" and core.pending is not None else self.kind
             self.steps.append((kind, ms))
             self.records.append(
                 {
+                    "t_s": round(started - self.started, 3),  # since the recorder was made or last taken
                     "ms": round(ms, 3),
+                    # the stepping thread's CPU time: far below ``ms`` when it waited for the GIL or was
+                    # not scheduled (a wait for the GPU spins, so it counts here)
+                    "cpu_ms": round(cpu_ms, 3),
+                    "new": len(new_seqs),
                     "kind": kind,
                     "path": self.path or ("decode_graph" if kind == "ahead" else ""),
                     **self.shape,
@@ -137,6 +144,7 @@ class _StepRecorder:
     def take(self) -> dict:
         steps, self.steps = self.steps, []
         records, self.records = self.records, []
+        self.started = time.perf_counter()
         parts, self.parts = dict(self.parts), collections.defaultdict(float)
         by_path: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
         for r in records:

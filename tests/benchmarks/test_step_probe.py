@@ -43,3 +43,6 @@ def test_step_probe_cpu_smoke(tmp_path: Path) -> None:
         r["chunks"] >= 1 and r["chunk_tokens"] >= 2 and r["max_context"] >= r["chunk_tokens"] for r in mixed
     )
     assert not any(r["vit_capture"] for r in slowest)
+    # when each ran (seconds into the measured loop), what it cost the stepping thread, what joined in it
+    assert all(0 <= r["t_s"] <= res["wall_s"] + 1 and 0 <= r["cpu_ms"] for r in slowest)
+    assert all(r["new"] >= 0 for r in slowest)
