@@ -816,10 +816,14 @@ def table(doc: dict) -> str:
 
 
 def _gc_text(engine: dict | None) -> str:
-    """ ", engine GC N (X ms)": the full garbage collections of the engine's process in a sub-phase."""
+    """ ", llm ITL P50/P99 A/B ms, engine GC N (X ms)": the tokens' gaps as the llm sent them (before the
+    ensemble and the client) and the full garbage collections of the engine's process in a sub-phase."""
     if not engine or engine.get("gc_full_collections") is None:
         return ""
-    return f", engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms)"
+    itl = ""
+    if engine.get("llm_itl_ms_p99") is not None:
+        itl = f", llm ITL P50/P99 {engine['llm_itl_ms_p50']:.1f}/{engine['llm_itl_ms_p99']:.1f} ms"
+    return f"{itl}, engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms)"
 
 
 def _structured_lines(serve: dict) -> list[str]:

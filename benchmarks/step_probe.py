@@ -10,9 +10,13 @@ TTFT and ITL inside the engine, and the same over the steady state (the requests
 burst that ended before the last one was sent); per engine step by
 kind (a decode step launched one ahead; a synchronous decode-only, mixed (decodes and prompt chunks) or
 prompt-only step) its count and wall time; the host time of the step's parts (vision queue, scheduling,
-the runner's execute, which includes waiting for the GPU's tokens, applying the tokens, outputs); and, over
-a window of ``--profile-s`` seconds in the middle, the GPU's busy time (kernels and copies) against the
-wall time. Writes step_probe.json.
+the runner's execute, which includes waiting for the GPU's tokens, applying the tokens, outputs); each
+step's path (a decode graph, the split/mixed graphs or eager), shape, start time and the stepping thread's
+CPU time, by path and the slowest steps listed; and, over a window of ``--profile-s`` seconds in the
+middle, the GPU's busy time (kernels and copies) against the wall time. The profiler's start and stop
+stall the engine's thread for up to ~0.6 s (its events are read only after the run): the steps that
+overlap its window are kept out of the by-kind figures and marked in the others, but the run's TTFT and
+ITL include them, so ``--profile-s 0`` gives the clean latency figures. Writes step_probe.json.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class _StepRecorder:
         self.records: list[dict] = []
         self.parts: collections.defaultdict[str, float] = collections.defaultdict(float)
         self.started = time.perf_counter()
+        self.profiled: tuple[float, float] | None = None  # the profiler's window, s since started
         self.kind = "idle"
         self.path = ""
         self.shape: dict = {}
@@ -141,27 +146,41 @@ class _StepRecorder:
         timer(runner, "start_images", "vision: start_images")
         timer(runner, "advance_images", "vision: advance_images")
 
+    def set_profiled(self, began: float, ended: float) -> None:
+        """The profiler ran from ``began`` to ``ended`` (perf_counter): the steps that overlap it are
+        marked (its start and stop take the GIL and the GPU's counters) and kept apart by `take`."""
+        self.profiled = (began - self.started, ended - self.started)
+
     def take(self) -> dict:
         steps, self.steps = self.steps, []
         records, self.records = self.records, []
+        profiled, self.profiled = self.profiled, None
         self.started = time.perf_counter()
         parts, self.parts = dict(self.parts), collections.defaultdict(float)
         by_path: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
         for r in records:
-            by_path[f"{r['kind']}/{r['path']}" + ("+vit_capture" if r["vit_capture"] else "")].append(r["ms"])
-        kinds = sorted({k for k, _ in steps})
+            r["profiled"] = profiled is not None and (
+                r["t_s"] < profiled[1] and r["t_s"] + r["ms"] / 1e3 > profiled[0]
+            )
+            key = f"{r['kind']}/{r['path']}" + ("+vit_capture" if r["vit_capture"] else "")
+            by_path[key + ("+profiled" if r["profiled"] else "")].append(r["ms"])
+        # by kind, the steps that overlapped the profile's window left out
+        kept = [(r["kind"], r["ms"]) for r in records if not r["profiled"]]
+        kinds = sorted({k for k, _ in kept})
         total = sum(ms for _, ms in steps)
         return {
             "steps": len(steps),
+            "steps_profiled": len(steps) - len(kept),
             "step_ms_by_kind": {
                 k: {
-                    "count": sum(1 for kind, _ in steps if kind == k),
-                    **_percentiles([ms for kind, ms in steps if kind == k]),
+                    "count": sum(1 for kind, _ in kept if kind == k),
+                    **_percentiles([ms for kind, ms in kept if kind == k]),
                 }
                 for k in kinds
             },
             # by the runner's path: decode_graph, split_graph (prefill, context and mixed-step graphs) or
-            # eager; "+vit_capture": a ViT graph was captured in the step
+            # eager; "+vit_capture": a ViT graph was captured in the step; "+profiled": the step overlapped
+            # the GPU profile's window
             "step_ms_by_path": {
                 k: {"count": len(v), **_percentiles(v), "max": max(v)} for k, v in sorted(by_path.items())
             },
@@ -209,19 +228,28 @@ def vision_graph_counts(ex) -> dict:
     return out
 
 
-def gpu_busy(duration_s: float, host_ops: bool = False) -> dict:
-    """The GPU's busy time (kernels and copies, all streams) over ``duration_s`` of wall time, and the
-    kernels that took most of it; with ``host_ops`` also the host calls (torch ops, CUDA runtime calls)
-    that took most host time (the profile then slows the host itself, so the busy share is not
-    comparable with a run without)."""
+def profile_window(duration_s: float, host_ops: bool = False):
+    """Profile the GPU (and with ``host_ops`` the host calls) over ``duration_s`` of wall time; returns
+    (the profile, the wall seconds, when it began and when it ended: perf_counter). Its events are read
+    by `gpu_busy` later: reading them takes the GIL for seconds, which would stall the engine's loop
+    thread in the middle of the run it measures."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host_ops else [])
+    began = time.perf_counter()
     with profile(activities=activities) as prof:
         started = time.perf_counter()
         time.sleep(duration_s)
         torch.cuda.synchronize()
         wall = time.perf_counter() - started
+    return prof, wall, began, time.perf_counter()
+
+
+def gpu_busy(prof, wall: float, host_ops: bool = False) -> dict:
+    """The GPU's busy time (kernels and copies, all streams) over a `profile_window` of ``wall`` seconds,
+    and the kernels that took most of it; with ``host_ops`` also the host calls (torch ops, CUDA runtime
+    calls) that took most host time (the profile then slows the host itself, so the busy share is not
+    comparable with a run without)."""
     averages = prof.key_averages()
     busy_us = sum(e.self_device_time_total for e in averages)
     top = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:15]
@@ -295,11 +323,12 @@ def _run(args: argparse.Namespace) -> int:
     closed_loop(ex, build, 2, 0.1)  # warm: the shapes of a few first steps
     recorder.take()
     profiled: dict = {}
+    window_taken: list = []  # (profile, wall s, began, ended), read after the run
     if args.device == "cuda" and args.profile_s > 0:
 
         def window() -> None:
             time.sleep(args.duration / 2)
-            profiled.update(gpu_busy(args.profile_s, args.host_ops))
+            window_taken.append(profile_window(args.profile_s, args.host_ops))
 
         profiler = threading.Thread(target=window, daemon=True)
         profiler.start()
@@ -308,6 +337,10 @@ def _run(args: argparse.Namespace) -> int:
     allocator = allocator_counts(args.device)
     res = closed_loop(ex, request, args.concurrency, args.duration)
     faulthandler.cancel_dump_traceback_later()
+    if window_taken:
+        prof, wall, began, ended = window_taken[0]
+        recorder.set_profiled(began, ended)
+        profiled.update(gpu_busy(prof, wall, args.host_ops))
     res["engine"] = recorder.take()
     res["allocator"] = {k: v - allocator[k] for k, v in allocator_counts(args.device).items()}
     res["vision_graphs"] = vision_graph_counts(ex)
@@ -324,6 +357,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     for kind, d in e["step_ms_by_kind"].items():
         print(f"  steps {kind}: {d['count']}, P50 {d.get('p50')} ms, mean {d.get('mean')} ms")
+    if e["steps_profiled"]:
+        print(f"  ({e['steps_profiled']} steps overlapped the GPU profile's window: by path only)")
     for path, d in e["step_ms_by_path"].items():
         print(
             f"  steps by path {path}: {d['count']}, P50/P99 {d.get('p50')}/{d.get('p99')} ms, max {d.get('max')}"

@@ -75,3 +75,50 @@ def test_steady_state_drops_the_opening_burst_and_measures_its_own_window() -> N
     assert row["requests"] == 3 and row["window_s"] == 3.0  # from 5.0 to the last finish at 8.0
     assert row["output_tok_s"] == 10.0 and row["ttft_ms"]["p50"] == 300.0
     assert steady_state(burst + later[:1], concurrency=2) is None  # fewer than 2 after the burst
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    from benchmarks.metrics import histogram_quantile
+
+    buckets = {0.01: 10.0, 0.02: 60.0, 0.03: 100.0, float("inf"): 100.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.018)  # rank 50: 40 of the 50 in (0.01, 0.02]
+    assert histogram_quantile(0.99, buckets) == pytest.approx(
+        0.02975
+    )  # rank 99: 39 of the 40 in (0.02, 0.03]
+    assert histogram_quantile(0.05, buckets) == pytest.approx(0.005)  # the first bucket starts at 0
+    # a rank past every finite bound: the highest finite bound
+    assert histogram_quantile(0.99, {0.01: 10.0, float("inf"): 20.0}) == pytest.approx(0.01)
+    assert histogram_quantile(0.5, {0.01: 0.0, float("inf"): 0.0}) is None
+    assert histogram_quantile(0.5, {}) is None
+
+
+def test_engine_delta_reads_the_llm_itl_quantiles_between_two_scrapes() -> None:
+    from benchmarks.metrics import ENGINE_TOTALS, engine_delta, parse_totals
+
+    def body(counts: dict[str, int], total: int) -> str:
+        lines = [f"{name} 0" for name in ENGINE_TOTALS if "inter_token" not in name]
+        for instance in ("llm_0_0", "llm_0_1"):  # two instances: their buckets add up
+            for le, n in counts.items():
+                lines.append(
+                    f'glmv_inter_token_latency_seconds_bucket{{le="{le}",model="llm",'
+                    f'model_instance="{instance}",version="1"}} {n}'
+                )
+            lines.append(f'glmv_inter_token_latency_seconds_count{{model_instance="{instance}"}} {total}')
+            lines.append(
+                f'glmv_inter_token_latency_seconds_sum{{model_instance="{instance}"}} {total * 0.02}'
+            )
+        return "\n".join(lines) + "\n"
+
+    before = parse_totals(body({"0.01": 5, "0.02": 5, "0.03": 5, "+Inf": 5}, 5))
+    after = parse_totals(body({"0.01": 10, "0.02": 35, "0.03": 55, "+Inf": 55}, 55))
+    assert after["glmv_inter_token_latency_seconds_bucket:0.02"] == 70.0
+    assert after["glmv_inter_token_latency_seconds_count"] == 110.0
+    delta = engine_delta(before, after)
+    # between the scrapes, summed over both instances: {0.01: 10, 0.02: 60, 0.03: 100, +Inf: 100}
+    assert delta["llm_itl_ms_p50"] == pytest.approx(18.0)
+    assert delta["llm_itl_ms_p99"] == pytest.approx(29.75)
+    assert delta["llm_itl_ms_mean"] == pytest.approx(20.0)
+    idle = engine_delta(after, after)
+    assert (
+        idle["llm_itl_ms_p50"] is None and idle["llm_itl_ms_p99"] is None and idle["llm_itl_ms_mean"] is None
+    )

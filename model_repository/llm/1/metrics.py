@@ -16,7 +16,30 @@ from __future__ import annotations
 import triton_python_backend_utils as pb_utils
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+# fine between 5 and 50 ms, where a stream's inter-token targets lie (a P99 of 20 or 25 ms reads off an edge)
+ITL_BUCKETS = [
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.0125,
+    0.015,
+    0.0175,
+    0.02,
+    0.0225,
+    0.025,
+    0.03,
+    0.035,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+]
 FINISH_REASONS = ("stop", "length", "abort")
 STAGE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
 REQUEST_STAGES = ("inputs", "parse", "add")  # glmv_llm_request_stage_seconds
