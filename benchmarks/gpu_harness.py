@@ -816,14 +816,18 @@ def table(doc: dict) -> str:
 
 
 def _gc_text(engine: dict | None) -> str:
-    """ ", llm ITL P50/P99 A/B ms, engine GC N (X ms)": the tokens' gaps as the llm sent them (before the
-    ensemble and the client) and the full garbage collections of the engine's process in a sub-phase."""
+    """ ", llm ITL P50/P99 A/B ms, engine GC N (X ms), stub GC N (X ms)": the tokens' gaps as the llm sent
+    them (before the ensemble and the client) and the full garbage collections of the engine's process and
+    of the Python models' stubs in a sub-phase."""
     if not engine or engine.get("gc_full_collections") is None:
         return ""
     itl = ""
     if engine.get("llm_itl_ms_p99") is not None:
         itl = f", llm ITL P50/P99 {engine['llm_itl_ms_p50']:.1f}/{engine['llm_itl_ms_p99']:.1f} ms"
-    return f"{itl}, engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms)"
+    stubs = ""
+    if engine.get("stub_gc_full_collections") is not None:
+        stubs = f", stub GC {engine['stub_gc_full_collections']} ({engine['stub_gc_full_ms']:.0f} ms)"
+    return f"{itl}, engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms){stubs}"
 
 
 def _structured_lines(serve: dict) -> list[str]:

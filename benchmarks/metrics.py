@@ -206,6 +206,8 @@ ENGINE_TOTALS = (
     "glmv_inter_token_latency_seconds_count",
     "glmv_engine_gc_collections_total",
     "glmv_engine_gc_seconds_total",
+    "glmv_model_gc_collections_total",
+    "glmv_model_gc_seconds_total",
 )
 
 
@@ -285,6 +287,13 @@ def engine_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
         ),
         "gc_full_ms": round(
             (after["glmv_engine_gc_seconds_total"] - before["glmv_engine_gc_seconds_total"]) * 1e3, 3
+        ),
+        # the same in the Python models' stubs (preprocessing, the llm's own, postprocessing), all together
+        "stub_gc_full_collections": int(
+            after["glmv_model_gc_collections_total"] - before["glmv_model_gc_collections_total"]
+        ),
+        "stub_gc_full_ms": round(
+            (after["glmv_model_gc_seconds_total"] - before["glmv_model_gc_seconds_total"]) * 1e3, 3
         ),
     }
 

@@ -33,6 +33,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "engine_steps_ahead": ("glmv_engine_steps_ahead_total", "counter", ""),
     "engine_gc": ("glmv_engine_gc_collections_total", "counter", ""),
     "engine_gc_seconds": ("glmv_engine_gc_seconds_total", "counter", ""),
+    "model_gc": ("glmv_model_gc_collections_total", "counter", ""),  # labels model, model_instance
+    "model_gc_seconds": ("glmv_model_gc_seconds_total", "counter", ""),
     "engine_finished": ("glmv_requests_finished_total", "counter", ""),  # label finish_reason
     # preprocessing model (:8002)
     "preprocess_latency": ("glmv_preprocess_latency_seconds", "histogram", ""),
@@ -229,13 +231,17 @@ def panels() -> list[dict[str, Any]]:
         panel(
             "Engine garbage collection",
             "Full (generation 2) garbage collections of the engine's process per second, and the seconds per "
-            "second they take. Each one stalls the thread it lands on, the engine loop's included: every "
-            "stream waits. The process freezes what it holds when its loop starts, so one is counted then and "
-            "few should follow.",
+            "second they take; the same for each Python model's stub (the llm's own sends every streamed "
+            "response, postprocessing passes each on). Each one stalls the thread it lands on, the engine "
+            "loop's or the response sender's included: every stream waits. Each process freezes what it holds "
+            "once it is set up (the engine's when its loop starts, so one is counted then), and few should "
+            "follow.",
             "short",
             [
                 (f"sum by (instance) (rate({m('engine_gc')}[{RATE}]))", "collections/s {{instance}}"),
                 (f"sum by (instance) (rate({m('engine_gc_seconds')}[{RATE}]))", "seconds/s {{instance}}"),
+                (f"sum by (model) (rate({m('model_gc')}[{RATE}]))", "stub collections/s {{model}}"),
+                (f"sum by (model) (rate({m('model_gc_seconds')}[{RATE}]))", "stub seconds/s {{model}}"),
             ],
         ),
         panel(

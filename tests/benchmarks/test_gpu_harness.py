@@ -71,9 +71,12 @@ def test_table_and_plot(tmp_path: Path) -> None:
     # with the engine's side of the run: the tokens' gaps as the llm sent them, its full collections
     doc["phases"]["serve"]["c32_448"]["engine"] = {
         "llm_itl_ms_p50": 7.9, "llm_itl_ms_p99": 21.25, "gc_full_collections": 0, "gc_full_ms": 0.0,
+        "stub_gc_full_collections": 2, "stub_gc_full_ms": 61.4,
     }  # fmt: skip
     line = next(x for x in table(doc).splitlines() if x.startswith("c32_448: 20.00 req/s"))
-    assert line.endswith("3.9 ms/request, llm ITL P50/P99 7.9/21.2 ms, engine GC 0 (0 ms)"), line
+    assert line.endswith(
+        "3.9 ms/request, llm ITL P50/P99 7.9/21.2 ms, engine GC 0 (0 ms), stub GC 2 (61 ms)"
+    ), line
     plot_comparison(doc, tmp_path / "comparison.png")
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 

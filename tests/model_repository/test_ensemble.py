@@ -368,6 +368,18 @@ def test_metrics_are_exported(server) -> None:
     # the engine's process collects once when its loop starts, then freezes what it holds
     assert wait_for_metric(server, "glmv_engine_gc_collections_total", 'model="llm"', above=0) >= 1
     assert metric(server, "glmv_engine_gc_seconds_total", 'model="llm"') > 0
+    # and each Python model's stub froze its own heap when it was set up (the llm's: imports, threads and
+    # the engine's handle; preprocessing's: tokenizer and image processor), counting its collections since
+    frozen = {
+        model: metric(server, "glmv_model_gc_frozen_objects", f'model="{model}"')
+        for model in ("preprocessing", "llm", "postprocessing")
+    }
+    assert frozen["llm"] > 50_000 and frozen["preprocessing"] > 50_000 and frozen["postprocessing"] > 5_000, (
+        frozen
+    )
+    for model in frozen:
+        assert metric(server, "glmv_model_gc_collections_total", f'model="{model}"') >= 0
+        assert metric(server, "glmv_model_gc_seconds_total", f'model="{model}"') >= 0
     # one series per llm instance (one instance per GPU must not overwrite another's gauges)
     labels = 'kv_cache_block_type="max",model="llm",model_instance="llm_0_0"'
     assert metric(server, "nv_trt_llm_kv_cache_block_metrics", labels) > 0

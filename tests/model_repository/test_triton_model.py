@@ -181,3 +181,60 @@ def test_input_tensors_look_each_input_up_and_convert_it_once() -> None:
         assert inputs.array("seed") is None
     assert "input_ids" in inputs and "seed" not in inputs and inputs.request is request
     assert request.listings == 1 and [t.conversions for t in tensors] == [1, 1, 0]
+
+
+def test_stub_heap_freezes_and_counts_full_collections(monkeypatch) -> None:
+    """`StubHeap`: the heap frozen when it is made (the freeze's own collection not counted), each full
+    collection after it counted and timed by `publish`, nothing sent when there was none. Triton's metrics
+    API is stood in by a recorder here (the real export is checked through Triton in test_ensemble)."""
+    import gc
+    import types
+
+    calls: list[tuple] = []
+
+    class Metric:
+        def __init__(self, name: str, labels: dict) -> None:
+            self.name, self.labels = name, labels
+
+        def increment(self, value: float) -> None:
+            calls.append((self.name, "increment", value))
+
+        def set(self, value: float) -> None:
+            calls.append((self.name, "set", value))
+
+    class MetricFamily:
+        COUNTER, GAUGE = "counter", "gauge"
+
+        def __init__(self, name: str, description: str, kind: str) -> None:
+            self.name = name
+
+        def Metric(self, labels: dict) -> Metric:  # noqa: N802 (Triton's name)
+            return Metric(self.name, labels)
+
+    monkeypatch.setitem(
+        sys.modules, "triton_python_backend_utils", types.SimpleNamespace(MetricFamily=MetricFamily)
+    )
+    args = {"model_name": "postprocessing", "model_version": "1", "model_instance_name": "postprocessing_0_0"}
+    try:
+        heap = triton_model.StubHeap(args)
+        assert heap.num_frozen > 1000 and abs(heap.num_frozen - gc.get_freeze_count()) < 100
+        assert calls == [("glmv_model_gc_frozen_objects", "set", heap.num_frozen)]
+        assert heap.collections.labels == {
+            "model": "postprocessing",
+            "version": "1",
+            "model_instance": "postprocessing_0_0",
+        }
+        heap.publish()
+        assert len(calls) == 1  # no full collection since the freeze: nothing sent
+        gc.collect()
+        gc.collect()
+        heap.publish()
+        (count, seconds) = calls[1:]
+        assert count == ("glmv_model_gc_collections_total", "increment", 2)
+        assert seconds[:2] == ("glmv_model_gc_seconds_total", "increment") and seconds[2] > 0
+        heap.publish()
+        assert len(calls) == 3
+        heap.release()
+        assert heap.families == [] and heap.collections is None
+    finally:
+        gc.unfreeze()

@@ -50,6 +50,7 @@ from .request import RequestTable, is_stop, parse_request, request_key
 from .response import Responses, coalesce, send_error
 from .triton_model import (  # common/, copied by glmv-build
     InputTensors,
+    StubHeap,
     gpu_instance_device,
     limit_cpu_threads,
     setup_model,
@@ -114,6 +115,9 @@ class TritonPythonModel:
         ]
         for thread in self.threads:
             thread.start()
+        # last: what is made above lives as long as the model, and a full collection of this process would
+        # otherwise walk it on the sender's thread (the engine's child freezes its own heap when it starts)
+        self.heap = StubHeap(args)
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -220,6 +224,9 @@ class TritonPythonModel:
         while not self.is_shutting_down.wait(self.stats_period_s):
             try:
                 self.metrics.update(self.engine.stats(), num_active=self.requests.num_active())
+                heap = getattr(self, "heap", None)  # made after this thread starts
+                if heap is not None:
+                    heap.publish()
             except Exception:
                 logger.exception("llm: stats update failed")
 
@@ -234,3 +241,4 @@ class TritonPythonModel:
         self.responses.clear()
         self.requests.clear()
         self.metrics.release()
+        self.heap.release()

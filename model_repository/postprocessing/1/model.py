@@ -25,7 +25,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .triton_model import setup_model  # common/, copied by glmv-build
+from .triton_model import StubHeap, setup_model  # common/, copied by glmv-build
 
 PASS_THROUGH = ("text_output", "reasoning_output", "finish_reason")
 PASS_THROUGH_INT = (
@@ -61,6 +61,11 @@ class TritonPythonModel:
         self.check_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
         # request_key -> when is_cancelled() was last asked for that stream (oldest first)
         self.last_checks: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        # every streamed response passes here: a full collection of this stub would hold them all
+        self.heap = StubHeap(args)
+
+    def finalize(self) -> None:
+        self.heap.release()
 
     def _decode(self, ids: list[int]) -> tuple[str, str]:
         if self.tokenizer is None:
@@ -95,6 +100,7 @@ class TritonPythonModel:
                 responses.append(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {exc}"))
                 )
+        self.heap.publish()
         return responses
 
     def _should_check(self, key: bytes | None, finish) -> bool:

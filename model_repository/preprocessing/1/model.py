@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .triton_model import InputTensors, setup_model  # common/, copied by glmv-build
+from .triton_model import InputTensors, StubHeap, setup_model  # common/, copied by glmv-build
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 STAGE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
@@ -100,11 +100,14 @@ class TritonPythonModel:
             stage: self.stage_family.Metric(labels={**labels, "stage": stage}, buckets=STAGE_BUCKETS)
             for stage in ("inputs", *PREPROCESS_STAGES, "outputs")
         }
+        # last: the tokenizer, the image processor and the warmed-up stages are frozen with the rest
+        self.heap = StubHeap(args)
 
     def finalize(self) -> None:
         # Released while the stub still serves them: a MetricFamily left for the stub's own teardown
         # segfaults it on every shutdown (triton-inference-server/server#8662).
         del self.latency, self.errors, self.stages, self.latency_family, self.errors_family, self.stage_family
+        self.heap.release()
 
     def execute(self, requests):
         responses = []
@@ -129,6 +132,7 @@ class TritonPythonModel:
                     )
                 )
             self.latency.observe(time.perf_counter() - started)
+        self.heap.publish()
         return responses
 
     def _process(self, inputs: InputTensors) -> list:
