@@ -58,6 +58,7 @@ from benchmarks.metrics import (
     summarize,
 )
 from benchmarks.results import REPO_ROOT, GpuMemorySampler, git_commit, summary_markdown, today, validate
+from engine.core.gc_watch import freeze_heap, gc_watch
 
 
 class Harness:
@@ -315,6 +316,10 @@ async def serve_phases(
         ("1288", 128): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=40_000, workers=workers),
     }
     harness.log(f"serve: rendered {sum(len(c) for c in unique.values())} unique images")
+    # This process reads every stream: a full garbage collection here stalls them all and would count as
+    # the server's inter-token gap. What it holds now is frozen, and each sub-phase counts its collections.
+    client_gc = gc_watch()
+    freeze_heap()
     target = make_target(target_kind, url, None, 128)
     runs: list[dict] = []
     record["runs"] = runs
@@ -338,11 +343,17 @@ async def serve_phases(
         if metrics_url:  # the previous sub-phase's last reading waited for the llm's stats thread
             with contextlib.suppress(Exception):
                 engine_before = metric_totals(metrics_url)
+        client_before = (client_gc.num_full, client_gc.seconds)
         try:
             record[name] = await asyncio.wait_for(coro_fn(), timeout=max(10.0, harness.left() - 15))
         except Exception as exc:
             record[name] = {"error": f"{type(exc).__name__}: {exc}"}
             harness.log(f"serve/{name}: FAILED {record[name]['error']}")
+        if isinstance(record[name], dict):  # the harness's own full collections in the sub-phase
+            record[name]["client_gc"] = {
+                "full_collections": client_gc.num_full - client_before[0],
+                "ms": round((client_gc.seconds - client_before[1]) * 1e3, 3),
+            }
         engine_after = await engine_reading()
         if engine_before and engine_after and isinstance(record[name], dict):
             # the engine over the whole sub-phase (steps, steps ahead, full garbage collections)
@@ -774,7 +785,7 @@ def table(doc: dict) -> str:
                 # between two runs, the host's speed moved (compare throughput within one call only)
                 + f", preprocessing {((run.get('stages') or {}).get('preprocessing') or {}).get('compute_infer_ms', 0):.1f} ms/request"
                 + "".join(f", llm {stage} {ms:.2f}" for stage, ms in (run.get("llm_stages_ms") or {}).items())
-                + _gc_text(run.get("engine"))
+                + _gc_text(run.get("engine"), run.get("client_gc"))
             )
     lines += _structured_lines(serve)
     follow = serve.get("followup_1288") or {}
@@ -815,19 +826,22 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _gc_text(engine: dict | None) -> str:
-    """ ", llm ITL P50/P99 A/B ms, engine GC N (X ms), stub GC N (X ms)": the tokens' gaps as the llm sent
-    them (before the ensemble and the client) and the full garbage collections of the engine's process and
-    of the Python models' stubs in a sub-phase."""
+def _gc_text(engine: dict | None, client_gc: dict | None = None) -> str:
+    """ ", llm ITL P50/P99 A/B ms, engine GC N (X ms), stub GC N (X ms), client GC N (X ms)": the tokens'
+    gaps as the llm sent them (before the ensemble and the client) and the full garbage collections of the
+    engine's process, of the Python models' stubs and of the harness itself in a sub-phase."""
+    client = ""
+    if client_gc:
+        client = f", client GC {client_gc['full_collections']} ({client_gc['ms']:.0f} ms)"
     if not engine or engine.get("gc_full_collections") is None:
-        return ""
+        return client
     itl = ""
     if engine.get("llm_itl_ms_p99") is not None:
         itl = f", llm ITL P50/P99 {engine['llm_itl_ms_p50']:.1f}/{engine['llm_itl_ms_p99']:.1f} ms"
     stubs = ""
     if engine.get("stub_gc_full_collections") is not None:
         stubs = f", stub GC {engine['stub_gc_full_collections']} ({engine['stub_gc_full_ms']:.0f} ms)"
-    return f"{itl}, engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms){stubs}"
+    return f"{itl}, engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms){stubs}{client}"
 
 
 def _structured_lines(serve: dict) -> list[str]:

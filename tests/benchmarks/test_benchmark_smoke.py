@@ -235,6 +235,11 @@ def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
     assert follow["engine"]["steps"] >= 10 and follow["engine"]["steps_ahead"] == 0
     assert isinstance(follow["engine"]["gc_full_collections"], int) and follow["engine"]["gc_full_ms"] >= 0
     assert follow["engine"]["stub_gc_full_collections"] >= 0 and follow["engine"]["stub_gc_full_ms"] >= 0
+    # and the harness's own, its heap frozen before the sub-phases (it reads every stream)
+    assert (
+        set(follow["client_gc"]) == {"full_collections", "ms"}
+        and follow["client_gc"]["full_collections"] >= 0
+    )
     # the screenshots went through the host's shared resize directory; a later server starts without them
     build_output = tiny_triton.model_repository.parent
     (removed,) = clear_shared_resize_dirs(build_output)

@@ -73,10 +73,10 @@ def test_table_and_plot(tmp_path: Path) -> None:
         "llm_itl_ms_p50": 7.9, "llm_itl_ms_p99": 21.25, "gc_full_collections": 0, "gc_full_ms": 0.0,
         "stub_gc_full_collections": 2, "stub_gc_full_ms": 61.4,
     }  # fmt: skip
+    doc["phases"]["serve"]["c32_448"]["client_gc"] = {"full_collections": 1, "ms": 12.6}
     line = next(x for x in table(doc).splitlines() if x.startswith("c32_448: 20.00 req/s"))
-    assert line.endswith(
-        "3.9 ms/request, llm ITL P50/P99 7.9/21.2 ms, engine GC 0 (0 ms), stub GC 2 (61 ms)"
-    ), line
+    end = "llm ITL P50/P99 7.9/21.2 ms, engine GC 0 (0 ms), stub GC 2 (61 ms), client GC 1 (13 ms)"
+    assert line.endswith(f"3.9 ms/request, {end}"), line
     plot_comparison(doc, tmp_path / "comparison.png")
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
