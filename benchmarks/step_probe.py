@@ -215,7 +215,8 @@ def vision_graphs_held(ex) -> set:
 
 def vision_graph_counts(ex) -> dict:
     """The ViT's CUDA graphs at the end of the run: whole-tower and block-range ones held, keys that
-    failed to capture, and block ranges still counted towards their capture (empty without graphs)."""
+    failed to capture, keys still counted towards their capture, and captures not made because every graph
+    was held by a key used more (empty without graphs)."""
     visual = ex.runner.model.visual
     out = {}
     for name, graphs in (("whole", visual.graphs), ("block_ranges", visual.segment_graphs)):
@@ -224,6 +225,7 @@ def vision_graph_counts(ex) -> dict:
                 "held": len(graphs.entries),
                 "failed": len(graphs.failed),
                 "counted": len(graphs.seen),
+                "refused": graphs.num_refused,
             }
     return out
 

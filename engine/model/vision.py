@@ -407,12 +407,17 @@ class TowerGraphs:
     on a side stream (Triton kernels compile, cuBLAS warms up), then is captured; earlier calls run
     eagerly. Later calls copy their inputs into the graph's static buffers, replay, and get a copy of the
     output (the static output is overwritten by the next replay, and the embeddings may wait several engine
-    steps for their prefill). Layouts over `max_patches` patches, and any beyond `max_graphs` distinct
-    keys (least recently used are dropped), run eagerly; so does a key whose capture failed (logged once).
+    steps for their prefill). Layouts over `max_patches` patches run eagerly; so does a key whose capture
+    failed (logged once). At most `max_graphs` graphs are held; when they are, a new key is captured only if
+    it has run more often than the least recently used graph's key (which is then dropped), else it runs
+    eagerly: a capture holds the engine step it happens in (~40-60 ms more on an H100), so traffic that
+    cycles through more image sizes than there are graphs must not capture on every image. Use counts halve
+    every `AGE_EVERY` × `max_graphs` calls, so a size that stopped coming gives way to one that started.
     The graphs share one memory pool (also with ``share_pool_with``'s): they replay one at a time and their
     outputs are copied out at once."""
 
-    MAX_SEEN = 1024  # keys counted towards capture_after (oldest forgotten first)
+    MAX_SEEN = 1024  # keys counted towards capture_after, and keys whose uses are counted (oldest forgotten)
+    AGE_EVERY = 16
 
     def __init__(
         self,
@@ -428,6 +433,9 @@ class TowerGraphs:
         self.entries: dict[tuple, tuple] = {}  # insertion order = least recently used first
         self.failed: set[tuple] = set()
         self.seen: dict[tuple, int] = {}  # key -> eager runs so far (while below capture_after)
+        self.uses: dict[tuple, int] = {}  # key -> calls (halved every AGE_EVERY * max_graphs calls)
+        self._calls_since_aging = 0
+        self.num_refused = 0  # captures not made: the graphs were held by keys used more
         self._pool_owner = share_pool_with._pool_owner if share_pool_with is not None else self
         self.pool = None  # on the pool owner
 
@@ -449,13 +457,17 @@ class TowerGraphs:
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # inside someone else's capture
         if x.shape[0] > self.max_patches or key in self.failed or capturing:
             return self.tower(x, cos, sin, seqlens, start, end)
+        uses = self._count_use(key)
         entry = self.entries.pop(key, None)
         if entry is None:
             runs = self.seen.pop(key, 0)
             if runs < self.capture_after:  # not captured yet: eager, and counted
-                self.seen[key] = runs + 1
-                while len(self.seen) > self.MAX_SEEN:
-                    self.seen.pop(next(iter(self.seen)))
+                self._remember(key, runs + 1)
+                return self.tower(x, cos, sin, seqlens, start, end)
+            if len(self.entries) >= self.max_graphs and uses <= self.uses.get(next(iter(self.entries)), 0):
+                # every graph held, the least recently used one's key used as often or more: eager
+                self.num_refused += 1
+                self._remember(key, runs)
                 return self.tower(x, cos, sin, seqlens, start, end)
             try:
                 entry = self._capture(x, cos, sin, seqlens, start, end)
@@ -474,6 +486,25 @@ class TowerGraphs:
         static_sin.copy_(sin)
         graph.replay()
         return static_out.clone()
+
+    def _remember(self, key: tuple, runs: int) -> None:
+        """``key``'s eager runs towards its capture (the oldest keys forgotten past MAX_SEEN)."""
+        self.seen[key] = runs
+        while len(self.seen) > self.MAX_SEEN:
+            self.seen.pop(next(iter(self.seen)))
+
+    def _count_use(self, key: tuple) -> int:
+        """One more call of ``key``; returns its use count (halved for every key now and then)."""
+        uses = self.uses.pop(key, 0) + 1
+        self.uses[key] = uses  # most recent last: the oldest are forgotten first
+        while len(self.uses) > self.MAX_SEEN:
+            self.uses.pop(next(iter(self.uses)))
+        self._calls_since_aging += 1
+        if self._calls_since_aging >= self.AGE_EVERY * max(1, self.max_graphs):
+            self._calls_since_aging = 0
+            self.uses = {k: n // 2 for k, n in self.uses.items() if n // 2}
+            uses = self.uses.get(key, 0)
+        return uses
 
     def _capture(
         self,

@@ -67,18 +67,57 @@ def test_tower_graphs_bookkeeping_with_a_stand_in_graph(vision_config, monkeypat
             x, cos, sin = tower_inputs(sum(seqlens), vision_config.hidden_size, head_dim, seed)
             got = graphs(x, cos, sin, seqlens)
             torch.testing.assert_close(got, encoder._tower(x, cos, sin, seqlens), rtol=0, atol=0)
-        # (16,) captured once and replayed; (8, 8) captured, then dropped as least recently used by (4, 4)
-        assert calls == [(16,), (8, 8), (4, 4), (8, 8)]
-        assert list(graphs.entries) == [(4, 4), (8, 8)]
+        # (16,) captured once and replayed, (8, 8) captured: both graphs held. (4, 4), met once, ran eagerly:
+        # the least recently used graph's key, (8, 8), had run as often
+        assert calls == [(16,), (8, 8)] and graphs.num_refused == 1
+        assert list(graphs.entries) == [(16,), (8, 8)]
+        # (4, 4) is captured once it has run more often than (16,) (3 runs), which it replaces
+        for seed in (6, 7, 8):
+            x, cos, sin = tower_inputs(8, vision_config.hidden_size, head_dim, seed)
+            torch.testing.assert_close(
+                graphs(x, cos, sin, [4, 4]), encoder._tower(x, cos, sin, [4, 4]), rtol=0, atol=0
+            )
+        assert calls == [(16,), (8, 8), (4, 4)] and graphs.num_refused == 3
+        assert list(graphs.entries) == [(8, 8), (4, 4)]
         # a layout over max_patches runs eagerly, without a capture
-        x, cos, sin = tower_inputs(68, vision_config.hidden_size, head_dim, 6)
+        x, cos, sin = tower_inputs(68, vision_config.hidden_size, head_dim, 9)
         graphs(x, cos, sin, [68])
-        assert (68,) not in graphs.entries and len(calls) == 4
-        # a refused capture is not retried: that layout stays eager
-        x, cos, sin = tower_inputs(12, vision_config.hidden_size, head_dim, 7)
-        for _ in range(2):
+        assert (68,) not in graphs.entries and len(calls) == 3
+        # a refused capture is not retried: that layout stays eager (its capture is tried on its 4th run,
+        # once it has run more often than (8, 8))
+        x, cos, sin = tower_inputs(12, vision_config.hidden_size, head_dim, 10)
+        for _ in range(5):
             torch.testing.assert_close(graphs(x, cos, sin, [12]), encoder._tower(x, cos, sin, [12]))
-        assert graphs.failed == {(12,)}
+        assert graphs.failed == {(12,)} and list(graphs.entries) == [(8, 8), (4, 4)]
+
+
+def test_tower_graphs_do_not_capture_on_every_image_when_sizes_outnumber_graphs(
+    vision_config, monkeypatch
+) -> None:
+    """Three layouts in turn and two graphs: the first two are captured and the third runs eagerly, instead
+    of a capture (which holds the engine step) on every image; when the traffic turns to the third, it is
+    captured once it has run more often than the least recently used graph's key."""
+    encoder = VisionEncoder(vision_config).eval()
+    calls: list[tuple] = []
+    monkeypatch.setattr(TowerGraphs, "_capture", stand_in_capture(calls))
+    graphs = TowerGraphs(encoder._tower, max_graphs=2, max_patches=64)
+    head_dim = vision_config.head_dim
+    layouts = ([16], [8, 8], [4, 4])
+    with torch.inference_mode():
+        for i in range(9):
+            seqlens = layouts[i % 3]
+            x, cos, sin = tower_inputs(sum(seqlens), vision_config.hidden_size, head_dim, i)
+            torch.testing.assert_close(
+                graphs(x, cos, sin, seqlens), encoder._tower(x, cos, sin, seqlens), rtol=0, atol=0
+            )
+        assert calls == [(16,), (8, 8)] and graphs.num_refused == 3  # least-recently-used caching: 9 captures
+        for i in range(4):
+            x, cos, sin = tower_inputs(8, vision_config.hidden_size, head_dim, 20 + i)
+            graphs(x, cos, sin, [4, 4])
+        # (4, 4)'s 4th run is one more than the least recently used graph's key, (16,), ran: captured in its
+        # place, then replayed
+        assert calls == [(16,), (8, 8), (4, 4)] and list(graphs.entries) == [(8, 8), (4, 4)]
+        assert graphs.num_refused == 3
 
 
 def test_a_split_forward_replays_its_block_ranges_from_the_second_time_on(vision_config, monkeypatch) -> None:
@@ -116,7 +155,11 @@ def test_a_split_forward_replays_its_block_ranges_from_the_second_time_on(vision
         # every block in one step: a new range, eager and counted the first time
         assert torch.equal(split(pixels, depth), whole)
         assert graphs.seen == {((24, 8), 0, depth): 1} and calls == ranges
-        # captured the second time; the least recently used range, the first block's, is dropped
+        # every graph is held and the least recently used one (the first block's range) ran 3 times: the
+        # new range is captured once it has run more often (its 4th run), and that one is dropped
+        for _ in range(2):
+            assert torch.equal(split(pixels, depth), whole)
+        assert calls == ranges and graphs.num_refused == 2
         assert torch.equal(split(pixels, depth), whole)
         assert calls == [*ranges, ((24, 8), 0, depth)] and not graphs.seen
         assert list(graphs.entries) == [*ranges[1:], ((24, 8), 0, depth)]
