@@ -355,6 +355,9 @@ def test_metrics_are_exported(server) -> None:
     assert metric(server, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="max"') > 0
     assert metric(server, "glmv_time_to_first_token_seconds_count", 'model="llm"') > 0
     assert metric(server, "glmv_inter_token_latency_seconds_count", 'model="llm"') >= 0
+    # fine buckets where the inter-token targets lie (20 and 25 ms are edges)
+    for edge in ("0.0175", "0.02", "0.0225", "0.025", "0.03"):
+        assert metric(server, "glmv_inter_token_latency_seconds_bucket", f'le="{edge}"') >= 0, edge
     assert metric(server, "glmv_preprocess_latency_seconds_count", 'model="preprocessing"') > 0
     for stage in ("inputs", "images", "template", "tokens", "positions", "outputs"):
         assert metric(server, "glmv_preprocess_stage_seconds_count", f'stage="{stage}"') > 0, stage
