@@ -150,13 +150,14 @@ class TritonGrpcTarget:
                 count = _scalar(result, "num_output_tokens")
                 if params.keep_text:
                     timer.record.text += _scalar(result, "text_output") or ""
+                last_ns = _scalar(result, "last_token_time_ns")
                 if count is None:  # no counts: one token per response with text
                     text = (_scalar(result, "text_output") or "") + (
                         _scalar(result, "reasoning_output") or ""
                     )
-                    timer.tokens(new=1 if text else 0)
+                    timer.tokens(new=1 if text else 0, server_last_ns=last_ns)
                 else:
-                    timer.tokens(int(count))
+                    timer.tokens(int(count), server_last_ns=last_ns)
                 finish_reason = _scalar(result, "finish_reason")
                 if finish_reason:
                     timer.record.num_input_tokens = _scalar(result, "num_input_tokens")
@@ -348,10 +349,14 @@ class TritonHttpTarget(OpenAITarget):
                 count = count[0] if isinstance(count, list) else count
                 if params.keep_text:
                     timer.record.text += _first(event.get("text_output")) or ""
+                last_ns = _first(event.get("last_token_time_ns"))
                 if count is None:
-                    timer.tokens(new=1 if event.get("text_output") or event.get("reasoning_output") else 0)
+                    timer.tokens(
+                        new=1 if event.get("text_output") or event.get("reasoning_output") else 0,
+                        server_last_ns=last_ns,
+                    )
                 else:
-                    timer.tokens(int(count))
+                    timer.tokens(int(count), server_last_ns=last_ns)
                 finish_reason = event.get("finish_reason")
                 finish_reason = finish_reason[0] if isinstance(finish_reason, list) else finish_reason
                 if finish_reason:

@@ -780,7 +780,9 @@ def table(doc: dict) -> str:
                 f"{name}: {run['rps']:.2f} req/s, {run['requests']} ok, {run['errors']} errors, TTFT P50/P99 "
                 f"{(run.get('ttft_ms') or {}).get('p50') or 0:.0f}/{(run.get('ttft_ms') or {}).get('p99') or 0:.0f} ms, ITL P50/P99 "
                 f"{itl.get('p50') or 0:.1f}/{itl.get('p99') or 0:.1f} ms, response gap P50/P99 "
-                f"{gap.get('p50') or 0:.1f}/{gap.get('p99') or 0:.1f} ms, cache hit rate {run.get('cache_hit_rate')}"
+                f"{gap.get('p50') or 0:.1f}/{gap.get('p99') or 0:.1f} ms"
+                + _engine_side_text(run)
+                + f", cache hit rate {run.get('cache_hit_rate')}"
                 # the preprocessing model's compute per request does not depend on the engine: when it moves
                 # between two runs, the host's speed moved (compare throughput within one call only)
                 + f", preprocessing {((run.get('stages') or {}).get('preprocessing') or {}).get('compute_infer_ms', 0):.1f} ms/request"
@@ -824,6 +826,19 @@ def table(doc: dict) -> str:
         else:
             lines.append(f"{name}: {run.get('error') or run.get('skipped') or 'not run'}")
     return "\n".join(lines)
+
+
+def _engine_side_text(run: dict) -> str:
+    """ ", engine ITL P50/P99 A/B ms, path P50/P99 C/D ms": the same tokens' gaps as the engine made them
+    (the llm's last_token_time_ns of each response) and each response's way from the engine to the client;
+    empty when the responses carried no engine times."""
+    engine_itl, path = run.get("engine_itl_ms") or {}, run.get("path_ms") or {}
+    if engine_itl.get("p99") is None or path.get("p99") is None:
+        return ""
+    return (
+        f", engine ITL P50/P99 {engine_itl['p50']:.1f}/{engine_itl['p99']:.1f} ms, "
+        f"path P50/P99 {path['p50']:.1f}/{path['p99']:.1f} ms"
+    )
 
 
 def _gc_text(engine: dict | None, client_gc: dict | None = None) -> str:

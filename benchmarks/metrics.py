@@ -33,6 +33,12 @@ class RequestRecord:
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)  # one value per output token after the first
     gap_s: list[float] = field(default_factory=list)  # one value per response with tokens after the first
+    # From the llm's last_token_time_ns of each response (the engine's clock as wall time): the gaps as the
+    # engine made the tokens, one value per output token after the first (as itl_s), and each response's
+    # delay from its last token in the engine to its arrival here (meaningful when client and server share
+    # a host's clock)
+    engine_itl_s: list[float] = field(default_factory=list)
+    path_s: list[float] = field(default_factory=list)
     num_output_tokens: int = 0
     num_input_tokens: int | None = None
     num_cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache
@@ -60,16 +66,32 @@ class StreamTimer:
     def __init__(self) -> None:
         self.record = RequestRecord(start_s=time.perf_counter(), start_wall_ns=time.time_ns())
         self._last_token_s: float | None = None
+        self._last_server_ns: int | None = None
         self._count = 0
 
     def tokens(
-        self, running_count: int | None = None, *, new: int | None = None, at: float | None = None
+        self,
+        running_count: int | None = None,
+        *,
+        new: int | None = None,
+        at: float | None = None,
+        server_last_ns: int | None = None,
+        wall_ns: int | None = None,
     ) -> int:
-        """Register a response (received at perf_counter ``at``, default now); returns its number of new tokens."""
+        """Register a response (received at perf_counter ``at``, default now); returns its number of new
+        tokens. ``server_last_ns``: the llm's last_token_time_ns of the response (wall clock), compared with
+        ``wall_ns`` (time.time_ns() at receipt, default now) and with the previous response's."""
         now = time.perf_counter() if at is None else at
         num_new = (running_count - self._count) if running_count is not None else (new or 0)
         if num_new <= 0:
             return 0
+        if server_last_ns:
+            received_ns = time.time_ns() if wall_ns is None else wall_ns
+            self.record.path_s.append(max(0, received_ns - server_last_ns) / 1e9)
+            if self._last_server_ns is not None:
+                gap = max(0, server_last_ns - self._last_server_ns) / 1e9 / num_new
+                self.record.engine_itl_s.extend([gap] * num_new)
+            self._last_server_ns = server_last_ns
         if self._last_token_s is None:
             # Tokens that arrive together with the first one have no gap of their own.
             self.record.ttft_s = now - self.record.start_s
@@ -168,6 +190,9 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
         "ttft_ms": distribution_ms(r.ttft_s for r in ok if r.ttft_s is not None),
         "itl_ms": distribution_ms(v for r in ok for v in r.itl_s),
         "response_gap_ms": distribution_ms(v for r in ok for v in r.gap_s),
+        # the same tokens' gaps as the engine made them, and each response's way from the engine to here
+        "engine_itl_ms": distribution_ms(v for r in ok for v in r.engine_itl_s),
+        "path_ms": distribution_ms(v for r in ok for v in r.path_s),
         "e2e_ms": distribution_ms(r.e2e_s for r in ok if r.e2e_s is not None),
         "server_ttft_ms": distribution_ms(r.server_ttft_s for r in ok if r.server_ttft_s is not None),
         "pre_llm_ms": distribution_ms(r.pre_llm_s for r in ok if r.pre_llm_s is not None),

@@ -55,6 +55,9 @@ def test_smoke_run_writes_valid_results(tiny_triton, tmp_path: Path) -> None:
         assert run["requests"] == 3
         assert run["mean_output_tokens"] == 4  # min_tokens = max_tokens: every answer is 4 tokens
         assert run["ttft_ms"]["p50"] is not None and run["e2e_ms"]["p50"] is not None
+        # the engine's side of the same streams (the llm's token times) and the way from it to the client
+        assert run["engine_itl_ms"]["p50"] is not None and run["engine_itl_ms"]["p50"] > 0
+        assert 0 < run["path_ms"]["p50"] <= run["path_ms"]["p99"] < 10_000
     assert doc["meta"]["args"]["target"] == "triton"
     result_dir = next(tmp_path.glob("*/"))
     assert (result_dir / "summary.md").read_text().startswith("# Benchmark")

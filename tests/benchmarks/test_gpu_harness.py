@@ -74,7 +74,13 @@ def test_table_and_plot(tmp_path: Path) -> None:
         "stub_gc_full_collections": 2, "stub_gc_full_ms": 61.4,
     }  # fmt: skip
     doc["phases"]["serve"]["c32_448"]["client_gc"] = {"full_collections": 1, "ms": 12.6}
+    doc["phases"]["serve"]["c32_448"] |= {
+        "engine_itl_ms": {"p50": 7.84, "p99": 19.5}, "path_ms": {"p50": 3.1, "p99": 9.25},
+    }  # fmt: skip
     line = next(x for x in table(doc).splitlines() if x.startswith("c32_448: 20.00 req/s"))
+    assert (
+        "response gap P50/P99 36.0/70.0 ms, engine ITL P50/P99 7.8/19.5 ms, path P50/P99 3.1/9.2 ms, " in line
+    )
     end = "llm ITL P50/P99 7.9/21.2 ms, engine GC 0 (0 ms), stub GC 2 (61 ms), client GC 1 (13 ms)"
     assert line.endswith(f"3.9 ms/request, {end}"), line
     plot_comparison(doc, tmp_path / "comparison.png")

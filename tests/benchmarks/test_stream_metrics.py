@@ -122,3 +122,29 @@ def test_engine_delta_reads_the_llm_itl_quantiles_between_two_scrapes() -> None:
     assert (
         idle["llm_itl_ms_p50"] is None and idle["llm_itl_ms_p99"] is None and idle["llm_itl_ms_mean"] is None
     )
+
+
+def test_stream_timer_takes_the_engines_token_times_apart_from_the_path() -> None:
+    """With each response's last_token_time_ns: the tokens' gaps as the engine made them (per token, as the
+    client's) and each response's delay from the engine to the client."""
+    timer = StreamTimer()
+    t0, w0 = timer.record.start_s, 1_000_000_000_000
+    ms = 1_000_000
+    timer.tokens(1, at=t0 + 0.100, server_last_ns=w0 + 95 * ms, wall_ns=w0 + 100 * ms)  # first: path 5 ms
+    timer.tokens(
+        3, at=t0 + 0.160, server_last_ns=w0 + 135 * ms, wall_ns=w0 + 160 * ms
+    )  # 2 tokens, held 25 ms
+    timer.tokens(4, at=t0 + 0.180, server_last_ns=w0 + 155 * ms, wall_ns=w0 + 180 * ms)
+    record = timer.finish("length", at=t0 + 0.190)
+    assert record.itl_s == pytest.approx([0.030, 0.030, 0.020])  # the client's
+    assert record.engine_itl_s == pytest.approx([0.020, 0.020, 0.020])  # the engine's
+    assert record.path_s == pytest.approx([0.005, 0.025, 0.025])
+    row = summarize([record], wall_s=1.0)
+    assert row["engine_itl_ms"]["p50"] == pytest.approx(20.0)
+    assert row["path_ms"]["p99"] == pytest.approx(25.0, abs=0.01)
+    # no engine times (another backend): nothing recorded, the figures empty
+    plain = StreamTimer()
+    plain.tokens(1)
+    plain.tokens(2)
+    assert plain.record.engine_itl_s == [] and plain.record.path_s == []
+    assert summarize([plain.finish("length")], wall_s=1.0)["path_ms"]["p50"] is None
