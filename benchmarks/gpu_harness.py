@@ -842,21 +842,17 @@ def _engine_side_text(run: dict) -> str:
 
 
 def _gc_text(engine: dict | None, client_gc: dict | None = None) -> str:
-    """ ", llm ITL P50/P99 A/B ms, engine GC N (X ms), stub GC N (X ms), client GC N (X ms)": the tokens'
-    gaps as the llm sent them (before the ensemble and the client) and the full garbage collections of the
+    """ ", engine GC N (X ms), stub GC N (X ms), client GC N (X ms)": the full garbage collections of the
     engine's process, of the Python models' stubs and of the harness itself in a sub-phase."""
     client = ""
     if client_gc:
         client = f", client GC {client_gc['full_collections']} ({client_gc['ms']:.0f} ms)"
     if not engine or engine.get("gc_full_collections") is None:
         return client
-    itl = ""
-    if engine.get("llm_itl_ms_p99") is not None:
-        itl = f", llm ITL P50/P99 {engine['llm_itl_ms_p50']:.1f}/{engine['llm_itl_ms_p99']:.1f} ms"
     stubs = ""
     if engine.get("stub_gc_full_collections") is not None:
         stubs = f", stub GC {engine['stub_gc_full_collections']} ({engine['stub_gc_full_ms']:.0f} ms)"
-    return f"{itl}, engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms){stubs}{client}"
+    return f", engine GC {engine['gc_full_collections']} ({engine['gc_full_ms']:.0f} ms){stubs}{client}"
 
 
 def _structured_lines(serve: dict) -> list[str]:

@@ -236,12 +236,8 @@ ENGINE_TOTALS = (
 )
 
 
-ITL_HISTOGRAM = "glmv_inter_token_latency_seconds_bucket"
-
-
 def metric_totals(metrics_url: str, names: Sequence[str] = ENGINE_TOTALS) -> dict[str, float]:
-    """name -> the sum of its series (every label set) in Triton's metrics now; and the llm's inter-token
-    histogram by bucket, as ``"<ITL_HISTOGRAM>:<le>"`` (summed over instances)."""
+    """name -> the sum of its series (every label set) in Triton's metrics now."""
     import httpx
 
     body = httpx.get(
@@ -255,58 +251,27 @@ def parse_totals(body: str, names: Sequence[str] = ENGINE_TOTALS) -> dict[str, f
     import re
 
     totals = dict.fromkeys(names, 0.0)
-    for name, labels, value in re.findall(r"^(\w+)(?:\{([^}]*)\})? (\S+)$", body, re.MULTILINE):
+    for name, value in re.findall(r"^(\w+)(?:\{[^}]*\})? (\S+)$", body, re.MULTILINE):
         if name in totals:
             totals[name] += float(value)
-        elif name == ITL_HISTOGRAM and (le := re.search(r'le="([^"]+)"', labels or "")):
-            key = f"{name}:{le.group(1)}"
-            totals[key] = totals.get(key, 0.0) + float(value)
     return totals
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """The ``q`` quantile of a cumulative histogram (upper bound -> count), interpolated linearly inside
-    its bucket as Prometheus' ``histogram_quantile`` does (the first bucket from 0; in the +Inf bucket:
-    the highest finite bound). None without observations."""
-    bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] <= 0:
-        return None
-    rank = q * buckets[bounds[-1]]
-    lower, below = 0.0, 0.0
-    for bound in bounds:
-        count = buckets[bound]
-        if count >= rank:
-            if bound == float("inf"):
-                return lower
-            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 0.0)
-        lower, below = bound, count
-    return lower
 
 
 def engine_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float | int | None]:
     """What the engine did between two `metric_totals` readings: its steps, those launched ahead of the
-    host, the time between two tokens of one request as the llm sent them (mean; P50 and P99 from the
-    llm's histogram, interpolated within its buckets), and the full garbage
-    collections of the engine's process (how many, ms in all: each stalls whatever thread it lands on)."""
+    host, the mean time between two tokens of one request as the llm sent them, and the full garbage
+    collections of the engine's process and of the Python models' stubs (how many, ms in all: each stalls
+    whatever thread it lands on). The spread of the engine's gaps comes per token from the responses
+    themselves (`summarize`'s ``engine_itl_ms``)."""
     steps = int(after["glmv_engine_steps_total"] - before["glmv_engine_steps_total"])
     ahead = int(after["glmv_engine_steps_ahead_total"] - before["glmv_engine_steps_ahead_total"])
     count = after["glmv_inter_token_latency_seconds_count"] - before["glmv_inter_token_latency_seconds_count"]
     seconds = after["glmv_inter_token_latency_seconds_sum"] - before["glmv_inter_token_latency_seconds_sum"]
-    prefix = f"{ITL_HISTOGRAM}:"
-    buckets = {
-        float(key[len(prefix) :]): value - before.get(key, 0.0)
-        for key, value in after.items()
-        if key.startswith(prefix)
-    }
-    quantiles = {q: histogram_quantile(q / 100, buckets) for q in (50, 99)}
     return {
         "steps": steps,
         "steps_ahead": ahead,
         "ahead_fraction": round(ahead / steps, 3) if steps else None,
         "llm_itl_ms_mean": round(seconds / count * 1e3, 3) if count else None,
-        # per response the llm sent, its tokens' mean gap as the engine made them (before the ensemble,
-        # postprocessing and the client); from the histogram's buckets
-        **{f"llm_itl_ms_p{q}": None if v is None else round(v * 1e3, 3) for q, v in quantiles.items()},
         "gc_full_collections": int(
             after["glmv_engine_gc_collections_total"] - before["glmv_engine_gc_collections_total"]
         ),

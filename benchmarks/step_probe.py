@@ -47,7 +47,6 @@ class _StepRecorder:
     PARTS = ("vision", "schedule", "execute", "launch_decode", "update", "output")
 
     def __init__(self, ex) -> None:
-        self.steps: list[tuple[str, float]] = []
         # every step's (ms, kind, the runner's path, its shape, whether a ViT graph was captured in it)
         self.records: list[dict] = []
         self.parts: collections.defaultdict[str, float] = collections.defaultdict(float)
@@ -68,7 +67,6 @@ class _StepRecorder:
             ms = (time.perf_counter() - started) * 1e3
             cpu_ms = (time.thread_time() - cpu_started) * 1e3
             kind = "ahead" if self.kind == "idle" and core.pending is not None else self.kind
-            self.steps.append((kind, ms))
             self.records.append(
                 {
                     "t_s": round(started - self.started, 3),  # since the recorder was made or last taken
@@ -152,7 +150,6 @@ class _StepRecorder:
         self.profiled = (began - self.started, ended - self.started)
 
     def take(self) -> dict:
-        steps, self.steps = self.steps, []
         records, self.records = self.records, []
         profiled, self.profiled = self.profiled, None
         self.started = time.perf_counter()
@@ -167,10 +164,10 @@ class _StepRecorder:
         # by kind, the steps that overlapped the profile's window left out
         kept = [(r["kind"], r["ms"]) for r in records if not r["profiled"]]
         kinds = sorted({k for k, _ in kept})
-        total = sum(ms for _, ms in steps)
+        total = sum(r["ms"] for r in records)
         return {
-            "steps": len(steps),
-            "steps_profiled": len(steps) - len(kept),
+            "steps": len(records),
+            "steps_profiled": len(records) - len(kept),
             "step_ms_by_kind": {
                 k: {
                     "count": sum(1 for kind, _ in kept if kind == k),

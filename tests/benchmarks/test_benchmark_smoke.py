@@ -262,8 +262,6 @@ def test_harness_decode_b1_reports_the_engines_side(tiny_triton, tmp_path: Path)
     engine = b1["engine"]
     assert engine["steps"] >= 2 * 128 and engine["steps_ahead"] == 0 and engine["ahead_fraction"] == 0
     assert engine["llm_itl_ms_mean"] > 0
-    # and its spread, from the llm's histogram (fine buckets between 5 and 50 ms)
-    assert 0 < engine["llm_itl_ms_p50"] <= engine["llm_itl_ms_p99"]
     doc = {"meta": {"date": "2026-12-05", "commit": "abc1234", "device": "cpu"}, "phases": {"serve": record}}
     doc["comparison"] = comparisons(doc)
     assert f"0 of {engine['steps']} engine steps launched ahead" in table(doc)

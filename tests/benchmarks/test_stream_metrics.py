@@ -77,51 +77,29 @@ def test_steady_state_drops_the_opening_burst_and_measures_its_own_window() -> N
     assert steady_state(burst + later[:1], concurrency=2) is None  # fewer than 2 after the burst
 
 
-def test_histogram_quantile_interpolates_like_prometheus() -> None:
-    from benchmarks.metrics import histogram_quantile
-
-    buckets = {0.01: 10.0, 0.02: 60.0, 0.03: 100.0, float("inf"): 100.0}
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.018)  # rank 50: 40 of the 50 in (0.01, 0.02]
-    assert histogram_quantile(0.99, buckets) == pytest.approx(
-        0.02975
-    )  # rank 99: 39 of the 40 in (0.02, 0.03]
-    assert histogram_quantile(0.05, buckets) == pytest.approx(0.005)  # the first bucket starts at 0
-    # a rank past every finite bound: the highest finite bound
-    assert histogram_quantile(0.99, {0.01: 10.0, float("inf"): 20.0}) == pytest.approx(0.01)
-    assert histogram_quantile(0.5, {0.01: 0.0, float("inf"): 0.0}) is None
-    assert histogram_quantile(0.5, {}) is None
-
-
-def test_engine_delta_reads_the_llm_itl_quantiles_between_two_scrapes() -> None:
+def test_engine_delta_sums_the_instances_between_two_scrapes() -> None:
     from benchmarks.metrics import ENGINE_TOTALS, engine_delta, parse_totals
 
-    def body(counts: dict[str, int], total: int) -> str:
-        lines = [f"{name} 0" for name in ENGINE_TOTALS if "inter_token" not in name]
-        for instance in ("llm_0_0", "llm_0_1"):  # two instances: their buckets add up
-            for le, n in counts.items():
-                lines.append(
-                    f'glmv_inter_token_latency_seconds_bucket{{le="{le}",model="llm",'
-                    f'model_instance="{instance}",version="1"}} {n}'
-                )
-            lines.append(f'glmv_inter_token_latency_seconds_count{{model_instance="{instance}"}} {total}')
-            lines.append(
-                f'glmv_inter_token_latency_seconds_sum{{model_instance="{instance}"}} {total * 0.02}'
-            )
+    def body(total: int, collections: int) -> str:
+        lines = []
+        for instance in ("llm_0_0", "llm_0_1"):  # two instances: their series add up
+            for name in ENGINE_TOTALS:
+                value = {
+                    "glmv_inter_token_latency_seconds_count": total,
+                    "glmv_inter_token_latency_seconds_sum": total * 0.02,
+                    "glmv_model_gc_collections_total": collections,
+                    "glmv_model_gc_seconds_total": collections * 0.05,
+                }.get(name, 0)
+                lines.append(f'{name}{{model="llm",model_instance="{instance}",version="1"}} {value}')
         return "\n".join(lines) + "\n"
 
-    before = parse_totals(body({"0.01": 5, "0.02": 5, "0.03": 5, "+Inf": 5}, 5))
-    after = parse_totals(body({"0.01": 10, "0.02": 35, "0.03": 55, "+Inf": 55}, 55))
-    assert after["glmv_inter_token_latency_seconds_bucket:0.02"] == 70.0
+    before, after = parse_totals(body(5, 0)), parse_totals(body(55, 1))
     assert after["glmv_inter_token_latency_seconds_count"] == 110.0
     delta = engine_delta(before, after)
-    # between the scrapes, summed over both instances: {0.01: 10, 0.02: 60, 0.03: 100, +Inf: 100}
-    assert delta["llm_itl_ms_p50"] == pytest.approx(18.0)
-    assert delta["llm_itl_ms_p99"] == pytest.approx(29.75)
     assert delta["llm_itl_ms_mean"] == pytest.approx(20.0)
-    idle = engine_delta(after, after)
-    assert (
-        idle["llm_itl_ms_p50"] is None and idle["llm_itl_ms_p99"] is None and idle["llm_itl_ms_mean"] is None
-    )
+    assert delta["stub_gc_full_collections"] == 2 and delta["stub_gc_full_ms"] == pytest.approx(100.0)
+    assert delta["gc_full_collections"] == 0 and delta["steps"] == 0 and delta["ahead_fraction"] is None
+    assert engine_delta(after, after)["llm_itl_ms_mean"] is None
 
 
 def test_stream_timer_takes_the_engines_token_times_apart_from_the_path() -> None:
