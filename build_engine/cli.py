@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-prefill-tokens-with-decodes",
         type=int,
-        default=256,
+        default=320,
         help="prompt tokens in an engine step that also decodes (stall-free steps: a long prompt is spread "
         "over several steps instead of stalling every stream); 0: no cap",
     )
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vision-patches-per-step",
         type=int,
-        default=1024,
+        default=1536,
         help="ViT work per engine step while sequences decode, in patches through the whole tower (a "
         "448x448 image is 1024); a bigger ViT batch runs a few blocks per step; 0: each batch in one step",
     )

@@ -253,8 +253,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # most new tokens (prefill chunks + decodes) in one step
     # Stall-free steps: prompt tokens in a step that also decodes. On an H200 (full size, bf16) a
     # 32-sequence decode step takes ~9 ms, a prompt chunk ~4.3 ms for its pass over the weights plus
-    # ~0.03 ms a token: 256 tokens keep such a step near 21 ms. None: no cap beyond the budget.
-    max_num_prefill_tokens_with_decodes: int | None = 256
+    # ~0.03 ms a token: 320 tokens (with 1536 ViT patches, below) keep 32 x 1288x728 streams' inter-token
+    # P99 near 23 ms at 10.7 req/s with the first token within 0.3 s. None: no cap beyond the budget.
+    max_num_prefill_tokens_with_decodes: int | None = 320
     max_model_len: int = 8192  # longest prompt + output of one request
     block_size: int = 16  # tokens per KV cache block
     num_kv_blocks: int | None = None  # KV blocks to allocate; None: derive from the memory settings
@@ -268,9 +269,9 @@ class EngineConfig:
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
     max_num_vision_patches: int = 8192  # most ViT patches in one packed forward (one step of the llm)
     # ViT work per engine step while sequences decode, in patches through the whole tower: a bigger batch
-    # runs a few blocks per step (engine.core.vision_queue). 1024 (one 448x448 image) is ~5 ms on an H200
-    # (a 1288x728 screenshot, 4784 patches, takes 24 ms). 0: each batch in one step
-    vision_patches_per_step: int = 1024
+    # runs a few blocks per step (engine.core.vision_queue). 1536 patches (a 448x448 image is 1024) are
+    # ~7.5 ms on an H200 (a 1288x728 screenshot, 4784 patches, takes 24 ms). 0: each batch in one step
+    vision_patches_per_step: int = 1536
     vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
     # The ViT attention's kernel on CUDA (engine.model.vision.VISION_ATTENTION_CHOICES): "flash" or "cudnn"
     # (cuDNN's fused attention: on an H200 a 1288x728 screenshot's ViT 24.2 -> 21.3 ms, 3840x2160 93 -> 70
