@@ -29,7 +29,32 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _request(ex, mc, size: tuple[int, int], rid: str, gen: torch.Generator):
+FULL_SIZE_IMAGE_TOKENS = 6144  # the full-size checkpoint's image processor: longest_edge = 2 * 28 * 28 * this
+
+
+def _processor_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) the full-size checkpoint's image processor resizes ``size`` to (its smart_resize and
+    pixel limits, as the preprocessing model does): a 3840x2160 image becomes 2884x1624."""
+    from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
+
+    from build_engine.checkpoint import _preprocessor_config
+
+    limits = _preprocessor_config(FULL_SIZE_IMAGE_TOKENS)["size"]
+    height, width = smart_resize(
+        height=size[1],
+        width=size[0],
+        num_frames=2,
+        factor=28,
+        temporal_factor=2,
+        min_pixels=limits["shortest_edge"],
+        max_pixels=limits["longest_edge"],
+    )
+    return width, height
+
+
+def _request(ex, mc, size, rid: str, gen: torch.Generator, images: int = 1):
+    """A 30-token question about ``images`` random images of ``size`` (width, height; rounded to the
+    ViT's 28-pixel unit, not resized by the processor's pixel limits: `_processor_size` does that)."""
     from engine.llm_engine import GenerationRequest
     from engine.model.rope import get_mrope_positions
     from engine.sample.sampler import SamplingParams
@@ -38,13 +63,13 @@ def _request(ex, mc, size: tuple[int, int], rid: str, gen: torch.Generator):
     unit = vision.patch_size * vision.spatial_merge_size
     width, height = (max(unit, round(s / unit) * unit) for s in size)
     gh, gw = height // vision.patch_size, width // vision.patch_size
-    grid = torch.tensor([[1, gh, gw]])
+    grid = torch.tensor([[1, gh, gw]] * images)
     num_image_tokens = gh * gw // vision.spatial_merge_size**2
     text = torch.randint(0, 150000, (30,), generator=gen).tolist()
-    ids = text[:4] + [mc.image_start_token_id] + [mc.image_token_id] * num_image_tokens
-    ids += [mc.image_end_token_id] + text[4:]
+    image = [mc.image_start_token_id] + [mc.image_token_id] * num_image_tokens + [mc.image_end_token_id]
+    ids = text[:4] + image * images + text[4:]
     positions, delta = get_mrope_positions(ids, grid, mc)
-    rgb = torch.randint(0, 256, (height * width * 3,), generator=gen, dtype=torch.uint8)
+    rgb = torch.randint(0, 256, (images * height * width * 3,), generator=gen, dtype=torch.uint8)
     return GenerationRequest(
         rid,
         ids,
@@ -228,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=1236)
     ap.add_argument(
         "--quick-sizes",
-        default="1920x1080,2560x1440,3840x2160",
-        help="sizes measured for their first step only (ViT + prefill alone)",
+        default="1920x1080,2560x1440,3840x2160,4x1288x728",
+        help="sizes measured for their first step only (ViT + prefill alone), each resized as the "
+        "processor does; NxWxH: N images of WxH in one request",
     )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -282,12 +308,20 @@ def main(argv: list[str] | None = None) -> int:
         res["sizes"][size_text]["follow_up_cold_first_step_ms"] = sorted(cold)[1]
         print(size_text, json.dumps(res["sizes"][size_text]))
 
-    # large images: the first step alone (ViT + prefill, chunked at the step budget)
+    # large images and several in one request: the first step alone (ViT + prefill), each image at the size
+    # the processor gives it (as the server sees it), to set beside the harness's large_images sub-phase
     for size_text in filter(None, args.quick_sizes.split(",")):
-        size = tuple(int(v) for v in size_text.split("x"))
-        _first_step_ms(ex, _request(ex, mc, size, f"qw{size_text}", gen))
-        times = [_first_step_ms(ex, _request(ex, mc, size, f"q{size_text}-{i}", gen)) for i in range(3)]
-        res["sizes"][size_text] = {"first_step_ms": sorted(times)[1]}
+        *count, width, height = (int(v) for v in size_text.split("x"))
+        count = count[0] if count else 1
+        size = _processor_size((width, height))
+        _first_step_ms(ex, _request(ex, mc, size, f"qw{size_text}", gen, images=count))
+        reqs = [_request(ex, mc, size, f"q{size_text}-{i}", gen, images=count) for i in range(3)]
+        times = [_first_step_ms(ex, req) for req in reqs]
+        res["sizes"][size_text] = {
+            "first_step_ms": sorted(times)[1],
+            "resized": f"{size[0]}x{size[1]}",
+            "prompt_tokens": len(reqs[0].prompt_token_ids),
+        }
         print(size_text, json.dumps(res["sizes"][size_text]))
 
     # a 1288x728 prompt prefilled in chunks of 512 tokens against one step of 2048
