@@ -106,7 +106,10 @@ elif [ "$PART" = 6 ]; then
   # is left of it past 120 s to start, at least 90), CACHE_OFF=0 as named (CACHE_OFF_PHASES: its
   # sub-phases); GPU_TESTS=<pytest path> runs those GPU tests first; VIT_BENCH=1 runs
   # benchmarks.vit_attention_bench and STEP_VARIANTS benchmarks.step_probe before them; TTFT_PROBE=1
-  # runs benchmarks.ttft_probe after everything)
+  # runs benchmarks.ttft_probe after everything; QUICK_TTFT=1 its large images alone first, ~1 min;
+  # CACHE_OFF_ARGS: more glmv-build flags for the caches-off run, comma-separated, e.g. --dtype,fp8)
+  [ "${QUICK_TTFT:-0}" = 0 ] || timeout 150 python3 -m benchmarks.ttft_probe --out "$OUT/ttft_quick" --quick-only 2>&1 |
+    grep -E '^[0-9]'
   [ "${VIT_BENCH:-0}" = 0 ] || timeout 120 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
   step_probes
   if [ -n "${GPU_TESTS:-}" ]; then
@@ -125,8 +128,9 @@ elif [ "$PART" = 6 ]; then
     grep -h "captured .* CUDA graphs in" "$OUT/ab/$name/triton.log" 2>/dev/null | sed "s/^/$name: /"
     pkill -f tritonserver; sleep 2
   done
+  off_args=${CACHE_OFF_ARGS:-}
   [ "${CACHE_OFF:-1}" = 0 ] || timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
-    --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0" \
+    --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0 ${off_args//,/ }" \
     --serve-phases "${CACHE_OFF_PHASES:-c32_1288,followup_1288,reuse_c32_1288,conversation_1288}" 2>&1 | grep -v '^\[c='
   # TTFT_PROBE=1: benchmarks.ttft_probe last, with what is left
   [ "${TTFT_PROBE:-0}" = 0 ] || [ "$(left)" -lt 60 ] || timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe \
