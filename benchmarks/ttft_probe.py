@@ -29,17 +29,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-FULL_SIZE_IMAGE_TOKENS = 6144  # the full-size checkpoint's image processor: longest_edge = 2 * 28 * 28 * this
-
-
 def _processor_size(size: tuple[int, int]) -> tuple[int, int]:
     """(width, height) the full-size checkpoint's image processor resizes ``size`` to (its smart_resize and
-    pixel limits, as the preprocessing model does): a 3840x2160 image becomes 2884x1624."""
+    pixel limits, as the preprocessing model does): a 3840x2160 image becomes 2912x1624."""
     from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
 
-    from build_engine.checkpoint import _preprocessor_config
+    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, preprocessor_config
 
-    limits = _preprocessor_config(FULL_SIZE_IMAGE_TOKENS)["size"]
+    limits = preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS)["size"]
     height, width = smart_resize(
         height=size[1],
         width=size[0],

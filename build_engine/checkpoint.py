@@ -190,7 +190,10 @@ def _save_tokenizer(tok, out: Path) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in list(GLM_SPECIAL_TOKENS) + list(GLM_EXTRA_TOKEN_IDS)}
 
 
-def _preprocessor_config(max_image_tokens: int) -> dict:
+FULL_SIZE_MAX_IMAGE_TOKENS = 6144  # GLM-4.6V-Flash's image processor: longest_edge = 2 * 28 * 28 * this
+
+
+def preprocessor_config(max_image_tokens: int) -> dict:
     merge_area = 28 * 28
     return {
         "image_processor_type": "Glm46VImageProcessor",
@@ -292,7 +295,7 @@ def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 
     model = Glm4vForConditionalGeneration(cfg).eval()
     model.save_pretrained(out, safe_serialization=True)
     (out / "preprocessor_config.json").write_text(
-        json.dumps(_preprocessor_config(p.max_image_tokens), indent=2) + "\n"
+        json.dumps(preprocessor_config(p.max_image_tokens), indent=2) + "\n"
     )
     _write_generation_config(out, ids)
     return out
@@ -351,6 +354,8 @@ def make_dummy_checkpoint(out_dir: str | Path) -> Path:
         raise RuntimeError(f"special-token ids were not placed at the GLM ids: {ids}")
     cfg = full_size_config()
     cfg.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(6144), indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS), indent=2) + "\n"
+    )
     _write_generation_config(out, ids)
     return out

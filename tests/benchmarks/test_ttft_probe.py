@@ -1,0 +1,64 @@
+"""benchmarks.ttft_probe's requests on CPU: its large images take the sizes the preprocessing model gives the
+full-size checkpoint's images (so the probe's first step alone and the harness's large_images sub-phase
+measure the same prompt), and a request with several images runs through the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(3840, 2160), (2560, 1440), (1920, 1080), (1288, 728), (448, 448), (800, 3000), (4032, 3024)],
+)
+def test_probe_sizes_are_the_servers(tiny_checkpoint: Path, tmp_path: Path, size) -> None:
+    from benchmarks.ttft_probe import _processor_size
+    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, preprocessor_config
+    from engine.processing.limits import PreprocessLimits
+    from engine.processing.preprocess import Preprocessor
+
+    # the tiny checkpoint with the full-size checkpoint's image processor settings
+    engine_dir = tmp_path / "full_processor"
+    shutil.copytree(tiny_checkpoint, engine_dir)
+    (engine_dir / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS))
+    )
+    pre = Preprocessor(engine_dir, PreprocessLimits(max_image_pixels=4032 * 3024), resize_cache_bytes=0)
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 90)).save(buf, "PNG")
+    _, grid = pre.resize_images(pre.load_images([buf.getvalue()]))
+    width, height = _processor_size(size)
+    assert grid.tolist() == [[1, height // 14, width // 14]]
+    if size == (3840, 2160):
+        assert (width, height) == (2912, 1624)  # 6032 image tokens: the server's 6072-token prompt
+
+
+def test_probe_request_with_four_images_runs(tiny_checkpoint: Path) -> None:
+    from benchmarks.ttft_probe import _first_step_ms, _request
+    from engine.config import EngineConfig, ModelConfig
+    from engine.llm_engine import LLMEngine
+
+    mc = ModelConfig.from_pretrained(tiny_checkpoint)
+    ex = LLMEngine(mc, EngineConfig(max_model_len=1024, num_kv_blocks=256), None)
+    gen = torch.Generator().manual_seed(0)
+    special = {mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id}
+    for images in (1, 4):
+        req = _request(ex, mc, (112, 84), f"r{images}", gen, images=images)
+        # the probe's text ids are the full vocabulary's: fold them into the tiny one
+        ids = [t if t in special else t % 200 for t in req.prompt_token_ids]
+        req = dataclasses.replace(req, prompt_token_ids=ids)
+        assert req.image_grid_thw.tolist() == [[1, 6, 8]] * images
+        assert ids.count(mc.image_token_id) == images * 12
+        assert req.image_pixels.numel() == images * 84 * 112 * 3
+        assert int(np.asarray(req.mrope_positions).max()) + 1 - req.mrope_delta == len(ids)
+        assert _first_step_ms(ex, req) > 0
+        assert not ex.has_unfinished()
