@@ -74,7 +74,8 @@ if [ "$PART" = 1 ]; then
     tail -n 3 "$OUT/pytest_gpu.txt"
   fi
   if [ "$(left)" -gt 40 ]; then
-    timeout "$(left)" python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b|small copies'
+    timeout "$(left)" python3 -m benchmarks.ttft_probe --out "$OUT/ttft" --harness-json "$OUT/cache_on/harness.json" 2>&1 |
+      grep -E '^[0-9]|chunked|decode b|small copies|^large'
   fi
 elif [ "$PART" = 2 ]; then
   if [ "${SOAK_MIN:-4}" != 0 ]; then
@@ -168,8 +169,8 @@ elif [ "$PART" = 10 ]; then
     tail -n 4 "$OUT/pytest_gpu.txt"
   fi
   step_probes
-  [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" 2>&1 |
-    grep -E '^[0-9]|chunked|decode b|small copies'
+  [ "$(left)" -gt 60 ] && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ttft" \
+    --harness-json "$OUT/cache_on/harness.json" 2>&1 | grep -E '^[0-9]|chunked|decode b|small copies|^large'
 elif [ "$PART" = 4 ]; then
   # two GPUs (nvidia-h200-x2): 1 -> 2 GPUs with Triton spreading the requests over one llm per GPU (unique
   # 1288x728 images, then 4 questions per image), then one server per GPU behind the gateway (4 questions

@@ -78,6 +78,27 @@ def _request(ex, mc, size, rid: str, gen: torch.Generator, images: int = 1):
     )
 
 
+def large_image_ratios(sizes: dict, harness: dict) -> dict:
+    """Each large image's TTFT through the server (the harness's ``large_images`` sub-phase, P50) over its
+    first step alone here (``sizes``: this probe's ``sizes``): issue 14 asks each within 1.2 x. ``server``
+    counts from the request's arrival at the llm; ``client`` also holds the image's decode and resize."""
+    served = harness.get("phases", {}).get("serve", {}).get("large_images") or {}
+    out = {}
+    for size, run in served.items():
+        alone = (sizes.get(size) or {}).get("first_step_ms")
+        if not isinstance(run, dict) or "server_ttft_ms" not in run or not alone:
+            continue
+        server, client = run["server_ttft_ms"]["p50"], run["ttft_ms"]["p50"]
+        out[size] = {
+            "alone_ms": round(alone, 1),
+            "server_ttft_ms": server,
+            "client_ttft_ms": client,
+            "server_ratio": round(server / alone, 3),
+            "client_ratio": round(client / alone, 3),
+        }
+    return out
+
+
 def _copy_behind_busy_gpu_ms() -> dict[str, float]:
     """Host ms of `torch.tensor(list).to("cuda", non_blocking=True)` (pageable, and from pinned memory)
     issued behind ~50 ms of queued matmuls, and of the matmuls' launch alone: a copy that waits for the
@@ -255,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         "processor does; NxWxH: N images of WxH in one request",
     )
     ap.add_argument("--quick-only", action="store_true", help="only the --quick-sizes, for a short call")
+    ap.add_argument(
+        "--harness-json",
+        type=Path,
+        help="a gpu_harness run's harness.json on this machine: its large images' TTFT set beside their "
+        "first step alone here",
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda"
@@ -321,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_tokens": len(reqs[0].prompt_token_ids),
         }
         print(size_text, json.dumps(res["sizes"][size_text]))
+    if args.harness_json is not None and args.harness_json.is_file():
+        res["large_images"] = large_image_ratios(res["sizes"], json.loads(args.harness_json.read_text()))
+        for size, r in res["large_images"].items():
+            print(
+                f"large {size}: server TTFT {r['server_ttft_ms']:.1f} ms / alone {r['alone_ms']:.1f} ms = "
+                f"{r['server_ratio']:.2f} x (client {r['client_ttft_ms']:.1f} ms = {r['client_ratio']:.2f} x)"
+            )
     if args.quick_only:
         (args.out / "ttft_probe.json").write_text(json.dumps(res, indent=2))
         return 0

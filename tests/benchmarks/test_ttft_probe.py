@@ -62,3 +62,42 @@ def test_probe_request_with_four_images_runs(tiny_checkpoint: Path) -> None:
         assert int(np.asarray(req.mrope_positions).max()) + 1 - req.mrope_delta == len(ids)
         assert _first_step_ms(ex, req) > 0
         assert not ex.has_unfinished()
+
+
+def test_large_image_ratios_set_the_servers_ttft_beside_the_first_step_alone() -> None:
+    from benchmarks.ttft_probe import large_image_ratios
+
+    def run(client: float, server: float) -> dict:
+        return {"requests": 3, "errors": 0, "ttft_ms": {"p50": client}, "server_ttft_ms": {"p50": server}}
+
+    harness = {
+        "phases": {
+            "serve": {
+                "large_images": {
+                    "1920x1080": run(262.0, 166.0),
+                    "4x1288x728": run(287.0, 252.0),
+                    "2560x1440": run(516.0, 352.0),  # not probed: left out
+                    "client_gc": {"full_collections": 0, "ms": 0.0},
+                    "engine": {"steps": 33},
+                }
+            }
+        }
+    }
+    sizes = {"1920x1080": {"first_step_ms": 200.0}, "4x1288x728": {"first_step_ms": 210.0}}
+    assert large_image_ratios(sizes, harness) == {
+        "1920x1080": {
+            "alone_ms": 200.0,
+            "server_ttft_ms": 166.0,
+            "client_ttft_ms": 262.0,
+            "server_ratio": 0.83,
+            "client_ratio": 1.31,
+        },
+        "4x1288x728": {
+            "alone_ms": 210.0,
+            "server_ttft_ms": 252.0,
+            "client_ttft_ms": 287.0,
+            "server_ratio": 1.2,
+            "client_ratio": 1.367,
+        },
+    }
+    assert large_image_ratios(sizes, {"phases": {"serve": {}}}) == {}
