@@ -29,29 +29,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _processor_size(size: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) the full-size checkpoint's image processor resizes ``size`` to (its smart_resize and
-    pixel limits, as the preprocessing model does): a 3840x2160 image becomes 2912x1624."""
-    from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
-
-    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, preprocessor_config
-
-    limits = preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS)["size"]
-    height, width = smart_resize(
-        height=size[1],
-        width=size[0],
-        num_frames=2,
-        factor=28,
-        temporal_factor=2,
-        min_pixels=limits["shortest_edge"],
-        max_pixels=limits["longest_edge"],
-    )
-    return width, height
-
-
 def _request(ex, mc, size, rid: str, gen: torch.Generator, images: int = 1):
     """A 30-token question about ``images`` random images of ``size`` (width, height; rounded to the
-    ViT's 28-pixel unit, not resized by the processor's pixel limits: `_processor_size` does that)."""
+    ViT's 28-pixel unit, not resized by the processor's pixel limits: `full_size_image_size` does that)."""
     from engine.llm_engine import GenerationRequest
     from engine.model.rope import get_mrope_positions
     from engine.sample.sampler import SamplingParams
@@ -264,6 +244,7 @@ def _time_ms(fn, repeat: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.engine_probe import _full_engine
+    from build_engine.checkpoint import full_size_image_size
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -338,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     for size_text in filter(None, args.quick_sizes.split(",")):
         *count, width, height = (int(v) for v in size_text.split("x"))
         count = count[0] if count else 1
-        size = _processor_size((width, height))
+        size = full_size_image_size(width, height)
         _first_step_ms(ex, _request(ex, mc, size, f"qw{size_text}", gen, images=count))
         reqs = [_request(ex, mc, size, f"q{size_text}-{i}", gen, images=count) for i in range(3)]
         times = [_first_step_ms(ex, req) for req in reqs]
@@ -348,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_tokens": len(reqs[0].prompt_token_ids),
         }
         print(size_text, json.dumps(res["sizes"][size_text]))
-    if args.harness_json is not None and args.harness_json.is_file():
+    if args.harness_json is not None and not args.harness_json.is_file():
+        print(f"large images: no harness run at {args.harness_json} to set them beside")
+    elif args.harness_json is not None:
         res["large_images"] = large_image_ratios(res["sizes"], json.loads(args.harness_json.read_text()))
         for size, r in res["large_images"].items():
             print(

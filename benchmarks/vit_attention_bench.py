@@ -1,7 +1,8 @@
 """The ViT's attention on each SDPA backend, alone and in the whole encoder (GPU).
 
 The full-size vision tower (24 blocks, 1536 wide, 12 heads of 128) with random bf16 weights encodes a
-448×448, a 1288×728, a 1920×1080 and a 3840×2160 image, eagerly, with each of the engine's
+448×448, a 1288×728, a 1920×1080 and a 3840×2160 image (each resized as the server resizes it: the
+last to 2912×1624), eagerly, with each of the engine's
 ``--vision-attention`` choices; per size it reports the encode time (median of CUDA-event timings), one
 block's attention call alone, the first encode of that shape (cuDNN builds an execution plan per new
 shape), and the largest difference of the embeddings from the flash ones. Then the
@@ -46,18 +47,10 @@ def _encoder(device: torch.device, dtype: torch.dtype):
 
 
 def _grid(size: tuple[int, int], config) -> tuple[int, int]:
-    from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
+    """The patch grid (rows, columns) of an image of ``size`` as the server resizes it."""
+    from build_engine.checkpoint import full_size_image_size
 
-    factor = config.patch_size * config.spatial_merge_size
-    h, w = smart_resize(
-        height=size[1],
-        width=size[0],
-        num_frames=config.temporal_patch_size,
-        factor=factor,
-        temporal_factor=config.temporal_patch_size,
-        min_pixels=factor * factor,
-        max_pixels=6144 * factor * factor,
-    )
+    w, h = full_size_image_size(*size)
     return h // config.patch_size, w // config.patch_size
 
 

@@ -193,6 +193,23 @@ def _save_tokenizer(tok, out: Path) -> dict[str, int]:
 FULL_SIZE_MAX_IMAGE_TOKENS = 6144  # GLM-4.6V-Flash's image processor: longest_edge = 2 * 28 * 28 * this
 
 
+def full_size_image_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) the full-size checkpoint's image processor resizes a width x height image to, as the
+    preprocessing model does (a 3840x2160 image: 2912x1624)."""
+    from engine.processing.preprocess import resized_size
+
+    limits = preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS)
+    return resized_size(
+        width,
+        height,
+        patch=limits["patch_size"],
+        merge=limits["merge_size"],
+        temporal=limits["temporal_patch_size"],
+        min_pixels=limits["size"]["shortest_edge"],
+        max_pixels=limits["size"]["longest_edge"],
+    )
+
+
 def preprocessor_config(max_image_tokens: int) -> dict:
     merge_area = 28 * 28
     return {

@@ -274,7 +274,7 @@ class EngineConfig:
     vision_patches_per_step: int = 1536
     vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
     # The ViT attention's kernel on CUDA (engine.model.vision.VISION_ATTENTION_CHOICES): "flash" or "cudnn"
-    # (cuDNN's fused attention: on an H200 a 1288x728 screenshot's ViT 24.2 -> 21.3 ms, 3840x2160 93 -> 70
+    # (cuDNN's fused attention: on an H200 a 1288x728 screenshot's ViT 24.2 -> 21.3 ms, a 2044x1148 image 93 -> 70
     # ms, the embeddings within 2.3e-5; but the first image of each new size waits for cuDNN to build its
     # plan, 0.03-0.7 s, in the engine step every stream waits on)
     vision_attention: str = "flash"

@@ -58,7 +58,7 @@ from engine.processing.images import ImageInfo, decode_image_bytes, open_image
 from engine.processing.limits import InputError, PreprocessLimits
 from engine.processing.resize_cache import ResizeCache, shared_resize_dir_name
 
-__all__ = ["STAGES", "PreprocessedRequest", "Preprocessor", "shared_resize_dir_name"]
+__all__ = ["STAGES", "PreprocessedRequest", "Preprocessor", "resized_size", "shared_resize_dir_name"]
 
 # Threads per Preprocessor that open, decode, resize and hash a request's images (start_images).
 IMAGE_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -96,6 +96,26 @@ class PreprocessedRequest:
 
 
 STAGES = ("images", "template", "tokens", "positions")
+
+
+def resized_size(
+    width: int, height: int, *, patch: int, merge: int, temporal: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """(width, height) the image processor resizes a width x height image to: its smart_resize, with the
+    processor's patch, merge and temporal sizes and its pixel limits (``size``'s shortest_edge and
+    longest_edge in preprocessor_config.json)."""
+    from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
+
+    h, w = smart_resize(
+        height=height,
+        width=width,
+        num_frames=temporal,
+        factor=patch * merge,
+        temporal_factor=temporal,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
+    return w, h
 
 
 def content_hash(rgb: np.ndarray) -> str:
@@ -308,16 +328,15 @@ class Preprocessor:
     def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
         from PIL import Image
-        from transformers.models.glm46v.image_processing_pil_glm46v import smart_resize
 
         proc = self.image_processor
         width, height = image.size
-        h, w = smart_resize(
-            height=height,
-            width=width,
-            num_frames=temporal,
-            factor=patch * merge,
-            temporal_factor=temporal,
+        w, h = resized_size(
+            width,
+            height,
+            patch=patch,
+            merge=merge,
+            temporal=temporal,
             min_pixels=proc.size["shortest_edge"],
             max_pixels=proc.size["longest_edge"],
         )

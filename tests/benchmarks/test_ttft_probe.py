@@ -1,6 +1,7 @@
 """benchmarks.ttft_probe's requests on CPU: its large images take the sizes the preprocessing model gives the
-full-size checkpoint's images (so the probe's first step alone and the harness's large_images sub-phase
-measure the same prompt), and a request with several images runs through the engine."""
+full-size checkpoint's images (`full_size_image_size`, which vit_attention_bench uses too), so the probe's
+first step alone and the harness's large_images sub-phase measure the same prompt; and a request with
+several images runs through the engine."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ from PIL import Image
     [(3840, 2160), (2560, 1440), (1920, 1080), (1288, 728), (448, 448), (800, 3000), (4032, 3024)],
 )
 def test_probe_sizes_are_the_servers(tiny_checkpoint: Path, tmp_path: Path, size) -> None:
-    from benchmarks.ttft_probe import _processor_size
-    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, preprocessor_config
+    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, full_size_image_size, preprocessor_config
     from engine.processing.limits import PreprocessLimits
     from engine.processing.preprocess import Preprocessor
 
@@ -36,7 +36,7 @@ def test_probe_sizes_are_the_servers(tiny_checkpoint: Path, tmp_path: Path, size
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 40, 90)).save(buf, "PNG")
     _, grid = pre.resize_images(pre.load_images([buf.getvalue()]))
-    width, height = _processor_size(size)
+    width, height = full_size_image_size(*size)
     assert grid.tolist() == [[1, height // 14, width // 14]]
     if size == (3840, 2160):
         assert (width, height) == (2912, 1624)  # 6032 image tokens: the server's 6072-token prompt
