@@ -133,8 +133,9 @@ def _full_model_config():
     return ModelConfig.from_pretrained(tmp)
 
 
-def _full_engine(device: str, quantization: str = "none"):
-    """(engine, model config, engine config, load stats): full-size random bf16 weights, warmed up."""
+def _full_engine(device: str, quantization: str = "none", **engine_fields):
+    """(engine, model config, engine config, load stats): full-size random bf16 weights, warmed up;
+    ``engine_fields``: more EngineConfig settings."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
@@ -147,6 +148,7 @@ def _full_engine(device: str, quantization: str = "none"):
         max_model_len=32768,
         gpu_memory_utilization=0.9,
         quantization=quantization,
+        **engine_fields,
     )
     t0 = time.perf_counter()
     ex = LLMEngine(mc, ec, None)

@@ -108,6 +108,7 @@ elif [ "$PART" = 6 ]; then
   # sub-phases); GPU_TESTS=<pytest path> runs those GPU tests first; VIT_BENCH=1 runs
   # benchmarks.vit_attention_bench and STEP_VARIANTS benchmarks.step_probe before them; TTFT_PROBE=1
   # runs benchmarks.ttft_probe after everything; QUICK_TTFT=1 its large images alone first, ~1 min;
+  # GEMV_BENCH=1 benchmarks.gemv_bench after the GPU tests (~4 min);
   # CACHE_OFF_ARGS: more glmv-build flags for the caches-off run, comma-separated, e.g. --dtype,fp8)
   [ "${QUICK_TTFT:-0}" = 0 ] || timeout 150 python3 -m benchmarks.ttft_probe --out "$OUT/ttft_quick" --quick-only 2>&1 |
     grep -E '^[0-9]'
@@ -117,6 +118,10 @@ elif [ "$PART" = 6 ]; then
     timeout 150 python3 -m pytest -q -m gpu "$GPU_TESTS" >"$OUT/pytest_gpu.txt" 2>&1
     tail -n 4 "$OUT/pytest_gpu.txt"
   fi
+  # GEMV_BENCH=1: decode-shaped matmuls, the skinny kernel against cuBLAS and FP8, then batch-1 decode of
+  # the engine with --decode-gemv off and on (bf16 and FP8), then its block-size sweep (GEMV_SWEEP_S)
+  [ "${GEMV_BENCH:-0}" = 0 ] || timeout "${GEMV_TIMEOUT:-260}" python3 -m benchmarks.gemv_bench --out "$OUT/gemv" \
+    --engine --fp8 --sweep-s "${GEMV_SWEEP_S:-40}" 2>&1 | grep -E 'M=|copy|engine|matmuls|Error|error'
   [ "${PROBE:-1}" = 0 ] || timeout 150 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
   phases=${VARIANT_PHASES:-structured_c32,c32_448}
   for variant in ${VARIANTS:-default:}; do

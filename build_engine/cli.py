@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         "graphs are captured at start-up); --no-mixed-step-graphs: a decode graph, then a prefill graph",
     )
     p.add_argument(
+        "--decode-gemv",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="steps of up to 16 tokens run the decoder's matmuls through one Triton kernel per layer "
+        "(weights read once, no split-K reduce, gate/up and silu_mul fused; CUDA only)",
+    )
+    p.add_argument(
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -406,6 +413,7 @@ def build(args: argparse.Namespace) -> Path:
                 async_vision=args.async_vision,
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
                 mixed_step_graphs=args.mixed_step_graphs,
+                decode_gemv=args.decode_gemv,
                 vision_patches_per_step=args.vision_patches_per_step,
                 vision_attention=args.vision_attention,
                 enable_prefix_caching=args.prefix_caching,

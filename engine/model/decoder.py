@@ -35,7 +35,7 @@ from torch import nn
 from engine.config import ModelConfig, parse_dtype
 from engine.kernels.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
 from engine.kernels.fused import add_rms_norm_pair, rms_norm, silu_mul
-from engine.model.layers import ACTIVATIONS, RMSNorm
+from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul
 from engine.model.rope import MRotaryEmbedding
 from engine.model.vision import VisionEncoder, VisionPass
 
@@ -61,12 +61,12 @@ class DecoderAttention(nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        qkv = linear(self.qkv_proj, x)  # [T, q_size + 2 * kv_size]
         heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q and k heads rotated in place and the new k, v stored in the cache (one kernel on the GPU)
         q, k, v = rotate_and_write_kv(heads, self.num_heads, self.num_kv_heads, cos, sin, kv_cache, attn)
         out = paged_attention(q, k, v, kv_cache, attn, self.scale, kv_written=True)  # [T, heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return linear(self.o_proj, out.reshape(num_tokens, self.q_size))
 
 
 class DecoderMLP(nn.Module):
@@ -78,11 +78,11 @@ class DecoderMLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
         if self.hidden_act == "silu":
-            return self.down_proj(silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(up * self.act(gate))
+            fused = linear_silu_mul(self.gate_up_proj, x)  # one kernel for a few rows (decode steps)
+            return linear(self.down_proj, silu_mul(linear(self.gate_up_proj, x)) if fused is None else fused)
+        gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # [T, 2 * intermediate]
+        return linear(self.down_proj, up * self.act(gate))
 
 
 class DecoderLayer(nn.Module):
@@ -190,7 +190,7 @@ class Glm4vModel(nn.Module):
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> logits [n, vocab] float32."""
-        return self.lm_head(hidden).float()
+        return linear(self.lm_head, hidden).float()
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -218,6 +218,30 @@ class Glm4vModel(nn.Module):
         if image_embeds is not None and num_embeds:
             x[is_image] = image_embeds.to(x.device, x.dtype)
         return x
+
+    @torch.no_grad()
+    def set_decode_gemv(self, on: bool) -> int:
+        """Steps of up to gemv.MAX_ROWS tokens run the decoder's linear layers and the lm_head through the
+        skinny kernel (`engine.kernels.gemv`; on: set on each layer, off: cleared). Call after any FP8
+        swap and before CUDA graphs are captured: on a GPU it compiles the kernels now, one call per
+        kind of layer. Returns the layers set."""
+        layers = [self.lm_head]
+        for layer in self.language_model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            layers += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        for module in layers:
+            module.decode_gemv = on
+        first = self.language_model.layers[0] if self.language_model.layers else None
+        if on and self.device.type == "cuda" and first is not None:
+            dtype = self.dtype
+            for rows in (1, 2):  # the kernel is specialized on M == 1
+                for module in (first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
+                               first.mlp.down_proj, self.lm_head):  # fmt: skip
+                    x = torch.zeros(rows, module.weight.shape[1], device=self.device, dtype=dtype)
+                    linear(module, x)
+                    if module is first.mlp.gate_up_proj:
+                        linear_silu_mul(module, x)
+        return len(layers)
 
     def allocate_kv_caches(
         self,

@@ -1,4 +1,6 @@
-"""Layers the ViT and the decoder share: RMSNorm and the MLP activations by config name."""
+"""Layers the ViT and the decoder share: RMSNorm, the MLP activations by config name, and `linear`, the
+decoder's matmul of a few token rows through the skinny kernel (`engine.kernels.gemv`) where a layer
+allows it (`decode_gemv` set on the layer by `Glm4vModel.set_decode_gemv`)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import gemv
 from engine.kernels.fused import rms_norm
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -21,3 +24,29 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)  # one fused kernel on CUDA (engine.kernels.fused)
+
+
+def _gemv_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """layer's weight where `linear` runs the skinny kernel for x (2-D), else None."""
+    if not getattr(layer, "decode_gemv", False) or x.dim() != 2:
+        return None
+    weight = layer.weight
+    return weight if gemv.supports(x, weight) else None
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for an nn.Linear or an FP8 layer (engine.model.quant.Fp8Linear); rows up to
+    gemv.MAX_ROWS through the skinny kernel where the layer has `decode_gemv` set."""
+    weight = _gemv_weight(layer, x)
+    if weight is None:
+        return layer(x)
+    return gemv.skinny_linear(x, weight, layer.bias, getattr(layer, "weight_scale", None))
+
+
+def linear_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """up * silu(gate) of a gate/up projection (the `linear` rules), or None: the caller runs
+    `linear` and `engine.kernels.fused.silu_mul`."""
+    weight = _gemv_weight(layer, x)
+    if weight is None or layer.bias is not None:
+        return None
+    return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None))

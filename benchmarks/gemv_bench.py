@@ -1,0 +1,343 @@
+"""Decode-shaped matmuls (GPU): the skinny kernel of `engine.kernels.gemv` against cuBLAS and the FP8 path.
+
+1. Per linear layer of the full-size decoder (qkv, o, gate/up with silu_mul, down, lm_head) and rows
+   M in 1, 2, 4, 8, 16: the time of one layer call replayed from a CUDA graph over enough copies of the
+   weight that nothing stays in L2 (a decode step reads each weight once), for `F.linear` (cuBLAS; the
+   gate/up followed by `engine.kernels.fused.silu_mul`), the skinny kernel with its default block sizes,
+   the FP8 layer as the engine runs it in graphs (`Fp8Linear`: per-token activation quantization, the
+   per-tensor `_scaled_mm`, its epilogue) and the skinny kernel on the same FP8 weights. Each is also
+   given as the weights' bytes over its time, and as a fraction of the copy bandwidth measured here.
+2. Per decode step: each method's sum over 40 layers and the lm_head.
+3. With --engine: batch-1 decode (context 1236) of the full-size engine (random weights, CUDA graphs)
+   with `decode_gemv` off and on (and with --fp8 the same in FP8), each engine built alone, and how many
+   of the greedy tokens the two runs share.
+4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16), every candidate block configuration of the
+   skinny kernel on the largest layers first, the best set beside the default.
+
+Writes gemv_bench.json under --out and prints a short table.
+
+    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine] [--fp8] [--sweep-s 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.roofline import measure_copy_bandwidth
+
+ROWS = (1, 2, 4, 8, 16)
+SWEEP_ROWS = (1, 16)
+L2_SPAN = 512 << 20  # bytes of distinct weights a graph cycles through (the H200's L2 is 60 MB)
+
+
+def _layer_shapes(mc) -> dict[str, tuple[int, int, bool, bool]]:
+    """name -> (out, in, bias, silu_mul) of the decoder's linear layers and the lm_head."""
+    heads, kv, hd = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+    hidden, inter = mc.hidden_size, mc.intermediate_size
+    return {
+        "qkv": ((heads + 2 * kv) * hd, hidden, True, False),
+        "o": (hidden, heads * hd, False, False),
+        "gate_up": (2 * inter, hidden, False, True),
+        "down": (hidden, inter, False, False),
+        "lm_head": (mc.vocab_size, hidden, False, False),
+    }
+
+
+def _graph_ms(calls, repeats: int = 20) -> float:
+    """Median ms of one of `calls` (zero-argument functions), all replayed from one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm: compiles, cuBLAS workspaces
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return sorted(times)[len(times) // 2] / len(calls)
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return int((ordered(a) - ordered(b)).abs().max())
+
+
+def _configs():
+    from engine.kernels.gemv import GemvConfig
+
+    return [
+        GemvConfig(bn, bk, warps, stages)
+        for bn in (16, 32, 64)
+        for bk in (128, 256, 512)
+        for warps, stages in ((4, 3), (4, 5), (8, 4))
+    ]
+
+
+def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
+    from engine.kernels import gemv
+    from engine.kernels.fused import silu_mul
+    from engine.model.quant import Fp8Linear
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    out: dict = {}
+    for name, (n, k, has_bias, fused_silu) in _layer_shapes(mc).items():
+        copies = max(1, -(-L2_SPAN // (n * k * 2)))
+        linears = []
+        for _ in range(copies):
+            layer = torch.nn.Linear(k, n, bias=has_bias, device=dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                layer.weight.normal_(0, 0.02, generator=gen)
+                if has_bias:
+                    layer.bias.normal_(0, 0.02, generator=gen)
+            linears.append(layer)
+        fp8_layers = [Fp8Linear.from_linear(layer) for layer in linears] if fp8 else []
+        bytes_bf16, bytes_fp8 = n * k * 2, n * k
+        rows_out: dict = {}
+        for m in ROWS:
+            x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+            res: dict = {}
+
+            def cublas(layer=None, x=x, fused_silu=fused_silu):
+                y = F.linear(x, layer.weight, layer.bias)
+                return silu_mul(y) if fused_silu else y
+
+            def skinny(layer=None, x=x, cfg=None, fused_silu=fused_silu):
+                if fused_silu:
+                    return gemv.skinny_linear_silu_mul(x, layer.weight, None, cfg)
+                return gemv.skinny_linear(x, layer.weight, layer.bias, None, cfg)
+
+            def fp8_engine(layer=None, x=x, fused_silu=fused_silu):
+                y = layer(x)
+                return silu_mul(y) if fused_silu else y
+
+            def fp8_skinny(layer=None, x=x, fused_silu=fused_silu):
+                if fused_silu:
+                    return gemv.skinny_linear_silu_mul(x, layer.weight, layer.weight_scale)
+                return gemv.skinny_linear(x, layer.weight, layer.bias, layer.weight_scale)
+
+            with torch.no_grad():
+                # agreement with the unfused ops (float32 products, rounded as torch rounds)
+                ref = (
+                    gemv.skinny_linear_silu_mul_reference(x, linears[0].weight)
+                    if fused_silu
+                    else gemv.skinny_linear_reference(x, linears[0].weight, linears[0].bias)
+                )
+                res["max_bf16_ulps_vs_reference"] = _bf16_ulps(skinny(linears[0]), ref)
+                res["cublas_max_bf16_ulps_vs_reference"] = _bf16_ulps(cublas(linears[0]), ref)
+                for method, layers, nbytes in (
+                    ("cublas", linears, bytes_bf16),
+                    ("gemv", linears, bytes_bf16),
+                    ("fp8_engine", fp8_layers, bytes_fp8),
+                    ("fp8_gemv", fp8_layers, bytes_fp8),
+                ):
+                    if not layers:
+                        continue
+                    fn = {"cublas": cublas, "gemv": skinny, "fp8_engine": fp8_engine, "fp8_gemv": fp8_skinny}[
+                        method
+                    ]
+                    ms = _graph_ms([lambda layer=layer, fn=fn: fn(layer) for layer in layers])
+                    tb_s = nbytes / (ms * 1e-3) / 1e12
+                    res[method] = {"us": ms * 1e3, "weight_tb_s": tb_s, "of_copy_bw": tb_s / copy_tb_s}
+            rows_out[str(m)] = res
+            line = f"{name:8s} M={m:2d}: " + "  ".join(
+                f"{meth} {res[meth]['us']:7.1f} us ({res[meth]['of_copy_bw']:.2f})"
+                for meth in ("cublas", "gemv", "fp8_engine", "fp8_gemv")
+                if meth in res
+            )
+            print(line, flush=True)
+        out[name] = {
+            "shape": [n, k],
+            "bias": has_bias,
+            "silu_mul": fused_silu,
+            "copies": copies,
+            "rows": rows_out,
+        }
+        del linears, fp8_layers
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def sweep(mc, deadline: float) -> dict:
+    """Every candidate block configuration at M = 1 and 16 (bf16), the layers in order of their share of
+    a step, until the deadline: name -> M -> {config: us} and the best."""
+    from engine.kernels import gemv
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(1)
+    shapes = _layer_shapes(mc)
+    out: dict = {}
+    for name in ("gate_up", "down", "qkv", "o"):
+        n, k, has_bias, fused_silu = shapes[name]
+        copies = max(1, -(-L2_SPAN // (n * k * 2)))
+        weights = [
+            torch.randn(n, k, device=dev, generator=gen).mul_(0.02).to(torch.bfloat16) for _ in range(copies)
+        ]
+        bias = torch.zeros(n, device=dev, dtype=torch.bfloat16) if has_bias else None
+        for m in SWEEP_ROWS:
+            x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+            timings: dict = {}
+            for cfg in _configs():
+                if time.monotonic() > deadline:
+                    break
+
+                def call(w, cfg=cfg, x=x, fused_silu=fused_silu, bias=bias):
+                    if fused_silu:
+                        return gemv.skinny_linear_silu_mul(x, w, None, cfg)
+                    return gemv.skinny_linear(x, w, bias, None, cfg)
+
+                try:
+                    with torch.no_grad():
+                        timings[str(tuple(cfg))] = (
+                            _graph_ms([lambda w=w, call=call: call(w) for w in weights]) * 1e3
+                        )
+                except Exception as exc:  # a configuration Triton cannot build (shared memory)
+                    timings[str(tuple(cfg))] = f"{type(exc).__name__}"
+            measured = {c: us for c, us in timings.items() if isinstance(us, float)}
+            if measured:
+                best = min(measured, key=measured.get)
+                default = str(tuple(gemv.config(m, n, k, torch.bfloat16)))
+                out.setdefault(name, {})[str(m)] = {"us": timings, "best": best, "best_us": measured[best]}
+                print(
+                    f"sweep {name:8s} M={m:2d}: best {best} {measured[best]:.1f} us; "
+                    f"default {default} {measured.get(default, float('nan')):.1f} us",
+                    flush=True,
+                )
+        del weights
+        torch.cuda.empty_cache()
+    return out
+
+
+def step_sums(layers: dict, num_layers: int) -> dict:
+    """ms per decode step of each method: 40 x (qkv + o + gate_up + down) + lm_head, per M."""
+    sums: dict = {}
+    for m in ROWS:
+        for method in ("cublas", "gemv", "fp8_engine", "fp8_gemv"):
+            try:
+                per_layer = sum(
+                    layers[name]["rows"][str(m)][method]["us"] for name in ("qkv", "o", "gate_up", "down")
+                )
+                total = num_layers * per_layer + layers["lm_head"]["rows"][str(m)][method]["us"]
+            except KeyError:
+                continue
+            sums.setdefault(str(m), {})[method] = total / 1e3
+    return sums
+
+
+def engine_run(quant: str, on: bool, context: int = 1236) -> dict:
+    """One engine (this process): batch-1 decode ms/token and its first 64 greedy tokens."""
+    from benchmarks.engine_probe import _full_engine
+    from benchmarks.ttft_probe import _decode_b1_ms
+    from engine.llm_engine import GenerationRequest
+    from engine.sample.sampler import SamplingParams
+
+    ex, _, _, _ = _full_engine("cuda", quantization=quant, decode_gemv=on)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 150000, (context,), generator=gen).tolist()
+    params = SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True)
+    _decode_b1_ms(ex, GenerationRequest("warm", ids, params), loop=False)
+    times = [_decode_b1_ms(ex, GenerationRequest(f"d{i}", ids, params), loop=False) for i in range(3)]
+    tokens: list[int] = []
+    ex.add_request(
+        GenerationRequest("ids", ids, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    )
+    while ex.has_unfinished():
+        for o in ex.step():
+            tokens += list(o.new_token_ids)
+    return {"decode_ms_per_token_b1": sorted(times)[1], "context": context, "tokens": tokens}
+
+
+def engine_decode(fp8: bool, out_dir: Path) -> dict:
+    """`engine_run` off and on (and in FP8), each engine in a Python of its own."""
+    out: dict = {}
+    for quant in ("none", "fp8") if fp8 else ("none",):
+        tokens = {}
+        for on in (False, True):
+            key = f"{quant}_{'gemv' if on else 'cublas'}"
+            path = out_dir / f"engine_{key}.json"
+            cmd = [sys.executable, "-m", "benchmarks.gemv_bench", "--out", str(out_dir), "--engine-run", key]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+            if proc.returncode != 0 or not path.is_file():
+                out[key] = {"error": proc.stderr[-2000:]}
+                print(f"engine {key}: failed: {proc.stderr[-600:]}", flush=True)
+                continue
+            run = json.loads(path.read_text())
+            tokens[on] = run.pop("tokens")
+            out[key] = run
+            print(
+                f"engine {key}: decode b1, context {run['context']}: {run['decode_ms_per_token_b1']:.3f} ms/token"
+            )
+        if len(tokens) == 2:
+            pairs = list(zip(tokens[False], tokens[True], strict=False))
+            same = sum(1 for a, b in pairs if a == b)
+            first_diff = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+            out[f"{quant}_greedy_tokens_equal"] = {
+                "equal": same,
+                "of": len(pairs),
+                "first_difference": first_diff,
+            }
+            print(f"engine {quant}: greedy tokens equal {same}/{len(pairs)} (first difference {first_diff})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.engine_probe import _full_model_config
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--engine", action="store_true", help="also batch-1 decode of the engine, off and on")
+    ap.add_argument("--fp8", action="store_true", help="FP8 layers too (and the FP8 engine with --engine)")
+    ap.add_argument("--engine-run", help=argparse.SUPPRESS)  # one engine_run here: QUANT_gemv|QUANT_cublas
+    ap.add_argument("--sweep-s", type=float, default=60.0, help="seconds for the block-size sweep (last)")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.engine_run:
+        quant, method = args.engine_run.split("_")
+        run = engine_run(quant, method == "gemv")
+        (args.out / f"engine_{args.engine_run}.json").write_text(json.dumps(run))
+        return 0
+    mc = _full_model_config()
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res["copy"] = measure_copy_bandwidth()
+    print(f"copy bandwidth {res['copy']['tb_s']:.2f} TB/s", flush=True)
+    res["layers"] = layer_bench(mc, res["copy"]["tb_s"], args.fp8)
+    res["step_ms"] = step_sums(res["layers"], mc.num_hidden_layers)
+    for m, sums in res["step_ms"].items():
+        print(f"matmuls per decode step M={m}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in sums.items()))
+    (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+    if args.engine:
+        res["engine"] = engine_decode(args.fp8, args.out)
+        (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+    res["sweep"] = sweep(mc, time.monotonic() + args.sweep_s)
+    (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

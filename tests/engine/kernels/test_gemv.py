@@ -1,0 +1,214 @@
+"""engine.kernels.gemv: the skinny matmul kernel equals its reference, and the decoder runs it for decode steps.
+
+On CPU the kernel runs through Triton's interpreter (the file executes itself in a fresh Python with
+TRITON_INTERPRET=1, as tests/engine/kernels/test_fused.py does); on CUDA (GPU-marked) compiled. Either way
+its float32 sums run in another order than the reference's (the unfused ops, rounded where torch rounds),
+so a result may sit one rounding step from the reference where the float32 sum lies next to a boundary
+(sums that cancel to near zero aside), and nowhere further. A CUDA-graph replay equals eager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_interpreter import bf16_ulps, main, run_interpreted  # noqa: E402
+
+# (M, N, K): one token, a few, the most; N not a multiple of the band; K not a multiple of the K block
+SHAPES = [(1, 48, 64), (3, 40, 96), (16, 64, 272), (5, 33, 64), (9, 130, 528)]
+
+
+def _weights(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, k, generator=gen) * 0.05
+
+
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert got.shape == ref.shape and got.dtype == ref.dtype, (
+        f"{what}: {got.shape} {got.dtype} vs {ref.shape}"
+    )
+    got, ref = got.cpu(), ref.cpu()
+    if ref.dtype == torch.bfloat16:
+        # another float32 summation order: one rounding step, except where a sum cancels to near zero
+        big = ref.float().abs() > 1e-2
+        assert int(bf16_ulps(got, ref)[big].max()) <= 1, what
+        torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=2e-3, msg=lambda m: f"{what}: {m}")
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3, msg=lambda m: f"{what}: {m}")
+
+
+def check_linear(device: str) -> None:
+    from engine.kernels import gemv
+    from engine.model.quant import quantize_weight_fp8
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        for m, n, k in SHAPES:
+            x = torch.randn(m, k, generator=gen).to(device, dtype)
+            w = _weights(n, k, gen)
+            bias = (torch.randn(n, generator=gen) * 0.1).to(device, dtype)
+            w16 = w.to(device, dtype)
+            assert gemv.supports(x, w16)
+            what = f"{dtype} M={m} N={n} K={k}"
+            for b in (None, bias):
+                got = gemv.skinny_linear(x, w16, b)
+                _assert_close(got, gemv.skinny_linear_reference(x, w16, b), what)
+            # FP8 weights with per-channel scales (W8A16), as engine.model.quant.Fp8Linear holds them
+            q, scale = quantize_weight_fp8(w.to(device))
+            assert gemv.supports(x, q)
+            got = gemv.skinny_linear(x, q, bias, scale)
+            _assert_close(got, gemv.skinny_linear_reference(x, q, bias, scale), what + " fp8")
+            # the reference itself is what the layers compute unfused
+            torch.testing.assert_close(
+                gemv.skinny_linear_reference(x, q, bias, scale).float(),
+                (x.float() @ (q.float() * scale[:, None]).T + bias.float()),
+                rtol=2e-2,
+                atol=2e-2,
+            )
+
+
+def check_silu_mul(device: str) -> None:
+    from engine.kernels import gemv
+    from engine.kernels.fused import silu_mul_reference
+    from engine.model.quant import quantize_weight_fp8
+
+    gen = torch.Generator().manual_seed(1)
+    for m, n, k in SHAPES:
+        n += n % 2
+        x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+        w = _weights(n, k, gen)
+        w16 = w.to(device, torch.bfloat16)
+        got = gemv.skinny_linear_silu_mul(x, w16)
+        assert got.shape == (m, n // 2)
+        ref = silu_mul_reference((x.float() @ w16.float().T).to(torch.bfloat16))
+        _assert_close(got, ref, f"silu_mul M={m} N={n} K={k}")
+        q, scale = quantize_weight_fp8(w.to(device))
+        got = gemv.skinny_linear_silu_mul(x, q, scale)
+        ref = gemv.skinny_linear_silu_mul_reference(x, q, scale)
+        _assert_close(got, ref, f"silu_mul fp8 M={m} N={n} K={k}")
+    with pytest.raises(ValueError, match="gate_up: 3 rows"):
+        gemv.skinny_linear_silu_mul(torch.zeros(1, 16, device=device), torch.zeros(3, 16, device=device))
+
+
+def check_supports(device: str) -> None:
+    from engine.kernels import gemv
+
+    w = torch.zeros(32, 64, device=device, dtype=torch.bfloat16)
+    x = torch.zeros(4, 64, device=device, dtype=torch.bfloat16)
+    assert gemv.supports(x, w)
+    assert not gemv.supports(torch.zeros(17, 64, device=device, dtype=torch.bfloat16), w), "M > MAX_ROWS"
+    assert not gemv.supports(torch.zeros(0, 64, device=device, dtype=torch.bfloat16), w), "M = 0"
+    assert not gemv.supports(x.float(), w.float()), "float32 takes cuBLAS"
+    assert not gemv.supports(x[:, :40], w[:, :40]), "K not a multiple of 16"
+    assert not gemv.supports(x, w.T.contiguous().T), "weight not contiguous"
+    assert not gemv.supports(x.T.contiguous().T, w), "rows not contiguous"
+    assert not gemv.supports(x, w.half()), "weight of another dtype"
+
+
+def check_decoder(device: str, checkpoint: str) -> None:
+    """The tiny decoder in bf16 with decode_gemv: every step of <= 16 tokens runs the kernel for each linear
+    layer and the lm_head, and the hidden states and logits are those of the torch path."""
+    from test_fused import decoder_outputs
+
+    from engine.kernels import gemv
+    from engine.model.decoder import Glm4vModel
+
+    model = Glm4vModel.from_pretrained(checkpoint, device, torch.bfloat16)
+    reference = decoder_outputs(model, device)
+    ref_logits = model.compute_logits(reference[1])
+    calls = {"linear": 0, "silu": 0}
+    linear, silu = gemv.skinny_linear, gemv.skinny_linear_silu_mul
+
+    def count(name: str, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    gemv.skinny_linear, gemv.skinny_linear_silu_mul = count("linear", linear), count("silu", silu)
+    try:
+        layers = model.set_decode_gemv(True)
+        assert layers == 4 * len(model.language_model.layers) + 1
+        got = decoder_outputs(model, device)  # a 12-token prefill step, then a 2-token decode step
+        logits = model.compute_logits(got[1])
+    finally:
+        gemv.skinny_linear, gemv.skinny_linear_silu_mul = linear, silu
+    num_layers = len(model.language_model.layers)
+    # per step: qkv, o, down (linear) and gate_up + silu_mul (silu) in every layer; then the lm_head
+    assert calls == {"linear": 2 * 3 * num_layers + 1, "silu": 2 * num_layers}, calls
+    for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2, msg=lambda m, s=step: f"{s}: {m}")
+    assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
+    model.set_decode_gemv(False)
+    assert all(not getattr(m, "decode_gemv", False) for m in model.modules())
+
+
+def check_cuda_graph(device: str) -> None:
+    """The kernel captures into a CUDA graph and replays on new inputs like eager."""
+    from engine.kernels import gemv
+
+    gen = torch.Generator().manual_seed(2)
+    w = _weights(4608, 4096, gen).to(device, torch.bfloat16)
+    bias = torch.randn(4608, generator=gen).to(device, torch.bfloat16)
+    gate_up = _weights(2 * 1024, 4096, gen).to(device, torch.bfloat16)
+    x = torch.randn(3, 4096, generator=gen).to(device, torch.bfloat16)
+    gemv.skinny_linear(x, w, bias), gemv.skinny_linear_silu_mul(x, gate_up)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv.skinny_linear(x, w, bias), gemv.skinny_linear_silu_mul(x, gate_up)
+    x.copy_(torch.randn(3, 4096, generator=gen).to(device, torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], gemv.skinny_linear(x, w, bias))
+    assert torch.equal(out[1], gemv.skinny_linear_silu_mul(x, gate_up))
+
+
+CHECKS: dict[str, Callable[..., None]] = {
+    "linear": check_linear,
+    "silu_mul": check_silu_mul,
+    "supports": check_supports,
+    "decoder": check_decoder,
+}
+
+
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports"])
+def test_kernel_equals_reference_in_interpreter(check):
+    run_interpreted(__file__, check)
+
+
+def test_decoder_with_decode_gemv_in_interpreter(tiny_checkpoint):
+    run_interpreted(__file__, "decoder", str(tiny_checkpoint))
+
+
+def test_not_supported_on_cpu_without_interpreter():
+    from engine.kernels import fused, gemv
+
+    if fused.INTERPRET:
+        pytest.skip("the interpreter is on in this process")
+    x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
+    assert not gemv.supports(x, w)
+
+
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports"])
+@pytest.mark.gpu
+def test_cuda_kernel_equals_reference(check):
+    CHECKS[check]("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_decoder_with_decode_gemv(tiny_checkpoint):
+    check_decoder("cuda", str(tiny_checkpoint))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager():
+    check_cuda_graph("cuda")
+
+
+if __name__ == "__main__":
+    main(CHECKS)
