@@ -54,11 +54,13 @@ class GemvConfig(NamedTuple):
 
 
 def config(m: int, n: int, k: int, weight_dtype: torch.dtype) -> GemvConfig:
-    """The block sizes for an [m, k] x [n, k] product (see the module docstring)."""
-    block_k = 512 if weight_dtype == FP8_DTYPE else 256
-    # enough programs to keep every SM streaming: narrow bands where N is small (o_proj, down_proj)
-    block_n = 16 if n <= 8192 else 32
-    return GemvConfig(block_n, block_k, 4, 4)
+    """The block sizes for an [m, k] x [n, k] product (see the module docstring). Measured on an H100
+    (`benchmarks.gemv_bench`'s sweep of 27 candidates, M = 1 and 16): wide bands with short, deep-pipelined
+    K steps for K = 4096 (qkv, o, gate/up: best or within 2 % of it), narrower bands with long K steps
+    for the down projection's K = 13696."""
+    if k > 8192:
+        return GemvConfig(32, 512, 4, 3)
+    return GemvConfig(64, 128, 4, 5)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
