@@ -6,16 +6,17 @@ program a band of BLOCK_N output columns over the whole of K (no reduce), reads 
 loads software-pipelined, and applies the layer's epilogue before it stores:
 
 * `skinny_linear(x [M, K], weight [N, K], bias [N] | None, scale [N] | None) -> [M, N]` in x's dtype:
-  `x @ weight.T` accumulated in float32, then `* scale` (per output channel: an FP8 layer's
-  `weight_scale`) and `+ bias`. `weight` may be x's dtype or float8_e4m3fn (W8A16: each weight is widened
-  to x's dtype in registers, the activations are not quantized).
+  `x @ weight.T` accumulated in float32, `+ bias`. `weight` is x's dtype, or float8_e4m3fn with `scale`
+  its per-output-channel `weight_scale` (engine.model.quant.Fp8Linear): then, as that layer's per-tensor
+  path computes, the rows are quantized to FP8 per token first (`quantize_rows_fp8`, one small kernel),
+  the dot runs on the FP8 tensor cores, and the epilogue applies row scale, column scale and bias.
 * `skinny_linear_silu_mul(x [M, K], gate_up [2I, K], scale [2I] | None) -> [M, I]`: the MLP's gate/up
   projection and `up * silu(gate)` in one kernel (a program reads the same columns of both halves), so
   the [M, 2I] product is never written.
 
-Rounding follows the unfused ops in x's dtype: the product rounded, then the scale (rounded to x's dtype)
-applied and rounded, then the bias added and rounded; silu_mul rounds gate and up, silu(gate), and the
-product, as `engine.kernels.fused.silu_mul` does. The float32 sums run in another order than cuBLAS's, so
+Rounding follows the unfused ops in x's dtype: 16-bit weights, the product rounded, then the bias added and
+rounded; FP8, the scaled product (+ bias) rounded once, as `scale_rows_cols` does; silu_mul rounds gate and
+up, silu(gate), and the product, as `engine.kernels.fused.silu_mul` does. The float32 sums run in another order than cuBLAS's, so
 results differ from `F.linear` by float32 rounding moving a value across a bf16 rounding boundary (one bf16
 step at most where the sums agree to float32 precision; tests/engine/kernels/test_gemv.py).
 
@@ -93,8 +94,9 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
-        """acc [BLOCK_N, BLOCK_M] += W band [BLOCK_N, BLOCK_K] @ x rows [BLOCK_M, BLOCK_K].T (DOT_F32: the
-        interpreter, whose bf16 dot is wrong, multiplies in float32: the same products, exact either way)"""
+        """acc [BLOCK_N, BLOCK_M] += W band [BLOCK_N, BLOCK_K] @ x rows [BLOCK_M, BLOCK_K].T, in x's and W's
+        dtype (both bf16/fp16, or both FP8). DOT_F32: the interpreter, whose bf16 dot is wrong, multiplies in
+        float32: the same products, exact either way."""
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
@@ -104,13 +106,21 @@ if HAS_TRITON:
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_F32:
             return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
-        return tl.dot(w.to(x.dtype), tl.trans(x), acc)
+        return tl.dot(w, tl.trans(x), acc)
+
+    @triton.jit
+    def _epilogue(acc, x_scale, w_scale, dtype: tl.constexpr, FP8: tl.constexpr):
+        """The product in the output dtype: rounded (16-bit), or scaled per row and column first (FP8)."""
+        if FP8:
+            acc = acc * x_scale[None, :] * w_scale[:, None]
+        return acc
 
     @triton.jit
     def _skinny_kernel(
         x_ptr,
         w_ptr,
-        scale_ptr,
+        x_scale_ptr,
+        w_scale_ptr,
         bias_ptr,
         y_ptr,
         M,
@@ -119,7 +129,7 @@ if HAS_TRITON:
         x_stride,
         y_stride,
         up_rows,  # SILU_MUL: the row of W where the up half starts (I); else unused
-        HAS_SCALE: tl.constexpr,
+        FP8: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU_MUL: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -149,22 +159,25 @@ if HAS_TRITON:
                 u_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        out = _round_to(acc, dtype)
-        if HAS_SCALE:
-            scale = _round_to(tl.load(scale_ptr + w_rows).to(tl.float32), dtype)
-            out = _round_to(out * scale[:, None], dtype)
+        x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        w_scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if FP8:
+            x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
+            w_scale = tl.load(w_scale_ptr + w_rows)
+        out = _epilogue(acc, x_scale, w_scale, dtype, FP8)
         if SILU_MUL:
-            up = _round_to(acc_up, dtype)
-            if HAS_SCALE:
-                up_scale = _round_to(tl.load(scale_ptr + up_rows + w_rows).to(tl.float32), dtype)
-                up = _round_to(up * up_scale[:, None], dtype)
+            out = _round_to(out, dtype)
+            if FP8:
+                w_scale = tl.load(w_scale_ptr + up_rows + w_rows)
+            up = _round_to(_epilogue(acc_up, x_scale, w_scale, dtype, FP8), dtype)
             silu = _round_to(out / (1.0 + tl.exp(-out)), dtype)
-            out = _round_to(up * silu, dtype)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + w_rows).to(tl.float32)
-            out = _round_to(out + bias[:, None], dtype)
+            out = up * silu
+        elif HAS_BIAS:
+            if not FP8:  # the 16-bit product is rounded, then the bias added (FP8: added in float32)
+                out = _round_to(out, dtype)
+            out = out + tl.load(bias_ptr + w_rows).to(tl.float32)[:, None]
         y_ptrs = y_ptr + rows[None, :] * y_stride + cols[:, None]
-        tl.store(y_ptrs, out.to(dtype), mask=n_mask[:, None] & m_mask[None, :])
+        tl.store(y_ptrs, _round_to(out, dtype).to(dtype), mask=n_mask[:, None] & m_mask[None, :])
 
 
 def _launch(
@@ -178,15 +191,23 @@ def _launch(
     m, k = x.shape
     n_w = weight.shape[0]
     n = n_w // 2 if silu_mul else n_w
+    fp8 = weight.dtype == FP8_DTYPE
+    if fp8 != (scale is not None):
+        raise ValueError("scale: FP8 weights take their per-channel scale, 16-bit weights none")
     cfg = cfg or config(m, n_w, k, weight.dtype)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
-    dummy = y  # pointer for an absent scale / bias (never read)
+    x_in, x_scale = x, y  # y: the pointer of an absent tensor (never read)
+    if fp8:  # W8A8: the rows quantized per token as Fp8Linear quantizes them
+        from engine.model.quant import quantize_rows_fp8
+
+        x_in, x_scale = quantize_rows_fp8(x)
+        block_k = max(32, block_k)  # the FP8 dot's smallest K
     with device_guard(x):
         _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x, weight, dummy if scale is None else scale, dummy if bias is None else bias, y,
-            m, n, k, x.stride(0), y.stride(0), n if silu_mul else 0,
-            HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+            x_in, weight, x_scale, y if scale is None else scale, y if bias is None else bias, y,
+            m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0,
+            FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -218,10 +239,16 @@ def skinny_linear_silu_mul(
 def skinny_linear_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The spec: the unfused ops in x's dtype (float32 products, rounded as the module docstring says)."""
+    """The spec, in torch ops: 16-bit weights, the float32 product rounded, then + bias rounded; FP8
+    weights, `Fp8Linear`'s per-tensor path (rows quantized, product * row scale * column scale + bias in
+    float32, rounded once)."""
+    if weight.dtype == FP8_DTYPE:
+        from engine.model.quant import quantize_rows_fp8_reference, scale_rows_cols_reference
+
+        xq, x_scale = quantize_rows_fp8_reference(x)
+        acc = xq.float() @ weight.float().T
+        return scale_rows_cols_reference(acc, x_scale, scale.float(), bias, x.dtype)
     out = (x.float() @ weight.float().T).to(x.dtype)
-    if scale is not None:
-        out = out * scale.to(x.dtype)
     return out if bias is None else out + bias.to(x.dtype)
 
 

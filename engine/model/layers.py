@@ -31,18 +31,17 @@ def _gemv_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if not getattr(layer, "decode_gemv", False) or x.dim() != 2:
         return None
     weight = layer.weight
-    # FP8 layers keep their own path: widening FP8 weights in the kernel read them at a third of the copy
-    # bandwidth on an H100 (benchmarks.gemv_bench), slower than their per-tensor fp8 GEMM
-    return weight if weight.dtype == x.dtype and gemv.supports(x, weight) else None
+    return weight if gemv.supports(x, weight) else None
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for an nn.Linear or an FP8 layer (engine.model.quant.Fp8Linear); an nn.Linear's rows up
-    to gemv.MAX_ROWS through the skinny kernel where the layer has `decode_gemv` set."""
+    """layer(x) for an nn.Linear or an FP8 layer (engine.model.quant.Fp8Linear, whose per-tensor path the
+    kernel computes); rows up to gemv.MAX_ROWS through the skinny kernel where the layer has `decode_gemv`
+    set."""
     weight = _gemv_weight(layer, x)
     if weight is None:
         return layer(x)
-    return gemv.skinny_linear(x, weight, layer.bias)
+    return gemv.skinny_linear(x, weight, layer.bias, getattr(layer, "weight_scale", None))
 
 
 def linear_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -51,4 +50,4 @@ def linear_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     weight = _gemv_weight(layer, x)
     if weight is None or layer.bias is not None:
         return None
-    return gemv.skinny_linear_silu_mul(x, weight)
+    return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None))

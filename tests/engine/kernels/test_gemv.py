@@ -61,13 +61,11 @@ def check_linear(device: str) -> None:
             assert gemv.supports(x, q)
             got = gemv.skinny_linear(x, q, bias, scale)
             _assert_close(got, gemv.skinny_linear_reference(x, q, bias, scale), what + " fp8")
-            # the reference itself is what the layers compute unfused
-            torch.testing.assert_close(
-                gemv.skinny_linear_reference(x, q, bias, scale).float(),
-                (x.float() @ (q.float() * scale[:, None]).T + bias.float()),
-                rtol=2e-2,
-                atol=2e-2,
-            )
+            # the reference itself: the W8A8 product near the dequantized weights' (per-token rounding of the
+            # activations adds a few % to each output) and equal to what Fp8Linear's per-tensor path computes
+            ref = gemv.skinny_linear_reference(x, q, bias, scale).float()
+            dequant = x.float() @ (q.float() * scale[:, None]).T + bias.float()
+            assert float((ref - dequant).norm() / dequant.norm()) < 0.1, what
 
 
 def check_silu_mul(device: str) -> None:
