@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-gemv",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="steps of up to 16 tokens run the decoder's matmuls through one Triton kernel per layer "
+        help="steps of up to 32 tokens run the decoder's matmuls through one Triton kernel per layer "
         "(weights read once, no split-K reduce, gate/up and silu_mul fused; CUDA only)",
     )
     p.add_argument(

@@ -288,7 +288,7 @@ class EngineConfig:
     # weights) instead of a decode graph and a prefill graph (needs prefill_cuda_graphs; CUDA only; the
     # graphs are captured at start-up, docs/DESIGN.md)
     mixed_step_graphs: bool = True
-    # Steps of up to 16 tokens (decode steps) run the decoder's linear layers and the lm_head through one
+    # Steps of up to 32 tokens (decode steps) run the decoder's linear layers and the lm_head through one
     # Triton kernel per layer that reads the weights once, without cuBLAS's split-K reduce, the gate/up
     # projection and silu_mul fused (engine.kernels.gemv; CUDA only)
     decode_gemv: bool = False

@@ -1,6 +1,6 @@
 """Skinny matmuls for decode steps: y = x @ W.T for a few rows x, one Triton kernel that streams W once.
 
-A decode step multiplies 1 to 16 token rows by every weight of the decoder, so its time is the time to read
+A decode step multiplies 1 to 32 token rows by every weight of the decoder, so its time is the time to read
 the weights. cuBLAS runs these shapes as split-K GEMMs plus a separate reduce kernel; this kernel gives each
 program a band of BLOCK_N output columns over the whole of K (no reduce), reads its band of W with the
 loads software-pipelined, and applies the layer's epilogue before it stores:
@@ -43,7 +43,8 @@ if HAS_TRITON:
 
     from engine.kernels.fused import _round_to
 
-MAX_ROWS = 16  # token rows up to which a step's linear layers run this kernel (tl.dot's smallest tile)
+MAX_ROWS = 32  # token rows up to which a step's linear layers run this kernel
+ROW_TILES = (16, 32)  # the kernel's row tile: the smallest that holds M (16: tl.dot's smallest)
 FP8_DTYPE = torch.float8_e4m3fn
 
 
@@ -208,7 +209,7 @@ def _launch(
             x_in, weight, x_scale, y if scale is None else scale, y if bias is None else bias, y,
             m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0,
             FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-            BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
+            BLOCK_M=next(t for t in ROW_TILES if t >= m), BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return y

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from triton_interpreter import bf16_ulps, main, run_interpreted  # noqa: E402
 
 # (M, N, K): one token, a few, the most; N not a multiple of the band; K not a multiple of the K block
-SHAPES = [(1, 48, 64), (3, 40, 96), (16, 64, 272), (5, 33, 64), (9, 130, 528)]
+SHAPES = [(1, 48, 64), (3, 40, 96), (16, 64, 272), (5, 33, 64), (9, 130, 528), (17, 40, 64), (32, 72, 96)]
 
 
 def _weights(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -97,7 +97,9 @@ def check_supports(device: str) -> None:
     w = torch.zeros(32, 64, device=device, dtype=torch.bfloat16)
     x = torch.zeros(4, 64, device=device, dtype=torch.bfloat16)
     assert gemv.supports(x, w)
-    assert not gemv.supports(torch.zeros(17, 64, device=device, dtype=torch.bfloat16), w), "M > MAX_ROWS"
+    assert gemv.supports(torch.zeros(gemv.MAX_ROWS, 64, device=device, dtype=torch.bfloat16), w)
+    too_many = torch.zeros(gemv.MAX_ROWS + 1, 64, device=device, dtype=torch.bfloat16)
+    assert not gemv.supports(too_many, w), "M > MAX_ROWS"
     assert not gemv.supports(torch.zeros(0, 64, device=device, dtype=torch.bfloat16), w), "M = 0"
     assert not gemv.supports(x.float(), w.float()), "float32 takes cuBLAS"
     assert not gemv.supports(x[:, :40], w[:, :40]), "K not a multiple of 16"
@@ -107,7 +109,7 @@ def check_supports(device: str) -> None:
 
 
 def check_decoder(device: str, checkpoint: str) -> None:
-    """The tiny decoder in bf16 with decode_gemv: every step of <= 16 tokens runs the kernel for each linear
+    """The tiny decoder in bf16 with decode_gemv: every step of <= MAX_ROWS tokens runs the kernel for each linear
     layer and the lm_head, and the hidden states and logits are those of the torch path."""
     from test_fused import decoder_outputs
 
