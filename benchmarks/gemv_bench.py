@@ -17,6 +17,7 @@
 Writes gemv_bench.json under --out and prints a short table.
 
     python -m benchmarks.gemv_bench --out /tmp/gemv [--engine] [--fp8] [--sweep-s 60]
+    python -m benchmarks.gemv_bench --plot /tmp/gemv/gemv_bench.json       # gemv.png beside it
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -79,12 +81,21 @@ def _graph_ms(calls, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2] / len(calls)
 
 
-def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """How far a is from the reference b: the most bf16 steps where |b| > 1e-2, and the largest absolute
+    difference where it is smaller (sums that cancel to near zero count steps by the thousand)."""
+
     def ordered(t: torch.Tensor) -> torch.Tensor:
         bits = t.contiguous().view(torch.int16).to(torch.int32)
         return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
-    return int((ordered(a) - ordered(b)).abs().max())
+    big = b.float().abs() > 1e-2
+    steps = (ordered(a) - ordered(b)).abs()[big]
+    small = (a.float() - b.float()).abs()[~big]
+    return {
+        "steps": int(steps.max()) if steps.numel() else 0,
+        "near_zero_abs": float(small.max()) if small.numel() else 0.0,
+    }
 
 
 def _configs():
@@ -148,8 +159,8 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
                     if fused_silu
                     else gemv.skinny_linear_reference(x, linears[0].weight, linears[0].bias)
                 )
-                res["max_bf16_ulps_vs_reference"] = _bf16_ulps(skinny(linears[0]), ref)
-                res["cublas_max_bf16_ulps_vs_reference"] = _bf16_ulps(cublas(linears[0]), ref)
+                res["vs_reference"] = _bf16_ulps(skinny(linears[0]), ref)
+                res["cublas_vs_reference"] = _bf16_ulps(cublas(linears[0]), ref)
                 for method, layers, nbytes in (
                     ("cublas", linears, bytes_bf16),
                     ("gemv", linears, bytes_bf16),
@@ -306,16 +317,56 @@ def engine_decode(fp8: bool, out_dir: Path) -> dict:
     return out
 
 
+def plot(res: dict, path: Path) -> Path:
+    """gemv.png: matmul ms per decode step against rows M for each method, and each layer's µs at M = 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (steps_ax, layers_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = ("cublas", "gemv", "fp8_engine", "fp8_gemv")
+    labels = {"cublas": "cuBLAS (bf16)", "gemv": "skinny kernel (bf16)", "fp8_engine": "FP8 layer path",
+              "fp8_gemv": "skinny kernel (FP8)"}  # fmt: skip
+    rows = sorted(res["step_ms"], key=int)
+    for method in methods:
+        points = [(int(m), res["step_ms"][m][method]) for m in rows if method in res["step_ms"][m]]
+        if points:
+            steps_ax.plot(*zip(*points, strict=True), marker="o", label=labels[method])
+    steps_ax.set(xlabel="token rows M", ylabel="matmuls per decode step (ms)", title="40 layers + lm_head")
+    steps_ax.legend()
+    names = list(res["layers"])
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = [res["layers"][n]["rows"].get("1", {}).get(method, {}).get("us") for n in names]
+        if any(v is not None for v in values):
+            xs = [j + i * width for j in range(len(names))]
+            layers_ax.bar(xs, [v or 0 for v in values], width, label=labels[method])
+    layers_ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    layers_ax.set(ylabel="µs per call, M = 1", yscale="log", title="per layer")
+    fig.suptitle(f"{res.get('device', '')}  {res.get('commit', '')}  copy {res['copy']['tb_s']:.2f} TB/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.engine_probe import _full_model_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--engine", action="store_true", help="also batch-1 decode of the engine, off and on")
     ap.add_argument("--fp8", action="store_true", help="FP8 layers too (and the FP8 engine with --engine)")
+    ap.add_argument("--plot", type=Path, help="only draw gemv.png beside this gemv_bench.json")
     ap.add_argument("--engine-run", help=argparse.SUPPRESS)  # one engine_run here: QUANT_gemv|QUANT_cublas
     ap.add_argument("--sweep-s", type=float, default=60.0, help="seconds for the block-size sweep (last)")
     args = ap.parse_args(argv)
+    if args.plot is not None:
+        print(plot(json.loads(args.plot.read_text()), args.plot.with_name("gemv.png")))
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.engine_run:
         quant, method = args.engine_run.split("_")
@@ -323,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"engine_{args.engine_run}.json").write_text(json.dumps(run))
         return 0
     mc = _full_model_config()
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "commit": os.environ.get("GLMV_COMMIT", ""),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     res["copy"] = measure_copy_bandwidth()
     print(f"copy bandwidth {res['copy']['tb_s']:.2f} TB/s", flush=True)
     res["layers"] = layer_bench(mc, res["copy"]["tb_s"], args.fp8)
@@ -336,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     res["sweep"] = sweep(mc, time.monotonic() + args.sweep_s)
     (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+    plot(res, args.out / "gemv.png")
     return 0
 
 

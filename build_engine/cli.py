@@ -191,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decode-gemv",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="steps of up to 32 tokens run the decoder's matmuls through one Triton kernel per layer "
-        "(weights read once, no split-K reduce, gate/up and silu_mul fused; CUDA only)",
+        "(weights read once, no split-K reduce, gate/up and silu_mul fused; CUDA only); "
+        "--no-decode-gemv: cuBLAS (and the FP8 layers' per-tensor GEMM)",
     )
     p.add_argument(
         "--prefix-caching",

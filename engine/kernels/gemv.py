@@ -9,21 +9,23 @@ loads software-pipelined, and applies the layer's epilogue before it stores:
   `x @ weight.T` accumulated in float32, `+ bias`. `weight` is x's dtype, or float8_e4m3fn with `scale`
   its per-output-channel `weight_scale` (engine.model.quant.Fp8Linear): then, as that layer's per-tensor
   path computes, the rows are quantized to FP8 per token first (`quantize_rows_fp8`, one small kernel),
-  the dot runs on the FP8 tensor cores, and the epilogue applies row scale, column scale and bias.
+  the dot runs on the FP8 tensor cores (each K block's sum added to a float32 total, as cuBLAS's FP8 GEMM
+  without fast accumulation does), and the epilogue applies row scale, column scale and bias.
 * `skinny_linear_silu_mul(x [M, K], gate_up [2I, K], scale [2I] | None) -> [M, I]`: the MLP's gate/up
   projection and `up * silu(gate)` in one kernel (a program reads the same columns of both halves), so
   the [M, 2I] product is never written.
 
 Rounding follows the unfused ops in x's dtype: 16-bit weights, the product rounded, then the bias added and
 rounded; FP8, the scaled product (+ bias) rounded once, as `scale_rows_cols` does; silu_mul rounds gate and
-up, silu(gate), and the product, as `engine.kernels.fused.silu_mul` does. The float32 sums run in another order than cuBLAS's, so
-results differ from `F.linear` by float32 rounding moving a value across a bf16 rounding boundary (one bf16
-step at most where the sums agree to float32 precision; tests/engine/kernels/test_gemv.py).
+up, silu(gate), and the product, as `engine.kernels.fused.silu_mul` does. The float32 sums run in another
+order than cuBLAS's, so results differ from `F.linear` by float32 rounding moving a value across a bf16
+rounding boundary (one bf16 step at most where the sums agree to float32 precision; FP8 on CUDA two, its
+tensor cores summing a K block with fewer bits; tests/engine/kernels/test_gemv.py).
 
-`supports(x, weight)`: CUDA (or Triton's interpreter), 1 <= M <= MAX_ROWS, x bfloat16 or float16 (float32
-takes cuBLAS: its TF32 or full-precision paths are not what this kernel computes), K a multiple of 16,
-contiguous rows. Anything else is the caller's `F.linear`. The kernels are CUDA-graph safe (no host sync,
-the output sized from shapes).
+`supports(x, weight)`: CUDA (or Triton's interpreter), 1 <= M <= MAX_ROWS (FP8 weights: FP8_MAX_ROWS), x
+bfloat16 or float16 (float32 takes cuBLAS: its TF32 or full-precision paths are not what this kernel
+computes), K a multiple of 16, contiguous rows. Anything else is the caller's `F.linear`. The kernels are
+CUDA-graph safe (no host sync, the output sized from shapes).
 
 Block sizes: `config(m, n, k, weight_dtype)` picks BLOCK_N, BLOCK_K, warps and pipeline stages from the
 shape; `benchmarks/gemv_bench.py` measures every candidate on the decoder's shapes against cuBLAS.
@@ -44,6 +46,8 @@ if HAS_TRITON:
     from engine.kernels.fused import _round_to
 
 MAX_ROWS = 32  # token rows up to which a step's linear layers run this kernel
+# FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
+FP8_MAX_ROWS = 16
 ROW_TILES = (16, 32)  # the kernel's row tile: the smallest that holds M (16: tl.dot's smallest)
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -72,7 +76,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     m, k = x.shape
     return (
-        1 <= m <= MAX_ROWS
+        1 <= m <= (FP8_MAX_ROWS if weight.dtype == FP8_DTYPE else MAX_ROWS)
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype in (x.dtype, FP8_DTYPE)
         and weight.shape[1] == k
@@ -94,10 +98,12 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
+        PROMOTE: tl.constexpr,
     ):
         """acc [BLOCK_N, BLOCK_M] += W band [BLOCK_N, BLOCK_K] @ x rows [BLOCK_M, BLOCK_K].T, in x's and W's
         dtype (both bf16/fp16, or both FP8). DOT_F32: the interpreter, whose bf16 dot is wrong, multiplies in
-        float32: the same products, exact either way."""
+        float32: the same products, exact either way. PROMOTE (FP8): the block's dot accumulates on its own
+        and is added to acc in float32 (the FP8 tensor cores keep fewer bits than float32 in their sums)."""
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
@@ -107,6 +113,8 @@ if HAS_TRITON:
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_F32:
             return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+        if PROMOTE:
+            return acc + tl.dot(w, tl.trans(x))
         return tl.dot(w, tl.trans(x), acc)
 
     @triton.jit
@@ -154,9 +162,9 @@ if HAS_TRITON:
             u_ptrs = w_ptrs + up_rows.to(tl.int64) * K
             acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            acc = _band_dot(x_ptrs, w_ptrs, m_mask, acc, K - k0, BLOCK_K, EVEN_K, DOT_F32)
+            acc = _band_dot(x_ptrs, w_ptrs, m_mask, acc, K - k0, BLOCK_K, EVEN_K, DOT_F32, FP8)
             if SILU_MUL:
-                acc_up = _band_dot(x_ptrs, u_ptrs, m_mask, acc_up, K - k0, BLOCK_K, EVEN_K, DOT_F32)
+                acc_up = _band_dot(x_ptrs, u_ptrs, m_mask, acc_up, K - k0, BLOCK_K, EVEN_K, DOT_F32, FP8)
                 u_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
@@ -190,6 +198,9 @@ def _launch(
     cfg: GemvConfig | None,
 ) -> torch.Tensor:
     m, k = x.shape
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"x: {m} rows, the kernel takes 1 to {MAX_ROWS}")
+    block_m = next(t for t in ROW_TILES if t >= m)
     n_w = weight.shape[0]
     n = n_w // 2 if silu_mul else n_w
     fp8 = weight.dtype == FP8_DTYPE
@@ -209,7 +220,7 @@ def _launch(
             x_in, weight, x_scale, y if scale is None else scale, y if bias is None else bias, y,
             m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0,
             FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-            BLOCK_M=next(t for t in ROW_TILES if t >= m), BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
+            BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return y
@@ -222,7 +233,7 @@ def skinny_linear(
     scale: torch.Tensor | None = None,
     cfg: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (* scale) (+ bias) -> [M, N] in x's dtype; `supports(x, weight)` must hold."""
+    """x [M, K] @ weight [N, K].T (* scale) (+ bias) -> [M, N] in x's dtype (`supports(x, weight)`)."""
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     return _launch(x, weight, bias, scale, False, cfg)

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, parse_dtype
-from engine.kernels import gemv
 from engine.kernels.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
 from engine.kernels.fused import add_rms_norm_pair, rms_norm, silu_mul
 from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul
@@ -235,7 +234,8 @@ class Glm4vModel(nn.Module):
         first = self.language_model.layers[0] if self.language_model.layers else None
         if on and self.device.type == "cuda" and first is not None:
             dtype = self.dtype
-            for rows in (1, 2, gemv.ROW_TILES[0] + 1):  # specialized on M == 1, compiled per row tile
+            # compiled per row tile and per M's specialization (M == 1, M % 16 == 0, other)
+            for rows in (1, 2, 16, 17, 32):
                 for module in (first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
                                first.mlp.down_proj, self.lm_head):  # fmt: skip
                     x = torch.zeros(rows, module.weight.shape[1], device=self.device, dtype=dtype)

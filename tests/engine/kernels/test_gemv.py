@@ -4,7 +4,8 @@ On CPU the kernel runs through Triton's interpreter (the file executes itself in
 TRITON_INTERPRET=1, as tests/engine/kernels/test_fused.py does); on CUDA (GPU-marked) compiled. Either way
 its float32 sums run in another order than the reference's (the unfused ops, rounded where torch rounds),
 so a result may sit one rounding step from the reference where the float32 sum lies next to a boundary
-(sums that cancel to near zero aside), and nowhere further. A CUDA-graph replay equals eager.
+(sums that cancel to near zero aside: within 2e-3), and nowhere further; FP8 on CUDA two steps (the FP8
+tensor cores' sums within a K block). A CUDA-graph replay equals eager.
 """
 
 from __future__ import annotations
@@ -26,18 +27,26 @@ def _weights(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(n, k, generator=gen) * 0.05
 
 
-def _assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, what: str, steps: int = 1) -> None:
     assert got.shape == ref.shape and got.dtype == ref.dtype, (
         f"{what}: {got.shape} {got.dtype} vs {ref.shape}"
     )
     got, ref = got.cpu(), ref.cpu()
     if ref.dtype == torch.bfloat16:
-        # another float32 summation order: one rounding step, except where a sum cancels to near zero
+        # another float32 summation order: `steps` rounding steps, except where a sum cancels to near zero
         big = ref.float().abs() > 1e-2
-        assert int(bf16_ulps(got, ref)[big].max()) <= 1, what
-        torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=2e-3, msg=lambda m: f"{what}: {m}")
+        assert int(bf16_ulps(got, ref)[big].max()) <= steps, what
+        small = (got.float() - ref.float()).abs()[~big]
+        assert small.numel() == 0 or float(small.max()) <= 2e-3, f"{what}: near zero {float(small.max())}"
     else:
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3, msg=lambda m: f"{what}: {m}")
+
+
+def _fp8_steps(device: str) -> int:
+    """bf16 steps an FP8 result may sit from the reference: on CUDA the FP8 tensor cores sum a K block with
+    fewer bits than float32 (2 steps seen on an H100 at 8ae5882, before each block's sum went to a
+    float32 total); the interpreter multiplies in float32."""
+    return 1 if device == "cpu" else 2
 
 
 def check_linear(device: str) -> None:
@@ -58,9 +67,10 @@ def check_linear(device: str) -> None:
                 _assert_close(got, gemv.skinny_linear_reference(x, w16, b), what)
             # FP8 weights with per-channel scales (W8A16), as engine.model.quant.Fp8Linear holds them
             q, scale = quantize_weight_fp8(w.to(device))
-            assert gemv.supports(x, q)
+            assert gemv.supports(x, q) == (m <= gemv.FP8_MAX_ROWS)
             got = gemv.skinny_linear(x, q, bias, scale)
-            _assert_close(got, gemv.skinny_linear_reference(x, q, bias, scale), what + " fp8")
+            ref = gemv.skinny_linear_reference(x, q, bias, scale)
+            _assert_close(got, ref, what + " fp8", _fp8_steps(device))
             # the reference itself: the W8A8 product near the dequantized weights' (per-token rounding of the
             # activations adds a few % to each output) and equal to what Fp8Linear's per-tensor path computes
             ref = gemv.skinny_linear_reference(x, q, bias, scale).float()
@@ -86,7 +96,9 @@ def check_silu_mul(device: str) -> None:
         q, scale = quantize_weight_fp8(w.to(device))
         got = gemv.skinny_linear_silu_mul(x, q, scale)
         ref = gemv.skinny_linear_silu_mul_reference(x, q, scale)
-        _assert_close(got, ref, f"silu_mul fp8 M={m} N={n} K={k}")
+        _assert_close(got, ref, f"silu_mul fp8 M={m} N={n} K={k}", _fp8_steps(device))
+    with pytest.raises(ValueError, match="x: 33 rows, the kernel takes 1 to 32"):
+        gemv.skinny_linear(torch.zeros(33, 16, device=device), torch.zeros(8, 16, device=device))
     with pytest.raises(ValueError, match="gate_up: 3 rows"):
         gemv.skinny_linear_silu_mul(torch.zeros(1, 16, device=device), torch.zeros(3, 16, device=device))
 
