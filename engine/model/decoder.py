@@ -27,6 +27,7 @@ Contract:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -38,6 +39,12 @@ from engine.kernels.fused import add_rms_norm_pair, rms_norm, silu_mul
 from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul
 from engine.model.rope import MRotaryEmbedding
 from engine.model.vision import VisionEncoder, VisionPass
+
+logger = logging.getLogger("glm-engine")
+
+# `set_decode_gemv`'s check: the kernel's output against the layer's own forward, relative L2 difference
+# (bf16 against cuBLAS ~1e-3; FP8 against the dequantized path on CPU ~3e-2: W8A8 against W8A16)
+GEMV_CHECK_TOLERANCE = 0.05
 
 
 class DecoderAttention(nn.Module):
@@ -223,26 +230,47 @@ class Glm4vModel(nn.Module):
     def set_decode_gemv(self, on: bool) -> int:
         """Steps of up to gemv.MAX_ROWS tokens run the decoder's linear layers and the lm_head through the
         skinny kernel (`engine.kernels.gemv`; on: set on each layer, off: cleared). Call after any FP8
-        swap and before CUDA graphs are captured: on a GPU it compiles the kernels now, one call per
-        kind of layer. Returns the layers set."""
+        swap and before CUDA graphs are captured. Where the kernel runs (CUDA, or Triton's interpreter),
+        each kind of layer is tried now against its own forward at every row count the kernel compiles
+        for (M == 1, M % 16 == 0, others; tiles of 16 and 32 rows), which also compiles it before any
+        capture; an error or a relative difference over GEMV_CHECK_TOLERANCE turns it off for the model
+        with a warning. Returns the layers set (0 when turned off)."""
         layers = [self.lm_head]
         for layer in self.language_model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             layers += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         for module in layers:
             module.decode_gemv = on
-        first = self.language_model.layers[0] if self.language_model.layers else None
-        if on and self.device.type == "cuda" and first is not None:
-            dtype = self.dtype
-            # compiled per row tile and per M's specialization (M == 1, M % 16 == 0, other)
-            for rows in (1, 2, 16, 17, 32):
-                for module in (first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
-                               first.mlp.down_proj, self.lm_head):  # fmt: skip
-                    x = torch.zeros(rows, module.weight.shape[1], device=self.device, dtype=dtype)
-                    linear(module, x)
-                    if module is first.mlp.gate_up_proj:
-                        linear_silu_mul(module, x)
-        return len(layers)
+        if on and self.language_model.layers:
+            try:
+                self._check_decode_gemv()
+            except Exception as exc:
+                logger.warning("[glm-engine] decode_gemv off: %s", (str(exc).splitlines() or [""])[0][:300])
+                for module in layers:
+                    module.decode_gemv = False
+                return 0
+        return len(layers) if on else 0
+
+    def _check_decode_gemv(self) -> None:
+        first = self.language_model.layers[0]
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        kinds = (first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
+                 first.mlp.down_proj, self.lm_head)  # fmt: skip
+        for rows in (1, 2, 16, 17, 32):
+            for module in kinds:
+                x = torch.randn(rows, module.weight.shape[1], device=self.device, generator=gen)
+                x = x.to(self.dtype)
+                checks = [(linear(module, x), module(x))]
+                if module is first.mlp.gate_up_proj:
+                    fused = linear_silu_mul(module, x)
+                    if fused is not None:
+                        checks.append((fused, silu_mul(module(x))))
+                for got, ref in checks:
+                    err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
+                    if not err <= GEMV_CHECK_TOLERANCE:
+                        shape = tuple(module.weight.shape)
+                        raise RuntimeError(f"the kernel differs from the layer's forward on {shape} x {rows} rows "
+                                           f"(relative difference {err:.3g})")  # fmt: skip
 
     def allocate_kv_caches(
         self,

@@ -143,8 +143,10 @@ def check_decoder(device: str, checkpoint: str) -> None:
 
     gemv.skinny_linear, gemv.skinny_linear_silu_mul = count("linear", linear), count("silu", silu)
     try:
-        layers = model.set_decode_gemv(True)  # on CUDA this compiles the kernels (calls counted here)
+        layers = model.set_decode_gemv(True)  # tries (and compiles) the kernel for each kind of layer
         assert layers == 4 * len(model.language_model.layers) + 1
+        # the check ran the kernel: 4 linear kinds and the silu_mul one, at 5 row counts
+        assert calls == {"linear": 5 * 5, "silu": 5}, calls
         calls.update(linear=0, silu=0)
         got = decoder_outputs(model, device)  # a 12-token prefill step, then a 2-token decode step
         logits = model.compute_logits(got[1])
@@ -156,8 +158,23 @@ def check_decoder(device: str, checkpoint: str) -> None:
     for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2, msg=lambda m, s=step: f"{s}: {m}")
     assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
-    model.set_decode_gemv(False)
+    assert model.set_decode_gemv(False) == 0
     assert all(not getattr(m, "decode_gemv", False) for m in model.modules())
+
+    # a kernel that fails, or computes something else, leaves the model on its layers' own forwards
+    def wrong(x, weight, bias=None, scale=None, cfg=None):
+        return linear(x, weight, bias, scale, cfg) * 1.5
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel")
+
+    for bad in (wrong, broken):
+        gemv.skinny_linear = bad
+        try:
+            assert model.set_decode_gemv(True) == 0
+        finally:
+            gemv.skinny_linear = linear
+        assert all(not getattr(m, "decode_gemv", False) for m in model.modules()), bad.__name__
 
 
 def check_cuda_graph(device: str) -> None:
