@@ -1,0 +1,71 @@
+"""benchmarks.gemv_bench's arithmetic and outputs on CPU: the decoder's layer shapes, a decode step's matmul
+time from the per-layer figures, the split error figures, and the plot of a committed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gemv_bench
+from benchmarks.results import REPO_ROOT
+
+
+def test_layer_shapes_are_the_full_size_decoders() -> None:
+    from benchmarks.engine_probe import _full_model_config
+
+    shapes = gemv_bench._layer_shapes(_full_model_config())
+    assert shapes == {
+        "qkv": (4608, 4096, True, False),
+        "o": (4096, 4096, False, False),
+        "gate_up": (27392, 4096, False, True),
+        "down": (4096, 13696, False, False),
+        "lm_head": (151552, 4096, False, False),
+    }
+
+
+def test_step_sums_add_every_layer_and_the_lm_head() -> None:
+    def rows(us: float) -> dict:
+        return {"rows": {str(m): {"cublas": {"us": us * m}, "gemv": {"us": us}} for m in gemv_bench.ROWS}}
+
+    layers = {
+        "qkv": rows(1.0),
+        "o": rows(2.0),
+        "gate_up": rows(3.0),
+        "down": rows(4.0),
+        "lm_head": rows(100.0),
+    }
+    sums = gemv_bench.step_sums(layers, num_layers=40)
+    assert sums["1"] == {"cublas": pytest.approx((40 * 10 + 100) / 1e3), "gemv": pytest.approx(0.5)}
+    assert sums["16"]["cublas"] == pytest.approx(16 * 0.5)
+    del layers["lm_head"]["rows"]["16"]["gemv"]  # a method missing for a layer: no sum for it at that M
+    assert "gemv" not in gemv_bench.step_sums(layers, num_layers=40)["16"]
+
+
+def test_errors_are_split_at_near_zero_sums() -> None:
+    ref = torch.tensor([1.0, -0.5, 1e-3, 0.0], dtype=torch.bfloat16)
+    one_step = torch.tensor([1.0078125, -0.5, 1e-3, 0.0], dtype=torch.bfloat16)  # 1 + 2**-7: one step up
+    assert gemv_bench._bf16_ulps(one_step, ref) == {"steps": 1, "near_zero_abs": 0.0}
+    near_zero = torch.tensor([1.0, -0.5, 2e-3, -1e-3], dtype=torch.bfloat16)
+    got = gemv_bench._bf16_ulps(near_zero, ref)
+    assert got["steps"] == 0 and got["near_zero_abs"] == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_plot_of_a_committed_run(tmp_path: Path) -> None:
+    run = REPO_ROOT / "benchmarks/results/2026-12-05-h100-gemv-a3abb14/gemv/gemv_bench.json"
+    copy = tmp_path / "gemv_bench.json"
+    copy.write_text(run.read_text())
+    assert gemv_bench.main(["--plot", str(copy)]) == 0
+    png = tmp_path / "gemv.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(run.read_text())
+    assert doc["device"] == "NVIDIA H100 80GB HBM3" and set(doc["step_ms"]) == {
+        str(m) for m in gemv_bench.ROWS
+    }
+
+
+def test_out_is_required_unless_plotting() -> None:
+    with pytest.raises(SystemExit):
+        gemv_bench.main([])
