@@ -56,29 +56,13 @@ def _layer_shapes(mc) -> dict[str, tuple[int, int, bool, bool]]:
 
 def _graph_ms(calls, repeats: int = 20) -> float:
     """Median ms of one of `calls` (zero-argument functions), all replayed from one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # warm: compiles, cuBLAS workspaces
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    from benchmarks.decode_attention_bench import time_call
+
+    def all_calls() -> None:
         for call in calls:
             call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return sorted(times)[len(times) // 2] / len(calls)
+
+    return time_call(all_calls, iters=1, graph=True, repeats=repeats) / 1e3 / len(calls)
 
 
 def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> dict:
