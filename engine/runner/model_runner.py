@@ -128,7 +128,8 @@ def prepare_model(
     """Make a loaded model (or one a caller gives) what the engine config asks, in place: the decoder's
     linear layers in FP8 (``quantization``; FP8 layers already there are kept), the ViT's attention kernel
     (``vision_attention``) and its CUDA graphs on (``vision_cuda_graphs``, on CUDA, unless
-    ``enforce_eager``), decode steps' matmuls through the skinny kernel (``decode_gemv``, on CUDA). Call before sizing the KV cache: the memory freed by FP8 goes to the cache."""
+    ``enforce_eager``), decode steps' matmuls through the skinny kernel (``decode_gemv``, on CUDA). Call
+    before sizing the KV cache: the memory freed by FP8 goes to the cache."""
     if engine_config.quantization == "fp8":
         from engine.model.quant import quantize_decoder_fp8_, weight_bytes
 
@@ -141,7 +142,8 @@ def prepare_model(
             weight_bytes(model) / 1e9,
         )
     if engine_config.decode_gemv and device.type == "cuda":
-        model.set_decode_gemv(True)  # after the FP8 swap, before any graph is captured
+        layers = model.set_decode_gemv(True)  # after the FP8 swap, before any graph is captured
+        logger.info("[glm-engine] decode_gemv: %d linear layers through the skinny kernel", layers)
     model.visual.set_attention(engine_config.vision_attention)  # before any graph is captured
     if engine_config.vision_cuda_graphs and device.type == "cuda" and not enforce_eager:
         model.visual.enable_cuda_graphs(max_patches=max(16384, engine_config.max_num_vision_patches))
