@@ -217,7 +217,7 @@ def sweep(mc, deadline: float) -> dict:
             measured = {c: us for c, us in timings.items() if isinstance(us, float)}
             if measured:
                 best = min(measured, key=measured.get)
-                default = str(tuple(gemv.config(m, n, k, torch.bfloat16)))
+                default = str(tuple(gemv.config(k)))
                 out.setdefault(name, {})[str(m)] = {"us": timings, "best": best, "best_us": measured[best]}
                 print(
                     f"sweep {name:8s} M={m:2d}: best {best} {measured[best]:.1f} us; "

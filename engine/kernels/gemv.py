@@ -27,8 +27,7 @@ bfloat16 or float16 (float32 takes cuBLAS: its TF32 or full-precision paths are 
 computes), K a multiple of 16, contiguous rows. Anything else is the caller's `F.linear`. The kernels are
 CUDA-graph safe (no host sync, the output sized from shapes).
 
-Block sizes: `config(m, n, k, weight_dtype)` picks BLOCK_N, BLOCK_K, warps and pipeline stages from the
-shape; `benchmarks/gemv_bench.py` measures every candidate on the decoder's shapes against cuBLAS.
+Block sizes: `config(k)` picks BLOCK_N, BLOCK_K, warps and pipeline stages from the reduced dimension; `benchmarks/gemv_bench.py` measures every candidate on the decoder's shapes against cuBLAS.
 """
 
 from __future__ import annotations
@@ -59,8 +58,8 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-def config(m: int, n: int, k: int, weight_dtype: torch.dtype) -> GemvConfig:
-    """The block sizes for an [m, k] x [n, k] product (see the module docstring). Measured on an H100
+def config(k: int) -> GemvConfig:
+    """The block sizes for a product over K = k (see the module docstring). Measured on an H100
     (`benchmarks.gemv_bench`'s sweep of 27 candidates, M = 1 and 16): wide bands with short, deep-pipelined
     K steps for K = 4096 (qkv, o, gate/up: best or within 2 % of it), narrower bands with long K steps
     for the down projection's K = 13696."""
@@ -118,8 +117,8 @@ if HAS_TRITON:
         return tl.dot(w, tl.trans(x), acc)
 
     @triton.jit
-    def _epilogue(acc, x_scale, w_scale, dtype: tl.constexpr, FP8: tl.constexpr):
-        """The product in the output dtype: rounded (16-bit), or scaled per row and column first (FP8)."""
+    def _epilogue(acc, x_scale, w_scale, FP8: tl.constexpr):
+        """The float32 product, scaled per row and column for FP8 (rounded by the caller)."""
         if FP8:
             acc = acc * x_scale[None, :] * w_scale[:, None]
         return acc
@@ -173,12 +172,12 @@ if HAS_TRITON:
         if FP8:
             x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
             w_scale = tl.load(w_scale_ptr + w_rows)
-        out = _epilogue(acc, x_scale, w_scale, dtype, FP8)
+        out = _epilogue(acc, x_scale, w_scale, FP8)
         if SILU_MUL:
             out = _round_to(out, dtype)
             if FP8:
                 w_scale = tl.load(w_scale_ptr + up_rows + w_rows)
-            up = _round_to(_epilogue(acc_up, x_scale, w_scale, dtype, FP8), dtype)
+            up = _round_to(_epilogue(acc_up, x_scale, w_scale, FP8), dtype)
             silu = _round_to(out / (1.0 + tl.exp(-out)), dtype)
             out = up * silu
         elif HAS_BIAS:
@@ -206,7 +205,7 @@ def _launch(
     fp8 = weight.dtype == FP8_DTYPE
     if fp8 != (scale is not None):
         raise ValueError("scale: FP8 weights take their per-channel scale, 16-bit weights none")
-    cfg = cfg or config(m, n_w, k, weight.dtype)
+    cfg = cfg or config(k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     x_in, x_scale = x, y  # y: the pointer of an absent tensor (never read)

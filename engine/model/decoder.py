@@ -86,8 +86,7 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_act == "silu":
-            fused = linear_silu_mul(self.gate_up_proj, x)  # one kernel for a few rows (decode steps)
-            return linear(self.down_proj, silu_mul(linear(self.gate_up_proj, x)) if fused is None else fused)
+            return linear(self.down_proj, linear_silu_mul(self.gate_up_proj, x))  # one kernel for a few rows
         gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # [T, 2 * intermediate]
         return linear(self.down_proj, up * self.act(gate))
 
@@ -262,9 +261,7 @@ class Glm4vModel(nn.Module):
                 x = x.to(self.dtype)
                 checks = [(linear(module, x), module(x))]
                 if module is first.mlp.gate_up_proj:
-                    fused = linear_silu_mul(module, x)
-                    if fused is not None:
-                        checks.append((fused, silu_mul(module(x))))
+                    checks.append((linear_silu_mul(module, x), silu_mul(module(x))))
                 for got, ref in checks:
                     err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
                     if not err <= GEMV_CHECK_TOLERANCE:

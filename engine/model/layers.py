@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import gemv
-from engine.kernels.fused import rms_norm
+from engine.kernels.fused import rms_norm, silu_mul
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -44,10 +44,10 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return gemv.skinny_linear(x, weight, layer.bias, getattr(layer, "weight_scale", None))
 
 
-def linear_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """up * silu(gate) of a gate/up projection (the `linear` rules), or None: the caller runs
-    `linear` and `engine.kernels.fused.silu_mul`."""
+def linear_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """up * silu(gate) of a gate/up projection: one skinny kernel where `linear` would run it (and the
+    layer has no bias), else `silu_mul(layer(x))`."""
     weight = _gemv_weight(layer, x)
     if weight is None or layer.bias is not None:
-        return None
+        return silu_mul(layer(x))
     return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None))
