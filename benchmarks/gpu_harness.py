@@ -167,6 +167,10 @@ def phase_roofline(record: dict) -> None:
     record["decode_ms_per_token_b1"] = roofline.decode_roofline_ms(
         cfg, bandwidth, batch=1, context_len=1224 + 64
     )
+    record["fp8_read_gb"] = roofline.fp8_read_bytes(cfg) / 1e9
+    record["decode_ms_per_token_b1_fp8"] = roofline.decode_roofline_ms(
+        cfg, bandwidth, batch=1, context_len=1224 + 64, weights="fp8"
+    )
     # Batch 32 of 448x448 prompts (~285 tokens) with 128 out: mean context ~350 tokens per sequence.
     step_ms = roofline.decode_roofline_ms(cfg, bandwidth, batch=32, context_len=350)
     record["decode_tok_s_b32_448"] = 32 / step_ms * 1e3
@@ -371,7 +375,7 @@ async def serve_phases(
 
     async def warmup():
         recs = await _sequential(target, warm_corpora["448"], RequestParams(max_tokens=4, timeout_s=300), 2)
-        recs += await _sequential(target, warm_corpora["1288"], RequestParams(max_tokens=4, timeout_s=300), 1)
+        recs += await _sequential(target, warm_corpora["1288"], RequestParams(max_tokens=4, timeout_s=300), 2)
         return {
             "errors": [r.error for r in recs if r.error],
             "e2e_ms": [round((r.e2e_s or 0) * 1e3, 1) for r in recs],
@@ -684,8 +688,9 @@ def comparisons(doc: dict) -> dict:
             if hf.get(key) is None:
                 hf[key] = value
                 hf_source[key] = f"reference: ARCHITECTURE.md §4 ({kind}, measured earlier)"
+    fp8 = doc["meta"].get("weights") == "fp8"  # the served engine's weights: their own floor
     floor = {
-        "decode_ms_per_token_b1": roof.get("decode_ms_per_token_b1"),
+        "decode_ms_per_token_b1": roof.get("decode_ms_per_token_b1_fp8" if fp8 else "decode_ms_per_token_b1"),
         "tok_s_c32_448": roof.get("decode_tok_s_b32_448"),
         "tok_s_c32_1288": roof.get("decode_tok_s_b32_1288"),
     }
@@ -991,7 +996,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     harness = Harness(args.out, args.budget_s, args.commit)
-    harness.doc["meta"].update(preset=args.preset, engine_device=args.device)
+    extra_args = shlex.split(args.engine_args)
+    is_fp8 = any(a == "--dtype" and b == "fp8" for a, b in zip(extra_args, extra_args[1:], strict=False))
+    harness.doc["meta"].update(
+        preset=args.preset, engine_device=args.device, weights="fp8" if is_fp8 else "bf16"
+    )
     # The launcher's numpy<2 stub env (numpy 2 breaks the Triton 2.51 stub) installs from this wheel,
     # carried in a subfolder so that `pip install .whl/*.whl` leaves the main environment's numpy alone.
     stub_numpy = sorted((REPO_ROOT / ".whl" / "stub").glob("numpy-1*.whl"))

@@ -109,13 +109,16 @@ elif [ "$PART" = 6 ]; then
   # benchmarks.vit_attention_bench and STEP_VARIANTS benchmarks.step_probe before them; TTFT_PROBE=1
   # runs benchmarks.ttft_probe after everything; QUICK_TTFT=1 its large images alone first, ~1 min;
   # GEMV_BENCH=1 benchmarks.gemv_bench after the GPU tests (~4 min);
-  # CACHE_OFF_ARGS: more glmv-build flags for the caches-off run, comma-separated, e.g. --dtype,fp8)
+  # CACHE_OFF_ARGS: more glmv-build flags for the caches-off run, comma-separated, e.g. --dtype,fp8;
+  # VARIANT_SKIP: the harness phases the variants skip, baseline,roofline by default: "baseline" adds the
+  # roofline's ~30 s and the ours ÷ floor column, the fp8 floor for a --dtype,fp8 variant)
   [ "${QUICK_TTFT:-0}" = 0 ] || timeout 150 python3 -m benchmarks.ttft_probe --out "$OUT/ttft_quick" --quick-only 2>&1 |
     grep -E '^[0-9]'
-  [ "${VIT_BENCH:-0}" = 0 ] || timeout 120 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
+  [ "${VIT_BENCH:-0}" = 0 ] || timeout 150 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
   step_probes
   if [ -n "${GPU_TESTS:-}" ]; then
-    timeout 150 python3 -m pytest -q -m gpu "$GPU_TESTS" >"$OUT/pytest_gpu.txt" 2>&1
+    read -ra gpu_tests <<<"$GPU_TESTS"  # one or more pytest paths
+    timeout 150 python3 -m pytest -q -m gpu "${gpu_tests[@]}" >"$OUT/pytest_gpu.txt" 2>&1
     tail -n 4 "$OUT/pytest_gpu.txt"
   fi
   # GEMV_BENCH=1: decode-shaped matmuls, the skinny kernel against cuBLAS and FP8, then batch-1 decode of
@@ -129,10 +132,11 @@ elif [ "$PART" = 6 ]; then
     name=${variant%%:*}; extra=${variant#*:}
     [ "$(left)" -gt $((${VARIANT_BUDGET:-200} + 20)) ] || break
     timeout $((${VARIANT_BUDGET:-200} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" \
-      --skip baseline,roofline --budget-s "${VARIANT_BUDGET:-200}" \
+      --skip "${VARIANT_SKIP:-baseline,roofline}" --budget-s "${VARIANT_BUDGET:-200}" \
       --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases "$phases" 2>&1 \
       | grep -E "^(${phases//,/|})" | sed "s/^/$name: /"
     grep -h "captured .* CUDA graphs in" "$OUT/ab/$name/triton.log" 2>/dev/null | sed "s/^/$name: /"
+    grep -h "ViT attention for" "$OUT/ab/$name/triton.log" 2>/dev/null | head -n 6 | sed "s/^/$name: /"
     pkill -f tritonserver; sleep 2
   done
   off_args=${CACHE_OFF_ARGS:-}

@@ -67,11 +67,43 @@ def kv_bytes_per_token(config: Any, bytes_per_value: int = 2) -> int:
     return 2 * int(_get(text, "num_hidden_layers")) * num_kv_heads * head_dim * bytes_per_value
 
 
+def fp8_read_bytes(config: Any) -> int:
+    """What one decode step reads of the weights with ``--dtype fp8`` (engine.model.quant): the linear
+    layers' and the lm_head's weights one byte per parameter plus a float32 scale per output channel;
+    the q/k/v biases and the norms stay bf16. 8.79 GB for GLM-4.6V-Flash (bf16: 17.56 GB)."""
+    text = text_config_of(config)
+    hidden = int(_get(text, "hidden_size"))
+    num_heads = int(_get(text, "num_attention_heads"))
+    num_kv_heads = int(_get(text, "num_key_value_heads", num_heads))
+    intermediate = int(_get(text, "intermediate_size"))
+    head_dim = hidden // num_heads
+    qkv_out = (num_heads + 2 * num_kv_heads) * head_dim
+    # (output channels, input features) of qkv, o, gate/up and down
+    linears = (
+        (qkv_out, hidden),
+        (hidden, num_heads * head_dim),
+        (2 * intermediate, hidden),
+        (hidden, intermediate),
+    )
+    per_layer = sum(out * (k + 4) for out, k in linears) + 2 * (qkv_out + 4 * hidden)
+    vocab = int(_get(text, "vocab_size"))
+    return per_layer * int(_get(text, "num_hidden_layers")) + vocab * (hidden + 4) + 2 * hidden
+
+
 def decode_roofline_ms(
-    config: Any, bandwidth_bytes_s: float, batch: int = 1, context_len: int = 0, bytes_per_param: int = 2
+    config: Any,
+    bandwidth_bytes_s: float,
+    batch: int = 1,
+    context_len: int = 0,
+    bytes_per_param: int = 2,
+    weights: str = "bf16",
 ) -> float:
-    """Floor of one decode step (ms): weights once + every sequence's KV cache, over the bandwidth."""
-    weight_bytes = decoder_param_counts(config)["per_token_read"] * bytes_per_param
+    """Floor of one decode step (ms): weights once + every sequence's KV cache (``bytes_per_param`` per
+    value), over the bandwidth. ``weights`` "fp8": the weights as ``--dtype fp8`` stores them."""
+    if weights == "fp8":
+        weight_bytes = fp8_read_bytes(config)
+    else:
+        weight_bytes = decoder_param_counts(config)["per_token_read"] * bytes_per_param
     kv = batch * context_len * kv_bytes_per_token(config, bytes_per_param)
     return (weight_bytes + kv) / bandwidth_bytes_s * 1e3
 

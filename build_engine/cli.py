@@ -139,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--vision-attention",
-        choices=["flash", "cudnn"],
-        default="flash",
-        help="the ViT attention's kernel on CUDA: FlashAttention-2, or cuDNN's fused attention",
+        choices=["flash", "cudnn", "auto"],
+        default="auto",
+        help="the ViT attention's kernel on CUDA: FlashAttention-2, cuDNN's fused attention, or auto: cuDNN "
+        "for the image sizes whose cuDNN plan the engine built while idle, flash for the others",
     )
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--vision-max-queue-delay-us", type=int, default=2000)

@@ -29,7 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 QUANTIZATIONS = ("none", "fp8")  # EngineConfig.quantization values
-VISION_ATTENTION_CHOICES = ("flash", "cudnn")  # EngineConfig.vision_attention values (engine.model.vision)
+VISION_ATTENTION_CHOICES = ("flash", "cudnn", "auto")  # EngineConfig.vision_attention (engine.model.vision)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -273,11 +273,12 @@ class EngineConfig:
     # ~7.5 ms on an H200 (a 1288x728 screenshot, 4784 patches, takes 24 ms). 0: each batch in one step
     vision_patches_per_step: int = 1536
     vision_cuda_graphs: bool = True  # replay the ViT tower from CUDA graphs per image layout (CUDA only)
-    # The ViT attention's kernel on CUDA (engine.model.vision.VISION_ATTENTION_CHOICES): "flash" or "cudnn"
+    # The ViT attention's kernel on CUDA (engine.model.vision.VISION_ATTENTION_CHOICES): "flash", "cudnn"
     # (cuDNN's fused attention: on an H200 a 1288x728 screenshot's ViT 24.2 -> 21.3 ms, a 2044x1148 image 93 -> 70
     # ms, the embeddings within 2.3e-5; but the first image of each new size waits for cuDNN to build its
-    # plan, 0.03-0.7 s, in the engine step every stream waits on)
-    vision_attention: str = "flash"
+    # plan, 0.03-0.7 s, in the engine step every stream waits on) or "auto": cuDNN for the image sizes whose
+    # plan the engine loop built while it had no request, flash for the others (AttentionKernels)
+    vision_attention: str = "auto"
     # Run the ViT on its own CUDA stream beside the decode steps (CUDA only). Off: under 32 concurrent
     # requests through Triton on an H200 the engine stalled with it on (cause not found yet).
     async_vision: bool = False

@@ -24,8 +24,9 @@ Contract:
     finished ids are ignored).
   * ``add_request``, ``abort``, ``stats`` and ``has_unfinished`` may be called from any thread; ``step``
     from one thread at a time: the loop thread after ``start(callback)``, else the caller.
-  * ``start(callback)`` runs ``step()`` on a thread while there is work (it sleeps on a condition when
-    idle) and calls ``callback(outputs)`` after each step with outputs. ``stop()`` ends the loop; requests
+  * ``start(callback)`` runs ``step()`` on a thread while there is work (when idle it does the runner's
+    ``idle_work``, cuDNN plans of the image sizes met, one at a time, then sleeps on a condition) and calls
+    ``callback(outputs)`` after each step with outputs. ``stop()`` ends the loop; requests
     still unfinished end with "abort". ``generate(req)`` is an async iterator over one request's outputs
     (it starts the loop if needed; leaving the iterator early aborts the request).
   * With a tokenizer (``from_engine_dir`` loads ``tokenizer.json``), outputs also carry ``text`` and
@@ -366,10 +367,17 @@ class LLMEngine:
         with stream:
             while True:
                 with self._cond:
-                    while not self._is_stopping and not self._seqs:
+                    while not self._is_stopping and not self._seqs and not self.runner.has_idle_work:
                         self._cond.wait()
                     if self._is_stopping:
                         break
+                    is_idle = not self._seqs
+                if is_idle:  # no request: a piece of the runner's idle work, then look again
+                    try:
+                        self.runner.idle_work()
+                    except Exception:
+                        logger.exception("[glm-engine] idle work failed")
+                    continue
                 try:
                     outputs = self.step()
                 except Exception:

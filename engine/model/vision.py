@@ -16,13 +16,16 @@ Contract:
   device with the image processor's float32 arithmetic (`x * rescale_factor`, then `(x - mean) / std` per
   channel); the patchify runs on the device too.
 * `VisionEncoder.set_attention(choice)` picks the SDPA kernel of the blocks' attention on CUDA (one of
-  `VISION_ATTENTION_CHOICES`; `EngineConfig.vision_attention`): "flash" (FlashAttention-2) or "cudnn"
-  (cuDNN's fused attention first, flash where cuDNN cannot take the shape). CPU runs SDPA's own choice.
+  `VISION_ATTENTION_CHOICES`; `EngineConfig.vision_attention`): "flash" (FlashAttention-2), "cudnn"
+  (cuDNN's fused attention first, flash where cuDNN cannot take the shape), or "auto": cuDNN for the
+  image lengths whose cuDNN plan `build_attention_plan` has built on the calling thread, flash for the
+  others (see `AttentionKernels`). CPU runs SDPA's own choice.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +133,8 @@ class PositionEmbedding(nn.Module):
         return sampled[0, :, :, 0].T.to(table.dtype)  # [N, hidden]
 
 
-# The SDPA kernels each `VisionEncoder.set_attention` choice lets the ViT use on CUDA, in priority order.
+# The SDPA kernels each fixed `VisionEncoder.set_attention` choice lets the ViT use on CUDA, in priority
+# order ("auto" picks one of the two per image length: AttentionKernels).
 VISION_ATTENTION_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "cudnn": [
@@ -140,7 +144,40 @@ VISION_ATTENTION_BACKENDS = {
         SDPBackend.MATH,
     ],
 }
-assert tuple(VISION_ATTENTION_BACKENDS) == VISION_ATTENTION_CHOICES
+assert (*VISION_ATTENTION_BACKENDS, "auto") == VISION_ATTENTION_CHOICES
+
+
+class AttentionKernels:
+    """The SDPA kernels of the ViT's attention for an image (frame) of n patches, shared by the blocks.
+
+    "flash" and "cudnn" are fixed lists. "auto" serves cuDNN's faster kernel without its stall: cuDNN
+    builds an execution plan for every new sequence length (tens to hundreds of ms), and keeps its plans
+    per thread. So a length runs cuDNN only once `planned` holds it, that is once `VisionEncoder.
+    build_attention_plan` built its plan on the thread that serves (the engine loop does that while it
+    has no request); until then it runs flash and waits in `pending` (oldest first, at most MAX_PENDING).
+    A length cuDNN cannot take goes to `refused` and stays on flash."""
+
+    MAX_PENDING = 64
+
+    def __init__(self, choice: str = "flash") -> None:
+        if choice not in VISION_ATTENTION_CHOICES:
+            raise ValueError(
+                f"vision_attention: {choice!r} must be one of {', '.join(VISION_ATTENTION_CHOICES)}"
+            )
+        self.choice = choice
+        self.planned: set[int] = set()
+        self.refused: set[int] = set()
+        self.pending: dict[int, None] = {}
+
+    def backends(self, n: int) -> list:
+        """The kernels, in priority order, for one attention call over ``n`` patches."""
+        if self.choice != "auto":
+            return VISION_ATTENTION_BACKENDS[self.choice]
+        if n in self.planned:
+            return VISION_ATTENTION_BACKENDS["cudnn"]
+        if n not in self.refused and n not in self.pending and len(self.pending) < self.MAX_PENDING:
+            self.pending[n] = None
+        return VISION_ATTENTION_BACKENDS["flash"]
 
 
 class VisionAttention(nn.Module):
@@ -150,7 +187,7 @@ class VisionAttention(nn.Module):
         self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.backends = VISION_ATTENTION_BACKENDS["flash"]  # on CUDA; VisionEncoder.set_attention
+        self.kernels = AttentionKernels()  # on CUDA; VisionEncoder.set_attention shares one among the blocks
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
@@ -161,13 +198,14 @@ class VisionAttention(nn.Module):
         q, k, v = qkv.unbind(1)  # [N, heads, head_dim]
         out = torch.empty_like(q)
         start = 0
-        kernels = sdpa_kernel(self.backends, set_priority=True) if x.is_cuda else contextlib.nullcontext()
-        with kernels:
-            for n in seqlens:  # block-diagonal: one image (frame) at a time
-                # 4-D [1, heads, n, head_dim]: 3-D inputs fall back to the unfused math kernel on CUDA.
-                qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
+        for n in seqlens:  # block-diagonal: one image (frame) at a time
+            backends = self.kernels.backends(n)
+            kernels = sdpa_kernel(backends, set_priority=True) if x.is_cuda else contextlib.nullcontext()
+            # 4-D [1, heads, n, head_dim]: 3-D inputs fall back to the unfused math kernel on CUDA.
+            qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
+            with kernels:
                 out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
-                start += n
+            start += n
         return self.proj(out.view(num_patches, -1))
 
 
@@ -251,12 +289,39 @@ class VisionEncoder(nn.Module):
     def set_attention(self, choice: str) -> None:
         """The blocks' attention kernel on CUDA: one of `VISION_ATTENTION_CHOICES`. Graphs captured
         before keep the kernel they were captured with, so call it before any encode."""
-        if choice not in VISION_ATTENTION_BACKENDS:
-            raise ValueError(
-                f"vision_attention: {choice!r} must be one of {', '.join(VISION_ATTENTION_CHOICES)}"
-            )
+        kernels = AttentionKernels(choice)
         for block in self.blocks:
-            block.attn.backends = VISION_ATTENTION_BACKENDS[choice]
+            block.attn.kernels = kernels
+
+    @property
+    def attention_kernels(self) -> AttentionKernels:
+        return self.blocks[0].attn.kernels if len(self.blocks) else AttentionKernels()
+
+    @torch.no_grad()
+    def build_attention_plan(self) -> int | None:
+        """With "auto": build cuDNN's plan for the oldest pending image length on this thread (one attention
+        call of that shape and layout, on zeros), so that length runs cuDNN from now on; the graphs that
+        hold it are dropped (they keep the kernel they were captured with) and captured again on later
+        use. Returns the length, or None when none is pending. Call it on the thread that encodes."""
+        kernels = self.attention_kernels
+        if not kernels.pending:
+            return None
+        n = next(iter(kernels.pending))
+        del kernels.pending[n]
+        config, weight = self.config, self.blocks[0].attn.qkv.weight
+        qkv = torch.zeros(n, 3, config.num_heads, config.head_dim, device=weight.device, dtype=weight.dtype)
+        q, k, v = (t.transpose(0, 1)[None] for t in qkv.unbind(1))  # the layout of VisionAttention's calls
+        try:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if weight.is_cuda else contextlib.nullcontext():
+                F.scaled_dot_product_attention(q, k, v)
+        except RuntimeError:  # cuDNN does not take this shape: flash it stays
+            kernels.refused.add(n)
+            return n
+        kernels.planned.add(n)
+        for graphs in (self.graphs, self.segment_graphs):
+            if graphs is not None:
+                graphs.forget(lambda seqlens: n in seqlens)
+        return n
 
     def enable_cuda_graphs(
         self, max_graphs: int = 8, max_patches: int = 16384, max_segment_graphs: int = 24
@@ -486,6 +551,14 @@ class TowerGraphs:
         static_sin.copy_(sin)
         graph.replay()
         return static_out.clone()
+
+    def forget(self, holds: Callable[[tuple[int, ...]], bool]) -> int:
+        """Drop the graphs whose layout (per-image patch counts) ``holds`` says yes to; they are captured
+        again on later use. Returns how many were dropped."""
+        keys = [key for key in self.entries if holds(key if not isinstance(key[0], tuple) else key[0])]
+        for key in keys:
+            del self.entries[key]
+        return len(keys)
 
     def _remember(self, key: tuple, runs: int) -> None:
         """``key``'s eager runs towards its capture (the oldest keys forgotten past MAX_SEEN)."""

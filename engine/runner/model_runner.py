@@ -296,6 +296,30 @@ class ModelRunner:
                 torch.tensor([[1, side, side]]),
             )
 
+    @property
+    def has_idle_work(self) -> bool:
+        """Whether `idle_work` has something to do (cuDNN plans of image lengths met so far, with
+        ``vision_attention`` "auto")."""
+        return bool(self.model.visual.attention_kernels.pending)
+
+    def idle_work(self) -> None:
+        """One piece of work for a moment without requests, on the thread that steps: cuDNN's plan for one
+        image length the ViT met, so the next images of that size run cuDNN's attention (the build, tens to
+        hundreds of ms, would otherwise hold a step every stream waits on)."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            n = self.model.visual.build_attention_plan()
+        if n is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            kernels = self.model.visual.attention_kernels
+            logger.info(
+                "[glm-engine] ViT attention for %d patches: %s (%.0f ms)",
+                n,
+                "cuDNN plan built" if n in kernels.planned else "cuDNN cannot take it, flash it stays",
+                (time.perf_counter() - started) * 1e3,
+            )
+
     def capture_cuda_graphs(self) -> None:
         """Capture all decode and prefill CUDA graphs now (start-up; no-op on CPU or with enforce_eager)."""
         with torch.inference_mode():

@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.baseline_hf import grid_for
-from benchmarks.roofline import decode_roofline_ms, decoder_param_counts, full_size_config, kv_bytes_per_token
+from benchmarks.roofline import (
+    decode_roofline_ms,
+    decoder_param_counts,
+    fp8_read_bytes,
+    full_size_config,
+    kv_bytes_per_token,
+)
 
 
 def test_glm46v_flash_decoder_counts_are_exact() -> None:
@@ -39,3 +45,21 @@ def test_baseline_image_grids_match_the_processor_table() -> None:
     assert grid_for(1288, 728) == (52, 92)  # 1196 LLM tokens
     gh, gw = grid_for(1288, 728)
     assert gh * gw // 4 == 1196
+
+
+def test_fp8_read_bytes_are_what_the_quantized_decoder_holds(tmp_path) -> None:
+    """The fp8 floor's bytes equal the parameters a decode step reads from a tiny checkpoint quantized by
+    the engine (its layers' weights, scales, biases and norms, the final norm and the lm_head)."""
+    from build_engine.checkpoint import make_tiny_checkpoint
+    from engine.config import ModelConfig
+    from engine.model.decoder import Glm4vModel
+    from engine.model.quant import quantize_decoder_fp8_
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", "tiny", seed=0)
+    config = ModelConfig.from_pretrained(path)
+    model = Glm4vModel.from_pretrained(path, "cpu", "bfloat16", config)
+    assert quantize_decoder_fp8_(model) == 4 * config.num_hidden_layers + 1
+    read = [model.language_model.layers, model.language_model.norm, model.lm_head]
+    held = sum(t.numel() * t.element_size() for m in read for t in m.parameters())
+    assert fp8_read_bytes(config) == held
+    assert fp8_read_bytes(full_size_config()) == 8_787_402_752

@@ -4,6 +4,7 @@ plain full-recompute loop (and of transformers generate()), whatever the batch a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import threading
@@ -415,6 +416,39 @@ def test_loop_thread_generate_and_callback(model, model_config):
     assert not ex.stats().is_loop_running and not ex.has_unfinished()
     assert seen[-1].request_id == "left" and seen[-1].finish_reason in ("abort", "length", "stop")
     assert ex.block_manager.num_used_blocks == 0
+
+
+def test_loop_builds_the_vit_attention_plans_while_idle(model, model_config):
+    """With vision_attention "auto" (the default) the image lengths the ViT met wait for their cuDNN plan
+    until the loop has no request; then it builds them, one per pass, and sleeps. Tokens are unchanged."""
+    mc = model_config
+    ex = make_engine(model, mc)
+    kernels = model.visual.attention_kernels
+    assert kernels.choice == "auto" and not kernels.pending
+    ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6), (1, 2, 2)], seed=3)
+    req = GenerationRequest(
+        "img",
+        ids,
+        greedy(4),
+        image_pixels=patches,
+        image_grid_thw=grid,
+        mrope_positions=positions,
+        mrope_delta=delta,
+    )
+    outs = run_to_end(ex, {0: [req]})["img"]
+    assert list(kernels.pending) == [24, 4] and not kernels.planned  # stepped by the caller: no loop yet
+    ex.start()
+    deadline = time.monotonic() + 10
+    while kernels.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert kernels.planned == {24, 4} and not kernels.pending
+
+    async def again():
+        return [o async for o in ex.generate(dataclasses.replace(req, request_id="again"))]
+
+    assert tokens(asyncio.run(again())) == tokens(outs)
+    ex.stop(timeout=10)
+    assert not ex.stats().is_loop_running
 
 
 @pytest.mark.gpu

@@ -11,7 +11,12 @@ import torch
 
 from build_engine.checkpoint import make_tiny_checkpoint
 from engine.config import EngineConfig, ModelConfig
-from engine.model.vision import TowerGraphs, VisionEncoder
+from engine.model.vision import (
+    VISION_ATTENTION_BACKENDS,
+    AttentionKernels,
+    TowerGraphs,
+    VisionEncoder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +178,70 @@ def test_vision_cuda_graphs_setting() -> None:
 
 
 def test_vision_attention_setting(vision_config) -> None:
-    assert EngineConfig().vision_attention == "flash"
+    assert EngineConfig().vision_attention == "auto"
     assert EngineConfig(vision_attention="cudnn").vision_attention == "cudnn"
-    with pytest.raises(ValueError, match=r"^vision_attention: 'fa3' must be one of flash, cudnn"):
+    with pytest.raises(ValueError, match=r"^vision_attention: 'fa3' must be one of flash, cudnn, auto$"):
         EngineConfig(vision_attention="fa3")
     encoder = VisionEncoder(vision_config)
-    with pytest.raises(ValueError, match=r"^vision_attention: 'fa3' must be one of flash, cudnn"):
+    with pytest.raises(ValueError, match=r"^vision_attention: 'fa3' must be one of flash, cudnn, auto$"):
         encoder.set_attention("fa3")
+    encoder.set_attention("cudnn")  # one object, shared by every block
+    assert {id(block.attn.kernels) for block in encoder.blocks} == {id(encoder.attention_kernels)}
+
+
+def test_auto_attention_kernels_by_length() -> None:
+    """ "auto": a length runs flash and waits for its plan (oldest first, bounded) until it is planned, then
+    cuDNN; a refused length stays flash and is not queued again. The fixed choices never queue."""
+    flash, cudnn = VISION_ATTENTION_BACKENDS["flash"], VISION_ATTENTION_BACKENDS["cudnn"]
+    for choice in ("flash", "cudnn"):
+        kernels = AttentionKernels(choice)
+        assert kernels.backends(16) == VISION_ATTENTION_BACKENDS[choice] and not kernels.pending
+    kernels = AttentionKernels("auto")
+    assert [kernels.backends(n) for n in (16, 8, 16)] == [flash] * 3
+    assert list(kernels.pending) == [16, 8]
+    kernels.planned.add(16)
+    del kernels.pending[16]
+    kernels.refused.add(8)
+    del kernels.pending[8]
+    assert kernels.backends(16) == cudnn and kernels.backends(8) == flash and not kernels.pending
+    for n in range(100, 100 + AttentionKernels.MAX_PENDING + 5):
+        assert kernels.backends(n) == flash
+    assert list(kernels.pending) == list(range(100, 100 + AttentionKernels.MAX_PENDING))
+
+
+def test_build_attention_plan_moves_a_length_to_cudnn_and_drops_its_graphs(
+    vision_config, monkeypatch
+) -> None:
+    """The lengths the tower met are planned one per call, oldest first; each call drops the whole-tower
+    and block-range graphs whose layout holds that length (they keep the kernel they were captured with),
+    and the others stay. Results are unchanged (CPU: SDPA's own kernel either way)."""
+    encoder = VisionEncoder(vision_config).eval()
+    encoder.set_attention("auto")
+    calls: list[tuple] = []
+    monkeypatch.setattr(TowerGraphs, "_capture", stand_in_capture(calls))
+    encoder.graphs = TowerGraphs(encoder._tower, max_graphs=4, max_patches=64)
+    encoder.segment_graphs = TowerGraphs(encoder._tower, max_graphs=4, max_patches=64, capture_after=1)
+    hidden, head_dim = vision_config.hidden_size, vision_config.head_dim
+    inputs = {n: tower_inputs(n, hidden, head_dim, n) for n in (16, 8)}
+    with torch.inference_mode():
+        encoder.graphs(*tower_inputs(16, hidden, head_dim, 0), [16])
+        encoder.graphs(*tower_inputs(16, hidden, head_dim, 1), [8, 8])
+        for _ in range(2):  # eager, then captured
+            encoder.segment_graphs(*inputs[16], [16], 0, 1)
+        kernels = encoder.attention_kernels
+        assert list(kernels.pending) == [16, 8] and not kernels.planned
+        assert list(encoder.graphs.entries) == [(16,), (8, 8)]
+        assert list(encoder.segment_graphs.entries) == [((16,), 0, 1)]
+        assert encoder.build_attention_plan() == 16
+        assert kernels.planned == {16} and list(kernels.pending) == [8]
+        assert list(encoder.graphs.entries) == [(8, 8)] and not encoder.segment_graphs.entries
+        assert encoder.build_attention_plan() == 8
+        assert kernels.planned == {16, 8} and not encoder.graphs.entries and not kernels.pending
+        assert encoder.build_attention_plan() is None
+        x, cos, sin = inputs[16]
+        torch.testing.assert_close(
+            encoder.segment_graphs(x, cos, sin, [16], 0, 1), encoder._tower(x, cos, sin, [16], 0, 1)
+        )
 
 
 @pytest.mark.gpu
@@ -208,6 +270,31 @@ def test_cuda_graph_replay_equals_eager(vision_config, attention) -> None:
         flash = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]
     for e, f in zip(eager, flash, strict=True):
         torch.testing.assert_close(e, f, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_auto_attention_runs_cudnn_once_its_plan_is_built(vision_config) -> None:
+    """ "auto" on CUDA: an image length first runs flash; once its cuDNN plan is built the same image's
+    embeddings agree with flash's to bf16, from eager and from a graph captured after the plan."""
+    torch.manual_seed(0)
+    encoder = VisionEncoder(vision_config).to("cuda", torch.bfloat16).eval()
+    encoder.set_attention("auto")
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.normal_(0.0, 0.02)
+    grid = torch.tensor([[1, 4, 6]])
+    pixels = torch.randn(24, vision_config.patch_dim, device="cuda")
+    with torch.inference_mode():
+        flash = encoder.encode(pixels, grid)
+        assert list(encoder.attention_kernels.pending) == [24]
+        assert encoder.build_attention_plan() == 24 and encoder.attention_kernels.planned == {24}
+        eager = encoder.encode(pixels, grid)
+        encoder.enable_cuda_graphs()
+        captured = encoder.encode(pixels, grid)
+        replayed = encoder.encode(pixels, grid)
+    assert list(encoder.graphs.entries) == [(24,)] and torch.equal(captured, eager)
+    assert torch.equal(replayed, eager)
+    torch.testing.assert_close(eager, flash, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
