@@ -9,14 +9,15 @@
    given as the weights' bytes over its time, and as a fraction of the copy bandwidth measured here.
 2. Per decode step: each method's sum over 40 layers and the lm_head.
 3. With --engine: batch-1 decode (context 1236) of the full-size engine (random weights, CUDA graphs)
-   with `decode_gemv` off and on (and with --fp8 the same in FP8), each engine built alone, and how many
-   of the greedy tokens the two runs share.
+   with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
+   `decode_pdl`), each engine built alone, and how many of the greedy tokens the runs share (PDL's with
+   the kernel's run: the same arithmetic, so all of them).
 4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16), every candidate block configuration of the
    skinny kernel on the largest layers first, the best set beside the default.
 
 Writes gemv_bench.json under --out and prints a short table.
 
-    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine] [--fp8] [--sweep-s 60]
+    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--sweep-s 60]
     python -m benchmarks.gemv_bench --plot /tmp/gemv/gemv_bench.json       # gemv.png beside it
 """
 
@@ -245,14 +246,24 @@ def step_sums(layers: dict, num_layers: int) -> dict:
     return sums
 
 
-def engine_run(quant: str, on: bool, context: int = 1236) -> dict:
+ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
+    "cublas": {"decode_gemv": False},
+    "gemv": {"decode_gemv": True},
+    "pdl": {"decode_gemv": True, "decode_pdl": True},
+}
+
+
+def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     """One engine (this process): batch-1 decode ms/token and its first 64 greedy tokens."""
     from benchmarks.engine_probe import _full_engine
     from benchmarks.ttft_probe import _decode_b1_ms
+    from engine.kernels.fused import pdl_enabled
     from engine.llm_engine import GenerationRequest
     from engine.sample.sampler import SamplingParams
 
-    ex, _, _, _ = _full_engine("cuda", quantization=quant, decode_gemv=on)
+    ex, _, _, _ = _full_engine("cuda", quantization=quant, **ENGINE_METHODS[method])
+    if method == "pdl" and not pdl_enabled():
+        raise RuntimeError("decode_pdl did not turn on (see the engine's warning)")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 150000, (context,), generator=gen).tolist()
     params = SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True)
@@ -268,13 +279,14 @@ def engine_run(quant: str, on: bool, context: int = 1236) -> dict:
     return {"decode_ms_per_token_b1": sorted(times)[1], "context": context, "tokens": tokens}
 
 
-def engine_decode(fp8: bool, out_dir: Path) -> dict:
-    """`engine_run` off and on (and in FP8), each engine in a Python of its own."""
+def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
+    """`engine_run` with cuBLAS and with the kernel (and with PDL; and in FP8), each engine in a Python of
+    its own. Greedy tokens are compared with the cuBLAS run's (PDL's with the kernel's: the same bits)."""
     out: dict = {}
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
-        for on in (False, True):
-            key = f"{quant}_{'gemv' if on else 'cublas'}"
+        for method in ("cublas", "gemv", "pdl") if pdl else ("cublas", "gemv"):
+            key = f"{quant}_{method}"
             path = out_dir / f"engine_{key}.json"
             cmd = [sys.executable, "-m", "benchmarks.gemv_bench", "--out", str(out_dir), "--engine-run", key]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -283,21 +295,20 @@ def engine_decode(fp8: bool, out_dir: Path) -> dict:
                 print(f"engine {key}: failed: {proc.stderr[-600:]}", flush=True)
                 continue
             run = json.loads(path.read_text())
-            tokens[on] = run.pop("tokens")
+            tokens[method] = run.pop("tokens")
             out[key] = run
             print(
                 f"engine {key}: decode b1, context {run['context']}: {run['decode_ms_per_token_b1']:.3f} ms/token"
             )
-        if len(tokens) == 2:
-            pairs = list(zip(tokens[False], tokens[True], strict=False))
-            same = sum(1 for a, b in pairs if a == b)
-            first_diff = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
-            out[f"{quant}_greedy_tokens_equal"] = {
-                "equal": same,
-                "of": len(pairs),
-                "first_difference": first_diff,
-            }
-            print(f"engine {quant}: greedy tokens equal {same}/{len(pairs)} (first difference {first_diff})")
+        for a, b, name in (("cublas", "gemv", "greedy_tokens_equal"), ("gemv", "pdl", "pdl_tokens_equal")):
+            if a in tokens and b in tokens:
+                pairs = list(zip(tokens[a], tokens[b], strict=False))
+                same = sum(1 for x, y in pairs if x == y)
+                first_diff = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
+                out[f"{quant}_{name}"] = {"equal": same, "of": len(pairs), "first_difference": first_diff}
+                print(
+                    f"engine {quant}: {b} tokens equal to {a}'s {same}/{len(pairs)} (first difference {first_diff})"
+                )
     return out
 
 
@@ -342,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--engine", action="store_true", help="also batch-1 decode of the engine, off and on")
     ap.add_argument("--fp8", action="store_true", help="FP8 layers too (and the FP8 engine with --engine)")
+    ap.add_argument("--pdl", action="store_true", help="with --engine: also the kernel with decode_pdl on")
+    ap.add_argument("--engine-only", action="store_true", help="the engine runs alone (no layers, no sweep)")
     ap.add_argument("--plot", type=Path, help="only draw gemv.png beside this gemv_bench.json")
     ap.add_argument("--engine-run", help=argparse.SUPPRESS)  # one engine_run here: QUANT_gemv|QUANT_cublas
     ap.add_argument("--sweep-s", type=float, default=60.0, help="seconds for the block-size sweep (last)")
@@ -354,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.engine_run:
         quant, method = args.engine_run.split("_")
-        run = engine_run(quant, method == "gemv")
+        run = engine_run(quant, method)
         (args.out / f"engine_{args.engine_run}.json").write_text(json.dumps(run))
         return 0
     mc = _full_model_config()
@@ -366,14 +379,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["copy"] = measure_copy_bandwidth()
     print(f"copy bandwidth {res['copy']['tb_s']:.2f} TB/s", flush=True)
-    res["layers"] = layer_bench(mc, res["copy"]["tb_s"], args.fp8)
-    res["step_ms"] = step_sums(res["layers"], mc.num_hidden_layers)
-    for m, sums in res["step_ms"].items():
-        print(f"matmuls per decode step M={m}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in sums.items()))
-    (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
-    if args.engine:
-        res["engine"] = engine_decode(args.fp8, args.out)
+    if not args.engine_only:
+        res["layers"] = layer_bench(mc, res["copy"]["tb_s"], args.fp8)
+        res["step_ms"] = step_sums(res["layers"], mc.num_hidden_layers)
+        for m, sums in res["step_ms"].items():
+            print(f"matmuls per decode step M={m}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in sums.items()))
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+    if args.engine or args.engine_only:
+        res["engine"] = engine_decode(args.fp8, args.out, args.pdl)
+        (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+    if args.engine_only:
+        return 0
     res["sweep"] = sweep(mc, time.monotonic() + args.sweep_s)
     (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     plot(res, args.out / "gemv.png")

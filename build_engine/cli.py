@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-decode-gemv: cuBLAS (and the FP8 layers' per-tensor GEMM)",
     )
     p.add_argument(
+        "--decode-pdl",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="launch the decoder's Triton kernels with programmatic dependent launch (each kernel's "
+        "programs scheduled while the one before it finishes; CUDA, compute capability 9+)",
+    )
+    p.add_argument(
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -416,6 +423,7 @@ def build(args: argparse.Namespace) -> Path:
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
                 mixed_step_graphs=args.mixed_step_graphs,
                 decode_gemv=args.decode_gemv,
+                decode_pdl=args.decode_pdl,
                 vision_patches_per_step=args.vision_patches_per_step,
                 vision_attention=args.vision_attention,
                 enable_prefix_caching=args.prefix_caching,

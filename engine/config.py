@@ -294,6 +294,10 @@ class EngineConfig:
     # split-K reduce, the gate/up projection and silu_mul fused (engine.kernels.gemv; CUDA only). On an
     # H100 batch-1 decode 7.42 -> 7.01 ms/token, the same greedy tokens (benchmarks.gemv_bench)
     decode_gemv: bool = True
+    # The decoder's Triton kernels (the skinny matmuls, norms, rotary + KV write, decode attention) launched
+    # with programmatic dependent launch: in a CUDA graph each kernel's programs are scheduled while the one
+    # before it finishes (engine.kernels.fused.set_pdl; CUDA, compute capability 9+). Off until measured.
+    decode_pdl: bool = False
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch
@@ -326,6 +330,7 @@ class EngineConfig:
             "prefill_cuda_graphs",
             "mixed_step_graphs",
             "decode_gemv",
+            "decode_pdl",
             "enable_prefix_caching",
             "async_vision",
         ):

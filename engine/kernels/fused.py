@@ -59,6 +59,11 @@ except Exception:  # not installed, or broken on this platform: the torch path r
     triton = None
     tl = None
     HAS_TRITON = False
+try:  # grid dependency control (PDL); older Triton lacks it
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except Exception:
+    _gdc_launch_dependents = _gdc_wait = None
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,6 +74,40 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not HAS_TRITON or os.environ.get("GLMV_DISABLE_TRITON_KERNELS") == "1":
         return False
     return INTERPRET or all(t.is_cuda for t in tensors)
+
+
+# Programmatic dependent launch (`set_pdl`, Hopper and later): each kernel below starts with `_pdl_enter`,
+# which waits for the kernel before it to finish (and its writes to be visible) and then lets the next one
+# launch. Launched with PDL, a kernel's programs are scheduled while the one before it finishes, so the
+# gap between two kernels of a CUDA graph (launch, ramp-up) overlaps the previous kernel's tail. A kernel
+# reads or writes nothing before its wait, so the result is the same with PDL on or off.
+_PDL = False
+
+
+def set_pdl(on: bool) -> bool:
+    """Launch the kernels of this module and `engine.kernels.gemv` with PDL from now on (CUDA graphs
+    captured before keep how they were captured). Only where it can run: a CUDA device of compute
+    capability 9 or more, Triton with grid dependency control, not the interpreter. Returns whether it
+    is on."""
+    global _PDL
+    _PDL = bool(
+        on
+        and HAS_TRITON
+        and _gdc_wait is not None
+        and not INTERPRET
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability()[0] >= 9
+    )
+    return _PDL
+
+
+def pdl_enabled() -> bool:
+    return _PDL
+
+
+def pdl_args() -> dict:
+    """The launch arguments of a kernel that starts with `_pdl_enter(PDL)`."""
+    return {"PDL": True, "launch_pdl": True} if _PDL else {"PDL": False}
 
 
 def device_guard(t: torch.Tensor):
@@ -119,6 +158,13 @@ def apply_interleaved_rotary_reference_(
 if HAS_TRITON:
 
     @triton.jit
+    def _pdl_enter(PDL: tl.constexpr):
+        """A kernel's first statement: with PDL, wait for the kernel before it, then let the next launch."""
+        if PDL:
+            _gdc_wait()
+            _gdc_launch_dependents()
+
+    @triton.jit
     def _round_to(x, dtype: tl.constexpr):
         """float32 x rounded (to nearest, ties to even) to `dtype`, returned as float32."""
         if dtype == tl.bfloat16:
@@ -139,7 +185,10 @@ if HAS_TRITON:
         return _round_to(w * normed, dtype)
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, out_stride, n_cols, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(
+        x_ptr, w_ptr, out_ptr, x_stride, out_stride, n_cols, eps, BLOCK: tl.constexpr, PDL: tl.constexpr
+    ):
+        _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -165,7 +214,9 @@ if HAS_TRITON:
         eps,
         eps_next,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -181,7 +232,10 @@ if HAS_TRITON:
         tl.store(normed_out_ptr + row * normed_out_stride + cols, normed.to(dtype), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, gu_stride, out_stride, n_cols, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(
+        gu_ptr, out_ptr, gu_stride, out_stride, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr
+    ):
+        _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -225,7 +279,9 @@ if HAS_TRITON:
         half,
         BLOCK_H: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
         slots = tl.arange(0, BLOCK_R)[None, :]
@@ -261,7 +317,9 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         # heads [0, n_q) are q, [n_q, n_q + n_kv) k, then v: q and k rotated in place as _rotary_kernel
         # does; k (rotated) and v rows stored at the token's cache slot unless it is < 0 (padding)
         t = tl.program_id(0).to(tl.int64)
@@ -327,8 +385,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     with device_guard(x):
         _rms_norm_kernel[(n_rows,)](
             x2, weight.contiguous(), out, x2.stride(0), out.stride(0), n_cols, eps,
-            BLOCK=block, num_warps=_row_warps(block),
-        )  # fmt: skip
+            BLOCK=block, num_warps=_row_warps(block), **pdl_args(),
+)  # fmt: skip
     return out.view(x.shape)
 
 
@@ -359,8 +417,8 @@ def add_rms_norm_pair(
         _add_rms_norm_pair_kernel[(n_rows,)](
             res2, h2, w_post.contiguous(), w_next.contiguous(), new_residual, normed,
             res2.stride(0), h2.stride(0), new_residual.stride(0), normed.stride(0), n_cols, eps, eps_next,
-            BLOCK=block, num_warps=_row_warps(block),
-        )  # fmt: skip
+            BLOCK=block, num_warps=_row_warps(block), **pdl_args(),
+)  # fmt: skip
     return new_residual.view(residual.shape), normed.view(residual.shape)
 
 
@@ -374,7 +432,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(SILU_BLOCK, triton.next_power_of_2(n_cols))
     with device_guard(gate_up):
         _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
-            gu, out, gu.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=4 if block >= 512 else 1
+            gu,
+            out,
+            gu.stride(0),
+            out.stride(0),
+            n_cols,
+            BLOCK=block,
+            num_warps=4 if block >= 512 else 1,
+            **pdl_args(),
         )
     return out.view(*gate_up.shape[:-1], n_cols)
 
@@ -400,7 +465,7 @@ def apply_interleaved_rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         _rotary_kernel[(num_tokens, triton.cdiv(n_heads, block_h))](
             qk, cos, sin, qk.stride(0), qk.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
             n_heads, half,
-            BLOCK_H=block_h, BLOCK_R=block_r, num_warps=ROTARY_WARPS,
+            BLOCK_H=block_h, BLOCK_R=block_r, num_warps=ROTARY_WARPS, **pdl_args(),
         )  # fmt: skip
     return qk
 
@@ -447,8 +512,8 @@ def rotary_write_kv_(
             flat.stride(0), flat.stride(1), flat.stride(2),
             num_heads, num_kv_heads, half, head_dim,
             BLOCK_H=block_h, BLOCK_R=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
-            num_warps=ROTARY_WARPS,
-        )  # fmt: skip
+            num_warps=ROTARY_WARPS, **pdl_args(),
+)  # fmt: skip
     return True
 
 
@@ -508,7 +573,9 @@ if HAS_TRITON:
         DIRECT: tl.constexpr,  # one split: write the output, no partials
         FP32_DOT: tl.constexpr,  # float32 operands, IEEE dots (float32 caches; the interpreter, whose dot
         # cannot take bfloat16: bf16 x bf16 products are exact in float32, so the result is the same)
+        PDL: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -601,7 +668,9 @@ if HAS_TRITON:
         BLOCK_S: tl.constexpr,  # >= num_splits
         BLOCK_SC: tl.constexpr,  # splits merged per iteration
         BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         dtype: tl.constexpr = out_ptr.dtype.element_ty
@@ -776,13 +845,13 @@ def paged_decode_attention(
             block_tables.stride(0), out.stride(0), out.stride(1),
             num_heads, max_tokens, tokens_per_split,
             GROUP=group, HEAD_DIM=head_dim, PAGE=block_size, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT=direct,
-            FP32_DOT=q.dtype == torch.float32 or INTERPRET, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
-        )  # fmt: skip
+            FP32_DOT=q.dtype == torch.float32 or INTERPRET, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl_args(),
+)  # fmt: skip
         if not direct:
             _paged_decode_reduce_kernel[(batch, num_heads)](
                 part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
                 num_heads, splits, max_tokens, tokens_per_split,
                 HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_SC=DECODE_REDUCE_BLOCK_SC, BLOCK_D=block_d,
-                num_warps=DECODE_REDUCE_WARPS,
-            )  # fmt: skip
+                num_warps=DECODE_REDUCE_WARPS, **pdl_args(),
+)  # fmt: skip
     return out

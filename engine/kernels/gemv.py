@@ -36,13 +36,13 @@ from typing import NamedTuple
 
 import torch
 
-from engine.kernels.fused import HAS_TRITON, INTERPRET, device_guard
+from engine.kernels.fused import HAS_TRITON, INTERPRET, device_guard, pdl_args
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from engine.kernels.fused import _round_to
+    from engine.kernels.fused import _pdl_enter, _round_to
 
 MAX_ROWS = 32  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
@@ -145,7 +145,9 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         pid = tl.program_id(0)
         dtype: tl.constexpr = y_ptr.dtype.element_ty
         rows = tl.arange(0, BLOCK_M)
@@ -220,7 +222,7 @@ def _launch(
             m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0,
             FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
         )  # fmt: skip
     return y
 

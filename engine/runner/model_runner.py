@@ -45,6 +45,7 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.core.scheduler import SchedulerOutput
+from engine.kernels import fused
 from engine.kernels.attention import AttentionMetadata, fresh_prefill_supported, to_device
 from engine.model.vision import PatchNormalizer, VisionPass
 from engine.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
@@ -128,8 +129,9 @@ def prepare_model(
     """Make a loaded model (or one a caller gives) what the engine config asks, in place: the decoder's
     linear layers in FP8 (``quantization``; FP8 layers already there are kept), the ViT's attention kernel
     (``vision_attention``) and its CUDA graphs on (``vision_cuda_graphs``, on CUDA, unless
-    ``enforce_eager``), decode steps' matmuls through the skinny kernel (``decode_gemv``, on CUDA). Call
-    before sizing the KV cache: the memory freed by FP8 goes to the cache."""
+    ``enforce_eager``), decode steps' matmuls through the skinny kernel (``decode_gemv``, on CUDA), the
+    decoder's Triton kernels launched with PDL (``decode_pdl``; checked with one launch, off with a warning
+    where it cannot run). Call before sizing the KV cache: the memory freed by FP8 goes to the cache."""
     if engine_config.quantization == "fp8":
         from engine.model.quant import quantize_decoder_fp8_, weight_bytes
 
@@ -144,6 +146,19 @@ def prepare_model(
     if engine_config.decode_gemv and device.type == "cuda":
         layers = model.set_decode_gemv(True)  # after the FP8 swap, before any graph is captured
         logger.info("[glm-engine] decode_gemv: %d linear layers through the skinny kernel", layers)
+    if fused.set_pdl(engine_config.decode_pdl and device.type == "cuda"):  # before any graph is captured
+        try:  # one PDL launch now: a Triton or driver that cannot do it turns it off here, not mid-step
+            x = torch.randn(2, 256, device=device, dtype=model.dtype)
+            w = torch.ones(256, device=device, dtype=model.dtype)
+            got = fused.add_rms_norm_pair(x, x, w, w, 1e-5)
+            want = fused.add_rms_norm_pair_reference(x, x, w, w, 1e-5, 1e-5)
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            logger.info("[glm-engine] decode_pdl: the decoder's Triton kernels launch with PDL")
+        except Exception as exc:
+            fused.set_pdl(False)
+            logger.warning("[glm-engine] decode_pdl: off (%s: %s)", type(exc).__name__, str(exc)[:200])
+    elif engine_config.decode_pdl:
+        logger.warning("[glm-engine] decode_pdl: off (needs CUDA, compute capability 9+, Triton with PDL)")
     model.visual.set_attention(engine_config.vision_attention)  # before any graph is captured
     if engine_config.vision_cuda_graphs and device.type == "cuda" and not enforce_eager:
         model.visual.enable_cuda_graphs(max_patches=max(16384, engine_config.max_num_vision_patches))

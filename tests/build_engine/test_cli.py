@@ -96,12 +96,13 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     config = json.loads((out / "engine_config.json").read_text())
     assert config["dummy"] is True and config["engine"]["dtype"] == "bfloat16"
     assert config["engine"]["vision_cuda_graphs"] is True and config["engine"]["async_vision"] is False
-    assert config["engine"]["decode_gemv"] is True
-    flags = ("--no-vision-cuda-graphs", "--async-vision", "--no-decode-gemv")
+    assert config["engine"]["decode_gemv"] is True and config["engine"]["decode_pdl"] is False
+    assert config["engine"]["vision_attention"] == "auto"
+    flags = ("--no-vision-cuda-graphs", "--async-vision", "--no-decode-gemv", "--decode-pdl")
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", *flags) == 0
     engine = json.loads((out / "engine_config.json").read_text())["engine"]
     assert engine["vision_cuda_graphs"] is False and engine["async_vision"] is True
-    assert engine["decode_gemv"] is False
+    assert engine["decode_gemv"] is False and engine["decode_pdl"] is True
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--gpus", "0,1") == 0
     assert not list(out.glob("*.safetensors"))
     llm = (out / "model_repository/llm/config.pbtxt").read_text()

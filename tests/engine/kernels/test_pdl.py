@@ -1,0 +1,127 @@
+"""Programmatic dependent launch of the decoder's Triton kernels (`engine.kernels.fused.set_pdl`,
+`EngineConfig.decode_pdl`): off wherever it cannot run; on a Hopper GPU (GPU-marked) the same bits as
+without it, eagerly and from CUDA graphs, and the engine's greedy tokens unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.kernels import fused
+
+
+def test_pdl_is_off_where_it_cannot_run() -> None:
+    assert EngineConfig().decode_pdl is False
+    with pytest.raises(ValueError, match=r"^decode_pdl: 'yes' must be true or false$"):
+        EngineConfig(decode_pdl="yes")
+    try:
+        if not torch.cuda.is_available():
+            assert fused.set_pdl(True) is False
+        assert fused.set_pdl(False) is False
+        assert fused.pdl_args() == {"PDL": False} and not fused.pdl_enabled()
+    finally:
+        fused.set_pdl(False)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _decoder_ops(x, w_qkv, b_qkv, w_o, w_norm, qkv_heads, cache, slots, tables, seq_lens):
+    """One decode layer's Triton kernels in a chain: norm, qkv, rotary + KV write, decode attention, o,
+    the sandwich norm pair."""
+    from engine.kernels.gemv import skinny_linear
+
+    normed = fused.rms_norm(x, w_norm, 1e-5)
+    qkv = skinny_linear(normed, w_qkv, b_qkv)
+    heads = qkv.view(x.shape[0], qkv_heads[0] + 2 * qkv_heads[1], -1)
+    half = heads.shape[-1] // 4
+    cos = torch.ones(x.shape[0], half, device=x.device, dtype=x.dtype)
+    sin = torch.zeros_like(cos)
+    assert fused.rotary_write_kv_(heads, *qkv_heads, cos, sin, cache, slots)
+    q = heads[:, : qkv_heads[0]]
+    att = fused.paged_decode_attention(q, cache[0], cache[1], tables, seq_lens, 0.125, num_splits=4)
+    o = skinny_linear(att.reshape(x.shape[0], -1), w_o)
+    return fused.add_rms_norm_pair(x, o, w_norm, w_norm, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9+")
+def test_pdl_gives_the_same_bits_eagerly_and_in_a_graph() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    batch, hidden, heads, kv_heads, head_dim, block = 2, 512, 4, 2, 128, 16
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device=dev, dtype=dt) * scale
+
+    x = randn(batch, hidden)
+    w_qkv, b_qkv = (
+        randn((heads + 2 * kv_heads) * head_dim, hidden, scale=0.05),
+        randn((heads + 2 * kv_heads) * head_dim),
+    )
+    w_o, w_norm = randn(hidden, heads * head_dim, scale=0.05), randn(hidden)
+    cache = randn(2, 8, block, kv_heads, head_dim)
+    tables = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32, device=dev)
+    seq_lens = torch.tensor([40, 61], dtype=torch.int32, device=dev)
+    slots = torch.tensor([39, 4 * block + 60], dtype=torch.long, device=dev)
+    args = (x, w_qkv, b_qkv, w_o, w_norm, (heads, kv_heads), cache, slots, tables, seq_lens)
+    try:
+        fused.set_pdl(False)
+        want = [t.clone() for t in _decoder_ops(*args)]
+        assert fused.set_pdl(True)
+        for _ in range(3):
+            got = _decoder_ops(*args)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            _decoder_ops(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = _decoder_ops(*args)
+        for _ in range(5):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(static, want, strict=True))
+    finally:
+        fused.set_pdl(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9+")
+def test_engine_with_decode_pdl_gives_the_tokens_without_it(tiny_checkpoint) -> None:
+    from engine.config import ModelConfig
+    from engine.llm_engine import GenerationRequest, LLMEngine
+    from engine.model.decoder import Glm4vModel
+    from engine.sample.sampler import SamplingParams
+
+    config = ModelConfig.from_pretrained(tiny_checkpoint)
+    prompts = [
+        torch.randint(0, 800, (6 + i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)
+    ]
+    results = {}
+    try:
+        for pdl in (False, True):
+            model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "bfloat16", config)
+            engine = EngineConfig(
+                device="cuda", dtype="bfloat16", max_model_len=256, num_kv_blocks=64, decode_pdl=pdl
+            )
+            ex = LLMEngine(config, engine, model=model)
+            assert fused.pdl_enabled() is pdl
+            for i, ids in enumerate(prompts):
+                ex.add_request(
+                    GenerationRequest(
+                        f"r{i}", ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+                    )
+                )
+            out: dict[str, list[int]] = {}
+            while ex.has_unfinished():
+                for o in ex.step():
+                    out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            results[pdl] = out
+    finally:
+        fused.set_pdl(False)
+    assert results[True] == results[False]
