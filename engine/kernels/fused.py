@@ -156,13 +156,20 @@ def apply_interleaved_rotary_reference_(
 # Triton kernels
 
 if HAS_TRITON:
+    if _gdc_wait is not None:
 
-    @triton.jit
-    def _pdl_enter(PDL: tl.constexpr):
-        """A kernel's first statement: with PDL, wait for the kernel before it, then let the next launch."""
-        if PDL:
-            _gdc_wait()
-            _gdc_launch_dependents()
+        @triton.jit
+        def _pdl_enter(PDL: tl.constexpr):
+            """A kernel's first statement: with PDL, wait for the kernel before it, then let the next launch."""
+            if PDL:
+                _gdc_wait()
+                _gdc_launch_dependents()
+
+    else:  # a Triton without grid dependency control: PDL never turns on (set_pdl)
+
+        @triton.jit
+        def _pdl_enter(PDL: tl.constexpr):
+            pass
 
     @triton.jit
     def _round_to(x, dtype: tl.constexpr):
