@@ -13,6 +13,7 @@ engine replays the ViT from graphs for small images). Writes vit_attention.json 
 short table.
 
     python -m benchmarks.vit_attention_bench --out /tmp/vit
+    python -m benchmarks.vit_attention_bench --plot /tmp/vit/vit_attention.json   # vit_attention.png beside it
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -57,6 +59,32 @@ def _grid(size: tuple[int, int], config) -> tuple[int, int]:
     return h // config.patch_size, w // config.patch_size
 
 
+def plot(doc: dict, path: Path) -> Path:
+    """vit_attention.png: each size's eager encode (ms) per choice, and what building auto's plan cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(doc["sizes"])
+    fig, (encode_ax, plan_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(CHOICES)
+    for i, choice in enumerate(CHOICES):
+        values = [doc["sizes"][size].get(f"encode_ms_{choice}") or 0 for size in sizes]
+        encode_ax.bar([j + i * width for j in range(len(sizes))], values, width, label=choice)
+    encode_ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], sizes)
+    encode_ax.set(ylabel="ViT encode, eager (ms)", yscale="log", title="one image, full-size tower")
+    encode_ax.legend()
+    plans = [doc["sizes"][size].get("plan_ms_auto") or 0 for size in sizes]
+    plan_ax.bar(sizes, plans)
+    plan_ax.set(ylabel="ms", title="auto: cuDNN's plan for a new length (built while idle)")
+    fig.suptitle(f"{doc.get('device', '')}  {doc.get('commit', '')}  torch {doc.get('torch', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.nn.attention import sdpa_kernel
 
@@ -67,9 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.vit_attention_bench", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--plot", type=Path, help="only draw vit_attention.png beside this vit_attention.json")
     args = p.parse_args(argv)
+    if args.plot is not None:
+        print(plot(json.loads(args.plot.read_text()), args.plot.with_name("vit_attention.png")))
+        return 0
+    if args.out is None:
+        p.error("--out is required")
     device, dtype = torch.device("cuda"), torch.bfloat16
     encoder, config = _encoder(device, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -151,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
+        "commit": os.environ.get("GLMV_COMMIT", ""),
         "sizes": rows,
         "graphs_448": graphs,
     }
     (args.out / "vit_attention.json").write_text(json.dumps(doc, indent=2) + "\n")
+    plot(doc, args.out / "vit_attention.png")
     return 0
 
 

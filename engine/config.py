@@ -276,9 +276,10 @@ class EngineConfig:
     # The ViT attention's kernel on CUDA (engine.model.vision.VISION_ATTENTION_CHOICES): "flash", "cudnn"
     # (cuDNN's fused attention: on an H200 a 1288x728 screenshot's ViT 24.2 -> 21.3 ms, a 2044x1148 image 93 -> 70
     # ms, the embeddings within 2.3e-5; but the first image of each new size waits for cuDNN to build its
-    # plan, 0.03-0.7 s, in the engine step every stream waits on) or "auto": cuDNN for the image sizes whose
-    # plan the engine loop built while it had no request, flash for the others (AttentionKernels)
-    vision_attention: str = "auto"
+    # plan, 0.03-0.8 s, in the engine step every stream waits on) or "auto": cuDNN for the image sizes whose
+    # plan the engine loop built while it had no request, flash for the others (AttentionKernels; not the
+    # default until it is measured through Triton: docs/DESIGN.md)
+    vision_attention: str = "flash"
     # Run the ViT on its own CUDA stream beside the decode steps (CUDA only). Off: under 32 concurrent
     # requests through Triton on an H200 the engine stalled with it on (cause not found yet).
     async_vision: bool = False
@@ -296,7 +297,8 @@ class EngineConfig:
     decode_gemv: bool = True
     # The decoder's Triton kernels (the skinny matmuls, norms, rotary + KV write, decode attention) launched
     # with programmatic dependent launch: in a CUDA graph each kernel's programs are scheduled while the one
-    # before it finishes (engine.kernels.fused.set_pdl; CUDA, compute capability 9+). Off until measured.
+    # before it finishes (engine.kernels.fused.set_pdl; CUDA, compute capability 9+). Off: on an H200 batch-1
+    # decode went 5.384 -> 5.635 ms/token with it (benchmarks.gemv_bench --engine-only --pdl)
     decode_pdl: bool = False
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off

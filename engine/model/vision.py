@@ -503,6 +503,8 @@ class TowerGraphs:
         self.num_refused = 0  # captures not made: the graphs were held by keys used more
         self._pool_owner = share_pool_with._pool_owner if share_pool_with is not None else self
         self.pool = None  # on the pool owner
+        self._pool_users: list[TowerGraphs] = []  # on the pool owner: every TowerGraphs capturing into it
+        self._pool_owner._pool_users.append(self)
 
     @staticmethod
     def key(seqlens: list[int], start: int = 0, end: int | None = None) -> tuple:
@@ -558,6 +560,11 @@ class TowerGraphs:
         keys = [key for key in self.entries if holds(key if not isinstance(key[0], tuple) else key[0])]
         for key in keys:
             del self.entries[key]
+        owner = self._pool_owner
+        if keys and not any(users.entries for users in owner._pool_users):
+            # the last graphs of the pool are gone, and the pool with them: capturing into its handle again
+            # fails (the allocator's pool has no user left), so the next capture takes a new one
+            owner.pool = None
         return len(keys)
 
     def _remember(self, key: tuple, runs: int) -> None:

@@ -419,10 +419,10 @@ def test_loop_thread_generate_and_callback(model, model_config):
 
 
 def test_loop_builds_the_vit_attention_plans_while_idle(model, model_config):
-    """With vision_attention "auto" (the default) the image lengths the ViT met wait for their cuDNN plan
-    until the loop has no request; then it builds them, one per pass, and sleeps. Tokens are unchanged."""
+    """With vision_attention "auto" the image lengths the ViT met wait for their cuDNN plan until the loop
+    has no request; then it builds them, one per pass, and sleeps. Tokens are unchanged."""
     mc = model_config
-    ex = make_engine(model, mc)
+    ex = make_engine(model, mc, vision_attention="auto")
     kernels = model.visual.attention_kernels
     assert kernels.choice == "auto" and not kernels.pending
     ids, patches, grid, positions, delta = image_request(mc, "img", [(1, 4, 6), (1, 2, 2)], seed=3)

@@ -5,7 +5,8 @@ TRITON_INTERPRET=1, as tests/engine/kernels/test_fused.py does); on CUDA (GPU-ma
 its float32 sums run in another order than the reference's (the unfused ops, rounded where torch rounds),
 so a result may sit one rounding step from the reference where the float32 sum lies next to a boundary
 (sums that cancel to near zero aside: within 2e-3), and nowhere further; FP8 on CUDA two steps (the FP8
-tensor cores' sums within a K block). A CUDA-graph replay equals eager.
+tensor cores' sums within a K block), four for silu_mul (a product of two such results). A CUDA-graph
+replay equals eager.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def check_silu_mul(device: str) -> None:
         q, scale = quantize_weight_fp8(w.to(device))
         got = gemv.skinny_linear_silu_mul(x, q, scale)
         ref = gemv.skinny_linear_silu_mul_reference(x, q, scale)
-        _assert_close(got, ref, f"silu_mul fp8 M={m} N={n} K={k}", _fp8_steps(device))
+        # on CUDA the product of gate's silu and up, each within _fp8_steps: twice that (3 seen on an H200
+        # at 04e3e2b, M = 32)
+        steps = _fp8_steps(device) if device == "cpu" else 2 * _fp8_steps(device)
+        _assert_close(got, ref, f"silu_mul fp8 M={m} N={n} K={k}", steps)
     with pytest.raises(ValueError, match="x: 33 rows, the kernel takes 1 to 32"):
         gemv.skinny_linear(torch.zeros(33, 16, device=device), torch.zeros(8, 16, device=device))
     with pytest.raises(ValueError, match="gate_up: 3 rows"):

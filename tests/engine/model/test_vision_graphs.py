@@ -178,7 +178,7 @@ def test_vision_cuda_graphs_setting() -> None:
 
 
 def test_vision_attention_setting(vision_config) -> None:
-    assert EngineConfig().vision_attention == "auto"
+    assert EngineConfig().vision_attention == "flash"
     assert EngineConfig(vision_attention="cudnn").vision_attention == "cudnn"
     with pytest.raises(ValueError, match=r"^vision_attention: 'fa3' must be one of flash, cudnn, auto$"):
         EngineConfig(vision_attention="fa3")
@@ -235,8 +235,11 @@ def test_build_attention_plan_moves_a_length_to_cudnn_and_drops_its_graphs(
         assert encoder.build_attention_plan() == 16
         assert kernels.planned == {16} and list(kernels.pending) == [8]
         assert list(encoder.graphs.entries) == [(8, 8)] and not encoder.segment_graphs.entries
+        encoder.graphs.pool = pool = object()  # what a capture on CUDA sets (the stand-in sets none)
         assert encoder.build_attention_plan() == 8
         assert kernels.planned == {16, 8} and not encoder.graphs.entries and not kernels.pending
+        # the pool's last graph went: the next capture takes a new pool (reusing the old one fails on CUDA)
+        assert encoder.graphs.pool is None and pool is not None
         assert encoder.build_attention_plan() is None
         x, cos, sin = inputs[16]
         torch.testing.assert_close(
@@ -286,14 +289,17 @@ def test_auto_attention_runs_cudnn_once_its_plan_is_built(vision_config) -> None
     pixels = torch.randn(24, vision_config.patch_dim, device="cuda")
     with torch.inference_mode():
         flash = encoder.encode(pixels, grid)
+        encoder.enable_cuda_graphs()
+        assert torch.equal(encoder.encode(pixels, grid), flash)  # captured on flash: the pool's only graph
         assert list(encoder.attention_kernels.pending) == [24]
         assert encoder.build_attention_plan() == 24 and encoder.attention_kernels.planned == {24}
-        eager = encoder.encode(pixels, grid)
-        encoder.enable_cuda_graphs()
+        assert not encoder.graphs.entries  # dropped with the pool: captured again, into a new pool
         captured = encoder.encode(pixels, grid)
         replayed = encoder.encode(pixels, grid)
-    assert list(encoder.graphs.entries) == [(24,)] and torch.equal(captured, eager)
-    assert torch.equal(replayed, eager)
+        graphs, encoder.graphs = encoder.graphs, None
+        eager = encoder.encode(pixels, grid)
+    assert list(graphs.entries) == [(24,)] and not graphs.failed
+    assert torch.equal(captured, eager) and torch.equal(replayed, eager)
     torch.testing.assert_close(eager, flash, rtol=2e-2, atol=2e-2)
 
 
