@@ -13,11 +13,12 @@
    `decode_pdl`), each engine built alone, and how many of the greedy tokens the runs share (PDL's with
    the kernel's run: the same arithmetic, so all of them).
 4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16), every candidate block configuration of the
-   skinny kernel on the largest layers first, the best set beside the default.
+   skinny kernel on the largest layers first, the best set beside the default; then for --sweep-fp8-s
+   seconds the same on FP8 weights (K steps up to 1024).
 
 Writes gemv_bench.json under --out and prints a short table.
 
-    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--sweep-s 60]
+    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--sweep-s 60] [--sweep-fp8-s 0]
     python -m benchmarks.gemv_bench --plot /tmp/gemv/gemv_bench.json       # gemv.png beside it
 """
 
@@ -83,13 +84,14 @@ def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-def _configs():
+def _configs(fp8: bool = False):
+    """The sweep's candidates; FP8 (1-byte weights: twice the K per byte in flight) also K steps of 1024."""
     from engine.kernels.gemv import GemvConfig
 
     return [
         GemvConfig(bn, bk, warps, stages)
         for bn in (16, 32, 64)
-        for bk in (128, 256, 512)
+        for bk in ((128, 256, 512, 1024) if fp8 else (128, 256, 512))
         for warps, stages in ((4, 3), (4, 5), (8, 4))
     ]
 
@@ -180,10 +182,12 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
     return out
 
 
-def sweep(mc, deadline: float) -> dict:
-    """Every candidate block configuration at M = 1 and 16 (bf16), the layers in order of their share of
-    a step, until the deadline: name -> M -> {config: us} and the best."""
+def sweep(mc, deadline: float, fp8: bool = False) -> dict:
+    """Every candidate block configuration at M = 1 and 16 (bf16, or with ``fp8`` the FP8 weights as
+    `Fp8Linear` holds them), the layers in order of their share of a step, until the deadline:
+    name -> M -> {config: us} and the best."""
     from engine.kernels import gemv
+    from engine.model.quant import quantize_weight_fp8
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -191,22 +195,25 @@ def sweep(mc, deadline: float) -> dict:
     out: dict = {}
     for name in ("gate_up", "down", "qkv", "o"):
         n, k, has_bias, fused_silu = shapes[name]
-        copies = max(1, -(-L2_SPAN // (n * k * 2)))
+        copies = max(1, -(-L2_SPAN // (n * k * (1 if fp8 else 2))))
         weights = [
             torch.randn(n, k, device=dev, generator=gen).mul_(0.02).to(torch.bfloat16) for _ in range(copies)
         ]
+        if fp8:
+            weights = [quantize_weight_fp8(w) for w in weights]  # (weight, scale) pairs
         bias = torch.zeros(n, device=dev, dtype=torch.bfloat16) if has_bias else None
         for m in SWEEP_ROWS:
             x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
             timings: dict = {}
-            for cfg in _configs():
+            for cfg in _configs(fp8):
                 if time.monotonic() > deadline:
                     break
 
                 def call(w, cfg=cfg, x=x, fused_silu=fused_silu, bias=bias):
+                    w, scale = w if fp8 else (w, None)
                     if fused_silu:
-                        return gemv.skinny_linear_silu_mul(x, w, None, cfg)
-                    return gemv.skinny_linear(x, w, bias, None, cfg)
+                        return gemv.skinny_linear_silu_mul(x, w, scale, cfg)
+                    return gemv.skinny_linear(x, w, bias, scale, cfg)
 
                 try:
                     with torch.no_grad():
@@ -221,7 +228,7 @@ def sweep(mc, deadline: float) -> dict:
                 default = str(tuple(gemv.config(k)))
                 out.setdefault(name, {})[str(m)] = {"us": timings, "best": best, "best_us": measured[best]}
                 print(
-                    f"sweep {name:8s} M={m:2d}: best {best} {measured[best]:.1f} us; "
+                    f"sweep{' fp8' if fp8 else ''} {name:8s} M={m:2d}: best {best} {measured[best]:.1f} us; "
                     f"default {default} {measured.get(default, float('nan')):.1f} us",
                     flush=True,
                 )
@@ -358,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, help="only draw gemv.png beside this gemv_bench.json")
     ap.add_argument("--engine-run", help=argparse.SUPPRESS)  # one engine_run here: QUANT_gemv|QUANT_cublas
     ap.add_argument("--sweep-s", type=float, default=60.0, help="seconds for the block-size sweep (last)")
+    ap.add_argument("--sweep-fp8-s", type=float, default=0.0, help="then seconds for the same on FP8 weights")
     args = ap.parse_args(argv)
     if args.plot is not None:
         print(plot(json.loads(args.plot.read_text()), args.plot.with_name("gemv.png")))
@@ -392,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res["sweep"] = sweep(mc, time.monotonic() + args.sweep_s)
     (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+    if args.sweep_fp8_s > 0:
+        res["sweep_fp8"] = sweep(mc, time.monotonic() + args.sweep_fp8_s, fp8=True)
+        (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     plot(res, args.out / "gemv.png")
     return 0
 

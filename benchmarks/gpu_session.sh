@@ -122,10 +122,12 @@ elif [ "$PART" = 6 ]; then
     tail -n 4 "$OUT/pytest_gpu.txt"
   fi
   # GEMV_BENCH=1: decode-shaped matmuls, the skinny kernel against cuBLAS and FP8, then batch-1 decode of
-  # the engine with --decode-gemv off and on (bf16 and FP8: GEMV_ARGS), then its block-size sweep (GEMV_SWEEP_S)
+  # the engine with --decode-gemv off and on (bf16 and FP8: GEMV_ARGS), then its block-size sweep (GEMV_SWEEP_S;
+  # GEMV_SWEEP_FP8_S: then the same on FP8 weights)
   read -ra gemv_args <<<"${GEMV_ARGS:---engine --fp8}"
   [ "${GEMV_BENCH:-0}" = 0 ] || timeout "${GEMV_TIMEOUT:-260}" python3 -m benchmarks.gemv_bench --out "$OUT/gemv" \
-    "${gemv_args[@]}" --sweep-s "${GEMV_SWEEP_S:-40}" 2>&1 | grep -E 'M=|copy|engine|matmuls|Error|error'
+    "${gemv_args[@]}" --sweep-s "${GEMV_SWEEP_S:-40}" --sweep-fp8-s "${GEMV_SWEEP_FP8_S:-0}" 2>&1 |
+    grep -E 'M=|copy|engine|matmuls|Error|error'
   [ "${PROBE:-1}" = 0 ] || timeout 150 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
   phases=${VARIANT_PHASES:-structured_c32,c32_448}
   for variant in ${VARIANTS:-default:}; do

@@ -69,3 +69,12 @@ def test_plot_of_a_committed_run(tmp_path: Path) -> None:
 def test_out_is_required_unless_plotting() -> None:
     with pytest.raises(SystemExit):
         gemv_bench.main([])
+
+
+def test_sweep_candidates() -> None:
+    bf16, fp8 = gemv_bench._configs(), gemv_bench._configs(fp8=True)
+    assert len(bf16) == 27 and len(fp8) == 36 and set(bf16) < set(fp8)
+    assert {cfg.block_k for cfg in fp8} == {128, 256, 512, 1024}
+    from engine.kernels.gemv import config
+
+    assert config(4096) in bf16 and config(13696) in bf16  # the defaults are among the candidates
