@@ -198,14 +198,18 @@ class VisionAttention(nn.Module):
         q, k, v = qkv.unbind(1)  # [N, heads, head_dim]
         out = torch.empty_like(q)
         start = 0
-        for n in seqlens:  # block-diagonal: one image (frame) at a time
-            backends = self.kernels.backends(n)
-            kernels = sdpa_kernel(backends, set_priority=True) if x.is_cuda else contextlib.nullcontext()
-            # 4-D [1, heads, n, head_dim]: 3-D inputs fall back to the unfused math kernel on CUDA.
-            qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
-            with kernels:
+        with contextlib.ExitStack() as stack:
+            current = None  # the kernel list in force: a context is entered only where it changes
+            for n in seqlens:  # block-diagonal: one image (frame) at a time
+                backends = self.kernels.backends(n)
+                if x.is_cuda and backends is not current:
+                    stack.close()
+                    stack.enter_context(sdpa_kernel(backends, set_priority=True))
+                    current = backends
+                # 4-D [1, heads, n, head_dim]: 3-D inputs fall back to the unfused math kernel on CUDA.
+                qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
                 out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
-            start += n
+                start += n
         return self.proj(out.view(num_patches, -1))
 
 
