@@ -1024,7 +1024,6 @@ def main(argv: list[str] | None = None) -> int:
                 if rec is not None:
                     from benchmarks.server import build_engine
 
-                    extra = shlex.split(args.engine_args)
                     dtype = "bfloat16" if args.device == "cuda" else "float32"
                     rec["command"] = (
                         f"glmv-build --preset {args.preset} --device {args.device} --dtype {dtype} "
@@ -1036,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
                         device=args.device,
                         dtype=dtype,
                         timeout_s=max(90.0, harness.left() - 150),
-                        extra_args=extra,
+                        extra_args=extra_args,
                     )
                     rec["output"] = str(engine_out)
         if "serve" not in skip and engine_out.exists():

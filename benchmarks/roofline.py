@@ -30,6 +30,24 @@ def text_config_of(config: Any) -> Any:
     return sub if sub is not None else config
 
 
+def _decoder_shapes(config: Any) -> tuple[list[tuple[int, int]], int, int, int, int]:
+    """The GLM-4 text decoder's shapes: (each layer's linear layers as (output channels, input features):
+    fused q/k/v, o, fused gate/up, down; hidden size; vocabulary; layers)."""
+    text = text_config_of(config)
+    hidden = int(_get(text, "hidden_size"))
+    num_heads = int(_get(text, "num_attention_heads"))
+    num_kv_heads = int(_get(text, "num_key_value_heads", num_heads))
+    intermediate = int(_get(text, "intermediate_size"))
+    head_dim = hidden // num_heads  # transformers ignores any head_dim key for glm4v_text
+    linears = [
+        ((num_heads + 2 * num_kv_heads) * head_dim, hidden),
+        (hidden, num_heads * head_dim),
+        (2 * intermediate, hidden),
+        (hidden, intermediate),
+    ]
+    return linears, hidden, int(_get(text, "vocab_size")), int(_get(text, "num_hidden_layers"))
+
+
 def decoder_param_counts(config: Any) -> dict[str, int]:
     """Parameter counts of the GLM-4 text decoder: {layers, embed, lm_head, norm, total, per_token_read}.
 
@@ -37,20 +55,9 @@ def decoder_param_counts(config: Any) -> dict[str, int]:
     (input, post-self-attention, post-attention, post-MLP: GLM-4's sandwich norms).
     ``per_token_read`` = layers + final norm + lm_head: what one decode step reads (no embedding).
     """
-    text = text_config_of(config)
-    hidden = int(_get(text, "hidden_size"))
-    num_layers = int(_get(text, "num_hidden_layers"))
-    num_heads = int(_get(text, "num_attention_heads"))
-    num_kv_heads = int(_get(text, "num_key_value_heads", num_heads))
-    intermediate = int(_get(text, "intermediate_size"))
-    vocab = int(_get(text, "vocab_size"))
-    head_dim = hidden // num_heads  # transformers ignores any head_dim key for glm4v_text
-    q = hidden * num_heads * head_dim + num_heads * head_dim
-    kv = 2 * (hidden * num_kv_heads * head_dim + num_kv_heads * head_dim)
-    o = num_heads * head_dim * hidden
-    mlp = hidden * 2 * intermediate + intermediate * hidden
-    per_layer = q + kv + o + mlp + 4 * hidden
-    layers = per_layer * num_layers
+    linears, hidden, vocab, num_layers = _decoder_shapes(config)
+    qkv_bias = linears[0][0]
+    layers = (sum(out * k for out, k in linears) + qkv_bias + 4 * hidden) * num_layers
     embed = lm_head = vocab * hidden
     counts = {"layers": layers, "embed": embed, "lm_head": lm_head, "norm": hidden}
     counts["total"] = layers + embed + lm_head + hidden
@@ -71,23 +78,10 @@ def fp8_read_bytes(config: Any) -> int:
     """What one decode step reads of the weights with ``--dtype fp8`` (engine.model.quant): the linear
     layers' and the lm_head's weights one byte per parameter plus a float32 scale per output channel;
     the q/k/v biases and the norms stay bf16. 8.79 GB for GLM-4.6V-Flash (bf16: 17.56 GB)."""
-    text = text_config_of(config)
-    hidden = int(_get(text, "hidden_size"))
-    num_heads = int(_get(text, "num_attention_heads"))
-    num_kv_heads = int(_get(text, "num_key_value_heads", num_heads))
-    intermediate = int(_get(text, "intermediate_size"))
-    head_dim = hidden // num_heads
-    qkv_out = (num_heads + 2 * num_kv_heads) * head_dim
-    # (output channels, input features) of qkv, o, gate/up and down
-    linears = (
-        (qkv_out, hidden),
-        (hidden, num_heads * head_dim),
-        (2 * intermediate, hidden),
-        (hidden, intermediate),
-    )
-    per_layer = sum(out * (k + 4) for out, k in linears) + 2 * (qkv_out + 4 * hidden)
-    vocab = int(_get(text, "vocab_size"))
-    return per_layer * int(_get(text, "num_hidden_layers")) + vocab * (hidden + 4) + 2 * hidden
+    linears, hidden, vocab, num_layers = _decoder_shapes(config)
+    qkv_bias = linears[0][0]
+    per_layer = sum(out * (k + 4) for out, k in linears) + 2 * (qkv_bias + 4 * hidden)
+    return per_layer * num_layers + vocab * (hidden + 4) + 2 * hidden
 
 
 def decode_roofline_ms(

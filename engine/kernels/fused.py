@@ -393,7 +393,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _rms_norm_kernel[(n_rows,)](
             x2, weight.contiguous(), out, x2.stride(0), out.stride(0), n_cols, eps,
             BLOCK=block, num_warps=_row_warps(block), **pdl_args(),
-)  # fmt: skip
+        )  # fmt: skip
     return out.view(x.shape)
 
 
@@ -425,7 +425,7 @@ def add_rms_norm_pair(
             res2, h2, w_post.contiguous(), w_next.contiguous(), new_residual, normed,
             res2.stride(0), h2.stride(0), new_residual.stride(0), normed.stride(0), n_cols, eps, eps_next,
             BLOCK=block, num_warps=_row_warps(block), **pdl_args(),
-)  # fmt: skip
+        )  # fmt: skip
     return new_residual.view(residual.shape), normed.view(residual.shape)
 
 
@@ -520,7 +520,7 @@ def rotary_write_kv_(
             num_heads, num_kv_heads, half, head_dim,
             BLOCK_H=block_h, BLOCK_R=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
             num_warps=ROTARY_WARPS, **pdl_args(),
-)  # fmt: skip
+        )  # fmt: skip
     return True
 
 
@@ -853,12 +853,12 @@ def paged_decode_attention(
             num_heads, max_tokens, tokens_per_split,
             GROUP=group, HEAD_DIM=head_dim, PAGE=block_size, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT=direct,
             FP32_DOT=q.dtype == torch.float32 or INTERPRET, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **pdl_args(),
-)  # fmt: skip
+        )  # fmt: skip
         if not direct:
             _paged_decode_reduce_kernel[(batch, num_heads)](
                 part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
                 num_heads, splits, max_tokens, tokens_per_split,
                 HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_SC=DECODE_REDUCE_BLOCK_SC, BLOCK_D=block_d,
                 num_warps=DECODE_REDUCE_WARPS, **pdl_args(),
-)  # fmt: skip
+            )  # fmt: skip
     return out
