@@ -1,7 +1,8 @@
 """Decode-shaped matmuls (GPU): the skinny kernel of `engine.kernels.gemv` against cuBLAS and the FP8 path.
 
 1. Per linear layer of the full-size decoder (qkv, o, gate/up with silu_mul, down, lm_head) and rows
-   M in 1, 2, 4, 8, 16, 24, 32: the time of one layer call replayed from a CUDA graph over enough copies of the
+   M in 1, 2, 4, 8, 16, 24, 32, 48, 64 (the decoder sends the kernel up to MAX_ROWS; the rows above say
+   whether more would pay): the time of one layer call replayed from a CUDA graph over enough copies of the
    weight that nothing stays in L2 (a decode step reads each weight once), for `F.linear` (cuBLAS; the
    gate/up followed by `engine.kernels.fused.silu_mul`), the skinny kernel with its default block sizes,
    the FP8 layer as the engine runs it in graphs (`Fp8Linear`: per-token activation quantization, the
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from benchmarks.roofline import measure_copy_bandwidth
 
-ROWS = (1, 2, 4, 8, 16, 24, 32)
+ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 SWEEP_ROWS = (1, 16)
 L2_SPAN = 512 << 20  # bytes of distinct weights a graph cycles through (the H200's L2 is 60 MB)
 

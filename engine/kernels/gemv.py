@@ -22,7 +22,8 @@ order than cuBLAS's, so results differ from `F.linear` by float32 rounding movin
 rounding boundary (one bf16 step at most where the sums agree to float32 precision; FP8 on CUDA two, its
 tensor cores summing a K block with fewer bits; tests/engine/kernels/test_gemv.py).
 
-`supports(x, weight)`: CUDA (or Triton's interpreter), 1 <= M <= MAX_ROWS (FP8 weights: FP8_MAX_ROWS), x
+The kernel takes 1 to KERNEL_ROWS (64) rows in a row tile of 16, 32 or 64; the decoder sends it steps of up
+to MAX_ROWS. `supports(x, weight)`: CUDA (or Triton's interpreter), 1 <= M <= MAX_ROWS (FP8 weights: FP8_MAX_ROWS), x
 bfloat16 or float16 (float32 takes cuBLAS: its TF32 or full-precision paths are not what this kernel
 computes), K a multiple of 16, contiguous rows. Anything else is the caller's `F.linear`. The kernels are
 CUDA-graph safe (no host sync, the output sized from shapes).
@@ -47,7 +48,10 @@ if HAS_TRITON:
 MAX_ROWS = 32  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
 FP8_MAX_ROWS = 16
-ROW_TILES = (16, 32)  # the kernel's row tile: the smallest that holds M (16: tl.dot's smallest)
+ROW_TILES = (16, 32, 64)  # the kernel's row tile: the smallest that holds M (16: tl.dot's smallest)
+KERNEL_ROWS = ROW_TILES[-1]  # the most rows the kernel takes (the decoder sends it up to MAX_ROWS)
+# shared memory for one program's pipelined buffers (H100/H200: 227 KiB per block; the rest for the epilogue)
+SMEM_BUDGET = 220 * 1024
 FP8_DTYPE = torch.float8_e4m3fn
 
 
@@ -58,14 +62,30 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-def config(k: int) -> GemvConfig:
+def config(k: int, block_m: int = 16, silu_mul: bool = False) -> GemvConfig:
     """The block sizes for a product over K = k (see the module docstring). Measured on an H100
     (`benchmarks.gemv_bench`'s sweep of 27 candidates, M = 1 and 16): wide bands with short, deep-pipelined
     K steps for K = 4096 (qkv, o, gate/up: best or within 2 % of it), narrower bands with long K steps
-    for the down projection's K = 13696."""
+    for the down projection's K = 13696. Larger row tiles get them cut to fit `SMEM_BUDGET` (`fit`)."""
     if k > 8192:
-        return GemvConfig(32, 512, 4, 3)
-    return GemvConfig(64, 128, 4, 5)
+        return fit(GemvConfig(32, 512, 4, 3), block_m, silu_mul)
+    return fit(GemvConfig(64, 128, 4, 5), block_m, silu_mul)
+
+
+def fit(cfg: GemvConfig, block_m: int, silu_mul: bool, elem_bytes: int = 2) -> GemvConfig:
+    """``cfg`` with its pipeline's buffers (per stage a BLOCK_N x BLOCK_K band of W, two with silu_mul,
+    and the BLOCK_M x BLOCK_K rows of x) within `SMEM_BUDGET`: fewer stages, down to 3, then shorter K
+    steps (down to 64)."""
+    block_n, block_k, warps, stages = cfg
+
+    def need(bk: int, st: int) -> int:
+        return st * bk * elem_bytes * (block_n * (2 if silu_mul else 1) + block_m)
+
+    while need(block_k, stages) > SMEM_BUDGET and stages > 3:
+        stages -= 1
+    while need(block_k, stages) > SMEM_BUDGET and block_k > 64:
+        block_k //= 2
+    return GemvConfig(block_n, block_k, warps, stages)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -199,15 +219,15 @@ def _launch(
     cfg: GemvConfig | None,
 ) -> torch.Tensor:
     m, k = x.shape
-    if not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"x: {m} rows, the kernel takes 1 to {MAX_ROWS}")
+    if not 1 <= m <= KERNEL_ROWS:
+        raise ValueError(f"x: {m} rows, the kernel takes 1 to {KERNEL_ROWS}")
     block_m = next(t for t in ROW_TILES if t >= m)
     n_w = weight.shape[0]
     n = n_w // 2 if silu_mul else n_w
     fp8 = weight.dtype == FP8_DTYPE
     if fp8 != (scale is not None):
         raise ValueError("scale: FP8 weights take their per-channel scale, 16-bit weights none")
-    cfg = cfg or config(k)
+    cfg = cfg or config(k, block_m, silu_mul)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     x_in, x_scale = x, y  # y: the pointer of an absent tensor (never read)

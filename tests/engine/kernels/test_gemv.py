@@ -20,8 +20,10 @@ pytest.importorskip("triton")
 
 from triton_interpreter import bf16_ulps, main, run_interpreted  # noqa: E402
 
-# (M, N, K): one token, a few, the most; N not a multiple of the band; K not a multiple of the K block
+# (M, N, K): one token, a few, the most the decoder sends and the most the kernel takes (a 64-row tile); N not
+# a multiple of the band; K not a multiple of the K block
 SHAPES = [(1, 48, 64), (3, 40, 96), (16, 64, 272), (5, 33, 64), (9, 130, 528), (17, 40, 64), (32, 72, 96)]
+SHAPES += [(40, 40, 64), (64, 72, 96)]
 
 
 def _weights(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -61,7 +63,7 @@ def check_linear(device: str) -> None:
             w = _weights(n, k, gen)
             bias = (torch.randn(n, generator=gen) * 0.1).to(device, dtype)
             w16 = w.to(device, dtype)
-            assert gemv.supports(x, w16)
+            assert gemv.supports(x, w16) == (m <= gemv.MAX_ROWS)
             what = f"{dtype} M={m} N={n} K={k}"
             for b in (None, bias):
                 got = gemv.skinny_linear(x, w16, b)
@@ -101,8 +103,8 @@ def check_silu_mul(device: str) -> None:
         # at 04e3e2b, M = 32)
         steps = _fp8_steps(device) if device == "cpu" else 2 * _fp8_steps(device)
         _assert_close(got, ref, f"silu_mul fp8 M={m} N={n} K={k}", steps)
-    with pytest.raises(ValueError, match="x: 33 rows, the kernel takes 1 to 32"):
-        gemv.skinny_linear(torch.zeros(33, 16, device=device), torch.zeros(8, 16, device=device))
+    with pytest.raises(ValueError, match="x: 65 rows, the kernel takes 1 to 64"):
+        gemv.skinny_linear(torch.zeros(65, 16, device=device), torch.zeros(8, 16, device=device))
     with pytest.raises(ValueError, match="gate_up: 3 rows"):
         gemv.skinny_linear_silu_mul(torch.zeros(1, 16, device=device), torch.zeros(3, 16, device=device))
 
@@ -122,6 +124,13 @@ def check_supports(device: str) -> None:
     assert not gemv.supports(x, w.T.contiguous().T), "weight not contiguous"
     assert not gemv.supports(x.T.contiguous().T, w), "rows not contiguous"
     assert not gemv.supports(x, w.half()), "weight of another dtype"
+    # block sizes: the 16- and 32-row tiles keep the measured ones; the 64-row tile's are cut to fit the
+    # shared-memory budget (gate/up: two bands of W per stage)
+    assert gemv.config(4096, 32, silu_mul=True) == gemv.GemvConfig(64, 128, 4, 5)
+    assert gemv.config(13696, 32) == gemv.GemvConfig(32, 512, 4, 3)
+    assert gemv.config(4096, 64) == gemv.GemvConfig(64, 128, 4, 5)
+    assert gemv.config(4096, 64, silu_mul=True) == gemv.GemvConfig(64, 128, 4, 4)
+    assert gemv.config(13696, 64) == gemv.GemvConfig(32, 256, 4, 3)
 
 
 def check_decoder(device: str, checkpoint: str) -> None:
