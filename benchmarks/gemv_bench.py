@@ -226,7 +226,7 @@ def sweep(mc, deadline: float, fp8: bool = False) -> dict:
             measured = {c: us for c, us in timings.items() if isinstance(us, float)}
             if measured:
                 best = min(measured, key=measured.get)
-                default = str(tuple(gemv.config(k)))
+                default = str(tuple(gemv.config(k, silu_mul=fused_silu, fp8=fp8)))
                 out.setdefault(name, {})[str(m)] = {"us": timings, "best": best, "best_us": measured[best]}
                 print(
                     f"sweep{' fp8' if fp8 else ''} {name:8s} M={m:2d}: best {best} {measured[best]:.1f} us; "

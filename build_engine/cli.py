@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vision-attention",
         choices=["flash", "cudnn", "auto"],
-        default="flash",
+        default="auto",
         help="the ViT attention's kernel on CUDA: FlashAttention-2, cuDNN's fused attention, or auto: cuDNN "
         "for the image sizes whose cuDNN plan the engine built while idle, flash for the others",
     )

@@ -277,9 +277,9 @@ class EngineConfig:
     # (cuDNN's fused attention: on an H200 a 1288x728 screenshot's ViT 24.2 -> 21.3 ms, a 2044x1148 image 93 -> 70
     # ms, the embeddings within 2.3e-5; but the first image of each new size waits for cuDNN to build its
     # plan, 0.03-0.8 s, in the engine step every stream waits on) or "auto": cuDNN for the image sizes whose
-    # plan the engine loop built while it had no request, flash for the others (AttentionKernels; not the
-    # default until it is measured through Triton: docs/DESIGN.md)
-    vision_attention: str = "flash"
+    # plan the engine loop built while it had no request, flash for the others (AttentionKernels;
+    # docs/DESIGN.md)
+    vision_attention: str = "auto"
     # Run the ViT on its own CUDA stream beside the decode steps (CUDA only). Off: under 32 concurrent
     # requests through Triton on an H200 the engine stalled with it on (cause not found yet).
     async_vision: bool = False

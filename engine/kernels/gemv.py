@@ -28,7 +28,8 @@ bfloat16 or float16 (float32 takes cuBLAS: its TF32 or full-precision paths are 
 computes), K a multiple of 16, contiguous rows. Anything else is the caller's `F.linear`. The kernels are
 CUDA-graph safe (no host sync, the output sized from shapes).
 
-Block sizes: `config(k)` picks BLOCK_N, BLOCK_K, warps and pipeline stages from the reduced dimension; `benchmarks/gemv_bench.py` measures every candidate on the decoder's shapes against cuBLAS.
+Block sizes: `config(k, ...)` picks BLOCK_N, BLOCK_K, warps and pipeline stages from the reduced dimension and
+the weights' dtype; `benchmarks/gemv_bench.py` measures every candidate on the decoder's shapes against cuBLAS.
 """
 
 from __future__ import annotations
@@ -62,11 +63,18 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-def config(k: int, block_m: int = 16, silu_mul: bool = False) -> GemvConfig:
-    """The block sizes for a product over K = k (see the module docstring). Measured on an H100
-    (`benchmarks.gemv_bench`'s sweep of 27 candidates, M = 1 and 16): wide bands with short, deep-pipelined
-    K steps for K = 4096 (qkv, o, gate/up: best or within 2 % of it), narrower bands with long K steps
-    for the down projection's K = 13696. Larger row tiles get them cut to fit `SMEM_BUDGET` (`fit`)."""
+def config(k: int, block_m: int = 16, silu_mul: bool = False, fp8: bool = False) -> GemvConfig:
+    """The block sizes for a product over K = k (see the module docstring), measured on an H100 with
+    `benchmarks.gemv_bench`'s sweeps (M = 1 and 16). 16-bit weights (27 candidates): wide bands with short,
+    deep-pipelined K steps for K = 4096 (qkv, o, gate/up: best or within 2 % of it), narrower bands with
+    long K steps for the down projection's K = 13696. FP8 weights (36 candidates, at `6a34ab5`): wide bands
+    with twice the K per step (the same bytes in flight), 512 for the down projection; gate/up (two bands
+    per step) with 3 stages. Each best or within 3 % of it; per layer 7 % under the 16-bit choices on FP8.
+    Larger row tiles get them cut to fit `SMEM_BUDGET` (`fit`)."""
+    if fp8:
+        if k > 8192:
+            return fit(GemvConfig(64, 512, 4, 5), block_m, silu_mul, elem_bytes=1)
+        return fit(GemvConfig(64, 256, 4, 3 if silu_mul else 5), block_m, silu_mul, elem_bytes=1)
     if k > 8192:
         return fit(GemvConfig(32, 512, 4, 3), block_m, silu_mul)
     return fit(GemvConfig(64, 128, 4, 5), block_m, silu_mul)
@@ -227,7 +235,7 @@ def _launch(
     fp8 = weight.dtype == FP8_DTYPE
     if fp8 != (scale is not None):
         raise ValueError("scale: FP8 weights take their per-channel scale, 16-bit weights none")
-    cfg = cfg or config(k, block_m, silu_mul)
+    cfg = cfg or config(k, block_m, silu_mul, fp8)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     x_in, x_scale = x, y  # y: the pointer of an absent tensor (never read)

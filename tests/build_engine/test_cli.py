@@ -97,7 +97,7 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     assert config["dummy"] is True and config["engine"]["dtype"] == "bfloat16"
     assert config["engine"]["vision_cuda_graphs"] is True and config["engine"]["async_vision"] is False
     assert config["engine"]["decode_gemv"] is True and config["engine"]["decode_pdl"] is False
-    assert config["engine"]["vision_attention"] == "flash"
+    assert config["engine"]["vision_attention"] == "auto"
     flags = ("--no-vision-cuda-graphs", "--async-vision", "--no-decode-gemv", "--decode-pdl")
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", *flags) == 0
     engine = json.loads((out / "engine_config.json").read_text())["engine"]

@@ -178,7 +178,7 @@ def test_vision_cuda_graphs_setting() -> None:
 
 
 def test_vision_attention_setting(vision_config) -> None:
-    assert EngineConfig().vision_attention == "flash"
+    assert EngineConfig().vision_attention == "auto"
     assert EngineConfig(vision_attention="cudnn").vision_attention == "cudnn"
     with pytest.raises(ValueError, match=r"^vision_attention: 'fa3' must be one of flash, cudnn, auto$"):
         EngineConfig(vision_attention="fa3")
