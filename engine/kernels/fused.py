@@ -10,6 +10,9 @@ these kernels existed.
   `new_residual = residual + rms_norm(h, w_post)` (added in x's dtype) and
   `normed_next = rms_norm(new_residual, w_next)`: GLM-4's sandwich norm after a sublayer, fused with the
   norm in front of the next sublayer. One program per row (token).
+* `add_rms_norm_pair_fp8(...) -> (new_residual, normed_next, q, scale)`: the same, and normed_next's rows
+  quantized to FP8 as `engine.model.quant.quantize_rows_fp8` does (for an FP8 layer's skinny kernel next),
+  in the same kernel: the row is in registers already.
 * `silu_mul(gate_up [T, 2I]) -> [T, I]`: `up * silu(gate)`, gate the first half, up the second; silu is
   rounded to the input dtype before the product, as torch does in eager.
 * `apply_interleaved_rotary_(qk [T, heads, head_dim], cos, sin)`: in place, rotates the first
@@ -220,8 +223,13 @@ if HAS_TRITON:
         n_cols,
         eps,
         eps_next,
+        q_ptr,  # QUANT: normed's rows in FP8 [rows, n_cols] (contiguous) and their scales [rows]
+        scale_ptr,
+        min_scale,
         BLOCK: tl.constexpr,
         PDL: tl.constexpr,
+        QUANT: tl.constexpr = False,
+        FP8_MAX_C: tl.constexpr = 448.0,
     ):
         _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -237,6 +245,11 @@ if HAS_TRITON:
         w_next = tl.load(w_next_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         normed = _rms_scale(res, w_next, n_cols, eps_next, dtype)
         tl.store(normed_out_ptr + row * normed_out_stride + cols, normed.to(dtype), mask=mask)
+        if QUANT:  # as engine.model.quant's _quantize_rows_kernel on the stored row (masked lanes are 0)
+            scale = tl.maximum(tl.max(tl.abs(normed), axis=0) / FP8_MAX_C, min_scale)
+            tl.store(scale_ptr + row, scale)
+            q = tl.minimum(tl.maximum(tl.div_rn(normed, scale), -FP8_MAX_C), FP8_MAX_C)
+            tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(
@@ -406,6 +419,23 @@ def add_rms_norm_pair(
     eps_next: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual + rms_norm(h, w_post), rms_norm(that, w_next)); eps_next defaults to eps. New tensors."""
+    return _add_rms_norm_pair(residual, h, w_post, w_next, eps, eps_next, False)[:2]
+
+
+def add_rms_norm_pair_fp8(
+    residual: torch.Tensor,
+    h: torch.Tensor,
+    w_post: torch.Tensor,
+    w_next: torch.Tensor,
+    eps: float,
+    eps_next: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`add_rms_norm_pair` and normed's rows [T, hidden] quantized: (new_residual, normed, float8_e4m3fn
+    [T, hidden], float32 scale [T, 1]), as `quantize_rows_fp8(normed)`; one kernel on the Triton path."""
+    return _add_rms_norm_pair(residual, h, w_post, w_next, eps, eps_next, True)
+
+
+def _add_rms_norm_pair(residual, h, w_post, w_next, eps, eps_next, quant: bool):
     eps_next = eps if eps_next is None else eps_next
     dtypes = {residual.dtype, h.dtype, w_post.dtype, w_next.dtype}
     if (
@@ -414,19 +444,42 @@ def add_rms_norm_pair(
         or residual.shape != h.shape
         or residual.numel() == 0
     ):
-        return add_rms_norm_pair_reference(residual, h, w_post, w_next, eps, eps_next)
+        new_residual, normed = add_rms_norm_pair_reference(residual, h, w_post, w_next, eps, eps_next)
+        if not quant:
+            return new_residual, normed
+        from engine.model.quant import quantize_rows_fp8
+
+        return new_residual, normed, *quantize_rows_fp8(_rows(normed))
+    if quant and INTERPRET:
+        # Triton's interpreter rounds float32 -> float8 wrongly where the rounding carries into the exponent
+        # (127.6 -> 64): there the rows are quantized by torch ops after the kernel (the GPU tests check
+        # the kernel's own quantization)
+        from engine.model.quant import quantize_rows_fp8
+
+        new_residual, normed = _add_rms_norm_pair(residual, h, w_post, w_next, eps, eps_next, False)
+        return new_residual, normed, *quantize_rows_fp8(_rows(normed))
     res2, h2 = _rows(residual), _rows(h)
     n_rows, n_cols = res2.shape
     new_residual = torch.empty((n_rows, n_cols), dtype=residual.dtype, device=residual.device)
     normed = torch.empty_like(new_residual)
+    q = scale = normed  # unused without quant (a pointer never read)
+    min_scale, fp8_max = 0.0, 448.0
+    if quant:
+        from engine.model.quant import FP8_DTYPE, FP8_MAX, MIN_ACT_SCALE
+
+        q = torch.empty((n_rows, n_cols), dtype=FP8_DTYPE, device=residual.device)
+        scale = torch.empty((n_rows, 1), dtype=torch.float32, device=residual.device)
+        min_scale, fp8_max = MIN_ACT_SCALE, FP8_MAX
     block = triton.next_power_of_2(n_cols)
     with device_guard(residual):
         _add_rms_norm_pair_kernel[(n_rows,)](
             res2, h2, w_post.contiguous(), w_next.contiguous(), new_residual, normed,
             res2.stride(0), h2.stride(0), new_residual.stride(0), normed.stride(0), n_cols, eps, eps_next,
-            BLOCK=block, num_warps=_row_warps(block), **pdl_args(),
+            q, scale, min_scale,
+            BLOCK=block, num_warps=_row_warps(block), QUANT=quant, FP8_MAX_C=fp8_max, **pdl_args(),
         )  # fmt: skip
-    return new_residual.view(residual.shape), normed.view(residual.shape)
+    out = new_residual.view(residual.shape), normed.view(residual.shape)
+    return (*out, q, scale) if quant else out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -225,6 +225,7 @@ def _launch(
     scale: torch.Tensor | None,
     silu_mul: bool,
     cfg: GemvConfig | None,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     m, k = x.shape
     if not 1 <= m <= KERNEL_ROWS:
@@ -235,14 +236,16 @@ def _launch(
     fp8 = weight.dtype == FP8_DTYPE
     if fp8 != (scale is not None):
         raise ValueError("scale: FP8 weights take their per-channel scale, 16-bit weights none")
+    if x_fp8 is not None and (not fp8 or x_fp8[0].shape != x.shape or not x_fp8[0].is_contiguous()):
+        raise ValueError("x_fp8: x's rows quantized ([M, K] contiguous), for FP8 weights only")
     cfg = cfg or config(k, block_m, silu_mul, fp8)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     x_in, x_scale = x, y  # y: the pointer of an absent tensor (never read)
-    if fp8:  # W8A8: the rows quantized per token as Fp8Linear quantizes them
+    if fp8:  # W8A8: the rows quantized per token as Fp8Linear quantizes them (or by the norm before)
         from engine.model.quant import quantize_rows_fp8
 
-        x_in, x_scale = quantize_rows_fp8(x)
+        x_in, x_scale = quantize_rows_fp8(x) if x_fp8 is None else x_fp8
         block_k = max(32, block_k)  # the FP8 dot's smallest K
     with device_guard(x):
         _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
@@ -261,20 +264,28 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     cfg: GemvConfig | None = None,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (* scale) (+ bias) -> [M, N] in x's dtype (`supports(x, weight)`)."""
+    """x [M, K] @ weight [N, K].T (* scale) (+ bias) -> [M, N] in x's dtype (`supports(x, weight)`).
+    ``x_fp8``: FP8 weights only, x's rows already quantized (`quantize_rows_fp8(x)`'s pair: float8 [M, K]
+    contiguous, float32 scale [M, 1]), e.g. by `engine.kernels.fused.add_rms_norm_pair_fp8`."""
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    return _launch(x, weight, bias, scale, False, cfg)
+    return _launch(x, weight, bias, scale, False, cfg, x_fp8)
 
 
 def skinny_linear_silu_mul(
-    x: torch.Tensor, gate_up: torch.Tensor, scale: torch.Tensor | None = None, cfg: GemvConfig | None = None
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    cfg: GemvConfig | None = None,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """up * silu(gate) of x [M, K] @ gate_up [2I, K].T (* scale), gate the first I rows -> [M, I]."""
+    """up * silu(gate) of x [M, K] @ gate_up [2I, K].T (* scale), gate the first I rows -> [M, I]
+    (``x_fp8`` as for `skinny_linear`)."""
     if gate_up.shape[0] % 2:
         raise ValueError(f"gate_up: {gate_up.shape[0]} rows, not two halves")
-    return _launch(x, gate_up, None, scale, True, cfg)
+    return _launch(x, gate_up, None, scale, True, cfg, x_fp8)
 
 
 def skinny_linear_reference(

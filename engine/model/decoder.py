@@ -22,7 +22,9 @@ Contract:
   KV cache (one kernel: rotate_and_write_kv) -> paged_attention ->
   o_proj -> add_rms_norm_pair(post_self_attn, post_attention) -> gate_up_proj -> silu_mul -> down_proj ->
   add_rms_norm_pair(post_mlp, next layer's input_layernorm or the final norm). The RMSNorm modules only
-  hold the weights and eps (state-dict names unchanged).
+  hold the weights and eps (state-dict names unchanged). Where the layer after such a norm (gate_up_proj,
+  the next layer's qkv_proj) runs the skinny kernel on FP8 weights, the norm's kernel also quantizes its
+  rows (`add_rms_norm_pair_fp8`) and the layer takes them: the same numbers, one kernel fewer per norm.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from torch import nn
 
 from engine.config import ModelConfig, parse_dtype
 from engine.kernels.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
-from engine.kernels.fused import add_rms_norm_pair, rms_norm, silu_mul
-from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul
+from engine.kernels.fused import add_rms_norm_pair, add_rms_norm_pair_fp8, rms_norm, silu_mul
+from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul, takes_fp8_rows
 from engine.model.rope import MRotaryEmbedding
 from engine.model.vision import VisionEncoder, VisionPass
 
@@ -66,9 +68,10 @@ class DecoderAttention(nn.Module):
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
+        x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = linear(self.qkv_proj, x)  # [T, q_size + 2 * kv_size]
+        qkv = linear(self.qkv_proj, x, x_fp8)  # [T, q_size + 2 * kv_size]
         heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q and k heads rotated in place and the new k, v stored in the cache (one kernel on the GPU)
         q, k, v = rotate_and_write_kv(heads, self.num_heads, self.num_kv_heads, cos, sin, kv_cache, attn)
@@ -84,18 +87,22 @@ class DecoderMLP(nn.Module):
         self.hidden_act = config.hidden_act
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hidden_act == "silu":
-            return linear(self.down_proj, linear_silu_mul(self.gate_up_proj, x))  # one kernel for a few rows
-        gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # [T, 2 * intermediate]
+    def forward(
+        self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        if self.hidden_act == "silu":  # one kernel for a few rows
+            return linear(self.down_proj, linear_silu_mul(self.gate_up_proj, x, x_fp8))
+        gate, up = linear(self.gate_up_proj, x, x_fp8).chunk(2, dim=-1)  # [T, 2 * intermediate]
         return linear(self.down_proj, up * self.act(gate))
 
 
 class DecoderLayer(nn.Module):
     """GLM-4-0414 sandwich norms: x + post_self_attn(attn(input(x))); h + post_mlp(mlp(post_attention(h))).
 
-    `forward` takes the residual stream x and input_layernorm(x) (computed by the op before it) and returns
-    the new residual stream and `next_norm` of it (the next layer's input_layernorm, or the final norm).
+    `forward` takes the residual stream x and input_layernorm(x) (computed by the op before it; with its
+    rows in FP8 where the layer before quantized them) and returns the new residual stream, `next_norm` of
+    it (the next layer's input_layernorm, or the final norm) and, where `next_linear` (the layer that
+    takes that norm next) runs the skinny kernel on FP8 weights, the norm's rows quantized (else None).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -117,14 +124,26 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
         next_norm: RMSNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] residual stream, normed = input_layernorm(x) -> (x', next_norm(x'))."""
-        h = self.self_attn(normed, cos, sin, kv_cache, attn)
-        post, post_attention = self.post_self_attn_layernorm, self.post_attention_layernorm
-        x, normed = add_rms_norm_pair(x, h, post.weight, post_attention.weight, post.eps, post_attention.eps)
-        h = self.mlp(normed)
-        post = self.post_mlp_layernorm
-        return add_rms_norm_pair(x, h, post.weight, next_norm.weight, post.eps, next_norm.eps)
+        normed_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+        next_linear: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """x [T, hidden] residual stream, normed = input_layernorm(x) -> (x', next_norm(x'), its FP8 rows)."""
+        h = self.self_attn(normed, cos, sin, kv_cache, attn, normed_fp8)
+        x, normed, normed_fp8 = _add_norm(x, h, self.post_self_attn_layernorm, self.post_attention_layernorm,
+                                          self.mlp.gate_up_proj)  # fmt: skip
+        h = self.mlp(normed, normed_fp8)
+        return _add_norm(x, h, self.post_mlp_layernorm, next_norm, next_linear)
+
+
+def _add_norm(
+    x: torch.Tensor, h: torch.Tensor, post: RMSNorm, norm: RMSNorm, consumer: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """add_rms_norm_pair(x, h, post, norm) and, where `consumer` takes the result's rows in FP8, them."""
+    if consumer is not None and takes_fp8_rows(consumer, h):
+        x, normed, q, scale = add_rms_norm_pair_fp8(x, h, post.weight, norm.weight, post.eps, norm.eps)
+        return x, normed, (q, scale)
+    x, normed = add_rms_norm_pair(x, h, post.weight, norm.weight, post.eps, norm.eps)
+    return x, normed, None
 
 
 class TextDecoder(nn.Module):
@@ -156,8 +175,15 @@ class TextDecoder(nn.Module):
         first = self.layers[0].input_layernorm
         normed = rms_norm(x, first.weight, first.eps)  # later input norms are fused into the layer before
         next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for layer, kv_cache, next_norm in zip(self.layers, kv_caches, next_norms, strict=True):
-            x, normed = layer(x, normed, cos, sin, kv_cache, attn, next_norm)
+        # the layer taking each next norm (None for the final norm: the lm_head takes only sampled rows)
+        next_linears = [layer.self_attn.qkv_proj for layer in self.layers[1:]] + [None]
+        normed_fp8 = None
+        for layer, kv_cache, next_norm, next_linear in zip(
+            self.layers, kv_caches, next_norms, next_linears, strict=True
+        ):
+            x, normed, normed_fp8 = layer(
+                x, normed, cos, sin, kv_cache, attn, next_norm, normed_fp8, next_linear
+            )
         return normed  # the final norm of the last layer's output
 
 

@@ -1,6 +1,8 @@
 """Layers the ViT and the decoder share: RMSNorm, the MLP activations by config name, and `linear`, the
 decoder's matmul of a few token rows through the skinny kernel (`engine.kernels.gemv`) where a layer
-allows it (`decode_gemv` set on the layer by `Glm4vModel.set_decode_gemv`)."""
+allows it (`decode_gemv` set on the layer by `Glm4vModel.set_decode_gemv`). `takes_fp8_rows(layer, x)`:
+whether that call runs the kernel on FP8 weights, so the op before may hand it x's rows quantized
+(``x_fp8``) instead of the kernel quantizing them."""
 
 from __future__ import annotations
 
@@ -34,20 +36,34 @@ def _gemv_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return weight if gemv.supports(x, weight) else None
 
 
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `linear(layer, x)` (or `linear_silu_mul`) runs the skinny kernel on FP8 weights."""
+    weight = _gemv_weight(layer, x)
+    return weight is not None and weight.dtype == gemv.FP8_DTYPE
+
+
+def linear(
+    layer: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """layer(x) for an nn.Linear or an FP8 layer (engine.model.quant.Fp8Linear, whose per-tensor path the
     kernel computes); rows up to gemv.MAX_ROWS through the skinny kernel where the layer has `decode_gemv`
-    set."""
+    set. ``x_fp8``: x's rows quantized (`quantize_rows_fp8(x)`), used where `takes_fp8_rows`."""
     weight = _gemv_weight(layer, x)
     if weight is None:
         return layer(x)
-    return gemv.skinny_linear(x, weight, layer.bias, getattr(layer, "weight_scale", None))
+    if weight.dtype != gemv.FP8_DTYPE:
+        x_fp8 = None
+    return gemv.skinny_linear(x, weight, layer.bias, getattr(layer, "weight_scale", None), x_fp8=x_fp8)
 
 
-def linear_silu_mul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def linear_silu_mul(
+    layer: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """up * silu(gate) of a gate/up projection: one skinny kernel where `linear` would run it (and the
-    layer has no bias), else `silu_mul(layer(x))`."""
+    layer has no bias), else `silu_mul(layer(x))`; ``x_fp8`` as for `linear`."""
     weight = _gemv_weight(layer, x)
     if weight is None or layer.bias is not None:
         return silu_mul(layer(x))
-    return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None))
+    if weight.dtype != gemv.FP8_DTYPE:
+        x_fp8 = None
+    return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None), x_fp8=x_fp8)

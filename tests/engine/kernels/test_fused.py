@@ -127,6 +127,7 @@ def check_rms_norm(device: str) -> None:
 
 def check_add_rms_norm_pair(device: str) -> None:
     from engine.kernels import fused as kernels
+    from engine.model.quant import quantize_rows_fp8_reference
 
     gen = torch.Generator().manual_seed(1)
     for dtype in DTYPES:
@@ -151,6 +152,14 @@ def check_add_rms_norm_pair(device: str) -> None:
                 assert torch.equal(residual, before[0]) and torch.equal(h, before[1]), (
                     what + ": inputs changed"
                 )
+                # with the rows quantized to FP8 in the same kernel: the same two outputs, and the rows as
+                # quantize_rows_fp8 makes them from that normed
+                with no_fallback():
+                    got = kernels.add_rms_norm_pair_fp8(residual, h, w_post, w_next, EPS)
+                assert torch.equal(got[0], new_residual) and torch.equal(got[1], normed), what + " fp8"
+                q, scale = quantize_rows_fp8_reference(normed)
+                assert got[2].dtype == q.dtype and torch.equal(got[2].float(), q.float()), what + " fp8 rows"
+                assert torch.equal(got[3], scale), what + " fp8 scales"
     # a different eps for the second norm is honoured
     x, h, w = (torch.rand(2, 64, generator=gen).to(device) for _ in range(3))
     with no_fallback():

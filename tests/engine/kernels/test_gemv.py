@@ -197,6 +197,40 @@ def check_decoder(device: str, checkpoint: str) -> None:
         assert all(not getattr(m, "decode_gemv", False) for m in model.modules()), bad.__name__
 
 
+def check_decoder_fp8(device: str, checkpoint: str) -> None:
+    """The tiny decoder in FP8 with decode_gemv: the norm before each gate/up and before each later layer's
+    qkv quantizes its rows in its own kernel (`add_rms_norm_pair_fp8`) and the kernel takes them; the hidden
+    states equal those of every layer quantizing its own rows."""
+    from test_fused import decoder_outputs
+
+    from engine.model import decoder
+    from engine.model.decoder import Glm4vModel
+    from engine.model.quant import quantize_decoder_fp8_
+
+    model = Glm4vModel.from_pretrained(checkpoint, device, torch.bfloat16)
+    quantize_decoder_fp8_(model)
+    num_layers = len(model.language_model.layers)
+    assert model.set_decode_gemv(True) == 4 * num_layers + 1
+    fused_fp8, takes = decoder.add_rms_norm_pair_fp8, decoder.takes_fp8_rows
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return fused_fp8(*args, **kwargs)
+
+    decoder.add_rms_norm_pair_fp8 = counted
+    try:
+        got = decoder_outputs(model, device)  # 12 then 2 tokens: both within FP8_MAX_ROWS
+        decoder.takes_fp8_rows = lambda layer, x: False  # each layer quantizes its own rows
+        reference = decoder_outputs(model, device)
+    finally:
+        decoder.add_rms_norm_pair_fp8, decoder.takes_fp8_rows = fused_fp8, takes
+    # per step: before every gate/up, and before the qkv of every layer but the first
+    assert calls == [12] * (2 * num_layers - 1) + [2] * (2 * num_layers - 1), calls
+    for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
+        assert torch.equal(g, r), f"{step}: {(g.float() - r.float()).abs().max()}"
+
+
 def check_cuda_graph(device: str) -> None:
     """The kernel captures into a CUDA graph and replays on new inputs like eager."""
     from engine.kernels import gemv
@@ -223,6 +257,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "silu_mul": check_silu_mul,
     "supports": check_supports,
     "decoder": check_decoder,
+    "decoder_fp8": check_decoder_fp8,
 }
 
 
@@ -233,6 +268,10 @@ def test_kernel_equals_reference_in_interpreter(check):
 
 def test_decoder_with_decode_gemv_in_interpreter(tiny_checkpoint):
     run_interpreted(__file__, "decoder", str(tiny_checkpoint))
+
+
+def test_fp8_decoder_norms_quantize_for_the_kernel_in_interpreter(tiny_checkpoint):
+    run_interpreted(__file__, "decoder_fp8", str(tiny_checkpoint))
 
 
 def test_not_supported_on_cpu_without_interpreter():
@@ -253,6 +292,11 @@ def test_cuda_kernel_equals_reference(check):
 @pytest.mark.gpu
 def test_cuda_decoder_with_decode_gemv(tiny_checkpoint):
     check_decoder("cuda", str(tiny_checkpoint))
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_decoder_norms_quantize_for_the_kernel(tiny_checkpoint):
+    check_decoder_fp8("cuda", str(tiny_checkpoint))
 
 
 @pytest.mark.gpu
