@@ -54,7 +54,9 @@ def test_errors_are_split_at_near_zero_sums() -> None:
 
 
 def test_plot_of_a_committed_run(tmp_path: Path) -> None:
-    run = REPO_ROOT / "benchmarks/results/2026-12-05-h100-gemv-a3abb14/gemv/gemv_bench.json"
+    run = (
+        REPO_ROOT / "benchmarks/results/2026-12-06-h100-vit-auto-fp8-sweep-6a34ab5/call2/gemv/gemv_bench.json"
+    )
     copy = tmp_path / "gemv_bench.json"
     copy.write_text(run.read_text())
     assert gemv_bench.main(["--plot", str(copy)]) == 0
