@@ -50,6 +50,9 @@ MAX_ROWS = 32  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
 FP8_MAX_ROWS = 16
 ROW_TILES = (16, 32, 64)  # the kernel's row tile: the smallest that holds M (16: tl.dot's smallest)
+# FP8: the K of each tensor-core dot whose sum goes to the float32 total (the FP8 tensor cores keep fewer
+# bits than float32 in a sum; 256 and 512 gave 7 bf16 steps at K = 528 on an H100 where 128 gave 2)
+FP8_PROMOTE_K = 128
 KERNEL_ROWS = ROW_TILES[-1]  # the most rows the kernel takes (the decoder sends it up to MAX_ROWS)
 # shared memory for one program's pipelined buffers (H100/H200: 227 KiB per block; the rest for the epilogue)
 SMEM_BUDGET = 220 * 1024
@@ -171,6 +174,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SUB_K: tl.constexpr,  # the K of each dot (BLOCK_K, or FP8_PROMOTE_K for FP8): BLOCK_K // SUB_K per step
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
         PDL: tl.constexpr,
@@ -183,7 +187,7 @@ if HAS_TRITON:
         n_mask = cols < N
         m_mask = rows < M
         w_rows = tl.where(n_mask, cols, 0).to(tl.int64)  # out-of-range bands re-read row 0 (unstored)
-        kk = tl.arange(0, BLOCK_K)
+        kk = tl.arange(0, SUB_K)
         x_ptrs = x_ptr + rows[:, None] * x_stride + kk[None, :]
         w_ptrs = w_ptr + w_rows[:, None] * K + kk[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -191,12 +195,14 @@ if HAS_TRITON:
             u_ptrs = w_ptrs + up_rows.to(tl.int64) * K
             acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            acc = _band_dot(x_ptrs, w_ptrs, m_mask, acc, K - k0, BLOCK_K, EVEN_K, DOT_F32, FP8)
-            if SILU_MUL:
-                acc_up = _band_dot(x_ptrs, u_ptrs, m_mask, acc_up, K - k0, BLOCK_K, EVEN_K, DOT_F32, FP8)
-                u_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+            for j in tl.static_range(BLOCK_K // SUB_K):
+                k_left = K - k0 - j * SUB_K
+                acc = _band_dot(x_ptrs, w_ptrs, m_mask, acc, k_left, SUB_K, EVEN_K, DOT_F32, FP8)
+                if SILU_MUL:
+                    acc_up = _band_dot(x_ptrs, u_ptrs, m_mask, acc_up, k_left, SUB_K, EVEN_K, DOT_F32, FP8)
+                    u_ptrs += SUB_K
+                x_ptrs += SUB_K
+                w_ptrs += SUB_K
         x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w_scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if FP8:
@@ -247,12 +253,14 @@ def _launch(
 
         x_in, x_scale = quantize_rows_fp8(x) if x_fp8 is None else x_fp8
         block_k = max(32, block_k)  # the FP8 dot's smallest K
+    sub_k = min(block_k, FP8_PROMOTE_K) if fp8 else block_k
     with device_guard(x):
         _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
             x_in, weight, x_scale, y if scale is None else scale, y if bias is None else bias, y,
             m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0,
             FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-            BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
+            BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB_K=sub_k,
+            EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
         )  # fmt: skip
     return y

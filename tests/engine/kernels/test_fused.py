@@ -152,6 +152,8 @@ def check_add_rms_norm_pair(device: str) -> None:
                 assert torch.equal(residual, before[0]) and torch.equal(h, before[1]), (
                     what + ": inputs changed"
                 )
+                if dtype == torch.float32:  # FP8 layers take 16-bit activations only
+                    continue
                 # with the rows quantized to FP8 in the same kernel: the same two outputs, and the rows as
                 # quantize_rows_fp8 makes them from that normed
                 with no_fallback():
