@@ -110,8 +110,9 @@ elif [ "$PART" = 6 ]; then
   # runs benchmarks.ttft_probe after everything; QUICK_TTFT=1 its large images alone first, ~1 min;
   # GEMV_BENCH=1 benchmarks.gemv_bench after the GPU tests (~4 min);
   # CACHE_OFF_ARGS: more glmv-build flags for the caches-off run, comma-separated, e.g. --dtype,fp8;
-  # VARIANT_SKIP: the harness phases the variants skip, baseline,roofline by default: "baseline" adds the
-  # roofline's ~30 s and the ours ÷ floor column, the fp8 floor for a --dtype,fp8 variant)
+  # VARIANTS=none runs no harness; VARIANT_SKIP: the harness phases the variants skip, baseline,roofline by
+  # default: "baseline" adds the roofline's ~30 s and the ours ÷ floor column, the fp8 floor for a
+  # --dtype,fp8 variant)
   [ "${QUICK_TTFT:-0}" = 0 ] || timeout 150 python3 -m benchmarks.ttft_probe --out "$OUT/ttft_quick" --quick-only 2>&1 |
     grep -E '^[0-9]'
   [ "${VIT_BENCH:-0}" = 0 ] || timeout 150 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
@@ -130,7 +131,9 @@ elif [ "$PART" = 6 ]; then
     grep -E 'M=|copy|engine|matmuls|Error|error'
   [ "${PROBE:-1}" = 0 ] || timeout 150 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
   phases=${VARIANT_PHASES:-structured_c32,c32_448}
-  for variant in ${VARIANTS:-default:}; do
+  variants=${VARIANTS:-default:}
+  [ "$variants" != none ] || variants=""  # VARIANTS=none: no harness run
+  for variant in $variants; do
     name=${variant%%:*}; extra=${variant#*:}
     [ "$(left)" -gt $((${VARIANT_BUDGET:-200} + 20)) ] || break
     timeout $((${VARIANT_BUDGET:-200} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" \

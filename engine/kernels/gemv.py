@@ -9,8 +9,8 @@ loads software-pipelined, and applies the layer's epilogue before it stores:
   `x @ weight.T` accumulated in float32, `+ bias`. `weight` is x's dtype, or float8_e4m3fn with `scale`
   its per-output-channel `weight_scale` (engine.model.quant.Fp8Linear): then, as that layer's per-tensor
   path computes, the rows are quantized to FP8 per token first (`quantize_rows_fp8`, one small kernel),
-  the dot runs on the FP8 tensor cores (each K block's sum added to a float32 total, as cuBLAS's FP8 GEMM
-  without fast accumulation does), and the epilogue applies row scale, column scale and bias.
+  the dot runs on the FP8 tensor cores (each sum of at most FP8_PROMOTE_K = 128 products added to a
+  float32 total, as cuBLAS's FP8 GEMM without fast accumulation does), and the epilogue applies row scale, column scale and bias.
 * `skinny_linear_silu_mul(x [M, K], gate_up [2I, K], scale [2I] | None) -> [M, I]`: the MLP's gate/up
   projection and `up * silu(gate)` in one kernel (a program reads the same columns of both halves), so
   the [M, 2I] product is never written.
@@ -73,6 +73,7 @@ def config(k: int, block_m: int = 16, silu_mul: bool = False, fp8: bool = False)
     long K steps for the down projection's K = 13696. FP8 weights (36 candidates, at `6a34ab5`): wide bands
     with twice the K per step (the same bytes in flight), 512 for the down projection; gate/up (two bands
     per step) with 3 stages. Each best or within 3 % of it; per layer 7 % under the 16-bit choices on FP8.
+    Measured with one dot per K step; since, a step's dots are FP8_PROMOTE_K wide (the same loads).
     Larger row tiles get them cut to fit `SMEM_BUDGET` (`fit`)."""
     if fp8:
         if k > 8192:
