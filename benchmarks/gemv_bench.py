@@ -13,13 +13,13 @@
    with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
    `decode_pdl`), each engine built alone, and how many of the greedy tokens the runs share (PDL's with
    the kernel's run: the same arithmetic, so all of them).
-4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16), every candidate block configuration of the
-   skinny kernel on the largest layers first, the best set beside the default; then for --sweep-fp8-s
-   seconds the same on FP8 weights (K steps up to 1024).
+4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16; --sweep-rows: other M, e.g. 64 for the 64-row
+   tile), every candidate block configuration of the skinny kernel on the largest layers first, the best
+   set beside the default; then for --sweep-fp8-s seconds the same on FP8 weights (K steps up to 1024).
 
 Writes gemv_bench.json under --out and prints a short table.
 
-    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--sweep-s 60] [--sweep-fp8-s 0]
+    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--sweep-s 60] [--sweep-fp8-s 0] [--sweep-rows 1,16]
     python -m benchmarks.gemv_bench --plot /tmp/gemv/gemv_bench.json       # gemv.png beside it
 """
 
@@ -183,10 +183,10 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
     return out
 
 
-def sweep(mc, deadline: float, fp8: bool = False) -> dict:
-    """Every candidate block configuration at M = 1 and 16 (bf16, or with ``fp8`` the FP8 weights as
+def sweep(mc, deadline: float, fp8: bool = False, rows: tuple[int, ...] = SWEEP_ROWS) -> dict:
+    """Every candidate block configuration at each M of ``rows`` (bf16, or with ``fp8`` the FP8 weights as
     `Fp8Linear` holds them), the layers in order of their share of a step, until the deadline:
-    name -> M -> {config: us} and the best."""
+    name -> M -> {config: us} and the best (the default's is what `gemv.config` picks for that M's tile)."""
     from engine.kernels import gemv
     from engine.model.quant import quantize_weight_fp8
 
@@ -203,7 +203,7 @@ def sweep(mc, deadline: float, fp8: bool = False) -> dict:
         if fp8:
             weights = [quantize_weight_fp8(w) for w in weights]  # (weight, scale) pairs
         bias = torch.zeros(n, device=dev, dtype=torch.bfloat16) if has_bias else None
-        for m in SWEEP_ROWS:
+        for m in rows:
             x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
             timings: dict = {}
             for cfg in _configs(fp8):
@@ -226,7 +226,8 @@ def sweep(mc, deadline: float, fp8: bool = False) -> dict:
             measured = {c: us for c, us in timings.items() if isinstance(us, float)}
             if measured:
                 best = min(measured, key=measured.get)
-                default = str(tuple(gemv.config(k, silu_mul=fused_silu, fp8=fp8)))
+                tile = next(t for t in gemv.ROW_TILES if t >= m)
+                default = str(tuple(gemv.config(k, tile, silu_mul=fused_silu, fp8=fp8)))
                 out.setdefault(name, {})[str(m)] = {"us": timings, "best": best, "best_us": measured[best]}
                 print(
                     f"sweep{' fp8' if fp8 else ''} {name:8s} M={m:2d}: best {best} {measured[best]:.1f} us; "
@@ -367,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine-run", help=argparse.SUPPRESS)  # one engine_run here: QUANT_gemv|QUANT_cublas
     ap.add_argument("--sweep-s", type=float, default=60.0, help="seconds for the block-size sweep (last)")
     ap.add_argument("--sweep-fp8-s", type=float, default=0.0, help="then seconds for the same on FP8 weights")
+    ap.add_argument(
+        "--sweep-rows",
+        default=",".join(map(str, SWEEP_ROWS)),
+        help="the sweeps' row counts M, comma-separated (up to the kernel's 64; e.g. 1,16,64: whether a 64-row "
+        "tile beats cuBLAS with some block sizes)",
+    )
     args = ap.parse_args(argv)
     if args.plot is not None:
         print(plot(json.loads(args.plot.read_text()), args.plot.with_name("gemv.png")))
@@ -399,10 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.engine_only:
         return 0
-    res["sweep"] = sweep(mc, time.monotonic() + args.sweep_s)
+    rows = tuple(int(m) for m in args.sweep_rows.split(","))
+    res["sweep"] = sweep(mc, time.monotonic() + args.sweep_s, rows=rows)
     (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.sweep_fp8_s > 0:
-        res["sweep_fp8"] = sweep(mc, time.monotonic() + args.sweep_fp8_s, fp8=True)
+        res["sweep_fp8"] = sweep(mc, time.monotonic() + args.sweep_fp8_s, fp8=True, rows=rows)
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     plot(res, args.out / "gemv.png")
     return 0
