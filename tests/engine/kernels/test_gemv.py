@@ -109,6 +109,14 @@ def check_silu_mul(device: str) -> None:
         gemv.skinny_linear(torch.zeros(65, 16, device=device), torch.zeros(8, 16, device=device))
     with pytest.raises(ValueError, match="gate_up: 3 rows"):
         gemv.skinny_linear_silu_mul(torch.zeros(1, 16, device=device), torch.zeros(3, 16, device=device))
+    # rows already quantized: for FP8 weights only, and of x's shape
+    x = torch.zeros(2, 32, device=device, dtype=torch.bfloat16)
+    q, scale = quantize_weight_fp8(torch.ones(8, 32, device=device))
+    rows = (torch.zeros(2, 32, device=device).to(q.dtype), torch.ones(2, 1, device=device))
+    with pytest.raises(ValueError, match="x_fp8: x's rows quantized"):
+        gemv.skinny_linear(x, q.float().to(torch.bfloat16), x_fp8=rows)
+    with pytest.raises(ValueError, match="x_fp8: x's rows quantized"):
+        gemv.skinny_linear(x, q, scale=scale, x_fp8=(rows[0][:1], rows[1][:1]))
 
 
 def check_supports(device: str) -> None:
