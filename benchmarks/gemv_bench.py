@@ -11,7 +11,8 @@
 2. Per decode step: each method's sum over 40 layers and the lm_head.
 3. With --engine: batch-1 decode (context 1236) of the full-size engine (random weights, CUDA graphs)
    with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
-   `decode_pdl`), each engine built alone, and how many of the greedy tokens the runs share (PDL's with
+   `decode_pdl`, the next kernel launched at each one's start and, "pdlexit", at its programs' exit), each
+   engine built alone, and how many of the greedy tokens the runs share (PDL's with
    the kernel's run: the same arithmetic, so all of them).
 4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16; --sweep-rows: other M, e.g. 64 for the 64-row
    tile), every candidate block configuration of the skinny kernel on the largest layers first, the best
@@ -259,6 +260,7 @@ ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
     "cublas": {"decode_gemv": False},
     "gemv": {"decode_gemv": True},
     "pdl": {"decode_gemv": True, "decode_pdl": True},
+    "pdlexit": {"decode_gemv": True, "decode_pdl": True},  # the next kernel launches as each program ends
 }
 
 
@@ -266,12 +268,16 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     """One engine (this process): batch-1 decode ms/token and its first 64 greedy tokens."""
     from benchmarks.engine_probe import _full_engine
     from benchmarks.ttft_probe import _decode_b1_ms
+    from engine.kernels import fused
     from engine.kernels.fused import pdl_enabled
     from engine.llm_engine import GenerationRequest
     from engine.sample.sampler import SamplingParams
 
+    if method == "pdlexit":  # the engine turns PDL on through fused.set_pdl: with the "exit" trigger here
+        set_pdl = fused.set_pdl
+        fused.set_pdl = lambda on, trigger="exit": set_pdl(on, trigger)
     ex, _, _, _ = _full_engine("cuda", quantization=quant, **ENGINE_METHODS[method])
-    if method == "pdl" and not pdl_enabled():
+    if method.startswith("pdl") and not pdl_enabled():
         raise RuntimeError("decode_pdl did not turn on (see the engine's warning)")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 150000, (context,), generator=gen).tolist()
@@ -294,7 +300,7 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
     out: dict = {}
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
-        for method in ("cublas", "gemv", "pdl") if pdl else ("cublas", "gemv"):
+        for method in ("cublas", "gemv", "pdl", "pdlexit") if pdl else ("cublas", "gemv"):
             key = f"{quant}_{method}"
             path = out_dir / f"engine_{key}.json"
             cmd = [sys.executable, "-m", "benchmarks.gemv_bench", "--out", str(out_dir), "--engine-run", key]
@@ -309,7 +315,11 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
             print(
                 f"engine {key}: decode b1, context {run['context']}: {run['decode_ms_per_token_b1']:.3f} ms/token"
             )
-        for a, b, name in (("cublas", "gemv", "greedy_tokens_equal"), ("gemv", "pdl", "pdl_tokens_equal")):
+        for a, b, name in (
+            ("cublas", "gemv", "greedy_tokens_equal"),
+            ("gemv", "pdl", "pdl_tokens_equal"),
+            ("gemv", "pdlexit", "pdlexit_tokens_equal"),
+        ):
             if a in tokens and b in tokens:
                 pairs = list(zip(tokens[a], tokens[b], strict=False))
                 same = sum(1 for x, y in pairs if x == y)
@@ -362,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--engine", action="store_true", help="also batch-1 decode of the engine, off and on")
     ap.add_argument("--fp8", action="store_true", help="FP8 layers too (and the FP8 engine with --engine)")
-    ap.add_argument("--pdl", action="store_true", help="with --engine: also the kernel with decode_pdl on")
+    ap.add_argument(
+        "--pdl", action="store_true", help="with --engine: also the kernel with decode_pdl on (both triggers)"
+    )
     ap.add_argument("--engine-only", action="store_true", help="the engine runs alone (no layers, no sweep)")
     ap.add_argument("--plot", type=Path, help="only draw gemv.png beside this gemv_bench.json")
     ap.add_argument("--engine-run", help=argparse.SUPPRESS)  # one engine_run here: QUANT_gemv|QUANT_cublas

@@ -83,16 +83,23 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 # which waits for the kernel before it to finish (and its writes to be visible) and then lets the next one
 # launch. Launched with PDL, a kernel's programs are scheduled while the one before it finishes, so the
 # gap between two kernels of a CUDA graph (launch, ramp-up) overlaps the previous kernel's tail. A kernel
-# reads or writes nothing before its wait, so the result is the same with PDL on or off.
+# reads or writes nothing before its wait, so the result is the same with PDL on or off. Where the next
+# kernel may launch (`set_pdl`'s trigger): "start", right after the wait; "exit", when each program ends
+# (the next kernel's programs then do not sit resident beside this one's).
+PDL_TRIGGERS = {"start": 1, "exit": 2}  # the kernels' PDL argument for each
 _PDL = False
+_PDL_TRIGGER = "start"
 
 
-def set_pdl(on: bool) -> bool:
+def set_pdl(on: bool, trigger: str = "start") -> bool:
     """Launch the kernels of this module and `engine.kernels.gemv` with PDL from now on (CUDA graphs
-    captured before keep how they were captured). Only where it can run: a CUDA device of compute
-    capability 9 or more, Triton with grid dependency control, not the interpreter. Returns whether it
-    is on."""
-    global _PDL
+    captured before keep how they were captured), letting the next kernel launch at ``trigger``
+    (`PDL_TRIGGERS`). Only where it can run: a CUDA device of compute capability 9 or more, Triton with
+    grid dependency control, not the interpreter. Returns whether it is on."""
+    global _PDL, _PDL_TRIGGER
+    if trigger not in PDL_TRIGGERS:
+        raise ValueError(f"trigger: {trigger!r} must be one of {', '.join(PDL_TRIGGERS)}")
+    _PDL_TRIGGER = trigger
     _PDL = bool(
         on
         and HAS_TRITON
@@ -110,7 +117,7 @@ def pdl_enabled() -> bool:
 
 def pdl_args() -> dict:
     """The launch arguments of a kernel that starts with `_pdl_enter(PDL)`."""
-    return {"PDL": True, "launch_pdl": True} if _PDL else {"PDL": False}
+    return {"PDL": PDL_TRIGGERS[_PDL_TRIGGER], "launch_pdl": True} if _PDL else {"PDL": False}
 
 
 def device_guard(t: torch.Tensor):
@@ -163,10 +170,12 @@ if HAS_TRITON:
 
         @triton.jit
         def _pdl_enter(PDL: tl.constexpr):
-            """A kernel's first statement: with PDL, wait for the kernel before it, then let the next launch."""
+            """A kernel's first statement: with PDL, wait for the kernel before it, then (trigger "start",
+            PDL == 1) let the next launch; with "exit" (2) the next launches as this one's programs end."""
             if PDL:
                 _gdc_wait()
-                _gdc_launch_dependents()
+                if PDL == 1:
+                    _gdc_launch_dependents()
 
     else:  # a Triton without grid dependency control: PDL never turns on (set_pdl)
 

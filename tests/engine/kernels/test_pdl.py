@@ -20,6 +20,9 @@ def test_pdl_is_off_where_it_cannot_run() -> None:
             assert fused.set_pdl(True) is False
         assert fused.set_pdl(False) is False
         assert fused.pdl_args() == {"PDL": False} and not fused.pdl_enabled()
+        with pytest.raises(ValueError, match=r"^trigger: 'late' must be one of start, exit$"):
+            fused.set_pdl(True, trigger="late")
+        assert fused.set_pdl(False, trigger="exit") is False and fused.pdl_args() == {"PDL": False}
     finally:
         fused.set_pdl(False)
 
@@ -70,22 +73,24 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_graph() -> None:
     try:
         fused.set_pdl(False)
         want = [t.clone() for t in _decoder_ops(*args)]
-        assert fused.set_pdl(True)
-        for _ in range(3):
-            got = _decoder_ops(*args)
-            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            _decoder_ops(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = _decoder_ops(*args)
-        for _ in range(5):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert all(torch.equal(a, b) for a, b in zip(static, want, strict=True))
+        for trigger in fused.PDL_TRIGGERS:
+            assert fused.set_pdl(True, trigger)
+            assert fused.pdl_args()["PDL"] == fused.PDL_TRIGGERS[trigger]
+            for _ in range(3):
+                got = _decoder_ops(*args)
+                assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), trigger
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                _decoder_ops(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = _decoder_ops(*args)
+            for _ in range(5):
+                graph.replay()
+                torch.cuda.synchronize()
+                assert all(torch.equal(a, b) for a, b in zip(static, want, strict=True)), trigger
     finally:
         fused.set_pdl(False)
 
