@@ -447,26 +447,22 @@ def add_rms_norm_pair_fp8(
 def _add_rms_norm_pair(residual, h, w_post, w_next, eps, eps_next, quant: bool):
     eps_next = eps if eps_next is None else eps_next
     dtypes = {residual.dtype, h.dtype, w_post.dtype, w_next.dtype}
-    if (
-        not use_triton(residual, h, w_post, w_next)
-        or len(dtypes) != 1
-        or residual.shape != h.shape
-        or residual.numel() == 0
-    ):
-        new_residual, normed = add_rms_norm_pair_reference(residual, h, w_post, w_next, eps, eps_next)
-        if not quant:
-            return new_residual, normed
-        from engine.model.quant import quantize_rows_fp8
-
-        return new_residual, normed, *quantize_rows_fp8(_rows(normed))
-    if quant and INTERPRET:
-        # Triton's interpreter rounds float32 -> float8 wrongly where the rounding carries into the exponent
-        # (127.6 -> 64): there the rows are quantized by torch ops after the kernel (the GPU tests check
-        # the kernel's own quantization)
+    kernel = (
+        use_triton(residual, h, w_post, w_next)
+        and len(dtypes) == 1
+        and residual.shape == h.shape
+        and residual.numel() > 0
+    )
+    if quant and (not kernel or INTERPRET):
+        # the rows quantized after the pair: off the Triton path, and in Triton's interpreter, which rounds
+        # float32 -> float8 wrongly where the rounding carries into the exponent (127.6 -> 64; the GPU
+        # tests check the kernel's own quantization)
         from engine.model.quant import quantize_rows_fp8
 
         new_residual, normed = _add_rms_norm_pair(residual, h, w_post, w_next, eps, eps_next, False)
         return new_residual, normed, *quantize_rows_fp8(_rows(normed))
+    if not kernel:
+        return add_rms_norm_pair_reference(residual, h, w_post, w_next, eps, eps_next)
     res2, h2 = _rows(residual), _rows(h)
     n_rows, n_cols = res2.shape
     new_residual = torch.empty((n_rows, n_cols), dtype=residual.dtype, device=residual.device)

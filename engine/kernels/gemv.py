@@ -10,7 +10,8 @@ loads software-pipelined, and applies the layer's epilogue before it stores:
   its per-output-channel `weight_scale` (engine.model.quant.Fp8Linear): then, as that layer's per-tensor
   path computes, the rows are quantized to FP8 per token first (`quantize_rows_fp8`, one small kernel),
   the dot runs on the FP8 tensor cores (each sum of at most FP8_PROMOTE_K = 128 products added to a
-  float32 total, as cuBLAS's FP8 GEMM without fast accumulation does), and the epilogue applies row scale, column scale and bias.
+  float32 total, as cuBLAS's FP8 GEMM without fast accumulation does), and the epilogue applies row
+  scale, column scale and bias.
 * `skinny_linear_silu_mul(x [M, K], gate_up [2I, K], scale [2I] | None) -> [M, I]`: the MLP's gate/up
   projection and `up * silu(gate)` in one kernel (a program reads the same columns of both halves), so
   the [M, 2I] product is never written.
@@ -22,9 +23,9 @@ order than cuBLAS's, so results differ from `F.linear` by float32 rounding movin
 rounding boundary (one bf16 step at most where the sums agree to float32 precision; FP8 on CUDA two, its
 tensor cores summing a K block with fewer bits; tests/engine/kernels/test_gemv.py).
 
-The kernel takes 1 to KERNEL_ROWS (64) rows in a row tile of 16, 32 or 64; the decoder sends it steps of up
-to MAX_ROWS. `supports(x, weight)`: CUDA (or Triton's interpreter), 1 <= M <= MAX_ROWS (FP8 weights: FP8_MAX_ROWS), x
-bfloat16 or float16 (float32 takes cuBLAS: its TF32 or full-precision paths are not what this kernel
+The kernel takes 1 to KERNEL_ROWS (64) rows in a row tile of 16, 32 or 64; the decoder sends it steps of
+up to MAX_ROWS. `supports(x, weight)`: CUDA (or Triton's interpreter), 1 <= M <= MAX_ROWS (FP8 weights:
+FP8_MAX_ROWS), x bfloat16 or float16 (float32 takes cuBLAS: its TF32 or full-precision paths are not what this kernel
 computes), K a multiple of 16, contiguous rows. Anything else is the caller's `F.linear`. The kernels are
 CUDA-graph safe (no host sync, the output sized from shapes).
 

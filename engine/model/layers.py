@@ -37,9 +37,9 @@ def _gemv_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `linear(layer, x)` (or `linear_silu_mul`) runs the skinny kernel on FP8 weights."""
-    weight = _gemv_weight(layer, x)
-    return weight is not None and weight.dtype == gemv.FP8_DTYPE
+    """Whether `linear(layer, x)` (or `linear_silu_mul`) runs the skinny kernel on FP8 weights (the dtype
+    first: a 16-bit model asks this twice a layer)."""
+    return layer.weight.dtype == gemv.FP8_DTYPE and _gemv_weight(layer, x) is not None
 
 
 def linear(
