@@ -1,6 +1,6 @@
 """Skinny matmuls for decode steps: y = x @ W.T for a few rows x, one Triton kernel that streams W once.
 
-A decode step multiplies 1 to 32 token rows by every weight of the decoder, so its time is the time to read
+A decode step multiplies 1 to 64 token rows by every weight of the decoder, so its time is the time to read
 the weights. cuBLAS runs these shapes as split-K GEMMs plus a separate reduce kernel; this kernel gives each
 program a band of BLOCK_N output columns over the whole of K (no reduce), reads its band of W with the
 loads software-pipelined, and applies the layer's epilogue before it stores:
@@ -47,7 +47,7 @@ if HAS_TRITON:
 
     from engine.kernels.fused import _pdl_enter, _round_to
 
-MAX_ROWS = 32  # token rows up to which a step's linear layers run this kernel
+MAX_ROWS = 64  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
 FP8_MAX_ROWS = 16
 ROW_TILES = (16, 32, 64)  # the kernel's row tile: the smallest that holds M (16: tl.dot's smallest)
@@ -75,12 +75,16 @@ def config(k: int, block_m: int = 16, silu_mul: bool = False, fp8: bool = False)
     with twice the K per step (the same bytes in flight), 512 for the down projection; gate/up (two bands
     per step) with 3 stages. Each best or within 3 % of it; per layer 7 % under the 16-bit choices on FP8.
     Measured with one dot per K step; since, a step's dots are FP8_PROMOTE_K wide (the same loads).
-    Larger row tiles get them cut to fit `SMEM_BUDGET` (`fit`)."""
+    Larger row tiles get them cut to fit `SMEM_BUDGET` (`fit`), except the down projection's at 64 rows:
+    swept there (27 candidates at `eb7c40b`), wide bands with short K steps won (46 µs; the cut 16-row
+    choice 64)."""
     if fp8:
         if k > 8192:
             return fit(GemvConfig(64, 512, 4, 5), block_m, silu_mul, elem_bytes=1)
         return fit(GemvConfig(64, 256, 4, 3 if silu_mul else 5), block_m, silu_mul, elem_bytes=1)
     if k > 8192:
+        if block_m > 32:
+            return fit(GemvConfig(64, 128, 4, 5), block_m, silu_mul)
         return fit(GemvConfig(32, 512, 4, 3), block_m, silu_mul)
     return fit(GemvConfig(64, 128, 4, 5), block_m, silu_mul)
 

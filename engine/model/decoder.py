@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, parse_dtype
+from engine.kernels import gemv
 from engine.kernels.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
 from engine.kernels.fused import add_rms_norm_pair, add_rms_norm_pair_fp8, rms_norm, silu_mul
 from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul, takes_fp8_rows
@@ -257,7 +258,7 @@ class Glm4vModel(nn.Module):
         skinny kernel (`engine.kernels.gemv`; on: set on each layer, off: cleared). Call after any FP8
         swap and before CUDA graphs are captured. Where the kernel runs (CUDA, or Triton's interpreter),
         each kind of layer is tried now against its own forward at every row count the kernel compiles
-        for (M == 1, M % 16 == 0, others; tiles of 16 and 32 rows), which also compiles it before any
+        for (M == 1, M % 16 == 0, others; tiles of 16, 32 and 64 rows), which also compiles it before any
         capture; an error or a relative difference over GEMV_CHECK_TOLERANCE turns it off for the model
         with a warning. Returns the layers set (0 when turned off)."""
         layers = [self.lm_head]
@@ -281,7 +282,7 @@ class Glm4vModel(nn.Module):
         gen = torch.Generator(device=self.device).manual_seed(0)
         kinds = (first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
                  first.mlp.down_proj, self.lm_head)  # fmt: skip
-        for rows in (1, 2, 16, 17, 32):
+        for rows in (r for r in (1, 2, 16, 17, 32, 33, 64) if r <= gemv.MAX_ROWS):
             for module in kinds:
                 x = torch.randn(rows, module.weight.shape[1], device=self.device, generator=gen)
                 x = x.to(self.dtype)
