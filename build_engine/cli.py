@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-gemv",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="steps of up to 32 tokens run the decoder's matmuls through one Triton kernel per layer "
+        help="steps of up to 64 tokens run the decoder's matmuls through one Triton kernel per layer "
         "(weights read once, no split-K reduce, gate/up and silu_mul fused; CUDA only); "
         "--no-decode-gemv: cuBLAS (and the FP8 layers' per-tensor GEMM)",
     )

@@ -290,7 +290,7 @@ class EngineConfig:
     # weights) instead of a decode graph and a prefill graph (needs prefill_cuda_graphs; CUDA only; the
     # graphs are captured at start-up, docs/DESIGN.md)
     mixed_step_graphs: bool = True
-    # Steps of up to 32 tokens (decode steps, short follow-up chunks) run the decoder's linear layers and
+    # Steps of up to 64 tokens (decode steps, short follow-up chunks) run the decoder's linear layers and
     # the lm_head through one Triton kernel per layer that reads the weights once, without cuBLAS's
     # split-K reduce, the gate/up projection and silu_mul fused (engine.kernels.gemv; CUDA only). On an
     # H100 batch-1 decode 7.42 -> 7.01 ms/token, the same greedy tokens (benchmarks.gemv_bench)
