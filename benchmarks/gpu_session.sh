@@ -148,9 +148,11 @@ elif [ "$PART" = 6 ]; then
   [ "${CACHE_OFF:-1}" = 0 ] || timeout $(($(left) - 10)) python3 -m benchmarks.gpu_harness --out "$OUT/cache_off" --skip baseline,roofline \
     --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0 ${off_args//,/ }" \
     --serve-phases "${CACHE_OFF_PHASES:-c32_1288,followup_1288,reuse_c32_1288,conversation_1288}" 2>&1 | grep -v '^\[c='
-  # TTFT_PROBE=1: benchmarks.ttft_probe last, with what is left
+  # TTFT_PROBE=1: benchmarks.ttft_probe last, with what is left (TTFT_ARGS: its flags, e.g.
+  # "--follow-up-only --sizes 1288x728", ~1.5 min)
+  read -ra ttft_args <<<"${TTFT_ARGS:-}"
   [ "${TTFT_PROBE:-0}" = 0 ] || [ "$(left)" -lt 60 ] || timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe \
-    --out "$OUT/ttft" 2>&1 | grep -E '^[0-9]|chunked|decode b|small copies'
+    --out "$OUT/ttft" "${ttft_args[@]}" 2>&1 | grep -E '^[0-9]|chunked|decode b|small copies'
 elif [ "$PART" = 7 ]; then
   # the end-to-end harness (as PART=1), then guided decoding inside the engine
   timeout 330 python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline --budget-s 320 \

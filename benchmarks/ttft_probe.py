@@ -29,6 +29,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _text_high(mc) -> int:
+    """The probe's text ids are drawn below this: 150000, or below the model's first special id."""
+    return min(150000, mc.image_token_id, mc.image_start_token_id, mc.image_end_token_id, *mc.eos_token_ids)
+
+
 def _request(ex, mc, size, rid: str, gen: torch.Generator, images: int = 1):
     """A 30-token question about ``images`` random images of ``size`` (width, height; rounded to the
     ViT's 28-pixel unit, not resized by the processor's pixel limits: `full_size_image_size` does that)."""
@@ -42,7 +47,7 @@ def _request(ex, mc, size, rid: str, gen: torch.Generator, images: int = 1):
     gh, gw = height // vision.patch_size, width // vision.patch_size
     grid = torch.tensor([[1, gh, gw]] * images)
     num_image_tokens = gh * gw // vision.spatial_merge_size**2
-    text = torch.randint(0, 150000, (30,), generator=gen).tolist()
+    text = torch.randint(0, _text_high(mc), (30,), generator=gen).tolist()
     image = [mc.image_start_token_id] + [mc.image_token_id] * num_image_tokens + [mc.image_end_token_id]
     ids = text[:4] + image * images + text[4:]
     positions, delta = get_mrope_positions(ids, grid, mc)
@@ -137,12 +142,13 @@ def _decode_b1_ms(ex, req, loop: bool) -> float:
     return (seen[-1][0] - seen[0][0]) / max(tokens, 1) * 1e3
 
 
-def _follow_up(req, rid: str, gen: torch.Generator):
-    """Another question about the same image: the prompt up to the image's end, then 26 new tokens."""
+def _follow_up(req, rid: str, gen: torch.Generator, high: int = 150000):
+    """Another question about the same image: the prompt up to the image's end, then 26 new tokens (ids
+    below ``high``)."""
     import dataclasses
 
     end = max(i for i, t in enumerate(req.prompt_token_ids) if t == req.prompt_token_ids[5]) + 2
-    tail = torch.randint(0, 150000, (len(req.prompt_token_ids) - end,), generator=gen).tolist()
+    tail = torch.randint(0, high, (len(req.prompt_token_ids) - end,), generator=gen).tolist()
     return dataclasses.replace(req, request_id=rid, prompt_token_ids=req.prompt_token_ids[:end] + tail)
 
 
@@ -161,7 +167,7 @@ def _served_follow_up(ex, req, rid: str, gen: torch.Generator):
     have ``image_hashes`` (`_with_hash`) and have run."""
     import dataclasses
 
-    follow = _follow_up(req, rid, gen)
+    follow = _follow_up(req, rid, gen, _text_high(ex.model_config))
     held = ex.held_image_embeds(req.image_hashes)
     if held is None:
         return follow
@@ -211,6 +217,68 @@ def _profiled_step(ex, req, path: Path) -> tuple[float, float]:
     path.write_text(table + "\n" + events.table(sort_by="self_cuda_time_total", row_limit=25))
     cpu_ms = sum(e.self_cpu_time_total for e in events) / 1e3
     return cpu_ms, sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+
+
+def _host_profiled_step(ex, req, path: Path) -> float:
+    """``req`` run to its end under cProfile (`_first_step_ms`): the engine's Python functions by cumulative
+    time, written to ``path`` (the one that waits for the GPU's tokens holds the GPU's time). Returns its
+    wall ms."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    ms = _first_step_ms(ex, req)
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(45)
+    path.write_text(f"wall {ms:.3f} ms under cProfile\n" + out.getvalue())
+    return ms
+
+
+def follow_up_only(ex, mc, sizes: list[str], out: Path, gen: torch.Generator) -> dict:
+    """The follow-up question as the server runs it (image hash given, the held embeddings, no pixels),
+    for each size: its first step's wall time (5 runs), each step of it timed alone, its tables under
+    torch's profiler (host and GPU time) and under cProfile (the engine's Python by cumulative time); with
+    the first question's step and batch-1 decode to set it beside."""
+    res: dict = {}
+    for size_text in sizes:
+        size = tuple(int(v) for v in size_text.split("x"))
+        for i in range(2):
+            _first_step_ms(ex, _with_hash(_request(ex, mc, size, f"ow{i}", gen)))
+        _idle(ex)
+        row: dict = {}
+        firsts, served, steps = [], [], []
+        for i in range(5):
+            first = _with_hash(_request(ex, mc, size, f"o{i}", gen))
+            firsts.append(_first_step_ms(ex, first))
+            served.append(_first_step_ms(ex, _served_follow_up(ex, first, f"o{i}b", gen)))
+        first = _with_hash(_request(ex, mc, size, "ostep", gen))
+        _first_step_ms(ex, first)
+        steps = _step_times_ms(ex, _served_follow_up(ex, first, "ostep-b", gen))
+        first = _with_hash(_request(ex, mc, size, "oprof", gen))
+        _first_step_ms(ex, first)
+        follow = _served_follow_up(ex, first, "oprof-b", gen)
+        row["prompt_tokens"] = len(follow.prompt_token_ids)
+        row["held_embeddings"] = follow.image_pixels is None
+        row["profiled_cpu_ms"], row["profiled_cuda_ms"] = _profiled_step(
+            ex, follow, out / f"ttft_profile_followup_served_{size_text}.txt"
+        )
+        first = _with_hash(_request(ex, mc, size, "ohost", gen))
+        _first_step_ms(ex, first)
+        row["cprofile_wall_ms"] = _host_profiled_step(
+            ex,
+            _served_follow_up(ex, first, "ohost-b", gen),
+            out / f"ttft_host_followup_served_{size_text}.txt",
+        )
+        row["first_question_first_step_ms"] = sorted(firsts)[2]
+        row["follow_up_served_first_step_ms"] = sorted(served)[2]
+        row["follow_up_served_runs_ms"] = [round(v, 3) for v in served]
+        row["follow_up_served_step_ms"] = steps
+        res[size_text] = row
+        print(size_text, json.dumps(row))
+    return res
 
 
 def _vit_graphs(ex, pixels: torch.Tensor, grid: torch.Tensor) -> dict:
@@ -265,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick-only", action="store_true", help="only the --quick-sizes, for a short call")
     ap.add_argument(
+        "--follow-up-only",
+        action="store_true",
+        help="only the follow-up question as the server runs it, for each of --sizes (its steps, profiles and "
+        "Python by cumulative time), and batch-1 decode at --context, for a short call",
+    )
+    ap.add_argument(
         "--harness-json",
         type=Path,
         help="a gpu_harness run's harness.json on this machine: its large images' TTFT set beside their "
@@ -276,6 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     ex, mc, _, res = _full_engine(device)
     gen = torch.Generator().manual_seed(0)
     res["sizes"] = {}
+    if args.follow_up_only:
+        res["follow_up"] = follow_up_only(ex, mc, args.sizes.split(","), args.out, gen)
+        from engine.llm_engine import GenerationRequest
+        from engine.sample.sampler import SamplingParams
+
+        ids = torch.randint(0, 150000, (args.context,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=65, temperature=0.0, ignore_eos=True)
+        res[f"decode_ms_per_token_b1_context_{args.context}"] = ms = _decode_b1_ms(
+            ex, GenerationRequest("d", ids, params), loop=False
+        )
+        print(f"decode b1, context {args.context}: {ms:.3f} ms/token")
+        (args.out / "ttft_probe.json").write_text(json.dumps(res, indent=2))
+        return 0
     for size_text in [] if args.quick_only else args.sizes.split(","):
         size = tuple(int(v) for v in size_text.split("x"))
         for i in range(2):  # warm: shapes seen once

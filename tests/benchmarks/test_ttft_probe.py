@@ -101,3 +101,24 @@ def test_large_image_ratios_set_the_servers_ttft_beside_the_first_step_alone() -
         },
     }
     assert large_image_ratios(sizes, {"phases": {"serve": {}}}) == {}
+
+
+def test_follow_up_only_runs_the_served_follow_up(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`--follow-up-only`'s part on CPU: the follow-up reaches the engine without pixels (the embeddings its
+    engine holds), every table is written, and its steps are timed."""
+    from benchmarks.ttft_probe import follow_up_only
+    from engine.config import EngineConfig, ModelConfig
+    from engine.llm_engine import LLMEngine
+
+    mc = ModelConfig.from_pretrained(tiny_checkpoint)
+    ex = LLMEngine(mc, EngineConfig(max_model_len=1024, num_kv_blocks=256), None)
+    res = follow_up_only(ex, mc, ["112x84"], tmp_path, torch.Generator().manual_seed(0))
+    row = res["112x84"]
+    assert row["held_embeddings"] is True
+    assert row["prompt_tokens"] == 30 + 12 + 2
+    assert len(row["follow_up_served_runs_ms"]) == 5 and row["follow_up_served_first_step_ms"] > 0
+    assert row["follow_up_served_step_ms"] and all(t > 0 for t in row["follow_up_served_step_ms"])
+    assert "Self CPU" in (tmp_path / "ttft_profile_followup_served_112x84.txt").read_text()
+    host = (tmp_path / "ttft_host_followup_served_112x84.txt").read_text()
+    assert "engine_core.py" in host and "cumulative" in host
+    assert not ex.has_unfinished()
