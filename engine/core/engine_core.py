@@ -10,6 +10,9 @@ with "abort" and ``error`` set; the core keeps serving the others.
 Decode steps run one ahead of the host where they can: a decode-only step that replays a CUDA graph is
 launched without waiting for its tokens; the next step is launched (its input tokens still on the GPU)
 before the first one's tokens are read, so the host's work for one step overlaps the GPU's for the next.
+When the next step cannot run ahead (new requests, images to encode), its ViT work is still launched
+before the launched step's tokens are read, so the GPU goes on from one to the other while the host
+applies the tokens.
 With a grammar in the batch the next step's forward is launched first; while it runs, the previous tokens
 are read and the grammars' masks filled from them; the step is sampled, and only then are the previous
 tokens applied to the sequences and turned into outputs.
@@ -83,11 +86,12 @@ class EngineCore:
         started = time.monotonic()
         outputs: list[RequestOutput] = []
         pending, self._pending = self._pending, None
+        resolved = None
         if pending is not None:
             ahead, resolved = self._run_ahead(pending) if not new_seqs and not aborted else (None, None)
-            outputs = resolved if resolved is not None else self._resolve(pending)
             if ahead is not None:
                 self._pending = ahead
+                outputs = resolved if resolved is not None else self._resolve(pending)
                 self._record_step(outputs, started, len(ahead.seqs), 1, ahead=True)
                 return outputs
         for seq in new_seqs:
@@ -95,12 +99,17 @@ class EngineCore:
                 self.vision.add(seq)
             else:
                 self.scheduler.add(seq)
+        # the ViT's work of this step is launched before a launched decode step's tokens are read: its
+        # kernels queue behind that step's, and the host reads and applies the tokens while they run
+        failed = self.vision.step()
+        if pending is not None:
+            outputs = resolved if resolved is not None else self._resolve(pending)
         for seq in aborted:
             if seq.is_finished:
                 continue
             self._finish(seq, "abort")
             outputs.append(self._output(seq))
-        outputs += [self._output(seq, error) for seq, error in self.vision.step()]
+        outputs += [self._output(seq, error) for seq, error in failed]
 
         out = self.scheduler.schedule()
         for seq in out.preempted:

@@ -464,6 +464,73 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
     assert ex.stats().num_steps_ahead == sum(ahead)
 
 
+def test_images_arriving_during_run_ahead_are_encoded_before_the_launched_step_is_read(
+    model,  # noqa: F811
+    model_config,  # noqa: F811
+) -> None:
+    """Requests with images arrive (and one is aborted as it arrives) while decode steps run ahead: in
+    that step the ViT's work is launched before the launched step's tokens are read, and every token
+    equals the synchronous engine's; no block is left held."""
+    from engine.runner.model_runner import PendingDecode
+
+    mc = model_config
+
+    def requests() -> list[GenerationRequest]:
+        reqs = [
+            GenerationRequest("a", prompt(90, 6), greedy(16, ignore_eos=True)),
+            GenerationRequest("b", prompt(91, 9), greedy(14, ignore_eos=True)),
+        ]
+        for rid, grids, seed in (
+            ("img1", [(1, 4, 6)], 3),
+            ("img2", [(1, 4, 4), (1, 2, 6)], 4),
+            ("cut", [(1, 6, 4)], 5),
+        ):
+            ids, patches, grid, positions, delta = image_request(mc, rid, grids, seed)
+            reqs.append(
+                GenerationRequest(rid, ids, greedy(7, ignore_eos=True), image_pixels=patches, image_grid_thw=grid,
+                                  mrope_positions=positions, mrope_delta=delta)
+            )  # fmt: skip
+        return reqs
+
+    def run(ex: LLMEngine, order: list[str] | None = None) -> dict[str, list]:
+        reqs = requests()
+        outputs: dict[str, list] = {}
+        for req in reqs[:2]:
+            ex.add_request(req)
+        step = 0
+        while ex.has_unfinished() or step < 6:
+            if step == 4:
+                for req in reqs[2:]:
+                    ex.add_request(req)
+                ex.abort("cut")
+            if order is not None:
+                order.append(f"step {step}")
+            for o in ex.step():
+                outputs.setdefault(o.request_id, []).append(o)
+            step += 1
+            assert step < 300
+        assert ex.block_manager.num_used_blocks == 0
+        return {rid: tokens(outs) for rid, outs in outputs.items()} | {
+            "cut": outputs["cut"][-1].finish_reason
+        }
+
+    want = run(make_engine(model, mc))
+    ex = _split_engine(model, mc)
+    order: list[str] = []
+    vision_step, read = ex.core.vision.step, PendingDecode.tokens
+    ex.core.vision.step = lambda: order.append("vision") or vision_step()
+    try:
+        PendingDecode.tokens = lambda self: order.append("read") or read(self)
+        got = run(ex, order)
+    finally:
+        PendingDecode.tokens = read
+    assert got == want and want["cut"] == "abort"
+    assert set(want) == {"a", "b", "img1", "img2", "cut"} and len(want["img2"]) == 7
+    arrival = order[order.index("step 4") + 1 : order.index("step 5")]
+    assert arrival == ["vision", "read"], order  # the ViT launched behind the launched step, then its tokens
+    assert ex.stats().num_steps_ahead > 5
+
+
 def test_context_attention_reference_equals_paged_attention() -> None:
     """context_slots metadata (chunks attending to cached context gathered by slot) == the paged path."""
     gen = torch.Generator().manual_seed(1)
