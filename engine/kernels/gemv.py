@@ -204,6 +204,7 @@ if HAS_TRITON:
         DOT_F32: tl.constexpr,
         PDL: tl.constexpr,
         QUANT_X: tl.constexpr,  # FP8: x is 16-bit, its rows quantized here (FP8_QUANT_IN_KERNEL_ROWS)
+        QUANT_BLOCK: tl.constexpr,  # QUANT_X: columns of a row read at once for its amax
     ):
         _pdl_enter(PDL)
         pid = tl.program_id(0)
@@ -218,12 +219,15 @@ if HAS_TRITON:
         w_ptrs = w_ptr + w_rows[:, None] * K + kk[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if QUANT_X:  # the rows' amax over the whole of K, then scale = max(amax / FP8_MAX, MIN_ACT_SCALE)
-            amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for k0 in range(0, K, SUB_K):
-                x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & (kk[None, :] < K - k0), other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-            x_scale = tl.maximum(amax / FP8_MAX_C, MIN_ACT_SCALE_C)
+        if QUANT_X:  # each row's amax over the whole of K, then scale = max(amax / FP8_MAX, MIN_ACT_SCALE)
+            qk = tl.arange(0, QUANT_BLOCK)
+            for m in range(0, M):  # a row at a time, QUANT_BLOCK columns a load: few rows, few long loads
+                amax = tl.zeros((QUANT_BLOCK,), dtype=tl.float32)
+                for k0 in range(0, K, QUANT_BLOCK):
+                    v = tl.load(x_ptr + m * x_stride + k0 + qk, mask=qk < K - k0, other=0.0)
+                    amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+                scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_C, MIN_ACT_SCALE_C)
+                x_scale = tl.where(rows == m, scale, x_scale)
         if SILU_MUL:
             u_ptrs = w_ptrs + up_rows.to(tl.int64) * K
             acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -302,6 +306,7 @@ def _launch(
             FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB_K=sub_k,
             EVEN_K=k % block_k == 0, DOT_F32=INTERPRET, QUANT_X=quant_x,
+            QUANT_BLOCK=min(1024, triton.next_power_of_2(k)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
         )  # fmt: skip
     return y
