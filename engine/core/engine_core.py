@@ -125,6 +125,9 @@ class EngineCore:
             else:
                 try:
                     sampled = self.runner.execute(out)
+                    # the next step's share of a split ViT forward, queued now: it runs while the host
+                    # applies these tokens and prepares that step
+                    outputs += [self._output(seq, error) for seq, error in self.vision.advance_ahead()]
                 except Exception as exc:  # the batch's requests end; the engine keeps serving the others
                     logger.exception("[glm-engine] model step failed; aborting %d requests", len(out.seqs))
                     for seq in out.seqs:

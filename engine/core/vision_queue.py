@@ -13,7 +13,9 @@ Without it, the forward runs in the engine step, ahead of the decoder's, so ever
 for it. While sequences decode, a batch therefore holds at most ``patches_per_step`` patches (whole
 requests: one request over it forms a batch alone), and a batch over it is split by blocks across steps:
 each step runs as many blocks as ``patches_per_step`` patches through the whole tower cost (at least one),
-and the batch joins the scheduler in the step its last block ran. While nothing decodes, batches take up
+and the batch joins the scheduler in the step its last block ran. After the first, a step's blocks are
+queued at the end of the step before, once its decoder forward has given its tokens (``advance_ahead``): the
+GPU runs them while the host finishes that step and prepares this one. While nothing decodes, batches take up
 to ``max_num_vision_patches`` and run whole (a split forward's rest runs at once).
 
 Stepping thread only."""
@@ -44,6 +46,7 @@ class VisionBatch:
     embeds: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None  # recorded on the vision stream after the forward (CUDA)
     vision_pass: VisionPass | None = None  # a forward split across steps, until its last block
+    ahead: bool = False  # the coming step's blocks already ran (`VisionQueue.advance_ahead`)
 
 
 class VisionQueue:
@@ -148,6 +151,21 @@ class VisionQueue:
             return failed
         return failed + self._finish(vision)
 
+    def advance_ahead(self) -> list[tuple[Sequence, str]]:
+        """Run the coming step's blocks of a split forward now, right after this step's forward: their
+        kernels queue behind it and run while the host applies this step's tokens and prepares the next
+        step, which then only collects them. Returns the requests a failed forward ended, with the error."""
+        vision = self.inflight
+        if vision is None or vision.vision_pass is None or vision.ahead or not self._budgeted():
+            return []
+        try:
+            self._advance(vision)
+        except Exception as exc:
+            self.inflight = None
+            return self._fail(vision, exc)
+        vision.ahead = True
+        return []
+
     def _budgeted(self) -> bool:
         """Whether this step's ViT work keeps to ``patches_per_step`` (sequences decode, and the forward
         would run in their step: no vision stream)."""
@@ -171,9 +189,17 @@ class VisionQueue:
         vision = self.inflight
         if vision is None:
             return []
-        if vision.vision_pass is not None:
+        if vision.vision_pass is not None or vision.ahead:
             try:
-                if not self._advance(vision):
+                if vision.ahead:  # this step's blocks ran at the end of the last step
+                    vision.ahead = False
+                    # with nothing decoding any more, the rest runs now (as `_advance` does)
+                    done = vision.vision_pass is None or (
+                        not self.scheduler.running and self._advance(vision)
+                    )
+                else:
+                    done = self._advance(vision)
+                if not done:
                     return []
             except Exception as exc:
                 self.inflight = None

@@ -82,22 +82,36 @@ def test_a_failed_vit_forward_ends_its_batch_only(model, model_config):  # noqa:
 
 
 class SplitRecorder:
-    """Wraps the engine's real runner: records (engine step, blocks asked for) of each split ViT step and
-    each whole batch's patch count; can fail the n-th split step on purpose."""
+    """Wraps the engine's real runner: records (engine step, blocks asked for, whether that step's decoder
+    forward had run) of each split ViT step and each whole batch's patch count; can fail the n-th split step
+    on purpose. ``virtual_depth``: a tower of that many blocks (the tiny one has 2): the real blocks run
+    when that many have been asked for. Pass it the engine to see its forwards."""
 
-    def __init__(self, runner, fail_on: int | None = None) -> None:
-        self.runner, self.fail_on = runner, fail_on
+    def __init__(
+        self, runner, fail_on: int | None = None, virtual_depth: int | None = None, engine=None
+    ) -> None:
+        self.runner, self.fail_on, self.virtual_depth = runner, fail_on, virtual_depth
         self.step, self.advances, self.whole = 0, [], []
+        self.forward_step = -1  # the last engine step whose decoder forward ran
+        self.asked: dict[int, int] = {}  # blocks asked for, by pass
+        if engine is not None:
+            execute = engine.runner.execute
+            engine.runner.execute = lambda out: setattr(self, "forward_step", self.step) or execute(out)
 
     def encode_images(self, images):
         self.whole.append(sum(int(grid.prod()) for _, grid in images))
         return self.runner.encode_images(images)
 
     def advance_images(self, vision_pass, num_blocks):
-        self.advances.append((self.step, num_blocks))
+        self.advances.append((self.step, num_blocks, self.forward_step == self.step))
         if self.fail_on == len(self.advances):
             raise RuntimeError("out of memory (on purpose)")
-        return self.runner.advance_images(vision_pass, num_blocks)
+        if self.virtual_depth is None:
+            return self.runner.advance_images(vision_pass, num_blocks)
+        asked = self.asked[id(vision_pass)] = self.asked.get(id(vision_pass), 0) + num_blocks
+        if asked < self.virtual_depth:
+            return False
+        return self.runner.advance_images(vision_pass, 1 << 20)
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -136,22 +150,29 @@ def image_with_reference(ex, mc, request_id: str, max_tokens: int, seed: int):
 def test_the_vit_is_split_across_steps_while_others_decode(model, model_config):  # noqa: F811
     """Over ``vision_patches_per_step``, a ViT batch runs a block per step beside a decoding request, which
     gets a token in each of those steps; every token equals the reference's (the split forward is exact).
-    An image that arrives while nothing decodes runs whole."""
+    The first block runs in the step the batch starts, before its decoder forward; each later one is
+    queued right after the forward of the step before its own (`VisionQueue.advance_ahead`), and the
+    request's prefill starts in the step of its last block, as when each block ran in its own step. An
+    image that arrives while nothing decodes runs whole."""
     from tests.engine.test_llm_engine import reference_greedy, tokens
 
     mc = model_config
-    ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
-    recorder = SplitRecorder(ex.runner)
-    ex.core.vision.runner = recorder
-    image, image_ref = image_with_reference(ex, mc, "img", 5, seed=4)
-    text = GenerationRequest("text", prompt(3, 6), greedy(12, ignore_eos=True))
-    outputs, per_step = run_recorded(ex, recorder, {0: [text], 2: [image]})
-    depth = mc.vision_config.depth
-    assert depth > 1 and recorder.whole == []
-    assert recorder.advances == [(2 + k, 1) for k in range(depth)]  # 24 patches > 8: one block a step
-    assert all(per_step[s].get("text") == 1 for s, _ in recorder.advances)  # the decode went on each step
-    assert tokens(outputs["text"]) == reference_greedy(model, mc, prompt(3, 6), 12, ignore_eos=True)
-    assert tokens(outputs["img"]) == image_ref
+    for depth in (mc.vision_config.depth, 4):
+        ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
+        virtual = None if depth == mc.vision_config.depth else depth
+        recorder = SplitRecorder(ex.runner, virtual_depth=virtual, engine=ex)
+        ex.core.vision.runner = recorder
+        ex.core.vision.depth = depth
+        image, image_ref = image_with_reference(ex, mc, "img", 5, seed=4)
+        text = GenerationRequest("text", prompt(3, 6), greedy(12, ignore_eos=True))
+        outputs, per_step = run_recorded(ex, recorder, {0: [text], 2: [image]})
+        assert depth > 1 and recorder.whole == []
+        # 24 patches > 8: one block a step, the block of step s + 1 after step s's forward
+        assert recorder.advances == [(2, 1, False)] + [(2 + k, 1, True) for k in range(depth - 1)]
+        assert all(per_step[s].get("text") == 1 for s in range(2, 2 + depth))  # the decode went on each step
+        assert next(s for s, counts in enumerate(per_step) if "img" in counts) == 2 + depth - 1
+        assert tokens(outputs["text"]) == reference_greedy(model, mc, prompt(3, 6), 12, ignore_eos=True)
+        assert tokens(outputs["img"]) == image_ref
 
     alone, alone_ref = image_with_reference(ex, mc, "alone", 4, seed=5)
     outputs, _ = run_recorded(ex, recorder, {recorder.step: [alone]})
@@ -160,19 +181,21 @@ def test_the_vit_is_split_across_steps_while_others_decode(model, model_config):
 
 
 def test_a_split_vit_forward_finishes_at_once_when_decodes_end(model, model_config):  # noqa: F811
-    """The decoding request ends after the first block: the rest of the forward runs in the next step."""
+    """The decoding request ends in the step the forward starts (its first block, and the next queued after
+    that step's decoder forward): the rest of a 4-block forward runs in the next step, at once."""
     from tests.engine.test_llm_engine import tokens
 
     mc = model_config
     ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
-    recorder = SplitRecorder(ex.runner)
+    recorder = SplitRecorder(ex.runner, virtual_depth=4, engine=ex)
     ex.core.vision.runner = recorder
+    ex.core.vision.depth = 4
     image, image_ref = image_with_reference(ex, mc, "img", 4, seed=6)
     text = GenerationRequest(
         "text", prompt(4, 6), greedy(3, ignore_eos=True)
     )  # prefill + 2 decodes: steps 0-2
     outputs, _ = run_recorded(ex, recorder, {0: [text], 2: [image]})
-    assert recorder.advances == [(2, 1), (3, mc.vision_config.depth)]
+    assert recorder.advances == [(2, 1, False), (2, 1, True), (3, 4, False)]
     assert tokens(outputs["img"]) == image_ref
 
 
@@ -182,10 +205,12 @@ def test_a_failed_or_aborted_split_forward_ends_only_its_requests(model, model_c
     from tests.engine.test_llm_engine import reference_greedy
 
     mc = model_config
-    for fail_on, abort in ((2, False), (None, True)):
+    # the third block (queued after step 3's forward) fails; or the request is aborted after step 2
+    for fail_on, abort in ((3, False), (None, True)):
         ex = make_engine(model, mc, vision_patches_per_step=8, image_cache_mb=0)
-        recorder = SplitRecorder(ex.runner, fail_on=fail_on)
+        recorder = SplitRecorder(ex.runner, fail_on=fail_on, virtual_depth=4, engine=ex)
         ex.core.vision.runner = recorder
+        ex.core.vision.depth = 4
         image, _ = image_with_reference(ex, mc, "img", 4, seed=7)
         text = GenerationRequest("text", prompt(5, 6), greedy(10, ignore_eos=True))
         ex.add_request(text)
@@ -209,6 +234,8 @@ def test_a_failed_or_aborted_split_forward_ends_only_its_requests(model, model_c
             assert last.finish_reason == "abort"
             assert last.error == "vision encoder error: out of memory (on purpose)"
         assert sum(len(o.new_token_ids) for o in outputs["img"]) == 0
+        if not abort:  # the failing block was the one queued after step 3's forward
+            assert recorder.advances == [(2, 1, False), (2, 1, True), (3, 1, True)]
         ref = reference_greedy(model, mc, prompt(5, 6), 10, ignore_eos=True)
         assert [t for o in outputs["text"] for t in o.new_token_ids] == ref
         assert ex.core.vision.is_idle and ex.stats().num_waiting == 0 and not ex.core.scheduler.running
