@@ -9,6 +9,7 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -88,15 +89,20 @@ def reference_greedy(
 
 
 def run_to_end(
-    ex: LLMEngine, arrivals: dict[int, list[GenerationRequest]] | None = None
+    ex: LLMEngine,
+    arrivals: dict[int, list[GenerationRequest]] | None = None,
+    before_step: Callable[[int], object] | None = None,
 ) -> dict[str, list[RequestOutput]]:
-    """Step until done; ``arrivals[k]`` are added before step k. Returns every output per request."""
+    """Step until done; ``arrivals[k]`` are added before step k, then ``before_step(k)`` is called (an
+    abort, a mark). Returns every output per request."""
     arrivals = dict(arrivals or {})
     outputs: dict[str, list[RequestOutput]] = {}
     step = 0
     while arrivals or ex.has_unfinished():
         for req in arrivals.pop(step, []):
             ex.add_request(req)
+        if before_step is not None:
+            before_step(step)
         for out in ex.step():
             outputs.setdefault(out.request_id, []).append(out)
         step += 1

@@ -9,6 +9,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kernels import fused
+from engine.runner.cuda_graphs import capture_forward
 
 
 def test_pdl_is_off_where_it_cannot_run() -> None:
@@ -79,14 +80,7 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_graph() -> None:
             for _ in range(3):
                 got = _decoder_ops(*args)
                 assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), trigger
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                _decoder_ops(*args)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static = _decoder_ops(*args)
+            graph, static, _ = capture_forward(_decoder_ops, args, None)  # as the engine captures
             for _ in range(5):
                 graph.replay()
                 torch.cuda.synchronize()

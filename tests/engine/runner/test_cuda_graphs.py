@@ -433,20 +433,8 @@ def test_decode_steps_run_one_ahead_and_give_the_same_tokens(model, model_config
 
     def run(ex: LLMEngine) -> dict[str, list]:
         reqs = requests()
-        outputs: dict[str, list] = {}
-        for req in reqs[:5] + reqs[6:]:
-            ex.add_request(req)
-        step = 0
-        while ex.has_unfinished() or step < 9:
-            if step == 9:
-                ex.add_request(reqs[5])
-            if step == 12:
-                ex.abort("gone")
-            for o in ex.step():
-                outputs.setdefault(o.request_id, []).append(o)
-            step += 1
-            assert step < 500
-        assert ex.block_manager.num_used_blocks == 0
+        arrivals = {0: reqs[:5] + reqs[6:], 9: [reqs[5]]}
+        outputs = run_to_end(ex, arrivals, lambda step: step == 12 and ex.abort("gone"))
         return {rid: tokens(outs) for rid, outs in outputs.items()} | {
             "gone": outputs["gone"][-1].finish_reason
         }
@@ -494,22 +482,14 @@ def test_images_arriving_during_run_ahead_are_encoded_before_the_launched_step_i
 
     def run(ex: LLMEngine, order: list[str] | None = None) -> dict[str, list]:
         reqs = requests()
-        outputs: dict[str, list] = {}
-        for req in reqs[:2]:
-            ex.add_request(req)
-        step = 0
-        while ex.has_unfinished() or step < 6:
+
+        def before_step(step: int) -> None:
             if step == 4:
-                for req in reqs[2:]:
-                    ex.add_request(req)
-                ex.abort("cut")
+                ex.abort("cut")  # as it arrives
             if order is not None:
                 order.append(f"step {step}")
-            for o in ex.step():
-                outputs.setdefault(o.request_id, []).append(o)
-            step += 1
-            assert step < 300
-        assert ex.block_manager.num_used_blocks == 0
+
+        outputs = run_to_end(ex, {0: reqs[:2], 4: reqs[2:]}, before_step)
         return {rid: tokens(outs) for rid, outs in outputs.items()} | {
             "cut": outputs["cut"][-1].finish_reason
         }
