@@ -261,9 +261,6 @@ ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
     "gemv": {"decode_gemv": True},
     "pdl": {"decode_gemv": True, "decode_pdl": True},
     "pdlexit": {"decode_gemv": True, "decode_pdl": True},  # the next kernel launches as each program ends
-    "gemvq": {
-        "decode_gemv": True
-    },  # FP8: the kernel quantizes the rows itself (gemv.FP8_QUANT_IN_KERNEL_ROWS)
 }
 
 
@@ -279,10 +276,6 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     if method == "pdlexit":  # the engine turns PDL on through fused.set_pdl: with the "exit" trigger here
         set_pdl = fused.set_pdl
         fused.set_pdl = lambda on, trigger="exit": set_pdl(on, trigger)
-    if method == "gemvq":
-        from engine.kernels import gemv
-
-        gemv.FP8_QUANT_IN_KERNEL_ROWS = 4  # the amax pass reads each row: for the few rows of small batches
     ex, _, _, _ = _full_engine("cuda", quantization=quant, **ENGINE_METHODS[method])
     if method.startswith("pdl") and not pdl_enabled():
         raise RuntimeError("decode_pdl did not turn on (see the engine's warning)")
@@ -301,18 +294,13 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     return {"decode_ms_per_token_b1": sorted(times)[1], "context": context, "tokens": tokens}
 
 
-def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, gemv_fp8_rows_in_kernel: bool = False) -> dict:
-    """`engine_run` with cuBLAS and with the kernel (and with PDL; and in FP8; with
-    ``gemv_fp8_rows_in_kernel`` the FP8 kernel quantizing the rows itself), each engine in a Python of its
-    own. Greedy tokens are compared with the cuBLAS run's (PDL's and gemvq's with the kernel's: the same
-    bits)."""
+def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
+    """`engine_run` with cuBLAS and with the kernel (and with PDL; and in FP8), each engine in a Python of
+    its own. Greedy tokens are compared with the cuBLAS run's (PDL's with the kernel's: the same bits)."""
     out: dict = {}
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
-        methods = ["cublas", "gemv", "pdl", "pdlexit"] if pdl else ["cublas", "gemv"]
-        if quant == "fp8" and gemv_fp8_rows_in_kernel:
-            methods.append("gemvq")
-        for method in methods:
+        for method in ("cublas", "gemv", "pdl", "pdlexit") if pdl else ("cublas", "gemv"):
             key = f"{quant}_{method}"
             path = out_dir / f"engine_{key}.json"
             cmd = [sys.executable, "-m", "benchmarks.gemv_bench", "--out", str(out_dir), "--engine-run", key]
@@ -331,7 +319,6 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, gemv_fp8_rows_in_
             ("cublas", "gemv", "greedy_tokens_equal"),
             ("gemv", "pdl", "pdl_tokens_equal"),
             ("gemv", "pdlexit", "pdlexit_tokens_equal"),
-            ("gemv", "gemvq", "gemvq_tokens_equal"),
         ):
             if a in tokens and b in tokens:
                 pairs = list(zip(tokens[a], tokens[b], strict=False))
@@ -389,11 +376,6 @@ def main(argv: list[str] | None = None) -> int:
         "--pdl", action="store_true", help="with --engine: also the kernel with decode_pdl on (both triggers)"
     )
     ap.add_argument("--engine-only", action="store_true", help="the engine runs alone (no layers, no sweep)")
-    ap.add_argument(
-        "--fp8-rows-in-kernel",
-        action="store_true",
-        help="with --engine --fp8: also the FP8 engine whose kernel quantizes the rows itself (gemvq)",
-    )
     ap.add_argument("--plot", type=Path, help="only draw gemv.png beside this gemv_bench.json")
     ap.add_argument("--engine-run", help=argparse.SUPPRESS)  # one engine_run here: QUANT_gemv|QUANT_cublas
     ap.add_argument("--sweep-s", type=float, default=60.0, help="seconds for the block-size sweep (last)")
@@ -432,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"matmuls per decode step M={m}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in sums.items()))
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.engine or args.engine_only:
-        res["engine"] = engine_decode(args.fp8, args.out, args.pdl, args.fp8_rows_in_kernel)
+        res["engine"] = engine_decode(args.fp8, args.out, args.pdl)
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.engine_only:
         return 0

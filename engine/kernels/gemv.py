@@ -8,9 +8,8 @@ loads software-pipelined, and applies the layer's epilogue before it stores:
 * `skinny_linear(x [M, K], weight [N, K], bias [N] | None, scale [N] | None) -> [M, N]` in x's dtype:
   `x @ weight.T` accumulated in float32, `+ bias`. `weight` is x's dtype, or float8_e4m3fn with `scale`
   its per-output-channel `weight_scale` (engine.model.quant.Fp8Linear): then, as that layer's per-tensor
-  path computes, the rows are quantized to FP8 per token first (`quantize_rows_fp8`, one small kernel;
-  up to FP8_QUANT_IN_KERNEL_ROWS rows, off by default until measured, by each program itself, the same
-  bits), the dot runs on the FP8 tensor cores (each sum of at most FP8_PROMOTE_K = 128 products added to a
+  path computes, the rows are quantized to FP8 per token first (`quantize_rows_fp8`, one small kernel),
+  the dot runs on the FP8 tensor cores (each sum of at most FP8_PROMOTE_K = 128 products added to a
   float32 total, as cuBLAS's FP8 GEMM without fast accumulation does), and the epilogue applies row
   scale, column scale and bias.
 * `skinny_linear_silu_mul(x [M, K], gate_up [2I, K], scale [2I] | None) -> [M, I]`: the MLP's gate/up
@@ -47,10 +46,6 @@ if HAS_TRITON:
     import triton.language as tl
 
     from engine.kernels.fused import _pdl_enter, _round_to
-    from engine.model.quant import FP8_MAX, MIN_ACT_SCALE
-
-    FP8_MAX_C = tl.constexpr(FP8_MAX)  # the per-row quantization's constants, as quantize_rows_fp8's
-    MIN_ACT_SCALE_C = tl.constexpr(MIN_ACT_SCALE)
 
 MAX_ROWS = 64  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
@@ -60,13 +55,6 @@ ROW_TILES = (16, 32, 64)  # the kernel's row tile: the smallest that holds M (16
 # bits than float32 in a sum; 256 and 512 gave 7 bf16 steps at K = 528 on an H100 where 128 gave 2)
 FP8_PROMOTE_K = 128
 KERNEL_ROWS = ROW_TILES[-1]  # the most rows the kernel takes (the decoder sends it up to MAX_ROWS)
-# FP8 weights, rows not quantized by the caller: up to this many rows each program quantizes them itself
-# (one read of the rows for their amax before its main loop: the same bits as `quantize_rows_fp8`, one
-# kernel launch fewer); more rows, or 0, or Triton's interpreter (its float32 -> FP8 cast rounds differently
-# at an exponent carry), the quantization kernel first. Measured by `gemv_bench --engine-only --fp8`'s
-# "fp8_gemvq" run against "fp8_gemv".
-FP8_QUANT_IN_KERNEL_ROWS = 0
-QUANT_X_IN_INTERPRETER = False  # tests whose rows quantize exactly (no rounding) run it there too
 # shared memory for one program's pipelined buffers (H100/H200: 227 KiB per block; the rest for the epilogue)
 SMEM_BUDGET = 220 * 1024
 FP8_DTYPE = torch.float8_e4m3fn
@@ -147,15 +135,11 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
         PROMOTE: tl.constexpr,
-        x_scale,
-        QUANT: tl.constexpr,
     ):
         """acc [BLOCK_N, BLOCK_M] += W band [BLOCK_N, BLOCK_K] @ x rows [BLOCK_M, BLOCK_K].T, in x's and W's
         dtype (both bf16/fp16, or both FP8). DOT_F32: the interpreter, whose bf16 dot is wrong, multiplies in
         float32: the same products, exact either way. PROMOTE (FP8): the block's dot accumulates on its own
-        and is added to acc in float32 (the FP8 tensor cores keep fewer bits than float32 in their sums).
-        QUANT: x is 16-bit and W FP8: x quantized here with its rows' scales ``x_scale`` [BLOCK_M] as
-        `quantize_rows_fp8`'s kernel quantizes it."""
+        and is added to acc in float32 (the FP8 tensor cores keep fewer bits than float32 in their sums)."""
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
@@ -163,9 +147,6 @@ if HAS_TRITON:
             k_mask = tl.arange(0, BLOCK_K) < k_left
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if QUANT:
-            q = tl.div_rn(x.to(tl.float32), x_scale[:, None])
-            x = tl.minimum(tl.maximum(q, -FP8_MAX_C), FP8_MAX_C).to(w.dtype)
         if DOT_F32:
             return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         if PROMOTE:
@@ -203,8 +184,6 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
         PDL: tl.constexpr,
-        QUANT_X: tl.constexpr,  # FP8: x is 16-bit, its rows quantized here (FP8_QUANT_IN_KERNEL_ROWS)
-        QUANT_BLOCK: tl.constexpr,  # QUANT_X: columns of a row read at once for its amax
     ):
         _pdl_enter(PDL)
         pid = tl.program_id(0)
@@ -218,36 +197,22 @@ if HAS_TRITON:
         x_ptrs = x_ptr + rows[:, None] * x_stride + kk[None, :]
         w_ptrs = w_ptr + w_rows[:, None] * K + kk[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if QUANT_X:  # each row's amax over the whole of K, then scale = max(amax / FP8_MAX, MIN_ACT_SCALE)
-            qk = tl.arange(0, QUANT_BLOCK)
-            for m in range(0, M):  # a row at a time, QUANT_BLOCK columns a load: few rows, few long loads
-                amax = tl.zeros((QUANT_BLOCK,), dtype=tl.float32)
-                for k0 in range(0, K, QUANT_BLOCK):
-                    v = tl.load(x_ptr + m * x_stride + k0 + qk, mask=qk < K - k0, other=0.0)
-                    amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-                scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_C, MIN_ACT_SCALE_C)
-                x_scale = tl.where(rows == m, scale, x_scale)
         if SILU_MUL:
             u_ptrs = w_ptrs + up_rows.to(tl.int64) * K
             acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             for j in tl.static_range(BLOCK_K // SUB_K):
                 k_left = K - k0 - j * SUB_K
-                acc = _band_dot(
-                    x_ptrs, w_ptrs, m_mask, acc, k_left, SUB_K, EVEN_K, DOT_F32, FP8, x_scale, QUANT_X
-                )
+                acc = _band_dot(x_ptrs, w_ptrs, m_mask, acc, k_left, SUB_K, EVEN_K, DOT_F32, FP8)
                 if SILU_MUL:
-                    acc_up = _band_dot(
-                        x_ptrs, u_ptrs, m_mask, acc_up, k_left, SUB_K, EVEN_K, DOT_F32, FP8, x_scale, QUANT_X
-                    )
+                    acc_up = _band_dot(x_ptrs, u_ptrs, m_mask, acc_up, k_left, SUB_K, EVEN_K, DOT_F32, FP8)
                     u_ptrs += SUB_K
                 x_ptrs += SUB_K
                 w_ptrs += SUB_K
+        x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w_scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if FP8:
-            if not QUANT_X:
-                x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
+            x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
             w_scale = tl.load(w_scale_ptr + w_rows)
         out = _epilogue(acc, x_scale, w_scale, FP8)
         if SILU_MUL:
@@ -292,21 +257,16 @@ def _launch(
     if fp8:  # W8A8: the rows quantized per token as Fp8Linear quantizes them (or by the norm before)
         from engine.model.quant import quantize_rows_fp8
 
-        if x_fp8 is not None:
-            x_in, x_scale = x_fp8
-        elif m > FP8_QUANT_IN_KERNEL_ROWS or (INTERPRET and not QUANT_X_IN_INTERPRETER):
-            x_in, x_scale = quantize_rows_fp8(x)
+        x_in, x_scale = quantize_rows_fp8(x) if x_fp8 is None else x_fp8
         block_k = max(32, block_k)  # the FP8 dot's smallest K
     sub_k = min(block_k, FP8_PROMOTE_K) if fp8 else block_k
-    quant_x = fp8 and x_in is x  # the rows quantized in the kernel
     with device_guard(x):
         _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
             x_in, weight, x_scale, y if scale is None else scale, y if bias is None else bias, y,
             m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0,
             FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB_K=sub_k,
-            EVEN_K=k % block_k == 0, DOT_F32=INTERPRET, QUANT_X=quant_x,
-            QUANT_BLOCK=min(1024, triton.next_power_of_2(k)),
+            EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
         )  # fmt: skip
     return y

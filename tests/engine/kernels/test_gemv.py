@@ -260,60 +260,7 @@ def check_cuda_graph(device: str) -> None:
     assert torch.equal(out[1], gemv.skinny_linear_silu_mul(x, gate_up))
 
 
-def _exact_fp8_rows(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """bf16 rows [m, k] that per-row FP8 quantization maps without rounding: FP8 values times 2^-r, each
-    row's largest magnitude FP8_MAX * 2^-r (its scale 2^-r exactly), in the last column in every other row
-    (the amax pass's tail), else at a random one."""
-    from engine.model.quant import FP8_DTYPE, FP8_MAX
-
-    values = (torch.randn(m, k, generator=gen) * 40).clamp(-FP8_MAX / 2, FP8_MAX / 2).to(FP8_DTYPE).float()
-    for i in range(m):
-        column = k - 1 if i % 2 == 0 else int(torch.randint(0, k, (1,), generator=gen))
-        values[i, column] = FP8_MAX * (-1) ** i
-        values[i] *= 2.0 ** -(i % 5)
-    return values.to(torch.bfloat16)
-
-
-def check_quant_in_kernel(device: str) -> None:
-    """FP8 weights, 16-bit rows: the kernel quantizing the rows itself (`FP8_QUANT_IN_KERNEL_ROWS`) gives the
-    bits of the quantization kernel then the product, linear and silu_mul, K a multiple of the dots' K and
-    not (the amax pass's masked tail). In the interpreter on rows whose quantization is exact."""
-    from engine.kernels import gemv
-    from engine.model import quant
-    from engine.model.quant import quantize_rows_fp8, quantize_weight_fp8
-
-    def refuse(x):
-        raise AssertionError("quantize_rows_fp8 called: the kernel was to quantize the rows")
-
-    gen = torch.Generator().manual_seed(3)
-    saved = gemv.FP8_QUANT_IN_KERNEL_ROWS, gemv.QUANT_X_IN_INTERPRETER
-    try:
-        for m, n, k in ((1, 96, 528), (3, 64, 256), (16, 40, 4112)):
-            x = _exact_fp8_rows(m, k, gen).to(device)
-            if device == "cuda":  # compiled, any rows: the same cast as the quantization kernel's
-                x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
-            q, scale = quantize_weight_fp8(_weights(n, k, gen).to(device))
-            gq, gscale = quantize_weight_fp8(_weights(2 * n, k, gen).to(device))
-            bias = (torch.randn(n, generator=gen) * 0.1).to(device, torch.bfloat16)
-            rows = quantize_rows_fp8(x)
-            ref = gemv.skinny_linear(x, q, bias, scale, x_fp8=rows)
-            ref_silu = gemv.skinny_linear_silu_mul(x, gq, gscale, x_fp8=rows)
-            gemv.FP8_QUANT_IN_KERNEL_ROWS, gemv.QUANT_X_IN_INTERPRETER = 16, True
-            quant.quantize_rows_fp8 = refuse  # the rows must not go through the quantization kernel
-            try:
-                got = gemv.skinny_linear(x, q, bias, scale)
-                got_silu = gemv.skinny_linear_silu_mul(x, gq, gscale)
-            finally:
-                quant.quantize_rows_fp8 = quantize_rows_fp8
-                gemv.FP8_QUANT_IN_KERNEL_ROWS, gemv.QUANT_X_IN_INTERPRETER = saved
-            assert torch.equal(got, ref), f"M={m} N={n} K={k}: {(got.float() - ref.float()).abs().max()}"
-            assert torch.equal(got_silu, ref_silu), f"silu_mul M={m} N={n} K={k}"
-    finally:
-        gemv.FP8_QUANT_IN_KERNEL_ROWS, gemv.QUANT_X_IN_INTERPRETER = saved
-
-
 CHECKS: dict[str, Callable[..., None]] = {
-    "quant_in_kernel": check_quant_in_kernel,
     "linear": check_linear,
     "silu_mul": check_silu_mul,
     "supports": check_supports,
@@ -322,7 +269,7 @@ CHECKS: dict[str, Callable[..., None]] = {
 }
 
 
-@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "quant_in_kernel"])
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports"])
 def test_kernel_equals_reference_in_interpreter(check):
     run_interpreted(__file__, check)
 
@@ -344,7 +291,7 @@ def test_not_supported_on_cpu_without_interpreter():
     assert not gemv.supports(x, w)
 
 
-@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "quant_in_kernel"])
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports"])
 @pytest.mark.gpu
 def test_cuda_kernel_equals_reference(check):
     CHECKS[check]("cuda")
