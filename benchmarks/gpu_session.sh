@@ -149,10 +149,19 @@ elif [ "$PART" = 6 ]; then
     --budget-s $(($(left) - 20)) --engine-args "--max-batch-size 128 --no-prefix-caching --image-cache-mb 0 ${off_args//,/ }" \
     --serve-phases "${CACHE_OFF_PHASES:-c32_1288,followup_1288,reuse_c32_1288,conversation_1288}" 2>&1 | grep -v '^\[c='
   # TTFT_PROBE=1: benchmarks.ttft_probe last, with what is left (TTFT_ARGS: its flags, e.g.
-  # "--follow-up-only --sizes 1288x728", ~1.5 min)
-  read -ra ttft_args <<<"${TTFT_ARGS:-}"
-  [ "${TTFT_PROBE:-0}" = 0 ] || [ "$(left)" -lt 60 ] || timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe \
-    --out "$OUT/ttft" "${ttft_args[@]}" 2>&1 | grep -E '^[0-9]|chunked|decode b|small copies'
+  # "--follow-up-only --sizes 1288x728", ~1.5 min; runs separated by ";" go one after the other into
+  # $OUT/ttft, $OUT/ttft_2, ..., e.g. "--sizes 1288x728 --quick-sizes= ; --sizes 1288x728 --quick-sizes= --dtype fp8")
+  if [ "${TTFT_PROBE:-0}" != 0 ]; then
+    IFS=';' read -ra ttft_runs <<<"${TTFT_ARGS:-}"
+    [ "${#ttft_runs[@]}" -gt 0 ] || ttft_runs=("")
+    for i in "${!ttft_runs[@]}"; do
+      read -ra ttft_args <<<"${ttft_runs[$i]}"
+      dir="$OUT/ttft" && [ "$i" = 0 ] || dir="$OUT/ttft_$((i + 1))"
+      [ "$(left)" -ge 60 ] || break
+      timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$dir" "${ttft_args[@]}" 2>&1 \
+        | grep -E '^[0-9]|chunked|decode b|small copies' | sed "s/^/ttft_$((i + 1)): /"
+    done
+  fi
 elif [ "$PART" = 7 ]; then
   # the end-to-end harness (as PART=1), then guided decoding inside the engine
   timeout 330 python3 -m benchmarks.gpu_harness --out "$OUT/cache_on" --skip baseline --budget-s 320 \

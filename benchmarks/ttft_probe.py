@@ -344,10 +344,17 @@ def main(argv: list[str] | None = None) -> int:
         help="a gpu_harness run's harness.json on this machine: its large images' TTFT set beside their "
         "first step alone here",
     )
+    ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "fp8"),
+        default="bfloat16",
+        help="the decoder's weights: bf16, or FP8 as `glmv-build --dtype fp8` gives them (the ViT stays bf16)",
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda"
-    ex, mc, _, res = _full_engine(device)
+    ex, mc, _, res = _full_engine(device, quantization="fp8" if args.dtype == "fp8" else "none")
+    res["dtype"] = args.dtype
     gen = torch.Generator().manual_seed(0)
     res["sizes"] = {}
     if args.follow_up_only:
