@@ -15,13 +15,14 @@
 #   grpcio, protobuf  only with WITH_GRPC=1 (7.7 MB): tritonclient 2.73's generated code needs grpcio >= 1.81.1
 #                     and protobuf >= 6.33.5; when the machine's own are older, the harness falls back to
 #                     Triton's HTTP generate_stream endpoint (aiohttp, which the machine has) by itself
-# .whl/llm/    for the llm's guided decoding, installed into the interpreter's own environment (the llm
+# .whl/llm/    for the llm's guided decoding and preprocessing's PNG decoder, installed into the interpreter's own environment (the llm
 #              imports them inside Triton's Python backend stubs, which ignore PYTHONPATH; pip takes from
 #              here only what is missing or too old there):
 #   xgrammar, apache-tvm-ffi  the grammar engine (4.6 MB)
 #   pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions  what `import xgrammar`
 #                     imports beyond torch, transformers and numpy (2.7 MB; pydantic needs typing-extensions
 #                     >= 4.16)
+#   pyspng            libspng's PNG decoder, which preprocessing uses for still 8-bit PNGs (0.2 MB)
 # .whl/stub/   numpy 1.26.4 for the launcher's numpy<2 stub env (numpy 2 breaks the Triton 2.51 stub), slimmed
 #              here: its tests, f2py, C headers, static libraries, Cython declarations, type stubs and the
 #              SIMD test module are dropped (18 MB -> 15 MB); numpy and its core, linalg, random, fft and ma
@@ -91,7 +92,7 @@ if [ "${WITH_GRPC:-0}" = 1 ]; then
 fi
 rm -f "$DEST"/xgrammar-*.whl "$DEST"/apache_tvm_ffi-*.whl "$DEST"/llm/xgrammar-*.whl  # under llm/; no stale version
 download "$DEST/llm" xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 pydantic==2.14.4 pydantic-core==2.50.5 \
-  annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+  annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 pyspng==0.1.4
 
 if ! ls "$DEST"/nvidia_pytriton-0.7.0-*.whl >/dev/null 2>&1; then
   tmp=$(mktemp -d)

@@ -940,29 +940,37 @@ def finalize(harness: Harness) -> None:
 
 
 def install_llm_wheels(wheel_dir: Path) -> str:
-    """Make xgrammar (guided decoding) importable where the llm runs: the llm imports it inside Triton's
-    Python backend stubs, which see this interpreter's own site-packages but not PYTHONPATH. When it is not
-    there and ``wheel_dir`` (.whl/llm from benchmarks/fetch_wheels.sh) is, pip installs it from there, with
-    what it needs that is missing or too old. Returns what was found or done."""
+    """Make xgrammar (guided decoding) and pyspng (preprocessing's PNG decoder) importable where the llm and
+    preprocessing run: they import them inside Triton's Python backend stubs, which see this interpreter's
+    own site-packages but not PYTHONPATH. When one is not there and ``wheel_dir`` (.whl/llm from
+    benchmarks/fetch_wheels.sh) is, pip installs both from there, with what they need that is missing or too
+    old. Returns what was found or done."""
     import importlib
     import site
     from importlib.metadata import version
 
+    packages = ("xgrammar", "pyspng")
+
     def in_site_packages() -> bool:
-        return any((Path(p) / "xgrammar" / "__init__.py").is_file() for p in site.getsitepackages())
+        return all(
+            any((Path(p) / name / "__init__.py").is_file() for p in site.getsitepackages())
+            for name in packages
+        )
 
     if in_site_packages():
-        return f"xgrammar {version('xgrammar')} already in site-packages"
+        return f"xgrammar {version('xgrammar')}, pyspng {version('pyspng')} already in site-packages"
     if not wheel_dir.is_dir():
-        return f"xgrammar not in site-packages and no {wheel_dir}: guided decoding cannot be measured"
+        return (
+            f"xgrammar or pyspng not in site-packages and no {wheel_dir}: guided decoding cannot be measured"
+        )
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheel_dir),
-           "--no-compile", "--no-cache-dir", "xgrammar"]  # fmt: skip
+           "--no-compile", "--no-cache-dir", *packages]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # into the environment, not the --target
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     importlib.invalidate_caches()
     if proc.returncode != 0 or not in_site_packages():
         return f"pip install from {wheel_dir} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
-    return f"xgrammar {version('xgrammar')} installed from {wheel_dir}"
+    return f"xgrammar {version('xgrammar')}, pyspng {version('pyspng')} installed from {wheel_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:

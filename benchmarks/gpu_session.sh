@@ -40,9 +40,10 @@ done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 stub=$(find "$PWD/.whl/stub" -name 'numpy-1*.whl' | sort | tail -n 1)
 export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBUFFERED=1
-# guided decoding inside the llm (Triton's Python stubs ignore PYTHONPATH) and pydantic for the gateway
-# (the pinned version even where another is installed: a no-op where it is already there)
-python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.9
+# guided decoding inside the llm and libspng's PNG decoder for preprocessing (Triton's Python stubs ignore
+# PYTHONPATH), pydantic for the gateway (the pinned version even where another is installed: a no-op where it
+# is already there)
+python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.9 pyspng==0.1.4
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
 step_probes() {  # benchmarks.step_probe once per STEP_VARIANTS entry ("name[@tree]:EngineConfig fields[:flags]";

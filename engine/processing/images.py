@@ -1,7 +1,11 @@
 """Image files of a request: ``decode_image_bytes`` (raw bytes, base64 or a ``data:`` URI → the file's bytes)
 and ``open_image`` (size, format and header dimensions checked against ``PreprocessLimits`` before any pixel
 is decoded, so a decompression bomb never is; then the first frame decoded). Formats: PNG, JPEG, WebP, BMP,
-GIF. Errors are ``InputError`` naming the field (``image_input[i]``) and the limit."""
+GIF. Errors are ``InputError`` naming the field (``image_input[i]``) and the limit.
+
+A still PNG of 8-bit gray, RGB or RGBA samples without a transparency chunk (screenshots, documents) is
+decoded by libspng (``pyspng``), about twice as fast as PIL's decoder, into the same pixels; every other
+file, and any PNG libspng refuses, by PIL."""
 
 from __future__ import annotations
 
@@ -14,7 +18,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from engine.processing.limits import InputError, PreprocessLimits
+
+try:
+    import pyspng
+except ImportError:  # PIL decodes every PNG
+    pyspng = None
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 MAX_ASPECT_RATIO = 200  # smart_resize refuses more
@@ -38,6 +49,40 @@ class ImageInfo:
     num_bytes: int
     file_hash: str  # sha256 hex of the file bytes (the key of the preprocessor's resize cache)
     is_decoded: bool = True  # False: only the header was read (the resize cache held the image)
+    pixels: np.ndarray | None = None  # libspng's decode, uint8 [h, w] L / [h, w, 3] RGB / [h, w, 4] RGBA;
+    # ``image`` is then the file's header only
+
+    def pil_image(self) -> Any:
+        """The decoded image as a PIL image."""
+        if self.pixels is None:
+            return self.image
+        from PIL import Image
+
+        return Image.fromarray(self.pixels)
+
+
+_SPNG_MODES = {0: "L", 2: "RGB", 6: "RGBA"}  # a PNG's 8-bit colour types libspng decodes here, as PIL's modes
+
+
+def decode_png_fast(img: Any, data: bytes) -> np.ndarray | None:
+    """libspng's decode of ``data`` (a PNG file whose header PIL read into ``img``) when it gives the pixels
+    PIL would: one frame, 8-bit gray / RGB / RGBA samples, no tRNS chunk; else None (PIL decodes it, and
+    names the error of a corrupt file)."""
+    if pyspng is None or img.format != "PNG" or data[12:16] != b"IHDR" or data[24] != 8:
+        return None  # IHDR, the first chunk, holds the bit depth at byte 24 and the colour type at 25
+    if (
+        _SPNG_MODES.get(data[25]) != img.mode
+        or "transparency" in img.info
+        or getattr(img, "n_frames", 1) != 1
+    ):
+        return None
+    try:
+        pixels = pyspng.load(data)
+    except Exception:
+        return None
+    if pixels.dtype != np.uint8 or pixels.shape[:2] != (img.height, img.width):
+        return None
+    return pixels
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -139,12 +184,13 @@ def open_image(
             f"{field}: image is {width}x{height}, its aspect ratio "
             f"{max(width, height) / min(width, height):.1f} is over the limit of {MAX_ASPECT_RATIO}"
         )
+    pixels = decode_png_fast(img, data) if decode else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if decode and getattr(img, "n_frames", 1) > 1:
+            if decode and pixels is None and getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
-            if decode:
+            if decode and pixels is None:
                 img.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad data
         raise InputError(f"{field}: corrupt or truncated {img.format} image ({exc})") from None
@@ -156,4 +202,5 @@ def open_image(
         num_bytes=len(data),
         file_hash=file_hash or hashlib.sha256(data).hexdigest(),
         is_decoded=decode,
+        pixels=pixels,
     )

@@ -48,7 +48,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -302,7 +302,7 @@ class Preprocessor:
         if not info.is_decoded:  # its cache entry went between the check and here
             info.image.load()
         patch, merge, temporal = self._geometry()
-        rgb = self._resize(info.image, patch, merge, temporal)
+        rgb = self._resize(info, patch, merge, temporal)
         if by_reference and self.resize_cache.shared_dir is not None:
             # its shared file's pixels are written here while a hash thread computes the content hash
             if self._hash_threads is None:
@@ -325,12 +325,12 @@ class Preprocessor:
         rgb = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one image: its cached array, no copy
         return rgb, self._grids(prepared), [image.image_hash for image in prepared]
 
-    def _resize(self, image: Any, patch: int, merge: int, temporal: int) -> np.ndarray:
+    def _resize(self, info: ImageInfo, patch: int, merge: int, temporal: int) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
         from PIL import Image
 
         proc = self.image_processor
-        width, height = image.size
+        width, height = info.width, info.height
         w, h = resized_size(
             width,
             height,
@@ -340,6 +340,10 @@ class Preprocessor:
             min_pixels=proc.size["shortest_edge"],
             max_pixels=proc.size["longest_edge"],
         )
+        pixels = info.pixels
+        if pixels is not None and pixels.ndim == 3 and pixels.shape[2] == 3 and (w, h) == (width, height):
+            return pixels  # libspng's RGB at the model's size already: no copy
+        image = info.pil_image()
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             # transparency is composited onto white, as transformers' convert_to_rgb does
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -195,5 +195,5 @@ def test_llm_wheels_are_left_alone_where_xgrammar_is_installed(tmp_path: Path) -
 
     assert (
         install_llm_wheels(tmp_path / "no_wheels_here")
-        == f"xgrammar {version('xgrammar')} already in site-packages"
+        == f"xgrammar {version('xgrammar')}, pyspng {version('pyspng')} already in site-packages"
     )

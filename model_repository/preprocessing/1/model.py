@@ -75,6 +75,11 @@ class TritonPythonModel:
         # the first request of each instance would pay the stages' one-time setup; Triton hands follow-ups
         # to any instance, so every instance does it now
         self.preprocessor.warm_up()
+        from engine.processing import images
+
+        pb_utils.Logger.log_info(
+            f"preprocessing: PNG decoder {'libspng' if images.pyspng is not None else 'PIL (pyspng not importable)'}"
+        )
         self.default_max_tokens = parameters.get_int("default_max_tokens", 256)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         # The families must outlive their metrics: keep references on self.

@@ -192,13 +192,14 @@ def test_an_image_sent_again_skips_decode_and_resize(tiny_checkpoint) -> None:
     raw = encode(noise_image(64, 48, seed=5), "PNG")
     first = pre("q", [raw])
     (info,) = pre.load_images([raw])
-    assert info.image._im is None  # header only: the pixels were not decoded again
+    assert info.image._im is None and info.pixels is None  # header only: the pixels were not decoded again
     again = pre("q", [raw])
     np.testing.assert_array_equal(again.image_rgb, first.image_rgb)
     assert again.image_hashes == first.image_hashes
     small = Preprocessor(tiny_checkpoint, resize_cache_bytes=0)
     small("q", [raw])
-    assert not small.resize_cache._entries and small.load_images([raw])[0].image._im is not None
+    decoded = small.load_images([raw])[0]
+    assert not small.resize_cache._entries and (decoded.pixels is not None or decoded.image._im is not None)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])
@@ -380,3 +381,100 @@ def test_flat_rgb_of_several_images_patchified_like_the_processor(pre: Preproces
         pre.normalizer(torch.zeros(3, 1175, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"^image_grid_thw: needed to patchify flat RGB images"):
         pre.normalizer(torch.from_numpy(rgb))
+
+
+def png_rgb16(width: int, height: int, seed: int = 0) -> bytes:
+    """A 16-bit RGB PNG (PIL opens it as 8-bit "RGB", keeping each sample's high byte)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    samples = (
+        np.random.default_rng(seed).integers(0, 1 << 16, (height, width * 3), dtype=np.uint16).astype(">u2")
+    )
+    rows = b"".join(b"\0" + row.tobytes() for row in samples)
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def png_variants() -> dict[str, tuple[bytes, bool]]:
+    """PNG files of each kind, and whether libspng decodes them (else PIL)."""
+    rgba = noise_image(120, 90, seed=11, mode="RGBA")
+    alpha = np.asarray(rgba).copy()
+    alpha[..., 3] = np.arange(120, dtype=np.uint8)[None, :] * 2  # every alpha value from 0 to 238
+    frames = io.BytesIO()
+    noise_image(64, 48, seed=1).save(
+        frames, "PNG", save_all=True, append_images=[noise_image(64, 48, seed=2)]
+    )
+    return {
+        "rgb": (encode(noise_image(120, 90, seed=10)), True),
+        "rgb_optimized": (encode(noise_image(120, 90, seed=10), optimize=True, compress_level=9), True),
+        "rgba": (encode(Image.fromarray(alpha, "RGBA")), True),
+        "gray": (encode(noise_image(120, 90, seed=12, mode="L")), True),
+        "gray_alpha": (encode(noise_image(120, 90, seed=13, mode="LA")), False),
+        "palette": (encode(noise_image(120, 90, seed=14, mode="P")), False),
+        "rgb_transparent_colour": (encode(noise_image(120, 90, seed=15), transparency=(0, 0, 0)), False),
+        "rgb16": (png_rgb16(120, 90), False),
+        "animated": (frames.getvalue(), False),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "rgb",
+        "rgb_optimized",
+        "rgba",
+        "gray",
+        "gray_alpha",
+        "palette",
+        "rgb_transparent_colour",
+        "rgb16",
+        "animated",
+    ],
+)
+def test_png_decoded_by_libspng_gives_pils_pixels(tiny_checkpoint: Path, monkeypatch, kind: str) -> None:
+    """The still 8-bit gray / RGB / RGBA PNGs go through libspng, the others through PIL; either way a
+    request's resized pixels and image hash are those of PIL's decode (PIL alone: pyspng absent)."""
+    from engine.processing import images
+
+    data, by_spng = png_variants()[kind]
+    pre = Preprocessor(tiny_checkpoint, resize_cache_bytes=0)
+    info = pre.load_images([data])[0]
+    assert (info.pixels is not None) is by_spng
+    if by_spng:
+        with Image.open(io.BytesIO(data)) as reference:
+            np.testing.assert_array_equal(
+                np.asarray(info.pil_image()), np.asarray(reference.convert(info.image.mode))
+            )
+    fast = pre("q", [data])
+    monkeypatch.setattr(images, "pyspng", None)
+    assert pre.load_images([data])[0].pixels is None
+    slow = pre("q", [data])
+    np.testing.assert_array_equal(fast.image_rgb, slow.image_rgb)
+    np.testing.assert_array_equal(fast.image_grid_thw, slow.image_grid_thw)
+    assert fast.image_hashes == slow.image_hashes
+
+
+def test_libspng_rgb_at_the_models_size_is_not_copied(tiny_checkpoint: Path) -> None:
+    """An RGB PNG already at the size the processor gives it: its libspng pixels are the request's RGB."""
+    pre = Preprocessor(tiny_checkpoint, resize_cache_bytes=0)
+    patch, merge, _ = pre._geometry()
+    side = patch * merge * 4
+    info = pre.load_images([encode(noise_image(side, side, seed=3))])[0]
+    assert info.pixels is not None
+    rgb, grid = pre.resize_images([info])
+    assert np.shares_memory(rgb, info.pixels)
+    assert grid.tolist() == [[1, side // patch, side // patch]]
+
+
+def test_a_png_libspng_refuses_gets_pils_error(pre: Preprocessor) -> None:
+    """A PNG whose header is whole and whose pixel data is cut short: libspng refuses it, PIL names it."""
+    data = encode(noise_image(200, 150, seed=9))
+    cut = data[: len(data) // 2]
+    assert error_of(pre, "q", [cut]).startswith("image_input[0]: corrupt or truncated PNG image")

@@ -1,0 +1,102 @@
+"""What decoding a new image costs the preprocessing model: ``python -m benchmarks.image_decode --out DIR``.
+
+CPU only, in this process (no Triton): a tiny checkpoint with the full-size model's image processor (its
+pixel limit keeps a 1288×728 screenshot at 1288×728), and the `Preprocessor` with no resize cache, so every
+request decodes, resizes and hashes its image. For each corpus kind (screenshots and documents are PNG,
+product photos JPEG) and size: the median time per request and of its `images` stage, with PNGs decoded by
+libspng (`engine.processing.images.pyspng`) and by PIL (`pyspng` set to None), in alternating rounds so
+that drift of the host shows in both. Writes ``image_decode.json`` (meta: device, date, commit) into
+``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.results import make_meta
+
+KINDS = ("screenshot", "document", "product")
+
+
+def _time_ms(pre, samples) -> tuple[list[float], list[float]]:
+    total, images = [], []
+    for sample in samples:
+        started = time.perf_counter()
+        out = pre("What does it say?", list(sample.images))
+        total.append((time.perf_counter() - started) * 1e3)
+        images.append(out.stage_seconds["images"] * 1e3)
+    return total, images
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sizes", default="1288x728,1920x1080,448x448")
+    ap.add_argument("--samples", type=int, default=12, help="images per kind and size (each a new one)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating libspng / PIL rounds")
+    args = ap.parse_args(argv)
+    from benchmarks.corpus import Corpus, parse_size
+    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, make_tiny_checkpoint, preprocessor_config
+    from engine.processing import images
+    from engine.processing.preprocess import Preprocessor
+
+    if images.pyspng is None:
+        raise SystemExit("pyspng is not importable here: nothing to compare")
+    spng = images.pyspng
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="glmv-image-decode-") as tmp:
+        checkpoint = make_tiny_checkpoint(Path(tmp), preset="tiny", seed=0)
+        (checkpoint / "preprocessor_config.json").write_text(
+            json.dumps(preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS))
+        )
+        pre = Preprocessor(checkpoint, resize_cache_bytes=0)
+        pre.warm_up()
+        for size_text in args.sizes.split(","):
+            size = parse_size(size_text)
+            corpus = Corpus(sizes=[size], pool_size=8 * args.samples, seed=4242)
+            by_kind: dict[str, list] = {kind: [] for kind in KINDS}
+            for i in range(8 * args.samples):
+                sample = corpus.sample(i)
+                if len(by_kind[sample.kind]) < args.samples:
+                    by_kind[sample.kind].append(sample)
+            for kind, samples in by_kind.items():
+                if not samples:
+                    continue
+                times: dict[str, tuple[list[float], list[float]]] = {"libspng": ([], []), "PIL": ([], [])}
+                for _ in range(args.rounds):
+                    for name, module in (("libspng", spng), ("PIL", None)):
+                        images.pyspng = module
+                        total, stage = _time_ms(pre, samples)
+                        times[name][0].extend(total)
+                        times[name][1].extend(stage)
+                images.pyspng = spng
+                row = {
+                    "size": size_text,
+                    "kind": kind,
+                    "format": samples[0].images[0][:4].hex(),
+                    "n": len(samples),
+                }
+                for name, (total, stage) in times.items():
+                    row[f"{name}_request_ms"] = round(statistics.median(total), 3)
+                    row[f"{name}_images_ms"] = round(statistics.median(stage), 3)
+                rows.append(row)
+                print(
+                    f"{size_text} {kind}: per request {row['PIL_request_ms']:.2f} -> {row['libspng_request_ms']:.2f} ms, "
+                    f"images stage {row['PIL_images_ms']:.2f} -> {row['libspng_images_ms']:.2f} ms (PIL -> libspng)"
+                )
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "meta": make_meta(vars(args) | {"out": str(args.out)}, "tiny + full-size image processor"),
+        "rows": rows,
+    }
+    (args.out / "image_decode.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
