@@ -4,8 +4,8 @@ CPU only, in this process (no Triton): a tiny checkpoint with the full-size mode
 pixel limit keeps a 1288×728 screenshot at 1288×728), and the `Preprocessor` with no resize cache, so every
 request decodes, resizes and hashes its image. For each corpus kind (screenshots and documents are PNG,
 product photos JPEG) and size: the median time per request and of its `images` stage, with PNGs decoded by
-libspng (`engine.processing.images.pyspng`) and by PIL (`pyspng` set to None), in alternating rounds so
-that drift of the host shows in both. Writes ``image_decode.json`` (meta: device, date, commit) into
+libspng (`engine.processing.images.pyspng`) and by PIL (`pyspng` set to None): each image both ways in
+turn, the first way alternating by round, so that drift of the host shows in both. Writes ``image_decode.json`` (meta: device, date, commit) into
 ``--out`` and prints a table.
 """
 
@@ -23,14 +23,11 @@ from benchmarks.results import make_meta
 KINDS = ("screenshot", "document", "product")
 
 
-def _time_ms(pre, samples) -> tuple[list[float], list[float]]:
-    total, images = [], []
-    for sample in samples:
-        started = time.perf_counter()
-        out = pre("What does it say?", list(sample.images))
-        total.append((time.perf_counter() - started) * 1e3)
-        images.append(out.stage_seconds["images"] * 1e3)
-    return total, images
+def _time_ms(pre, sample) -> tuple[float, float]:
+    """(ms for the request, ms of its images stage)."""
+    started = time.perf_counter()
+    out = pre("What does it say?", list(sample.images))
+    return (time.perf_counter() - started) * 1e3, out.stage_seconds["images"] * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sizes", default="1288x728,1920x1080,448x448")
     ap.add_argument("--samples", type=int, default=12, help="images per kind and size (each a new one)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating libspng / PIL rounds")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds over the images, each image both ways in each"
+    )
     args = ap.parse_args(argv)
     from benchmarks.corpus import Corpus, parse_size
     from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, make_tiny_checkpoint, preprocessor_config
@@ -68,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                 if not samples:
                     continue
                 times: dict[str, tuple[list[float], list[float]]] = {"libspng": ([], []), "PIL": ([], [])}
-                for _ in range(args.rounds):
-                    for name, module in (("libspng", spng), ("PIL", None)):
-                        images.pyspng = module
-                        total, stage = _time_ms(pre, samples)
-                        times[name][0].extend(total)
-                        times[name][1].extend(stage)
+                ways = [("libspng", spng), ("PIL", None)]
+                for r in range(args.rounds):
+                    for sample in samples:  # each image both ways in turn, the first way alternating by round
+                        for name, module in ways if r % 2 == 0 else ways[::-1]:
+                            images.pyspng = module
+                            total, stage = _time_ms(pre, sample)
+                            times[name][0].append(total)
+                            times[name][1].append(stage)
                 images.pyspng = spng
                 row = {
                     "size": size_text,
