@@ -3,9 +3,10 @@ and ``open_image`` (size, format and header dimensions checked against ``Preproc
 is decoded, so a decompression bomb never is; then the first frame decoded). Formats: PNG, JPEG, WebP, BMP,
 GIF. Errors are ``InputError`` naming the field (``image_input[i]``) and the limit.
 
-A still PNG of 8-bit gray, RGB or RGBA samples without a transparency chunk (screenshots, documents) is
-decoded by libspng (``pyspng``), about twice as fast as PIL's decoder, into the same pixels; every other
-file, and any PNG libspng refuses, by PIL."""
+A still PNG of 8-bit gray, RGB or RGBA samples without a transparency chunk (screenshots, documents) that
+the caller keeps at its size (``png_fast_if``) is decoded by libspng (``pyspng``), about twice as fast as
+PIL's decoder, into the same pixels; every other file, and any PNG libspng refuses, by PIL. (An image to be
+resized gains nothing from it: PIL's resize needs the pixels copied into a PIL image first.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,10 +139,16 @@ def decode_image_bytes(raw: bytes | str, field: str) -> bytes:
 
 
 def open_image(
-    data: bytes, field: str, limits: PreprocessLimits, decode: bool = True, file_hash: str | None = None
+    data: bytes,
+    field: str,
+    limits: PreprocessLimits,
+    decode: bool = True,
+    file_hash: str | None = None,
+    png_fast_if: Callable[[int, int], bool] | None = None,
 ) -> ImageInfo:
     """Validate one image file (size, format, header dimensions) and decode it (first frame; with
-    ``decode=False`` only the header is read: for a file already decoded once)."""
+    ``decode=False`` only the header is read: for a file already decoded once). ``png_fast_if(width,
+    height)``: whether a PNG libspng can decode is decoded by it (None: always)."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > limits.max_image_bytes:
@@ -184,7 +192,8 @@ def open_image(
             f"{field}: image is {width}x{height}, its aspect ratio "
             f"{max(width, height) / min(width, height):.1f} is over the limit of {MAX_ASPECT_RATIO}"
         )
-    pixels = decode_png_fast(img, data) if decode else None
+    use_spng = decode and (png_fast_if is None or png_fast_if(width, height))
+    pixels = decode_png_fast(img, data) if use_spng else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -224,7 +224,32 @@ class Preprocessor:
         data = decode_image_bytes(raw, field_name)
         file_hash = hashlib.sha256(data).hexdigest()
         is_known = file_hash in self.resize_cache
-        return open_image(data, field_name, self.limits, decode=not is_known, file_hash=file_hash)
+        return open_image(
+            data,
+            field_name,
+            self.limits,
+            decode=not is_known,
+            file_hash=file_hash,
+            png_fast_if=self._keeps_size,
+        )
+
+    def _keeps_size(self, width: int, height: int) -> bool:
+        """Whether the processor leaves a width x height image at its size (no resize)."""
+        return self._target_size(width, height) == (width, height)
+
+    def _target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) smart_resize gives a width x height image, with this processor's settings."""
+        patch, merge, temporal = self._geometry()
+        proc = self.image_processor
+        return resized_size(
+            width,
+            height,
+            patch=patch,
+            merge=merge,
+            temporal=temporal,
+            min_pixels=proc.size["shortest_edge"],
+            max_pixels=proc.size["longest_edge"],
+        )
 
     def start_images(self, raw_images: list[bytes | str], by_reference: bool = False) -> list[Future]:
         """Each image loaded and prepared (`load_images`, then `prepare_images`' work for it) on the image
@@ -301,8 +326,7 @@ class Preprocessor:
             return _Prepared(None, image_hash, info.file_hash, (height, width), info)
         if not info.is_decoded:  # its cache entry went between the check and here
             info.image.load()
-        patch, merge, temporal = self._geometry()
-        rgb = self._resize(info, patch, merge, temporal)
+        rgb = self._resize(info)
         if by_reference and self.resize_cache.shared_dir is not None:
             # its shared file's pixels are written here while a hash thread computes the content hash
             if self._hash_threads is None:
@@ -325,21 +349,12 @@ class Preprocessor:
         rgb = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one image: its cached array, no copy
         return rgb, self._grids(prepared), [image.image_hash for image in prepared]
 
-    def _resize(self, info: ImageInfo, patch: int, merge: int, temporal: int) -> np.ndarray:
+    def _resize(self, info: ImageInfo) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
         from PIL import Image
 
-        proc = self.image_processor
         width, height = info.width, info.height
-        w, h = resized_size(
-            width,
-            height,
-            patch=patch,
-            merge=merge,
-            temporal=temporal,
-            min_pixels=proc.size["shortest_edge"],
-            max_pixels=proc.size["longest_edge"],
-        )
+        w, h = self._target_size(width, height)
         pixels = info.pixels
         if pixels is not None and pixels.ndim == 3 and pixels.shape[2] == 3 and (w, h) == (width, height):
             return pixels  # libspng's RGB at the model's size already: no copy
@@ -351,7 +366,7 @@ class Preprocessor:
         if image.mode != "RGB":
             image = image.convert("RGB")
         if (w, h) != (width, height):
-            image = image.resize((w, h), resample=Image.Resampling(int(proc.resample)))
+            image = image.resize((w, h), resample=Image.Resampling(int(self.image_processor.resample)))
         return np.asarray(image, dtype=np.uint8)  # [h, w, 3]
 
     # -- prompt ---------------------------------------------------------------------------------------

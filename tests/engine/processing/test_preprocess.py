@@ -403,23 +403,24 @@ def png_rgb16(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def png_variants() -> dict[str, tuple[bytes, bool]]:
-    """PNG files of each kind, and whether libspng decodes them (else PIL)."""
-    rgba = noise_image(120, 90, seed=11, mode="RGBA")
+    """PNG files of each kind, and whether libspng decodes them (else PIL). 140x112 is a size the tiny
+    checkpoint's processor keeps; libspng decodes only images the processor does not resize."""
+    w, h = 140, 112
+    rgba = noise_image(w, h, seed=11, mode="RGBA")
     alpha = np.asarray(rgba).copy()
-    alpha[..., 3] = np.arange(120, dtype=np.uint8)[None, :] * 2  # every alpha value from 0 to 238
+    alpha[..., 3] = (np.arange(w, dtype=np.uint8) * 2)[None, :]  # alpha values from 0 to 254
     frames = io.BytesIO()
-    noise_image(64, 48, seed=1).save(
-        frames, "PNG", save_all=True, append_images=[noise_image(64, 48, seed=2)]
-    )
+    noise_image(w, h, seed=1).save(frames, "PNG", save_all=True, append_images=[noise_image(w, h, seed=2)])
     return {
-        "rgb": (encode(noise_image(120, 90, seed=10)), True),
-        "rgb_optimized": (encode(noise_image(120, 90, seed=10), optimize=True, compress_level=9), True),
+        "rgb": (encode(noise_image(w, h, seed=10)), True),
+        "rgb_optimized": (encode(noise_image(w, h, seed=10), optimize=True, compress_level=9), True),
         "rgba": (encode(Image.fromarray(alpha, "RGBA")), True),
-        "gray": (encode(noise_image(120, 90, seed=12, mode="L")), True),
-        "gray_alpha": (encode(noise_image(120, 90, seed=13, mode="LA")), False),
-        "palette": (encode(noise_image(120, 90, seed=14, mode="P")), False),
-        "rgb_transparent_colour": (encode(noise_image(120, 90, seed=15), transparency=(0, 0, 0)), False),
-        "rgb16": (png_rgb16(120, 90), False),
+        "gray": (encode(noise_image(w, h, seed=12, mode="L")), True),
+        "rgb_resized": (encode(noise_image(120, 90, seed=10)), False),
+        "gray_alpha": (encode(noise_image(w, h, seed=13, mode="LA")), False),
+        "palette": (encode(noise_image(w, h, seed=14, mode="P")), False),
+        "rgb_transparent_colour": (encode(noise_image(w, h, seed=15), transparency=(0, 0, 0)), False),
+        "rgb16": (png_rgb16(w, h), False),
         "animated": (frames.getvalue(), False),
     }
 
@@ -431,6 +432,7 @@ def png_variants() -> dict[str, tuple[bytes, bool]]:
         "rgb_optimized",
         "rgba",
         "gray",
+        "rgb_resized",
         "gray_alpha",
         "palette",
         "rgb_transparent_colour",
@@ -439,8 +441,9 @@ def png_variants() -> dict[str, tuple[bytes, bool]]:
     ],
 )
 def test_png_decoded_by_libspng_gives_pils_pixels(tiny_checkpoint: Path, monkeypatch, kind: str) -> None:
-    """The still 8-bit gray / RGB / RGBA PNGs go through libspng, the others through PIL; either way a
-    request's resized pixels and image hash are those of PIL's decode (PIL alone: pyspng absent)."""
+    """The still 8-bit gray / RGB / RGBA PNGs the processor keeps at their size go through libspng, the others
+    through PIL; either way a request's pixels and image hash are those of PIL's decode (PIL alone: pyspng
+    absent)."""
     from engine.processing import images
 
     data, by_spng = png_variants()[kind]
