@@ -9,9 +9,7 @@ import json
 import os
 import queue
 import re
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import httpx
@@ -22,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.engine.processing.test_preprocess import pixel_values_of
+from tests.engine.processing.test_preprocess import pixel_values_of, png_header_only
 
 pytestmark = pytest.mark.slow
 
@@ -35,19 +33,6 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0"))
-        + chunk(b"IEND", b"")
-    )
 
 
 IMAGES = {"text": [], "one_image": [png(90, 60, 1)], "two_images": [png(90, 60, 1), png(64, 100, 2)]}

@@ -36,18 +36,20 @@ def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Im
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height, with one tiny IDAT: PIL reads the size without decoding."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0"))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0"))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -386,9 +388,6 @@ def test_flat_rgb_of_several_images_patchified_like_the_processor(pre: Preproces
 def png_rgb16(width: int, height: int, seed: int = 0) -> bytes:
     """A 16-bit RGB PNG (PIL opens it as 8-bit "RGB", keeping each sample's high byte)."""
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     samples = (
         np.random.default_rng(seed).integers(0, 1 << 16, (height, width * 3), dtype=np.uint16).astype(">u2")
     )
@@ -396,9 +395,9 @@ def png_rgb16(width: int, height: int, seed: int = 0) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
     )
 
 
