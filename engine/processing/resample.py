@@ -1,0 +1,102 @@
+"""PIL's 8-bit bicubic resize (``Image.resize(size, Image.Resampling.BICUBIC)`` on an RGB or L image),
+reproduced bit for bit in torch, so that it can run on the engine's GPU with the pixels transformers'
+image processor gives.
+
+Pillow's libImaging/Resample.c (13.0): per output pixel the source window and filter weights in doubles
+(``precompute_coeffs``), turned into 22-bit fixed point (``normalize_coeffs_8bpc``); a horizontal and a
+vertical pass, each summing in 32-bit integers from 2**21 and clipped to uint8; the horizontal pass first
+(over the rows the vertical one reads) unless the height shrinks by more than twice what the width does.
+``resize_bicubic(rgb [H, W, C] uint8, (w, h)) -> [h, w, C]`` does the same with gathers, one per filter
+tap: the sums are exact integers on any device."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c
+SUPPORT = 2.0  # bicubic
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(xmin [out], count [out], fixed-point weights int64 [out, ksize]) as Pillow's precompute_coeffs and
+    normalize_coeffs_8bpc compute them for the box (0, in_size)."""
+    scale = float(np.float32(in_size) - np.float32(0.0)) / out_size
+    filterscale = max(scale, 1.0)
+    support = SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = 0.0 + (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    ss = 1.0 / filterscale
+    xmin = np.trunc(center - support + 0.5).astype(np.int64)
+    xmin = np.maximum(xmin, 0)
+    xmax = np.trunc(center + support + 0.5).astype(np.int64)
+    xmax = np.minimum(xmax, in_size) - xmin
+    taps = np.arange(ksize, dtype=np.int64)
+    w = _bicubic(((taps[None, :] + xmin[:, None]).astype(np.float64) - center[:, None] + 0.5) * ss)
+    used = taps[None, :] < xmax[:, None]
+    w = np.where(used, w, 0.0)
+    ww = np.zeros(out_size, dtype=np.float64)
+    for j in range(ksize):  # in order, as the C loop sums
+        ww = ww + w[:, j]
+    w = np.where((ww != 0.0)[:, None] & used, w / np.where(ww != 0.0, ww, 1.0)[:, None], w)
+    one = float(1 << PRECISION_BITS)
+    kk = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)).astype(np.int64)
+    kk = np.where(used, kk, 0)
+    return xmin, xmax, kk
+
+
+def _clip8(acc: torch.Tensor) -> torch.Tensor:
+    return torch.where(
+        acc >= (1 << PRECISION_BITS << 8), 255, torch.where(acc <= 0, 0, acc >> PRECISION_BITS)
+    ).to(torch.uint8)
+
+
+def _pass(src: torch.Tensor, xmin: np.ndarray, kk: np.ndarray, dim: int) -> torch.Tensor:
+    """One pass along ``dim`` of uint8 ``src`` (channels last)."""
+    ksize = kk.shape[1]
+    n = src.shape[dim]
+    index = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(ksize)[None, :], n - 1)).to(src.device)
+    weights = torch.from_numpy(kk).to(src.device, torch.int32)
+    acc = None
+    for j in range(ksize):
+        taps = src.index_select(dim, index[:, j]).to(torch.int32)
+        shape = [1] * src.dim()
+        shape[dim] = -1
+        term = taps * weights[:, j].view(shape)
+        acc = term if acc is None else acc + term
+    return _clip8(acc + (1 << (PRECISION_BITS - 1)))
+
+
+def resize_bicubic(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [H, W, C] -> [h, w, C] for size (w, h): PIL.Image.resize(size, BICUBIC)'s pixels (Pillow 13:
+    the vertical pass first when the height shrinks by more than twice what the width does)."""
+    height, width = rgb.shape[:2]
+    w, h = size
+    horizontal_first = not (height - h > 0 and height - h > (width - w) * 2)
+    out = rgb
+    if horizontal_first:
+        xmin_v, xmax_v, kk_v = coefficients(height, h)
+        if w != width:
+            first, last = int(xmin_v[0]), int(xmin_v[-1] + xmax_v[-1])
+            xmin_h, _, kk_h = coefficients(width, w)
+            out = _pass(out[first:last], xmin_h, kk_h, dim=1)
+            xmin_v = xmin_v - first
+        if h != height:
+            out = _pass(out, xmin_v, kk_v, dim=0)
+    else:
+        xmin_v, _, kk_v = coefficients(height, h)
+        out = _pass(out, xmin_v, kk_v, dim=0)
+        if w != width:
+            xmin_h, _, kk_h = coefficients(width, w)
+            out = _pass(out, xmin_h, kk_h, dim=1)
+    return out
