@@ -68,7 +68,7 @@ SOCKET_BUFFER_BYTES = 8 << 20  # asked of the kernel, which caps it at net.core.
 REPLY_TIMEOUT_S = 120.0  # how long a call waits for the child's answer
 RESTART_DELAY_MAX_S = 60.0  # the longest wait between two failed starts of a new child
 _SIZES = struct.Struct("<I")
-_TENSOR_FIELDS = ("image_embeds", "image_pixels", "image_grid_thw", "mrope_positions")
+_TENSOR_FIELDS = ("image_embeds", "image_pixels", "image_grid_thw", "image_source_sizes", "mrope_positions")
 # EngineStats's counters since start: a new child's count on from its predecessors'
 _COUNTERS = (
     "num_preemptions",

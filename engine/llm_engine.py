@@ -187,8 +187,9 @@ class LLMEngine:
 
     def _resolve_image_refs(self, req: GenerationRequest) -> GenerationRequest:
         """``req`` with its ``image_refs`` replaced by the images' held embeddings, or by their pixels read
-        from the files (each checked against its hash and grid); ValueError naming ``image_ref[i]``."""
-        from engine.processing.resize_cache import read_shared_ref
+        from the files (each checked against its hash; one whose file holds it at another size than its grid's
+        goes with ``image_source_sizes``); ValueError naming ``image_ref[i]``."""
+        from engine.processing.resize_cache import read_shared_ref, shared_ref_size
 
         self.input_processor.check_image_refs(req, self.image_ref_dir_name)
         refs, grid, hashes = req.image_refs, req.image_grid_thw, req.image_hashes
@@ -197,7 +198,12 @@ class LLMEngine:
             self.num_image_refs_held += len(refs)
             return dataclasses.replace(req, image_refs=None, image_embeds=embeds)
         patch = self.model_config.vision_config.patch_size
-        sizes = [int(h * w) * patch * patch * 3 for _, h, w in grid.tolist()]
+        targets = [(int(h) * patch, int(w) * patch) for _, h, w in grid.tolist()]
+        # a file may hold an image not yet at its grid's size: the runner resizes it on the device
+        dims = [
+            shared_ref_size(ref, self.image_ref_dir_name, f"image_ref[{i}]") for i, ref in enumerate(refs)
+        ]
+        sizes = [h * w * 3 for h, w in dims]
         # every image read into one buffer, pinned on CUDA: no copy to join them or to pin them
         pinned = self.device.type == "cuda"
         flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pinned).numpy()
@@ -211,7 +217,10 @@ class LLMEngine:
                 )
             start += size
         self.num_image_refs_read += len(refs)
-        return dataclasses.replace(req, image_refs=None, image_pixels=torch.from_numpy(flat))
+        sources = None if dims == targets else torch.tensor(dims, dtype=torch.int64)
+        return dataclasses.replace(
+            req, image_refs=None, image_pixels=torch.from_numpy(flat), image_source_sizes=sources
+        )
 
     def held_image_embeds(self, image_hashes: list[bytes]) -> torch.Tensor | None:
         """The embeddings [num_image_tokens, hidden] of these images one after the other, taken from the

@@ -25,6 +25,10 @@ class GenerationRequest:
     and normalized on the device). Exclusive with image_embeds."""
     image_grid_thw: torch.Tensor | None = None
     """[num_images, 3] (t, h, w) patches per image, with image_pixels (or with image_embeds)."""
+    image_source_sizes: torch.Tensor | None = None
+    """[num_images, 2] int64 (height, width) of each flat RGB image in image_pixels when they are not yet at
+    their image_grid_thw's size: the engine resizes them on its device as PIL's bicubic resize does
+    (engine.processing.resample), bit for bit. None: every image is at its grid's size."""
     image_hashes: list[bytes] | None = None
     """Content hash of each image as the model sees it (resized pixels and their size), for the prefix and
     image-embedding caches; None: the engine hashes image_pixels itself (host tensors only)."""

@@ -90,6 +90,8 @@ class Sequence:
         self.image_input_offsets: list[tuple[int, int]] | None = (
             None  # each image's [start, end) in image_pixels
         )
+        # each image's (height, width) in image_pixels when not at its grid's size (resized on the device)
+        self.image_source_sizes: list[tuple[int, int]] | None = None
         self._positions_np = None
         self.finish_reason: str | None = None
         self.num_emitted_tokens = 0  # output tokens already handed to the caller

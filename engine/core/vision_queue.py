@@ -138,7 +138,9 @@ class VisionQueue:
                 images = []
                 for seq, i in jobs:
                     start, end = seq.image_input_offsets[i]
-                    images.append((seq.image_pixels[start:end], seq.image_grid_thw[i : i + 1]))
+                    image = (seq.image_pixels[start:end], seq.image_grid_thw[i : i + 1])
+                    sizes = seq.image_source_sizes
+                    images.append(image if sizes is None else (*image, sizes[i]))
                 if self._budgeted() and num_patches > self.patches_per_step:
                     vision.vision_pass = self.runner.start_images(images)
                     self.inflight = vision

@@ -101,7 +101,7 @@ class InputProcessor:
             grid = req.image_grid_thw
             merge_area = self.model_config.vision_config.spatial_merge_size**2
             image_sizes = [int(t * h * w) // merge_area for t, h, w in grid.tolist()]
-            input_offsets = self._image_input_offsets(req.image_pixels, grid)
+            input_offsets = self._image_input_offsets(req.image_pixels, grid, req.image_source_sizes)
             image_hashes = self._image_hashes(req, input_offsets)
         elif embeds_by_image and req.image_grid_thw is not None and req.image_grid_thw.shape[0] > 0:
             merge_area = self.model_config.vision_config.spatial_merge_size**2
@@ -130,6 +130,8 @@ class InputProcessor:
             generator=generator,
         )
         seq.image_input_offsets = input_offsets
+        if has_patches and req.image_source_sizes is not None:
+            seq.image_source_sizes = [(int(h), int(w)) for h, w in req.image_source_sizes.tolist()]
         if req.guide is not None:
             if req.sampling.min_tokens:
                 raise ValueError(
@@ -179,12 +181,24 @@ class InputProcessor:
                 raise ValueError(f"image_pixels: flat RGB images must be uint8, not {patches.dtype}")
             if any(t != 1 for t in grid[:, 0].tolist()):
                 raise ValueError(f"image_grid_thw: flat RGB images are stills (t = 1), got {grid.tolist()}")
-            expected = self._rgb_size(grid)
-            if patches.shape[0] != expected:
-                raise ValueError(
-                    f"image_pixels: {patches.shape[0]} bytes of RGB, image_grid_thw {grid.tolist()} needs "
-                    f"{expected}"
-                )
+            sources = req.image_source_sizes
+            if sources is not None:
+                self._check_source_sizes(sources, grid)
+                expected = int(sum(h * w for h, w in sources.tolist())) * 3
+                if patches.shape[0] != expected:
+                    raise ValueError(
+                        f"image_pixels: {patches.shape[0]} bytes of RGB, image_source_sizes "
+                        f"{sources.tolist()} need {expected}"
+                    )
+            else:
+                expected = self._rgb_size(grid)
+                if patches.shape[0] != expected:
+                    raise ValueError(
+                        f"image_pixels: {patches.shape[0]} bytes of RGB, image_grid_thw {grid.tolist()} needs "
+                        f"{expected}"
+                    )
+        elif req.image_source_sizes is not None:
+            raise ValueError("image_source_sizes: only with flat RGB images in image_pixels")
         elif tuple(patches.shape) != (num_patches, vision.patch_dim):
             raise ValueError(
                 f"image_pixels: shape {tuple(patches.shape)} must be [{num_patches}, {vision.patch_dim}] "
@@ -220,6 +234,17 @@ class InputProcessor:
         self.check_grid(grid)
         return self.grid_tokens(grid)
 
+    @staticmethod
+    def _check_source_sizes(sources: torch.Tensor, grid: torch.Tensor) -> None:
+        """ValueError naming image_source_sizes unless it is [n, 2] positive integers, one row per grid row."""
+        if sources.ndim != 2 or sources.shape != (grid.shape[0], 2) or sources.dtype.is_floating_point:
+            raise ValueError(
+                f"image_source_sizes: shape {tuple(sources.shape)} {sources.dtype} must be "
+                f"[{grid.shape[0]}, 2] integers (height, width per image)"
+            )
+        if bool((sources < 1).any()):
+            raise ValueError(f"image_source_sizes: {sources.tolist()} must all be >= 1")
+
     def check_grid(self, grid: torch.Tensor) -> None:
         """ValueError naming image_grid_thw unless it is [n, 3] integers, each t, h, w >= 1, h and w whole merges."""
         merge = self.model_config.vision_config.spatial_merge_size
@@ -243,11 +268,17 @@ class InputProcessor:
         patch = self.model_config.vision_config.patch_size
         return int(sum(h * w for _, h, w in grid.tolist())) * patch**2 * 3
 
-    def _image_input_offsets(self, patches: torch.Tensor, grid: torch.Tensor) -> list[tuple[int, int]]:
-        """[start, end) of each image in ``patches`` along dim 0 (bytes of flat RGB, else patch rows)."""
+    def _image_input_offsets(
+        self, patches: torch.Tensor, grid: torch.Tensor, sources: torch.Tensor | None = None
+    ) -> list[tuple[int, int]]:
+        """[start, end) of each image in ``patches`` along dim 0 (bytes of flat RGB, at their source sizes
+        when given, else patch rows)."""
         offsets, start = [], 0
         for i in range(grid.shape[0]):
-            size = self._rgb_size(grid[i : i + 1]) if patches.ndim == 1 else int(grid[i].prod())
+            if sources is not None:
+                size = int(sources[i, 0]) * int(sources[i, 1]) * 3
+            else:
+                size = self._rgb_size(grid[i : i + 1]) if patches.ndim == 1 else int(grid[i].prod())
             offsets.append((start, start + size))
             start += size
         return offsets

@@ -292,6 +292,22 @@ def check_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> Path:
     return path
 
 
+def shared_ref_size(ref: str, dir_name: str, field: str = "image_ref") -> tuple[int, int]:
+    """(height, width) of the image a path from ``shared_ref`` holds (its header only); ValueError naming
+    ``field`` as `read_shared_ref`'s."""
+    path = check_shared_ref(ref, dir_name, field)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            header = _header(f.read(_HEADER.size), os.fstat(f.fileno()).st_size)
+    except OSError as exc:
+        raise ValueError(
+            f"{field}: {ref!r} could not be read ({exc.strerror}); send the request again"
+        ) from None
+    if header is None:
+        raise ValueError(f"{field}: {ref!r} does not hold a resized image; send the request again")
+    return header[0], header[1]
+
+
 def read_shared_ref(
     ref: str, dir_name: str, field: str = "image_ref", out: np.ndarray | None = None
 ) -> tuple[np.ndarray, str]:

@@ -288,12 +288,27 @@ class ModelRunner:
         with torch.inference_mode():
             return self.model.visual.advance(vision_pass, num_blocks)
 
-    def _vision_inputs(
-        self, images: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel values [N, patch_dim] on the device, grids [n, 3] on the CPU) of ``images``."""
-        pixels = [self.patch_normalizer(x, grid) for x, grid in images]
-        return torch.cat(pixels), torch.cat([g for _, g in images]).to(torch.int64).cpu()
+    def _vision_inputs(self, images: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel values [N, patch_dim] on the device, grids [n, 3] on the CPU) of ``images``: (pixels, grid)
+        each, or (flat RGB, grid, (height, width)) for an image not yet at its grid's size, which is resized
+        here on the device as PIL's bicubic resize does."""
+        pixels = [self.patch_normalizer(self._at_grid_size(*image), image[1]) for image in images]
+        return torch.cat(pixels), torch.cat([image[1] for image in images]).to(torch.int64).cpu()
+
+    def _at_grid_size(
+        self, rgb: torch.Tensor, grid: torch.Tensor, source: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Flat RGB ``rgb`` of a ``source`` (height, width) image resized to its grid's size (flat), on the
+        device; ``rgb`` as it is without a source size."""
+        if source is None:
+            return rgb
+        from engine.processing.resample import resize_bicubic
+
+        patch = self.model_config.vision_config.patch_size
+        _, grid_h, grid_w = (int(v) for v in grid[0].tolist())
+        height, width = source
+        image = rgb.view(height, width, 3).to(self.device, non_blocking=True)
+        return resize_bicubic(image, (grid_w * patch, grid_h * patch)).reshape(-1)
 
     def wait_vision(self, embeds: torch.Tensor, ready: torch.cuda.Event) -> None:
         """Order the decoder's stream after a launched ViT forward that produced ``embeds``."""

@@ -5,6 +5,7 @@ Image references (files of the shared resize directory) are resolved by the engi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -383,3 +384,44 @@ def test_image_refs_take_held_embeddings_or_read_the_file(
             ep.stop(30)
     assert (stats.num_image_refs_read, stats.num_image_refs_held) == (1, 1)
     assert stats.num_image_cache_hits == 1
+
+
+@pytest.mark.parametrize("in_child", [False, True], ids=["this_process", "child"])
+def test_an_image_ref_holding_the_decoded_size_is_resized_like_pil(
+    engine_dir: Path, tmp_path: Path, in_child: bool
+) -> None:
+    """A shared file may hold an image at its decoded size rather than its grid's: the engine reads it at
+    that size and resizes it on its device as PIL does, so the tokens are those of PIL's resized pixels."""
+    import numpy as np
+    from PIL import Image
+
+    mc = ModelConfig.from_pretrained(engine_dir)
+    by_value = image_request(mc, "pixels", seed=4)
+    _, h, w = GRID
+    patch = mc.vision_config.patch_size
+    decoded = np.random.default_rng(8).integers(0, 256, (190, 150, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(decoded).resize((w * patch, h * patch), Image.Resampling.BICUBIC))
+    pil = dataclasses.replace(by_value, image_pixels=torch.from_numpy(resized.reshape(-1).copy()))
+    image_hash = "a" * 64  # the preprocessing model's hash of the image; the engine only compares it
+    shared = tmp_path / shared_resize_dir_name(engine_dir)
+    cache = ResizeCache(0, shared_dir=shared, shared_max_bytes=64 << 20)
+    cache.put("e" * 64, decoded.copy(), image_hash)
+    cache.flush()
+    ref = cache.shared_ref("e" * 64)
+    by_ref = dataclasses.replace(
+        by_value, request_id="ref", image_pixels=None, image_refs=[ref], image_hashes=[image_hash.encode()]
+    )
+    expected = tokens(run_in_process(LLMEngine.from_engine_dir(engine_dir), [pil])["pixels"])
+    if not in_child:
+        ex = LLMEngine.from_engine_dir(engine_dir)
+        assert tokens(run_in_process(ex, [by_ref])["ref"]) == expected
+        assert ex.num_image_refs_read == 1
+    else:
+        collector = Collector()
+        ep = EngineProcess(engine_dir)
+        try:
+            ep.start(collector)
+            ep.add_request(by_ref)
+            assert tokens(collector.wait("ref")["ref"]) == expected
+        finally:
+            ep.stop(10)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,6 +266,64 @@ def test_flat_rgb_images_patchified_in_the_engine_give_the_same_tokens(model, mo
     ]
     for change, match in bad:
         kwargs = {**common, "image_pixels": rgb, **change}
+        with pytest.raises(ValueError, match=match):
+            ex.add_request(GenerationRequest("bad", ids, greedy(2), **kwargs))
+
+
+def test_images_at_their_source_size_are_resized_in_the_engine_like_pil(model, model_config):
+    """Flat RGB images sent at another size than their grid's, with image_source_sizes: the engine resizes
+    them as PIL's bicubic resize does, so the tokens are those of the images PIL resized first."""
+    from PIL import Image
+
+    mc = model_config
+    ex = make_engine(model, mc)
+    grids = [(1, 4, 6), (1, 2, 2)]
+    sources = [(70, 45), (20, 33)]  # (height, width) of each image as decoded
+    ids, _, grid, positions, delta = image_request(mc, "rgb", grids, seed=5)
+    patch = mc.vision_config.patch_size
+    rng = np.random.default_rng(3)
+    decoded = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sources]
+    resized = [
+        np.asarray(Image.fromarray(rgb).resize((gw * patch, gh * patch), Image.Resampling.BICUBIC))
+        for rgb, (_, gh, gw) in zip(decoded, grids, strict=True)
+    ]
+    common = {"image_grid_thw": grid, "mrope_positions": positions, "mrope_delta": delta}
+    source = torch.from_numpy(np.concatenate([rgb.reshape(-1) for rgb in decoded]))
+    sizes = torch.tensor(sources)
+    outputs = run_to_end(
+        ex,
+        {
+            0: [
+                GenerationRequest(
+                    "source", ids, greedy(6), image_pixels=source, image_source_sizes=sizes, **common
+                ),
+                GenerationRequest(
+                    "pil",
+                    ids,
+                    greedy(6),
+                    image_pixels=torch.from_numpy(np.concatenate([rgb.reshape(-1) for rgb in resized])),
+                    **common,
+                ),
+            ]
+        },
+    )
+    assert tokens(outputs["source"]) == tokens(outputs["pil"])
+    bad = [
+        (
+            {"image_pixels": source[:-1]},
+            r"^image_pixels: 11429 bytes of RGB, image_source_sizes .* need 11430",
+        ),
+        (
+            {"image_source_sizes": sizes[:1]},
+            r"^image_source_sizes: shape \(1, 2\) torch.int64 must be \[2, 2\]",
+        ),
+        (
+            {"image_source_sizes": torch.tensor([[70, 45], [0, 33]])},
+            r"^image_source_sizes: .* must all be >= 1",
+        ),
+    ]
+    for change, match in bad:
+        kwargs = {**common, "image_pixels": source, "image_source_sizes": sizes, **change}
         with pytest.raises(ValueError, match=match):
             ex.add_request(GenerationRequest("bad", ids, greedy(2), **kwargs))
 
