@@ -226,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
         "directory (a new image's file written first; the llm takes the embeddings it holds, or reads the "
         "file); --no-pixels-by-reference sends its pixels through Triton every time",
     )
+    p.add_argument(
+        "--resize-on-device",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a new image that needs a resize goes to the llm at its decoded size (its shared file too) and "
+        "the engine resizes it on its device as PIL's bicubic resize does, bit for bit, instead of "
+        "preprocessing resizing it on one CPU core; with --pixels-by-reference only",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")
     return p
 
@@ -347,6 +355,11 @@ def build(args: argparse.Namespace) -> Path:
     _check(device in ("cpu", "cuda"), "--device", f"{device!r} must be cpu or cuda")
     gpus = parse_gpus(args.gpus)
     _check(not gpus or device == "cuda", "--gpus", "GPU instances need --device cuda")
+    _check(
+        args.pixels_by_reference or not args.resize_on_device,
+        "--resize-on-device",
+        "needs --pixels-by-reference (the images it resizes go as files of the shared directory)",
+    )
     if device == "cuda" and not gpus:
         gpus = [0]
     if args.preprocessing_instances is None:
@@ -498,6 +511,7 @@ def build(args: argparse.Namespace) -> Path:
             "max_num_vision_patches": engine_config.max_num_vision_patches,
             "default_max_tokens": args.default_max_tokens,
             "pixels_by_reference": "true" if args.pixels_by_reference else "false",
+            "resize_on_device": "true" if args.resize_on_device else "false",
             "engine_process": "true" if args.engine_process else "false",
             "cancellation_check_period_ms": 10,
             "stats_check_period_ms": 100,

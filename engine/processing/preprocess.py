@@ -118,9 +118,14 @@ def resized_size(
     return w, h
 
 
-def content_hash(rgb: np.ndarray) -> str:
-    """An image's content hash: sha256 hex of its size and RGB bytes (what the model sees)."""
-    digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
+def content_hash(rgb: np.ndarray, size: tuple[int, int] | None = None) -> str:
+    """An image's content hash: sha256 hex of its size and RGB bytes (what the model sees). An image stored
+    at its decoded size for the engine to resize to ``size`` (height, width): of that size, its own and its
+    bytes (what the model sees follows from them)."""
+    if size is None or tuple(size) == rgb.shape[:2]:
+        digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
+    else:
+        digest = hashlib.sha256(b"%d,%d;from %d,%d;" % (*size, *rgb.shape[:2]))
     digest.update(np.ascontiguousarray(rgb).data)  # hashlib leaves the GIL for the data
     return digest.hexdigest()
 
@@ -135,16 +140,20 @@ class Preprocessor:
         resize_cache_bytes: int = 512 << 20,
         shared_resize_cache_dir: str | Path | None = None,
         shared_resize_cache_bytes: int = 0,
+        resize_on_device: bool = False,
     ) -> None:
         """``resize_cache_bytes``: resized images kept by file digest in this process (0: none);
         ``shared_resize_cache_dir`` / ``_bytes``: a directory that the preprocessing instances of the host
-        share, and its size (engine.processing.resize_cache)."""
+        share, and its size (engine.processing.resize_cache). ``resize_on_device``: a new image that needs
+        a resize and goes by reference is stored at its decoded size, for the engine to resize on its GPU
+        (``image_source_sizes``), instead of resized here."""
         from transformers import AutoTokenizer
         from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
 
         d = engine_dir if isinstance(engine_dir, EngineDir) else None
         self.engine_dir = d.path if d is not None else Path(engine_dir)
         self.limits = limits or PreprocessLimits()
+        self.resize_on_device = resize_on_device
         self.resize_cache = ResizeCache(
             resize_cache_bytes,
             shared_dir=None
@@ -161,6 +170,8 @@ class Preprocessor:
         settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
         self.image_processor = Glm46VImageProcessorPil(**settings)
         self.merge_size = int(self.image_processor.merge_size)
+        # the engine's device resize is PIL's bicubic one (engine.processing.resample)
+        self._bicubic = int(self.image_processor.resample) == 3
         from engine.model.vision import PatchNormalizer
 
         proc = self.image_processor
@@ -319,23 +330,43 @@ class Preprocessor:
         otherwise that file is written meanwhile and this request sends the pixels."""
         known = self.resize_cache.get(info.file_hash, shared=not by_reference)
         if known is not None:
-            return _Prepared(known[0], known[1], info.file_hash, known[0].shape[:2], info)
+            return _Prepared(known[0], known[1], info.file_hash, self._grid_size(known[0].shape[:2]), info)
         header = self.resize_cache.shared_header(info.file_hash) if by_reference else None
         if header is not None:
             height, width, image_hash = header
-            return _Prepared(None, image_hash, info.file_hash, (height, width), info)
+            return _Prepared(None, image_hash, info.file_hash, self._grid_size((height, width)), info)
         if not info.is_decoded:  # its cache entry went between the check and here
             info.image.load()
-        rgb = self._resize(info)
-        if by_reference and self.resize_cache.shared_dir is not None:
+        shared = by_reference and self.resize_cache.shared_dir is not None
+        if (
+            shared
+            and self.resize_on_device
+            and not self._keeps_size(info.width, info.height)
+            and self._bicubic
+        ):
+            rgb = self._rgb(info)  # at its decoded size: the engine resizes it on its device
+        else:
+            rgb = self._resize(info)
+        size = self._grid_size(rgb.shape[:2])
+        if shared:
             # its shared file's pixels are written here while a hash thread computes the content hash
             if self._hash_threads is None:
                 self._hash_threads = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="glmv-image-hash")
-            image_hash = self._hash_threads.submit(content_hash, rgb)
+            image_hash = self._hash_threads.submit(content_hash, rgb, size)
         else:
             image_hash = content_hash(rgb)
         image_hash = self.resize_cache.put(info.file_hash, rgb, image_hash, write_now=by_reference)
-        return _Prepared(rgb, image_hash, info.file_hash if by_reference else None, rgb.shape[:2], info)
+        return _Prepared(rgb, image_hash, info.file_hash if by_reference else None, size, info)
+
+    def _grid_size(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) the model sees of an image stored at ``shape`` (height, width): the processor's
+        size for it, the same for an image resized already (smart_resize of its own output is the identity,
+        or refuses the aspect ratio its rounding gave: then the stored size is the one)."""
+        try:
+            width, height = self._target_size(int(shape[1]), int(shape[0]))
+        except ValueError:
+            return int(shape[0]), int(shape[1])
+        return height, width
 
     def _grids(self, prepared: list[_Prepared]) -> np.ndarray:
         patch = self._geometry()[0]
@@ -345,9 +376,34 @@ class Preprocessor:
     def _assemble(self, prepared: list[_Prepared]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if not prepared:
             return np.zeros(0, np.uint8), np.zeros((0, 3), np.int64), []
-        parts = [image.rgb.reshape(-1) for image in prepared]
+        parts = [self._at_size(image.rgb, image.size).reshape(-1) for image in prepared]
         rgb = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one image: its cached array, no copy
         return rgb, self._grids(prepared), [image.image_hash for image in prepared]
+
+    def _at_size(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """``rgb`` resized here to ``size`` (height, width) if it is stored at its decoded size."""
+        if rgb.shape[:2] == tuple(size):
+            return rgb
+        from PIL import Image
+
+        resample = Image.Resampling(int(self.image_processor.resample))
+        return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample=resample), dtype=np.uint8)
+
+    def _rgb(self, info: ImageInfo) -> np.ndarray:
+        """One image -> uint8 [H, W, 3] at its decoded size: RGB, transparency on white."""
+        return np.asarray(self._rgb_image(info), dtype=np.uint8)
+
+    def _rgb_image(self, info: ImageInfo):
+        from PIL import Image
+
+        image = info.pil_image()
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            # transparency is composited onto white, as transformers' convert_to_rgb does
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image.convert("RGBA"))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return image
 
     def _resize(self, info: ImageInfo) -> np.ndarray:
         """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
@@ -358,13 +414,7 @@ class Preprocessor:
         pixels = info.pixels
         if pixels is not None and pixels.ndim == 3 and pixels.shape[2] == 3 and (w, h) == (width, height):
             return pixels  # libspng's RGB at the model's size already: no copy
-        image = info.pil_image()
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            # transparency is composited onto white, as transformers' convert_to_rgb does
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image.convert("RGBA"))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = self._rgb_image(info)
         if (w, h) != (width, height):
             image = image.resize((w, h), resample=Image.Resampling(int(self.image_processor.resample)))
         return np.asarray(image, dtype=np.uint8)  # [h, w, 3]

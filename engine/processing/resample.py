@@ -11,6 +11,7 @@ tap: the sums are exact integers on any device."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -28,6 +29,7 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
+@functools.lru_cache(maxsize=64)
 def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(xmin [out], count [out], fixed-point weights int64 [out, ksize]) as Pillow's precompute_coeffs and
     normalize_coeffs_8bpc compute them for the box (0, in_size)."""
@@ -61,18 +63,36 @@ def _clip8(acc: torch.Tensor) -> torch.Tensor:
     ).to(torch.uint8)
 
 
-def _pass(src: torch.Tensor, xmin: np.ndarray, kk: np.ndarray, dim: int) -> torch.Tensor:
-    """One pass along ``dim`` of uint8 ``src`` (channels last)."""
+@functools.lru_cache(maxsize=64)
+def _taps(
+    device: torch.device, in_size: int, out_size: int, shift: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+    """(source index [ksize, out] int64, weights [ksize, out] int32, the event after their copy or None) on
+    ``device`` for a pass from ``in_size`` to ``out_size`` over a source of ``length`` starting at
+    ``shift``; a CUDA device gets them from pinned memory without the host waiting for the copy."""
+    xmin, _, kk = coefficients(in_size, out_size)
     ksize = kk.shape[1]
-    n = src.shape[dim]
-    index = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(ksize)[None, :], n - 1)).to(src.device)
-    weights = torch.from_numpy(kk).to(src.device, torch.int32)
+    index = np.minimum(xmin[None, :] - shift + np.arange(ksize)[:, None], length - 1)  # unused taps weigh 0
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (index, kk.T.astype(np.int32))]
+    if device.type != "cuda":
+        return tensors[0].to(device), tensors[1].to(device), None
+    tensors = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    copied = torch.cuda.Event()
+    copied.record()
+    return tensors[0], tensors[1], copied
+
+
+def _pass(src: torch.Tensor, in_size: int, out_size: int, dim: int, shift: int = 0) -> torch.Tensor:
+    """One pass along ``dim`` of uint8 ``src`` (channels last), from ``in_size`` to ``out_size`` (``src``
+    holds the source from index ``shift`` on)."""
+    index, weights, copied = _taps(src.device, in_size, out_size, shift, src.shape[dim])
+    if copied is not None:
+        torch.cuda.current_stream(src.device).wait_event(copied)
+    shape = [1] * src.dim()
+    shape[dim] = -1
     acc = None
-    for j in range(ksize):
-        taps = src.index_select(dim, index[:, j]).to(torch.int32)
-        shape = [1] * src.dim()
-        shape[dim] = -1
-        term = taps * weights[:, j].view(shape)
+    for j in range(index.shape[0]):
+        term = src.index_select(dim, index[j]).to(torch.int32) * weights[j].view(shape)
         acc = term if acc is None else acc + term
     return _clip8(acc + (1 << (PRECISION_BITS - 1)))
 
@@ -85,18 +105,15 @@ def resize_bicubic(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     horizontal_first = not (height - h > 0 and height - h > (width - w) * 2)
     out = rgb
     if horizontal_first:
-        xmin_v, xmax_v, kk_v = coefficients(height, h)
-        if w != width:
+        first = 0
+        if w != width:  # over the rows the vertical pass reads
+            xmin_v, xmax_v, _ = coefficients(height, h)
             first, last = int(xmin_v[0]), int(xmin_v[-1] + xmax_v[-1])
-            xmin_h, _, kk_h = coefficients(width, w)
-            out = _pass(out[first:last], xmin_h, kk_h, dim=1)
-            xmin_v = xmin_v - first
+            out = _pass(out[first:last], width, w, dim=1)
         if h != height:
-            out = _pass(out, xmin_v, kk_v, dim=0)
+            out = _pass(out, height, h, dim=0, shift=first)
     else:
-        xmin_v, _, kk_v = coefficients(height, h)
-        out = _pass(out, xmin_v, kk_v, dim=0)
+        out = _pass(out, height, h, dim=0)
         if w != width:
-            xmin_h, _, kk_h = coefficients(width, w)
-            out = _pass(out, xmin_h, kk_h, dim=1)
+            out = _pass(out, width, w, dim=1)
     return out

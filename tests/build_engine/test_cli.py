@@ -40,6 +40,7 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert f"count: {instances} kind: KIND_CPU" in pre
     assert config["build"]["preprocessing_instances"] == instances
     assert 'key: "pixels_by_reference" value: { string_value: "true" }' in pre
+    assert 'key: "resize_on_device" value: { string_value: "false" }' in pre
 
     # The engine directory loads as an engine.
     from engine.llm_engine import LLMEngine
@@ -53,6 +54,7 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
     assert "count: 3 kind: KIND_CPU" in pre
     assert 'key: "pixels_by_reference" value: { string_value: "false" }' in pre
+    assert 'key: "resize_on_device" value: { string_value: "false" }' in pre
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 
 
@@ -128,6 +130,10 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
         (["--dtype", "int8"], "--dtype: 'int8' must be auto or one of"),
         (["--device", "tpu"], "--device: 'tpu' must be cpu or cuda"),
         (["--gpus", "0"], "--gpus: GPU instances need --device cuda"),
+        (
+            ["--no-pixels-by-reference", "--resize-on-device"],
+            "--resize-on-device: needs --pixels-by-reference",
+        ),
         (["--preprocessing-instances", "0"], "--preprocessing-instances: 0 must be >= 1"),
         (["--stream-responses-per-s", "0"], "--stream-responses-per-s: 0 must be >= 1"),
         (["--max-image-bytes", "0"], "--max-image-bytes: 0 must be an integer >= 1"),

@@ -67,6 +67,7 @@ class TritonPythonModel:
             self.limits,
             shared_resize_cache_dir=shared_dir or tempfile.gettempdir(),
             shared_resize_cache_bytes=parameters.get_int("shared_resize_cache_mb", 512) << 20,
+            resize_on_device=parameters.get_bool("resize_on_device", False),
         )
         # An image already in the shared directory (a follow-up's) goes to the llm as its file's path there,
         # not as 2.8 MB of pixels through Triton (the llm reads the file only if it does not hold the

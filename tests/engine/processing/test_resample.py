@@ -57,3 +57,16 @@ def test_one_channel_equals_pil() -> None:
     gray = np.random.default_rng(2).integers(0, 256, (90, 120, 1), dtype=np.uint8)
     got = resize_bicubic(torch.from_numpy(gray), (140, 84)).numpy()[..., 0]
     np.testing.assert_array_equal(got, pil_resize(gray[..., 0], (140, 84)))
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_equal_to_pil_without_the_host_waiting() -> None:
+    """On CUDA: the same pixels as PIL, from a pinned source, for the sizes the server resizes; a second
+    image of a size seen before reuses its coefficients."""
+    rng = np.random.default_rng(4)
+    for source, size in [((1920, 1080), (1932, 1092)), ((3840, 2160), (2912, 1624)), ((100, 60), (112, 56))]:
+        for _ in range(2):
+            rgb = rng.integers(0, 256, (source[1], source[0], 3), dtype=np.uint8)
+            pinned = torch.from_numpy(rgb).pin_memory()
+            got = resize_bicubic(pinned.to("cuda", non_blocking=True), size).cpu().numpy()
+            np.testing.assert_array_equal(got, pil_resize(rgb, size))

@@ -304,3 +304,47 @@ def test_warm_up_runs_every_stage_and_leaves_the_caches_as_they_were(
     pre("What is this?", [image])  # the real cache still works afterwards
     pre.resize_cache.flush()
     assert len(pre.resize_cache._entries) == 1 and len(list(pre.resize_cache.shared_dir.iterdir())) == 1
+
+
+def test_resize_on_device_stores_new_images_at_their_decoded_size(tiny_checkpoint: Path, tmp_path: Path):
+    """With resize_on_device, a new image that needs a resize and goes by reference is stored (its shared
+    file too) at its decoded size, hashed over its target size, its own size and its pixels; the grid,
+    ids and positions are those of the image resized here. An instance that meets it only in the shared
+    directory takes the target size from the file's; sent by value, it is resized here (PIL's pixels) and
+    keeps its hash. An image kept at its size is stored and hashed as without the option."""
+    from engine.processing.preprocess import content_hash
+
+    shared = {"shared_resize_cache_bytes": 64 << 20}
+    plain = Preprocessor(tiny_checkpoint, shared_resize_cache_dir=tmp_path / "plain", **shared)
+    image = png(21, (300, 200))  # the tiny processor resizes it
+    want = plain("What is this?", [image])
+    device = Preprocessor(
+        tiny_checkpoint, shared_resize_cache_dir=tmp_path / "device", resize_on_device=True, **shared
+    )
+    first = device("What is this?", [image], pixels_by_reference=True)
+    (ref,) = first.image_refs
+    stored, file_hash = read_shared_ref(ref, Path(ref).parent.name)
+    decoded = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    np.testing.assert_array_equal(stored, decoded)
+    (grid,) = want.image_grid_thw.tolist()
+    patch = int(device.image_processor.patch_size)
+    target = (grid[1] * patch, grid[2] * patch)
+    assert target != decoded.shape[:2]
+    assert first.image_hashes == [file_hash] == [content_hash(decoded, target)] != want.image_hashes
+    for name in ("image_grid_thw", "input_ids", "mrope_positions"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(want, name))
+    other = Preprocessor(
+        tiny_checkpoint, shared_resize_cache_dir=tmp_path / "device", resize_on_device=True, **shared
+    )
+    again = other("And now?", [image], pixels_by_reference=True)
+    assert again.image_refs == [ref] and again.image_hashes == first.image_hashes
+    np.testing.assert_array_equal(again.image_grid_thw, want.image_grid_thw)
+    by_value = device("What is this?", [image])  # its entry is stored at the decoded size
+    np.testing.assert_array_equal(by_value.image_rgb, want.image_rgb)
+    assert by_value.image_hashes == first.image_hashes
+    kept = png(22, (140, 112))  # the tiny processor keeps 140x112
+    kept_plain, kept_device = plain("q", [kept]), device("q", [kept], pixels_by_reference=True)
+    assert kept_device.image_hashes == kept_plain.image_hashes
+    np.testing.assert_array_equal(
+        read_shared_ref(kept_device.image_refs[0], Path(ref).parent.name)[0].reshape(-1), kept_plain.image_rgb
+    )
