@@ -5,14 +5,20 @@ pixel limit keeps a 1288×728 screenshot at 1288×728), and the `Preprocessor` w
 request decodes, resizes and hashes its image. For each corpus kind (screenshots and documents are PNG,
 product photos JPEG) and size: the median time per request and of its `images` stage, with PNGs decoded by
 libspng (`engine.processing.images.pyspng`) and by PIL (`pyspng` set to None): each image both ways in
-turn, the first way alternating by round, so that drift of the host shows in both. Writes ``image_decode.json`` (meta: device, date, commit) into
-``--out`` and prints a table.
+turn, the first way alternating by round, so that drift of the host shows in both. Writes
+``image_decode.json`` (meta: device, date, commit) into ``--out`` and prints a table.
+
+``--compare resize``: new images sent by reference (each round on fresh shared directories), resized by PIL
+in preprocessing against stored at their decoded size for the engine to resize on its device
+(``Preprocessor(resize_on_device=True)``, glmv-build ``--resize-on-device``); the engine's own resize is not
+in these figures. Writes ``image_resize.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -38,7 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rounds", type=int, default=3, help="rounds over the images, each image both ways in each"
     )
+    ap.add_argument(
+        "--compare",
+        choices=("decoder", "resize"),
+        default="decoder",
+        help="decoder: libspng against PIL; resize: new images by reference, resized in preprocessing "
+        "against stored at their decoded size for the engine to resize (--resize-on-device; the engine's "
+        "resize not included)",
+    )
     args = ap.parse_args(argv)
+    if args.compare == "resize":
+        return _compare_resize(args)
     from benchmarks.corpus import Corpus, parse_size
     from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, make_tiny_checkpoint, preprocessor_config
     from engine.processing import images
@@ -96,6 +112,72 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     (args.out / "image_decode.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def _samples_by_kind(size: tuple[int, int], count: int) -> dict[str, list]:
+    from benchmarks.corpus import Corpus
+
+    corpus = Corpus(sizes=[size], pool_size=8 * count, seed=4242)
+    by_kind: dict[str, list] = {kind: [] for kind in KINDS}
+    for i in range(8 * count):
+        sample = corpus.sample(i)
+        if len(by_kind[sample.kind]) < count:
+            by_kind[sample.kind].append(sample)
+    return by_kind
+
+
+def _compare_resize(args: argparse.Namespace) -> int:
+    """Per kind and size: ms per request of a new image sent by reference, resized by PIL here against
+    stored at its decoded size (``resize_on_device``); each round on fresh shared directories, so that
+    every image is new to both, each image both ways in turn."""
+    from benchmarks.corpus import parse_size
+    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, make_tiny_checkpoint, preprocessor_config
+    from engine.processing.preprocess import Preprocessor
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="glmv-image-resize-") as tmp:
+        checkpoint = make_tiny_checkpoint(Path(tmp) / "checkpoint", preset="tiny", seed=0)
+        (checkpoint / "preprocessor_config.json").write_text(
+            json.dumps(preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS))
+        )
+        for size_text in args.sizes.split(","):
+            for kind, samples in _samples_by_kind(parse_size(size_text), args.samples).items():
+                times: dict[str, list[float]] = {"preprocessing": [], "device": []}
+                for r in range(args.rounds):
+                    pres = {
+                        name: Preprocessor(
+                            checkpoint,
+                            resize_cache_bytes=0,
+                            shared_resize_cache_dir=Path(tmp) / f"shared-{r}-{name}",
+                            shared_resize_cache_bytes=4 << 30,
+                            resize_on_device=name == "device",
+                        )
+                        for name in times
+                    }
+                    for sample in samples:
+                        for name in list(times) if r % 2 == 0 else list(times)[::-1]:
+                            started = time.perf_counter()
+                            out = pres[name](
+                                "What does it say?", list(sample.images), pixels_by_reference=True
+                            )
+                            times[name].append((time.perf_counter() - started) * 1e3)
+                            if not out.image_refs:
+                                raise SystemExit(f"{size_text} {kind}: not sent by reference")
+                    shutil.rmtree(Path(tmp) / f"shared-{r}-preprocessing", ignore_errors=True)
+                    shutil.rmtree(Path(tmp) / f"shared-{r}-device", ignore_errors=True)
+                row = {"size": size_text, "kind": kind, "n": len(samples)}
+                row.update(
+                    {f"{name}_request_ms": round(statistics.median(v), 3) for name, v in times.items()}
+                )
+                rows.append(row)
+                print(
+                    f"{size_text} {kind}: per request {row['preprocessing_request_ms']:.2f} (resized here) -> "
+                    f"{row['device_request_ms']:.2f} ms (stored at its decoded size)"
+                )
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = make_meta(vars(args) | {"out": str(args.out)}, "tiny + full-size image processor")
+    (args.out / "image_resize.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return 0
 
 

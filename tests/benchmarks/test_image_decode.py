@@ -21,3 +21,26 @@ def test_image_decode_times_each_kind_both_ways(tmp_path: Path) -> None:
         for name in ("libspng", "PIL"):
             assert 0 < row[f"{name}_images_ms"] <= row[f"{name}_request_ms"]
     assert doc["meta"]["commit"]
+
+
+def test_image_resize_times_each_kind_both_ways(tmp_path: Path) -> None:
+    from benchmarks.image_decode import KINDS, main
+
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--compare",
+        "resize",
+        "--sizes",
+        "500x300",
+        "--samples",
+        "1",
+        "--rounds",
+        "1",
+    ]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "image_resize.json").read_text())
+    assert sorted(row["kind"] for row in doc["rows"]) == sorted(KINDS)
+    for row in doc["rows"]:
+        assert row["size"] == "500x300" and row["n"] == 1
+        assert row["preprocessing_request_ms"] > 0 and row["device_request_ms"] > 0
