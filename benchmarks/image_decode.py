@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.compare == "resize":
         return _compare_resize(args)
-    from benchmarks.corpus import Corpus, parse_size
-    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, make_tiny_checkpoint, preprocessor_config
+    from benchmarks.corpus import parse_size
     from engine.processing import images
     from engine.processing.preprocess import Preprocessor
 
@@ -65,21 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     spng = images.pyspng
     rows = []
     with tempfile.TemporaryDirectory(prefix="glmv-image-decode-") as tmp:
-        checkpoint = make_tiny_checkpoint(Path(tmp), preset="tiny", seed=0)
-        (checkpoint / "preprocessor_config.json").write_text(
-            json.dumps(preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS))
-        )
-        pre = Preprocessor(checkpoint, resize_cache_bytes=0)
+        pre = Preprocessor(_full_size_checkpoint(Path(tmp)), resize_cache_bytes=0)
         pre.warm_up()
         for size_text in args.sizes.split(","):
-            size = parse_size(size_text)
-            corpus = Corpus(sizes=[size], pool_size=8 * args.samples, seed=4242)
-            by_kind: dict[str, list] = {kind: [] for kind in KINDS}
-            for i in range(8 * args.samples):
-                sample = corpus.sample(i)
-                if len(by_kind[sample.kind]) < args.samples:
-                    by_kind[sample.kind].append(sample)
-            for kind, samples in by_kind.items():
+            for kind, samples in _samples_by_kind(parse_size(size_text), args.samples).items():
                 if not samples:
                     continue
                 times: dict[str, tuple[list[float], list[float]]] = {"libspng": ([], []), "PIL": ([], [])}
@@ -115,7 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _full_size_checkpoint(out: Path) -> Path:
+    """A tiny checkpoint with the full-size model's image processor."""
+    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, make_tiny_checkpoint, preprocessor_config
+
+    checkpoint = make_tiny_checkpoint(out, preset="tiny", seed=0)
+    (checkpoint / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS))
+    )
+    return checkpoint
+
+
 def _samples_by_kind(size: tuple[int, int], count: int) -> dict[str, list]:
+    """Up to ``count`` corpus samples of each kind at ``size``, the same ones in every run."""
     from benchmarks.corpus import Corpus
 
     corpus = Corpus(sizes=[size], pool_size=8 * count, seed=4242)
@@ -132,15 +132,11 @@ def _compare_resize(args: argparse.Namespace) -> int:
     stored at its decoded size (``resize_on_device``); each round on fresh shared directories, so that
     every image is new to both, each image both ways in turn."""
     from benchmarks.corpus import parse_size
-    from build_engine.checkpoint import FULL_SIZE_MAX_IMAGE_TOKENS, make_tiny_checkpoint, preprocessor_config
     from engine.processing.preprocess import Preprocessor
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="glmv-image-resize-") as tmp:
-        checkpoint = make_tiny_checkpoint(Path(tmp) / "checkpoint", preset="tiny", seed=0)
-        (checkpoint / "preprocessor_config.json").write_text(
-            json.dumps(preprocessor_config(FULL_SIZE_MAX_IMAGE_TOKENS))
-        )
+        checkpoint = _full_size_checkpoint(Path(tmp) / "checkpoint")
         for size_text in args.sizes.split(","):
             for kind, samples in _samples_by_kind(parse_size(size_text), args.samples).items():
                 times: dict[str, list[float]] = {"preprocessing": [], "device": []}

@@ -338,16 +338,13 @@ class Preprocessor:
         if not info.is_decoded:  # its cache entry went between the check and here
             info.image.load()
         shared = by_reference and self.resize_cache.shared_dir is not None
-        if (
-            shared
-            and self.resize_on_device
-            and not self._keeps_size(info.width, info.height)
-            and self._bicubic
-        ):
+        width, height = self._target_size(info.width, info.height)
+        keeps_size = (width, height) == (info.width, info.height)
+        if shared and self.resize_on_device and not keeps_size and self._bicubic:
             rgb = self._rgb(info)  # at its decoded size: the engine resizes it on its device
         else:
-            rgb = self._resize(info)
-        size = self._grid_size(rgb.shape[:2])
+            rgb = self._resize(info, (width, height))
+        size = (height, width)
         if shared:
             # its shared file's pixels are written here while a hash thread computes the content hash
             if self._hash_threads is None:
@@ -405,12 +402,13 @@ class Preprocessor:
             image = image.convert("RGB")
         return image
 
-    def _resize(self, info: ImageInfo) -> np.ndarray:
-        """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size."""
+    def _resize(self, info: ImageInfo, target: tuple[int, int]) -> np.ndarray:
+        """One image -> uint8 [h, w, 3]: RGB (transparency on white), resized to smart_resize's size
+        ``target`` (w, h)."""
         from PIL import Image
 
         width, height = info.width, info.height
-        w, h = self._target_size(width, height)
+        w, h = target
         pixels = info.pixels
         if pixels is not None and pixels.ndim == 3 and pixels.shape[2] == 3 and (w, h) == (width, height):
             return pixels  # libspng's RGB at the model's size already: no copy

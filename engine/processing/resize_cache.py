@@ -292,20 +292,32 @@ def check_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> Path:
     return path
 
 
-def shared_ref_size(ref: str, dir_name: str, field: str = "image_ref") -> tuple[int, int]:
-    """(height, width) of the image a path from ``shared_ref`` holds (its header only); ValueError naming
-    ``field`` as `read_shared_ref`'s."""
+@contextlib.contextmanager
+def _shared_entry(ref: str, dir_name: str, field: str):
+    """The open file of a path from ``shared_ref`` after its header: (file, height, width, image hash);
+    ValueError naming ``field`` when it is not one, no longer holds an entry or cannot be read."""
     path = check_shared_ref(ref, dir_name, field)
     try:
         with open(path, "rb", buffering=0) as f:
             header = _header(f.read(_HEADER.size), os.fstat(f.fileno()).st_size)
+            if header is None:
+                raise ValueError(_gone(ref, field))
+            yield (f, *header)
     except OSError as exc:
         raise ValueError(
             f"{field}: {ref!r} could not be read ({exc.strerror}); send the request again"
         ) from None
-    if header is None:
-        raise ValueError(f"{field}: {ref!r} does not hold a resized image; send the request again")
-    return header[0], header[1]
+
+
+def _gone(ref: str, field: str) -> str:
+    return f"{field}: {ref!r} does not hold a resized image; send the request again"
+
+
+def shared_ref_size(ref: str, dir_name: str, field: str = "image_ref") -> tuple[int, int]:
+    """(height, width) of the image a path from ``shared_ref`` holds (its header only); ValueError naming
+    ``field`` as `read_shared_ref`'s."""
+    with _shared_entry(ref, dir_name, field) as (_, height, width, _hash):
+        return height, width
 
 
 def read_shared_ref(
@@ -315,25 +327,14 @@ def read_shared_ref(
     ValueError naming ``field`` when it is not one or no longer holds an entry. ``out``: a uint8 array of
     exactly the image's bytes to read the pixels into (pinned memory, a slice of several images' buffer);
     else a fresh, writable one (torch takes it as it is)."""
-    path = check_shared_ref(ref, dir_name, field)
-    gone = f"{field}: {ref!r} does not hold a resized image; send the request again"
-    try:
-        with open(path, "rb", buffering=0) as f:
-            header = _header(f.read(_HEADER.size), os.fstat(f.fileno()).st_size)
-            if header is None:
-                raise ValueError(gone)
-            height, width, image_hash = header
-            num_bytes = height * width * 3
-            if out is not None and out.nbytes != num_bytes:
-                raise ValueError(
-                    f"{field}: a {width}x{height} image ({num_bytes} bytes), not the {out.nbytes} bytes of "
-                    "its image_grid_thw"
-                )
-            rgb = np.empty(num_bytes, np.uint8) if out is None else out
-            if f.readinto(memoryview(rgb).cast("B")) != num_bytes:
-                raise ValueError(gone)
-    except OSError as exc:
-        raise ValueError(
-            f"{field}: {ref!r} could not be read ({exc.strerror}); send the request again"
-        ) from None
+    with _shared_entry(ref, dir_name, field) as (f, height, width, image_hash):
+        num_bytes = height * width * 3
+        if out is not None and out.nbytes != num_bytes:
+            raise ValueError(
+                f"{field}: a {width}x{height} image ({num_bytes} bytes), not the {out.nbytes} bytes of "
+                "its image_grid_thw"
+            )
+        rgb = np.empty(num_bytes, np.uint8) if out is None else out
+        if f.readinto(memoryview(rgb).cast("B")) != num_bytes:
+            raise ValueError(_gone(ref, field))
     return rgb.reshape(height, width, 3), image_hash
