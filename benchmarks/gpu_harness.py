@@ -306,19 +306,23 @@ async def serve_phases(
     preprocessing model's and the llm's stages (per sub-phase, and per follow-up request)."""
     from benchmarks.reuse import QuestionsPerImage, conversation, follow_up_pairs
 
-    sizes = {"448": (448, 448), "1288": (1288, 728)}
+    sizes = {"448": (448, 448), "1288": (1288, 728), "1920": (1920, 1080)}
     # Every request of the TTFT and throughput runs brings an image no earlier request brought (the caches
     # must not flatter them): the warm-up, the TTFT runs and each throughput run draw from their own seeds,
     # rendered up front in worker processes.
     workers = max(1, min(16, os.cpu_count() or 1))
-    corpora = {k: Corpus(sizes=[v], pool_size=12) for k, v in sizes.items()}
-    warm_corpora = {k: Corpus(sizes=[v], pool_size=3, seed=900) for k, v in sizes.items()}
+    corpora = {k: Corpus(sizes=[sizes[k]], pool_size=12) for k in ("448", "1288")}
+    warm_corpora = {k: Corpus(sizes=[sizes[k]], pool_size=3, seed=900) for k in ("448", "1288")}
     unique = {
         ("448", 32): Corpus(sizes=[sizes["448"]], pool_size=128, seed=10_000, workers=workers),
         ("1288", 32): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=20_000, workers=workers),
         ("1288", 64): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=30_000, workers=workers),
         ("1288", 128): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=40_000, workers=workers),
     }
+    if (
+        not only or "c16_1920" in only
+    ):  # large screenshots that preprocessing resizes: rendered when asked for
+        unique[("1920", 16)] = Corpus(sizes=[sizes["1920"]], pool_size=64, seed=45_000, workers=workers)
     harness.log(f"serve: rendered {sum(len(c) for c in unique.values())} unique images")
     # This process reads every stream: a full garbage collection here stalls them all and would count as
     # the server's inter-token gap. What it holds now is frozen, and each sub-phase counts its collections.
@@ -504,7 +508,8 @@ async def serve_phases(
         return go
 
     async def large_images():
-        """TTFT of one request each: 1920x1080, 2560x1440, 3840x2160, and four 1288x728 screenshots."""
+        """TTFT of one request at a time, five each: 1920x1080, 2560x1440, 3840x2160, and four 1288x728
+        screenshots in one request."""
         out = {}
         for name, size, count in (
             ("1920x1080", (1920, 1080), 1),
@@ -512,8 +517,8 @@ async def serve_phases(
             ("3840x2160", (3840, 2160), 1),
             ("4x1288x728", (1288, 728), 4),
         ):
-            corpus = Corpus(sizes=[size], pool_size=3, seed=60_000 + size[0], num_images=count)
-            out[name] = _ttft_summary(await _sequential(target, corpus, one, 3))
+            corpus = Corpus(sizes=[size], pool_size=5, seed=60_000 + size[0], num_images=count)
+            out[name] = _ttft_summary(await _sequential(target, corpus, one, 5))
         return out
 
     async def chat(turns: int = 4, count: int = 3):
@@ -558,7 +563,8 @@ async def serve_phases(
         await sub("conversation_1288", 20, chat)
         await sub("poisson_5", 40, poisson(5.0, 20.0))
         await sub("poisson_9", 40, poisson(9.0, 20.0))
-        await sub("large_images", 30, large_images)
+        await sub("large_images", 40, large_images)
+        await sub("c16_1920", 40, throughput("1920", 16, 64, 20.0))
         # 64 and 128 at once: every request of one wave in flight together, none may fail
         await sub("c64_1288", 40, throughput("1288", 64, 128, 15.0))
         await sub("c128_1288", 40, throughput("1288", 128, 128, 10.0))
@@ -777,7 +783,7 @@ def table(doc: dict) -> str:
                 f"{name} after its opening burst: {steady['rps']:.2f} req/s, {steady['output_tok_s']:.1f} tok/s, "
                 f"TTFT P95 {steady['ttft_ms']['p95']:.0f} ms ({steady['requests']} requests)"
             )
-    for name in ("c32_448", "c32_1288", "reuse_c32_1288", "poisson_5", "poisson_9"):
+    for name in ("c32_448", "c32_1288", "reuse_c32_1288", "poisson_5", "poisson_9", "c16_1920"):
         run = serve.get(name) or {}
         if "requests" in run:
             itl, gap = run.get("itl_ms") or {}, run.get("response_gap_ms") or {}
@@ -821,6 +827,13 @@ def table(doc: dict) -> str:
             lines.append(
                 f"conversation {turn}: TTFT P50 {run['ttft_ms'].get('p50') or 0:.1f} ms, prompt {run.get('prompt_tokens')}, "
                 f"cached {run.get('cached_tokens')}"
+            )
+    for size, run in (serve.get("large_images") or {}).items():
+        if isinstance(run, dict) and "ttft_ms" in run:
+            lines.append(
+                f"large_images {size}: TTFT P50 {run['ttft_ms'].get('p50') or 0:.0f} ms (server "
+                f"{(run.get('server_ttft_ms') or {}).get('p50') or 0:.0f}, send -> llm "
+                f"{(run.get('pre_llm_ms') or {}).get('p50') or 0:.0f}), {run['requests']} ok, {run['errors']} errors"
             )
     for name in ("c64_1288", "c128_1288"):
         run = serve.get(name) or {}
@@ -999,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma list of serve sub-phases to run (default: all): ttft_448, ttft_1288, decode_b1, c32_448, "
         "c32_1288, grammar_compile, structured_c32, followup_1288, reuse_c32_1288, conversation_1288, poisson_5, "
-        "poisson_9, large_images, c64_1288, c128_1288",
+        "poisson_9, large_images, c16_1920, c64_1288, c128_1288",
     )
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))

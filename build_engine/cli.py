@@ -229,10 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resize-on-device",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="a new image that needs a resize goes to the llm at its decoded size (its shared file too) and "
         "the engine resizes it on its device as PIL's bicubic resize does, bit for bit, instead of "
-        "preprocessing resizing it on one CPU core; with --pixels-by-reference only",
+        "preprocessing resizing it on one CPU core; with --pixels-by-reference only (default: on for "
+        "--device cuda with --pixels-by-reference, off otherwise)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of generated checkpoints and dummy weights")
     return p
@@ -360,6 +361,8 @@ def build(args: argparse.Namespace) -> Path:
         "--resize-on-device",
         "needs --pixels-by-reference (the images it resizes go as files of the shared directory)",
     )
+    if args.resize_on_device is None:
+        args.resize_on_device = device == "cuda" and args.pixels_by_reference
     if device == "cuda" and not gpus:
         gpus = [0]
     if args.preprocessing_instances is None:

@@ -5,8 +5,9 @@ image processor gives.
 Pillow's libImaging/Resample.c (13.0): per output pixel the source window and filter weights in doubles
 (``precompute_coeffs``), turned into 22-bit fixed point (``normalize_coeffs_8bpc``); a horizontal and a
 vertical pass, each summing in 32-bit integers from 2**21 and clipped to uint8; the horizontal pass first
-(over the rows the vertical one reads) unless the height shrinks by more than twice what the width does.
-``resize_bicubic(rgb [H, W, C] uint8, (w, h)) -> [h, w, C]`` does the same with gathers, one per filter
+(over the rows the vertical one reads) unless the height shrinks by more than twice what the width does
+(Pillow 13; Pillow 12 and before always begin with the horizontal pass: the order follows the installed
+Pillow, whose resize preprocessing would otherwise use). ``resize_bicubic(rgb [H, W, C] uint8, (w, h)) -> [h, w, C]`` does the same with gathers, one per filter
 tap: the sums are exact integers on any device."""
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import functools
 import math
 
 import numpy as np
+import PIL
 import torch
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c
 SUPPORT = 2.0  # bicubic
+VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS = int(PIL.__version__.split(".")[0]) >= 13
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -97,12 +100,15 @@ def _pass(src: torch.Tensor, in_size: int, out_size: int, dim: int, shift: int =
     return _clip8(acc + (1 << (PRECISION_BITS - 1)))
 
 
-def resize_bicubic(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [H, W, C] -> [h, w, C] for size (w, h): PIL.Image.resize(size, BICUBIC)'s pixels (Pillow 13:
-    the vertical pass first when the height shrinks by more than twice what the width does)."""
+def resize_bicubic(
+    rgb: torch.Tensor, size: tuple[int, int], vertical_first_rule: bool = VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS
+) -> torch.Tensor:
+    """uint8 [H, W, C] -> [h, w, C] for size (w, h): PIL.Image.resize(size, BICUBIC)'s pixels. With
+    ``vertical_first_rule`` (Pillow 13, the default where it is installed) the vertical pass goes first when
+    the height shrinks by more than twice what the width does; without it (Pillow 12) never."""
     height, width = rgb.shape[:2]
     w, h = size
-    horizontal_first = not (height - h > 0 and height - h > (width - w) * 2)
+    horizontal_first = not (vertical_first_rule and height - h > 0 and height - h > (width - w) * 2)
     out = rgb
     if horizontal_first:
         first = 0

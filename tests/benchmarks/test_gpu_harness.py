@@ -87,6 +87,19 @@ def test_table_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_table_names_each_large_image_size() -> None:
+    doc = _doc("NVIDIA H100 80GB HBM3", {})
+    doc["comparison"] = comparisons(doc)
+    doc["phases"]["serve"]["large_images"] = {
+        "1920x1080": {"requests": 5, "errors": 0, "ttft_ms": {"p50": 326.4}, "server_ttft_ms": {"p50": 287.7},
+                      "pre_llm_ms": {"p50": 35.2}},
+        "3840x2160": {"requests": 4, "errors": 1, "ttft_ms": {"p50": 603.6}},
+    }  # fmt: skip
+    lines = table(doc).splitlines()
+    assert "large_images 1920x1080: TTFT P50 326 ms (server 288, send -> llm 35), 5 ok, 0 errors" in lines
+    assert "large_images 3840x2160: TTFT P50 604 ms (server 0, send -> llm 0), 4 ok, 1 errors" in lines
+
+
 def test_a_failing_phase_is_recorded_and_the_next_one_runs(tmp_path: Path) -> None:
     harness = Harness(tmp_path, budget_s=60, commit="abc1234")
     with harness.phase("broken", 0) as rec:

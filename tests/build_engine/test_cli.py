@@ -100,11 +100,28 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     assert config["engine"]["vision_cuda_graphs"] is True and config["engine"]["async_vision"] is False
     assert config["engine"]["decode_gemv"] is True and config["engine"]["decode_pdl"] is False
     assert config["engine"]["vision_attention"] == "auto"
-    flags = ("--no-vision-cuda-graphs", "--async-vision", "--no-decode-gemv", "--decode-pdl")
+    # a CUDA build resizes new images on its GPU unless told not to, or unless they go by value
+    pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
+    assert 'key: "resize_on_device" value: { string_value: "true" }' in pre
+    flags = (
+        "--no-vision-cuda-graphs",
+        "--async-vision",
+        "--no-decode-gemv",
+        "--decode-pdl",
+        "--no-resize-on-device",
+    )
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", *flags) == 0
     engine = json.loads((out / "engine_config.json").read_text())["engine"]
     assert engine["vision_cuda_graphs"] is False and engine["async_vision"] is True
     assert engine["decode_gemv"] is False and engine["decode_pdl"] is True
+    pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
+    assert 'key: "resize_on_device" value: { string_value: "false" }' in pre
+    assert (
+        run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--no-pixels-by-reference")
+        == 0
+    )
+    pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
+    assert 'key: "resize_on_device" value: { string_value: "false" }' in pre
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--gpus", "0,1") == 0
     assert not list(out.glob("*.safetensors"))
     llm = (out / "model_repository/llm/config.pbtxt").read_text()

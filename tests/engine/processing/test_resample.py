@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.processing.resample import resize_bicubic
+from engine.processing.resample import VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS, resize_bicubic
 
 
 def pil_resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -57,6 +57,18 @@ def test_one_channel_equals_pil() -> None:
     gray = np.random.default_rng(2).integers(0, 256, (90, 120, 1), dtype=np.uint8)
     got = resize_bicubic(torch.from_numpy(gray), (140, 84)).numpy()[..., 0]
     np.testing.assert_array_equal(got, pil_resize(gray[..., 0], (140, 84)))
+
+
+def test_pass_order_follows_the_installed_pillow() -> None:
+    """Pillow 13 begins with the vertical pass where the height shrinks by more than twice what the width
+    does, Pillow 12 never: the two orders round differently, and the default is the installed Pillow's."""
+    rgb = np.random.default_rng(3).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    source = torch.from_numpy(rgb)
+    installed = resize_bicubic(source, (112, 56), VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS).numpy()
+    other = resize_bicubic(source, (112, 56), not VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS).numpy()
+    np.testing.assert_array_equal(installed, pil_resize(rgb, (112, 56)))
+    assert (other != installed).any()
+    assert VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS == (int(Image.__version__.split(".")[0]) >= 13)
 
 
 @pytest.mark.gpu
