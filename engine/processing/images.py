@@ -4,9 +4,10 @@ is decoded, so a decompression bomb never is; then the first frame decoded). For
 GIF. Errors are ``InputError`` naming the field (``image_input[i]``) and the limit.
 
 A still PNG of 8-bit gray, RGB or RGBA samples without a transparency chunk (screenshots, documents) that
-the caller keeps at its size (``png_fast_if``) is decoded by libspng (``pyspng``), about twice as fast as
-PIL's decoder, into the same pixels; every other file, and any PNG libspng refuses, by PIL. (An image to be
-resized gains nothing from it: PIL's resize needs the pixels copied into a PIL image first.)"""
+the caller asks for (``png_fast_if``: one kept at its size, or one the engine resizes) is decoded by libspng
+(``pyspng``), about twice as fast as PIL's decoder, into the same pixels; every other file, and any PNG
+libspng refuses, by PIL. (An image that PIL resizes gains nothing from it: PIL's resize needs the pixels
+copied into a PIL image first.)"""
 
 from __future__ import annotations
 

@@ -241,7 +241,15 @@ class Preprocessor:
             self.limits,
             decode=not is_known,
             file_hash=file_hash,
-            png_fast_if=self._keeps_size,
+            png_fast_if=self._png_fast_if,
+        )
+
+    def _png_fast_if(self, width: int, height: int) -> bool:
+        """Whether a width x height PNG goes to libspng: one the processor keeps at its size, or, with
+        resize_on_device and a shared directory, any (the engine resizes it: no PIL image is made here
+        unless it goes by value)."""
+        return (self.resize_on_device and self._bicubic and self.resize_cache.shared_dir is not None) or (
+            self._keeps_size(width, height)
         )
 
     def _keeps_size(self, width: int, height: int) -> bool:
@@ -387,7 +395,11 @@ class Preprocessor:
         return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample=resample), dtype=np.uint8)
 
     def _rgb(self, info: ImageInfo) -> np.ndarray:
-        """One image -> uint8 [H, W, 3] at its decoded size: RGB, transparency on white."""
+        """One image -> uint8 [H, W, 3] at its decoded size: RGB, transparency on white (libspng's RGB as
+        it is, with no copy)."""
+        pixels = info.pixels
+        if pixels is not None and pixels.ndim == 3 and pixels.shape[2] == 3:
+            return pixels
         return np.asarray(self._rgb_image(info), dtype=np.uint8)
 
     def _rgb_image(self, info: ImageInfo):

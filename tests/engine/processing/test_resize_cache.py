@@ -348,3 +348,42 @@ def test_resize_on_device_stores_new_images_at_their_decoded_size(tiny_checkpoin
     np.testing.assert_array_equal(
         read_shared_ref(kept_device.image_refs[0], Path(ref).parent.name)[0].reshape(-1), kept_plain.image_rgb
     )
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_resize_on_device_decodes_pngs_to_be_resized_by_libspng(
+    tiny_checkpoint: Path, tmp_path: Path, mode: str
+):
+    """With resize_on_device and a shared directory, a still PNG the processor resizes is decoded by libspng
+    too (without the option: by PIL, whose resize needs a PIL image), into the pixels PIL gives (gray to
+    RGB, transparency on white), by reference and, resized here, by value; an RGB one is stored as decoded,
+    with no copy."""
+    pytest.importorskip("pyspng")
+    rng = np.random.default_rng(30)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    pixels = (rng.random((200, 300, channels)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(buf, "PNG")
+    image = buf.getvalue()
+    shared = {"shared_resize_cache_bytes": 64 << 20}
+    plain = Preprocessor(tiny_checkpoint, shared_resize_cache_dir=tmp_path / "plain", **shared)
+    device = Preprocessor(
+        tiny_checkpoint, shared_resize_cache_dir=tmp_path / "device", resize_on_device=True, **shared
+    )
+    assert plain.load_images([image])[0].pixels is None
+    (info,) = device.load_images([image])
+    assert info.pixels is not None and info.pixels.shape[:2] == (200, 300)
+    rgba = Image.open(io.BytesIO(image)).convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    want_rgb = np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    stored = device._rgb(info)
+    np.testing.assert_array_equal(stored, want_rgb)
+    assert (stored is info.pixels) == (mode == "RGB")
+    first = device("What is this?", [image], pixels_by_reference=True)
+    (ref,) = first.image_refs
+    np.testing.assert_array_equal(read_shared_ref(ref, Path(ref).parent.name)[0], want_rgb)
+    fresh = Preprocessor(
+        tiny_checkpoint, shared_resize_cache_dir=tmp_path / "fresh", resize_on_device=True, **shared
+    )
+    by_value = fresh("What is this?", [image])
+    np.testing.assert_array_equal(by_value.image_rgb, plain("What is this?", [image]).image_rgb)
