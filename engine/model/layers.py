@@ -1,8 +1,8 @@
 """Layers the ViT and the decoder share: RMSNorm, the MLP activations by config name, and `linear`, the
 decoder's matmul of a few token rows through the skinny kernel (`engine.kernels.gemv`) where a layer
 allows it (`decode_gemv` set on the layer by `Glm4vModel.set_decode_gemv`). `takes_fp8_rows(layer, x)`:
-whether that call runs the kernel on FP8 weights, so the op before may hand it x's rows quantized
-(``x_fp8``) instead of the kernel quantizing them."""
+whether that call quantizes x's rows to FP8 (the kernel on FP8 weights, or an FP8 layer's own W8A8 GEMM
+for more rows), so the op before may hand it x's rows quantized (``x_fp8``) instead."""
 
 from __future__ import annotations
 
@@ -37,9 +37,15 @@ def _gemv_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `linear(layer, x)` (or `linear_silu_mul`) runs the skinny kernel on FP8 weights (the dtype
-    first: a 16-bit model asks this twice a layer)."""
-    return layer.weight.dtype == gemv.FP8_DTYPE and _gemv_weight(layer, x) is not None
+    """Whether `linear(layer, x)` (or `linear_silu_mul`) quantizes x's rows to FP8: the skinny kernel on
+    FP8 weights, or an FP8 layer's W8A8 GEMM (`Fp8Linear.takes_rows`). The dtype first: a 16-bit model
+    asks this twice a layer."""
+    if layer.weight.dtype != gemv.FP8_DTYPE:
+        return False
+    if _gemv_weight(layer, x) is not None:
+        return True
+    takes_rows = getattr(layer, "takes_rows", None)
+    return takes_rows is not None and takes_rows(x)
 
 
 def linear(
@@ -50,7 +56,7 @@ def linear(
     set. ``x_fp8``: x's rows quantized (`quantize_rows_fp8(x)`), used where `takes_fp8_rows`."""
     weight = _gemv_weight(layer, x)
     if weight is None:
-        return layer(x)
+        return layer(x) if x_fp8 is None else layer(x, x_fp8)
     if weight.dtype != gemv.FP8_DTYPE:
         x_fp8 = None
     return gemv.skinny_linear(x, weight, layer.bias, getattr(layer, "weight_scale", None), x_fp8=x_fp8)
@@ -63,7 +69,7 @@ def linear_silu_mul(
     layer has no bias), else `silu_mul(layer(x))`; ``x_fp8`` as for `linear`."""
     weight = _gemv_weight(layer, x)
     if weight is None or layer.bias is not None:
-        return silu_mul(layer(x))
+        return silu_mul(layer(x) if x_fp8 is None else layer(x, x_fp8))
     if weight.dtype != gemv.FP8_DTYPE:
         x_fp8 = None
     return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None), x_fp8=x_fp8)

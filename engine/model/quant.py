@@ -304,10 +304,30 @@ class Fp8Linear(nn.Module):
         if not bool(err < 0.25):  # construction time only: a host sync is fine here
             raise RuntimeError(f"_scaled_mm disagrees with the dequantized path (relative error {err:.3g})")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "scaled_mm" and x.is_cuda and x.dtype == self.dtype:
-            return self._forward_fp8(x)
-        return self.forward_dequant(x)
+    def forward(
+        self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``x_fp8``: x's rows quantized already (`quantize_rows_fp8(x)`'s pair for x as [M, K], e.g. by
+        `engine.kernels.fused.add_rms_norm_pair_fp8`), used where `takes_rows(x)`; else ignored."""
+        path = self._path(x)
+        if path == "dequant":
+            return self.forward_dequant(x)
+        return self._forward_fp8(x, path, x_fp8)
+
+    def takes_rows(self, x: torch.Tensor) -> bool:
+        """Whether `forward(x)` quantizes x's rows per token (W8A8), so that the op before may hand them
+        over quantized (``x_fp8``)."""
+        return self._path(x) != "dequant"
+
+    def _path(self, x: torch.Tensor) -> str:
+        """The GEMM `forward(x)` runs: by the layer's kernels, x's rows and whether a graph is being
+        captured (see the module docstring)."""
+        if self.kernel != "scaled_mm" or x.device != self.weight.device or x.dtype != self.dtype:
+            return "dequant"
+        small = x.numel() // self.in_features <= self.tensorwise_max_m
+        if small and (self.rowwise is None or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return "tensorwise"
+        return "rowwise" if self.rowwise else "dequant"
 
     def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
         """W8A16 reference: (x @ weight.T in x's dtype) * weight_scale + bias. float16 dequantizes the
@@ -319,9 +339,11 @@ class Fp8Linear(nn.Module):
             out = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
-    def _forward_fp8(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        """W8A8: per-token fp8 activations, then the GEMM of `path` ("tensorwise" | "rowwise"; None: by M
-        and whether a CUDA graph is being captured, see the module docstring)."""
+    def _forward_fp8(
+        self, x: torch.Tensor, path: str, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """W8A8: per-token fp8 activations (``x_fp8``, or quantized here), then the GEMM of `path`
+        ("tensorwise" | "rowwise")."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
@@ -329,15 +351,7 @@ class Fp8Linear(nn.Module):
         m = x2.shape[0]
         if m == 0:
             return x.new_zeros(*shape[:-1], self.out_features)
-        if path is None:
-            small = m <= self.tensorwise_max_m
-            if small and (self.rowwise is None or torch.cuda.is_current_stream_capturing()):
-                path = "tensorwise"
-            else:
-                path = "rowwise" if self.rowwise else "dequant"
-        if path == "dequant":
-            return self.forward_dequant(x)
-        q, scale_a = quantize_rows_fp8(x2)
+        q, scale_a = quantize_rows_fp8(x2) if x_fp8 is None else x_fp8
         if path == "tensorwise":
             acc = torch._scaled_mm(
                 q,

@@ -239,6 +239,52 @@ def check_decoder_fp8(device: str, checkpoint: str) -> None:
         assert torch.equal(g, r), f"{step}: {(g.float() - r.float()).abs().max()}"
 
 
+def check_decoder_fp8_gemm(device: str, checkpoint: str) -> None:
+    """The tiny decoder in FP8 without the skinny kernel (prefill, or steps of more rows than it takes):
+    each FP8 layer's own W8A8 GEMM, row-wise and tensor-wise, takes the rows the norm before quantized
+    (`add_rms_norm_pair_fp8`): the layers quantize only the rows no norm hands them (the first qkv, every
+    o and down projection), and the hidden states equal those of every layer quantizing its own rows. On
+    CPU the layers are set to the GEMMs `select_kernel` picks on a GPU (torch's `_scaled_mm` runs there)."""
+    from test_fused import decoder_outputs
+
+    from engine.model import decoder
+    from engine.model.decoder import Glm4vModel
+    from engine.model.quant import Fp8Linear, quantize_decoder_fp8_
+
+    model = Glm4vModel.from_pretrained(checkpoint, device, torch.bfloat16)
+    quantize_decoder_fp8_(model)
+    layers = [m for m in model.language_model.modules() if isinstance(m, Fp8Linear)]
+    num_layers = len(model.language_model.layers)
+    takes, forward_fp8 = decoder.takes_fp8_rows, Fp8Linear._forward_fp8
+    handed = []  # per W8A8 call: whether its rows came quantized
+
+    def counted(self, x, path, x_fp8=None):
+        handed.append(x_fp8 is not None)
+        return forward_fp8(self, x, path, x_fp8)
+
+    for rowwise in ("plain", None):  # None: tensor-wise for up to 16 rows
+        for layer in layers:
+            if device == "cpu":
+                layer.kernel, layer.tensorwise_max_m = "scaled_mm", 16
+            layer.rowwise = rowwise if device == "cpu" or rowwise is None else layer.rowwise
+        rows = [torch.zeros(12, layer.in_features, device=device, dtype=torch.bfloat16) for layer in layers]
+        assert all(layer.takes_rows(x) for layer, x in zip(layers, rows, strict=True))
+        handed.clear()
+        Fp8Linear._forward_fp8 = counted
+        try:
+            got = decoder_outputs(model, device)  # 12 then 2 tokens
+            counts = (handed.count(True), handed.count(False))
+            decoder.takes_fp8_rows = lambda layer, x: False  # each layer quantizes its own rows
+            reference = decoder_outputs(model, device)
+        finally:
+            decoder.takes_fp8_rows, Fp8Linear._forward_fp8 = takes, forward_fp8
+        # per step: every gate/up and every later layer's qkv take the norm's rows; the first qkv and
+        # every o and down projection quantize their own
+        assert counts == (2 * (2 * num_layers - 1), 2 * (2 * num_layers + 1)), (rowwise, counts)
+        for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
+            assert torch.equal(g, r), f"{rowwise} {step}: {(g.float() - r.float()).abs().max()}"
+
+
 def check_cuda_graph(device: str) -> None:
     """The kernel captures into a CUDA graph and replays on new inputs like eager."""
     from engine.kernels import gemv
@@ -266,6 +312,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "supports": check_supports,
     "decoder": check_decoder,
     "decoder_fp8": check_decoder_fp8,
+    "decoder_fp8_gemm": check_decoder_fp8_gemm,
 }
 
 
@@ -280,6 +327,10 @@ def test_decoder_with_decode_gemv_in_interpreter(tiny_checkpoint):
 
 def test_fp8_decoder_norms_quantize_for_the_kernel_in_interpreter(tiny_checkpoint):
     run_interpreted(__file__, "decoder_fp8", str(tiny_checkpoint))
+
+
+def test_fp8_decoder_norms_quantize_for_the_layers_gemm(tiny_checkpoint):
+    check_decoder_fp8_gemm("cpu", str(tiny_checkpoint))
 
 
 def test_not_supported_on_cpu_without_interpreter():
@@ -305,6 +356,11 @@ def test_cuda_decoder_with_decode_gemv(tiny_checkpoint):
 @pytest.mark.gpu
 def test_cuda_fp8_decoder_norms_quantize_for_the_kernel(tiny_checkpoint):
     check_decoder_fp8("cuda", str(tiny_checkpoint))
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_decoder_norms_quantize_for_the_layers_gemm(tiny_checkpoint):
+    check_decoder_fp8_gemm("cuda", str(tiny_checkpoint))
 
 
 @pytest.mark.gpu
