@@ -60,10 +60,12 @@ def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
     return xmin, xmax, kk
 
 
-def _clip8(acc: torch.Tensor) -> torch.Tensor:
-    return torch.where(
-        acc >= (1 << PRECISION_BITS << 8), 255, torch.where(acc <= 0, 0, acc >> PRECISION_BITS)
-    ).to(torch.uint8)
+def _clip8_(acc: torch.Tensor) -> torch.Tensor:
+    """Pillow's clip8 of int32 sums, in place until the uint8 copy: 255 from 2**30 on, 0 up to 0, else the
+    sum >> PRECISION_BITS."""
+    acc.clamp_(0, (1 << PRECISION_BITS << 8) - 1)
+    acc >>= PRECISION_BITS
+    return acc.to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,10 +96,13 @@ def _pass(src: torch.Tensor, in_size: int, out_size: int, dim: int, shift: int =
     shape = [1] * src.dim()
     shape[dim] = -1
     acc = None
-    for j in range(index.shape[0]):
-        term = src.index_select(dim, index[j]).to(torch.int32) * weights[j].view(shape)
-        acc = term if acc is None else acc + term
-    return _clip8(acc + (1 << (PRECISION_BITS - 1)))
+    for j in range(index.shape[0]):  # in place: at most the sum, one tap's int32 term and its uint8 rows
+        term = src.index_select(dim, index[j]).to(torch.int32).mul_(weights[j].view(shape))
+        if acc is None:
+            acc = term.add_(1 << (PRECISION_BITS - 1))
+        else:
+            acc += term
+    return _clip8_(acc)
 
 
 def resize_bicubic(
