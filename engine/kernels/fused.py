@@ -15,6 +15,9 @@ these kernels existed.
   in the same kernel: the row is in registers already.
 * `silu_mul(gate_up [T, 2I]) -> [T, I]`: `up * silu(gate)`, gate the first half, up the second; silu is
   rounded to the input dtype before the product, as torch does in eager.
+* `silu_mul_fp8(gate_up) -> (q, scale)`: `quantize_rows_fp8(silu_mul(gate_up))` (for an FP8 down
+  projection next), one program per row that keeps the row in registers: the [T, I] product is never
+  written (I up to 16384; wider rows, the interpreter and CPU run the two ops).
 * `apply_interleaved_rotary_(qk [T, heads, head_dim], cos, sin)`: in place, rotates the first
   `2 * cos.shape[-1]` dims of every head in adjacent pairs (2i, 2i+1) like
   `engine.model.rope.apply_interleaved_rotary` (arithmetic in cos's dtype, each product and sum rounded to it);
@@ -275,6 +278,26 @@ if HAS_TRITON:
         tl.store(out_ptr + row * out_stride + cols, _round_to(up * silu, dtype).to(dtype), mask=mask)
 
     @triton.jit
+    def _silu_mul_quant_kernel(
+        gu_ptr, q_ptr, scale_ptr, gu_stride, n_cols, min_scale,
+        FP8_MAX_C: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """One row: `_silu_mul_kernel`'s product (rounded to gate_up's dtype), then quantized as
+        engine.model.quant's _quantize_rows_kernel does (masked lanes are 0)."""
+        _pdl_enter(PDL)
+        DTYPE: tl.constexpr = gu_ptr.dtype.element_ty
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(gu_ptr + row * gu_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu_ptr + row * gu_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        h = _round_to(up * _round_to(gate / (1.0 + tl.exp(-gate)), DTYPE), DTYPE)
+        scale = tl.maximum(tl.max(tl.abs(h), axis=0) / FP8_MAX_C, min_scale)
+        tl.store(scale_ptr + row, scale)
+        q = tl.minimum(tl.maximum(tl.div_rn(h, scale), -FP8_MAX_C), FP8_MAX_C)
+        tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rotate_pairs_(
         even, mask, cos_row, sin_row, slots, slot_mask, cos_stride_r, sin_stride_r, xdtype: tl.constexpr
     ):
@@ -507,6 +530,36 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
             **pdl_args(),
         )
     return out.view(*gate_up.shape[:-1], n_cols)
+
+
+SILU_QUANT_MAX_COLS = 16384  # the widest rows `silu_mul_fp8` keeps in registers (GLM-4.6V-Flash: 13696)
+
+
+def silu_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [T, 2I] (16-bit) -> (float8_e4m3fn [T, I] contiguous, float32 scale [T, 1]):
+    `quantize_rows_fp8(silu_mul(gate_up))`, in one kernel on the Triton path."""
+    from engine.model.quant import FP8_DTYPE, FP8_MAX, MIN_ACT_SCALE, quantize_rows_fp8
+
+    gu = _rows(gate_up)
+    n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
+    if (
+        INTERPRET  # which rounds float32 -> float8 wrongly where the rounding carries into the exponent
+        or not use_triton(gate_up)
+        or gate_up.shape[-1] % 2
+        or n_rows == 0
+        or n_cols > SILU_QUANT_MAX_COLS
+        or gate_up.dtype not in (torch.bfloat16, torch.float16)
+    ):
+        return quantize_rows_fp8(_rows(silu_mul(gate_up)))
+    q = torch.empty((n_rows, n_cols), dtype=FP8_DTYPE, device=gate_up.device)
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=gate_up.device)
+    block = triton.next_power_of_2(n_cols)
+    with device_guard(gate_up):
+        _silu_mul_quant_kernel[(n_rows,)](
+            gu, q, scale, gu.stride(0), n_cols, MIN_ACT_SCALE,
+            FP8_MAX_C=FP8_MAX, BLOCK=block, num_warps=max(1, min(16, block // 512)), **pdl_args(),
+        )  # fmt: skip
+    return q, scale
 
 
 def apply_interleaved_rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

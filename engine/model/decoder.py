@@ -39,7 +39,7 @@ from engine.config import ModelConfig, parse_dtype
 from engine.kernels import gemv
 from engine.kernels.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
 from engine.kernels.fused import add_rms_norm_pair, add_rms_norm_pair_fp8, rms_norm, silu_mul
-from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul, takes_fp8_rows
+from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul, silu_mlp, takes_fp8_rows
 from engine.model.rope import MRotaryEmbedding
 from engine.model.vision import VisionEncoder, VisionPass
 
@@ -91,8 +91,8 @@ class DecoderMLP(nn.Module):
     def forward(
         self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        if self.hidden_act == "silu":  # one kernel for a few rows
-            return linear(self.down_proj, linear_silu_mul(self.gate_up_proj, x, x_fp8))
+        if self.hidden_act == "silu":  # one kernel for a few rows; FP8: silu_mul quantizes for down
+            return silu_mlp(self.gate_up_proj, self.down_proj, x, x_fp8)
         gate, up = linear(self.gate_up_proj, x, x_fp8).chunk(2, dim=-1)  # [T, 2 * intermediate]
         return linear(self.down_proj, up * self.act(gate))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import gemv
-from engine.kernels.fused import rms_norm, silu_mul
+from engine.kernels.fused import rms_norm, silu_mul, silu_mul_fp8
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -73,3 +73,26 @@ def linear_silu_mul(
     if weight.dtype != gemv.FP8_DTYPE:
         x_fp8 = None
     return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None), x_fp8=x_fp8)
+
+
+def silu_mlp(
+    gate_up: nn.Module,
+    down: nn.Module,
+    x: torch.Tensor,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """down(up * silu(gate)) of x [T, hidden] (``x_fp8`` as for `linear`, for gate/up). Where gate/up is no
+    skinny kernel and an FP8 down projection quantizes its rows for its own GEMM (more rows than the skinny
+    kernel takes, or none), the product and its quantization are one kernel (`silu_mul_fp8`) and the down
+    projection takes the rows; else `linear(down, linear_silu_mul(gate_up, x, x_fp8))`. The same numbers."""
+    takes_rows_of = getattr(down, "takes_rows_of", None)
+    if (
+        takes_rows_of is not None
+        and x.dim() == 2
+        and gate_up.bias is None
+        and _gemv_weight(gate_up, x) is None
+        and not (getattr(down, "decode_gemv", False) and x.shape[0] <= gemv.FP8_MAX_ROWS)
+        and takes_rows_of(x.shape[0], x.dtype, x.device)
+    ):
+        return down.forward_rows(*silu_mul_fp8(gate_up(x) if x_fp8 is None else gate_up(x, x_fp8)))
+    return linear(down, linear_silu_mul(gate_up, x, x_fp8))

@@ -319,13 +319,30 @@ class Fp8Linear(nn.Module):
         over quantized (``x_fp8``)."""
         return self._path(x) != "dequant"
 
+    def takes_rows_of(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """`takes_rows` for an x of ``num_rows`` rows, ``dtype`` and ``device`` not made yet."""
+        return self._path_of(num_rows, dtype, device) != "dequant"
+
+    def forward_rows(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The layer on rows quantized already (`quantize_rows_fp8`'s pair of some x [M, in_features] in
+        this layer's dtype, where `takes_rows_of(M, ...)`): [M, out_features] in this layer's dtype."""
+        path = self._path_of(q.shape[0], self.dtype, q.device)
+        if path == "dequant":
+            raise ValueError("forward_rows: this layer does not take quantized rows here (takes_rows_of)")
+        return self._forward_fp8(q, path, (q, scale))
+
     def _path(self, x: torch.Tensor) -> str:
         """The GEMM `forward(x)` runs: by the layer's kernels, x's rows and whether a graph is being
         captured (see the module docstring)."""
-        if self.kernel != "scaled_mm" or x.device != self.weight.device or x.dtype != self.dtype:
+        return self._path_of(x.numel() // self.in_features, x.dtype, x.device)
+
+    def _path_of(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> str:
+        if self.kernel != "scaled_mm" or device != self.weight.device or dtype != self.dtype:
             return "dequant"
-        small = x.numel() // self.in_features <= self.tensorwise_max_m
-        if small and (self.rowwise is None or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+        small = num_rows <= self.tensorwise_max_m
+        if small and (
+            self.rowwise is None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        ):
             return "tensorwise"
         return "rowwise" if self.rowwise else "dequant"
 
@@ -345,13 +362,14 @@ class Fp8Linear(nn.Module):
         """W8A8: per-token fp8 activations (``x_fp8``, or quantized here), then the GEMM of `path`
         ("tensorwise" | "rowwise")."""
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        m = x2.shape[0]
+        m = x.numel() // self.in_features
         if m == 0:
-            return x.new_zeros(*shape[:-1], self.out_features)
-        q, scale_a = quantize_rows_fp8(x2) if x_fp8 is None else x_fp8
+            return torch.zeros(*shape[:-1], self.out_features, dtype=self.dtype, device=x.device)
+        if x_fp8 is None:
+            x2 = x.reshape(-1, self.in_features)
+            q, scale_a = quantize_rows_fp8(x2 if x2.stride(-1) == 1 else x2.contiguous())
+        else:
+            q, scale_a = x_fp8
         if path == "tensorwise":
             acc = torch._scaled_mm(
                 q,

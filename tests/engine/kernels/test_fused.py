@@ -172,6 +172,7 @@ def check_add_rms_norm_pair(device: str) -> None:
 
 def check_silu_mul(device: str) -> None:
     from engine.kernels import fused as kernels
+    from engine.model.quant import quantize_rows_fp8_reference
 
     gen = torch.Generator().manual_seed(2)
     for dtype in DTYPES:
@@ -182,6 +183,15 @@ def check_silu_mul(device: str) -> None:
                     got = kernels.silu_mul(gate_up)
                 ref = kernels.silu_mul_reference(gate_up)
                 assert_matches(got, ref, f"silu_mul {dtype} T={num_tokens} I={intermediate}")
+                if dtype == torch.float32:  # FP8 layers take 16-bit activations only
+                    continue
+                # with the product's rows quantized to FP8 in the same kernel: the rows and scales
+                # quantize_rows_fp8 makes of silu_mul's product
+                q, scale = kernels.silu_mul_fp8(gate_up)
+                want_q, want_scale = quantize_rows_fp8_reference(got)
+                what = f"silu_mul_fp8 {dtype} T={num_tokens} I={intermediate}"
+                assert q.dtype == want_q.dtype and torch.equal(q.float(), want_q.float()), what + " rows"
+                assert torch.equal(scale, want_scale), what + " scales"
 
 
 def check_rotary(device: str) -> None:

@@ -241,21 +241,23 @@ def check_decoder_fp8(device: str, checkpoint: str) -> None:
 
 def check_decoder_fp8_gemm(device: str, checkpoint: str) -> None:
     """The tiny decoder in FP8 without the skinny kernel (prefill, or steps of more rows than it takes):
-    each FP8 layer's own W8A8 GEMM, row-wise and tensor-wise, takes the rows the norm before quantized
-    (`add_rms_norm_pair_fp8`): the layers quantize only the rows no norm hands them (the first qkv, every
-    o and down projection), and the hidden states equal those of every layer quantizing its own rows. On
-    CPU the layers are set to the GEMMs `select_kernel` picks on a GPU (torch's `_scaled_mm` runs there)."""
+    each FP8 layer's own W8A8 GEMM, row-wise and tensor-wise, takes the rows the op before quantized (the
+    norm before gate/up and every later qkv, `add_rms_norm_pair_fp8`; silu_mul before down,
+    `silu_mul_fp8`): the layers quantize only the rows nothing hands them (the first qkv, every o), and
+    the hidden states equal those of every layer quantizing its own rows. On CPU the layers are set to the
+    GEMMs `select_kernel` picks on a GPU (torch's `_scaled_mm` runs there)."""
     from test_fused import decoder_outputs
 
     from engine.model import decoder
     from engine.model.decoder import Glm4vModel
+    from engine.model.layers import linear, linear_silu_mul
     from engine.model.quant import Fp8Linear, quantize_decoder_fp8_
 
     model = Glm4vModel.from_pretrained(checkpoint, device, torch.bfloat16)
     quantize_decoder_fp8_(model)
     layers = [m for m in model.language_model.modules() if isinstance(m, Fp8Linear)]
     num_layers = len(model.language_model.layers)
-    takes, forward_fp8 = decoder.takes_fp8_rows, Fp8Linear._forward_fp8
+    takes, silu_mlp, forward_fp8 = decoder.takes_fp8_rows, decoder.silu_mlp, Fp8Linear._forward_fp8
     handed = []  # per W8A8 call: whether its rows came quantized
 
     def counted(self, x, path, x_fp8=None):
@@ -275,12 +277,13 @@ def check_decoder_fp8_gemm(device: str, checkpoint: str) -> None:
             got = decoder_outputs(model, device)  # 12 then 2 tokens
             counts = (handed.count(True), handed.count(False))
             decoder.takes_fp8_rows = lambda layer, x: False  # each layer quantizes its own rows
+            decoder.silu_mlp = lambda gate_up, down, x, x_fp8=None: linear(down, linear_silu_mul(gate_up, x))
             reference = decoder_outputs(model, device)
         finally:
-            decoder.takes_fp8_rows, Fp8Linear._forward_fp8 = takes, forward_fp8
-        # per step: every gate/up and every later layer's qkv take the norm's rows; the first qkv and
-        # every o and down projection quantize their own
-        assert counts == (2 * (2 * num_layers - 1), 2 * (2 * num_layers + 1)), (rowwise, counts)
+            decoder.takes_fp8_rows, decoder.silu_mlp, Fp8Linear._forward_fp8 = takes, silu_mlp, forward_fp8
+        # per step: every gate/up, every later layer's qkv and every down projection take their rows; the
+        # first qkv and every o projection quantize their own
+        assert counts == (2 * (3 * num_layers - 1), 2 * (num_layers + 1)), (rowwise, counts)
         for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
             assert torch.equal(g, r), f"{rowwise} {step}: {(g.float() - r.float()).abs().max()}"
 
