@@ -319,9 +319,8 @@ async def serve_phases(
         ("1288", 64): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=30_000, workers=workers),
         ("1288", 128): Corpus(sizes=[sizes["1288"]], pool_size=128, seed=40_000, workers=workers),
     }
-    if (
-        not only or "c16_1920" in only
-    ):  # large screenshots that preprocessing resizes: rendered when asked for
+    # large screenshots that need a resize: rendered only when their sub-phase runs
+    if not only or "c16_1920" in only:
         unique[("1920", 16)] = Corpus(sizes=[sizes["1920"]], pool_size=64, seed=45_000, workers=workers)
     harness.log(f"serve: rendered {sum(len(c) for c in unique.values())} unique images")
     # This process reads every stream: a full garbage collection here stalls them all and would count as

@@ -48,6 +48,13 @@ def takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
     return takes_rows is not None and takes_rows(x)
 
 
+def _forward(
+    layer: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """layer(x), with x's quantized rows where given (only an FP8 layer that takes them is given any)."""
+    return layer(x) if x_fp8 is None else layer(x, x_fp8)
+
+
 def linear(
     layer: nn.Module, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
@@ -56,7 +63,7 @@ def linear(
     set. ``x_fp8``: x's rows quantized (`quantize_rows_fp8(x)`), used where `takes_fp8_rows`."""
     weight = _gemv_weight(layer, x)
     if weight is None:
-        return layer(x) if x_fp8 is None else layer(x, x_fp8)
+        return _forward(layer, x, x_fp8)
     if weight.dtype != gemv.FP8_DTYPE:
         x_fp8 = None
     return gemv.skinny_linear(x, weight, layer.bias, getattr(layer, "weight_scale", None), x_fp8=x_fp8)
@@ -69,7 +76,7 @@ def linear_silu_mul(
     layer has no bias), else `silu_mul(layer(x))`; ``x_fp8`` as for `linear`."""
     weight = _gemv_weight(layer, x)
     if weight is None or layer.bias is not None:
-        return silu_mul(layer(x) if x_fp8 is None else layer(x, x_fp8))
+        return silu_mul(_forward(layer, x, x_fp8))
     if weight.dtype != gemv.FP8_DTYPE:
         x_fp8 = None
     return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None), x_fp8=x_fp8)
@@ -94,5 +101,5 @@ def silu_mlp(
         and not (getattr(down, "decode_gemv", False) and x.shape[0] <= gemv.FP8_MAX_ROWS)
         and takes_rows_of(x.shape[0], x.dtype, x.device)
     ):
-        return down.forward_rows(*silu_mul_fp8(gate_up(x) if x_fp8 is None else gate_up(x, x_fp8)))
+        return down.forward_rows(*silu_mul_fp8(_forward(gate_up, x, x_fp8)))
     return linear(down, linear_silu_mul(gate_up, x, x_fp8))

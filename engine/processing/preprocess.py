@@ -419,15 +419,10 @@ class Preprocessor:
         ``target`` (w, h)."""
         from PIL import Image
 
-        width, height = info.width, info.height
-        w, h = target
-        pixels = info.pixels
-        if pixels is not None and pixels.ndim == 3 and pixels.shape[2] == 3 and (w, h) == (width, height):
-            return pixels  # libspng's RGB at the model's size already: no copy
-        image = self._rgb_image(info)
-        if (w, h) != (width, height):
-            image = image.resize((w, h), resample=Image.Resampling(int(self.image_processor.resample)))
-        return np.asarray(image, dtype=np.uint8)  # [h, w, 3]
+        if tuple(target) == (info.width, info.height):
+            return self._rgb(info)  # at the model's size already (libspng's RGB: no copy)
+        resample = Image.Resampling(int(self.image_processor.resample))
+        return np.asarray(self._rgb_image(info).resize(target, resample=resample), dtype=np.uint8)
 
     # -- prompt ---------------------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ Pillow's libImaging/Resample.c (13.0): per output pixel the source window and fi
 (``precompute_coeffs``), turned into 22-bit fixed point (``normalize_coeffs_8bpc``); a horizontal and a
 vertical pass, each summing in 32-bit integers from 2**21 and clipped to uint8; the horizontal pass first
 (over the rows the vertical one reads) unless the height shrinks by more than twice what the width does
-(Pillow 13; Pillow 12 and before always begin with the horizontal pass: the order follows the installed
-Pillow, whose resize preprocessing would otherwise use). ``resize_bicubic(rgb [H, W, C] uint8, (w, h)) -> [h, w, C]`` does the same with gathers, one per filter
-tap: the sums are exact integers on any device."""
+(Pillow 13; Pillow 12 always begins with the horizontal pass: the order here is the installed Pillow's,
+the one preprocessing's own resize would take). ``resize_bicubic(rgb [H, W, C] uint8, (w, h)) -> [h, w, C]``
+does the same with gathers, one per filter tap: the sums are exact integers on any device."""
 
 from __future__ import annotations
 
