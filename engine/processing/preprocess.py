@@ -19,7 +19,7 @@ parse_tools) and `resize_cache`. Contract:
   (`engine.model.vision.PatchNormalizer`). `Preprocessor.patchify` gives the uint8 patches [sum(gh*gw), 1176] and
   `Preprocessor.normalize` the float32 pixel_values, within 1e-6 of the processor's output (float
   rounding only; the grid is identical). `image_hashes` identify what the model sees: the sha256 hex of
-  each resized image's size and RGB bytes, so the same picture hits the engine's prefix and image caches
+  each resized image's size and RGB bytes (of large images, of their parts' sha256s: `content_hash`), so the same picture hits the engine's prefix and image caches
   however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
   lets an image sent again skip its decode and resize (its header is still checked against the limits).
   With `pixels_by_reference`, a new image's shared file is written before the request goes on (its
@@ -44,6 +44,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -118,15 +119,45 @@ def resized_size(
     return w, h
 
 
+HASH_PART_BYTES = 1 << 20  # an image of at least two such parts is hashed in parts, side by side
+HASH_PARTS = 4  # at most (the first on the calling thread, the others on `_hash_part_threads`)
+_hash_part_pool: list[ThreadPoolExecutor] = []
+_hash_part_lock = threading.Lock()
+
+
+def _hash_part_threads() -> ThreadPoolExecutor:
+    with _hash_part_lock:
+        if not _hash_part_pool:
+            _hash_part_pool.append(ThreadPoolExecutor(HASH_PARTS - 1, thread_name_prefix="glmv-hash-part"))
+        return _hash_part_pool[0]
+
+
+def _sha256(data: memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 def content_hash(rgb: np.ndarray, size: tuple[int, int] | None = None) -> str:
     """An image's content hash: sha256 hex of its size and RGB bytes (what the model sees). An image stored
     at its decoded size for the engine to resize to ``size`` (height, width): of that size, its own and its
-    bytes (what the model sees follows from them)."""
+    bytes (what the model sees follows from them). Bytes spanning two or more `HASH_PART_BYTES` parts
+    (a 1288×728 screenshot's 2.8 MB: two) go in up to `HASH_PARTS` equal parts hashed side by side
+    (hashlib leaves the GIL for the data), and the hash is that of the size and the parts' sha256s: the
+    parts follow from the size, so one picture has one hash."""
     if size is None or tuple(size) == rgb.shape[:2]:
         digest = hashlib.sha256(b"%d,%d;" % rgb.shape[:2])
     else:
         digest = hashlib.sha256(b"%d,%d;from %d,%d;" % (*size, *rgb.shape[:2]))
-    digest.update(np.ascontiguousarray(rgb).data)  # hashlib leaves the GIL for the data
+    data = memoryview(np.ascontiguousarray(rgb)).cast("B")
+    parts = min(HASH_PARTS, len(data) // HASH_PART_BYTES)
+    if parts < 2:
+        digest.update(data)
+        return digest.hexdigest()
+    step = -(-len(data) // parts)
+    rest = [_hash_part_threads().submit(_sha256, data[i : i + step]) for i in range(step, len(data), step)]
+    digest.update(b"parts %d;" % parts)
+    digest.update(_sha256(data[:step]))
+    for part in rest:
+        digest.update(part.result())
     return digest.hexdigest()
 
 

@@ -169,7 +169,8 @@ def test_base64_and_data_uri_equal_raw(pre: Preprocessor) -> None:
 
 
 def pixel_hashes(pre: Preprocessor, out) -> list[str]:
-    """sha256 of each resized image's 'height,width;' and RGB bytes, cut from the flat image_rgb."""
+    """sha256 of each resized image's 'height,width;' and RGB bytes, cut from the flat image_rgb (images
+    under two of content_hash's parts)."""
     patch = pre._geometry()[0]
     hashes, offset = [], 0
     for _, gh, gw in out.image_grid_thw.tolist():
@@ -187,6 +188,31 @@ def test_image_hash_is_the_pixels_not_the_file(pre: Preprocessor) -> None:
     assert png.image_hashes == bmp.image_hashes
     other = pre("q", [encode(noise_image(80, 60, seed=4), "PNG")])
     assert other.image_hashes != png.image_hashes
+
+
+def test_a_large_image_is_hashed_in_parts_side_by_side() -> None:
+    """Bytes of two or more HASH_PART_BYTES go in equal parts (at most HASH_PARTS): the hash is that of the
+    size and the parts' sha256s, the same for any memory layout of the pixels, and changes with any byte."""
+    from engine.processing import preprocess
+
+    rng = np.random.default_rng(7)
+    for height, width, parts in ((728, 1288, 2), (1080, 1920, 4), (300, 400, 1)):
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        data = rgb.tobytes()
+        if parts == 1:
+            want = hashlib.sha256(b"%d,%d;" % (height, width) + data).hexdigest()
+        else:
+            step = -(-len(data) // parts)
+            digests = b"".join(hashlib.sha256(data[i : i + step]).digest() for i in range(0, len(data), step))
+            want = hashlib.sha256(b"%d,%d;parts %d;" % (height, width, parts) + digests).hexdigest()
+        assert preprocess.content_hash(rgb) == want
+        assert preprocess.content_hash(np.asfortranarray(rgb)) == want  # another layout of the same pixels
+        for index in (0, len(data) // 2, len(data) - 1):  # a byte in the first, a middle and the last part
+            changed = rgb.copy().reshape(-1)
+            changed[index] ^= 1
+            assert preprocess.content_hash(changed.reshape(rgb.shape)) != want
+    # the size stored for the engine's resize is part of the hash
+    assert preprocess.content_hash(rgb, (150, 200)) != preprocess.content_hash(rgb)
 
 
 def test_an_image_sent_again_skips_decode_and_resize(tiny_checkpoint) -> None:
