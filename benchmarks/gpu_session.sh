@@ -133,8 +133,7 @@ elif [ "$PART" = 6 ]; then
   # sub-phases); GPU_TESTS=<pytest path> runs those GPU tests first; VIT_BENCH=1 runs
   # benchmarks.vit_attention_bench and STEP_VARIANTS benchmarks.step_probe before them; TTFT_PROBE=1
   # runs benchmarks.ttft_probe after everything; QUICK_TTFT=1 its large images alone first, ~1 min;
-  # GEMV_BENCH=1 benchmarks.gemv_bench after the GPU tests (~4 min); SILU_BENCH=1 benchmarks.silu_quant_bench
-  # before them (~30 s);
+  # GEMV_BENCH=1 benchmarks.gemv_bench after the GPU tests (~4 min);
   # CACHE_OFF_ARGS: more glmv-build flags for the caches-off run, comma-separated, e.g. --dtype,fp8;
   # VARIANTS=none runs no harness; VARIANT_SKIP: the harness phases the variants skip, baseline,roofline by
   # default: "baseline" adds the roofline's ~30 s and the ours ÷ floor column, the fp8 floor for a
@@ -143,7 +142,6 @@ elif [ "$PART" = 6 ]; then
     grep -E '^[0-9]'
   [ "${VIT_BENCH:-0}" = 0 ] || timeout 150 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
   step_probes
-  [ "${SILU_BENCH:-0}" = 0 ] || timeout 90 python3 -m benchmarks.silu_quant_bench --out "$OUT/silu" 2>&1 | tail -n 8
   if [ -n "${GPU_TESTS:-}" ]; then
     read -ra gpu_tests <<<"$GPU_TESTS"  # one or more pytest paths
     timeout 150 python3 -m pytest -q -m gpu "${gpu_tests[@]}" >"$OUT/pytest_gpu.txt" 2>&1

@@ -278,48 +278,24 @@ if HAS_TRITON:
         tl.store(out_ptr + row * out_stride + cols, _round_to(up * silu, dtype).to(dtype), mask=mask)
 
     @triton.jit
-    def _silu_mul_chunk(row_ptr, cols, mask, n_cols, DTYPE: tl.constexpr):
-        """`_silu_mul_kernel`'s product at ``cols`` of one row, rounded to DTYPE (masked lanes 0)."""
-        gate = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(row_ptr + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        return _round_to(up * _round_to(gate / (1.0 + tl.exp(-gate)), DTYPE), DTYPE)
-
-    @triton.jit
     def _silu_mul_quant_kernel(
         gu_ptr, q_ptr, scale_ptr, gu_stride, n_cols, min_scale,
         FP8_MAX_C: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One row: `_silu_mul_kernel`'s product, then quantized as engine.model.quant's
-        _quantize_rows_kernel does. A row within BLOCK is held in registers; a wider one goes in BLOCK-wide
-        chunks twice (the first pass finds its largest magnitude, the second computes the product again,
-        from gate_up's row in L2, and stores it quantized), so that a program holds one chunk, not a row."""
+        """One row: `_silu_mul_kernel`'s product (rounded to gate_up's dtype), then quantized as
+        engine.model.quant's _quantize_rows_kernel does (masked lanes are 0)."""
         _pdl_enter(PDL)
         DTYPE: tl.constexpr = gu_ptr.dtype.element_ty
         row = tl.program_id(0).to(tl.int64)
-        row_ptr = gu_ptr + row * gu_stride
-        q_row = q_ptr + row * n_cols
-        if n_cols <= BLOCK:
-            cols = tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            h = _silu_mul_chunk(row_ptr, cols, mask, n_cols, DTYPE)
-            scale = tl.maximum(tl.max(tl.abs(h), axis=0) / FP8_MAX_C, min_scale)
-            tl.store(scale_ptr + row, scale)
-            q = tl.minimum(tl.maximum(tl.div_rn(h, scale), -FP8_MAX_C), FP8_MAX_C)
-            tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-        else:
-            amax = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_cols
-                amax = tl.maximum(amax, tl.abs(_silu_mul_chunk(row_ptr, cols, mask, n_cols, DTYPE)))
-            scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_C, min_scale)
-            tl.store(scale_ptr + row, scale)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_cols
-                h = _silu_mul_chunk(row_ptr, cols, mask, n_cols, DTYPE)
-                q = tl.minimum(tl.maximum(tl.div_rn(h, scale), -FP8_MAX_C), FP8_MAX_C)
-                tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(gu_ptr + row * gu_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu_ptr + row * gu_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        h = _round_to(up * _round_to(gate / (1.0 + tl.exp(-gate)), DTYPE), DTYPE)
+        scale = tl.maximum(tl.max(tl.abs(h), axis=0) / FP8_MAX_C, min_scale)
+        tl.store(scale_ptr + row, scale)
+        q = tl.minimum(tl.maximum(tl.div_rn(h, scale), -FP8_MAX_C), FP8_MAX_C)
+        tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rotate_pairs_(
@@ -556,8 +532,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], n_cols)
 
 
-SILU_QUANT_BLOCK = 16384  # columns `silu_mul_fp8`'s program holds at once (wider rows go in two passes)
-SILU_QUANT_WARPS = 16  # its warps (at most one per 512 columns of its block)
+SILU_QUANT_MAX_COLS = 16384  # the widest rows `silu_mul_fp8` keeps in registers (GLM-4.6V-Flash: 13696)
 
 
 def silu_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -572,16 +547,17 @@ def silu_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         or not use_triton(gate_up)
         or gate_up.shape[-1] % 2
         or n_rows == 0
+        or n_cols > SILU_QUANT_MAX_COLS
         or gate_up.dtype not in (torch.bfloat16, torch.float16)
     ):
         return quantize_rows_fp8(_rows(silu_mul(gate_up)))
     q = torch.empty((n_rows, n_cols), dtype=FP8_DTYPE, device=gate_up.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=gate_up.device)
-    block = min(SILU_QUANT_BLOCK, triton.next_power_of_2(n_cols))
+    block = triton.next_power_of_2(n_cols)
     with device_guard(gate_up):
         _silu_mul_quant_kernel[(n_rows,)](
             gu, q, scale, gu.stride(0), n_cols, MIN_ACT_SCALE,
-            FP8_MAX_C=FP8_MAX, BLOCK=block, num_warps=max(1, min(SILU_QUANT_WARPS, block // 512)), **pdl_args(),
+            FP8_MAX_C=FP8_MAX, BLOCK=block, num_warps=max(1, min(16, block // 512)), **pdl_args(),
         )  # fmt: skip
     return q, scale
 
