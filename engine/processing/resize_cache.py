@@ -275,11 +275,12 @@ def _parse(data: bytes) -> tuple[np.ndarray, str] | None:
 
 def shared_resize_dir_name(engine_dir: str | Path) -> str:
     """The name of the shared resize directory of an engine: a digest of what the resized pixels depend on
-    (the image processor's settings, its config file, and the preprocessing's resize), so servers with
-    other settings never read each other's entries."""
+    (the image processor's settings, its config file, and the preprocessing's resize) and what an entry's
+    header holds (the content hash's scheme: v2 hashes large images in parts), so servers with other
+    settings or another scheme never read each other's entries."""
     processor_file = Path(engine_dir) / "preprocessor_config.json"
     settings = processor_file.read_bytes() if processor_file.is_file() else b"{}"
-    return "glmv-resize-" + hashlib.sha256(b"resize-v1;" + settings).hexdigest()[:16]
+    return "glmv-resize-" + hashlib.sha256(b"resize-v2;" + settings).hexdigest()[:16]
 
 
 def check_shared_ref(ref: str, dir_name: str, field: str = "image_ref") -> Path:
