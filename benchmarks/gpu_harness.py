@@ -47,6 +47,7 @@ from benchmarks.clients import RequestParams, make_target
 from benchmarks.corpus import Corpus
 from benchmarks.metrics import (
     LLM_STAGES,
+    PREPROCESS_CPU,
     PREPROCESS_STAGES,
     cache_hits,
     distribution_ms,
@@ -236,7 +237,11 @@ def _ttft_summary(records) -> dict:
 
 
 # the stage histograms the harness reads around its requests: record key -> metric family
-STAGE_FAMILIES = {"preprocess_stages_ms": PREPROCESS_STAGES, "llm_stages_ms": LLM_STAGES}
+STAGE_FAMILIES = {
+    "preprocess_stages_ms": PREPROCESS_STAGES,
+    "preprocess_cpu_ms": PREPROCESS_CPU,
+    "llm_stages_ms": LLM_STAGES,
+}
 
 
 def model_stats(http_url: str, headers: dict[str, str] | None = None) -> dict:
@@ -430,7 +435,8 @@ async def serve_phases(
         return go
 
     def stage_reading() -> dict[str, dict] | None:
-        """Both stage histograms' totals so far: the preprocessing model's and the llm's."""
+        """The stage histograms' totals so far: the preprocessing model's stages and thread CPU time, the
+        llm's stages."""
         if not metrics_url:
             return None
         with contextlib.suppress(Exception):
@@ -796,6 +802,7 @@ def table(doc: dict) -> str:
                 # the preprocessing model's compute per request does not depend on the engine: when it moves
                 # between two runs, the host's speed moved (compare throughput within one call only)
                 + f", preprocessing {((run.get('stages') or {}).get('preprocessing') or {}).get('compute_infer_ms', 0):.1f} ms/request"
+                + _thread_cpu_text(run)
                 + "".join(f", llm {stage} {ms:.2f}" for stage, ms in (run.get("llm_stages_ms") or {}).items())
                 + _gc_text(run.get("engine"), run.get("client_gc"))
             )
@@ -815,11 +822,15 @@ def table(doc: dict) -> str:
                     for model, row in sorted(stages.items())
                 )
                 lines.append(f"followup_1288 {kind}: per model queue/compute ms: {parts}")
-            for key, what in (("preprocess_stages_ms", "preprocessing"), ("llm_stages_ms", "llm")):
+            for key, what in (
+                ("preprocess_stages_ms", "preprocessing stages"),
+                ("preprocess_cpu_ms", "preprocessing thread CPU"),
+                ("llm_stages_ms", "llm stages"),
+            ):
                 by_stage = follow[kind].get(key) or {}
                 if by_stage:
                     parts = ", ".join(f"{stage} {ms:.2f}" for stage, ms in by_stage.items())
-                    lines.append(f"followup_1288 {kind}: {what} stages ms (P50): {parts}")
+                    lines.append(f"followup_1288 {kind}: {what} ms (P50): {parts}")
     chat = serve.get("conversation_1288") or {}
     for turn, run in chat.items():
         if isinstance(run, dict) and "ttft_ms" in run:
@@ -856,6 +867,13 @@ def _engine_side_text(run: dict) -> str:
         f", engine ITL P50/P99 {engine_itl['p50']:.1f}/{engine_itl['p99']:.1f} ms, "
         f"path P50/P99 {path['p50']:.1f}/{path['p99']:.1f} ms"
     )
+
+
+def _thread_cpu_text(run: dict) -> str:
+    """The preprocessing thread's CPU time per request, where read: well below the model's compute per
+    request, the thread waited (for the GIL or a core); close to it, the host's cores are that slow."""
+    cpu = (run.get("preprocess_cpu_ms") or {}).get("request")
+    return "" if cpu is None else f" (thread CPU {cpu:.1f})"
 
 
 def _gc_text(engine: dict | None, client_gc: dict | None = None) -> str:

@@ -203,6 +203,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict:
 
 PREPROCESS_STAGES = "glmv_preprocess_stage_seconds"  # the preprocessing model's stages
 LLM_STAGES = "glmv_llm_request_stage_seconds"  # the llm's: a request's way into the engine
+PREPROCESS_CPU = "glmv_preprocess_cpu_seconds"  # the preprocessing thread's CPU time (stage "request")
 
 
 def stage_totals(metrics_url: str, family: str = PREPROCESS_STAGES) -> dict[str, tuple[float, float]]:

@@ -224,6 +224,7 @@ def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
         assert all(ms >= 0 for ms in follow[kind]["preprocess_stages_ms"].values())
         assert list(follow[kind]["llm_stages_ms"]) == ["inputs", "parse", "add"]
         assert all(ms > 0 for ms in follow[kind]["llm_stages_ms"].values())
+        assert follow[kind]["preprocess_cpu_ms"]["request"] > 0  # the preprocessing thread's CPU time
     assert follow["warm_cache"]["cached_tokens"] > 0
     doc = {"meta": {"date": "2026-12-05", "commit": "abc1234", "device": "cpu"}, "phases": {"serve": record}}
     doc["comparison"] = comparisons(doc)
@@ -231,6 +232,7 @@ def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
     for kind in ("cold", "warm"):
         assert f"followup_1288 {kind}: preprocessing stages ms (P50): inputs " in text
         assert f"followup_1288 {kind}: llm stages ms (P50): inputs " in text
+        assert f"followup_1288 {kind}: preprocessing thread CPU ms (P50): request " in text
     # the sub-phase's own means, over its 10 requests
     assert set(follow["preprocess_stages_ms"]) == set(stages)
     assert list(follow["llm_stages_ms"]) == ["inputs", "parse", "add"]

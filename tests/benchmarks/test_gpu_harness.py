@@ -83,6 +83,10 @@ def test_table_and_plot(tmp_path: Path) -> None:
     )
     end = "engine GC 0 (0 ms), stub GC 2 (61 ms), client GC 1 (13 ms)"
     assert line.endswith(f"3.9 ms/request, {end}"), line
+    # the preprocessing thread's CPU time per request beside its compute, where read
+    doc["phases"]["serve"]["c32_448"]["preprocess_cpu_ms"] = {"request": 1.26}
+    line = next(x for x in table(doc).splitlines() if x.startswith("c32_448: 20.00 req/s"))
+    assert line.endswith(f"3.9 ms/request (thread CPU 1.3), {end}"), line
     plot_comparison(doc, tmp_path / "comparison.png")
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -345,6 +345,10 @@ def test_metrics_are_exported(server) -> None:
     for edge in ("0.0175", "0.02", "0.0225", "0.025", "0.03"):
         assert metric(server, "glmv_inter_token_latency_seconds_bucket", f'le="{edge}"') >= 0, edge
     assert metric(server, "glmv_preprocess_latency_seconds_count", 'model="preprocessing"') > 0
+    # the preprocessing thread's CPU time per request, beside its wall time
+    cpu_count = metric(server, "glmv_preprocess_cpu_seconds_count", 'stage="request"')
+    assert cpu_count == metric(server, "glmv_preprocess_latency_seconds_count", 'model="preprocessing"')
+    assert 0 < metric(server, "glmv_preprocess_cpu_seconds_sum", 'stage="request"')
     for stage in ("inputs", "images", "template", "tokens", "positions", "outputs"):
         assert metric(server, "glmv_preprocess_stage_seconds_count", f'stage="{stage}"') > 0, stage
     for stage in ("inputs", "parse", "add"):

@@ -90,6 +90,14 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.HISTOGRAM,
         )
         self.latency = self.latency_family.Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.cpu_family = pb_utils.MetricFamily(
+            name="glmv_preprocess_cpu_seconds",
+            description="CPU time of the thread that preprocessed one request (a request's other images run "
+            "on other threads): well below glmv_preprocess_latency_seconds, the thread waited for the GIL "
+            "or for a core; close to it, the host's core is that slow",
+            kind=pb_utils.MetricFamily.HISTOGRAM,
+        )
+        self.cpu = self.cpu_family.Metric(labels={**labels, "stage": "request"}, buckets=STAGE_BUCKETS)
         self.errors_family = pb_utils.MetricFamily(
             name="glmv_preprocess_errors_total",
             description="Requests refused by preprocessing",
@@ -112,13 +120,14 @@ class TritonPythonModel:
     def finalize(self) -> None:
         # Released while the stub still serves them: a MetricFamily left for the stub's own teardown
         # segfaults it on every shutdown (triton-inference-server/server#8662).
-        del self.latency, self.errors, self.stages, self.latency_family, self.errors_family, self.stage_family
+        del self.latency, self.cpu, self.errors, self.stages
+        del self.latency_family, self.cpu_family, self.errors_family, self.stage_family
         self.heap.release()
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 responses.append(
                     pb_utils.InferenceResponse(output_tensors=self._process(InputTensors(request)))
@@ -138,6 +147,7 @@ class TritonPythonModel:
                     )
                 )
             self.latency.observe(time.perf_counter() - started)
+            self.cpu.observe(time.thread_time() - cpu_started)
         self.heap.publish()
         return responses
 
