@@ -28,7 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.metrics import LLM_STAGES, stage_means_ms, stage_totals
+from benchmarks.metrics import LLM_STAGES, PREPROCESS_CPU, stage_means_ms, stage_totals
 from benchmarks.results import make_meta
 
 
@@ -74,6 +74,7 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
         before = model_stats(server.http_url, server.admin_headers)
         stages_before = stage_totals(server.metrics_url)
         llm_before = stage_totals(server.metrics_url, LLM_STAGES)
+        cpu_before = stage_totals(server.metrics_url, PREPROCESS_CPU)
         records = [await target.send(sample, one) for sample in samples]
         after = model_stats(server.http_url, server.admin_headers)
         for _ in range(40):  # Triton counts a decoupled ensemble's execution a moment after its last response
@@ -96,6 +97,10 @@ async def _measure(server, requests: int, cold_requests: int, cold_seed: int) ->
             "stages": stage_breakdown(before, after),
             "preprocess_stages_ms": stage_means_ms(stages_before, stage_totals(server.metrics_url)),
             "llm_stages_ms": stage_means_ms(llm_before, stage_totals(server.metrics_url, LLM_STAGES)),
+            # the preprocessing thread's CPU time per request (beside stages' compute_infer_ms)
+            "preprocess_cpu_ms": stage_means_ms(
+                cpu_before, stage_totals(server.metrics_url, PREPROCESS_CPU)
+            ).get("request"),
         }
     return out
 
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name}: TTFT P50 {row['ttft_ms_p50']} ms, send -> llm {row['pre_llm_ms_p50']} ms, llm TTFT "
             f"{row['server_ttft_ms_p50']} ms, errors {row['errors']}; compute+output ms per execution: {stages}; "
-            f"preprocessing stages ms: {pre}; llm stages ms: {llm}"
+            f"preprocessing stages ms: {pre} (thread CPU {row['preprocess_cpu_ms']}); llm stages ms: {llm}"
         )
     return 0
 

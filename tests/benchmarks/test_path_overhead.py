@@ -33,6 +33,7 @@ def test_path_overhead_runs_through_triton_and_compares(tmp_path: Path) -> None:
         stages = row["preprocess_stages_ms"]
         assert set(stages) == {"inputs", "images", "template", "tokens", "positions", "outputs"}, stages
         assert all(ms >= 0 for ms in stages.values())
+        assert row["preprocess_cpu_ms"] > 0  # its thread's CPU time per request
     # a new screenshot's decode and resize is its preprocessing's largest stage; text has no image work
     assert doc["new_1288"]["preprocess_stages_ms"]["images"] > doc["text"]["preprocess_stages_ms"]["images"]
     path = tmp_path / "run" / "path_overhead.json"
