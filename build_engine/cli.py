@@ -61,6 +61,7 @@ FIELD_FLAGS = {
     "max_num_prefill_tokens_with_decodes": "--max-prefill-tokens-with-decodes",
     "vision_patches_per_step": "--vision-patches-per-step",
     "vision_attention": "--vision-attention",
+    "vision_quantization": "--vision-dtype",
 }
 
 
@@ -143,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="the ViT attention's kernel on CUDA: FlashAttention-2, cuDNN's fused attention, or auto: cuDNN "
         "for the image sizes whose cuDNN plan the engine built while idle, flash for the others",
+    )
+    p.add_argument(
+        "--vision-dtype",
+        choices=["auto", FP8_DTYPE_FLAG],
+        default="auto",
+        help="auto: the ViT in the activations' dtype; fp8: its linear layers quantized to float8_e4m3fn when "
+        "the engine loads (per-channel weights, per-token activations, as --dtype fp8 does the decoder's); "
+        "needs 16-bit activations",
     )
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--vision-max-queue-delay-us", type=int, default=2000)
@@ -442,6 +451,7 @@ def build(args: argparse.Namespace) -> Path:
                 decode_pdl=args.decode_pdl,
                 vision_patches_per_step=args.vision_patches_per_step,
                 vision_attention=args.vision_attention,
+                vision_quantization="fp8" if args.vision_dtype == FP8_DTYPE_FLAG else "none",
                 enable_prefix_caching=args.prefix_caching,
                 image_cache_mb=args.image_cache_mb,
                 seed=args.seed,

@@ -264,6 +264,7 @@ class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     dtype: str = "float32"  # weights/activations/KV dtype: float32 | float16 | bfloat16
     quantization: str = "none"  # "fp8": decoder linears + lm_head in float8_e4m3fn (engine.model.quant)
+    vision_quantization: str = "none"  # "fp8": the ViT's linear layers in float8_e4m3fn (the same W8A8)
     enable_chunked_prefill: bool = True  # split long prompts over several steps
     max_images_per_request: int = 8  # most images in one request
     max_image_tokens_per_request: int = 16384  # most LLM image tokens in one request
@@ -347,12 +348,14 @@ class EngineConfig:
             raise ValueError(
                 f"vision_attention: {self.vision_attention!r} must be one of {', '.join(VISION_ATTENTION_CHOICES)}"
             )
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization: {self.quantization!r} must be one of {list(QUANTIZATIONS)}")
-        if self.quantization == "fp8" and self.dtype not in ("bfloat16", "float16"):
-            raise ValueError(
-                f"quantization: fp8 needs a 16-bit activation dtype (bfloat16 or float16), not dtype {self.dtype!r}"
-            )
+        for name in ("quantization", "vision_quantization"):
+            value = getattr(self, name)
+            if value not in QUANTIZATIONS:
+                raise ValueError(f"{name}: {value!r} must be one of {list(QUANTIZATIONS)}")
+            if value == "fp8" and self.dtype not in ("bfloat16", "float16"):
+                raise ValueError(
+                    f"{name}: fp8 needs a 16-bit activation dtype (bfloat16 or float16), not dtype {self.dtype!r}"
+                )
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:

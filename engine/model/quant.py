@@ -31,6 +31,8 @@ Contract:
   sizing that reads free memory sees it, unfragmented) and returns how many layers it swapped
   (already-FP8 layers are skipped: calling it twice swaps nothing). The vision tower and the embeddings
   stay as they are.
+* `quantize_vision_fp8_(model) -> int` does the same to the ViT's linears (`vision_linear_names`: each
+  block's qkv, proj, gate/up and down, the patch merger's three; `EngineConfig.vision_quantization`).
 """
 
 from __future__ import annotations
@@ -434,11 +436,41 @@ def _lm_head_is_tied(model: nn.Module) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False)) or head.weight is embed.weight
 
 
+def vision_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the linears `quantize_vision_fp8_` swaps in a model (its ``visual``) or in a
+    `VisionEncoder` itself: each ViT block's qkv, proj, gate/up and down, and the patch merger's proj,
+    gate/up and down (the patch embedding and the downsample are convolutions and stay)."""
+    visual, prefix = (model.visual, "visual.") if hasattr(model, "visual") else (model, "")
+    names = []
+    for i, _ in enumerate(visual.blocks):
+        block = f"{prefix}blocks.{i}"
+        names += [
+            f"{block}.attn.qkv",
+            f"{block}.attn.proj",
+            f"{block}.mlp.gate_up_proj",
+            f"{block}.mlp.down_proj",
+        ]
+    return names + [f"{prefix}merger.{name}" for name in ("proj", "gate_up_proj", "down_proj")]
+
+
 @torch.no_grad()
 def quantize_decoder_fp8_(model: nn.Module, include_lm_head: bool = True) -> int:
     """Swap the decoder's linears for `Fp8Linear` in place (module docstring); returns how many."""
+    return _swap_fp8_(model, decoder_linear_names(model, include_lm_head))
+
+
+@torch.no_grad()
+def quantize_vision_fp8_(model: nn.Module) -> int:
+    """Swap the ViT's linears (`vision_linear_names`) for `Fp8Linear` in place, as `quantize_decoder_fp8_`
+    does the decoder's; returns how many. Where the row-wise GEMM runs, a layer runs it in CUDA graphs too
+    (a small image's batch is within `TENSORWISE_MAX_M` rows), so that a ViT graph's replay gives what its
+    eager forward gives."""
+    return _swap_fp8_(model, vision_linear_names(model), rowwise_in_graphs=True)
+
+
+def _swap_fp8_(model: nn.Module, names: list[str], rowwise_in_graphs: bool = False) -> int:
     count = 0
-    for name in decoder_linear_names(model, include_lm_head):
+    for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, attr)
@@ -446,7 +478,10 @@ def quantize_decoder_fp8_(model: nn.Module, include_lm_head: bool = True) -> int
             continue
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name}: {type(linear).__name__} is not an nn.Linear")
-        setattr(parent, attr, Fp8Linear.from_linear(linear))
+        layer = Fp8Linear.from_linear(linear)
+        if rowwise_in_graphs and layer.rowwise is not None:
+            layer.tensorwise_max_m = 0
+        setattr(parent, attr, layer)
         is_cuda = linear.weight.is_cuda
         del linear  # the last reference: the 16-bit weight is freed before the next layer is quantized
         if is_cuda:
@@ -466,10 +501,12 @@ __all__ = [
     "decoder_linear_names",
     "dequantize_weight",
     "quantize_decoder_fp8_",
+    "quantize_vision_fp8_",
     "quantize_rows_fp8",
     "quantize_rows_fp8_reference",
     "quantize_weight_fp8",
     "scale_rows_cols",
     "scale_rows_cols_reference",
+    "vision_linear_names",
     "weight_bytes",
 ]

@@ -127,7 +127,8 @@ def prepare_model(
     model: torch.nn.Module, engine_config: EngineConfig, device: torch.device, enforce_eager: bool = False
 ) -> None:
     """Make a loaded model (or one a caller gives) what the engine config asks, in place: the decoder's
-    linear layers in FP8 (``quantization``; FP8 layers already there are kept), the ViT's attention kernel
+    linear layers in FP8 (``quantization``; FP8 layers already there are kept), the ViT's
+    (``vision_quantization``), the ViT's attention kernel
     (``vision_attention``) and its CUDA graphs on (``vision_cuda_graphs``, on CUDA, unless
     ``enforce_eager``), decode steps' matmuls through the skinny kernel (``decode_gemv``, on CUDA), the
     decoder's Triton kernels launched with PDL (``decode_pdl``; checked with one launch, off with a warning
@@ -143,6 +144,11 @@ def prepare_model(
             before / 1e9,
             weight_bytes(model) / 1e9,
         )
+    if engine_config.vision_quantization == "fp8":
+        from engine.model.quant import quantize_vision_fp8_
+
+        swapped = quantize_vision_fp8_(model)
+        logger.info("[glm-engine] fp8: %d ViT linear layers quantized", swapped)
     if engine_config.decode_gemv and device.type == "cuda":
         layers = model.set_decode_gemv(True)  # after the FP8 swap, before any graph is captured
         logger.info("[glm-engine] decode_gemv: %d linear layers through the skinny kernel", layers)

@@ -200,6 +200,39 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
     assert "fp8" not in capsys.readouterr().err
 
 
+def test_vision_dtype_fp8_quantizes_the_vit_when_the_engine_loads(
+    tmp_path: Path, tiny_checkpoint: Path, capsys
+) -> None:
+    out = tmp_path / "vision-fp8"
+    flags = ("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--vision-dtype", "fp8")
+    assert run(*flags, "--dtype", "bfloat16") == 0
+    engine = json.loads((out / "engine_config.json").read_text())["engine"]
+    assert (engine["dtype"], engine["quantization"], engine["vision_quantization"]) == (
+        "bfloat16",
+        "none",
+        "fp8",
+    )
+
+    from torch import nn
+
+    from engine.llm_engine import LLMEngine
+    from engine.model.quant import Fp8Linear
+
+    ex = LLMEngine.from_engine_dir(out)
+    assert isinstance(ex.model.visual.blocks[0].mlp.down_proj, Fp8Linear)
+    assert isinstance(ex.model.visual.merger.proj, Fp8Linear) and type(ex.model.lm_head) is nn.Linear
+    # with the decoder's too; and float32 activations are refused, naming the flag
+    assert run(*flags, "--dtype", "fp8") == 0
+    engine = json.loads((out / "engine_config.json").read_text())["engine"]
+    assert (engine["quantization"], engine["vision_quantization"]) == ("fp8", "fp8")
+    capsys.readouterr()
+    assert run(*flags, "--dtype", "float32") == 2
+    assert (
+        "--vision-dtype: fp8 needs a 16-bit activation dtype (bfloat16 or float16), not dtype 'float32'"
+        in (capsys.readouterr().err)
+    )
+
+
 def test_dtype_fp8_on_cuda_dummy(tmp_path: Path, capsys) -> None:
     out = tmp_path / "dummy-fp8"
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--dtype", "fp8") == 0

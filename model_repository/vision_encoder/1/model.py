@@ -5,7 +5,8 @@ patches of all requests are concatenated, encoded by one `VisionEncoder.encode` 
 `max_num_vision_patches` patches, whole images per chunk), and split back: request r gets
 prompt_embedding_table [1, N_r / merge**2, hidden] (an empty [1, 0, hidden] table without images).
 Only the `model.visual.*` weights are read (`engine.model.weights.load_weights(..., prefix="visual.")`: the
-same checks as the whole model's load); a dummy engine gets the random weights of its seed.
+same checks as the whole model's load); a dummy engine gets the random weights of its seed. An engine built
+with `--vision-dtype fp8` has its linear layers quantized as the llm's own ViT has them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class TritonPythonModel:
             init_dummy_weights(self.encoder, engine_config.seed)
         else:
             load_weights(self.encoder, engine_dir.weights_dir, prefix="visual.")
+        if engine_config.vision_quantization == "fp8":  # as the llm's own ViT (engine.runner.prepare_model)
+            from engine.model.quant import quantize_vision_fp8_
+
+            quantize_vision_fp8_(self.encoder)
         self.hidden_size = model_config.hidden_size
         self.merge = model_config.vision_config.spatial_merge_size
         self.max_patches = parameters.get_int("max_num_vision_patches", engine_config.max_num_vision_patches)

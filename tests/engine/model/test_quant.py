@@ -36,9 +36,11 @@ from engine.model.quant import (
     quantize_decoder_fp8_,
     quantize_rows_fp8,
     quantize_rows_fp8_reference,
+    quantize_vision_fp8_,
     quantize_weight_fp8,
     scale_rows_cols,
     scale_rows_cols_reference,
+    vision_linear_names,
     weight_bytes,
 )
 from engine.sample.sampler import SamplingParams
@@ -287,6 +289,61 @@ def test_quantized_tiny_model_logits_and_greedy(tiny_checkpoint, model_config, c
             assert x[0] == y[0]  # the engine's first token, where the logits test says it cannot flip
 
 
+# -- quantize_vision_fp8_ -------------------------------------------------------------------------------
+
+
+class W8A16(nn.Module):
+    """What an FP8 layer computes on the CPU, from its own quantization of ``linear``'s weight."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.weight_scale = quantize_weight_fp8(linear.weight)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+
+def test_quantize_vision_swaps_exactly_the_vit_linears(tiny_checkpoint, model_config, caplog):
+    mc = model_config
+    model = Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "bfloat16", mc)
+    bf16 = Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "bfloat16", mc)
+    by_hand = Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "bfloat16", mc)
+    linears_before = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    blocks = ("attn.qkv", "attn.proj", "mlp.gate_up_proj", "mlp.down_proj")
+    expected = {f"visual.blocks.{i}.{name}" for i in range(mc.vision_config.depth) for name in blocks} | {
+        "visual.merger.proj", "visual.merger.gate_up_proj", "visual.merger.down_proj",
+    }  # fmt: skip
+    assert set(vision_linear_names(model)) == expected
+    assert set(vision_linear_names(model.visual)) == {n.removeprefix("visual.") for n in expected}
+    assert quantize_vision_fp8_(model) == len(expected) == 4 * mc.vision_config.depth + 3
+    assert {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)} == expected
+    assert {n for n, m in model.named_modules() if isinstance(m, nn.Linear)} == linears_before - expected
+    assert quantize_vision_fp8_(model) == 0  # idempotent
+    # the ViT encodes with those layers: the same embeddings as one whose linears compute by hand from the
+    # same FP8 weights, and not bf16's
+    for name in expected:
+        parent, _, attr = name.rpartition(".")
+        setattr(by_hand.get_submodule(parent), attr, W8A16(getattr(by_hand.get_submodule(parent), attr)))
+    grid = torch.tensor([[1, 4, 6], [1, 2, 2]])
+    pixels = torch.randn(
+        int(grid.prod(dim=1).sum()), mc.vision_config.patch_dim, generator=torch.Generator().manual_seed(5)
+    )
+    got, want, full = (m.encode_images(pixels, grid) for m in (model, by_hand, bf16))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    error = float((got.float() - full.float()).norm() / full.float().norm())
+    assert 0 < error < 0.1, error
+    # the engine quantizes a given model's ViT when vision_quantization is fp8, and logs it
+    fresh = Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "bfloat16", mc)
+    engine = {"block_size": BLOCK_SIZE, "num_kv_blocks": 64, "max_model_len": 256, "dtype": "bfloat16"}
+    with caplog.at_level(logging.INFO, logger="glm-engine"):
+        ex = LLMEngine(mc, EngineConfig(**engine, vision_quantization="fp8"), model=fresh)
+    assert isinstance(ex.model.visual.blocks[0].attn.qkv, Fp8Linear) and ex.model is fresh
+    assert type(ex.model.lm_head) is nn.Linear  # the decoder stays as it is
+    assert f"fp8: {len(expected)} ViT linear layers quantized" in caplog.text
+
+
 # -- EngineConfig ----------------------------------------------------------------------------------------
 
 
@@ -303,6 +360,14 @@ def test_engine_config_quantization_field():
         EngineConfig(dtype="float32", quantization="fp8")
     with pytest.raises(ValueError, match=r"^quantization: fp8 needs"):
         EngineConfig().replace(quantization="fp8")  # the default dtype is float32
+    # the ViT's, on its own
+    config = EngineConfig(dtype="bfloat16", vision_quantization="fp8")
+    assert EngineConfig.from_dict(config.to_dict()) == config and config.quantization == "none"
+    assert EngineConfig.from_dict({"dtype": "bfloat16"}).vision_quantization == "none"  # older engine dirs
+    with pytest.raises(ValueError, match=r"^vision_quantization: 'int4' must be one of \['none', 'fp8'\]"):
+        EngineConfig(dtype="bfloat16", vision_quantization="int4")
+    with pytest.raises(ValueError, match=r"^vision_quantization: fp8 needs a 16-bit activation dtype"):
+        EngineConfig(dtype="float32", vision_quantization="fp8")
 
 
 # -- CUDA --------------------------------------------------------------------------------------------------

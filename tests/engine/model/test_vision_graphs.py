@@ -334,3 +334,36 @@ def test_a_forward_split_by_blocks_equals_encode(vision_config, device) -> None:
                 assert torch.equal(vision_pass.out, whole)
             assert len(encoder.segment_graphs.entries) == vision_config.depth
             assert not encoder.segment_graphs.failed
+
+
+@pytest.mark.gpu
+def test_fp8_vit_graph_replay_equals_eager(vision_config) -> None:
+    """The ViT's linears in FP8 (`quantize_vision_fp8_`): on a GPU with FP8 GEMMs each runs the row-wise
+    `_scaled_mm`, in graphs as eagerly (a batch of 24 or 20 patches is within the decoder's tensorwise
+    rows), so the replays equal eager exactly; and the embeddings stay near the 16-bit ViT's."""
+    from engine.model.quant import Fp8Linear, quantize_vision_fp8_
+
+    torch.manual_seed(0)
+    encoder = VisionEncoder(vision_config).to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.normal_(0.0, 0.02)
+    grids = [torch.tensor([[1, 4, 6]]), torch.tensor([[1, 4, 4], [1, 2, 2]])]
+    pixels = [torch.randn(int(g.prod(dim=1).sum()), vision_config.patch_dim, device="cuda") for g in grids]
+    with torch.inference_mode():
+        full = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]
+    assert quantize_vision_fp8_(encoder) == 4 * vision_config.depth + 3
+    layers = [m for m in encoder.modules() if isinstance(m, Fp8Linear)]
+    if any(m.kernel != "scaled_mm" for m in layers):
+        pytest.skip("this GPU's torch has no FP8 GEMM for these shapes (the layers dequantize)")
+    assert all(m.tensorwise_max_m == 0 for m in layers if m.rowwise)
+    with torch.inference_mode():
+        eager = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]
+        encoder.enable_cuda_graphs()
+        first = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]  # captures
+        again = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]  # replays
+    assert len(encoder.graphs.entries) == 2 and not encoder.graphs.failed
+    for e, f, a, b in zip(eager, first, again, full, strict=True):
+        assert torch.equal(e, f) and torch.equal(e, a)
+        error = float((e.float() - b.float()).norm() / b.float().norm())
+        assert 0 < error < 0.1, error
