@@ -247,18 +247,21 @@ def test_build_attention_plan_moves_a_length_to_cudnn_and_drops_its_graphs(
         )
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("attention", ["flash", "cudnn"])
-def test_cuda_graph_replay_equals_eager(vision_config, attention) -> None:
-    """With either attention kernel: the replays equal eager exactly, and the two kernels agree to bf16."""
+def random_cuda_encoder(vision_config) -> tuple[VisionEncoder, list[torch.Tensor], list[torch.Tensor]]:
+    """A bf16 ViT on CUDA with random weights, and two images' grids and pixels (24 and 16 + 4 patches)."""
     torch.manual_seed(0)
     encoder = VisionEncoder(vision_config).to("cuda", torch.bfloat16).eval()
-    encoder.set_attention(attention)
     with torch.no_grad():  # the patch embedding is allocated uninitialised (weights come from a checkpoint)
         for parameter in encoder.parameters():
             parameter.normal_(0.0, 0.02)
     grids = [torch.tensor([[1, 4, 6]]), torch.tensor([[1, 4, 4], [1, 2, 2]])]
     pixels = [torch.randn(int(g.prod(dim=1).sum()), vision_config.patch_dim, device="cuda") for g in grids]
+    return encoder, grids, pixels
+
+
+def eager_then_graphs_equal(encoder: VisionEncoder, grids, pixels) -> list[torch.Tensor]:
+    """Each image encoded eagerly, then with graphs on (a capture, then a replay): all equal, and the
+    first outputs survive later replays. Returns the eager embeddings."""
     with torch.inference_mode():
         eager = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]
         encoder.enable_cuda_graphs()
@@ -266,7 +269,17 @@ def test_cuda_graph_replay_equals_eager(vision_config, attention) -> None:
         again = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]  # replays
     assert len(encoder.graphs.entries) == 2 and not encoder.graphs.failed
     for e, f, a in zip(eager, first, again, strict=True):
-        assert torch.equal(e, f) and torch.equal(e, a)  # and the first outputs survived later replays
+        assert torch.equal(e, f) and torch.equal(e, a)
+    return eager
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["flash", "cudnn"])
+def test_cuda_graph_replay_equals_eager(vision_config, attention) -> None:
+    """With either attention kernel: the replays equal eager exactly, and the two kernels agree to bf16."""
+    encoder, grids, pixels = random_cuda_encoder(vision_config)
+    encoder.set_attention(attention)
+    eager = eager_then_graphs_equal(encoder, grids, pixels)
     encoder.graphs = None
     encoder.set_attention("flash")
     with torch.inference_mode():
@@ -343,13 +356,7 @@ def test_fp8_vit_graph_replay_equals_eager(vision_config) -> None:
     rows), so the replays equal eager exactly; and the embeddings stay near the 16-bit ViT's."""
     from engine.model.quant import Fp8Linear, quantize_vision_fp8_
 
-    torch.manual_seed(0)
-    encoder = VisionEncoder(vision_config).to("cuda", torch.bfloat16).eval()
-    with torch.no_grad():
-        for parameter in encoder.parameters():
-            parameter.normal_(0.0, 0.02)
-    grids = [torch.tensor([[1, 4, 6]]), torch.tensor([[1, 4, 4], [1, 2, 2]])]
-    pixels = [torch.randn(int(g.prod(dim=1).sum()), vision_config.patch_dim, device="cuda") for g in grids]
+    encoder, grids, pixels = random_cuda_encoder(vision_config)
     with torch.inference_mode():
         full = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]
     assert quantize_vision_fp8_(encoder) == 4 * vision_config.depth + 3
@@ -357,13 +364,6 @@ def test_fp8_vit_graph_replay_equals_eager(vision_config) -> None:
     if any(m.kernel != "scaled_mm" for m in layers):
         pytest.skip("this GPU's torch has no FP8 GEMM for these shapes (the layers dequantize)")
     assert all(m.tensorwise_max_m == 0 for m in layers if m.rowwise)
-    with torch.inference_mode():
-        eager = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]
-        encoder.enable_cuda_graphs()
-        first = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]  # captures
-        again = [encoder.encode(p, g) for p, g in zip(pixels, grids, strict=True)]  # replays
-    assert len(encoder.graphs.entries) == 2 and not encoder.graphs.failed
-    for e, f, a, b in zip(eager, first, again, full, strict=True):
-        assert torch.equal(e, f) and torch.equal(e, a)
+    for e, b in zip(eager_then_graphs_equal(encoder, grids, pixels), full, strict=True):
         error = float((e.float() - b.float()).norm() / b.float().norm())
         assert 0 < error < 0.1, error
