@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         junk = np.ones(args.touch_mb << 20, np.uint8)
 
         def touch() -> None:
-            junk.__iadd__(1)
+            np.add(junk, 1, out=junk)
 
         rows = {"back_to_back": _timed(ask, args.rounds, lambda: None)}
         for gap in [float(g) for g in args.gaps_ms.split(",") if g]:

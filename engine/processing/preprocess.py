@@ -19,8 +19,8 @@ parse_tools) and `resize_cache`. Contract:
   (`engine.model.vision.PatchNormalizer`). `Preprocessor.patchify` gives the uint8 patches [sum(gh*gw), 1176] and
   `Preprocessor.normalize` the float32 pixel_values, within 1e-6 of the processor's output (float
   rounding only; the grid is identical). `image_hashes` identify what the model sees: the sha256 hex of
-  each resized image's size and RGB bytes (of large images, of their parts' sha256s: `content_hash`), so the same picture hits the engine's prefix and image caches
-  however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
+  each resized image's size and RGB bytes (of a large image's parts' sha256s: `content_hash`), so the
+  same picture hits the engine's prefix and image caches however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
   lets an image sent again skip its decode and resize (its header is still checked against the limits).
   With `pixels_by_reference`, a new image's shared file is written before the request goes on (its
   content hash computed on a hash thread meanwhile, the file's header written last), and when
@@ -44,7 +44,6 @@ import hashlib
 import io
 import json
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -120,16 +119,9 @@ def resized_size(
 
 
 HASH_PART_BYTES = 1 << 20  # an image of at least two such parts is hashed in parts, side by side
-HASH_PARTS = 4  # at most (the first on the calling thread, the others on `_hash_part_threads`)
-_hash_part_pool: list[ThreadPoolExecutor] = []
-_hash_part_lock = threading.Lock()
-
-
-def _hash_part_threads() -> ThreadPoolExecutor:
-    with _hash_part_lock:
-        if not _hash_part_pool:
-            _hash_part_pool.append(ThreadPoolExecutor(HASH_PARTS - 1, thread_name_prefix="glmv-hash-part"))
-        return _hash_part_pool[0]
+HASH_PARTS = 4  # at most (the first on the calling thread, the others on `_HASH_PART_THREADS`)
+# its threads start at the first large image
+_HASH_PART_THREADS = ThreadPoolExecutor(HASH_PARTS - 1, thread_name_prefix="glmv-hash-part")
 
 
 def _sha256(data: memoryview) -> bytes:
@@ -153,7 +145,7 @@ def content_hash(rgb: np.ndarray, size: tuple[int, int] | None = None) -> str:
         digest.update(data)
         return digest.hexdigest()
     step = -(-len(data) // parts)
-    rest = [_hash_part_threads().submit(_sha256, data[i : i + step]) for i in range(step, len(data), step)]
+    rest = [_HASH_PART_THREADS.submit(_sha256, data[i : i + step]) for i in range(step, len(data), step)]
     digest.update(b"parts %d;" % parts)
     digest.update(_sha256(data[:step]))
     for part in rest:
