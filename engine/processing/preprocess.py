@@ -20,8 +20,9 @@ parse_tools) and `resize_cache`. Contract:
   `Preprocessor.normalize` the float32 pixel_values, within 1e-6 of the processor's output (float
   rounding only; the grid is identical). `image_hashes` identify what the model sees: the sha256 hex of
   each resized image's size and RGB bytes (of a large image's parts' sha256s: `content_hash`), so the
-  same picture hits the engine's prefix and image caches however it was encoded or sent. A small LRU of resized images by file digest (`resize_cache_bytes`)
-  lets an image sent again skip its decode and resize (its header is still checked against the limits).
+  same picture hits the engine's prefix and image caches however it was encoded or sent. A small LRU of
+  resized images by file digest (`resize_cache_bytes`) lets an image sent again skip its decode and resize
+  (its header is still checked against the limits).
   With `pixels_by_reference`, a new image's shared file is written before the request goes on (its
   content hash computed on a hash thread meanwhile, the file's header written last), and when
   every image of a request is in the shared resize directory (`ResizeCache.shared_ref`), `image_refs`
