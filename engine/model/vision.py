@@ -312,7 +312,8 @@ class VisionEncoder(nn.Module):
             return None
         n = next(iter(kernels.pending))
         del kernels.pending[n]
-        config, weight = self.config, self.blocks[0].attn.qkv.weight
+        # the activations' dtype and device (a norm's weight: the linears' may be FP8, which cuDNN refuses)
+        config, weight = self.config, self.blocks[0].norm1.weight
         qkv = torch.zeros(n, 3, config.num_heads, config.head_dim, device=weight.device, dtype=weight.dtype)
         q, k, v = (t.transpose(0, 1)[None] for t in qkv.unbind(1))  # the layout of VisionAttention's calls
         try:

@@ -247,6 +247,23 @@ def test_build_attention_plan_moves_a_length_to_cudnn_and_drops_its_graphs(
         )
 
 
+def test_build_attention_plan_of_an_fp8_vit_uses_the_activations_dtype(vision_config) -> None:
+    """With the ViT's linears in FP8 the attention still runs in the activations' dtype: the plan's trial
+    call is made in that dtype and the length is planned (FP8 operands would make every length refused, so
+    `auto` would keep flash for all of them)."""
+    from engine.model.quant import quantize_vision_fp8_
+
+    encoder = VisionEncoder(vision_config).to(torch.bfloat16).eval()
+    quantize_vision_fp8_(encoder)
+    assert encoder.blocks[0].attn.qkv.weight.dtype == torch.float8_e4m3fn
+    encoder.set_attention("auto")
+    kernels = encoder.attention_kernels
+    kernels.backends(16)  # the tower met a length of 16 patches
+    with torch.inference_mode():
+        assert encoder.build_attention_plan() == 16
+    assert kernels.planned == {16} and not kernels.refused
+
+
 def random_cuda_encoder(vision_config) -> tuple[VisionEncoder, list[torch.Tensor], list[torch.Tensor]]:
     """A bf16 ViT on CUDA with random weights, and two images' grids and pixels (24 and 16 + 4 patches)."""
     torch.manual_seed(0)
