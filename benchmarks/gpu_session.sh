@@ -140,7 +140,13 @@ elif [ "$PART" = 6 ]; then
   # --dtype,fp8 variant)
   [ "${QUICK_TTFT:-0}" = 0 ] || timeout 150 python3 -m benchmarks.ttft_probe --out "$OUT/ttft_quick" --quick-only 2>&1 |
     grep -E '^[0-9]'
-  [ "${VIT_BENCH:-0}" = 0 ] || timeout 150 python3 -m benchmarks.vit_attention_bench --out "$OUT/vit" 2>&1 | tail -n 8
+  # VIT_DTYPES="bf16 fp8": the bench once per dtype of the tower's linears (vit/<dtype>/)
+  if [ "${VIT_BENCH:-0}" != 0 ]; then
+    for vit_dtype in ${VIT_DTYPES:-bf16}; do
+      timeout 150 python3 -m benchmarks.vit_attention_bench --vision-dtype "$vit_dtype" --out "$OUT/vit/$vit_dtype" 2>&1 |
+        tail -n 9 | sed "s/^/vit $vit_dtype: /"
+    done
+  fi
   step_probes
   if [ -n "${GPU_TESTS:-}" ]; then
     read -ra gpu_tests <<<"$GPU_TESTS"  # one or more pytest paths

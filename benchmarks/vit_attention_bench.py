@@ -9,10 +9,12 @@ shape), and the largest difference of the embeddings from the flash ones. "auto"
 its first encode is flash's, then ``plan_ms_auto`` is what building cuDNN's plan for that new length
 costs (`VisionEncoder.build_attention_plan`, the engine's idle work), then it encodes on cuDNN. Then the
 448×448 layout is captured in a CUDA graph with each choice and replayed against its eager result (the
-engine replays the ViT from graphs for small images). Writes vit_attention.json under --out and prints a
-short table.
+engine replays the ViT from graphs for small images). ``--vision-dtype fp8`` first swaps the tower's linears
+for FP8 ones, as ``glmv-build --vision-dtype fp8`` does (the attention still runs in bf16). Writes
+vit_attention.json under --out and prints a short table.
 
     python -m benchmarks.vit_attention_bench --out /tmp/vit
+    python -m benchmarks.vit_attention_bench --vision-dtype fp8 --out /tmp/vit_fp8
     python -m benchmarks.vit_attention_bench --plot /tmp/vit/vit_attention.json   # vit_attention.png beside it
 """
 
@@ -78,7 +80,10 @@ def plot(doc: dict, path: Path) -> Path:
     plans = [doc["sizes"][size].get("plan_ms_auto") or 0 for size in sizes]
     plan_ax.bar(sizes, plans)
     plan_ax.set(ylabel="ms", title="auto: cuDNN's plan for a new length (built while idle)")
-    fig.suptitle(f"{doc.get('device', '')}  {doc.get('commit', '')}  torch {doc.get('torch', '')}")
+    fig.suptitle(
+        f"{doc.get('device', '')}  {doc.get('commit', '')}  torch {doc.get('torch', '')}"
+        f"  linears {doc.get('vision_dtype', 'bf16')}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--vision-dtype", choices=("bf16", "fp8"), default="bf16", help="the tower's linears")
     p.add_argument("--plot", type=Path, help="only draw vit_attention.png beside this vit_attention.json")
     args = p.parse_args(argv)
     if args.plot is not None:
@@ -106,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is required")
     device, dtype = torch.device("cuda"), torch.bfloat16
     encoder, config = _encoder(device, dtype)
+    if args.vision_dtype == "fp8":
+        from engine.model.quant import Fp8Linear, quantize_vision_fp8_
+
+        quantize_vision_fp8_(encoder)
+        kernels = sorted({m.kernel for m in encoder.modules() if isinstance(m, Fp8Linear)})
+        print(f"FP8 linears: kernel {', '.join(kernels)}", flush=True)
     gen = torch.Generator(device=device).manual_seed(0)
     rows: dict[str, dict] = {}
     for size in SIZES:
@@ -185,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
+        "vision_dtype": args.vision_dtype,
         "commit": os.environ.get("GLMV_COMMIT", ""),
         "sizes": rows,
         "graphs_448": graphs,
