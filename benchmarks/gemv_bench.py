@@ -18,9 +18,15 @@
    tile), every candidate block configuration of the skinny kernel on the largest layers first, the best
    set beside the default; then for --sweep-fp8-s seconds the same on FP8 weights (K steps up to 1024).
 
+5. With --prefill-rows (e.g. 296,1236: a 448×448's and a 1288×728's prompt), instead of 1-4: per layer at
+   those M, cuBLAS in bf16 against the FP8 layer as a prefill runs it, with its own row quantization and on
+   rows quantized already (what a fused norm hands qkv and gate/up), each as µs and TFLOP/s; and per
+   prefill the 40 layers' sum (the lm_head takes one row there).
+
 Writes gemv_bench.json under --out and prints a short table.
 
     python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--sweep-s 60] [--sweep-fp8-s 0] [--sweep-rows 1,16]
+    python -m benchmarks.gemv_bench --out /tmp/gemv --prefill-rows 296,1236        # prefill-shaped, bf16 and FP8
     python -m benchmarks.gemv_bench --plot /tmp/gemv/gemv_bench.json       # gemv.png beside it
 """
 
@@ -240,6 +246,79 @@ def sweep(mc, deadline: float, fp8: bool = False, rows: tuple[int, ...] = SWEEP_
     return out
 
 
+def prefill_bench(mc, rows: tuple[int, ...]) -> dict:
+    """Prefill-shaped matmuls: per layer (not the lm_head) and M of ``rows``, from a CUDA graph over enough
+    weight copies to leave L2, cuBLAS in bf16 (gate/up followed by silu_mul), the FP8 layer with its own row
+    quantization (`Fp8Linear.forward`), and on rows quantized already (`forward_rows`); µs and TFLOP/s.
+    Then per M the sum of a prefill's 40 layers for each."""
+    from engine.kernels.fused import silu_mul
+    from engine.model.quant import Fp8Linear, quantize_rows_fp8
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(2)
+    out: dict = {"layers": {}, "sums_ms": {}}
+    shapes = {name: shape for name, shape in _layer_shapes(mc).items() if name != "lm_head"}
+    for name, (n, k, has_bias, fused_silu) in shapes.items():
+        copies = max(1, -(-L2_SPAN // (n * k * 2)))
+        linears = []
+        for _ in range(copies):
+            layer = torch.nn.Linear(k, n, bias=has_bias, device=dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                layer.weight.normal_(0, 0.02, generator=gen)
+                if has_bias:
+                    layer.bias.normal_(0, 0.02, generator=gen)
+            linears.append(layer)
+        fp8_layers = [Fp8Linear.from_linear(layer) for layer in linears]
+        by_rows: dict = {}
+        for m in rows:
+            x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+            with torch.no_grad():
+                q, scale = quantize_rows_fp8(x)
+
+            def post(y, fused_silu=fused_silu):
+                return silu_mul(y) if fused_silu else y
+
+            calls = {
+                "cublas": [lambda w=w, x=x: post(F.linear(x, w.weight, w.bias)) for w in linears],
+                "fp8_layer": [lambda w=w, x=x: post(w(x)) for w in fp8_layers],
+            }
+            if fp8_layers[0].takes_rows(x):  # an FP8 GEMM runs at this M (else the layers dequantize)
+                calls["fp8_rows"] = [lambda w=w, q=q, s=scale: post(w.forward_rows(q, s)) for w in fp8_layers]
+            res: dict = {"fp8_path": fp8_layers[0]._path(x)}
+            with torch.no_grad():
+                for method, fns in calls.items():
+                    ms = _graph_ms(fns)
+                    res[method] = {"us": ms * 1e3, "tflop_s": 2 * m * n * k / (ms * 1e-3) / 1e12}
+            by_rows[str(m)] = res
+            print(
+                f"prefill {name:8s} M={m:5d}: "
+                + "  ".join(
+                    f"{meth} {res[meth]['us']:8.1f} us ({res[meth]['tflop_s']:4.0f} TFLOP/s)"
+                    for meth in calls
+                )
+                + f"  (FP8 path {res['fp8_path']})",
+                flush=True,
+            )
+        out["layers"][name] = {"shape": [n, k], "copies": copies, "rows": by_rows}
+        del linears, fp8_layers
+        gc.collect()
+        torch.cuda.empty_cache()
+    for m in rows:
+        out["sums_ms"][str(m)] = {
+            meth: mc.num_hidden_layers
+            * sum(out["layers"][name]["rows"][str(m)][meth]["us"] for name in shapes)
+            / 1e3
+            for meth in ("cublas", "fp8_layer", "fp8_rows")
+            if all(meth in out["layers"][name]["rows"][str(m)] for name in shapes)
+        }
+        print(
+            f"prefill matmuls, {mc.num_hidden_layers} layers, M={m}: "
+            + "  ".join(f"{k} {v:.2f} ms" for k, v in out["sums_ms"][str(m)].items()),
+            flush=True,
+        )
+    return out
+
+
 def step_sums(layers: dict, num_layers: int) -> dict:
     """ms per decode step of each method: 40 x (qkv + o + gate_up + down) + lm_head, per M."""
     sums: dict = {}
@@ -386,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the sweeps' row counts M, comma-separated (up to the kernel's 64; e.g. 1,16,64: whether a 64-row "
         "tile beats cuBLAS with some block sizes)",
     )
+    ap.add_argument(
+        "--prefill-rows",
+        help="comma-separated M: prefill-shaped layers in bf16 and FP8 instead of the decode layers, engine and sweep",
+    )
     args = ap.parse_args(argv)
     if args.plot is not None:
         print(plot(json.loads(args.plot.read_text()), args.plot.with_name("gemv.png")))
@@ -407,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["copy"] = measure_copy_bandwidth()
     print(f"copy bandwidth {res['copy']['tb_s']:.2f} TB/s", flush=True)
+    if args.prefill_rows:
+        res["prefill"] = prefill_bench(mc, tuple(int(m) for m in args.prefill_rows.split(",")))
+        (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+        return 0
     if not args.engine_only:
         res["layers"] = layer_bench(mc, res["copy"]["tb_s"], args.fp8)
         res["step_ms"] = step_sums(res["layers"], mc.num_hidden_layers)
