@@ -246,15 +246,15 @@ def sweep(mc, deadline: float, fp8: bool = False, rows: tuple[int, ...] = SWEEP_
     return out
 
 
-def prefill_bench(mc, rows: tuple[int, ...]) -> dict:
+def prefill_bench(mc, rows: tuple[int, ...], device: str = "cuda", time_ms=_graph_ms) -> dict:
     """Prefill-shaped matmuls: per layer (not the lm_head) and M of ``rows``, from a CUDA graph over enough
     weight copies to leave L2, cuBLAS in bf16 (gate/up followed by silu_mul), the FP8 layer with its own row
     quantization (`Fp8Linear.forward`), and on rows quantized already (`forward_rows`); µs and TFLOP/s.
-    Then per M the sum of a prefill's 40 layers for each."""
+    Then per M the sum of a prefill's 40 layers for each. ``time_ms(calls)``: ms of one of the calls."""
     from engine.kernels.fused import silu_mul
     from engine.model.quant import Fp8Linear, quantize_rows_fp8
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(2)
     out: dict = {"layers": {}, "sums_ms": {}}
     shapes = {name: shape for name, shape in _layer_shapes(mc).items() if name != "lm_head"}
@@ -287,7 +287,7 @@ def prefill_bench(mc, rows: tuple[int, ...]) -> dict:
             res: dict = {"fp8_path": fp8_layers[0]._path(x)}
             with torch.no_grad():
                 for method, fns in calls.items():
-                    ms = _graph_ms(fns)
+                    ms = time_ms(fns)
                     res[method] = {"us": ms * 1e3, "tflop_s": 2 * m * n * k / (ms * 1e-3) / 1e12}
             by_rows[str(m)] = res
             print(

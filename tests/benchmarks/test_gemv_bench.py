@@ -44,6 +44,36 @@ def test_step_sums_add_every_layer_and_the_lm_head() -> None:
     assert "gemv" not in gemv_bench.step_sums(layers, num_layers=40)["16"]
 
 
+def test_prefill_bench_runs_each_layer_and_sums_a_prefill(capsys) -> None:
+    """--prefill-rows on CPU with a stand-in timer (1 ms a call): every layer but the lm_head at each M,
+    cuBLAS and the FP8 layer (its dequantized path here: no FP8 GEMM, so no rows handed over), and the
+    sums over the layers."""
+    import types
+
+    mc = types.SimpleNamespace(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64,
+        intermediate_size=96, vocab_size=100, num_hidden_layers=3,
+    )  # fmt: skip
+    calls: list[int] = []
+
+    def one_ms(fns) -> float:
+        for fn in fns:
+            assert fn().dtype == torch.bfloat16
+        calls.append(len(fns))
+        return 1.0
+
+    out = gemv_bench.prefill_bench(mc, (3, 5), device="cpu", time_ms=one_ms)
+    assert set(out["layers"]) == {"qkv", "o", "gate_up", "down"}
+    qkv = out["layers"]["qkv"]
+    assert qkv["shape"] == [64 + 2 * 2 * 16, 64] and set(qkv["rows"]) == {"3", "5"}
+    row = qkv["rows"]["5"]
+    assert row["fp8_path"] == "dequant" and set(row) == {"fp8_path", "cublas", "fp8_layer"}
+    assert row["cublas"] == {"us": 1000.0, "tflop_s": pytest.approx(2 * 5 * 128 * 64 / 1e-3 / 1e12)}
+    assert out["sums_ms"] == {m: {"cublas": 12.0, "fp8_layer": 12.0} for m in ("3", "5")}  # 3 layers x 4
+    assert len(calls) == 4 * 2 * 2
+    assert "prefill matmuls, 3 layers, M=5: cublas 12.00 ms  fp8_layer 12.00 ms" in capsys.readouterr().out
+
+
 def test_errors_are_split_at_near_zero_sums() -> None:
     ref = torch.tensor([1.0, -0.5, 1e-3, 0.0], dtype=torch.bfloat16)
     one_step = torch.tensor([1.0078125, -0.5, 1e-3, 0.0], dtype=torch.bfloat16)  # 1 + 2**-7: one step up
