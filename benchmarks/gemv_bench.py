@@ -246,11 +246,14 @@ def sweep(mc, deadline: float, fp8: bool = False, rows: tuple[int, ...] = SWEEP_
     return out
 
 
-def prefill_bench(mc, rows: tuple[int, ...], device: str = "cuda", time_ms=_graph_ms) -> dict:
+def prefill_bench(
+    mc, rows: tuple[int, ...], device: str = "cuda", time_ms=_graph_ms, span: int = L2_SPAN
+) -> dict:
     """Prefill-shaped matmuls: per layer (not the lm_head) and M of ``rows``, from a CUDA graph over enough
     weight copies to leave L2, cuBLAS in bf16 (gate/up followed by silu_mul), the FP8 layer with its own row
     quantization (`Fp8Linear.forward`), and on rows quantized already (`forward_rows`); µs and TFLOP/s.
-    Then per M the sum of a prefill's 40 layers for each. ``time_ms(calls)``: ms of one of the calls."""
+    Then per M the sum of a prefill's 40 layers for each. ``time_ms(calls)``: ms of one of the calls;
+    ``span``: bytes of bf16 weight copies per layer."""
     from engine.kernels.fused import silu_mul
     from engine.model.quant import Fp8Linear, quantize_rows_fp8
 
@@ -259,7 +262,7 @@ def prefill_bench(mc, rows: tuple[int, ...], device: str = "cuda", time_ms=_grap
     out: dict = {"layers": {}, "sums_ms": {}}
     shapes = {name: shape for name, shape in _layer_shapes(mc).items() if name != "lm_head"}
     for name, (n, k, has_bias, fused_silu) in shapes.items():
-        copies = max(1, -(-L2_SPAN // (n * k * 2)))
+        copies = max(1, -(-span // (n * k * 2)))
         linears = []
         for _ in range(copies):
             layer = torch.nn.Linear(k, n, bias=has_bias, device=dev, dtype=torch.bfloat16)

@@ -62,10 +62,11 @@ def test_prefill_bench_runs_each_layer_and_sums_a_prefill(capsys) -> None:
         calls.append(len(fns))
         return 1.0
 
-    out = gemv_bench.prefill_bench(mc, (3, 5), device="cpu", time_ms=one_ms)
+    out = gemv_bench.prefill_bench(mc, (3, 5), device="cpu", time_ms=one_ms, span=1 << 16)
     assert set(out["layers"]) == {"qkv", "o", "gate_up", "down"}
     qkv = out["layers"]["qkv"]
     assert qkv["shape"] == [64 + 2 * 2 * 16, 64] and set(qkv["rows"]) == {"3", "5"}
+    assert qkv["copies"] == 4  # 64 KiB of copies of a 16 KiB weight
     row = qkv["rows"]["5"]
     assert row["fp8_path"] == "dequant" and set(row) == {"fp8_path", "cublas", "fp8_layer"}
     assert row["cublas"] == {"us": 1000.0, "tflop_s": pytest.approx(2 * 5 * 128 * 64 / 1e-3 / 1e12)}
