@@ -206,6 +206,10 @@ def phase_baseline(record: dict, harness: Harness, budget_s: float) -> None:
         raise RuntimeError(record.get("error") or record.get("stderr_tail", "no result")[-500:])
 
 
+# new images per TTFT phase (ttft_448, ttft_1288), one at a time: enough for a P95 that is not the maximum
+TTFT_REQUESTS = 20
+
+
 async def _sequential(target, corpus, params, count: int) -> list:
     return [await target.send(corpus.sample(i), params) for i in range(count)]
 
@@ -316,7 +320,7 @@ async def serve_phases(
     # must not flatter them): the warm-up, the TTFT runs and each throughput run draw from their own seeds,
     # rendered up front in worker processes.
     workers = max(1, min(16, os.cpu_count() or 1))
-    corpora = {k: Corpus(sizes=[sizes[k]], pool_size=12) for k in ("448", "1288")}
+    corpora = {k: Corpus(sizes=[sizes[k]], pool_size=TTFT_REQUESTS) for k in ("448", "1288")}
     warm_corpora = {k: Corpus(sizes=[sizes[k]], pool_size=3, seed=900) for k in ("448", "1288")}
     unique = {
         ("448", 32): Corpus(sizes=[sizes["448"]], pool_size=128, seed=10_000, workers=workers),
@@ -390,7 +394,7 @@ async def serve_phases(
         }
 
     async def ttft(size: str):
-        return _ttft_summary(await _sequential(target, corpora[size], one, 5))
+        return _ttft_summary(await _sequential(target, corpora[size], one, TTFT_REQUESTS))
 
     async def engine_reading() -> dict[str, float] | None:
         """The engine's step counters and the llm's inter-token histogram totals, once the llm's stats
