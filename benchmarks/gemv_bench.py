@@ -104,6 +104,20 @@ def _configs(fp8: bool = False):
     ]
 
 
+def _weight_copies(n: int, k: int, has_bias: bool, span: int, gen: torch.Generator) -> list[torch.nn.Linear]:
+    """Enough bf16 [n, k] linears with random weights (on ``gen``'s device) to fill ``span`` bytes, so that a
+    graph cycling through them reads each from memory, not L2."""
+    linears = []
+    for _ in range(max(1, -(-span // (n * k * 2)))):
+        layer = torch.nn.Linear(k, n, bias=has_bias, device=gen.device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            layer.weight.normal_(0, 0.02, generator=gen)
+            if has_bias:
+                layer.bias.normal_(0, 0.02, generator=gen)
+        linears.append(layer)
+    return linears
+
+
 def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
     from engine.kernels import gemv
     from engine.kernels.fused import silu_mul
@@ -113,15 +127,8 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
     gen = torch.Generator(device=dev).manual_seed(0)
     out: dict = {}
     for name, (n, k, has_bias, fused_silu) in _layer_shapes(mc).items():
-        copies = max(1, -(-L2_SPAN // (n * k * 2)))
-        linears = []
-        for _ in range(copies):
-            layer = torch.nn.Linear(k, n, bias=has_bias, device=dev, dtype=torch.bfloat16)
-            with torch.no_grad():
-                layer.weight.normal_(0, 0.02, generator=gen)
-                if has_bias:
-                    layer.bias.normal_(0, 0.02, generator=gen)
-            linears.append(layer)
+        linears = _weight_copies(n, k, has_bias, L2_SPAN, gen)
+        copies = len(linears)
         fp8_layers = [Fp8Linear.from_linear(layer) for layer in linears] if fp8 else []
         bytes_bf16, bytes_fp8 = n * k * 2, n * k
         rows_out: dict = {}
@@ -262,15 +269,8 @@ def prefill_bench(
     out: dict = {"layers": {}, "sums_ms": {}}
     shapes = {name: shape for name, shape in _layer_shapes(mc).items() if name != "lm_head"}
     for name, (n, k, has_bias, fused_silu) in shapes.items():
-        copies = max(1, -(-span // (n * k * 2)))
-        linears = []
-        for _ in range(copies):
-            layer = torch.nn.Linear(k, n, bias=has_bias, device=dev, dtype=torch.bfloat16)
-            with torch.no_grad():
-                layer.weight.normal_(0, 0.02, generator=gen)
-                if has_bias:
-                    layer.bias.normal_(0, 0.02, generator=gen)
-            linears.append(layer)
+        linears = _weight_copies(n, k, has_bias, span, gen)
+        copies = len(linears)
         fp8_layers = [Fp8Linear.from_linear(layer) for layer in linears]
         by_rows: dict = {}
         for m in rows:
