@@ -605,9 +605,8 @@ def phase_serve(record: dict, harness: Harness, engine_out: Path, only: set[str]
     repo = find_model_repository(engine_out)
     clear_shared_resize_dirs(engine_out)
     log_file = Path(tempfile.gettempdir()) / "glmv-harness-triton.log"
-    log_file.unlink(
-        missing_ok=True
-    )  # the server appends: this run's triton.log holds this server's lines only
+    # the server appends to its log: this run's triton.log holds this server's lines only
+    log_file.unlink(missing_ok=True)
     server = TritonServer(
         repo,
         http_port=0,
