@@ -442,7 +442,7 @@ def vision_linear_names(model: nn.Module) -> list[str]:
     gate/up and down (the patch embedding and the downsample are convolutions and stay)."""
     visual, prefix = (model.visual, "visual.") if hasattr(model, "visual") else (model, "")
     names = []
-    for i, _ in enumerate(visual.blocks):
+    for i in range(len(visual.blocks)):
         block = f"{prefix}blocks.{i}"
         names += [
             f"{block}.attn.qkv",
