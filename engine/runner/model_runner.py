@@ -129,9 +129,9 @@ def prepare_model(
     """Make a loaded model (or one a caller gives) what the engine config asks, in place: the decoder's
     linear layers in FP8 (``quantization``; FP8 layers already there are kept) and the ViT's
     (``vision_quantization``), the ViT's attention kernel (``vision_attention``) and its CUDA graphs on
-    (``vision_cuda_graphs``, on CUDA, unless ``enforce_eager``), decode steps' matmuls through the skinny kernel (``decode_gemv``, on CUDA), the
-    decoder's Triton kernels launched with PDL (``decode_pdl``; checked with one launch, off with a warning
-    where it cannot run). Call before sizing the KV cache: the memory freed by FP8 goes to the cache."""
+    (``vision_cuda_graphs``, on CUDA, unless ``enforce_eager``), decode steps' matmuls through the skinny
+    kernel (``decode_gemv``, on CUDA), the decoder's Triton kernels launched with PDL (``decode_pdl``;
+    checked with one launch, off with a warning where it cannot run). Call before sizing the KV cache: the memory freed by FP8 goes to the cache."""
     if engine_config.quantization == "fp8":
         from engine.model.quant import quantize_decoder_fp8_, weight_bytes
 
