@@ -131,7 +131,8 @@ def prepare_model(
     (``vision_quantization``), the ViT's attention kernel (``vision_attention``) and its CUDA graphs on
     (``vision_cuda_graphs``, on CUDA, unless ``enforce_eager``), decode steps' matmuls through the skinny
     kernel (``decode_gemv``, on CUDA), the decoder's Triton kernels launched with PDL (``decode_pdl``;
-    checked with one launch, off with a warning where it cannot run). Call before sizing the KV cache: the memory freed by FP8 goes to the cache."""
+    checked with one launch, off with a warning where it cannot run). Call before sizing the KV cache: the
+    memory freed by FP8 goes to the cache."""
     if engine_config.quantization == "fp8":
         from engine.model.quant import quantize_decoder_fp8_, weight_bytes
 
