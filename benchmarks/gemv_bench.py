@@ -20,8 +20,9 @@
 
 5. With --prefill-rows (e.g. 296,1236: a 448×448's and a 1288×728's prompt), instead of 1-4: per layer at
    those M, cuBLAS in bf16 against the FP8 layer as a prefill runs it, with its own row quantization and on
-   rows quantized already (what a fused norm hands qkv and gate/up), each as µs and TFLOP/s; and per
-   prefill the 40 layers' sum (the lm_head takes one row there).
+   rows quantized already (what a fused norm hands qkv and gate/up), and on those rows the decode graphs'
+   per-tensor GEMM into float32 with its scales' epilogue, each as µs and TFLOP/s; and per prefill the
+   40 layers' sum (the lm_head takes one row there).
 
 Writes gemv_bench.json under --out and prints a short table.
 
@@ -258,7 +259,8 @@ def prefill_bench(
 ) -> dict:
     """Prefill-shaped matmuls: per layer (not the lm_head) and M of ``rows``, from a CUDA graph over enough
     weight copies to leave L2, cuBLAS in bf16 (gate/up followed by silu_mul), the FP8 layer with its own row
-    quantization (`Fp8Linear.forward`), and on rows quantized already (`forward_rows`); µs and TFLOP/s.
+    quantization (`Fp8Linear.forward`), and on rows quantized already (`forward_rows`, and the per-tensor
+    GEMM + epilogue the decode graphs run); µs and TFLOP/s.
     Then per M the sum of a prefill's 40 layers for each. ``time_ms(calls)``: ms of one of the calls;
     ``span``: bytes of bf16 weight copies per layer."""
     from engine.kernels.fused import silu_mul
@@ -287,6 +289,11 @@ def prefill_bench(
             }
             if fp8_layers[0].takes_rows(x):  # an FP8 GEMM runs at this M (else the layers dequantize)
                 calls["fp8_rows"] = [lambda w=w, q=q, s=scale: post(w.forward_rows(q, s)) for w in fp8_layers]
+                # the decode graphs' GEMM at this M: per-tensor into float32, then the scales' epilogue
+                calls["fp8_tensorwise"] = [
+                    lambda w=w, q=q, s=scale: post(w._forward_fp8(q, "tensorwise", (q, s)))
+                    for w in fp8_layers
+                ]
             res: dict = {"fp8_path": fp8_layers[0]._path(x)}
             with torch.no_grad():
                 for method, fns in calls.items():
@@ -311,7 +318,7 @@ def prefill_bench(
             meth: mc.num_hidden_layers
             * sum(out["layers"][name]["rows"][str(m)][meth]["us"] for name in shapes)
             / 1e3
-            for meth in ("cublas", "fp8_layer", "fp8_rows")
+            for meth in ("cublas", "fp8_layer", "fp8_rows", "fp8_tensorwise")
             if all(meth in out["layers"][name]["rows"][str(m)] for name in shapes)
         }
         print(
