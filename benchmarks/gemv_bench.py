@@ -420,8 +420,55 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
     return out
 
 
+PREFILL_LABELS = {
+    "cublas": "cuBLAS (bf16)",
+    "fp8_layer": "FP8 layer (its own row quantization)",
+    "fp8_rows": "FP8 row-wise GEMM (rows quantized)",
+    "fp8_tensorwise": "FP8 per-tensor GEMM + epilogue (rows quantized)",
+}
+
+
+def plot_prefill(res: dict, path: Path) -> Path:
+    """gemv.png of a --prefill-rows run: a prefill's 40-layer matmul ms against its rows M for each method,
+    and each layer's TFLOP/s at every M."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefill = res["prefill"]
+    rows = sorted(prefill["sums_ms"], key=int)
+    methods = [m for m in PREFILL_LABELS if any(m in prefill["sums_ms"][r] for r in rows)]
+    fig, (sums_ax, layers_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for method in methods:
+        points = [(int(r), prefill["sums_ms"][r][method]) for r in rows if method in prefill["sums_ms"][r]]
+        sums_ax.plot(*zip(*points, strict=True), marker="o", label=PREFILL_LABELS[method])
+    sums_ax.set(xlabel="prompt rows M", ylabel="matmuls of a prefill (ms)", title="40 layers")
+    sums_ax.legend(fontsize=8)
+    names = list(prefill["layers"])
+    groups = [(name, r) for name in names for r in rows]
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = [prefill["layers"][n]["rows"][r].get(method, {}).get("tflop_s", 0) for n, r in groups]
+        layers_ax.bar(
+            [j + i * width for j in range(len(groups))], values, width, label=PREFILL_LABELS[method]
+        )
+    layers_ax.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(groups))], [f"{n}\n{r}" for n, r in groups], fontsize=7
+    )
+    layers_ax.set(ylabel="TFLOP/s", title="per layer and M")
+    fig.suptitle(f"{res.get('device', '')}  {res.get('commit', '')}  {res.get('date', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(res: dict, path: Path) -> Path:
-    """gemv.png: matmul ms per decode step against rows M for each method, and each layer's µs at M = 1."""
+    """gemv.png: matmul ms per decode step against rows M for each method, and each layer's µs at M = 1
+    (a --prefill-rows run: `plot_prefill`)."""
+    if "prefill" in res:
+        return plot_prefill(res, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -503,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prefill_rows:
         res["prefill"] = prefill_bench(mc, tuple(int(m) for m in args.prefill_rows.split(",")))
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+        plot(res, args.out / "gemv.png")
         return 0
     if not args.engine_only:
         res["layers"] = layer_bench(mc, res["copy"]["tb_s"], args.fp8)

@@ -99,6 +99,18 @@ def test_plot_of_a_committed_run(tmp_path: Path) -> None:
     }
 
 
+def test_plot_of_a_committed_prefill_run(tmp_path: Path) -> None:
+    """A --prefill-rows run's JSON draws its own figure: the 40-layer sums per M and each layer's rate."""
+    run = REPO_ROOT / "benchmarks/results/2026-12-06-h100-fp8-prefill-tensorwise-90c08a0/gemv_bench.json"
+    copy = tmp_path / "gemv_bench.json"
+    copy.write_text(run.read_text())
+    assert gemv_bench.main(["--plot", str(copy)]) == 0
+    assert (tmp_path / "gemv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    prefill = json.loads(run.read_text())["prefill"]
+    assert set(prefill["sums_ms"]) == {"128", "320", "512", "1236"}
+    assert set(prefill["sums_ms"]["320"]) == set(gemv_bench.PREFILL_LABELS)
+
+
 def test_out_is_required_unless_plotting() -> None:
     with pytest.raises(SystemExit):
         gemv_bench.main([])
