@@ -62,6 +62,7 @@ FIELD_FLAGS = {
     "vision_patches_per_step": "--vision-patches-per-step",
     "vision_attention": "--vision-attention",
     "vision_quantization": "--vision-dtype",
+    "fp8_tensorwise_rows": "--fp8-tensorwise-rows",
 }
 
 
@@ -205,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps of up to 64 tokens run the decoder's matmuls through one Triton kernel per layer "
         "(weights read once, no split-K reduce, gate/up and silu_mul fused; CUDA only); "
         "--no-decode-gemv: cuBLAS (and the FP8 layers' per-tensor GEMM)",
+    )
+    p.add_argument(
+        "--fp8-tensorwise-rows",
+        type=int,
+        default=None,
+        help="with --dtype fp8: CUDA graphs of steps up to this many token rows run the per-tensor FP8 GEMM "
+        "(float32 out, then the scales), larger ones the row-wise GEMM; default 128: the decode graphs "
+        "(320 would add a 448x448's prefill graph)",
     )
     p.add_argument(
         "--decode-pdl",
@@ -366,6 +375,11 @@ def build(args: argparse.Namespace) -> Path:
     gpus = parse_gpus(args.gpus)
     _check(not gpus or device == "cuda", "--gpus", "GPU instances need --device cuda")
     _check(
+        args.fp8_tensorwise_rows is None or args.dtype == FP8_DTYPE_FLAG,
+        "--fp8-tensorwise-rows",
+        "needs --dtype fp8",
+    )
+    _check(
         args.pixels_by_reference or not args.resize_on_device,
         "--resize-on-device",
         "needs --pixels-by-reference (the images it resizes go as files of the shared directory)",
@@ -449,6 +463,11 @@ def build(args: argparse.Namespace) -> Path:
                 mixed_step_graphs=args.mixed_step_graphs,
                 decode_gemv=args.decode_gemv,
                 decode_pdl=args.decode_pdl,
+                fp8_tensorwise_rows=(
+                    EngineConfig.fp8_tensorwise_rows
+                    if args.fp8_tensorwise_rows is None
+                    else args.fp8_tensorwise_rows
+                ),
                 vision_patches_per_step=args.vision_patches_per_step,
                 vision_attention=args.vision_attention,
                 vision_quantization="fp8" if args.vision_dtype == FP8_DTYPE_FLAG else "none",

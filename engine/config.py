@@ -301,6 +301,11 @@ class EngineConfig:
     # before it finishes (engine.kernels.fused.set_pdl; CUDA, compute capability 9+). Off: on an H200 batch-1
     # decode went 5.384 -> 5.635 ms/token with it (benchmarks.gemv_bench --engine-only --pdl)
     decode_pdl: bool = False
+    # FP8 layers (quantization "fp8") in CUDA graphs: steps of up to this many rows run the per-tensor GEMM
+    # into float32 + a scales epilogue, larger ones the row-wise GEMM (engine.model.quant). 128: the decode
+    # graphs. On an H100 a 320-row prefill's 40 layers took 7.75 ms row-wise, 6.77 per-tensor, but 512 rows
+    # 8.29 against 9.21 (benchmarks.gemv_bench --prefill-rows)
+    fp8_tensorwise_rows: int = 128
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch
@@ -328,6 +333,7 @@ class EngineConfig:
         at_least("max_num_vision_patches", self.max_num_vision_patches, 4)
         at_least("vision_patches_per_step", self.vision_patches_per_step, 0)
         at_least("image_cache_mb", self.image_cache_mb, 0)
+        at_least("fp8_tensorwise_rows", self.fp8_tensorwise_rows, 0)
         for name in (
             "vision_cuda_graphs",
             "prefill_cuda_graphs",

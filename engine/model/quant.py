@@ -11,7 +11,8 @@ Contract:
   - "scaled_mm" (CUDA; W8A8): the activations are quantized per token (row) to float8_e4m3fn
     (scale_a = max(amax(|x_row|) / 448, MIN_ACT_SCALE); one Triton kernel, torch ops without Triton),
     then one of two GEMMs:
-    "tensorwise", for M <= TENSORWISE_MAX_M inside a CUDA graph capture (the decode graphs):
+    "tensorwise", for M <= TENSORWISE_MAX_M inside a CUDA graph capture (the decode graphs; the
+    decoder's bound is `EngineConfig.fp8_tensorwise_rows`, applied by `set_tensorwise_rows_`):
     `torch._scaled_mm` with unit per-tensor scales into float32, then one epilogue kernel applying
     scale_a[m] * weight_scale[n] (+ bias). On H200 this GEMM read the weights ~2x as fast as bf16 at
     M <= 64, where the row-wise kernel was slower than bf16; but each call costs ~0.1 ms of CPU (eager
@@ -230,6 +231,7 @@ class Fp8Linear(nn.Module):
             "unit_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False
         )
         self.kernel = "dequant"  # "scaled_mm" (an fp8 GEMM runs) | "dequant"; see select_kernel
+        self.has_tensorwise = False  # the per-tensor GEMM runs here (select_kernel checked it)
         self.tensorwise_max_m = 0  # rows up to which graphs run the per-tensor GEMM + epilogue (0: never)
         self.rowwise: str | None = None  # larger M: "fused_bias" | "plain" row-wise _scaled_mm | None
 
@@ -257,13 +259,13 @@ class Fp8Linear(nn.Module):
         against the dequantized path. Without row-wise, eager steps use tensorwise up to
         TENSORWISE_MAX_M rows and the dequantized path above; with neither, "dequant". Call again after
         moving the layer to another device."""
-        self.kernel, self.tensorwise_max_m, self.rowwise = "dequant", 0, None
+        self.kernel, self.has_tensorwise, self.tensorwise_max_m, self.rowwise = "dequant", False, 0, None
         if not self.weight.is_cuda or not hasattr(torch, "_scaled_mm") or os.environ.get(DISABLE_ENV) == "1":
             return self.kernel
         errors = []
         try:
             self._check_path("tensorwise")
-            self.tensorwise_max_m = TENSORWISE_MAX_M
+            self.has_tensorwise, self.tensorwise_max_m = True, TENSORWISE_MAX_M
         except Exception as exc:
             errors.append(f"tensorwise: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
         for rowwise in ("fused_bias", "plain") if self.bias is not None else ("plain",):
@@ -459,6 +461,24 @@ def quantize_decoder_fp8_(model: nn.Module, include_lm_head: bool = True) -> int
     return _swap_fp8_(model, decoder_linear_names(model, include_lm_head))
 
 
+def set_tensorwise_rows_(model: nn.Module, rows: int) -> int:
+    """Every decoder `Fp8Linear` of ``model`` that has the per-tensor GEMM (`Fp8Linear.has_tensorwise`) runs
+    it in CUDA graphs for steps of up to ``rows`` rows, the row-wise GEMM above (where that runs; else the
+    per-tensor GEMM eagerly up to ``rows`` too); returns how many layers. A prefill graph's rows are its token
+    bucket; a mixed step's, its decodes and its chunks' bucket. `TENSORWISE_MAX_M` (128) is the default: the
+    decode graphs. Which GEMM is faster changes with the layer's shape and M (`benchmarks.gemv_bench
+    --prefill-rows`)."""
+    if rows < 0:
+        raise ValueError(f"rows: {rows} must be 0 or more")
+    count = 0
+    for name in decoder_linear_names(model):
+        layer = model.get_submodule(name)
+        if isinstance(layer, Fp8Linear) and layer.has_tensorwise:
+            layer.tensorwise_max_m = rows
+            count += 1
+    return count
+
+
 @torch.no_grad()
 def quantize_vision_fp8_(model: nn.Module) -> int:
     """Swap the ViT's linears (`vision_linear_names`) for `Fp8Linear` in place, as `quantize_decoder_fp8_`
@@ -507,6 +527,7 @@ __all__ = [
     "quantize_weight_fp8",
     "scale_rows_cols",
     "scale_rows_cols_reference",
+    "set_tensorwise_rows_",
     "vision_linear_names",
     "weight_bytes",
 ]

@@ -128,13 +128,14 @@ def prepare_model(
 ) -> None:
     """Make a loaded model (or one a caller gives) what the engine config asks, in place: the decoder's
     linear layers in FP8 (``quantization``; FP8 layers already there are kept) and the ViT's
-    (``vision_quantization``), the ViT's attention kernel (``vision_attention``) and its CUDA graphs on
+    (``vision_quantization``), the FP8 GEMM of the decoder's graphs by rows (``fp8_tensorwise_rows``), the
+    ViT's attention kernel (``vision_attention``) and its CUDA graphs on
     (``vision_cuda_graphs``, on CUDA, unless ``enforce_eager``), decode steps' matmuls through the skinny
     kernel (``decode_gemv``, on CUDA), the decoder's Triton kernels launched with PDL (``decode_pdl``;
     checked with one launch, off with a warning where it cannot run). Call before sizing the KV cache: the
     memory freed by FP8 goes to the cache."""
     if engine_config.quantization == "fp8":
-        from engine.model.quant import quantize_decoder_fp8_, weight_bytes
+        from engine.model.quant import quantize_decoder_fp8_, set_tensorwise_rows_, weight_bytes
 
         before = weight_bytes(model)
         swapped = quantize_decoder_fp8_(model)
@@ -144,6 +145,7 @@ def prepare_model(
             before / 1e9,
             weight_bytes(model) / 1e9,
         )
+        set_tensorwise_rows_(model, engine_config.fp8_tensorwise_rows)  # before any graph is captured
     if engine_config.vision_quantization == "fp8":
         from engine.model.quant import quantize_vision_fp8_
 

@@ -154,6 +154,11 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
         (["--preprocessing-instances", "0"], "--preprocessing-instances: 0 must be >= 1"),
         (["--stream-responses-per-s", "0"], "--stream-responses-per-s: 0 must be >= 1"),
         (["--max-image-bytes", "0"], "--max-image-bytes: 0 must be an integer >= 1"),
+        (
+            ["--dtype", "fp8", "--fp8-tensorwise-rows", "-1"],
+            "--fp8-tensorwise-rows: -1 must be an integer >= 0",
+        ),
+        (["--fp8-tensorwise-rows", "320"], "--fp8-tensorwise-rows: needs --dtype fp8"),
         (["--min-image-pixels", "100", "--max-image-pixels", "10"], "--min-image-pixels: 100 must be <="),
     ],
 )
@@ -193,6 +198,23 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
     ex = LLMEngine.from_engine_dir(out)
     assert isinstance(ex.model.lm_head, Fp8Linear)
     assert isinstance(ex.model.language_model.layers[0].mlp.down_proj, Fp8Linear)
+    assert config["engine"]["fp8_tensorwise_rows"] == 128
+
+    assert (
+        run(
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--output",
+            str(out),
+            "--dtype",
+            "fp8",
+            "--fp8-tensorwise-rows",
+            "320",
+        )
+        == 0
+    )
+    assert json.loads((out / "engine_config.json").read_text())["engine"]["fp8_tensorwise_rows"] == 320
+    capsys.readouterr()
 
     # other dtypes still write quantization "none"
     assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), "--dtype", "bfloat16") == 0

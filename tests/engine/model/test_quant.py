@@ -40,6 +40,7 @@ from engine.model.quant import (
     quantize_weight_fp8,
     scale_rows_cols,
     scale_rows_cols_reference,
+    set_tensorwise_rows_,
     vision_linear_names,
     weight_bytes,
 )
@@ -233,6 +234,36 @@ def test_quantize_decoder_keeps_a_tied_or_excluded_lm_head(model_config):
     untied = Glm4vModel.dummy(model_config, "cpu", "bfloat16", seed=0)
     assert quantize_decoder_fp8_(untied, include_lm_head=False) == 4 * model_config.num_hidden_layers
     assert type(untied.lm_head) is nn.Linear and untied.dtype == torch.bfloat16
+
+
+def test_tensorwise_rows_bound_the_per_tensor_gemm_of_the_decoder_layers_that_have_it(model_config):
+    """`set_tensorwise_rows_` moves the rows up to which a decoder FP8 layer with the per-tensor GEMM runs it;
+    layers without it, and the ViT's, keep theirs. Without the row-wise GEMM a layer runs the per-tensor
+    one up to that bound and the dequantized path above (graphs or not); on CPU no GEMM checks pass, so the
+    kernels are set here as a GPU's `select_kernel` sets them."""
+    model = Glm4vModel.dummy(model_config, "cpu", "bfloat16", seed=0)
+    names = decoder_linear_names(model)
+    quantize_decoder_fp8_(model)
+    quantize_vision_fp8_(model)
+    assert set_tensorwise_rows_(model, 320) == 0  # CPU: no layer has the per-tensor GEMM
+    qkv = model.get_submodule(names[0])
+    assert (qkv.kernel, qkv.has_tensorwise, qkv.tensorwise_max_m) == ("dequant", False, 0)
+    for name in names[:3]:
+        layer = model.get_submodule(name)
+        layer.kernel, layer.has_tensorwise, layer.tensorwise_max_m = "scaled_mm", True, TENSORWISE_MAX_M
+    vit = model.get_submodule(vision_linear_names(model)[0])
+    vit.kernel, vit.has_tensorwise, vit.tensorwise_max_m = "scaled_mm", True, 0  # rowwise_in_graphs
+    assert set_tensorwise_rows_(model, 320) == 3
+    assert [model.get_submodule(n).tensorwise_max_m for n in names[:4]] == [320, 320, 320, 0]
+    assert vit.tensorwise_max_m == 0
+    paths = {m: qkv._path_of(m, torch.bfloat16, torch.device("cpu")) for m in (1, 128, 320, 321)}
+    assert paths == {1: "tensorwise", 128: "tensorwise", 320: "tensorwise", 321: "dequant"}
+    assert (
+        set_tensorwise_rows_(model, 0) == 3
+        and qkv._path_of(1, torch.bfloat16, qkv.weight.device) == "dequant"
+    )
+    with pytest.raises(ValueError, match="rows: -1 must be 0 or more"):
+        set_tensorwise_rows_(model, -1)
 
 
 def test_quantized_tiny_model_logits_and_greedy(tiny_checkpoint, model_config, caplog):
@@ -434,8 +465,10 @@ def test_cuda_scaled_mm_path_equals_dequantized_path(tiny_checkpoint, model_conf
             want = scale_rows_cols_reference(acc, scale, layer.weight_scale, layer.bias, torch.bfloat16)
             torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)  # fma vs mul+add: <= 1 ulp
         # CUDA graphs: capture, change the input in place, replay == eager of the same path (small M is
-        # captured as "tensorwise" and runs "rowwise" eagerly; large M is "rowwise" in both)
-        for m, path in ((16, "tensorwise"), (200, "rowwise")):
+        # captured as "tensorwise" and runs "rowwise" eagerly; large M is "rowwise" in both, unless the
+        # layer's bound is raised: fp8_tensorwise_rows)
+        for m, path, bound in ((16, "tensorwise", None), (200, "rowwise", None), (200, "tensorwise", 320)):
+            layer.tensorwise_max_m = bound or TENSORWISE_MAX_M
             x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
             assert torch.equal(layer(x), layer._forward_fp8(x, "rowwise"))
             stream = torch.cuda.Stream()
