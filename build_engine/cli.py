@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --dtype fp8: CUDA graphs of steps up to this many token rows run the per-tensor FP8 GEMM "
         "(float32 out, then the scales), larger ones the row-wise GEMM; default 128: the decode graphs "
-        "(320 would add a 448x448's prefill graph)",
+        "(384 would add a 448x448's prefill graph and the mixed steps beside a 320-token chunk)",
     )
     p.add_argument(
         "--decode-pdl",
