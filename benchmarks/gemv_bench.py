@@ -254,6 +254,14 @@ def sweep(mc, deadline: float, fp8: bool = False, rows: tuple[int, ...] = SWEEP_
     return out
 
 
+PREFILL_LABELS = {  # prefill_bench's methods, in its order
+    "cublas": "cuBLAS (bf16)",
+    "fp8_layer": "FP8 layer (its own row quantization)",
+    "fp8_rows": "FP8 row-wise GEMM (rows quantized)",
+    "fp8_tensorwise": "FP8 per-tensor GEMM + epilogue (rows quantized)",
+}
+
+
 def prefill_bench(
     mc, rows: tuple[int, ...], device: str = "cuda", time_ms=_graph_ms, span: int = L2_SPAN
 ) -> dict:
@@ -318,7 +326,7 @@ def prefill_bench(
             meth: mc.num_hidden_layers
             * sum(out["layers"][name]["rows"][str(m)][meth]["us"] for name in shapes)
             / 1e3
-            for meth in ("cublas", "fp8_layer", "fp8_rows", "fp8_tensorwise")
+            for meth in PREFILL_LABELS
             if all(meth in out["layers"][name]["rows"][str(m)] for name in shapes)
         }
         print(
@@ -418,14 +426,6 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
                     f"engine {quant}: {b} tokens equal to {a}'s {same}/{len(pairs)} (first difference {first_diff})"
                 )
     return out
-
-
-PREFILL_LABELS = {
-    "cublas": "cuBLAS (bf16)",
-    "fp8_layer": "FP8 layer (its own row quantization)",
-    "fp8_rows": "FP8 row-wise GEMM (rows quantized)",
-    "fp8_tensorwise": "FP8 per-tensor GEMM + epilogue (rows quantized)",
-}
 
 
 def plot_prefill(res: dict, path: Path) -> Path:
