@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="with --dtype fp8: CUDA graphs of steps up to this many token rows run the per-tensor FP8 GEMM "
-        "(float32 out, then the scales), larger ones the row-wise GEMM; default 128: the decode graphs "
-        "(384 would add a 448x448's prefill graph and the mixed steps beside a 320-token chunk)",
+        "(float32 out, then the scales), larger ones the row-wise GEMM; default 320: the decode graphs and a "
+        "448x448's prefill graph (the mixed steps beside a 320-token chunk, 384 rows, stay row-wise: faster there)",
     )
     p.add_argument(
         "--decode-pdl",

@@ -302,10 +302,12 @@ class EngineConfig:
     # decode went 5.384 -> 5.635 ms/token with it (benchmarks.gemv_bench --engine-only --pdl)
     decode_pdl: bool = False
     # FP8 layers (quantization "fp8") in CUDA graphs: steps of up to this many rows run the per-tensor GEMM
-    # into float32 + a scales epilogue, larger ones the row-wise GEMM (engine.model.quant). 128: the decode
-    # graphs. On an H100 a 320-row prefill's 40 layers took 7.75 ms row-wise, 6.77 per-tensor, but 512 rows
-    # 8.29 against 9.21 (benchmarks.gemv_bench --prefill-rows)
-    fp8_tensorwise_rows: int = 128
+    # into float32 + a scales epilogue, larger ones the row-wise GEMM (engine.model.quant). 320: the decode
+    # graphs and a 448x448's prefill graph. On an H100 the 40 layers' matmuls per-tensor against row-wise:
+    # 6.87 / 7.75 ms at 320 rows, 7.52 / 6.43 at 384 (the mixed steps beside a 320-token chunk), 21.75 /
+    # 21.25 at 1236 (benchmarks.gemv_bench --prefill-rows); through Triton 320 took ~1 ms off a new 448x448's
+    # first step and 384 cost 3.6 % of 32 x 1288x728's req/s
+    fp8_tensorwise_rows: int = 320
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch

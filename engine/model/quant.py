@@ -465,9 +465,9 @@ def set_tensorwise_rows_(model: nn.Module, rows: int) -> int:
     """Every decoder `Fp8Linear` of ``model`` that has the per-tensor GEMM (`Fp8Linear.has_tensorwise`) runs
     it in CUDA graphs for steps of up to ``rows`` rows, the row-wise GEMM above (where that runs; else the
     per-tensor GEMM eagerly up to ``rows`` too); returns how many layers. A prefill graph's rows are its token
-    bucket; a mixed step's, its decodes and its chunks' bucket. `TENSORWISE_MAX_M` (128) is the default: the
-    decode graphs. Which GEMM is faster changes with the layer's shape and M (`benchmarks.gemv_bench
-    --prefill-rows`)."""
+    bucket; a mixed step's, its decodes and its chunks' bucket. A layer's own bound is `TENSORWISE_MAX_M` (128:
+    the decode graphs); the engine sets `EngineConfig.fp8_tensorwise_rows`. Which GEMM is faster changes with
+    the layer's shape and M (`benchmarks.gemv_bench --prefill-rows`)."""
     if rows < 0:
         raise ValueError(f"rows: {rows} must be 0 or more")
     count = 0

@@ -198,7 +198,7 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
     ex = LLMEngine.from_engine_dir(out)
     assert isinstance(ex.model.lm_head, Fp8Linear)
     assert isinstance(ex.model.language_model.layers[0].mlp.down_proj, Fp8Linear)
-    assert config["engine"]["fp8_tensorwise_rows"] == 128
+    assert config["engine"]["fp8_tensorwise_rows"] == 320
 
     assert (
         run(
@@ -209,11 +209,11 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
             "--dtype",
             "fp8",
             "--fp8-tensorwise-rows",
-            "320",
+            "384",
         )
         == 0
     )
-    assert json.loads((out / "engine_config.json").read_text())["engine"]["fp8_tensorwise_rows"] == 320
+    assert json.loads((out / "engine_config.json").read_text())["engine"]["fp8_tensorwise_rows"] == 384
     capsys.readouterr()
 
     # other dtypes still write quantization "none"
