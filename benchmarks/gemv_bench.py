@@ -6,11 +6,13 @@
    weight that nothing stays in L2 (a decode step reads each weight once), for `F.linear` (cuBLAS; the
    gate/up followed by `engine.kernels.fused.silu_mul`), the skinny kernel with its default block sizes,
    the FP8 layer as the engine runs it in graphs (`Fp8Linear`: per-token activation quantization, the
-   per-tensor `_scaled_mm`, its epilogue) and the skinny kernel on the same FP8 weights. Each is also
+   per-tensor `_scaled_mm`, its epilogue) and the skinny kernel on the same FP8 weights (its rows quantized
+   by a kernel before it, and, "fp8_tiles", by the kernel itself per 128 columns). Each is also
    given as the weights' bytes over its time, and as a fraction of the copy bandwidth measured here.
 2. Per decode step: each method's sum over 40 layers and the lm_head.
 3. With --engine: batch-1 decode (context 1236) of the full-size engine (random weights, CUDA graphs)
-   with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
+   with `decode_gemv` off and on (and with --fp8 the same in FP8, and "tiles": `decode_fp8_tile_scales`
+   on; with --pdl also the kernel with
    `decode_pdl`, the next kernel launched at each one's start and, "pdlexit", at its programs' exit), each
    engine built alone, and how many of the greedy tokens the runs share (PDL's with
    the kernel's run: the same arithmetic, so all of them).
@@ -119,6 +121,15 @@ def _weight_copies(n: int, k: int, has_bias: bool, span: int, gen: torch.Generat
     return linears
 
 
+DECODE_LABELS = {  # layer_bench's methods, in its order
+    "cublas": "cuBLAS (bf16)",
+    "gemv": "skinny kernel (bf16)",
+    "fp8_engine": "FP8 layer path",
+    "fp8_gemv": "skinny kernel (FP8)",
+    "fp8_tiles": "skinny kernel (FP8, rows quantized in it)",
+}
+
+
 def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
     from engine.kernels import gemv
     from engine.kernels.fused import silu_mul
@@ -150,10 +161,13 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
                 y = layer(x)
                 return silu_mul(y) if fused_silu else y
 
-            def fp8_skinny(layer=None, x=x, fused_silu=fused_silu):
+            def fp8_skinny(layer=None, x=x, fused_silu=fused_silu, tiles=False):
                 if fused_silu:
-                    return gemv.skinny_linear_silu_mul(x, layer.weight, layer.weight_scale)
-                return gemv.skinny_linear(x, layer.weight, layer.bias, layer.weight_scale)
+                    return gemv.skinny_linear_silu_mul(x, layer.weight, layer.weight_scale, tile_scales=tiles)
+                return gemv.skinny_linear(x, layer.weight, layer.bias, layer.weight_scale, tile_scales=tiles)
+
+            def fp8_tiles(layer=None, fn=fp8_skinny):
+                return fn(layer, tiles=True)
 
             with torch.no_grad():
                 # agreement with the unfused ops (float32 products, rounded as torch rounds)
@@ -164,24 +178,22 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
                 )
                 res["vs_reference"] = _bf16_ulps(skinny(linears[0]), ref)
                 res["cublas_vs_reference"] = _bf16_ulps(cublas(linears[0]), ref)
-                for method, layers, nbytes in (
-                    ("cublas", linears, bytes_bf16),
-                    ("gemv", linears, bytes_bf16),
-                    ("fp8_engine", fp8_layers, bytes_fp8),
-                    ("fp8_gemv", fp8_layers, bytes_fp8),
-                ):
+                fns = {"cublas": cublas, "gemv": skinny, "fp8_engine": fp8_engine, "fp8_gemv": fp8_skinny,
+                       "fp8_tiles": fp8_tiles}  # fmt: skip
+                for method in DECODE_LABELS:
+                    layers, nbytes = (
+                        (fp8_layers, bytes_fp8) if method.startswith("fp8") else (linears, bytes_bf16)
+                    )
                     if not layers:
                         continue
-                    fn = {"cublas": cublas, "gemv": skinny, "fp8_engine": fp8_engine, "fp8_gemv": fp8_skinny}[
-                        method
-                    ]
+                    fn = fns[method]
                     ms = _graph_ms([lambda layer=layer, fn=fn: fn(layer) for layer in layers])
                     tb_s = nbytes / (ms * 1e-3) / 1e12
                     res[method] = {"us": ms * 1e3, "weight_tb_s": tb_s, "of_copy_bw": tb_s / copy_tb_s}
             rows_out[str(m)] = res
             line = f"{name:8s} M={m:2d}: " + "  ".join(
                 f"{meth} {res[meth]['us']:7.1f} us ({res[meth]['of_copy_bw']:.2f})"
-                for meth in ("cublas", "gemv", "fp8_engine", "fp8_gemv")
+                for meth in DECODE_LABELS
                 if meth in res
             )
             print(line, flush=True)
@@ -341,7 +353,7 @@ def step_sums(layers: dict, num_layers: int) -> dict:
     """ms per decode step of each method: 40 x (qkv + o + gate_up + down) + lm_head, per M."""
     sums: dict = {}
     for m in ROWS:
-        for method in ("cublas", "gemv", "fp8_engine", "fp8_gemv"):
+        for method in DECODE_LABELS:
             try:
                 per_layer = sum(
                     layers[name]["rows"][str(m)][method]["us"] for name in ("qkv", "o", "gate_up", "down")
@@ -358,6 +370,7 @@ ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
     "gemv": {"decode_gemv": True},
     "pdl": {"decode_gemv": True, "decode_pdl": True},
     "pdlexit": {"decode_gemv": True, "decode_pdl": True},  # the next kernel launches as each program ends
+    "tiles": {"decode_gemv": True, "decode_fp8_tile_scales": True},  # FP8: o, down, lm_head quantize in it
 }
 
 
@@ -397,7 +410,8 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
     out: dict = {}
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
-        for method in ("cublas", "gemv", "pdl", "pdlexit") if pdl else ("cublas", "gemv"):
+        methods = ("cublas", "gemv", "pdl", "pdlexit") if pdl else ("cublas", "gemv")
+        for method in methods + (("tiles",) if quant == "fp8" else ()):
             key = f"{quant}_{method}"
             path = out_dir / f"engine_{key}.json"
             cmd = [sys.executable, "-m", "benchmarks.gemv_bench", "--out", str(out_dir), "--engine-run", key]
@@ -416,6 +430,7 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
             ("cublas", "gemv", "greedy_tokens_equal"),
             ("gemv", "pdl", "pdl_tokens_equal"),
             ("gemv", "pdlexit", "pdlexit_tokens_equal"),
+            ("gemv", "tiles", "tiles_tokens_equal"),
         ):
             if a in tokens and b in tokens:
                 pairs = list(zip(tokens[a], tokens[b], strict=False))
@@ -475,9 +490,7 @@ def plot(res: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (steps_ax, layers_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    methods = ("cublas", "gemv", "fp8_engine", "fp8_gemv")
-    labels = {"cublas": "cuBLAS (bf16)", "gemv": "skinny kernel (bf16)", "fp8_engine": "FP8 layer path",
-              "fp8_gemv": "skinny kernel (FP8)"}  # fmt: skip
+    methods, labels = tuple(DECODE_LABELS), DECODE_LABELS
     rows = sorted(res["step_ms"], key=int)
     for method in methods:
         points = [(int(m), res["step_ms"][m][method]) for m in rows if method in res["step_ms"][m]]

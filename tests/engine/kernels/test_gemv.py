@@ -11,6 +11,7 @@ replay equals eager.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +20,18 @@ import torch
 pytest.importorskip("triton")
 
 from triton_interpreter import bf16_ulps, main, run_interpreted  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's process (`run_interpreted`)
+    import triton
+    import triton.language as tl
+
+    from engine.kernels.gemv import _fp8_rounded
+
+    @triton.jit
+    def _fp8_rounded_kernel(x_ptr, y_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(y_ptr + offs, _fp8_rounded(tl.load(x_ptr + offs)))
+
 
 # (M, N, K): one token, a few, the most the decoder sends and the most the kernel takes (a 64-row tile); N not
 # a multiple of the band; K not a multiple of the K block
@@ -117,6 +130,59 @@ def check_silu_mul(device: str) -> None:
         gemv.skinny_linear(x, q.float().to(torch.bfloat16), x_fp8=rows)
     with pytest.raises(ValueError, match="x_fp8: x's rows quantized"):
         gemv.skinny_linear(x, q, scale=scale, x_fp8=(rows[0][:1], rows[1][:1]))
+
+
+def check_tile_scales(device: str) -> None:
+    """``tile_scales``: the kernel quantizing x itself by blocks of FP8_PROMOTE_K columns equals the tile
+    reference (linear with and without bias, silu_mul), and takes given rows (``x_fp8``) as before."""
+    from engine.kernels import gemv
+    from engine.model.quant import quantize_rows_fp8_reference, quantize_weight_fp8
+
+    gen = torch.Generator().manual_seed(3)
+    for m, n, k in [s for s in SHAPES if s[0] <= gemv.FP8_MAX_ROWS] + [(2, 24, 1024)]:
+        x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+        x[:, :16] *= 40.0  # one block of large columns: its scale is not the others'
+        w = _weights(n + n % 2, k, gen)
+        bias = (torch.randn(n + n % 2, generator=gen) * 0.1).to(device, torch.bfloat16)
+        q, scale = quantize_weight_fp8(w.to(device))
+        what = f"tiles M={m} N={n} K={k}"
+        for b in (None, bias):
+            got = gemv.skinny_linear(x, q, b, scale, tile_scales=True)
+            _assert_close(
+                got,
+                gemv.skinny_linear_reference(x, q, b, scale, tile_scales=True),
+                what,
+                _fp8_steps(device, m),
+            )
+        got = gemv.skinny_linear_silu_mul(x, q, scale, tile_scales=True)
+        ref = gemv.skinny_linear_silu_mul_reference(x, q, scale, tile_scales=True)
+        steps = _fp8_steps(device, m) if device == "cpu" else 2 * _fp8_steps(device, m)
+        _assert_close(got, ref, what + " silu_mul", steps)
+        rows = quantize_rows_fp8_reference(x)  # given rows: their own scales, tile_scales or not
+        got = gemv.skinny_linear(x, q, bias, scale, x_fp8=rows, tile_scales=True)
+        assert torch.equal(got, gemv.skinny_linear(x, q, bias, scale, x_fp8=rows)), what
+
+
+def check_fp8_rounded(device: str) -> None:
+    """The interpreter's e4m3 rounding (`_fp8_rounded`) equals torch's float32 -> float8_e4m3fn cast:
+    normal values, subnormal ones, ties, and roundings that carry into the exponent."""
+    gen = torch.Generator().manual_seed(5)
+    grid = torch.tensor([2.0**e * (1 + j / 16) for e in range(-10, 9) for j in range(16)])
+    x = torch.cat(
+        [
+            torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-3, 3, (4096,), generator=gen),
+            grid,
+            -grid,
+            torch.tensor([0.0, 448.0, -448.0, 0.0009765625, 0.00146484375]),
+        ]
+    )
+    x = x.clamp(-448.0, 448.0).to(device)
+    x = torch.cat([x, torch.zeros(8192 - x.numel(), device=device)])
+    y = torch.empty_like(x)
+    _fp8_rounded_kernel[(1,)](x, y, N=8192)
+    want = x.to(torch.float8_e4m3fn).float()
+    bad = y != want
+    assert not bool(bad.any()), (x[bad][:5], y[bad][:5], want[bad][:5])
 
 
 def check_supports(device: str) -> None:
@@ -239,6 +305,44 @@ def check_decoder_fp8(device: str, checkpoint: str) -> None:
         assert torch.equal(g, r), f"{step}: {(g.float() - r.float()).abs().max()}"
 
 
+def check_decoder_fp8_tiles(device: str, checkpoint: str) -> None:
+    """The tiny decoder in FP8 with decode_gemv and ``fp8_tile_scales``: the layers no norm hands quantized
+    rows (the first qkv, every o and down, the lm_head) quantize them in the kernel, so a step's only row
+    quantizations are the norms'; the tiny model's rows are at most one block of 128 columns, so hidden
+    states and logits equal those of each layer's quantization kernel."""
+    from test_fused import decoder_outputs
+
+    from engine.model import quant
+    from engine.model.decoder import Glm4vModel
+
+    model = Glm4vModel.from_pretrained(checkpoint, device, torch.bfloat16)
+    quant.quantize_decoder_fp8_(model)
+    num_layers = len(model.language_model.layers)
+    assert model.set_decode_gemv(True) == 4 * num_layers + 1
+    reference = decoder_outputs(model, device)
+    ref_logits = model.compute_logits(reference[1])
+    assert model.set_decode_gemv(True, fp8_tile_scales=True) == 4 * num_layers + 1
+    assert model.lm_head.fp8_tile_scales and model.language_model.layers[0].mlp.down_proj.fp8_tile_scales
+    rows_fp8, quantized = quant.quantize_rows_fp8, []
+
+    def counted(x):
+        quantized.append(x.shape[0])
+        return rows_fp8(x)
+
+    quant.quantize_rows_fp8 = counted
+    try:
+        got = decoder_outputs(model, device)  # 12 then 2 tokens: both within FP8_MAX_ROWS
+        logits = model.compute_logits(got[1])
+    finally:
+        quant.quantize_rows_fp8 = rows_fp8
+    # per step: the norms' (before every gate/up, and before the qkv of every layer but the first)
+    assert quantized == [12] * (2 * num_layers - 1) + [2] * (2 * num_layers - 1), quantized
+    for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
+        assert torch.equal(g, r), f"{step}: {(g.float() - r.float()).abs().max()}"
+    assert torch.equal(logits, ref_logits)
+    assert model.set_decode_gemv(False) == 0 and not model.lm_head.fp8_tile_scales
+
+
 def check_decoder_fp8_gemm(device: str, checkpoint: str) -> None:
     """The tiny decoder in FP8 without the skinny kernel (prefill, or steps of more rows than it takes):
     each FP8 layer's own W8A8 GEMM, row-wise and tensor-wise, takes the rows the op before quantized (the
@@ -307,19 +411,36 @@ def check_cuda_graph(device: str) -> None:
     torch.cuda.synchronize()
     assert torch.equal(out[0], gemv.skinny_linear(x, w, bias))
     assert torch.equal(out[1], gemv.skinny_linear_silu_mul(x, gate_up))
+    # FP8 weights, the rows quantized in the kernel by blocks
+    from engine.model.quant import quantize_weight_fp8
+
+    q, scale = quantize_weight_fp8(w.float())
+    x1 = x[:1].clone()
+    gemv.skinny_linear(x1, q, bias, scale, tile_scales=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv.skinny_linear(x1, q, bias, scale, tile_scales=True)
+    x1.copy_(torch.randn(1, 4096, generator=gen).to(device, torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, gemv.skinny_linear(x1, q, bias, scale, tile_scales=True))
 
 
 CHECKS: dict[str, Callable[..., None]] = {
     "linear": check_linear,
     "silu_mul": check_silu_mul,
     "supports": check_supports,
+    "tile_scales": check_tile_scales,
+    "fp8_rounded": check_fp8_rounded,
     "decoder": check_decoder,
     "decoder_fp8": check_decoder_fp8,
     "decoder_fp8_gemm": check_decoder_fp8_gemm,
+    "decoder_fp8_tiles": check_decoder_fp8_tiles,
 }
 
 
-@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports"])
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "tile_scales", "fp8_rounded"])
 def test_kernel_equals_reference_in_interpreter(check):
     run_interpreted(__file__, check)
 
@@ -332,8 +453,40 @@ def test_fp8_decoder_norms_quantize_for_the_kernel_in_interpreter(tiny_checkpoin
     run_interpreted(__file__, "decoder_fp8", str(tiny_checkpoint))
 
 
+def test_fp8_decoder_tile_scales_quantize_in_the_kernel_in_interpreter(tiny_checkpoint):
+    run_interpreted(__file__, "decoder_fp8_tiles", str(tiny_checkpoint))
+
+
 def test_fp8_decoder_norms_quantize_for_the_layers_gemm(tiny_checkpoint):
     check_decoder_fp8_gemm("cpu", str(tiny_checkpoint))
+
+
+def test_tile_reference_is_the_row_reference_for_one_block_and_keeps_resolution_beside_outliers():
+    """The tile reference (`quantize_tiles_fp8_reference`): a row of at most FP8_PROMOTE_K columns is one
+    block, quantized as `quantize_rows_fp8_reference` quantizes it. e4m3's exponent spans the rest of a row
+    beside outliers a few thousand times larger (300 x: 2.6 % error either way); beside 30 000 x, a row's
+    one scale sends the other blocks into e4m3's subnormals and their own scales keep them 3 x nearer."""
+    from engine.kernels import gemv
+    from engine.model.quant import quantize_rows_fp8_reference
+
+    gen = torch.Generator().manual_seed(4)
+    block = gemv.FP8_PROMOTE_K
+    x = torch.randn(3, block, generator=gen).to(torch.bfloat16)
+    q_tiles, s_tiles = gemv.quantize_tiles_fp8_reference(x)
+    q_rows, s_rows = quantize_rows_fp8_reference(x)
+    assert torch.equal(q_tiles.view(torch.uint8), q_rows.view(torch.uint8)) and torch.equal(s_tiles, s_rows)
+    x = torch.randn(3, 4 * block + 32, generator=gen)
+    x[:, :8] *= 30000.0
+    x = x.to(torch.bfloat16)
+    q_tiles, s_tiles = gemv.quantize_tiles_fp8_reference(x)
+    assert s_tiles.shape == (3, 5)
+    back_tiles = q_tiles.float() * s_tiles.repeat_interleave(block, dim=1)[:, : x.shape[1]]
+    q_rows, s_rows = quantize_rows_fp8_reference(x)
+    back_rows = q_rows.float() * s_rows
+    tail = x[:, block:].float()
+    err_tiles = float((back_tiles[:, block:] - tail).norm() / tail.norm())
+    err_rows = float((back_rows[:, block:] - tail).norm() / tail.norm())
+    assert err_tiles < 0.03 and err_rows > 2.5 * err_tiles, (err_tiles, err_rows)
 
 
 def test_not_supported_on_cpu_without_interpreter():
@@ -345,7 +498,7 @@ def test_not_supported_on_cpu_without_interpreter():
     assert not gemv.supports(x, w)
 
 
-@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports"])
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "tile_scales"])
 @pytest.mark.gpu
 def test_cuda_kernel_equals_reference(check):
     CHECKS[check]("cuda")
@@ -359,6 +512,11 @@ def test_cuda_decoder_with_decode_gemv(tiny_checkpoint):
 @pytest.mark.gpu
 def test_cuda_fp8_decoder_norms_quantize_for_the_kernel(tiny_checkpoint):
     check_decoder_fp8("cuda", str(tiny_checkpoint))
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_decoder_tile_scales_quantize_in_the_kernel(tiny_checkpoint):
+    check_decoder_fp8_tiles("cuda", str(tiny_checkpoint))
 
 
 @pytest.mark.gpu
