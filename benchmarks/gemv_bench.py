@@ -130,7 +130,7 @@ DECODE_LABELS = {  # layer_bench's methods, in its order
 }
 
 
-def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
+def layer_bench(mc, copy_tb_s: float, fp8: bool, rows: tuple[int, ...] = ROWS) -> dict:
     from engine.kernels import gemv
     from engine.kernels.fused import silu_mul
     from engine.model.quant import Fp8Linear
@@ -144,7 +144,7 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool) -> dict:
         fp8_layers = [Fp8Linear.from_linear(layer) for layer in linears] if fp8 else []
         bytes_bf16, bytes_fp8 = n * k * 2, n * k
         rows_out: dict = {}
-        for m in ROWS:
+        for m in rows:
             x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
             res: dict = {}
 
@@ -349,10 +349,10 @@ def prefill_bench(
     return out
 
 
-def step_sums(layers: dict, num_layers: int) -> dict:
+def step_sums(layers: dict, num_layers: int, rows: tuple[int, ...] = ROWS) -> dict:
     """ms per decode step of each method: 40 x (qkv + o + gate_up + down) + lm_head, per M."""
     sums: dict = {}
-    for m in ROWS:
+    for m in rows:
         for method in DECODE_LABELS:
             try:
                 per_layer = sum(
@@ -404,15 +404,18 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     return {"decode_ms_per_token_b1": sorted(times)[1], "context": context, "tokens": tokens}
 
 
-def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False) -> dict:
-    """`engine_run` with cuBLAS and with the kernel (and with PDL; and in FP8), each engine in a Python of
-    its own. Greedy tokens are compared with the cuBLAS run's (PDL's with the kernel's: the same bits)."""
+def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | None = None) -> dict:
+    """`engine_run` with cuBLAS and with the kernel (and with PDL; and in FP8, with tile scales), each
+    engine in a Python of its own; ``only``: just these QUANT_METHOD runs. Greedy tokens are compared with
+    the cuBLAS run's (PDL's and the tile scales' with the kernel's)."""
     out: dict = {}
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
         methods = ("cublas", "gemv", "pdl", "pdlexit") if pdl else ("cublas", "gemv")
         for method in methods + (("tiles",) if quant == "fp8" else ()):
             key = f"{quant}_{method}"
+            if only is not None and key not in only:
+                continue
             path = out_dir / f"engine_{key}.json"
             cmd = [sys.executable, "-m", "benchmarks.gemv_bench", "--out", str(out_dir), "--engine-run", key]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -525,6 +528,14 @@ def main(argv: list[str] | None = None) -> int:
         "--pdl", action="store_true", help="with --engine: also the kernel with decode_pdl on (both triggers)"
     )
     ap.add_argument("--engine-only", action="store_true", help="the engine runs alone (no layers, no sweep)")
+    ap.add_argument(
+        "--engine-runs", help="only these engine runs, comma-separated QUANT_METHOD (e.g. fp8_gemv,fp8_tiles)"
+    )
+    ap.add_argument(
+        "--rows",
+        default=",".join(map(str, ROWS)),
+        help="the layers' row counts M, comma-separated (up to 64)",
+    )
     ap.add_argument("--plot", type=Path, help="only draw gemv.png beside this gemv_bench.json")
     ap.add_argument("--engine-run", help=argparse.SUPPRESS)  # one engine_run here: QUANT_gemv|QUANT_cublas
     ap.add_argument("--sweep-s", type=float, default=60.0, help="seconds for the block-size sweep (last)")
@@ -566,13 +577,15 @@ def main(argv: list[str] | None = None) -> int:
         plot(res, args.out / "gemv.png")
         return 0
     if not args.engine_only:
-        res["layers"] = layer_bench(mc, res["copy"]["tb_s"], args.fp8)
-        res["step_ms"] = step_sums(res["layers"], mc.num_hidden_layers)
+        rows = tuple(int(m) for m in args.rows.split(","))
+        res["layers"] = layer_bench(mc, res["copy"]["tb_s"], args.fp8, rows)
+        res["step_ms"] = step_sums(res["layers"], mc.num_hidden_layers, rows)
         for m, sums in res["step_ms"].items():
             print(f"matmuls per decode step M={m}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in sums.items()))
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.engine or args.engine_only:
-        res["engine"] = engine_decode(args.fp8, args.out, args.pdl)
+        only = set(args.engine_runs.split(",")) if args.engine_runs else None
+        res["engine"] = engine_decode(args.fp8, args.out, args.pdl, only)
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.engine_only:
         return 0
