@@ -17,7 +17,7 @@ these kernels existed.
   rounded to the input dtype before the product, as torch does in eager.
 * `silu_mul_fp8(gate_up) -> (q, scale)`: `quantize_rows_fp8(silu_mul(gate_up))` (for an FP8 down
   projection next), one program per row that keeps the row in registers: the [T, I] product is never
-  written (I up to 16384; wider rows, the interpreter and CPU run the two ops).
+  written (I up to 16384; wider rows and CPU run the two ops).
 * `apply_interleaved_rotary_(qk [T, heads, head_dim], cos, sin)`: in place, rotates the first
   `2 * cos.shape[-1]` dims of every head in adjacent pairs (2i, 2i+1) like
   `engine.model.rope.apply_interleaved_rotary` (arithmetic in cos's dtype, each product and sum rounded to it);
@@ -36,7 +36,10 @@ does (bit-equal given equal inputs). The RMSNorm reduction (sum order, 1/sqrt) a
 torch's by a few float32 ulps, so a bfloat16 result can differ from torch's by one rounding step where the
 float32 value lies next to a rounding boundary (see tests/engine/kernels/test_fused.py for the tolerances).
 Every rounding to bfloat16 goes through `_round_to`, a round-to-nearest-even written with integer ops:
-Triton's CPU interpreter truncates float32 -> bfloat16 casts, this way it rounds like the GPU.
+Triton's CPU interpreter truncates float32 -> bfloat16 casts, this way it rounds like the GPU. Every cast
+to FP8 (here, in engine.kernels.gemv and engine.model.quant) goes through `_to_fp8`: the interpreter's
+float32 -> e4m3 cast drops the carry where rounding crosses a power of two (127.9 -> 64), so there the value
+is rounded in float32 bits first (`_fp8_rounded`) and the cast only meets values e4m3 holds.
 
 When the Triton path runs (`use_triton`): triton imports, env GLMV_DISABLE_TRITON_KERNELS is not "1", and
 either all tensors are on CUDA or TRITON_INTERPRET=1 was set when this module was imported (Triton's CPU
@@ -186,6 +189,27 @@ if HAS_TRITON:
         def _pdl_enter(PDL: tl.constexpr):
             pass
 
+    # Triton's interpreter casts float32 -> float8 wrongly where the rounding carries into the exponent
+    # (127.9 -> 64) and exactly on values e4m3 holds: there `_to_fp8` rounds in float32 bits first
+    _ROUND_FP8_FIRST = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def _fp8_rounded(q):
+        """float32 q (|q| <= 448) rounded to the nearest e4m3 value, ties to even, as float32 (the GPU's
+        cast). Normal values keep 3 of float32's 23 mantissa bits; below 2^-6 (subnormal) the values are
+        multiples of 2^-9."""
+        bits = q.to(tl.uint32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        subnormal = (q + 24576.0) - 24576.0  # float32's spacing at 1.5 * 2^14 is 2^-9
+        return tl.where(tl.abs(q) < 0.015625, subnormal, normal)
+
+    @triton.jit
+    def _to_fp8(q, dtype: tl.constexpr):
+        """float32 q, clamped to e4m3's range, cast to ``dtype`` (float8e4nv) as the GPU casts it."""
+        if _ROUND_FP8_FIRST:
+            q = _fp8_rounded(q)
+        return q.to(dtype)
+
     @triton.jit
     def _round_to(x, dtype: tl.constexpr):
         """float32 x rounded (to nearest, ties to even) to `dtype`, returned as float32."""
@@ -261,7 +285,7 @@ if HAS_TRITON:
             scale = tl.maximum(tl.max(tl.abs(normed), axis=0) / FP8_MAX_C, min_scale)
             tl.store(scale_ptr + row, scale)
             q = tl.minimum(tl.maximum(tl.div_rn(normed, scale), -FP8_MAX_C), FP8_MAX_C)
-            tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_ptr + row * n_cols + cols, _to_fp8(q, q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(
@@ -295,7 +319,7 @@ if HAS_TRITON:
         scale = tl.maximum(tl.max(tl.abs(h), axis=0) / FP8_MAX_C, min_scale)
         tl.store(scale_ptr + row, scale)
         q = tl.minimum(tl.maximum(tl.div_rn(h, scale), -FP8_MAX_C), FP8_MAX_C)
-        tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + row * n_cols + cols, _to_fp8(q, q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rotate_pairs_(
@@ -476,10 +500,7 @@ def _add_rms_norm_pair(residual, h, w_post, w_next, eps, eps_next, quant: bool):
         and residual.shape == h.shape
         and residual.numel() > 0
     )
-    if quant and (not kernel or INTERPRET):
-        # the rows quantized after the pair: off the Triton path, and in Triton's interpreter, which rounds
-        # float32 -> float8 wrongly where the rounding carries into the exponent (127.6 -> 64; the GPU
-        # tests check the kernel's own quantization)
+    if quant and not kernel:  # the rows quantized after the pair, off the Triton path
         from engine.model.quant import quantize_rows_fp8
 
         new_residual, normed = _add_rms_norm_pair(residual, h, w_post, w_next, eps, eps_next, False)
@@ -543,8 +564,7 @@ def silu_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gu = _rows(gate_up)
     n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
     if (
-        INTERPRET  # which rounds float32 -> float8 wrongly where the rounding carries into the exponent
-        or not use_triton(gate_up)
+        not use_triton(gate_up)
         or gate_up.shape[-1] % 2
         or n_rows == 0
         or n_cols > SILU_QUANT_MAX_COLS

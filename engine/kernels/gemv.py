@@ -49,7 +49,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from engine.kernels.fused import _pdl_enter, _round_to
+    from engine.kernels.fused import _pdl_enter, _round_to, _to_fp8
 
 MAX_ROWS = 64  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
@@ -165,17 +165,6 @@ if HAS_TRITON:
         return tl.dot(w, tl.trans(x), acc)
 
     @triton.jit
-    def _fp8_rounded(q):
-        """float32 q (|q| <= 448) rounded to the nearest e4m3 value, ties to even, as float32: what the
-        GPU's cast gives, for Triton's interpreter, whose float32 -> float8 cast rounds wrongly where the
-        rounding carries into the exponent (127.9 -> 64). Normal values keep 3 of float32's 23 mantissa
-        bits; below 2^-6 (subnormal) the values are multiples of 2^-9."""
-        bits = q.to(tl.uint32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-        subnormal = (q + 24576.0) - 24576.0  # float32's spacing at 1.5 * 2^14 is 2^-9
-        return tl.where(tl.abs(q) < 0.015625, subnormal, normal)
-
-    @triton.jit
     def _quantize_tile(
         x_ptrs,
         m_mask,
@@ -184,11 +173,10 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         FP8_MAX_C: tl.constexpr,
-        DOT_F32: tl.constexpr,
     ):
         """The rows' next BLOCK_K columns [BLOCK_M, BLOCK_K] (16-bit) -> (e4m3 values, float32 scale per
         row [BLOCK_M]): scale = max(amax / FP8_MAX_C, min_scale), values = clamp(x / scale), as
-        `quantize_rows_fp8` computes for a whole row. DOT_F32 (the interpreter): the values as float32."""
+        `quantize_rows_fp8` computes for a whole row."""
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         else:
@@ -197,9 +185,7 @@ if HAS_TRITON:
         x = x.to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX_C, min_scale)
         q = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -FP8_MAX_C), FP8_MAX_C)
-        if DOT_F32:
-            return _fp8_rounded(q), scale
-        return q.to(tl.float8e4nv), scale
+        return _to_fp8(q, tl.float8e4nv), scale
 
     @triton.jit
     def _tile_dot(
@@ -270,9 +256,7 @@ if HAS_TRITON:
             for j in tl.static_range(BLOCK_K // SUB_K):
                 k_left = K - k0 - j * SUB_K
                 if TILES:
-                    xq, xs = _quantize_tile(
-                        x_ptrs, m_mask, k_left, min_scale, SUB_K, EVEN_K, FP8_MAX_C, DOT_F32
-                    )
+                    xq, xs = _quantize_tile(x_ptrs, m_mask, k_left, min_scale, SUB_K, EVEN_K, FP8_MAX_C)
                     acc = _tile_dot(w_ptrs, xq, xs, acc, k_left, SUB_K, EVEN_K, DOT_F32)
                     if SILU_MUL:
                         acc_up = _tile_dot(u_ptrs, xq, xs, acc_up, k_left, SUB_K, EVEN_K, DOT_F32)

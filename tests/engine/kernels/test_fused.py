@@ -70,17 +70,19 @@ def no_fallback() -> Iterator[None]:
         raise AssertionError("engine.kernels.fused fell back to torch")
 
     from engine.kernels import attention
+    from engine.model import quant
 
     saved_write = attention._write_new_kv  # the torch write of rotate_and_write_kv's fallback
+    saved_quant = quant.quantize_rows_fp8  # the FP8 kernels' fallback quantizes after the unfused op
     for name in names:
         setattr(kernels, name, boom)
-    attention._write_new_kv = boom
+    attention._write_new_kv = quant.quantize_rows_fp8 = boom
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(kernels, name, fn)
-        attention._write_new_kv = saved_write
+        attention._write_new_kv, quant.quantize_rows_fp8 = saved_write, saved_quant
 
 
 def residual_like(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -187,7 +189,8 @@ def check_silu_mul(device: str) -> None:
                     continue
                 # with the product's rows quantized to FP8 in the same kernel: the rows and scales
                 # quantize_rows_fp8 makes of silu_mul's product
-                q, scale = kernels.silu_mul_fp8(gate_up)
+                with no_fallback():
+                    q, scale = kernels.silu_mul_fp8(gate_up)
                 want_q, want_scale = quantize_rows_fp8_reference(got)
                 what = f"silu_mul_fp8 {dtype} T={num_tokens} I={intermediate}"
                 assert q.dtype == want_q.dtype and torch.equal(q.float(), want_q.float()), what + " rows"

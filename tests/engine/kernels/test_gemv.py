@@ -25,7 +25,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's process (`run
     import triton
     import triton.language as tl
 
-    from engine.kernels.gemv import _fp8_rounded
+    from engine.kernels.fused import _fp8_rounded
 
     @triton.jit
     def _fp8_rounded_kernel(x_ptr, y_ptr, N: tl.constexpr):
@@ -164,7 +164,8 @@ def check_tile_scales(device: str) -> None:
 
 
 def check_fp8_rounded(device: str) -> None:
-    """The interpreter's e4m3 rounding (`_fp8_rounded`) equals torch's float32 -> float8_e4m3fn cast:
+    """The interpreter's e4m3 rounding (`engine.kernels.fused._fp8_rounded`, before its own cast) equals
+    torch's float32 -> float8_e4m3fn cast:
     normal values, subnormal ones, ties, and roundings that carry into the exponent."""
     gen = torch.Generator().manual_seed(5)
     grid = torch.tensor([2.0**e * (1 + j / 16) for e in range(-10, 9) for j in range(16)])
@@ -307,9 +308,9 @@ def check_decoder_fp8(device: str, checkpoint: str) -> None:
 
 def check_decoder_fp8_tiles(device: str, checkpoint: str) -> None:
     """The tiny decoder in FP8 with decode_gemv and ``fp8_tile_scales``: the layers no norm hands quantized
-    rows (the first qkv, every o and down, the lm_head) quantize them in the kernel, so a step's only row
-    quantizations are the norms'; the tiny model's rows are at most one block of 128 columns, so hidden
-    states and logits equal those of each layer's quantization kernel."""
+    rows (the first qkv, every o and down, the lm_head) quantize them in the kernel, so no row quantization
+    kernel runs (the norms quantize in their own); the tiny model's rows are at most one block of 128
+    columns, so hidden states and logits equal those of a quantization kernel before each such layer."""
     from test_fused import decoder_outputs
 
     from engine.model import quant
@@ -318,11 +319,6 @@ def check_decoder_fp8_tiles(device: str, checkpoint: str) -> None:
     model = Glm4vModel.from_pretrained(checkpoint, device, torch.bfloat16)
     quant.quantize_decoder_fp8_(model)
     num_layers = len(model.language_model.layers)
-    assert model.set_decode_gemv(True) == 4 * num_layers + 1
-    reference = decoder_outputs(model, device)
-    ref_logits = model.compute_logits(reference[1])
-    assert model.set_decode_gemv(True, fp8_tile_scales=True) == 4 * num_layers + 1
-    assert model.lm_head.fp8_tile_scales and model.language_model.layers[0].mlp.down_proj.fp8_tile_scales
     rows_fp8, quantized = quant.quantize_rows_fp8, []
 
     def counted(x):
@@ -331,12 +327,20 @@ def check_decoder_fp8_tiles(device: str, checkpoint: str) -> None:
 
     quant.quantize_rows_fp8 = counted
     try:
-        got = decoder_outputs(model, device)  # 12 then 2 tokens: both within FP8_MAX_ROWS
+        assert model.set_decode_gemv(True) == 4 * num_layers + 1
+        quantized.clear()
+        reference = decoder_outputs(model, device)  # 12 then 2 tokens: both within FP8_MAX_ROWS
+        ref_logits = model.compute_logits(reference[1])
+        # per step the first qkv, every o and down; then the lm_head
+        assert quantized == [12] * (2 * num_layers + 1) + [2] * (2 * num_layers + 1) + [2], quantized
+        assert model.set_decode_gemv(True, fp8_tile_scales=True) == 4 * num_layers + 1
+        assert model.lm_head.fp8_tile_scales and model.language_model.layers[0].mlp.down_proj.fp8_tile_scales
+        quantized.clear()
+        got = decoder_outputs(model, device)
         logits = model.compute_logits(got[1])
+        assert quantized == [], quantized
     finally:
         quant.quantize_rows_fp8 = rows_fp8
-    # per step: the norms' (before every gate/up, and before the qkv of every layer but the first)
-    assert quantized == [12] * (2 * num_layers - 1) + [2] * (2 * num_layers - 1), quantized
     for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
         assert torch.equal(g, r), f"{step}: {(g.float() - r.float()).abs().max()}"
     assert torch.equal(logits, ref_logits)
