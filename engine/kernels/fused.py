@@ -37,7 +37,7 @@ torch's by a few float32 ulps, so a bfloat16 result can differ from torch's by o
 float32 value lies next to a rounding boundary (see tests/engine/kernels/test_fused.py for the tolerances).
 Every rounding to bfloat16 goes through `_round_to`, a round-to-nearest-even written with integer ops:
 Triton's CPU interpreter truncates float32 -> bfloat16 casts, this way it rounds like the GPU. Every cast
-to FP8 (here, in engine.kernels.gemv and engine.model.quant) goes through `_to_fp8`: the interpreter's
+to FP8 (here, in engine.kernels.gemv and engine.model.quant) goes through `_quantize_fp8`: the interpreter's
 float32 -> e4m3 cast drops the carry where rounding crosses a power of two (127.9 -> 64), so there the value
 is rounded in float32 bits first (`_fp8_rounded`) and the cast only meets values e4m3 holds.
 
@@ -190,7 +190,7 @@ if HAS_TRITON:
             pass
 
     # Triton's interpreter casts float32 -> float8 wrongly where the rounding carries into the exponent
-    # (127.9 -> 64) and exactly on values e4m3 holds: there `_to_fp8` rounds in float32 bits first
+    # (127.9 -> 64) and exactly on values e4m3 holds: there `_quantize_fp8` rounds in float32 bits first
     _ROUND_FP8_FIRST = tl.constexpr(INTERPRET)
 
     @triton.jit
@@ -204,8 +204,9 @@ if HAS_TRITON:
         return tl.where(tl.abs(q) < 0.015625, subnormal, normal)
 
     @triton.jit
-    def _to_fp8(q, dtype: tl.constexpr):
-        """float32 q, clamped to e4m3's range, cast to ``dtype`` (float8e4nv) as the GPU casts it."""
+    def _quantize_fp8(x, scale, FP8_MAX_C: tl.constexpr, dtype: tl.constexpr):
+        """float32 x / scale, clamped to +-FP8_MAX_C, cast to ``dtype`` (float8e4nv) as the GPU casts it."""
+        q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C)
         if _ROUND_FP8_FIRST:
             q = _fp8_rounded(q)
         return q.to(dtype)
@@ -284,8 +285,8 @@ if HAS_TRITON:
         if QUANT:  # as engine.model.quant's _quantize_rows_kernel on the stored row (masked lanes are 0)
             scale = tl.maximum(tl.max(tl.abs(normed), axis=0) / FP8_MAX_C, min_scale)
             tl.store(scale_ptr + row, scale)
-            q = tl.minimum(tl.maximum(tl.div_rn(normed, scale), -FP8_MAX_C), FP8_MAX_C)
-            tl.store(q_ptr + row * n_cols + cols, _to_fp8(q, q_ptr.dtype.element_ty), mask=mask)
+            q = _quantize_fp8(normed, scale, FP8_MAX_C, q_ptr.dtype.element_ty)
+            tl.store(q_ptr + row * n_cols + cols, q, mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(
@@ -318,8 +319,8 @@ if HAS_TRITON:
         h = _round_to(up * _round_to(gate / (1.0 + tl.exp(-gate)), DTYPE), DTYPE)
         scale = tl.maximum(tl.max(tl.abs(h), axis=0) / FP8_MAX_C, min_scale)
         tl.store(scale_ptr + row, scale)
-        q = tl.minimum(tl.maximum(tl.div_rn(h, scale), -FP8_MAX_C), FP8_MAX_C)
-        tl.store(q_ptr + row * n_cols + cols, _to_fp8(q, q_ptr.dtype.element_ty), mask=mask)
+        q = _quantize_fp8(h, scale, FP8_MAX_C, q_ptr.dtype.element_ty)
+        tl.store(q_ptr + row * n_cols + cols, q, mask=mask)
 
     @triton.jit
     def _rotate_pairs_(

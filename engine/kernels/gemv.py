@@ -49,7 +49,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from engine.kernels.fused import _pdl_enter, _round_to, _to_fp8
+    from engine.kernels.fused import _pdl_enter, _quantize_fp8, _round_to
 
 MAX_ROWS = 64  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
@@ -184,8 +184,7 @@ if HAS_TRITON:
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         x = x.to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX_C, min_scale)
-        q = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -FP8_MAX_C), FP8_MAX_C)
-        return _to_fp8(q, tl.float8e4nv), scale
+        return _quantize_fp8(x, scale[:, None], FP8_MAX_C, tl.float8e4nv), scale
 
     @triton.jit
     def _tile_dot(

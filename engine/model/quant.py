@@ -51,7 +51,7 @@ if HAS_TRITON:  # else the torch ops quantize the activations
     import triton
     import triton.language as tl
 
-    from engine.kernels.fused import _to_fp8
+    from engine.kernels.fused import _quantize_fp8
 
 logger = logging.getLogger("glm-engine")
 
@@ -111,8 +111,7 @@ if HAS_TRITON:
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX_C, min_scale)
             tl.store(scale_ptr + row, scale)
-            q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C)
-            tl.store(q_row + offs, _to_fp8(q, q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_row + offs, _quantize_fp8(x, scale, FP8_MAX_C, q_ptr.dtype.element_ty), mask=mask)
         else:
             amax = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
@@ -125,8 +124,7 @@ if HAS_TRITON:
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < n_cols
                 x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-                q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX_C), FP8_MAX_C)
-                tl.store(q_row + offs, _to_fp8(q, q_ptr.dtype.element_ty), mask=mask)
+                tl.store(q_row + offs, _quantize_fp8(x, scale, FP8_MAX_C, q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scale_rows_cols_kernel(
