@@ -7,12 +7,11 @@
    gate/up followed by `engine.kernels.fused.silu_mul`), the skinny kernel with its default block sizes,
    the FP8 layer as the engine runs it in graphs (`Fp8Linear`: per-token activation quantization, the
    per-tensor `_scaled_mm`, its epilogue) and the skinny kernel on the same FP8 weights (its rows quantized
-   by a kernel before it, and, "fp8_tiles", by the kernel itself per 128 columns). Each is also
+   by a kernel before it). Each is also
    given as the weights' bytes over its time, and as a fraction of the copy bandwidth measured here.
 2. Per decode step: each method's sum over 40 layers and the lm_head.
 3. With --engine: batch-1 decode (context 1236) of the full-size engine (random weights, CUDA graphs)
-   with `decode_gemv` off and on (and with --fp8 the same in FP8, and "tiles": `decode_fp8_tile_scales`
-   on; with --pdl also the kernel with
+   with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
    `decode_pdl`, the next kernel launched at each one's start and, "pdlexit", at its programs' exit), each
    engine built alone, and how many of the greedy tokens the runs share (PDL's with
    the kernel's run: the same arithmetic, so all of them).
@@ -126,7 +125,6 @@ DECODE_LABELS = {  # layer_bench's methods, in its order
     "gemv": "skinny kernel (bf16)",
     "fp8_engine": "FP8 layer path",
     "fp8_gemv": "skinny kernel (FP8)",
-    "fp8_tiles": "skinny kernel (FP8, rows quantized in it)",
 }
 
 
@@ -161,13 +159,10 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool, rows: tuple[int, ...] = ROWS) -
                 y = layer(x)
                 return silu_mul(y) if fused_silu else y
 
-            def fp8_skinny(layer=None, x=x, fused_silu=fused_silu, tiles=False):
+            def fp8_skinny(layer=None, x=x, fused_silu=fused_silu):
                 if fused_silu:
-                    return gemv.skinny_linear_silu_mul(x, layer.weight, layer.weight_scale, tile_scales=tiles)
-                return gemv.skinny_linear(x, layer.weight, layer.bias, layer.weight_scale, tile_scales=tiles)
-
-            def fp8_tiles(layer=None, fn=fp8_skinny):
-                return fn(layer, tiles=True)
+                    return gemv.skinny_linear_silu_mul(x, layer.weight, layer.weight_scale)
+                return gemv.skinny_linear(x, layer.weight, layer.bias, layer.weight_scale)
 
             with torch.no_grad():
                 # agreement with the unfused ops (float32 products, rounded as torch rounds)
@@ -178,8 +173,7 @@ def layer_bench(mc, copy_tb_s: float, fp8: bool, rows: tuple[int, ...] = ROWS) -
                 )
                 res["vs_reference"] = _bf16_ulps(skinny(linears[0]), ref)
                 res["cublas_vs_reference"] = _bf16_ulps(cublas(linears[0]), ref)
-                fns = {"cublas": cublas, "gemv": skinny, "fp8_engine": fp8_engine, "fp8_gemv": fp8_skinny,
-                       "fp8_tiles": fp8_tiles}  # fmt: skip
+                fns = {"cublas": cublas, "gemv": skinny, "fp8_engine": fp8_engine, "fp8_gemv": fp8_skinny}
                 for method in DECODE_LABELS:
                     layers, nbytes = (
                         (fp8_layers, bytes_fp8) if method.startswith("fp8") else (linears, bytes_bf16)
@@ -370,7 +364,6 @@ ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
     "gemv": {"decode_gemv": True},
     "pdl": {"decode_gemv": True, "decode_pdl": True},
     "pdlexit": {"decode_gemv": True, "decode_pdl": True},  # the next kernel launches as each program ends
-    "tiles": {"decode_gemv": True, "decode_fp8_tile_scales": True},  # FP8: o, down, lm_head quantize in it
 }
 
 
@@ -405,14 +398,13 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
 
 
 def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | None = None) -> dict:
-    """`engine_run` with cuBLAS and with the kernel (and with PDL; and in FP8, with tile scales), each
+    """`engine_run` with cuBLAS and with the kernel (and with PDL), each
     engine in a Python of its own; ``only``: just these QUANT_METHOD runs. Greedy tokens are compared with
-    the cuBLAS run's (PDL's and the tile scales' with the kernel's)."""
+    the cuBLAS run's (PDL's with the kernel's)."""
     out: dict = {}
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
-        methods = ("cublas", "gemv", "pdl", "pdlexit") if pdl else ("cublas", "gemv")
-        for method in methods + (("tiles",) if quant == "fp8" else ()):
+        for method in ("cublas", "gemv", "pdl", "pdlexit") if pdl else ("cublas", "gemv"):
             key = f"{quant}_{method}"
             if only is not None and key not in only:
                 continue
@@ -433,7 +425,6 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | 
             ("cublas", "gemv", "greedy_tokens_equal"),
             ("gemv", "pdl", "pdl_tokens_equal"),
             ("gemv", "pdlexit", "pdlexit_tokens_equal"),
-            ("gemv", "tiles", "tiles_tokens_equal"),
         ):
             if a in tokens and b in tokens:
                 pairs = list(zip(tokens[a], tokens[b], strict=False))
@@ -529,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--engine-only", action="store_true", help="the engine runs alone (no layers, no sweep)")
     ap.add_argument(
-        "--engine-runs", help="only these engine runs, comma-separated QUANT_METHOD (e.g. fp8_gemv,fp8_tiles)"
+        "--engine-runs", help="only these engine runs, comma-separated QUANT_METHOD (e.g. none_gemv,fp8_gemv)"
     )
     ap.add_argument(
         "--rows",

@@ -223,13 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
         "programs scheduled while the one before it finishes; CUDA, compute capability 9+)",
     )
     p.add_argument(
-        "--decode-fp8-tile-scales",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="with --dtype fp8: decode steps' o, down and lm_head layers quantize their rows inside the skinny "
-        "kernel, a scale per 128 columns, instead of a row quantization kernel before each",
-    )
-    p.add_argument(
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -387,11 +380,6 @@ def build(args: argparse.Namespace) -> Path:
         "needs --dtype fp8",
     )
     _check(
-        not args.decode_fp8_tile_scales or args.dtype == FP8_DTYPE_FLAG,
-        "--decode-fp8-tile-scales",
-        "needs --dtype fp8",
-    )
-    _check(
         args.pixels_by_reference or not args.resize_on_device,
         "--resize-on-device",
         "needs --pixels-by-reference (the images it resizes go as files of the shared directory)",
@@ -475,7 +463,6 @@ def build(args: argparse.Namespace) -> Path:
                 mixed_step_graphs=args.mixed_step_graphs,
                 decode_gemv=args.decode_gemv,
                 decode_pdl=args.decode_pdl,
-                decode_fp8_tile_scales=args.decode_fp8_tile_scales,
                 fp8_tensorwise_rows=(
                     EngineConfig.fp8_tensorwise_rows
                     if args.fp8_tensorwise_rows is None

@@ -301,10 +301,6 @@ class EngineConfig:
     # before it finishes (engine.kernels.fused.set_pdl; CUDA, compute capability 9+). Off: on an H200 batch-1
     # decode went 5.384 -> 5.635 ms/token with it (benchmarks.gemv_bench --engine-only --pdl)
     decode_pdl: bool = False
-    # FP8 layers in steps that run the skinny kernel: those no op before hands quantized rows (o, down,
-    # lm_head) have the kernel quantize x itself, a scale per 128 columns of a row, instead of a row
-    # quantization kernel before each (81 fewer launches a step; engine.kernels.gemv)
-    decode_fp8_tile_scales: bool = False
     # FP8 layers (quantization "fp8") in CUDA graphs: steps of up to this many rows run the per-tensor GEMM
     # into float32 + a scales epilogue, larger ones the row-wise GEMM (engine.model.quant). 320: the decode
     # graphs and a 448x448's prefill graph. On an H100 the 40 layers' matmuls per-tensor against row-wise:
@@ -346,7 +342,6 @@ class EngineConfig:
             "mixed_step_graphs",
             "decode_gemv",
             "decode_pdl",
-            "decode_fp8_tile_scales",
             "enable_prefix_caching",
             "async_vision",
         ):

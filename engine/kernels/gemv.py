@@ -11,11 +11,7 @@ loads software-pipelined, and applies the layer's epilogue before it stores:
   path computes, the rows are quantized to FP8 per token first (`quantize_rows_fp8`, one small kernel),
   the dot runs on the FP8 tensor cores (each sum of at most FP8_PROMOTE_K = 128 products added to a
   float32 total, as cuBLAS's FP8 GEMM without fast accumulation does), and the epilogue applies row
-  scale, column scale and bias. ``tile_scales=True`` (and no ``x_fp8``): no quantization kernel; each
-  program quantizes the rows itself, every FP8_PROMOTE_K columns of a row with a scale of their own
-  (amax / 448 of those columns, as DeepSeek-V3's 1 x 128 activation tiles), and scales each block's
-  float32 product by them before it joins the total. As accurate as a scale per row (e4m3's exponent
-  spans a row beside outliers a few thousand times larger), more where a row's outliers are larger still.
+  scale, column scale and bias.
 * `skinny_linear_silu_mul(x [M, K], gate_up [2I, K], scale [2I] | None) -> [M, I]`: the MLP's gate/up
   projection and `up * silu(gate)` in one kernel (a program reads the same columns of both halves), so
   the [M, 2I] product is never written.
@@ -49,7 +45,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from engine.kernels.fused import _pdl_enter, _quantize_fp8, _round_to
+    from engine.kernels.fused import _pdl_enter, _round_to
 
 MAX_ROWS = 64  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
@@ -71,9 +67,7 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-def config(
-    k: int, block_m: int = 16, silu_mul: bool = False, fp8: bool = False, tiles: bool = False
-) -> GemvConfig:
+def config(k: int, block_m: int = 16, silu_mul: bool = False, fp8: bool = False) -> GemvConfig:
     """The block sizes for a product over K = k (see the module docstring), measured on an H100 with
     `benchmarks.gemv_bench`'s sweeps (M = 1 and 16). 16-bit weights (27 candidates): wide bands with short,
     deep-pipelined K steps for K = 4096 (qkv, o, gate/up: best or within 2 % of it), narrower bands with
@@ -83,13 +77,11 @@ def config(
     Measured with one dot per K step; since, a step's dots are FP8_PROMOTE_K wide (the same loads).
     Larger row tiles get them cut to fit `SMEM_BUDGET` (`fit`), except the down projection's at 64 rows:
     swept there (27 candidates at `eb7c40b`), wide bands with short K steps won (46 µs; the cut 16-row
-    choice 64). ``tiles`` (FP8 rows quantized in the kernel): the FP8 choices with x's buffers 16-bit."""
+    choice 64)."""
     if fp8:
-        x_bytes = 2 if tiles else 1
         if k > 8192:
-            return fit(GemvConfig(64, 512, 4, 5), block_m, silu_mul, elem_bytes=1, x_bytes=x_bytes)
-        cfg = GemvConfig(64, 256, 4, 3 if silu_mul else 5)
-        return fit(cfg, block_m, silu_mul, elem_bytes=1, x_bytes=x_bytes)
+            return fit(GemvConfig(64, 512, 4, 5), block_m, silu_mul, elem_bytes=1)
+        return fit(GemvConfig(64, 256, 4, 3 if silu_mul else 5), block_m, silu_mul, elem_bytes=1)
     if k > 8192:
         if block_m > 32:
             return fit(GemvConfig(64, 128, 4, 5), block_m, silu_mul)
@@ -97,17 +89,14 @@ def config(
     return fit(GemvConfig(64, 128, 4, 5), block_m, silu_mul)
 
 
-def fit(
-    cfg: GemvConfig, block_m: int, silu_mul: bool, elem_bytes: int = 2, x_bytes: int | None = None
-) -> GemvConfig:
-    """``cfg`` with its pipeline's buffers (per stage a BLOCK_N x BLOCK_K band of W of ``elem_bytes``,
-    two with silu_mul, and the BLOCK_M x BLOCK_K rows of x of ``x_bytes``, W's by default) within
-    `SMEM_BUDGET`: fewer stages, down to 3, then shorter K steps (down to 64)."""
+def fit(cfg: GemvConfig, block_m: int, silu_mul: bool, elem_bytes: int = 2) -> GemvConfig:
+    """``cfg`` with its pipeline's buffers (per stage a BLOCK_N x BLOCK_K band of W, two with silu_mul,
+    and the BLOCK_M x BLOCK_K rows of x) within `SMEM_BUDGET`: fewer stages, down to 3, then shorter K
+    steps (down to 64)."""
     block_n, block_k, warps, stages = cfg
-    x_bytes = elem_bytes if x_bytes is None else x_bytes
 
     def need(bk: int, st: int) -> int:
-        return st * bk * (elem_bytes * block_n * (2 if silu_mul else 1) + x_bytes * block_m)
+        return st * bk * elem_bytes * (block_n * (2 if silu_mul else 1) + block_m)
 
     while need(block_k, stages) > SMEM_BUDGET and stages > 3:
         stages -= 1
@@ -165,43 +154,6 @@ if HAS_TRITON:
         return tl.dot(w, tl.trans(x), acc)
 
     @triton.jit
-    def _quantize_tile(
-        x_ptrs,
-        m_mask,
-        k_left,
-        min_scale,
-        BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        FP8_MAX_C: tl.constexpr,
-    ):
-        """The rows' next BLOCK_K columns [BLOCK_M, BLOCK_K] (16-bit) -> (e4m3 values, float32 scale per
-        row [BLOCK_M]): scale = max(amax / FP8_MAX_C, min_scale), values = clamp(x / scale), as
-        `quantize_rows_fp8` computes for a whole row."""
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-        else:
-            k_mask = tl.arange(0, BLOCK_K) < k_left
-            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        x = x.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX_C, min_scale)
-        return _quantize_fp8(x, scale[:, None], FP8_MAX_C, tl.float8e4nv), scale
-
-    @triton.jit
-    def _tile_dot(
-        w_ptrs, xq, x_scale, acc, k_left, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr
-    ):
-        """acc [BLOCK_N, BLOCK_M] += (W band [BLOCK_N, BLOCK_K] @ xq.T) * the rows' scales of this block."""
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=(tl.arange(0, BLOCK_K) < k_left)[None, :], other=0.0)
-        if DOT_F32:
-            part = tl.dot(w.to(tl.float32), tl.trans(xq.to(tl.float32)), input_precision="ieee")
-        else:
-            part = tl.dot(w, tl.trans(xq))
-        return acc + part * x_scale[None, :]
-
-    @triton.jit
     def _epilogue(acc, x_scale, w_scale, FP8: tl.constexpr):
         """The float32 product, scaled per row and column for FP8 (rounded by the caller)."""
         if FP8:
@@ -222,10 +174,7 @@ if HAS_TRITON:
         x_stride,
         y_stride,
         up_rows,  # SILU_MUL: the row of W where the up half starts (I); else unused
-        min_scale,  # TILES: the floor of a block's activation scale
         FP8: tl.constexpr,
-        TILES: tl.constexpr,  # FP8 weights, 16-bit x: each SUB_K block of the rows quantized here
-        FP8_MAX_C: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU_MUL: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -254,28 +203,16 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             for j in tl.static_range(BLOCK_K // SUB_K):
                 k_left = K - k0 - j * SUB_K
-                if TILES:
-                    xq, xs = _quantize_tile(x_ptrs, m_mask, k_left, min_scale, SUB_K, EVEN_K, FP8_MAX_C)
-                    acc = _tile_dot(w_ptrs, xq, xs, acc, k_left, SUB_K, EVEN_K, DOT_F32)
-                    if SILU_MUL:
-                        acc_up = _tile_dot(u_ptrs, xq, xs, acc_up, k_left, SUB_K, EVEN_K, DOT_F32)
-                else:
-                    acc = _band_dot(x_ptrs, w_ptrs, m_mask, acc, k_left, SUB_K, EVEN_K, DOT_F32, FP8)
-                    if SILU_MUL:
-                        acc_up = _band_dot(
-                            x_ptrs, u_ptrs, m_mask, acc_up, k_left, SUB_K, EVEN_K, DOT_F32, FP8
-                        )
+                acc = _band_dot(x_ptrs, w_ptrs, m_mask, acc, k_left, SUB_K, EVEN_K, DOT_F32, FP8)
                 if SILU_MUL:
+                    acc_up = _band_dot(x_ptrs, u_ptrs, m_mask, acc_up, k_left, SUB_K, EVEN_K, DOT_F32, FP8)
                     u_ptrs += SUB_K
                 x_ptrs += SUB_K
                 w_ptrs += SUB_K
         x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w_scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if FP8:
-            if TILES:  # the rows' scales are in the sums already
-                x_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-            else:
-                x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
+            x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
             w_scale = tl.load(w_scale_ptr + w_rows)
         out = _epilogue(acc, x_scale, w_scale, FP8)
         if SILU_MUL:
@@ -301,7 +238,6 @@ def _launch(
     silu_mul: bool,
     cfg: GemvConfig | None,
     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-    tile_scales: bool = False,
 ) -> torch.Tensor:
     m, k = x.shape
     if not 1 <= m <= KERNEL_ROWS:
@@ -314,25 +250,21 @@ def _launch(
         raise ValueError("scale: FP8 weights take their per-channel scale, 16-bit weights none")
     if x_fp8 is not None and (not fp8 or x_fp8[0].shape != x.shape or not x_fp8[0].is_contiguous()):
         raise ValueError("x_fp8: x's rows quantized ([M, K] contiguous), for FP8 weights only")
-    tiles = fp8 and tile_scales and x_fp8 is None
-    cfg = cfg or config(k, block_m, silu_mul, fp8, tiles)
+    cfg = cfg or config(k, block_m, silu_mul, fp8)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     x_in, x_scale = x, y  # y: the pointer of an absent tensor (never read)
-    if fp8:
-        from engine.model.quant import FP8_MAX, MIN_ACT_SCALE, quantize_rows_fp8
+    if fp8:  # W8A8: the rows quantized per token as Fp8Linear quantizes them (or by the norm before)
+        from engine.model.quant import quantize_rows_fp8
 
-    if tiles:  # W8A8, the rows quantized in the kernel by blocks of FP8_PROMOTE_K columns (a dot each)
-        block_k = max(32, block_k, min(FP8_PROMOTE_K, triton.next_power_of_2(k)))
-    elif fp8:  # W8A8: the rows quantized per token as Fp8Linear quantizes them (or by the norm before)
         x_in, x_scale = quantize_rows_fp8(x) if x_fp8 is None else x_fp8
         block_k = max(32, block_k)  # the FP8 dot's smallest K
     sub_k = min(block_k, FP8_PROMOTE_K) if fp8 else block_k
     with device_guard(x):
         _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
             x_in, weight, x_scale, y if scale is None else scale, y if bias is None else bias, y,
-            m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0, MIN_ACT_SCALE if fp8 else 0.0,
-            FP8=fp8, TILES=tiles, FP8_MAX_C=FP8_MAX if fp8 else 0.0, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+            m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0,
+            FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB_K=sub_k,
             EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
@@ -347,16 +279,13 @@ def skinny_linear(
     scale: torch.Tensor | None = None,
     cfg: GemvConfig | None = None,
     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-    tile_scales: bool = False,
 ) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (* scale) (+ bias) -> [M, N] in x's dtype (`supports(x, weight)`).
     ``x_fp8``: FP8 weights only, x's rows already quantized (`quantize_rows_fp8(x)`'s pair: float8 [M, K]
-    contiguous, float32 scale [M, 1]), e.g. by `engine.kernels.fused.add_rms_norm_pair_fp8`.
-    ``tile_scales``: FP8 weights without ``x_fp8``: the kernel quantizes x itself, a scale per
-    FP8_PROMOTE_K columns of a row (module docstring)."""
+    contiguous, float32 scale [M, 1]), e.g. by `engine.kernels.fused.add_rms_norm_pair_fp8`."""
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    return _launch(x, weight, bias, scale, False, cfg, x_fp8, tile_scales)
+    return _launch(x, weight, bias, scale, False, cfg, x_fp8)
 
 
 def skinny_linear_silu_mul(
@@ -365,47 +294,23 @@ def skinny_linear_silu_mul(
     scale: torch.Tensor | None = None,
     cfg: GemvConfig | None = None,
     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-    tile_scales: bool = False,
 ) -> torch.Tensor:
     """up * silu(gate) of x [M, K] @ gate_up [2I, K].T (* scale), gate the first I rows -> [M, I]
-    (``x_fp8`` and ``tile_scales`` as for `skinny_linear`)."""
+    (``x_fp8`` as for `skinny_linear`)."""
     if gate_up.shape[0] % 2:
         raise ValueError(f"gate_up: {gate_up.shape[0]} rows, not two halves")
-    return _launch(x, gate_up, None, scale, True, cfg, x_fp8, tile_scales)
-
-
-def quantize_tiles_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (float8_e4m3fn [M, K], float32 scale [M, ceil(K / FP8_PROMOTE_K)]): every FP8_PROMOTE_K
-    columns of a row quantized with their own scale, as `quantize_rows_fp8_reference` quantizes a row."""
-    from engine.model.quant import quantize_rows_fp8_reference
-
-    m, k = x.shape
-    tiles = [quantize_rows_fp8_reference(x[:, i : i + FP8_PROMOTE_K]) for i in range(0, k, FP8_PROMOTE_K)]
-    return torch.cat([q for q, _ in tiles], dim=1), torch.cat([s for _, s in tiles], dim=1)
+    return _launch(x, gate_up, None, scale, True, cfg, x_fp8)
 
 
 def skinny_linear_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    tile_scales: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The spec, in torch ops: 16-bit weights, the float32 product rounded, then + bias rounded; FP8
     weights, `Fp8Linear`'s per-tensor path (rows quantized, product * row scale * column scale + bias in
-    float32, rounded once); with ``tile_scales``, each FP8_PROMOTE_K columns' product times their scales,
-    summed in float32, then * column scale + bias."""
+    float32, rounded once)."""
     if weight.dtype == FP8_DTYPE:
         from engine.model.quant import quantize_rows_fp8_reference, scale_rows_cols_reference
 
-        if tile_scales:
-            xq, x_scales = quantize_tiles_fp8_reference(x)
-            acc = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-            for t, i in enumerate(range(0, x.shape[1], FP8_PROMOTE_K)):
-                part = xq[:, i : i + FP8_PROMOTE_K].float() @ weight[:, i : i + FP8_PROMOTE_K].float().T
-                acc += part * x_scales[:, t : t + 1]
-            x_scale = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-            return scale_rows_cols_reference(acc, x_scale, scale.float(), bias, x.dtype)
         xq, x_scale = quantize_rows_fp8_reference(x)
         acc = xq.float() @ weight.float().T
         return scale_rows_cols_reference(acc, x_scale, scale.float(), bias, x.dtype)
@@ -414,8 +319,8 @@ def skinny_linear_reference(
 
 
 def skinny_linear_silu_mul_reference(
-    x: torch.Tensor, gate_up: torch.Tensor, scale: torch.Tensor | None = None, tile_scales: bool = False
+    x: torch.Tensor, gate_up: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     from engine.kernels.fused import silu_mul_reference
 
-    return silu_mul_reference(skinny_linear_reference(x, gate_up, None, scale, tile_scales))
+    return silu_mul_reference(skinny_linear_reference(x, gate_up, None, scale))

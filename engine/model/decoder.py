@@ -253,12 +253,10 @@ class Glm4vModel(nn.Module):
         return x
 
     @torch.no_grad()
-    def set_decode_gemv(self, on: bool, fp8_tile_scales: bool = False) -> int:
+    def set_decode_gemv(self, on: bool) -> int:
         """Steps of up to gemv.MAX_ROWS tokens run the decoder's linear layers and the lm_head through the
-        skinny kernel (`engine.kernels.gemv`; on: set on each layer, off: cleared). ``fp8_tile_scales``:
-        FP8 layers that no op before hands quantized rows (o, down, lm_head) have the kernel quantize
-        them by blocks of columns (`gemv.skinny_linear`'s ``tile_scales``) instead of a quantization
-        kernel before each. Call after any FP8 swap and before CUDA graphs are captured. Where the kernel runs (CUDA, or Triton's interpreter),
+        skinny kernel (`engine.kernels.gemv`; on: set on each layer, off: cleared). Call after any FP8
+        swap and before CUDA graphs are captured. Where the kernel runs (CUDA, or Triton's interpreter),
         each kind of layer is tried now against its own forward at every row count the kernel compiles
         for (M == 1, M % 16 == 0, others; tiles of 16, 32 and 64 rows), which also compiles it before any
         capture; an error or a relative difference over GEMV_CHECK_TOLERANCE turns it off for the model
@@ -269,14 +267,13 @@ class Glm4vModel(nn.Module):
             layers += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         for module in layers:
             module.decode_gemv = on
-            module.fp8_tile_scales = on and fp8_tile_scales
         if on and self.language_model.layers:
             try:
                 self._check_decode_gemv()
             except Exception as exc:
                 logger.warning("[glm-engine] decode_gemv off: %s", (str(exc).splitlines() or [""])[0][:300])
                 for module in layers:
-                    module.decode_gemv = module.fp8_tile_scales = False
+                    module.decode_gemv = False
                 return 0
         return len(layers) if on else 0
 
@@ -289,18 +286,9 @@ class Glm4vModel(nn.Module):
             for module in kinds:
                 x = torch.randn(rows, module.weight.shape[1], device=self.device, generator=gen)
                 x = x.to(self.dtype)
-                want = module(x)
-                if (
-                    module.fp8_tile_scales
-                    and module.weight.dtype == gemv.FP8_DTYPE
-                    and gemv.supports(x, module.weight)
-                ):
-                    want = gemv.skinny_linear_reference(
-                        x, module.weight, module.bias, module.weight_scale, True
-                    )
-                checks = [(linear(module, x), want)]
+                checks = [(linear(module, x), module(x))]
                 if module is first.mlp.gate_up_proj:
-                    checks.append((linear_silu_mul(module, x), silu_mul(want)))
+                    checks.append((linear_silu_mul(module, x), silu_mul(module(x))))
                 for got, ref in checks:
                     err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
                     if not err <= GEMV_CHECK_TOLERANCE:

@@ -60,15 +60,13 @@ def linear(
 ) -> torch.Tensor:
     """layer(x) for an nn.Linear or an FP8 layer (engine.model.quant.Fp8Linear, whose per-tensor path the
     kernel computes); rows up to gemv.MAX_ROWS through the skinny kernel where the layer has `decode_gemv`
-    set. ``x_fp8``: x's rows quantized (`quantize_rows_fp8(x)`), used where `takes_fp8_rows`; without
-    them, an FP8 layer with `fp8_tile_scales` set has the kernel quantize the rows itself by blocks."""
+    set. ``x_fp8``: x's rows quantized (`quantize_rows_fp8(x)`), used where `takes_fp8_rows`."""
     weight = _gemv_weight(layer, x)
     if weight is None:
         return _forward(layer, x, x_fp8)
     if weight.dtype != gemv.FP8_DTYPE:
         x_fp8 = None
-    scale, tiles = getattr(layer, "weight_scale", None), getattr(layer, "fp8_tile_scales", False)
-    return gemv.skinny_linear(x, weight, layer.bias, scale, x_fp8=x_fp8, tile_scales=tiles)
+    return gemv.skinny_linear(x, weight, layer.bias, getattr(layer, "weight_scale", None), x_fp8=x_fp8)
 
 
 def linear_silu_mul(
@@ -81,8 +79,7 @@ def linear_silu_mul(
         return silu_mul(_forward(layer, x, x_fp8))
     if weight.dtype != gemv.FP8_DTYPE:
         x_fp8 = None
-    scale, tiles = getattr(layer, "weight_scale", None), getattr(layer, "fp8_tile_scales", False)
-    return gemv.skinny_linear_silu_mul(x, weight, scale, x_fp8=x_fp8, tile_scales=tiles)
+    return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None), x_fp8=x_fp8)
 
 
 def silu_mlp(

@@ -159,7 +159,6 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
             "--fp8-tensorwise-rows: -1 must be an integer >= 0",
         ),
         (["--fp8-tensorwise-rows", "320"], "--fp8-tensorwise-rows: needs --dtype fp8"),
-        (["--decode-fp8-tile-scales"], "--decode-fp8-tile-scales: needs --dtype fp8"),
         (["--min-image-pixels", "100", "--max-image-pixels", "10"], "--min-image-pixels: 100 must be <="),
     ],
 )
@@ -200,7 +199,6 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
     assert isinstance(ex.model.lm_head, Fp8Linear)
     assert isinstance(ex.model.language_model.layers[0].mlp.down_proj, Fp8Linear)
     assert config["engine"]["fp8_tensorwise_rows"] == 320
-    assert config["engine"]["decode_fp8_tile_scales"] is False
 
     assert (
         run(
@@ -212,12 +210,10 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
             "fp8",
             "--fp8-tensorwise-rows",
             "384",
-            "--decode-fp8-tile-scales",
         )
         == 0
     )
-    written = json.loads((out / "engine_config.json").read_text())["engine"]
-    assert written["fp8_tensorwise_rows"] == 384 and written["decode_fp8_tile_scales"] is True
+    assert json.loads((out / "engine_config.json").read_text())["engine"]["fp8_tensorwise_rows"] == 384
     capsys.readouterr()
 
     # other dtypes still write quantization "none"

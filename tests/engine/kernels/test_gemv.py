@@ -132,37 +132,6 @@ def check_silu_mul(device: str) -> None:
         gemv.skinny_linear(x, q, scale=scale, x_fp8=(rows[0][:1], rows[1][:1]))
 
 
-def check_tile_scales(device: str) -> None:
-    """``tile_scales``: the kernel quantizing x itself by blocks of FP8_PROMOTE_K columns equals the tile
-    reference (linear with and without bias, silu_mul), and takes given rows (``x_fp8``) as before."""
-    from engine.kernels import gemv
-    from engine.model.quant import quantize_rows_fp8_reference, quantize_weight_fp8
-
-    gen = torch.Generator().manual_seed(3)
-    for m, n, k in [s for s in SHAPES if s[0] <= gemv.FP8_MAX_ROWS] + [(2, 24, 1024)]:
-        x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
-        x[:, :16] *= 40.0  # one block of large columns: its scale is not the others'
-        w = _weights(n + n % 2, k, gen)
-        bias = (torch.randn(n + n % 2, generator=gen) * 0.1).to(device, torch.bfloat16)
-        q, scale = quantize_weight_fp8(w.to(device))
-        what = f"tiles M={m} N={n} K={k}"
-        for b in (None, bias):
-            got = gemv.skinny_linear(x, q, b, scale, tile_scales=True)
-            _assert_close(
-                got,
-                gemv.skinny_linear_reference(x, q, b, scale, tile_scales=True),
-                what,
-                _fp8_steps(device, m),
-            )
-        got = gemv.skinny_linear_silu_mul(x, q, scale, tile_scales=True)
-        ref = gemv.skinny_linear_silu_mul_reference(x, q, scale, tile_scales=True)
-        steps = _fp8_steps(device, m) if device == "cpu" else 2 * _fp8_steps(device, m)
-        _assert_close(got, ref, what + " silu_mul", steps)
-        rows = quantize_rows_fp8_reference(x)  # given rows: their own scales, tile_scales or not
-        got = gemv.skinny_linear(x, q, bias, scale, x_fp8=rows, tile_scales=True)
-        assert torch.equal(got, gemv.skinny_linear(x, q, bias, scale, x_fp8=rows)), what
-
-
 def check_fp8_rounded(device: str) -> None:
     """The interpreter's e4m3 rounding (`engine.kernels.fused._fp8_rounded`, before its own cast) equals
     torch's float32 -> float8_e4m3fn cast:
@@ -306,47 +275,6 @@ def check_decoder_fp8(device: str, checkpoint: str) -> None:
         assert torch.equal(g, r), f"{step}: {(g.float() - r.float()).abs().max()}"
 
 
-def check_decoder_fp8_tiles(device: str, checkpoint: str) -> None:
-    """The tiny decoder in FP8 with decode_gemv and ``fp8_tile_scales``: the layers no norm hands quantized
-    rows (the first qkv, every o and down, the lm_head) quantize them in the kernel, so no row quantization
-    kernel runs (the norms quantize in their own); the tiny model's rows are at most one block of 128
-    columns, so hidden states and logits equal those of a quantization kernel before each such layer."""
-    from test_fused import decoder_outputs
-
-    from engine.model import quant
-    from engine.model.decoder import Glm4vModel
-
-    model = Glm4vModel.from_pretrained(checkpoint, device, torch.bfloat16)
-    quant.quantize_decoder_fp8_(model)
-    num_layers = len(model.language_model.layers)
-    rows_fp8, quantized = quant.quantize_rows_fp8, []
-
-    def counted(x):
-        quantized.append(x.shape[0])
-        return rows_fp8(x)
-
-    quant.quantize_rows_fp8 = counted
-    try:
-        assert model.set_decode_gemv(True) == 4 * num_layers + 1
-        quantized.clear()
-        reference = decoder_outputs(model, device)  # 12 then 2 tokens: both within FP8_MAX_ROWS
-        ref_logits = model.compute_logits(reference[1])
-        # per step the first qkv, every o and down; then the lm_head
-        assert quantized == [12] * (2 * num_layers + 1) + [2] * (2 * num_layers + 1) + [2], quantized
-        assert model.set_decode_gemv(True, fp8_tile_scales=True) == 4 * num_layers + 1
-        assert model.lm_head.fp8_tile_scales and model.language_model.layers[0].mlp.down_proj.fp8_tile_scales
-        quantized.clear()
-        got = decoder_outputs(model, device)
-        logits = model.compute_logits(got[1])
-        assert quantized == [], quantized
-    finally:
-        quant.quantize_rows_fp8 = rows_fp8
-    for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
-        assert torch.equal(g, r), f"{step}: {(g.float() - r.float()).abs().max()}"
-    assert torch.equal(logits, ref_logits)
-    assert model.set_decode_gemv(False) == 0 and not model.lm_head.fp8_tile_scales
-
-
 def check_decoder_fp8_gemm(device: str, checkpoint: str) -> None:
     """The tiny decoder in FP8 without the skinny kernel (prefill, or steps of more rows than it takes):
     each FP8 layer's own W8A8 GEMM, row-wise and tensor-wise, takes the rows the op before quantized (the
@@ -415,36 +343,20 @@ def check_cuda_graph(device: str) -> None:
     torch.cuda.synchronize()
     assert torch.equal(out[0], gemv.skinny_linear(x, w, bias))
     assert torch.equal(out[1], gemv.skinny_linear_silu_mul(x, gate_up))
-    # FP8 weights, the rows quantized in the kernel by blocks
-    from engine.model.quant import quantize_weight_fp8
-
-    q, scale = quantize_weight_fp8(w.float())
-    x1 = x[:1].clone()
-    gemv.skinny_linear(x1, q, bias, scale, tile_scales=True)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = gemv.skinny_linear(x1, q, bias, scale, tile_scales=True)
-    x1.copy_(torch.randn(1, 4096, generator=gen).to(device, torch.bfloat16))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, gemv.skinny_linear(x1, q, bias, scale, tile_scales=True))
 
 
 CHECKS: dict[str, Callable[..., None]] = {
     "linear": check_linear,
     "silu_mul": check_silu_mul,
     "supports": check_supports,
-    "tile_scales": check_tile_scales,
     "fp8_rounded": check_fp8_rounded,
     "decoder": check_decoder,
     "decoder_fp8": check_decoder_fp8,
     "decoder_fp8_gemm": check_decoder_fp8_gemm,
-    "decoder_fp8_tiles": check_decoder_fp8_tiles,
 }
 
 
-@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "tile_scales", "fp8_rounded"])
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "fp8_rounded"])
 def test_kernel_equals_reference_in_interpreter(check):
     run_interpreted(__file__, check)
 
@@ -457,40 +369,8 @@ def test_fp8_decoder_norms_quantize_for_the_kernel_in_interpreter(tiny_checkpoin
     run_interpreted(__file__, "decoder_fp8", str(tiny_checkpoint))
 
 
-def test_fp8_decoder_tile_scales_quantize_in_the_kernel_in_interpreter(tiny_checkpoint):
-    run_interpreted(__file__, "decoder_fp8_tiles", str(tiny_checkpoint))
-
-
 def test_fp8_decoder_norms_quantize_for_the_layers_gemm(tiny_checkpoint):
     check_decoder_fp8_gemm("cpu", str(tiny_checkpoint))
-
-
-def test_tile_reference_is_the_row_reference_for_one_block_and_keeps_resolution_beside_outliers():
-    """The tile reference (`quantize_tiles_fp8_reference`): a row of at most FP8_PROMOTE_K columns is one
-    block, quantized as `quantize_rows_fp8_reference` quantizes it. e4m3's exponent spans the rest of a row
-    beside outliers a few thousand times larger (300 x: 2.6 % error either way); beside 30 000 x, a row's
-    one scale sends the other blocks into e4m3's subnormals and their own scales keep them 3 x nearer."""
-    from engine.kernels import gemv
-    from engine.model.quant import quantize_rows_fp8_reference
-
-    gen = torch.Generator().manual_seed(4)
-    block = gemv.FP8_PROMOTE_K
-    x = torch.randn(3, block, generator=gen).to(torch.bfloat16)
-    q_tiles, s_tiles = gemv.quantize_tiles_fp8_reference(x)
-    q_rows, s_rows = quantize_rows_fp8_reference(x)
-    assert torch.equal(q_tiles.view(torch.uint8), q_rows.view(torch.uint8)) and torch.equal(s_tiles, s_rows)
-    x = torch.randn(3, 4 * block + 32, generator=gen)
-    x[:, :8] *= 30000.0
-    x = x.to(torch.bfloat16)
-    q_tiles, s_tiles = gemv.quantize_tiles_fp8_reference(x)
-    assert s_tiles.shape == (3, 5)
-    back_tiles = q_tiles.float() * s_tiles.repeat_interleave(block, dim=1)[:, : x.shape[1]]
-    q_rows, s_rows = quantize_rows_fp8_reference(x)
-    back_rows = q_rows.float() * s_rows
-    tail = x[:, block:].float()
-    err_tiles = float((back_tiles[:, block:] - tail).norm() / tail.norm())
-    err_rows = float((back_rows[:, block:] - tail).norm() / tail.norm())
-    assert err_tiles < 0.03 and err_rows > 2.5 * err_tiles, (err_tiles, err_rows)
 
 
 def test_not_supported_on_cpu_without_interpreter():
@@ -502,7 +382,7 @@ def test_not_supported_on_cpu_without_interpreter():
     assert not gemv.supports(x, w)
 
 
-@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "tile_scales"])
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports"])
 @pytest.mark.gpu
 def test_cuda_kernel_equals_reference(check):
     CHECKS[check]("cuda")
@@ -516,11 +396,6 @@ def test_cuda_decoder_with_decode_gemv(tiny_checkpoint):
 @pytest.mark.gpu
 def test_cuda_fp8_decoder_norms_quantize_for_the_kernel(tiny_checkpoint):
     check_decoder_fp8("cuda", str(tiny_checkpoint))
-
-
-@pytest.mark.gpu
-def test_cuda_fp8_decoder_tile_scales_quantize_in_the_kernel(tiny_checkpoint):
-    check_decoder_fp8_tiles("cuda", str(tiny_checkpoint))
 
 
 @pytest.mark.gpu
