@@ -508,6 +508,38 @@ def plot(res: dict, path: Path) -> Path:
     return path
 
 
+def autotune_bench(mc, rows: tuple[int, ...], bound: int) -> dict:
+    """The engine's start-up choice (`--fp8-gemm-autotune`) on the full-size decoder (random weights, FP8):
+    `autotune_tensorwise_rows_` above ``bound`` rows at ``rows``; per kind and M the per-tensor and row-wise
+    ms of its 40 layers and the choice, and per M the 40 layers' sum with the choices against row-wise."""
+    from engine.model.decoder import Glm4vModel
+    from engine.model.quant import autotune_tensorwise_rows_, quantize_decoder_fp8_, set_tensorwise_rows_
+
+    model = Glm4vModel.dummy(mc, "cuda", "bfloat16", seed=0)
+    quantize_decoder_fp8_(model)
+    set_tensorwise_rows_(model, bound)
+    start = time.perf_counter()
+    times = autotune_tensorwise_rows_(model, rows)
+    seconds = time.perf_counter() - start
+    sums: dict = {}
+    for kind, by_rows in times.items():
+        print(f"autotune {kind:20s} " + "  ".join(f"{m}: {t:.2f}/{r:.2f}" for m, (t, r) in by_rows.items()))
+        for m, (t, r) in by_rows.items():
+            tuned, rowwise = sums.setdefault(str(m), [0.0, 0.0])
+            sums[str(m)] = [tuned + min(t, r), rowwise + r]
+    for m, (tuned, rowwise) in sums.items():
+        print(f"autotune M={m}: 40 layers {rowwise:.2f} ms row-wise -> {tuned:.2f} ms with the choices")
+    print(f"autotune took {seconds:.1f} s", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return {
+        "bound": bound,
+        "seconds": seconds,
+        "ms": {kind: {str(m): list(pair) for m, pair in by_rows.items()} for kind, by_rows in times.items()},
+        "sums_ms": {m: {"tuned": tuned, "rowwise": rowwise} for m, (tuned, rowwise) in sums.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.engine_probe import _full_model_config
 
@@ -541,6 +573,13 @@ def main(argv: list[str] | None = None) -> int:
         "--prefill-rows",
         help="comma-separated M: prefill-shaped layers in bf16 and FP8 instead of the decode layers, engine and sweep",
     )
+    ap.add_argument(
+        "--autotune",
+        type=int,
+        metavar="BOUND",
+        help="with --prefill-rows: also the engine's --fp8-gemm-autotune choice above BOUND rows (the full-size "
+        "FP8 decoder's layers timed at those rows)",
+    )
     args = ap.parse_args(argv)
     if args.plot is not None:
         print(plot(json.loads(args.plot.read_text()), args.plot.with_name("gemv.png")))
@@ -563,8 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     res["copy"] = measure_copy_bandwidth()
     print(f"copy bandwidth {res['copy']['tb_s']:.2f} TB/s", flush=True)
     if args.prefill_rows:
-        res["prefill"] = prefill_bench(mc, tuple(int(m) for m in args.prefill_rows.split(",")))
+        prefill_rows = tuple(int(m) for m in args.prefill_rows.split(","))
+        res["prefill"] = prefill_bench(mc, prefill_rows)
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
+        if args.autotune is not None:
+            res["autotune"] = autotune_bench(mc, prefill_rows, args.autotune)
+            (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
         plot(res, args.out / "gemv.png")
         return 0
     if not args.engine_only:

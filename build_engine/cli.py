@@ -63,6 +63,7 @@ FIELD_FLAGS = {
     "vision_attention": "--vision-attention",
     "vision_quantization": "--vision-dtype",
     "fp8_tensorwise_rows": "--fp8-tensorwise-rows",
+    "fp8_gemm_autotune": "--fp8-gemm-autotune",
 }
 
 
@@ -214,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dtype fp8: CUDA graphs of steps up to this many token rows run the per-tensor FP8 GEMM "
         "(float32 out, then the scales), larger ones the row-wise GEMM; default 320: the decode graphs and a "
         "448x448's prefill graph (the mixed steps beside a 320-token chunk, 384 rows, stay row-wise: faster there)",
+    )
+    p.add_argument(
+        "--fp8-gemm-autotune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --dtype fp8: above --fp8-tensorwise-rows, time each kind of decoder layer with both FP8 "
+        "GEMMs at each prefill graph's token bucket when the engine starts, and let the graphs run the faster "
+        "(default off: row-wise above the bound)",
     )
     p.add_argument(
         "--decode-pdl",
@@ -380,6 +389,11 @@ def build(args: argparse.Namespace) -> Path:
         "needs --dtype fp8",
     )
     _check(
+        args.fp8_gemm_autotune is None or args.dtype == FP8_DTYPE_FLAG,
+        "--fp8-gemm-autotune",
+        "needs --dtype fp8",
+    )
+    _check(
         args.pixels_by_reference or not args.resize_on_device,
         "--resize-on-device",
         "needs --pixels-by-reference (the images it resizes go as files of the shared directory)",
@@ -467,6 +481,11 @@ def build(args: argparse.Namespace) -> Path:
                     EngineConfig.fp8_tensorwise_rows
                     if args.fp8_tensorwise_rows is None
                     else args.fp8_tensorwise_rows
+                ),
+                fp8_gemm_autotune=(
+                    EngineConfig.fp8_gemm_autotune
+                    if args.fp8_gemm_autotune is None
+                    else args.fp8_gemm_autotune
                 ),
                 vision_patches_per_step=args.vision_patches_per_step,
                 vision_attention=args.vision_attention,

@@ -308,6 +308,10 @@ class EngineConfig:
     # 21.25 at 1236 (benchmarks.gemv_bench --prefill-rows); through Triton 320 took ~1 ms off a new 448x448's
     # first step and 384 cost 3.6 % of 32 x 1288x728's req/s
     fp8_tensorwise_rows: int = 320
+    # FP8 layers above fp8_tensorwise_rows: at start-up each kind of decoder layer (qkv, o, gate/up, down) is
+    # timed with both GEMMs at each prefill graph's token bucket, and CUDA graphs of that many rows run the
+    # faster (engine.model.quant.autotune_tensorwise_rows_; CUDA only). Off: row-wise above the bound
+    fp8_gemm_autotune: bool = False
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch
@@ -342,6 +346,7 @@ class EngineConfig:
             "mixed_step_graphs",
             "decode_gemv",
             "decode_pdl",
+            "fp8_gemm_autotune",
             "enable_prefix_caching",
             "async_vision",
         ):

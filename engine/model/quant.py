@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -233,6 +234,9 @@ class Fp8Linear(nn.Module):
         self.kernel = "dequant"  # "scaled_mm" (an fp8 GEMM runs) | "dequant"; see select_kernel
         self.has_tensorwise = False  # the per-tensor GEMM runs here (select_kernel checked it)
         self.tensorwise_max_m = 0  # rows up to which graphs run the per-tensor GEMM + epilogue (0: never)
+        # above tensorwise_max_m: (rows, per-tensor?) by ascending rows, timed at start-up
+        # (`autotune_tensorwise_rows_`): a graph of m rows runs what the first entry of rows >= m says
+        self.tensorwise_timed: tuple[tuple[int, bool], ...] = ()
         self.rowwise: str | None = None  # larger M: "fused_bias" | "plain" row-wise _scaled_mm | None
 
     @classmethod
@@ -343,12 +347,18 @@ class Fp8Linear(nn.Module):
     def _path_of(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> str:
         if self.kernel != "scaled_mm" or device != self.weight.device or dtype != self.dtype:
             return "dequant"
-        small = num_rows <= self.tensorwise_max_m
+        small = num_rows <= self.tensorwise_max_m or self._timed_tensorwise(num_rows)
         if small and (
             self.rowwise is None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         ):
             return "tensorwise"
         return "rowwise" if self.rowwise else "dequant"
+
+    def _timed_tensorwise(self, num_rows: int) -> bool:
+        for rows, tensorwise in self.tensorwise_timed:
+            if num_rows <= rows:
+                return tensorwise
+        return False
 
     def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
         """W8A16 reference: (x @ weight.T in x's dtype) * weight_scale + bias. float16 dequantizes the
@@ -479,6 +489,64 @@ def set_tensorwise_rows_(model: nn.Module, rows: int) -> int:
     return count
 
 
+DECODER_KINDS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+@torch.no_grad()
+def autotune_tensorwise_rows_(
+    model: nn.Module,
+    rows: list[int] | tuple[int, ...],
+    timer: Callable[[list[Fp8Linear], str, int], float] | None = None,
+) -> dict[str, dict[int, tuple[float, float]]]:
+    """Time, for each kind of decoder layer (qkv, o, gate/up, down) whose FP8 layers have both GEMMs, and
+    for each count of ``rows`` above the layers' bound (`set_tensorwise_rows_`), the kind's layers one after
+    another (every decoder layer's: the weights stream from memory as in a step) with the per-tensor GEMM +
+    epilogue and with the row-wise GEMM, on rows quantized already; CUDA graphs of up to that many rows (and
+    more than the next smaller count) then run the faster (`Fp8Linear.tensorwise_timed`), as TensorRT-LLM
+    picks a GEMM tactic per shape when it builds. ``timer(layers, path, m) -> ms``: CUDA events by
+    default. Returns {kind: {rows: (per-tensor ms, row-wise ms)}}. Call before any graph is captured;
+    calling again replaces the choices."""
+    timer = timer or _time_layers
+    out: dict[str, dict[int, tuple[float, float]]] = {}
+    decoder = model.language_model.layers
+    for kind in DECODER_KINDS:
+        layers = [layer.get_submodule(kind) for layer in decoder]
+        layers = [x for x in layers if isinstance(x, Fp8Linear) and x.has_tensorwise and x.rowwise]
+        if not layers:
+            continue
+        bound = max(x.tensorwise_max_m for x in layers)
+        times = {
+            m: (timer(layers, "tensorwise", m), timer(layers, "rowwise", m))
+            for m in sorted(set(rows))
+            if m > bound
+        }
+        choice = tuple((m, tensorwise_ms < rowwise_ms) for m, (tensorwise_ms, rowwise_ms) in times.items())
+        for layer in layers:
+            layer.tensorwise_timed = choice
+        out[kind] = times
+    return out
+
+
+def _time_layers(layers: list[Fp8Linear], path: str, m: int, repeats: int = 3) -> float:
+    """ms of ``layers`` one after another on the same [m, in] rows (quantized once), with the GEMM of
+    ``path``: the least of ``repeats`` passes after one that warms up (cuBLAS's choice for the shape)."""
+    first = layers[0]
+    x = torch.randn(m, first.in_features, device=first.weight.device, dtype=first.dtype)
+    rows = quantize_rows_fp8(x)
+    for layer in layers[:2]:
+        layer._forward_fp8(x, path, rows)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for layer in layers:
+            layer._forward_fp8(x, path, rows)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
 @torch.no_grad()
 def quantize_vision_fp8_(model: nn.Module) -> int:
     """Swap the ViT's linears (`vision_linear_names`) for `Fp8Linear` in place, as `quantize_decoder_fp8_`
@@ -517,6 +585,7 @@ __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
     "TENSORWISE_MAX_M",
+    "autotune_tensorwise_rows_",
     "Fp8Linear",
     "decoder_linear_names",
     "dequantize_weight",

@@ -146,6 +146,8 @@ def prepare_model(
             weight_bytes(model) / 1e9,
         )
         set_tensorwise_rows_(model, engine_config.fp8_tensorwise_rows)  # before any graph is captured
+        if engine_config.fp8_gemm_autotune and device.type == "cuda" and not enforce_eager:
+            autotune_fp8_gemms(model, engine_config)
     if engine_config.vision_quantization == "fp8":
         from engine.model.quant import quantize_vision_fp8_
 
@@ -170,6 +172,23 @@ def prepare_model(
     model.visual.set_attention(engine_config.vision_attention)  # before any graph is captured
     if engine_config.vision_cuda_graphs and device.type == "cuda" and not enforce_eager:
         model.visual.enable_cuda_graphs(max_patches=max(16384, engine_config.max_num_vision_patches))
+
+
+def autotune_fp8_gemms(model: torch.nn.Module, engine_config: EngineConfig) -> None:
+    """`engine.model.quant.autotune_tensorwise_rows_` at the prefill graphs' token buckets (a mixed step's rows
+    fall in one of them too), and the choices logged, a line per kind of layer."""
+    from engine.model.quant import autotune_tensorwise_rows_
+    from engine.runner.cuda_graphs import prefill_buckets
+
+    start = time.perf_counter()
+    times = autotune_tensorwise_rows_(model, prefill_buckets(engine_config.max_num_batched_tokens))
+    for kind, by_rows in times.items():
+        logger.info(
+            "[glm-engine] fp8 GEMM by rows, %s (per-tensor / row-wise ms, the faster in graphs): %s",
+            kind,
+            ", ".join(f"{m}: {t:.2f}/{r:.2f} {'T' if t < r else 'R'}" for m, (t, r) in by_rows.items()),
+        )
+    logger.info("[glm-engine] fp8 GEMMs timed in %.1f s", time.perf_counter() - start)
 
 
 # A step of one-token steps and prompt chunks that continue cached context, each of at most this many

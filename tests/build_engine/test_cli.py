@@ -159,6 +159,7 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
             "--fp8-tensorwise-rows: -1 must be an integer >= 0",
         ),
         (["--fp8-tensorwise-rows", "320"], "--fp8-tensorwise-rows: needs --dtype fp8"),
+        (["--fp8-gemm-autotune"], "--fp8-gemm-autotune: needs --dtype fp8"),
         (["--min-image-pixels", "100", "--max-image-pixels", "10"], "--min-image-pixels: 100 must be <="),
     ],
 )
@@ -198,7 +199,7 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
     ex = LLMEngine.from_engine_dir(out)
     assert isinstance(ex.model.lm_head, Fp8Linear)
     assert isinstance(ex.model.language_model.layers[0].mlp.down_proj, Fp8Linear)
-    assert config["engine"]["fp8_tensorwise_rows"] == 320
+    assert config["engine"]["fp8_tensorwise_rows"] == 320 and config["engine"]["fp8_gemm_autotune"] is False
 
     assert (
         run(
@@ -210,10 +211,12 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
             "fp8",
             "--fp8-tensorwise-rows",
             "384",
+            "--fp8-gemm-autotune",
         )
         == 0
     )
-    assert json.loads((out / "engine_config.json").read_text())["engine"]["fp8_tensorwise_rows"] == 384
+    engine = json.loads((out / "engine_config.json").read_text())["engine"]
+    assert engine["fp8_tensorwise_rows"] == 384 and engine["fp8_gemm_autotune"] is True
     capsys.readouterr()
 
     # other dtypes still write quantization "none"

@@ -31,6 +31,7 @@ from engine.model.quant import (
     FP8_MAX,
     TENSORWISE_MAX_M,
     Fp8Linear,
+    autotune_tensorwise_rows_,
     decoder_linear_names,
     dequantize_weight,
     quantize_decoder_fp8_,
@@ -266,6 +267,63 @@ def test_tensorwise_rows_bound_the_per_tensor_gemm_of_the_decoder_layers_that_ha
         set_tensorwise_rows_(model, -1)
 
 
+def test_autotune_gives_each_kind_of_layer_the_faster_gemm_per_row_bucket_above_the_bound(model_config):
+    """`autotune_tensorwise_rows_` times each kind of decoder layer that has both GEMMs at each row count
+    above the bound (never at or below it), hands every layer of the kind the faster per count, and a
+    graph's rows take the choice of the smallest timed count that holds them (none above the largest:
+    row-wise). The kernels are set as a GPU's `select_kernel` sets them; the timer is given."""
+    model = Glm4vModel.dummy(model_config, "cpu", "bfloat16", seed=0)
+    quantize_decoder_fp8_(model)
+    kinds = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    for layer in model.language_model.layers:
+        for kind in kinds[:3]:  # down_proj keeps no GEMM: not timed, not changed
+            fp8 = layer.get_submodule(kind)
+            fp8.kernel, fp8.has_tensorwise, fp8.tensorwise_max_m, fp8.rowwise = (
+                "scaled_mm",
+                True,
+                128,
+                "plain",
+            )
+    assert set_tensorwise_rows_(model, 320) == 3 * len(model.language_model.layers)
+    # per-tensor faster: qkv at 384 and 1280, o at 448, gate/up nowhere (a tie goes row-wise)
+    faster = {("qkv_proj", 384), ("qkv_proj", 1280), ("o_proj", 448)}
+    calls = []
+
+    def timer(layers, path, m):
+        name = next(n for n, x in model.named_modules() if x is layers[0]).rsplit(".", 1)[1]
+        calls.append((name, path, m, len(layers)))
+        if name == "gate_up_proj":
+            return 1.0
+        return 1.0 if (path == "tensorwise") == ((name, m) in faster) else 2.0
+
+    times = autotune_tensorwise_rows_(model, [128, 320, 1280, 384, 448, 384], timer=timer)
+    assert list(times) == list(kinds[:3])
+    assert times["self_attn.qkv_proj"] == {384: (1.0, 2.0), 448: (2.0, 1.0), 1280: (1.0, 2.0)}
+    assert {m for _, _, m, _ in calls} == {384, 448, 1280}  # 128 and 320 are within the bound
+    assert len(calls) == 3 * 3 * 2 and {n for *_, n in calls} == {len(model.language_model.layers)}
+    qkv, o, gate_up, down = (model.language_model.layers[-1].get_submodule(k) for k in kinds)
+    assert qkv.tensorwise_timed == ((384, True), (448, False), (1280, True))
+    assert o.tensorwise_timed == ((384, False), (448, True), (1280, False))
+    assert gate_up.tensorwise_timed == ((384, False), (448, False), (1280, False))
+    assert down.tensorwise_timed == () and down.kernel == "dequant"
+    # rows -> the GEMM a graph of that many rows captures (rowwise None: the bound's answer on any device)
+    qkv.rowwise = None
+    paths = {
+        m: qkv._path_of(m, torch.bfloat16, torch.device("cpu"))
+        for m in (320, 321, 384, 385, 448, 449, 1280, 1281)
+    }
+    assert paths == {
+        320: "tensorwise",  # the bound
+        321: "tensorwise",  # up to 384: timed per-tensor
+        384: "tensorwise",
+        385: "dequant",  # up to 448: row-wise
+        448: "dequant",
+        449: "tensorwise",  # up to 1280: per-tensor
+        1280: "tensorwise",
+        1281: "dequant",  # above every timed count
+    }
+
+
 def test_quantized_tiny_model_logits_and_greedy(tiny_checkpoint, model_config, caplog):
     mc = model_config
     bf16 = Glm4vModel.from_pretrained(tiny_checkpoint, "cpu", "bfloat16", mc)
@@ -466,9 +524,15 @@ def test_cuda_scaled_mm_path_equals_dequantized_path(tiny_checkpoint, model_conf
             torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)  # fma vs mul+add: <= 1 ulp
         # CUDA graphs: capture, change the input in place, replay == eager of the same path (small M is
         # captured as "tensorwise" and runs "rowwise" eagerly; large M is "rowwise" in both, unless the
-        # layer's bound is raised: fp8_tensorwise_rows)
-        for m, path, bound in ((16, "tensorwise", None), (200, "rowwise", None), (200, "tensorwise", 320)):
-            layer.tensorwise_max_m = bound or TENSORWISE_MAX_M
+        # layer's bound is raised: fp8_tensorwise_rows, or autotune_tensorwise_rows_ chose per-tensor above it)
+        for m, path, bound, timed in (
+            (16, "tensorwise", None, ()),
+            (200, "rowwise", None, ()),
+            (200, "tensorwise", 320, ()),
+            (200, "tensorwise", None, ((256, True),)),
+            (200, "rowwise", None, ((192, True), (256, False))),
+        ):
+            layer.tensorwise_max_m, layer.tensorwise_timed = bound or TENSORWISE_MAX_M, timed
             x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
             assert torch.equal(layer(x), layer._forward_fp8(x, "rowwise"))
             stream = torch.cuda.Stream()
@@ -502,3 +566,38 @@ def test_cuda_scaled_mm_path_equals_dequantized_path(tiny_checkpoint, model_conf
     for ids in prompts()[:8]:
         ref, got = all_logits(bf16, ids, torch.bfloat16)[-1], all_logits(fp8, ids, torch.bfloat16)[-1]
         assert float((got - ref).abs().max()) < 2 * MAX_ABS_LOGIT_ERROR
+
+
+@pytest.mark.gpu
+def test_cuda_autotune_times_both_gemms_and_graphs_replay_the_choice(tiny_checkpoint, model_config):
+    """`autotune_tensorwise_rows_` with its CUDA-event timer on the tiny model in FP8: every kind with both
+    GEMMs gets a positive time for each and a choice per count above the bound; the engine's start-up
+    (`prepare_model` with fp8_gemm_autotune) sets the same kind of table."""
+    from engine.config import EngineConfig
+    from engine.runner.model_runner import prepare_model
+
+    device = torch.device("cuda")
+    model = Glm4vModel.from_pretrained(tiny_checkpoint, device, "bfloat16", model_config)
+    quantize_decoder_fp8_(model)
+    set_tensorwise_rows_(model, 64)
+    times = autotune_tensorwise_rows_(model, [32, 64, 96, 160])
+    assert times, "no decoder layer of the tiny model has both FP8 GEMMs"
+    for kind, by_rows in times.items():
+        assert list(by_rows) == [96, 160], kind
+        assert all(0 < ms < 1e3 for pair in by_rows.values() for ms in pair), (kind, by_rows)
+        layer = model.language_model.layers[0].get_submodule(kind)
+        assert layer.tensorwise_timed == tuple((m, t < r) for m, (t, r) in by_rows.items())
+
+    model = Glm4vModel.from_pretrained(tiny_checkpoint, device, "bfloat16", model_config)
+    config = EngineConfig(
+        device="cuda",
+        dtype="bfloat16",
+        quantization="fp8",
+        fp8_gemm_autotune=True,
+        max_num_batched_tokens=512,
+    )
+    prepare_model(model, config, device, enforce_eager=True)  # eager: no timing
+    assert all(not x.tensorwise_timed for x in model.modules() if isinstance(x, Fp8Linear))
+    prepare_model(model, config, device)
+    timed = [x.tensorwise_timed for x in model.modules() if isinstance(x, Fp8Linear) and x.tensorwise_timed]
+    assert timed and {m for table in timed for m, _ in table} == {384, 448, 512}  # the buckets above 320
