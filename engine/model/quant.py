@@ -503,7 +503,7 @@ def autotune_tensorwise_rows_(
     another (every decoder layer's: the weights stream from memory as in a step) with the per-tensor GEMM +
     epilogue and with the row-wise GEMM, on rows quantized already; CUDA graphs of up to that many rows (and
     more than the next smaller count) then run the faster (`Fp8Linear.tensorwise_timed`), as TensorRT-LLM
-    picks a GEMM tactic per shape when it builds. ``timer(layers, path, m) -> ms``: CUDA events by
+    picks a GEMM tactic per shape when it builds. ``timer(layers, path, m) -> ms``: a CUDA graph of them by
     default. Returns {kind: {rows: (per-tensor ms, row-wise ms)}}. Call before any graph is captured;
     calling again replaces the choices."""
     timer = timer or _time_layers
@@ -524,26 +524,41 @@ def autotune_tensorwise_rows_(
         for layer in layers:
             layer.tensorwise_timed = choice
         out[kind] = times
+    if out and timer is _time_layers:
+        torch.cuda.empty_cache()  # the timing graphs' memory back to the driver before the KV cache is sized
     return out
 
 
 def _time_layers(layers: list[Fp8Linear], path: str, m: int, repeats: int = 3) -> float:
-    """ms of ``layers`` one after another on the same [m, in] rows (quantized once), with the GEMM of
-    ``path``: the least of ``repeats`` passes after one that warms up (cuBLAS's choice for the shape)."""
+    """ms of ``layers`` one after another on the same [m, in] rows (quantized once) with the GEMM of ``path``,
+    replayed from a CUDA graph as the engine's steps are (eagerly the per-tensor path's ~0.1 ms of CPU a
+    call would be timed instead): the least of ``repeats`` replays after a warm-up run and one replay."""
     first = layers[0]
     x = torch.randn(m, first.in_features, device=first.weight.device, dtype=first.dtype)
     rows = quantize_rows_fp8(x)
-    for layer in layers[:2]:
-        layer._forward_fp8(x, path, rows)
+
+    def run() -> None:
+        for layer in layers:
+            layer._forward_fp8(x, path, rows)
+
+    stream = torch.cuda.Stream(device=x.device)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(stream):
+        run()  # cuBLAS's workspace and its choice for the shape, before the capture
+    torch.cuda.current_stream(x.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
     best = float("inf")
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for layer in layers:
-            layer._forward_fp8(x, path, rows)
+        graph.replay()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end))
+    del graph
     return best
 
 
