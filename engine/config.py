@@ -310,7 +310,9 @@ class EngineConfig:
     fp8_tensorwise_rows: int = 320
     # FP8 layers above fp8_tensorwise_rows: at start-up each kind of decoder layer (qkv, o, gate/up, down) is
     # timed with both GEMMs at each prefill graph's token bucket, and CUDA graphs of that many rows run the
-    # faster (engine.model.quant.autotune_tensorwise_rows_; CUDA only). Off: row-wise above the bound
+    # faster (engine.model.quant.autotune_tensorwise_rows_; CUDA only). On an H100 a choice per kind took the
+    # 40 layers 9.89 -> 8.84 ms at 448 rows, 19.60 -> 18.96 at 1280 (gemv_bench --prefill-rows, from graphs).
+    # Off until the engine's own timing is checked on a GPU: row-wise above the bound
     fp8_gemm_autotune: bool = False
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
