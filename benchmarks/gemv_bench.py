@@ -508,6 +508,26 @@ def plot(res: dict, path: Path) -> Path:
     return path
 
 
+def choice_sums(prefill: dict, times: dict, num_layers: int) -> dict:
+    """Per M that both ``prefill`` (`prefill_bench`'s graph timings over weight copies) and ``times``
+    (`autotune_tensorwise_rows_`'s {kind: {M: (per-tensor ms, row-wise ms)}}) have: the ``num_layers``
+    layers' matmuls in ms, from the graph timings, with the engine's choice per kind, with the faster per
+    kind, and all row-wise: whether the start-up timing picks what the graphs say."""
+    out: dict = {}
+    for kind, by_rows in times.items():
+        name = kind.rsplit(".", 1)[-1].removesuffix("_proj")  # self_attn.qkv_proj -> qkv
+        for m, (tensorwise_ms, rowwise_ms) in by_rows.items():
+            graph = prefill["layers"].get(name, {}).get("rows", {}).get(str(m), {})
+            if "fp8_tensorwise" not in graph or "fp8_rows" not in graph:
+                continue
+            t_us, r_us = graph["fp8_tensorwise"]["us"], graph["fp8_rows"]["us"]
+            sums = out.setdefault(str(m), {"engine": 0.0, "best": 0.0, "rowwise": 0.0})
+            sums["engine"] += num_layers * (t_us if tensorwise_ms < rowwise_ms else r_us) / 1e3
+            sums["best"] += num_layers * min(t_us, r_us) / 1e3
+            sums["rowwise"] += num_layers * r_us / 1e3
+    return out
+
+
 def autotune_bench(mc, rows: tuple[int, ...], bound: int) -> dict:
     """The engine's start-up choice (`--fp8-gemm-autotune`) on the full-size decoder (random weights, FP8):
     `autotune_tensorwise_rows_` above ``bound`` rows at ``rows``; per kind and M the per-tensor and row-wise
@@ -523,8 +543,8 @@ def autotune_bench(mc, rows: tuple[int, ...], bound: int) -> dict:
     seconds = time.perf_counter() - start
     sums: dict = {}
     for kind, by_rows in times.items():
-        print(f"autotune {kind:20s} " + "  ".join(f"{m}: {t:.2f}/{r:.2f}" for m, (t, r) in by_rows.items()))
         for m, (t, r) in by_rows.items():
+            print(f"autotune {kind} M={m}: per-tensor {t:.2f} ms, row-wise {r:.2f} ms")
             tuned, rowwise = sums.setdefault(str(m), [0.0, 0.0])
             sums[str(m)] = [tuned + min(t, r), rowwise + r]
     for m, (tuned, rowwise) in sums.items():
@@ -607,6 +627,15 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
         if args.autotune is not None:
             res["autotune"] = autotune_bench(mc, prefill_rows, args.autotune)
+            times = {
+                kind: {int(m): pair for m, pair in by.items()} for kind, by in res["autotune"]["ms"].items()
+            }
+            res["autotune"]["graph_sums_ms"] = choice_sums(res["prefill"], times, mc.num_hidden_layers)
+            for m, sums in res["autotune"]["graph_sums_ms"].items():
+                print(
+                    f"autotune choice M={m} (graph timings, 40 layers): row-wise {sums['rowwise']:.2f} ms, "
+                    f"the engine's {sums['engine']:.2f}, the faster per kind {sums['best']:.2f}"
+                )
             (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
         plot(res, args.out / "gemv.png")
         return 0

@@ -123,3 +123,47 @@ def test_sweep_candidates() -> None:
     from engine.kernels.gemv import config
 
     assert config(4096) in bf16 and config(13696) in bf16  # the defaults are among the candidates
+
+
+def test_choice_sums_price_the_engines_choice_with_the_graph_timings() -> None:
+    """`choice_sums`: per M, the layers' matmuls from the graph timings with the start-up timer's choice
+    per kind, with the faster per kind and all row-wise; kinds or rows the graphs lack are left out."""
+
+    def graph(tensorwise_us: float, rowwise_us: float) -> dict:
+        return {"fp8_tensorwise": {"us": tensorwise_us}, "fp8_rows": {"us": rowwise_us}}
+
+    prefill = {
+        "layers": {
+            "qkv": {"rows": {"448": graph(20.0, 30.0), "640": graph(40.0, 30.0)}},
+            "o": {"rows": {"448": graph(10.0, 5.0)}},
+            "down": {"rows": {"448": {"fp8_rows": {"us": 7.0}}}},  # no per-tensor timing: left out
+        }
+    }
+    times = {
+        "self_attn.qkv_proj": {448: (1.0, 2.0), 640: (1.0, 2.0)},  # per-tensor chosen at both
+        "self_attn.o_proj": {448: (1.0, 2.0), 2048: (2.0, 1.0)},  # 2048: no graph timing
+        "mlp.down_proj": {448: (2.0, 1.0)},
+    }
+    sums = gemv_bench.choice_sums(prefill, times, num_layers=10)
+    assert sums == {
+        "448": {
+            "engine": pytest.approx(10 * (20.0 + 10.0) / 1e3),
+            "best": pytest.approx(10 * (20.0 + 5.0) / 1e3),
+            "rowwise": pytest.approx(10 * (30.0 + 5.0) / 1e3),
+        },
+        "640": {"engine": pytest.approx(0.4), "best": pytest.approx(0.3), "rowwise": pytest.approx(0.3)},
+    }
+
+
+def test_choice_sums_of_the_committed_eager_autotune_run() -> None:
+    """The H100 run at 2a09ca1: its eager start-up timings chose row-wise nearly everywhere, so the engine's
+    sums sit at row-wise, above the graph timings' faster-per-kind sums (1.0 ms at 448 rows)."""
+    run = REPO_ROOT / "benchmarks/results/2026-12-07-h100-fp8-gemm-autotune-2a09ca1/gemv_bench.json"
+    res = json.loads(run.read_text())
+    times = {kind: {int(m): pair for m, pair in by.items()} for kind, by in res["autotune"]["ms"].items()}
+    sums = gemv_bench.choice_sums(res["prefill"], times, num_layers=40)
+    assert sorted(sums, key=int) == ["384", "448", "512", "640", "1024", "1280", "2048"]
+    assert sums["448"]["best"] == pytest.approx(8.844, abs=1e-3)
+    assert sums["448"]["rowwise"] == pytest.approx(9.885, abs=1e-3)
+    assert sums["448"]["best"] < sums["448"]["engine"] < sums["448"]["rowwise"]  # gate/up's only
+    assert sums["640"]["engine"] == pytest.approx(sums["640"]["rowwise"])
