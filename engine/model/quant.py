@@ -12,7 +12,9 @@ Contract:
     (scale_a = max(amax(|x_row|) / 448, MIN_ACT_SCALE); one Triton kernel, torch ops without Triton),
     then one of two GEMMs:
     "tensorwise", for M <= TENSORWISE_MAX_M inside a CUDA graph capture (the decode graphs; the
-    decoder's bound is `EngineConfig.fp8_tensorwise_rows`, applied by `set_tensorwise_rows_`):
+    decoder's bound is `EngineConfig.fp8_tensorwise_rows`, applied by `set_tensorwise_rows_`; above it, with
+    `EngineConfig.fp8_gemm_autotune`, the faster of the two per kind of layer and rows, timed at start-up by
+    `autotune_tensorwise_rows_`):
     `torch._scaled_mm` with unit per-tensor scales into float32, then one epilogue kernel applying
     scale_a[m] * weight_scale[n] (+ bias). On H200 this GEMM read the weights ~2x as fast as bf16 at
     M <= 64, where the row-wise kernel was slower than bf16; but each call costs ~0.1 ms of CPU (eager
@@ -423,17 +425,16 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+DECODER_KINDS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")  # in a layer
+
+
 def decoder_linear_names(model: nn.Module, include_lm_head: bool = True) -> list[str]:
     """Qualified names of the linears `quantize_decoder_fp8_` swaps (lm_head only if not tied)."""
-    names = []
-    for i, _ in enumerate(model.language_model.layers):
-        prefix = f"language_model.layers.{i}"
-        names += [
-            f"{prefix}.self_attn.qkv_proj",
-            f"{prefix}.self_attn.o_proj",
-            f"{prefix}.mlp.gate_up_proj",
-            f"{prefix}.mlp.down_proj",
-        ]
+    names = [
+        f"language_model.layers.{i}.{kind}"
+        for i in range(len(model.language_model.layers))
+        for kind in DECODER_KINDS
+    ]
     if include_lm_head and not _lm_head_is_tied(model):
         names.append("lm_head")
     return names
@@ -487,9 +488,6 @@ def set_tensorwise_rows_(model: nn.Module, rows: int) -> int:
             layer.tensorwise_max_m = rows
             count += 1
     return count
-
-
-DECODER_KINDS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 @torch.no_grad()
