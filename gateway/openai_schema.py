@@ -73,9 +73,62 @@ class ChatRequest:
         return self.sampling.get("temperature") == 0 or self.sampling.get("seed") is not None
 
 
+#: The body fields this server reads (each checked here or in gateway.structured).
+BODY_FIELDS = frozenset(
+    (
+        "model", "messages", "n", "max_tokens", "max_completion_tokens", "stream", "stream_options",
+        "include_reasoning", "temperature", "top_p", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "top_k", "seed", "min_tokens", "stop", "chat_template_kwargs",
+        "enable_thinking", "response_format", "logprobs", "top_logprobs", "tools", "tool_choice",
+    )
+)  # fmt: skip
+#: Fields OpenAI clients send that change nothing in an answer here, with the values that mean so (any
+#: other value asks for something this server does not do).
+NEUTRAL_FIELDS: dict[str, tuple[str, Any]] = {
+    "user": ("a string (the caller's own label of its end user)", lambda v: isinstance(v, str)),
+    "store": ("false (completions are not stored)", lambda v: v is False),
+    "metadata": ("an object (kept only with store, which is false)", lambda v: isinstance(v, dict)),
+    "service_tier": ('"auto" or "default"', lambda v: v in ("auto", "default")),
+    "parallel_tool_calls": ("true (an answer may call several tools)", lambda v: v is True),
+    "logit_bias": ("{} (no token biases)", lambda v: v == {}),
+    "modalities": ('["text"]', lambda v: v == ["text"]),
+}
+#: What to use instead, for fields other servers take.
+FIELD_HINTS = {
+    "functions": "use 'tools'",
+    "function_call": "use 'tool_choice'",
+    "reasoning_effort": "use chat_template_kwargs.enable_thinking (true or false)",
+    "ignore_eos": "use 'min_tokens'",
+    "max_new_tokens": "use 'max_tokens'",
+}
+#: chat_template_kwargs keys GLM-4.6V's chat template reads.
+TEMPLATE_KWARGS = ("enable_thinking",)
+#: image_url.detail values that are what the image processor does (it keeps the image's detail up to its
+#: pixel limit; there is no low-detail mode).
+IMAGE_DETAILS = ("auto", "high")
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """A 400 naming the first field (in body order) this server would otherwise ignore; a null is a field
+    not given."""
+    for key, value in body.items():
+        if key in BODY_FIELDS or value is None:
+            continue
+        neutral = NEUTRAL_FIELDS.get(key)
+        if neutral is None:
+            hint = f"; {FIELD_HINTS[key]}" if key in FIELD_HINTS else ""
+            message = f"'{key}' is not supported by this server{hint}."
+        elif neutral[1](value):
+            continue
+        else:
+            message = f"'{key}' is supported only as {neutral[0]}, got {value!r}."
+        raise ApiError(400, message, param=key, code="unsupported_parameter")
+
+
 def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    _refuse_unsupported(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required and must be a string.", param="model")
@@ -115,10 +168,25 @@ def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean.", param="stream")
-    stream_options = body.get("stream_options") or {}
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true.", param="stream_options")
+    stream_options = stream_options or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
-    include_usage = bool(stream_options.get("include_usage", False))
+    for key in stream_options:
+        if key != "include_usage":
+            raise ApiError(
+                400,
+                f"stream_options.{key} is not supported by this server; it takes include_usage.",
+                param=f"stream_options.{key}",
+                code="unsupported_parameter",
+            )
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(
+            400, "stream_options.include_usage must be a boolean.", param="stream_options.include_usage"
+        )
     include_reasoning = body.get("include_reasoning", True)
     if not isinstance(include_reasoning, bool):
         raise ApiError(400, "'include_reasoning' must be a boolean.", param="include_reasoning")
@@ -148,6 +216,15 @@ def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ApiError(400, "'chat_template_kwargs' must be an object.", param="chat_template_kwargs")
+    for key in kwargs:
+        if key not in TEMPLATE_KWARGS:
+            raise ApiError(
+                400,
+                f"chat_template_kwargs.{key} is not read by GLM-4.6V's chat template; it reads "
+                f"{', '.join(TEMPLATE_KWARGS)}.",
+                param=f"chat_template_kwargs.{key}",
+                code="unsupported_parameter",
+            )
     thinking = kwargs.get("enable_thinking", body.get("enable_thinking"))
     if thinking is not None:
         if not isinstance(thinking, bool):
@@ -225,6 +302,15 @@ def _convert_messages(raw: list[Any]) -> tuple[list[dict[str, Any]], list[ImageR
                     if not isinstance(url, str) or not url:
                         raise ApiError(
                             400, f"{param}.image_url.url must be a string.", param=f"{param}.image_url"
+                        )
+                    detail = ref.get("detail") if isinstance(ref, dict) else None
+                    if detail is not None and detail not in IMAGE_DETAILS:
+                        raise ApiError(
+                            400,
+                            f"{param}.image_url.detail {detail!r} is not supported: images keep their "
+                            f"detail up to the processor's pixel limit ({' or '.join(IMAGE_DETAILS)}).",
+                            param=f"{param}.image_url.detail",
+                            code="unsupported_parameter",
                         )
                     if role != "user":
                         raise ApiError(

@@ -303,6 +303,24 @@ def test_openai_sdk(make_gateway, png_data_uri):
         )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=messages)
+    # an option the server does not have is refused by name; a field that changes nothing is not
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages, logit_bias={"7": 5}, max_tokens=50)
+    assert (info.value.code, info.value.param) == ("unsupported_parameter", "logit_bias")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=50, extra_body={"ignore_eos": True}
+        )
+    assert info.value.param == "ignore_eos" and "use 'min_tokens'" in info.value.message
+    labelled = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=50, user="customer-42", store=False
+    )
+    assert labelled.choices[0].message.content == full.choices[0].message.content
+    # the answer's message object sent back as the next turn's history, as SDK users append it
+    follow_up = [*messages, full.choices[0].message, {"role": "user", "content": "and then?"}]
+    again = client.chat.completions.create(model=MODEL, messages=follow_up, temperature=0, max_tokens=50)
+    answer = full.choices[0].message.content  # the fixture echoes every turn's words
+    assert again.choices[0].message.content == f"sdk question {answer} and then? | {answer.split(' | ')[1]}"
 
 
 def test_disconnect_cancels_a_non_streaming_request(make_gateway, fixture_log):

@@ -187,7 +187,7 @@ def test_logprobs_streamed_and_not(served):
         max_tokens=12,
         logprobs=True,
         top_logprobs=3,
-        extra_body={"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True},
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
     )
     items = answer.choices[0].logprobs.content
     assert items and all(len(i.top_logprobs) == 3 and i.logprob <= 0 for i in items)

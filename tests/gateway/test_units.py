@@ -165,6 +165,72 @@ def test_address_guard():
             "chat_template_kwargs.enable_thinking",
             None,
         ),
+        (
+            {"ignore_eos": True},
+            400,
+            "ignore_eos",
+            "'ignore_eos' is not supported by this server; use 'min_tokens'.",
+        ),
+        ({"best_of": 2}, 400, "best_of", "'best_of' is not supported by this server."),
+        (
+            {"logit_bias": {"151329": -100}},
+            400,
+            "logit_bias",
+            "'logit_bias' is supported only as {} (no token biases), got {'151329': -100}.",
+        ),
+        (
+            {"parallel_tool_calls": False},
+            400,
+            "parallel_tool_calls",
+            "'parallel_tool_calls' is supported only as true (an answer may call several tools), got False.",
+        ),
+        (
+            {"store": True},
+            400,
+            "store",
+            "'store' is supported only as false (completions are not stored), got True.",
+        ),
+        (
+            {"stream_options": {"include_usage": True}},
+            400,
+            "stream_options",
+            "'stream_options' is only allowed with 'stream': true.",
+        ),
+        (
+            {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+            400,
+            "stream_options.continuous_usage_stats",
+            "stream_options.continuous_usage_stats is not supported by this server; it takes include_usage.",
+        ),
+        (
+            {"stream": True, "stream_options": {"include_usage": "yes"}},
+            400,
+            "stream_options.include_usage",
+            "stream_options.include_usage must be a boolean.",
+        ),
+        (
+            {"chat_template_kwargs": {"tools_first": True}},
+            400,
+            "chat_template_kwargs.tools_first",
+            "chat_template_kwargs.tools_first is not read by GLM-4.6V's chat template; it reads enable_thinking.",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:,", "detail": "low"}},
+                            {"type": "text", "text": "hi"},
+                        ],
+                    }
+                ]
+            },
+            400,
+            "messages[0].content[0].image_url.detail",
+            "messages[0].content[0].image_url.detail 'low' is not supported: images keep their detail up to "
+            "the processor's pixel limit (auto or high).",
+        ),
     ],
 )
 def test_request_validation(patch, status, param, text):
@@ -174,6 +240,37 @@ def test_request_validation(patch, status, param, text):
     assert (info.value.status, info.value.param) == (status, param)
     if text is not None:
         assert info.value.message == text
+
+
+def test_fields_that_change_nothing_are_accepted():
+    """What OpenAI clients send that asks for nothing this server does not do: a null for any field, and the
+    neutral values of NEUTRAL_FIELDS; the request parses as it does without them."""
+    base = {"model": CONFIG.served_model_name, "messages": [{"role": "user", "content": "hi"}]}
+    neutral = {
+        "user": "customer-42",
+        "store": False,
+        "metadata": {"ticket": "7"},
+        "service_tier": "auto",
+        "parallel_tool_calls": True,
+        "logit_bias": {},
+        "modalities": ["text"],
+        "functions": None,
+        "reasoning_effort": None,
+    }
+    assert parse_chat_request({**base, **neutral}, CONFIG) == parse_chat_request(base, CONFIG)
+    detail = {
+        **base,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:,", "detail": "high"}},
+                    {"type": "text", "text": "hi"},
+                ],
+            }
+        ],
+    }
+    assert parse_chat_request(detail, CONFIG).images[0].url == "data:,"
 
 
 def test_messages_become_ensemble_messages():
