@@ -60,6 +60,7 @@ class ChatRequest:
     images: list[ImageRef]
     prompt: str  # the last user text, sent as text_input
     max_tokens: int
+    n: int = 1  # answers to the same request (choices), each its own engine request
     stream: bool = False
     include_usage: bool = False
     include_reasoning: bool = True  # False: reasoning_content is left out of the answer
@@ -153,8 +154,11 @@ def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
         )
 
     n = body.get("n", 1)
-    if n != 1:
-        raise ApiError(400, "Only n=1 is supported.", param="n")
+    _check_int(n, "n")
+    if not 1 <= n <= config.max_choices:
+        raise ApiError(
+            400, f"n must be between 1 and {config.max_choices} (max_choices), got {n}.", param="n"
+        )
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = config.max_tokens_default
@@ -248,6 +252,7 @@ def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
         images=images,
         prompt=prompt,
         max_tokens=max_tokens,
+        n=n,
         stream=stream,
         include_usage=include_usage,
         include_reasoning=include_reasoning,
@@ -387,18 +392,16 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
     }
 
 
-def completion_body(
-    completion_id: str,
-    model: str,
+def choice_body(
+    index: int,
     text: str,
     reasoning: str,
     finish_reason: str,
-    usage: dict[str, int],
-    created: int | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
     logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``tool_calls``: parsed calls (finish_reason becomes "tool_calls"); ``logprobs``: content items."""
+    """One choice of a ``chat.completion``; ``tool_calls``: parsed calls (finish_reason becomes
+    "tool_calls"); ``logprobs``: content items."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if reasoning:
         message["reasoning_content"] = reasoning
@@ -406,18 +409,27 @@ def completion_body(
         message["content"] = text or None
         message["tool_calls"] = tool_calls
     return {
+        "index": index,
+        "message": message,
+        "finish_reason": "tool_calls" if tool_calls else finish_reason_for(finish_reason),
+        "logprobs": None if logprobs is None else {"content": logprobs},
+    }
+
+
+def completion_body(
+    completion_id: str,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage: dict[str, Any],
+    created: int | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion`` of ``choices`` (`choice_body`'s, in index order)."""
+    return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": "tool_calls" if tool_calls else finish_reason_for(finish_reason),
-                "logprobs": None if logprobs is None else {"content": logprobs},
-            }
-        ],
+        "choices": choices,
         "usage": usage,
     }
 
@@ -430,8 +442,10 @@ def chunk_body(
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
     logprobs: list[dict[str, Any]] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk (no choices)."""
+    """One ``chat.completion.chunk`` of choice ``index``; ``delta=None`` gives the usage-only chunk (no
+    choices)."""
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion.chunk",
@@ -441,7 +455,7 @@ def chunk_body(
         if delta is None
         else [
             {
-                "index": 0,
+                "index": index,
                 "delta": delta,
                 "finish_reason": None
                 if finish_reason is None

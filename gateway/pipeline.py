@@ -13,9 +13,16 @@ Contract:
   logprobs only; ``x-glmv-cache: hit|miss`` and the hit/miss counter), ``record`` after a fresh answer
   (prompt and completion token counters; stored when it finished with stop or length). A cached answer is
   replayed, never counted again.
-- ``ChunkWriter`` turns a stream's Delta/Finish events into SSE chunks: the role chunk first; box markers
-  stripped; the output filter and tool calls hold back text across deltas; then the finish chunk, the
-  usage chunk (``include_usage``) and ``[DONE]``. ``completion_from`` does the same for a whole answer.
+- ``n`` > 1 choices: each is its own engine request (a seed moves by the choice's index). Choice 0 is sent
+  first, the others once it has given its first event, when its prompt's blocks are in the server's prefix
+  cache and its images' embeddings in the image cache: they skip the ViT and all but the prompt's last
+  block. Their events are merged as (index, event); the usage counts the prompt once (choice 0's, with its
+  cached tokens) and every choice's completion tokens. An error of any choice ends the request. Requests
+  with n > 1 are never answered from, or stored in, the response cache.
+- ``ChunkWriter`` turns one choice's Delta/Finish events into SSE chunks: the role chunk first; box markers
+  stripped; the output filter and tool calls hold back text across deltas; then the finish chunk (with the
+  logprobs of tokens no delta carried); ``end`` gives the usage chunk (``include_usage``) and ``[DONE]``
+  once every choice has finished. ``completion_from`` does the same for whole answers.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +38,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from glmv_client import Delta, Finish
 from glmv_client.errors import GlmvError
-from glmv_client.results import Timings, Usage
+from glmv_client.results import Result, Timings, Usage
 from starlette.background import BackgroundTask
 
 from .backends import affinity_key
@@ -45,6 +53,7 @@ from .metrics import GatewayMetrics
 from .openai_schema import (
     ApiError,
     ChatRequest,
+    choice_body,
     chunk_body,
     completion_body,
     new_completion_id,
@@ -59,6 +68,7 @@ ENDPOINT = "/v1/chat/completions"
 BOX_MARKERS = ("<|begin_of_box|>", "<|end_of_box|>")
 
 Event = Delta | Finish | Exception  # what a stream's producer hands to its response
+ChoiceEvent = tuple[int, Event]  # an event of the choice with this index
 
 
 async def answer_chat(gw: Gateway, request: Request, parsed: ChatRequest | None = None) -> Response:
@@ -111,9 +121,56 @@ def _admit(gw: Gateway, request: Request) -> None:
         )
 
 
-def triton_kwargs(req: ChatRequest) -> dict[str, Any]:
-    """glmv_client keyword arguments of a request, after its images and prompt: messages, limits, sampling."""
-    return {"messages": req.messages, "max_tokens": req.max_tokens, **req.sampling}
+def triton_kwargs(req: ChatRequest, choice: int = 0) -> dict[str, Any]:
+    """glmv_client keyword arguments of a request's choice ``choice``, after its images and prompt: messages,
+    limits, sampling; a seed moves by the choice's index, so that seeded choices differ."""
+    kwargs = {"messages": req.messages, "max_tokens": req.max_tokens, **req.sampling}
+    if choice and "seed" in kwargs:
+        kwargs["seed"] = (kwargs["seed"] + choice) % 2**64
+    return kwargs
+
+
+async def choice_events(gw: Gateway, req: ChatRequest, images: list[bytes]) -> AsyncIterator[ChoiceEvent]:
+    """The Delta/Finish events of a request's ``n`` choices as (index, event), each choice's in its order;
+    choice 0 first, the others sent once it has given its first event (module docstring). An error of any
+    choice is raised here; closing this generator cancels every choice's stream."""
+    key = affinity_key(images, req.messages)
+    if req.n == 1:
+        async with aclosing(gw.stream(key, images, req.prompt, **triton_kwargs(req))) as stream:
+            async for item in stream:
+                yield 0, item
+        return
+    queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
+
+    async def run(index: int) -> None:
+        try:
+            async with aclosing(gw.stream(key, images, req.prompt, **triton_kwargs(req, index))) as stream:
+                async for item in stream:
+                    await queue.put((index, item))
+        except Exception as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(run(0))]
+    finished = 0
+    try:
+        while finished < req.n:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if len(tasks) == 1:  # choice 0's first event: its prompt is in the caches
+                tasks += [asyncio.ensure_future(run(i)) for i in range(1, req.n)]
+            finished += isinstance(item, Finish)
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def merged_usage(usages: list[Usage]) -> Usage:
+    """The usage of a request's choices: the prompt once (choice 0's, with its cached tokens), every
+    choice's completion tokens."""
+    return Usage(usages[0].prompt_tokens, sum(u.completion_tokens for u in usages), usages[0].cached_tokens)
 
 
 # -- the cache-and-count step ---------------------------------------------------------------------
@@ -136,8 +193,8 @@ class CacheLookup:
 
 
 async def look_up(gw: Gateway, req: ChatRequest, images: list[bytes]) -> CacheLookup:
-    """A deterministic request without logprobs is looked up and counted as a hit or a miss."""
-    if gw.cache is None or not req.is_deterministic or req.wants_logprobs:
+    """A deterministic request of one choice without logprobs is looked up and counted as a hit or a miss."""
+    if gw.cache is None or not req.is_deterministic or req.wants_logprobs or req.n > 1:
         return CacheLookup()
     key = cache_key(req, images)
     answer = await gw.cache.get(key)
@@ -168,48 +225,73 @@ def usage_of(usage: Usage) -> dict[str, Any]:
 async def _complete(
     gw: Gateway, request: Request, req: ChatRequest, images: list[bytes], lookup: CacheLookup, started: float
 ) -> Response:
-    answer, logprobs = lookup.answer, []
-    if answer is None:
+    if lookup.answer is not None:
+        answers, logprobs, usage = [lookup.answer], [[]], lookup.answer["usage"]
+    else:
         try:
-            result = await unless_disconnected(
-                request,
-                gw.analyze(affinity_key(images, req.messages), images, req.prompt, **triton_kwargs(req)),
-            )
+            results = await unless_disconnected(request, _results(gw, req, images))
         except ClientDisconnected:
             gw.metrics.disconnects.inc()
             return Response(status_code=499)
         except GlmvError as exc:
             raise api_error_from(exc) from None
-        answer = await record(gw, lookup, result.text, result.reasoning, result.finish_reason, result.usage)
-        logprobs = list(result.logprobs)
+        answers = [await record(gw, lookup, r.text, r.reasoning, r.finish_reason, r.usage) for r in results]
+        logprobs = [list(r.logprobs) for r in results]
+        usage = usage_of(merged_usage([r.usage for r in results]))
     gw.metrics.latency.labels(ENDPOINT, "false").observe(time.monotonic() - started)
-    out = completion_from(req, answer, logprobs, gw.output_filter, gw.metrics)
+    out = completion_from(req, answers, logprobs, usage, gw.output_filter, gw.metrics)
     return JSONResponse(out, headers=lookup.headers)
+
+
+async def _results(gw: Gateway, req: ChatRequest, images: list[bytes]) -> list[Result]:
+    """Every choice's whole answer, in index order."""
+    if req.n == 1:
+        key = affinity_key(images, req.messages)
+        return [await gw.analyze(key, images, req.prompt, **triton_kwargs(req))]
+    parts: list[tuple[list[str], list[str], list[dict[str, Any]]]] = [([], [], []) for _ in range(req.n)]
+    results: list[Result | None] = [None] * req.n
+    async with aclosing(choice_events(gw, req, images)) as events:
+        async for index, item in events:
+            text, reasoning, logprobs = parts[index]
+            logprobs += item.logprobs
+            if isinstance(item, Delta):
+                text.append(item.text)
+                reasoning.append(item.reasoning)
+            else:
+                assert isinstance(item, Finish)
+                results[index] = Result(
+                    "".join(text),
+                    "".join(reasoning),
+                    item.finish_reason,
+                    item.usage,
+                    item.timings,
+                    tuple(logprobs),
+                )
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
 
 
 def completion_from(
     req: ChatRequest,
-    answer: dict[str, Any],
-    logprobs: list[dict[str, Any]],
+    answers: list[dict[str, Any]],
+    logprobs: list[list[dict[str, Any]]],
+    usage: dict[str, Any],
     output_filter: OutputFilter,
     metrics: GatewayMetrics,
 ) -> dict[str, Any]:
-    """The ``chat.completion`` body of a whole answer (fresh or cached)."""
-    text = output_filter.apply(strip_box_markers(answer["text"], metrics))
-    text, tool_calls = parse_tool_calls(text, req.tools) if req.tools else (text, [])
-    reasoning = (
-        output_filter.apply(strip_box_markers(answer["reasoning"], metrics)) if req.include_reasoning else ""
-    )
-    return completion_body(
-        new_completion_id(),
-        req.model,
-        text,
-        reasoning,
-        answer["finish_reason"],
-        answer["usage"],
-        tool_calls=tool_calls,
-        logprobs=logprobs if req.wants_logprobs else None,
-    )
+    """The ``chat.completion`` body of whole answers (fresh or cached), one choice each, with ``usage``."""
+    choices = []
+    for index, (answer, items) in enumerate(zip(answers, logprobs, strict=True)):
+        text = output_filter.apply(strip_box_markers(answer["text"], metrics))
+        text, tool_calls = parse_tool_calls(text, req.tools) if req.tools else (text, [])
+        reasoning = (
+            output_filter.apply(strip_box_markers(answer["reasoning"], metrics))
+            if req.include_reasoning
+            else ""
+        )
+        logprobs_of = items if req.wants_logprobs else None
+        choices.append(choice_body(index, text, reasoning, answer["finish_reason"], tool_calls, logprobs_of))
+    return completion_body(new_completion_id(), req.model, choices, usage)
 
 
 def strip_box_markers(text: str, metrics: GatewayMetrics) -> str:
@@ -229,7 +311,7 @@ async def _stream(
     gw: Gateway, request: Request, req: ChatRequest, images: list[bytes], lookup: CacheLookup, started: float
 ) -> Response:
     """Waits for the first event, so that an error before the first byte is an HTTP error."""
-    events: asyncio.Queue[Event] = asyncio.Queue()
+    events: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
     producer = asyncio.ensure_future(_produce(gw, req, images, lookup.answer, events))
     try:
         first = await unless_disconnected(request, events.get())
@@ -237,9 +319,9 @@ async def _stream(
         producer.cancel()
         gw.metrics.disconnects.inc()
         return Response(status_code=499)
-    if isinstance(first, Exception):
+    if isinstance(first[1], Exception):
         producer.cancel()
-        raise api_error_from(first)
+        raise api_error_from(first[1])
     body = _sse_body(gw, request, req, lookup, events, first, producer, started)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **lookup.headers}
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
@@ -250,24 +332,20 @@ async def _produce(
     req: ChatRequest,
     images: list[bytes],
     cached: dict[str, Any] | None,
-    events: asyncio.Queue[Event],
+    events: asyncio.Queue[ChoiceEvent],
 ) -> None:
-    """Puts the answer's events on ``events``: the cached answer replayed, or Triton's stream."""
+    """Puts the answer's events on ``events``: the cached answer replayed, or Triton's streams."""
     if cached is not None:
-        await events.put(Delta(text=cached["text"], reasoning=cached["reasoning"]))
+        await events.put((0, Delta(text=cached["text"], reasoning=cached["reasoning"])))
         usage = Usage(cached["usage"]["prompt_tokens"], cached["usage"]["completion_tokens"])
-        await events.put(Finish(cached["finish_reason"], usage, Timings(ttft=0.0, total=0.0)))
+        await events.put((0, Finish(cached["finish_reason"], usage, Timings(ttft=0.0, total=0.0))))
         return
-    stream = None
     try:
-        stream = gw.stream(affinity_key(images, req.messages), images, req.prompt, **triton_kwargs(req))
-        async for item in stream:
-            await events.put(item)
+        async with aclosing(choice_events(gw, req, images)) as choices:
+            async for pair in choices:
+                await events.put(pair)
     except Exception as exc:  # handed to the response (before or after its first byte)
-        await events.put(exc)
-    finally:
-        if stream is not None:
-            await stream.aclose()
+        await events.put((0, exc))
 
 
 async def _sse_body(
@@ -275,46 +353,62 @@ async def _sse_body(
     request: Request,
     req: ChatRequest,
     lookup: CacheLookup,
-    events: asyncio.Queue[Event],
-    first: Event,
+    events: asyncio.Queue[ChoiceEvent],
+    first: ChoiceEvent,
     producer: asyncio.Future[None],
     started: float,
 ) -> AsyncIterator[str]:
-    writer = ChunkWriter(req, gw.output_filter, gw.metrics)
+    completion_id, created = new_completion_id(), int(time.time())
+    writers = [
+        ChunkWriter(req, gw.output_filter, gw.metrics, index=i, completion_id=completion_id, created=created)
+        for i in range(req.n)
+    ]
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
-    text_parts: list[str] = []
-    reasoning_parts: list[str] = []
+    parts: list[tuple[list[str], list[str]]] = [([], []) for _ in range(req.n)]  # text, reasoning
+    usages: dict[int, Usage] = {}  # of the choices finished
+    is_started = [False] * req.n
+    is_first_delta = True
     is_finished = False  # [DONE] sent; otherwise the client went away mid-stream
-    item = first
-    getter: asyncio.Future[Event] | None = None
+    index, item = first
+    getter: asyncio.Future[ChoiceEvent] | None = None
     try:
-        yield writer.start()
         while True:
+            writer = writers[index]
             if isinstance(item, Exception):
                 for event in writer.error(item):
                     yield event
                 is_finished = True
                 return
+            if not is_started[index]:
+                is_started[index] = True
+                yield writer.start()
+            text_parts, reasoning_parts = parts[index]
             if isinstance(item, Finish):
                 for event in writer.finish(item):
                     yield event
-                is_finished = True
+                usages[index] = item.usage
                 if lookup.answer is None:
                     text, reasoning = "".join(text_parts), "".join(reasoning_parts)
                     await record(gw, lookup, text, reasoning, item.finish_reason, item.usage)
-                return
-            if not text_parts:  # the first delta
-                gw.metrics.ttft.observe(time.monotonic() - started)
-            text_parts.append(item.text)
-            reasoning_parts.append(item.reasoning)
-            for event in writer.delta(item):
-                yield event
+                if len(usages) == req.n:
+                    for event in writer.end(merged_usage([usages[i] for i in range(req.n)])):
+                        yield event
+                    is_finished = True
+                    return
+            else:
+                if is_first_delta:
+                    is_first_delta = False
+                    gw.metrics.ttft.observe(time.monotonic() - started)
+                text_parts.append(item.text)
+                reasoning_parts.append(item.reasoning)
+                for event in writer.delta(item):
+                    yield event
             getter = asyncio.ensure_future(events.get())
             await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
                 getter.cancel()
                 return
-            item = getter.result()
+            index, item = getter.result()
     finally:
         watcher.cancel()
         if getter is not None and not getter.done():
@@ -327,14 +421,24 @@ async def _sse_body(
 
 
 class ChunkWriter:
-    """The SSE events of one streamed answer: ``start()``, then ``delta(item)`` per Delta, then ``finish(item)``
-    or ``error(exc)``; each returns the events to send, in order."""
+    """The SSE events of one streamed choice: ``start()``, then ``delta(item)`` per Delta, then
+    ``finish(item)`` or ``error(exc)``; ``end(usage)`` once every choice of the answer has finished. Each
+    returns the events to send, in order. The choices of one answer share ``completion_id`` and ``created``."""
 
-    def __init__(self, req: ChatRequest, output_filter: OutputFilter, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        req: ChatRequest,
+        output_filter: OutputFilter,
+        metrics: GatewayMetrics,
+        index: int = 0,
+        completion_id: str | None = None,
+        created: int | None = None,
+    ) -> None:
         self.req = req
         self.metrics = metrics
-        self.completion_id = new_completion_id()
-        self.created = int(time.time())
+        self.index = index
+        self.completion_id = completion_id or new_completion_id()
+        self.created = int(time.time()) if created is None else created
         self._text_filter = output_filter.stream()
         self._reasoning_filter = output_filter.stream()
         self._tool_stream = ToolCallStream(req.tools) if req.tools else None
@@ -364,7 +468,7 @@ class ChunkWriter:
         return events
 
     def finish(self, item: Finish) -> list[str]:
-        """The text held back, the finish chunk, the usage chunk (``include_usage``) and ``[DONE]``."""
+        """The text held back, then the finish chunk (with the logprobs of tokens no delta carried)."""
         tail_reasoning, tail_text = self._reasoning_filter.flush(), self._text_filter.flush()
         events: list[str] = []
         finish_reason = item.finish_reason
@@ -378,9 +482,13 @@ class ChunkWriter:
             events.append(self._chunk({"reasoning_content": tail_reasoning}))
         if tail_text:
             events.append(self._chunk({"content": tail_text}))
-        events.append(self._chunk({}, finish_reason=finish_reason))
-        if self.req.include_usage:
-            events.append(self._chunk(None, usage=usage_of(item.usage)))
+        logprobs = list(item.logprobs) if self.req.wants_logprobs and item.logprobs else None
+        events.append(self._chunk({}, finish_reason=finish_reason, logprobs=logprobs))
+        return events
+
+    def end(self, usage: Usage) -> list[str]:
+        """After every choice's finish: the usage chunk (``include_usage``) and ``[DONE]``."""
+        events = [self._chunk(None, usage=usage_of(usage))] if self.req.include_usage else []
         events.append(sse_event("[DONE]"))
         return events
 
@@ -389,4 +497,6 @@ class ChunkWriter:
         return [sse_event(api_error_from(exc).body()), sse_event("[DONE]")]
 
     def _chunk(self, delta: dict[str, Any] | None, **fields: Any) -> str:
-        return sse_event(chunk_body(self.completion_id, self.req.model, self.created, delta, **fields))
+        return sse_event(
+            chunk_body(self.completion_id, self.req.model, self.created, delta, index=self.index, **fields)
+        )

@@ -351,3 +351,60 @@ def test_box_markers_and_include_reasoning(make_gateway):
     assert "glmv_gateway_box_markers_stripped_total 4.0" in httpx.get(f"{gw.url}/metrics").text
     r = chat(gw.url, {**body, "include_reasoning": "no"})
     assert (r.status_code, r.json()["error"]["param"]) == (400, "include_reasoning")
+
+
+def test_n_choices(make_gateway, fixture_log):
+    """n = 3: one engine request per choice, the seed moved by the choice's index; whole and streamed
+    answers give the same choices; usage counts the prompt once; never the response cache; a client that
+    leaves a streamed n = 2 answer cancels both choices in the server."""
+    openai = pytest.importorskip("openai")
+    gw = make_gateway()
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused-when-open", max_retries=0)
+    asked = {"model": MODEL, "messages": user("three ways"), "temperature": 0.5, "seed": 5, "max_tokens": 50}
+    whole = client.chat.completions.create(**asked, n=3)
+    texts = [f"three ways | images=0 sizes= temperature=0.5 seed={seed}" for seed in (5, 6, 7)]
+    assert [(c.index, c.message.content, c.finish_reason) for c in whole.choices] == [
+        (i, text, "stop") for i, text in enumerate(texts)
+    ]
+    one = client.chat.completions.create(**asked)
+    assert one.choices[0].message.content == texts[0]
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (
+        one.usage.prompt_tokens,
+        3 * one.usage.completion_tokens,
+    )
+
+    chunks = list(
+        client.chat.completions.create(**asked, n=3, stream=True, stream_options={"include_usage": True})
+    )
+    assert {c.id for c in chunks} == {chunks[0].id}
+    streamed = {
+        i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in range(3)
+    }
+    assert streamed == dict(enumerate(texts))
+    finishes = [
+        (c.choices[0].index, c.choices[0].finish_reason)
+        for c in chunks
+        if c.choices and c.choices[0].finish_reason
+    ]
+    assert sorted(finishes) == [(0, "stop"), (1, "stop"), (2, "stop")]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    greedy = {"model": MODEL, "messages": user("greedy twice"), "temperature": 0, "n": 2}
+    for _ in range(2):
+        r = chat(gw.url, greedy)
+        assert r.status_code == 200 and "x-glmv-cache" not in r.headers
+        assert [c["message"]["content"] for c in r.json()["choices"]] == [
+            "greedy twice | images=0 sizes= temperature=0 seed=-"
+        ] * 2
+
+    before = fixture_log.read_text().count("cancelled ") if fixture_log.exists() else 0
+    body = {"model": MODEL, "messages": user("sleep 0.2 a b c d e f g h i j k l"), "stream": True, "n": 2}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if '"index":1' in line.replace(" ", "") and "reasoning_content" in line:
+                break  # leave once both choices have sent a token
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and fixture_log.read_text().count("cancelled ") < before + 2:
+        time.sleep(0.05)
+    assert fixture_log.read_text().count("cancelled ") == before + 2

@@ -153,7 +153,10 @@ def test_a_whole_answer_is_filtered_and_its_tool_calls_parsed():
         "usage": {"prompt_tokens": 2, "completion_tokens": 3},
     }
     logprobs = [{"token": "a", "logprob": -0.5}]
-    body = completion_from(request(tools=[WEATHER]), answer, logprobs, gw.output_filter, gw.metrics)
+    usage = answer["usage"]
+    body = completion_from(
+        request(tools=[WEATHER]), [answer], [logprobs], usage, gw.output_filter, gw.metrics
+    )
     choice = body["choices"][0]
     assert choice["message"]["content"] == "a ******"
     assert choice["message"]["reasoning_content"] == "the ****** plan"
@@ -164,7 +167,12 @@ def test_a_whole_answer_is_filtered_and_its_tool_calls_parsed():
     assert sample(gw, "glmv_gateway_box_markers_stripped_total") == 2
 
     hidden = completion_from(
-        request(include_reasoning=False, logprobs=True), answer, logprobs, gw.output_filter, gw.metrics
+        request(include_reasoning=False, logprobs=True),
+        [answer],
+        [logprobs],
+        usage,
+        gw.output_filter,
+        gw.metrics,
     )
     assert "reasoning_content" not in hidden["choices"][0]["message"]
     assert hidden["choices"][0]["logprobs"] == {"content": logprobs}
@@ -181,6 +189,7 @@ def test_a_stream_holds_back_filtered_words_and_ends_with_usage():
     events += writer.delta(Delta(text="the <|begin_of_box|>sec", reasoning=""))
     events += writer.delta(Delta(text="ret is out", reasoning=""))
     events += writer.finish(finish("length", Usage(2, 6, cached_tokens=1)))
+    events += writer.end(Usage(2, 6, cached_tokens=1))
     payloads = decode(events)
     assert payloads[-1] == "[DONE]"
     chunks = payloads[:-1]
@@ -208,7 +217,7 @@ def test_a_stream_sends_each_tool_call_whole():
     )
     first = writer.delta(Delta(text="Checking." + CALL_TEXT[:15], reasoning="hidden"))
     second = writer.delta(Delta(text=CALL_TEXT[15:], reasoning="hidden"))
-    end = decode(writer.finish(finish("stop", Usage(1, 1))))
+    end = decode(writer.finish(finish("stop", Usage(1, 1))) + writer.end(Usage(1, 1)))
     assert [c["choices"][0]["delta"] for c in decode(first)] == [{"content": "Checking."}]
     [call] = decode(second)
     assert call["choices"][0]["delta"]["tool_calls"][0]["function"] == {
@@ -228,6 +237,16 @@ def test_a_stream_sends_logprobs_of_tokens_without_text():
     assert chunk["choices"][0]["logprobs"] == {"content": list(items)}
     unwanted = ChunkWriter(request(stream=True), gw.output_filter, gw.metrics)
     assert unwanted.delta(Delta(text="", reasoning="", logprobs=items)) == []
+    # the tokens no delta carried (the end-of-answer token) ride on the finish chunk
+    last = Finish("stop", Usage(1, 2), Timings(ttft=0.0, total=0.0), logprobs=items)
+    [chunk] = decode(wanted.finish(last))
+    assert chunk["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "finish_reason": "stop",
+        "logprobs": {"content": list(items)},
+    }
+    assert decode(unwanted.finish(last))[0]["choices"][0]["logprobs"] is None
 
 
 def test_an_error_mid_stream_is_an_error_event_then_done():

@@ -6,6 +6,7 @@ launcher's Triton; answers are greedy, so every route must give the same text to
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,3 +202,64 @@ def test_follow_up_on_the_same_image_reports_cached_prompt_tokens(real_triton, r
     assert again.text == first.choices[0].message.content
     assert 0 < second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
     assert second.usage.prompt_tokens_details.cached_tokens % 16 == 0  # whole blocks of the shared prefix
+
+
+def _counter(triton, name: str) -> float:
+    """The sum of a counter's series on Triton's metrics endpoint."""
+    import re
+
+    body = httpx.get(triton.metrics_url, timeout=10).text
+    return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", body, re.MULTILINE))
+
+
+def test_n_choices_compute_the_prompt_once(real_triton, real_gateway, tmp_path):
+    """n = 3 greedy choices about a picture no request sent before: each is the answer one choice gets,
+    and choices 1 and 2, sent once choice 0 has answered, find all of the prompt but its last block in the
+    prefix cache (the llm's hit counter grows by exactly that, twice); usage counts the prompt once."""
+    from PIL import Image
+
+    openai = pytest.importorskip("openai")
+    path = tmp_path / "stripes.png"
+    img = Image.new("RGB", (56, 56))
+    img.putdata([((x * 9) % 256, 40, (y * 7) % 256) for y in range(56) for x in range(56)])
+    img.save(path)
+    sdk = openai.OpenAI(base_url=f"{real_gateway.url}/v1", api_key="real-key", max_retries=0, timeout=300)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_uri(path)}},
+                {"type": "text", "text": "Name the stripes' colours."},
+            ],
+        }
+    ]
+    hits = "glmv_prefix_cache_hit_tokens_total"
+    queried = "glmv_prefix_cache_queried_tokens_total"
+    before = None  # once the counters hold still: earlier tests' requests are all counted
+    while before != (before := (_counter(real_triton, hits), _counter(real_triton, queried))):
+        time.sleep(0.5)
+    three = sdk.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        temperature=0,
+        max_tokens=10,
+        n=3,
+        extra_body={"enable_thinking": False},
+    )
+    prompt = three.usage.prompt_tokens
+    expected = (before[0] + 2 * ((prompt - 1) // 16 * 16), before[1] + 3 * prompt)
+    deadline = time.monotonic() + 20  # the llm's stats thread advances the counters
+    while (after := (_counter(real_triton, hits), _counter(real_triton, queried))) != expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert after == expected
+    one = sdk.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=10, extra_body={"enable_thinking": False}
+    )
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}
+    assert three.usage.prompt_tokens_details.cached_tokens == 0  # choice 0 found nothing
+    assert (
+        three.usage.completion_tokens == 3 * one.usage.completion_tokens and prompt == one.usage.prompt_tokens
+    )

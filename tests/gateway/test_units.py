@@ -137,7 +137,9 @@ def test_address_guard():
 @pytest.mark.parametrize(
     ("patch", "status", "param", "text"),
     [
-        ({"n": 2}, 400, "n", "Only n=1 is supported."),
+        ({"n": 9}, 400, "n", "n must be between 1 and 8 (max_choices), got 9."),
+        ({"n": 0}, 400, "n", "n must be between 1 and 8 (max_choices), got 0."),
+        ({"n": 2.5}, 400, "n", "'n' must be an integer, got 2.5."),
         (
             {"max_tokens": 0},
             400,
