@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --dtype fp8: above --fp8-tensorwise-rows, time each kind of decoder layer with both FP8 "
         "GEMMs at each prefill graph's token bucket when the engine starts, and let the graphs run the faster "
-        "(default off: row-wise above the bound)",
+        "(default on; --no-fp8-gemm-autotune: row-wise above the bound)",
     )
     p.add_argument(
         "--decode-pdl",

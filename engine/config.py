@@ -310,10 +310,11 @@ class EngineConfig:
     fp8_tensorwise_rows: int = 320
     # FP8 layers above fp8_tensorwise_rows: at start-up each kind of decoder layer (qkv, o, gate/up, down) is
     # timed with both GEMMs at each prefill graph's token bucket, and CUDA graphs of that many rows run the
-    # faster (engine.model.quant.autotune_tensorwise_rows_; CUDA only). On an H100 a choice per kind took the
-    # 40 layers 9.89 -> 8.84 ms at 448 rows, 19.60 -> 18.96 at 1280 (gemv_bench --prefill-rows, from graphs).
-    # Off until the engine's own timing is checked on a GPU: row-wise above the bound
-    fp8_gemm_autotune: bool = False
+    # faster (engine.model.quant.autotune_tensorwise_rows_; CUDA only; ~2.3 s at start-up on an H100). There
+    # its choice took the 40 layers 9.93 -> 8.88 ms at 448 rows, 19.68 -> 19.06 at 1280 (the faster per kind
+    # everywhere, gemv_bench --autotune), and a new 1288x728's first step ~0.7 ms through Triton; False:
+    # row-wise above the bound
+    fp8_gemm_autotune: bool = True
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch

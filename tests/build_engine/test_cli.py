@@ -199,7 +199,7 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
     ex = LLMEngine.from_engine_dir(out)
     assert isinstance(ex.model.lm_head, Fp8Linear)
     assert isinstance(ex.model.language_model.layers[0].mlp.down_proj, Fp8Linear)
-    assert config["engine"]["fp8_tensorwise_rows"] == 320 and config["engine"]["fp8_gemm_autotune"] is False
+    assert config["engine"]["fp8_tensorwise_rows"] == 320 and config["engine"]["fp8_gemm_autotune"] is True
 
     assert (
         run(
@@ -211,12 +211,12 @@ def test_dtype_fp8_means_bf16_activations_and_fp8_quantization(
             "fp8",
             "--fp8-tensorwise-rows",
             "384",
-            "--fp8-gemm-autotune",
+            "--no-fp8-gemm-autotune",
         )
         == 0
     )
     engine = json.loads((out / "engine_config.json").read_text())["engine"]
-    assert engine["fp8_tensorwise_rows"] == 384 and engine["fp8_gemm_autotune"] is True
+    assert engine["fp8_tensorwise_rows"] == 384 and engine["fp8_gemm_autotune"] is False
     capsys.readouterr()
 
     # other dtypes still write quantization "none"
