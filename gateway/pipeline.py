@@ -88,13 +88,15 @@ async def answer_chat(gw: Gateway, request: Request, parsed: ChatRequest | None 
 
 async def _answer(gw: Gateway, request: Request, parsed: ChatRequest | None) -> Response:
     started = time.monotonic()
-    _admit(gw, request)
+    bucket = _admit(gw, request)
     if parsed is None:
         body = parse_json_body(await read_body(request, gw.config.max_body_bytes))
         parsed = (
             parse_seed_chat(body, gw.config) if is_seed_chat(body) else parse_chat_request(body, gw.config)
         )
     req = parsed
+    if req.n > 1:
+        _admit_choices(gw, bucket, req.n)
     gw.guard.check(req.messages)
     assert gw.http is not None
     images = await resolve_images(req.images, gw.config, gw.http)
@@ -104,17 +106,36 @@ async def _answer(gw: Gateway, request: Request, parsed: ChatRequest | None) -> 
     return await _complete(gw, request, req, images, lookup, started)
 
 
-def _admit(gw: Gateway, request: Request) -> None:
-    """Auth (401), then the rate limit (429) per API key, or per client address when the server is open."""
+def _admit(gw: Gateway, request: Request) -> str:
+    """Auth (401), then the rate limit (429) per API key, or per client address when the server is open;
+    returns the rate limit's bucket."""
     key = gw.auth.check(request.headers.get("authorization"))
     bucket = key if key is not None else (request.client.host if request.client else "anonymous")
-    wait_s = gw.limiter.acquire(bucket)
+    _rate_limit(gw, bucket, 1, "")
+    return bucket
+
+
+def _admit_choices(gw: Gateway, bucket: str, n: int) -> None:
+    """n choices are n requests of the rate limit: the n - 1 beyond the one taken on arrival (a 400 where
+    they can never fit the burst)."""
+    if gw.limiter.is_enabled and n > gw.config.rate_limit_burst:
+        raise ApiError(
+            400,
+            f"n={n} choices count as {n} requests of the rate limit, over its burst of "
+            f"{gw.config.rate_limit_burst} (rate_limit_burst).",
+            param="n",
+        )
+    _rate_limit(gw, bucket, n - 1, f" n={n} choices count as {n} requests.")
+
+
+def _rate_limit(gw: Gateway, bucket: str, cost: int, why: str) -> None:
+    wait_s = gw.limiter.acquire(bucket, cost)
     if wait_s > 0:
         retry_after = RateLimiter.retry_after(wait_s)
         raise ApiError(
             429,
             f"Rate limit reached: {gw.config.rate_limit_rps:g} requests per second with bursts of "
-            f"{gw.config.rate_limit_burst} (rate_limit_rps, rate_limit_burst). Retry after {retry_after} s.",
+            f"{gw.config.rate_limit_burst} (rate_limit_rps, rate_limit_burst).{why} Retry after {retry_after} s.",
             type="rate_limit_error",
             code="rate_limit_exceeded",
             headers={"Retry-After": str(retry_after)},

@@ -1,7 +1,9 @@
-"""Per-key token buckets: ``rate`` tokens per second, at most ``burst`` stored; one request costs one.
+"""Per-key token buckets: ``rate`` tokens per second, at most ``burst`` stored; one request costs one (a
+chat request of n choices n: its first when it arrives, the other n - 1 once its body is read).
 
-``acquire(key)`` returns 0 when the request may go ahead, else the seconds until a token is
-available (the caller answers 429 with ``Retry-After`` rounded up). Buckets idle long enough to be
+``acquire(key, cost=1)`` takes ``cost`` tokens and returns 0 when the request may go ahead, else takes
+nothing and returns the seconds until ``cost`` tokens are there (the caller answers 429 with
+``Retry-After`` rounded up; a cost over ``burst`` can never be met, the caller refuses it first). Buckets idle long enough to be
 full again are dropped, so memory stays bounded by the number of recently active keys.
 """
 
@@ -24,18 +26,18 @@ class RateLimiter:
     def is_enabled(self) -> bool:
         return self.rate > 0
 
-    def acquire(self, key: str) -> float:
+    def acquire(self, key: str, cost: float = 1.0) -> float:
         if not self.is_enabled:
             return 0.0
         now = self._clock()
         tokens, last = self._buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
+        if tokens >= cost:
+            self._buckets[key] = (tokens - cost, now)
             self._sweep(now)
             return 0.0
         self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / self.rate
+        return (cost - tokens) / self.rate
 
     @staticmethod
     def retry_after(wait_s: float) -> int:

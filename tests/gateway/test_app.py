@@ -117,7 +117,18 @@ def test_rate_limit(make_gateway):
             "code": "rate_limit_exceeded",
         }
     }
-
+    # n choices are n requests of the limit
+    gw = make_gateway(rate_limit_rps=0.5, rate_limit_burst=3)
+    r = chat(gw.url, {**body, "n": 4})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "n")
+    assert r.json()["error"]["message"] == (
+        "n=4 choices count as 4 requests of the rate limit, over its burst of 3 (rate_limit_burst)."
+    )
+    r = chat(gw.url, {**body, "n": 3})  # the refused n=4 took one; 2 + 0.5/s left
+    assert r.status_code == 429 and "n=3 choices count as 3 requests." in r.json()["error"]["message"]
+    time.sleep(2.1)
+    assert chat(gw.url, {**body, "n": 2}).status_code == 200
+    assert chat(gw.url, body).status_code == 429
 
 def test_body_limit(make_gateway):
     gw = make_gateway(max_body_bytes=1000)

@@ -53,6 +53,8 @@ def test_token_bucket():
     assert limiter.acquire("a") == 0.0
     assert RateLimiter.retry_after(0.2) == 1 and RateLimiter.retry_after(1.01) == 2
     assert RateLimiter(0, 1).acquire("a") == 0.0
+    assert limiter.acquire("c", 2) == 0.0 and limiter.acquire("c", 2) == pytest.approx(0.5)  # 1 of 2 left
+    assert limiter.acquire("c") == 0.0  # a refused cost took nothing
 
 
 def test_lru_cache_evicts_and_expires():
