@@ -130,6 +130,7 @@ def test_rate_limit(make_gateway):
     assert chat(gw.url, {**body, "n": 2}).status_code == 200
     assert chat(gw.url, body).status_code == 429
 
+
 def test_body_limit(make_gateway):
     gw = make_gateway(max_body_bytes=1000)
     r = chat(gw.url, {"model": MODEL, "messages": user("x" * 2000)})
