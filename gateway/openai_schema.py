@@ -102,6 +102,13 @@ FIELD_HINTS = {
     "ignore_eos": "use 'min_tokens'",
     "max_new_tokens": "use 'max_tokens'",
 }
+#: Message fields read (role, content, tool_calls) or that change nothing in the prompt: a tool result's
+#: tool_call_id (GLM's template pairs results with calls by order) and the fields of an answer sent back as
+#: history (its reasoning, which the template leaves out of earlier turns, and the SDK's empty extras).
+MESSAGE_FIELDS = frozenset(
+    ("role", "content", "tool_calls", "tool_call_id", "reasoning_content", "refusal", "annotations", "audio",
+     "function_call")
+)  # fmt: skip
 #: chat_template_kwargs keys GLM-4.6V's chat template reads.
 TEMPLATE_KWARGS = ("enable_thinking",)
 #: image_url.detail values that are what the image processor does (it keeps the image's detail up to its
@@ -269,6 +276,14 @@ def _convert_messages(raw: list[Any]) -> tuple[list[dict[str, Any]], list[ImageR
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
             raise ApiError(400, f"messages[{i}] must be an object.", param=f"messages[{i}]")
+        for key, value in msg.items():
+            if key not in MESSAGE_FIELDS and value is not None:
+                raise ApiError(
+                    400,
+                    f"messages[{i}].{key} is not supported: GLM-4.6V's chat template has no place for it.",
+                    param=f"messages[{i}].{key}",
+                    code="unsupported_parameter",
+                )
         role = msg.get("role")
         if role not in ROLES:
             raise ApiError(

@@ -213,6 +213,12 @@ def test_address_guard():
             "stream_options.include_usage must be a boolean.",
         ),
         (
+            {"messages": [{"role": "user", "content": "hi", "name": "alice"}]},
+            400,
+            "messages[0].name",
+            "messages[0].name is not supported: GLM-4.6V's chat template has no place for it.",
+        ),
+        (
             {"chat_template_kwargs": {"tools_first": True}},
             400,
             "chat_template_kwargs.tools_first",
