@@ -103,12 +103,14 @@ FIELD_HINTS = {
     "max_new_tokens": "use 'max_tokens'",
 }
 #: Message fields read (role, content, tool_calls) or that change nothing in the prompt: a tool result's
-#: tool_call_id (GLM's template pairs results with calls by order) and the fields of an answer sent back as
-#: history (its reasoning, which the template leaves out of earlier turns, and the SDK's empty extras).
-MESSAGE_FIELDS = frozenset(
-    ("role", "content", "tool_calls", "tool_call_id", "reasoning_content", "refusal", "annotations", "audio",
-     "function_call")
-)  # fmt: skip
+#: tool_call_id (GLM's template pairs results with calls by order) and an answer's reasoning sent back as
+#: history (the template leaves it out of earlier turns); the SDK's other extras only empty.
+MESSAGE_FIELDS = frozenset(("role", "content", "tool_calls", "tool_call_id", "reasoning_content"))
+MESSAGE_NEUTRAL_FIELDS: dict[str, tuple[str, Any]] = {"annotations": ("[] (no citations)", lambda v: v == [])}
+MESSAGE_HINTS = {
+    "name": "GLM-4.6V's chat template has no participant names",
+    "function_call": "use 'tool_calls'",
+}
 #: chat_template_kwargs keys GLM-4.6V's chat template reads.
 TEMPLATE_KWARGS = ("enable_thinking",)
 #: image_url.detail values that are what the image processor does (it keeps the image's detail up to its
@@ -116,27 +118,35 @@ TEMPLATE_KWARGS = ("enable_thinking",)
 IMAGE_DETAILS = ("auto", "high")
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
-    """A 400 naming the first field (in body order) this server would otherwise ignore; a null is a field
-    not given."""
-    for key, value in body.items():
-        if key in BODY_FIELDS or value is None:
+def _refuse_unsupported(
+    fields: dict[str, Any],
+    known: frozenset[str],
+    neutral: dict[str, tuple[str, Any]],
+    hints: dict[str, str],
+    where: str = "",
+) -> None:
+    """A 400 naming the first of ``fields`` (in their order) this server would otherwise ignore: not
+    ``known``, and not one of ``neutral`` with its neutral value; a null is a field not given. ``where``:
+    the fields' place in the body (``messages[2].``)."""
+    for key, value in fields.items():
+        if key in known or value is None:
             continue
-        neutral = NEUTRAL_FIELDS.get(key)
-        if neutral is None:
-            hint = f"; {FIELD_HINTS[key]}" if key in FIELD_HINTS else ""
-            message = f"'{key}' is not supported by this server{hint}."
-        elif neutral[1](value):
+        param = f"{where}{key}"
+        rule = neutral.get(key)
+        if rule is None:
+            hint = f"; {hints[key]}" if key in hints else ""
+            message = f"'{param}' is not supported by this server{hint}."
+        elif rule[1](value):
             continue
         else:
-            message = f"'{key}' is supported only as {neutral[0]}, got {value!r}."
-        raise ApiError(400, message, param=key, code="unsupported_parameter")
+            message = f"'{param}' is supported only as {rule[0]}, got {value!r}."
+        raise ApiError(400, message, param=param, code="unsupported_parameter")
 
 
 def parse_chat_request(body: Any, config: GatewayConfig) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, BODY_FIELDS, NEUTRAL_FIELDS, FIELD_HINTS)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required and must be a string.", param="model")
@@ -276,14 +286,7 @@ def _convert_messages(raw: list[Any]) -> tuple[list[dict[str, Any]], list[ImageR
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
             raise ApiError(400, f"messages[{i}] must be an object.", param=f"messages[{i}]")
-        for key, value in msg.items():
-            if key not in MESSAGE_FIELDS and value is not None:
-                raise ApiError(
-                    400,
-                    f"messages[{i}].{key} is not supported: GLM-4.6V's chat template has no place for it.",
-                    param=f"messages[{i}].{key}",
-                    code="unsupported_parameter",
-                )
+        _refuse_unsupported(msg, MESSAGE_FIELDS, MESSAGE_NEUTRAL_FIELDS, MESSAGE_HINTS, f"messages[{i}].")
         role = msg.get("role")
         if role not in ROLES:
             raise ApiError(

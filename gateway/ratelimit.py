@@ -3,8 +3,9 @@ chat request of n choices n: its first when it arrives, the other n - 1 once its
 
 ``acquire(key, cost=1)`` takes ``cost`` tokens and returns 0 when the request may go ahead, else takes
 nothing and returns the seconds until ``cost`` tokens are there (the caller answers 429 with
-``Retry-After`` rounded up; a cost over ``burst`` can never be met, the caller refuses it first). Buckets idle long enough to be
-full again are dropped, so memory stays bounded by the number of recently active keys.
+``Retry-After`` rounded up; a cost over ``burst`` can never be met, the caller refuses it first).
+Buckets idle long enough to be full again are dropped, so memory stays bounded by the number of
+recently active keys.
 """
 
 from __future__ import annotations

@@ -216,7 +216,19 @@ def test_address_guard():
             {"messages": [{"role": "user", "content": "hi", "name": "alice"}]},
             400,
             "messages[0].name",
-            "messages[0].name is not supported: GLM-4.6V's chat template has no place for it.",
+            "'messages[0].name' is not supported by this server; GLM-4.6V's chat template has no participant "
+            "names.",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "a", "refusal": "no"},
+                ]
+            },
+            400,
+            "messages[1].refusal",
+            "'messages[1].refusal' is not supported by this server.",
         ),
         (
             {"chat_template_kwargs": {"tools_first": True}},
@@ -268,6 +280,12 @@ def test_fields_that_change_nothing_are_accepted():
         "reasoning_effort": None,
     }
     assert parse_chat_request({**base, **neutral}, CONFIG) == parse_chat_request(base, CONFIG)
+    # an answer sent back as history with the SDK's extras (empty) and its reasoning
+    answer = {"role": "assistant", "content": "hello"}
+    sent_back = {**answer, "reasoning_content": "greeting", "refusal": None, "annotations": [], "audio": None}
+    history = {**base, "messages": [*base["messages"], answer, {"role": "user", "content": "and?"}]}
+    resent = {**history, "messages": [*base["messages"], sent_back, {"role": "user", "content": "and?"}]}
+    assert parse_chat_request(resent, CONFIG).messages == parse_chat_request(history, CONFIG).messages
     detail = {
         **base,
         "messages": [
