@@ -135,6 +135,7 @@ elif [ "$PART" = 6 ]; then
   # runs benchmarks.ttft_probe after everything; QUICK_TTFT=1 its large images alone first, ~1 min;
   # GEMV_BENCH=1 benchmarks.gemv_bench after the GPU tests (~4 min);
   # CACHE_OFF_ARGS: more glmv-build flags for the caches-off run, comma-separated, e.g. --dtype,fp8;
+  # WARMUP_S: seconds of 32-stream load after each variant's warm-up, before its first sub-phase;
   # VARIANTS=none runs no harness; VARIANT_SKIP: the harness phases the variants skip, baseline,roofline by
   # default: "baseline" adds the roofline's ~30 s and the ours ÷ floor column, the fp8 floor for a
   # --dtype,fp8 variant)
@@ -168,7 +169,7 @@ elif [ "$PART" = 6 ]; then
     name=${variant%%:*}; extra=${variant#*:}
     [ "$(left)" -gt $((${VARIANT_BUDGET:-200} + 20)) ] || break
     timeout $((${VARIANT_BUDGET:-200} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" \
-      --skip "${VARIANT_SKIP:-baseline,roofline}" --budget-s "${VARIANT_BUDGET:-200}" \
+      --skip "${VARIANT_SKIP:-baseline,roofline}" --budget-s "${VARIANT_BUDGET:-200}" --warmup-s "${WARMUP_S:-0}" \
       --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases "$phases" 2>&1 \
       | grep -E "^(${phases//,/|})" | sed "s/^/$name: /"
     grep -h "captured .* CUDA graphs in" "$OUT/ab/$name/triton.log" 2>/dev/null | sed "s/^/$name: /"

@@ -179,7 +179,7 @@ def test_gateway_overhead_counts_every_chunk(tmp_path: Path) -> None:
     assert (tmp_path / "gateway_overhead.png").stat().st_size > 0
 
 
-def _serve_phase(tiny_triton, tmp_path: Path, phase: str) -> dict:
+def _serve_phase(tiny_triton, tmp_path: Path, phase: str, warmup_s: float = 0.0) -> dict:
     """The harness's serve record after running one sub-phase against the tiny engine."""
     import asyncio
 
@@ -198,11 +198,22 @@ def _serve_phase(tiny_triton, tmp_path: Path, phase: str) -> dict:
                 {phase},
                 tiny_triton.admin_headers,
                 tiny_triton.metrics_url,
+                warmup_s,
             )
         )
     finally:
         harness.log_file.close()
     return record
+
+
+def test_harness_warmup_load_runs_before_the_first_sub_phase(tiny_triton, tmp_path: Path) -> None:
+    """`--warmup-s`: after the sequential warm-up, 32 streams of new images for that long, all answered,
+    then the measured sub-phase as usual."""
+    record = _serve_phase(tiny_triton, tmp_path, "ttft_448", warmup_s=2.0)
+    load = record["warmup"]["load"]
+    assert load["requests"] >= 32 and load["errors"] == 0 and load["seconds"] >= 2.0
+    assert record["warmup"]["errors"] == [] and len(record["warmup"]["e2e_ms"]) == 4
+    assert record["ttft_448"]["errors"] == 0 and record["ttft_448"]["requests"] > 0
 
 
 def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
