@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         "response carries the tokens of several steps",
     )
     p.add_argument(
+        "--max-num-return-sequences",
+        type=int,
+        default=8,
+        help="the most sequences one request may ask for with the ensemble's num_return_sequences input",
+    )
+    p.add_argument(
         "--vision-cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -411,6 +417,7 @@ def build(args: argparse.Namespace) -> Path:
         ("--vision-max-queue-delay-us", args.vision_max_queue_delay_us, 0),
         ("--default-max-tokens", args.default_max_tokens, 1),
         ("--stream-responses-per-s", args.stream_responses_per_s, 1),
+        ("--max-num-return-sequences", args.max_num_return_sequences, 1),
     ):
         _check(value >= low, flag, f"{value} must be >= {low}")
     _check(
@@ -568,6 +575,7 @@ def build(args: argparse.Namespace) -> Path:
             "stats_check_period_ms": 100,
             # the postprocessing instance is shared by every GPU's llm: split its response budget
             "stream_responses_per_s": max(1, args.stream_responses_per_s // max(1, len(gpus or [0]))),
+            "max_num_return_sequences": args.max_num_return_sequences,
         }
         render_repository(TEMPLATE_DIR, engine_dir / "model_repository", values)
         _swap_in(engine_dir, output)

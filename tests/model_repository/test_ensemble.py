@@ -280,6 +280,16 @@ BAD_INPUTS = [
     ("top_p > 1", {"top_p": np.array([1.5], np.float32)}, "top_p: 1.5 is out of range"),
     ("wrong dtype", {"temperature": np.array([0.5], np.float64)}, "temperature"),
     ("bad messages", {"messages": np.array([b"{not json"], dtype=np.object_)}, "messages: not valid JSON"),
+    (
+        "num_return_sequences 0",
+        {"num_return_sequences": np.array([0], np.int32)},
+        "num_return_sequences: 0 must be in [1, 8]",
+    ),
+    (
+        "num_return_sequences over",
+        {"num_return_sequences": np.array([9], np.int32)},
+        "num_return_sequences: 9 must be in [1, 8] (the llm's max_num_return_sequences)",
+    ),
 ]
 
 
@@ -309,6 +319,17 @@ def metric(server, name: str, labels: str) -> float:
     return float(found.group(1))
 
 
+def aborted_and_used(server, expected_aborted: float, timeout: float = 20.0) -> tuple[float, float]:
+    """(requests finished by abort, KV blocks in use), once they read (expected_aborted, 0) or at timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        aborted = metric(server, "glmv_requests_finished_total", 'finish_reason="abort"')
+        used = metric(server, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="used"')
+        if (aborted, used) == (expected_aborted, 0) or time.monotonic() > deadline:
+            return aborted, used
+        time.sleep(0.1)
+
+
 def test_cancel_mid_stream_aborts_and_frees_kv(server) -> None:
     aborted_before = metric(server, "glmv_requests_finished_total", 'finish_reason="abort"')
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -322,15 +343,7 @@ def test_cancel_mid_stream_aborts_and_frees_kv(server) -> None:
     client.stop_stream(cancel_requests=True)
     client.close()
 
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        aborted = metric(server, "glmv_requests_finished_total", 'finish_reason="abort"')
-        used = metric(server, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="used"')
-        if aborted == aborted_before + 1 and used == 0:
-            break
-        time.sleep(0.1)
-    assert aborted == aborted_before + 1
-    assert used == 0
+    assert aborted_and_used(server, aborted_before + 1) == (aborted_before + 1, 0)
     # finish_reason "abort" (not "length"): it was cut short of the 400 tokens min_tokens forced.
     assert server.is_ready()
     assert grpc_generate(server, [])[2] in ("stop", "length")
@@ -625,6 +638,118 @@ def test_images_the_host_has_resized_reach_the_llm_by_reference(server, tiny_eng
 
 
 # -- last: the engine process dies ---------------------------------------------------------------
+
+
+def by_sequence(parts: list[dict]) -> dict[int, list[dict]]:
+    """A request's responses by their `sequence_index`, each sequence's in order."""
+    out: dict[int, list[dict]] = {}
+    for part in parts:
+        out.setdefault(int(part["sequence_index"]), []).append(part)
+    return out
+
+
+def final_flags(url: str, inputs, request_id: str) -> list[tuple[int, bool]]:
+    """(sequence_index, triton_final_response) of every response of one streamed request."""
+    client = grpcclient.InferenceServerClient(url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer("ensemble", inputs, request_id=request_id, enable_empty_final_response=True)
+    flags = []
+    while not flags or not flags[-1][1]:
+        result, error = responses.get(timeout=120)
+        assert error is None, error
+        response = result.get_response()
+        index = int(result.as_numpy("sequence_index")[0]) if response.outputs else -1
+        flags.append((index, response.parameters["triton_final_response"].bool_param))
+    client.stop_stream()
+    client.close()
+    return flags
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_num_return_sequences_answers_each_sequence_and_shares_the_prompt(
+    server, tiny_engine: Path, stream: bool
+) -> None:
+    """num_return_sequences=3, greedy, a picture no request sent before: three sequences on one response
+    stream, each told by its sequence_index and each the answer one request gets; sequence 0 computes the
+    prompt, 1 and 2 (sent when it has answered) find all of it but the last block in the prefix cache;
+    only the very last response is final, and each sequence's last carries its finish_reason."""
+    from engine.config import EngineDir
+
+    block = EngineDir.open(tiny_engine).engine_config().block_size
+    image = [png(88, 64, 70 + stream)]
+    s = Stream(server.grpc_url)
+    try:
+        s.send(grpc_inputs(QUESTION, image, stream, num_return_sequences=np.array([3], np.int32)), "three")
+        (parts,) = s.collect().values()
+    finally:
+        s.close()
+    assert not isinstance(parts, Exception), parts
+    sequences = by_sequence(parts)
+    assert sorted(sequences) == [0, 1, 2]
+    one = grpc_generate(server, image, stream=stream)
+    prompt = int(parts[0]["num_input_tokens"])
+    for index, seq in sequences.items():
+        assert joined(seq) == one
+        assert [p["finish_reason"] for p in seq[:-1]] == [b""] * (len(seq) - 1)
+        assert int(seq[-1]["num_cached_tokens"]) == (0 if index == 0 else (prompt - 1) // block * block)
+        if not stream:
+            assert len(seq) == 1
+    flags = final_flags(
+        server.grpc_url,
+        grpc_inputs(QUESTION, image, stream, num_return_sequences=np.array([3], np.int32)),
+        "flags",
+    )
+    assert [final for _, final in flags] == [False] * (len(flags) - 1) + [True]
+    assert sorted({index for index, _ in flags if index >= 0}) == [0, 1, 2]
+
+
+def test_num_return_sequences_moves_the_seed_by_the_index(server) -> None:
+    """Sampled sequences: sequence i of a request with seed S is what one request with seed S + i gets."""
+    sampling = {"temperature": np.array([1.0], np.float32), "seed": np.array([1234], np.uint64)}
+    s = Stream(server.grpc_url)
+    try:
+        s.send(grpc_inputs("Say anything.", num_return_sequences=np.array([3], np.int32), **sampling), "n")
+        (parts,) = s.collect().values()
+        alone = []
+        for i in range(3):
+            s.send(
+                grpc_inputs(
+                    "Say anything.", temperature=sampling["temperature"], seed=np.array([1234 + i], np.uint64)
+                ),
+                f"s{i}",
+            )
+            (single,) = s.collect().values()
+            alone.append(joined(single))
+    finally:
+        s.close()
+    sequences = by_sequence(parts)
+    assert [joined(sequences[i]) for i in range(3)] == alone
+    assert len(set(alone)) > 1  # the seeds differ, and so do the answers
+
+
+def test_num_return_sequences_cancel_aborts_every_sequence_and_frees_kv(server) -> None:
+    aborted_before = metric(server, "glmv_requests_finished_total", 'finish_reason="abort"')
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = grpc_inputs(
+        "Tell me a long story.",
+        max_tokens=400,
+        min_tokens=np.array([400], np.int32),
+        num_return_sequences=np.array([3], np.int32),
+    )
+    client.async_stream_infer("ensemble", inputs, request_id="cancel-three")
+    seen = set()
+    while len(seen) < 3:  # every sequence is running
+        result, error = responses.get(timeout=60)
+        assert error is None, error
+        seen.add(int(result.as_numpy("sequence_index")[0]))
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert aborted_and_used(server, aborted_before + 3) == (aborted_before + 3, 0)
+    assert server.is_ready()
+    assert grpc_generate(server, [])[2] in ("stop", "length")
 
 
 def engine_children(engine_dir: Path) -> list[int]:

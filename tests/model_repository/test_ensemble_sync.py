@@ -118,6 +118,7 @@ def test_plain_infer_equals_the_streamed_answer(server, module, images) -> None:
             "num_input_tokens",
             "num_cached_tokens",
             "num_output_tokens",
+            "sequence_index",
             "arrival_time_ns",
             "first_token_time_ns",
             "last_token_time_ns",
@@ -191,4 +192,8 @@ def test_bad_input_gets_the_ensembles_error(server, module) -> None:
         "stream: ensemble_sync answers with one response; stream from the 'ensemble' model "
         "(gRPC stream_infer or HTTP generate_stream)"
     )
-    assert answer(infer(module, url, "ensemble_sync", tensors()))[2] in ("stop", "length")
+    with pytest.raises(InferenceServerException) as info:
+        infer(module, url, "ensemble_sync", tensors(num_return_sequences=np.array([2], np.int32)))
+    assert "num_return_sequences: 2: ensemble_sync answers with one sequence" in info.value.message()
+    one = infer(module, url, "ensemble_sync", tensors(num_return_sequences=np.array([1], np.int32)))
+    assert answer(one)[2] in ("stop", "length") and one["sequence_index"].tolist() == [0]

@@ -7,7 +7,8 @@ own input tensors and `stream=false`, which makes the ensemble answer with exact
 answer. That response's tensors are this request's answer, unchanged (same names, types and shapes).
 
 Contract:
-- inputs and outputs are the ensemble's (docs/DESIGN.md); `stream=true` is an error naming `stream`;
+- inputs and outputs are the ensemble's (docs/DESIGN.md); `stream=true` is an error naming `stream`, and
+  `num_return_sequences` other than 1 one naming it (the answer is one sequence);
 - an ensemble error (e.g. `image_input[0]: image is ... over the limit ...`) is answered as this request's
   error with the same message;
 - `execute` returns None and each request is answered from a worker thread by its response sender (one
@@ -57,6 +58,12 @@ class TritonPythonModel:
                         "(gRPC stream_infer or HTTP generate_stream)"
                     )
                 continue
+            if tensor.name() == "num_return_sequences" and int(tensor.as_numpy().reshape(-1)[0]) != 1:
+                return _error(
+                    f"num_return_sequences: {int(tensor.as_numpy().reshape(-1)[0])}: ensemble_sync answers with "
+                    "one sequence; ask 'ensemble' (gRPC stream_infer, HTTP generate_stream) for several, one "
+                    "response stream with a sequence_index per response"
+                )
             inputs.append(tensor)
         inputs.append(pb_utils.Tensor("stream", np.array([False])))
         # no requested output names: every output of the ensemble comes back, the same set as this model's

@@ -22,7 +22,10 @@ concurrency while the token rate keeps growing;
 non-streaming → one response at the end
 (`output_ids` = prompt + completion unless `exclude_input_in_output`, texts whole). The last response
 carries COMPLETE_FINAL and `finish_reason` (stop | length | abort); a request refused by the engine gets a
-final error response. `stop=true` cancels every request sent with the same `request_key` (or, without
+final error response. With `num_return_sequences` n > 1, the request's n sequences (request.SequenceGroup)
+share its sender: sequence 0 goes to the engine at once, the others when it first answers (its prompt is
+in the prefix cache by then); each response carries `sequence_index` and only the last sequence's last
+response is COMPLETE_FINAL. `stop=true` cancels every request sent with the same `request_key` (or, without
 one, the same Triton request id); the ensemble's postprocessing sends it when the client cancels. When the
 engine loop is not running, new requests get an UNAVAILABLE error.
 
@@ -46,7 +49,7 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from .metrics import LlmMetrics
-from .request import RequestTable, is_stop, parse_request, request_key
+from .request import RequestTable, is_stop, num_return_sequences, parse_request, request_key, siblings
 from .response import Responses, coalesce, send_error
 from .triton_model import (  # common/, copied by glmv-build
     InputTensors,
@@ -96,6 +99,7 @@ class TritonPythonModel:
         self.stats_period_s = parameters.get_float("stats_check_period_ms", 100.0) / 1000.0
         self.cancel_checks_per_period = max(1, parameters.get_int("cancellation_checks_per_period", 8))
         self.stream_responses_per_s = max(1.0, parameters.get_float("stream_responses_per_s", 1000.0))
+        self.max_num_return_sequences = max(1, parameters.get_int("max_num_return_sequences", 8))
 
         self.requests = RequestTable()
         self.responses = Responses(self.engine, wall_offset_ns=time.time_ns() - time.monotonic_ns())
@@ -140,6 +144,9 @@ class TritonPythonModel:
             if not triton_id:
                 raise ValueError("stop: a stop request needs the request id (or request_key) to cancel")
             for engine_id in self.requests.engine_ids(triton_id):
+                state = self.requests.get(engine_id)
+                if state is not None and state.group is not None:
+                    state.group.is_stopped = True
                 self.engine.abort(engine_id)
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
@@ -147,12 +154,15 @@ class TritonPythonModel:
             send_error(sender, "llm: the engine loop is not running", pb_utils.TritonError.UNAVAILABLE)
             return
         looked_up = time.perf_counter()
+        n = num_return_sequences(inputs, self.max_num_return_sequences)
         generation_request, state = parse_request(
             inputs,
             sender,
             triton_id,
             has_tokenizer=self.engine.tokenizer is not None,
         )
+        if n > 1:
+            siblings(generation_request, state, n)  # sent to the engine when sequence 0 answers
         parsed = time.perf_counter()
         self.requests.add(state)
         try:
@@ -197,7 +207,57 @@ class TritonPythonModel:
             state.is_done = True
             self.requests.forget(state)
             self.metrics.count_finished(output.finish_reason)
-        self.responses.send(state, output)
+        group = state.group
+        if group is None:
+            self.responses.send(state, output)
+            return
+        if group.pending and state.sequence_index == 0:
+            self._start_siblings(state, output)
+        if group.is_done:  # the request ended already (an error): nothing more goes to its sender
+            return
+        if output.is_finished:
+            group.num_open -= 1
+        if output.is_finished and output.error and output.finish_reason == "abort" and not state.is_cancelled:
+            # one sequence failed: the request ends with its error, the others are stopped
+            group.is_done = True
+            for sibling in group.states:
+                if not sibling.is_done:
+                    self.engine.abort(sibling.engine_id)
+        elif output.is_finished and group.num_open == 0:
+            group.is_done = True
+        self.responses.send(state, output, is_final=output.is_finished and group.is_done)
+
+    def _start_siblings(self, state, output) -> None:
+        """Sequence 0 of a group answered: its prompt's blocks are cached now, so the other sequences go to
+        the engine (or, when it ended without an answer, are dropped with it)."""
+        group = state.group
+        pending, group.pending = group.pending, []
+        for generation_request, sibling in pending:
+            if (
+                state.is_cancelled
+                or group.is_stopped
+                or group.is_done
+                or (output.is_finished and not output.new_token_ids)
+            ):
+                sibling.is_done = True
+                group.num_open -= 1
+                continue
+            self.requests.add(sibling)
+            try:
+                self.engine.add_request(generation_request)
+            except Exception as exc:
+                logger.exception("llm: a sequence of the request could not be added")
+                self.requests.forget(sibling)
+                sibling.is_done = True
+                group.num_open -= 1
+                if not group.is_done:
+                    group.is_done = True
+                    for other in group.states:
+                        if not other.is_done and other is not state:
+                            self.engine.abort(other.engine_id)
+                    if not output.is_finished:
+                        self.engine.abort(state.engine_id)
+                    send_error(state.sender, f"llm: {type(exc).__name__}: {exc}")
 
     # -- cancellation and stats -------------------------------------------------------------------------
 
@@ -213,10 +273,15 @@ class TritonPythonModel:
                 state.last_cancel_check = now
                 try:
                     with self.sender_lock:
-                        is_cancelled = not state.is_done and state.sender.is_cancelled()
+                        is_cancelled = not state.is_sender_done and state.sender.is_cancelled()
+                        cancelled = state.group.states if state.group is not None else [state]
+                        if is_cancelled:
+                            for each in cancelled:  # a group's sequences share the sender
+                                each.is_cancelled = True
                     if is_cancelled:
-                        state.is_cancelled = True
-                        self.engine.abort(state.engine_id)
+                        for each in cancelled:
+                            if not each.is_done:
+                                self.engine.abort(each.engine_id)
                 except Exception:
                     logger.exception("llm: cancellation check failed")
 

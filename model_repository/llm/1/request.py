@@ -10,6 +10,9 @@ Contract:
 * `RequestTable` holds the requests in flight by engine id and by that key; it is shared by the execute,
   sender and cancellation threads (its own lock). A `RequestState`'s fields are written by the sender
   thread only, except `is_cancelled` / `last_cancel_check` (the cancellation thread).
+* `num_return_sequences` (1 to the model's `max_num_return_sequences`) asks for several sequences of one
+  prompt: `parse_request` returns the first; `siblings` makes the others (a seed moved by the index, the
+  same `request_key`), which share one `SequenceGroup` and the request's response sender.
 * The engine is imported inside the functions that use it: it is importable once `setup_model` has put
   `python_path` on sys.path, after this module is imported.
 """
@@ -62,6 +65,20 @@ def is_stop(inputs: InputTensors) -> bool:
 
 
 @dataclass
+class SequenceGroup:
+    """The sequences of one request with `num_return_sequences` > 1: one response sender, one final
+    response. Sequence 0 goes to the engine first, the others (`pending`) once it has answered, so they
+    find its prompt in the prefix cache and its images in the image cache. Touched by the sender thread
+    only (the cancellation thread reads `is_done` under the model's sender lock)."""
+
+    states: list[RequestState]
+    pending: list[tuple[GenerationRequest, RequestState]]
+    num_open: int  # sequences whose last response is not sent yet (pending ones included)
+    is_done: bool = False  # the request's final response is sent: its sender must not be touched again
+    is_stopped: bool = False  # a `stop` request came for it (set by the execute thread): pending ones drop
+
+
+@dataclass
 class RequestState:
     engine_id: str
     triton_id: str  # request_key(): what `stop` finds it by
@@ -84,6 +101,13 @@ class RequestState:
     first_token_tensor: object = None
     last_cancel_check: float = 0.0  # time.monotonic() of the last is_cancelled() asked for it
     logprobs: list = field(default_factory=list)  # (logprob, top) of each output token (non-streaming)
+    sequence_index: int = 0  # the `sequence_index` output: which of the request's sequences this is
+    group: SequenceGroup | None = None  # with num_return_sequences > 1
+
+    @property
+    def is_sender_done(self) -> bool:
+        """The request's final response is sent (for a group: the last sequence's)."""
+        return self.group.is_done if self.group is not None else self.is_done
 
     def add_output(self, output) -> tuple[float | None, float | None]:
         """Take in one (possibly coalesced) engine output. Returns (seconds from arrival to the first token,
@@ -215,6 +239,48 @@ def parse_request(
         prompt_ids=prompt.tolist(),
     )
     return generation_request, state
+
+
+def num_return_sequences(inputs: InputTensors, limit: int) -> int:
+    """The `num_return_sequences` input (1 when not given); ValueError naming it past [1, limit]."""
+    value = _scalar(inputs, "num_return_sequences")
+    if value is None:
+        return 1
+    if not 1 <= int(value) <= limit:
+        raise ValueError(
+            f"num_return_sequences: {int(value)} must be in [1, {limit}] (the llm's max_num_return_sequences)"
+        )
+    return int(value)
+
+
+def siblings(generation_request: GenerationRequest, state: RequestState, n: int) -> SequenceGroup:
+    """Sequences 1..n-1 of the request whose sequence 0 is (generation_request, state), in one group with
+    it: each its own engine id and the seed moved by its index (the same prompt, images and settings)."""
+    import dataclasses
+
+    group = SequenceGroup(states=[state], pending=[], num_open=n)
+    state.group = group
+    seed = generation_request.sampling.seed
+    for index in range(1, n):
+        engine_id = uuid.uuid4().hex
+        sampling = dataclasses.replace(
+            generation_request.sampling, seed=None if seed is None else (seed + index) % 2**64
+        )
+        sibling = RequestState(
+            engine_id=engine_id,
+            triton_id=state.triton_id,
+            sender=state.sender,
+            is_streaming=state.is_streaming,
+            exclude_input=state.exclude_input,
+            prompt_ids=state.prompt_ids,
+            sequence_index=index,
+            group=group,
+        )
+        group.states.append(sibling)
+        group.pending.append(
+            (dataclasses.replace(generation_request, request_id=engine_id, sampling=sampling), sibling)
+        )
+    return group
 
 
 def _sampling(inputs: InputTensors) -> SamplingParams:

@@ -9,7 +9,9 @@ Contract:
   (`RequestState.add_output`): streaming → the new tokens and text; non-streaming → nothing until the
   final output, then `output_ids` = prompt + completion (completion only with `exclude_input_in_output`)
   and the whole texts. An engine error ends the request with an error response; a cancelled request ends
-  with an empty final response. The final response carries COMPLETE_FINAL and `finish_reason`.
+  with an empty final response. The final response carries COMPLETE_FINAL and `finish_reason`. Every
+  response carries `sequence_index`; of a request with several sequences, each sequence's last response
+  carries its `finish_reason` and only the last of them COMPLETE_FINAL.
 * Tensors that repeat across responses are made once (`_shared_tensor`, `RequestState.fixed_tensors`):
   building a pb_utils.Tensor is most of a response's cost.
 """
@@ -74,18 +76,22 @@ class Responses:
         self.empty_log_probs = None  # the shared empty `output_log_probs` tensor
         self.token_texts = None  # engine.sample.logprobs.TokenTexts, made on the first request with logprobs
 
-    def send(self, state, output) -> None:
-        is_final = output.is_finished
-        if output.error and is_final and output.finish_reason == "abort" and not state.is_cancelled:
+    def send(self, state, output, is_final: bool | None = None) -> None:
+        """``is_final``: this response ends the request (default: when the output is its sequence's last;
+        of a request with several sequences, only the last sequence's last response does)."""
+        is_last = output.is_finished
+        is_final = is_last if is_final is None else is_final
+        if output.error and is_last and output.finish_reason == "abort" and not state.is_cancelled:
             send_error(state.sender, f"llm: {output.error}")
             return
-        if state.is_cancelled and is_final:
-            try:
-                state.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            except Exception:  # the client that cancelled may be gone; nothing is left to tell it
-                pass
+        if state.is_cancelled and is_last:
+            if is_final:
+                try:
+                    state.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception:  # the client that cancelled may be gone; nothing is left to tell it
+                    pass
             return
-        if not state.is_streaming and not is_final:
+        if not state.is_streaming and not is_last:
             return
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if is_final else 0
         state.sender.send(
@@ -130,6 +136,7 @@ class Responses:
             self._text_tensor("reasoning_output", reasoning),
             self._shared_tensor("finish_reason", (output.finish_reason or "").encode(), np.object_),
             self._shared_tensor("num_output_tokens", output.num_output_tokens, np.int32),
+            self._shared_tensor("sequence_index", state.sequence_index, np.int32),
             first,
             pb_utils.Tensor(
                 "last_token_time_ns", np.array([self._wall_ns(output.last_token_time)], np.int64)

@@ -32,6 +32,7 @@ PASS_THROUGH_INT = (
     ("num_input_tokens", np.int32),
     ("num_cached_tokens", np.int32),
     ("num_output_tokens", np.int32),
+    ("sequence_index", np.int32),  # 0 when the llm sends none (a single sequence)
     ("arrival_time_ns", np.int64),
     ("first_token_time_ns", np.int64),
     ("last_token_time_ns", np.int64),
