@@ -42,7 +42,7 @@ class GatewayConfig:
     max_images_per_request: int = 4
     max_tokens_default: int = 1024  # max_tokens when a request gives none
     max_tokens_limit: int = 4096  # largest max_tokens accepted (keep <= the server's max_output_tokens)
-    max_choices: int = 8  # largest n (answers to one request, each its own engine request) accepted
+    max_choices: int = 8  # largest n accepted (keep <= the server's --max-num-return-sequences)
     allow_image_urls: bool = False  # fetch http(s) image URLs (private addresses always refused)
     image_url_timeout_s: float = 10.0
     request_timeout_s: float = 600.0  # whole request to Triton, stream included

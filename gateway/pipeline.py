@@ -13,12 +13,13 @@ Contract:
   logprobs only; ``x-glmv-cache: hit|miss`` and the hit/miss counter), ``record`` after a fresh answer
   (prompt and completion token counters; stored when it finished with stop or length). A cached answer is
   replayed, never counted again.
-- ``n`` > 1 choices: each is its own engine request (a seed moves by the choice's index). Choice 0 is sent
-  first, the others once it has given its first event, when its prompt's blocks are in the server's prefix
-  cache and its images' embeddings in the image cache: they skip the ViT and all but the prompt's last
-  block. Their events are merged as (index, event); the usage counts the prompt once (choice 0's, with its
-  cached tokens) and every choice's completion tokens. An error of any choice ends the request. Requests
-  with n > 1 are never answered from, or stored in, the response cache.
+- ``n`` > 1 choices: one ensemble request with ``num_return_sequences`` = n, preprocessed once; the server
+  moves the seed by the choice's index and starts choices 1.. once choice 0 has answered, when its
+  prompt's blocks are in the prefix cache and its images' embeddings in the image cache: they skip the ViT
+  and all but the prompt's last block. Events come as (index, event) by the responses' sequence_index; the
+  usage counts the prompt once (choice 0's, with its cached tokens) and every choice's completion tokens.
+  An error of any choice ends the request. Requests with n > 1 are never answered from, or stored in, the
+  response cache.
 - ``ChunkWriter`` turns one choice's Delta/Finish events into SSE chunks: the role chunk first; box markers
   stripped; the output filter and tool calls hold back text across deltas; then the finish chunk (with the
   logprobs of tokens no delta carried); ``end`` gives the usage chunk (``include_usage``) and ``[DONE]``
@@ -142,50 +143,23 @@ def _rate_limit(gw: Gateway, bucket: str, cost: int, why: str) -> None:
         )
 
 
-def triton_kwargs(req: ChatRequest, choice: int = 0) -> dict[str, Any]:
-    """glmv_client keyword arguments of a request's choice ``choice``, after its images and prompt: messages,
-    limits, sampling; a seed moves by the choice's index, so that seeded choices differ."""
+def triton_kwargs(req: ChatRequest) -> dict[str, Any]:
+    """glmv_client keyword arguments of a request, after its images and prompt: messages, limits, sampling,
+    and ``num_return_sequences`` for n > 1 choices."""
     kwargs = {"messages": req.messages, "max_tokens": req.max_tokens, **req.sampling}
-    if choice and "seed" in kwargs:
-        kwargs["seed"] = (kwargs["seed"] + choice) % 2**64
+    if req.n > 1:
+        kwargs["num_return_sequences"] = req.n
     return kwargs
 
 
 async def choice_events(gw: Gateway, req: ChatRequest, images: list[bytes]) -> AsyncIterator[ChoiceEvent]:
-    """The Delta/Finish events of a request's ``n`` choices as (index, event), each choice's in its order;
-    choice 0 first, the others sent once it has given its first event (module docstring). An error of any
-    choice is raised here; closing this generator cancels every choice's stream."""
+    """The Delta/Finish events of a request's ``n`` choices as (index, event), each choice's in its order:
+    one ensemble request for all of them (module docstring). An error is raised here; closing this
+    generator cancels the request, every choice."""
     key = affinity_key(images, req.messages)
-    if req.n == 1:
-        async with aclosing(gw.stream(key, images, req.prompt, **triton_kwargs(req))) as stream:
-            async for item in stream:
-                yield 0, item
-        return
-    queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
-
-    async def run(index: int) -> None:
-        try:
-            async with aclosing(gw.stream(key, images, req.prompt, **triton_kwargs(req, index))) as stream:
-                async for item in stream:
-                    await queue.put((index, item))
-        except Exception as exc:
-            await queue.put((index, exc))
-
-    tasks = [asyncio.ensure_future(run(0))]
-    finished = 0
-    try:
-        while finished < req.n:
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if len(tasks) == 1:  # choice 0's first event: its prompt is in the caches
-                tasks += [asyncio.ensure_future(run(i)) for i in range(1, req.n)]
-            finished += isinstance(item, Finish)
-            yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with aclosing(gw.stream(key, images, req.prompt, **triton_kwargs(req))) as stream:
+        async for item in stream:
+            yield item.index, item
 
 
 def merged_usage(usages: list[Usage]) -> Usage:

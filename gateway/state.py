@@ -52,6 +52,7 @@ class Gateway:
             max_image_bytes=self.config.max_image_bytes,
             max_images_per_request=self.config.max_images_per_request,
             max_tokens=self.config.max_tokens_limit,
+            max_num_return_sequences=self.config.max_choices,
         )
         urls = self.config.triton_urls
 

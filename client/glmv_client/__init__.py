@@ -6,6 +6,8 @@
         print(result.text, result.usage.completion_tokens, result.timings.ttft)
         for item in client.stream("cat.png", "Describe it.", temperature=0):
             ...  # Delta(text, reasoning) items, then Finish(finish_reason, usage, timings)
+        for item in client.stream("cat.png", "Name it.", temperature=1.0, num_return_sequences=3):
+            ...  # the three sequences' items interleaved, told apart by item.index; a Finish each
 
 Dependencies: tritonclient[grpc,http], httpx, pillow, numpy (no torch).
 """

@@ -31,8 +31,17 @@ from .client import (
 )
 from .errors import RequestTimeoutError, ServerError, ServerUnavailableError
 from .images import ImageLike
-from .request import GenerateRequest, build_request, generate_json
-from .results import Assembler, Delta, Finish, Response, Result, aevent_lines, response_from_grpc
+from .request import GenerateRequest, build_request, generate_json, one_sequence
+from .results import (
+    Assembler,
+    Delta,
+    Finish,
+    Response,
+    Result,
+    Sequences,
+    aevent_lines,
+    response_from_grpc,
+)
 
 
 class AsyncClient(ClientSettings):
@@ -56,7 +65,7 @@ class AsyncClient(ClientSettings):
         Asked of the server as a stream and folded here: Triton 2.51 hands an ensemble's cancellation only
         to the steps after it, so a request that sends no response before its last could not be stopped
         when this call is cancelled (a gateway client that went away)."""
-        req = build_request(images, prompt, limits=self.limits, stream=True, **sampling)
+        req = one_sequence(build_request(images, prompt, limits=self.limits, stream=True, **sampling))
         asm = Assembler(is_stream=True)
         responses = self._responses(req, asm)
         try:
@@ -101,16 +110,16 @@ class AsyncClient(ClientSettings):
     # -- internals ----------------------------------------------------------------------------
 
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[Delta | Finish]:
-        asm = Assembler(is_stream=True)
-        responses = self._responses(req, asm)
+        sequences = Sequences(req.num_return_sequences)
+        responses = self._responses(req, sequences)
         try:
             async for resp in responses:
-                delta = asm.add(resp)
-                if delta is not None:
-                    yield delta
+                for item in sequences.add(resp):
+                    yield item
         finally:
             await responses.aclose()
-        yield asm.finish()
+        for item in sequences.unfinished():
+            yield item
 
     def _grpc_client(self) -> aiogrpc.InferenceServerClient:
         if self._grpc is None:
@@ -119,7 +128,7 @@ class AsyncClient(ClientSettings):
             )
         return self._grpc
 
-    async def _responses(self, req: GenerateRequest, asm: Assembler) -> AsyncIterator[Response]:
+    async def _responses(self, req: GenerateRequest, asm: Assembler | Sequences) -> AsyncIterator[Response]:
         request_id = req.request_id or uuid.uuid4().hex
         attempt = 0
         while True:
@@ -170,6 +179,7 @@ class AsyncClient(ClientSettings):
 
         call = self._grpc_client().stream_infer(requests(), headers=self.headers)
         is_done = False
+        finished = 0  # sequences ended (num_return_sequences)
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -199,7 +209,8 @@ class AsyncClient(ClientSettings):
                     raise error
                 resp = response_from_grpc(result.get_response())
                 yield resp
-                if resp.finish_reason:
+                finished += bool(resp.finish_reason)
+                if finished == req.num_return_sequences:
                     is_done = True
                     return
         finally:
@@ -218,6 +229,7 @@ class AsyncClient(ClientSettings):
                     await r.aread()
                     yield checked_json_response(json.loads(r.text), r.status_code)
                     return
+                finished = 0  # sequences ended (num_return_sequences)
                 async for line in aevent_lines(r.aiter_text()):
                     if deadline is not None and time.monotonic() > deadline:
                         raise httpx.ReadTimeout("deadline passed")
@@ -225,7 +237,8 @@ class AsyncClient(ClientSettings):
                         continue
                     resp = checked_json_response(json.loads(line[5:]), r.status_code)
                     yield resp
-                    if resp.finish_reason:
+                    finished += bool(resp.finish_reason)
+                    if finished == req.num_return_sequences:
                         return
                 raise ServerError("generate_stream ended without a finish_reason", status=r.status_code)
         except httpx.TimeoutException as err:

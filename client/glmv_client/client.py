@@ -31,13 +31,14 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from .errors import RequestTimeoutError, ServerError, ServerUnavailableError
 from .images import ImageLike
-from .request import GenerateRequest, Limits, build_request, generate_json, tensor_values
+from .request import GenerateRequest, Limits, build_request, generate_json, one_sequence, tensor_values
 from .results import (
     Assembler,
     Delta,
     Finish,
     Response,
     Result,
+    Sequences,
     event_lines,
     response_from_grpc,
     response_from_json,
@@ -57,8 +58,10 @@ OUTPUTS = (
 
 
 def output_names(req: GenerateRequest) -> tuple[str, ...]:
-    """The outputs to ask for: ``logprobs`` only when the request wants them (older servers lack it)."""
-    return OUTPUTS + ("logprobs",) if req.logprobs is not None else OUTPUTS
+    """The outputs to ask for: ``logprobs`` and ``sequence_index`` only when the request needs them (older
+    servers lack them)."""
+    names = OUTPUTS + ("logprobs",) if req.logprobs is not None else OUTPUTS
+    return names + ("sequence_index",) if req.num_return_sequences > 1 else names
 
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
@@ -143,7 +146,7 @@ class Client(ClientSettings):
 
     def analyze(self, images: ImageLike | Sequence[ImageLike] | None, prompt: str, **sampling: Any) -> Result:
         """The whole answer to ``prompt`` about ``images``."""
-        req = build_request(images, prompt, limits=self.limits, stream=False, **sampling)
+        req = one_sequence(build_request(images, prompt, limits=self.limits, stream=False, **sampling))
         asm = Assembler(is_stream=False)
         with contextlib.closing(self._responses(req, asm)) as responses:
             for resp in responses:
@@ -192,15 +195,13 @@ class Client(ClientSettings):
     # -- internals ----------------------------------------------------------------------------
 
     def _stream(self, req: GenerateRequest) -> Iterator[Delta | Finish]:
-        asm = Assembler(is_stream=True)
-        with contextlib.closing(self._responses(req, asm)) as responses:
+        sequences = Sequences(req.num_return_sequences)
+        with contextlib.closing(self._responses(req, sequences)) as responses:
             for resp in responses:
-                delta = asm.add(resp)
-                if delta is not None:
-                    yield delta
-        yield asm.finish()
+                yield from sequences.add(resp)
+        yield from sequences.unfinished()
 
-    def _responses(self, req: GenerateRequest, asm: Assembler) -> Iterator[Response]:
+    def _responses(self, req: GenerateRequest, asm: Assembler | Sequences) -> Iterator[Response]:
         request_id = req.request_id or uuid.uuid4().hex
         attempt = 0
         while True:
@@ -264,6 +265,7 @@ class Client(ClientSettings):
                 except queue.Empty:
                     reported = None
                 raise (reported or exc) from None
+            finished = 0  # sequences ended (num_return_sequences)
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 try:
@@ -278,7 +280,8 @@ class Client(ClientSettings):
                     raise error
                 resp = response_from_grpc(result.get_response())
                 yield resp
-                if resp.finish_reason:
+                finished += bool(resp.finish_reason)
+                if finished == req.num_return_sequences:
                     is_done = True
                     return
         finally:
@@ -302,6 +305,7 @@ class Client(ClientSettings):
                     r.read()
                     yield checked_json_response(json.loads(r.text), r.status_code)
                     return
+                finished = 0  # sequences ended (num_return_sequences)
                 for line in event_lines(r.iter_text()):
                     if deadline is not None and time.monotonic() > deadline:
                         raise httpx.ReadTimeout("deadline passed")
@@ -309,7 +313,8 @@ class Client(ClientSettings):
                         continue
                     resp = checked_json_response(json.loads(line[5:]), r.status_code)
                     yield resp
-                    if resp.finish_reason:
+                    finished += bool(resp.finish_reason)
+                    if finished == req.num_return_sequences:
                         return
                 raise ServerError("generate_stream ended without a finish_reason", status=r.status_code)
         except httpx.TimeoutException as err:

@@ -35,6 +35,7 @@ class Limits:
     max_stop_words: int = 16
     max_temperature: float | None = None  # None: any finite value >= 0, as the server accepts
     max_message_bytes: int = 64 * MiB  # gRPC max send/receive message size
+    max_num_return_sequences: int = 8  # the server's --max-num-return-sequences
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class GenerateRequest:
     guide_type: str | None = None  # guided decoding: json | json_schema | regex | ebnf_grammar
     guide: str | None = None  # the schema (JSON), regex or grammar
     logprobs: int | None = None  # None: off; k: the token's logprob and the k most likely
+    num_return_sequences: int = 1  # sequences of the prompt (stream only), told apart by their index
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -91,6 +93,7 @@ def build_request(
     guide_type: str | None = None,
     guide: str | None = None,
     logprobs: int | None = None,
+    num_return_sequences: int = 1,
 ) -> GenerateRequest:
     """Validate the arguments of ``analyze`` / ``stream`` into a :class:`GenerateRequest`."""
     image_list = _as_image_list(images)
@@ -125,6 +128,7 @@ def build_request(
         raise InvalidRequestError("enable_thinking", "must be a bool")
     stop_words = _check_stop(stop, limits.max_stop_words)
     _check_int("logprobs", logprobs, 0, 20)
+    _check_int("num_return_sequences", num_return_sequences, 1, limits.max_num_return_sequences)
     if guide_type is not None and guide_type not in GUIDE_TYPES:
         raise InvalidRequestError("guide_type", f"{guide_type!r} must be one of {', '.join(GUIDE_TYPES)}")
     if guide is not None and guide_type is None:
@@ -156,6 +160,7 @@ def build_request(
         guide_type=guide_type,
         guide=guide,
         logprobs=logprobs,
+        num_return_sequences=num_return_sequences,
     )
     # base64 in JSON and protobuf framing add overhead; 4/3 covers the worst case (HTTP).
     approx = req.num_image_bytes * 4 // 3 + len(prompt.encode()) + len(messages_json or "") + 4096
@@ -164,6 +169,16 @@ def build_request(
             "images",
             f"request is about {approx} bytes, over the limit of {limits.max_message_bytes} bytes "
             "(max_message_bytes)",
+        )
+    return req
+
+
+def one_sequence(req: GenerateRequest) -> GenerateRequest:
+    """``req`` for ``analyze``, which returns one answer: several sequences are for ``stream``."""
+    if req.num_return_sequences > 1:
+        raise InvalidRequestError(
+            "num_return_sequences",
+            f"{req.num_return_sequences}: analyze() returns one answer; stream() yields several, by index",
         )
     return req
 
@@ -283,7 +298,7 @@ def tensor_values(req: GenerateRequest) -> dict[str, np.ndarray]:
 
 
 def _structured_inputs(req: GenerateRequest) -> dict[str, Any]:
-    """tools, guided decoding and logprobs inputs, by tensor name (only those set)."""
+    """tools, guided decoding, logprobs and num_return_sequences inputs, by tensor name (only those set)."""
     values: dict[str, Any] = {}
     if req.tools is not None:
         values["tools"] = req.tools
@@ -293,6 +308,8 @@ def _structured_inputs(req: GenerateRequest) -> dict[str, Any]:
     if req.logprobs is not None:
         values["return_log_probs"] = True
         values["top_logprobs"] = req.logprobs
+    if req.num_return_sequences > 1:
+        values["num_return_sequences"] = req.num_return_sequences
     return values
 
 

@@ -1,7 +1,9 @@
 """What ``analyze`` returns and what ``stream`` yields, and how responses are folded into them.
 
 A stream yields :class:`Delta` items (new answer text and new reasoning text, either may be
-empty but not both) and ends with exactly one :class:`Finish`. ``analyze`` returns a
+empty but not both) and ends with exactly one :class:`Finish`; with ``num_return_sequences`` n > 1, the
+items of the n sequences interleave, each carrying its sequence's ``index``, and each sequence ends with
+its own :class:`Finish` (n in all). ``analyze`` returns a
 :class:`Result`. Timings are in seconds: ``ttft`` and ``total`` are measured by the client
 (send → first text or reasoning, send → last response); ``server_ttft`` and ``server_total`` come
 from the server's ``*_time_ns`` outputs when present.
@@ -9,6 +11,7 @@ from the server's ``*_time_ns`` outputs when present.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import time
@@ -41,6 +44,7 @@ class Delta:
     text: str
     reasoning: str
     logprobs: tuple[dict[str, Any], ...] = ()  # OpenAI logprobs.content items of this delta's tokens
+    index: int = 0  # the sequence (num_return_sequences > 1)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Finish:
     usage: Usage
     timings: Timings
     logprobs: tuple[dict[str, Any], ...] = ()  # items of tokens no delta carried (no text of their own)
+    index: int = 0  # the sequence (num_return_sequences > 1)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Response:
     first_token_time_ns: int | None = None
     last_token_time_ns: int | None = None
     logprobs: tuple[dict[str, Any], ...] = field(default=())
+    sequence_index: int = 0
 
 
 def _logprob_items(raw: Any) -> tuple[dict[str, Any], ...]:
@@ -133,6 +139,7 @@ def response_from_grpc(response: Any) -> Response:
         first_token_time_ns=integer("first_token_time_ns"),
         last_token_time_ns=integer("last_token_time_ns"),
         logprobs=_logprob_items(text("logprobs")),
+        sequence_index=integer("sequence_index") or 0,
     )
 
 
@@ -160,6 +167,7 @@ def response_from_json(obj: dict[str, Any]) -> Response:
         first_token_time_ns=integer("first_token_time_ns"),
         last_token_time_ns=integer("last_token_time_ns"),
         logprobs=_logprob_items(value("logprobs")),
+        sequence_index=integer("sequence_index") or 0,
     )
 
 
@@ -235,6 +243,45 @@ class Assembler:
             timings=fin.timings,
             logprobs=tuple(self.logprobs),
         )
+
+
+class Sequences:
+    """Folds the responses of one streamed request into the Delta and Finish items of its sequences
+    (``num_return_sequences``; one for most requests), each item carrying its sequence's index."""
+
+    def __init__(self, num_sequences: int) -> None:
+        self.assemblers = [Assembler(is_stream=True) for _ in range(num_sequences)]
+        self.finished: set[int] = set()
+
+    def restart(self) -> None:
+        for asm in self.assemblers:
+            asm.restart()
+
+    def add(self, resp: Response) -> list[Delta | Finish]:
+        """The items one response gives: its delta (if it carries text), then its sequence's finish (if it
+        is the sequence's last)."""
+        index = resp.sequence_index
+        if not 0 <= index < len(self.assemblers):
+            raise ValueError(f"sequence_index {index} of a request for {len(self.assemblers)} sequences")
+        asm = self.assemblers[index]
+        items: list[Delta | Finish] = []
+        delta = asm.add(resp)
+        if delta is not None:
+            items.append(dataclasses.replace(delta, index=index) if index else delta)
+        if resp.finish_reason and index not in self.finished:
+            self.finished.add(index)
+            items.append(self._finish(index))
+        return items
+
+    def unfinished(self) -> list[Finish]:
+        """The finish of every sequence the responses did not end (finish_reason "abort" when none came)."""
+        left = [i for i in range(len(self.assemblers)) if i not in self.finished]
+        self.finished.update(left)
+        return [self._finish(i) for i in left]
+
+    def _finish(self, index: int) -> Finish:
+        fin = self.assemblers[index].finish()
+        return dataclasses.replace(fin, index=index) if index else fin
 
 
 def event_lines(chunks: Iterable[str]) -> Iterator[str]:

@@ -12,6 +12,7 @@ from glmv_client import (
     Client,
     Delta,
     Finish,
+    InvalidRequestError,
     RequestTimeoutError,
     ServerError,
     ServerUnavailableError,
@@ -137,6 +138,40 @@ def test_grpc_message_size_option():
         ("grpc.max_send_message_length", 67108864),
         ("grpc.max_receive_message_length", 67108864),
     ]
+
+
+def several(items) -> tuple[dict[int, str], list[tuple[int, str]]]:
+    """A several-sequence stream's texts by index and its (index, finish_reason) in order."""
+    texts: dict[int, str] = {}
+    for item in items:
+        if isinstance(item, Delta):
+            texts[item.index] = texts.get(item.index, "") + item.text
+    return texts, [(i.index, i.finish_reason) for i in items if isinstance(i, Finish)]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_stream_num_return_sequences(fixture_triton, protocol):
+    """num_return_sequences=3: the sequences' items interleave, each Delta and Finish carrying its
+    sequence's index; one Finish per sequence; the request ends after the last; analyze refuses it."""
+    expected = {i: f"a b | images=0 sizes= temperature=- seed={7 + i}" for i in range(3)}
+    asked = {"max_tokens": 20, "enable_thinking": False, "seed": 7, "num_return_sequences": 3}
+    with Client(url_of(fixture_triton, protocol), protocol=protocol, timeout=30) as client:
+        items = list(client.stream(None, "a b", **asked))
+        with pytest.raises(InvalidRequestError, match=r"^num_return_sequences: 2: analyze\(\) returns one"):
+            client.analyze(None, "a b", num_return_sequences=2)
+        with pytest.raises(InvalidRequestError, match=r"^num_return_sequences: "):
+            client.stream(None, "a b", num_return_sequences=9)
+        assert client.analyze(None, "a b", enable_thinking=False, seed=7).text == expected[0]
+
+    assert several(items) == (expected, [(0, "stop"), (1, "stop"), (2, "stop")])
+    assert [item.index for item in items[:3]] == [0, 1, 2]  # interleaved as the server sent them
+    assert isinstance(items[-1], Finish)
+
+    async def run():
+        async with AsyncClient(url_of(fixture_triton, protocol), protocol=protocol, timeout=30) as client:
+            return [item async for item in client.stream(None, "a b", **asked)]
+
+    assert several(asyncio.run(run())) == several(items)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -1,6 +1,8 @@
 """Fixture "ensemble": echoes the request back, one word per token, over the real tensor contract.
 
 Answer: "<words of the question> | images=<n> sizes=<bytes,...> temperature=<t> seed=<s>".
+num_return_sequences n: n answers (sequence i's seed is s + i) interleaved token by token, each response
+carrying its sequence_index, the last of all final.
 Reasoning (unless enable_thinking is false): "thinking about <n> images".
 Special questions: "sleep <seconds-per-token> ..." sleeps before each token (polling cancellation
 and writing "cancelled <request id>" to $GLMV_FIXTURE_LOG); "fail" answers with an error that names
@@ -83,55 +85,78 @@ class TritonPythonModel:
             raise ValueError("max_tokens: the fixture was asked to fail")
         if words and words[0] == "sleep":
             delay = float(words[1])
-        answer = words + [
-            "|",
-            f"images={len(images)}",
-            "sizes=" + ",".join(str(len(i)) for i in images),
-            "temperature=" + ("-" if temperature is None else f"{float(temperature[0]):g}"),
-            "seed=" + ("-" if seed is None else str(int(seed[0]))),
-        ]
+        count = _get(request, "num_return_sequences")
+        count = 1 if count is None else int(count[0])
+        if not 1 <= count <= 8:
+            raise ValueError(f"num_return_sequences: {count} must be in [1, 8]")
         reasoning = ["thinking", "about", f"{len(images)}", "images"] if thinking else []
-        tokens = [("r", w) for w in reasoning] + [("t", w) for w in answer]
-        finish = "length" if len(tokens) > max_tokens else "stop"
-        tokens = tokens[:max_tokens]
+        sequences = []  # per sequence: its tokens and finish reason (the seed moved by its index)
+        for index in range(count):
+            answer = words + [
+                "|",
+                f"images={len(images)}",
+                "sizes=" + ",".join(str(len(i)) for i in images),
+                "temperature=" + ("-" if temperature is None else f"{float(temperature[0]):g}"),
+                "seed=" + ("-" if seed is None else str((int(seed[0]) + index) % 2**64)),
+            ]
+            tokens = [("r", w) for w in reasoning] + [("t", w) for w in answer]
+            finish = "length" if len(tokens) > max_tokens else "stop"
+            sequences.append((tokens[:max_tokens], finish))
         num_input = len(words) + 10 * len(images)
         first = None
-        text, reason = [], []
-        for i, (kind, word) in enumerate(tokens):
-            if delay:
-                time.sleep(delay)
-            if request.is_cancelled():
-                self._log(f"cancelled {request.request_id()}")
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                return
-            first = first or time.time_ns()
-            piece = word if i == 0 or tokens[i - 1][0] != kind else " " + word
-            (reason if kind == "r" else text).append(piece)
-            if stream:
+        texts = [[] for _ in sequences]
+        reasons = [[] for _ in sequences]
+        open_sequences = count
+        # the sequences' tokens interleave, one of each in turn
+        for i in range(max(len(tokens) for tokens, _ in sequences)):
+            for index, (tokens, finish) in enumerate(sequences):
+                if i >= len(tokens):
+                    continue
+                kind, word = tokens[i]
+                if delay:
+                    time.sleep(delay)
+                if request.is_cancelled():
+                    self._log(f"cancelled {request.request_id()}")
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    return
+                first = first or time.time_ns()
+                piece = word if i == 0 or tokens[i - 1][0] != kind else " " + word
+                (reasons[index] if kind == "r" else texts[index]).append(piece)
                 last = i == len(tokens) - 1
+                open_sequences -= last
+                if stream:
+                    sender.send(
+                        self._response(
+                            piece if kind == "t" else "",
+                            piece if kind == "r" else "",
+                            finish if last else "",
+                            num_input,
+                            i + 1,
+                            arrival,
+                            first,
+                            index,
+                        ),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if open_sequences == 0 else 0,
+                    )
+        self._log(f"finished {request.request_id()}")
+        if not stream or not sequences[0][0]:
+            for index, (tokens, finish) in enumerate(sequences):
                 sender.send(
                     self._response(
-                        piece if kind == "t" else "",
-                        piece if kind == "r" else "",
-                        finish if last else "",
+                        "".join(texts[index]),
+                        "".join(reasons[index]),
+                        finish,
                         num_input,
-                        i + 1,
+                        len(tokens),
                         arrival,
                         first,
+                        index,
                     ),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0,
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if index == count - 1 else 0,
                 )
-        self._log(f"finished {request.request_id()}")
-        if not stream or not tokens:
-            sender.send(
-                self._response(
-                    "".join(text), "".join(reason), finish, num_input, len(tokens), arrival, first
-                ),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
 
     @staticmethod
-    def _response(text, reasoning, finish, num_input, num_output, arrival, first):
+    def _response(text, reasoning, finish, num_input, num_output, arrival, first, index=0):
         now = time.time_ns()
         tensors = [
             pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
@@ -143,5 +168,6 @@ class TritonPythonModel:
             pb_utils.Tensor("arrival_time_ns", np.array([arrival], dtype=np.int64)),
             pb_utils.Tensor("first_token_time_ns", np.array([first or now], dtype=np.int64)),
             pb_utils.Tensor("last_token_time_ns", np.array([now], dtype=np.int64)),
+            pb_utils.Tensor("sequence_index", np.array([index], dtype=np.int32)),
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
