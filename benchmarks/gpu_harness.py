@@ -208,6 +208,7 @@ def phase_baseline(record: dict, harness: Harness, budget_s: float) -> None:
 
 # new images per TTFT phase (ttft_448, ttft_1288), one at a time: enough for a P95 that is not the maximum
 TTFT_REQUESTS = 20
+CHOICE_IMAGES = 6  # choices_1288: new screenshots per mode
 
 
 async def _sequential(target, corpus, params, count: int) -> list:
@@ -501,6 +502,75 @@ async def serve_phases(
                 out[kind][key] = {stage: round(statistics.median(v), 3) for stage, v in by_stage.items()}
         return out
 
+    async def choices():
+        """n = 4 answers of 64 tokens about a new 1288x728 screenshot: one request with
+        num_return_sequences = 4 (preprocessed once; the server starts choices 1-3 when choice 0 answers,
+        from its prefix and image caches) against the same four as separate requests sent together (each
+        preprocessing and computing the screenshot unless another's blocks are cached by then), the modes
+        alternating over CHOICE_IMAGES new screenshots each. Per mode, P50 over the screenshots of: the
+        first choice's first token, the last choice's first token, all four done (client ms); prompt tokens
+        computed (each choice's prompt less its cached tokens, summed)."""
+        from glmv_client import AsyncClient, Finish
+
+        if target_kind != "triton":
+            return {"skipped": f"needs the gRPC target, not {target_kind}"}
+        count = 4
+        corpus = Corpus(sizes=[sizes["1288"]], pool_size=2 * CHOICE_IMAGES, seed=3000, workers=workers)
+        asked = {"max_tokens": 64, "min_tokens": 64, "temperature": 1.0, "enable_thinking": False}
+        runs: dict[str, list[dict]] = {"one_request": [], "separate": []}
+        errors: list[str] = []
+
+        async def finishes(client, sample, seed: int, n: int) -> list[Finish]:
+            items = client.stream(
+                list(sample.images), sample.question, seed=seed, num_return_sequences=n, **asked
+            )
+            return [item async for item in items if isinstance(item, Finish)]
+
+        async with AsyncClient(url, timeout=300) as client:
+            for i in range(CHOICE_IMAGES):
+                for mode in ("one_request", "separate") if i % 2 == 0 else ("separate", "one_request"):
+                    sample = corpus.sample(2 * i + (mode == "separate"))
+                    try:
+                        if mode == "one_request":
+                            done = await finishes(client, sample, 11, count)
+                        else:
+                            done = [
+                                f
+                                for fs in await asyncio.gather(
+                                    *(finishes(client, sample, 11 + k, 1) for k in range(count))
+                                )
+                                for f in fs
+                            ]
+                    except Exception as exc:  # the error is the measurement
+                        errors.append(f"{mode}: {type(exc).__name__}: {exc}")
+                        continue
+                    ttfts = [f.timings.ttft or 0.0 for f in done]
+                    runs[mode].append(
+                        {
+                            "first_ttft_ms": min(ttfts) * 1e3,
+                            "last_ttft_ms": max(ttfts) * 1e3,
+                            "all_done_ms": max(f.timings.total for f in done) * 1e3,
+                            "prompt_tokens_computed": sum(
+                                f.usage.prompt_tokens - f.usage.cached_tokens for f in done
+                            ),
+                            "prompt_tokens": done[0].usage.prompt_tokens if done else 0,
+                            "finish_reasons": sorted({f.finish_reason for f in done}),
+                        }
+                    )
+        out: dict = {"choices": count, "max_tokens": 64, "errors": errors}
+        for mode, rows in runs.items():
+            out[mode] = {
+                "requests": len(rows),
+                **{
+                    key: round(statistics.median(r[key] for r in rows), 1) if rows else None
+                    for key in ("first_ttft_ms", "last_ttft_ms", "all_done_ms", "prompt_tokens_computed")
+                },
+                "prompt_tokens": rows[0]["prompt_tokens"] if rows else None,
+                "finish_reasons": sorted({reason for r in rows for reason in r["finish_reasons"]}),
+                "runs": rows,
+            }
+        return out
+
     def questions_per_image(concurrency: int, num_images: int, per_image: int):
         async def go():
             images = Corpus(sizes=[sizes["1288"]], pool_size=num_images, seed=2000, workers=workers)
@@ -583,6 +653,7 @@ async def serve_phases(
         await sub("grammar_compile", 20, grammar_compile)
         await sub("structured_c32", 50, structured_c32)
         await sub("followup_1288", 20, follow_up)
+        await sub("choices_1288", 20, choices)
         await sub("reuse_c32_1288", 40, questions_per_image(32, 64, 4))
         await sub("conversation_1288", 20, chat)
         await sub("poisson_5", 40, poisson(5.0, 20.0))
@@ -855,6 +926,15 @@ def table(doc: dict) -> str:
                 if by_stage:
                     parts = ", ".join(f"{stage} {ms:.2f}" for stage, ms in by_stage.items())
                     lines.append(f"followup_1288 {kind}: {what} ms (P50): {parts}")
+    picks = serve.get("choices_1288") or {}
+    for mode in ("one_request", "separate"):
+        run = picks.get(mode) or {}
+        if run.get("requests"):
+            lines.append(
+                f"choices_1288 {mode}: 4 x 64 tokens, P50 first TTFT {run['first_ttft_ms']:.1f} ms, last TTFT "
+                f"{run['last_ttft_ms']:.1f} ms, all done {run['all_done_ms']:.0f} ms, prompt tokens computed "
+                f"{run['prompt_tokens_computed']:.0f} of 4 x {run['prompt_tokens']}"
+            )
     chat = serve.get("conversation_1288") or {}
     for turn, run in chat.items():
         if isinstance(run, dict) and "ttft_ms" in run:
@@ -1052,7 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
         "--serve-phases",
         default="",
         help="comma list of serve sub-phases to run (default: all): ttft_448, ttft_1288, decode_b1, c32_448, "
-        "c32_1288, grammar_compile, structured_c32, followup_1288, reuse_c32_1288, conversation_1288, poisson_5, "
+        "c32_1288, grammar_compile, structured_c32, followup_1288, choices_1288, reuse_c32_1288, conversation_1288, poisson_5, "
         "poisson_9, large_images, c16_1920, c64_1288, c128_1288",
     )
     p.add_argument(

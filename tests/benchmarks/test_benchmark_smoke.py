@@ -206,6 +206,28 @@ def _serve_phase(tiny_triton, tmp_path: Path, phase: str, warmup_s: float = 0.0)
     return record
 
 
+def test_harness_choices_compute_the_screenshot_once(tiny_triton, tmp_path: Path) -> None:
+    """`choices_1288`: four answers about a new screenshot as one request (num_return_sequences = 4)
+    compute its prompt once, the three later choices all of it but the last block; the same four as
+    separate requests (another screenshot) all answer too (what they compute depends on their timing)."""
+    from benchmarks.gpu_harness import CHOICE_IMAGES
+    from engine.config import EngineConfig
+
+    run = _serve_phase(tiny_triton, tmp_path, "choices_1288")["choices_1288"]
+    assert run["errors"] == []
+    one, apart = run["one_request"], run["separate"]
+    assert one["requests"] == apart["requests"] == CHOICE_IMAGES
+    block = EngineConfig().block_size
+    for row in one["runs"]:  # each screenshot: its prompt once, then three times its last block's tokens
+        prompt = row["prompt_tokens"]
+        assert prompt > block
+        assert row["prompt_tokens_computed"] == prompt + 3 * (prompt - (prompt - 1) // block * block)
+    for row in apart["runs"]:
+        assert row["prompt_tokens"] <= row["prompt_tokens_computed"] <= 4 * row["prompt_tokens"]
+    assert one["finish_reasons"] == apart["finish_reasons"] == ["length"]
+    assert one["first_ttft_ms"] <= one["last_ttft_ms"] <= one["all_done_ms"]
+
+
 def test_harness_warmup_load_runs_before_the_first_sub_phase(tiny_triton, tmp_path: Path) -> None:
     """`--warmup-s`: after the sequential warm-up, 32 streams of new images for that long, all answered,
     then the measured sub-phase as usual."""
