@@ -728,6 +728,32 @@ def test_num_return_sequences_moves_the_seed_by_the_index(server) -> None:
     assert len(set(alone)) > 1  # the seeds differ, and so do the answers
 
 
+def test_num_return_sequences_over_http(server) -> None:
+    """HTTP generate_stream carries every sequence (each event with its sequence_index; with stream false,
+    one whole answer per sequence, each the answer one request gets); HTTP generate takes one response,
+    so Triton refuses several and names generate_stream."""
+    payload = {
+        "text_input": QUESTION,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+        "num_return_sequences": 2,
+    }
+    with httpx.Client(base_url=f"http://{server.http_url}", timeout=60) as http:
+        one = http.post("/v2/models/ensemble/generate", json={**payload, "num_return_sequences": 1}).json()
+        for stream in (False, True):
+            r = http.post("/v2/models/ensemble/generate_stream", json={**payload, "stream": stream})
+            assert r.status_code == 200, r.text
+            events = [json.loads(e[len("data: ") :]) for e in r.text.split("\n\n") if e.startswith("data: ")]
+            texts = {0: "", 1: ""}
+            for event in events:
+                texts[event["sequence_index"]] += event["text_output"]
+            assert texts == {0: one["text_output"], 1: one["text_output"]}
+            if not stream:
+                assert sorted(e["sequence_index"] for e in events) == [0, 1]
+        refused = http.post("/v2/models/ensemble/generate", json=payload).json()
+    assert "use generate stream" in refused["error"]
+
+
 def test_num_return_sequences_cancel_aborts_every_sequence_and_frees_kv(server) -> None:
     aborted_before = metric(server, "glmv_requests_finished_total", 'finish_reason="abort"')
     client = grpcclient.InferenceServerClient(server.grpc_url)
