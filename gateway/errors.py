@@ -28,6 +28,8 @@ def api_error_from(exc: Exception) -> ApiError:
         if exc.is_invalid_request:
             field = exc.field or None
             param = "messages" if field in ("image_input", "text_input", "messages") else field
+            if field == "num_return_sequences":  # n over the server's --max-num-return-sequences
+                param = "n"
             return ApiError(400, exc.message, param=param, code="invalid_request")
         return ApiError(
             502, f"The inference server failed: {exc.message}", type="server_error", code="backend_error"

@@ -38,6 +38,7 @@ ENSEMBLE_INPUTS = (
     "presence_penalty",
     "frequency_penalty",
     "min_tokens",
+    "num_return_sequences",
 )
 
 

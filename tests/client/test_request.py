@@ -97,6 +97,7 @@ def test_server_error_field_parsing():
     assert field_of("image_input[1]: image is 12000000 bytes, over the limit") == "image_input"
     assert field_of("in ensemble 'ensemble', max_tokens: too big") == "max_tokens"
     assert field_of("Stub process 'ensemble_0_0' is not healthy.") is None
+    assert field_of("num_return_sequences: 9 must be in [1, 8]") == "num_return_sequences"
     assert ServerError("top_p: bad").is_invalid_request
     assert not ServerError("engine crashed", status="StatusCode.INTERNAL").is_invalid_request
 

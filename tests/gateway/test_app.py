@@ -365,6 +365,18 @@ def test_box_markers_and_include_reasoning(make_gateway):
     assert (r.status_code, r.json()["error"]["param"]) == (400, "include_reasoning")
 
 
+def test_n_over_the_servers_limit_is_a_400_naming_n(make_gateway):
+    """A gateway whose --max-choices is above the server's --max-num-return-sequences (the fixture's 8): the
+    server's refusal comes back as a 400 naming `n`, with the server's message; n within both works."""
+    gw = make_gateway(max_choices=9)
+    r = chat(gw.url, {"model": MODEL, "messages": user("nine"), "n": 9})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "n" and "num_return_sequences: 9 must be in [1, 8]" in error["message"]
+    r = chat(gw.url, {"model": MODEL, "messages": user("eight"), "n": 8, "max_tokens": 3})
+    assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == list(range(8))
+
+
 def test_n_choices(make_gateway, fixture_log):
     """n = 3: one ensemble request for all choices (num_return_sequences), the seed moved by the choice's
     index; whole and streamed answers give the same choices; usage counts the prompt once; never the
