@@ -166,14 +166,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         num_tokens = len(seq)
-        hashes = self._hashes(seq, num_tokens // self.block_size)
-        limit = (num_tokens - 1) // self.block_size  # never the block that holds the last token
-        hits = []
-        for h in hashes[:limit]:
-            block_id = self.block_of_hash.get(h)
-            if block_id is None:
-                break
-            hits.append(block_id)
+        hits = self._cached_run(seq)
         for block_id in hits:
             if self.ref_counts[block_id] == 0:
                 del self.cached_free[block_id]
@@ -184,6 +177,7 @@ class BlockManager:
         if not seq.is_prefix_queried:  # a sequence found nothing may be looked up again while it waits
             seq.is_prefix_queried = True
             self.num_queried_tokens += num_tokens
+        if hits:  # found on the first lookup, or on a later one (a block another sequence computed meanwhile)
             self.num_hit_tokens += seq.num_computed_tokens
             self.num_reused_blocks += len(hits)
         return seq.num_computed_tokens
@@ -202,6 +196,42 @@ class BlockManager:
                 self.hash_of_block[block_id] = h
                 self.block_of_hash[h] = block_id
         seq.num_committed_blocks = num_full
+
+    def next_block_in_flight(self, seq: Sequence, others: list[Sequence]) -> bool:
+        """For ``seq`` without blocks: whether the full block it would compute first, past the cached run
+        ``match_prefix`` would map (never the block that holds its last token), is a full block of one of
+        ``others`` (running sequences) not computed yet: the same content (chained hash), so ``seq`` finds
+        it cached once that chunk has run. Changes nothing."""
+        if not self.enable_prefix_caching:
+            return False
+        index = len(self._cached_run(seq))
+        end = (index + 1) * self.block_size
+        if index >= (len(seq) - 1) // self.block_size:
+            return False
+        hashes = self._hashes(seq, index + 1)
+        if len(hashes) <= index:
+            return False
+        for other in others:
+            if other is seq or other.num_computed_tokens >= end or len(other) < end:
+                continue
+            theirs = self._hashes(other, index + 1)
+            if len(theirs) > index and theirs[index] == hashes[index]:
+                return True
+        return False
+
+    def _cached_run(self, seq: Sequence) -> list[int]:
+        """The cached blocks of ``seq``'s longest run of full blocks from its start, never the block that
+        holds its last token."""
+        num_tokens = len(seq)
+        hashes = self._hashes(seq, num_tokens // self.block_size)
+        limit = (num_tokens - 1) // self.block_size
+        hits = []
+        for h in hashes[:limit]:
+            block_id = self.block_of_hash.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """Hashes of ``seq``'s first ``num_blocks`` full blocks, or fewer: up to the first block with

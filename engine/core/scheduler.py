@@ -20,7 +20,10 @@ Contract of ``schedule() -> SchedulerOutput``:
     itself. A victim already scheduled in this step is unscheduled. Nothing is ever dropped.
   * Prefix cache: a waiting sequence with no blocks first maps its longest cached prefix
     (``BlockManager.match_prefix``) and is scheduled from there; a sequence's first admission records
-    ``num_cached_tokens``. ``update`` offers every newly full block to the cache (``BlockManager.commit``).
+    ``num_cached_tokens``. When the next full block it would compute is one a running sequence has not
+    computed yet (the same content: several requests about one new image arriving together), it is held
+    back, and the queue behind it, until that chunk has run (``num_held_back`` counts such steps): it then
+    maps that block instead of computing it again. ``update`` offers every newly full block to the cache (``BlockManager.commit``).
   * ``add`` rejects (ValueError) a prompt that can never run: longer than ``max_model_len`` (which the
     caller caps at the KV capacity) or, with chunked prefill off, longer than ``max_num_batched_tokens``.
   * ``update(output, sampled)`` advances ``num_computed_tokens``, appends sampled tokens, and finishes
@@ -81,6 +84,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_held_back = 0  # steps the head of the queue waited for a block a running sequence computes
 
     # -- queue ------------------------------------------------------------------------------------
 
@@ -145,6 +149,10 @@ class Scheduler:
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
+                if self.block_manager.next_block_in_flight(seq, self.running):
+                    # a running sequence computes the same block now: take it from the cache later
+                    self.num_held_back += 1
+                    break
                 self.block_manager.match_prefix(seq)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed_tokens

@@ -2,7 +2,8 @@
 
 Each request first maps its cached prefix (`BlockManager.match_prefix`): images wholly inside it need no
 embeddings. The others come from the image cache by hash, else from one packed ViT forward over a batch of
-requests (at most ``max_num_vision_patches`` patches, oldest first). A batch is formed only while the
+requests (at most ``max_num_vision_patches`` patches, oldest first), which encodes an image several
+requests of the batch bring (the same hash) once. A batch is formed only while the
 prefill queue holds less than one step of tokens, so images are encoded just ahead of their prefill and
 decodes are not held up by encoding far ahead. With the runner's vision stream the forward runs beside the
 decode steps; its batch joins the scheduler once its event has passed; while sequences decode, a batch
@@ -22,6 +23,7 @@ Stepping thread only."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -43,6 +45,8 @@ class VisionBatch:
 
     plans: list[tuple[Sequence, dict[int, torch.Tensor | None]]]
     jobs: list[tuple[Sequence, int]]
+    copies: list[tuple[Sequence, int, int]] = dataclasses.field(default_factory=list)
+    """(request, image index, job index): an image a job of the batch encodes too (the same hash)."""
     embeds: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None  # recorded on the vision stream after the forward (CUDA)
     vision_pass: VisionPass | None = None  # a forward split across steps, until its last block
@@ -131,8 +135,20 @@ class VisionQueue:
             num_patches += n
         self.waiting = self.waiting[len(batch) :]
         plans = [(seq, self._lookup_embeds(seq, needed)) for seq, needed in batch]
-        jobs = [(seq, i) for seq, plan in plans for i, rows in plan.items() if rows is None]
-        vision = VisionBatch(plans, jobs)
+        jobs, copies, by_hash = [], [], {}
+        for seq, plan in plans:
+            for i, rows in plan.items():
+                if rows is not None:
+                    continue
+                image_hash = seq.image_spans[i][2]
+                if image_hash is not None and image_hash in by_hash:  # the same image: encoded once
+                    copies.append((seq, i, by_hash[image_hash]))
+                    continue
+                if image_hash is not None:
+                    by_hash[image_hash] = len(jobs)
+                jobs.append((seq, i))
+        num_patches = sum(int(seq.image_grid_thw[i].prod()) for seq, i in jobs)
+        vision = VisionBatch(plans, jobs, copies=copies)
         try:
             if jobs:
                 images = []
@@ -222,12 +238,16 @@ class VisionQueue:
         try:
             offset = 0
             by_seq = {id(seq): plan for seq, plan in vision.plans}
+            job_rows = []
             for seq, i in vision.jobs:
                 start, end, image_hash = seq.image_spans[i]
                 rows = vision.embeds[offset : offset + end - start]
                 offset += end - start
                 by_seq[id(seq)][i] = rows
+                job_rows.append(rows)
                 self.image_cache.put(image_hash, rows)
+            for seq, i, job in vision.copies:
+                by_seq[id(seq)][i] = job_rows[job]
         except Exception as exc:
             return self._fail(vision, exc)
         for seq, plan in vision.plans:

@@ -186,6 +186,41 @@ def test_concurrent_sequences_share_blocks_and_give_them_all_back(model, model_c
     assert on.block_manager.ref_counts == [0] * on.block_manager.num_blocks
 
 
+def test_identical_image_requests_arriving_together_compute_the_prompt_once(model, model_config):
+    """Four requests about one new image, added in the same step (several questions at once, or the n
+    choices of one request): the image's ViT runs once for the four, and the three later ones wait while
+    the first computes the prompt, then map all of it but its last block; tokens as with the caches off."""
+    mc = model_config
+    ids, extra = image_prompt(mc, [40, 41, 42], [image(mc, 5)])
+
+    def arrivals():
+        return {0: [GenerationRequest(f"q{k}", ids, greedy(6, ignore_eos=True), **extra) for k in range(4)]}
+
+    on = make_engine(model, mc, max_num_batched_tokens=256)
+    encoded = []
+    encode = on.model.encode_images
+
+    def counting(*args, **kwargs):
+        rows = encode(*args, **kwargs)
+        encoded.append(rows.shape[0])
+        return rows
+
+    on.model.encode_images = counting
+    try:
+        outs_on = run_to_end(on, arrivals())
+    finally:
+        del on.model.encode_images  # the model is shared with the other engines of the module
+    outs_off = run_to_end(make_engine(model, mc, max_num_batched_tokens=256, **OFF), arrivals())
+    assert {k: tokens(v) for k, v in outs_on.items()} == {k: tokens(v) for k, v in outs_off.items()}
+    image_tokens = ids.count(mc.image_token_id)
+    assert encoded == [image_tokens]  # one image's rows, once
+    cached = (len(ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert [outs_on[f"q{k}"][-1].num_cached_tokens for k in range(4)] == [0, cached, cached, cached]
+    stats = on.stats()
+    assert (stats.num_image_cache_hits, stats.num_image_cache_misses) == (0, 4)
+    assert on.block_manager.ref_counts == [0] * on.block_manager.num_blocks
+
+
 def test_preemption_and_abort_of_sequences_with_shared_blocks(model, model_config):
     mc = model_config
     shared = prompt(13, 16)

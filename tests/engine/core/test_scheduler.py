@@ -208,3 +208,36 @@ def test_finish_waiting_and_running():
     sched.finish(a, "abort")
     assert (a.finish_reason, b.finish_reason) == ("abort", "abort")
     assert not sched.has_unfinished() and sched.block_manager.num_used_blocks == 0
+
+
+def test_a_sequence_waits_for_a_block_a_running_sequence_computes():
+    """Two identical 10-token prompts (block size 4) added together, prefix caching on: the second is held
+    back (and nobody behind it is admitted) while the first computes the blocks it would compute too; it
+    then maps the first's two full blocks and computes only its last two tokens."""
+    sched = Scheduler(
+        BlockManager(64, 4, enable_prefix_caching=True),
+        max_num_seqs=8,
+        max_num_batched_tokens=32,
+        max_model_len=64,
+        eos_token_ids=[EOS],
+        enable_chunked_prefill=True,
+    )
+    a, b, c = make_seq("a", 10), make_seq("b", 10), make_seq("c", 3)
+    for seq in (a, b, c):
+        sched.add(seq)
+    _, scheduled, _ = step(sched)
+    assert scheduled == [("a", 10)] and sched.num_held_back == 1
+    _, scheduled, _ = step(sched)
+    assert scheduled == [("a", 1), ("b", 2), ("c", 3)]
+    assert (b.num_cached_tokens, b.block_table[:2]) == (8, a.block_table[:2])
+    bm = sched.block_manager
+    assert (bm.num_queried_tokens, bm.num_hit_tokens, bm.num_reused_blocks) == (23, 8, 2)
+
+
+def test_with_caching_off_identical_prompts_are_admitted_together():
+    sched = make_scheduler(max_num_batched_tokens=32)
+    a, b = make_seq("a", 10), make_seq("b", 10)
+    sched.add(a)
+    sched.add(b)
+    _, scheduled, _ = step(sched)
+    assert scheduled == [("a", 10), ("b", 10)] and sched.num_held_back == 0
