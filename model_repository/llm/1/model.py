@@ -218,11 +218,7 @@ class TritonPythonModel:
         if output.is_finished:
             group.num_open -= 1
         if output.is_finished and output.error and output.finish_reason == "abort" and not state.is_cancelled:
-            # one sequence failed: the request ends with its error, the others are stopped
-            group.is_done = True
-            for sibling in group.states:
-                if not sibling.is_done:
-                    self.engine.abort(sibling.engine_id)
+            self._end_group(group)  # one sequence failed: the request ends with its error (sent below)
         elif output.is_finished and group.num_open == 0:
             group.is_done = True
         self.responses.send(state, output, is_final=output.is_finished and group.is_done)
@@ -251,13 +247,16 @@ class TritonPythonModel:
                 sibling.is_done = True
                 group.num_open -= 1
                 if not group.is_done:
-                    group.is_done = True
-                    for other in group.states:
-                        if not other.is_done and other is not state:
-                            self.engine.abort(other.engine_id)
-                    if not output.is_finished:
-                        self.engine.abort(state.engine_id)
+                    self._end_group(group)
                     send_error(state.sender, f"llm: {type(exc).__name__}: {exc}")
+
+    def _end_group(self, group) -> None:
+        """A group's request ends before its sequences do (an error): nothing more goes to its sender, and
+        the sequences still running are aborted (ids the engine never got are ignored by it)."""
+        group.is_done = True
+        for each in group.states:
+            if not each.is_done:
+                self.engine.abort(each.engine_id)
 
     # -- cancellation and stats -------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -256,8 +257,6 @@ def num_return_sequences(inputs: InputTensors, limit: int) -> int:
 def siblings(generation_request: GenerationRequest, state: RequestState, n: int) -> SequenceGroup:
     """Sequences 1..n-1 of the request whose sequence 0 is (generation_request, state), in one group with
     it: each its own engine id and the seed moved by its index (the same prompt, images and settings)."""
-    import dataclasses
-
     group = SequenceGroup(states=[state], pending=[], num_open=n)
     state.group = group
     seed = generation_request.sampling.seed
