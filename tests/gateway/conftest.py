@@ -54,7 +54,9 @@ class GatewayServer:
 
 @pytest.fixture(scope="session")
 def fixture_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("gateway_fixture") / "requests.log"
+    log = tmp_path_factory.mktemp("gateway_fixture") / "requests.log"
+    log.touch()  # readable before the fixture server has logged anything: any test may run first
+    return log
 
 
 @pytest.fixture(scope="session")

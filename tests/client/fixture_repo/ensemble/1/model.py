@@ -125,6 +125,8 @@ class TritonPythonModel:
                 last = i == len(tokens) - 1
                 open_sequences -= last
                 if stream:
+                    if open_sequences == 0:  # logged before the final response: a client's next read sees it
+                        self._log(f"finished {request.request_id()}")
                     sender.send(
                         self._response(
                             piece if kind == "t" else "",
@@ -138,8 +140,8 @@ class TritonPythonModel:
                         ),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if open_sequences == 0 else 0,
                     )
-        self._log(f"finished {request.request_id()}")
         if not stream or not sequences[0][0]:
+            self._log(f"finished {request.request_id()}")
             for index, (tokens, finish) in enumerate(sequences):
                 sender.send(
                     self._response(
