@@ -504,9 +504,9 @@ async def serve_phases(
 
     async def choices():
         """n = 4 answers of 64 tokens about a new 1288x728 screenshot: one request with
-        num_return_sequences = 4 (preprocessed once; the server starts choices 1-3 when choice 0 answers,
-        from its prefix and image caches) against the same four as separate requests sent together (each
-        preprocessing and computing the screenshot unless another's blocks are cached by then), the modes
+        num_return_sequences = 4 (preprocessed once; the engine gets the four together and computes the
+        screenshot once) against the same four as separate requests sent together (each preprocessed; the
+        engine shares what it can of the screenshot among those that reach it together), the modes
         alternating over CHOICE_IMAGES new screenshots each. Per mode, P50 over the screenshots of: the
         first choice's first token, the last choice's first token, all four done (client ms); prompt tokens
         computed (each choice's prompt less its cached tokens, summed)."""

@@ -14,9 +14,8 @@ Contract:
   (prompt and completion token counters; stored when it finished with stop or length). A cached answer is
   replayed, never counted again.
 - ``n`` > 1 choices: one ensemble request with ``num_return_sequences`` = n, preprocessed once; the server
-  moves the seed by the choice's index and starts choices 1.. once choice 0 has answered, when its
-  prompt's blocks are in the prefix cache and its images' embeddings in the image cache: they skip the ViT
-  and all but the prompt's last block. Events come as (index, event) by the responses' sequence_index; the
+  moves the seed by the choice's index and starts all choices together: the engine computes their images
+  and prompt once (choices 1.. skip the ViT and all but the prompt's last block). Events come as (index, event) by the responses' sequence_index; the
   usage counts the prompt once (choice 0's, with its cached tokens) and every choice's completion tokens.
   An error of any choice ends the request. Requests with n > 1 are never answered from, or stored in, the
   response cache.

@@ -23,9 +23,8 @@ non-streaming → one response at the end
 (`output_ids` = prompt + completion unless `exclude_input_in_output`, texts whole). The last response
 carries COMPLETE_FINAL and `finish_reason` (stop | length | abort); a request refused by the engine gets a
 final error response. With `num_return_sequences` n > 1, the request's n sequences (request.SequenceGroup)
-share its sender: sequence 0 goes to the engine at once, the others when it first answers (its prompt is
-in the prefix cache by then); each response carries `sequence_index` and only the last sequence's last
-response is COMPLETE_FINAL. `stop=true` cancels every request sent with the same `request_key` (or, without
+share its sender and go to the engine together (it computes their images and prompt once); each response
+carries `sequence_index` and only the last sequence's last response is COMPLETE_FINAL. `stop=true` cancels every request sent with the same `request_key` (or, without
 one, the same Triton request id); the ensemble's postprocessing sends it when the client cancels. When the
 engine loop is not running, new requests get an UNAVAILABLE error.
 
@@ -144,9 +143,6 @@ class TritonPythonModel:
             if not triton_id:
                 raise ValueError("stop: a stop request needs the request id (or request_key) to cancel")
             for engine_id in self.requests.engine_ids(triton_id):
-                state = self.requests.get(engine_id)
-                if state is not None and state.group is not None:
-                    state.group.is_stopped = True
                 self.engine.abort(engine_id)
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
@@ -161,8 +157,7 @@ class TritonPythonModel:
             triton_id,
             has_tokenizer=self.engine.tokenizer is not None,
         )
-        if n > 1:
-            siblings(generation_request, state, n)  # sent to the engine when sequence 0 answers
+        others = siblings(generation_request, state, n) if n > 1 else []
         parsed = time.perf_counter()
         self.requests.add(state)
         try:
@@ -170,6 +165,19 @@ class TritonPythonModel:
         except Exception:
             self.requests.forget(state)
             raise
+        for sibling_request, sibling in others:  # right behind sequence 0: the engine shares their prompt
+            self.requests.add(sibling)
+            try:
+                self.engine.add_request(sibling_request)
+            except Exception as exc:
+                logger.exception("llm: a sequence of the request could not be added")
+                self.requests.forget(sibling)
+                with self.sender_lock:
+                    sibling.is_done = True
+                    if not state.group.is_done:
+                        self._end_group(state.group)
+                        send_error(sender, f"llm: {type(exc).__name__}: {exc}")
+                break
         self.metrics.observe_stages(
             {"inputs": looked_up - started, "parse": parsed - looked_up, "add": time.perf_counter() - parsed}
         )
@@ -211,8 +219,6 @@ class TritonPythonModel:
         if group is None:
             self.responses.send(state, output)
             return
-        if group.pending and state.sequence_index == 0:
-            self._start_siblings(state, output)
         if group.is_done:  # the request ended already (an error): nothing more goes to its sender
             return
         if output.is_finished:
@@ -222,33 +228,6 @@ class TritonPythonModel:
         elif output.is_finished and group.num_open == 0:
             group.is_done = True
         self.responses.send(state, output, is_final=output.is_finished and group.is_done)
-
-    def _start_siblings(self, state, output) -> None:
-        """Sequence 0 of a group answered: its prompt's blocks are cached now, so the other sequences go to
-        the engine (or, when it ended without an answer, are dropped with it)."""
-        group = state.group
-        pending, group.pending = group.pending, []
-        for generation_request, sibling in pending:
-            if (
-                state.is_cancelled
-                or group.is_stopped
-                or group.is_done
-                or (output.is_finished and not output.new_token_ids)
-            ):
-                sibling.is_done = True
-                group.num_open -= 1
-                continue
-            self.requests.add(sibling)
-            try:
-                self.engine.add_request(generation_request)
-            except Exception as exc:
-                logger.exception("llm: a sequence of the request could not be added")
-                self.requests.forget(sibling)
-                sibling.is_done = True
-                group.num_open -= 1
-                if not group.is_done:
-                    self._end_group(group)
-                    send_error(state.sender, f"llm: {type(exc).__name__}: {exc}")
 
     def _end_group(self, group) -> None:
         """A group's request ends before its sequences do (an error): nothing more goes to its sender, and

@@ -68,15 +68,13 @@ def is_stop(inputs: InputTensors) -> bool:
 @dataclass
 class SequenceGroup:
     """The sequences of one request with `num_return_sequences` > 1: one response sender, one final
-    response. Sequence 0 goes to the engine first, the others (`pending`) once it has answered, so they
-    find its prompt in the prefix cache and its images in the image cache. Touched by the sender thread
-    only (the cancellation thread reads `is_done` under the model's sender lock)."""
+    response. All go to the engine together; it computes their shared prompt and images once (the later
+    ones wait for the blocks the first is computing and map them). Touched by the sender thread only (the
+    cancellation thread reads `is_done` under the model's sender lock)."""
 
     states: list[RequestState]
-    pending: list[tuple[GenerationRequest, RequestState]]
-    num_open: int  # sequences whose last response is not sent yet (pending ones included)
+    num_open: int  # sequences whose last response is not sent yet
     is_done: bool = False  # the request's final response is sent: its sender must not be touched again
-    is_stopped: bool = False  # a `stop` request came for it (set by the execute thread): pending ones drop
 
 
 @dataclass
@@ -254,12 +252,15 @@ def num_return_sequences(inputs: InputTensors, limit: int) -> int:
     return int(value)
 
 
-def siblings(generation_request: GenerationRequest, state: RequestState, n: int) -> SequenceGroup:
+def siblings(
+    generation_request: GenerationRequest, state: RequestState, n: int
+) -> list[tuple[GenerationRequest, RequestState]]:
     """Sequences 1..n-1 of the request whose sequence 0 is (generation_request, state), in one group with
     it: each its own engine id and the seed moved by its index (the same prompt, images and settings)."""
-    group = SequenceGroup(states=[state], pending=[], num_open=n)
+    group = SequenceGroup(states=[state], num_open=n)
     state.group = group
     seed = generation_request.sampling.seed
+    out = []
     for index in range(1, n):
         engine_id = uuid.uuid4().hex
         sampling = dataclasses.replace(
@@ -276,10 +277,10 @@ def siblings(generation_request: GenerationRequest, state: RequestState, n: int)
             group=group,
         )
         group.states.append(sibling)
-        group.pending.append(
+        out.append(
             (dataclasses.replace(generation_request, request_id=engine_id, sampling=sampling), sibling)
         )
-    return group
+    return out
 
 
 def _sampling(inputs: InputTensors) -> SamplingParams:
