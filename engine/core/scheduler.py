@@ -5,8 +5,9 @@ Contract of ``schedule() -> SchedulerOutput``:
     (``num_scheduled_tokens``), at most ``max_num_batched_tokens`` in all, over at most ``max_num_seqs``
     running sequences. A sequence samples a token in the step whose tokens reach ``len(seq)``.
   * Order of service: (1) running sequences that decode, 1 token each, oldest first; (2) running
-    sequences still prefilling, a chunk each (oldest first); (3) waiting sequences, strict FCFS: the
-    head of the queue gets a chunk or nobody behind it is admitted. With chunked prefill off, a prompt
+    sequences still prefilling, a chunk each (oldest first); (3) waiting sequences, FCFS: the
+    head of the queue gets a chunk or nobody behind it is admitted (one held back for a block that a running
+    sequence computes, below, excepted). With chunked prefill off, a prompt
     is only admitted when it fits the remaining budget whole. No new sequence is admitted in a step
     that preempted.
   * Stall-free steps: in a step with decodes, (2) and (3) together get at most
@@ -22,8 +23,8 @@ Contract of ``schedule() -> SchedulerOutput``:
     (``BlockManager.match_prefix``) and is scheduled from there; a sequence's first admission records
     ``num_cached_tokens``. When the next full block it would compute is one a running sequence has not
     computed yet (the same content: several requests about one new image arriving together), it is held
-    back, and the queue behind it, until that chunk has run (``num_held_back`` counts such steps): it then
-    maps that block instead of computing it again. ``update`` offers every newly full block to the cache (``BlockManager.commit``).
+    back (keeping its place; the queue behind it goes on) until that chunk has run (``num_held_back`` counts
+    such waits, one per sequence and step): it then maps that block instead of computing it again. ``update`` offers every newly full block to the cache (``BlockManager.commit``).
   * ``add`` rejects (ValueError) a prompt that can never run: longer than ``max_model_len`` (which the
     caller caps at the KV capacity) or, with chunked prefill off, longer than ``max_num_batched_tokens``.
   * ``update(output, sampled)`` advances ``num_computed_tokens``, appends sampled tokens, and finishes
@@ -146,13 +147,21 @@ class Scheduler:
         # (3) waiting, FCFS
         if prefill_cap is None:
             budget = self._prefill_budget(out, budget)
-        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        held = 0  # sequences at the front of the queue held back in this step (they keep their places)
+        while (
+            held < len(self.waiting)
+            and not out.preempted
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[held]
             if not seq.block_table:
                 if self.block_manager.next_block_in_flight(seq, self.running):
-                    # a running sequence computes the same block now: take it from the cache later
+                    # a running sequence computes the same block now: take it from the cache later, and
+                    # let the queue behind go on
                     self.num_held_back += 1
-                    break
+                    held += 1
+                    continue
                 self.block_manager.match_prefix(seq)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed_tokens
@@ -165,7 +174,7 @@ class Scheduler:
                 if not self.running and self._release_waiting_blocks(seq):
                     continue
                 break
-            self.waiting.popleft()
+            del self.waiting[held]
             self.block_manager.allocate(seq, num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -212,8 +212,9 @@ def test_finish_waiting_and_running():
 
 def test_a_sequence_waits_for_a_block_a_running_sequence_computes():
     """Two identical 10-token prompts (block size 4) added together, prefix caching on: the second is held
-    back (and nobody behind it is admitted) while the first computes the blocks it would compute too; it
-    then maps the first's two full blocks and computes only its last two tokens."""
+    back while the first computes the blocks it would compute too (keeping its place: a different prompt
+    behind it is admitted in that step); it then maps the first's two full blocks and computes only its last
+    two tokens."""
     sched = Scheduler(
         BlockManager(64, 4, enable_prefix_caching=True),
         max_num_seqs=8,
@@ -226,12 +227,38 @@ def test_a_sequence_waits_for_a_block_a_running_sequence_computes():
     for seq in (a, b, c):
         sched.add(seq)
     _, scheduled, _ = step(sched)
-    assert scheduled == [("a", 10)] and sched.num_held_back == 1
+    assert scheduled == [("a", 10), ("c", 3)] and sched.num_held_back == 1
+    assert list(sched.waiting) == [b]
     _, scheduled, _ = step(sched)
-    assert scheduled == [("a", 1), ("b", 2), ("c", 3)]
+    assert scheduled == [("a", 1), ("c", 1), ("b", 2)]
     assert (b.num_cached_tokens, b.block_table[:2]) == (8, a.block_table[:2])
     bm = sched.block_manager
     assert (bm.num_queried_tokens, bm.num_hit_tokens, bm.num_reused_blocks) == (23, 8, 2)
+
+
+def test_held_back_sequences_keep_their_order_and_let_other_prompts_pass():
+    """Three identical prompts and a different one between them: the two later copies wait (in their order)
+    while the first computes the shared blocks; the different prompt, behind the first copy held back, is
+    admitted in the same step; in the next both copies map the shared blocks together."""
+    sched = Scheduler(
+        BlockManager(64, 4, enable_prefix_caching=True),
+        max_num_seqs=8,
+        max_num_batched_tokens=32,
+        max_model_len=64,
+        eos_token_ids=[EOS],
+        enable_chunked_prefill=True,
+    )
+    a, b, d = make_seq("a", 10), make_seq("b", 10), make_seq("d", 10)
+    c = Sequence("c", [50 + i for i in range(8)], SamplingParams(max_tokens=8))
+    for seq in (a, b, c, d):
+        sched.add(seq)
+    _, scheduled, _ = step(sched)
+    assert scheduled == [("a", 10), ("c", 8)] and sched.num_held_back == 2
+    assert list(sched.waiting) == [b, d]
+    _, scheduled, _ = step(sched)
+    assert scheduled == [("a", 1), ("c", 1), ("b", 2), ("d", 2)] and sched.num_held_back == 2
+    assert b.block_table[:2] == d.block_table[:2] == a.block_table[:2]
+    assert (b.num_cached_tokens, d.num_cached_tokens, c.num_cached_tokens) == (8, 8, 0)
 
 
 def test_with_caching_off_identical_prompts_are_admitted_together():
