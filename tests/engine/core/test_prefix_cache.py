@@ -4,6 +4,7 @@ is back to free at the end."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.llm_engine import GenerationRequest, LLMEngine, RequestOutput
@@ -332,3 +333,58 @@ def test_images_brought_as_the_embeddings_the_engine_holds_need_no_pixels(model,
     ]:
         with pytest.raises(ValueError, match=match):
             ex.add_request(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_cuda_identical_image_requests_arriving_together_compute_it_once(
+    tiny_checkpoint, model_config, enforce_eager
+):
+    """float32 on CUDA, the vision stream and (unless eager) CUDA graphs: four requests about one new image
+    and a text prompt between them, added in one step: the ViT gets the image once; the text prompt runs
+    while the three later copies wait, which then map all of the prompt but its last block; tokens equal the
+    caches off on the same GPU; every block back."""
+    from engine.config import EngineConfig
+    from engine.model.decoder import Glm4vModel
+
+    mc = model_config
+    model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "float32", mc)
+    ids, extra = image_prompt(mc, [40, 41, 42], [image(mc, 5)])
+
+    def arrivals():
+        reqs = [GenerationRequest(f"q{k}", ids, greedy(6, ignore_eos=True), **extra) for k in range(4)]
+        reqs.insert(2, GenerationRequest("text", prompt(70, 9), greedy(6, ignore_eos=True)))
+        return {0: reqs}
+
+    def engine(**more):
+        config = EngineConfig(
+            block_size=BLOCK_SIZE,
+            num_kv_blocks=64,
+            max_model_len=256,
+            max_num_batched_tokens=256,
+            device="cuda",
+            async_vision=True,
+            **more,
+        )
+        return LLMEngine(mc, config, model=model, enforce_eager=enforce_eager)
+
+    on = engine()
+    assert (on.runner.graphs is None) == enforce_eager
+    images = []  # (call, images passed) of every ViT call
+    for name in ("encode_images", "start_images"):
+        method = getattr(on.runner, name)
+
+        def counting(batch, _method=method, _name=name):
+            images.append((_name, len(batch)))
+            return _method(batch)
+
+        setattr(on.runner, name, counting)
+    outs_on = run_to_end(on, arrivals())
+    outs_off = run_to_end(engine(**OFF), arrivals())
+    assert {k: tokens(v) for k, v in outs_on.items()} == {k: tokens(v) for k, v in outs_off.items()}
+    assert [n for _, n in images] == [1]  # one image, once
+    cached = (len(ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert [outs_on[f"q{k}"][-1].num_cached_tokens for k in range(4)] == [0, cached, cached, cached]
+    assert outs_on["text"][-1].num_cached_tokens == 0
+    assert on.core.scheduler.num_held_back >= 3
+    assert on.block_manager.ref_counts == [0] * on.block_manager.num_blocks
