@@ -98,7 +98,8 @@ elif [ "$PART" = 2 ]; then
   fi
   # Same machine, same call: the trees of TREES (snapshots of other commits; default OLD_TREE, then this
   # one) on the sub-phases that show the engine and the Triton path (AB_PHASES, AB_BUDGET s each; none:
-  # no harness; AB_ENGINE_ARGS: the engine's glmv-build flags), then with AB_TTFT_ARGS set
+  # no harness; AB_ENGINE_ARGS: the engine's glmv-build flags; WARMUP_S: seconds of 32-stream load before each
+  # tree's first sub-phase), then with AB_TTFT_ARGS set
   # benchmarks.ttft_probe with those flags in each tree (into ab/<tree>/ttft), then TEST_K's GPU tests in
   # each of TEST_TREES.
   for tree in ${TREES:-${OLD_TREE:-} .}; do
@@ -106,7 +107,7 @@ elif [ "$PART" = 2 ]; then
     [ "${AB_PHASES:-}" != none ] || continue
     [ "$(left)" -gt $((${AB_BUDGET:-125} - 15)) ] || break
     (cd "$tree" && timeout $((${AB_BUDGET:-125} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
-      --budget-s "${AB_BUDGET:-125}" --engine-args "${AB_ENGINE_ARGS:---max-batch-size 128}" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
+      --budget-s "${AB_BUDGET:-125}" --warmup-s "${WARMUP_S:-0}" --engine-args "${AB_ENGINE_ARGS:---max-batch-size 128}" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
       2>&1 | grep -E '^(TTFT|decode|tok/s|c32|follow)' | sed "s/^/$name: /")
     pkill -f tritonserver; sleep 2
   done
