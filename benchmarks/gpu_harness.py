@@ -58,7 +58,15 @@ from benchmarks.metrics import (
     steady_state,
     summarize,
 )
-from benchmarks.results import REPO_ROOT, GpuMemorySampler, git_commit, summary_markdown, today, validate
+from benchmarks.results import (
+    REPO_ROOT,
+    GpuMemorySampler,
+    device_name,
+    git_commit,
+    summary_markdown,
+    today,
+    validate,
+)
 from engine.core.gc_watch import freeze_heap, gc_watch
 
 
@@ -1036,7 +1044,7 @@ def _structured_lines(serve: dict) -> list[str]:
 
 def finalize(harness: Harness) -> None:
     doc = harness.doc
-    doc["meta"]["device"] = doc["phases"].get("env", {}).get("gpu") or "unknown"
+    doc["meta"]["device"] = doc["phases"].get("env", {}).get("gpu") or device_name()
     doc["comparison"] = comparisons(doc)
     harness.save()
     runs = doc["phases"].get("serve", {}).get("runs") or []

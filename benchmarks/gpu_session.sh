@@ -58,6 +58,14 @@ export PYTHONPATH=/tmp/site:$PWD/client GLMV_STUB_NUMPY_WHEEL="$stub" PYTHONUNBU
 python3 -m pip install -q --no-index --find-links .whl/llm --no-compile --no-cache-dir xgrammar==0.2.9 pyspng==0.1.4
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
+# in a snapshot tree (benchmarks/snapshot_tree.sh), its own commit is the one its results record
+tree_commit() {
+  if [ -f SNAPSHOT_COMMIT ]; then
+    GLMV_COMMIT=$(cat SNAPSHOT_COMMIT)
+    export GLMV_COMMIT
+  fi
+}
+
 step_probes() {  # benchmarks.step_probe once per STEP_VARIANTS entry ("name[@tree]:EngineConfig fields[:flags]";
   # tree: a snapshot of another commit to run it from; names unique, so A B A B orders show host drift;
   # flags: more step_probe flags of this variant, comma-separated, e.g. --size=448x448)
@@ -71,7 +79,7 @@ step_probes() {  # benchmarks.step_probe once per STEP_VARIANTS entry ("name[@tr
     read -ra step_args <<<"${STEP_ARGS:-} ${flags//,/ }"
     [ "$(left)" -gt 100 ] || break
     mkdir -p "$OUT/step/$name"
-    (cd "$tree" && timeout "${STEP_TIMEOUT:-120}" python3 -m benchmarks.step_probe --out "$OUT/step/$name" \
+    (cd "$tree" && tree_commit && timeout "${STEP_TIMEOUT:-120}" python3 -m benchmarks.step_probe --out "$OUT/step/$name" \
       --engine-args "$extra" --watchdog-s 90 "${step_args[@]}" >"$OUT/step/$name/log.txt" 2>&1)
     grep -E '^[0-9]|^  ' "$OUT/step/$name/log.txt" | sed "s/^/$name: /"
     grep -B2 -A30 -m1 'Thread 0x\|Traceback' "$OUT/step/$name/log.txt" | head -n 60 | sed "s/^/$name! /"
@@ -106,7 +114,7 @@ elif [ "$PART" = 2 ]; then
     name=$(cd "$tree" && basename "$PWD")
     [ "${AB_PHASES:-}" != none ] || continue
     [ "$(left)" -gt $((${AB_BUDGET:-125} - 15)) ] || break
-    (cd "$tree" && timeout $((${AB_BUDGET:-125} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
+    (cd "$tree" && tree_commit && timeout $((${AB_BUDGET:-125} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
       --budget-s "${AB_BUDGET:-125}" --warmup-s "${WARMUP_S:-0}" --engine-args "${AB_ENGINE_ARGS:---max-batch-size 128}" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
       2>&1 | grep -E '^(TTFT|decode|tok/s|c32|follow)' | sed "s/^/$name: /")
     pkill -f tritonserver; sleep 2
@@ -116,14 +124,14 @@ elif [ "$PART" = 2 ]; then
     for tree in ${TREES:-${OLD_TREE:-} .}; do
       name=$(cd "$tree" && basename "$PWD")
       [ "$(left)" -ge 60 ] || break
-      (cd "$tree" && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ab/$name/ttft" "${ab_ttft_args[@]}" 2>&1 \
+      (cd "$tree" && tree_commit && timeout $(($(left) - 10)) python3 -m benchmarks.ttft_probe --out "$OUT/ab/$name/ttft" "${ab_ttft_args[@]}" 2>&1 \
         | grep -E '^[0-9]|chunked|decode b|small copies' | sed "s/^/$name: /")
     done
   fi
   for tree in ${TEST_TREES:-${OLD_TREE:-}}; do
     name=$(cd "$tree" && basename "$PWD")
     [ "$(left)" -gt 40 ] || break
-    (cd "$tree" && timeout 90 python3 -m pytest -q -m gpu tests/engine -k "${TEST_K:-context_graphs_match_eager}" \
+    (cd "$tree" && tree_commit && timeout 90 python3 -m pytest -q -m gpu tests/engine -k "${TEST_K:-context_graphs_match_eager}" \
       >"$OUT/pytest_gpu_$name.txt" 2>&1; echo "$name: $(tail -n 1 "$OUT/pytest_gpu_$name.txt")")
   done
 elif [ "$PART" = 6 ]; then

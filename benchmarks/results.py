@@ -59,8 +59,13 @@ def device_slug(name: str | None = None) -> str:
 
 
 def git_commit() -> str:
-    """$GLMV_COMMIT if set (a copied tree whose git metadata may be stale), else the working tree's short
+    """The commit of the code that runs: a snapshot tree's own (its SNAPSHOT_COMMIT file, written by
+    benchmarks/snapshot_tree.sh: it sits inside another checkout, whose git would answer), else
+    $GLMV_COMMIT if set (a copied tree whose git metadata may be stale), else the working tree's short
     commit (+'-dirty' if it has changes), else 'unknown'."""
+    snapshot = REPO_ROOT / "SNAPSHOT_COMMIT"
+    if snapshot.is_file():
+        return snapshot.read_text().strip()
     if os.environ.get("GLMV_COMMIT"):
         return os.environ["GLMV_COMMIT"]
     sha = _run(["git", "rev-parse", "--short", "HEAD"])

@@ -12,4 +12,5 @@ rm -rf "$dir" && mkdir -p "$dir"
 paths=(engine build_engine model_repository client pyproject.toml)
 mapfile -t probes < <(git ls-tree --name-only "$commit" benchmarks/ | grep '\.py$')
 git archive "$commit" "${paths[@]}" "${probes[@]}" | tar x -C "$dir"
+echo "$commit" >"$dir/SNAPSHOT_COMMIT"  # what the benchmarks record as the commit run (benchmarks.results)
 echo "$dir: $(du -sh "$dir" | cut -f1) of $commit"

@@ -82,3 +82,15 @@ def test_plots_are_written(tmp_path) -> None:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "results.json").write_text(json.dumps(doc))
     assert plots_main([str(tmp_path / "results.json")]) == 0
+
+
+def test_a_snapshot_tree_records_its_own_commit(tmp_path, monkeypatch) -> None:
+    """benchmarks/snapshot_tree.sh writes SNAPSHOT_COMMIT: the snapshot's commit beats $GLMV_COMMIT (the
+    call's, set for every tree) and the git of the checkout it sits in."""
+    import benchmarks.results as results
+
+    monkeypatch.setenv("GLMV_COMMIT", "1111111")
+    monkeypatch.setattr(results, "REPO_ROOT", tmp_path)
+    assert results.git_commit() == "1111111"
+    (tmp_path / "SNAPSHOT_COMMIT").write_text("e2fec5b\n")
+    assert results.git_commit() == "e2fec5b"
