@@ -81,6 +81,7 @@ _COUNTERS = (
     "num_image_cache_misses",
     "num_image_refs_held",
     "num_image_refs_read",
+    "num_image_refs_shared",
     "num_grammars_compiled",
     "num_gc_full_collections",
     "gc_full_seconds",

@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,10 @@ class LLMEngine:
         self.image_ref_dir_name: str | None = None  # the shared resize directory's name (from_engine_dir)
         self.num_image_refs_held = 0  # images sent as image_refs whose embeddings the image cache held
         self.num_image_refs_read = 0  # images sent as image_refs read from their files
+        self.num_image_refs_shared = 0  # images sent as image_refs whose pixels another request had read
+        # the pixels read for image_refs, by (image hashes, sizes), while a request still holds them: requests
+        # about one new image that arrive together read its file once (its embeddings are not cached yet)
+        self._ref_pixels: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path | EngineDir, **overrides: Any) -> LLMEngine:
@@ -204,6 +209,12 @@ class LLMEngine:
             shared_ref_size(ref, self.image_ref_dir_name, f"image_ref[{i}]") for i, ref in enumerate(refs)
         ]
         sizes = [h * w * 3 for h, w in dims]
+        sources = None if dims == targets else torch.tensor(dims, dtype=torch.int64)
+        key = (tuple(bytes(h) for h in hashes), tuple(dims))
+        pixels = self._ref_pixels.get(key)
+        if pixels is not None:  # read for a request still in flight: the same bytes (never written to)
+            self.num_image_refs_shared += len(refs)
+            return dataclasses.replace(req, image_refs=None, image_pixels=pixels, image_source_sizes=sources)
         # every image read into one buffer, pinned on CUDA: no copy to join them or to pin them
         pinned = self.device.type == "cuda"
         flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pinned).numpy()
@@ -217,10 +228,8 @@ class LLMEngine:
                 )
             start += size
         self.num_image_refs_read += len(refs)
-        sources = None if dims == targets else torch.tensor(dims, dtype=torch.int64)
-        return dataclasses.replace(
-            req, image_refs=None, image_pixels=torch.from_numpy(flat), image_source_sizes=sources
-        )
+        pixels = self._ref_pixels[key] = torch.from_numpy(flat)
+        return dataclasses.replace(req, image_refs=None, image_pixels=pixels, image_source_sizes=sources)
 
     def held_image_embeds(self, image_hashes: list[bytes]) -> torch.Tensor | None:
         """The embeddings [num_image_tokens, hidden] of these images one after the other, taken from the
@@ -273,6 +282,7 @@ class LLMEngine:
             image_cache_bytes=cache.num_bytes,
             num_image_refs_held=self.num_image_refs_held,
             num_image_refs_read=self.num_image_refs_read,
+            num_image_refs_shared=self.num_image_refs_shared,
             num_gc_full_collections=self._gc.num_full,
             gc_full_seconds=self._gc.seconds,
             num_gc_frozen_objects=self._num_gc_frozen,

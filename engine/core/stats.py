@@ -48,6 +48,8 @@ class EngineStats:
     """Images sent by reference (``GenerationRequest.image_refs``) whose embeddings the cache held."""
     num_image_refs_read: int = 0
     """Images sent by reference read from their files in the shared resize directory."""
+    num_image_refs_shared: int = 0
+    """Images sent by reference whose pixels a request still in flight had read (not read again)."""
     num_grammars_compiled: int = 0
     """Guided requests' guides compiled to grammars since start (a guide seen before is not compiled again)."""
     num_engine_restarts: int = 0

@@ -313,14 +313,11 @@ def test_a_child_that_cannot_start_raises_its_error(engine_dir: Path, tmp_path: 
         EngineProcess(engine_dir, {"max_num_seqs": 0})
 
 
-@pytest.mark.parametrize("in_child", [False, True], ids=["this_process", "child"])
-def test_image_refs_take_held_embeddings_or_read_the_file(
-    engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_child: bool
-) -> None:
-    """An image named by its file in the shared resize directory gives the tokens of its pixels: read
-    from the file when the image cache does not hold it, from the cache when it does."""
+def image_by_ref(engine_dir: Path, tmp_path: Path, seed: int):
+    """(the request with the image's pixels, by_ref(request_id, **changes) making the same request with the
+    image as its file in a shared resize directory under ``tmp_path``, the image's hash, the path)."""
     mc = ModelConfig.from_pretrained(engine_dir)
-    by_value = image_request(mc, "pixels", seed=9)
+    by_value = image_request(mc, "pixels", seed=seed)
     t, h, w = GRID
     patch = mc.vision_config.patch_size
     rgb = by_value.image_pixels.numpy().reshape(h * patch, w * patch, 3)
@@ -344,6 +341,17 @@ def test_image_refs_take_held_embeddings_or_read_the_file(
             **fields,
         )
 
+    return by_value, by_ref, image_hash, ref
+
+
+@pytest.mark.parametrize("in_child", [False, True], ids=["this_process", "child"])
+def test_image_refs_take_held_embeddings_or_read_the_file(
+    engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_child: bool
+) -> None:
+    """An image named by its file in the shared resize directory gives the tokens of its pixels: read
+    from the file when the image cache does not hold it, from the cache when it does."""
+    mc = ModelConfig.from_pretrained(engine_dir)
+    by_value, by_ref, image_hash, ref = image_by_ref(engine_dir, tmp_path, seed=9)
     bad = [
         (by_ref("wrong", image_hashes=[b"0" * 64]), f"image_ref[0]: the file holds image {image_hash}, not"),
         (by_ref("two", image_refs=[ref, ref]), "image_ref: 2 references, 1 hashes and 1 grid rows"),
@@ -384,6 +392,26 @@ def test_image_refs_take_held_embeddings_or_read_the_file(
             ep.stop(30)
     assert (stats.num_image_refs_read, stats.num_image_refs_held) == (1, 1)
     assert stats.num_image_cache_hits == 1
+
+
+def test_image_refs_arriving_together_read_the_file_once(engine_dir: Path, tmp_path: Path) -> None:
+    """Three requests naming one new image's file, added before a step (the n sequences of one request, or
+    questions sent at once): the file is read for the first, the others take the same pixels; each gets the
+    tokens of the pixels; once none holds them, the next such request finds the embeddings held."""
+    by_value, by_ref, _, _ = image_by_ref(engine_dir, tmp_path, seed=11)
+    expected = tokens(run_in_process(LLMEngine.from_engine_dir(engine_dir), [by_value])["pixels"])
+    ex = LLMEngine.from_engine_dir(engine_dir)
+    for k in range(3):
+        ex.add_request(by_ref(f"q{k}"))
+    pixels = {id(ex._seqs[f"q{k}"].image_pixels) for k in range(3)}
+    assert len(pixels) == 1
+    stats = ex.stats()
+    assert (stats.num_image_refs_read, stats.num_image_refs_shared, stats.num_image_refs_held) == (1, 2, 0)
+    outs = run_in_process(ex, [])
+    assert {k: tokens(v) for k, v in outs.items()} == {f"q{k}": expected for k in range(3)}
+    assert tokens(run_in_process(ex, [by_ref("later")])["later"]) == expected
+    stats = ex.stats()
+    assert (stats.num_image_refs_read, stats.num_image_refs_shared, stats.num_image_refs_held) == (1, 2, 1)
 
 
 @pytest.mark.parametrize("in_child", [False, True], ids=["this_process", "child"])

@@ -21,9 +21,10 @@ def make_scheduler(
     max_model_len=64,
     chunked=True,
     prefill_with_decodes=None,
+    prefix_caching=False,
 ) -> Scheduler:
     return Scheduler(
-        BlockManager(num_blocks, block_size),
+        BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
@@ -215,14 +216,7 @@ def test_a_sequence_waits_for_a_block_a_running_sequence_computes():
     back while the first computes the blocks it would compute too (keeping its place: a different prompt
     behind it is admitted in that step); it then maps the first's two full blocks and computes only its last
     two tokens."""
-    sched = Scheduler(
-        BlockManager(64, 4, enable_prefix_caching=True),
-        max_num_seqs=8,
-        max_num_batched_tokens=32,
-        max_model_len=64,
-        eos_token_ids=[EOS],
-        enable_chunked_prefill=True,
-    )
+    sched = make_scheduler(max_num_batched_tokens=32, prefix_caching=True)
     a, b, c = make_seq("a", 10), make_seq("b", 10), make_seq("c", 3)
     for seq in (a, b, c):
         sched.add(seq)
@@ -240,14 +234,7 @@ def test_held_back_sequences_keep_their_order_and_let_other_prompts_pass():
     """Three identical prompts and a different one between them: the two later copies wait (in their order)
     while the first computes the shared blocks; the different prompt, behind the first copy held back, is
     admitted in the same step; in the next both copies map the shared blocks together."""
-    sched = Scheduler(
-        BlockManager(64, 4, enable_prefix_caching=True),
-        max_num_seqs=8,
-        max_num_batched_tokens=32,
-        max_model_len=64,
-        eos_token_ids=[EOS],
-        enable_chunked_prefill=True,
-    )
+    sched = make_scheduler(max_num_batched_tokens=32, prefix_caching=True)
     a, b, d = make_seq("a", 10), make_seq("b", 10), make_seq("d", 10)
     c = Sequence("c", [50 + i for i in range(8)], SamplingParams(max_tokens=8))
     for seq in (a, b, c, d):
