@@ -204,15 +204,21 @@ class BlockManager:
         it cached once that chunk has run. Changes nothing."""
         if not self.enable_prefix_caching:
             return False
+        size = self.block_size
+        # only a sequence with a full block still to compute can hold one back (checked first: in most
+        # steps every running sequence decodes, and the lookup below is not needed)
+        computing = [o for o in others if o is not seq and o.num_computed_tokens // size < len(o) // size]
+        if not computing:
+            return False
         index = len(self._cached_run(seq))
-        end = (index + 1) * self.block_size
-        if index >= (len(seq) - 1) // self.block_size:
+        end = (index + 1) * size
+        if index >= (len(seq) - 1) // size:
             return False
         hashes = self._hashes(seq, index + 1)
         if len(hashes) <= index:
             return False
-        for other in others:
-            if other is seq or other.num_computed_tokens >= end or len(other) < end:
+        for other in computing:
+            if other.num_computed_tokens >= end or len(other) < end:
                 continue
             theirs = self._hashes(other, index + 1)
             if len(theirs) > index and theirs[index] == hashes[index]:
