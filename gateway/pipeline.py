@@ -15,8 +15,9 @@ Contract:
   replayed, never counted again.
 - ``n`` > 1 choices: one ensemble request with ``num_return_sequences`` = n, preprocessed once; the server
   moves the seed by the choice's index and starts all choices together: the engine computes their images
-  and prompt once (choices 1.. skip the ViT and all but the prompt's last block). Events come as (index, event) by the responses' sequence_index; the
-  usage counts the prompt once (choice 0's, with its cached tokens) and every choice's completion tokens.
+  and prompt once (choices 1.. skip the ViT and all but the prompt's last block). Events come as
+  (index, event) by the responses' sequence_index; the usage counts the prompt once (choice 0's, with its
+  cached tokens) and every choice's completion tokens.
   An error of any choice ends the request. Requests with n > 1 are never answered from, or stored in, the
   response cache.
 - ``ChunkWriter`` turns one choice's Delta/Finish events into SSE chunks: the role chunk first; box markers

@@ -24,9 +24,10 @@ non-streaming → one response at the end
 carries COMPLETE_FINAL and `finish_reason` (stop | length | abort); a request refused by the engine gets a
 final error response. With `num_return_sequences` n > 1, the request's n sequences (request.SequenceGroup)
 share its sender and go to the engine together (it computes their images and prompt once); each response
-carries `sequence_index` and only the last sequence's last response is COMPLETE_FINAL. `stop=true` cancels every request sent with the same `request_key` (or, without
-one, the same Triton request id); the ensemble's postprocessing sends it when the client cancels. When the
-engine loop is not running, new requests get an UNAVAILABLE error.
+carries `sequence_index` and only the last sequence's last response is COMPLETE_FINAL. `stop=true` cancels
+every request sent with the same `request_key` (or, without one, the same Triton request id); the
+ensemble's postprocessing sends it when the client cancels. When the engine loop is not running, new
+requests get an UNAVAILABLE error.
 
 Images come as `image_rgb` (the resized RGB images, flat uint8) + `image_grid_thw`, which the engine
 patchifies, normalizes and encodes on its own GPU in its loop thread, as `image_ref` (their files in the
@@ -159,21 +160,18 @@ class TritonPythonModel:
         )
         others = siblings(generation_request, state, n) if n > 1 else []
         parsed = time.perf_counter()
-        self.requests.add(state)
-        try:
-            self.engine.add_request(generation_request)
-        except Exception:
-            self.requests.forget(state)
-            raise
-        for sibling_request, sibling in others:  # right behind sequence 0: the engine shares their prompt
-            self.requests.add(sibling)
+        # sequences 1.. right behind sequence 0: the engine computes what they share once
+        for index, (each_request, each) in enumerate([(generation_request, state), *others]):
+            self.requests.add(each)
             try:
-                self.engine.add_request(sibling_request)
+                self.engine.add_request(each_request)
             except Exception as exc:
+                self.requests.forget(each)
+                if index == 0:
+                    raise  # nothing of the request runs: execute() answers the error
                 logger.exception("llm: a sequence of the request could not be added")
-                self.requests.forget(sibling)
                 with self.sender_lock:
-                    sibling.is_done = True
+                    each.is_done = True
                     if not state.group.is_done:
                         self._end_group(state.group)
                         send_error(sender, f"llm: {type(exc).__name__}: {exc}")
