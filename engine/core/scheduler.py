@@ -24,7 +24,8 @@ Contract of ``schedule() -> SchedulerOutput``:
     ``num_cached_tokens``. When the next full block it would compute is one a running sequence has not
     computed yet (the same content: several requests about one new image arriving together), it is held
     back (keeping its place; the queue behind it goes on) until that chunk has run (``num_held_back`` counts
-    such waits, one per sequence and step): it then maps that block instead of computing it again. ``update`` offers every newly full block to the cache (``BlockManager.commit``).
+    such waits, one per sequence and step): it then maps that block instead of computing it again.
+    ``update`` offers every newly full block to the cache (``BlockManager.commit``).
   * ``add`` rejects (ValueError) a prompt that can never run: longer than ``max_model_len`` (which the
     caller caps at the KV capacity) or, with chunked prefill off, longer than ``max_num_batched_tokens``.
   * ``update(output, sampled)`` advances ``num_computed_tokens``, appends sampled tokens, and finishes
