@@ -11,10 +11,10 @@
    given as the weights' bytes over its time, and as a fraction of the copy bandwidth measured here.
 2. Per decode step: each method's sum over 40 layers and the lm_head.
 3. With --engine: batch-1 decode (context 1236) of the full-size engine (random weights, CUDA graphs)
-   with `decode_gemv` off, on, and on with `decode_fused_norms` (and with --fp8 the same in FP8; with --pdl also the kernel with
+   with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
    `decode_pdl`, the next kernel launched at each one's start and, "pdlexit", at its programs' exit), each
-   engine built alone, and how many of the greedy tokens the runs share (the fused norms' and PDL's with
-   the kernel's run: PDL the same arithmetic, so all of them; the fused norms sum a row in another order).
+   engine built alone, and how many of the greedy tokens the runs share (PDL's with
+   the kernel's run: the same arithmetic, so all of them).
 4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16; --sweep-rows: other M, e.g. 64 for the 64-row
    tile), every candidate block configuration of the skinny kernel on the largest layers first, the best
    set beside the default; then for --sweep-fp8-s seconds the same on FP8 weights (K steps up to 1024).
@@ -362,7 +362,6 @@ def step_sums(layers: dict, num_layers: int, rows: tuple[int, ...] = ROWS) -> di
 ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
     "cublas": {"decode_gemv": False},
     "gemv": {"decode_gemv": True},
-    "norms": {"decode_gemv": True, "decode_fused_norms": True},  # the norms inside the kernels after them
     "pdl": {"decode_gemv": True, "decode_pdl": True},
     "pdlexit": {"decode_gemv": True, "decode_pdl": True},  # the next kernel launches as each program ends
 }
@@ -399,13 +398,13 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
 
 
 def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | None = None) -> dict:
-    """`engine_run` with cuBLAS, with the kernel, with the norms inside it (and with PDL), each
+    """`engine_run` with cuBLAS and with the kernel (and with PDL), each
     engine in a Python of its own; ``only``: just these QUANT_METHOD runs. Greedy tokens are compared with
-    the cuBLAS run's (the fused norms' and PDL's with the kernel's)."""
+    the cuBLAS run's (PDL's with the kernel's)."""
     out: dict = {}
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
-        for method in ("cublas", "gemv", "norms", "pdl", "pdlexit") if pdl else ("cublas", "gemv", "norms"):
+        for method in ("cublas", "gemv", "pdl", "pdlexit") if pdl else ("cublas", "gemv"):
             key = f"{quant}_{method}"
             if only is not None and key not in only:
                 continue
@@ -424,7 +423,6 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | 
             )
         for a, b, name in (
             ("cublas", "gemv", "greedy_tokens_equal"),
-            ("gemv", "norms", "norms_tokens_equal"),
             ("gemv", "pdl", "pdl_tokens_equal"),
             ("gemv", "pdlexit", "pdlexit_tokens_equal"),
         ):

@@ -215,13 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-decode-gemv: cuBLAS (and the FP8 layers' per-tensor GEMM)",
     )
     p.add_argument(
-        "--decode-fused-norms",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="with --decode-gemv: steps of up to 4 tokens run each add + RMS norm inside the skinny kernel of "
-        "the layer after it (qkv, gate/up; 79 kernels fewer per step)",
-    )
-    p.add_argument(
         "--fp8-tensorwise-rows",
         type=int,
         default=None,
@@ -490,7 +483,6 @@ def build(args: argparse.Namespace) -> Path:
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
                 mixed_step_graphs=args.mixed_step_graphs,
                 decode_gemv=args.decode_gemv,
-                decode_fused_norms=args.decode_fused_norms,
                 decode_pdl=args.decode_pdl,
                 fp8_tensorwise_rows=(
                     EngineConfig.fp8_tensorwise_rows

@@ -296,11 +296,6 @@ class EngineConfig:
     # split-K reduce, the gate/up projection and silu_mul fused (engine.kernels.gemv; CUDA only). On an
     # H100 batch-1 decode 7.42 -> 7.01 ms/token, the same greedy tokens (benchmarks.gemv_bench)
     decode_gemv: bool = True
-    # With decode_gemv, steps of up to 4 tokens (batch-1 to -4 decode) run each add + RMS norm pair inside
-    # the skinny kernel of the layer after it (every qkv but the first, every gate/up): each program
-    # normalizes the rows itself before its band, 79 kernels fewer per step (engine.kernels.gemv
-    # skinny_add_norm_linear)
-    decode_fused_norms: bool = False
     # The decoder's Triton kernels (the skinny matmuls, norms, rotary + KV write, decode attention) launched
     # with programmatic dependent launch: in a CUDA graph each kernel's programs are scheduled while the one
     # before it finishes (engine.kernels.fused.set_pdl; CUDA, compute capability 9+). Off: on an H200 batch-1
@@ -353,7 +348,6 @@ class EngineConfig:
             "prefill_cuda_graphs",
             "mixed_step_graphs",
             "decode_gemv",
-            "decode_fused_norms",
             "decode_pdl",
             "fp8_gemm_autotune",
             "enable_prefix_caching",

@@ -45,7 +45,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from engine.kernels.fused import _pdl_enter, _quantize_fp8, _rms_scale, _round_to
+    from engine.kernels.fused import _pdl_enter, _round_to
 
 MAX_ROWS = 64  # token rows up to which a step's linear layers run this kernel
 # FP8 weights: at 24 and 32 rows the down projection was slower than the FP8 layers' own GEMM on an H100
@@ -55,10 +55,6 @@ ROW_TILES = (16, 32, 64)  # the kernel's row tile: the smallest that holds M (16
 # bits than float32 in a sum; 256 and 512 gave 7 bf16 steps at K = 528 on an H100 where 128 gave 2)
 FP8_PROMOTE_K = 128
 KERNEL_ROWS = ROW_TILES[-1]  # the most rows the kernel takes (the decoder sends it up to MAX_ROWS)
-# `skinny_add_norm_linear`: the most rows whose add + norm each program computes itself (a row at a time, before
-# its band), and the largest K (one load per row and tensor)
-NORM_MAX_ROWS = 4
-NORM_MAX_K = 8192
 # shared memory for one program's pipelined buffers (H100/H200: 227 KiB per block; the rest for the epilogue)
 SMEM_BUDGET = 220 * 1024
 FP8_DTYPE = torch.float8_e4m3fn
@@ -165,51 +161,6 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _norm_rows(
-        res_ptr,
-        h_ptr,
-        w_post_ptr,
-        w_next_ptr,
-        res_out_ptr,
-        x_out_ptr,
-        M,
-        K,
-        in_stride,
-        eps_post,
-        eps_next,
-        min_scale,
-        write_res,
-        rows,
-        BLOCK_M: tl.constexpr,
-        NORM_BLOCK: tl.constexpr,
-        FP8: tl.constexpr,
-        dtype: tl.constexpr,
-    ):
-        """`add_rms_norm_pair`'s rows, one at a time: new = res + rms_norm(h, w_post) (stored to res_out where
-        write_res) and x = rms_norm(new, w_next), stored to x_out ([M, K] contiguous), in FP8 quantized per
-        row as `quantize_rows_fp8` does. Returns the rows' FP8 scales ([BLOCK_M], 1 where unused)."""
-        cols = tl.arange(0, NORM_BLOCK)
-        mask = cols < K
-        w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        w_next = tl.load(w_next_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        scales = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-        res_mask = cols < tl.where(write_res, K, 0)  # only where this program stores the residual
-        for m in range(M):
-            h = tl.load(h_ptr + m * in_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            res = tl.load(res_ptr + m * in_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            res = _round_to(res + _rms_scale(h, w_post, K, eps_post, dtype), dtype)  # masked lanes stay 0
-            tl.store(res_out_ptr + m * K + cols, res.to(dtype), mask=res_mask)
-            normed = _rms_scale(res, w_next, K, eps_next, dtype)
-            if FP8:
-                scale = tl.maximum(tl.max(tl.abs(normed), axis=0) / 448.0, min_scale)
-                scales = tl.where(rows == m, scale, scales)
-                q = _quantize_fp8(normed, scale, 448.0, x_out_ptr.dtype.element_ty)
-                tl.store(x_out_ptr + m * K + cols, q, mask=mask)
-            else:
-                tl.store(x_out_ptr + m * K + cols, normed.to(dtype), mask=mask)
-        return scales
-
-    @triton.jit
     def _skinny_kernel(
         x_ptr,
         w_ptr,
@@ -223,14 +174,6 @@ if HAS_TRITON:
         x_stride,
         y_stride,
         up_rows,  # SILU_MUL: the row of W where the up half starts (I); else unused
-        res_ptr,  # NORM: x = add_rms_norm_pair(res, h, w_post, w_next)'s normed rows, h at x_ptr (else unused)
-        w_post_ptr,
-        w_next_ptr,
-        res_out_ptr,
-        scratch_ptr,  # NORM: [programs, M, K] in the dot's dtype, each program's copy of x
-        eps_post,
-        eps_next,
-        min_scale,
         FP8: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU_MUL: tl.constexpr,
@@ -241,22 +184,11 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
         PDL: tl.constexpr,
-        NORM: tl.constexpr = False,
-        NORM_BLOCK: tl.constexpr = 16,
     ):
         _pdl_enter(PDL)
         pid = tl.program_id(0)
         dtype: tl.constexpr = y_ptr.dtype.element_ty
         rows = tl.arange(0, BLOCK_M)
-        norm_scales = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-        if NORM:  # each program normalizes the rows into its own copy, then reads it as x (the same loads)
-            mine = scratch_ptr + pid.to(tl.int64) * M * K
-            norm_scales = _norm_rows(res_ptr, x_ptr, w_post_ptr, w_next_ptr, res_out_ptr, mine, M, K, x_stride,
-                                     eps_post, eps_next, min_scale, pid == 0, rows,
-                                     BLOCK_M, NORM_BLOCK, FP8, dtype)  # fmt: skip
-            tl.debug_barrier()  # the copy is written before any thread of the program reads it
-            x_ptr = mine
-            x_stride = K
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = rows of W
         n_mask = cols < N
         m_mask = rows < M
@@ -280,10 +212,7 @@ if HAS_TRITON:
         x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w_scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if FP8:
-            if NORM:
-                x_scale = norm_scales
-            else:
-                x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
+            x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
             w_scale = tl.load(w_scale_ptr + w_rows)
         out = _epilogue(acc, x_scale, w_scale, FP8)
         if SILU_MUL:
@@ -301,17 +230,6 @@ if HAS_TRITON:
         tl.store(y_ptrs, _round_to(out, dtype).to(dtype), mask=n_mask[:, None] & m_mask[None, :])
 
 
-class NormIn(NamedTuple):
-    """`add_rms_norm_pair(residual, h, w_post, w_next, eps_post, eps_next)` as a kernel's input: the kernel's x
-    is its normed rows (h is the x given), and the new residual stream comes back beside the product."""
-
-    residual: torch.Tensor
-    w_post: torch.Tensor
-    w_next: torch.Tensor
-    eps_post: float
-    eps_next: float
-
-
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -320,9 +238,7 @@ def _launch(
     silu_mul: bool,
     cfg: GemvConfig | None,
     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-    norm: NormIn | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, the new residual stream where ``norm`` is given, else None)."""
+) -> torch.Tensor:
     m, k = x.shape
     if not 1 <= m <= KERNEL_ROWS:
         raise ValueError(f"x: {m} rows, the kernel takes 1 to {KERNEL_ROWS}")
@@ -337,57 +253,23 @@ def _launch(
     cfg = cfg or config(k, block_m, silu_mul, fp8)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
-    programs = triton.cdiv(n, cfg.block_n)
     x_in, x_scale = x, y  # y: the pointer of an absent tensor (never read)
-    res = w_post = w_next = res_out = scratch = y  # the norm's tensors, unused without it
-    eps_post = eps_next = min_scale = 0.0
-    if norm is not None:
-        if not supports_norm(x, norm):
-            raise ValueError(
-                f"norm: x and the residual [M <= {NORM_MAX_ROWS}, K <= {NORM_MAX_K}] contiguous, of one shape "
-                "and dtype, with norm weights [K] of that dtype"
-            )
-        from engine.model.quant import MIN_ACT_SCALE
-
-        res, w_post, w_next = norm.residual, norm.w_post.contiguous(), norm.w_next.contiguous()
-        eps_post, eps_next, min_scale = norm.eps_post, norm.eps_next, MIN_ACT_SCALE
-        res_out = torch.empty_like(res)
-        scratch = torch.empty((programs, m, k), dtype=FP8_DTYPE if fp8 else x.dtype, device=x.device)
-        if fp8:
-            block_k = max(32, block_k)
-    elif fp8:  # W8A8: the rows quantized per token as Fp8Linear quantizes them (or by the norm before)
+    if fp8:  # W8A8: the rows quantized per token as Fp8Linear quantizes them (or by the norm before)
         from engine.model.quant import quantize_rows_fp8
 
         x_in, x_scale = quantize_rows_fp8(x) if x_fp8 is None else x_fp8
         block_k = max(32, block_k)  # the FP8 dot's smallest K
     sub_k = min(block_k, FP8_PROMOTE_K) if fp8 else block_k
     with device_guard(x):
-        _skinny_kernel[(programs,)](
+        _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
             x_in, weight, x_scale, y if scale is None else scale, y if bias is None else bias, y,
             m, n, k, x_in.stride(0), y.stride(0), n if silu_mul else 0,
-            res, w_post, w_next, res_out, scratch, eps_post, eps_next, min_scale,
             FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB_K=sub_k,
             EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
-            NORM=norm is not None, NORM_BLOCK=triton.next_power_of_2(k) if norm is not None else 16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
         )  # fmt: skip
-    return y, (res_out if norm is not None else None)
-
-
-def supports_norm(x: torch.Tensor, norm: NormIn) -> bool:
-    """Whether `skinny_add_norm_linear` takes h = x with this norm (beyond `supports(x, weight)`)."""
-    m, k = x.shape
-    res = norm.residual
-    return (
-        m <= NORM_MAX_ROWS
-        and k <= NORM_MAX_K
-        and x.is_contiguous()
-        and res.is_contiguous()
-        and res.shape == x.shape
-        and res.dtype == x.dtype == norm.w_post.dtype == norm.w_next.dtype
-        and norm.w_post.shape == norm.w_next.shape == (k,)
-    )
+    return y
 
 
 def skinny_linear(
@@ -403,7 +285,7 @@ def skinny_linear(
     contiguous, float32 scale [M, 1]), e.g. by `engine.kernels.fused.add_rms_norm_pair_fp8`."""
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    return _launch(x, weight, bias, scale, False, cfg, x_fp8)[0]
+    return _launch(x, weight, bias, scale, False, cfg, x_fp8)
 
 
 def skinny_linear_silu_mul(
@@ -417,46 +299,7 @@ def skinny_linear_silu_mul(
     (``x_fp8`` as for `skinny_linear`)."""
     if gate_up.shape[0] % 2:
         raise ValueError(f"gate_up: {gate_up.shape[0]} rows, not two halves")
-    return _launch(x, gate_up, None, scale, True, cfg, x_fp8)[0]
-
-
-def skinny_add_norm_linear(
-    h: torch.Tensor,
-    norm: NormIn,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    silu_mul: bool = False,
-    cfg: GemvConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new_residual, y) with (new_residual, normed) = add_rms_norm_pair(norm.residual, h, ...) and y =
-    `skinny_linear(normed, weight, bias, scale)` (`skinny_linear_silu_mul(normed, weight, scale)` with
-    ``silu_mul``), one kernel: every program computes the normed rows itself before its band (FP8 weights:
-    quantized as `add_rms_norm_pair_fp8` quantizes them), program 0 stores the new residual stream. Needs
-    `supports(h, weight)` and `supports_norm(h, norm)`."""
-    if silu_mul and (bias is not None or weight.shape[0] % 2):
-        raise ValueError("silu_mul: a gate/up weight of two halves, no bias")
-    y, new_residual = _launch(h, weight, bias, scale, silu_mul, cfg, None, norm)
-    return new_residual, y
-
-
-def skinny_add_norm_linear_reference(
-    h: torch.Tensor,
-    norm: NormIn,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    silu_mul: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec: `add_rms_norm_pair_reference`, then the skinny kernel's reference on the normed rows."""
-    from engine.kernels.fused import add_rms_norm_pair_reference
-
-    new_residual, normed = add_rms_norm_pair_reference(
-        norm.residual, h, norm.w_post, norm.w_next, norm.eps_post, norm.eps_next
-    )
-    if silu_mul:
-        return new_residual, skinny_linear_silu_mul_reference(normed, weight, scale)
-    return new_residual, skinny_linear_reference(normed, weight, bias, scale)
+    return _launch(x, gate_up, None, scale, True, cfg, x_fp8)
 
 
 def skinny_linear_reference(

@@ -39,15 +39,7 @@ from engine.config import ModelConfig, parse_dtype
 from engine.kernels import gemv
 from engine.kernels.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
 from engine.kernels.fused import add_rms_norm_pair, add_rms_norm_pair_fp8, rms_norm, silu_mul
-from engine.model.layers import (
-    ACTIVATIONS,
-    RMSNorm,
-    add_norm_linear,
-    linear,
-    linear_silu_mul,
-    silu_mlp,
-    takes_fp8_rows,
-)
+from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul, silu_mlp, takes_fp8_rows
 from engine.model.rope import MRotaryEmbedding
 from engine.model.vision import VisionEncoder, VisionPass
 
@@ -72,14 +64,15 @@ class DecoderAttention(nn.Module):
 
     def forward(
         self,
-        qkv: torch.Tensor,
+        x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
+        x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """qkv_proj's output [T, q_size + 2 * kv_size] (the layer runs the projection) -> o_proj's."""
-        num_tokens = qkv.shape[0]
+        num_tokens = x.shape[0]
+        qkv = linear(self.qkv_proj, x, x_fp8)  # [T, q_size + 2 * kv_size]
         heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q and k heads rotated in place and the new k, v stored in the cache (one kernel on the GPU)
         q, k, v = rotate_and_write_kv(heads, self.num_heads, self.num_kv_heads, cos, sin, kv_cache, attn)
@@ -107,11 +100,10 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """GLM-4-0414 sandwich norms: x + post_self_attn(attn(input(x))); h + post_mlp(mlp(post_attention(h))).
 
-    `forward` takes the residual stream before the previous layer's last add: x, that layer's MLP output h
-    and its post_mlp_layernorm (h None for the first layer: x is the stream). It adds post(h) to x, then
-    input_layernorm, and returns the same three of its own. Each add + norm runs as one kernel
-    (`add_rms_norm_pair`; with its rows quantized where the layer after it runs the skinny kernel on FP8
-    weights), or inside that layer's skinny kernel where it fuses the norm (`add_norm_linear`).
+    `forward` takes the residual stream x and input_layernorm(x) (computed by the op before it; with its
+    rows in FP8 where the layer before quantized them) and returns the new residual stream, `next_norm` of
+    it (the next layer's input_layernorm, or the final norm) and, where `next_linear` (the layer that
+    takes that norm next) runs the skinny kernel on FP8 weights, the norm's rows quantized (else None).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -127,49 +119,21 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        h: torch.Tensor | None,
-        post: RMSNorm | None,
+        normed: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor, RMSNorm]:
-        """(x [T, hidden], h, post) -> (x', this layer's MLP output, post_mlp_layernorm)."""
-        if h is None:
-            normed = rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
-            qkv = linear(self.self_attn.qkv_proj, normed)
-        else:
-            x, qkv = _add_norm_linear(x, h, post, self.input_layernorm, self.self_attn.qkv_proj)
-        h = self.self_attn(qkv, cos, sin, kv_cache, attn)
-        x, h = _add_norm_mlp(x, h, self.post_self_attn_layernorm, self.post_attention_layernorm, self.mlp)
-        return x, h, self.post_mlp_layernorm
-
-
-def _add_norm_linear(
-    x: torch.Tensor, h: torch.Tensor, post: RMSNorm, norm: RMSNorm, layer: nn.Module
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x', layer(norm(x'))) with x' = x + post(h): one skinny kernel where the layer fuses the norm
-    (`add_norm_linear`), else the norm's kernel, then the layer."""
-    fused = add_norm_linear(x, h, post, norm, layer)
-    if fused is not None:
-        return fused
-    x, normed, normed_fp8 = _add_norm(x, h, post, norm, layer)
-    return x, linear(layer, normed, normed_fp8)
-
-
-def _add_norm_mlp(
-    x: torch.Tensor, h: torch.Tensor, post: RMSNorm, norm: RMSNorm, mlp: DecoderMLP
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x', mlp(norm(x'))) with x' = x + post(h): the norm inside the gate/up projection's skinny kernel where
-    it fuses it (`add_norm_linear`), else the norm's kernel, then the MLP."""
-    fused = None
-    if mlp.hidden_act == "silu":
-        fused = add_norm_linear(x, h, post, norm, mlp.gate_up_proj, silu_mul=True)
-    if fused is not None:
-        x, act = fused
-        return x, linear(mlp.down_proj, act)
-    x, normed, normed_fp8 = _add_norm(x, h, post, norm, mlp.gate_up_proj)
-    return x, mlp(normed, normed_fp8)
+        next_norm: RMSNorm,
+        normed_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+        next_linear: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """x [T, hidden] residual stream, normed = input_layernorm(x) -> (x', next_norm(x'), its FP8 rows)."""
+        h = self.self_attn(normed, cos, sin, kv_cache, attn, normed_fp8)
+        x, normed, normed_fp8 = _add_norm(x, h, self.post_self_attn_layernorm, self.post_attention_layernorm,
+                                          self.mlp.gate_up_proj)  # fmt: skip
+        h = self.mlp(normed, normed_fp8)
+        return _add_norm(x, h, self.post_mlp_layernorm, next_norm, next_linear)
 
 
 def _add_norm(
@@ -209,10 +173,18 @@ class TextDecoder(nn.Module):
             raise ValueError(f"kv_caches: {len(kv_caches)} tensors for {len(self.layers)} layers")
         if not len(self.layers):
             return rms_norm(x, self.norm.weight, self.norm.eps)
-        h = post = None  # the first layer normalizes the embeddings itself
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, h, post = layer(x, h, post, cos, sin, kv_cache, attn)
-        _, normed = add_rms_norm_pair(x, h, post.weight, self.norm.weight, post.eps, self.norm.eps)
+        first = self.layers[0].input_layernorm
+        normed = rms_norm(x, first.weight, first.eps)  # later input norms are fused into the layer before
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        # the layer taking each next norm (None for the final norm: the lm_head takes only sampled rows)
+        next_linears = [layer.self_attn.qkv_proj for layer in self.layers[1:]] + [None]
+        normed_fp8 = None
+        for layer, kv_cache, next_norm, next_linear in zip(
+            self.layers, kv_caches, next_norms, next_linears, strict=True
+        ):
+            x, normed, normed_fp8 = layer(
+                x, normed, cos, sin, kv_cache, attn, next_norm, normed_fp8, next_linear
+            )
         return normed  # the final norm of the last layer's output
 
 
@@ -281,75 +253,48 @@ class Glm4vModel(nn.Module):
         return x
 
     @torch.no_grad()
-    def set_decode_gemv(self, on: bool, fuse_norms: bool = False) -> int:
+    def set_decode_gemv(self, on: bool) -> int:
         """Steps of up to gemv.MAX_ROWS tokens run the decoder's linear layers and the lm_head through the
-        skinny kernel (`engine.kernels.gemv`; on: set on each layer, off: cleared). ``fuse_norms``: steps of up
-        to gemv.NORM_MAX_ROWS tokens also run each add + norm inside the kernel of the layer after it (every
-        qkv but the first, every gate/up; `add_norm_linear`). Call after any FP8 swap and before CUDA graphs
-        are captured. Where the kernel runs (CUDA, or Triton's interpreter), each kind of layer is tried now
-        against its own forward at every row count the kernel compiles for (M == 1, M % 16 == 0, others;
-        tiles of 16, 32 and 64 rows), the fused norms against the norm and the layer apart, which also
-        compiles them before any capture; an error or a relative difference over GEMV_CHECK_TOLERANCE turns
-        it off for the model with a warning. Returns the layers set (0 when turned off)."""
+        skinny kernel (`engine.kernels.gemv`; on: set on each layer, off: cleared). Call after any FP8
+        swap and before CUDA graphs are captured. Where the kernel runs (CUDA, or Triton's interpreter),
+        each kind of layer is tried now against its own forward at every row count the kernel compiles
+        for (M == 1, M % 16 == 0, others; tiles of 16, 32 and 64 rows), which also compiles it before any
+        capture; an error or a relative difference over GEMV_CHECK_TOLERANCE turns it off for the model
+        with a warning. Returns the layers set (0 when turned off)."""
         layers = [self.lm_head]
-        fusing = []  # the layers after an add + norm
-        for i, layer in enumerate(self.language_model.layers):
+        for layer in self.language_model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             layers += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-            fusing += ([attn.qkv_proj] if i else []) + [mlp.gate_up_proj]
         for module in layers:
             module.decode_gemv = on
-            module.fuse_norm = False
-        for module in fusing:
-            module.fuse_norm = on and fuse_norms
         if on and self.language_model.layers:
             try:
-                self._check_decode_gemv(fuse_norms)
+                self._check_decode_gemv()
             except Exception as exc:
                 logger.warning("[glm-engine] decode_gemv off: %s", (str(exc).splitlines() or [""])[0][:300])
                 for module in layers:
-                    module.decode_gemv = module.fuse_norm = False
+                    module.decode_gemv = False
                 return 0
         return len(layers) if on else 0
 
-    def _check_decode_gemv(self, fuse_norms: bool) -> None:
+    def _check_decode_gemv(self) -> None:
         first = self.language_model.layers[0]
         gen = torch.Generator(device=self.device).manual_seed(0)
         kinds = (first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj,
                  first.mlp.down_proj, self.lm_head)  # fmt: skip
-
-        def randn(rows: int, cols: int) -> torch.Tensor:
-            return torch.randn(rows, cols, device=self.device, generator=gen).to(self.dtype)
-
-        checks = []
         for rows in (r for r in (1, 2, 16, 17, 32, 33, 64) if r <= gemv.MAX_ROWS):
             for module in kinds:
-                x = randn(rows, module.weight.shape[1])
-                checks.append((module, rows, linear(module, x), module(x)))
+                x = torch.randn(rows, module.weight.shape[1], device=self.device, generator=gen)
+                x = x.to(self.dtype)
+                checks = [(linear(module, x), module(x))]
                 if module is first.mlp.gate_up_proj:
-                    checks.append((module, rows, linear_silu_mul(module, x), silu_mul(module(x))))
-        if fuse_norms:  # the add + norm inside the next layer's kernel, against the two apart
-            post, norm = first.post_self_attn_layernorm, first.post_attention_layernorm
-            fusing = [(first.mlp.gate_up_proj, True)]
-            if len(self.language_model.layers) > 1:  # the first layer's qkv normalizes apart
-                fusing.append((self.language_model.layers[1].self_attn.qkv_proj, False))
-            for rows in range(1, gemv.NORM_MAX_ROWS + 1):
-                x, h = randn(rows, self.config.hidden_size), randn(rows, self.config.hidden_size)
-                x_ref, normed = add_rms_norm_pair(x, h, post.weight, norm.weight, post.eps, norm.eps)
-                for module, silu in fusing:
-                    fused = add_norm_linear(x, h, post, norm, module, silu)
-                    if fused is None:
-                        raise RuntimeError(
-                            f"fuse_norms: the kernel does not take {rows} rows of {x.shape[1]}"
-                        )
-                    ref = silu_mul(module(normed)) if silu else module(normed)
-                    checks += [(module, rows, fused[0], x_ref), (module, rows, fused[1], ref)]
-        for module, rows, got, ref in checks:
-            err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
-            if not err <= GEMV_CHECK_TOLERANCE:
-                shape = tuple(module.weight.shape)
-                raise RuntimeError(f"the kernel differs from the layer's forward on {shape} x {rows} rows "
-                                   f"(relative difference {err:.3g})")  # fmt: skip
+                    checks.append((linear_silu_mul(module, x), silu_mul(module(x))))
+                for got, ref in checks:
+                    err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
+                    if not err <= GEMV_CHECK_TOLERANCE:
+                        shape = tuple(module.weight.shape)
+                        raise RuntimeError(f"the kernel differs from the layer's forward on {shape} x {rows} rows "
+                                           f"(relative difference {err:.3g})")  # fmt: skip
 
     def allocate_kv_caches(
         self,

@@ -1,7 +1,6 @@
 """Layers the ViT and the decoder share: RMSNorm, the MLP activations by config name, and `linear`, the
 decoder's matmul of a few token rows through the skinny kernel (`engine.kernels.gemv`) where a layer
-allows it (`decode_gemv` set on the layer by `Glm4vModel.set_decode_gemv`; `add_norm_linear`: the norm before
-it in the same kernel, where `fuse_norm` is set too). `takes_fp8_rows(layer, x)`:
+allows it (`decode_gemv` set on the layer by `Glm4vModel.set_decode_gemv`). `takes_fp8_rows(layer, x)`:
 whether that call quantizes x's rows to FP8 (the kernel on FP8 weights, or an FP8 layer's own W8A8 GEMM
 for more rows), so the op before may hand it x's rows quantized (``x_fp8``) instead."""
 
@@ -81,29 +80,6 @@ def linear_silu_mul(
     if weight.dtype != gemv.FP8_DTYPE:
         x_fp8 = None
     return gemv.skinny_linear_silu_mul(x, weight, getattr(layer, "weight_scale", None), x_fp8=x_fp8)
-
-
-def add_norm_linear(
-    x: torch.Tensor,
-    h: torch.Tensor,
-    post: RMSNorm,
-    norm: RMSNorm,
-    layer: nn.Module,
-    silu_mul: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(x', y) where x', normed = add_rms_norm_pair(x, h, post, norm) and y = linear(layer, normed)
-    (`linear_silu_mul` with ``silu_mul``), as one skinny kernel (`gemv.skinny_add_norm_linear`) where the
-    layer has `fuse_norm` set (`Glm4vModel.set_decode_gemv`) and the kernel takes these rows (up to
-    gemv.NORM_MAX_ROWS); else None, and the caller runs the norm and the layer apart."""
-    if not getattr(layer, "fuse_norm", False) or (silu_mul and layer.bias is not None):
-        return None
-    weight = _gemv_weight(layer, h)
-    norm_in = gemv.NormIn(x, post.weight, norm.weight, post.eps, norm.eps)
-    if weight is None or not gemv.supports_norm(h, norm_in):
-        return None
-    bias = None if silu_mul else layer.bias
-    scale = getattr(layer, "weight_scale", None)
-    return gemv.skinny_add_norm_linear(h, norm_in, weight, bias, scale, silu_mul)
 
 
 def silu_mlp(

@@ -131,7 +131,7 @@ def prepare_model(
     (``vision_quantization``), the FP8 GEMM of the decoder's graphs by rows (``fp8_tensorwise_rows``), the
     ViT's attention kernel (``vision_attention``) and its CUDA graphs on
     (``vision_cuda_graphs``, on CUDA, unless ``enforce_eager``), decode steps' matmuls through the skinny
-    kernel (``decode_gemv``, on CUDA; ``decode_fused_norms``: with the norms before qkv and gate/up inside it), the decoder's Triton kernels launched with PDL (``decode_pdl``;
+    kernel (``decode_gemv``, on CUDA), the decoder's Triton kernels launched with PDL (``decode_pdl``;
     checked with one launch, off with a warning where it cannot run). Call before sizing the KV cache: the
     memory freed by FP8 goes to the cache."""
     if engine_config.quantization == "fp8":
@@ -154,15 +154,8 @@ def prepare_model(
         swapped = quantize_vision_fp8_(model)
         logger.info("[glm-engine] fp8: %d ViT linear layers quantized", swapped)
     if engine_config.decode_gemv and device.type == "cuda":
-        # after the FP8 swap, before any graph is captured
-        layers = model.set_decode_gemv(True, fuse_norms=engine_config.decode_fused_norms)
-        logger.info(
-            "[glm-engine] decode_gemv: %d linear layers through the skinny kernel%s",
-            layers,
-            ", the norms before qkv and gate/up inside it"
-            if layers and engine_config.decode_fused_norms
-            else "",
-        )
+        layers = model.set_decode_gemv(True)  # after the FP8 swap, before any graph is captured
+        logger.info("[glm-engine] decode_gemv: %d linear layers through the skinny kernel", layers)
     if fused.set_pdl(engine_config.decode_pdl and device.type == "cuda"):  # before any graph is captured
         try:  # one PDL launch now: a Triton or driver that cannot do it turns it off here, not mid-step
             x = torch.randn(2, 256, device=device, dtype=model.dtype)

@@ -132,66 +132,6 @@ def check_silu_mul(device: str) -> None:
         gemv.skinny_linear(x, q, scale=scale, x_fp8=(rows[0][:1], rows[1][:1]))
 
 
-def check_add_norm(device: str) -> None:
-    """`skinny_add_norm_linear`: the new residual stream and the product equal the unfused ops'
-    (`add_rms_norm_pair`, then the kernel on its normed rows) for 1 to NORM_MAX_ROWS rows, with bias, with
-    silu_mul, on FP8 weights (the rows quantized as `add_rms_norm_pair_fp8` quantizes them), K below and over
-    a power of two; the references within the kernel's steps; bad input refused."""
-    from engine.kernels import gemv
-    from engine.kernels.fused import add_rms_norm_pair, add_rms_norm_pair_fp8
-    from engine.model.quant import quantize_weight_fp8
-
-    gen = torch.Generator().manual_seed(3)
-    for m, n, k in [(1, 48, 64), (2, 40, 96), (3, 130, 528), (4, 72, 256)]:
-        assert m <= gemv.NORM_MAX_ROWS
-        res = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
-        h = (torch.randn(m, k, generator=gen) * 3).to(device, torch.bfloat16)
-        w_post, w_next = ((torch.rand(k, generator=gen) + 0.5).to(device, torch.bfloat16) for _ in range(2))
-        norm = gemv.NormIn(res, w_post, w_next, 1e-5, 1e-6)
-        w = _weights(n, k, gen)
-        bias = (torch.randn(n, generator=gen) * 0.1).to(device, torch.bfloat16)
-        w16 = w.to(device, torch.bfloat16)
-        q, scale = quantize_weight_fp8(w.to(device))
-        what = f"M={m} N={n} K={k}"
-        assert gemv.supports_norm(h, norm)
-        new_res, normed = add_rms_norm_pair(res, h, w_post, w_next, 1e-5, 1e-6)
-        _, _, rows_q, rows_scale = add_rms_norm_pair_fp8(res, h, w_post, w_next, 1e-5, 1e-6)
-        cases = [
-            ("bf16", dict(weight=w16), gemv.skinny_linear(normed, w16)),
-            ("bias", dict(weight=w16, bias=bias), gemv.skinny_linear(normed, w16, bias)),
-            ("silu_mul", dict(weight=w16, silu_mul=True), gemv.skinny_linear_silu_mul(normed, w16)),
-            ("fp8", dict(weight=q, bias=bias, scale=scale),
-             gemv.skinny_linear(normed, q, bias, scale, x_fp8=(rows_q, rows_scale))),
-            ("fp8 silu_mul", dict(weight=q, scale=scale, silu_mul=True),
-             gemv.skinny_linear_silu_mul(normed, q, scale, x_fp8=(rows_q, rows_scale))),
-        ]  # fmt: skip
-        for name, kwargs, unfused in cases:
-            got_res, got = gemv.skinny_add_norm_linear(h, norm, **kwargs)
-            # one rounding step from the unfused ops where the two reductions' float32 sums round apart
-            _assert_close(got_res, new_res, f"{what} {name} residual")
-            fp8 = name.startswith("fp8")
-            steps = (
-                1 if device == "cpu" else _fp8_steps(device, m) * (2 if "silu" in name else 1) if fp8 else 1
-            )
-            _assert_close(got, unfused, f"{what} {name}", steps)
-            ref_res, ref = gemv.skinny_add_norm_linear_reference(h, norm, **kwargs)
-            _assert_close(got_res, ref_res, f"{what} {name} residual vs reference")
-            if not fp8:  # FP8: the reference quantizes the reference's rows, one step from the kernel's
-                _assert_close(got, ref, f"{what} {name} vs reference")
-    h = torch.zeros(gemv.NORM_MAX_ROWS + 1, 64, device=device, dtype=torch.bfloat16)
-    w = torch.ones(64, device=device, dtype=torch.bfloat16)
-    too_many = gemv.NormIn(torch.zeros_like(h), w, w, 1e-5, 1e-5)
-    assert not gemv.supports_norm(h, too_many)
-    with pytest.raises(ValueError, match="norm: x and the residual"):
-        gemv.skinny_add_norm_linear(h, too_many, torch.zeros(8, 64, device=device, dtype=torch.bfloat16))
-    other = gemv.NormIn(torch.zeros(1, 64, device=device, dtype=torch.float16), w, w, 1e-5, 1e-5)
-    assert not gemv.supports_norm(h[:1], other), "residual of another dtype"
-    with pytest.raises(ValueError, match="silu_mul: a gate/up weight"):
-        gemv.skinny_add_norm_linear(
-            h[:1], too_many._replace(residual=h[:1]), w[None].expand(3, 64), silu_mul=True
-        )
-
-
 def check_fp8_rounded(device: str) -> None:
     """The interpreter's e4m3 rounding (`engine.kernels.fused._fp8_rounded`, before its own cast) equals
     torch's float32 -> float8_e4m3fn cast:
@@ -384,53 +324,6 @@ def check_decoder_fp8_gemm(device: str, checkpoint: str) -> None:
             assert torch.equal(g, r), f"{rowwise} {step}: {(g.float() - r.float()).abs().max()}"
 
 
-def check_decoder_fused_norms(device: str, checkpoint: str) -> None:
-    """The tiny decoder (bf16, then FP8) with decode_gemv and fuse_norms: in a step of up to NORM_MAX_ROWS
-    tokens every add + norm but the first layer's input norm and the final norm runs inside the kernel of the
-    layer after it (`skinny_add_norm_linear`: every later qkv, every gate/up), larger steps run them apart;
-    the hidden states equal those with the norms apart (on CUDA within one rounding step: the norms' sums in
-    another order)."""
-    from test_fused import decoder_outputs
-
-    from engine.kernels import gemv
-    from engine.model.decoder import Glm4vModel
-    from engine.model.quant import quantize_decoder_fp8_
-
-    fused_fn = gemv.skinny_add_norm_linear
-    calls = []
-
-    def counted(h, *args, **kwargs):
-        calls.append(h.shape[0])
-        return fused_fn(h, *args, **kwargs)
-
-    for fp8 in (False, True):
-        model = Glm4vModel.from_pretrained(checkpoint, device, torch.bfloat16)
-        if fp8:
-            quantize_decoder_fp8_(model)
-        num_layers = len(model.language_model.layers)
-        assert model.set_decode_gemv(True) == 4 * num_layers + 1
-        reference = decoder_outputs(model, device)  # 12 then 2 tokens
-        calls.clear()
-        gemv.skinny_add_norm_linear = counted
-        try:
-            assert model.set_decode_gemv(True, fuse_norms=True) == 4 * num_layers + 1
-            # the start-up check: qkv (of a later layer) and gate/up at 1 to NORM_MAX_ROWS rows
-            kinds = 2 if num_layers > 1 else 1
-            assert calls == [r for r in range(1, gemv.NORM_MAX_ROWS + 1) for _ in range(kinds)], calls
-            calls.clear()
-            got = decoder_outputs(model, device)
-        finally:
-            gemv.skinny_add_norm_linear = fused_fn
-        assert calls == [2] * (2 * num_layers - 1), calls  # the decode step only (12 rows: apart)
-        for g, r, step in zip(got, reference, ("prefill", "decode"), strict=True):
-            if device == "cpu":  # the interpreter sums a row in one order in both kernels
-                assert torch.equal(g, r), f"fp8={fp8} {step}: {(g.float() - r.float()).abs().max()}"
-            else:
-                torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
-        assert model.set_decode_gemv(True) == 4 * num_layers + 1  # fuse_norms off again
-        assert not any(getattr(m, "fuse_norm", False) for m in model.modules())
-
-
 def check_cuda_graph(device: str) -> None:
     """The kernel captures into a CUDA graph and replays on new inputs like eager."""
     from engine.kernels import gemv
@@ -457,15 +350,13 @@ CHECKS: dict[str, Callable[..., None]] = {
     "silu_mul": check_silu_mul,
     "supports": check_supports,
     "fp8_rounded": check_fp8_rounded,
-    "add_norm": check_add_norm,
     "decoder": check_decoder,
     "decoder_fp8": check_decoder_fp8,
     "decoder_fp8_gemm": check_decoder_fp8_gemm,
-    "decoder_fused_norms": check_decoder_fused_norms,
 }
 
 
-@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "fp8_rounded", "add_norm"])
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "fp8_rounded"])
 def test_kernel_equals_reference_in_interpreter(check):
     run_interpreted(__file__, check)
 
@@ -482,10 +373,6 @@ def test_fp8_decoder_norms_quantize_for_the_layers_gemm(tiny_checkpoint):
     check_decoder_fp8_gemm("cpu", str(tiny_checkpoint))
 
 
-def test_decoder_fused_norms_in_interpreter(tiny_checkpoint):
-    run_interpreted(__file__, "decoder_fused_norms", str(tiny_checkpoint))
-
-
 def test_not_supported_on_cpu_without_interpreter():
     from engine.kernels import fused, gemv
 
@@ -495,7 +382,7 @@ def test_not_supported_on_cpu_without_interpreter():
     assert not gemv.supports(x, w)
 
 
-@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports", "add_norm"])
+@pytest.mark.parametrize("check", ["linear", "silu_mul", "supports"])
 @pytest.mark.gpu
 def test_cuda_kernel_equals_reference(check):
     CHECKS[check]("cuda")
@@ -514,11 +401,6 @@ def test_cuda_fp8_decoder_norms_quantize_for_the_kernel(tiny_checkpoint):
 @pytest.mark.gpu
 def test_cuda_fp8_decoder_norms_quantize_for_the_layers_gemm(tiny_checkpoint):
     check_decoder_fp8_gemm("cuda", str(tiny_checkpoint))
-
-
-@pytest.mark.gpu
-def test_cuda_decoder_fused_norms(tiny_checkpoint):
-    check_decoder_fused_norms("cuda", str(tiny_checkpoint))
 
 
 @pytest.mark.gpu
