@@ -95,14 +95,15 @@ def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def _configs(fp8: bool = False):
-    """The sweep's candidates; FP8 (1-byte weights: twice the K per byte in flight) also K steps of 1024."""
+    """The sweep's candidates; FP8 (1-byte weights: twice the K per byte in flight) also K steps of 1024;
+    7 stages: more bytes in flight per program, for an H200's bandwidth."""
     from engine.kernels.gemv import GemvConfig
 
     return [
         GemvConfig(bn, bk, warps, stages)
         for bn in (16, 32, 64)
         for bk in ((128, 256, 512, 1024) if fp8 else (128, 256, 512))
-        for warps, stages in ((4, 3), (4, 5), (8, 4))
+        for warps, stages in ((4, 3), (4, 5), (8, 4), (4, 7))
     ]
 
 
