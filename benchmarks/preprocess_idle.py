@@ -3,9 +3,11 @@
 CPU only, in this process: the `small` preset's engine directory and the follow-up request of
 `benchmarks.path_overhead` (a 1288×728 screenshot seen before, by reference, a new question). The same
 request is timed back to back, then after each idle gap of ``--gaps-ms`` (the thread sleeps, as a Triton
-stub waits for its next request), then after the thread touched ``--touch-mb`` MB (its caches filled with
-other data, as other processes on the core would fill them). For each: the median wall and thread CPU time
-per request and of each preprocessing stage. Writes ``preprocess_idle.json`` (meta: device, date, commit)
+stub waits for its next request; with ``--spin`` it busy-waits instead, so the core never idles), then after
+the thread touched ``--touch-mb`` MB (its caches filled with other data, as other processes on the core would
+fill them). ``--cpu-dma-latency-us N`` holds the kernel's PM QoS request (/dev/cpu_dma_latency, root) at N µs
+for the run: 0 keeps every core out of idle states deeper than polling, as hosts tuned for latency do. For
+each: the median wall and thread CPU time per request and of each preprocessing stage. Writes ``preprocess_idle.json`` (meta: device, date, commit)
 into ``--out`` and prints a table.
 """
 
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +48,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gaps-ms", default="1,5,20", help="idle gaps before a request, ms, comma-separated")
     ap.add_argument("--touch-mb", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--spin", action="store_true", help="busy-wait the gaps instead of sleeping")
+    ap.add_argument(
+        "--cpu-dma-latency-us",
+        type=int,
+        help="hold /dev/cpu_dma_latency at this many µs during the run (0: no idle state deeper than polling)",
+    )
     args = ap.parse_args(argv)
+    qos = None
+    if args.cpu_dma_latency_us is not None:  # the request holds while the file stays open
+        try:
+            qos = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+        except OSError as exc:
+            ap.error(f"--cpu-dma-latency-us: cannot open /dev/cpu_dma_latency ({exc.strerror}; needs root)")
+        os.write(qos, struct.pack("i", args.cpu_dma_latency_us))
+
+    def wait(seconds: float) -> None:
+        if not args.spin:
+            time.sleep(seconds)
+            return
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
     import numpy as np
 
     from benchmarks.corpus import Corpus
@@ -74,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = {"back_to_back": _timed(ask, args.rounds, lambda: None)}
         for gap in [float(g) for g in args.gaps_ms.split(",") if g]:
-            rows[f"after_{gap:g}_ms_idle"] = _timed(ask, args.rounds, lambda gap=gap: time.sleep(gap / 1e3))
+            rows[f"after_{gap:g}_ms_{'spin' if args.spin else 'idle'}"] = _timed(
+                ask, args.rounds, lambda gap=gap: wait(gap / 1e3)
+            )
         rows[f"after_touching_{args.touch_mb}_mb"] = _timed(ask, args.rounds, touch)
     for name, row in rows.items():
         stages = ", ".join(f"{stage} {ms:.3f}" for stage, ms in row["stages_ms"].items())
@@ -86,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         vars(args) | {"out": str(args.out)}, "glmv-build --preset small --device cpu (random weights)"
     )
     (args.out / "preprocess_idle.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if qos is not None:
+        os.close(qos)
     return 0
 
 

@@ -4,7 +4,10 @@ preprocessing stages of a follow-up request."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 
 def test_preprocess_idle_times_each_condition(tmp_path: Path) -> None:
@@ -20,3 +23,21 @@ def test_preprocess_idle_times_each_condition(tmp_path: Path) -> None:
         assert 0 < sum(row["stages_ms"].values()) <= row["wall_ms"]
         assert 0 < row["thread_cpu_ms"]
     assert doc["meta"]["commit"] and doc["meta"]["args"]["touch_mb"] == 1
+
+
+def test_preprocess_idle_spins_and_holds_the_latency_request(tmp_path: Path) -> None:
+    """--spin busy-waits the gaps (rows named so); --cpu-dma-latency-us holds the PM QoS request during the run
+    (where this process may open /dev/cpu_dma_latency; else a usage error naming it)."""
+    from benchmarks.preprocess_idle import main
+
+    argv = ["--out", str(tmp_path), "--gaps-ms", "2", "--touch-mb", "1", "--rounds", "2", "--spin"]
+    if os.access("/dev/cpu_dma_latency", os.W_OK):
+        argv += ["--cpu-dma-latency-us", "0"]
+    else:
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--cpu-dma-latency-us", "0"])
+        assert exc.value.code == 2
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "preprocess_idle.json").read_text())
+    assert list(doc["rows"]) == ["back_to_back", "after_2_ms_spin", "after_touching_1_mb"]
+    assert doc["meta"]["args"]["spin"] is True
