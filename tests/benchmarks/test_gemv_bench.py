@@ -118,8 +118,9 @@ def test_out_is_required_unless_plotting() -> None:
 
 def test_sweep_candidates() -> None:
     bf16, fp8 = gemv_bench._configs(), gemv_bench._configs(fp8=True)
-    assert len(bf16) == 27 and len(fp8) == 36 and set(bf16) < set(fp8)
+    assert len(bf16) == 36 and len(fp8) == 48 and set(bf16) < set(fp8)
     assert {cfg.block_k for cfg in fp8} == {128, 256, 512, 1024}
+    assert {(cfg.num_warps, cfg.num_stages) for cfg in bf16} == {(4, 3), (4, 5), (8, 4), (4, 7)}
     from engine.kernels.gemv import config
 
     assert config(4096) in bf16 and config(13696) in bf16  # the defaults are among the candidates
