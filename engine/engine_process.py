@@ -609,6 +609,8 @@ def _child_main(
     sender.start()
     while True:
         try:
+            while engine.is_spinning() and not conn.poll(0):  # idle_spin_ms: poll without sleeping
+                time.sleep(0)
             message = wire.recv()
         except (EOFError, OSError):
             break  # the parent is gone

@@ -453,3 +453,56 @@ def test_an_image_ref_holding_the_decoded_size_is_resized_like_pil(
             assert tokens(collector.wait("ref")["ref"]) == expected
         finally:
             ep.stop(10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_spin_polls_for_its_window_after_the_last_step(engine_dir: Path) -> None:
+    """idle_spin_ms: idle and within the window of its last step or request, the engine says it spins
+    (never while it has requests); its loop then polls instead of sleeping, and the answers are the same."""
+    ex = LLMEngine.from_engine_dir(engine_dir, idle_spin_ms=400)
+    assert LLMEngine.from_engine_dir(engine_dir).is_spinning() is False  # off: never
+    collector = Collector()
+    ex.start(collector)
+    try:
+        ex.add_request(GenerationRequest("a", [11, 12, 13, 14, 15], greedy(6, ignore_eos=True)))
+        assert not ex.is_spinning() or not ex.has_unfinished()  # a request in flight: no spinning
+        outs = collector.wait("a")["a"]
+        assert ex.is_spinning()  # idle, just after its last step
+        time.sleep(0.5)
+        assert not ex.is_spinning()  # the window has passed: the loop sleeps on its condition
+        ex.add_request(GenerationRequest("b", [11, 12, 13, 14, 15], greedy(6, ignore_eos=True)))
+        assert tokens(collector.wait("b")["b"]) == tokens(outs)
+    finally:
+        ex.stop(30)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_child_spins_for_idle_spin_ms_then_sleeps(engine_dir: Path) -> None:
+    """In the engine process both the loop and the thread that reads requests poll during the window (the
+    child busy), then sleep (the child quiet); requests are served the same before and after."""
+    collector = Collector()
+    ep = EngineProcess(engine_dir, {"idle_spin_ms": 1500})
+    try:
+        ep.start(collector)
+        ep.add_request(GenerationRequest("a", [11, 12, 13, 14, 15], greedy(6, ignore_eos=True)))
+        first = tokens(collector.wait("a")["a"])
+        pid = ep._process.pid
+        before = _cpu_seconds(pid)
+        time.sleep(0.5)
+        spinning = _cpu_seconds(pid) - before
+        time.sleep(1.5)  # past the window
+        before = _cpu_seconds(pid)
+        time.sleep(0.5)
+        quiet = _cpu_seconds(pid) - before
+        # busy polling shares the cores with whatever else runs here; asleep the child takes next to none
+        assert spinning >= 0.05 and quiet < spinning / 3, (spinning, quiet)
+        ep.add_request(GenerationRequest("b", [11, 12, 13, 14, 15], greedy(6, ignore_eos=True)))
+        assert tokens(collector.wait("b")["b"]) == first
+    finally:
+        ep.stop(30)
+    assert ep._process.returncode == 0
