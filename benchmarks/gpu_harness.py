@@ -224,16 +224,9 @@ async def _sequential(target, corpus, params, count: int) -> list:
 
 
 async def _closed(target, corpus, params, concurrency: int, num_requests: int, duration_s: float) -> tuple:
-    from benchmarks.run import Progress, closed_loop
+    from benchmarks.run import timed_closed_loop
 
-    progress = Progress(f"c={concurrency}", 5.0, duration_s)
-    reporter = asyncio.create_task(progress.report())
-    started = time.perf_counter()
-    try:
-        records = await closed_loop(target, corpus, params, concurrency, duration_s, num_requests, progress)
-    finally:
-        reporter.cancel()
-    return records, time.perf_counter() - started
+    return await timed_closed_loop(target, corpus, params, concurrency, num_requests, duration_s)
 
 
 def _ttft_summary(records) -> dict:

@@ -200,6 +200,20 @@ async def closed_loop(
     return records
 
 
+async def timed_closed_loop(
+    target, corpus, params, concurrency: int, num_requests: int, duration_s: float, label: str = ""
+) -> tuple[list[RequestRecord], float]:
+    """`closed_loop` with its progress reported every 5 s (as ``c=<concurrency> <label>``): (records, wall s)."""
+    progress = Progress(f"c={concurrency} {label}".rstrip(), 5.0, duration_s)
+    reporter = asyncio.create_task(progress.report())
+    started = time.perf_counter()
+    try:
+        records = await closed_loop(target, corpus, params, concurrency, duration_s, num_requests, progress)
+    finally:
+        reporter.cancel()
+    return records, time.perf_counter() - started
+
+
 async def open_loop(
     target, corpus, params, rate, duration, num_requests, seed, progress
 ) -> list[RequestRecord]:

@@ -19,12 +19,10 @@ answer is not a valid one.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
 import json
 import re
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -250,16 +248,9 @@ def _guided(schema: dict, max_tokens: int) -> RequestParams:
 
 
 async def _closed(target, corpus, params, concurrency: int, num_requests: int, duration_s: float, label: str):
-    from benchmarks.run import Progress, closed_loop
+    from benchmarks.run import timed_closed_loop
 
-    progress = Progress(f"c={concurrency} {label}", 5.0, duration_s)
-    reporter = asyncio.create_task(progress.report())
-    started = time.perf_counter()
-    try:
-        records = await closed_loop(target, corpus, params, concurrency, duration_s, num_requests, progress)
-    finally:
-        reporter.cancel()
-    return records, time.perf_counter() - started
+    return await timed_closed_loop(target, corpus, params, concurrency, num_requests, duration_s, label)
 
 
 def _error(record: RequestRecord) -> dict:
