@@ -255,7 +255,7 @@ else
 fi
 # One archive of everything written above, beside the short texts.
 parts=()
-for d in cache_on cache_off ttft soak ab multi_gpu guided vit step; do [ -d "$OUT/$d" ] && parts+=("$d"); done
+for d in cache_on cache_off ttft soak ab multi_gpu guided vit step gemv; do [ -d "$OUT/$d" ] && parts+=("$d"); done
 if [ "${#parts[@]}" -gt 0 ]; then
   tar czf "$OUT/gpu_session.tar.gz" -C "$OUT" "${parts[@]}"
   for d in "${parts[@]}"; do rm -rf "${OUT:?}/$d"; done
