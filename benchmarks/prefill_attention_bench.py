@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.results import make_meta
+from benchmarks.roofline import _time_cuda
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 2, 128
 
@@ -67,18 +67,6 @@ def candidates(scale: float) -> dict:
     }
 
 
-def _timed_ms(fn, rounds: int = 30) -> float:
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -106,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
                 row["first_call_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
                 inputs = (q, k, v, cu, n)
-                row["ms"] = round(_timed_ms(lambda fn=fn, inputs=inputs: fn(*inputs)), 4)
+                seconds = _time_cuda(lambda fn=fn, inputs=inputs: fn(*inputs), warmup=0, repeats=30)
+                row["ms"] = round(seconds * 1e3, 4)
                 row["tflop_s"] = round(flop / row["ms"] / 1e9, 1)
                 if reference is None:
                     reference = out.float()
