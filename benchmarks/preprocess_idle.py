@@ -7,8 +7,8 @@ stub waits for its next request; with ``--spin`` it busy-waits instead, so the c
 the thread touched ``--touch-mb`` MB (its caches filled with other data, as other processes on the core would
 fill them). ``--cpu-dma-latency-us N`` holds the kernel's PM QoS request (/dev/cpu_dma_latency, root) at N µs
 for the run: 0 keeps every core out of idle states deeper than polling, as hosts tuned for latency do. For
-each: the median wall and thread CPU time per request and of each preprocessing stage. Writes ``preprocess_idle.json`` (meta: device, date, commit)
-into ``--out`` and prints a table.
+each: the median wall and thread CPU time per request and of each preprocessing stage. Writes
+``preprocess_idle.json`` (meta: device, date, commit) into ``--out`` and prints a table.
 """
 
 from __future__ import annotations
