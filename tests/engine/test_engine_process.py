@@ -455,8 +455,8 @@ def test_an_image_ref_holding_the_decoded_size_is_resized_like_pil(
             ep.stop(10)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+def _cpu_seconds(pid: int | str) -> float:
+    """User + system CPU time of a process (or "<pid>/task/<tid>": one of its threads) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -484,7 +484,8 @@ def test_idle_spin_polls_for_its_window_after_the_last_step(engine_dir: Path) ->
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_the_child_spins_for_idle_spin_ms_then_sleeps(engine_dir: Path) -> None:
     """In the engine process both the loop and the thread that reads requests poll during the window (the
-    child busy), then sleep (the child quiet); requests are served the same before and after."""
+    child busy), and so does the parent's thread that reads the child's outputs; then they sleep (quiet);
+    requests are served the same before and after."""
     collector = Collector()
     ep = EngineProcess(engine_dir, {"idle_spin_ms": 1500})
     try:
@@ -492,15 +493,20 @@ def test_the_child_spins_for_idle_spin_ms_then_sleeps(engine_dir: Path) -> None:
         ep.add_request(GenerationRequest("a", [11, 12, 13, 14, 15], greedy(6, ignore_eos=True)))
         first = tokens(collector.wait("a")["a"])
         pid = ep._process.pid
-        before = _cpu_seconds(pid)
+        receiver = f"{os.getpid()}/task/{ep._receiver.native_id}"
+        before, before_receiver = _cpu_seconds(pid), _cpu_seconds(receiver)
         time.sleep(0.5)
-        spinning = _cpu_seconds(pid) - before
+        spinning, receiver_spinning = _cpu_seconds(pid) - before, _cpu_seconds(receiver) - before_receiver
         time.sleep(1.5)  # past the window
-        before = _cpu_seconds(pid)
+        before, before_receiver = _cpu_seconds(pid), _cpu_seconds(receiver)
         time.sleep(0.5)
-        quiet = _cpu_seconds(pid) - before
+        quiet, receiver_quiet = _cpu_seconds(pid) - before, _cpu_seconds(receiver) - before_receiver
         # busy polling shares the cores with whatever else runs here; asleep the child takes next to none
         assert spinning >= 0.05 and quiet < spinning / 3, (spinning, quiet)
+        assert receiver_spinning >= 0.05 and receiver_quiet < receiver_spinning / 3, (
+            receiver_spinning,
+            receiver_quiet,
+        )
         ep.add_request(GenerationRequest("b", [11, 12, 13, 14, 15], greedy(6, ignore_eos=True)))
         assert tokens(collector.wait("b")["b"]) == first
     finally:
