@@ -14,7 +14,9 @@
    with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
    `decode_pdl`, the next kernel launched at each one's start and, "pdlexit", at its programs' exit), each
    engine built alone, and how many of the greedy tokens the runs share (PDL's with
-   the kernel's run: the same arithmetic, so all of them).
+   the kernel's run: the same arithmetic, so all of them); with --l2-prefetch also the kernel with each
+   `decode_l2_prefetch` spec of PREFETCH_METHODS (tokens against the kernel's run). --l2-probe first
+   times one o_proj call with its weight cold and prefetched into L2 (`l2_probe`).
 4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16; --sweep-rows: other M, e.g. 64 for the 64-row
    tile), every candidate block configuration of the skinny kernel on the largest layers first, the best
    set beside the default; then for --sweep-fp8-s seconds the same on FP8 weights (K steps up to 1024).
@@ -27,7 +29,7 @@
 
 Writes gemv_bench.json under --out and prints a short table.
 
-    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--sweep-s 60] [--sweep-fp8-s 0] [--sweep-rows 1,16]
+    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--l2-prefetch] [--l2-probe] [--sweep-s 60] [--sweep-fp8-s 0] [--sweep-rows 1,16]
     python -m benchmarks.gemv_bench --out /tmp/gemv --prefill-rows 296,1236        # prefill-shaped, bf16 and FP8
     python -m benchmarks.gemv_bench --plot /tmp/gemv/gemv_bench.json       # gemv.png beside it
 """
