@@ -367,7 +367,11 @@ ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
     "gemv": {"decode_gemv": True},
     "pdl": {"decode_gemv": True, "decode_pdl": True},
     "pdlexit": {"decode_gemv": True, "decode_pdl": True},  # the next kernel launches as each program ends
+    # PDL, each skinny program first prefetching into L2 the head of its band of W (64 KiB) / all of it
+    "pdlpf": {"decode_gemv": True, "decode_pdl": True},
+    "pdlpfall": {"decode_gemv": True, "decode_pdl": True},
 }
+PDL_PREFETCH_BYTES = {"pdlpf": 64 << 10, "pdlpfall": 4 << 20}
 PREFETCH_METHODS = {  # --l2-prefetch: the kernel with these decode_l2_prefetch specs (engine.kernels.prefetch)
     "pfo": "o",
     "pfol": "o,evict_last",
@@ -391,6 +395,10 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     if method == "pdlexit":  # the engine turns PDL on through fused.set_pdl: with the "exit" trigger here
         set_pdl = fused.set_pdl
         fused.set_pdl = lambda on, trigger="exit": set_pdl(on, trigger)
+    if method in PDL_PREFETCH_BYTES:
+        from engine.kernels import gemv
+
+        gemv.set_pdl_prefetch(PDL_PREFETCH_BYTES[method])
     ex, _, _, _ = _full_engine("cuda", quantization=quant, **ENGINE_METHODS[method])
     if method.startswith("pdl") and not pdl_enabled():
         raise RuntimeError("decode_pdl did not turn on (see the engine's warning)")
@@ -420,7 +428,7 @@ def engine_decode(
     out: dict = {}
     methods = (
         ["cublas", "gemv"]
-        + (["pdl", "pdlexit"] if pdl else [])
+        + (["pdl", "pdlexit", "pdlpf", "pdlpfall"] if pdl else [])
         + (list(PREFETCH_METHODS) if prefetch else [])
     )
     for quant in ("none", "fp8") if fp8 else ("none",):
@@ -448,6 +456,8 @@ def engine_decode(
             ("cublas", "gemv", "greedy_tokens_equal"),
             ("gemv", "pdl", "pdl_tokens_equal"),
             ("gemv", "pdlexit", "pdlexit_tokens_equal"),
+            ("gemv", "pdlpf", "pdlpf_tokens_equal"),
+            ("gemv", "pdlpfall", "pdlpfall_tokens_equal"),
             *(("gemv", m, f"{m}_tokens_equal") for m in PREFETCH_METHODS),
         ):
             if a in tokens and b in tokens:

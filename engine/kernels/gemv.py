@@ -60,6 +60,20 @@ SMEM_BUDGET = 220 * 1024
 FP8_DTYPE = torch.float8_e4m3fn
 
 
+# With PDL (engine.kernels.fused.set_pdl) each program first prefetches into L2 up to this many bytes of its
+# band of W (the weights do not depend on the kernel before), then waits for that kernel; 0: no prefetch
+_PDL_PREFETCH_BYTES = 0
+L2_LINE = 128  # bytes a prefetch brings
+
+
+def set_pdl_prefetch(nbytes: int) -> None:
+    """Bytes of its band each program prefetches before its PDL wait (0: none; only while PDL is on)."""
+    global _PDL_PREFETCH_BYTES
+    if nbytes < 0:
+        raise ValueError(f"nbytes: {nbytes} must be >= 0")
+    _PDL_PREFETCH_BYTES = int(nbytes)
+
+
 class GemvConfig(NamedTuple):
     block_n: int
     block_k: int
@@ -184,7 +198,30 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
         PDL: tl.constexpr,
+        w_addr,  # PREFETCH_LINES: W's address as an integer
+        PREFETCH_LINES: tl.constexpr,  # L2 lines of each row of the band prefetched before the PDL wait
+        LINE_ELEMS: tl.constexpr,  # elements of W in an L2 line
+        ROW_LINES: tl.constexpr,  # lines a row of W spans up to the prefetch's end (<= PREFETCH_LINES)
     ):
+        if PREFETCH_LINES:
+            band = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+            line = tl.minimum(tl.arange(0, PREFETCH_LINES), ROW_LINES - 1).to(tl.int64)
+            elem_bytes: tl.constexpr = 128 // LINE_ELEMS
+            addr = w_addr + (band[:, None] * K + line[None, :] * LINE_ELEMS) * elem_bytes
+            tl.inline_asm_elementwise(
+                "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
+                "=r,l",
+                [addr],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
+            if SILU_MUL:
+                addr += up_rows.to(tl.int64) * K * elem_bytes
+                tl.inline_asm_elementwise(
+                    "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False,
+                    pack=1,
+                )  # fmt: skip
         _pdl_enter(PDL)
         pid = tl.program_id(0)
         dtype: tl.constexpr = y_ptr.dtype.element_ty
@@ -260,6 +297,13 @@ def _launch(
         x_in, x_scale = quantize_rows_fp8(x) if x_fp8 is None else x_fp8
         block_k = max(32, block_k)  # the FP8 dot's smallest K
     sub_k = min(block_k, FP8_PROMOTE_K) if fp8 else block_k
+    prefetch_lines = row_lines = 0
+    line_elems = L2_LINE // weight.element_size()
+    pdl = pdl_args()
+    if _PDL_PREFETCH_BYTES and pdl["PDL"] and not INTERPRET:
+        rows_in_band = cfg.block_n * (2 if silu_mul else 1)
+        row_lines = min(triton.cdiv(k, line_elems), max(1, _PDL_PREFETCH_BYTES // (rows_in_band * L2_LINE)))
+        prefetch_lines = triton.next_power_of_2(row_lines)
     with device_guard(x):
         _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
             x_in, weight, x_scale, y if scale is None else scale, y if bias is None else bias, y,
@@ -267,7 +311,9 @@ def _launch(
             FP8=fp8, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB_K=sub_k,
             EVEN_K=k % block_k == 0, DOT_F32=INTERPRET,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(),
+            w_addr=weight.data_ptr() if prefetch_lines else 0, PREFETCH_LINES=prefetch_lines,
+            LINE_ELEMS=line_elems, ROW_LINES=max(row_lines, 1),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )  # fmt: skip
     return y
 

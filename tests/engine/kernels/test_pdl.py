@@ -71,10 +71,14 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_graph() -> None:
     seq_lens = torch.tensor([40, 61], dtype=torch.int32, device=dev)
     slots = torch.tensor([39, 4 * block + 60], dtype=torch.long, device=dev)
     args = (x, w_qkv, b_qkv, w_o, w_norm, (heads, kv_heads), cache, slots, tables, seq_lens)
+    from engine.kernels import gemv
+
     try:
         fused.set_pdl(False)
         want = [t.clone() for t in _decoder_ops(*args)]
-        for trigger in fused.PDL_TRIGGERS:
+        # each trigger, and the skinny programs prefetching their band (part, all) before the wait
+        for trigger, prefetch in [(t, 0) for t in fused.PDL_TRIGGERS] + [("start", 4096), ("start", 1 << 22)]:
+            gemv.set_pdl_prefetch(prefetch)
             assert fused.set_pdl(True, trigger)
             assert fused.pdl_args()["PDL"] == fused.PDL_TRIGGERS[trigger]
             for _ in range(3):
@@ -87,6 +91,7 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_graph() -> None:
                 assert all(torch.equal(a, b) for a, b in zip(static, want, strict=True)), trigger
     finally:
         fused.set_pdl(False)
+        gemv.set_pdl_prefetch(0)
 
 
 @pytest.mark.gpu
