@@ -14,9 +14,7 @@
    with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
    `decode_pdl`, the next kernel launched at each one's start and, "pdlexit", at its programs' exit), each
    engine built alone, and how many of the greedy tokens the runs share (PDL's with
-   the kernel's run: the same arithmetic, so all of them); with --l2-prefetch also the kernel with each
-   `decode_l2_prefetch` spec of PREFETCH_METHODS (tokens against the kernel's run). --l2-probe first
-   times one o_proj call with its weight cold and prefetched into L2 (`l2_probe`).
+   the kernel's run: the same arithmetic, so all of them).
 4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16; --sweep-rows: other M, e.g. 64 for the 64-row
    tile), every candidate block configuration of the skinny kernel on the largest layers first, the best
    set beside the default; then for --sweep-fp8-s seconds the same on FP8 weights (K steps up to 1024).
@@ -29,7 +27,7 @@
 
 Writes gemv_bench.json under --out and prints a short table.
 
-    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--l2-prefetch] [--l2-probe] [--sweep-s 60] [--sweep-fp8-s 0] [--sweep-rows 1,16]
+    python -m benchmarks.gemv_bench --out /tmp/gemv [--engine | --engine-only] [--fp8] [--pdl] [--sweep-s 60] [--sweep-fp8-s 0] [--sweep-rows 1,16]
     python -m benchmarks.gemv_bench --out /tmp/gemv --prefill-rows 296,1236        # prefill-shaped, bf16 and FP8
     python -m benchmarks.gemv_bench --plot /tmp/gemv/gemv_bench.json       # gemv.png beside it
 """
@@ -372,15 +370,6 @@ ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
     "pdlpfall": {"decode_gemv": True, "decode_pdl": True},
 }
 PDL_PREFETCH_BYTES = {"pdlpf": 64 << 10, "pdlpfall": 4 << 20}
-PREFETCH_METHODS = {  # --l2-prefetch: the kernel with these decode_l2_prefetch specs (engine.kernels.prefetch)
-    "pfo": "o",
-    "pfol": "o,evict_last",
-    "pfoq": "o,qkv",
-    "pfa": "o,qkv,gate_up=16,down=16",
-    "pfal": "o,qkv,gate_up=16,down=16,evict_last",
-}
-for _name, _spec in PREFETCH_METHODS.items():
-    ENGINE_METHODS[_name] = {"decode_gemv": True, "decode_l2_prefetch": _spec}
 
 
 def engine_run(quant: str, method: str, context: int = 1236) -> dict:
@@ -402,8 +391,6 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     ex, _, _, _ = _full_engine("cuda", quantization=quant, **ENGINE_METHODS[method])
     if method.startswith("pdl") and not pdl_enabled():
         raise RuntimeError("decode_pdl did not turn on (see the engine's warning)")
-    if method in PREFETCH_METHODS and ex.model.language_model.l2_prefetch is None:
-        raise RuntimeError("decode_l2_prefetch did not turn on (see the engine's warning)")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 150000, (context,), generator=gen).tolist()
     params = SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True)
@@ -419,18 +406,12 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     return {"decode_ms_per_token_b1": sorted(times)[1], "context": context, "tokens": tokens}
 
 
-def engine_decode(
-    fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | None = None, prefetch: bool = False
-) -> dict:
-    """`engine_run` with cuBLAS and with the kernel (and with PDL, and with each PREFETCH_METHODS spec),
-    each engine in a Python of its own; ``only``: just these QUANT_METHOD runs. Greedy tokens are compared
-    with the cuBLAS run's (PDL's and the prefetches' with the kernel's)."""
+def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | None = None) -> dict:
+    """`engine_run` with cuBLAS and with the kernel (and with PDL), each
+    engine in a Python of its own; ``only``: just these QUANT_METHOD runs. Greedy tokens are compared with
+    the cuBLAS run's (PDL's with the kernel's)."""
     out: dict = {}
-    methods = (
-        ["cublas", "gemv"]
-        + (["pdl", "pdlexit", "pdlpf", "pdlpfall"] if pdl else [])
-        + (list(PREFETCH_METHODS) if prefetch else [])
-    )
+    methods = ["cublas", "gemv"] + (["pdl", "pdlexit", "pdlpf", "pdlpfall"] if pdl else [])
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
         for method in methods:
@@ -447,10 +428,8 @@ def engine_decode(
             run = json.loads(path.read_text())
             tokens[method] = run.pop("tokens")
             out[key] = run
-            spec = PREFETCH_METHODS.get(method)
             print(
                 f"engine {key}: decode b1, context {run['context']}: {run['decode_ms_per_token_b1']:.3f} ms/token"
-                + (f" (decode_l2_prefetch {spec!r})" if spec else "")
             )
         for a, b, name in (
             ("cublas", "gemv", "greedy_tokens_equal"),
@@ -458,7 +437,6 @@ def engine_decode(
             ("gemv", "pdlexit", "pdlexit_tokens_equal"),
             ("gemv", "pdlpf", "pdlpf_tokens_equal"),
             ("gemv", "pdlpfall", "pdlpfall_tokens_equal"),
-            *(("gemv", m, f"{m}_tokens_equal") for m in PREFETCH_METHODS),
         ):
             if a in tokens and b in tokens:
                 pairs = list(zip(tokens[a], tokens[b], strict=False))
@@ -468,60 +446,6 @@ def engine_decode(
                 print(
                     f"engine {quant}: {b} tokens equal to {a}'s {same}/{len(pairs)} (first difference {first_diff})"
                 )
-    return out
-
-
-def l2_probe(mc, copy_tb_s: float, reps: int = 20) -> dict:
-    """What a weight prefetched into L2 does for the skinny kernel (`engine.kernels.prefetch`): one
-    o_proj-shaped call at M = 1 timed with the weight cold (L2 flushed by writing a buffer twice its size
-    first), right after `l2_prefetch` of the whole weight has finished, and the prefetch kernel's own
-    time from a cold L2 (does it return before its lines arrive?); each the median of ``reps``, µs."""
-    from engine.kernels.gemv import skinny_linear
-    from engine.kernels.prefetch import l2_prefetch
-
-    dev, dt = "cuda", torch.bfloat16
-    n, k = mc.hidden_size, mc.num_attention_heads * mc.head_dim
-    w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
-    x = torch.randn(1, k, device=dev, dtype=dt)
-    flush = torch.empty(L2_SPAN // 2, dtype=torch.uint8, device=dev)
-    nbytes = w.numel() * w.element_size()
-
-    def timed(fn, before=None) -> float:
-        times = []
-        for _ in range(reps):
-            flush.fill_(1)
-            if before is not None:
-                before()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(2_000_000)  # the GPU busy while the host launches: no launch time in the figure
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        return sorted(times)[len(times) // 2]
-
-    skinny_linear(x, w)  # compiled
-    l2_prefetch(w)
-    torch.cuda.synchronize()
-    out = {
-        "shape": [n, k],
-        "bytes": nbytes,
-        "cold_us": timed(lambda: skinny_linear(x, w)),
-        "prefetched_us": timed(lambda: skinny_linear(x, w), before=lambda: l2_prefetch(w)),
-        "prefetch_kernel_us": timed(lambda: l2_prefetch(w)),
-        "prefetch_last_us": timed(
-            lambda: skinny_linear(x, w), before=lambda: l2_prefetch(w, eviction="last")
-        ),
-    }
-    out["copy_time_us"] = nbytes / (copy_tb_s * 1e12) * 1e6
-    print(
-        "l2 probe, o_proj {0}x{1} at M = 1: cold {cold_us:.1f} us, after a prefetch {prefetched_us:.1f} "
-        "(evict_last {prefetch_last_us:.1f}), the prefetch kernel alone {prefetch_kernel_us:.1f}; copy time "
-        "{copy_time_us:.1f}".format(n, k, **out),
-        flush=True,
-    )
     return out
 
 
@@ -658,16 +582,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pdl", action="store_true", help="with --engine: also the kernel with decode_pdl on (both triggers)"
     )
-    ap.add_argument(
-        "--l2-prefetch",
-        action="store_true",
-        help="with --engine: also the kernel with each decode_l2_prefetch spec of PREFETCH_METHODS",
-    )
-    ap.add_argument(
-        "--l2-probe",
-        action="store_true",
-        help="first: an o_proj-shaped skinny call with its weight cold and prefetched into L2 (l2_probe)",
-    )
     ap.add_argument("--engine-only", action="store_true", help="the engine runs alone (no layers, no sweep)")
     ap.add_argument(
         "--engine-runs", help="only these engine runs, comma-separated QUANT_METHOD (e.g. none_gemv,fp8_gemv)"
@@ -706,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--out is required")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.engine_run:
-        quant, method = args.engine_run.split("_", 1)
+        quant, method = args.engine_run.split("_")
         run = engine_run(quant, method)
         (args.out / f"engine_{args.engine_run}.json").write_text(json.dumps(run))
         return 0
@@ -719,9 +633,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["copy"] = measure_copy_bandwidth()
     print(f"copy bandwidth {res['copy']['tb_s']:.2f} TB/s", flush=True)
-    if args.l2_probe:
-        res["l2_probe"] = l2_probe(mc, res["copy"]["tb_s"])
-        (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.prefill_rows:
         prefill_rows = tuple(int(m) for m in args.prefill_rows.split(","))
         res["prefill"] = prefill_bench(mc, prefill_rows)
@@ -749,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.engine or args.engine_only:
         only = set(args.engine_runs.split(",")) if args.engine_runs else None
-        res["engine"] = engine_decode(args.fp8, args.out, args.pdl, only, args.l2_prefetch)
+        res["engine"] = engine_decode(args.fp8, args.out, args.pdl, only)
         (args.out / "gemv_bench.json").write_text(json.dumps(res, indent=2))
     if args.engine_only:
         return 0

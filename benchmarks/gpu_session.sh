@@ -169,7 +169,7 @@ elif [ "$PART" = 6 ]; then
   read -ra gemv_args <<<"${GEMV_ARGS:---engine --fp8}"
   [ "${GEMV_BENCH:-0}" = 0 ] || timeout "${GEMV_TIMEOUT:-260}" python3 -m benchmarks.gemv_bench --out "$OUT/gemv" \
     "${gemv_args[@]}" --sweep-s "${GEMV_SWEEP_S:-40}" --sweep-fp8-s "${GEMV_SWEEP_FP8_S:-0}" 2>&1 |
-    grep -E 'M=|copy|engine|matmuls|l2 probe|Error|error'
+    grep -E 'M=|copy|engine|matmuls|Error|error'
   [ "${PROBE:-1}" = 0 ] || timeout 150 python3 -m benchmarks.guided_probe --out "$OUT/guided" --duration 10 2>&1 | tail -n 3
   phases=${VARIANT_PHASES:-structured_c32,c32_448}
   variants=${VARIANTS:-default:}

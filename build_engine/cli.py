@@ -65,7 +65,6 @@ FIELD_FLAGS = {
     "fp8_tensorwise_rows": "--fp8-tensorwise-rows",
     "fp8_gemm_autotune": "--fp8-gemm-autotune",
     "idle_spin_ms": "--idle-spin-ms",
-    "decode_l2_prefetch": "--decode-l2-prefetch",
 }
 
 
@@ -245,14 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="launch the decoder's Triton kernels with programmatic dependent launch (each kernel's "
         "programs scheduled while the one before it finishes; CUDA, compute capability 9+)",
-    )
-    p.add_argument(
-        "--decode-l2-prefetch",
-        default="",
-        metavar="SPEC",
-        help="steps the skinny kernel runs pull these weights of each decoder layer into L2 on a side stream "
-        "while the kernels before them leave the memory idle: a comma list of qkv, o, gate_up, down, each "
-        "optionally =MB (the head of the weight), and evict_last (e.g. 'o,qkv=16'); empty: off (CUDA only)",
     )
     p.add_argument(
         "--prefix-caching",
@@ -501,7 +492,6 @@ def build(args: argparse.Namespace) -> Path:
                 mixed_step_graphs=args.mixed_step_graphs,
                 decode_gemv=args.decode_gemv,
                 decode_pdl=args.decode_pdl,
-                decode_l2_prefetch=args.decode_l2_prefetch,
                 idle_spin_ms=args.idle_spin_ms,
                 fp8_tensorwise_rows=(
                     EngineConfig.fp8_tensorwise_rows

@@ -301,10 +301,6 @@ class EngineConfig:
     # before it finishes (engine.kernels.fused.set_pdl; CUDA, compute capability 9+). Off: on an H200 batch-1
     # decode went 5.384 -> 5.635 ms/token with it (benchmarks.gemv_bench --engine-only --pdl)
     decode_pdl: bool = False
-    # Steps the skinny kernel runs pull weights of each decoder layer into L2 on a side stream while the
-    # kernels before them (attention, norms) leave the memory idle (engine.kernels.prefetch.parse_spec:
-    # "o,qkv=16", each weight when the matmul before it finishes; CUDA only). Empty: off
-    decode_l2_prefetch: str = ""
     # FP8 layers (quantization "fp8") in CUDA graphs: steps of up to this many rows run the per-tensor GEMM
     # into float32 + a scales epilogue, larger ones the row-wise GEMM (engine.model.quant). 320: the decode
     # graphs and a 448x448's prefill graph. On an H100 the 40 layers' matmuls per-tensor against row-wise:
@@ -353,14 +349,6 @@ class EngineConfig:
         at_least("image_cache_mb", self.image_cache_mb, 0)
         at_least("fp8_tensorwise_rows", self.fp8_tensorwise_rows, 0)
         at_least("idle_spin_ms", self.idle_spin_ms, 0)
-        if not isinstance(self.decode_l2_prefetch, str):
-            raise ValueError(f"decode_l2_prefetch: {self.decode_l2_prefetch!r} must be a string")
-        from engine.kernels.prefetch import parse_spec
-
-        try:
-            parse_spec(self.decode_l2_prefetch)
-        except ValueError as exc:
-            raise ValueError(f"decode_l2_prefetch: {exc}") from None
         for name in (
             "vision_cuda_graphs",
             "prefill_cuda_graphs",

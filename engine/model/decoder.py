@@ -39,7 +39,6 @@ from engine.config import ModelConfig, parse_dtype
 from engine.kernels import gemv
 from engine.kernels.attention import AttentionMetadata, paged_attention, rotate_and_write_kv
 from engine.kernels.fused import add_rms_norm_pair, add_rms_norm_pair_fp8, rms_norm, silu_mul
-from engine.kernels.prefetch import L2Prefetch
 from engine.model.layers import ACTIVATIONS, RMSNorm, linear, linear_silu_mul, silu_mlp, takes_fp8_rows
 from engine.model.rope import MRotaryEmbedding
 from engine.model.vision import VisionEncoder, VisionPass
@@ -71,12 +70,9 @@ class DecoderAttention(nn.Module):
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
         x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-        prefetch: L2Prefetch | None = None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = linear(self.qkv_proj, x, x_fp8)  # [T, q_size + 2 * kv_size]
-        if prefetch is not None:  # o_proj's weight into L2 while the rotary and the attention run
-            prefetch.issue("o", self.o_proj.weight)
         heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q and k heads rotated in place and the new k, v stored in the cache (one kernel on the GPU)
         q, k, v = rotate_and_write_kv(heads, self.num_heads, self.num_kv_heads, cos, sin, kv_cache, attn)
@@ -93,14 +89,10 @@ class DecoderMLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(
-        self,
-        x: torch.Tensor,
-        x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-        prefetch: L2Prefetch | None = None,
+        self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         if self.hidden_act == "silu":  # one kernel for a few rows; FP8: silu_mul quantizes for down
-            between = None if prefetch is None else (lambda: prefetch.issue("down", self.down_proj.weight))
-            return silu_mlp(self.gate_up_proj, self.down_proj, x, x_fp8, between)
+            return silu_mlp(self.gate_up_proj, self.down_proj, x, x_fp8)
         gate, up = linear(self.gate_up_proj, x, x_fp8).chunk(2, dim=-1)  # [T, 2 * intermediate]
         return linear(self.down_proj, up * self.act(gate))
 
@@ -135,19 +127,12 @@ class DecoderLayer(nn.Module):
         next_norm: RMSNorm,
         normed_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
         next_linear: nn.Module | None = None,
-        prefetch: L2Prefetch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """x [T, hidden] residual stream, normed = input_layernorm(x) -> (x', next_norm(x'), its FP8 rows).
-        ``prefetch``: the step's L2 prefetches (`engine.kernels.prefetch`), each issued after the matmul
-        before its weight."""
-        h = self.self_attn(normed, cos, sin, kv_cache, attn, normed_fp8, prefetch)
-        if prefetch is not None:
-            prefetch.issue("gate_up", self.mlp.gate_up_proj.weight)
+        """x [T, hidden] residual stream, normed = input_layernorm(x) -> (x', next_norm(x'), its FP8 rows)."""
+        h = self.self_attn(normed, cos, sin, kv_cache, attn, normed_fp8)
         x, normed, normed_fp8 = _add_norm(x, h, self.post_self_attn_layernorm, self.post_attention_layernorm,
                                           self.mlp.gate_up_proj)  # fmt: skip
-        h = self.mlp(normed, normed_fp8, prefetch)
-        if prefetch is not None and next_linear is not None:
-            prefetch.issue("qkv", next_linear.weight)
+        h = self.mlp(normed, normed_fp8)
         return _add_norm(x, h, self.post_mlp_layernorm, next_norm, next_linear)
 
 
@@ -172,8 +157,6 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = MRotaryEmbedding(config)
-        # steps the skinny kernel runs prefetch weights into L2 ahead of it (`set_l2_prefetch`); None: off
-        self.l2_prefetch: L2Prefetch | None = None
 
     def forward(
         self,
@@ -196,19 +179,12 @@ class TextDecoder(nn.Module):
         # the layer taking each next norm (None for the final norm: the lm_head takes only sampled rows)
         next_linears = [layer.self_attn.qkv_proj for layer in self.layers[1:]] + [None]
         normed_fp8 = None
-        prefetch = self.l2_prefetch
-        if prefetch is not None and not (
-            x.shape[0] <= gemv.MAX_ROWS and getattr(self.layers[0].self_attn.qkv_proj, "decode_gemv", False)
-        ):
-            prefetch = None  # a prefill's GEMMs are compute-bound: nothing to hide
         for layer, kv_cache, next_norm, next_linear in zip(
             self.layers, kv_caches, next_norms, next_linears, strict=True
         ):
             x, normed, normed_fp8 = layer(
-                x, normed, cos, sin, kv_cache, attn, next_norm, normed_fp8, next_linear, prefetch
+                x, normed, cos, sin, kv_cache, attn, next_norm, normed_fp8, next_linear
             )
-        if prefetch is not None:
-            prefetch.join()
         return normed  # the final norm of the last layer's output
 
 
@@ -300,23 +276,6 @@ class Glm4vModel(nn.Module):
                     module.decode_gemv = False
                 return 0
         return len(layers) if on else 0
-
-    def set_l2_prefetch(self, spec: str) -> bool:
-        """Steps the skinny kernel runs prefetch the weights ``spec`` names into L2 on a side stream
-        (`engine.kernels.prefetch`; "" turns it off). Call before CUDA graphs are captured. Returns whether
-        it is on: CUDA, Triton (not its interpreter) and `set_decode_gemv` on."""
-        from engine.kernels.prefetch import L2Prefetch, can_prefetch
-
-        decoder = self.language_model
-        decoder.l2_prefetch = None
-        if not spec or not decoder.layers:
-            return False
-        prefetch = L2Prefetch(spec, self.device)  # a bad spec raises before anything changes
-        qkv = decoder.layers[0].self_attn.qkv_proj
-        if not (getattr(qkv, "decode_gemv", False) and can_prefetch(qkv.weight)):
-            return False
-        decoder.l2_prefetch = prefetch
-        return True
 
     def _check_decode_gemv(self) -> None:
         first = self.language_model.layers[0]

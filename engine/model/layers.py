@@ -6,8 +6,6 @@ for more rows), so the op before may hand it x's rows quantized (``x_fp8``) inst
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,13 +87,11 @@ def silu_mlp(
     down: nn.Module,
     x: torch.Tensor,
     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-    between: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """down(up * silu(gate)) of x [T, hidden] (``x_fp8`` as for `linear`, for gate/up). Where gate/up is no
     skinny kernel and an FP8 down projection quantizes its rows for its own GEMM (more rows than the skinny
     kernel takes, or none), the product and its quantization are one kernel (`silu_mul_fp8`) and the down
-    projection takes the rows; else `linear(down, linear_silu_mul(gate_up, x, x_fp8))`. The same numbers.
-    ``between``: called once the gate/up work is launched, before the down projection."""
+    projection takes the rows; else `linear(down, linear_silu_mul(gate_up, x, x_fp8))`. The same numbers."""
     takes_rows_of = getattr(down, "takes_rows_of", None)
     if (
         takes_rows_of is not None
@@ -105,11 +101,5 @@ def silu_mlp(
         and not (getattr(down, "decode_gemv", False) and x.shape[0] <= gemv.FP8_MAX_ROWS)
         and takes_rows_of(x.shape[0], x.dtype, x.device)
     ):
-        rows = silu_mul_fp8(_forward(gate_up, x, x_fp8))
-        if between is not None:
-            between()
-        return down.forward_rows(*rows)
-    h = linear_silu_mul(gate_up, x, x_fp8)
-    if between is not None:
-        between()
-    return linear(down, h)
+        return down.forward_rows(*silu_mul_fp8(_forward(gate_up, x, x_fp8)))
+    return linear(down, linear_silu_mul(gate_up, x, x_fp8))

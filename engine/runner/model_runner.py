@@ -132,8 +132,7 @@ def prepare_model(
     ViT's attention kernel (``vision_attention``) and its CUDA graphs on
     (``vision_cuda_graphs``, on CUDA, unless ``enforce_eager``), decode steps' matmuls through the skinny
     kernel (``decode_gemv``, on CUDA), the decoder's Triton kernels launched with PDL (``decode_pdl``;
-    checked with one launch, off with a warning where it cannot run), weights prefetched into L2 ahead of
-    the skinny kernel (``decode_l2_prefetch``; off with a warning where it cannot run). Call before sizing the KV cache: the
+    checked with one launch, off with a warning where it cannot run). Call before sizing the KV cache: the
     memory freed by FP8 goes to the cache."""
     if engine_config.quantization == "fp8":
         from engine.model.quant import quantize_decoder_fp8_, set_tensorwise_rows_, weight_bytes
@@ -170,11 +169,6 @@ def prepare_model(
             logger.warning("[glm-engine] decode_pdl: off (%s: %s)", type(exc).__name__, str(exc)[:200])
     elif engine_config.decode_pdl:
         logger.warning("[glm-engine] decode_pdl: off (needs CUDA, compute capability 9+, Triton with PDL)")
-    if engine_config.decode_l2_prefetch:  # before any graph is captured
-        if model.set_l2_prefetch(engine_config.decode_l2_prefetch):
-            logger.info("[glm-engine] decode_l2_prefetch: %s", engine_config.decode_l2_prefetch)
-        else:
-            logger.warning("[glm-engine] decode_l2_prefetch: off (needs CUDA, Triton and decode_gemv)")
     model.visual.set_attention(engine_config.vision_attention)  # before any graph is captured
     if engine_config.vision_cuda_graphs and device.type == "cuda" and not enforce_eager:
         model.visual.enable_cuda_graphs(max_patches=max(16384, engine_config.max_num_vision_patches))

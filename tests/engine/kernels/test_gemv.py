@@ -313,9 +313,7 @@ def check_decoder_fp8_gemm(device: str, checkpoint: str) -> None:
             got = decoder_outputs(model, device)  # 12 then 2 tokens
             counts = (handed.count(True), handed.count(False))
             decoder.takes_fp8_rows = lambda layer, x: False  # each layer quantizes its own rows
-            decoder.silu_mlp = lambda gate_up, down, x, x_fp8=None, between=None: linear(
-                down, linear_silu_mul(gate_up, x)
-            )
+            decoder.silu_mlp = lambda gate_up, down, x, x_fp8=None: linear(down, linear_silu_mul(gate_up, x))
             reference = decoder_outputs(model, device)
         finally:
             decoder.takes_fp8_rows, decoder.silu_mlp, Fp8Linear._forward_fp8 = takes, silu_mlp, forward_fp8
