@@ -175,6 +175,18 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _prefetch_l2(addr):
+        """`prefetch.global.L2` of each address (int64 tensor): the lines are fetched, nothing waits."""
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
+            "=r,l",
+            [addr],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
     def _skinny_kernel(
         x_ptr,
         w_ptr,
@@ -208,20 +220,9 @@ if HAS_TRITON:
             line = tl.minimum(tl.arange(0, PREFETCH_LINES), ROW_LINES - 1).to(tl.int64)
             elem_bytes: tl.constexpr = 128 // LINE_ELEMS
             addr = w_addr + (band[:, None] * K + line[None, :] * LINE_ELEMS) * elem_bytes
-            tl.inline_asm_elementwise(
-                "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
-                "=r,l",
-                [addr],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
-            if SILU_MUL:
-                addr += up_rows.to(tl.int64) * K * elem_bytes
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False,
-                    pack=1,
-                )  # fmt: skip
+            _prefetch_l2(addr)
+            if SILU_MUL:  # the up half's rows of the band too
+                _prefetch_l2(addr + up_rows.to(tl.int64) * K * elem_bytes)
         _pdl_enter(PDL)
         pid = tl.program_id(0)
         dtype: tl.constexpr = y_ptr.dtype.element_ty
