@@ -64,7 +64,6 @@ FIELD_FLAGS = {
     "vision_quantization": "--vision-dtype",
     "fp8_tensorwise_rows": "--fp8-tensorwise-rows",
     "fp8_gemm_autotune": "--fp8-gemm-autotune",
-    "idle_spin_ms": "--idle-spin-ms",
 }
 
 
@@ -214,13 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps of up to 64 tokens run the decoder's matmuls through one Triton kernel per layer "
         "(weights read once, no split-K reduce, gate/up and silu_mul fused; CUDA only); "
         "--no-decode-gemv: cuBLAS (and the FP8 layers' per-tensor GEMM)",
-    )
-    p.add_argument(
-        "--idle-spin-ms",
-        type=int,
-        default=0,
-        help="after its last step or request the engine's threads poll for this long instead of sleeping, so "
-        "a request within it finds them on cores that did not halt (those cores busy meanwhile); default 0",
     )
     p.add_argument(
         "--fp8-tensorwise-rows",
@@ -492,7 +484,6 @@ def build(args: argparse.Namespace) -> Path:
                 mixed_step_graphs=args.mixed_step_graphs,
                 decode_gemv=args.decode_gemv,
                 decode_pdl=args.decode_pdl,
-                idle_spin_ms=args.idle_spin_ms,
                 fp8_tensorwise_rows=(
                     EngineConfig.fp8_tensorwise_rows
                     if args.fp8_tensorwise_rows is None

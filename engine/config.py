@@ -316,11 +316,6 @@ class EngineConfig:
     # row-wise above the bound
     fp8_gemm_autotune: bool = True
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prefixes (images by content hash)
-    # After its last step or request the engine's threads keep polling for this long instead of sleeping
-    # (the loop thread, and in the engine process the thread that reads requests): a request that comes
-    # within it finds them on cores that did not halt, at the price of those cores busy for that long.
-    # 0: they sleep at once
-    idle_spin_ms: int = 0
     image_cache_mb: int = 1024  # ViT embeddings kept by image hash on the engine's device; 0: off
     enable_thinking: bool = True  # default of the chat template's thinking switch
     seed: int = 0  # seed of the engine's sampler and of dummy weights
@@ -348,7 +343,6 @@ class EngineConfig:
         at_least("vision_patches_per_step", self.vision_patches_per_step, 0)
         at_least("image_cache_mb", self.image_cache_mb, 0)
         at_least("fp8_tensorwise_rows", self.fp8_tensorwise_rows, 0)
-        at_least("idle_spin_ms", self.idle_spin_ms, 0)
         for name in (
             "vision_cuda_graphs",
             "prefill_cuda_graphs",

@@ -461,18 +461,11 @@ class EngineProcess:
         receiver.join(1.0)
 
     def _receive_loop(self, child: _Child) -> None:
-        # idle_spin_ms: for that long after each message this thread polls instead of sleeping in the read,
-        # so the child's next output finds it on a core that did not halt (as the child's threads do)
-        spin_s = self.engine_config.idle_spin_ms / 1000
-        last = time.monotonic()
         while True:
             try:
-                while spin_s and time.monotonic() - last < spin_s and not child.wire.conn.poll(0):
-                    time.sleep(0)
                 message = child.wire.recv()
             except (EOFError, OSError):
                 break
-            last = time.monotonic()
             kind = message[0]
             if kind == "outputs":
                 outputs = message[1]
@@ -616,8 +609,6 @@ def _child_main(
     sender.start()
     while True:
         try:
-            while engine.is_spinning() and not conn.poll(0):  # idle_spin_ms: poll without sleeping
-                time.sleep(0)
             message = wire.recv()
         except (EOFError, OSError):
             break  # the parent is gone

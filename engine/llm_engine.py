@@ -25,8 +25,7 @@ Contract:
   * ``add_request``, ``abort``, ``stats`` and ``has_unfinished`` may be called from any thread; ``step``
     from one thread at a time: the loop thread after ``start(callback)``, else the caller.
   * ``start(callback)`` runs ``step()`` on a thread while there is work (when idle it does the runner's
-    ``idle_work``, cuDNN plans of the image sizes met, one at a time, then sleeps on a condition, or with
-    ``idle_spin_ms`` first polls for that long after its last step or request: ``is_spinning``) and calls
+    ``idle_work``, cuDNN plans of the image sizes met, one at a time, then sleeps on a condition) and calls
     ``callback(outputs)`` after each step with outputs. ``stop()`` ends the loop; requests
     still unfinished end with "abort". ``generate(req)`` is an async iterator over one request's outputs
     (it starts the loop if needed; leaving the iterator early aborts the request).
@@ -41,7 +40,6 @@ import contextlib
 import dataclasses
 import logging
 import threading
-import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -135,8 +133,6 @@ class LLMEngine:
         self._is_stopping = False
         self._callback: Callable[[list[RequestOutput]], None] | None = None
         self._loop_stream: torch.cuda.Stream | None = None  # the loop thread's own stream, if it has one
-        self._idle_spin_s = engine_config.idle_spin_ms / 1e3
-        self._last_active = time.monotonic()  # the last step or request (idle_spin_ms counts from it)
         self.image_ref_dir_name: str | None = None  # the shared resize directory's name (from_engine_dir)
         self.num_image_refs_held = 0  # images sent as image_refs whose embeddings the image cache held
         self.num_image_refs_read = 0  # images sent as image_refs read from their files
@@ -191,7 +187,6 @@ class LLMEngine:
             if stream is not None:
                 self._streams[req.request_id] = stream
             self._new_seqs.append(seq)
-            self._last_active = time.monotonic()
             self._cond.notify_all()
         return req.request_id
 
@@ -392,14 +387,7 @@ class LLMEngine:
             while True:
                 with self._cond:
                     while not self._is_stopping and not self._seqs and not self.runner.has_idle_work:
-                        if self.is_spinning():  # poll: the lock let go, the GIL too, the core kept awake
-                            self._cond.release()
-                            try:
-                                time.sleep(0)
-                            finally:
-                                self._cond.acquire()
-                        else:
-                            self._cond.wait()
+                        self._cond.wait()
                     if self._is_stopping:
                         break
                     is_idle = not self._seqs
@@ -414,18 +402,8 @@ class LLMEngine:
                 except Exception:
                     logger.exception("[glm-engine] step failed; aborting all requests")
                     outputs = self.abort_all()
-                self._last_active = time.monotonic()
                 self._dispatch(outputs)
             self._dispatch(self.abort_all())
-
-    def is_spinning(self) -> bool:
-        """Whether the engine, idle, is within ``idle_spin_ms`` of its last step or request: its threads
-        then poll for work instead of sleeping."""
-        return (
-            bool(self._idle_spin_s)
-            and not self._seqs
-            and time.monotonic() - self._last_active < self._idle_spin_s
-        )
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         if not outputs:

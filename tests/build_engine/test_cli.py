@@ -99,7 +99,6 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     assert config["dummy"] is True and config["engine"]["dtype"] == "bfloat16"
     assert config["engine"]["vision_cuda_graphs"] is True and config["engine"]["async_vision"] is False
     assert config["engine"]["decode_gemv"] is True and config["engine"]["decode_pdl"] is False
-    assert config["engine"]["idle_spin_ms"] == 0
     assert config["engine"]["vision_attention"] == "auto"
     # a CUDA build resizes new images on its GPU unless told not to, or unless they go by value
     pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
@@ -110,13 +109,11 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
         "--no-decode-gemv",
         "--decode-pdl",
         "--no-resize-on-device",
-        "--idle-spin-ms=250",
     )
     assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", *flags) == 0
     engine = json.loads((out / "engine_config.json").read_text())["engine"]
     assert engine["vision_cuda_graphs"] is False and engine["async_vision"] is True
     assert engine["decode_gemv"] is False and engine["decode_pdl"] is True
-    assert engine["idle_spin_ms"] == 250
     pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
     assert 'key: "resize_on_device" value: { string_value: "false" }' in pre
     assert (
@@ -163,7 +160,6 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
         ),
         (["--fp8-tensorwise-rows", "320"], "--fp8-tensorwise-rows: needs --dtype fp8"),
         (["--fp8-gemm-autotune"], "--fp8-gemm-autotune: needs --dtype fp8"),
-        (["--idle-spin-ms", "-5"], "--idle-spin-ms: -5 must be an integer >= 0"),
         (["--min-image-pixels", "100", "--max-image-pixels", "10"], "--min-image-pixels: 100 must be <="),
     ],
 )
