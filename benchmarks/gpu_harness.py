@@ -686,7 +686,12 @@ def clear_shared_resize_dirs(engine_out: Path) -> list[Path]:
 
 
 def phase_serve(
-    record: dict, harness: Harness, engine_out: Path, only: set[str] | None = None, warmup_s: float = 0.0
+    record: dict,
+    harness: Harness,
+    engine_out: Path,
+    only: set[str] | None = None,
+    warmup_s: float = 0.0,
+    cpu_dma_latency_us: int | None = None,
 ) -> None:
     from benchmarks.server import find_model_repository
     from build_engine.launcher import TritonServer
@@ -705,7 +710,9 @@ def phase_serve(
         # 120 s kept for the sub-phases when there is room; never less than a start takes on the GPU
         # hosts (35-55 s with the CUDA graphs' capture), or a short budget measures nothing at all
         startup_timeout_s=max(90.0, harness.left() - 120),
+        cpu_dma_latency_us=cpu_dma_latency_us,
     )
+    record["cpu_dma_latency_us"] = cpu_dma_latency_us
     try:
         target_kind = "triton"
         try:  # tritonclient's generated code raises RuntimeError when grpcio / protobuf are too old
@@ -1143,6 +1150,12 @@ def main(argv: list[str] | None = None) -> int:
         help="after the sequential warm-up, this many seconds of 32 streams of new 448x448 images before the "
         "first measured sub-phase (for A/B calls whose first variant would otherwise meet a colder host)",
     )
+    p.add_argument(
+        "--cpu-dma-latency-us",
+        type=int,
+        default=None,
+        help="glmv-serve's --cpu-dma-latency-us for the server (the PM QoS request held while it runs; root)",
+    )
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     harness = Harness(args.out, args.budget_s, args.commit)
@@ -1199,6 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
                         engine_out,
                         set(filter(None, args.serve_phases.split(","))),
                         args.warmup_s,
+                        args.cpu_dma_latency_us,
                     )
             harness.reserve_s = 0.0
         if "baseline" not in skip:

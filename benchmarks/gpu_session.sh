@@ -8,7 +8,7 @@
 #           gateway and Triton; RSS over time), then OLD_TREE (a snapshot of another commit, if given) and
 #           this tree on the same few sub-phases, then OLD_TREE's context-graph GPU test;
 #   PART=3  the harness with the prefix and image caches off on the sub-phases the caches change;
-#   PART=6  benchmarks.guided_probe, then VARIANTS of glmv-build flags on the guided and plain 32-stream
+#   PART=6  benchmarks.guided_probe, then VARIANTS ("name:glmv-build flags[:harness flags]") on the guided and plain 32-stream
 #           runs through Triton, then the caches off (as PART=3);
 #   PART=7  the harness as in PART=1, then benchmarks.guided_probe;
 #   PART=8  the GPU tests, then benchmarks.ttft_probe;
@@ -175,11 +175,14 @@ elif [ "$PART" = 6 ]; then
   variants=${VARIANTS:-default:}
   [ "$variants" != none ] || variants=""  # VARIANTS=none: no harness run
   for variant in $variants; do
-    name=${variant%%:*}; extra=${variant#*:}
+    # "name:glmv-build flags[:gpu_harness flags]", commas for spaces (e.g. "qos::--cpu-dma-latency-us,0")
+    name=${variant%%:*}; extra=${variant#*:}; harness_flags=""
+    if [[ $extra == *:* ]]; then harness_flags=${extra#*:}; extra=${extra%%:*}; fi
+    read -ra harness_args <<<"${harness_flags//,/ }"
     [ "$(left)" -gt $((${VARIANT_BUDGET:-200} + 20)) ] || break
     timeout $((${VARIANT_BUDGET:-200} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" \
       --skip "${VARIANT_SKIP:-baseline,roofline}" --budget-s "${VARIANT_BUDGET:-200}" --warmup-s "${WARMUP_S:-0}" \
-      --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases "$phases" 2>&1 \
+      --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases "$phases" "${harness_args[@]}" 2>&1 \
       | grep -E "^(${phases//,/|})" | sed "s/^/$name: /"
     grep -h "captured .* CUDA graphs in" "$OUT/ab/$name/triton.log" 2>/dev/null | sed "s/^/$name: /"
     grep -h "ViT attention for" "$OUT/ab/$name/triton.log" 2>/dev/null | head -n 6 | sed "s/^/$name: /"

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -57,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     qos = None
     if args.cpu_dma_latency_us is not None:  # the request holds while the file stays open
+        from build_engine.cpu_latency import CpuLatencyError, CpuLatencyRequest
+
         try:
-            qos = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
-        except OSError as exc:
-            ap.error(f"--cpu-dma-latency-us: cannot open /dev/cpu_dma_latency ({exc.strerror}; needs root)")
-        os.write(qos, struct.pack("i", args.cpu_dma_latency_us))
+            qos = CpuLatencyRequest(args.cpu_dma_latency_us).hold()
+        except (CpuLatencyError, ValueError) as exc:
+            ap.error(str(exc))
 
     def wait(seconds: float) -> None:
         if not args.spin:
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "preprocess_idle.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     if qos is not None:
-        os.close(qos)
+        qos.release()
     return 0
 
 

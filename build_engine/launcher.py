@@ -33,6 +33,10 @@ Contract:
 - Allocator: the server runs with jemalloc (else tcmalloc) through LD_PRELOAD where the library is installed,
   else with glibc's malloc; `malloc` / `--malloc` / `$GLMV_TRITON_MALLOC` choose (build_engine/allocator.py).
   The choice is the first line of the server's log and is printed in glmv-serve's ready line.
+- CPU wake-up latency: with `cpu_dma_latency_us` / `--cpu-dma-latency-us N` the launcher holds the kernel's
+  PM QoS request (`/dev/cpu_dma_latency`, build_engine/cpu_latency.py) from `start()` until `stop()`, so no
+  core of the host sleeps in an idle state slower than N µs to leave; a request that cannot be held fails
+  the start (exit 2) with a message naming the flag, the file and why. Said on the log's first line too.
 - gRPC message size: Triton 2.51 fixes its gRPC limit at INT32_MAX bytes, the same as tritonclient's
   `MAX_GRPC_MESSAGE_SIZE`, so no flag is needed; the Python backend's shared memory grows on demand from
   `shm_default_byte_size` in steps of `shm_growth_byte_size` (sized for 10 MiB images).
@@ -61,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .allocator import ALLOCATOR_ENV, Allocator, AllocatorNotFoundError, choose_allocator
+from .cpu_latency import CpuLatencyError, CpuLatencyRequest
 from .stop_signal import StopRequest
 
 __all__ = [
@@ -318,6 +323,7 @@ class TritonServer:
         env: dict[str, str] | None = None,
         admin_key: str | None = None,
         malloc: str | Allocator | None = None,
+        cpu_dma_latency_us: int | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -335,6 +341,8 @@ class TritonServer:
         self.extra_env = dict(env or {})
         self.admin_key = admin_key or secrets.token_urlsafe(24)
         self.allocator = malloc if isinstance(malloc, Allocator) else choose_allocator(malloc)
+        # held from start() until stop(): no core deeper asleep than this (build_engine/cpu_latency.py)
+        self.cpu_latency = None if cpu_dma_latency_us is None else CpuLatencyRequest(cpu_dma_latency_us)
         self._own_log = log_file is None
         if log_file is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
@@ -422,8 +430,10 @@ class TritonServer:
         self.install = find_triton()
         if self.install.source == "pytriton" and _numpy_major() >= 2:
             self.stub_bin = prepare_stub_env()
+        if self.cpu_latency is not None:
+            self.cpu_latency.hold()  # CpuLatencyError before anything starts
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
-        log.write(f"glmv-serve: {self.allocator.describe()}\n".encode())
+        log.write(f"glmv-serve: {self.describe_host()}\n".encode())
         log.flush()
         try:
             self.process = subprocess.Popen(
@@ -433,6 +443,10 @@ class TritonServer:
                 env=self.environment(),
                 start_new_session=True,  # own process group: stop() can reach the backend stubs
             )
+        except BaseException:
+            if self.cpu_latency is not None:
+                self.cpu_latency.release()
+            raise
         finally:
             log.close()
         try:
@@ -441,6 +455,11 @@ class TritonServer:
             self.stop()
             raise
         return self
+
+    def describe_host(self) -> str:
+        """The allocator and, when one is held, the CPU wake-up latency request."""
+        held = self.cpu_latency is not None and self.cpu_latency.is_held
+        return self.allocator.describe() + (f", {self.cpu_latency.describe()}" if held else "")
 
     def is_ready(self) -> bool:
         try:
@@ -503,6 +522,8 @@ class TritonServer:
             self._kill_group(proc.pid)
             if proc.poll() is None:
                 proc.wait()
+            if self.cpu_latency is not None:
+                self.cpu_latency.release()
             return proc.returncode
 
     @staticmethod
@@ -559,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's allocator: auto (jemalloc, else tcmalloc, where installed; else glibc), jemalloc, "
         f"tcmalloc, glibc, or a library path; default ${ALLOCATOR_ENV}, else auto",
     )
+    p.add_argument(
+        "--cpu-dma-latency-us",
+        type=int,
+        default=None,
+        help="while the server runs, hold the kernel's PM QoS request at this many µs "
+        "(/dev/cpu_dma_latency: no core sleeps in an idle state slower to leave; 0: polling only); "
+        "needs root, in a container --device /dev/cpu_dma_latency; default: not held (the host's setting)",
+    )
     p.add_argument("extra", nargs="*", help="extra tritonserver arguments after `--`")
     return p
 
@@ -580,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 <= value < 65536:
             print(f"--{flag.replace('_', '-')}: {value} is not a TCP port", file=sys.stderr)
             return 2
+    if args.cpu_dma_latency_us is not None and args.cpu_dma_latency_us < 0:
+        print(f"--cpu-dma-latency-us: {args.cpu_dma_latency_us} must be an integer >= 0", file=sys.stderr)
+        return 2
     admin_key = os.environ.get(ADMIN_KEY_ENV) or None
     if args.admin_key_file:
         try:
@@ -603,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_args=args.extra,
             admin_key=admin_key,
             malloc=args.malloc,
+            cpu_dma_latency_us=args.cpu_dma_latency_us,
         )
     except (FileNotFoundError, AllocatorNotFoundError) as e:
         print(e, file=sys.stderr)
@@ -612,12 +645,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_request = server.abort_event.install()
     try:
         server.start()
+    except CpuLatencyError as e:
+        print(e, file=sys.stderr)
+        return 2
     except (ServerStartError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
         return 1
     print(
         f"glmv-serve: ready  http :{server.http_port}  grpc :{server.grpc_port}  "
-        f"metrics :{server.metrics_port}  {server.allocator.describe()}  log {server.log_file}",
+        f"metrics :{server.metrics_port}  {server.describe_host()}  log {server.log_file}",
         flush=True,
     )
     assert server.process is not None

@@ -384,3 +384,62 @@ def test_the_ports_a_server_picks_are_distinct(tmp_path: Path) -> None:
     server = TritonServer(tmp_path, grpc_port=given)
     assert server.grpc_port == given and given not in (server.http_port, server.metrics_port)
     assert server.http_port != server.metrics_port
+
+
+def test_server_holds_the_cpu_latency_request_while_it_runs(tmp_path: Path) -> None:
+    """cpu_dma_latency_us: from start() until stop() the kernel applies the request (read back from
+    /dev/cpu_dma_latency), the log's first line says so, and the host's value comes back after."""
+    from build_engine.cpu_latency import CPU_DMA_LATENCY, current_us
+
+    if not os.access(CPU_DMA_LATENCY, os.W_OK):
+        pytest.skip(f"{CPU_DMA_LATENCY} is not writable here (needs root)")
+    before = current_us()
+    if before <= 7:
+        pytest.skip(f"another request already holds the host at {before} us")
+    repo = echo_repo(tmp_path / "repo")
+    log = tmp_path / "server.log"
+    server = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=log, cpu_dma_latency_us=7)
+    assert current_us() == before  # nothing held before start()
+    with server:
+        assert current_us() == 7
+        assert infer_echo(server) == [3.0, -4.0]
+        assert server.describe_host().endswith(", CPU wake-up latency <= 7 us")
+    assert server.process.returncode == 0, server.log_tail()
+    assert current_us() == before
+    assert log.read_text().splitlines()[0].endswith(", CPU wake-up latency <= 7 us")
+    assert stub_pids(str(repo)) == []
+
+
+def test_a_cpu_latency_request_that_cannot_be_held_stops_the_start(tmp_path: Path, monkeypatch) -> None:
+    """No server starts without the request asked for: the error names the flag, the file and why."""
+    from build_engine import cpu_latency
+    from build_engine.cpu_latency import CpuLatencyError
+
+    missing = tmp_path / "cpu_dma_latency"
+    monkeypatch.setattr(cpu_latency, "CPU_DMA_LATENCY", missing)
+    repo = echo_repo(tmp_path / "repo")
+    server = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, cpu_dma_latency_us=0)
+    with pytest.raises(CpuLatencyError) as info:
+        server.start()
+    assert str(info.value) == f"--cpu-dma-latency-us 0: cannot open {missing}: No such file or directory"
+    assert server.process is None and stub_pids(str(repo)) == []
+
+
+def test_glmv_serve_refuses_a_negative_cpu_latency(tmp_path: Path) -> None:
+    repo = echo_repo(tmp_path / "repo")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build_engine.launcher",
+            "--model-repository",
+            str(repo),
+            "--cpu-dma-latency-us=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "--cpu-dma-latency-us: -1 must be an integer >= 0"
