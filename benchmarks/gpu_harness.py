@@ -150,6 +150,9 @@ def phase_env(record: dict) -> None:
             record[name] = getattr(module, "__version__", "present")
         except Exception as exc:
             record[name] = f"unusable: {exc}"
+    from build_engine.cpu_latency import idle_driver
+
+    record["cpuidle"] = idle_driver()  # what glmv-serve --cpu-dma-latency-us acts through ("none": nothing)
     if shutil.which("nvidia-smi"):
         query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
         smi = subprocess.run(

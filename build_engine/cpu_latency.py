@@ -8,6 +8,10 @@ takes tens of µs to wake and comes back with cold caches, and a request crosses
 is what hosts tuned for latency set (tuned's `latency-performance` profile holds the same request);
 opening the file needs root (in a container, the device passed in: `--device /dev/cpu_dma_latency`).
 
+The request acts through the kernel's cpuidle driver (intel_idle, acpi_idle, haltpoll in KVM guests...): on a
+host whose cpuidle driver is "none" (`idle_driver()`; many VMs) the cores halt the same way whatever is
+asked, and `describe()` says so.
+
 `CpuLatencyRequest(us).hold()` opens and writes; `release()` closes (idempotent); `current_us()` reads the
 value the kernel applies now. A request that cannot be held raises `CpuLatencyError`, whose message names
 the flag, the file and the reason.
@@ -20,6 +24,7 @@ import struct
 from pathlib import Path
 
 CPU_DMA_LATENCY = Path("/dev/cpu_dma_latency")
+CPUIDLE = Path("/sys/devices/system/cpu/cpuidle")
 FLAG = "--cpu-dma-latency-us"
 
 
@@ -34,6 +39,24 @@ def current_us(path: Path | None = None) -> int:
         return struct.unpack("i", os.read(fd, 4))[0]
     finally:
         os.close(fd)
+
+
+def idle_driver(root: Path | None = None) -> str | None:
+    """The host's cpuidle driver and governor ("intel_idle/menu"; "none" when the kernel has none), or None
+    where sysfs does not say."""
+    root = root or CPUIDLE
+    try:
+        driver = (root / "current_driver").read_text().strip()
+    except OSError:
+        return None
+    try:
+        governor = (root / "current_governor_ro").read_text().strip()
+    except OSError:
+        try:
+            governor = (root / "current_governor").read_text().strip()
+        except OSError:
+            governor = ""
+    return f"{driver}/{governor}" if governor and driver != "none" else driver
 
 
 class CpuLatencyRequest:
@@ -78,4 +101,11 @@ class CpuLatencyRequest:
             os.close(fd)
 
     def describe(self) -> str:
-        return f"CPU wake-up latency <= {self.us} us" if self.is_held else "CPU wake-up latency: host default"
+        if not self.is_held:
+            return "CPU wake-up latency: host default"
+        driver = idle_driver()
+        if driver == "none":
+            return (
+                f"CPU wake-up latency <= {self.us} us held (no effect here: the host has no cpuidle driver)"
+            )
+        return f"CPU wake-up latency <= {self.us} us" + (f" (cpuidle {driver})" if driver else "")
