@@ -673,7 +673,9 @@ def test_stats_count_full_collections_and_the_loop_runs_on_a_frozen_heap(model, 
     ex.start()
     try:
         frozen = ex.stats().num_gc_frozen_objects
-        assert frozen == gc.get_freeze_count() > 10_000
+        # what start() froze; frozen objects that die later (another test's thread still ending) leave the
+        # permanent generation, so the count now may be a few lower, never higher (nothing else freezes)
+        assert frozen > 10_000 and 0 <= frozen - gc.get_freeze_count() < 1_000
         assert ex.stats().num_gc_full_collections == after.num_gc_full_collections + 1
         req = GenerationRequest("after freeze", prompt(9, 4), greedy(5, ignore_eos=True))
 
