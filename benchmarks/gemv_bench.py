@@ -12,7 +12,8 @@
 2. Per decode step: each method's sum over 40 layers and the lm_head.
 3. With --engine: batch-1 decode (context 1236) of the full-size engine (random weights, CUDA graphs)
    with `decode_gemv` off and on (and with --fp8 the same in FP8; with --pdl also the kernel with
-   `decode_pdl`, the next kernel launched at each one's start and, "pdlexit", at its programs' exit), each
+   `decode_pdl`, the next kernel launched at each one's start and, "pdlexit", at its programs' exit, and
+   "pdlauto", `decode_pdl` "auto": the engine's start-up trial and its choice are in the run's JSON), each
    engine built alone, and how many of the greedy tokens the runs share (PDL's with
    the kernel's run: the same arithmetic, so all of them).
 4. Last, for --sweep-s seconds: at M = 1 and 16 (bf16; --sweep-rows: other M, e.g. 64 for the 64-row
@@ -368,6 +369,7 @@ ENGINE_METHODS = {  # --engine-run's method: the engine settings it runs
     # PDL, each skinny program first prefetching into L2 the head of its band of W (64 KiB) / all of it
     "pdlpf": {"decode_gemv": True, "decode_pdl": True},
     "pdlpfall": {"decode_gemv": True, "decode_pdl": True},
+    "pdlauto": {"decode_gemv": True, "decode_pdl": "auto"},  # the engine times both ways and picks
 }
 PDL_PREFETCH_BYTES = {"pdlpf": 64 << 10, "pdlpfall": 4 << 20}
 
@@ -389,7 +391,7 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
 
         gemv.set_pdl_prefetch(PDL_PREFETCH_BYTES[method])
     ex, _, _, _ = _full_engine("cuda", quantization=quant, **ENGINE_METHODS[method])
-    if method.startswith("pdl") and not pdl_enabled():
+    if method.startswith("pdl") and method != "pdlauto" and not pdl_enabled():
         raise RuntimeError("decode_pdl did not turn on (see the engine's warning)")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 150000, (context,), generator=gen).tolist()
@@ -403,7 +405,12 @@ def engine_run(quant: str, method: str, context: int = 1236) -> dict:
     while ex.has_unfinished():
         for o in ex.step():
             tokens += list(o.new_token_ids)
-    return {"decode_ms_per_token_b1": sorted(times)[1], "context": context, "tokens": tokens}
+    run = {"decode_ms_per_token_b1": sorted(times)[1], "context": context, "tokens": tokens}
+    if method == "pdlauto":  # what the engine's start-up trial timed, and what it chose
+        run["pdl_trial"] = {k: v if k == "pdl" else {str(b): round(ms, 4) for b, ms in v.items()}
+                            for k, v in (ex.runner.decode_pdl_trial or {}).items()}  # fmt: skip
+        run["pdl"] = pdl_enabled()
+    return run
 
 
 def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | None = None) -> dict:
@@ -411,7 +418,7 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | 
     engine in a Python of its own; ``only``: just these QUANT_METHOD runs. Greedy tokens are compared with
     the cuBLAS run's (PDL's with the kernel's)."""
     out: dict = {}
-    methods = ["cublas", "gemv"] + (["pdl", "pdlexit", "pdlpf", "pdlpfall"] if pdl else [])
+    methods = ["cublas", "gemv"] + (["pdl", "pdlexit", "pdlpf", "pdlpfall", "pdlauto"] if pdl else [])
     for quant in ("none", "fp8") if fp8 else ("none",):
         tokens = {}
         for method in methods:
@@ -430,6 +437,11 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | 
             out[key] = run
             print(
                 f"engine {key}: decode b1, context {run['context']}: {run['decode_ms_per_token_b1']:.3f} ms/token"
+                + (
+                    f" (auto chose PDL {'on' if run['pdl'] else 'off'}: {run['pdl_trial']})"
+                    if "pdl" in run
+                    else ""
+                )
             )
         for a, b, name in (
             ("cublas", "gemv", "greedy_tokens_equal"),
@@ -437,6 +449,7 @@ def engine_decode(fp8: bool, out_dir: Path, pdl: bool = False, only: set[str] | 
             ("gemv", "pdlexit", "pdlexit_tokens_equal"),
             ("gemv", "pdlpf", "pdlpf_tokens_equal"),
             ("gemv", "pdlpfall", "pdlpfall_tokens_equal"),
+            ("gemv", "pdlauto", "pdlauto_tokens_equal"),
         ):
             if a in tokens and b in tokens:
                 pairs = list(zip(tokens[a], tokens[b], strict=False))

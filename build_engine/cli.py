@@ -232,10 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decode-pdl",
-        action=argparse.BooleanOptionalAction,
-        default=False,
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("on", "off", "auto"),
         help="launch the decoder's Triton kernels with programmatic dependent launch (each kernel's "
-        "programs scheduled while the one before it finishes; CUDA, compute capability 9+)",
+        "programs scheduled while the one before it finishes; CUDA, compute capability 9+): on (the flag "
+        "alone), off (default), or auto: time the batch-1 and batch-32 decode graphs both ways when the "
+        "engine starts and keep the faster",
+    )
+    p.add_argument(
+        "--no-decode-pdl", dest="decode_pdl", action="store_const", const="off", help="--decode-pdl off"
     )
     p.add_argument(
         "--prefix-caching",
@@ -483,7 +490,7 @@ def build(args: argparse.Namespace) -> Path:
                 prefill_cuda_graphs=args.prefill_cuda_graphs,
                 mixed_step_graphs=args.mixed_step_graphs,
                 decode_gemv=args.decode_gemv,
-                decode_pdl=args.decode_pdl,
+                decode_pdl={"on": True, "off": False}.get(args.decode_pdl, args.decode_pdl),
                 fp8_tensorwise_rows=(
                     EngineConfig.fp8_tensorwise_rows
                     if args.fp8_tensorwise_rows is None

@@ -299,8 +299,11 @@ class EngineConfig:
     # The decoder's Triton kernels (the skinny matmuls, norms, rotary + KV write, decode attention) launched
     # with programmatic dependent launch: in a CUDA graph each kernel's programs are scheduled while the one
     # before it finishes (engine.kernels.fused.set_pdl; CUDA, compute capability 9+). Off: on an H200 batch-1
-    # decode went 5.384 -> 5.635 ms/token with it (benchmarks.gemv_bench --engine-only --pdl)
-    decode_pdl: bool = False
+    # decode went 5.384 -> 5.635 ms/token with it (benchmarks.gemv_bench --engine-only --pdl).
+    # "auto": when the engine starts, the batch-1 and batch-32 decode graphs are captured and timed both
+    # ways (PDL letting the next kernel launch as each program ends) and PDL stays on only if it is faster
+    # at both (engine.runner.model_runner.choose_decode_pdl); off without CUDA graphs
+    decode_pdl: bool | str = False
     # FP8 layers (quantization "fp8") in CUDA graphs: steps of up to this many rows run the per-tensor GEMM
     # into float32 + a scales epilogue, larger ones the row-wise GEMM (engine.model.quant). 320: the decode
     # graphs and a 448x448's prefill graph. On an H100 the 40 layers' matmuls per-tensor against row-wise:
@@ -348,13 +351,14 @@ class EngineConfig:
             "prefill_cuda_graphs",
             "mixed_step_graphs",
             "decode_gemv",
-            "decode_pdl",
             "fp8_gemm_autotune",
             "enable_prefix_caching",
             "async_vision",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be true or false")
+        if not (isinstance(self.decode_pdl, bool) or self.decode_pdl == "auto"):
+            raise ValueError(f'decode_pdl: {self.decode_pdl!r} must be true, false or "auto"')
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
         parse_dtype(self.dtype)

@@ -82,15 +82,19 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def capture_all(self) -> None:
-        """Capture every bucket now, largest first (one shared memory pool), so no step pays for a
-        capture later. Call while no sequence runs: the buffers point every row at the scratch block."""
+    def _point_at_scratch(self) -> None:
+        """Every row of the static buffers one token long, reading and writing the scratch block."""
         self.input_ids.zero_()
         self.positions.zero_()
         self.slot_mapping.fill_(self.scratch_block_id * self.block_size)
         self.seq_lens.fill_(1)
         self.block_tables.zero_()
         self.block_tables[:, 0] = self.scratch_block_id
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (one shared memory pool), so no step pays for a
+        capture later. Call while no sequence runs: the buffers point every row at the scratch block."""
+        self._point_at_scratch()
         for batch in reversed(self.batch_buckets):
             for width in reversed(self.width_buckets):
                 if (batch, width) not in self.graphs:
@@ -187,6 +191,15 @@ class DecodeGraphs:
         valid inputs: run() fills them first)."""
         with torch.cuda.device(self.slot_mapping.device):  # streams and the graph on the model's GPU
             return self._capture(batch, width)
+
+    def trial_graph(self, batch: int, width: int) -> torch.cuda.CUDAGraph:
+        """A graph of ``batch`` rows and ``width`` blocks over the scratch block, in a pool of its own and
+        kept out of ``graphs`` (to time a setting: engine.runner.model_runner.choose_decode_pdl). Call
+        while no sequence runs."""
+        self._point_at_scratch()
+        with torch.cuda.device(self.slot_mapping.device):
+            graph, _, _ = capture_forward(self.step_forward, self.forward_args(batch, width), None)
+        return graph
 
     def forward_args(self, batch: int, width: int) -> tuple:
         """`step_forward`'s arguments over the static buffers' first ``batch`` rows and ``width`` blocks."""

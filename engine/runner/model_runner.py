@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,14 +157,16 @@ def prepare_model(
     if engine_config.decode_gemv and device.type == "cuda":
         layers = model.set_decode_gemv(True)  # after the FP8 swap, before any graph is captured
         logger.info("[glm-engine] decode_gemv: %d linear layers through the skinny kernel", layers)
-    if fused.set_pdl(engine_config.decode_pdl and device.type == "cuda"):  # before any graph is captured
+    # before any graph is captured; "auto" is tried on here, and ModelRunner decides once its graphs exist
+    if fused.set_pdl(bool(engine_config.decode_pdl) and device.type == "cuda"):
         try:  # one PDL launch now: a Triton or driver that cannot do it turns it off here, not mid-step
             x = torch.randn(2, 256, device=device, dtype=model.dtype)
             w = torch.ones(256, device=device, dtype=model.dtype)
             got = fused.add_rms_norm_pair(x, x, w, w, 1e-5)
             want = fused.add_rms_norm_pair_reference(x, x, w, w, 1e-5, 1e-5)
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-            logger.info("[glm-engine] decode_pdl: the decoder's Triton kernels launch with PDL")
+            if engine_config.decode_pdl != "auto":
+                logger.info("[glm-engine] decode_pdl: the decoder's Triton kernels launch with PDL")
         except Exception as exc:
             fused.set_pdl(False)
             logger.warning("[glm-engine] decode_pdl: off (%s: %s)", type(exc).__name__, str(exc)[:200])
@@ -172,6 +175,35 @@ def prepare_model(
     model.visual.set_attention(engine_config.vision_attention)  # before any graph is captured
     if engine_config.vision_cuda_graphs and device.type == "cuda" and not enforce_eager:
         model.visual.enable_cuda_graphs(max_patches=max(16384, engine_config.max_num_vision_patches))
+
+
+def choose_decode_pdl(graphs: DecodeGraphs, rounds: int = 5, replays: int = 10) -> dict:
+    """``decode_pdl`` "auto": capture the decode graphs of batch 1 and of batch 32 (or the largest bucket
+    below) without PDL and with it (trigger "exit"), each in a private pool, replay them in turns, and leave
+    PDL on only if it is faster at both batches. Call before any other graph is captured. Returns the
+    median ms per replay of each ({"off": {batch: ms}, "on": {...}, "pdl": chosen})."""
+    batches = sorted({1, max(b for b in graphs.batch_buckets if b <= 32)})
+    width = graphs.width_buckets[0]
+    trial: dict[str, dict[int, torch.cuda.CUDAGraph]] = {}
+    for name, on in (("off", False), ("on", True)):
+        fused.set_pdl(on, trigger="exit")
+        trial[name] = {batch: graphs.trial_graph(batch, width) for batch in batches}
+    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in trial}
+    for _ in range(rounds):  # in turns: a clock that drifts weighs on both alike
+        for name, by_batch in trial.items():
+            for batch, graph in by_batch.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(replays):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                times[name][batch].append(start.elapsed_time(end) / replays)
+    med = {name: {b: statistics.median(v) for b, v in by_batch.items()} for name, by_batch in times.items()}
+    use = all(med["on"][b] < med["off"][b] for b in batches)
+    fused.set_pdl(use, trigger="exit")
+    del trial  # their pools go with them
+    return {**med, "pdl": use}
 
 
 def autotune_fp8_gemms(model: torch.nn.Module, engine_config: EngineConfig) -> None:
@@ -280,6 +312,27 @@ class ModelRunner:
                 max_num_blocks_per_seq=-(-max_len // self.block_size),
                 scratch_block_id=self.scratch_block_id,
             )
+        # decode_pdl "auto": what the trial of choose_decode_pdl measured (None: no trial ran)
+        self.decode_pdl_trial: dict | None = None
+        if engine_config.decode_pdl == "auto":
+            self._choose_decode_pdl()
+
+    def _choose_decode_pdl(self) -> None:
+        if self.graphs is None or not fused.pdl_enabled():
+            why = "no CUDA graphs" if self.graphs is None else "PDL cannot run here"
+            fused.set_pdl(False)
+            logger.info("[glm-engine] decode_pdl auto: off (%s)", why)
+            return
+        started = time.perf_counter()
+        with torch.inference_mode(), torch.cuda.device(self.device):
+            self.decode_pdl_trial = choose_decode_pdl(self.graphs)
+        trial = self.decode_pdl_trial
+        logger.info(
+            "[glm-engine] decode_pdl auto: %s (decode graph ms without / with PDL: %s; timed in %.1f s)",
+            "on" if trial["pdl"] else "off",
+            ", ".join(f"batch {b} {trial['off'][b]:.3f} / {trial['on'][b]:.3f}" for b in trial["off"]),
+            time.perf_counter() - started,
+        )
 
     # -- the ViT -----------------------------------------------------------------------------------------
 

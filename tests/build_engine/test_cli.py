@@ -116,6 +116,13 @@ def test_dummy_full_has_no_weights(tmp_path: Path) -> None:
     assert engine["decode_gemv"] is False and engine["decode_pdl"] is True
     pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
     assert 'key: "resize_on_device" value: { string_value: "false" }' in pre
+    for flags, pdl in (
+        (["--decode-pdl", "auto"], "auto"),
+        (["--decode-pdl=on"], True),
+        (["--no-decode-pdl"], False),
+    ):
+        assert run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", *flags) == 0
+        assert json.loads((out / "engine_config.json").read_text())["engine"]["decode_pdl"] == pdl
     assert (
         run("--preset", "dummy-full", "--output", str(out), "--device", "cuda", "--no-pixels-by-reference")
         == 0
@@ -272,3 +279,13 @@ def test_bad_dtype_lists_fp8(tmp_path: Path, tiny_checkpoint: Path, capsys) -> N
     assert "--dtype: 'fp4' must be auto or one of ['bfloat16', 'float16', 'float32', 'fp8']" in (
         capsys.readouterr().err
     )
+
+
+def test_decode_pdl_takes_on_off_or_auto(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "tiny", "--output", str(tmp_path / "engine"), "--decode-pdl", "sometimes"])
+    assert exc.value.code == 2
+    assert "argument --decode-pdl: invalid choice: 'sometimes' (choose from 'on', 'off', 'auto')" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "engine").exists()

@@ -14,7 +14,7 @@ from engine.runner.cuda_graphs import capture_forward
 
 def test_pdl_is_off_where_it_cannot_run() -> None:
     assert EngineConfig().decode_pdl is False
-    with pytest.raises(ValueError, match=r"^decode_pdl: 'yes' must be true or false$"):
+    with pytest.raises(ValueError, match=r"^decode_pdl: 'yes' must be true, false or \"auto\"$"):
         EngineConfig(decode_pdl="yes")
     try:
         if not torch.cuda.is_available():
@@ -24,6 +24,26 @@ def test_pdl_is_off_where_it_cannot_run() -> None:
         with pytest.raises(ValueError, match=r"^trigger: 'late' must be one of start, exit$"):
             fused.set_pdl(True, trigger="late")
         assert fused.set_pdl(False, trigger="exit") is False and fused.pdl_args() == {"PDL": False}
+    finally:
+        fused.set_pdl(False)
+
+
+def test_auto_without_cuda_graphs_is_off(tiny_checkpoint) -> None:
+    """decode_pdl "auto" times the decode graphs both ways; without graphs (CPU) nothing is timed, PDL stays
+    off and the engine serves as usual."""
+    from engine.config import ModelConfig
+    from engine.llm_engine import GenerationRequest, LLMEngine
+    from engine.sample.sampler import SamplingParams
+
+    config = ModelConfig.from_pretrained(tiny_checkpoint)
+    try:
+        ex = LLMEngine(config, EngineConfig(max_model_len=64, num_kv_blocks=16, decode_pdl="auto"))
+        assert ex.runner.decode_pdl_trial is None and not fused.pdl_enabled()
+        ex.add_request(GenerationRequest("a", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True)))
+        n = 0
+        while ex.has_unfinished():
+            n += sum(len(o.new_token_ids) for o in ex.step())
+        assert n == 3
     finally:
         fused.set_pdl(False)
 
@@ -108,13 +128,19 @@ def test_engine_with_decode_pdl_gives_the_tokens_without_it(tiny_checkpoint) -> 
     ]
     results = {}
     try:
-        for pdl in (False, True):
+        for pdl in (False, True, "auto"):
             model = Glm4vModel.from_pretrained(tiny_checkpoint, "cuda", "bfloat16", config)
             engine = EngineConfig(
                 device="cuda", dtype="bfloat16", max_model_len=256, num_kv_blocks=64, decode_pdl=pdl
             )
             ex = LLMEngine(config, engine, model=model)
-            assert fused.pdl_enabled() is pdl
+            if pdl == "auto":  # both settings timed at batch 1 and 32; on only where faster at both
+                trial = ex.runner.decode_pdl_trial
+                assert set(trial["off"]) == set(trial["on"]) == {1, 32}
+                assert trial["pdl"] == all(trial["on"][b] < trial["off"][b] for b in (1, 32))
+                assert fused.pdl_enabled() is trial["pdl"]
+            else:
+                assert fused.pdl_enabled() is pdl
             for i, ids in enumerate(prompts):
                 ex.add_request(
                     GenerationRequest(
@@ -128,4 +154,4 @@ def test_engine_with_decode_pdl_gives_the_tokens_without_it(tiny_checkpoint) -> 
             results[pdl] = out
     finally:
         fused.set_pdl(False)
-    assert results[True] == results[False]
+    assert results[True] == results[False] == results["auto"]
