@@ -184,7 +184,7 @@ elif [ "$PART" = 6 ]; then
       --skip "${VARIANT_SKIP:-baseline,roofline}" --budget-s "${VARIANT_BUDGET:-200}" --warmup-s "${WARMUP_S:-0}" \
       --engine-args "--max-batch-size 128 ${extra//,/ }" --serve-phases "$phases" "${harness_args[@]}" 2>&1 \
       | grep -E "^(${phases//,/|})" | sed "s/^/$name: /"
-    grep -h "captured .* CUDA graphs in" "$OUT/ab/$name/triton.log" 2>/dev/null | sed "s/^/$name: /"
+    grep -h "captured .* CUDA graphs in\|decode_pdl auto" "$OUT/ab/$name/triton.log" 2>/dev/null | sed "s/^/$name: /"
     grep -h "ViT attention for" "$OUT/ab/$name/triton.log" 2>/dev/null | head -n 6 | sed "s/^/$name: /"
     pkill -f tritonserver; sleep 2
   done
