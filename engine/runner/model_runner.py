@@ -324,8 +324,13 @@ class ModelRunner:
             logger.info("[glm-engine] decode_pdl auto: off (%s)", why)
             return
         started = time.perf_counter()
-        with torch.inference_mode(), torch.cuda.device(self.device):
-            self.decode_pdl_trial = choose_decode_pdl(self.graphs)
+        try:
+            with torch.inference_mode(), torch.cuda.device(self.device):
+                self.decode_pdl_trial = choose_decode_pdl(self.graphs)
+        except Exception as exc:  # a capture that fails with PDL: serve without it, not fail the start
+            fused.set_pdl(False)
+            logger.warning("[glm-engine] decode_pdl auto: off (%s: %s)", type(exc).__name__, str(exc)[:200])
+            return
         trial = self.decode_pdl_trial
         logger.info(
             "[glm-engine] decode_pdl auto: %s (decode graph ms without / with PDL: %s; timed in %.1f s)",

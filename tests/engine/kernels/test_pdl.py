@@ -48,6 +48,36 @@ def test_auto_without_cuda_graphs_is_off(tiny_checkpoint) -> None:
         fused.set_pdl(False)
 
 
+def test_auto_serves_without_pdl_when_its_trial_fails(tiny_checkpoint, monkeypatch, caplog) -> None:
+    """A decode graph that cannot be captured with PDL leaves it off with a warning naming the error; the
+    engine starts all the same."""
+    import contextlib
+    import logging
+
+    from engine.config import ModelConfig
+    from engine.llm_engine import LLMEngine
+
+    class Graphs:
+        batch_buckets, width_buckets = [1, 2], [16]
+
+        def trial_graph(self, batch, width):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    ex = LLMEngine(
+        ModelConfig.from_pretrained(tiny_checkpoint), EngineConfig(max_model_len=64, num_kv_blocks=16)
+    )
+    runner = ex.runner
+    monkeypatch.setattr(runner, "graphs", Graphs())
+    monkeypatch.setattr(fused, "pdl_enabled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    with caplog.at_level(logging.WARNING, logger="glm-engine"):
+        runner._choose_decode_pdl()
+    assert runner.decode_pdl_trial is None and fused._PDL is False
+    assert (
+        "decode_pdl auto: off (RuntimeError: operation not permitted when stream is capturing)" in caplog.text
+    )
+
+
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
