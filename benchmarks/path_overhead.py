@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--build-flags", default="", help="more glmv-build flags for the server (e.g. --no-engine-process)"
     )
+    ap.add_argument(
+        "--cpu-dma-latency-us",
+        type=int,
+        default=None,
+        help="glmv-serve's --cpu-dma-latency-us for the server (the PM QoS request held while it runs; root)",
+    )
     ap.add_argument("--compare", type=Path, nargs="+", help="path_overhead.json files to draw, no run")
     args = ap.parse_args(argv)
     if args.compare:
@@ -168,10 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cold_seed = random.SystemRandom().randrange(1 << 31)
     build_flags = args.build_flags.split()
-    with local_triton("small", "cpu", build_args=build_flags) as server:
+    with local_triton(
+        "small", "cpu", build_args=build_flags, cpu_dma_latency_us=args.cpu_dma_latency_us
+    ) as server:
         kinds = asyncio.run(_measure(server, args.requests, args.cold_requests, cold_seed))
+    from build_engine.cpu_latency import idle_driver
+
     meta = make_meta(
-        {"requests": args.requests, "cold_requests": args.cold_requests, "cold_seed": cold_seed},
+        {
+            "requests": args.requests,
+            "cold_requests": args.cold_requests,
+            "cold_seed": cold_seed,
+            "cpu_dma_latency_us": args.cpu_dma_latency_us,
+            "cpuidle": idle_driver(),
+        },
         " ".join(["glmv-build --preset small --device cpu", *build_flags, "(random weights)"]),
     )
     doc = {"meta": meta, **kinds}

@@ -77,9 +77,10 @@ def local_triton(
     log_file: Path | None = None,
     startup_timeout_s: float = 600.0,
     build_args: Sequence[str] = (),
+    cpu_dma_latency_us: int | None = None,
 ) -> Iterator:
     """Build ``preset`` into ``workdir`` (a temp dir by default; ``build_args``: more glmv-build flags) and
-    serve it on free ports."""
+    serve it on free ports (``cpu_dma_latency_us``: glmv-serve's --cpu-dma-latency-us)."""
     import tempfile
 
     from build_engine.launcher import TritonServer
@@ -98,6 +99,7 @@ def local_triton(
             metrics_port=0,
             log_file=log_file,
             startup_timeout_s=startup_timeout_s,
+            cpu_dma_latency_us=cpu_dma_latency_us,
         )
         started = time.perf_counter()
         with server:
