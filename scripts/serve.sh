@@ -6,6 +6,7 @@
 #   GLMV_DEVICE=cpu|cuda        where the engine runs (default: cuda if available, else cpu)
 #   GLMV_WORKDIR=DIR            where the engine and model repository go (default runs/serve)
 #   GLMV_HTTP_PORT / GLMV_GRPC_PORT / GLMV_METRICS_PORT / GLMV_GATEWAY_PORT   (8000 / 8001 / 8002 / 8080)
+#   GLMV_SERVE_ARGS             more glmv-serve flags (e.g. "--cpu-dma-latency-us 0", as root)
 # Extra arguments go to glmv-build (e.g. --max-seq-len 4096). Ctrl-C or SIGTERM stops both servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,9 @@ mkdir -p "$WORK/logs"
 "$VENV/bin/python" -c 'import sys; from build_engine.launcher import check_ports_free as c
 try: c(dict(zip(("GLMV_HTTP_PORT", "GLMV_GRPC_PORT", "GLMV_METRICS_PORT", "GLMV_GATEWAY_PORT"), map(int, sys.argv[1:]))))
 except RuntimeError as e: sys.exit(f"serve: {e}")' "$HTTP" "$GRPC" "$METRICS" "$GATEWAY"
+read -r -a serve_extra <<<"${GLMV_SERVE_ARGS:-}"
 "$VENV/bin/glmv-serve" --model-repository "$WORK/model_repository" --http-port "$HTTP" --grpc-port "$GRPC" \
-  --metrics-port "$METRICS" --log-file "$WORK/logs/triton.log" &
+  --metrics-port "$METRICS" --log-file "$WORK/logs/triton.log" "${serve_extra[@]}" &
 triton_pid=$!
 stop() { kill -TERM "${gateway_pid:-}" "$triton_pid" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap stop EXIT INT TERM
