@@ -609,9 +609,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 <= value < 65536:
             print(f"--{flag.replace('_', '-')}: {value} is not a TCP port", file=sys.stderr)
             return 2
-    if args.cpu_dma_latency_us is not None and args.cpu_dma_latency_us < 0:
-        print(f"--cpu-dma-latency-us: {args.cpu_dma_latency_us} must be an integer >= 0", file=sys.stderr)
-        return 2
     admin_key = os.environ.get(ADMIN_KEY_ENV) or None
     if args.admin_key_file:
         try:
@@ -637,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             malloc=args.malloc,
             cpu_dma_latency_us=args.cpu_dma_latency_us,
         )
-    except (FileNotFoundError, AllocatorNotFoundError) as e:
+    except (FileNotFoundError, AllocatorNotFoundError, ValueError) as e:  # ValueError: a bad setting, named
         print(e, file=sys.stderr)
         return 2
 
