@@ -569,6 +569,8 @@ def build(args: argparse.Namespace) -> Path:
             "hidden_size": model_config.hidden_size,
             "preprocessing_instance_count": args.preprocessing_instances,
             "postprocessing_instance_count": args.postprocessing_instances,
+            # lean streamed responses need every response of a stream to meet the same postprocessing instance
+            "lean_stream": "true" if args.postprocessing_instances == 1 else "false",
             "vision_encoder_instance_group": instance_groups(gpus),
             "llm_instance_group": instance_groups(gpus),
             "vision_max_batch_size": args.vision_max_batch_size,

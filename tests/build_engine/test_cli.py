@@ -41,6 +41,7 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert config["build"]["preprocessing_instances"] == instances
     assert 'key: "pixels_by_reference" value: { string_value: "true" }' in pre
     assert 'key: "resize_on_device" value: { string_value: "false" }' in pre
+    assert 'key: "lean_stream" value: { string_value: "true" }' in pre  # one postprocessing instance
 
     # The engine directory loads as an engine.
     from engine.llm_engine import LLMEngine
@@ -49,12 +50,16 @@ def test_build_tiny_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert ex.max_model_len == 1024
 
     # Rebuilding into the same folder replaces it; nothing is left beside it.
-    flags = ("--preprocessing-instances", "3", "--no-pixels-by-reference")
+    flags = ("--preprocessing-instances", "3", "--no-pixels-by-reference", "--postprocessing-instances", "2")
     assert run("--checkpoint", str(tiny_checkpoint), "--output", str(out), *flags) == 0
     pre = (out / "model_repository/preprocessing/config.pbtxt").read_text()
     assert "count: 3 kind: KIND_CPU" in pre
     assert 'key: "pixels_by_reference" value: { string_value: "false" }' in pre
     assert 'key: "resize_on_device" value: { string_value: "false" }' in pre
+    # two postprocessing instances: a stream's responses may meet either, so every response is whole
+    assert 'key: "lean_stream" value: { string_value: "false" }' in pre
+    post = (out / "model_repository/postprocessing/config.pbtxt").read_text()
+    assert "count: 2 kind: KIND_CPU" in post
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 
 

@@ -391,6 +391,100 @@ def test_metrics_are_exported(server) -> None:
     assert metric(server, "nv_trt_llm_kv_cache_block_metrics", labels) > 0
 
 
+ENSEMBLE_OUTPUTS = {
+    "text_output",
+    "reasoning_output",
+    "finish_reason",
+    "num_input_tokens",
+    "num_cached_tokens",
+    "num_output_tokens",
+    "sequence_index",
+    "arrival_time_ns",
+    "first_token_time_ns",
+    "last_token_time_ns",
+    "output_log_probs",
+    "logprobs",
+}
+STREAM_FIXED = ("num_input_tokens", "num_cached_tokens", "arrival_time_ns", "first_token_time_ns")
+
+
+def test_every_streamed_response_of_the_ensemble_carries_every_output(server) -> None:
+    """Inside the ensemble the llm streams lean responses (between a stream's first and last, only what
+    changes); postprocessing puts the rest back, so every response a client gets has every output, with
+    the stream's own values."""
+    stream = Stream(server.grpc_url)
+    for i, images in enumerate((IMAGES["one_image"], IMAGES["two_images"])):
+        stream.send(
+            grpc_inputs(images=images, max_tokens=12, min_tokens=np.array([12], np.int32)), request_id=f"r{i}"
+        )
+    results = stream.collect(num_requests=2)
+    stream.close()
+    finals = []
+    for parts in results.values():
+        assert len(parts) >= 3, parts  # a first, a last and lean ones between
+        assert all(set(p) == ENSEMBLE_OUTPUTS for p in parts)
+        final = parts[-1]
+        for name in STREAM_FIXED:
+            assert [p[name] for p in parts] == [final[name]] * len(parts), name
+        assert final["num_input_tokens"] > 0 and 0 < final["arrival_time_ns"] <= final["first_token_time_ns"]
+        counts = [int(p["num_output_tokens"]) for p in parts]
+        assert counts == sorted(counts) and counts[-1] == 12
+        assert [p["finish_reason"] for p in parts[:-1]] == [b""] * (len(parts) - 1)
+        finals.append(final)
+    # two requests, two streams' values (nothing of one put into the other's responses)
+    assert finals[0]["num_input_tokens"] != finals[1]["num_input_tokens"]
+
+
+def _llm_stream(server, lean: bool) -> list[dict]:
+    """The llm alone, streaming 10 greedy tokens of a text prompt (`lean_stream` as given): each response's
+    outputs by name."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = [
+        tensor("input_ids", np.array([3, 4, 5, 6, 7], np.int32), "INT32"),
+        tensor("request_output_len", np.array([10], np.int32), "INT32"),
+        tensor("min_tokens", np.array([10], np.int32), "INT32"),
+        tensor("temperature", np.array([0.0], np.float32), "FP32"),
+        tensor("streaming", np.array([True]), "BOOL"),
+    ]
+    if lean:
+        inputs.append(tensor("lean_stream", np.array([True]), "BOOL"))
+    client.async_stream_infer("llm", inputs, enable_empty_final_response=True)
+    parts = []
+    while True:
+        result, error = responses.get(timeout=60)
+        assert error is None, error
+        response = result.get_response()
+        if response.outputs:
+            parts.append({o.name: result.as_numpy(o.name) for o in response.outputs})
+        if response.parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    return parts
+
+
+def test_llm_lean_stream_sends_the_fixed_outputs_on_the_first_and_last_response_only(server) -> None:
+    whole, lean = _llm_stream(server, lean=False), _llm_stream(server, lean=True)
+    every = set(whole[0])
+    assert {"output_ids", "num_input_tokens", "kv_cache_reused_blocks", "finish_reason"} <= every
+    assert all(set(p) == every for p in whole)  # without lean_stream: every output on every response
+    assert len(lean) >= 3 and set(lean[0]) == every and set(lean[-1]) == every
+    for part in lean[1:-1]:
+        assert set(part) == {"text_output", "num_output_tokens", "last_token_time_ns", "request_key"}
+
+    def text(parts: list[dict]) -> bytes:
+        return b"".join(bytes(p["text_output"][0]) for p in parts)
+
+    assert text(lean) == text(whole) != b""
+    for name in ("num_output_tokens", "num_input_tokens", "finish_reason"):
+        assert lean[-1][name].tolist() == whole[-1][name].tolist(), name
+    assert [int(p["num_output_tokens"][0]) for p in lean] == sorted(
+        int(p["num_output_tokens"][0]) for p in lean
+    )
+
+
 def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) -> None:
     """The llm step alone (as a TensorRT-LLM client would call it): streaming deltas, then `stop`."""
 

@@ -85,6 +85,9 @@ class RequestState:
     is_streaming: bool
     exclude_input: bool
     prompt_ids: list[int]
+    # `lean_stream`: a stream's responses between its first and its last carry only what changes
+    # (Responses._tensors); the ensemble's postprocessing puts the rest back
+    lean_stream: bool = False
     output_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
@@ -236,6 +239,7 @@ def parse_request(
         is_streaming=bool(_scalar(inputs, "streaming", False)),
         exclude_input=bool(_scalar(inputs, "exclude_input_in_output", False)),
         prompt_ids=prompt.tolist(),
+        lean_stream=bool(_scalar(inputs, "lean_stream", False)),
     )
     return generation_request, state
 
@@ -273,6 +277,7 @@ def siblings(
             is_streaming=state.is_streaming,
             exclude_input=state.exclude_input,
             prompt_ids=state.prompt_ids,
+            lean_stream=state.lean_stream,
             sequence_index=index,
             group=group,
         )

@@ -12,6 +12,10 @@ Contract:
   with an empty final response. The final response carries COMPLETE_FINAL and `finish_reason`. Every
   response carries `sequence_index`; of a request with several sequences, each sequence's last response
   carries its `finish_reason` and only the last of them COMPLETE_FINAL.
+* `lean_stream` (the ensemble sets it): a stream's responses between its first (the first token) and its
+  last carry `text_output`, `num_output_tokens`, `last_token_time_ns` and `request_key`, plus
+  `reasoning_output` when not empty, `sequence_index` when not 0 and the logprobs when asked; the first and
+  the last carry every output. Without it every response carries every output.
 * Tensors that repeat across responses are made once (`_shared_tensor`, `RequestState.fixed_tensors`):
   building a pb_utils.Tensor is most of a response's cost.
 """
@@ -104,6 +108,13 @@ class Responses:
         self.empty_log_probs = None
 
     def _tensors(self, state, output) -> list:
+        if (
+            state.lean_stream
+            and state.is_streaming
+            and not output.is_finished
+            and state.first_token_tensor is not None
+        ):
+            return self._lean_tensors(state, output)
         if state.is_streaming:
             ids, text, reasoning = output.new_token_ids, output.text, output.reasoning
             new_ids, logprobs = output.new_token_ids, output.logprobs
@@ -144,6 +155,27 @@ class Responses:
             *state.fixed_tensors,
             *self._logprob_tensors(new_ids, logprobs),
         ]
+
+    def _lean_tensors(self, state, output) -> list:
+        """A `lean_stream` response between the stream's first and its last: the new text, the count and
+        time of its last token and the `request_key` (postprocessing asks about cancellation by it), with
+        `reasoning_output` when there is some, `sequence_index` when not 0 and the logprobs when asked.
+        Each tensor crosses two processes per response, so fewer tensors is less of the hop's cost."""
+        tensors = [
+            self._text_tensor("text_output", output.text),
+            self._shared_tensor("num_output_tokens", output.num_output_tokens, np.int32),
+            pb_utils.Tensor(
+                "last_token_time_ns", np.array([self._wall_ns(output.last_token_time)], np.int64)
+            ),
+            state.fixed_tensors[-1],  # request_key
+        ]
+        if output.reasoning:
+            tensors.append(self._text_tensor("reasoning_output", output.reasoning))
+        if state.sequence_index:
+            tensors.append(self._shared_tensor("sequence_index", state.sequence_index, np.int32))
+        if output.logprobs is not None:
+            tensors += self._logprob_tensors(output.new_token_ids, output.logprobs)
+        return tensors
 
     def _logprob_tensors(self, token_ids: list[int], logprobs: list | None) -> list:
         """`output_log_probs` FP32 [n] (one per token of output_ids' new tokens) and `logprobs`, the

@@ -11,6 +11,12 @@ llm a `stop` request for the `request_key` (BLS), which aborts the sequence and 
 The cancelled request itself is still answered normally: answering it with an error leaves the ensemble
 request in flight forever in Triton 2.51 (the server then cannot shut down).
 
+Our llm streams with `lean_stream` (set by preprocessing): its responses between a stream's first and
+last carry only what changes (text, output count, last token time, request_key; reasoning, sequence_index
+and logprobs when they have a value). The values fixed for the stream (`FIXED`: input and cached token
+counts, arrival and first-token times) are kept from its first response, by request_key and sequence
+index, and put back here, so every response of the ensemble still carries every output.
+
 Cost per streamed response is what bounds the server's token rate, so the hot path is lean: the llm's
 tensors are passed on as they are (same names), and `is_cancelled()` (a round trip to the server, about as
 costly as the rest of the response) is asked at most once per `cancellation_check_period_ms` per stream,
@@ -28,6 +34,14 @@ import triton_python_backend_utils as pb_utils
 from .triton_model import StubHeap, setup_model  # common/, copied by glmv-build
 
 PASS_THROUGH = ("text_output", "reasoning_output", "finish_reason")
+# kept per stream from its first response (the llm's lean responses leave them out)
+FIXED = (
+    ("num_input_tokens", np.int32),
+    ("num_cached_tokens", np.int32),
+    ("arrival_time_ns", np.int64),
+    ("first_token_time_ns", np.int64),
+)
+MAX_STREAMS = 65536  # streams whose fixed values are kept (past it the oldest go: a stream ended unseen)
 PASS_THROUGH_INT = (
     ("num_input_tokens", np.int32),
     ("num_cached_tokens", np.int32),
@@ -62,6 +76,8 @@ class TritonPythonModel:
         self.check_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
         # request_key -> when is_cancelled() was last asked for that stream (oldest first)
         self.last_checks: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        # (request_key, sequence_index) -> the FIXED tensors of a stream in flight (its first response's)
+        self.fixed: collections.OrderedDict[tuple, list] = collections.OrderedDict()
         # every streamed response passes here: a full collection of this stub would hold them all
         self.heap = StubHeap(args)
 
@@ -93,10 +109,14 @@ class TritonPythonModel:
             inputs = {tensor.name(): tensor for tensor in request.inputs()}  # looked up once per response
             key = inputs.get("request_key")
             key = None if key is None else bytes(key.as_numpy().reshape(-1)[0])
-            if self._should_check(key, inputs.get("finish_reason")) and request.is_cancelled():
+            finish = inputs.get("finish_reason")
+            is_final = finish is not None and bytes(finish.as_numpy().reshape(-1)[0]) != b""
+            if self._should_check(key, is_final) and request.is_cancelled():
                 self._stop_llm(key)
             try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._process(inputs)))
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=self._process(inputs, key, is_final))
+                )
             except Exception as exc:
                 responses.append(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {exc}"))
@@ -104,13 +124,12 @@ class TritonPythonModel:
         self.heap.publish()
         return responses
 
-    def _should_check(self, key: bytes | None, finish) -> bool:
+    def _should_check(self, key: bytes | None, is_final: bool) -> bool:
         """Ask is_cancelled() for this response? Its stream's first and last, then once per period."""
         if key is None:
             return True
         now = time.monotonic()
         last = self.last_checks.get(key)
-        is_final = finish is not None and bytes(finish.as_numpy().reshape(-1)[0]) != b""
         if is_final:
             self.last_checks.pop(key, None)
             return True
@@ -145,16 +164,46 @@ class TritonPythonModel:
         except Exception as exc:
             pb_utils.Logger.log_warn(f"postprocessing: stop failed: {exc}")
 
-    def _process(self, inputs: dict) -> list:
+    def _fixed_tensors(self, inputs: dict, key: bytes | None, is_final: bool) -> dict:
+        """The stream's FIXED tensors by name: this response's own when it carries them (kept for the
+        stream's lean responses unless it is the last), else those kept from its first response."""
+        index = inputs.get("sequence_index")
+        stream = (key, 0 if index is None else int(index.as_numpy().reshape(-1)[0]))
+        if inputs.get("num_input_tokens") is not None:  # a full response
+            if key is None:
+                return {}
+            if is_final:
+                self.fixed.pop(stream, None)
+                return {}
+            self.fixed[stream] = kept = [
+                pb_utils.Tensor(name, np.array(inputs[name].as_numpy().reshape(-1)[:1], dtype))
+                if inputs.get(name) is not None
+                else pb_utils.Tensor(name, np.zeros(1, dtype))
+                for name, dtype in FIXED
+            ]
+            while len(self.fixed) > MAX_STREAMS:
+                self.fixed.popitem(last=False)
+            return {}
+        kept = self.fixed.get(stream)
+        if kept is None:
+            return {}
+        if is_final:
+            self.fixed.pop(stream, None)
+        return {tensor.name(): tensor for tensor in kept}
+
+    def _process(self, inputs: dict, key: bytes | None = None, is_final: bool = False) -> list:
         if (
             inputs.get("text_output") is not None
         ):  # our llm: its tensors are the ensemble's outputs as they are
+            fixed = self._fixed_tensors(inputs, key, is_final)
             out = [inputs["text_output"]]
             for name in PASS_THROUGH[1:]:
                 tensor = inputs.get(name)
                 out.append(tensor if tensor is not None else _bytes_tensor(name, b""))
             for name, dtype in PASS_THROUGH_INT:
                 tensor = inputs.get(name)
+                if tensor is None:
+                    tensor = fixed.get(name)
                 out.append(tensor if tensor is not None else pb_utils.Tensor(name, np.zeros(1, dtype)))
             return out + _logprob_tensors(inputs)
 

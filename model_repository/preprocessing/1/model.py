@@ -82,6 +82,7 @@ class TritonPythonModel:
             f"preprocessing: PNG decoder {'libspng' if images.pyspng is not None else 'PIL (pyspng not importable)'}"
         )
         self.default_max_tokens = parameters.get_int("default_max_tokens", 256)
+        self.lean_stream = parameters.get_bool("lean_stream", False)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         # The families must outlive their metrics: keep references on self.
         self.latency_family = pb_utils.MetricFamily(
@@ -227,6 +228,9 @@ class TritonPythonModel:
             # Unique per request: postprocessing uses it to stop the llm when the client cancels
             # (Triton does not pass an ensemble's cancellation to a step that is already running).
             pb_utils.Tensor("request_key", np.array([uuid.uuid4().hex.encode()], dtype=np.object_)),
+            # the llm's responses between a stream's first and last carry only what changes;
+            # postprocessing puts back the rest (fewer tensors through the hop that every response takes)
+            pb_utils.Tensor("lean_stream", np.array([self.lean_stream])),
         ]
         self.stages["inputs"].observe(called - started)
         for stage, seconds in out.stage_seconds.items():
