@@ -7,7 +7,9 @@ decoupled `source` that streams `--responses` responses of K INT32 [1] tensors p
 passes each response on with every one of its 16 outputs (those missing filled, as postprocessing does),
 and an ensemble of the two, served by the launcher's Triton. For each K of `--tensors` (in turns, `--repeats`
 times) it streams `--streams` requests at once over gRPC and reports the responses per second at the
-client and the server's CPU time (tritonserver and its stubs, user + system) per response.
+client and the server's CPU time (tritonserver and its stubs, user + system) per response. With
+`--cancel-check` each K also runs through a second pair whose sink asks `request.is_cancelled()` of every
+response, as postprocessing does of a stream's response once per `cancellation_check_period_ms`.
 
 Writes ``response_cost.json`` (meta: device, date, commit) and ``response_cost.png`` into `--out`.
 """
@@ -65,6 +67,8 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            if CHECK:
+                request.is_cancelled()
             inputs = {tensor.name(): tensor for tensor in request.inputs()}
             tensors = [inputs.get(f"t{i}") or self.fill[i] for i in range(OUTPUTS)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
@@ -100,12 +104,21 @@ def _write_repository(root: Path) -> None:
         + " ".join(f'output_map {{ key: "t{i}" value: "t{i}" }}' for i in range(OUTPUTS))
         + " }\n] }\n",
     }
-    models = {"source": SOURCE, "sink": SINK}
+    configs["sink_checked"] = configs["sink"].replace('name: "sink"', 'name: "sink_checked"')
+    configs["pair_checked"] = (
+        configs["pair"].replace('name: "pair"', 'name: "pair_checked"').replace('"sink"', '"sink_checked"')
+    )
+    sink = SINK.replace("OUTPUTS", str(OUTPUTS))
+    models = {
+        "source": SOURCE.replace("OUTPUTS", str(OUTPUTS)),
+        "sink": sink.replace("CHECK", "False"),
+        "sink_checked": sink.replace("CHECK", "True"),
+    }
     for name, config in configs.items():
         (root / name / "1").mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(config)
         if name in models:
-            (root / name / "1" / "model.py").write_text(models[name].replace("OUTPUTS", str(OUTPUTS)))
+            (root / name / "1" / "model.py").write_text(models[name])
 
 
 def _server_cpu_seconds(pid: int) -> float:
@@ -123,7 +136,7 @@ def _server_cpu_seconds(pid: int) -> float:
     return total
 
 
-def _stream(url: str, k: int, streams: int, responses: int) -> tuple[int, float]:
+def _stream(url: str, k: int, streams: int, responses: int, model: str = "pair") -> tuple[int, float]:
     """(responses received, seconds) for ``streams`` requests of ``responses`` responses each, at once."""
     import tritonclient.grpc as grpcclient
 
@@ -139,7 +152,7 @@ def _stream(url: str, k: int, streams: int, responses: int) -> tuple[int, float]
             tensor.set_data_from_numpy(np.array([value], np.int32))
             inputs.append(tensor)
         start.wait()
-        client.async_stream_infer("pair", inputs)
+        client.async_stream_infer(model, inputs)
         got = 0
         while got < responses:
             error = received.get(timeout=120)
@@ -163,6 +176,17 @@ def _stream(url: str, k: int, streams: int, responses: int) -> tuple[int, float]
     return sum(counts), time.perf_counter() - began
 
 
+def _cases(args: argparse.Namespace) -> list[tuple[int, bool]]:
+    """(tensors, is_cancelled() per response) of each run of a turn."""
+    return [
+        (k, checked) for k in args.tensors for checked in ((False, True) if args.cancel_check else (False,))
+    ]
+
+
+def _label(k: int, checked: bool) -> str:
+    return f"{k} tensors" + (" + is_cancelled()" if checked else "")
+
+
 def measure(args: argparse.Namespace) -> dict:
     from build_engine.launcher import TritonServer
 
@@ -175,13 +199,15 @@ def measure(args: argparse.Namespace) -> dict:
         with server:
             _stream(server.grpc_url, OUTPUTS, args.streams, args.responses // 4)  # warm-up
             for repeat in range(args.repeats):
-                for k in args.tensors:
+                for k, checked in _cases(args):
+                    model = "pair_checked" if checked else "pair"
                     before = _server_cpu_seconds(server.process.pid)
-                    count, seconds = _stream(server.grpc_url, k, args.streams, args.responses)
+                    count, seconds = _stream(server.grpc_url, k, args.streams, args.responses, model)
                     cpu = _server_cpu_seconds(server.process.pid) - before
                     runs.append(
                         {
                             "tensors": k,
+                            "cancel_check": checked,
                             "repeat": repeat,
                             "responses": count,
                             "seconds": round(seconds, 3),
@@ -190,21 +216,21 @@ def measure(args: argparse.Namespace) -> dict:
                         }
                     )
                     print(
-                        f"{k:2d} tensors: {count / seconds:6.0f} responses/s, "
+                        f"{_label(k, checked)}: {count / seconds:6.0f} responses/s, "
                         f"server CPU {1e6 * cpu / count:5.0f} us per response",
                         flush=True,
                     )
-    summary = {
-        str(k): {
-            "responses_per_s_median": statistics.median(
-                r["responses_per_s"] for r in runs if r["tensors"] == k
-            ),
+    summary = {}
+    for k, checked in _cases(args):
+        mine = [r for r in runs if r["tensors"] == k and r["cancel_check"] == checked]
+        summary[_label(k, checked)] = {
+            "tensors": k,
+            "cancel_check": checked,
+            "responses_per_s_median": statistics.median(r["responses_per_s"] for r in mine),
             "server_cpu_us_per_response_median": statistics.median(
-                r["server_cpu_us_per_response"] for r in runs if r["tensors"] == k
+                r["server_cpu_us_per_response"] for r in mine
             ),
         }
-        for k in args.tensors
-    }
     model = "ensemble of two Python models (a decoupled source, a pass-through sink), no model"
     return {"meta": make_meta(vars(args) | {"out": str(args.out)}, model), "runs": runs, "summary": summary}
 
@@ -216,7 +242,7 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = doc["summary"]
-    labels = [f"{k} tensors" for k in summary]
+    labels = list(summary)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     axes[0].bar(labels, [s["responses_per_s_median"] for s in summary.values()], color="#4477aa")
     axes[0].set_ylabel("responses/s at the client (median)")
@@ -236,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--responses", type=int, default=400, help="responses per stream")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--cancel-check", action="store_true", help="each tensor count also with is_cancelled() per response"
+    )
     args = ap.parse_args(argv)
     for name in ("streams", "responses", "repeats"):
         if getattr(args, name) < 1:
@@ -248,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(doc, args.out / "response_cost.png")
     for k, s in doc["summary"].items():
         print(
-            f"median, {k} tensors: {s['responses_per_s_median']:.0f} responses/s, "
+            f"median, {k}: {s['responses_per_s_median']:.0f} responses/s, "
             f"{s['server_cpu_us_per_response_median']:.0f} us of server CPU per response"
         )
     return 0

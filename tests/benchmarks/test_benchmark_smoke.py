@@ -181,21 +181,24 @@ def test_gateway_overhead_counts_every_chunk(tmp_path: Path) -> None:
 
 def test_response_cost_counts_every_response_of_every_stream(tmp_path: Path) -> None:
     """benchmarks.response_cost: each run streams --streams x --responses responses through the two Python
-    models, for each tensor count in turn."""
+    models, for each tensor count without and with the sink's is_cancelled(), in turns."""
     from benchmarks.response_cost import main
 
     args = ["--out", str(tmp_path), "--tensors", "16", "4", "--streams", "2", "--responses", "25"]
-    assert main([*args, "--repeats", "2"]) == 0
+    assert main([*args, "--repeats", "2", "--cancel-check"]) == 0
     doc = json.loads((tmp_path / "response_cost.json").read_text())
-    assert [(r["tensors"], r["repeat"], r["responses"]) for r in doc["runs"]] == [
-        (16, 0, 50),
-        (4, 0, 50),
-        (16, 1, 50),
-        (4, 1, 50),
+    turn = [(16, False), (16, True), (4, False), (4, True)]
+    assert [(r["tensors"], r["cancel_check"], r["repeat"], r["responses"]) for r in doc["runs"]] == [
+        (k, checked, repeat, 50) for repeat in (0, 1) for k, checked in turn
     ]
     assert all(r["server_cpu_us_per_response"] > 0 and r["responses_per_s"] > 0 for r in doc["runs"])
-    assert set(doc["summary"]) == {"16", "4"} and doc["meta"]["commit"]
-    assert (tmp_path / "response_cost.png").stat().st_size > 0
+    assert list(doc["summary"]) == [
+        "16 tensors",
+        "16 tensors + is_cancelled()",
+        "4 tensors",
+        "4 tensors + is_cancelled()",
+    ]
+    assert doc["meta"]["commit"] and (tmp_path / "response_cost.png").stat().st_size > 0
 
 
 def _serve_phase(tiny_triton, tmp_path: Path, phase: str, warmup_s: float = 0.0) -> dict:
