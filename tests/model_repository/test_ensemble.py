@@ -434,6 +434,19 @@ def test_every_streamed_response_of_the_ensemble_carries_every_output(server) ->
     # two requests, two streams' values (nothing of one put into the other's responses)
     assert finals[0]["num_input_tokens"] != finals[1]["num_input_tokens"]
 
+    # several sequences on one stream: each sequence's responses carry its own values
+    stream = Stream(server.grpc_url)
+    extra = {"min_tokens": np.array([12], np.int32), "num_return_sequences": np.array([2], np.int32)}
+    stream.send(grpc_inputs(images=IMAGES["one_image"], max_tokens=12, **extra), request_id="two")
+    parts = stream.collect()["two"]
+    stream.close()
+    assert all(set(p) == ENSEMBLE_OUTPUTS for p in parts)
+    for index in (0, 1):
+        mine = [p for p in parts if p["sequence_index"] == index]
+        assert len(mine) >= 3 and mine[-1]["finish_reason"] == b"length"
+        for name in STREAM_FIXED:
+            assert [p[name] for p in mine] == [mine[-1][name]] * len(mine), (index, name)
+
 
 def _llm_stream(server, lean: bool) -> list[dict]:
     """The llm alone, streaming 10 greedy tokens of a text prompt (`lean_stream` as given): each response's

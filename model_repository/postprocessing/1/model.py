@@ -41,7 +41,7 @@ FIXED = (
     ("arrival_time_ns", np.int64),
     ("first_token_time_ns", np.int64),
 )
-MAX_STREAMS = 65536  # streams whose fixed values are kept (past it the oldest go: a stream ended unseen)
+MAX_STREAMS = 65536  # requests whose fixed values are kept (past it the oldest go: one that ended unseen)
 PASS_THROUGH_INT = (
     ("num_input_tokens", np.int32),
     ("num_cached_tokens", np.int32),
@@ -76,8 +76,8 @@ class TritonPythonModel:
         self.check_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
         # request_key -> when is_cancelled() was last asked for that stream (oldest first)
         self.last_checks: collections.OrderedDict[bytes, float] = collections.OrderedDict()
-        # (request_key, sequence_index) -> the FIXED tensors of a stream in flight (its first response's)
-        self.fixed: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        # request_key -> {sequence_index: the FIXED tensors of its first response} of the streams in flight
+        self.fixed: collections.OrderedDict[bytes, dict[int, dict]] = collections.OrderedDict()
         # every streamed response passes here: a full collection of this stub would hold them all
         self.heap = StubHeap(args)
 
@@ -145,6 +145,7 @@ class TritonPythonModel:
         """Ask the llm to abort the cancelled request (once per request_key)."""
         if key is None or key in self.stopped_keys:
             return
+        self.fixed.pop(key, None)  # its last response, an empty one, does not come here
         self.stopped_keys[key] = None
         if len(self.stopped_keys) > 4096:
             self.stopped_keys.popitem(last=False)
@@ -167,29 +168,30 @@ class TritonPythonModel:
     def _fixed_tensors(self, inputs: dict, key: bytes | None, is_final: bool) -> dict:
         """The stream's FIXED tensors by name: this response's own when it carries them (kept for the
         stream's lean responses unless it is the last), else those kept from its first response."""
+        if key is None:
+            return {}
         index = inputs.get("sequence_index")
-        stream = (key, 0 if index is None else int(index.as_numpy().reshape(-1)[0]))
-        if inputs.get("num_input_tokens") is not None:  # a full response
-            if key is None:
-                return {}
-            if is_final:
-                self.fixed.pop(stream, None)
-                return {}
-            self.fixed[stream] = kept = [
-                pb_utils.Tensor(name, np.array(inputs[name].as_numpy().reshape(-1)[:1], dtype))
-                if inputs.get(name) is not None
-                else pb_utils.Tensor(name, np.zeros(1, dtype))
-                for name, dtype in FIXED
-            ]
-            while len(self.fixed) > MAX_STREAMS:
-                self.fixed.popitem(last=False)
-            return {}
-        kept = self.fixed.get(stream)
-        if kept is None:
-            return {}
-        if is_final:
-            self.fixed.pop(stream, None)
-        return {tensor.name(): tensor for tensor in kept}
+        index = 0 if index is None else int(index.as_numpy().reshape(-1)[0])
+        streams = self.fixed.get(key)  # the request's sequences: index -> tensors
+        if inputs.get("num_input_tokens") is None:  # a lean response
+            kept = {} if streams is None else streams.get(index, {})
+        else:
+            kept = {}
+            if not is_final:
+                if streams is None:
+                    streams = self.fixed[key] = {}
+                    while len(self.fixed) > MAX_STREAMS:
+                        self.fixed.popitem(last=False)
+                streams[index] = {
+                    name: pb_utils.Tensor(name, np.array(inputs[name].as_numpy().reshape(-1)[:1], dtype))
+                    for name, dtype in FIXED
+                    if inputs.get(name) is not None
+                }
+        if is_final and streams is not None:
+            streams.pop(index, None)
+            if not streams:
+                del self.fixed[key]
+        return kept
 
     def _process(self, inputs: dict, key: bytes | None = None, is_final: bool = False) -> list:
         if (
