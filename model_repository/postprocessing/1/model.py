@@ -166,8 +166,8 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"postprocessing: stop failed: {exc}")
 
     def _fixed_tensors(self, inputs: dict, key: bytes | None, is_final: bool) -> dict:
-        """The stream's FIXED tensors by name: this response's own when it carries them (kept for the
-        stream's lean responses unless it is the last), else those kept from its first response."""
+        """The FIXED tensors to add to this response, by name: none when it carries them (a stream's first
+        full response is kept for its lean ones, unless it is the last), else those kept from its first."""
         if key is None:
             return {}
         index = inputs.get("sequence_index")
@@ -177,7 +177,9 @@ class TritonPythonModel:
             kept = {} if streams is None else streams.get(index, {})
         else:
             kept = {}
-            if not is_final:
+            if not is_final and (
+                streams is None or index not in streams
+            ):  # a stream's first: keep its values
                 if streams is None:
                     streams = self.fixed[key] = {}
                     while len(self.fixed) > MAX_STREAMS:
