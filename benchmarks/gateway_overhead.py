@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.results import REPO_ROOT, make_meta
+from benchmarks.results import REPO_ROOT, cpu_seconds, make_meta
 from benchmarks.server import local_gateway
 
 ECHO_REPO = REPO_ROOT / "tests" / "client" / "fixture_repo"
@@ -57,12 +56,6 @@ async def _stream_all(url: str, words: int, requests: int, concurrency: int) -> 
         return sum(counts), time.perf_counter() - started
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (/proc/PID/stat, clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(args: argparse.Namespace) -> dict:
     from build_engine.launcher import TritonServer
 
@@ -73,9 +66,9 @@ def measure(args: argparse.Namespace) -> dict:
     ):
         asyncio.run(_stream_all(url, args.words, args.concurrency, args.concurrency))  # warm-up
         for _ in range(args.repeats):
-            before = _cpu_seconds(gateway.pid)
+            before = cpu_seconds(gateway.pid)
             chunks, seconds = asyncio.run(_stream_all(url, args.words, args.requests, args.concurrency))
-            cpu = _cpu_seconds(gateway.pid) - before
+            cpu = cpu_seconds(gateway.pid) - before
             runs.append(
                 {
                     "chunks": chunks,

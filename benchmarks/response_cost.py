@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.results import make_meta
+from benchmarks.results import cpu_seconds, make_meta
 
 OUTPUTS = 16
 
@@ -121,21 +121,6 @@ def _write_repository(root: Path) -> None:
             (root / name / "1" / "model.py").write_text(models[name])
 
 
-def _server_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of tritonserver ``pid`` and its backend stubs so far."""
-    import psutil
-
-    process = psutil.Process(pid)
-    total = 0.0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            times = p.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def _stream(url: str, k: int, streams: int, responses: int, model: str = "pair") -> tuple[int, float]:
     """(responses received, seconds) for ``streams`` requests of ``responses`` responses each, at once."""
     import tritonclient.grpc as grpcclient
@@ -201,9 +186,9 @@ def measure(args: argparse.Namespace) -> dict:
             for repeat in range(args.repeats):
                 for k, checked in _cases(args):
                     model = "pair_checked" if checked else "pair"
-                    before = _server_cpu_seconds(server.process.pid)
+                    before = cpu_seconds(server.process.pid, children=True)
                     count, seconds = _stream(server.grpc_url, k, args.streams, args.responses, model)
-                    cpu = _server_cpu_seconds(server.process.pid) - before
+                    cpu = cpu_seconds(server.process.pid, children=True) - before
                     runs.append(
                         {
                             "tensors": k,

@@ -109,6 +109,26 @@ def gpu_memory_used_gb() -> float | None:
         return None
 
 
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of process ``pid`` so far (/proc/PID/stat, clock ticks); with ``children``,
+    plus that of every process below it that is still running (e.g. tritonserver and its backend stubs)."""
+    total, pids = 0.0, [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if children:
+            for task in Path(f"/proc/{current}/task").glob("*/children"):
+                try:
+                    pids += [int(child) for child in task.read_text().split()]
+                except OSError:
+                    pass
+    return total
+
+
 class GpuMemorySampler:
     """Samples nvidia-smi in a thread; ``take_peak()`` returns the peak since the last call (GiB) or None."""
 

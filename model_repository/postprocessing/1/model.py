@@ -195,7 +195,7 @@ class TritonPythonModel:
                 del self.fixed[key]
         return kept
 
-    def _process(self, inputs: dict, key: bytes | None = None, is_final: bool = False) -> list:
+    def _process(self, inputs: dict, key: bytes | None, is_final: bool) -> list:
         if (
             inputs.get("text_output") is not None
         ):  # our llm: its tensors are the ensemble's outputs as they are
