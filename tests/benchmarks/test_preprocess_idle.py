@@ -20,7 +20,9 @@ def test_preprocess_idle_times_each_condition(tmp_path: Path) -> None:
     assert list(rows) == ["back_to_back", "after_1_ms_idle", "after_2.5_ms_idle", "after_touching_1_mb"]
     for row in rows.values():
         assert set(row["stages_ms"]) == {"images", "template", "tokens", "positions"}
-        assert 0 < sum(row["stages_ms"].values()) <= row["wall_ms"]
+        # medians: each stage's is at most the wall's (every round's stage fits in its wall), but medians
+        # of the stages need not add up to less than the wall's median
+        assert 0 < sum(row["stages_ms"].values()) and max(row["stages_ms"].values()) <= row["wall_ms"]
         assert 0 < row["thread_cpu_ms"]
     assert doc["meta"]["commit"] and doc["meta"]["args"]["touch_mb"] == 1
 
