@@ -88,8 +88,10 @@ class _Recorder:
         }
 
 
-def closed_loop(ex, make_request, concurrency: int, duration_s: float) -> dict:
-    """Keep ``concurrency`` requests in flight for ``duration_s``; TTFT / ITL / throughput in the engine."""
+def closed_loop(ex, make_request, concurrency: int, duration_s: float, on_start=None) -> dict:
+    """Keep ``concurrency`` requests in flight for ``duration_s``; TTFT / ITL / throughput in the engine.
+    ``on_start(t)``, if given, is called with the loop's start (perf_counter, after the engine started):
+    ``wall_s`` counts from there."""
     lock = threading.Condition()
     times: dict[str, list[float]] = {}  # request id -> [arrival, token times...] (one per token)
     done: list[str] = []
@@ -111,6 +113,8 @@ def closed_loop(ex, make_request, concurrency: int, duration_s: float) -> dict:
 
     ex.start(on_outputs)
     started = time.perf_counter()
+    if on_start is not None:
+        on_start(started)
     n = 0
     try:
         while time.perf_counter() - started < duration_s:

@@ -69,7 +69,7 @@ class _StepRecorder:
             kind = "ahead" if self.kind == "idle" and core.pending is not None else self.kind
             self.records.append(
                 {
-                    "t_s": round(started - self.started, 3),  # since the recorder was made or last taken
+                    "t_s": round(started - self.started, 3),  # since the loop's start (or the last take)
                     "ms": round(ms, 3),
                     # the stepping thread's CPU time: far below ``ms`` when it waited for the GIL or was
                     # not scheduled (a wait for the GPU spins, so it counts here)
@@ -143,6 +143,10 @@ class _StepRecorder:
         timer(runner, "encode_images", "vision: encode_images")
         timer(runner, "start_images", "vision: start_images")
         timer(runner, "advance_images", "vision: advance_images")
+
+    def restart(self, started: float) -> None:
+        """Count ``t_s`` from ``started`` (perf_counter): the loop's start, after the engine started."""
+        self.started = started
 
     def set_profiled(self, began: float, ended: float) -> None:
         """The profiler ran from ``began`` to ``ended`` (perf_counter): the steps that overlap it are
@@ -334,7 +338,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.watchdog_s > 0:  # a stalled engine shows where each thread waits
         faulthandler.dump_traceback_later(args.watchdog_s, exit=True)
     allocator = allocator_counts(args.device)
-    res = closed_loop(ex, request, args.concurrency, args.duration)
+    res = closed_loop(ex, request, args.concurrency, args.duration, on_start=recorder.restart)
     faulthandler.cancel_dump_traceback_later()
     if window_taken:
         prof, wall, began, ended = window_taken[0]
