@@ -498,6 +498,62 @@ def test_llm_lean_stream_sends_the_fixed_outputs_on_the_first_and_last_response_
     )
 
 
+def _llm_long_stream(server, **extra) -> grpcclient.InferenceServerClient:
+    """The llm alone, streaming 400 forced tokens of a text prompt; returns once two responses came."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = [
+        tensor("input_ids", np.array([3, 4, 5, 6, 7], np.int32), "INT32"),
+        tensor("request_output_len", np.array([400], np.int32), "INT32"),
+        tensor("min_tokens", np.array([400], np.int32), "INT32"),
+        tensor("temperature", np.array([0.0], np.float32), "FP32"),
+        tensor("streaming", np.array([True]), "BOOL"),
+    ]
+    inputs += [tensor(name, array, dtype) for name, (array, dtype) in extra.items()]
+    client.async_stream_infer("llm", inputs)
+    for _ in range(2):
+        result, error = responses.get(timeout=60)
+        assert error is None, error
+    return client
+
+
+def test_llm_polls_a_direct_clients_cancel_but_not_a_cancel_by_stop_request(server) -> None:
+    """A client calling the llm directly cancels it by leaving (the llm polls is_cancelled()); a request
+    with `cancel_by_stop` (the ensemble's: Triton never marks its running llm step cancelled) is not polled,
+    and its `stop` ends it."""
+    aborted = metric(server, "glmv_requests_finished_total", 'finish_reason="abort"')
+    client = _llm_long_stream(server)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert aborted_and_used(server, aborted + 1) == (aborted + 1, 0)
+
+    client = _llm_long_stream(
+        server,
+        cancel_by_stop=(np.array([True]), "BOOL"),
+        request_key=(np.array([b"stop-me"], dtype=np.object_), "BYTES"),
+    )
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    time.sleep(0.3)  # thirty of the llm's polling periods: a polled request would have been aborted
+    assert metric(server, "glmv_requests_finished_total", 'finish_reason="abort"') == aborted + 1
+    assert metric(server, "nv_trt_llm_kv_cache_block_metrics", 'kv_cache_block_type="used"') > 0
+    stopper = grpcclient.InferenceServerClient(server.grpc_url)
+    stop = [
+        tensor("input_ids", np.zeros(1, np.int32), "INT32"),
+        tensor("stop", np.array([True]), "BOOL"),
+        tensor("request_key", np.array([b"stop-me"], dtype=np.object_), "BYTES"),
+    ]
+    stop_responses: queue.Queue = queue.Queue()
+    stopper.start_stream(callback=lambda result, error: stop_responses.put((result, error)))
+    stopper.async_stream_infer("llm", stop, enable_empty_final_response=True)
+    result, error = stop_responses.get(timeout=30)
+    assert error is None, error
+    stopper.stop_stream()
+    stopper.close()
+    assert aborted_and_used(server, aborted + 2) == (aborted + 2, 0)
+
+
 def test_llm_speaks_tensorrt_llm_tensors_and_stop_cancels_by_request_id(server) -> None:
     """The llm step alone (as a TensorRT-LLM client would call it): streaming deltas, then `stop`."""
 

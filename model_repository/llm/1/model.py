@@ -9,7 +9,9 @@ in a child process, engine.engine_process, whose outputs arrive on a receiver th
 step, which only queues work;
 a sender thread builds the response tensors and calls `response_sender.send` (so a slow client never
 blocks the engine); a cancellation thread polls `is_cancelled()` every `cancellation_check_period_ms` for
-at most `cancellation_checks_per_period` streams (longest unasked first) and aborts the engine request; a
+at most `cancellation_checks_per_period` streams (longest unasked first) and aborts the engine request,
+except for requests sent with `cancel_by_stop=true` (the ensemble's: Triton 2.51 never marks a running
+step cancelled, so asking would only cost a round trip each; postprocessing sends their `stop`); a
 stats thread publishes gauges every `stats_check_period_ms`.
 
 Per request: streaming → one response per engine step that produced tokens (`output_ids` = the new
@@ -242,7 +244,7 @@ class TritonPythonModel:
         # `cancellation_checks_per_period` streams per period, those asked longest ago first (with 32
         # streams each is asked every 40 ms, with 128 every 160 ms).
         while not self.is_shutting_down.wait(self.cancel_period_s):
-            states = self.requests.not_cancelled()
+            states = self.requests.to_poll()
             states = sorted(states, key=lambda s: s.last_cancel_check)[: self.cancel_checks_per_period]
             now = time.monotonic()
             for state in states:

@@ -88,6 +88,9 @@ class RequestState:
     # `lean_stream`: a stream's responses between its first and its last carry only what changes
     # (Responses._tensors); the ensemble's postprocessing puts the rest back
     lean_stream: bool = False
+    # `cancel_by_stop`: the cancellation thread does not poll is_cancelled() for it; a `stop` with its
+    # request_key cancels it (the ensemble's requests: Triton 2.51 never marks a running step cancelled)
+    cancel_by_stop: bool = False
     output_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
@@ -170,9 +173,10 @@ class RequestTable:
         with self._lock:
             return sum(1 for s in self._states.values() if s.is_streaming)
 
-    def not_cancelled(self) -> list[RequestState]:
+    def to_poll(self) -> list[RequestState]:
+        """Those whose cancellation is polled: not cancelled yet, and not `cancel_by_stop`."""
         with self._lock:
-            return [s for s in self._states.values() if not s.is_cancelled]
+            return [s for s in self._states.values() if not (s.is_cancelled or s.cancel_by_stop)]
 
     def clear(self) -> None:
         with self._lock:
@@ -240,6 +244,7 @@ def parse_request(
         exclude_input=bool(_scalar(inputs, "exclude_input_in_output", False)),
         prompt_ids=prompt.tolist(),
         lean_stream=bool(_scalar(inputs, "lean_stream", False)),
+        cancel_by_stop=bool(_scalar(inputs, "cancel_by_stop", False)),
     )
     return generation_request, state
 
@@ -278,6 +283,7 @@ def siblings(
             exclude_input=state.exclude_input,
             prompt_ids=state.prompt_ids,
             lean_stream=state.lean_stream,
+            cancel_by_stop=state.cancel_by_stop,
             sequence_index=index,
             group=group,
         )

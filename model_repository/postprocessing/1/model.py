@@ -19,8 +19,11 @@ index, and put back here, so every response of the ensemble still carries every 
 
 Cost per streamed response is what bounds the server's token rate, so the hot path is lean: the llm's
 tensors are passed on as they are (same names), and `is_cancelled()` (a round trip to the server, about as
-costly as the rest of the response) is asked at most once per `cancellation_check_period_ms` per stream,
-and always on a stream's first and final response.
+costly as the rest of the response) is asked on a stream's first and final response and, in between, at
+most once per max(`cancellation_check_period_ms`, streams / `cancellation_checks_per_s`) per stream: the
+streams asked within the last second share `cancellation_checks_per_s`, so at 32 streams and 500 a second
+each is asked every 64 ms, at 128 every 256 ms, and the checks cost the same share of the instance at any
+concurrency.
 """
 
 from __future__ import annotations
@@ -66,6 +69,44 @@ def _logprob_tensors(inputs: dict) -> list:
     ]
 
 
+class CancelChecks:
+    """Which responses postprocessing asks is_cancelled() of: a stream's first and last, and in between
+    once per max(``period_s``, streams / ``per_s``), the streams being those asked lately."""
+
+    def __init__(self, period_s: float, per_s: float) -> None:
+        if per_s <= 0:
+            raise ValueError(f"cancellation_checks_per_s must be > 0, got {per_s}")
+        self.period_s, self.per_s = period_s, per_s
+        # request_key -> when is_cancelled() was last asked for that stream (oldest first)
+        self.last: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+
+    def period(self) -> float:
+        """Seconds between two is_cancelled() of one stream now."""
+        return max(self.period_s, len(self.last) / self.per_s)
+
+    def should_check(self, key: bytes | None, is_final: bool, now: float) -> bool:
+        if key is None:
+            return True
+        if is_final:
+            self.last.pop(key, None)
+            return True
+        last = self.last.get(key)
+        period = self.period()
+        if last is not None and now - last < period:
+            return False
+        self.last[key] = now
+        self.last.move_to_end(key)
+        # forget the streams not asked for a while (ended without their final response reaching here):
+        # they would lengthen every other stream's period
+        horizon = now - max(1.0, 4 * period)
+        while next(iter(self.last.values())) < horizon:  # this stream's entry, the newest, stays
+            self.last.popitem(last=False)
+        return True
+
+    def forget(self, key: bytes) -> None:
+        self.last.pop(key, None)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         parameters = setup_model(args)
@@ -73,9 +114,10 @@ class TritonPythonModel:
         self.tokenizer = None  # loaded on the first id-only response
         self.llm_model_name = parameters.get("llm_model_name", "llm")
         self.stopped_keys: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self.check_period_s = parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0
-        # request_key -> when is_cancelled() was last asked for that stream (oldest first)
-        self.last_checks: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self.checks = CancelChecks(
+            parameters.get_float("cancellation_check_period_ms", 10.0) / 1000.0,
+            parameters.get_float("cancellation_checks_per_s", 500.0),
+        )
         # request_key -> {sequence_index: the FIXED tensors of its first response} of the streams in flight
         self.fixed: collections.OrderedDict[bytes, dict[int, dict]] = collections.OrderedDict()
         # every streamed response passes here: a full collection of this stub would hold them all
@@ -111,7 +153,7 @@ class TritonPythonModel:
             key = None if key is None else bytes(key.as_numpy().reshape(-1)[0])
             finish = inputs.get("finish_reason")
             is_final = finish is not None and bytes(finish.as_numpy().reshape(-1)[0]) != b""
-            if self._should_check(key, is_final) and request.is_cancelled():
+            if self.checks.should_check(key, is_final, time.monotonic()) and request.is_cancelled():
                 self._stop_llm(key)
             try:
                 responses.append(
@@ -124,28 +166,12 @@ class TritonPythonModel:
         self.heap.publish()
         return responses
 
-    def _should_check(self, key: bytes | None, is_final: bool) -> bool:
-        """Ask is_cancelled() for this response? Its stream's first and last, then once per period."""
-        if key is None:
-            return True
-        now = time.monotonic()
-        last = self.last_checks.get(key)
-        if is_final:
-            self.last_checks.pop(key, None)
-            return True
-        if last is not None and now - last < self.check_period_s:
-            return False
-        self.last_checks[key] = now
-        self.last_checks.move_to_end(key)
-        while len(self.last_checks) > 65536:  # streams that ended without a final response reaching here
-            self.last_checks.popitem(last=False)
-        return True
-
     def _stop_llm(self, key: bytes | None) -> None:
         """Ask the llm to abort the cancelled request (once per request_key)."""
         if key is None or key in self.stopped_keys:
             return
         self.fixed.pop(key, None)  # its last response, an empty one, does not come here
+        self.checks.forget(key)
         self.stopped_keys[key] = None
         if len(self.stopped_keys) > 4096:
             self.stopped_keys.popitem(last=False)

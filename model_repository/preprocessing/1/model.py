@@ -231,6 +231,9 @@ class TritonPythonModel:
             # the llm's responses between a stream's first and last carry only what changes;
             # postprocessing puts back the rest (fewer tensors through the hop that every response takes)
             pb_utils.Tensor("lean_stream", np.array([self.lean_stream])),
+            # the llm need not poll is_cancelled() for it (never true inside the ensemble): the request_key's
+            # `stop` from postprocessing cancels it
+            pb_utils.Tensor("cancel_by_stop", np.array([True])),
         ]
         self.stages["inputs"].observe(called - started)
         for stage, seconds in out.stage_seconds.items():
