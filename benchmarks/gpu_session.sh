@@ -113,9 +113,9 @@ elif [ "$PART" = 2 ]; then
   for tree in ${TREES:-${OLD_TREE:-} .}; do
     name=$(cd "$tree" && basename "$PWD")
     [ "${AB_PHASES:-}" != none ] || continue
-    [ "$(left)" -gt $((${AB_BUDGET:-125} - 15)) ] || break
-    (cd "$tree" && tree_commit && timeout $((${AB_BUDGET:-125} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
-      --budget-s "${AB_BUDGET:-125}" --warmup-s "${WARMUP_S:-0}" --engine-args "${AB_ENGINE_ARGS:---max-batch-size 128}" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
+    [ "$(left)" -gt $((${AB_BUDGET:-150} - 15)) ] || break
+    (cd "$tree" && tree_commit && timeout $((${AB_BUDGET:-150} + 10)) python3 -m benchmarks.gpu_harness --out "$OUT/ab/$name" --skip baseline,roofline \
+      --budget-s "${AB_BUDGET:-150}" --warmup-s "${WARMUP_S:-0}" --engine-args "${AB_ENGINE_ARGS:---max-batch-size 128}" --serve-phases "${AB_PHASES:-ttft_448,ttft_1288,decode_b1,c32_448,followup_1288}" \
       2>&1 | grep -E '^(TTFT|decode|tok/s|c32|follow)' | sed "s/^/$name: /")
     pkill -f tritonserver; sleep 2
   done
