@@ -46,6 +46,9 @@ class RequestParams:
     """The JSON schema (as JSON text), regex or grammar of ``guide_type``."""
     keep_text: bool = False
     """Keep the answer's text in ``RequestRecord.text`` (to check what a guided answer holds)."""
+    lean_stream: bool = True
+    """Triton targets: ask for lean streamed responses (between a stream's first and last only what changed),
+    as glmv_client and the gateway do."""
 
     def __post_init__(self) -> None:
         if self.guide_type and self.ignore_eos:
@@ -79,6 +82,8 @@ def triton_inputs(sample: Sample, params: RequestParams, grpc_module) -> list:
         tensor("enable_thinking", "BOOL", np.array([params.enable_thinking], dtype=bool)),
         tensor("stream", "BOOL", np.array([True], dtype=bool)),
     ]
+    if params.lean_stream:
+        inputs.append(tensor("lean_stream", "BOOL", np.array([True], dtype=bool)))
     if sample.images:
         inputs.append(tensor("image_input", "BYTES", np.array(list(sample.images), dtype=np.object_)))
     if params.seed is not None:
@@ -325,6 +330,8 @@ class TritonHttpTarget(OpenAITarget):
             "enable_thinking": params.enable_thinking,
             "stream": True,
         }
+        if params.lean_stream:
+            body["lean_stream"] = True
         if sample.images:
             body["image_input"] = [base64.b64encode(img).decode() for img in sample.images]
         if params.seed is not None:

@@ -269,6 +269,8 @@ def tensor_values(req: GenerateRequest) -> dict[str, np.ndarray]:
         "max_tokens": np.array([req.max_tokens], dtype=np.int32),
         "stream": np.array([req.stream], dtype=bool),
     }
+    if req.stream:  # responses between a stream's first and last carry only what changed (Assembler)
+        t["lean_stream"] = np.array([True], dtype=bool)
     if req.messages is not None:
         t["messages"] = np.array([req.messages.encode()], dtype=np.object_)
     if req.images:
@@ -316,6 +318,8 @@ def _structured_inputs(req: GenerateRequest) -> dict[str, Any]:
 def generate_json(req: GenerateRequest) -> dict[str, Any]:
     """The body of ``POST /v2/models/<model>/generate[_stream]``: one key per input tensor."""
     body: dict[str, Any] = {"text_input": req.prompt, "max_tokens": req.max_tokens, "stream": req.stream}
+    if req.stream:
+        body["lean_stream"] = True
     if req.messages is not None:
         body["messages"] = req.messages
     if req.images:

@@ -181,6 +181,9 @@ class Assembler:
         self.text_parts: list[str] = []
         self.reasoning_parts: list[str] = []
         self.last: Response | None = None
+        # the first response: it carries the stream's fixed values (prompt and cached tokens, arrival and
+        # first-token times), which lean responses leave out
+        self.first: Response | None = None
         self.logprobs: list[dict[str, Any]] = []  # every item so far
         self.pending_logprobs: list[dict[str, Any]] = []  # items no delta has carried yet
 
@@ -190,6 +193,8 @@ class Assembler:
     def add(self, resp: Response) -> Delta | None:
         """Record one response; the delta it carries (None when it carries no text)."""
         self.last = resp
+        if self.first is None:
+            self.first = resp
         if not self.is_stream:
             self.logprobs = []
         self.logprobs.extend(resp.logprobs)
@@ -213,6 +218,14 @@ class Assembler:
 
     def finish(self) -> Finish:
         last = self.last or Response("", "", "abort", 0, 0)
+        if not last.num_input_tokens and self.first is not None:  # a lean response: the first's values
+            last = dataclasses.replace(
+                last,
+                num_input_tokens=self.first.num_input_tokens,
+                num_cached_tokens=self.first.num_cached_tokens,
+                arrival_time_ns=self.first.arrival_time_ns,
+                first_token_time_ns=self.first.first_token_time_ns,
+            )
         now = time.monotonic()
         server_ttft = server_total = None
         if last.arrival_time_ns:

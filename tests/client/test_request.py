@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from glmv_client.errors import InvalidRequestError, ServerError, field_of
 from glmv_client.request import Limits, build_request, generate_json, tensor_values
+from glmv_client.results import Delta, Response, Sequences
 
 LIMITS = Limits()
 
@@ -71,6 +72,7 @@ def test_tensors_follow_the_contract(png_bytes):
         "text_input": ("|O", (1,)),
         "max_tokens": ("<i4", (1,)),
         "stream": ("|b1", (1,)),
+        "lean_stream": ("|b1", (1,)),  # a stream's middle responses: only what changed (Assembler)
         "image_input": ("|O", (2,)),
         "temperature": ("<f4", (1,)),
         "top_p": ("<f4", (1,)),
@@ -85,6 +87,9 @@ def test_tensors_follow_the_contract(png_bytes):
     body = generate_json(req)
     assert body["text_input"] == "什么?" and body["stop_words"] == ["END"] and body["seed"] == 42
     assert len(body["image_input"]) == 2 and "repetition_penalty" not in body
+    assert body["lean_stream"] is True
+    whole = build_request([png_bytes], "hi", limits=LIMITS, stream=False)
+    assert "lean_stream" not in tensor_values(whole) and "lean_stream" not in generate_json(whole)
 
 
 def test_messages_are_sent_as_json(png_bytes):
@@ -155,3 +160,21 @@ def test_grpc_responses_decode_as_tritonclient_reads_them():
         0,
         None,
     )
+
+
+def test_a_lean_stream_cut_short_keeps_its_first_responses_values():
+    """Lean responses leave out the stream's fixed values; a sequence that ends without its last response
+    (its finish made by ``unfinished``) takes them from its first response."""
+    first = Response("A", "", "", 17, 1, arrival_time_ns=100, num_cached_tokens=16, first_token_time_ns=150)
+    lean = Response(" b", "", "", 0, 2, last_token_time_ns=190)  # what a lean response decodes to
+    sequences = Sequences(1)
+    assert sequences.add(first) == [Delta("A", "")]
+    assert sequences.add(lean) == [Delta(" b", "")]
+    (finish,) = sequences.unfinished()
+    assert finish.finish_reason == "abort"
+    assert (finish.usage.prompt_tokens, finish.usage.completion_tokens, finish.usage.cached_tokens) == (
+        17,
+        2,
+        16,
+    )
+    assert (finish.timings.server_ttft, finish.timings.server_total) == (50e-9, 90e-9)

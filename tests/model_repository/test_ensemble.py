@@ -448,6 +448,40 @@ def test_every_streamed_response_of_the_ensemble_carries_every_output(server) ->
             assert [p[name] for p in mine] == [mine[-1][name]] * len(mine), (index, name)
 
 
+def test_a_client_that_asks_for_lean_streams_gets_what_changes_between_first_and_last(server) -> None:
+    """`lean_stream=true` on the ensemble: the responses between a stream's first and last carry only
+    text_output, num_output_tokens and last_token_time_ns (reasoning_output, sequence_index and logprobs
+    when they have a value); the first and last carry every output. The answer is the same as a full
+    stream's, with either count of postprocessing instances (the llm streams lean for such a client)."""
+    runs = {}
+    for lean in (False, True):
+        stream = Stream(server.grpc_url)
+        extra = {"min_tokens": np.array([12], np.int32), "num_return_sequences": np.array([2], np.int32)}
+        if lean:
+            extra["lean_stream"] = np.array([True])
+        stream.send(grpc_inputs(images=IMAGES["one_image"], max_tokens=12, **extra), request_id="r")
+        runs[lean] = stream.collect()["r"]
+        stream.close()
+    lean_changing = {"text_output", "num_output_tokens", "last_token_time_ns"}
+    for index in (0, 1):
+        full = [p for p in runs[False] if p["sequence_index"] == index]
+        lean = [p for p in runs[True] if p.get("sequence_index", 0) == index]
+        assert len(lean) >= 3
+        assert set(lean[0]) == set(lean[-1]) == ENSEMBLE_OUTPUTS
+        for part in lean[1:-1]:
+            assert lean_changing <= set(part) <= lean_changing | {"reasoning_output", "sequence_index"}, part
+            assert ("sequence_index" in part) == (index != 0)
+        assert b"".join(p["text_output"] for p in lean) == b"".join(p["text_output"] for p in full)
+        # (how many steps a response carries depends on the response budget's timing, not on lean)
+        counts = [int(p["num_output_tokens"]) for p in lean]
+        assert counts == sorted(counts) and counts[-1] == int(full[-1]["num_output_tokens"]) == 12
+        for name in ("finish_reason", "num_input_tokens", "num_cached_tokens", "sequence_index"):
+            assert lean[-1][name] == full[-1][name], name
+        assert (
+            0 < lean[0]["arrival_time_ns"] <= lean[0]["first_token_time_ns"] <= lean[-1]["last_token_time_ns"]
+        )
+
+
 def _llm_stream(server, lean: bool) -> list[dict]:
     """The llm alone, streaming 10 greedy tokens of a text prompt (`lean_stream` as given): each response's
     outputs by name."""

@@ -15,7 +15,11 @@ Our llm streams with `lean_stream` (set by preprocessing): its responses between
 last carry only what changes (text, output count, last token time, request_key; reasoning, sequence_index
 and logprobs when they have a value). The values fixed for the stream (`FIXED`: input and cached token
 counts, arrival and first-token times) are kept from its first response, by request_key and sequence
-index, and put back here, so every response of the ensemble still carries every output.
+index, and put back here, so every response of the ensemble still carries every output, unless the client
+asked for lean responses itself (the ensemble input `lean_stream`; Triton refuses an ensemble input beside
+a decoupled model's outputs in one step, so preprocessing marks the request_key, `LEAN_KEY_SUFFIX`): then
+the llm streams lean whatever the instance count, and its lean responses go on as they came (`LEAN`: the
+outputs among them), nothing kept and nothing put back; the first and last still carry every output.
 
 Cost per streamed response is what bounds the server's token rate, so the hot path is lean: the llm's
 tensors are passed on as they are (same names), and `is_cancelled()` (a round trip to the server, about as
@@ -44,6 +48,10 @@ FIXED = (
     ("arrival_time_ns", np.int64),
     ("first_token_time_ns", np.int64),
 )
+# what a lean response passes on to a client that asked for lean responses (those the llm sent)
+LEAN = ("text_output", "reasoning_output", "num_output_tokens", "sequence_index", "last_token_time_ns")
+LEAN_LOGPROBS = ("output_log_probs", "logprobs")
+LEAN_KEY_SUFFIX = b"/lean"  # preprocessing's model.py has the same
 MAX_STREAMS = 65536  # requests whose fixed values are kept (past it the oldest go: one that ended unseen)
 PASS_THROUGH_INT = (
     ("num_input_tokens", np.int32),
@@ -225,7 +233,12 @@ class TritonPythonModel:
         if (
             inputs.get("text_output") is not None
         ):  # our llm: its tensors are the ensemble's outputs as they are
-            fixed = self._fixed_tensors(inputs, key, is_final)
+            if key is not None and key.endswith(LEAN_KEY_SUFFIX):
+                if inputs.get("num_input_tokens") is None:  # a lean response: on as it came
+                    return [inputs[name] for name in LEAN + LEAN_LOGPROBS if name in inputs]
+                fixed = {}  # a full one (a stream's first or last) carries its own
+            else:
+                fixed = self._fixed_tensors(inputs, key, is_final)
             out = [inputs["text_output"]]
             for name in PASS_THROUGH[1:]:
                 tensor = inputs.get(name)

@@ -19,6 +19,7 @@ from .triton_model import InputTensors, StubHeap, setup_model  # common/, copied
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 STAGE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+LEAN_KEY_SUFFIX = b"/lean"  # postprocessing's model.py has the same
 PREPROCESS_STAGES = ("images", "template", "tokens", "positions")  # engine.processing.preprocess.STAGES
 
 
@@ -213,6 +214,8 @@ class TritonPythonModel:
             seed = random.getrandbits(63)
 
         returned = time.perf_counter()
+        client_lean = bool(_scalar(inputs, "client_lean_stream"))
+        request_key = uuid.uuid4().hex.encode() + (LEAN_KEY_SUFFIX if client_lean else b"")
         tensors = [
             pb_utils.Tensor("input_ids", out.input_ids.astype(np.int32)),
             pb_utils.Tensor("input_lengths", np.array([len(out.input_ids)], np.int32)),
@@ -226,11 +229,14 @@ class TritonPythonModel:
             pb_utils.Tensor("seed", np.array([seed], np.uint64)),
             pb_utils.Tensor("is_thinking", np.array([out.is_thinking], np.bool_)),
             # Unique per request: postprocessing uses it to stop the llm when the client cancels
-            # (Triton does not pass an ensemble's cancellation to a step that is already running).
-            pb_utils.Tensor("request_key", np.array([uuid.uuid4().hex.encode()], dtype=np.object_)),
+            # (Triton does not pass an ensemble's cancellation to a step that is already running). It ends
+            # in LEAN_KEY_SUFFIX when the client takes lean responses itself: postprocessing, which cannot be
+            # given an ensemble input beside the llm's outputs, tells by it.
+            pb_utils.Tensor("request_key", np.array([request_key], dtype=np.object_)),
             # the llm's responses between a stream's first and last carry only what changes;
-            # postprocessing puts back the rest (fewer tensors through the hop that every response takes)
-            pb_utils.Tensor("lean_stream", np.array([self.lean_stream])),
+            # postprocessing puts back the rest (fewer tensors through the hop that every response takes),
+            # or passes them on as they are to a client that asked for lean responses
+            pb_utils.Tensor("lean_stream", np.array([self.lean_stream or client_lean])),
             # the llm need not poll is_cancelled() for it (never true inside the ensemble): the request_key's
             # `stop` from postprocessing cancels it
             pb_utils.Tensor("cancel_by_stop", np.array([True])),

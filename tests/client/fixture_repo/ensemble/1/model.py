@@ -73,6 +73,8 @@ class TritonPythonModel:
         max_tokens = int(_get(request, "max_tokens")[0])
         stream = _get(request, "stream")
         stream = bool(stream[0]) if stream is not None else False
+        lean = _get(request, "lean_stream")
+        lean = stream and lean is not None and bool(lean[0])  # as the real ensemble: a stream's middle lean
         thinking = _get(request, "enable_thinking")
         thinking = True if thinking is None else bool(thinking[0])
         temperature = _get(request, "temperature")
@@ -127,17 +129,19 @@ class TritonPythonModel:
                 if stream:
                     if open_sequences == 0:  # logged before the final response: a client's next read sees it
                         self._log(f"finished {request.request_id()}")
+                    response = self._response(
+                        piece if kind == "t" else "",
+                        piece if kind == "r" else "",
+                        finish if last else "",
+                        num_input,
+                        i + 1,
+                        arrival,
+                        first,
+                        index,
+                        lean=lean and 0 < i and not last,
+                    )
                     sender.send(
-                        self._response(
-                            piece if kind == "t" else "",
-                            piece if kind == "r" else "",
-                            finish if last else "",
-                            num_input,
-                            i + 1,
-                            arrival,
-                            first,
-                            index,
-                        ),
+                        response,
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if open_sequences == 0 else 0,
                     )
         if not stream or not sequences[0][0]:
@@ -158,8 +162,21 @@ class TritonPythonModel:
                 )
 
     @staticmethod
-    def _response(text, reasoning, finish, num_input, num_output, arrival, first, index=0):
+    def _response(text, reasoning, finish, num_input, num_output, arrival, first, index=0, lean=False):
         now = time.time_ns()
+        if lean:  # what changes, and reasoning / sequence_index only with a value (as the real ensemble)
+            tensors = [
+                pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
+                pb_utils.Tensor("num_output_tokens", np.array([num_output], dtype=np.int32)),
+                pb_utils.Tensor("last_token_time_ns", np.array([now], dtype=np.int64)),
+            ]
+            if reasoning:
+                tensors.append(
+                    pb_utils.Tensor("reasoning_output", np.array([reasoning.encode()], np.object_))
+                )
+            if index:
+                tensors.append(pb_utils.Tensor("sequence_index", np.array([index], dtype=np.int32)))
+            return pb_utils.InferenceResponse(output_tensors=tensors)
         tensors = [
             pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
             pb_utils.Tensor("reasoning_output", np.array([reasoning.encode()], dtype=np.object_)),
