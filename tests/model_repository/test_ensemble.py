@@ -136,16 +136,16 @@ class Stream:
 
 def joined(parts: list[dict]) -> tuple[str, str, str]:
     text = b"".join(p["text_output"] for p in parts).decode()
-    reasoning = b"".join(p["reasoning_output"] for p in parts).decode()
+    reasoning = b"".join(p.get("reasoning_output", b"") for p in parts).decode()  # lean: only when not empty
     return text, reasoning, parts[-1]["finish_reason"].decode()
 
 
 def grpc_generate(
-    server, images: list[bytes], stream: bool = True, text: str = QUESTION
+    server, images: list[bytes], stream: bool = True, text: str = QUESTION, **extra
 ) -> tuple[str, str, str]:
     s = Stream(server.grpc_url)
     try:
-        s.send(grpc_inputs(text, images, stream))
+        s.send(grpc_inputs(text, images, stream, **extra))
         (result,) = s.collect().values()
     finally:
         s.close()
@@ -205,6 +205,7 @@ def test_transports_and_engine_agree(server, tiny_engine: Path, case: str) -> No
     expected = engine_generate(tiny_engine, images)
     assert expected[2] in ("stop", "length")
     assert grpc_generate(server, images, stream=True) == expected
+    assert grpc_generate(server, images, stream=True, lean_stream=np.array([True])) == expected
     assert grpc_generate(server, images, stream=False) == expected
 
     with httpx.Client(base_url=f"http://{server.http_url}", timeout=60) as http:
@@ -226,6 +227,24 @@ def test_transports_and_engine_agree(server, tiny_engine: Path, case: str) -> No
         assert [p["finish_reason"] for p in parts[:-1]] == [""] * (len(parts) - 1)
         counts = [p["num_output_tokens"] for p in parts]
         assert counts == sorted(counts) and len(parts) >= 2
+
+        # lean: the same answer; between the first and last event only what changed
+        r = http.post(
+            "/v2/models/ensemble/generate_stream",
+            json=http_payload(images, stream=True) | {"lean_stream": True},
+        )
+        assert r.status_code == 200, r.text
+        events = [line for line in r.text.split("\n\n") if line.startswith("data: ")]
+        parts = [json.loads(e[len("data: ") :]) for e in events]
+        text = "".join(p["text_output"] for p in parts)
+        reasoning = "".join(p.get("reasoning_output", "") for p in parts)
+        assert (text, reasoning, parts[-1]["finish_reason"]) == expected
+        assert len(parts) >= 3  # a first, a last and lean ones between
+        lean = {"text_output", "num_output_tokens", "last_token_time_ns", "reasoning_output"}
+        # (Triton's JSON adds parameters such as sequence_id: the ensemble's outputs are what is compared)
+        assert all(set(p) & ENSEMBLE_OUTPUTS <= lean for p in parts[1:-1]), [sorted(p) for p in parts]
+        assert set(parts[0]) & ENSEMBLE_OUTPUTS == ENSEMBLE_OUTPUTS
+        assert parts[-1]["num_input_tokens"] == body["num_input_tokens"]
 
 
 def test_32_concurrent_streams_get_their_own_answers(server) -> None:
