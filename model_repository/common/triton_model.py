@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "LEAN_KEY_SUFFIX",
     "InputTensors",
     "ModelParameters",
     "gpu_instance_device",
@@ -45,6 +46,11 @@ __all__ = [
     "log_to_stderr",
     "setup_model",
 ]
+
+
+# ends the request_key preprocessing makes for a client that asked for lean streamed responses (the ensemble
+# input `lean_stream`): postprocessing then passes the llm's lean responses on as they came
+LEAN_KEY_SUFFIX = b"/lean"
 
 
 @dataclass(frozen=True)

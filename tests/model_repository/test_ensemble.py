@@ -501,19 +501,24 @@ def test_a_client_that_asks_for_lean_streams_gets_what_changes_between_first_and
         )
 
 
+def _llm_text_inputs(num_tokens: int) -> list[grpcclient.InferInput]:
+    """The llm's inputs for `num_tokens` forced greedy tokens of a text prompt, streamed."""
+    return [
+        tensor("input_ids", np.array([3, 4, 5, 6, 7], np.int32), "INT32"),
+        tensor("request_output_len", np.array([num_tokens], np.int32), "INT32"),
+        tensor("min_tokens", np.array([num_tokens], np.int32), "INT32"),
+        tensor("temperature", np.array([0.0], np.float32), "FP32"),
+        tensor("streaming", np.array([True]), "BOOL"),
+    ]
+
+
 def _llm_stream(server, lean: bool) -> list[dict]:
     """The llm alone, streaming 10 greedy tokens of a text prompt (`lean_stream` as given): each response's
     outputs by name."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    inputs = [
-        tensor("input_ids", np.array([3, 4, 5, 6, 7], np.int32), "INT32"),
-        tensor("request_output_len", np.array([10], np.int32), "INT32"),
-        tensor("min_tokens", np.array([10], np.int32), "INT32"),
-        tensor("temperature", np.array([0.0], np.float32), "FP32"),
-        tensor("streaming", np.array([True]), "BOOL"),
-    ]
+    inputs = _llm_text_inputs(10)
     if lean:
         inputs.append(tensor("lean_stream", np.array([True]), "BOOL"))
     client.async_stream_infer("llm", inputs, enable_empty_final_response=True)
@@ -556,13 +561,7 @@ def _llm_long_stream(server, **extra) -> grpcclient.InferenceServerClient:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    inputs = [
-        tensor("input_ids", np.array([3, 4, 5, 6, 7], np.int32), "INT32"),
-        tensor("request_output_len", np.array([400], np.int32), "INT32"),
-        tensor("min_tokens", np.array([400], np.int32), "INT32"),
-        tensor("temperature", np.array([0.0], np.float32), "FP32"),
-        tensor("streaming", np.array([True]), "BOOL"),
-    ]
+    inputs = _llm_text_inputs(400)
     inputs += [tensor(name, array, dtype) for name, (array, dtype) in extra.items()]
     client.async_stream_infer("llm", inputs)
     for _ in range(2):

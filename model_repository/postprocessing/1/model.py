@@ -17,7 +17,7 @@ and logprobs when they have a value). The values fixed for the stream (`FIXED`: 
 counts, arrival and first-token times) are kept from its first response, by request_key and sequence
 index, and put back here, so every response of the ensemble still carries every output, unless the client
 asked for lean responses itself (the ensemble input `lean_stream`; Triton refuses an ensemble input beside
-a decoupled model's outputs in one step, so preprocessing marks the request_key, `LEAN_KEY_SUFFIX`): then
+a decoupled model's outputs in one step, so preprocessing marks the request_key, `LEAN_KEY_SUFFIX` of triton_model.py): then
 the llm streams lean whatever the instance count, and its lean responses go on as they came (`LEAN`: the
 outputs among them), nothing kept and nothing put back; the first and last still carry every output.
 
@@ -38,7 +38,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .triton_model import StubHeap, setup_model  # common/, copied by glmv-build
+from .triton_model import LEAN_KEY_SUFFIX, StubHeap, setup_model  # common/, copied by glmv-build
 
 PASS_THROUGH = ("text_output", "reasoning_output", "finish_reason")
 # kept per stream from its first response (the llm's lean responses leave them out)
@@ -49,9 +49,15 @@ FIXED = (
     ("first_token_time_ns", np.int64),
 )
 # what a lean response passes on to a client that asked for lean responses (those the llm sent)
-LEAN = ("text_output", "reasoning_output", "num_output_tokens", "sequence_index", "last_token_time_ns")
-LEAN_LOGPROBS = ("output_log_probs", "logprobs")
-LEAN_KEY_SUFFIX = b"/lean"  # preprocessing's model.py has the same
+LEAN = (
+    "text_output",
+    "reasoning_output",
+    "num_output_tokens",
+    "sequence_index",
+    "last_token_time_ns",
+    "output_log_probs",
+    "logprobs",
+)
 MAX_STREAMS = 65536  # requests whose fixed values are kept (past it the oldest go: one that ended unseen)
 PASS_THROUGH_INT = (
     ("num_input_tokens", np.int32),
@@ -235,7 +241,7 @@ class TritonPythonModel:
         ):  # our llm: its tensors are the ensemble's outputs as they are
             if key is not None and key.endswith(LEAN_KEY_SUFFIX):
                 if inputs.get("num_input_tokens") is None:  # a lean response: on as it came
-                    return [inputs[name] for name in LEAN + LEAN_LOGPROBS if name in inputs]
+                    return [inputs[name] for name in LEAN if name in inputs]
                 fixed = {}  # a full one (a stream's first or last) carries its own
             else:
                 fixed = self._fixed_tensors(inputs, key, is_final)

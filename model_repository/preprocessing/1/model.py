@@ -15,11 +15,15 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .triton_model import InputTensors, StubHeap, setup_model  # common/, copied by glmv-build
+from .triton_model import (
+    LEAN_KEY_SUFFIX,
+    InputTensors,
+    StubHeap,
+    setup_model,
+)  # common/, copied by glmv-build
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 STAGE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
-LEAN_KEY_SUFFIX = b"/lean"  # postprocessing's model.py has the same
 PREPROCESS_STAGES = ("images", "template", "tokens", "positions")  # engine.processing.preprocess.STAGES
 
 
