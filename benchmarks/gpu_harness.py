@@ -315,13 +315,21 @@ async def serve_phases(
     admin_headers: dict[str, str] | None = None,
     metrics_url: str | None = None,
     warmup_s: float = 0.0,
+    full_streams: bool = False,
 ) -> None:
     """Every measurement through Triton; each sub-phase guarded so one failure keeps the others.
     ``only``: run just these sub-phases (and the warm-up). ``metrics_url``: Triton's metrics, for the
     preprocessing model's and the llm's stages (per sub-phase, and per follow-up request). ``warmup_s``:
     after the sequential warm-up, that many seconds of 32 streams of new 448x448 images (their own seed),
-    so the first sub-phase does not meet a colder host than the later ones."""
+    so the first sub-phase does not meet a colder host than the later ones. ``full_streams``: every
+    streamed response carries every output (the client leaves ``lean_stream`` unset, as a plain tritonclient
+    user does), where the benchmark clients otherwise ask for lean streams as glmv_client does."""
     from benchmarks.reuse import QuestionsPerImage, conversation, follow_up_pairs
+
+    def params_of(**fields) -> RequestParams:
+        return RequestParams(lean_stream=not full_streams, **fields)
+
+    record["lean_stream"] = not full_streams
 
     sizes = {"448": (448, 448), "1288": (1288, 728), "1920": (1920, 1080)}
     # Every request of the TTFT and throughput runs brings an image no earlier request brought (the caches
@@ -394,17 +402,17 @@ async def serve_phases(
         harness.log(f"serve/{name}: {json.dumps(record[name])[:400]}")
         harness.save()
 
-    one = RequestParams(max_tokens=1, ignore_eos=True, timeout_s=120)
+    one = params_of(max_tokens=1, ignore_eos=True, timeout_s=120)
 
     async def warmup():
-        recs = await _sequential(target, warm_corpora["448"], RequestParams(max_tokens=4, timeout_s=300), 2)
-        recs += await _sequential(target, warm_corpora["1288"], RequestParams(max_tokens=4, timeout_s=300), 2)
+        recs = await _sequential(target, warm_corpora["448"], params_of(max_tokens=4, timeout_s=300), 2)
+        recs += await _sequential(target, warm_corpora["1288"], params_of(max_tokens=4, timeout_s=300), 2)
         out = {
             "errors": [r.error for r in recs if r.error],
             "e2e_ms": [round((r.e2e_s or 0) * 1e3, 1) for r in recs],
         }
         if warm_load is not None:
-            params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
+            params = params_of(max_tokens=128, ignore_eos=True, timeout_s=300)
             load, wall = await _closed(target, warm_load, params, 32, 100_000, warmup_s)
             out["load"] = {
                 "seconds": round(wall, 1),
@@ -429,7 +437,7 @@ async def serve_phases(
     async def decode_b1():
         """ms per token of one stream at the client (`sub` adds ``engine``: the same stretch inside the
         server, the llm's mean inter-token time, the engine's steps and the share launched ahead)."""
-        params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
+        params = params_of(max_tokens=128, ignore_eos=True, timeout_s=300)
         recs = [r for r in await _sequential(target, corpora["1288"], params, 2)]
         ok = [r for r in recs if r.is_ok and r.num_output_tokens > 1]
         per_req = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) * 1e3 for r in ok]
@@ -443,7 +451,7 @@ async def serve_phases(
 
     def throughput(size: str, concurrency: int, num_requests: int, duration_s: float):
         async def go():
-            params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
+            params = params_of(max_tokens=128, ignore_eos=True, timeout_s=300)
             sampler.take_peak()
             records, wall = await _closed(
                 target, unique[(size, concurrency)], params, concurrency, num_requests, duration_s
@@ -579,7 +587,7 @@ async def serve_phases(
         async def go():
             images = Corpus(sizes=[sizes["1288"]], pool_size=num_images, seed=2000, workers=workers)
             corpus = QuestionsPerImage(images, num_images, per_image)
-            params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=300)
+            params = params_of(max_tokens=128, ignore_eos=True, timeout_s=300)
             records, wall = await _closed(target, corpus, params, concurrency, len(corpus), 60.0)
             run = {"concurrency": concurrency, "images": num_images, "questions_per_image": per_image}
             run.update(summarize(records, wall))
@@ -596,7 +604,7 @@ async def serve_phases(
 
             corpus = Corpus(sizes=[sizes["1288"]], pool_size=int(rate * duration_s) + 8, seed=int(50_000 + rate * 1000),
                             workers=workers)  # fmt: skip
-            params = RequestParams(max_tokens=128, ignore_eos=True, timeout_s=120)
+            params = params_of(max_tokens=128, ignore_eos=True, timeout_s=120)
             progress = Progress(f"rate={rate}", 5.0, duration_s)
             started = time.perf_counter()
             records = await open_loop(target, corpus, params, rate, duration_s, None, 0, progress)
@@ -622,7 +630,7 @@ async def serve_phases(
     async def chat(turns: int = 4, count: int = 3):
         """``count`` conversations of ``turns`` turns about one screenshot each, one turn at a time."""
         corpus = Corpus(sizes=[sizes["1288"]], pool_size=count, seed=3000)
-        params = RequestParams(max_tokens=32, ignore_eos=True, timeout_s=120)
+        params = params_of(max_tokens=32, ignore_eos=True, timeout_s=120)
         by_turn: list[list] = [[] for _ in range(turns)]
         for i in range(count):
             for t, sample in enumerate(conversation(corpus.sample(i), turns)):
@@ -695,6 +703,7 @@ def phase_serve(
     only: set[str] | None = None,
     warmup_s: float = 0.0,
     cpu_dma_latency_us: int | None = None,
+    full_streams: bool = False,
 ) -> None:
     from benchmarks.server import find_model_repository
     from build_engine.launcher import TritonServer
@@ -741,6 +750,7 @@ def phase_serve(
                 server.admin_headers,
                 server.metrics_url,
                 warmup_s,
+                full_streams,
             )
         )
     finally:
@@ -1154,6 +1164,12 @@ def main(argv: list[str] | None = None) -> int:
         "first measured sub-phase (for A/B calls whose first variant would otherwise meet a colder host)",
     )
     p.add_argument(
+        "--full-streams",
+        action="store_true",
+        help="every streamed response carries every output, as a tritonclient user who leaves lean_stream unset "
+        "gets (default: the client asks for lean streams, as glmv_client and the gateway do)",
+    )
+    p.add_argument(
         "--cpu-dma-latency-us",
         type=int,
         default=None,
@@ -1216,6 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
                         set(filter(None, args.serve_phases.split(","))),
                         args.warmup_s,
                         args.cpu_dma_latency_us,
+                        args.full_streams,
                     )
             harness.reserve_s = 0.0
         if "baseline" not in skip:

@@ -201,7 +201,9 @@ def test_response_cost_counts_every_response_of_every_stream(tmp_path: Path) -> 
     assert doc["meta"]["commit"] and (tmp_path / "response_cost.png").stat().st_size > 0
 
 
-def _serve_phase(tiny_triton, tmp_path: Path, phase: str, warmup_s: float = 0.0) -> dict:
+def _serve_phase(
+    tiny_triton, tmp_path: Path, phase: str, warmup_s: float = 0.0, full_streams: bool = False
+) -> dict:
     """The harness's serve record after running one sub-phase against the tiny engine."""
     import asyncio
 
@@ -221,6 +223,7 @@ def _serve_phase(tiny_triton, tmp_path: Path, phase: str, warmup_s: float = 0.0)
                 tiny_triton.admin_headers,
                 tiny_triton.metrics_url,
                 warmup_s,
+                full_streams,
             )
         )
     finally:
@@ -307,6 +310,19 @@ def test_harness_follow_up_reports_each_models_preprocessing_and_llm_stages(
     assert clear_shared_resize_dirs(build_output) == []
 
 
+def test_harness_full_streams_measure_what_a_plain_tritonclient_user_gets(
+    tiny_triton, tmp_path: Path
+) -> None:
+    """`--full-streams`: the harness's client leaves `lean_stream` unset, so every response carries every
+    output (postprocessing puts the stream's fixed outputs back); the answers and the server's token counts
+    and times it reads from them are those of the lean default."""
+    record = _serve_phase(tiny_triton, tmp_path, "decode_b1", full_streams=True)
+    assert record["lean_stream"] is False
+    b1 = record["decode_b1"]
+    assert b1["requests"] == 2 and b1["output_tokens"] == [128, 128], b1["errors"]
+    assert b1["engine"]["steps"] >= 2 * 128 and b1["engine"]["llm_itl_ms_mean"] > 0
+
+
 def test_harness_decode_b1_reports_the_engines_side(tiny_triton, tmp_path: Path) -> None:
     """The harness's `decode_b1` sub-phase against the tiny engine: two 128-token answers, and beside the
     client's ms per token what the server did meanwhile (read from the llm's metrics): at least one engine
@@ -316,6 +332,7 @@ def test_harness_decode_b1_reports_the_engines_side(tiny_triton, tmp_path: Path)
     record = _serve_phase(tiny_triton, tmp_path, "decode_b1")
     b1 = record["decode_b1"]
     assert b1["requests"] == 2 and b1["output_tokens"] == [128, 128], b1["errors"]
+    assert record["lean_stream"] is True
     engine = b1["engine"]
     assert engine["steps"] >= 2 * 128 and engine["steps_ahead"] == 0 and engine["ahead_fraction"] == 0
     assert engine["llm_itl_ms_mean"] > 0
